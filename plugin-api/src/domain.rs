@@ -1,0 +1,430 @@
+//! A domain: its name and its handlers, declared with builders that read like the domain.
+//!
+//! ```text
+//! Domain::new("Fulfilment")
+//!     .command_handler(CommandHandler::<Order>::new("orders").on(place_order))
+//!     .event_handler(EventHandler::new("inventory").on(reserve_stock))
+//! ```
+//!
+//! Invariant: a handler is called only with message types it registered; the host routes by type.
+
+use std::{collections::HashMap, marker::PhantomData, sync::Arc};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{
+    abi::HandlerKind,
+    context::{Context, MessageInfo, Services},
+    error::{HandlerError, HandlerResult},
+    message::{Command, Event, Message, Naming},
+    panic,
+};
+
+/// Options a handler declares; the host's configuration can override them per handler.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HandlerOptions {
+    /// Attempts after the first failure before a message is dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Messages fetched and handled per batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_per_tick: Option<u32>,
+    /// Process managers: the field of every handled event that names the process instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlate: Option<String>,
+}
+
+/// A handler as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Unique within the domain; names the subscription.
+    pub name: String,
+    /// Event handler, command handler, projector or process manager.
+    pub kind: HandlerKind,
+    /// Full categories read (`fulfilment::order`).
+    pub categories: Vec<String>,
+    /// Full type names handled.
+    pub message_types: Vec<String>,
+    /// Declared options.
+    pub options: HandlerOptions,
+}
+
+type Call = Box<dyn Fn(&[u8], &mut Context<'_>) -> HandlerResult + Send + Sync>;
+
+struct Route {
+    class: &'static str,
+    version: u32,
+    category: &'static str,
+    call: Call,
+}
+
+/// What every handler builder shares: a name, options and its routes.
+#[doc(hidden)]
+pub struct Spec {
+    name: String,
+    options: HandlerOptions,
+    routes: Vec<Route>,
+}
+
+impl std::fmt::Debug for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let routes: Vec<_> = self.routes.iter().map(|r| r.class).collect();
+        f.debug_struct("Spec").field("name", &self.name).field("routes", &routes).finish_non_exhaustive()
+    }
+}
+
+impl Spec {
+    fn new(name: &str) -> Self {
+        Self { name: name.to_owned(), options: HandlerOptions::default(), routes: Vec::new() }
+    }
+
+    fn route<M: Message>(&mut self, category: &'static str, call: Call) {
+        self.routes.push(Route { class: M::NAME, version: M::VERSION, category, call });
+    }
+}
+
+/// Options every handler builder accepts.
+pub trait Configure: Sized {
+    #[doc(hidden)]
+    fn spec(&mut self) -> &mut Spec;
+
+    /// Retries after the first failure before the message is dead-lettered.
+    fn max_retries(mut self, retries: u32) -> Self {
+        self.spec().options.max_retries = Some(retries);
+        self
+    }
+
+    /// Messages fetched and handled per batch.
+    fn messages_per_tick(mut self, count: u32) -> Self {
+        self.spec().options.messages_per_tick = Some(count);
+        self
+    }
+}
+
+/// The shape of an event-handling function: `fn(OrderPlaced, &mut Context) -> HandlerResult`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot handle events of type `{E}`",
+    note = "an event handler is `fn(event: E, ctx: &mut Context) -> Result<(), HandlerError>` where `E: Event`"
+)]
+pub trait EventFn<E>: Send + Sync + 'static {
+    /// Handle one event.
+    fn call(&self, event: E, ctx: &mut Context<'_>) -> HandlerResult;
+}
+
+impl<E, F> EventFn<E> for F
+where
+    F: Fn(E, &mut Context<'_>) -> HandlerResult + Send + Sync + 'static,
+{
+    fn call(&self, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        self(event, ctx)
+    }
+}
+
+fn erase<M: Message>(f: impl EventFn<M>) -> Call {
+    Box::new(move |data, ctx| f.call(decode::<M>(data)?, ctx))
+}
+
+fn decode<M: Message>(data: &[u8]) -> Result<M, HandlerError> {
+    serde_json::from_slice(data).map_err(|e| HandlerError::reject(format!("cannot decode {}: {e}", M::NAME)))
+}
+
+/// Reacts to events, possibly raising events and sending commands. One subscription per handler.
+#[derive(Debug)]
+pub struct EventHandler(Spec);
+
+impl EventHandler {
+    /// An event handler named `name` (unique in the domain; names its subscription).
+    pub fn new(name: &str) -> Self {
+        Self(Spec::new(name))
+    }
+
+    /// Handle events of type `E` with `f`.
+    pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
+        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
+        self
+    }
+}
+
+impl Configure for EventHandler {
+    fn spec(&mut self) -> &mut Spec {
+        &mut self.0
+    }
+}
+
+/// Maintains read models (documents) from events. One subscription per category.
+#[derive(Debug)]
+pub struct Projector(Spec);
+
+impl Projector {
+    /// A projector named `name`.
+    pub fn new(name: &str) -> Self {
+        Self(Spec::new(name))
+    }
+
+    /// Project events of type `E` with `f`.
+    pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
+        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
+        self
+    }
+}
+
+impl Configure for Projector {
+    fn spec(&mut self) -> &mut Spec {
+        &mut self.0
+    }
+}
+
+/// Handles the commands of aggregate `A`. All command handlers of one aggregate share the
+/// `commands:{category}` subscription.
+#[derive(Debug)]
+pub struct CommandHandler<A>(Spec, PhantomData<fn() -> A>);
+
+impl<A: crate::Aggregate> CommandHandler<A> {
+    /// A command handler named `name` for aggregate `A`.
+    pub fn new(name: &str) -> Self {
+        Self(Spec::new(name), PhantomData)
+    }
+
+    /// Handle commands of type `C` with `f`.
+    pub fn on<C: Command<Aggregate = A>>(mut self, f: impl EventFn<C>) -> Self {
+        self.0.route::<C>(A::CATEGORY, erase(f));
+        self
+    }
+}
+
+impl<A> Configure for CommandHandler<A> {
+    fn spec(&mut self) -> &mut Spec {
+        &mut self.0
+    }
+}
+
+/// The shape of a process-manager step: `fn(&mut State, PaymentProcessed, &mut Context) -> HandlerResult`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a process manager step for events of type `{E}` and state `{S}`",
+    note = "a step is `fn(state: &mut S, event: E, ctx: &mut Context) -> Result<(), HandlerError>`"
+)]
+pub trait StepFn<S, E>: Send + Sync + 'static {
+    /// Handle one event for one process instance.
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult;
+}
+
+impl<S, E, F> StepFn<S, E> for F
+where
+    F: Fn(&mut S, E, &mut Context<'_>) -> HandlerResult + Send + Sync + 'static,
+{
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        self(state, event, ctx)
+    }
+}
+
+/// How a process-manager step changes the instance's life.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Continue,
+    End,
+}
+
+/// The stored form of one process instance.
+#[derive(Serialize, Deserialize)]
+struct Instance<S> {
+    state: S,
+    ended: bool,
+}
+
+/// Coordinates a long-running flow across aggregates, one instance per value of its correlation field.
+/// Its state `S` is stored as a document in the collection `pm::{name}`. Events for an instance that has
+/// not started, or has ended, are skipped. One subscription spans all its categories, so it sees events
+/// in the order they were stored.
+#[derive(Debug)]
+pub struct ProcessManager<S>(Spec, PhantomData<fn() -> S>);
+
+impl<S> ProcessManager<S>
+where
+    S: Serialize + DeserializeOwned + Default + 'static,
+{
+    /// A process manager named `name`, correlating events by their field `correlate`.
+    pub fn new(name: &str, correlate: &str) -> Self {
+        let mut spec = Spec::new(name);
+        spec.options.correlate = Some(correlate.to_owned());
+        Self(spec, PhantomData)
+    }
+
+    /// `E` starts a new instance.
+    pub fn start<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+        self.step(Phase::Start, f)
+    }
+
+    /// `E` moves a started instance along.
+    pub fn on<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+        self.step(Phase::Continue, f)
+    }
+
+    /// `E` ends the instance; later events for it are skipped.
+    pub fn end<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+        self.step(Phase::End, f)
+    }
+
+    fn step<E: Event>(mut self, phase: Phase, f: impl StepFn<S, E>) -> Self {
+        let collection = format!("pm::{}", self.0.name);
+        let field = self.0.options.correlate.clone().unwrap_or_default();
+        let call: Call = Box::new(move |data, ctx| {
+            let key = correlation_value(data, &field)?;
+            let stored: Option<Instance<S>> = ctx.get_raw(&collection, &key)?;
+            let mut instance = match (stored, phase) {
+                (Some(instance), _) if instance.ended => return Ok(()),
+                (Some(instance), _) => instance,
+                (None, Phase::Start) => Instance { state: S::default(), ended: false },
+                (None, _) => return Ok(()),
+            };
+            f.call(&mut instance.state, decode::<E>(data)?, ctx)?;
+            instance.ended = phase == Phase::End;
+            ctx.put_raw(&collection, &key, &instance)
+        });
+        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, call);
+        self
+    }
+}
+
+impl<S> Configure for ProcessManager<S> {
+    fn spec(&mut self) -> &mut Spec {
+        &mut self.0
+    }
+}
+
+fn correlation_value(data: &[u8], field: &str) -> Result<String, HandlerError> {
+    let value: serde_json::Value = serde_json::from_slice(data)
+        .map_err(|e| HandlerError::reject(format!("cannot decode event: {e}")))?;
+    match value.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(v @ serde_json::Value::Number(_)) => Ok(v.to_string()),
+        _ => Err(HandlerError::reject(format!("event has no correlation field {field:?}"))),
+    }
+}
+
+struct Resolved {
+    registration: Registration,
+    routes: HashMap<String, Call>,
+}
+
+/// A domain: a name and its handlers. Build one with [`Domain::new`] and the handler methods, and export it
+/// with [`crate::export_domains`].
+pub struct Domain {
+    naming: Arc<Naming>,
+    handlers: Vec<Resolved>,
+    by_name: HashMap<String, usize>,
+    errors: Vec<String>,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Domain")
+            .field("naming", &self.naming)
+            .field("handlers", &self.by_name.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Domain {
+    /// A domain named `name`: `"Fulfilment"` gives types `Fulfilment.X.v1` and categories `fulfilment::x`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            naming: Arc::new(Naming::new(name)),
+            handlers: Vec::new(),
+            by_name: HashMap::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Add an event handler.
+    pub fn event_handler(self, handler: EventHandler) -> Self {
+        self.add(HandlerKind::EVENT_HANDLER, handler.0)
+    }
+
+    /// Add a projector.
+    pub fn projector(self, projector: Projector) -> Self {
+        self.add(HandlerKind::PROJECTOR, projector.0)
+    }
+
+    /// Add a command handler.
+    pub fn command_handler<A: crate::Aggregate>(self, handler: CommandHandler<A>) -> Self {
+        self.add(HandlerKind::COMMAND_HANDLER, handler.0)
+    }
+
+    /// Add a process manager.
+    pub fn process_manager<S>(self, manager: ProcessManager<S>) -> Self {
+        self.add(HandlerKind::PROCESS_MANAGER, manager.0)
+    }
+
+    /// The domain's naming rules.
+    pub fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
+    /// Every handler, in the order they were added.
+    pub fn registrations(&self) -> Vec<Registration> {
+        self.handlers.iter().map(|h| h.registration.clone()).collect()
+    }
+
+    /// Problems found while building the domain (duplicate names, empty handlers); the host refuses to
+    /// load a domain that has any.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    fn add(mut self, kind: HandlerKind, spec: Spec) -> Self {
+        if self.by_name.contains_key(&spec.name) {
+            self.errors.push(format!("two handlers are named {:?}; handler names must be unique", spec.name));
+            return self;
+        }
+        if spec.routes.is_empty() {
+            self.errors.push(format!("handler {:?} handles no message type; add one with .on(..)", spec.name));
+            return self;
+        }
+        let naming = Arc::clone(&self.naming);
+        let mut categories: Vec<String> = Vec::new();
+        let mut routes = HashMap::new();
+        for route in spec.routes {
+            let category = format!("{}::{}", naming.normalized(), route.category);
+            let category =
+                if kind == HandlerKind::COMMAND_HANDLER { format!("{category}:command") } else { category };
+            if !categories.contains(&category) {
+                categories.push(category);
+            }
+            routes.insert(naming.type_name(route.class, route.version), route.call);
+        }
+        let mut message_types: Vec<String> = routes.keys().cloned().collect();
+        message_types.sort();
+        self.by_name.insert(spec.name.clone(), self.handlers.len());
+        self.handlers.push(Resolved {
+            registration: Registration { name: spec.name, kind, categories, message_types, options: spec.options },
+            routes,
+        });
+        self
+    }
+
+    /// Handle a batch with handler `name`, stopping at the first failure. Panics become failures.
+    pub(crate) fn handle_batch(
+        &self,
+        name: &str,
+        batch: &[(MessageInfo<'_>, &[u8])],
+        services: &dyn Services,
+    ) -> (u32, Option<HandlerError>) {
+        let Some(handler) = self.by_name.get(name).map(|&i| &self.handlers[i]) else {
+            return (0, Some(HandlerError::reject(format!("this domain has no handler named {name:?}"))));
+        };
+        for (index, (info, data)) in batch.iter().enumerate() {
+            let index = index as u32;
+            // The host routes by type; an unknown one here is a routing bug, so it is skipped, not failed.
+            let Some(call) = handler.routes.get(info.message_type) else { continue };
+            let mut ctx = Context::new(services, &self.naming, index, *info);
+            let result = panic::catch(|| call(data, &mut ctx))
+                .unwrap_or_else(|panic| Err(HandlerError::retry(format!("handler panicked: {panic}"))));
+            if let Err(error) = result {
+                return (index, Some(error));
+            }
+        }
+        (batch.len() as u32, None)
+    }
+}

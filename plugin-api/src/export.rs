@@ -1,0 +1,249 @@
+//! The plugin side of the ABI: [`crate::export_domains`] and the adapter that turns a [`Domain`] into an
+//! ABI [`DomainInstance`](crate::abi::DomainInstance).
+//!
+//! Invariant: no panic leaves this module; every entry point runs under [`crate::panic::catch`].
+
+use std::sync::OnceLock;
+
+use crate::{
+    abi::{
+        loading::{RResult, RSlice, RStr, RString, RVec, TD_Opaque},
+        BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO, HandlerFailure,
+        HandlerRegistration, HostLogBox, HostRef, MessageRef,
+    },
+    context::{MessageInfo, Services},
+    domain::Domain,
+    panic,
+};
+
+/// `instances()` of the root module.
+#[doc(hidden)]
+pub fn instances(names: &[&str]) -> RVec<RString> {
+    names.iter().map(|name| RString::from(*name)).collect()
+}
+
+/// Options the host passes to a new instance.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct CreateOptions {
+    /// The most verbose level the host wants forwarded (1 = error ... 5 = trace).
+    log_level: Option<u8>,
+}
+
+/// `create()` of the root module: find the instance, build it, check it, wrap it.
+#[doc(hidden)]
+pub fn create(
+    constructors: &[(&str, fn() -> Domain)],
+    name: RStr<'_>,
+    config_json: RStr<'_>,
+    logger: HostLogBox,
+) -> RResult<DomainInstanceBox, RString> {
+    let outcome = panic::catch(|| {
+        let options: CreateOptions = serde_json::from_str(config_json.as_str()).unwrap_or_default();
+        install_logger(logger, options.log_level.unwrap_or(3));
+        let Some((_, constructor)) = constructors.iter().find(|(n, _)| *n == name.as_str()) else {
+            return Err(format!("the library has no domain instance {:?}", name.as_str()));
+        };
+        let domain = constructor();
+        if let Some(problem) = domain.errors().first() {
+            return Err(format!("domain {:?} is invalid: {problem}", name.as_str()));
+        }
+        Ok(DomainInstance_TO::from_value(Instance { domain }, TD_Opaque))
+    });
+    match outcome {
+        Ok(Ok(instance)) => RResult::ROk(instance),
+        Ok(Err(message)) => RResult::RErr(message.into()),
+        Err(panic) => RResult::RErr(format!("the domain constructor panicked: {panic}").into()),
+    }
+}
+
+struct Instance {
+    domain: Domain,
+}
+
+impl DomainInstance for Instance {
+    fn registrations(&self) -> RVec<HandlerRegistration> {
+        panic::catch(|| self.domain.registrations().into_iter().map(to_abi).collect())
+            .unwrap_or_default()
+    }
+
+    fn handle_batch(
+        &self,
+        handler: RStr<'_>,
+        batch: RSlice<'_, MessageRef<'_>>,
+        host: HostRef<'_>,
+    ) -> BatchOutcome {
+        let services = AbiServices(host);
+        let messages: Vec<(MessageInfo<'_>, &[u8])> = batch.iter().map(view).collect();
+        let outcome = panic::catch(|| self.domain.handle_batch(handler.as_str(), &messages, &services));
+        let (handled, error) = outcome.unwrap_or_else(|panic| {
+            (0, Some(crate::HandlerError::retry(format!("handler panicked: {panic}"))))
+        });
+        BatchOutcome {
+            handled,
+            failure: error
+                .map(|e| HandlerFailure { retryable: e.is_retryable(), message: e.message().into() })
+                .into(),
+        }
+    }
+
+    fn shutdown(&self) {}
+}
+
+fn view<'a>(message: &'a MessageRef<'a>) -> (MessageInfo<'a>, &'a [u8]) {
+    let info = MessageInfo {
+        id: message.id.as_str(),
+        stream: message.stream.as_str(),
+        message_type: message.message_type.as_str(),
+        position: message.position,
+        global_position: message.global_position,
+        metadata: message.metadata.as_slice(),
+    };
+    (info, message.data.as_slice())
+}
+
+fn to_abi(registration: crate::Registration) -> HandlerRegistration {
+    HandlerRegistration {
+        name: registration.name.into(),
+        kind: registration.kind,
+        categories: registration.categories.into_iter().map(RString::from).collect(),
+        message_types: registration.message_types.into_iter().map(RString::from).collect(),
+        options_json: serde_json::to_string(&registration.options).unwrap_or_default().into(),
+    }
+}
+
+/// The ABI host object behind the plain-Rust [`Services`] a [`crate::Context`] uses.
+struct AbiServices<'a>(HostRef<'a>);
+
+fn plain<T>(result: RResult<T, RString>) -> Result<T, String> {
+    result.into_result().map_err(RString::into_string)
+}
+
+impl Services for AbiServices<'_> {
+    fn raise_event(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+        expected_version: Option<i64>,
+    ) -> Result<(), String> {
+        plain(self.0.raise_event(index, stream.into(), message_type.into(), data.into(), expected_version.into()))
+    }
+
+    fn send_command(&self, index: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
+        plain(self.0.send_command(index, stream.into(), message_type.into(), data.into()))
+    }
+
+    fn read_stream(&self, stream: &str, from_position: u64) -> Result<Vec<u8>, String> {
+        plain(self.0.read_stream(stream.into(), from_position)).map(RVec::into_vec)
+    }
+
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
+        plain(self.0.get_document(collection.into(), id.into())).map(|found| found.into_option().map(RVec::into_vec))
+    }
+
+    fn put_document(&self, index: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
+        plain(self.0.put_document(index, collection.into(), id.into(), data.into()))
+    }
+
+    fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String> {
+        plain(self.0.delete_document(index, collection.into(), id.into()))
+    }
+
+    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+        plain(self.0.find_documents(collection.into(), field.into(), value_json.into())).map(RVec::into_vec)
+    }
+}
+
+/// Forwards the `log` crate's records to the host, so `log::info!` in a handler lands in the host's logs.
+struct HostLogger(HostLogBox);
+
+impl log::Log for HostLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        self.0.log(record.level() as u8, record.target().into(), message.as_str().into());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Install the host's logger as this library's `log` logger (once per loaded image: each generation of a
+/// reloaded library has fresh statics, so each gets its own).
+fn install_logger(logger: HostLogBox, level: u8) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let max = match level {
+            0 => log::LevelFilter::Off,
+            1 => log::LevelFilter::Error,
+            2 => log::LevelFilter::Warn,
+            3 => log::LevelFilter::Info,
+            4 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        };
+        if log::set_boxed_logger(Box::new(HostLogger(logger))).is_ok() {
+            log::set_max_level(max);
+        }
+    });
+}
+
+/// Export the domains of this library to `protean-host`. Use it exactly once, in the `cdylib` crate:
+///
+/// ```text
+/// protean_plugin_api::export_domains! {
+///     "domain" => fulfilment,     // fn fulfilment() -> Domain
+///     "reporting" => reporting,
+/// }
+/// ```
+///
+/// The names are the instances a user picks with `--domain=lib.so:NAME`; without one the host takes
+/// `domain`, then `subdomain`, then the only instance.
+#[macro_export]
+macro_rules! export_domains {
+    ($($name:literal => $constructor:expr),+ $(,)?) => {
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, unsafe_code)]
+        mod __protean_exports {
+            use super::*;
+            use $crate::abi::loading::{RResult, RStr, RString, RVec};
+
+            /// Read by the host before anything else, to report a plugin-api mismatch in one line.
+            #[no_mangle]
+            pub static PROTEAN_ABI_TAG: $crate::abi::AbiTag = $crate::abi::AbiTag::CURRENT;
+
+            extern "C" fn instances() -> RVec<RString> {
+                $crate::export::instances(&[$($name),+])
+            }
+
+            extern "C" fn create(
+                name: RStr<'_>,
+                config_json: RStr<'_>,
+                logger: $crate::abi::HostLogBox,
+            ) -> RResult<$crate::abi::DomainInstanceBox, RString> {
+                $crate::export::create(
+                    &[$(($name, $constructor as fn() -> $crate::Domain)),+],
+                    name,
+                    config_json,
+                    logger,
+                )
+            }
+
+            fn root() -> $crate::abi::ProteanPlugin_Ref {
+                $crate::abi::root_module(instances, create)
+            }
+
+            extern "C" fn loader() -> $crate::abi::RootModuleResult {
+                $crate::abi::call_root_loader(root)
+            }
+
+            /// abi_stable's entry point (the name its loader looks up).
+            #[no_mangle]
+            pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi::loading::LibHeader =
+                $crate::abi::lib_header(loader);
+        }
+    };
+}

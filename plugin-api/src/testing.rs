@@ -1,0 +1,219 @@
+//! Test handlers in-process, without building a `.so` or running a host.
+//!
+//! [`TestHost`] plays the host: it calls a handler of a [`Domain`] with one message, commits what the
+//! handler produced into its in-memory streams and documents when it succeeds, and drops it when it fails,
+//! exactly like the real unit of work.
+//!
+//! ```
+//! # use protean_plugin_api::prelude::*;
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Default)] struct Counter;
+//! # impl Aggregate for Counter { const CATEGORY: &'static str = "counter";
+//! #   fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> { Ok(()) } }
+//! # #[derive(Serialize, Deserialize)] struct Bumped { id: String }
+//! # impl Message for Bumped { const NAME: &'static str = "Bumped"; }
+//! # impl Event for Bumped { type Aggregate = Counter; }
+//! # #[derive(Serialize, Deserialize)] struct Tally { id: String, n: u32 }
+//! # impl Document for Tally { const COLLECTION: &'static str = "tallies"; fn id(&self) -> String { self.id.clone() } }
+//! fn count(event: Bumped, ctx: &mut Context) -> HandlerResult {
+//!     let n = ctx.get::<Tally>(&event.id)?.map_or(0, |t| t.n);
+//!     ctx.put(&Tally { id: event.id, n: n + 1 })
+//! }
+//! let domain = Domain::new("Demo").projector(Projector::new("tally").on(count));
+//! let host = protean_plugin_api::testing::TestHost::new(domain);
+//! host.handle_event("tally", "c1", &Bumped { id: "c1".into() }).unwrap();
+//! host.handle_event("tally", "c1", &Bumped { id: "c1".into() }).unwrap();
+//! assert_eq!(host.document::<Tally>("c1").unwrap().n, 2);
+//! ```
+
+use std::{cell::RefCell, collections::BTreeMap};
+
+use serde_json::Value;
+
+use crate::{
+    context::{Document, MessageInfo, Services},
+    domain::Domain,
+    error::HandlerError,
+    message::{Command, Event, Message},
+};
+
+/// An event or command a handler produced, as the test host stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Produced {
+    /// The stream it was written to.
+    pub stream: String,
+    /// Its full type name.
+    pub message_type: String,
+    /// Its data.
+    pub data: Value,
+}
+
+#[derive(Default, Clone)]
+struct State {
+    streams: BTreeMap<String, Vec<Produced>>,
+    documents: BTreeMap<(String, String), Value>,
+    commands: Vec<Produced>,
+}
+
+/// An in-process host for unit tests of handlers.
+pub struct TestHost {
+    domain: Domain,
+    committed: RefCell<State>,
+    pending: RefCell<Option<State>>,
+}
+
+impl std::fmt::Debug for TestHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHost").field("domain", &self.domain).finish_non_exhaustive()
+    }
+}
+
+impl TestHost {
+    /// A host with empty streams and documents.
+    pub fn new(domain: Domain) -> Self {
+        Self { domain, committed: RefCell::default(), pending: RefCell::default() }
+    }
+
+    /// Store `event` in the stream of aggregate `id`, as if an earlier unit of work had raised it.
+    pub fn given<E: Event>(&self, id: &str, event: &E) {
+        let stream = self.domain.naming().stream_of::<E::Aggregate>(id);
+        let produced = self.produced(&stream, self.domain.naming().type_of::<E>(), event);
+        self.committed.borrow_mut().streams.entry(stream).or_default().push(produced);
+    }
+
+    /// Call handler `handler` with `event` of aggregate `id`.
+    pub fn handle_event<E: Event>(&self, handler: &str, id: &str, event: &E) -> Result<(), HandlerError> {
+        let stream = self.domain.naming().stream_of::<E::Aggregate>(id);
+        self.handle(handler, &stream, &self.domain.naming().type_of::<E>(), event)
+    }
+
+    /// Call handler `handler` with `command`.
+    pub fn handle_command<C: Command>(&self, handler: &str, command: &C) -> Result<(), HandlerError> {
+        let stream = self.domain.naming().command_stream_of(command);
+        self.handle(handler, &stream, &self.domain.naming().type_of::<C>(), command)
+    }
+
+    /// The events stored in the stream of aggregate `A` with `id`.
+    pub fn events<A: crate::Aggregate>(&self, id: &str) -> Vec<Produced> {
+        let stream = self.domain.naming().stream_of::<A>(id);
+        self.committed.borrow().streams.get(&stream).cloned().unwrap_or_default()
+    }
+
+    /// The commands sent so far.
+    pub fn commands(&self) -> Vec<Produced> {
+        self.committed.borrow().commands.clone()
+    }
+
+    /// The document `D` with `id`.
+    pub fn document<D: Document>(&self, id: &str) -> Option<D> {
+        let committed = self.committed.borrow();
+        let value = committed.documents.get(&(D::COLLECTION.to_owned(), id.to_owned()))?;
+        serde_json::from_value(value.clone()).ok()
+    }
+
+    fn produced(&self, stream: &str, message_type: String, message: &impl serde::Serialize) -> Produced {
+        let data = serde_json::to_value(message).expect("test messages serialize to JSON");
+        Produced { stream: stream.to_owned(), message_type, data }
+    }
+
+    fn handle<M: Message>(&self, handler: &str, stream: &str, message_type: &str, message: &M) -> Result<(), HandlerError> {
+        let data = serde_json::to_vec(message).expect("test messages serialize to JSON");
+        let info = MessageInfo {
+            id: "test-message",
+            stream,
+            message_type,
+            position: 0,
+            global_position: 0,
+            metadata: b"{}",
+        };
+        *self.pending.borrow_mut() = Some(self.committed.borrow().clone());
+        let (_, error) = self.domain.handle_batch(handler, &[(info, &data)], self);
+        let pending = self.pending.borrow_mut().take().expect("a batch is in progress");
+        match error {
+            None => {
+                *self.committed.borrow_mut() = pending;
+                Ok(())
+            }
+            Some(error) => Err(error),
+        }
+    }
+
+    fn with_pending<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(self.pending.borrow_mut().as_mut().expect("host services are only available inside a handler"))
+    }
+}
+
+fn parse(data: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(data).map_err(|e| e.to_string())
+}
+
+impl Services for TestHost {
+    fn raise_event(&self, _: u32, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
+        let data = parse(data)?;
+        self.with_pending(|state| {
+            let events = state.streams.entry(stream.to_owned()).or_default();
+            let current = events.len() as i64 - 1;
+            if let Some(expected) = expected.filter(|&e| e != current) {
+                return Err(format!("version conflict on {stream}: expected {expected}, found {current}"));
+            }
+            events.push(Produced { stream: stream.to_owned(), message_type: message_type.to_owned(), data });
+            Ok(())
+        })
+    }
+
+    fn send_command(&self, _: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
+        let data = parse(data)?;
+        self.with_pending(|state| {
+            state.commands.push(Produced { stream: stream.to_owned(), message_type: message_type.to_owned(), data });
+            Ok(())
+        })
+    }
+
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
+        self.with_pending(|state| {
+            let events = state.streams.get(stream).map(Vec::as_slice).unwrap_or_default();
+            let list: Vec<Value> = events
+                .iter()
+                .enumerate()
+                .skip(from as usize)
+                .map(|(i, e)| serde_json::json!({"type": e.message_type, "position": i, "data": e.data}))
+                .collect();
+            serde_json::to_vec(&list).map_err(|e| e.to_string())
+        })
+    }
+
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
+        self.with_pending(|state| {
+            let key = (collection.to_owned(), id.to_owned());
+            Ok(state.documents.get(&key).map(|v| v.to_string().into_bytes()))
+        })
+    }
+
+    fn put_document(&self, _: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
+        let data = parse(data)?;
+        self.with_pending(|state| {
+            state.documents.insert((collection.to_owned(), id.to_owned()), data);
+            Ok(())
+        })
+    }
+
+    fn delete_document(&self, _: u32, collection: &str, id: &str) -> Result<(), String> {
+        self.with_pending(|state| {
+            state.documents.remove(&(collection.to_owned(), id.to_owned()));
+            Ok(())
+        })
+    }
+
+    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+        let wanted = parse(value_json)?;
+        self.with_pending(|state| {
+            let found: Vec<&Value> = state
+                .documents
+                .iter()
+                .filter(|((c, _), doc)| c == collection && doc.get(field) == Some(&wanted))
+                .map(|(_, doc)| doc)
+                .collect();
+            serde_json::to_vec(&found).map_err(|e| e.to_string())
+        })
+    }
+}
