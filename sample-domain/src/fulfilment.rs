@@ -1,0 +1,314 @@
+//! The fulfilment domain: orders, reservations, payments, and the process that ships a paid order.
+
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// An order, rebuilt from its events.
+#[derive(Debug, Default)]
+pub struct Order {
+    /// `placed`, then `shipped`.
+    pub status: String,
+    /// What it costs.
+    pub total: f64,
+}
+
+impl Aggregate for Order {
+    const CATEGORY: &'static str = "order";
+
+    fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
+        if let Some(placed) = event.decode::<OrderPlaced>()? {
+            self.status = "placed".into();
+            self.total = placed.total;
+        } else if event.is::<OrderShipped>() {
+            self.status = "shipped".into();
+        }
+        Ok(())
+    }
+}
+
+/// A stock reservation for one order.
+#[derive(Debug, Default)]
+pub struct Reservation;
+
+impl Aggregate for Reservation {
+    const CATEGORY: &'static str = "reservation";
+
+    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// The payment of one order.
+#[derive(Debug, Default)]
+pub struct Payment {
+    /// Whether the payment went through.
+    pub paid: bool,
+}
+
+impl Aggregate for Payment {
+    const CATEGORY: &'static str = "payment";
+
+    fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
+        self.paid |= event.is::<PaymentProcessed>();
+        Ok(())
+    }
+}
+
+macro_rules! message {
+    ($kind:ident $name:ident for $aggregate:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        #[doc = concat!("`Fulfilment.", stringify!($name), ".v1`")]
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[allow(missing_docs)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl Message for $name {
+            const NAME: &'static str = stringify!($name);
+        }
+        message!(@$kind $name $aggregate);
+    };
+    (@event $name:ident $aggregate:ident) => {
+        impl Event for $name { type Aggregate = $aggregate; }
+    };
+    (@command $name:ident $aggregate:ident) => {
+        impl Command for $name {
+            type Aggregate = $aggregate;
+            fn target_id(&self) -> String { self.order_id.clone() }
+        }
+    };
+}
+
+message!(command PlaceOrder for Order { order_id: String, customer: String, sku: String, quantity: u32, total: f64 });
+message!(command ShipOrder for Order { order_id: String });
+message!(command ProcessPayment for Payment { order_id: String, amount: f64 });
+message!(event OrderPlaced for Order { order_id: String, customer: String, sku: String, quantity: u32, total: f64 });
+message!(event OrderShipped for Order { order_id: String });
+message!(event StockReserved for Reservation { order_id: String, sku: String, quantity: u32 });
+message!(event PaymentProcessed for Payment { order_id: String, amount: f64 });
+
+/// A reservation of stock for an order (read model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReservationDoc {
+    /// `res-{order_id}`.
+    pub id: String,
+    /// The order it reserves for.
+    pub order_id: String,
+    /// What is reserved.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+}
+
+impl Document for ReservationDoc {
+    const COLLECTION: &'static str = "reservations";
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+/// Where an order stands (read model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderSummary {
+    /// The order.
+    pub order_id: String,
+    /// `placed`, `reserved`, `paid`, `shipped`.
+    pub status: String,
+}
+
+impl Document for OrderSummary {
+    const COLLECTION: &'static str = "order_summaries";
+    fn id(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+fn place_order(command: PlaceOrder, ctx: &mut Context) -> HandlerResult {
+    if command.quantity == 0 {
+        return Err(HandlerError::reject(format!("order {} has no items", command.order_id)));
+    }
+    if ctx.load::<Order>(&command.order_id)?.is_some() {
+        log::info!("order {} was already placed; ignoring the repeat", command.order_id);
+        return Ok(());
+    }
+    let PlaceOrder { order_id, customer, sku, quantity, total } = command;
+    ctx.raise(&order_id.clone(), &OrderPlaced { order_id, customer, sku, quantity, total })
+}
+
+fn ship_order(command: ShipOrder, ctx: &mut Context) -> HandlerResult {
+    let Some(order) = ctx.load::<Order>(&command.order_id)? else {
+        return Err(HandlerError::reject(format!("cannot ship unknown order {}", command.order_id)));
+    };
+    if order.status == "shipped" {
+        return Ok(());
+    }
+    ctx.raise(&command.order_id.clone(), &OrderShipped { order_id: command.order_id })
+}
+
+fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult {
+    if ctx.load::<Payment>(&command.order_id)?.is_some_and(|p| p.paid) {
+        return Ok(());
+    }
+    let ProcessPayment { order_id, amount } = command;
+    ctx.raise(&order_id.clone(), &PaymentProcessed { order_id, amount })
+}
+
+fn reserve_stock(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+    let reservation = ReservationDoc {
+        id: format!("res-{}", event.order_id),
+        order_id: event.order_id.clone(),
+        sku: event.sku.clone(),
+        quantity: event.quantity,
+    };
+    ctx.put(&reservation)?;
+    let OrderPlaced { order_id, sku, quantity, .. } = event;
+    ctx.raise(&order_id.clone(), &StockReserved { order_id, sku, quantity })
+}
+
+fn charge(event: StockReserved, ctx: &mut Context) -> HandlerResult {
+    let reserved = ctx.find::<ReservationDoc>("order_id", &event.order_id)?;
+    if reserved.is_empty() {
+        return Err(HandlerError::retry(format!("no reservation found for order {}", event.order_id)));
+    }
+    let Some(order) = ctx.load::<Order>(&event.order_id)? else {
+        return Err(HandlerError::reject(format!("stock reserved for unknown order {}", event.order_id)));
+    };
+    ctx.send(&ProcessPayment { order_id: event.order_id, amount: order.total })
+}
+
+/// The state of one fulfilment process.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Fulfilment {
+    /// Whether stock is reserved.
+    pub reserved: bool,
+    /// Whether the payment went through.
+    pub paid: bool,
+}
+
+fn fulfilment_started(state: &mut Fulfilment, event: OrderPlaced, _: &mut Context) -> HandlerResult {
+    log::debug!("fulfilment of order {} started", event.order_id);
+    *state = Fulfilment::default();
+    Ok(())
+}
+
+fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved, _: &mut Context) -> HandlerResult {
+    state.reserved = true;
+    Ok(())
+}
+
+fn fulfilment_paid(state: &mut Fulfilment, event: PaymentProcessed, ctx: &mut Context) -> HandlerResult {
+    state.paid = true;
+    ctx.send(&ShipOrder { order_id: event.order_id })
+}
+
+fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> HandlerResult {
+    log::info!("order {} shipped", event.order_id);
+    Ok(())
+}
+
+fn summarise(ctx: &mut Context, order_id: String, status: &str) -> HandlerResult {
+    ctx.put(&OrderSummary { order_id, status: status.into() })
+}
+
+fn summary_placed(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+    summarise(ctx, event.order_id, "placed")
+}
+
+fn summary_reserved(event: StockReserved, ctx: &mut Context) -> HandlerResult {
+    summarise(ctx, event.order_id, "reserved")
+}
+
+fn summary_paid(event: PaymentProcessed, ctx: &mut Context) -> HandlerResult {
+    summarise(ctx, event.order_id, "paid")
+}
+
+fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
+    summarise(ctx, event.order_id, "shipped")
+}
+
+/// The fulfilment domain.
+pub fn domain() -> Domain {
+    Domain::new("Fulfilment")
+        .command_handler(CommandHandler::<Order>::new("orders").on(place_order).on(ship_order))
+        .command_handler(CommandHandler::<Payment>::new("payments").on(process_payment))
+        .event_handler(EventHandler::new("inventory").on(reserve_stock))
+        .event_handler(EventHandler::new("billing").on(charge))
+        .process_manager(
+            ProcessManager::<Fulfilment>::new("fulfilment", "order_id")
+                .start(fulfilment_started)
+                .on(fulfilment_reserved)
+                .on(fulfilment_paid)
+                .end(fulfilment_done),
+        )
+        .projector(
+            Projector::new("order_summary")
+                .on(summary_placed)
+                .on(summary_reserved)
+                .on(summary_paid)
+                .on(summary_shipped),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use protean_plugin_api::testing::TestHost;
+
+    use super::*;
+
+    fn placed(id: &str) -> OrderPlaced {
+        OrderPlaced { order_id: id.into(), customer: "ada".into(), sku: "book".into(), quantity: 2, total: 30.0 }
+    }
+
+    #[test]
+    fn placing_an_order_raises_order_placed_once() {
+        let host = TestHost::new(domain());
+        let place = PlaceOrder { order_id: "o1".into(), customer: "ada".into(), sku: "book".into(), quantity: 2, total: 30.0 };
+        host.handle_command("orders", &place).unwrap();
+        host.handle_command("orders", &place).unwrap();
+        let events = host.events::<Order>("o1");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].message_type, "Fulfilment.OrderPlaced.v1");
+        assert_eq!(events[0].stream, "fulfilment::order-o1");
+    }
+
+    #[test]
+    fn an_empty_order_is_rejected_for_good() {
+        let host = TestHost::new(domain());
+        let place = PlaceOrder { order_id: "o1".into(), customer: "ada".into(), sku: "book".into(), quantity: 0, total: 0.0 };
+        let error = host.handle_command("orders", &place).unwrap_err();
+        assert!(!error.is_retryable());
+        assert!(host.events::<Order>("o1").is_empty());
+    }
+
+    #[test]
+    fn an_order_reserves_stock() {
+        let host = TestHost::new(domain());
+        host.handle_event("inventory", "o1", &placed("o1")).unwrap();
+        let reservation = host.document::<ReservationDoc>("res-o1").unwrap();
+        assert_eq!(reservation.order_id, "o1");
+        assert_eq!(host.events::<Reservation>("o1")[0].message_type, "Fulfilment.StockReserved.v1");
+    }
+
+    #[test]
+    fn billing_charges_the_order_total() {
+        let host = TestHost::new(domain());
+        host.given("o1", &placed("o1"));
+        host.handle_event("inventory", "o1", &placed("o1")).unwrap();
+        let reserved = StockReserved { order_id: "o1".into(), sku: "book".into(), quantity: 2 };
+        host.handle_event("billing", "o1", &reserved).unwrap();
+        let commands = host.commands();
+        assert_eq!(commands[0].stream, "fulfilment::payment:command-o1");
+        assert_eq!(commands[0].data["amount"], 30.0);
+    }
+
+    #[test]
+    fn the_process_ships_a_paid_order_and_then_ends() {
+        let host = TestHost::new(domain());
+        let paid = PaymentProcessed { order_id: "o1".into(), amount: 30.0 };
+        host.handle_event("fulfilment", "o1", &paid).unwrap();
+        assert!(host.commands().is_empty(), "a process that has not started ignores events");
+        host.handle_event("fulfilment", "o1", &placed("o1")).unwrap();
+        host.handle_event("fulfilment", "o1", &paid).unwrap();
+        assert_eq!(host.commands()[0].message_type, "Fulfilment.ShipOrder.v1");
+        host.handle_event("fulfilment", "o1", &OrderShipped { order_id: "o1".into() }).unwrap();
+        host.handle_event("fulfilment", "o1", &paid).unwrap();
+        assert_eq!(host.commands().len(), 1, "an ended process ignores events");
+    }
+}
