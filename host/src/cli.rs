@@ -1,0 +1,134 @@
+//! The command line, as a value. `main.rs` runs it and alone decides exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Runs the handlers of a Protean domain written in Rust.
+///
+/// Without a subcommand it runs the server: `protean-host --domain=target/debug/libshop.so`.
+#[derive(Debug, Parser)]
+#[command(name = "protean-host", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// The domain library: PATH[:INSTANCE], a crate name (found in ., target/release, target/debug), or
+    /// nothing for ./libdomain.so. PROTEAN_DOMAIN, when set, wins.
+    #[arg(long, global = true, value_name = "LIB[:INSTANCE]")]
+    pub domain: Option<String>,
+    /// Log at DEBUG level, including the resolved configuration.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// The most verbose level logged (default info; --debug means debug).
+    #[arg(long, global = true, value_enum, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+    /// Human-readable lines, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Console, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+    /// The configuration file (default: ./protean.toml when it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Log levels, most severe first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Console,
+    Json,
+}
+
+/// Options of the server.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServerArgs {
+    /// Run until every subscription is idle, then exit 0 (exit 1 if the time limit passes first).
+    #[arg(long)]
+    pub test_mode: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the domain's handlers until stopped (the default).
+    Server(ServerArgs),
+    /// Show the domain's instances, handlers and the subscriptions the server would create.
+    Inspect(InspectArgs),
+}
+
+/// Options of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Common {
+    /// The effective log level.
+    pub fn level(&self) -> LogLevel {
+        match (self.log_level, self.debug) {
+            (Some(level), _) => level,
+            (None, true) => LogLevel::Debug,
+            (None, false) => LogLevel::Info,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("protean-host").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn bare_flags_run_the_server() {
+        let cli = parse(&["--domain", "libx.so", "--test-mode"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(cli.server.test_mode);
+        assert_eq!(cli.common.domain.as_deref(), Some("libx.so"));
+    }
+
+    #[test]
+    fn subcommands_take_global_flags_after_them() {
+        let cli = parse(&["inspect", "--json", "--domain=x", "--debug"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Inspect(InspectArgs { json: true }))));
+        assert_eq!(cli.common.level(), LogLevel::Debug);
+        let cli = parse(&["server", "--test-mode", "--log-format", "json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Server(ServerArgs { test_mode: true }))));
+        assert_eq!(cli.common.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [&["--log-level", "loud"][..], &["--log-format", "xml"], &["--nope"], &["inspect", "--test-mode"]] {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn log_level_wins_over_debug() {
+        let cli = parse(&["--debug", "--log-level", "warn"]).unwrap();
+        assert_eq!(cli.common.level(), LogLevel::Warn);
+    }
+}

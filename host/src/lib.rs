@@ -1,0 +1,13 @@
+//! protean-host: runs the handlers of a Protean domain written in Rust and loaded as a plugin.
+//!
+//! The path of one message: a subscription reads a batch (from the event store by category, or from a
+//! broker stream), the engine routes each message to its handler and calls the plugin on a blocking
+//! thread, the plugin's writes are buffered, and the engine commits them with the processed markers and the
+//! new position as one unit of work. See `DESIGN.md` and the README for the whole picture.
+
+pub mod cli;
+pub mod discovery;
+pub mod inspect;
+pub mod logging;
+pub mod plugin;
+pub mod subscription;

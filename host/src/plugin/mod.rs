@@ -1,0 +1,417 @@
+//! Loading domain libraries and calling their handlers through the ABI.
+//!
+//! Invariants:
+//! - every load goes through a private copy of the library, and no library is ever unloaded (a Rust
+//!   `cdylib` cannot be unloaded safely; a same-path reload would return the old image);
+//! - the ABI tag is read before abi_stable's checks, so a plugin built against another plugin-api gets a
+//!   one-line error;
+//! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`].
+#![allow(unsafe_code)]
+
+mod services;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use protean_plugin_api::{
+    abi::{
+        loading::{
+            lib_header_from_raw_library, LibraryError, RStr, RawLibrary, RootModuleError, TD_Opaque,
+        },
+        AbiTag, DomainInstanceBox, HandlerKind, HostLog, HostLog_TO, MessageRef, ProteanPlugin_Ref,
+        ABI_TAG_MAGIC, ABI_TAG_SYMBOL, API_VERSION, PROTEAN_ABI,
+    },
+    HandlerOptions,
+};
+use sha2::{Digest, Sha256};
+
+pub use services::HostServices;
+
+/// Why a domain library could not be loaded or instantiated. Each message names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("domain library not found: {}; build it (cargo build) or fix the --domain path", .0.display())]
+    Missing(PathBuf),
+    #[error("cannot read domain library {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot open {} as a shared library: {reason}; pass the path of a domain cdylib (lib<name>.so)", path.display())]
+    Open { path: PathBuf, reason: String },
+    #[error("{} is not a protean domain plugin (it exports no PROTEAN_ABI_TAG); build a cdylib that calls protean_plugin_api::export_domains!", .0.display())]
+    NotAPlugin(PathBuf),
+    #[error("{} was built against plugin-api {plugin_version} (ABI {plugin_abi}), but this host speaks ABI {PROTEAN_ABI} (plugin-api {API_VERSION}); rebuild the plugin against plugin-api {API_VERSION}", path.display())]
+    AbiMismatch { path: PathBuf, plugin_version: String, plugin_abi: u32 },
+    #[error("{} has the right ABI tag but its plugin-api type layouts differ from this host's; rebuild the plugin against plugin-api {API_VERSION} (--debug shows the full report)", .0.display())]
+    Layout(PathBuf),
+    #[error("{}: {reason}; rebuild the plugin against plugin-api {API_VERSION}", path.display())]
+    Incompatible { path: PathBuf, reason: String },
+    #[error("the root module of {} failed to load: {reason}", path.display())]
+    RootModule { path: PathBuf, reason: String },
+    #[error("{} has no domain instance {wanted:?}; available: {}; choose one with --domain={}:NAME", path.display(), available.join(", "), path.display())]
+    UnknownInstance { path: PathBuf, wanted: String, available: Vec<String> },
+    #[error("{} declares several domain instances ({}) and none is named domain or subdomain; choose one with --domain={}:NAME", path.display(), available.join(", "), path.display())]
+    AmbiguousInstance { path: PathBuf, available: Vec<String> },
+    #[error("{} declares no domain instances; call export_domains! with at least one", .0.display())]
+    NoInstances(PathBuf),
+    #[error("domain instance {instance:?} of {} failed to start: {reason}", path.display())]
+    Constructor { path: PathBuf, instance: String, reason: String },
+    #[error("cannot copy {} to {}: {source}", from.display(), to.display())]
+    Copy { from: PathBuf, to: PathBuf, source: std::io::Error },
+}
+
+/// A loaded domain library (one generation). Never unloaded.
+pub struct Library {
+    path: PathBuf,
+    build_id: String,
+    module: ProteanPlugin_Ref,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library").field("path", &self.path).field("build_id", &self.build_id).finish()
+    }
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("build_id", &self.build_id).finish()
+    }
+}
+
+/// Counts generations within this process, so every private copy has a fresh name.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+impl Library {
+    /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::Missing(absolute(path)));
+        }
+        let bytes = fs::read(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+        let build_id = build_id(&bytes);
+        let copy = private_copy(path, &bytes, &build_id)?;
+        let loaded = open(path, &copy);
+        // The mapping keeps the image alive; the copy's name is no longer needed.
+        let _ = fs::remove_file(&copy);
+        Ok(Self { path: path.into(), build_id, module: loaded? })
+    }
+
+    /// The path the library was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A hash of the library's content: which build this is.
+    pub fn build_id(&self) -> &str {
+        &self.build_id
+    }
+
+    /// The names of the domain instances the library exports.
+    pub fn instances(&self) -> Vec<String> {
+        (self.module.instances())().into_iter().map(|name| name.into_string()).collect()
+    }
+
+    /// Choose an instance: the one `wanted`; else `domain`, `subdomain`, or the only one.
+    pub fn select(&self, wanted: Option<&str>) -> Result<String, LoadError> {
+        let available = self.instances();
+        let path = self.path.clone();
+        if let Some(wanted) = wanted {
+            return available
+                .iter()
+                .find(|name| *name == wanted)
+                .cloned()
+                .ok_or_else(|| LoadError::UnknownInstance { path, wanted: wanted.into(), available });
+        }
+        if let Some(name) = ["domain", "subdomain"].iter().find(|n| available.iter().any(|a| a == *n)) {
+            return Ok((*name).to_owned());
+        }
+        match available.as_slice() {
+            [] => Err(LoadError::NoInstances(path)),
+            [only] => Ok(only.clone()),
+            _ => Err(LoadError::AmbiguousInstance { path, available }),
+        }
+    }
+
+    /// Instantiate the domain instance `name`.
+    pub fn instantiate(&self, name: &str, log_level: u8) -> Result<Plugin, LoadError> {
+        // The logger is installed once per loaded image, so it names the library, not the instance.
+        let logger = HostLog_TO::from_value(PluginLog { source: self.file_name() }, TD_Opaque);
+        let config = serde_json::json!({ "log_level": log_level }).to_string();
+        let created = (self.module.create())(RStr::from_str(name), RStr::from_str(&config), logger);
+        let instance = created.into_result().map_err(|reason| LoadError::Constructor {
+            path: self.path.clone(),
+            instance: name.into(),
+            reason: reason.into_string(),
+        })?;
+        let registrations = instance.registrations().into_iter().map(Registration::from_abi).collect();
+        Ok(Plugin { instance, name: name.into(), build_id: self.build_id.clone(), registrations })
+    }
+
+    fn file_name(&self) -> String {
+        self.path.file_name().map_or_else(|| "plugin".into(), |n| n.to_string_lossy().into_owned())
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn build_id(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Write the library to a fresh path, so the dynamic loader never returns an image it already holds
+/// and a rebuild in place never changes a mapped file.
+fn private_copy(path: &Path, bytes: &[u8], build_id: &str) -> Result<PathBuf, LoadError> {
+    let dir = std::env::temp_dir().join(format!("protean-host-{}", std::process::id()));
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+    let stem = path.file_stem().map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
+    let copy = dir.join(format!("{stem}-{generation}-{build_id}.so"));
+    let staging = copy.with_extension("so.part");
+    let copy_error = |source| LoadError::Copy { from: path.into(), to: copy.clone(), source };
+    fs::create_dir_all(&dir).map_err(copy_error)?;
+    fs::write(&staging, bytes).map_err(copy_error)?;
+    fs::rename(&staging, &copy).map_err(copy_error)?;
+    Ok(copy)
+}
+
+fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
+    let path = original.to_owned();
+    let raw = RawLibrary::load_at(copy).map_err(|e| LoadError::Open {
+        path: path.clone(),
+        reason: match e {
+            LibraryError::OpenError { err, .. } => dl_reason(&err.to_string(), copy),
+            other => other.to_string(),
+        },
+    })?;
+    check_tag(&raw, original)?;
+    // SAFETY: the tag check above established that this is a protean plugin of our ABI generation, whose
+    // abi_stable header symbol is the static generated by `export_domains!`.
+    let header = unsafe { lib_header_from_raw_library(&raw) }.map_err(|e| explain(e, original))?;
+    let module = header.init_root_module::<ProteanPlugin_Ref>().map_err(|e| explain(e, original))?;
+    // Never unload: statics, vtables and thread-local destructors of the plugin must outlive every use.
+    std::mem::forget(raw);
+    Ok(module)
+}
+
+/// dlerror text names the private copy; say it about the file the user gave instead.
+fn dl_reason(reason: &str, copy: &Path) -> String {
+    let copy = copy.display().to_string();
+    reason.replace(&format!("{copy}: "), "").replace(&copy, "the library")
+}
+
+fn check_tag(raw: &RawLibrary, path: &Path) -> Result<(), LoadError> {
+    // SAFETY: we ask for a pointer-typed symbol (the address of a static), never call it, and only read
+    // through it after checking the magic bytes that every protean tag starts with.
+    let symbol = unsafe { raw.get::<*const AbiTag>(ABI_TAG_SYMBOL) };
+    let Ok(symbol) = symbol else {
+        return Err(LoadError::NotAPlugin(path.into()));
+    };
+    let pointer: *const AbiTag = *symbol;
+    // SAFETY: the symbol is the address of a static in a mapped library; the magic occupies its first
+    // 8 bytes in every version of the tag.
+    let magic = unsafe { std::ptr::read_unaligned(pointer.cast::<[u8; 8]>()) };
+    if magic != ABI_TAG_MAGIC {
+        return Err(LoadError::NotAPlugin(path.into()));
+    }
+    // SAFETY: the magic matched, so this is a tag with the frozen `AbiTag` layout.
+    let tag = unsafe { &*pointer };
+    if tag.abi != PROTEAN_ABI {
+        // SAFETY: as above, a genuine tag points at its own version string.
+        let plugin_version = unsafe { tag.api_version() };
+        return Err(LoadError::AbiMismatch { path: path.into(), plugin_version, plugin_abi: tag.abi });
+    }
+    Ok(())
+}
+
+/// One sentence per abi_stable error; the full layout report only at debug level.
+fn explain(error: LibraryError, path: &Path) -> LoadError {
+    let path = path.to_owned();
+    match error {
+        LibraryError::AbiInstability(report) => {
+            tracing::debug!(library = %path.display(), "abi_stable layout report:\n{report}");
+            LoadError::Layout(path)
+        }
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
+            LoadError::Incompatible {
+                path,
+                reason: format!(
+                    "plugin-api version mismatch: this host has {expected_version}, the plugin {actual_version}"
+                ),
+            }
+        }
+        LibraryError::InvalidAbiHeader(_) => LoadError::Incompatible {
+            path,
+            reason: "the plugin was built with another abi_stable version".into(),
+        },
+        LibraryError::RootModule { err: RootModuleError::Unwound, .. } => {
+            LoadError::RootModule { path, reason: "its root module constructor panicked".into() }
+        }
+        other => LoadError::RootModule { path, reason: other.to_string() },
+    }
+}
+
+/// What the host keeps of a handler registration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Registration {
+    pub name: String,
+    pub kind: Kind,
+    pub categories: Vec<String>,
+    pub message_types: Vec<String>,
+    #[serde(skip)]
+    pub options: HandlerOptions,
+}
+
+/// The kinds of handler the host knows how to subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    EventHandler,
+    CommandHandler,
+    Projector,
+    ProcessManager,
+    /// A kind from a newer plugin-api; the host does not subscribe it.
+    Unknown(u8),
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kind::EventHandler => f.write_str("event handler"),
+            Kind::CommandHandler => f.write_str("command handler"),
+            Kind::Projector => f.write_str("projector"),
+            Kind::ProcessManager => f.write_str("process manager"),
+            Kind::Unknown(n) => write!(f, "unknown kind {n}"),
+        }
+    }
+}
+
+impl Registration {
+    fn from_abi(r: protean_plugin_api::abi::HandlerRegistration) -> Self {
+        let kind = match r.kind {
+            HandlerKind::EVENT_HANDLER => Kind::EventHandler,
+            HandlerKind::COMMAND_HANDLER => Kind::CommandHandler,
+            HandlerKind::PROJECTOR => Kind::Projector,
+            HandlerKind::PROCESS_MANAGER => Kind::ProcessManager,
+            HandlerKind(other) => Kind::Unknown(other),
+        };
+        let options = serde_json::from_str(r.options_json.as_str()).unwrap_or_else(|error| {
+            tracing::warn!(handler = %r.name, %error, "ignoring unreadable handler options");
+            HandlerOptions::default()
+        });
+        Self {
+            name: r.name.into_string(),
+            kind,
+            categories: r.categories.into_iter().map(|c| c.into_string()).collect(),
+            message_types: r.message_types.into_iter().map(|t| t.into_string()).collect(),
+            options,
+        }
+    }
+}
+
+/// One instantiated domain of a loaded library.
+pub struct Plugin {
+    instance: DomainInstanceBox,
+    name: String,
+    build_id: String,
+    registrations: Vec<Registration>,
+}
+
+/// One message handed to a handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub id: &'a str,
+    pub stream: &'a str,
+    pub message_type: &'a str,
+    pub position: u64,
+    pub global_position: u64,
+    pub data: &'a [u8],
+    pub metadata: &'a [u8],
+}
+
+/// The result of one batch: `handled` messages succeeded; `failure` is about the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub handled: usize,
+    pub failure: Option<Failure>,
+}
+
+/// A handler failure as reported by the plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub retryable: bool,
+    pub message: String,
+}
+
+impl Plugin {
+    /// The instance's name (`domain`, `reporting`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The build id of the library this instance came from.
+    pub fn build_id(&self) -> &str {
+        &self.build_id
+    }
+
+    /// Every handler the instance registered.
+    pub fn registrations(&self) -> &[Registration] {
+        &self.registrations
+    }
+
+    /// Call `handler` with `batch`. Blocking: run it on a blocking thread.
+    pub fn handle_batch(&self, handler: &str, batch: &[Delivery<'_>], host: &dyn HostServices) -> Outcome {
+        let messages: Vec<MessageRef<'_>> = batch.iter().map(to_message_ref).collect();
+        let adapter = services::AbiHost(host);
+        let outcome =
+            self.instance.handle_batch(RStr::from_str(handler), messages.as_slice().into(), adapter.as_host_ref());
+        Outcome {
+            handled: outcome.handled as usize,
+            failure: outcome
+                .failure
+                .into_option()
+                .map(|f| Failure { retryable: f.retryable, message: f.message.into_string() }),
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.instance.shutdown();
+    }
+}
+
+fn to_message_ref<'a>(d: &Delivery<'a>) -> MessageRef<'a> {
+    MessageRef {
+        id: RStr::from_str(d.id),
+        stream: RStr::from_str(d.stream),
+        message_type: RStr::from_str(d.message_type),
+        position: d.position,
+        global_position: d.global_position,
+        content_type: RStr::from_str("application/json"),
+        data: d.data.into(),
+        metadata: d.metadata.into(),
+    }
+}
+
+/// Re-emits the plugin's log lines as host `tracing` events, with the plugin as their source.
+struct PluginLog {
+    source: String,
+}
+
+impl HostLog for PluginLog {
+    fn log(&self, level: u8, target: RStr<'_>, message: RStr<'_>) {
+        use protean_plugin_api::abi::level;
+        let (plugin, module, message) = (self.source.as_str(), target.as_str(), message.as_str());
+        match level {
+            level::ERROR => tracing::error!(target: "plugin", plugin, module, "{message}"),
+            level::WARN => tracing::warn!(target: "plugin", plugin, module, "{message}"),
+            level::INFO => tracing::info!(target: "plugin", plugin, module, "{message}"),
+            level::DEBUG => tracing::debug!(target: "plugin", plugin, module, "{message}"),
+            _ => tracing::trace!(target: "plugin", plugin, module, "{message}"),
+        }
+    }
+}

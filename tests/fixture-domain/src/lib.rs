@@ -1,0 +1,175 @@
+//! Test fixtures: domains that fail, panic, log and cascade on request.
+//!
+//! - `probe`: the command `Run { id, behaviour }` does what `behaviour` says (`ok`, `panic`, `reject`,
+//!   `always`, `fail:N` = fail the first N attempts of this id in this process), and the command
+//!   `Step { chain, n, depth }` starts a cascade of `depth` event → command hops.
+//! - `broken`: its constructor returns an error (two handlers share a name).
+//! - `panicking`: its constructor panics.
+//! - `empty`: no handlers at all.
+//!
+//! No instance is called `domain`, so naming none is ambiguous on purpose.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, OnceLock},
+};
+
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// The aggregate every probe message belongs to.
+#[derive(Debug, Default)]
+pub struct Probe;
+
+impl Aggregate for Probe {
+    const CATEGORY: &'static str = "probe";
+    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// Do what `behaviour` says.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Run {
+    /// Names the attempt counter and the stream.
+    pub id: String,
+    /// `ok`, `panic`, `reject`, `always`, `fail:N`.
+    pub behaviour: String,
+}
+
+impl Message for Run {
+    const NAME: &'static str = "Run";
+}
+
+impl Command for Run {
+    type Aggregate = Probe;
+    fn target_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+/// A probe ran successfully.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ran {
+    /// The probe.
+    pub id: String,
+    /// How many attempts it took.
+    pub attempts: u32,
+}
+
+impl Message for Ran {
+    const NAME: &'static str = "Ran";
+}
+
+impl Event for Ran {
+    type Aggregate = Probe;
+}
+
+/// One step of a cascade.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Step {
+    /// The cascade.
+    pub chain: String,
+    /// This step's number.
+    pub n: u32,
+    /// How many steps in all.
+    pub depth: u32,
+}
+
+impl Message for Step {
+    const NAME: &'static str = "Step";
+}
+
+impl Command for Step {
+    type Aggregate = Probe;
+    fn target_id(&self) -> String {
+        format!("{}-{}", self.chain, self.n)
+    }
+}
+
+/// A cascade reached step `n`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hopped {
+    /// The cascade.
+    pub chain: String,
+    /// The step reached.
+    pub n: u32,
+    /// How many steps in all.
+    pub depth: u32,
+}
+
+impl Message for Hopped {
+    const NAME: &'static str = "Hopped";
+}
+
+impl Event for Hopped {
+    type Aggregate = Probe;
+}
+
+fn attempts() -> &'static Mutex<HashMap<String, u32>> {
+    static ATTEMPTS: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
+    ATTEMPTS.get_or_init(Mutex::default)
+}
+
+fn run(command: Run, ctx: &mut Context) -> HandlerResult {
+    let attempt = {
+        let mut counts = attempts().lock().expect("attempt counter lock");
+        let count = counts.entry(command.id.clone()).or_insert(0);
+        *count += 1;
+        *count
+    };
+    log::info!("probe {} attempt {attempt}: {}", command.id, command.behaviour);
+    match command.behaviour.as_str() {
+        "panic" => panic!("probe {} was told to panic", command.id),
+        "reject" => return Err(HandlerError::reject(format!("probe {} rejected", command.id))),
+        "always" => return Err(HandlerError::retry(format!("probe {} always fails", command.id))),
+        fail if fail.starts_with("fail:") => {
+            let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;
+            if attempt <= failures {
+                return Err(HandlerError::retry(format!("probe {} failing attempt {attempt}", command.id)));
+            }
+        }
+        _ => {}
+    }
+    ctx.raise(&command.id.clone(), &Ran { id: command.id, attempts: attempt })
+}
+
+fn step(command: Step, ctx: &mut Context) -> HandlerResult {
+    let id = command.target_id();
+    ctx.raise(&id, &Hopped { chain: command.chain, n: command.n, depth: command.depth })
+}
+
+fn hop(event: Hopped, ctx: &mut Context) -> HandlerResult {
+    if event.n + 1 < event.depth {
+        ctx.send(&Step { chain: event.chain, n: event.n + 1, depth: event.depth })?;
+    }
+    Ok(())
+}
+
+fn probe() -> Domain {
+    Domain::new("Probe")
+        .command_handler(CommandHandler::<Probe>::new("runner").on(run).on(step).max_retries(3))
+        .event_handler(EventHandler::new("chain").on(hop))
+}
+
+fn broken() -> Domain {
+    Domain::new("Broken")
+        .event_handler(EventHandler::new("twice").on(hop))
+        .event_handler(EventHandler::new("twice").on(hop))
+}
+
+fn panicking() -> Domain {
+    panic!("the panicking fixture's constructor panics on purpose")
+}
+
+fn empty() -> Domain {
+    log::info!("empty domain created");
+    Domain::new("Empty")
+}
+
+protean_plugin_api::export_domains! {
+    "probe" => probe,
+    "broken" => broken,
+    "panicking" => panicking,
+    "empty" => empty,
+}
