@@ -111,16 +111,27 @@ mod tests {
     #[test]
     fn subcommands_take_global_flags_after_them() {
         let cli = parse(&["inspect", "--json", "--domain=x", "--debug"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Inspect(InspectArgs { json: true }))));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Inspect(InspectArgs { json: true }))
+        ));
         assert_eq!(cli.common.level(), LogLevel::Debug);
         let cli = parse(&["server", "--test-mode", "--log-format", "json"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Server(ServerArgs { test_mode: true }))));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Server(ServerArgs { test_mode: true }))
+        ));
         assert_eq!(cli.common.log_format, LogFormat::Json);
     }
 
     #[test]
     fn bad_values_are_usage_errors() {
-        for args in [&["--log-level", "loud"][..], &["--log-format", "xml"], &["--nope"], &["inspect", "--test-mode"]] {
+        for args in [
+            &["--log-level", "loud"][..],
+            &["--log-format", "xml"],
+            &["--nope"],
+            &["inspect", "--test-mode"],
+        ] {
             let error = parse(args).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{args:?}: {error}");
         }

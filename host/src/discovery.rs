@@ -32,20 +32,30 @@ pub enum Error {
 }
 
 fn list(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 const SUFFIX: &str = ".so";
 
 /// Resolve the domain from the environment value (`PROTEAN_DOMAIN`), the flag, and the working directory.
 pub fn resolve(env: Option<&str>, flag: Option<&str>, cwd: &Path) -> Result<DomainSpec, Error> {
-    let given = env.filter(|v| !v.is_empty()).or(flag.filter(|v| !v.is_empty()));
+    let given = env
+        .filter(|v| !v.is_empty())
+        .or(flag.filter(|v| !v.is_empty()));
     let Some(given) = given else {
         return defaults(cwd);
     };
     let (target, instance) = split_instance(given)?;
     let is_path = target.contains('/') || target.ends_with(SUFFIX);
-    let path = if is_path { cwd.join(target) } else { find_crate(target, cwd)? };
+    let path = if is_path {
+        cwd.join(target)
+    } else {
+        find_crate(target, cwd)?
+    };
     Ok(DomainSpec { path, instance })
 }
 
@@ -66,19 +76,30 @@ fn split_instance(given: &str) -> Result<(&str, Option<String>), Error> {
 
 fn find_crate(name: &str, cwd: &Path) -> Result<PathBuf, Error> {
     let file = format!("lib{}{SUFFIX}", name.replace('-', "_"));
-    let looked: Vec<PathBuf> =
-        ["", "target/release", "target/debug"].iter().map(|dir| cwd.join(dir).join(&file)).collect();
+    let looked: Vec<PathBuf> = ["", "target/release", "target/debug"]
+        .iter()
+        .map(|dir| cwd.join(dir).join(&file))
+        .collect();
     looked
         .iter()
         .find(|p| p.is_file())
         .cloned()
-        .ok_or_else(|| Error::CrateNotFound { name: name.into(), looked })
+        .ok_or_else(|| Error::CrateNotFound {
+            name: name.into(),
+            looked,
+        })
 }
 
 fn defaults(cwd: &Path) -> Result<DomainSpec, Error> {
-    let looked: Vec<PathBuf> = ["libdomain.so", "libsubdomain.so"].iter().map(|f| cwd.join(f)).collect();
+    let looked: Vec<PathBuf> = ["libdomain.so", "libsubdomain.so"]
+        .iter()
+        .map(|f| cwd.join(f))
+        .collect();
     match looked.iter().find(|p| p.is_file()) {
-        Some(path) => Ok(DomainSpec { path: path.clone(), instance: None }),
+        Some(path) => Ok(DomainSpec {
+            path: path.clone(),
+            instance: None,
+        }),
         None => Err(Error::NoDefault(looked)),
     }
 }
@@ -88,14 +109,23 @@ mod tests {
     use super::*;
 
     fn spec(path: &Path, instance: Option<&str>) -> DomainSpec {
-        DomainSpec { path: path.into(), instance: instance.map(Into::into) }
+        DomainSpec {
+            path: path.into(),
+            instance: instance.map(Into::into),
+        }
     }
 
     #[test]
     fn env_wins_over_flag_unless_empty() {
         let cwd = Path::new("/w");
-        assert_eq!(resolve(Some("a/liba.so"), Some("b/libb.so"), cwd), Ok(spec(Path::new("/w/a/liba.so"), None)));
-        assert_eq!(resolve(Some(""), Some("b/libb.so"), cwd), Ok(spec(Path::new("/w/b/libb.so"), None)));
+        assert_eq!(
+            resolve(Some("a/liba.so"), Some("b/libb.so"), cwd),
+            Ok(spec(Path::new("/w/a/liba.so"), None))
+        );
+        assert_eq!(
+            resolve(Some(""), Some("b/libb.so"), cwd),
+            Ok(spec(Path::new("/w/b/libb.so"), None))
+        );
     }
 
     #[test]
@@ -105,8 +135,14 @@ mod tests {
             resolve(None, Some("/opt/a:b/libx.so:reporting"), cwd),
             Ok(spec(Path::new("/opt/a:b/libx.so"), Some("reporting")))
         );
-        assert_eq!(resolve(None, Some("/opt/a:b/libx.so"), cwd), Ok(spec(Path::new("/opt/a:b/libx.so"), None)));
-        assert_eq!(resolve(None, Some("libx.so:"), cwd), Err(Error::EmptyInstance("libx.so:".into())));
+        assert_eq!(
+            resolve(None, Some("/opt/a:b/libx.so"), cwd),
+            Ok(spec(Path::new("/opt/a:b/libx.so"), None))
+        );
+        assert_eq!(
+            resolve(None, Some("libx.so:"), cwd),
+            Err(Error::EmptyInstance("libx.so:".into()))
+        );
     }
 
     #[test]
@@ -120,9 +156,15 @@ mod tests {
             Ok(spec(&debug.join("libmy_domain.so"), Some("reporting")))
         );
         std::fs::write(dir.path().join("libmy_domain.so"), b"").unwrap();
-        assert_eq!(resolve(None, Some("my_domain"), dir.path()), Ok(spec(&dir.path().join("libmy_domain.so"), None)));
+        assert_eq!(
+            resolve(None, Some("my_domain"), dir.path()),
+            Ok(spec(&dir.path().join("libmy_domain.so"), None))
+        );
         let missing = resolve(None, Some("nope"), dir.path()).unwrap_err();
-        assert!(missing.to_string().contains("target/release/libnope.so"), "{missing}");
+        assert!(
+            missing.to_string().contains("target/release/libnope.so"),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -131,8 +173,14 @@ mod tests {
         let none = resolve(None, None, dir.path()).unwrap_err();
         assert!(none.to_string().contains("libsubdomain.so"), "{none}");
         std::fs::write(dir.path().join("libsubdomain.so"), b"").unwrap();
-        assert_eq!(resolve(None, None, dir.path()), Ok(spec(&dir.path().join("libsubdomain.so"), None)));
+        assert_eq!(
+            resolve(None, None, dir.path()),
+            Ok(spec(&dir.path().join("libsubdomain.so"), None))
+        );
         std::fs::write(dir.path().join("libdomain.so"), b"").unwrap();
-        assert_eq!(resolve(None, None, dir.path()), Ok(spec(&dir.path().join("libdomain.so"), None)));
+        assert_eq!(
+            resolve(None, None, dir.path()),
+            Ok(spec(&dir.path().join("libdomain.so"), None))
+        );
     }
 }

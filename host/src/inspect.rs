@@ -38,17 +38,24 @@ impl Report {
 
 /// Describe the instance `wanted`, or every instance of `library` marking the one the default rule
 /// selects. An instance that fails to start is described by its error.
-pub fn describe(library: &Library, wanted: Option<&str>, log_level: u8) -> Result<Report, LoadError> {
+pub fn describe(
+    library: &Library,
+    wanted: Option<&str>,
+    log_level: u8,
+) -> Result<Report, LoadError> {
     let selected = match library.select(wanted) {
         Ok(name) => Some(name),
-        Err(error) if wanted.is_some() => return Err(error.into()),
+        Err(error) if wanted.is_some() => return Err(error),
         Err(_) => None,
     };
     let names = match wanted {
         Some(_) => selected.iter().cloned().collect(),
         None => library.instances(),
     };
-    let instances = names.into_iter().map(|name| instance(library, name, log_level)).collect();
+    let instances = names
+        .into_iter()
+        .map(|name| instance(library, name, log_level))
+        .collect();
     Ok(Report {
         library: library.path().display().to_string(),
         build_id: library.build_id().to_owned(),
@@ -58,14 +65,28 @@ pub fn describe(library: &Library, wanted: Option<&str>, log_level: u8) -> Resul
 }
 
 fn instance(library: &Library, name: String, log_level: u8) -> InstanceReport {
-    let planned = library.instantiate(&name, log_level).map_err(|e| e.to_string()).and_then(|plugin| {
-        let handlers = plugin.registrations().to_vec();
-        let subscriptions = subscription::plan(&handlers).map_err(|e: PlanError| e.to_string())?;
-        Ok((handlers, subscriptions))
-    });
+    let planned = library
+        .instantiate(&name, log_level)
+        .map_err(|e| e.to_string())
+        .and_then(|plugin| {
+            let handlers = plugin.registrations().to_vec();
+            let subscriptions =
+                subscription::plan(&handlers).map_err(|e: PlanError| e.to_string())?;
+            Ok((handlers, subscriptions))
+        });
     match planned {
-        Ok((handlers, subscriptions)) => InstanceReport { name, error: None, handlers, subscriptions },
-        Err(error) => InstanceReport { name, error: Some(error), handlers: Vec::new(), subscriptions: Vec::new() },
+        Ok((handlers, subscriptions)) => InstanceReport {
+            name,
+            error: None,
+            handlers,
+            subscriptions,
+        },
+        Err(error) => InstanceReport {
+            name,
+            error: Some(error),
+            handlers: Vec::new(),
+            subscriptions: Vec::new(),
+        },
     }
 }
 
@@ -73,7 +94,11 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "library  {} (build {})", self.library, self.build_id)?;
         for instance in &self.instances {
-            let mark = if self.selected.as_deref() == Some(&instance.name) { " (selected)" } else { "" };
+            let mark = if self.selected.as_deref() == Some(&instance.name) {
+                " (selected)"
+            } else {
+                ""
+            };
             writeln!(f, "\ninstance {}{mark}", instance.name)?;
             if let Some(error) = &instance.error {
                 writeln!(f, "  error: {error}")?;
@@ -81,7 +106,13 @@ impl fmt::Display for Report {
             }
             writeln!(f, "  handlers")?;
             for h in &instance.handlers {
-                writeln!(f, "    {:<16} {:<16} {}", h.name, h.kind.to_string(), h.categories.join(", "))?;
+                writeln!(
+                    f,
+                    "    {:<16} {:<16} {}",
+                    h.name,
+                    h.kind.to_string(),
+                    h.categories.join(", ")
+                )?;
                 for t in &h.message_types {
                     writeln!(f, "{:>38}{t}", "")?;
                 }

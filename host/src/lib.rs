@@ -5,6 +5,10 @@
 //! thread, the plugin's writes are buffered, and the engine commits them with the processed markers and the
 //! new position as one unit of work. See `DESIGN.md` and the README for the whole picture.
 
+// Every module opens with its concept and invariant; field-level docs are required only in plugin-api,
+// whose items are the authoring surface.
+#![allow(missing_docs)]
+
 pub mod cli;
 pub mod discovery;
 pub mod inspect;

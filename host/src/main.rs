@@ -39,19 +39,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     let env = std::env::var("PROTEAN_DOMAIN").ok();
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
-    Ok(discovery::resolve(env.as_deref(), common.domain.as_deref(), &cwd)?)
+    Ok(discovery::resolve(
+        env.as_deref(),
+        common.domain.as_deref(),
+        &cwd,
+    )?)
 }
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let spec = domain_spec(common)?;
     let library = Library::load(&spec.path)?;
-    let report = inspect::describe(&library, spec.instance.as_deref(), common.level().plugin_level())?;
+    let report = inspect::describe(
+        &library,
+        spec.instance.as_deref(),
+        common.level().plugin_level(),
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
     }
-    Ok(if report.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn server(common: &Common, _args: &ServerArgs) -> anyhow::Result<ExitCode> {

@@ -15,13 +15,17 @@
 //!   prefix types (the root module and the trait vtables) grow only after their last prefix field.
 //!
 //! Authors never use this module; it is public for `protean-host` and for [`crate::export_domains`].
-#![allow(missing_docs, missing_debug_implementations, non_local_definitions, non_camel_case_types)]
+#![allow(
+    missing_docs,
+    missing_debug_implementations,
+    non_local_definitions,
+    non_camel_case_types
+)]
 
 use abi_stable::{
     declare_root_module_statics,
     library::{CheckTypeLayout, LibHeader, RootModule},
-    package_version_strings,
-    sabi_trait,
+    package_version_strings, sabi_trait,
     sabi_types::{RRef, VersionStrings},
     std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
@@ -32,14 +36,19 @@ pub use abi_stable::library::RootModuleResult;
 /// Host-side loading primitives, re-exported so that abi_stable stays a dependency of this crate only.
 pub mod loading {
     pub use abi_stable::library::{
-        lib_header_from_raw_library, LibHeader, LibraryError, RawLibrary, RootModule, RootModuleError,
+        lib_header_from_raw_library, LibHeader, LibraryError, RawLibrary, RootModule,
+        RootModuleError,
     };
     pub use abi_stable::sabi_trait::TD_Opaque;
     pub use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RStr, RString, RVec};
 }
 
 /// The ABI generation. Bump it together with every 0.y release of plugin-api that changes a layout here.
-pub const PROTEAN_ABI: u32 = if cfg!(feature = "__abi_test_next_tag") { 2 } else { 1 };
+pub const PROTEAN_ABI: u32 = if cfg!(feature = "__abi_test_next_tag") {
+    2
+} else {
+    1
+};
 
 /// The plugin-api version a library was built against (reported in errors).
 pub const API_VERSION: &str = if cfg!(feature = "__abi_test_next_tag") {
@@ -204,8 +213,12 @@ pub trait Host {
     ) -> RResult<(), RString>;
 
     /// Buffer a document delete.
-    fn delete_document(&self, index: u32, collection: RStr<'_>, id: RStr<'_>)
-        -> RResult<(), RString>;
+    fn delete_document(
+        &self,
+        index: u32,
+        collection: RStr<'_>,
+        id: RStr<'_>,
+    ) -> RResult<(), RString>;
 
     /// Documents whose top-level `field` equals `value_json`, as a JSON array.
     #[sabi(last_prefix_field)]

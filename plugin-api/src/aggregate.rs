@@ -48,8 +48,10 @@ impl Recorded {
         if !self.is::<E>() {
             return Ok(None);
         }
-        serde_json::from_str(self.data.get()).map(Some).map_err(|e| {
-            HandlerError::reject(format!("cannot decode stored {}: {e}", self.message_type))
-        })
+        serde_json::from_str(self.data.get())
+            .map(Some)
+            .map_err(|e| {
+                HandlerError::reject(format!("cannot decode stored {}: {e}", self.message_type))
+            })
     }
 }

@@ -32,12 +32,29 @@ pub(crate) trait Services {
         data: &[u8],
         expected_version: Option<i64>,
     ) -> Result<(), String>;
-    fn send_command(&self, index: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String>;
+    fn send_command(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String>;
     fn read_stream(&self, stream: &str, from_position: u64) -> Result<Vec<u8>, String>;
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String>;
-    fn put_document(&self, index: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String>;
+    fn put_document(
+        &self,
+        index: u32,
+        collection: &str,
+        id: &str,
+        data: &[u8],
+    ) -> Result<(), String>;
     fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String>;
-    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String>;
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value_json: &[u8],
+    ) -> Result<Vec<u8>, String>;
 }
 
 /// The message being handled.
@@ -68,7 +85,10 @@ impl MessageInfo<'_> {
         struct DomainMeta {
             correlation_id: Option<String>,
         }
-        serde_json::from_slice::<Meta>(self.metadata).ok()?.domain?.correlation_id
+        serde_json::from_slice::<Meta>(self.metadata)
+            .ok()?
+            .domain?
+            .correlation_id
     }
 }
 
@@ -84,7 +104,9 @@ pub struct Context<'a> {
 
 impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("message", &self.message).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,7 +117,13 @@ impl<'a> Context<'a> {
         index: u32,
         message: MessageInfo<'a>,
     ) -> Self {
-        Self { services, naming, index, message, versions: HashMap::new() }
+        Self {
+            services,
+            naming,
+            index,
+            message,
+            versions: HashMap::new(),
+        }
     }
 
     /// The message being handled.
@@ -114,9 +142,13 @@ impl<'a> Context<'a> {
     /// concurrent writer makes this unit of work fail and be retried.
     pub fn load<A: Aggregate>(&mut self, id: &str) -> Result<Option<A>, HandlerError> {
         let stream = self.naming.stream_of::<A>(id);
-        let bytes = self.services.read_stream(&stream, 0).map_err(HandlerError::retry)?;
-        let events: Vec<Recorded> = serde_json::from_slice(&bytes)
-            .map_err(|e| HandlerError::retry(format!("host returned unreadable stream {stream}: {e}")))?;
+        let bytes = self
+            .services
+            .read_stream(&stream, 0)
+            .map_err(HandlerError::retry)?;
+        let events: Vec<Recorded> = serde_json::from_slice(&bytes).map_err(|e| {
+            HandlerError::retry(format!("host returned unreadable stream {stream}: {e}"))
+        })?;
         let Some(last) = events.last() else {
             self.versions.insert(stream, -1);
             return Ok(None);
@@ -136,7 +168,13 @@ impl<'a> Context<'a> {
         let data = to_json(event)?;
         let expected = self.versions.get(&stream).copied();
         self.services
-            .raise_event(self.index, &stream, &self.naming.type_of::<E>(), &data, expected)
+            .raise_event(
+                self.index,
+                &stream,
+                &self.naming.type_of::<E>(),
+                &data,
+                expected,
+            )
             .map_err(HandlerError::retry)?;
         if let Some(version) = self.versions.get_mut(&stream) {
             *version += 1;
@@ -155,8 +193,13 @@ impl<'a> Context<'a> {
 
     /// The document `D` with `id`, if it exists (including writes buffered earlier in this batch).
     pub fn get<D: Document>(&self, id: &str) -> Result<Option<D>, HandlerError> {
-        let found = self.services.get_document(D::COLLECTION, id).map_err(HandlerError::retry)?;
-        found.map(|bytes| from_json(&bytes, D::COLLECTION)).transpose()
+        let found = self
+            .services
+            .get_document(D::COLLECTION, id)
+            .map_err(HandlerError::retry)?;
+        found
+            .map(|bytes| from_json(&bytes, D::COLLECTION))
+            .transpose()
     }
 
     /// Write `document` (insert or replace).
@@ -169,29 +212,51 @@ impl<'a> Context<'a> {
 
     /// Delete the document `D` with `id` (no error if it does not exist).
     pub fn delete<D: Document>(&mut self, id: &str) -> Result<(), HandlerError> {
-        self.services.delete_document(self.index, D::COLLECTION, id).map_err(HandlerError::retry)
+        self.services
+            .delete_document(self.index, D::COLLECTION, id)
+            .map_err(HandlerError::retry)
     }
 
     /// The documents `D` whose top-level `field` equals `value`.
-    pub fn find<D: Document>(&self, field: &str, value: impl Serialize) -> Result<Vec<D>, HandlerError> {
+    pub fn find<D: Document>(
+        &self,
+        field: &str,
+        value: impl Serialize,
+    ) -> Result<Vec<D>, HandlerError> {
         let value = to_json(&value)?;
-        let bytes =
-            self.services.find_documents(D::COLLECTION, field, &value).map_err(HandlerError::retry)?;
+        let bytes = self
+            .services
+            .find_documents(D::COLLECTION, field, &value)
+            .map_err(HandlerError::retry)?;
         from_json(&bytes, D::COLLECTION)
     }
 }
 
 impl Context<'_> {
     /// A JSON document from a collection named at run time (process-manager state).
-    pub(crate) fn get_raw<T: DeserializeOwned>(&self, collection: &str, id: &str) -> Result<Option<T>, HandlerError> {
-        let found = self.services.get_document(collection, id).map_err(HandlerError::retry)?;
+    pub(crate) fn get_raw<T: DeserializeOwned>(
+        &self,
+        collection: &str,
+        id: &str,
+    ) -> Result<Option<T>, HandlerError> {
+        let found = self
+            .services
+            .get_document(collection, id)
+            .map_err(HandlerError::retry)?;
         found.map(|bytes| from_json(&bytes, collection)).transpose()
     }
 
     /// Write a JSON document to a collection named at run time.
-    pub(crate) fn put_raw<T: Serialize>(&mut self, collection: &str, id: &str, value: &T) -> Result<(), HandlerError> {
+    pub(crate) fn put_raw<T: Serialize>(
+        &mut self,
+        collection: &str,
+        id: &str,
+        value: &T,
+    ) -> Result<(), HandlerError> {
         let data = to_json(value)?;
-        self.services.put_document(self.index, collection, id, &data).map_err(HandlerError::retry)
+        self.services
+            .put_document(self.index, collection, id, &data)
+            .map_err(HandlerError::retry)
     }
 }
 
@@ -200,5 +265,6 @@ fn to_json(value: &impl Serialize) -> Result<Vec<u8>, HandlerError> {
 }
 
 fn from_json<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, HandlerError> {
-    serde_json::from_slice(bytes).map_err(|e| HandlerError::reject(format!("cannot decode {what}: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| HandlerError::reject(format!("cannot decode {what}: {e}")))
 }

@@ -70,17 +70,29 @@ pub struct Spec {
 impl std::fmt::Debug for Spec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let routes: Vec<_> = self.routes.iter().map(|r| r.class).collect();
-        f.debug_struct("Spec").field("name", &self.name).field("routes", &routes).finish_non_exhaustive()
+        f.debug_struct("Spec")
+            .field("name", &self.name)
+            .field("routes", &routes)
+            .finish_non_exhaustive()
     }
 }
 
 impl Spec {
     fn new(name: &str) -> Self {
-        Self { name: name.to_owned(), options: HandlerOptions::default(), routes: Vec::new() }
+        Self {
+            name: name.to_owned(),
+            options: HandlerOptions::default(),
+            routes: Vec::new(),
+        }
     }
 
     fn route<M: Message>(&mut self, category: &'static str, call: Call) {
-        self.routes.push(Route { class: M::NAME, version: M::VERSION, category, call });
+        self.routes.push(Route {
+            class: M::NAME,
+            version: M::VERSION,
+            category,
+            call,
+        });
     }
 }
 
@@ -126,7 +138,8 @@ fn erase<M: Message>(f: impl EventFn<M>) -> Call {
 }
 
 fn decode<M: Message>(data: &[u8]) -> Result<M, HandlerError> {
-    serde_json::from_slice(data).map_err(|e| HandlerError::reject(format!("cannot decode {}: {e}", M::NAME)))
+    serde_json::from_slice(data)
+        .map_err(|e| HandlerError::reject(format!("cannot decode {}: {e}", M::NAME)))
 }
 
 /// Reacts to events, possibly raising events and sending commands. One subscription per handler.
@@ -141,7 +154,8 @@ impl EventHandler {
 
     /// Handle events of type `E` with `f`.
     pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
-        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
+        self.0
+            .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
         self
     }
 }
@@ -164,7 +178,8 @@ impl Projector {
 
     /// Project events of type `E` with `f`.
     pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
-        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
+        self.0
+            .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
         self
     }
 }
@@ -275,14 +290,18 @@ where
             let mut instance = match (stored, phase) {
                 (Some(instance), _) if instance.ended => return Ok(()),
                 (Some(instance), _) => instance,
-                (None, Phase::Start) => Instance { state: S::default(), ended: false },
+                (None, Phase::Start) => Instance {
+                    state: S::default(),
+                    ended: false,
+                },
                 (None, _) => return Ok(()),
             };
             f.call(&mut instance.state, decode::<E>(data)?, ctx)?;
             instance.ended = phase == Phase::End;
             ctx.put_raw(&collection, &key, &instance)
         });
-        self.0.route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, call);
+        self.0
+            .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, call);
         self
     }
 }
@@ -299,7 +318,9 @@ fn correlation_value(data: &[u8], field: &str) -> Result<String, HandlerError> {
     match value.get(field) {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(v @ serde_json::Value::Number(_)) => Ok(v.to_string()),
-        _ => Err(HandlerError::reject(format!("event has no correlation field {field:?}"))),
+        _ => Err(HandlerError::reject(format!(
+            "event has no correlation field {field:?}"
+        ))),
     }
 }
 
@@ -364,7 +385,10 @@ impl Domain {
 
     /// Every handler, in the order they were added.
     pub fn registrations(&self) -> Vec<Registration> {
-        self.handlers.iter().map(|h| h.registration.clone()).collect()
+        self.handlers
+            .iter()
+            .map(|h| h.registration.clone())
+            .collect()
     }
 
     /// Problems found while building the domain (duplicate names, empty handlers); the host refuses to
@@ -375,11 +399,17 @@ impl Domain {
 
     fn add(mut self, kind: HandlerKind, spec: Spec) -> Self {
         if self.by_name.contains_key(&spec.name) {
-            self.errors.push(format!("two handlers are named {:?}; handler names must be unique", spec.name));
+            self.errors.push(format!(
+                "two handlers are named {:?}; handler names must be unique",
+                spec.name
+            ));
             return self;
         }
         if spec.routes.is_empty() {
-            self.errors.push(format!("handler {:?} handles no message type; add one with .on(..)", spec.name));
+            self.errors.push(format!(
+                "handler {:?} handles no message type; add one with .on(..)",
+                spec.name
+            ));
             return self;
         }
         let naming = Arc::clone(&self.naming);
@@ -387,8 +417,11 @@ impl Domain {
         let mut routes = HashMap::new();
         for route in spec.routes {
             let category = format!("{}::{}", naming.normalized(), route.category);
-            let category =
-                if kind == HandlerKind::COMMAND_HANDLER { format!("{category}:command") } else { category };
+            let category = if kind == HandlerKind::COMMAND_HANDLER {
+                format!("{category}:command")
+            } else {
+                category
+            };
             if !categories.contains(&category) {
                 categories.push(category);
             }
@@ -398,7 +431,13 @@ impl Domain {
         message_types.sort();
         self.by_name.insert(spec.name.clone(), self.handlers.len());
         self.handlers.push(Resolved {
-            registration: Registration { name: spec.name, kind, categories, message_types, options: spec.options },
+            registration: Registration {
+                name: spec.name,
+                kind,
+                categories,
+                message_types,
+                options: spec.options,
+            },
             routes,
         });
         self
@@ -412,15 +451,23 @@ impl Domain {
         services: &dyn Services,
     ) -> (u32, Option<HandlerError>) {
         let Some(handler) = self.by_name.get(name).map(|&i| &self.handlers[i]) else {
-            return (0, Some(HandlerError::reject(format!("this domain has no handler named {name:?}"))));
+            return (
+                0,
+                Some(HandlerError::reject(format!(
+                    "this domain has no handler named {name:?}"
+                ))),
+            );
         };
         for (index, (info, data)) in batch.iter().enumerate() {
             let index = index as u32;
             // The host routes by type; an unknown one here is a routing bug, so it is skipped, not failed.
-            let Some(call) = handler.routes.get(info.message_type) else { continue };
+            let Some(call) = handler.routes.get(info.message_type) else {
+                continue;
+            };
             let mut ctx = Context::new(services, &self.naming, index, *info);
-            let result = panic::catch(|| call(data, &mut ctx))
-                .unwrap_or_else(|panic| Err(HandlerError::retry(format!("handler panicked: {panic}"))));
+            let result = panic::catch(|| call(data, &mut ctx)).unwrap_or_else(|panic| {
+                Err(HandlerError::retry(format!("handler panicked: {panic}")))
+            });
             if let Err(error) = result {
                 return (index, Some(error));
             }

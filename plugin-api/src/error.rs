@@ -16,12 +16,18 @@ pub struct HandlerError {
 impl HandlerError {
     /// A transient failure: retry with backoff.
     pub fn retry(reason: impl fmt::Display) -> Self {
-        Self { retryable: true, message: reason.to_string() }
+        Self {
+            retryable: true,
+            message: reason.to_string(),
+        }
     }
 
     /// A permanent failure: dead-letter the message now.
     pub fn reject(reason: impl fmt::Display) -> Self {
-        Self { retryable: false, message: reason.to_string() }
+        Self {
+            retryable: false,
+            message: reason.to_string(),
+        }
     }
 
     /// Whether the host should retry the message.

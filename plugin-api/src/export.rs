@@ -30,10 +30,14 @@ struct CreateOptions {
     log_level: Option<u8>,
 }
 
+/// An instance name and the function that builds its domain.
+#[doc(hidden)]
+pub type Constructor = (&'static str, fn() -> Domain);
+
 /// `create()` of the root module: find the instance, build it, check it, wrap it.
 #[doc(hidden)]
 pub fn create(
-    constructors: &[(&str, fn() -> Domain)],
+    constructors: &[Constructor],
     name: RStr<'_>,
     config_json: RStr<'_>,
     logger: HostLogBox,
@@ -42,13 +46,19 @@ pub fn create(
         let options: CreateOptions = serde_json::from_str(config_json.as_str()).unwrap_or_default();
         install_logger(logger, options.log_level.unwrap_or(3));
         let Some((_, constructor)) = constructors.iter().find(|(n, _)| *n == name.as_str()) else {
-            return Err(format!("the library has no domain instance {:?}", name.as_str()));
+            return Err(format!(
+                "the library has no domain instance {:?}",
+                name.as_str()
+            ));
         };
         let domain = constructor();
         if let Some(problem) = domain.errors().first() {
             return Err(format!("domain {:?} is invalid: {problem}", name.as_str()));
         }
-        Ok(DomainInstance_TO::from_value(Instance { domain }, TD_Opaque))
+        Ok(DomainInstance_TO::from_value(
+            Instance { domain },
+            TD_Opaque,
+        ))
     });
     match outcome {
         Ok(Ok(instance)) => RResult::ROk(instance),
@@ -63,8 +73,14 @@ struct Instance {
 
 impl DomainInstance for Instance {
     fn registrations(&self) -> RVec<HandlerRegistration> {
-        panic::catch(|| self.domain.registrations().into_iter().map(to_abi).collect())
-            .unwrap_or_default()
+        panic::catch(|| {
+            self.domain
+                .registrations()
+                .into_iter()
+                .map(to_abi)
+                .collect()
+        })
+        .unwrap_or_default()
     }
 
     fn handle_batch(
@@ -75,14 +91,25 @@ impl DomainInstance for Instance {
     ) -> BatchOutcome {
         let services = AbiServices(host);
         let messages: Vec<(MessageInfo<'_>, &[u8])> = batch.iter().map(view).collect();
-        let outcome = panic::catch(|| self.domain.handle_batch(handler.as_str(), &messages, &services));
+        let outcome = panic::catch(|| {
+            self.domain
+                .handle_batch(handler.as_str(), &messages, &services)
+        });
         let (handled, error) = outcome.unwrap_or_else(|panic| {
-            (0, Some(crate::HandlerError::retry(format!("handler panicked: {panic}"))))
+            (
+                0,
+                Some(crate::HandlerError::retry(format!(
+                    "handler panicked: {panic}"
+                ))),
+            )
         });
         BatchOutcome {
             handled,
             failure: error
-                .map(|e| HandlerFailure { retryable: e.is_retryable(), message: e.message().into() })
+                .map(|e| HandlerFailure {
+                    retryable: e.is_retryable(),
+                    message: e.message().into(),
+                })
                 .into(),
         }
     }
@@ -106,9 +133,19 @@ fn to_abi(registration: crate::Registration) -> HandlerRegistration {
     HandlerRegistration {
         name: registration.name.into(),
         kind: registration.kind,
-        categories: registration.categories.into_iter().map(RString::from).collect(),
-        message_types: registration.message_types.into_iter().map(RString::from).collect(),
-        options_json: serde_json::to_string(&registration.options).unwrap_or_default().into(),
+        categories: registration
+            .categories
+            .into_iter()
+            .map(RString::from)
+            .collect(),
+        message_types: registration
+            .message_types
+            .into_iter()
+            .map(RString::from)
+            .collect(),
+        options_json: serde_json::to_string(&registration.options)
+            .unwrap_or_default()
+            .into(),
     }
 }
 
@@ -128,11 +165,26 @@ impl Services for AbiServices<'_> {
         data: &[u8],
         expected_version: Option<i64>,
     ) -> Result<(), String> {
-        plain(self.0.raise_event(index, stream.into(), message_type.into(), data.into(), expected_version.into()))
+        plain(self.0.raise_event(
+            index,
+            stream.into(),
+            message_type.into(),
+            data.into(),
+            expected_version.into(),
+        ))
     }
 
-    fn send_command(&self, index: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
-        plain(self.0.send_command(index, stream.into(), message_type.into(), data.into()))
+    fn send_command(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        plain(
+            self.0
+                .send_command(index, stream.into(), message_type.into(), data.into()),
+        )
     }
 
     fn read_stream(&self, stream: &str, from_position: u64) -> Result<Vec<u8>, String> {
@@ -140,19 +192,38 @@ impl Services for AbiServices<'_> {
     }
 
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
-        plain(self.0.get_document(collection.into(), id.into())).map(|found| found.into_option().map(RVec::into_vec))
+        plain(self.0.get_document(collection.into(), id.into()))
+            .map(|found| found.into_option().map(RVec::into_vec))
     }
 
-    fn put_document(&self, index: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
-        plain(self.0.put_document(index, collection.into(), id.into(), data.into()))
+    fn put_document(
+        &self,
+        index: u32,
+        collection: &str,
+        id: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        plain(
+            self.0
+                .put_document(index, collection.into(), id.into(), data.into()),
+        )
     }
 
     fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String> {
         plain(self.0.delete_document(index, collection.into(), id.into()))
     }
 
-    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
-        plain(self.0.find_documents(collection.into(), field.into(), value_json.into())).map(RVec::into_vec)
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value_json: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        plain(
+            self.0
+                .find_documents(collection.into(), field.into(), value_json.into()),
+        )
+        .map(RVec::into_vec)
     }
 }
 
@@ -166,7 +237,11 @@ impl log::Log for HostLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         let message = record.args().to_string();
-        self.0.log(record.level() as u8, record.target().into(), message.as_str().into());
+        self.0.log(
+            record.level() as u8,
+            record.target().into(),
+            message.as_str().into(),
+        );
     }
 
     fn flush(&self) {}

@@ -40,7 +40,10 @@ pub struct Naming {
 impl Naming {
     /// Names for a domain called `name` (`"Fulfilment"` or `"OrderFulfilment"`).
     pub fn new(name: &str) -> Self {
-        Self { camel: camel_case(name), normalized: snake_case(name) }
+        Self {
+            camel: camel_case(name),
+            normalized: snake_case(name),
+        }
     }
 
     /// The domain name as used in type names (`Fulfilment`).
@@ -75,13 +78,19 @@ impl Naming {
 
     /// `{category}:command-{id}`.
     pub fn command_stream_of<C: Command>(&self, command: &C) -> String {
-        format!("{}:command-{}", self.category_of::<C::Aggregate>(), command.target_id())
+        format!(
+            "{}:command-{}",
+            self.category_of::<C::Aggregate>(),
+            command.target_id()
+        )
     }
 }
 
 /// The category of a stream: the text before the first `-` (Protean's rule).
 pub fn category_of_stream(stream: &str) -> &str {
-    stream.split_once('-').map_or(stream, |(category, _)| category)
+    stream
+        .split_once('-')
+        .map_or(stream, |(category, _)| category)
 }
 
 fn camel_case(name: &str) -> String {
@@ -89,7 +98,9 @@ fn camel_case(name: &str) -> String {
         .filter(|part| !part.is_empty())
         .map(|part| {
             let mut chars = part.chars();
-            chars.next().map_or_else(String::new, |first| first.to_uppercase().chain(chars).collect())
+            chars.next().map_or_else(String::new, |first| {
+                first.to_uppercase().chain(chars).collect()
+            })
         })
         .collect()
 }
@@ -120,7 +131,10 @@ mod tests {
         let naming = Naming::new("OrderFulfilment");
         assert_eq!(naming.camel(), "OrderFulfilment");
         assert_eq!(naming.normalized(), "order_fulfilment");
-        assert_eq!(naming.type_name("OrderPlaced", 2), "OrderFulfilment.OrderPlaced.v2");
+        assert_eq!(
+            naming.type_name("OrderPlaced", 2),
+            "OrderFulfilment.OrderPlaced.v2"
+        );
         let snake = Naming::new("order_fulfilment");
         assert_eq!(snake.camel(), "OrderFulfilment");
         assert_eq!(snake.normalized(), "order_fulfilment");
@@ -128,8 +142,14 @@ mod tests {
 
     #[test]
     fn category_is_text_before_first_dash() {
-        assert_eq!(category_of_stream("fulfilment::order-42-a"), "fulfilment::order");
-        assert_eq!(category_of_stream("fulfilment::order:command-7"), "fulfilment::order:command");
+        assert_eq!(
+            category_of_stream("fulfilment::order-42-a"),
+            "fulfilment::order"
+        );
+        assert_eq!(
+            category_of_stream("fulfilment::order:command-7"),
+            "fulfilment::order:command"
+        );
         assert_eq!(category_of_stream("nodash"), "nodash");
     }
 }

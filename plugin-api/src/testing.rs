@@ -64,39 +64,74 @@ pub struct TestHost {
 
 impl std::fmt::Debug for TestHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestHost").field("domain", &self.domain).finish_non_exhaustive()
+        f.debug_struct("TestHost")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
     }
 }
 
 impl TestHost {
     /// A host with empty streams and documents.
     pub fn new(domain: Domain) -> Self {
-        Self { domain, committed: RefCell::default(), pending: RefCell::default() }
+        Self {
+            domain,
+            committed: RefCell::default(),
+            pending: RefCell::default(),
+        }
     }
 
     /// Store `event` in the stream of aggregate `id`, as if an earlier unit of work had raised it.
     pub fn given<E: Event>(&self, id: &str, event: &E) {
         let stream = self.domain.naming().stream_of::<E::Aggregate>(id);
         let produced = self.produced(&stream, self.domain.naming().type_of::<E>(), event);
-        self.committed.borrow_mut().streams.entry(stream).or_default().push(produced);
+        self.committed
+            .borrow_mut()
+            .streams
+            .entry(stream)
+            .or_default()
+            .push(produced);
     }
 
     /// Call handler `handler` with `event` of aggregate `id`.
-    pub fn handle_event<E: Event>(&self, handler: &str, id: &str, event: &E) -> Result<(), HandlerError> {
+    pub fn handle_event<E: Event>(
+        &self,
+        handler: &str,
+        id: &str,
+        event: &E,
+    ) -> Result<(), HandlerError> {
         let stream = self.domain.naming().stream_of::<E::Aggregate>(id);
-        self.handle(handler, &stream, &self.domain.naming().type_of::<E>(), event)
+        self.handle(
+            handler,
+            &stream,
+            &self.domain.naming().type_of::<E>(),
+            event,
+        )
     }
 
     /// Call handler `handler` with `command`.
-    pub fn handle_command<C: Command>(&self, handler: &str, command: &C) -> Result<(), HandlerError> {
+    pub fn handle_command<C: Command>(
+        &self,
+        handler: &str,
+        command: &C,
+    ) -> Result<(), HandlerError> {
         let stream = self.domain.naming().command_stream_of(command);
-        self.handle(handler, &stream, &self.domain.naming().type_of::<C>(), command)
+        self.handle(
+            handler,
+            &stream,
+            &self.domain.naming().type_of::<C>(),
+            command,
+        )
     }
 
     /// The events stored in the stream of aggregate `A` with `id`.
     pub fn events<A: crate::Aggregate>(&self, id: &str) -> Vec<Produced> {
         let stream = self.domain.naming().stream_of::<A>(id);
-        self.committed.borrow().streams.get(&stream).cloned().unwrap_or_default()
+        self.committed
+            .borrow()
+            .streams
+            .get(&stream)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The commands sent so far.
@@ -107,16 +142,33 @@ impl TestHost {
     /// The document `D` with `id`.
     pub fn document<D: Document>(&self, id: &str) -> Option<D> {
         let committed = self.committed.borrow();
-        let value = committed.documents.get(&(D::COLLECTION.to_owned(), id.to_owned()))?;
+        let value = committed
+            .documents
+            .get(&(D::COLLECTION.to_owned(), id.to_owned()))?;
         serde_json::from_value(value.clone()).ok()
     }
 
-    fn produced(&self, stream: &str, message_type: String, message: &impl serde::Serialize) -> Produced {
+    fn produced(
+        &self,
+        stream: &str,
+        message_type: String,
+        message: &impl serde::Serialize,
+    ) -> Produced {
         let data = serde_json::to_value(message).expect("test messages serialize to JSON");
-        Produced { stream: stream.to_owned(), message_type, data }
+        Produced {
+            stream: stream.to_owned(),
+            message_type,
+            data,
+        }
     }
 
-    fn handle<M: Message>(&self, handler: &str, stream: &str, message_type: &str, message: &M) -> Result<(), HandlerError> {
+    fn handle<M: Message>(
+        &self,
+        handler: &str,
+        stream: &str,
+        message_type: &str,
+        message: &M,
+    ) -> Result<(), HandlerError> {
         let data = serde_json::to_vec(message).expect("test messages serialize to JSON");
         let info = MessageInfo {
             id: "test-message",
@@ -128,7 +180,11 @@ impl TestHost {
         };
         *self.pending.borrow_mut() = Some(self.committed.borrow().clone());
         let (_, error) = self.domain.handle_batch(handler, &[(info, &data)], self);
-        let pending = self.pending.borrow_mut().take().expect("a batch is in progress");
+        let pending = self
+            .pending
+            .borrow_mut()
+            .take()
+            .expect("a batch is in progress");
         match error {
             None => {
                 *self.committed.borrow_mut() = pending;
@@ -139,7 +195,11 @@ impl TestHost {
     }
 
     fn with_pending<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        f(self.pending.borrow_mut().as_mut().expect("host services are only available inside a handler"))
+        f(self
+            .pending
+            .borrow_mut()
+            .as_mut()
+            .expect("host services are only available inside a handler"))
     }
 }
 
@@ -148,23 +208,46 @@ fn parse(data: &[u8]) -> Result<Value, String> {
 }
 
 impl Services for TestHost {
-    fn raise_event(&self, _: u32, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
+    fn raise_event(
+        &self,
+        _: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+        expected: Option<i64>,
+    ) -> Result<(), String> {
         let data = parse(data)?;
         self.with_pending(|state| {
             let events = state.streams.entry(stream.to_owned()).or_default();
             let current = events.len() as i64 - 1;
             if let Some(expected) = expected.filter(|&e| e != current) {
-                return Err(format!("version conflict on {stream}: expected {expected}, found {current}"));
+                return Err(format!(
+                    "version conflict on {stream}: expected {expected}, found {current}"
+                ));
             }
-            events.push(Produced { stream: stream.to_owned(), message_type: message_type.to_owned(), data });
+            events.push(Produced {
+                stream: stream.to_owned(),
+                message_type: message_type.to_owned(),
+                data,
+            });
             Ok(())
         })
     }
 
-    fn send_command(&self, _: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
+    fn send_command(
+        &self,
+        _: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
         let data = parse(data)?;
         self.with_pending(|state| {
-            state.commands.push(Produced { stream: stream.to_owned(), message_type: message_type.to_owned(), data });
+            state.commands.push(Produced {
+                stream: stream.to_owned(),
+                message_type: message_type.to_owned(),
+                data,
+            });
             Ok(())
         })
     }
@@ -185,26 +268,38 @@ impl Services for TestHost {
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
         self.with_pending(|state| {
             let key = (collection.to_owned(), id.to_owned());
-            Ok(state.documents.get(&key).map(|v| v.to_string().into_bytes()))
+            Ok(state
+                .documents
+                .get(&key)
+                .map(|v| v.to_string().into_bytes()))
         })
     }
 
     fn put_document(&self, _: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
         let data = parse(data)?;
         self.with_pending(|state| {
-            state.documents.insert((collection.to_owned(), id.to_owned()), data);
+            state
+                .documents
+                .insert((collection.to_owned(), id.to_owned()), data);
             Ok(())
         })
     }
 
     fn delete_document(&self, _: u32, collection: &str, id: &str) -> Result<(), String> {
         self.with_pending(|state| {
-            state.documents.remove(&(collection.to_owned(), id.to_owned()));
+            state
+                .documents
+                .remove(&(collection.to_owned(), id.to_owned()));
             Ok(())
         })
     }
 
-    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value_json: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let wanted = parse(value_json)?;
         self.with_pending(|state| {
             let found: Vec<&Value> = state

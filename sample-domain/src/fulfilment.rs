@@ -122,28 +122,60 @@ impl Document for OrderSummary {
 
 fn place_order(command: PlaceOrder, ctx: &mut Context) -> HandlerResult {
     if command.quantity == 0 {
-        return Err(HandlerError::reject(format!("order {} has no items", command.order_id)));
+        return Err(HandlerError::reject(format!(
+            "order {} has no items",
+            command.order_id
+        )));
     }
     if ctx.load::<Order>(&command.order_id)?.is_some() {
-        log::info!("order {} was already placed; ignoring the repeat", command.order_id);
+        log::info!(
+            "order {} was already placed; ignoring the repeat",
+            command.order_id
+        );
         return Ok(());
     }
-    let PlaceOrder { order_id, customer, sku, quantity, total } = command;
-    ctx.raise(&order_id.clone(), &OrderPlaced { order_id, customer, sku, quantity, total })
+    let PlaceOrder {
+        order_id,
+        customer,
+        sku,
+        quantity,
+        total,
+    } = command;
+    ctx.raise(
+        &order_id.clone(),
+        &OrderPlaced {
+            order_id,
+            customer,
+            sku,
+            quantity,
+            total,
+        },
+    )
 }
 
 fn ship_order(command: ShipOrder, ctx: &mut Context) -> HandlerResult {
     let Some(order) = ctx.load::<Order>(&command.order_id)? else {
-        return Err(HandlerError::reject(format!("cannot ship unknown order {}", command.order_id)));
+        return Err(HandlerError::reject(format!(
+            "cannot ship unknown order {}",
+            command.order_id
+        )));
     };
     if order.status == "shipped" {
         return Ok(());
     }
-    ctx.raise(&command.order_id.clone(), &OrderShipped { order_id: command.order_id })
+    ctx.raise(
+        &command.order_id.clone(),
+        &OrderShipped {
+            order_id: command.order_id,
+        },
+    )
 }
 
 fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult {
-    if ctx.load::<Payment>(&command.order_id)?.is_some_and(|p| p.paid) {
+    if ctx
+        .load::<Payment>(&command.order_id)?
+        .is_some_and(|p| p.paid)
+    {
         return Ok(());
     }
     let ProcessPayment { order_id, amount } = command;
@@ -158,19 +190,40 @@ fn reserve_stock(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
         quantity: event.quantity,
     };
     ctx.put(&reservation)?;
-    let OrderPlaced { order_id, sku, quantity, .. } = event;
-    ctx.raise(&order_id.clone(), &StockReserved { order_id, sku, quantity })
+    let OrderPlaced {
+        order_id,
+        sku,
+        quantity,
+        ..
+    } = event;
+    ctx.raise(
+        &order_id.clone(),
+        &StockReserved {
+            order_id,
+            sku,
+            quantity,
+        },
+    )
 }
 
 fn charge(event: StockReserved, ctx: &mut Context) -> HandlerResult {
     let reserved = ctx.find::<ReservationDoc>("order_id", &event.order_id)?;
     if reserved.is_empty() {
-        return Err(HandlerError::retry(format!("no reservation found for order {}", event.order_id)));
+        return Err(HandlerError::retry(format!(
+            "no reservation found for order {}",
+            event.order_id
+        )));
     }
     let Some(order) = ctx.load::<Order>(&event.order_id)? else {
-        return Err(HandlerError::reject(format!("stock reserved for unknown order {}", event.order_id)));
+        return Err(HandlerError::reject(format!(
+            "stock reserved for unknown order {}",
+            event.order_id
+        )));
     };
-    ctx.send(&ProcessPayment { order_id: event.order_id, amount: order.total })
+    ctx.send(&ProcessPayment {
+        order_id: event.order_id,
+        amount: order.total,
+    })
 }
 
 /// The state of one fulfilment process.
@@ -182,7 +235,11 @@ pub struct Fulfilment {
     pub paid: bool,
 }
 
-fn fulfilment_started(state: &mut Fulfilment, event: OrderPlaced, _: &mut Context) -> HandlerResult {
+fn fulfilment_started(
+    state: &mut Fulfilment,
+    event: OrderPlaced,
+    _: &mut Context,
+) -> HandlerResult {
     log::debug!("fulfilment of order {} started", event.order_id);
     *state = Fulfilment::default();
     Ok(())
@@ -193,9 +250,15 @@ fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved, _: &mut Context
     Ok(())
 }
 
-fn fulfilment_paid(state: &mut Fulfilment, event: PaymentProcessed, ctx: &mut Context) -> HandlerResult {
+fn fulfilment_paid(
+    state: &mut Fulfilment,
+    event: PaymentProcessed,
+    ctx: &mut Context,
+) -> HandlerResult {
     state.paid = true;
-    ctx.send(&ShipOrder { order_id: event.order_id })
+    ctx.send(&ShipOrder {
+        order_id: event.order_id,
+    })
 }
 
 fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> HandlerResult {
@@ -204,7 +267,10 @@ fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> 
 }
 
 fn summarise(ctx: &mut Context, order_id: String, status: &str) -> HandlerResult {
-    ctx.put(&OrderSummary { order_id, status: status.into() })
+    ctx.put(&OrderSummary {
+        order_id,
+        status: status.into(),
+    })
 }
 
 fn summary_placed(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
@@ -226,7 +292,11 @@ fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
 /// The fulfilment domain.
 pub fn domain() -> Domain {
     Domain::new("Fulfilment")
-        .command_handler(CommandHandler::<Order>::new("orders").on(place_order).on(ship_order))
+        .command_handler(
+            CommandHandler::<Order>::new("orders")
+                .on(place_order)
+                .on(ship_order),
+        )
         .command_handler(CommandHandler::<Payment>::new("payments").on(process_payment))
         .event_handler(EventHandler::new("inventory").on(reserve_stock))
         .event_handler(EventHandler::new("billing").on(charge))
@@ -253,13 +323,25 @@ mod tests {
     use super::*;
 
     fn placed(id: &str) -> OrderPlaced {
-        OrderPlaced { order_id: id.into(), customer: "ada".into(), sku: "book".into(), quantity: 2, total: 30.0 }
+        OrderPlaced {
+            order_id: id.into(),
+            customer: "ada".into(),
+            sku: "book".into(),
+            quantity: 2,
+            total: 30.0,
+        }
     }
 
     #[test]
     fn placing_an_order_raises_order_placed_once() {
         let host = TestHost::new(domain());
-        let place = PlaceOrder { order_id: "o1".into(), customer: "ada".into(), sku: "book".into(), quantity: 2, total: 30.0 };
+        let place = PlaceOrder {
+            order_id: "o1".into(),
+            customer: "ada".into(),
+            sku: "book".into(),
+            quantity: 2,
+            total: 30.0,
+        };
         host.handle_command("orders", &place).unwrap();
         host.handle_command("orders", &place).unwrap();
         let events = host.events::<Order>("o1");
@@ -271,7 +353,13 @@ mod tests {
     #[test]
     fn an_empty_order_is_rejected_for_good() {
         let host = TestHost::new(domain());
-        let place = PlaceOrder { order_id: "o1".into(), customer: "ada".into(), sku: "book".into(), quantity: 0, total: 0.0 };
+        let place = PlaceOrder {
+            order_id: "o1".into(),
+            customer: "ada".into(),
+            sku: "book".into(),
+            quantity: 0,
+            total: 0.0,
+        };
         let error = host.handle_command("orders", &place).unwrap_err();
         assert!(!error.is_retryable());
         assert!(host.events::<Order>("o1").is_empty());
@@ -283,7 +371,10 @@ mod tests {
         host.handle_event("inventory", "o1", &placed("o1")).unwrap();
         let reservation = host.document::<ReservationDoc>("res-o1").unwrap();
         assert_eq!(reservation.order_id, "o1");
-        assert_eq!(host.events::<Reservation>("o1")[0].message_type, "Fulfilment.StockReserved.v1");
+        assert_eq!(
+            host.events::<Reservation>("o1")[0].message_type,
+            "Fulfilment.StockReserved.v1"
+        );
     }
 
     #[test]
@@ -291,7 +382,11 @@ mod tests {
         let host = TestHost::new(domain());
         host.given("o1", &placed("o1"));
         host.handle_event("inventory", "o1", &placed("o1")).unwrap();
-        let reserved = StockReserved { order_id: "o1".into(), sku: "book".into(), quantity: 2 };
+        let reserved = StockReserved {
+            order_id: "o1".into(),
+            sku: "book".into(),
+            quantity: 2,
+        };
         host.handle_event("billing", "o1", &reserved).unwrap();
         let commands = host.commands();
         assert_eq!(commands[0].stream, "fulfilment::payment:command-o1");
@@ -301,13 +396,27 @@ mod tests {
     #[test]
     fn the_process_ships_a_paid_order_and_then_ends() {
         let host = TestHost::new(domain());
-        let paid = PaymentProcessed { order_id: "o1".into(), amount: 30.0 };
+        let paid = PaymentProcessed {
+            order_id: "o1".into(),
+            amount: 30.0,
+        };
         host.handle_event("fulfilment", "o1", &paid).unwrap();
-        assert!(host.commands().is_empty(), "a process that has not started ignores events");
-        host.handle_event("fulfilment", "o1", &placed("o1")).unwrap();
+        assert!(
+            host.commands().is_empty(),
+            "a process that has not started ignores events"
+        );
+        host.handle_event("fulfilment", "o1", &placed("o1"))
+            .unwrap();
         host.handle_event("fulfilment", "o1", &paid).unwrap();
         assert_eq!(host.commands()[0].message_type, "Fulfilment.ShipOrder.v1");
-        host.handle_event("fulfilment", "o1", &OrderShipped { order_id: "o1".into() }).unwrap();
+        host.handle_event(
+            "fulfilment",
+            "o1",
+            &OrderShipped {
+                order_id: "o1".into(),
+            },
+        )
+        .unwrap();
         host.handle_event("fulfilment", "o1", &paid).unwrap();
         assert_eq!(host.commands().len(), 1, "an ended process ignores events");
     }

@@ -26,7 +26,10 @@ impl Document for Totals {
 }
 
 fn totals(ctx: &Context) -> Result<Totals, HandlerError> {
-    Ok(ctx.get::<Totals>("all")?.unwrap_or(Totals { id: "all".into(), ..Totals::default() }))
+    Ok(ctx.get::<Totals>("all")?.unwrap_or(Totals {
+        id: "all".into(),
+        ..Totals::default()
+    }))
 }
 
 fn count_placed(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {

@@ -36,13 +36,20 @@ pub enum LoadError {
     #[error("domain library not found: {}; build it (cargo build) or fix the --domain path", .0.display())]
     Missing(PathBuf),
     #[error("cannot read domain library {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open {} as a shared library: {reason}; pass the path of a domain cdylib (lib<name>.so)", path.display())]
     Open { path: PathBuf, reason: String },
     #[error("{} is not a protean domain plugin (it exports no PROTEAN_ABI_TAG); build a cdylib that calls protean_plugin_api::export_domains!", .0.display())]
     NotAPlugin(PathBuf),
     #[error("{} was built against plugin-api {plugin_version} (ABI {plugin_abi}), but this host speaks ABI {PROTEAN_ABI} (plugin-api {API_VERSION}); rebuild the plugin against plugin-api {API_VERSION}", path.display())]
-    AbiMismatch { path: PathBuf, plugin_version: String, plugin_abi: u32 },
+    AbiMismatch {
+        path: PathBuf,
+        plugin_version: String,
+        plugin_abi: u32,
+    },
     #[error("{} has the right ABI tag but its plugin-api type layouts differ from this host's; rebuild the plugin against plugin-api {API_VERSION} (--debug shows the full report)", .0.display())]
     Layout(PathBuf),
     #[error("{}: {reason}; rebuild the plugin against plugin-api {API_VERSION}", path.display())]
@@ -50,15 +57,30 @@ pub enum LoadError {
     #[error("the root module of {} failed to load: {reason}", path.display())]
     RootModule { path: PathBuf, reason: String },
     #[error("{} has no domain instance {wanted:?}; available: {}; choose one with --domain={}:NAME", path.display(), available.join(", "), path.display())]
-    UnknownInstance { path: PathBuf, wanted: String, available: Vec<String> },
+    UnknownInstance {
+        path: PathBuf,
+        wanted: String,
+        available: Vec<String>,
+    },
     #[error("{} declares several domain instances ({}) and none is named domain or subdomain; choose one with --domain={}:NAME", path.display(), available.join(", "), path.display())]
-    AmbiguousInstance { path: PathBuf, available: Vec<String> },
+    AmbiguousInstance {
+        path: PathBuf,
+        available: Vec<String>,
+    },
     #[error("{} declares no domain instances; call export_domains! with at least one", .0.display())]
     NoInstances(PathBuf),
     #[error("domain instance {instance:?} of {} failed to start: {reason}", path.display())]
-    Constructor { path: PathBuf, instance: String, reason: String },
+    Constructor {
+        path: PathBuf,
+        instance: String,
+        reason: String,
+    },
     #[error("cannot copy {} to {}: {source}", from.display(), to.display())]
-    Copy { from: PathBuf, to: PathBuf, source: std::io::Error },
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A loaded domain library (one generation). Never unloaded.
@@ -70,13 +92,19 @@ pub struct Library {
 
 impl std::fmt::Debug for Library {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Library").field("path", &self.path).field("build_id", &self.build_id).finish()
+        f.debug_struct("Library")
+            .field("path", &self.path)
+            .field("build_id", &self.build_id)
+            .finish()
     }
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).field("build_id", &self.build_id).finish()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("build_id", &self.build_id)
+            .finish()
     }
 }
 
@@ -89,13 +117,20 @@ impl Library {
         if !path.is_file() {
             return Err(LoadError::Missing(absolute(path)));
         }
-        let bytes = fs::read(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+        let bytes = fs::read(path).map_err(|source| LoadError::Read {
+            path: path.into(),
+            source,
+        })?;
         let build_id = build_id(&bytes);
         let copy = private_copy(path, &bytes, &build_id)?;
         let loaded = open(path, &copy);
         // The mapping keeps the image alive; the copy's name is no longer needed.
         let _ = fs::remove_file(&copy);
-        Ok(Self { path: path.into(), build_id, module: loaded? })
+        Ok(Self {
+            path: path.into(),
+            build_id,
+            module: loaded?,
+        })
     }
 
     /// The path the library was loaded from.
@@ -110,7 +145,10 @@ impl Library {
 
     /// The names of the domain instances the library exports.
     pub fn instances(&self) -> Vec<String> {
-        (self.module.instances())().into_iter().map(|name| name.into_string()).collect()
+        (self.module.instances())()
+            .into_iter()
+            .map(|name| name.into_string())
+            .collect()
     }
 
     /// Choose an instance: the one `wanted`; else `domain`, `subdomain`, or the only one.
@@ -122,9 +160,16 @@ impl Library {
                 .iter()
                 .find(|name| *name == wanted)
                 .cloned()
-                .ok_or_else(|| LoadError::UnknownInstance { path, wanted: wanted.into(), available });
+                .ok_or_else(|| LoadError::UnknownInstance {
+                    path,
+                    wanted: wanted.into(),
+                    available,
+                });
         }
-        if let Some(name) = ["domain", "subdomain"].iter().find(|n| available.iter().any(|a| a == *n)) {
+        if let Some(name) = ["domain", "subdomain"]
+            .iter()
+            .find(|n| available.iter().any(|a| a == *n))
+        {
             return Ok((*name).to_owned());
         }
         match available.as_slice() {
@@ -137,20 +182,38 @@ impl Library {
     /// Instantiate the domain instance `name`.
     pub fn instantiate(&self, name: &str, log_level: u8) -> Result<Plugin, LoadError> {
         // The logger is installed once per loaded image, so it names the library, not the instance.
-        let logger = HostLog_TO::from_value(PluginLog { source: self.file_name() }, TD_Opaque);
+        let logger = HostLog_TO::from_value(
+            PluginLog {
+                source: self.file_name(),
+            },
+            TD_Opaque,
+        );
         let config = serde_json::json!({ "log_level": log_level }).to_string();
         let created = (self.module.create())(RStr::from_str(name), RStr::from_str(&config), logger);
-        let instance = created.into_result().map_err(|reason| LoadError::Constructor {
-            path: self.path.clone(),
-            instance: name.into(),
-            reason: reason.into_string(),
-        })?;
-        let registrations = instance.registrations().into_iter().map(Registration::from_abi).collect();
-        Ok(Plugin { instance, name: name.into(), build_id: self.build_id.clone(), registrations })
+        let instance = created
+            .into_result()
+            .map_err(|reason| LoadError::Constructor {
+                path: self.path.clone(),
+                instance: name.into(),
+                reason: reason.into_string(),
+            })?;
+        let registrations = instance
+            .registrations()
+            .into_iter()
+            .map(Registration::from_abi)
+            .collect();
+        Ok(Plugin {
+            instance,
+            name: name.into(),
+            build_id: self.build_id.clone(),
+            registrations,
+        })
     }
 
     fn file_name(&self) -> String {
-        self.path.file_name().map_or_else(|| "plugin".into(), |n| n.to_string_lossy().into_owned())
+        self.path
+            .file_name()
+            .map_or_else(|| "plugin".into(), |n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -168,10 +231,16 @@ fn build_id(bytes: &[u8]) -> String {
 fn private_copy(path: &Path, bytes: &[u8], build_id: &str) -> Result<PathBuf, LoadError> {
     let dir = std::env::temp_dir().join(format!("protean-host-{}", std::process::id()));
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-    let stem = path.file_stem().map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
     let copy = dir.join(format!("{stem}-{generation}-{build_id}.so"));
     let staging = copy.with_extension("so.part");
-    let copy_error = |source| LoadError::Copy { from: path.into(), to: copy.clone(), source };
+    let copy_error = |source| LoadError::Copy {
+        from: path.into(),
+        to: copy.clone(),
+        source,
+    };
     fs::create_dir_all(&dir).map_err(copy_error)?;
     fs::write(&staging, bytes).map_err(copy_error)?;
     fs::rename(&staging, &copy).map_err(copy_error)?;
@@ -191,7 +260,9 @@ fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
     // SAFETY: the tag check above established that this is a protean plugin of our ABI generation, whose
     // abi_stable header symbol is the static generated by `export_domains!`.
     let header = unsafe { lib_header_from_raw_library(&raw) }.map_err(|e| explain(e, original))?;
-    let module = header.init_root_module::<ProteanPlugin_Ref>().map_err(|e| explain(e, original))?;
+    let module = header
+        .init_root_module::<ProteanPlugin_Ref>()
+        .map_err(|e| explain(e, original))?;
     // Never unload: statics, vtables and thread-local destructors of the plugin must outlive every use.
     std::mem::forget(raw);
     Ok(module)
@@ -200,7 +271,9 @@ fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
 /// dlerror text names the private copy; say it about the file the user gave instead.
 fn dl_reason(reason: &str, copy: &Path) -> String {
     let copy = copy.display().to_string();
-    reason.replace(&format!("{copy}: "), "").replace(&copy, "the library")
+    reason
+        .replace(&format!("{copy}: "), "")
+        .replace(&copy, "the library")
 }
 
 fn check_tag(raw: &RawLibrary, path: &Path) -> Result<(), LoadError> {
@@ -222,7 +295,11 @@ fn check_tag(raw: &RawLibrary, path: &Path) -> Result<(), LoadError> {
     if tag.abi != PROTEAN_ABI {
         // SAFETY: as above, a genuine tag points at its own version string.
         let plugin_version = unsafe { tag.api_version() };
-        return Err(LoadError::AbiMismatch { path: path.into(), plugin_version, plugin_abi: tag.abi });
+        return Err(LoadError::AbiMismatch {
+            path: path.into(),
+            plugin_version,
+            plugin_abi: tag.abi,
+        });
     }
     Ok(())
 }
@@ -306,7 +383,11 @@ impl Registration {
             name: r.name.into_string(),
             kind,
             categories: r.categories.into_iter().map(|c| c.into_string()).collect(),
-            message_types: r.message_types.into_iter().map(|t| t.into_string()).collect(),
+            message_types: r
+                .message_types
+                .into_iter()
+                .map(|t| t.into_string())
+                .collect(),
             options,
         }
     }
@@ -363,17 +444,25 @@ impl Plugin {
     }
 
     /// Call `handler` with `batch`. Blocking: run it on a blocking thread.
-    pub fn handle_batch(&self, handler: &str, batch: &[Delivery<'_>], host: &dyn HostServices) -> Outcome {
+    pub fn handle_batch(
+        &self,
+        handler: &str,
+        batch: &[Delivery<'_>],
+        host: &dyn HostServices,
+    ) -> Outcome {
         let messages: Vec<MessageRef<'_>> = batch.iter().map(to_message_ref).collect();
         let adapter = services::AbiHost(host);
-        let outcome =
-            self.instance.handle_batch(RStr::from_str(handler), messages.as_slice().into(), adapter.as_host_ref());
+        let outcome = self.instance.handle_batch(
+            RStr::from_str(handler),
+            messages.as_slice().into(),
+            adapter.as_host_ref(),
+        );
         Outcome {
             handled: outcome.handled as usize,
-            failure: outcome
-                .failure
-                .into_option()
-                .map(|f| Failure { retryable: f.retryable, message: f.message.into_string() }),
+            failure: outcome.failure.into_option().map(|f| Failure {
+                retryable: f.retryable,
+                message: f.message.into_string(),
+            }),
         }
     }
 }

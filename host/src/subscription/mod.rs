@@ -29,7 +29,11 @@ pub struct SubscriptionPlan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("command {message_type} is handled by both {first} and {second}; a command must have exactly one handler")]
-    DuplicateCommand { message_type: String, first: String, second: String },
+    DuplicateCommand {
+        message_type: String,
+        first: String,
+        second: String,
+    },
 }
 
 /// Derive the subscriptions for `registrations`. Handlers of unknown kinds are skipped with a warning.
@@ -38,21 +42,31 @@ pub fn plan(registrations: &[Registration]) -> Result<Vec<SubscriptionPlan>, Pla
     let mut commands: BTreeMap<String, SubscriptionPlan> = BTreeMap::new();
     for r in registrations {
         match r.kind {
-            Kind::EventHandler | Kind::ProcessManager => plans.push(single(&r.name, r, &r.categories)),
+            Kind::EventHandler | Kind::ProcessManager => {
+                plans.push(single(&r.name, r, &r.categories))
+            }
             Kind::Projector => {
-                plans.extend(r.categories.iter().map(|c| single(&format!("{}-{c}", r.name), r, &[c.clone()])));
+                plans.extend(
+                    r.categories
+                        .iter()
+                        .map(|c| single(&format!("{}-{c}", r.name), r, std::slice::from_ref(c))),
+                );
             }
             Kind::CommandHandler => {
                 for category in &r.categories {
                     let name = format!("commands:{}", category.trim_end_matches(":command"));
-                    let plan = commands.entry(name.clone()).or_insert_with(|| SubscriptionPlan {
-                        name,
-                        categories: vec![category.clone()],
-                        routes: BTreeMap::new(),
-                        options: r.options.clone(),
-                    });
+                    let plan = commands
+                        .entry(name.clone())
+                        .or_insert_with(|| SubscriptionPlan {
+                            name,
+                            categories: vec![category.clone()],
+                            routes: BTreeMap::new(),
+                            options: r.options.clone(),
+                        });
                     for message_type in &r.message_types {
-                        if let Some(first) = plan.routes.insert(message_type.clone(), r.name.clone()) {
+                        if let Some(first) =
+                            plan.routes.insert(message_type.clone(), r.name.clone())
+                        {
                             return Err(PlanError::DuplicateCommand {
                                 message_type: message_type.clone(),
                                 first,
@@ -75,7 +89,11 @@ fn single(name: &str, r: &Registration, categories: &[String]) -> SubscriptionPl
     SubscriptionPlan {
         name: name.to_owned(),
         categories: categories.to_vec(),
-        routes: r.message_types.iter().map(|t| (t.clone(), r.name.clone())).collect(),
+        routes: r
+            .message_types
+            .iter()
+            .map(|t| (t.clone(), r.name.clone()))
+            .collect(),
         options: r.options.clone(),
     }
 }
@@ -97,15 +115,49 @@ mod tests {
     #[test]
     fn one_subscription_per_handler_kind_rule() {
         let plans = plan(&[
-            reg("inventory", Kind::EventHandler, &["d::order", "d::stock"], &["D.A.v1", "D.B.v1"]),
-            reg("summary", Kind::Projector, &["d::order", "d::stock"], &["D.A.v1"]),
-            reg("orders", Kind::CommandHandler, &["d::order:command"], &["D.Place.v1"]),
-            reg("more_orders", Kind::CommandHandler, &["d::order:command"], &["D.Ship.v1"]),
-            reg("flow", Kind::ProcessManager, &["d::order", "d::stock"], &["D.A.v1"]),
+            reg(
+                "inventory",
+                Kind::EventHandler,
+                &["d::order", "d::stock"],
+                &["D.A.v1", "D.B.v1"],
+            ),
+            reg(
+                "summary",
+                Kind::Projector,
+                &["d::order", "d::stock"],
+                &["D.A.v1"],
+            ),
+            reg(
+                "orders",
+                Kind::CommandHandler,
+                &["d::order:command"],
+                &["D.Place.v1"],
+            ),
+            reg(
+                "more_orders",
+                Kind::CommandHandler,
+                &["d::order:command"],
+                &["D.Ship.v1"],
+            ),
+            reg(
+                "flow",
+                Kind::ProcessManager,
+                &["d::order", "d::stock"],
+                &["D.A.v1"],
+            ),
         ])
         .unwrap();
         let names: Vec<_> = plans.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["inventory", "summary-d::order", "summary-d::stock", "flow", "commands:d::order"]);
+        assert_eq!(
+            names,
+            [
+                "inventory",
+                "summary-d::order",
+                "summary-d::stock",
+                "flow",
+                "commands:d::order"
+            ]
+        );
         let commands = plans.last().unwrap();
         assert_eq!(commands.routes["D.Ship.v1"], "more_orders");
         assert_eq!(commands.categories, ["d::order:command"]);
@@ -114,8 +166,18 @@ mod tests {
     #[test]
     fn a_command_with_two_handlers_is_refused() {
         let error = plan(&[
-            reg("a", Kind::CommandHandler, &["d::order:command"], &["D.Place.v1"]),
-            reg("b", Kind::CommandHandler, &["d::order:command"], &["D.Place.v1"]),
+            reg(
+                "a",
+                Kind::CommandHandler,
+                &["d::order:command"],
+                &["D.Place.v1"],
+            ),
+            reg(
+                "b",
+                Kind::CommandHandler,
+                &["d::order:command"],
+                &["D.Place.v1"],
+            ),
         ])
         .unwrap_err();
         assert!(error.to_string().contains("both a and b"));

@@ -118,37 +118,76 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
         *count += 1;
         *count
     };
-    log::info!("probe {} attempt {attempt}: {}", command.id, command.behaviour);
+    log::info!(
+        "probe {} attempt {attempt}: {}",
+        command.id,
+        command.behaviour
+    );
     match command.behaviour.as_str() {
         "panic" => panic!("probe {} was told to panic", command.id),
-        "reject" => return Err(HandlerError::reject(format!("probe {} rejected", command.id))),
-        "always" => return Err(HandlerError::retry(format!("probe {} always fails", command.id))),
+        "reject" => {
+            return Err(HandlerError::reject(format!(
+                "probe {} rejected",
+                command.id
+            )))
+        }
+        "always" => {
+            return Err(HandlerError::retry(format!(
+                "probe {} always fails",
+                command.id
+            )))
+        }
         fail if fail.starts_with("fail:") => {
             let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;
             if attempt <= failures {
-                return Err(HandlerError::retry(format!("probe {} failing attempt {attempt}", command.id)));
+                return Err(HandlerError::retry(format!(
+                    "probe {} failing attempt {attempt}",
+                    command.id
+                )));
             }
         }
         _ => {}
     }
-    ctx.raise(&command.id.clone(), &Ran { id: command.id, attempts: attempt })
+    ctx.raise(
+        &command.id.clone(),
+        &Ran {
+            id: command.id,
+            attempts: attempt,
+        },
+    )
 }
 
 fn step(command: Step, ctx: &mut Context) -> HandlerResult {
     let id = command.target_id();
-    ctx.raise(&id, &Hopped { chain: command.chain, n: command.n, depth: command.depth })
+    ctx.raise(
+        &id,
+        &Hopped {
+            chain: command.chain,
+            n: command.n,
+            depth: command.depth,
+        },
+    )
 }
 
 fn hop(event: Hopped, ctx: &mut Context) -> HandlerResult {
     if event.n + 1 < event.depth {
-        ctx.send(&Step { chain: event.chain, n: event.n + 1, depth: event.depth })?;
+        ctx.send(&Step {
+            chain: event.chain,
+            n: event.n + 1,
+            depth: event.depth,
+        })?;
     }
     Ok(())
 }
 
 fn probe() -> Domain {
     Domain::new("Probe")
-        .command_handler(CommandHandler::<Probe>::new("runner").on(run).on(step).max_retries(3))
+        .command_handler(
+            CommandHandler::<Probe>::new("runner")
+                .on(run)
+                .on(step)
+                .max_retries(3),
+        )
         .event_handler(EventHandler::new("chain").on(hop))
 }
 

@@ -1,0 +1,313 @@
+//! Loading real plugin libraries: every load error, instance choice, panics and logs across the ABI.
+
+use std::{cell::RefCell, path::PathBuf};
+
+use protean_host::plugin::{Delivery, HostServices, Library};
+
+use crate::support::{fixture_domain, host, incompatible_sample, sample_domain, Incompatibility};
+
+fn libc() -> PathBuf {
+    [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/aarch64-linux-gnu/libc.so.6",
+        "/lib64/libc.so.6",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+    .expect("a libc.so.6 to use as a shared library that is not a plugin")
+}
+
+#[test]
+fn a_shared_library_that_is_not_a_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["--domain"])
+        .args([libc()])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: {} is not a protean domain plugin (it exports no PROTEAN_ABI_TAG); build a cdylib that calls protean_plugin_api::export_domains!",
+        libc().display()
+    )]);
+}
+
+#[test]
+fn a_file_that_is_not_a_library() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libfake.so"), "not an ELF file").unwrap();
+    let run = host(dir.path())
+        .args(["--domain", "libfake.so"])
+        .output()
+        .expect_code(1);
+    let line = &run.error_lines()[0];
+    assert!(line.contains("libfake.so as a shared library"), "{line}");
+    assert!(line.contains("pass the path of a domain cdylib"), "{line}");
+    assert!(
+        !line.contains("protean-host-"),
+        "the private copy's name stays hidden: {line}"
+    );
+}
+
+#[test]
+fn a_plugin_of_another_abi_generation_names_both_versions() {
+    let lib = incompatible_sample(Incompatibility::NextTag);
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["--domain"])
+        .args([&lib])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: {} was built against plugin-api 0.2.0-abi-test (ABI 2), but this host speaks ABI 1 (plugin-api 0.1.0); rebuild the plugin against plugin-api 0.1.0",
+        lib.display()
+    )]);
+}
+
+#[test]
+fn a_layout_mismatch_is_one_sentence_and_the_report_is_for_debug() {
+    let lib = incompatible_sample(Incompatibility::Layout);
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["--domain"])
+        .args([&lib])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: {} has the right ABI tag but its plugin-api type layouts differ from this host's; rebuild the plugin against plugin-api 0.1.0 (--debug shows the full report)",
+        lib.display()
+    )]);
+    assert_eq!(run.stderr().lines().count(), 1, "{}", run.stderr());
+    let debug = host(dir.path())
+        .args(["--debug", "--domain"])
+        .args([&lib])
+        .output()
+        .expect_code(1);
+    assert!(
+        debug.stderr().contains("abi_stable layout report"),
+        "{}",
+        debug.stderr()
+    );
+    assert!(debug.stderr().lines().count() > 10);
+}
+
+#[test]
+fn a_constructor_that_errors_or_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["--domain"])
+        .args([format!("{}:broken", fixture_domain().display())])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: domain instance \"broken\" of {} failed to start: domain \"broken\" is invalid: two handlers are named \"twice\"; handler names must be unique",
+        fixture_domain().display()
+    )]);
+    let run = host(dir.path())
+        .args(["--domain"])
+        .args([format!("{}:panicking", fixture_domain().display())])
+        .output()
+        .expect_code(1);
+    let line = &run.error_lines()[0];
+    assert!(line.contains("\"panicking\""), "{line}");
+    assert!(
+        line.contains(
+            "the domain constructor panicked: panicked at tests/fixture-domain/src/lib.rs"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("panics on purpose"), "{line}");
+}
+
+#[test]
+fn an_unknown_instance_lists_the_available_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = sample_domain().display().to_string();
+    let run = host(dir.path())
+        .args(["--domain", &format!("{lib}:nope")])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: {lib} has no domain instance \"nope\"; available: domain, reporting; choose one with --domain={lib}:NAME"
+    )]);
+}
+
+#[test]
+fn several_instances_and_none_named_is_ambiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fixture_domain().display().to_string();
+    let run = host(dir.path())
+        .args(["--domain", &lib])
+        .output()
+        .expect_code(1);
+    assert_eq!(run.error_lines(), [format!(
+        "error: {lib} declares several domain instances (probe, broken, panicking, empty) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
+    )]);
+}
+
+#[test]
+fn plugin_log_lines_reach_the_host_logs_with_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = format!("{}:empty", fixture_domain().display());
+    let run = host(dir.path())
+        .args(["inspect", "--log-format", "json", "--domain", &lib])
+        .output()
+        .expect_code(0);
+    let line = run
+        .stderr()
+        .lines()
+        .find(|l| l.contains("empty domain created"))
+        .map(str::to_owned);
+    let line = line.unwrap_or_else(|| panic!("no plugin log line in:\n{}", run.stderr()));
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["target"], "plugin");
+    assert_eq!(record["level"], "INFO");
+    assert_eq!(record["plugin"], "libfixture_domain.so");
+    assert_eq!(record["module"], "fixture_domain");
+}
+
+/// Records what a handler asked the host to do.
+#[derive(Default)]
+struct Recorder {
+    events: RefCell<Vec<(u32, String, String)>>,
+}
+
+impl HostServices for Recorder {
+    fn raise_event(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        _: &[u8],
+        _: Option<i64>,
+    ) -> Result<(), String> {
+        self.events
+            .borrow_mut()
+            .push((index, stream.into(), message_type.into()));
+        Ok(())
+    }
+    fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn read_stream(&self, _: &str, _: u64) -> Result<Vec<u8>, String> {
+        Ok(b"[]".to_vec())
+    }
+    fn get_document(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+    fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn delete_document(&self, _: u32, _: &str, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(b"[]".to_vec())
+    }
+}
+
+fn run_command(id: &str, behaviour: &str) -> String {
+    serde_json::json!({ "id": id, "behaviour": behaviour }).to_string()
+}
+
+fn delivery<'a>(data: &'a str, stream: &'a str) -> Delivery<'a> {
+    Delivery {
+        id: "m1",
+        stream,
+        message_type: "Probe.Run.v1",
+        position: 0,
+        global_position: 1,
+        data: data.as_bytes(),
+        metadata: b"{}",
+    }
+}
+
+#[test]
+fn a_panicking_handler_returns_an_error_and_the_host_carries_on() {
+    let library = Library::load(fixture_domain()).unwrap();
+    let plugin = library.instantiate("probe", 3).unwrap();
+    let recorder = Recorder::default();
+    let (ok, panics) = (run_command("p-ok", "ok"), run_command("p-panic", "panic"));
+    let batch = [
+        delivery(&ok, "probe::probe:command-p-ok"),
+        delivery(&panics, "probe::probe:command-p-panic"),
+        delivery(&ok, "x"),
+    ];
+    let outcome = plugin.handle_batch("runner", &batch, &recorder);
+    assert_eq!(
+        outcome.handled, 1,
+        "the batch stops at the panicking message"
+    );
+    let failure = outcome.failure.expect("the panic is reported as a failure");
+    assert!(failure.retryable);
+    assert!(
+        failure.message.contains("handler panicked")
+            && failure.message.contains("was told to panic"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        failure.message.contains("tests/fixture-domain/src/lib.rs"),
+        "names where: {}",
+        failure.message
+    );
+
+    let again = plugin.handle_batch(
+        "runner",
+        &[delivery(&run_command("p-after", "ok"), "s")],
+        &recorder,
+    );
+    assert_eq!(
+        (again.handled, again.failure),
+        (1, None),
+        "the plugin still works after a panic"
+    );
+    let events = recorder.events.borrow();
+    assert_eq!(
+        events.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["probe::probe-p-ok", "probe::probe-p-after"]
+    );
+    assert!(events.iter().all(|e| e.0 == 0 && e.2 == "Probe.Ran.v1"));
+}
+
+#[test]
+fn a_rejection_is_not_retryable() {
+    let plugin = Library::load(fixture_domain())
+        .unwrap()
+        .instantiate("probe", 3)
+        .unwrap();
+    let reject = run_command("p-reject", "reject");
+    let outcome = plugin.handle_batch("runner", &[delivery(&reject, "s")], &Recorder::default());
+    let failure = outcome.failure.unwrap();
+    assert_eq!((outcome.handled, failure.retryable), (0, false));
+    assert_eq!(failure.message, "probe p-reject rejected");
+}
+
+#[test]
+fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
+    // glibc returns an already-loaded image for a path it knows; private copies make the new file load.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("libdomain.so");
+    std::fs::copy(sample_domain(), &path).unwrap();
+    let first = Library::load(&path).unwrap();
+    let staged = dir.path().join("libdomain.so.new");
+    std::fs::copy(fixture_domain(), &staged).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    let second = Library::load(&path).unwrap();
+    assert_eq!(first.instances(), ["domain", "reporting"]);
+    assert_eq!(
+        second.instances(),
+        ["probe", "broken", "panicking", "empty"]
+    );
+    assert_ne!(first.build_id(), second.build_id());
+    assert_eq!(
+        first
+            .instantiate("domain", 3)
+            .unwrap()
+            .registrations()
+            .len(),
+        6,
+        "the old generation still works"
+    );
+}

@@ -1,0 +1,9 @@
+//! One integration test binary for the whole workspace (see `support` for how plugins and the binary
+//! are built, and how servers are started).
+#![allow(missing_docs, unreachable_pub)]
+
+mod support;
+
+mod cli;
+mod discovery;
+mod loading;

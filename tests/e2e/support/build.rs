@@ -1,0 +1,107 @@
+//! Building plugin libraries and the host binary with cargo, once per test process.
+//!
+//! `cargo test` does not build a dependency's `cdylib`, and `CARGO_BIN_EXE_*` exists only inside the
+//! binary's own package, so the tests ask cargo for the artifacts (`--message-format=json`) and take the
+//! paths it reports. Cargo's own lock serialises concurrent builds from parallel test processes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_owned()
+}
+
+/// Run `cargo build` with `args` and return the file of the artifact of `package` whose kind is `kind`.
+fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace()).args([
+        "build",
+        "--message-format=json-render-diagnostics",
+        "-p",
+        package,
+    ]);
+    command.args(args);
+    if let Some(dir) = target_dir {
+        command.arg("--target-dir").arg(dir);
+    }
+    let output = command.output().expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "cargo build -p {package} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| {
+            m["target"]["name"].as_str().map(|n| n.replace('_', "-"))
+                == Some(package.replace('_', "-"))
+        })
+        .find_map(|m| {
+            if kind == "bin" {
+                return m["executable"].as_str().map(PathBuf::from);
+            }
+            let kinds = m["target"]["kind"].as_array()?;
+            kinds.iter().any(|k| k == kind).then(|| {
+                m["filenames"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .find(|f| f.ends_with(".so"))
+                    .map(PathBuf::from)
+            })?
+        })
+        .unwrap_or_else(|| panic!("cargo reported no {kind} artifact for {package}"))
+}
+
+/// The sample domain library (`libsample_domain.so`).
+pub fn sample_domain() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build(&[], "sample-domain", "cdylib", None))
+}
+
+/// The fixture domain library (`libfixture_domain.so`): instances that fail, panic and cascade.
+pub fn fixture_domain() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build(&[], "fixture-domain", "cdylib", None))
+}
+
+/// The `protean-host` binary.
+pub fn host_binary() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build(&["--bin", "protean-host"], "protean-host", "bin", None))
+}
+
+/// Ways to build the sample domain against a plugin-api this host cannot load.
+#[derive(Debug, Clone, Copy)]
+pub enum Incompatibility {
+    /// The ABI tag says another ABI generation.
+    NextTag,
+    /// Same tag, but a root-module field has another type.
+    Layout,
+}
+
+/// The sample domain built with a test feature of plugin-api, in a target directory of its own (so the
+/// normal build is untouched).
+pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
+    let (feature, dir) = match which {
+        Incompatibility::NextTag => ("abi-test-next-tag", "abi-next-tag"),
+        Incompatibility::Layout => ("abi-test-layout", "abi-layout"),
+    };
+    let target_dir = workspace().join("target").join("abi-fixtures").join(dir);
+    build(
+        &["--features", feature],
+        "sample-domain",
+        "cdylib",
+        Some(&target_dir),
+    )
+}

@@ -1,0 +1,7 @@
+//! Builds what the tests need once per test process, and runs the real binary.
+
+mod build;
+mod run;
+
+pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
+pub use run::host;

@@ -1,0 +1,84 @@
+//! Running the real `protean-host` binary.
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use super::host_binary;
+
+/// A `protean-host` invocation with a clean environment for the variables it reads.
+pub struct HostCommand {
+    command: Command,
+}
+
+/// Start describing a run of the binary in `cwd`.
+pub fn host(cwd: &Path) -> HostCommand {
+    let mut command = Command::new(host_binary());
+    command
+        .current_dir(cwd)
+        .env_remove("PROTEAN_DOMAIN")
+        .env_remove("PROTEAN_ENV")
+        .env("NO_COLOR", "1");
+    HostCommand { command }
+}
+
+impl HostCommand {
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Run to completion.
+    pub fn output(mut self) -> Finished {
+        Finished(self.command.output().expect("protean-host runs"))
+    }
+}
+
+/// A finished run.
+pub struct Finished(pub Output);
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.0.status.code()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    /// Assert the exit code, showing the output when it differs.
+    #[track_caller]
+    pub fn expect_code(self, code: i32) -> Self {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+
+    /// The lines of stderr that start with `error:`.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.stderr()
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
