@@ -13,5 +13,8 @@ pub mod cli;
 pub mod discovery;
 pub mod inspect;
 pub mod logging;
+pub mod message;
 pub mod plugin;
+pub mod store;
 pub mod subscription;
+pub mod unit_of_work;

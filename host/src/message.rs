@@ -1,0 +1,348 @@
+//! The message envelope: Protean's JSON format, exactly, so a Python Protean service and a Rust domain
+//! can share one store and one broker.
+//!
+//! A message is `{"data": {...}, "metadata": {"headers", "envelope", "domain", "event_store", ...}}`.
+//! Invariants: `metadata.envelope.checksum` is the sha256 of the sorted, compact, ASCII-escaped JSON of
+//! `data` (Python's `json.dumps(data, sort_keys=True, separators=(",", ":"))`) and is checked on read
+//! when present; keys this host does not know are kept as they are (every struct here flattens the rest).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// A whole message as it travels on the wire (a Redis entry's `data` field, a fixture file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub data: Value,
+    pub metadata: Value,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// Why a stored or received message cannot be handled. Such a message is poison: retrying cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoisonError {
+    #[error("data is not valid JSON: {0}")]
+    BadData(String),
+    #[error("metadata is not valid JSON: {0}")]
+    BadMetadata(String),
+    #[error("checksum mismatch: metadata says {expected}, data hashes to {actual}")]
+    Checksum { expected: String, actual: String },
+    #[error("deadline {0:?} is not an RFC 3339 time")]
+    BadDeadline(String),
+}
+
+/// What the engine needs from a message's metadata, read without copying the rest.
+#[derive(Debug, Default, Deserialize)]
+pub struct MetaView<'a> {
+    #[serde(borrow, default)]
+    pub headers: HeadersView<'a>,
+    #[serde(borrow, default)]
+    pub envelope: Option<EnvelopeView<'a>>,
+    #[serde(borrow, default)]
+    pub domain: Option<DomainView<'a>>,
+}
+
+/// `metadata.headers`, the parts the engine reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct HeadersView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub deadline: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub traceparent: Option<Value>,
+}
+
+/// `metadata.envelope`.
+#[derive(Debug, Default, Deserialize)]
+pub struct EnvelopeView<'a> {
+    #[serde(borrow, default)]
+    pub checksum: Option<Cow<'a, str>>,
+}
+
+/// `metadata.domain`, the parts the engine reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct DomainView<'a> {
+    #[serde(borrow, default)]
+    pub correlation_id: Option<Cow<'a, str>>,
+}
+
+impl<'a> MetaView<'a> {
+    /// Parse a metadata object.
+    pub fn parse(metadata: &'a str) -> Result<Self, PoisonError> {
+        serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))
+    }
+
+    /// The correlation id children inherit.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.domain.as_ref()?.correlation_id.as_deref()
+    }
+
+    /// Whether the message's deadline has passed at `now`.
+    pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> Result<bool, PoisonError> {
+        let Some(deadline) = self.headers.deadline.as_deref() else { return Ok(false) };
+        let at = parse_time(deadline).ok_or_else(|| PoisonError::BadDeadline(deadline.into()))?;
+        Ok(at < now)
+    }
+
+    /// Check the data checksum, when the metadata carries one.
+    pub fn verify(&self, data: &str) -> Result<(), PoisonError> {
+        let Some(expected) = self.envelope.as_ref().and_then(|e| e.checksum.as_deref()) else { return Ok(()) };
+        let value: Value = serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
+        let actual = checksum(&value);
+        if actual == expected { Ok(()) } else { Err(PoisonError::Checksum { expected: expected.into(), actual }) }
+    }
+}
+
+/// Parse a Protean time: RFC 3339, or Python's `isoformat()` with a space or without an offset (UTC).
+pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&chrono::Utc));
+    }
+    let t = text.replacen(' ', "T", 1);
+    chrono::DateTime::parse_from_rfc3339(&t)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .ok()
+        .or_else(|| chrono::NaiveDateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|n| n.and_utc()))
+}
+
+/// A time in the format Protean writes (`isoformat()` of an aware UTC datetime).
+pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+/// sha256 (hex) of the canonical JSON of `data`.
+pub fn checksum(data: &Value) -> String {
+    let digest = Sha256::digest(canonical_json(data).as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Python's `json.dumps(value, sort_keys=True, separators=(",", ":"))`: sorted keys, no spaces, every
+/// non-ASCII character escaped as `\uXXXX`.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(key, out);
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::String(s) => write_string(s, out),
+        Value::Number(n) => out.push_str(&python_number(n)),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Floats as Python's `repr`: a signed exponent of at least two digits (`1e+16`, `1e-07`).
+fn python_number(n: &serde_json::Number) -> String {
+    let text = n.to_string();
+    let Some((mantissa, exponent)) = text.split_once('e') else { return text };
+    let (sign, digits) = match exponent.strip_prefix('-') {
+        Some(digits) => ('-', digits),
+        None => ('+', exponent.trim_start_matches('+')),
+    };
+    format!("{mantissa}e{sign}{digits:0>2}")
+}
+
+fn write_string(s: &str, out: &mut String) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// What kind of message a new one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    Command,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Event => "EVENT",
+            Kind::Command => "COMMAND",
+        }
+    }
+}
+
+/// The message that caused a new one: its id, stream and metadata flow into the new message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cause<'a> {
+    pub id: &'a str,
+    pub stream: &'a str,
+    pub meta: Option<&'a MetaView<'a>>,
+}
+
+/// Everything needed to write the metadata of a new message.
+#[derive(Debug, Clone, Copy)]
+pub struct NewMeta<'a> {
+    pub id: &'a str,
+    pub kind: Kind,
+    pub message_type: &'a str,
+    pub stream: &'a str,
+    pub time: &'a str,
+    pub checksum: &'a str,
+    pub expected_version: Option<i64>,
+    pub deadline: Option<&'a str>,
+    pub cause: Option<Cause<'a>>,
+}
+
+impl NewMeta<'_> {
+    /// The metadata object, in Protean's shape. Correlation and causation come from the cause: a root
+    /// message correlates to itself.
+    pub fn to_json(&self) -> String {
+        let cause_meta = self.cause.and_then(|c| c.meta);
+        let correlation = cause_meta.and_then(MetaView::correlation_id).or(self.cause.map(|c| c.id)).unwrap_or(self.id);
+        let causation = self.cause.map(|c| c.id);
+        let traceparent = cause_meta.and_then(|m| m.headers.traceparent.clone()).unwrap_or(Value::Null);
+        let inherited_deadline = cause_meta.and_then(|m| m.headers.deadline.as_deref());
+        let deadline = match self.kind {
+            Kind::Command => self.deadline.or(inherited_deadline),
+            Kind::Event => None,
+        };
+        let (fqn, version) = split_type(self.message_type);
+        let category = crate::store::category(self.stream);
+        let stream_category = category.trim_end_matches(":command");
+        serde_json::json!({
+            "headers": {
+                "id": self.id,
+                "time": self.time,
+                "type": self.message_type,
+                "stream": self.stream,
+                "traceparent": traceparent,
+                "idempotency_key": Value::Null,
+                "deadline": deadline,
+            },
+            "envelope": { "specversion": "1.0", "checksum": self.checksum },
+            "domain": {
+                "fqn": fqn,
+                "kind": self.kind.as_str(),
+                "origin_stream": self.cause.map(|c| c.stream),
+                "stream_category": stream_category,
+                "version": version,
+                "sequence_id": Value::Null,
+                "asynchronous": true,
+                "expected_version": self.expected_version,
+                "priority": 5,
+                "correlation_id": correlation,
+                "causation_id": causation,
+            },
+        })
+        .to_string()
+    }
+}
+
+/// `Fulfilment.OrderPlaced.v1` → (`Fulfilment.OrderPlaced`, 1).
+fn split_type(message_type: &str) -> (&str, u64) {
+    match message_type.rsplit_once(".v") {
+        Some((name, version)) => (name, version.parse().unwrap_or(1)),
+        None => (message_type, 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_matches_python_json_dumps() {
+        let value: Value = serde_json::from_str(r#"{"b": [1, 2.5, "é😀"], "a": {"z": null, "y": true}, "c": 1e16, "d": 1e-7}"#).unwrap();
+        assert_eq!(
+            canonical_json(&value),
+            r#"{"a":{"y":true,"z":null},"b":[1,2.5,"\u00e9\ud83d\ude00"],"c":1e+16,"d":1e-07}"#
+        );
+    }
+
+    #[test]
+    fn a_tampered_payload_fails_its_checksum() {
+        let data: Value = serde_json::json!({"order_id": "o1", "total": 30.0});
+        let meta = format!(r#"{{"headers": {{"id": "m1"}}, "envelope": {{"checksum": "{}"}}}}"#, checksum(&data));
+        let view = MetaView::parse(&meta).unwrap();
+        assert_eq!(view.verify(r#"{"total": 30.0, "order_id": "o1"}"#), Ok(()));
+        assert!(matches!(view.verify(r#"{"order_id": "o2", "total": 30.0}"#), Err(PoisonError::Checksum { .. })));
+        assert!(matches!(view.verify("{not json"), Err(PoisonError::BadData(_))));
+    }
+
+    #[test]
+    fn deadlines_parse_in_protean_formats() {
+        let now = parse_time("2026-01-01T00:00:00+00:00").unwrap();
+        for (deadline, expired) in [("2025-12-31T23:59:59.999999+00:00", true), ("2026-01-01 00:00:01", false)] {
+            let meta = format!(r#"{{"headers": {{"deadline": "{deadline}"}}}}"#);
+            assert_eq!(MetaView::parse(&meta).unwrap().expired(now), Ok(expired), "{deadline}");
+        }
+        let bad = MetaView::parse(r#"{"headers": {"deadline": "soon"}}"#).unwrap();
+        assert!(bad.expired(now).is_err());
+    }
+
+    #[test]
+    fn children_inherit_correlation_and_name_their_cause() {
+        let parent = MetaView::parse(r#"{"headers": {"id": "p1"}, "domain": {"correlation_id": "corr-9"}}"#).unwrap();
+        let cause = Cause { id: "p1", stream: "shop::order-1", meta: Some(&parent) };
+        let meta = NewMeta {
+            id: "c1",
+            kind: Kind::Event,
+            message_type: "Shop.Placed.v2",
+            stream: "shop::order-1",
+            time: "t",
+            checksum: "x",
+            expected_version: Some(3),
+            deadline: None,
+            cause: Some(cause),
+        };
+        let json: Value = serde_json::from_str(&meta.to_json()).unwrap();
+        assert_eq!(json["domain"]["correlation_id"], "corr-9");
+        assert_eq!(json["domain"]["causation_id"], "p1");
+        assert_eq!(json["domain"]["version"], 2);
+        assert_eq!(json["domain"]["fqn"], "Shop.Placed");
+        assert_eq!(json["domain"]["stream_category"], "shop::order");
+        let root = NewMeta { cause: None, ..meta };
+        let json: Value = serde_json::from_str(&root.to_json()).unwrap();
+        assert_eq!(json["domain"]["correlation_id"], "c1");
+        assert_eq!(json["domain"]["causation_id"], Value::Null);
+    }
+}

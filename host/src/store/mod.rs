@@ -1,0 +1,151 @@
+//! The event store and everything committed beside it: positions, documents, processed markers and
+//! dead letters.
+//!
+//! Invariant: [`Store::commit`] applies a whole [`UnitOfWork`] or nothing. It checks every expected
+//! version first, so a conflicting writer makes the whole unit fail and nothing of it is visible.
+//!
+//! The trait is synchronous: the engine calls it only from blocking threads (the same thread that calls
+//! the plugin), so an embedded store costs no thread hop and a handler's reads are plain calls.
+
+mod memory;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::{path::PathBuf, sync::Arc};
+
+use serde::Serialize;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+use crate::unit_of_work::UnitOfWork;
+
+/// One stored message, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Position in the whole store (1-based, increasing, gaps possible).
+    pub global_position: u64,
+    /// Position in its stream (0-based, gapless).
+    pub position: u64,
+    pub stream: String,
+    pub message_type: String,
+    /// `metadata.headers.id`.
+    pub id: String,
+    pub time: String,
+    /// The `data` object as JSON text.
+    pub data: String,
+    /// The `metadata` object as JSON text, without the `event_store` section (derived on read).
+    pub metadata: String,
+}
+
+/// A message failed for good, recorded with why and how often it was tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub subscription: String,
+    pub handler: String,
+    pub message_id: String,
+    pub stream: String,
+    pub global_position: u64,
+    pub message_type: String,
+    pub data: String,
+    pub metadata: String,
+    pub error: String,
+    pub attempts: u32,
+    pub build_id: String,
+    pub failed_at: String,
+}
+
+/// A document as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    pub id: String,
+    /// JSON text.
+    pub data: String,
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("version conflict on stream {stream}: expected version {expected}, found {actual}")]
+    VersionConflict { stream: String, expected: i64, actual: i64 },
+    #[error("message {0} is already stored")]
+    DuplicateMessage(String),
+    #[error("document field name {0:?} is not a plain identifier (letters, digits, _)")]
+    BadField(String),
+    #[error("sqlite store {path}: {source}")]
+    Sqlite { path: String, source: rusqlite::Error },
+    #[error("cannot create the store directory {}: {source}", path.display())]
+    Directory { path: PathBuf, source: std::io::Error },
+    #[error("unreadable row in the store: {0}")]
+    Corrupt(String),
+}
+
+/// Result of store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The event store and its companions. Backends implement the primitives; the engine composes them.
+pub trait Store: Send + Sync {
+    /// Messages of any of `categories` with a global position greater than `after`, in global order.
+    fn read_categories(&self, categories: &[String], after: u64, limit: usize) -> Result<Vec<StoredMessage>>;
+
+    /// Messages of `stream` from stream position `from`, in order.
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>>;
+
+    /// Apply a unit of work atomically; returns the global position of the last message it appended.
+    fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>>;
+
+    /// The stored position of a subscription (the global position it has finished).
+    fn position(&self, subscription: &str) -> Result<Option<u64>>;
+
+    /// A document by collection and id.
+    fn document(&self, collection: &str, id: &str) -> Result<Option<String>>;
+
+    /// Documents whose top-level `field` equals the JSON scalar `value`.
+    fn find_documents(&self, collection: &str, field: &str, value: &serde_json::Value) -> Result<Vec<StoredDocument>>;
+
+    /// The highest global position among `categories` (0 when empty); all categories when empty.
+    fn head(&self, categories: &[String]) -> Result<u64>;
+
+    /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
+    fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
+}
+
+/// Which store to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Lost when the process ends; for tests.
+    Memory,
+    /// A SQLite file (WAL mode).
+    Sqlite { path: PathBuf },
+}
+
+/// Open the configured store. The only place that knows the backends by name.
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>> {
+    Ok(match config {
+        StoreConfig::Memory => Arc::new(MemoryStore::default()),
+        StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path)?),
+    })
+}
+
+/// The category of a stream: the text before the first `-`.
+pub fn category(stream: &str) -> &str {
+    protean_plugin_api::category_of_stream(stream)
+}
+
+/// Document field names are interpolated into nothing, but they key an index: keep them simple.
+fn check_field(field: &str) -> Result<()> {
+    let plain = !field.is_empty() && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain { Ok(()) } else { Err(Error::BadField(field.into())) }
+}
+
+/// The indexable top-level fields of a document: (field, canonical JSON of a scalar value).
+fn indexed_fields(data: &str) -> Vec<(String, String)> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(data) else {
+        return Vec::new();
+    };
+    map.into_iter()
+        .filter(|(_, v)| v.is_string() || v.is_number() || v.is_boolean())
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+}

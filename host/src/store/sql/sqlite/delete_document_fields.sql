@@ -1,0 +1,1 @@
+DELETE FROM document_fields WHERE collection = ?1 AND id = ?2

@@ -1,0 +1,1 @@
+SELECT MAX(global_position) FROM messages

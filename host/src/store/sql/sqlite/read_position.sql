@@ -1,0 +1,1 @@
+SELECT position FROM positions WHERE subscription = ?1

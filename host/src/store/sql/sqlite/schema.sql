@@ -1,0 +1,61 @@
+-- Schema version 1 of the SQLite store. Applied in one transaction; every statement is idempotent.
+CREATE TABLE IF NOT EXISTS messages (
+    global_position INTEGER PRIMARY KEY AUTOINCREMENT,
+    position        INTEGER NOT NULL,
+    time            TEXT    NOT NULL,
+    stream_name     TEXT    NOT NULL,
+    category        TEXT    NOT NULL,
+    type            TEXT    NOT NULL,
+    data            TEXT    NOT NULL,
+    metadata        TEXT    NOT NULL,
+    id              TEXT    NOT NULL UNIQUE
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_stream ON messages (stream_name, position);
+CREATE INDEX IF NOT EXISTS messages_category ON messages (category, global_position);
+
+CREATE TABLE IF NOT EXISTS positions (
+    subscription TEXT PRIMARY KEY,
+    position     INTEGER NOT NULL,
+    updated_at   TEXT    NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS documents (
+    collection TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    data       TEXT NOT NULL,
+    PRIMARY KEY (collection, id)
+) WITHOUT ROWID;
+
+-- One row per top-level scalar field of a document, so find-by-field is an index lookup.
+CREATE TABLE IF NOT EXISTS document_fields (
+    collection TEXT NOT NULL,
+    field      TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    PRIMARY KEY (collection, field, value, id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS processed (
+    subscription TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    build_id     TEXT NOT NULL,
+    processed_at TEXT NOT NULL,
+    PRIMARY KEY (subscription, message_id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    subscription    TEXT    NOT NULL,
+    handler         TEXT    NOT NULL,
+    message_id      TEXT    NOT NULL,
+    stream          TEXT    NOT NULL,
+    global_position INTEGER NOT NULL,
+    type            TEXT    NOT NULL,
+    data            TEXT    NOT NULL,
+    metadata        TEXT    NOT NULL,
+    error           TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL,
+    build_id        TEXT    NOT NULL,
+    failed_at       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_subscription ON dead_letters (subscription, seq);

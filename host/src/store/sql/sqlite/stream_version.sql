@@ -1,0 +1,1 @@
+SELECT MAX(position) FROM messages WHERE stream_name = ?1

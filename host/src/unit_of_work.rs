@@ -1,0 +1,258 @@
+//! A unit of work: everything one batch of handler calls produced, committed together or not at all.
+//!
+//! [`UnitOfWork`] is a plain value the engine builds and a store persists. [`Buffer`] is how it is built:
+//! it is the host services a handler sees during a batch, recording each write with the index of the
+//! message that made it, and answering reads from the store overlaid with the writes buffered so far.
+
+use std::cell::RefCell;
+
+use serde_json::Value;
+
+use crate::{
+    message::{self, Cause, Kind, NewMeta},
+    plugin::HostServices,
+    store::{DeadLetter, Store},
+};
+
+/// What one commit writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitOfWork {
+    /// Events and commands, appended in this order.
+    pub messages: Vec<NewMessage>,
+    pub documents: Vec<DocumentWrite>,
+    pub processed: Vec<ProcessedMarker>,
+    pub position: Option<PositionUpdate>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl UnitOfWork {
+    /// Whether committing it would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.documents.is_empty()
+            && self.processed.is_empty()
+            && self.position.is_none()
+            && self.dead_letters.is_empty()
+    }
+}
+
+/// A message to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub id: String,
+    pub stream: String,
+    pub message_type: String,
+    pub time: String,
+    /// JSON text of `data`.
+    pub data: String,
+    /// JSON text of `metadata`.
+    pub metadata: String,
+    /// The stream's version the writer saw (`-1`: empty), or none for no check.
+    pub expected_version: Option<i64>,
+}
+
+impl NewMessage {
+    /// A new message of `kind` with fresh id and time, its metadata derived from `cause`.
+    pub fn new(
+        kind: Kind,
+        stream: &str,
+        message_type: &str,
+        data: &Value,
+        expected_version: Option<i64>,
+        deadline: Option<&str>,
+        cause: Option<Cause<'_>>,
+    ) -> Self {
+        let id = uuid::Uuid::new_v4().to_string();
+        let time = message::format_time(chrono::Utc::now());
+        let checksum = message::checksum(data);
+        let metadata = NewMeta {
+            id: &id,
+            kind,
+            message_type,
+            stream,
+            time: &time,
+            checksum: &checksum,
+            expected_version,
+            deadline,
+            cause,
+        }
+        .to_json();
+        Self {
+            stream: stream.into(),
+            message_type: message_type.into(),
+            data: data.to_string(),
+            metadata,
+            expected_version,
+            id,
+            time,
+        }
+    }
+}
+
+/// A document change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocumentWrite {
+    Put { collection: String, id: String, data: String },
+    Delete { collection: String, id: String },
+}
+
+/// "This subscription has handled this message", committed with its effects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessedMarker {
+    pub subscription: String,
+    pub message_id: String,
+    pub build_id: String,
+}
+
+/// The subscription's new position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionUpdate {
+    pub subscription: String,
+    pub position: u64,
+}
+
+#[derive(Debug)]
+enum Write {
+    Message(NewMessage),
+    Document(DocumentWrite),
+}
+
+/// Collects what handlers write during one batch. `causes[i]` is the message at batch index `i`.
+pub(crate) struct Buffer<'a> {
+    store: &'a dyn Store,
+    causes: &'a [Cause<'a>],
+    writes: RefCell<Vec<(usize, Write)>>,
+}
+
+impl<'a> Buffer<'a> {
+    pub(crate) fn new(store: &'a dyn Store, causes: &'a [Cause<'a>]) -> Self {
+        Self { store, causes, writes: RefCell::default() }
+    }
+
+    /// The services for a plugin call whose first message is batch index `offset`.
+    pub(crate) fn view(&self, offset: usize) -> BufferView<'_, 'a> {
+        BufferView { buffer: self, offset }
+    }
+
+    /// Drop everything written for batch index `index` and later (a failed message's partial effects).
+    pub(crate) fn discard_from(&self, index: usize) {
+        self.writes.borrow_mut().retain(|(i, _)| *i < index);
+    }
+
+    /// Move the buffered writes into `unit`, in the order they were made.
+    pub(crate) fn drain_into(&self, unit: &mut UnitOfWork) {
+        for (_, write) in self.writes.borrow_mut().drain(..) {
+            match write {
+                Write::Message(m) => unit.messages.push(m),
+                Write::Document(d) => unit.documents.push(d),
+            }
+        }
+    }
+
+    fn push(&self, index: usize, write: Write) {
+        self.writes.borrow_mut().push((index, write));
+    }
+
+    fn new_message(&self, index: usize, kind: Kind, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
+        let data: Value = serde_json::from_slice(data).map_err(|e| format!("{message_type} data is not JSON: {e}"))?;
+        let cause = self.causes.get(index).copied();
+        let message = NewMessage::new(kind, stream, message_type, &data, expected, None, cause);
+        self.push(index, Write::Message(message));
+        Ok(())
+    }
+
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
+        let stored = self.store.read_stream(stream, 0).map_err(|e| e.to_string())?;
+        let writes = self.writes.borrow();
+        let pending = writes.iter().filter_map(|(_, w)| match w {
+            Write::Message(m) if m.stream == stream => Some((m.message_type.as_str(), m.data.as_str())),
+            _ => None,
+        });
+        let all = stored.iter().map(|m| (m.message_type.as_str(), m.data.as_str())).chain(pending);
+        let mut out = String::from("[");
+        for (position, (message_type, data)) in all.enumerate().skip(from as usize) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            let message_type = Value::from(message_type);
+            out.push_str(&format!(r#"{{"type":{message_type},"position":{position},"data":{data}}}"#));
+        }
+        out.push(']');
+        Ok(out.into_bytes())
+    }
+
+    /// The latest buffered write of a document: `Some(Some(data))` put, `Some(None)` deleted.
+    fn pending_document(&self, collection: &str, id: &str) -> Option<Option<String>> {
+        self.writes.borrow().iter().rev().find_map(|(_, w)| match w {
+            Write::Document(DocumentWrite::Put { collection: c, id: i, data }) if c == collection && i == id => Some(Some(data.clone())),
+            Write::Document(DocumentWrite::Delete { collection: c, id: i }) if c == collection && i == id => Some(None),
+            _ => None,
+        })
+    }
+
+    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+        let value: Value = serde_json::from_slice(value_json).map_err(|e| format!("find value is not JSON: {e}"))?;
+        let stored = self.store.find_documents(collection, field, &value).map_err(|e| e.to_string())?;
+        let mut found: Vec<(String, String)> = stored.into_iter().map(|d| (d.id, d.data)).collect();
+        for (_, write) in self.writes.borrow().iter() {
+            let Write::Document(write) = write else { continue };
+            match write {
+                DocumentWrite::Put { collection: c, id, data } if c == collection => {
+                    found.retain(|(i, _)| i != id);
+                    let matches = serde_json::from_str::<Value>(data).ok().and_then(|d| d.get(field).cloned()).as_ref() == Some(&value);
+                    if matches {
+                        found.push((id.clone(), data.clone()));
+                    }
+                }
+                DocumentWrite::Delete { collection: c, id } if c == collection => found.retain(|(i, _)| i != id),
+                _ => {}
+            }
+        }
+        Ok(format!("[{}]", found.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join(",")).into_bytes())
+    }
+}
+
+/// The services one plugin call sees: indexes are relative to the call's first message.
+pub(crate) struct BufferView<'b, 'a> {
+    buffer: &'b Buffer<'a>,
+    offset: usize,
+}
+
+impl HostServices for BufferView<'_, '_> {
+    fn raise_event(&self, index: u32, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
+        self.buffer.new_message(self.offset + index as usize, Kind::Event, stream, message_type, data, expected)
+    }
+
+    fn send_command(&self, index: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
+        self.buffer.new_message(self.offset + index as usize, Kind::Command, stream, message_type, data, None)
+    }
+
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
+        self.buffer.read_stream(stream, from)
+    }
+
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.buffer.pending_document(collection, id) {
+            Some(pending) => Ok(pending.map(String::into_bytes)),
+            None => self.buffer.store.document(collection, id).map(|d| d.map(String::into_bytes)).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn put_document(&self, index: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
+        let data = std::str::from_utf8(data).map_err(|e| format!("document {collection}/{id} is not UTF-8: {e}"))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(data).map_err(|e| format!("document {collection}/{id} is not JSON: {e}"))?;
+        let write = DocumentWrite::Put { collection: collection.into(), id: id.into(), data: data.into() };
+        self.buffer.push(self.offset + index as usize, Write::Document(write));
+        Ok(())
+    }
+
+    fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String> {
+        let write = DocumentWrite::Delete { collection: collection.into(), id: id.into() };
+        self.buffer.push(self.offset + index as usize, Write::Document(write));
+        Ok(())
+    }
+
+    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+        self.buffer.find_documents(collection, field, value_json)
+    }
+}
