@@ -71,6 +71,22 @@ pub enum Command {
     Server(ServerArgs),
     /// Show the domain's instances, handlers and the subscriptions the server would create.
     Inspect(InspectArgs),
+    /// Append a command to its command stream and print its id.
+    Send(SendArgs),
+}
+
+/// Options of `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The command's type, e.g. Fulfilment.PlaceOrder.v1.
+    #[arg(value_name = "TYPE")]
+    pub message_type: String,
+    /// The command's data as a JSON object, or - to read one JSON object per line from stdin.
+    #[arg(value_name = "JSON")]
+    pub data: String,
+    /// When the command expires (RFC 3339 time); an expired command is acknowledged without a call.
+    #[arg(long, value_name = "TIME")]
+    pub deadline: Option<String>,
 }
 
 /// Options of `inspect`.
@@ -135,6 +151,29 @@ mod tests {
             let error = parse(args).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn send_takes_a_type_and_json() {
+        let cli = parse(&[
+            "send",
+            "Shop.Place.v1",
+            "{}",
+            "--deadline",
+            "2030-01-01T00:00:00Z",
+        ])
+        .unwrap();
+        let Some(Command::Send(send)) = cli.command else {
+            panic!("not send")
+        };
+        assert_eq!(
+            (send.message_type.as_str(), send.data.as_str()),
+            ("Shop.Place.v1", "{}")
+        );
+        assert_eq!(
+            parse(&["send", "Shop.Place.v1"]).unwrap_err().exit_code(),
+            2
+        );
     }
 
     #[test]

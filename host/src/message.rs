@@ -83,17 +83,29 @@ impl<'a> MetaView<'a> {
 
     /// Whether the message's deadline has passed at `now`.
     pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> Result<bool, PoisonError> {
-        let Some(deadline) = self.headers.deadline.as_deref() else { return Ok(false) };
+        let Some(deadline) = self.headers.deadline.as_deref() else {
+            return Ok(false);
+        };
         let at = parse_time(deadline).ok_or_else(|| PoisonError::BadDeadline(deadline.into()))?;
         Ok(at < now)
     }
 
     /// Check the data checksum, when the metadata carries one.
     pub fn verify(&self, data: &str) -> Result<(), PoisonError> {
-        let Some(expected) = self.envelope.as_ref().and_then(|e| e.checksum.as_deref()) else { return Ok(()) };
-        let value: Value = serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
+        let Some(expected) = self.envelope.as_ref().and_then(|e| e.checksum.as_deref()) else {
+            return Ok(());
+        };
+        let value: Value =
+            serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
         let actual = checksum(&value);
-        if actual == expected { Ok(()) } else { Err(PoisonError::Checksum { expected: expected.into(), actual }) }
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(PoisonError::Checksum {
+                expected: expected.into(),
+                actual,
+            })
+        }
     }
 }
 
@@ -106,7 +118,11 @@ pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::parse_from_rfc3339(&t)
         .map(|t| t.with_timezone(&chrono::Utc))
         .ok()
-        .or_else(|| chrono::NaiveDateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|n| n.and_utc()))
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|n| n.and_utc())
+        })
 }
 
 /// A time in the format Protean writes (`isoformat()` of an aware UTC datetime).
@@ -163,7 +179,9 @@ fn write_canonical(value: &Value, out: &mut String) {
 /// Floats as Python's `repr`: a signed exponent of at least two digits (`1e+16`, `1e-07`).
 fn python_number(n: &serde_json::Number) -> String {
     let text = n.to_string();
-    let Some((mantissa, exponent)) = text.split_once('e') else { return text };
+    let Some((mantissa, exponent)) = text.split_once('e') else {
+        return text;
+    };
     let (sign, digits) = match exponent.strip_prefix('-') {
         Some(digits) => ('-', digits),
         None => ('+', exponent.trim_start_matches('+')),
@@ -237,9 +255,14 @@ impl NewMeta<'_> {
     /// message correlates to itself.
     pub fn to_json(&self) -> String {
         let cause_meta = self.cause.and_then(|c| c.meta);
-        let correlation = cause_meta.and_then(MetaView::correlation_id).or(self.cause.map(|c| c.id)).unwrap_or(self.id);
+        let correlation = cause_meta
+            .and_then(MetaView::correlation_id)
+            .or(self.cause.map(|c| c.id))
+            .unwrap_or(self.id);
         let causation = self.cause.map(|c| c.id);
-        let traceparent = cause_meta.and_then(|m| m.headers.traceparent.clone()).unwrap_or(Value::Null);
+        let traceparent = cause_meta
+            .and_then(|m| m.headers.traceparent.clone())
+            .unwrap_or(Value::Null);
         let inherited_deadline = cause_meta.and_then(|m| m.headers.deadline.as_deref());
         let deadline = match self.kind {
             Kind::Command => self.deadline.or(inherited_deadline),
@@ -291,7 +314,10 @@ mod tests {
 
     #[test]
     fn canonical_json_matches_python_json_dumps() {
-        let value: Value = serde_json::from_str(r#"{"b": [1, 2.5, "é😀"], "a": {"z": null, "y": true}, "c": 1e16, "d": 1e-7}"#).unwrap();
+        let value: Value = serde_json::from_str(
+            r#"{"b": [1, 2.5, "é😀"], "a": {"z": null, "y": true}, "c": 1e16, "d": 1e-7}"#,
+        )
+        .unwrap();
         assert_eq!(
             canonical_json(&value),
             r#"{"a":{"y":true,"z":null},"b":[1,2.5,"\u00e9\ud83d\ude00"],"c":1e+16,"d":1e-07}"#
@@ -301,19 +327,35 @@ mod tests {
     #[test]
     fn a_tampered_payload_fails_its_checksum() {
         let data: Value = serde_json::json!({"order_id": "o1", "total": 30.0});
-        let meta = format!(r#"{{"headers": {{"id": "m1"}}, "envelope": {{"checksum": "{}"}}}}"#, checksum(&data));
+        let meta = format!(
+            r#"{{"headers": {{"id": "m1"}}, "envelope": {{"checksum": "{}"}}}}"#,
+            checksum(&data)
+        );
         let view = MetaView::parse(&meta).unwrap();
         assert_eq!(view.verify(r#"{"total": 30.0, "order_id": "o1"}"#), Ok(()));
-        assert!(matches!(view.verify(r#"{"order_id": "o2", "total": 30.0}"#), Err(PoisonError::Checksum { .. })));
-        assert!(matches!(view.verify("{not json"), Err(PoisonError::BadData(_))));
+        assert!(matches!(
+            view.verify(r#"{"order_id": "o2", "total": 30.0}"#),
+            Err(PoisonError::Checksum { .. })
+        ));
+        assert!(matches!(
+            view.verify("{not json"),
+            Err(PoisonError::BadData(_))
+        ));
     }
 
     #[test]
     fn deadlines_parse_in_protean_formats() {
         let now = parse_time("2026-01-01T00:00:00+00:00").unwrap();
-        for (deadline, expired) in [("2025-12-31T23:59:59.999999+00:00", true), ("2026-01-01 00:00:01", false)] {
+        for (deadline, expired) in [
+            ("2025-12-31T23:59:59.999999+00:00", true),
+            ("2026-01-01 00:00:01", false),
+        ] {
             let meta = format!(r#"{{"headers": {{"deadline": "{deadline}"}}}}"#);
-            assert_eq!(MetaView::parse(&meta).unwrap().expired(now), Ok(expired), "{deadline}");
+            assert_eq!(
+                MetaView::parse(&meta).unwrap().expired(now),
+                Ok(expired),
+                "{deadline}"
+            );
         }
         let bad = MetaView::parse(r#"{"headers": {"deadline": "soon"}}"#).unwrap();
         assert!(bad.expired(now).is_err());
@@ -321,8 +363,14 @@ mod tests {
 
     #[test]
     fn children_inherit_correlation_and_name_their_cause() {
-        let parent = MetaView::parse(r#"{"headers": {"id": "p1"}, "domain": {"correlation_id": "corr-9"}}"#).unwrap();
-        let cause = Cause { id: "p1", stream: "shop::order-1", meta: Some(&parent) };
+        let parent =
+            MetaView::parse(r#"{"headers": {"id": "p1"}, "domain": {"correlation_id": "corr-9"}}"#)
+                .unwrap();
+        let cause = Cause {
+            id: "p1",
+            stream: "shop::order-1",
+            meta: Some(&parent),
+        };
         let meta = NewMeta {
             id: "c1",
             kind: Kind::Event,
@@ -340,7 +388,10 @@ mod tests {
         assert_eq!(json["domain"]["version"], 2);
         assert_eq!(json["domain"]["fqn"], "Shop.Placed");
         assert_eq!(json["domain"]["stream_category"], "shop::order");
-        let root = NewMeta { cause: None, ..meta };
+        let root = NewMeta {
+            cause: None,
+            ..meta
+        };
         let json: Value = serde_json::from_str(&root.to_json()).unwrap();
         assert_eq!(json["domain"]["correlation_id"], "c1");
         assert_eq!(json["domain"]["causation_id"], Value::Null);

@@ -92,8 +92,15 @@ impl NewMessage {
 /// A document change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DocumentWrite {
-    Put { collection: String, id: String, data: String },
-    Delete { collection: String, id: String },
+    Put {
+        collection: String,
+        id: String,
+        data: String,
+    },
+    Delete {
+        collection: String,
+        id: String,
+    },
 }
 
 /// "This subscription has handled this message", committed with its effects.
@@ -126,12 +133,19 @@ pub(crate) struct Buffer<'a> {
 
 impl<'a> Buffer<'a> {
     pub(crate) fn new(store: &'a dyn Store, causes: &'a [Cause<'a>]) -> Self {
-        Self { store, causes, writes: RefCell::default() }
+        Self {
+            store,
+            causes,
+            writes: RefCell::default(),
+        }
     }
 
     /// The services for a plugin call whose first message is batch index `offset`.
     pub(crate) fn view(&self, offset: usize) -> BufferView<'_, 'a> {
-        BufferView { buffer: self, offset }
+        BufferView {
+            buffer: self,
+            offset,
+        }
     }
 
     /// Drop everything written for batch index `index` and later (a failed message's partial effects).
@@ -153,8 +167,17 @@ impl<'a> Buffer<'a> {
         self.writes.borrow_mut().push((index, write));
     }
 
-    fn new_message(&self, index: usize, kind: Kind, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
-        let data: Value = serde_json::from_slice(data).map_err(|e| format!("{message_type} data is not JSON: {e}"))?;
+    fn new_message(
+        &self,
+        index: usize,
+        kind: Kind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+        expected: Option<i64>,
+    ) -> Result<(), String> {
+        let data: Value = serde_json::from_slice(data)
+            .map_err(|e| format!("{message_type} data is not JSON: {e}"))?;
         let cause = self.causes.get(index).copied();
         let message = NewMessage::new(kind, stream, message_type, &data, expected, None, cause);
         self.push(index, Write::Message(message));
@@ -162,20 +185,30 @@ impl<'a> Buffer<'a> {
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
-        let stored = self.store.read_stream(stream, 0).map_err(|e| e.to_string())?;
+        let stored = self
+            .store
+            .read_stream(stream, 0)
+            .map_err(|e| e.to_string())?;
         let writes = self.writes.borrow();
         let pending = writes.iter().filter_map(|(_, w)| match w {
-            Write::Message(m) if m.stream == stream => Some((m.message_type.as_str(), m.data.as_str())),
+            Write::Message(m) if m.stream == stream => {
+                Some((m.message_type.as_str(), m.data.as_str()))
+            }
             _ => None,
         });
-        let all = stored.iter().map(|m| (m.message_type.as_str(), m.data.as_str())).chain(pending);
+        let all = stored
+            .iter()
+            .map(|m| (m.message_type.as_str(), m.data.as_str()))
+            .chain(pending);
         let mut out = String::from("[");
         for (position, (message_type, data)) in all.enumerate().skip(from as usize) {
             if out.len() > 1 {
                 out.push(',');
             }
             let message_type = Value::from(message_type);
-            out.push_str(&format!(r#"{{"type":{message_type},"position":{position},"data":{data}}}"#));
+            out.push_str(&format!(
+                r#"{{"type":{message_type},"position":{position},"data":{data}}}"#
+            ));
         }
         out.push(']');
         Ok(out.into_bytes())
@@ -183,32 +216,72 @@ impl<'a> Buffer<'a> {
 
     /// The latest buffered write of a document: `Some(Some(data))` put, `Some(None)` deleted.
     fn pending_document(&self, collection: &str, id: &str) -> Option<Option<String>> {
-        self.writes.borrow().iter().rev().find_map(|(_, w)| match w {
-            Write::Document(DocumentWrite::Put { collection: c, id: i, data }) if c == collection && i == id => Some(Some(data.clone())),
-            Write::Document(DocumentWrite::Delete { collection: c, id: i }) if c == collection && i == id => Some(None),
-            _ => None,
-        })
+        self.writes
+            .borrow()
+            .iter()
+            .rev()
+            .find_map(|(_, w)| match w {
+                Write::Document(DocumentWrite::Put {
+                    collection: c,
+                    id: i,
+                    data,
+                }) if c == collection && i == id => Some(Some(data.clone())),
+                Write::Document(DocumentWrite::Delete {
+                    collection: c,
+                    id: i,
+                }) if c == collection && i == id => Some(None),
+                _ => None,
+            })
     }
 
-    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
-        let value: Value = serde_json::from_slice(value_json).map_err(|e| format!("find value is not JSON: {e}"))?;
-        let stored = self.store.find_documents(collection, field, &value).map_err(|e| e.to_string())?;
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value_json: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let value: Value = serde_json::from_slice(value_json)
+            .map_err(|e| format!("find value is not JSON: {e}"))?;
+        let stored = self
+            .store
+            .find_documents(collection, field, &value)
+            .map_err(|e| e.to_string())?;
         let mut found: Vec<(String, String)> = stored.into_iter().map(|d| (d.id, d.data)).collect();
         for (_, write) in self.writes.borrow().iter() {
-            let Write::Document(write) = write else { continue };
+            let Write::Document(write) = write else {
+                continue;
+            };
             match write {
-                DocumentWrite::Put { collection: c, id, data } if c == collection => {
+                DocumentWrite::Put {
+                    collection: c,
+                    id,
+                    data,
+                } if c == collection => {
                     found.retain(|(i, _)| i != id);
-                    let matches = serde_json::from_str::<Value>(data).ok().and_then(|d| d.get(field).cloned()).as_ref() == Some(&value);
+                    let matches = serde_json::from_str::<Value>(data)
+                        .ok()
+                        .and_then(|d| d.get(field).cloned())
+                        .as_ref()
+                        == Some(&value);
                     if matches {
                         found.push((id.clone(), data.clone()));
                     }
                 }
-                DocumentWrite::Delete { collection: c, id } if c == collection => found.retain(|(i, _)| i != id),
+                DocumentWrite::Delete { collection: c, id } if c == collection => {
+                    found.retain(|(i, _)| i != id)
+                }
                 _ => {}
             }
         }
-        Ok(format!("[{}]", found.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join(",")).into_bytes())
+        Ok(format!(
+            "[{}]",
+            found
+                .iter()
+                .map(|(_, d)| d.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+        .into_bytes())
     }
 }
 
@@ -219,12 +292,39 @@ pub(crate) struct BufferView<'b, 'a> {
 }
 
 impl HostServices for BufferView<'_, '_> {
-    fn raise_event(&self, index: u32, stream: &str, message_type: &str, data: &[u8], expected: Option<i64>) -> Result<(), String> {
-        self.buffer.new_message(self.offset + index as usize, Kind::Event, stream, message_type, data, expected)
+    fn raise_event(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+        expected: Option<i64>,
+    ) -> Result<(), String> {
+        self.buffer.new_message(
+            self.offset + index as usize,
+            Kind::Event,
+            stream,
+            message_type,
+            data,
+            expected,
+        )
     }
 
-    fn send_command(&self, index: u32, stream: &str, message_type: &str, data: &[u8]) -> Result<(), String> {
-        self.buffer.new_message(self.offset + index as usize, Kind::Command, stream, message_type, data, None)
+    fn send_command(
+        &self,
+        index: u32,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        self.buffer.new_message(
+            self.offset + index as usize,
+            Kind::Command,
+            stream,
+            message_type,
+            data,
+            None,
+        )
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
@@ -234,25 +334,52 @@ impl HostServices for BufferView<'_, '_> {
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
         match self.buffer.pending_document(collection, id) {
             Some(pending) => Ok(pending.map(String::into_bytes)),
-            None => self.buffer.store.document(collection, id).map(|d| d.map(String::into_bytes)).map_err(|e| e.to_string()),
+            None => self
+                .buffer
+                .store
+                .document(collection, id)
+                .map(|d| d.map(String::into_bytes))
+                .map_err(|e| e.to_string()),
         }
     }
 
-    fn put_document(&self, index: u32, collection: &str, id: &str, data: &[u8]) -> Result<(), String> {
-        let data = std::str::from_utf8(data).map_err(|e| format!("document {collection}/{id} is not UTF-8: {e}"))?;
-        serde_json::from_str::<serde::de::IgnoredAny>(data).map_err(|e| format!("document {collection}/{id} is not JSON: {e}"))?;
-        let write = DocumentWrite::Put { collection: collection.into(), id: id.into(), data: data.into() };
-        self.buffer.push(self.offset + index as usize, Write::Document(write));
+    fn put_document(
+        &self,
+        index: u32,
+        collection: &str,
+        id: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let data = std::str::from_utf8(data)
+            .map_err(|e| format!("document {collection}/{id} is not UTF-8: {e}"))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(data)
+            .map_err(|e| format!("document {collection}/{id} is not JSON: {e}"))?;
+        let write = DocumentWrite::Put {
+            collection: collection.into(),
+            id: id.into(),
+            data: data.into(),
+        };
+        self.buffer
+            .push(self.offset + index as usize, Write::Document(write));
         Ok(())
     }
 
     fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String> {
-        let write = DocumentWrite::Delete { collection: collection.into(), id: id.into() };
-        self.buffer.push(self.offset + index as usize, Write::Document(write));
+        let write = DocumentWrite::Delete {
+            collection: collection.into(),
+            id: id.into(),
+        };
+        self.buffer
+            .push(self.offset + index as usize, Write::Document(write));
         Ok(())
     }
 
-    fn find_documents(&self, collection: &str, field: &str, value_json: &[u8]) -> Result<Vec<u8>, String> {
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value_json: &[u8],
+    ) -> Result<Vec<u8>, String> {
         self.buffer.find_documents(collection, field, value_json)
     }
 }

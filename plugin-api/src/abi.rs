@@ -257,6 +257,14 @@ pub trait DomainInstance: Send + Sync + 'static {
         host: HostRef<'_>,
     ) -> BatchOutcome;
 
+    /// The stream a command of `message_type` with `data` is sent to (`{category}:command-{id}`), or why
+    /// the data is not such a command.
+    fn command_stream(
+        &self,
+        message_type: RStr<'_>,
+        data: RSlice<'_, u8>,
+    ) -> RResult<RString, RString>;
+
     /// Called once when the host stops using the instance.
     #[sabi(last_prefix_field)]
     fn shutdown(&self);

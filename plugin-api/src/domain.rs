@@ -52,11 +52,15 @@ pub struct Registration {
 
 type Call = Box<dyn Fn(&[u8], &mut Context<'_>) -> HandlerResult + Send + Sync>;
 
+/// Computes the command stream of a command from its JSON data.
+type Target = Box<dyn Fn(&[u8], &Naming) -> Result<String, HandlerError> + Send + Sync>;
+
 struct Route {
     class: &'static str,
     version: u32,
     category: &'static str,
     call: Call,
+    target: Option<Target>,
 }
 
 /// What every handler builder shares: a name, options and its routes.
@@ -92,6 +96,7 @@ impl Spec {
             version: M::VERSION,
             category,
             call,
+            target: None,
         });
     }
 }
@@ -204,6 +209,11 @@ impl<A: crate::Aggregate> CommandHandler<A> {
     /// Handle commands of type `C` with `f`.
     pub fn on<C: Command<Aggregate = A>>(mut self, f: impl EventFn<C>) -> Self {
         self.0.route::<C>(A::CATEGORY, erase(f));
+        let target: Target =
+            Box::new(|data, naming| Ok(naming.command_stream_of(&decode::<C>(data)?)));
+        if let Some(route) = self.0.routes.last_mut() {
+            route.target = Some(target);
+        }
         self
     }
 }
@@ -329,12 +339,18 @@ struct Resolved {
     routes: HashMap<String, Call>,
 }
 
+/// Where commands of one type go.
+struct CommandTarget {
+    target: Target,
+}
+
 /// A domain: a name and its handlers. Build one with [`Domain::new`] and the handler methods, and export it
 /// with [`crate::export_domains`].
 pub struct Domain {
     naming: Arc<Naming>,
     handlers: Vec<Resolved>,
     by_name: HashMap<String, usize>,
+    commands: HashMap<String, CommandTarget>,
     errors: Vec<String>,
 }
 
@@ -354,6 +370,7 @@ impl Domain {
             naming: Arc::new(Naming::new(name)),
             handlers: Vec::new(),
             by_name: HashMap::new(),
+            commands: HashMap::new(),
             errors: Vec::new(),
         }
     }
@@ -425,7 +442,12 @@ impl Domain {
             if !categories.contains(&category) {
                 categories.push(category);
             }
-            routes.insert(naming.type_name(route.class, route.version), route.call);
+            let message_type = naming.type_name(route.class, route.version);
+            if let Some(target) = route.target {
+                self.commands
+                    .insert(message_type.clone(), CommandTarget { target });
+            }
+            routes.insert(message_type, route.call);
         }
         let mut message_types: Vec<String> = routes.keys().cloned().collect();
         message_types.sort();
@@ -441,6 +463,19 @@ impl Domain {
             routes,
         });
         self
+    }
+
+    /// The command stream of a command of `message_type` with `data`, checking that the data decodes.
+    pub fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, HandlerError> {
+        let Some(command) = self.commands.get(message_type) else {
+            let mut known: Vec<&str> = self.commands.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(HandlerError::reject(format!(
+                "no command handler handles {message_type}; commands of this domain: {}",
+                known.join(", ")
+            )));
+        };
+        (command.target)(data, &self.naming)
     }
 
     /// Handle a batch with handler `name`, stopping at the first failure. Panics become failures.

@@ -114,6 +114,22 @@ impl DomainInstance for Instance {
         }
     }
 
+    fn command_stream(
+        &self,
+        message_type: RStr<'_>,
+        data: RSlice<'_, u8>,
+    ) -> RResult<RString, RString> {
+        let stream = panic::catch(|| {
+            self.domain
+                .command_stream(message_type.as_str(), data.as_slice())
+        })
+        .unwrap_or_else(|panic| Err(crate::HandlerError::reject(format!("panicked: {panic}"))));
+        match stream {
+            Ok(stream) => RResult::ROk(stream.into()),
+            Err(error) => RResult::RErr(error.message().into()),
+        }
+    }
+
     fn shutdown(&self) {}
 }
 

@@ -467,6 +467,18 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// The stream a command goes to, asking the plugin (which knows the command's identity field);
+    /// an error says why `data` is not a command of `message_type`.
+    pub fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
+        self.instance
+            .command_stream(RStr::from_str(message_type), data.into())
+            .into_result()
+            .map(|s| s.into_string())
+            .map_err(|e| e.into_string())
+    }
+}
+
 impl Drop for Plugin {
     fn drop(&mut self) {
         self.instance.shutdown();

@@ -68,15 +68,25 @@ pub struct StoredDocument {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("version conflict on stream {stream}: expected version {expected}, found {actual}")]
-    VersionConflict { stream: String, expected: i64, actual: i64 },
+    VersionConflict {
+        stream: String,
+        expected: i64,
+        actual: i64,
+    },
     #[error("message {0} is already stored")]
     DuplicateMessage(String),
     #[error("document field name {0:?} is not a plain identifier (letters, digits, _)")]
     BadField(String),
     #[error("sqlite store {path}: {source}")]
-    Sqlite { path: String, source: rusqlite::Error },
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("cannot create the store directory {}: {source}", path.display())]
-    Directory { path: PathBuf, source: std::io::Error },
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("unreadable row in the store: {0}")]
     Corrupt(String),
 }
@@ -87,7 +97,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The event store and its companions. Backends implement the primitives; the engine composes them.
 pub trait Store: Send + Sync {
     /// Messages of any of `categories` with a global position greater than `after`, in global order.
-    fn read_categories(&self, categories: &[String], after: u64, limit: usize) -> Result<Vec<StoredMessage>>;
+    fn read_categories(
+        &self,
+        categories: &[String],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
 
     /// Messages of `stream` from stream position `from`, in order.
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>>;
@@ -102,7 +117,12 @@ pub trait Store: Send + Sync {
     fn document(&self, collection: &str, id: &str) -> Result<Option<String>>;
 
     /// Documents whose top-level `field` equals the JSON scalar `value`.
-    fn find_documents(&self, collection: &str, field: &str, value: &serde_json::Value) -> Result<Vec<StoredDocument>>;
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value: &serde_json::Value,
+    ) -> Result<Vec<StoredDocument>>;
 
     /// The highest global position among `categories` (0 when empty); all categories when empty.
     fn head(&self, categories: &[String]) -> Result<u64>;
@@ -136,7 +156,11 @@ pub fn category(stream: &str) -> &str {
 /// Document field names are interpolated into nothing, but they key an index: keep them simple.
 fn check_field(field: &str) -> Result<()> {
     let plain = !field.is_empty() && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if plain { Ok(()) } else { Err(Error::BadField(field.into())) }
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::BadField(field.into()))
+    }
 }
 
 /// The indexable top-level fields of a document: (field, canonical JSON of a scalar value).

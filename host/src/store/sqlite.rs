@@ -14,7 +14,10 @@ use std::{
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
-use super::{category, check_field, indexed_fields, DeadLetter, Error, Result, Store, StoredDocument, StoredMessage};
+use super::{
+    category, check_field, indexed_fields, DeadLetter, Error, Result, Store, StoredDocument,
+    StoredMessage,
+};
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
 mod sql {
@@ -30,8 +33,10 @@ mod sql {
     pub(super) const READ_POSITION: &str = include_str!("sql/sqlite/read_position.sql");
     pub(super) const PUT_DOCUMENT: &str = include_str!("sql/sqlite/put_document.sql");
     pub(super) const DELETE_DOCUMENT: &str = include_str!("sql/sqlite/delete_document.sql");
-    pub(super) const DELETE_DOCUMENT_FIELDS: &str = include_str!("sql/sqlite/delete_document_fields.sql");
-    pub(super) const INSERT_DOCUMENT_FIELD: &str = include_str!("sql/sqlite/insert_document_field.sql");
+    pub(super) const DELETE_DOCUMENT_FIELDS: &str =
+        include_str!("sql/sqlite/delete_document_fields.sql");
+    pub(super) const INSERT_DOCUMENT_FIELD: &str =
+        include_str!("sql/sqlite/insert_document_field.sql");
     pub(super) const GET_DOCUMENT: &str = include_str!("sql/sqlite/get_document.sql");
     pub(super) const FIND_DOCUMENTS: &str = include_str!("sql/sqlite/find_documents.sql");
     pub(super) const INSERT_PROCESSED: &str = include_str!("sql/sqlite/insert_processed.sql");
@@ -50,20 +55,30 @@ impl SqliteStore {
     /// Open (creating if needed) the store at `path`, creating its directory too.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Directory { path: dir.into(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| Error::Directory {
+                path: dir.into(),
+                source,
+            })?;
         }
-        let store = Self { path: path.into(), connection: Mutex::new(Connection::open(path).map_err(|e| sqlite(path, e))?) };
+        let store = Self {
+            path: path.into(),
+            connection: Mutex::new(Connection::open(path).map_err(|e| sqlite(path, e))?),
+        };
         store.setup()?;
         Ok(store)
     }
 
     fn setup(&self) -> Result<()> {
         let connection = self.connection();
-        connection.busy_timeout(Duration::from_secs(5)).map_err(|e| self.error(e))?;
+        connection
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(|e| self.error(e))?;
         connection
             .pragma_update(None, "journal_mode", "WAL")
             .and_then(|_| connection.pragma_update(None, "synchronous", "NORMAL"))
-            .and_then(|_| connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA)))
+            .and_then(|_| {
+                connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA))
+            })
             .map_err(|e| self.error(e))?;
         connection.set_prepared_statement_cache_capacity(32);
         Ok(())
@@ -72,23 +87,35 @@ impl SqliteStore {
     fn connection(&self) -> MutexGuard<'_, Connection> {
         // rusqlite rolls back an open transaction when it is dropped during a panic, so a poisoned
         // connection is still consistent.
-        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn error(&self, source: rusqlite::Error) -> Error {
         sqlite(&self.path, source)
     }
 
-    fn query_messages(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredMessage>> {
+    fn query_messages(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<StoredMessage>> {
         let connection = self.connection();
         let mut statement = connection.prepare_cached(sql).map_err(|e| self.error(e))?;
-        let rows = statement.query_map(params, message_from_row).map_err(|e| self.error(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.error(e))
+        let rows = statement
+            .query_map(params, message_from_row)
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
     }
 }
 
 fn sqlite(path: &Path, source: rusqlite::Error) -> Error {
-    Error::Sqlite { path: path.display().to_string(), source }
+    Error::Sqlite {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn message_from_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
@@ -121,7 +148,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
                 .unwrap_or(-1),
         };
         if let Some(expected) = m.expected_version.filter(|e| *e != actual) {
-            return Err(Error::VersionConflict { stream: m.stream.clone(), expected, actual }.into());
+            return Err(Error::VersionConflict {
+                stream: m.stream.clone(),
+                expected,
+                actual,
+            }
+            .into());
         }
         let inserted = tx.prepare_cached(sql::APPEND)?.execute(params![
             actual + 1,
@@ -134,11 +166,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
             m.id
         ]);
         match inserted {
-            Err(rusqlite::Error::SqliteFailure(e, Some(text))) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(rusqlite::Error::SqliteFailure(e, Some(text)))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
                 return Err(if text.contains("messages.id") {
                     Error::DuplicateMessage(m.id.clone()).into()
                 } else {
-                    Error::VersionConflict { stream: m.stream.clone(), expected: actual, actual: actual + 1 }.into()
+                    Error::VersionConflict {
+                        stream: m.stream.clone(),
+                        expected: actual,
+                        actual: actual + 1,
+                    }
+                    .into()
                 });
             }
             other => other?,
@@ -151,45 +190,60 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
     }
     let at = now();
     for marker in &unit.processed {
-        tx.prepare_cached(sql::INSERT_PROCESSED)?.execute(params![marker.subscription, marker.message_id, marker.build_id, at])?;
+        tx.prepare_cached(sql::INSERT_PROCESSED)?.execute(params![
+            marker.subscription,
+            marker.message_id,
+            marker.build_id,
+            at
+        ])?;
     }
     if let Some(update) = &unit.position {
-        tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![update.subscription, update.position, at])?;
+        tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![
+            update.subscription,
+            update.position,
+            at
+        ])?;
     }
     for d in &unit.dead_letters {
-        tx.prepare_cached(sql::INSERT_DEAD_LETTER)?.execute(params![
-            d.subscription,
-            d.handler,
-            d.message_id,
-            d.stream,
-            d.global_position,
-            d.message_type,
-            d.data,
-            d.metadata,
-            d.error,
-            d.attempts,
-            d.build_id,
-            d.failed_at
-        ])?;
+        tx.prepare_cached(sql::INSERT_DEAD_LETTER)?
+            .execute(params![
+                d.subscription,
+                d.handler,
+                d.message_id,
+                d.stream,
+                d.global_position,
+                d.message_type,
+                d.data,
+                d.metadata,
+                d.error,
+                d.attempts,
+                d.build_id,
+                d.failed_at
+            ])?;
     }
     Ok(last)
 }
 
 fn write_document(tx: &rusqlite::Transaction<'_>, write: &DocumentWrite) -> rusqlite::Result<()> {
     let (collection, id) = match write {
-        DocumentWrite::Put { collection, id, .. } | DocumentWrite::Delete { collection, id } => (collection, id),
+        DocumentWrite::Put { collection, id, .. } | DocumentWrite::Delete { collection, id } => {
+            (collection, id)
+        }
     };
-    tx.prepare_cached(sql::DELETE_DOCUMENT_FIELDS)?.execute(params![collection, id])?;
+    tx.prepare_cached(sql::DELETE_DOCUMENT_FIELDS)?
+        .execute(params![collection, id])?;
     match write {
         DocumentWrite::Put { data, .. } => {
-            tx.prepare_cached(sql::PUT_DOCUMENT)?.execute(params![collection, id, data])?;
+            tx.prepare_cached(sql::PUT_DOCUMENT)?
+                .execute(params![collection, id, data])?;
             let mut insert = tx.prepare_cached(sql::INSERT_DOCUMENT_FIELD)?;
             for (field, value) in indexed_fields(data) {
                 insert.execute(params![collection, field, value, id])?;
             }
         }
         DocumentWrite::Delete { .. } => {
-            tx.prepare_cached(sql::DELETE_DOCUMENT)?.execute(params![collection, id])?;
+            tx.prepare_cached(sql::DELETE_DOCUMENT)?
+                .execute(params![collection, id])?;
         }
     }
     Ok(())
@@ -214,12 +268,18 @@ impl From<rusqlite::Error> for CommitError {
 }
 
 impl Store for SqliteStore {
-    fn read_categories(&self, categories: &[String], after: u64, limit: usize) -> Result<Vec<StoredMessage>> {
+    fn read_categories(
+        &self,
+        categories: &[String],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
         match categories {
             [] => Ok(Vec::new()),
             [one] => self.query_messages(sql::READ_CATEGORY, params![one, after, limit as i64]),
             many => {
-                let list = serde_json::to_string(many).map_err(|e| Error::Corrupt(e.to_string()))?;
+                let list =
+                    serde_json::to_string(many).map_err(|e| Error::Corrupt(e.to_string()))?;
                 self.query_messages(sql::READ_CATEGORIES, params![list, after, limit as i64])
             }
         }
@@ -231,7 +291,9 @@ impl Store for SqliteStore {
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         let mut connection = self.connection();
-        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(e))?;
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.error(e))?;
         match apply(&tx, unit) {
             Ok(last) => {
                 tx.commit().map_err(|e| self.error(e))?;
@@ -245,36 +307,65 @@ impl Store for SqliteStore {
 
     fn position(&self, subscription: &str) -> Result<Option<u64>> {
         let connection = self.connection();
-        let mut statement = connection.prepare_cached(sql::READ_POSITION).map_err(|e| self.error(e))?;
-        statement.query_row([subscription], |r| r.get(0)).optional().map_err(|e| self.error(e))
+        let mut statement = connection
+            .prepare_cached(sql::READ_POSITION)
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_row([subscription], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.error(e))
     }
 
     fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
         let connection = self.connection();
-        let mut statement = connection.prepare_cached(sql::GET_DOCUMENT).map_err(|e| self.error(e))?;
-        statement.query_row([collection, id], |r| r.get(0)).optional().map_err(|e| self.error(e))
+        let mut statement = connection
+            .prepare_cached(sql::GET_DOCUMENT)
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_row([collection, id], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.error(e))
     }
 
-    fn find_documents(&self, collection: &str, field: &str, value: &serde_json::Value) -> Result<Vec<StoredDocument>> {
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value: &serde_json::Value,
+    ) -> Result<Vec<StoredDocument>> {
         check_field(field)?;
         let connection = self.connection();
-        let mut statement = connection.prepare_cached(sql::FIND_DOCUMENTS).map_err(|e| self.error(e))?;
-        let rows = statement
-            .query_map(params![collection, field, value.to_string()], |r| Ok(StoredDocument { id: r.get(0)?, data: r.get(1)? }))
+        let mut statement = connection
+            .prepare_cached(sql::FIND_DOCUMENTS)
             .map_err(|e| self.error(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.error(e))
+        let rows = statement
+            .query_map(params![collection, field, value.to_string()], |r| {
+                Ok(StoredDocument {
+                    id: r.get(0)?,
+                    data: r.get(1)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
     }
 
     fn head(&self, categories: &[String]) -> Result<u64> {
         let connection = self.connection();
         let mut max = 0;
         if categories.is_empty() {
-            let head: Option<u64> = connection.query_row(sql::HEAD_ALL, [], |r| r.get(0)).map_err(|e| self.error(e))?;
+            let head: Option<u64> = connection
+                .query_row(sql::HEAD_ALL, [], |r| r.get(0))
+                .map_err(|e| self.error(e))?;
             return Ok(head.unwrap_or(0));
         }
-        let mut statement = connection.prepare_cached(sql::HEAD_CATEGORY).map_err(|e| self.error(e))?;
+        let mut statement = connection
+            .prepare_cached(sql::HEAD_CATEGORY)
+            .map_err(|e| self.error(e))?;
         for c in categories {
-            let head: Option<u64> = statement.query_row([c], |r| r.get(0)).map_err(|e| self.error(e))?;
+            let head: Option<u64> = statement
+                .query_row([c], |r| r.get(0))
+                .map_err(|e| self.error(e))?;
             max = max.max(head.unwrap_or(0));
         }
         Ok(max)
@@ -282,7 +373,9 @@ impl Store for SqliteStore {
 
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
         let connection = self.connection();
-        let mut statement = connection.prepare_cached(sql::READ_DEAD_LETTERS).map_err(|e| self.error(e))?;
+        let mut statement = connection
+            .prepare_cached(sql::READ_DEAD_LETTERS)
+            .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map([subscription], |r| {
                 Ok(DeadLetter {
@@ -301,6 +394,7 @@ impl Store for SqliteStore {
                 })
             })
             .map_err(|e| self.error(e))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(|e| self.error(e))
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
     }
 }

@@ -9,18 +9,41 @@ use crate::{
 };
 
 fn event(stream: &str, n: u64, expected: Option<i64>) -> NewMessage {
-    NewMessage::new(Kind::Event, stream, "Shop.Happened.v1", &json!({ "n": n }), expected, None, None)
+    NewMessage::new(
+        Kind::Event,
+        stream,
+        "Shop.Happened.v1",
+        &json!({ "n": n }),
+        expected,
+        None,
+        None,
+    )
 }
 
 fn append(store: &dyn Store, messages: Vec<NewMessage>) -> Result<Option<u64>, Error> {
-    store.commit(&UnitOfWork { messages, ..UnitOfWork::default() })
+    store.commit(&UnitOfWork {
+        messages,
+        ..UnitOfWork::default()
+    })
 }
 
 pub(super) fn positions_are_per_stream_and_global(store: &dyn Store) {
-    append(store, vec![event("shop::order-1", 0, Some(-1)), event("shop::order-2", 0, None)]).unwrap();
+    append(
+        store,
+        vec![
+            event("shop::order-1", 0, Some(-1)),
+            event("shop::order-2", 0, None),
+        ],
+    )
+    .unwrap();
     let last = append(store, vec![event("shop::order-1", 1, Some(0))]).unwrap();
     assert_eq!(last, Some(3));
-    let stream: Vec<(u64, u64)> = store.read_stream("shop::order-1", 0).unwrap().iter().map(|m| (m.position, m.global_position)).collect();
+    let stream: Vec<(u64, u64)> = store
+        .read_stream("shop::order-1", 0)
+        .unwrap()
+        .iter()
+        .map(|m| (m.position, m.global_position))
+        .collect();
     assert_eq!(stream, [(0, 1), (1, 3)]);
     assert_eq!(store.read_stream("shop::order-1", 1).unwrap().len(), 1);
     assert_eq!(store.head(&["shop::order".into()]).unwrap(), 3);
@@ -30,41 +53,86 @@ pub(super) fn positions_are_per_stream_and_global(store: &dyn Store) {
 
 pub(super) fn category_reads_page_by_global_position(store: &dyn Store) {
     for n in 0..5 {
-        append(store, vec![event(&format!("shop::order-{n}"), n, None), event(&format!("shop::stock-{n}"), n, None)]).unwrap();
+        append(
+            store,
+            vec![
+                event(&format!("shop::order-{n}"), n, None),
+                event(&format!("shop::stock-{n}"), n, None),
+            ],
+        )
+        .unwrap();
     }
-    let orders: Vec<u64> = store.read_categories(&["shop::order".into()], 0, 3).unwrap().iter().map(|m| m.global_position).collect();
+    let orders: Vec<u64> = store
+        .read_categories(&["shop::order".into()], 0, 3)
+        .unwrap()
+        .iter()
+        .map(|m| m.global_position)
+        .collect();
     assert_eq!(orders, [1, 3, 5]);
-    let next: Vec<u64> = store.read_categories(&["shop::order".into()], 5, 10).unwrap().iter().map(|m| m.global_position).collect();
+    let next: Vec<u64> = store
+        .read_categories(&["shop::order".into()], 5, 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.global_position)
+        .collect();
     assert_eq!(next, [7, 9]);
-    let both: Vec<u64> =
-        store.read_categories(&["shop::order".into(), "shop::stock".into()], 2, 4).unwrap().iter().map(|m| m.global_position).collect();
+    let both: Vec<u64> = store
+        .read_categories(&["shop::order".into(), "shop::stock".into()], 2, 4)
+        .unwrap()
+        .iter()
+        .map(|m| m.global_position)
+        .collect();
     assert_eq!(both, [3, 4, 5, 6]);
 }
 
 pub(super) fn a_version_conflict_commits_nothing(store: &dyn Store) {
     append(store, vec![event("shop::order-1", 0, Some(-1))]).unwrap();
     let unit = UnitOfWork {
-        messages: vec![event("shop::order-2", 0, None), event("shop::order-1", 1, Some(-1))],
-        documents: vec![DocumentWrite::Put { collection: "c".into(), id: "1".into(), data: "{}".into() }],
-        position: Some(PositionUpdate { subscription: "s".into(), position: 9 }),
+        messages: vec![
+            event("shop::order-2", 0, None),
+            event("shop::order-1", 1, Some(-1)),
+        ],
+        documents: vec![DocumentWrite::Put {
+            collection: "c".into(),
+            id: "1".into(),
+            data: "{}".into(),
+        }],
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 9,
+        }),
         ..UnitOfWork::default()
     };
     let error = store.commit(&unit).unwrap_err();
-    assert!(matches!(&error, Error::VersionConflict { stream, expected: -1, actual: 0 } if stream == "shop::order-1"), "{error}");
+    assert!(
+        matches!(&error, Error::VersionConflict { stream, expected: -1, actual: 0 } if stream == "shop::order-1"),
+        "{error}"
+    );
     assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
     assert_eq!(store.document("c", "1").unwrap(), None);
     assert_eq!(store.position("s").unwrap(), None);
 }
 
 pub(super) fn expected_versions_chain_within_a_unit(store: &dyn Store) {
-    append(store, vec![event("shop::order-1", 0, Some(-1)), event("shop::order-1", 1, Some(0)), event("shop::order-1", 2, Some(1))]).unwrap();
+    append(
+        store,
+        vec![
+            event("shop::order-1", 0, Some(-1)),
+            event("shop::order-1", 1, Some(0)),
+            event("shop::order-1", 2, Some(1)),
+        ],
+    )
+    .unwrap();
     assert_eq!(store.read_stream("shop::order-1", 0).unwrap().len(), 3);
 }
 
 pub(super) fn a_duplicate_message_id_is_refused(store: &dyn Store) {
     let message = event("shop::order-1", 0, None);
     append(store, vec![message.clone()]).unwrap();
-    assert!(matches!(append(store, vec![message]), Err(Error::DuplicateMessage(_))));
+    assert!(matches!(
+        append(store, vec![message]),
+        Err(Error::DuplicateMessage(_))
+    ));
 }
 
 pub(super) fn documents_are_found_by_field(store: &dyn Store) {
@@ -74,33 +142,89 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
         data: json!({ "id": id, "order_id": order, "qty": 2 }).to_string(),
     };
     let documents = vec![put("r1", "o1"), put("r2", "o2"), put("r3", "o1")];
-    store.commit(&UnitOfWork { documents, ..UnitOfWork::default() }).unwrap();
+    store
+        .commit(&UnitOfWork {
+            documents,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
     let ids = |v: &serde_json::Value| -> Vec<String> {
-        store.find_documents("reservations", "order_id", v).unwrap().into_iter().map(|d| d.id).collect()
+        store
+            .find_documents("reservations", "order_id", v)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect()
     };
     assert_eq!(ids(&json!("o1")), ["r1", "r3"]);
-    assert_eq!(store.find_documents("reservations", "qty", &json!(2)).unwrap().len(), 3);
-    let moved = vec![put("r3", "o2"), DocumentWrite::Delete { collection: "reservations".into(), id: "r1".into() }];
-    store.commit(&UnitOfWork { documents: moved, ..UnitOfWork::default() }).unwrap();
+    assert_eq!(
+        store
+            .find_documents("reservations", "qty", &json!(2))
+            .unwrap()
+            .len(),
+        3
+    );
+    let moved = vec![
+        put("r3", "o2"),
+        DocumentWrite::Delete {
+            collection: "reservations".into(),
+            id: "r1".into(),
+        },
+    ];
+    store
+        .commit(&UnitOfWork {
+            documents: moved,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
     assert!(ids(&json!("o1")).is_empty());
     assert_eq!(ids(&json!("o2")), ["r2", "r3"]);
     assert_eq!(store.document("reservations", "r1").unwrap(), None);
-    assert!(store.document("reservations", "r2").unwrap().unwrap().contains("\"o2\""));
-    assert!(matches!(store.find_documents("reservations", "a.b", &json!(1)), Err(Error::BadField(_))));
+    assert!(store
+        .document("reservations", "r2")
+        .unwrap()
+        .unwrap()
+        .contains("\"o2\""));
+    assert!(matches!(
+        store.find_documents("reservations", "a.b", &json!(1)),
+        Err(Error::BadField(_))
+    ));
 }
 
 pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
     let unit = UnitOfWork {
         messages: vec![event("shop::order-1", 0, None)],
-        processed: vec![ProcessedMarker { subscription: "s".into(), message_id: "m1".into(), build_id: "b".into() }],
-        position: Some(PositionUpdate { subscription: "s".into(), position: 41 }),
+        processed: vec![ProcessedMarker {
+            subscription: "s".into(),
+            message_id: "m1".into(),
+            build_id: "b".into(),
+        }],
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 41,
+        }),
         ..UnitOfWork::default()
     };
     store.commit(&unit).unwrap();
     assert_eq!(store.position("s").unwrap(), Some(41));
-    let again = UnitOfWork { position: Some(PositionUpdate { subscription: "s".into(), position: 42 }), ..unit.clone() };
-    store.commit(&UnitOfWork { messages: vec![], ..again }).unwrap();
-    assert_eq!(store.position("s").unwrap(), Some(42), "a repeated marker is not an error");
+    let again = UnitOfWork {
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 42,
+        }),
+        ..unit.clone()
+    };
+    store
+        .commit(&UnitOfWork {
+            messages: vec![],
+            ..again
+        })
+        .unwrap();
+    assert_eq!(
+        store.position("s").unwrap(),
+        Some(42),
+        "a repeated marker is not an error"
+    );
 }
 
 macro_rules! store_conformance {
@@ -119,7 +243,10 @@ macro_rules! store_conformance {
 
 fn sqlite() -> (super::SqliteStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    (super::SqliteStore::open(&dir.path().join("nested/store.db")).unwrap(), dir)
+    (
+        super::SqliteStore::open(&dir.path().join("nested/store.db")).unwrap(),
+        dir,
+    )
 }
 
 store_conformance! {

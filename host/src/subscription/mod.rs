@@ -4,6 +4,8 @@
 //! category for projectors, one over all categories for a process manager (so it sees its events in store
 //! order), and one `commands:{category}` per aggregate, shared by its command handlers and routed by type.
 
+pub(crate) mod event_store;
+
 use std::collections::BTreeMap;
 
 use protean_plugin_api::HandlerOptions;

@@ -1,0 +1,604 @@
+//! Configuration: `protean.toml`, parsed strictly, then resolved.
+//!
+//! ```toml
+//! [store]
+//! provider = "sqlite"                  # or "memory"
+//! path = "${STORE_PATH|.protean/store.db}"
+//!
+//! [server]
+//! messages_per_tick = 100              # defaults for every subscription ...
+//! max_retries = 3
+//! profile = "fast"                     # ... optionally starting from a profile
+//!
+//! [server.handlers.inventory]          # per-handler overrides (by handler name)
+//! max_retries = 5
+//!
+//! [profiles.careful]                   # named bundles of subscription settings
+//! max_retries = 10
+//! retry_delay_ms = 5000
+//!
+//! [env.production.store]               # overlaid on the root when PROTEAN_ENV=production
+//! path = "/var/lib/shop/store.db"
+//! ```
+//!
+//! Order of resolution for a subscription's settings, lowest first: built-in defaults, the `[server]`
+//! profile, `[server]` keys, what the handler declares in code, the handler's profile, the handler's keys.
+//! Operators have the last word over code. Unknown keys and bad values are errors naming the key.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use protean_plugin_api::HandlerOptions;
+use serde::Deserialize;
+
+use crate::store::StoreConfig;
+
+/// Why the configuration could not be used. Each names the file and the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("cannot read config file {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("config file {}, line {line}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("config file {}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// Subscription settings after resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Settings {
+    /// Messages read and handled per batch.
+    pub messages_per_tick: u32,
+    /// Retries after the first failed attempt; then the message is dead-lettered.
+    pub max_retries: u32,
+    /// Backoff before the first retry; doubles per retry, with jitter.
+    pub retry_delay_ms: u64,
+    /// Upper bound of the backoff.
+    pub max_retry_delay_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            messages_per_tick: 100,
+            max_retries: 3,
+            retry_delay_ms: 1000,
+            max_retry_delay_ms: 30_000,
+        }
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Config {
+    /// Where events, positions and documents live.
+    #[serde(serialize_with = "store_as_text")]
+    pub store: StoreConfig,
+    /// How long a signal-triggered shutdown waits for in-flight batches.
+    pub shutdown_grace: Duration,
+    /// How long test mode may run before it gives up (exit 1).
+    pub test_mode_timeout: Duration,
+    /// How often an idle subscription looks for messages written by other processes.
+    pub poll_interval: Duration,
+    /// How often a batch is re-run after a version conflict before it counts as a failure.
+    pub version_retries: u32,
+    server: Profile,
+    server_profile: Option<String>,
+    handlers: BTreeMap<String, HandlerSection>,
+    profiles: BTreeMap<String, Profile>,
+}
+
+fn store_as_text<S: serde::Serializer>(store: &StoreConfig, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&match store {
+        StoreConfig::Memory => "memory".to_owned(),
+        StoreConfig::Sqlite { path } => format!("sqlite:{}", path.display()),
+    })
+}
+
+/// Subscription settings as written; every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct Profile {
+    messages_per_tick: Option<u32>,
+    max_retries: Option<u32>,
+    retry_delay_ms: Option<u64>,
+    max_retry_delay_ms: Option<u64>,
+}
+
+impl Profile {
+    fn apply(&self, s: &mut Settings) {
+        s.messages_per_tick = self.messages_per_tick.unwrap_or(s.messages_per_tick);
+        s.max_retries = self.max_retries.unwrap_or(s.max_retries);
+        s.retry_delay_ms = self.retry_delay_ms.unwrap_or(s.retry_delay_ms);
+        s.max_retry_delay_ms = self.max_retry_delay_ms.unwrap_or(s.max_retry_delay_ms);
+    }
+
+    fn builtin(name: &str) -> Option<Self> {
+        let (mpt, retries, delay) = match name {
+            "fast" => (10, 2, 100),
+            "batch" => (500, 5, 2000),
+            "debug" => (1, 1, 0),
+            _ => return None,
+        };
+        Some(Self {
+            messages_per_tick: Some(mpt),
+            max_retries: Some(retries),
+            retry_delay_ms: Some(delay),
+            max_retry_delay_ms: None,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    profiles: BTreeMap<String, Profile>,
+    // `[env.NAME]` overlays are merged (or dropped) before parsing.
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    #[serde(default)]
+    provider: Provider,
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Provider {
+    Memory,
+    #[default]
+    Sqlite,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    profile: Option<String>,
+    messages_per_tick: Option<u32>,
+    max_retries: Option<u32>,
+    retry_delay_ms: Option<u64>,
+    max_retry_delay_ms: Option<u64>,
+    shutdown_grace_seconds: Option<u64>,
+    test_mode_timeout_seconds: Option<u64>,
+    poll_interval_ms: Option<u64>,
+    version_retries: Option<u32>,
+    #[serde(default)]
+    handlers: BTreeMap<String, HandlerSection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct HandlerSection {
+    profile: Option<String>,
+    messages_per_tick: Option<u32>,
+    max_retries: Option<u32>,
+    retry_delay_ms: Option<u64>,
+    max_retry_delay_ms: Option<u64>,
+}
+
+impl HandlerSection {
+    fn settings(&self) -> Profile {
+        Profile {
+            messages_per_tick: self.messages_per_tick,
+            max_retries: self.max_retries,
+            retry_delay_ms: self.retry_delay_ms,
+            max_retry_delay_ms: self.max_retry_delay_ms,
+        }
+    }
+}
+
+/// The default store file, relative to the working directory.
+pub const DEFAULT_STORE_PATH: &str = ".protean/store.db";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_raw(RawConfig::default(), Path::new("<defaults>"))
+            .expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Load `path` (or `./protean.toml` if it exists, or the defaults) with the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let default = Path::new("protean.toml");
+        match path {
+            Some(path) => Self::load_file(path, &env),
+            None if default.is_file() => Self::load_file(default, &env),
+            None => Ok(Self::default()),
+        }
+    }
+
+    /// Load `path`, substituting variables and selecting the overlay from `env`.
+    pub fn load_file(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parse configuration text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path, env: &BTreeMap<String, String>) -> Result<Self, Error> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Syntax {
+            path: path.into(),
+            line: e
+                .span()
+                .map_or(1, |s| text[..s.start].lines().count().max(1)),
+            message: e.message().to_owned(),
+        })?;
+        let overlays = table.remove("env");
+        if let (Some(name), Some(toml::Value::Table(overlays))) = (env.get("PROTEAN_ENV"), overlays)
+        {
+            if let Some(toml::Value::Table(section)) = overlays.get(name) {
+                merge(&mut table, section.clone());
+            }
+        }
+        substitute(&mut table, "", env).map_err(|(key, message)| Error::Invalid {
+            path: path.into(),
+            key,
+            message,
+        })?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                Error::Invalid {
+                    path: path.into(),
+                    key: e.path().to_string(),
+                    message: e.inner().message().to_owned(),
+                }
+            })?;
+        Self::from_raw(raw, path)
+    }
+
+    fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, Error> {
+        let invalid = |key: &str, message: String| Error::Invalid {
+            path: path.into(),
+            key: key.into(),
+            message,
+        };
+        let store = match raw.store.provider {
+            Provider::Memory => StoreConfig::Memory,
+            Provider::Sqlite => StoreConfig::Sqlite {
+                path: raw.store.path.unwrap_or_else(|| DEFAULT_STORE_PATH.into()),
+            },
+        };
+        let s = &raw.server;
+        let config = Self {
+            store,
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
+            test_mode_timeout: Duration::from_secs(s.test_mode_timeout_seconds.unwrap_or(60)),
+            poll_interval: Duration::from_millis(s.poll_interval_ms.unwrap_or(1000)),
+            version_retries: s.version_retries.unwrap_or(3),
+            server: Profile {
+                messages_per_tick: s.messages_per_tick,
+                max_retries: s.max_retries,
+                retry_delay_ms: s.retry_delay_ms,
+                max_retry_delay_ms: s.max_retry_delay_ms,
+            },
+            server_profile: s.profile.clone(),
+            handlers: raw.server.handlers,
+            profiles: raw.profiles,
+        };
+        if config.poll_interval.is_zero() {
+            return Err(invalid(
+                "server.poll_interval_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        for (name, profile) in &config.profiles {
+            if Profile::builtin(name).is_some() {
+                return Err(invalid(
+                    &format!("profiles.{name}"),
+                    format!("{name:?} is a built-in profile; choose another name"),
+                ));
+            }
+            validate(profile, &format!("profiles.{name}")).map_err(|(k, m)| invalid(&k, m))?;
+        }
+        validate(&config.server, "server").map_err(|(k, m)| invalid(&k, m))?;
+        config
+            .profile(config.server_profile.as_deref(), "server.profile")
+            .map_err(|(k, m)| invalid(&k, m))?;
+        for (name, handler) in &config.handlers {
+            let key = format!("server.handlers.{name}");
+            validate(&handler.settings(), &key).map_err(|(k, m)| invalid(&k, m))?;
+            config
+                .profile(handler.profile.as_deref(), &format!("{key}.profile"))
+                .map_err(|(k, m)| invalid(&k, m))?;
+        }
+        Ok(config)
+    }
+
+    fn profile(&self, name: Option<&str>, key: &str) -> Result<Option<Profile>, (String, String)> {
+        let Some(name) = name else { return Ok(None) };
+        if let Some(found) = self
+            .profiles
+            .get(name)
+            .cloned()
+            .or_else(|| Profile::builtin(name))
+        {
+            return Ok(Some(found));
+        }
+        let mut known: Vec<&str> = vec!["fast", "batch", "debug"];
+        known.extend(self.profiles.keys().map(String::as_str));
+        Err((
+            key.into(),
+            format!(
+                "unknown profile {name:?}; known profiles: {}",
+                known.join(", ")
+            ),
+        ))
+    }
+
+    /// The settings of `handler`, given what it declares in code.
+    pub fn settings(&self, handler: &str, declared: &HandlerOptions) -> Settings {
+        let mut settings = Settings::default();
+        // Profiles were validated when the configuration was built.
+        let profile = |name: Option<&str>| self.profile(name, "").ok().flatten();
+        if let Some(p) = profile(self.server_profile.as_deref()) {
+            p.apply(&mut settings);
+        }
+        self.server.apply(&mut settings);
+        Profile {
+            messages_per_tick: declared.messages_per_tick,
+            max_retries: declared.max_retries,
+            ..Profile::default()
+        }
+        .apply(&mut settings);
+        if let Some(section) = self.handlers.get(handler) {
+            if let Some(p) = profile(section.profile.as_deref()) {
+                p.apply(&mut settings);
+            }
+            section.settings().apply(&mut settings);
+        }
+        settings
+    }
+
+    /// Handler names configured in `[server.handlers]`, to warn about ones the domain does not have.
+    pub fn configured_handlers(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}
+
+fn validate(profile: &Profile, key: &str) -> Result<(), (String, String)> {
+    if profile.messages_per_tick == Some(0) {
+        return Err((
+            format!("{key}.messages_per_tick"),
+            "must be at least 1".into(),
+        ));
+    }
+    if let (Some(delay), Some(max)) = (profile.retry_delay_ms, profile.max_retry_delay_ms) {
+        if max < delay {
+            return Err((
+                format!("{key}.max_retry_delay_ms"),
+                format!("{max} is below retry_delay_ms {delay}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Replace `${VAR}` and `${VAR|default}` in every string value.
+fn substitute(
+    table: &mut toml::Table,
+    prefix: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<(), (String, String)> {
+    for (key, value) in table.iter_mut() {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        substitute_value(value, &path, env)?;
+    }
+    Ok(())
+}
+
+fn substitute_value(
+    value: &mut toml::Value,
+    path: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) => *s = expand(s, env).map_err(|m| (path.to_owned(), m))?,
+        toml::Value::Table(t) => substitute(t, path, env)?,
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_value(item, &format!("{path}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(text: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            return Err(format!(
+                "unclosed ${{ in {text:?}; write ${{VAR}} or ${{VAR|default}}"
+            ));
+        };
+        let inner = &rest[start + 2..start + end];
+        let (name, default) = match inner.split_once('|') {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        match (env.get(name), default) {
+            (Some(value), _) => out.push_str(value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set; set it or write ${{{name}|default}}"
+                ))
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Merge an `[env.NAME]` overlay over the root, table by table.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge(existing, incoming)
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, Error> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(text, Path::new("protean.toml"), &env)
+    }
+
+    #[test]
+    fn defaults_are_sqlite_under_dot_protean() {
+        let config = parse("", &[]).unwrap();
+        assert_eq!(
+            config.store,
+            StoreConfig::Sqlite {
+                path: DEFAULT_STORE_PATH.into()
+            }
+        );
+        assert_eq!(
+            config.settings("any", &HandlerOptions::default()),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn settings_resolve_from_defaults_to_handler_keys() {
+        let config = parse(
+            r#"
+            [server]
+            profile = "fast"
+            max_retries = 4
+            [server.handlers.inventory]
+            profile = "careful"
+            messages_per_tick = 7
+            [profiles.careful]
+            retry_delay_ms = 5000
+            "#,
+            &[],
+        )
+        .unwrap();
+        let declared = HandlerOptions {
+            max_retries: Some(9),
+            messages_per_tick: Some(50),
+            ..HandlerOptions::default()
+        };
+        let other = config.settings("billing", &declared);
+        assert_eq!(
+            (
+                other.messages_per_tick,
+                other.max_retries,
+                other.retry_delay_ms
+            ),
+            (50, 9, 100)
+        );
+        let inventory = config.settings("inventory", &declared);
+        assert_eq!(
+            (
+                inventory.messages_per_tick,
+                inventory.max_retries,
+                inventory.retry_delay_ms
+            ),
+            (7, 9, 5000)
+        );
+        let plain = config.settings("billing", &HandlerOptions::default());
+        assert_eq!((plain.messages_per_tick, plain.max_retries), (10, 4));
+    }
+
+    #[test]
+    fn variables_and_env_overlays() {
+        let text = r#"
+            [store]
+            path = "${DATA|/tmp}/store.db"
+            [env.production.store]
+            path = "${PROD_PATH}"
+        "#;
+        assert_eq!(
+            parse(text, &[]).unwrap().store,
+            StoreConfig::Sqlite {
+                path: "/tmp/store.db".into()
+            }
+        );
+        assert_eq!(
+            parse(text, &[("DATA", "/d")]).unwrap().store,
+            StoreConfig::Sqlite {
+                path: "/d/store.db".into()
+            }
+        );
+        let prod = parse(
+            text,
+            &[("PROTEAN_ENV", "production"), ("PROD_PATH", "/p.db")],
+        )
+        .unwrap();
+        assert_eq!(
+            prod.store,
+            StoreConfig::Sqlite {
+                path: "/p.db".into()
+            }
+        );
+        let unset = parse(text, &[("PROTEAN_ENV", "production")]).unwrap_err();
+        assert_eq!(
+            unset.to_string(),
+            "config file protean.toml: store.path: environment variable PROD_PATH is not set; set it or write ${PROD_PATH|default}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let cases = [
+            ("[server]\nmax_retrys = 3", "config file protean.toml: server.max_retrys: unknown field `max_retrys`, expected one of"),
+            ("[server]\nmessages_per_tick = \"ten\"", "config file protean.toml: server.messages_per_tick: invalid type: string \"ten\", expected u32"),
+            ("[server]\nmessages_per_tick = 0", "config file protean.toml: server.messages_per_tick: must be at least 1"),
+            ("[store]\nprovider = \"mysql\"", "config file protean.toml: store.provider: unknown variant `mysql`, expected `memory` or `sqlite`"),
+            ("[server.handlers.x]\nprofile = \"nope\"", "config file protean.toml: server.handlers.x.profile: unknown profile \"nope\"; known profiles: fast, batch, debug"),
+            ("[profiles.fast]\nmax_retries = 1", "config file protean.toml: profiles.fast: \"fast\" is a built-in profile; choose another name"),
+            ("[server\nx = 1", "config file protean.toml, line 1: invalid table header\nexpected `.`, `]`"),
+        ];
+        for (text, expected) in cases {
+            let error = parse(text, &[]).unwrap_err().to_string();
+            assert!(
+                error.starts_with(expected.lines().next().unwrap()),
+                "{text:?}:\n  got      {error}\n  expected {expected}"
+            );
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The handler loop, written once: decode, classify, call, settle, commit.
+//!
+//! Runs on a blocking thread. For one fetched batch it:
+//! 1. classifies every message: poison (bad metadata, bad checksum, a command nobody handles) goes to
+//!    the dead letters at once; an expired command or a type nobody here handles is skipped; the rest is
+//!    routed to its handler;
+//! 2. calls the plugin once per run of consecutive messages for the same handler, with a [`Buffer`] as
+//!    host services;
+//! 3. on a failure: drops the failed message's partial writes; a rejection, or a retryable failure out of
+//!    retries, is dead-lettered and the batch goes on; otherwise the batch stops there and the message is
+//!    retried later;
+//! 4. commits everything settled (writes, processed markers, dead letters, the new position) as one unit
+//!    of work, re-running the batch if another writer changed a stream the handlers read.
+//!
+//! Invariant: the position never passes a message that was neither handled nor dead-lettered.
+
+use std::collections::HashMap;
+
+use crate::{
+    config::Settings,
+    engine::retry::RetryPolicy,
+    message::{Cause, MetaView},
+    plugin::{Delivery, Failure, Plugin},
+    store::{self, DeadLetter, Store, StoredMessage},
+    subscription::SubscriptionPlan,
+    unit_of_work::{Buffer, PositionUpdate, ProcessedMarker, UnitOfWork},
+};
+
+/// A subscription as the engine runs it.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) plan: SubscriptionPlan,
+    pub(crate) settings: Settings,
+    pub(crate) retry: RetryPolicy,
+    /// A `commands:` subscription: an unroutable message is poison, not someone else's event.
+    pub(crate) commands: bool,
+}
+
+/// Failed attempts per message id, for messages that are waiting to be retried.
+#[derive(Debug, Default)]
+pub(crate) struct Attempts(HashMap<String, u32>);
+
+/// What the caller needs to know after a batch.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// The subscription's new position, if it moved.
+    pub(crate) position: Option<u64>,
+    /// The global position of the last message the commit appended.
+    pub(crate) appended: Option<u64>,
+    /// A message that failed and must be retried after this delay (the batch stopped before it).
+    pub(crate) retry: Option<std::time::Duration>,
+    pub(crate) handled: Vec<String>,
+    pub(crate) written: Vec<String>,
+    pub(crate) dead_lettered: u32,
+    pub(crate) skipped: u32,
+}
+
+/// What the batch needs from the engine.
+pub(crate) struct Context<'a> {
+    pub(crate) plugin: &'a Plugin,
+    pub(crate) store: &'a dyn Store,
+    pub(crate) subscription: &'a Subscription,
+    pub(crate) version_retries: u32,
+}
+
+enum Class<'m> {
+    Poison(String),
+    Skip(&'static str),
+    Handle(&'m str),
+}
+
+/// Process `messages` and commit the outcome.
+pub(crate) fn run(
+    ctx: &Context<'_>,
+    messages: &[StoredMessage],
+    attempts: &mut Attempts,
+) -> store::Result<Report> {
+    let mut conflicts = 0;
+    loop {
+        let (unit, mut report, settled) = build(ctx, messages, attempts);
+        match ctx.store.commit(&unit) {
+            Ok(appended) => {
+                for id in settled {
+                    attempts.0.remove(&id);
+                }
+                report.appended = appended;
+                report.written = unit
+                    .messages
+                    .iter()
+                    .map(|m| m.message_type.clone())
+                    .collect();
+                return Ok(report);
+            }
+            Err(store::Error::VersionConflict {
+                stream,
+                expected,
+                actual,
+            }) if conflicts < ctx.version_retries => {
+                conflicts += 1;
+                tracing::debug!(subscription = %ctx.subscription.plan.name, %stream, expected, actual, conflicts, "version conflict; re-running the batch");
+            }
+            Err(conflict @ store::Error::VersionConflict { .. }) => {
+                // Persistent contention: count it as a failure of the first message, so it is retried with
+                // backoff and, eventually, dead-lettered instead of spinning.
+                let first = &messages[0];
+                return Ok(fail_first(ctx, first, attempts, &conflict.to_string()));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+fn fail_first(
+    ctx: &Context<'_>,
+    first: &StoredMessage,
+    attempts: &mut Attempts,
+    error: &str,
+) -> Report {
+    let attempt = attempts.0.entry(first.id.clone()).or_insert(0);
+    *attempt += 1;
+    let delay = ctx
+        .subscription
+        .retry
+        .next_delay(*attempt, jitter())
+        .unwrap_or_default();
+    tracing::warn!(subscription = %ctx.subscription.plan.name, message_id = %first.id, attempt = *attempt, error, "commit keeps conflicting; retrying the batch");
+    Report {
+        retry: Some(delay),
+        ..Report::default()
+    }
+}
+
+/// Build the unit of work for a batch, without committing. Returns the ids of messages whose retry state
+/// can be forgotten once it commits.
+fn build(
+    ctx: &Context<'_>,
+    messages: &[StoredMessage],
+    attempts: &mut Attempts,
+) -> (UnitOfWork, Report, Vec<String>) {
+    let sub = ctx.subscription;
+    let metas: Vec<Result<MetaView<'_>, String>> = messages
+        .iter()
+        .map(|m| {
+            MetaView::parse(&m.metadata)
+                .and_then(|v| v.verify(&m.data).map(|()| v))
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    let causes: Vec<Cause<'_>> = messages
+        .iter()
+        .zip(&metas)
+        .map(|(m, meta)| Cause {
+            id: &m.id,
+            stream: &m.stream,
+            meta: meta.as_ref().ok(),
+        })
+        .collect();
+    let now = chrono::Utc::now();
+    let classes: Vec<Class<'_>> = messages
+        .iter()
+        .zip(&metas)
+        .map(|(m, meta)| classify(sub, m, meta, now))
+        .collect();
+    let buffer = Buffer::new(ctx.store, &causes);
+    let mut unit = UnitOfWork::default();
+    let mut report = Report::default();
+    let mut settled_ids = Vec::new();
+    let mut last_settled: Option<usize> = None;
+    let mut i = 0;
+    while i < messages.len() {
+        let handler = match &classes[i] {
+            Class::Poison(reason) => {
+                dead_letter(ctx, &mut unit, &messages[i], "", reason, 1);
+                report.dead_lettered += 1;
+                (last_settled, i) = (Some(i), i + 1);
+                continue;
+            }
+            Class::Skip(why) => {
+                skip(sub, &messages[i], why);
+                report.skipped += 1;
+                (last_settled, i) = (Some(i), i + 1);
+                continue;
+            }
+            Class::Handle(handler) => *handler,
+        };
+        let end = (i..messages.len())
+            .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler))
+            .unwrap_or(messages.len());
+        let deliveries: Vec<Delivery<'_>> = messages[i..end].iter().map(delivery).collect();
+        let outcome = ctx
+            .plugin
+            .handle_batch(handler, &deliveries, &buffer.view(i));
+        let ok_end = i + outcome.handled.min(end - i);
+        for m in &messages[i..ok_end] {
+            tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");
+            unit.processed.push(ProcessedMarker {
+                subscription: sub.plan.name.clone(),
+                message_id: m.id.clone(),
+                build_id: ctx.plugin.build_id().to_owned(),
+            });
+            report.handled.push(m.message_type.clone());
+            settled_ids.push(m.id.clone());
+        }
+        if ok_end > i {
+            last_settled = Some(ok_end - 1);
+        }
+        let failure = match outcome.failure {
+            Some(failure) if ok_end < end => failure,
+            None if ok_end < end => Failure {
+                retryable: true,
+                message: "the plugin returned before handling every message".into(),
+            },
+            _ => {
+                i = end;
+                continue;
+            }
+        };
+        buffer.discard_from(ok_end);
+        let failed = &messages[ok_end];
+        let attempt = attempts.0.get(&failed.id).copied().unwrap_or(0) + 1;
+        tracing::error!(subscription = %sub.plan.name, handler, message_type = %failed.message_type, message_id = %failed.id, attempt, error = %failure.message, "failed processing");
+        let delay = if failure.retryable {
+            sub.retry.next_delay(attempt, jitter())
+        } else {
+            None
+        };
+        match delay {
+            Some(delay) => {
+                attempts.0.insert(failed.id.clone(), attempt);
+                tracing::warn!(subscription = %sub.plan.name, message_id = %failed.id, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
+                report.retry = Some(delay);
+                break;
+            }
+            None => {
+                dead_letter(ctx, &mut unit, failed, handler, &failure.message, attempt);
+                report.dead_lettered += 1;
+                settled_ids.push(failed.id.clone());
+                (last_settled, i) = (Some(ok_end), ok_end + 1);
+            }
+        }
+    }
+    buffer.drain_into(&mut unit);
+    if let Some(last) = last_settled {
+        let position = messages[last].global_position;
+        unit.position = Some(PositionUpdate {
+            subscription: sub.plan.name.clone(),
+            position,
+        });
+        report.position = Some(position);
+    }
+    (unit, report, settled_ids)
+}
+
+fn classify<'m>(
+    sub: &'m Subscription,
+    m: &StoredMessage,
+    meta: &Result<MetaView<'_>, String>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Class<'m> {
+    let meta = match meta {
+        Ok(meta) => meta,
+        Err(reason) => return Class::Poison(reason.clone()),
+    };
+    let Some(handler) = sub.plan.routes.get(&m.message_type) else {
+        return if sub.commands {
+            Class::Poison(format!(
+                "no handler for command type {}; is the right domain loaded?",
+                m.message_type
+            ))
+        } else {
+            Class::Skip("no handler here for this type")
+        };
+    };
+    match meta.expired(now) {
+        Ok(true) => Class::Skip("command past its deadline"),
+        Ok(false) => Class::Handle(handler),
+        Err(e) => Class::Poison(e.to_string()),
+    }
+}
+
+fn skip(sub: &Subscription, m: &StoredMessage, why: &str) {
+    if why == "command past its deadline" {
+        tracing::info!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, "command expired; acknowledged without calling its handler");
+    } else {
+        tracing::debug!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, why, "skipped");
+    }
+}
+
+fn dead_letter(
+    ctx: &Context<'_>,
+    unit: &mut UnitOfWork,
+    m: &StoredMessage,
+    handler: &str,
+    error: &str,
+    attempts: u32,
+) {
+    let subscription = &ctx.subscription.plan.name;
+    tracing::warn!(%subscription, handler, message_type = %m.message_type, message_id = %m.id, attempts, error, "dead-lettered");
+    unit.dead_letters.push(DeadLetter {
+        subscription: subscription.clone(),
+        handler: handler.to_owned(),
+        message_id: m.id.clone(),
+        stream: m.stream.clone(),
+        global_position: m.global_position,
+        message_type: m.message_type.clone(),
+        data: m.data.clone(),
+        metadata: m.metadata.clone(),
+        error: error.to_owned(),
+        attempts,
+        build_id: ctx.plugin.build_id().to_owned(),
+        failed_at: crate::message::format_time(chrono::Utc::now()),
+    });
+}
+
+fn delivery(m: &StoredMessage) -> Delivery<'_> {
+    Delivery {
+        id: &m.id,
+        stream: &m.stream,
+        message_type: &m.message_type,
+        position: m.position,
+        global_position: m.global_position,
+        data: m.data.as_bytes(),
+        metadata: m.metadata.as_bytes(),
+    }
+}
+
+/// A cheap, good-enough random number in `[0, 1)` for spreading retries apart.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}

@@ -1,0 +1,150 @@
+//! What every subscription is doing, for test mode's "done" and for the run report.
+//!
+//! Invariant: the engine is quiescent when every subscription has read past the store's head (as the
+//! engine last committed it) and found nothing, and none is in a batch or waiting to retry.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+};
+
+use tokio::sync::{watch, Notify};
+
+/// One subscription's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    Starting,
+    Busy,
+    /// Caught up: its last read found nothing, and the head was then `head`.
+    Idle {
+        head: u64,
+    },
+    /// A message failed and is waiting for its retry.
+    Retrying,
+    Stopped,
+}
+
+/// Counts over the whole run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages handled successfully, by type.
+    pub handled: BTreeMap<String, u64>,
+    /// Messages written by handlers, by type.
+    pub written: BTreeMap<String, u64>,
+    pub dead_lettered: u64,
+    pub retries: u64,
+    pub skipped: u64,
+}
+
+/// Shared by the engine and its subscriptions.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    head: watch::Sender<u64>,
+    states: Mutex<BTreeMap<String, State>>,
+    totals: Mutex<Totals>,
+    changed: Notify,
+}
+
+impl Progress {
+    pub(crate) fn new(head: u64, subscriptions: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            head: watch::Sender::new(head),
+            states: Mutex::new(
+                subscriptions
+                    .into_iter()
+                    .map(|s| (s, State::Starting))
+                    .collect(),
+            ),
+            totals: Mutex::default(),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Watch the head: subscriptions wake when a commit appends messages.
+    pub(crate) fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// A commit appended messages up to `global_position`.
+    pub(crate) fn advanced(&self, global_position: u64) {
+        self.head.send_if_modified(|head| {
+            let moved = global_position > *head;
+            *head = (*head).max(global_position);
+            moved
+        });
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn set(&self, subscription: &str, state: State) {
+        lock(&self.states).insert(subscription.to_owned(), state);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn count(&self, f: impl FnOnce(&mut Totals)) {
+        f(&mut lock(&self.totals));
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        lock(&self.totals).clone()
+    }
+
+    /// Whether nothing is left to do.
+    pub(crate) fn quiescent(&self) -> bool {
+        let head = *self.head.borrow();
+        lock(&self.states)
+            .values()
+            .all(|s| matches!(s, State::Idle { head: h } if *h >= head))
+    }
+
+    /// The subscriptions that are not done, with what they are doing.
+    pub(crate) fn busy(&self) -> Vec<String> {
+        let head = *self.head.borrow();
+        lock(&self.states)
+            .iter()
+            .filter(|(_, s)| !matches!(s, State::Idle { head: h } if *h >= head))
+            .map(|(name, s)| format!("{name} ({})", describe(s)))
+            .collect()
+    }
+
+    /// Wait for the next change of any state or of the head.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+fn describe(state: &State) -> &'static str {
+    match state {
+        State::Starting => "starting",
+        State::Busy => "handling a batch",
+        State::Idle { .. } => "behind the head",
+        State::Retrying => "waiting to retry a message",
+        State::Stopped => "stopped",
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each update is a single assignment, so a poisoned lock still holds consistent data.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiescent_only_when_everyone_is_idle_at_the_head() {
+        let p = Progress::new(5, ["a".to_owned(), "b".to_owned()]);
+        assert!(!p.quiescent());
+        p.set("a", State::Idle { head: 5 });
+        p.set("b", State::Idle { head: 5 });
+        assert!(p.quiescent());
+        p.advanced(7);
+        assert!(!p.quiescent(), "a commit moved the head past what they saw");
+        assert_eq!(p.busy(), ["a (behind the head)", "b (behind the head)"]);
+        p.set("a", State::Idle { head: 7 });
+        p.set("b", State::Retrying);
+        assert_eq!(p.busy(), ["b (waiting to retry a message)"]);
+    }
+}
