@@ -278,8 +278,9 @@ impl Engine {
             ));
         }
         let mut fatal = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => None,
-            Some(ended) = workers.join_next() => Some(worker_error(ended)),
+            Some(ended) = workers.join_next() => worker_error(ended, &shutdown),
         };
         shutdown.cancel();
         tracing::info!("engine stopping: finishing batches in flight");
@@ -316,11 +317,12 @@ impl Engine {
 }
 
 /// A worker that ends before shutdown is a failure, whether it returned an error or not.
-fn worker_error(ended: Result<Result<(), String>, tokio::task::JoinError>) -> String {
+fn worker_error(ended: Result<Result<(), String>, tokio::task::JoinError>, shutdown: &CancellationToken) -> Option<String> {
     match ended {
-        Ok(Ok(())) => "a subscription stopped on its own".into(),
-        Ok(Err(error)) => error,
-        Err(error) => format!("a subscription task panicked: {error}"),
+        Ok(Ok(())) if shutdown.is_cancelled() => None,
+        Ok(Ok(())) => Some("a subscription stopped on its own".into()),
+        Ok(Err(error)) => Some(error),
+        Err(error) => Some(format!("a subscription task panicked: {error}")),
     }
 }
 

@@ -44,7 +44,8 @@ pub(crate) async fn run(
     let mut attempts = Attempts::default();
     failures = 0;
     while !shutdown.is_cancelled() {
-        progress.set(&name, State::Busy);
+        // The state stays what it was while reading: an idle subscription that re-reads is still idle
+        // unless the read finds something.
         let seen = *head.borrow_and_update();
         let fetched = fetch(&shared, &sub, position).await?;
         let messages = match fetched {
@@ -64,6 +65,7 @@ pub(crate) async fn run(
             }
             continue;
         }
+        progress.set(&name, State::Busy);
         let started = std::time::Instant::now();
         let count = messages.len();
         let (outcome, returned) = process(&shared, &sub, messages, attempts).await?;

@@ -1,7 +1,9 @@
 //! Builds what the tests need once per test process, and runs the real binary.
 
 mod build;
+mod engine;
 mod run;
 
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
 pub use run::host;
+pub use engine::{backends, engine, types, TEST_CONFIG};

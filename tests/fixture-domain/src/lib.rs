@@ -1,7 +1,7 @@
 //! Test fixtures: domains that fail, panic, log and cascade on request.
 //!
 //! - `probe`: the command `Run { id, behaviour }` does what `behaviour` says (`ok`, `panic`, `reject`,
-//!   `always`, `fail:N` = fail the first N attempts of this id in this process), and the command
+//!   `always`, `fail:N` = fail the first N attempts of this id in this process, `sleep:MS`), and the command
 //!   `Step { chain, n, depth }` starts a cascade of `depth` event → command hops.
 //! - `broken`: its constructor returns an error (two handlers share a name).
 //! - `panicking`: its constructor panics.
@@ -33,7 +33,7 @@ impl Aggregate for Probe {
 pub struct Run {
     /// Names the attempt counter and the stream.
     pub id: String,
-    /// `ok`, `panic`, `reject`, `always`, `fail:N`.
+    /// `ok`, `panic`, `reject`, `always`, `fail:N`, `sleep:MS`.
     pub behaviour: String,
 }
 
@@ -136,6 +136,10 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
                 "probe {} always fails",
                 command.id
             )))
+        }
+        sleep if sleep.starts_with("sleep:") => {
+            let ms: u64 = sleep[6..].parse().map_err(HandlerError::reject)?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         fail if fail.starts_with("fail:") => {
             let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;
