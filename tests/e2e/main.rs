@@ -8,3 +8,4 @@ mod cli;
 mod discovery;
 mod engine;
 mod loading;
+mod server;

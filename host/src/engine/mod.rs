@@ -253,7 +253,12 @@ impl Engine {
         });
         let shutdown = CancellationToken::new();
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
-        let signals = tokio::spawn(watch_signals(shutdown.clone(), outcome.clone()));
+        // Installed before "engine started" is logged, so a signal right after it is never missed.
+        let signals = tokio::spawn(watch_signals(
+            Signals::install(),
+            shutdown.clone(),
+            outcome.clone(),
+        ));
         let mut workers = JoinSet::new();
         for sub in &self.subscriptions {
             workers.spawn(event_store::run(
@@ -317,7 +322,10 @@ impl Engine {
 }
 
 /// A worker that ends before shutdown is a failure, whether it returned an error or not.
-fn worker_error(ended: Result<Result<(), String>, tokio::task::JoinError>, shutdown: &CancellationToken) -> Option<String> {
+fn worker_error(
+    ended: Result<Result<(), String>, tokio::task::JoinError>,
+    shutdown: &CancellationToken,
+) -> Option<String> {
     match ended {
         Ok(Ok(())) if shutdown.is_cancelled() => None,
         Ok(Ok(())) => Some("a subscription stopped on its own".into()),
@@ -330,32 +338,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The signals that stop the engine. Once installed, their default action (terminate) no longer applies.
+struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(int), Ok(term), Ok(hup)) => Self(Some([int, term, hup])),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+                Self(None)
+            }
+        }
+    }
+}
+
 /// The first SIGINT, SIGTERM or SIGHUP starts the shutdown; later ones are logged and ignored.
-async fn watch_signals(shutdown: CancellationToken, outcome: Arc<Mutex<Option<Outcome>>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+async fn watch_signals(
+    signals: Signals,
+    shutdown: CancellationToken,
+    outcome: Arc<Mutex<Option<Outcome>>>,
+) {
+    let Some([mut int, mut term, mut hup]) = signals.0 else {
         return;
     };
-    let mut first = true;
     loop {
         let name = tokio::select! {
             _ = int.recv() => "SIGINT",
             _ = term.recv() => "SIGTERM",
             _ = hup.recv() => "SIGHUP",
         };
-        if first && !shutdown.is_cancelled() {
-            tracing::info!(signal = name, "shutting down");
-            lock(&outcome).get_or_insert(Outcome::Signal(name));
-            shutdown.cancel();
-        } else {
+        if shutdown.is_cancelled() {
             tracing::info!(signal = name, "already shutting down; signal ignored");
+            continue;
         }
-        first = false;
+        tracing::info!(signal = name, "shutting down");
+        lock(&outcome).get_or_insert(Outcome::Signal(name));
+        shutdown.cancel();
     }
 }
 

@@ -3,7 +3,8 @@
 mod build;
 mod engine;
 mod run;
+mod server;
 
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
-pub use run::host;
 pub use engine::{backends, engine, types, TEST_CONFIG};
+pub use run::host;

@@ -38,6 +38,27 @@ impl HostCommand {
         self
     }
 
+    /// Run to completion, with `input` on stdin.
+    pub fn output_with_stdin(mut self, input: &str) -> Finished {
+        use std::io::Write;
+        self.command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = self.command.spawn().expect("protean-host runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        Finished(child.wait_with_output().expect("protean-host runs"))
+    }
+
+    pub(super) fn into_command(self) -> Command {
+        self.command
+    }
+
     /// Run to completion.
     pub fn output(mut self) -> Finished {
         Finished(self.command.output().expect("protean-host runs"))
