@@ -127,13 +127,34 @@ pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
 
 /// A time in the format Protean writes (`isoformat()` of an aware UTC datetime).
 pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+    use chrono::{Datelike, Timelike};
+    // One integer format instead of chrono's format-string interpreter: this runs for every message.
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond() / 1000 % 1_000_000
+    )
 }
 
 /// sha256 (hex) of the canonical JSON of `data`.
 pub fn checksum(data: &Value) -> String {
-    let digest = Sha256::digest(canonical_json(data).as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(canonical_json(data).as_bytes()))
+}
+
+/// Lowercase hex, without a formatting call per byte (this runs for every message).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// Python's `json.dumps(value, sort_keys=True, separators=(",", ":"))`: sorted keys, no spaces, every
@@ -203,7 +224,8 @@ fn write_string(s: &str, out: &mut String) {
             c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
                 let mut buf = [0u16; 2];
                 for unit in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{unit:04x}"));
+                    out.push_str("\\u");
+                    out.push_str(&hex(&unit.to_be_bytes()));
                 }
             }
             c => out.push(c),
@@ -255,49 +277,86 @@ impl NewMeta<'_> {
     /// message correlates to itself.
     pub fn to_json(&self) -> String {
         let cause_meta = self.cause.and_then(|c| c.meta);
-        let correlation = cause_meta
-            .and_then(MetaView::correlation_id)
-            .or(self.cause.map(|c| c.id))
-            .unwrap_or(self.id);
-        let causation = self.cause.map(|c| c.id);
-        let traceparent = cause_meta
-            .and_then(|m| m.headers.traceparent.clone())
-            .unwrap_or(Value::Null);
-        let inherited_deadline = cause_meta.and_then(|m| m.headers.deadline.as_deref());
         let deadline = match self.kind {
-            Kind::Command => self.deadline.or(inherited_deadline),
+            Kind::Command => self
+                .deadline
+                .or(cause_meta.and_then(|m| m.headers.deadline.as_deref())),
             Kind::Event => None,
         };
         let (fqn, version) = split_type(self.message_type);
-        let category = crate::store::category(self.stream);
-        let stream_category = category.trim_end_matches(":command");
-        serde_json::json!({
-            "headers": {
-                "id": self.id,
-                "time": self.time,
-                "type": self.message_type,
-                "stream": self.stream,
-                "traceparent": traceparent,
-                "idempotency_key": Value::Null,
-                "deadline": deadline,
+        let out = MetaOut {
+            headers: HeadersOut {
+                id: self.id,
+                time: self.time,
+                message_type: self.message_type,
+                stream: self.stream,
+                traceparent: cause_meta.and_then(|m| m.headers.traceparent.as_ref()),
+                idempotency_key: None,
+                deadline,
             },
-            "envelope": { "specversion": "1.0", "checksum": self.checksum },
-            "domain": {
-                "fqn": fqn,
-                "kind": self.kind.as_str(),
-                "origin_stream": self.cause.map(|c| c.stream),
-                "stream_category": stream_category,
-                "version": version,
-                "sequence_id": Value::Null,
-                "asynchronous": true,
-                "expected_version": self.expected_version,
-                "priority": 5,
-                "correlation_id": correlation,
-                "causation_id": causation,
+            envelope: EnvelopeOut {
+                specversion: "1.0",
+                checksum: self.checksum,
             },
-        })
-        .to_string()
+            domain: DomainOut {
+                fqn,
+                kind: self.kind.as_str(),
+                origin_stream: self.cause.map(|c| c.stream),
+                stream_category: crate::store::category(self.stream).trim_end_matches(":command"),
+                version,
+                sequence_id: None,
+                asynchronous: true,
+                expected_version: self.expected_version,
+                priority: 5,
+                correlation_id: cause_meta
+                    .and_then(MetaView::correlation_id)
+                    .or(self.cause.map(|c| c.id))
+                    .unwrap_or(self.id),
+                causation_id: self.cause.map(|c| c.id),
+            },
+        };
+        serde_json::to_string(&out).expect("metadata of strings and numbers serializes")
     }
+}
+
+#[derive(Serialize)]
+struct MetaOut<'a> {
+    headers: HeadersOut<'a>,
+    envelope: EnvelopeOut<'a>,
+    domain: DomainOut<'a>,
+}
+
+#[derive(Serialize)]
+struct HeadersOut<'a> {
+    id: &'a str,
+    time: &'a str,
+    #[serde(rename = "type")]
+    message_type: &'a str,
+    stream: &'a str,
+    traceparent: Option<&'a Value>,
+    idempotency_key: Option<&'a str>,
+    deadline: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    specversion: &'a str,
+    checksum: &'a str,
+}
+
+#[derive(Serialize)]
+struct DomainOut<'a> {
+    fqn: &'a str,
+    kind: &'a str,
+    origin_stream: Option<&'a str>,
+    stream_category: &'a str,
+    version: u64,
+    sequence_id: Option<&'a str>,
+    asynchronous: bool,
+    expected_version: Option<i64>,
+    priority: u8,
+    correlation_id: &'a str,
+    causation_id: Option<&'a str>,
 }
 
 /// `Fulfilment.OrderPlaced.v1` → (`Fulfilment.OrderPlaced`, 1).

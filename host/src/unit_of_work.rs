@@ -62,7 +62,8 @@ impl NewMessage {
         deadline: Option<&str>,
         cause: Option<Cause<'_>>,
     ) -> Self {
-        let id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered ids (UUIDv7) keep the id indexes append-mostly; any UUID is valid for Protean.
+        let id = uuid::Uuid::now_v7().to_string();
         let time = message::format_time(chrono::Utc::now());
         let checksum = message::checksum(data);
         let metadata = NewMeta {

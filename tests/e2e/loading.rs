@@ -142,7 +142,7 @@ fn several_instances_and_none_named_is_ambiguous() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} declares several domain instances (probe, broken, panicking, empty) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
+        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -298,7 +298,7 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     assert_eq!(first.instances(), ["domain", "reporting"]);
     assert_eq!(
         second.instances(),
-        ["probe", "broken", "panicking", "empty"]
+        ["probe", "broken", "panicking", "empty", "noop"]
     );
     assert_ne!(first.build_id(), second.build_id());
     assert_eq!(

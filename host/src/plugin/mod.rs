@@ -222,8 +222,7 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 fn build_id(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    crate::message::hex(&Sha256::digest(bytes)[..6])
 }
 
 /// Write the library to a fresh path, so the dynamic loader never returns an image it already holds

@@ -26,15 +26,16 @@ mod sql {
     pub(super) const STREAM_VERSION: &str = include_str!("sql/sqlite/stream_version.sql");
     pub(super) const READ_STREAM: &str = include_str!("sql/sqlite/read_stream.sql");
     pub(super) const READ_CATEGORY: &str = include_str!("sql/sqlite/read_category.sql");
-    pub(super) const READ_CATEGORIES: &str = include_str!("sql/sqlite/read_categories.sql");
     pub(super) const HEAD_CATEGORY: &str = include_str!("sql/sqlite/head_category.sql");
     pub(super) const HEAD_ALL: &str = include_str!("sql/sqlite/head_all.sql");
     pub(super) const UPSERT_POSITION: &str = include_str!("sql/sqlite/upsert_position.sql");
     pub(super) const READ_POSITION: &str = include_str!("sql/sqlite/read_position.sql");
     pub(super) const PUT_DOCUMENT: &str = include_str!("sql/sqlite/put_document.sql");
     pub(super) const DELETE_DOCUMENT: &str = include_str!("sql/sqlite/delete_document.sql");
-    pub(super) const DELETE_DOCUMENT_FIELDS: &str =
-        include_str!("sql/sqlite/delete_document_fields.sql");
+    pub(super) const READ_DOCUMENT_FIELDS: &str =
+        include_str!("sql/sqlite/read_document_fields.sql");
+    pub(super) const DELETE_DOCUMENT_FIELD: &str =
+        include_str!("sql/sqlite/delete_document_field.sql");
     pub(super) const INSERT_DOCUMENT_FIELD: &str =
         include_str!("sql/sqlite/insert_document_field.sql");
     pub(super) const GET_DOCUMENT: &str = include_str!("sql/sqlite/get_document.sql");
@@ -44,11 +45,39 @@ mod sql {
     pub(super) const READ_DEAD_LETTERS: &str = include_str!("sql/sqlite/read_dead_letters.sql");
 }
 
-/// A store in a SQLite file.
+/// A store in a SQLite file: one writer connection, and a pool of reader connections so that handlers
+/// and subscriptions read while another batch commits (WAL readers never wait for the writer).
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
     connection: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// A pooled reader connection, returned to the pool when dropped.
+struct Reader<'a> {
+    store: &'a SqliteStore,
+    connection: Option<Connection>,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.connection
+            .as_ref()
+            .expect("a reader holds its connection until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let mut pool = self.store.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < 8 {
+                pool.push(connection);
+            }
+        }
+    }
 }
 
 impl SqliteStore {
@@ -63,6 +92,7 @@ impl SqliteStore {
         let store = Self {
             path: path.into(),
             connection: Mutex::new(Connection::open(path).map_err(|e| sqlite(path, e))?),
+            readers: Mutex::default(),
         };
         store.setup()?;
         Ok(store)
@@ -76,6 +106,11 @@ impl SqliteStore {
         connection
             .pragma_update(None, "journal_mode", "WAL")
             .and_then(|_| connection.pragma_update(None, "synchronous", "NORMAL"))
+            // 16 MiB of page cache (the default is 2 MiB): index pages of a busy store stay in memory
+            // instead of being re-read from the OS on every lookup.
+            .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
+            // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
+            .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
             .and_then(|_| {
                 connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA))
             })
@@ -92,6 +127,28 @@ impl SqliteStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn reader(&self) -> Result<Reader<'_>> {
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => {
+                let connection = Connection::open(&self.path).map_err(|e| self.error(e))?;
+                connection
+                    .busy_timeout(Duration::from_secs(5))
+                    .map_err(|e| self.error(e))?;
+                connection
+                    .pragma_update(None, "cache_size", -4096)
+                    .map_err(|e| self.error(e))?;
+                connection.set_prepared_statement_cache_capacity(32);
+                connection
+            }
+        };
+        Ok(Reader {
+            store: self,
+            connection: Some(connection),
+        })
+    }
+
     fn error(&self, source: rusqlite::Error) -> Error {
         sqlite(&self.path, source)
     }
@@ -101,7 +158,7 @@ impl SqliteStore {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<StoredMessage>> {
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut statement = connection.prepare_cached(sql).map_err(|e| self.error(e))?;
         let rows = statement
             .query_map(params, message_from_row)
@@ -224,27 +281,36 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
     Ok(last)
 }
 
+/// Write or delete a document and keep its field index in step, touching only the fields that changed
+/// (a projector rewriting one field of a document costs one index delete and one insert).
 fn write_document(tx: &rusqlite::Transaction<'_>, write: &DocumentWrite) -> rusqlite::Result<()> {
-    let (collection, id) = match write {
-        DocumentWrite::Put { collection, id, .. } | DocumentWrite::Delete { collection, id } => {
-            (collection, id)
-        }
-    };
-    tx.prepare_cached(sql::DELETE_DOCUMENT_FIELDS)?
-        .execute(params![collection, id])?;
-    match write {
-        DocumentWrite::Put { data, .. } => {
+    let (collection, id, new_fields) = match write {
+        DocumentWrite::Put {
+            collection,
+            id,
+            data,
+        } => {
             tx.prepare_cached(sql::PUT_DOCUMENT)?
                 .execute(params![collection, id, data])?;
-            let mut insert = tx.prepare_cached(sql::INSERT_DOCUMENT_FIELD)?;
-            for (field, value) in indexed_fields(data) {
-                insert.execute(params![collection, field, value, id])?;
-            }
+            (collection, id, indexed_fields(data))
         }
-        DocumentWrite::Delete { .. } => {
+        DocumentWrite::Delete { collection, id } => {
             tx.prepare_cached(sql::DELETE_DOCUMENT)?
                 .execute(params![collection, id])?;
+            (collection, id, Vec::new())
         }
+    };
+    let old_fields: Vec<(String, String)> = tx
+        .prepare_cached(sql::READ_DOCUMENT_FIELDS)?
+        .query_map(params![collection, id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut delete = tx.prepare_cached(sql::DELETE_DOCUMENT_FIELD)?;
+    for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
+        delete.execute(params![collection, field, value, id])?;
+    }
+    let mut insert = tx.prepare_cached(sql::INSERT_DOCUMENT_FIELD)?;
+    for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
+        insert.execute(params![collection, field, value, id])?;
     }
     Ok(())
 }
@@ -277,10 +343,19 @@ impl Store for SqliteStore {
         match categories {
             [] => Ok(Vec::new()),
             [one] => self.query_messages(sql::READ_CATEGORY, params![one, after, limit as i64]),
+            // One indexed range read per category, merged: each stops at the limit, so the cost does not
+            // grow with the history behind the position.
             many => {
-                let list =
-                    serde_json::to_string(many).map_err(|e| Error::Corrupt(e.to_string()))?;
-                self.query_messages(sql::READ_CATEGORIES, params![list, after, limit as i64])
+                let mut merged = Vec::new();
+                for category in many {
+                    merged.extend(self.query_messages(
+                        sql::READ_CATEGORY,
+                        params![category, after, limit as i64],
+                    )?);
+                }
+                merged.sort_unstable_by_key(|m| m.global_position);
+                merged.truncate(limit);
+                Ok(merged)
             }
         }
     }
@@ -306,7 +381,7 @@ impl Store for SqliteStore {
     }
 
     fn position(&self, subscription: &str) -> Result<Option<u64>> {
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::READ_POSITION)
             .map_err(|e| self.error(e))?;
@@ -317,7 +392,7 @@ impl Store for SqliteStore {
     }
 
     fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::GET_DOCUMENT)
             .map_err(|e| self.error(e))?;
@@ -334,7 +409,7 @@ impl Store for SqliteStore {
         value: &serde_json::Value,
     ) -> Result<Vec<StoredDocument>> {
         check_field(field)?;
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::FIND_DOCUMENTS)
             .map_err(|e| self.error(e))?;
@@ -351,7 +426,7 @@ impl Store for SqliteStore {
     }
 
     fn head(&self, categories: &[String]) -> Result<u64> {
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut max = 0;
         if categories.is_empty() {
             let head: Option<u64> = connection
@@ -372,7 +447,7 @@ impl Store for SqliteStore {
     }
 
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
-        let connection = self.connection();
+        let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::READ_DEAD_LETTERS)
             .map_err(|e| self.error(e))?;

@@ -6,6 +6,7 @@
 //! - `broken`: its constructor returns an error (two handlers share a name).
 //! - `panicking`: its constructor panics.
 //! - `empty`: no handlers at all.
+//! - `noop`: one event handler that only decodes `Ticked` events (benchmarks).
 //!
 //! No instance is called `domain`, so naming none is ambiguous on purpose.
 
@@ -106,6 +107,28 @@ impl Event for Hopped {
     type Aggregate = Probe;
 }
 
+/// A tick for benchmarks: handled by a handler that does nothing.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ticked {
+    /// Which tick.
+    pub n: u64,
+    /// Something to decode.
+    pub label: String,
+}
+
+impl Message for Ticked {
+    const NAME: &'static str = "Ticked";
+}
+
+impl Event for Ticked {
+    type Aggregate = Probe;
+}
+
+/// The benchmark handler: decodes the event and does nothing else.
+pub fn noop(_: Ticked, _: &mut Context) -> HandlerResult {
+    Ok(())
+}
+
 fn attempts() -> &'static Mutex<HashMap<String, u32>> {
     static ATTEMPTS: OnceLock<Mutex<HashMap<String, u32>>> = OnceLock::new();
     ATTEMPTS.get_or_init(Mutex::default)
@@ -195,6 +218,10 @@ fn probe() -> Domain {
         .event_handler(EventHandler::new("chain").on(hop))
 }
 
+fn bench() -> Domain {
+    Domain::new("Probe").event_handler(EventHandler::new("noop").on(noop))
+}
+
 fn broken() -> Domain {
     Domain::new("Broken")
         .event_handler(EventHandler::new("twice").on(hop))
@@ -215,4 +242,5 @@ protean_plugin_api::export_domains! {
     "broken" => broken,
     "panicking" => panicking,
     "empty" => empty,
+    "noop" => bench,
 }

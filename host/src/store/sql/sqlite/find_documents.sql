@@ -1,5 +1,7 @@
+-- CROSS JOIN keeps the field index as the outer loop: an index lookup, not a scan of the collection.
 SELECT d.id, d.data
 FROM document_fields f
-JOIN documents d ON d.collection = f.collection AND d.id = f.id
+CROSS JOIN documents d
 WHERE f.collection = ?1 AND f.field = ?2 AND f.value = ?3
-ORDER BY d.id
+  AND d.collection = f.collection AND d.id = f.id
+ORDER BY f.id

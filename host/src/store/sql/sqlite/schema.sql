@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS document_fields (
     id         TEXT NOT NULL,
     PRIMARY KEY (collection, field, value, id)
 ) WITHOUT ROWID;
+-- Rewriting a document first removes its old field rows, by id.
+CREATE INDEX IF NOT EXISTS document_fields_by_id ON document_fields (collection, id);
 
 CREATE TABLE IF NOT EXISTS processed (
     subscription TEXT NOT NULL,

@@ -1,0 +1,343 @@
+//! `protean-bench`: measures what the issues promise and prints a table (also written as Markdown to
+//! `target/bench/results.md`). Run it with `scripts/bench`, which builds everything in release mode first.
+//!
+//! Scenarios:
+//! - ABI call overhead: one handler call through the plugin ABI against a direct Rust call of the same
+//!   work (decode the event, call a function that does nothing), per message, at batch sizes 1 and 100;
+//! - `protean-host inspect` on the sample domain, whole process;
+//! - SQLite end to end: N stored events through one handler that does nothing, whole process, with its
+//!   peak memory;
+//! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory.
+#![allow(missing_docs, unreachable_pub)]
+
+use std::{
+    hint::black_box,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use protean_host::{
+    message::Kind,
+    plugin::{Delivery, HostServices, Library},
+    store::{SqliteStore, Store},
+    unit_of_work::{NewMessage, UnitOfWork},
+};
+use serde::Deserialize;
+use serde_json::json;
+
+struct Row {
+    scenario: String,
+    setup: String,
+    result: String,
+    target: String,
+    ok: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: usize| -> usize {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let release = workspace().join("target/release");
+    let host = release.join("protean-host");
+    let fixture = release.join("libfixture_domain.so");
+    let sample = release.join("libsample_domain.so");
+    for path in [&host, &fixture, &sample] {
+        if !path.is_file() {
+            bail!(
+                "{} is missing; run scripts/bench (it builds the release artifacts first)",
+                path.display()
+            );
+        }
+    }
+    let mut rows = Vec::new();
+    rows.extend(abi_overhead(&fixture)?);
+    rows.push(inspect(&host, &sample)?);
+    rows.push(sqlite_noop(&host, &fixture, arg("--events", 100_000))?);
+    rows.extend(sample_flow(&host, &sample, arg("--orders", 10_000))?);
+    report(&rows)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ sits in the workspace")
+        .to_owned()
+}
+
+/// The event the fixture's `noop` handler decodes.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct Ticked {
+    n: u64,
+    label: String,
+}
+
+#[inline(never)]
+fn noop(event: Ticked) -> Result<(), String> {
+    black_box(event);
+    Ok(())
+}
+
+struct NullHost;
+
+impl HostServices for NullHost {
+    fn raise_event(
+        &self,
+        _: u32,
+        _: &str,
+        _: &str,
+        _: &[u8],
+        _: Option<i64>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn read_stream(&self, _: &str, _: u64) -> Result<Vec<u8>, String> {
+        Ok(b"[]".to_vec())
+    }
+    fn get_document(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+    fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn delete_document(&self, _: u32, _: &str, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(b"[]".to_vec())
+    }
+}
+
+fn abi_overhead(fixture: &Path) -> anyhow::Result<Vec<Row>> {
+    let plugin = Library::load(fixture)?.instantiate("noop", 2)?;
+    let data: Vec<String> = (0..100)
+        .map(|n| json!({"n": n, "label": "tick"}).to_string())
+        .collect();
+    let deliveries: Vec<Delivery<'_>> = data
+        .iter()
+        .map(|d| Delivery {
+            id: "m",
+            stream: "probe::probe-1",
+            message_type: "Probe.Ticked.v1",
+            position: 0,
+            global_position: 1,
+            data: d.as_bytes(),
+            metadata: b"{}",
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for batch in [1usize, 100] {
+        let messages = 2_000_000;
+        let calls = messages / batch;
+        let per_message = |elapsed: Duration| elapsed.as_nanos() as f64 / messages as f64;
+        let direct = time(|| {
+            for _ in 0..calls {
+                for d in &deliveries[..batch] {
+                    let event: Ticked = serde_json::from_slice(black_box(d.data)).expect("valid");
+                    noop(event).expect("noop");
+                }
+            }
+        });
+        let abi = time(|| {
+            for _ in 0..calls {
+                let outcome =
+                    plugin.handle_batch("noop", black_box(&deliveries[..batch]), &NullHost);
+                assert_eq!(outcome.handled, batch);
+            }
+        });
+        let overhead = per_message(abi) - per_message(direct);
+        rows.push(Row {
+            scenario: format!("ABI call overhead, batch {batch}"),
+            setup: format!("{messages} messages; handler decodes a 2-field event; direct call {:.0} ns/msg, ABI {:.0} ns/msg", per_message(direct), per_message(abi)),
+            result: format!("{overhead:.0} ns/message"),
+            target: if batch == 100 { "≤ 200 ns/message".into() } else { "-".into() },
+            ok: batch != 100 || overhead <= 200.0,
+        });
+    }
+    Ok(rows)
+}
+
+fn time(f: impl FnOnce()) -> Duration {
+    let started = Instant::now();
+    f();
+    started.elapsed()
+}
+
+fn inspect(host: &Path, sample: &Path) -> anyhow::Result<Row> {
+    let mut times: Vec<Duration> = (0..21)
+        .map(|_| {
+            let started = Instant::now();
+            let out = Command::new(host)
+                .arg("inspect")
+                .arg("--domain")
+                .arg(sample)
+                .output()
+                .expect("inspect runs");
+            assert!(
+                out.status.success(),
+                "inspect failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    let median = times[times.len() / 2];
+    Ok(Row {
+        scenario: "protean-host inspect, whole process".into(),
+        setup: "sample domain (release), median of 21 runs".into(),
+        result: format!("{:.1} ms", median.as_secs_f64() * 1000.0),
+        target: "≤ 50 ms".into(),
+        ok: median <= Duration::from_millis(50),
+    })
+}
+
+/// Run the binary to completion; returns wall time and peak resident memory (KiB).
+fn run_measured(mut command: Command) -> anyhow::Result<(Duration, u64, String)> {
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let started = Instant::now();
+    let mut child = command.spawn().context("start protean-host")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let (status, rusage) = wait4(child.id() as i32)?;
+    let elapsed = started.elapsed();
+    let out = reader.join().unwrap_or_default();
+    if status != 0 {
+        bail!("protean-host exited with status {status}: {out}");
+    }
+    Ok((elapsed, rusage.ru_maxrss as u64, out))
+}
+
+#[allow(unsafe_code)]
+fn wait4(pid: i32) -> anyhow::Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in; zeroed is a valid initial value.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid out-pointers.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
+    if reaped != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    Ok((libc::WEXITSTATUS(status), rusage))
+}
+
+fn server(host: &Path, dir: &Path, domain: &str) -> Command {
+    let mut command = Command::new(host);
+    command
+        .current_dir(dir)
+        .args(["--test-mode", "--log-level", "warn", "--domain", domain]);
+    command
+}
+
+fn sqlite_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
+    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
+        let messages = chunk
+            .iter()
+            .map(|n| {
+                NewMessage::new(
+                    Kind::Event,
+                    &format!("probe::probe-{}", n % 1000),
+                    "Probe.Ticked.v1",
+                    &json!({"n": n, "label": "tick"}),
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        store.commit(&UnitOfWork {
+            messages,
+            ..UnitOfWork::default()
+        })?;
+    }
+    drop(store);
+    let (elapsed, rss_kib, _) = run_measured(server(
+        host,
+        dir.path(),
+        &format!("{}:noop", fixture.display()),
+    ))?;
+    let rate = events as f64 / elapsed.as_secs_f64();
+    let rss_mb = rss_kib as f64 / 1024.0;
+    Ok(Row {
+        scenario: "SQLite end to end, no-op handler".into(),
+        setup: format!("{events} stored events, one event handler that only decodes, 100 per batch, whole process"),
+        result: format!("{rate:.0} messages/s, peak memory {rss_mb:.1} MB"),
+        target: "≥ 50,000 messages/s, ≤ 64 MB".into(),
+        ok: rate >= 50_000.0 && rss_mb <= 64.0,
+    })
+}
+
+fn sample_flow(host: &Path, sample: &Path, orders: usize) -> anyhow::Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
+    for chunk in (0..orders).collect::<Vec<_>>().chunks(1000) {
+        let messages = chunk
+            .iter()
+            .map(|n| {
+                let data = json!({"order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0});
+                NewMessage::new(Kind::Command, &format!("fulfilment::order:command-o{n}"), "Fulfilment.PlaceOrder.v1", &data, None, None, None)
+            })
+            .collect();
+        store.commit(&UnitOfWork {
+            messages,
+            ..UnitOfWork::default()
+        })?;
+    }
+    let (elapsed, rss_kib, out) =
+        run_measured(server(host, dir.path(), &sample.display().to_string()))?;
+    let shipped = store
+        .read_categories(&["fulfilment::order".into()], 0, usize::MAX)?
+        .iter()
+        .filter(|m| m.message_type == "Fulfilment.OrderShipped.v1")
+        .count();
+    if shipped != orders {
+        bail!("only {shipped} of {orders} orders shipped:\n{out}");
+    }
+    let rate = orders as f64 / elapsed.as_secs_f64();
+    Ok(vec![Row {
+        scenario: "Sample flow on SQLite, PlaceOrder to shipped".into(),
+        setup: format!("{orders} orders, 8 subscriptions, 100 per batch, whole process"),
+        result: format!(
+            "{rate:.0} orders/s ({:.2} s), peak memory {:.1} MB",
+            elapsed.as_secs_f64(),
+            rss_kib as f64 / 1024.0
+        ),
+        target: "≥ 5,000 orders/s".into(),
+        ok: rate >= 5000.0,
+    }])
+}
+
+fn report(rows: &[Row]) -> anyhow::Result<()> {
+    let mut markdown =
+        String::from("| scenario | setup | result | target | met |\n|---|---|---|---|---|\n");
+    for r in rows {
+        let met = if r.ok { "yes" } else { "NO" };
+        println!(
+            "{:<46} {:<36} {:<18} {}\n    {}",
+            r.scenario, r.result, r.target, met, r.setup
+        );
+        markdown.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.scenario, r.setup, r.result, r.target, met
+        ));
+    }
+    let out = workspace().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.md"), markdown)?;
+    println!("\nwritten to {}", out.join("results.md").display());
+    Ok(())
+}

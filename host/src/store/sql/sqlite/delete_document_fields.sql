@@ -1,1 +1,0 @@
-DELETE FROM document_fields WHERE collection = ?1 AND id = ?2
