@@ -104,7 +104,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .map_err(|e| self.error(e))?;
         connection
-            .pragma_update(None, "journal_mode", "WAL")
+            // 16 KiB pages (new files only): fewer B-tree splits and WAL frames per commit.
+            .pragma_update(None, "page_size", 16384)
+            .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|_| connection.pragma_update(None, "synchronous", "NORMAL"))
             // 16 MiB of page cache (the default is 2 MiB): index pages of a busy store stay in memory
             // instead of being re-read from the OS on every lookup.
