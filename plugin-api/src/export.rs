@@ -19,7 +19,7 @@ use crate::{
 /// `instances()` of the root module.
 #[doc(hidden)]
 pub fn instances(names: &[&str]) -> RVec<RString> {
-    names.iter().map(|name| RString::from(*name)).collect()
+    panic::catch(|| names.iter().map(|name| RString::from(*name)).collect()).unwrap_or_default()
 }
 
 /// Options the host passes to a new instance.

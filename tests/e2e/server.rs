@@ -383,3 +383,36 @@ fn send_reports_bad_input_in_one_line() {
         deadline.stderr()
     );
 }
+
+/// CPU time (user + system) of a process so far, from /proc, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_server_does_not_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    server.wait_for(&["engine started"], LIMIT);
+    let before = cpu_ticks(server.pid());
+    // The observation window itself: eight subscriptions sit idle for three poll intervals.
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(server.pid()) - before;
+    assert!(
+        used <= 5,
+        "an idle server used {used} ticks (1/100 s) of CPU in 3 s"
+    );
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait().0, Some(0));
+}
