@@ -124,8 +124,12 @@ impl Library {
         let build_id = build_id(&bytes);
         let copy = private_copy(path, &bytes, &build_id)?;
         let loaded = open(path, &copy);
-        // The mapping keeps the image alive; the copy's name is no longer needed.
+        // The mapping keeps the image alive; the copy's name (and its directory, once empty) is no
+        // longer needed.
         let _ = fs::remove_file(&copy);
+        if let Some(dir) = copy.parent() {
+            let _ = fs::remove_dir(dir);
+        }
         Ok(Self {
             path: path.into(),
             build_id,
