@@ -21,9 +21,14 @@ pub trait Document: Serialize + DeserializeOwned {
     fn id(&self) -> String;
 }
 
-/// The host services a [`Context`] talks to: the real host through the ABI, or
-/// [`crate::testing::TestHost`].
-pub(crate) trait Services {
+/// The host services behind a [`Context`], in plain Rust: what a handler can ask of the host during one
+/// batch. Writes are buffered and tagged with the index of the message in the batch that made them;
+/// reads see what is buffered so far.
+///
+/// `protean-host` implements it (and adapts it to the ABI's [`Host`](crate::abi::Host)), as does
+/// [`crate::testing::TestHost`]. Domain authors never call it directly.
+pub trait HostServices {
+    /// Buffer an event; `expected_version` is the stream's last position the handler saw.
     fn raise_event(
         &self,
         index: u32,
@@ -32,6 +37,7 @@ pub(crate) trait Services {
         data: &[u8],
         expected_version: Option<i64>,
     ) -> Result<(), String>;
+    /// Buffer a command for its command stream.
     fn send_command(
         &self,
         index: u32,
@@ -39,8 +45,11 @@ pub(crate) trait Services {
         message_type: &str,
         data: &[u8],
     ) -> Result<(), String>;
+    /// Events of a stream from a position, as a JSON array of `{"type", "position", "data"}`.
     fn read_stream(&self, stream: &str, from_position: u64) -> Result<Vec<u8>, String>;
+    /// A document, if it exists.
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String>;
+    /// Buffer a document write.
     fn put_document(
         &self,
         index: u32,
@@ -48,7 +57,9 @@ pub(crate) trait Services {
         id: &str,
         data: &[u8],
     ) -> Result<(), String>;
+    /// Buffer a document delete.
     fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String>;
+    /// Documents whose top-level `field` equals `value_json`, as a JSON array.
     fn find_documents(
         &self,
         collection: &str,
@@ -94,7 +105,7 @@ impl MessageInfo<'_> {
 
 /// The handle a handler works through.
 pub struct Context<'a> {
-    services: &'a dyn Services,
+    services: &'a dyn HostServices,
     naming: &'a Naming,
     index: u32,
     message: MessageInfo<'a>,
@@ -112,7 +123,7 @@ impl std::fmt::Debug for Context<'_> {
 
 impl<'a> Context<'a> {
     pub(crate) fn new(
-        services: &'a dyn Services,
+        services: &'a dyn HostServices,
         naming: &'a Naming,
         index: u32,
         message: MessageInfo<'a>,

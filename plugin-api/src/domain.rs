@@ -14,7 +14,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     abi::HandlerKind,
-    context::{Context, MessageInfo, Services},
+    context::{Context, HostServices, MessageInfo},
     error::{HandlerError, HandlerResult},
     message::{Command, Event, Message, Naming},
     panic,
@@ -483,7 +483,7 @@ impl Domain {
         &self,
         name: &str,
         batch: &[(MessageInfo<'_>, &[u8])],
-        services: &dyn Services,
+        services: &dyn HostServices,
     ) -> (u32, Option<HandlerError>) {
         let Some(handler) = self.by_name.get(name).map(|&i| &self.handlers[i]) else {
             return (

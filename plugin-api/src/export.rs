@@ -11,7 +11,7 @@ use crate::{
         BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO, HandlerFailure,
         HandlerRegistration, HostLogBox, HostRef, MessageRef,
     },
-    context::{MessageInfo, Services},
+    context::{HostServices, MessageInfo},
     domain::Domain,
     panic,
 };
@@ -165,14 +165,14 @@ fn to_abi(registration: crate::Registration) -> HandlerRegistration {
     }
 }
 
-/// The ABI host object behind the plain-Rust [`Services`] a [`crate::Context`] uses.
+/// The ABI host object seen as the plain-Rust [`HostServices`] a [`crate::Context`] uses.
 struct AbiServices<'a>(HostRef<'a>);
 
 fn plain<T>(result: RResult<T, RString>) -> Result<T, String> {
     result.into_result().map_err(RString::into_string)
 }
 
-impl Services for AbiServices<'_> {
+impl HostServices for AbiServices<'_> {
     fn raise_event(
         &self,
         index: u32,

@@ -107,7 +107,7 @@ mod panic;
 pub mod testing;
 
 pub use aggregate::{Aggregate, Recorded};
-pub use context::{Context, Document, MessageInfo};
+pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
     CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions, ProcessManager,
     Projector, Registration, StepFn,

@@ -31,7 +31,7 @@ use std::{cell::RefCell, collections::BTreeMap};
 use serde_json::Value;
 
 use crate::{
-    context::{Document, MessageInfo, Services},
+    context::{Document, HostServices, MessageInfo},
     domain::Domain,
     error::HandlerError,
     message::{Command, Event, Message},
@@ -207,7 +207,7 @@ fn parse(data: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(data).map_err(|e| e.to_string())
 }
 
-impl Services for TestHost {
+impl HostServices for TestHost {
     fn raise_event(
         &self,
         _: u32,

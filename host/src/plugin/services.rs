@@ -1,52 +1,12 @@
-//! The host services a handler reaches during one batch, and their ABI adapter.
+//! The ABI adapter of the host services a handler reaches during one batch ([`HostServices`], defined
+//! in plugin-api so that the host, the SDK and its test host share one definition).
 
 use protean_plugin_api::abi::{
     loading::{ROption, RResult, RSlice, RStr, RString, RVec, TD_Opaque},
     Host, HostRef, Host_TO,
 };
 
-/// What the engine provides to a handler during one batch. Writes are buffered and tagged with the index
-/// of the message in the batch that made them; reads see what is buffered so far.
-pub trait HostServices {
-    /// Buffer an event; `expected_version` is the stream's last position the handler saw.
-    fn raise_event(
-        &self,
-        index: u32,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-        expected_version: Option<i64>,
-    ) -> Result<(), String>;
-    /// Buffer a command.
-    fn send_command(
-        &self,
-        index: u32,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String>;
-    /// Events of a stream from a position, as a JSON array of `{"type", "position", "data"}`.
-    fn read_stream(&self, stream: &str, from_position: u64) -> Result<Vec<u8>, String>;
-    /// A document, if it exists.
-    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String>;
-    /// Buffer a document write.
-    fn put_document(
-        &self,
-        index: u32,
-        collection: &str,
-        id: &str,
-        data: &[u8],
-    ) -> Result<(), String>;
-    /// Buffer a document delete.
-    fn delete_document(&self, index: u32, collection: &str, id: &str) -> Result<(), String>;
-    /// Documents whose `field` equals `value_json`, as a JSON array.
-    fn find_documents(
-        &self,
-        collection: &str,
-        field: &str,
-        value_json: &[u8],
-    ) -> Result<Vec<u8>, String>;
-}
+pub use protean_plugin_api::HostServices;
 
 /// The FFI-safe face of the engine's services. `&dyn HostServices` is a fat pointer and abi_stable needs
 /// a thin one, so the caller keeps this adapter in its frame and lends it out as a [`HostRef`].
