@@ -234,6 +234,37 @@ fn write_string(s: &str, out: &mut String) {
     out.push('"');
 }
 
+/// The JSON of a stored message as Protean publishes it: `{"data", "metadata"}` with the
+/// `metadata.event_store` positions filled in (before `extensions`, where Protean puts them).
+pub fn wire_json(
+    data: &str,
+    metadata: &str,
+    position: u64,
+    global_position: u64,
+) -> Result<String, PoisonError> {
+    let data: Value =
+        serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
+    let metadata: Map<String, Value> =
+        serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))?;
+    let positions = serde_json::json!({ "global_position": global_position, "position": position });
+    let mut out = Map::new();
+    let mut placed = false;
+    for (key, value) in metadata {
+        if key == "event_store" {
+            continue;
+        }
+        if key == "extensions" && !placed {
+            out.insert("event_store".into(), positions.clone());
+            placed = true;
+        }
+        out.insert(key, value);
+    }
+    if !placed {
+        out.insert("event_store".into(), positions);
+    }
+    Ok(serde_json::json!({ "data": data, "metadata": out }).to_string())
+}
+
 /// What kind of message a new one is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -302,18 +333,27 @@ impl NewMeta<'_> {
                 fqn,
                 kind: self.kind.as_str(),
                 origin_stream: self.cause.map(|c| c.stream),
-                stream_category: crate::store::category(self.stream).trim_end_matches(":command"),
+                // Protean leaves a command's category empty; an event's is its stream's.
+                stream_category: match self.kind {
+                    Kind::Event => Some(crate::store::category(self.stream)),
+                    Kind::Command => None,
+                },
                 version,
                 sequence_id: None,
                 asynchronous: true,
                 expected_version: self.expected_version,
-                priority: 5,
-                correlation_id: cause_meta
+                priority: 0,
+                correlation_id: match cause_meta
                     .and_then(MetaView::correlation_id)
                     .or(self.cause.map(|c| c.id))
-                    .unwrap_or(self.id),
+                {
+                    Some(inherited) => Cow::Borrowed(inherited),
+                    // A root message starts a new chain, with a fresh id as Protean makes them.
+                    None => Cow::Owned(uuid::Uuid::new_v4().simple().to_string()),
+                },
                 causation_id: self.cause.map(|c| c.id),
             },
+            extensions: Map::new(),
         };
         serde_json::to_string(&out).expect("metadata of strings and numbers serializes")
     }
@@ -324,6 +364,7 @@ struct MetaOut<'a> {
     headers: HeadersOut<'a>,
     envelope: EnvelopeOut<'a>,
     domain: DomainOut<'a>,
+    extensions: Map<String, Value>,
 }
 
 #[derive(Serialize)]
@@ -349,13 +390,13 @@ struct DomainOut<'a> {
     fqn: &'a str,
     kind: &'a str,
     origin_stream: Option<&'a str>,
-    stream_category: &'a str,
+    stream_category: Option<&'a str>,
     version: u64,
     sequence_id: Option<&'a str>,
     asynchronous: bool,
     expected_version: Option<i64>,
     priority: u8,
-    correlation_id: &'a str,
+    correlation_id: Cow<'a, str>,
     causation_id: Option<&'a str>,
 }
 
@@ -449,10 +490,21 @@ mod tests {
         assert_eq!(json["domain"]["stream_category"], "shop::order");
         let root = NewMeta {
             cause: None,
+            kind: Kind::Command,
             ..meta
         };
         let json: Value = serde_json::from_str(&root.to_json()).unwrap();
-        assert_eq!(json["domain"]["correlation_id"], "c1");
+        let correlation = json["domain"]["correlation_id"].as_str().unwrap();
+        assert_eq!(
+            correlation.len(),
+            32,
+            "a fresh uuid4 hex, as Protean makes: {correlation}"
+        );
         assert_eq!(json["domain"]["causation_id"], Value::Null);
+        assert_eq!(
+            json["domain"]["stream_category"],
+            Value::Null,
+            "Protean leaves a command's category empty"
+        );
     }
 }

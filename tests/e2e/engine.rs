@@ -173,7 +173,7 @@ fn a_cascade_of_twelve_hops_completes() {
         )
         .unwrap();
         assert_eq!(
-            last["domain"]["correlation_id"], first["headers"]["id"],
+            last["domain"]["correlation_id"], first["domain"]["correlation_id"],
             "{backend}: the correlation id flows down the cascade"
         );
     }

@@ -8,4 +8,5 @@ mod cli;
 mod discovery;
 mod engine;
 mod loading;
+mod protean;
 mod server;
