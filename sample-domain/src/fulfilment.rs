@@ -266,7 +266,19 @@ fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> 
     Ok(())
 }
 
+/// The order's statuses, in the order they happen.
+const STATUSES: [&str; 4] = ["placed", "reserved", "paid", "shipped"];
+
+/// Move the summary forward, never back. The projector reads each category in its own subscription, so
+/// `OrderShipped` (order category) may be projected before `PaymentProcessed` (payment category):
+/// a projection fed by several categories must not depend on their relative order.
 fn summarise(ctx: &mut Context, order_id: String, status: &str) -> HandlerResult {
+    let rank = |s: &str| STATUSES.iter().position(|known| *known == s);
+    if let Some(current) = ctx.get::<OrderSummary>(&order_id)? {
+        if rank(&current.status) >= rank(status) {
+            return Ok(());
+        }
+    }
     ctx.put(&OrderSummary {
         order_id,
         status: status.into(),
@@ -391,6 +403,28 @@ mod tests {
         let commands = host.commands();
         assert_eq!(commands[0].stream, "fulfilment::payment:command-o1");
         assert_eq!(commands[0].data["amount"], 30.0);
+    }
+
+    #[test]
+    fn the_summary_never_moves_back() {
+        let host = TestHost::new(domain());
+        host.handle_event(
+            "order_summary",
+            "o1",
+            &OrderShipped {
+                order_id: "o1".into(),
+            },
+        )
+        .unwrap();
+        let paid = PaymentProcessed {
+            order_id: "o1".into(),
+            amount: 30.0,
+        };
+        host.handle_event("order_summary", "o1", &paid).unwrap();
+        assert_eq!(
+            host.document::<OrderSummary>("o1").unwrap().status,
+            "shipped"
+        );
     }
 
     #[test]
