@@ -106,6 +106,24 @@ pub(crate) struct Shared {
 }
 
 /// A domain ready to run.
+///
+/// Embedding the engine, as `protean-host` itself does:
+///
+/// ```no_run
+/// use protean_host::{config::Config, engine::{Engine, EngineOptions, Outcome}, plugin::Library};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let library = Library::load("target/debug/libsample_domain.so".as_ref())?;
+/// let domain = library.instantiate(&library.select(None)?, 3)?;
+/// let options = EngineOptions { test_mode: true, config: Config::load(None)? };
+/// let engine = Engine::new(domain, options)?;
+/// let order = serde_json::json!({"order_id": "o1", "customer": "ada", "sku": "book", "quantity": 1, "total": 9.5});
+/// engine.send("Fulfilment.PlaceOrder.v1", &order, None)?;
+/// let report = engine.run()?; // returns once every subscription is caught up
+/// assert_eq!(report.outcome, Outcome::Quiescent);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Engine {
     plugin: Arc<Plugin>,
     store: Arc<dyn Store>,
