@@ -23,6 +23,9 @@ pub struct UnitOfWork {
     pub processed: Vec<ProcessedMarker>,
     pub position: Option<PositionUpdate>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Write an outbox row for every appended message, so the outbox processor publishes it to the
+    /// broker stream of its category (set when a broker is configured).
+    pub publish: bool,
 }
 
 impl UnitOfWork {

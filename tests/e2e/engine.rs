@@ -495,6 +495,9 @@ impl Store for ConflictOnce {
     fn head(&self, c: &[String]) -> store::Result<u64> {
         self.inner.head(c)
     }
+    fn processed(&self, s: &str, ids: &[&str]) -> store::Result<std::collections::HashSet<String>> {
+        self.inner.processed(s, ids)
+    }
     fn dead_letters(&self, s: Option<&str>) -> store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s)
     }

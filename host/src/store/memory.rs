@@ -6,7 +6,10 @@ use std::{
 };
 
 use super::{
-    category, check_field, DeadLetter, Error, Result, Store, StoredDocument, StoredMessage,
+    category, check_field,
+    outbox::{choose, Candidate, Lease},
+    DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, Result, Store, StoredDocument,
+    StoredMessage,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
@@ -19,6 +22,25 @@ struct State {
     documents: BTreeMap<(String, String), String>,
     processed: HashSet<(String, String)>,
     dead_letters: Vec<DeadLetter>,
+    outbox: Vec<OutboxRow>,
+    leases: HashMap<String, Lease>,
+}
+
+#[derive(Debug)]
+struct OutboxRow {
+    seq: u64,
+    global_position: u64,
+    target: String,
+    state: RowState,
+    attempts: u32,
+    next_attempt_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowState {
+    Pending,
+    Published,
+    Abandoned,
 }
 
 /// A store that lives in this process only.
@@ -86,6 +108,19 @@ impl State {
                 metadata: m.metadata.clone(),
             });
             last = Some(global_position);
+            if unit.publish {
+                let seq = self.outbox.len() as u64 + 1;
+                let target = category(&m.stream).to_owned();
+                let row = OutboxRow {
+                    seq,
+                    global_position,
+                    target,
+                    state: RowState::Pending,
+                    attempts: 0,
+                    next_attempt_at: 0,
+                };
+                self.outbox.push(row);
+            }
         }
         for write in &unit.documents {
             match write {
@@ -205,6 +240,23 @@ impl Store for MemoryStore {
             .map_or(0, |m| m.global_position))
     }
 
+    fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {
+        let state = self.state();
+        Ok(ids
+            .iter()
+            .filter(|id| {
+                state
+                    .processed
+                    .contains(&(subscription.to_owned(), (**id).to_owned()))
+            })
+            .map(|id| (*id).to_owned())
+            .collect())
+    }
+
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
+
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
         let state = self.state();
         Ok(state
@@ -213,5 +265,86 @@ impl Store for MemoryStore {
             .filter(|d| subscription.is_none_or(|s| d.subscription == s))
             .cloned()
             .collect())
+    }
+}
+
+impl Outbox for MemoryStore {
+    fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: std::time::Duration,
+    ) -> Result<Vec<OutboxItem>> {
+        let mut state = self.state();
+        let now = super::now_ms();
+        let candidates: Vec<Candidate> = state
+            .outbox
+            .iter()
+            .filter(|r| r.state == RowState::Pending)
+            .map(|r| Candidate {
+                seq: r.seq,
+                target: r.target.clone(),
+                next_attempt_at: r.next_attempt_at,
+            })
+            .collect();
+        let taken = choose(&candidates, &state.leases, worker, now, limit);
+        let mut items = Vec::with_capacity(taken.len());
+        for seq in taken {
+            let row = &state.outbox[seq as usize - 1];
+            let message = state.messages[row.global_position as usize - 1].clone();
+            items.push(OutboxItem {
+                seq,
+                target: row.target.clone(),
+                attempts: row.attempts,
+                message,
+            });
+        }
+        let until = now + lease.as_millis() as u64;
+        for item in &items {
+            state.leases.insert(
+                item.target.clone(),
+                Lease {
+                    worker: worker.to_owned(),
+                    until,
+                },
+            );
+        }
+        Ok(items)
+    }
+
+    fn published(&self, _worker: &str, seqs: &[u64]) -> Result<()> {
+        let mut state = self.state();
+        for seq in seqs {
+            state.outbox[*seq as usize - 1].state = RowState::Published;
+        }
+        Ok(())
+    }
+
+    fn failed(&self, _worker: &str, seq: u64, _error: &str, retry_at: Option<u64>) -> Result<()> {
+        let mut state = self.state();
+        let row = &mut state.outbox[seq as usize - 1];
+        row.attempts += 1;
+        match retry_at {
+            Some(at) => row.next_attempt_at = at,
+            None => row.state = RowState::Abandoned,
+        }
+        Ok(())
+    }
+
+    fn release(&self, worker: &str) -> Result<()> {
+        self.state()
+            .leases
+            .retain(|_, lease| lease.worker != worker);
+        Ok(())
+    }
+
+    fn counts(&self) -> Result<OutboxCounts> {
+        let state = self.state();
+        let count = |s: RowState| state.outbox.iter().filter(|r| r.state == s).count() as u64;
+        Ok(OutboxCounts {
+            pending: count(RowState::Pending),
+            published: count(RowState::Published),
+            abandoned: count(RowState::Abandoned),
+        })
     }
 }

@@ -8,15 +8,17 @@
 //! the plugin), so an embedded store costs no thread hop and a handler's reads are plain calls.
 
 mod memory;
+mod outbox;
 mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::HashSet, path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
 pub use memory::MemoryStore;
+pub use outbox::{now_ms, Outbox, OutboxCounts, OutboxItem};
 pub use sqlite::SqliteStore;
 
 use crate::unit_of_work::UnitOfWork;
@@ -129,6 +131,14 @@ pub trait Store: Send + Sync {
 
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
+
+    /// Which of `ids` already have a processed marker of `subscription` (a redelivery after a commit).
+    fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;
+
+    /// The outbox, for stores that keep one.
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        None
+    }
 }
 
 /// Which store to open.

@@ -6,7 +6,7 @@
 //! write lock at the start of a commit (`BEGIN IMMEDIATE`) and wait up to five seconds for it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -15,7 +15,9 @@ use std::{
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    category, check_field, indexed_fields, DeadLetter, Error, Result, Store, StoredDocument,
+    category, check_field, indexed_fields,
+    outbox::{choose, Candidate, Lease},
+    DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, Result, Store, StoredDocument,
     StoredMessage,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
@@ -43,6 +45,17 @@ mod sql {
     pub(super) const INSERT_PROCESSED: &str = include_str!("sql/sqlite/insert_processed.sql");
     pub(super) const INSERT_DEAD_LETTER: &str = include_str!("sql/sqlite/insert_dead_letter.sql");
     pub(super) const READ_DEAD_LETTERS: &str = include_str!("sql/sqlite/read_dead_letters.sql");
+    pub(super) const IS_PROCESSED: &str = include_str!("sql/sqlite/is_processed.sql");
+    pub(super) const OUTBOX_INSERT: &str = include_str!("sql/sqlite/outbox_insert.sql");
+    pub(super) const OUTBOX_CANDIDATES: &str = include_str!("sql/sqlite/outbox_candidates.sql");
+    pub(super) const OUTBOX_LEASES: &str = include_str!("sql/sqlite/outbox_leases.sql");
+    pub(super) const OUTBOX_ITEM: &str = include_str!("sql/sqlite/outbox_item.sql");
+    pub(super) const OUTBOX_LEASE: &str = include_str!("sql/sqlite/outbox_lease.sql");
+    pub(super) const OUTBOX_PUBLISHED: &str = include_str!("sql/sqlite/outbox_published.sql");
+    pub(super) const OUTBOX_RETRY: &str = include_str!("sql/sqlite/outbox_retry.sql");
+    pub(super) const OUTBOX_ABANDON: &str = include_str!("sql/sqlite/outbox_abandon.sql");
+    pub(super) const OUTBOX_RELEASE: &str = include_str!("sql/sqlite/outbox_release.sql");
+    pub(super) const OUTBOX_COUNTS: &str = include_str!("sql/sqlite/outbox_counts.sql");
 }
 
 /// A store in a SQLite file: one writer connection, and a pool of reader connections so that handlers
@@ -242,7 +255,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
             other => other?,
         };
         versions.insert(&m.stream, actual + 1);
-        last = Some(tx.last_insert_rowid() as u64);
+        let global_position = tx.last_insert_rowid();
+        if unit.publish {
+            tx.prepare_cached(sql::OUTBOX_INSERT)?
+                .execute(params![global_position, category(&m.stream)])?;
+        }
+        last = Some(global_position as u64);
     }
     for write in &unit.documents {
         write_document(tx, write)?;
@@ -448,6 +466,27 @@ impl Store for SqliteStore {
         Ok(max)
     }
 
+    fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::IS_PROCESSED)
+            .map_err(|e| self.error(e))?;
+        let mut found = HashSet::new();
+        for id in ids {
+            if statement
+                .exists(params![subscription, id])
+                .map_err(|e| self.error(e))?
+            {
+                found.insert((*id).to_owned());
+            }
+        }
+        Ok(found)
+    }
+
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
+
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
         let connection = self.reader()?;
         let mut statement = connection
@@ -473,5 +512,136 @@ impl Store for SqliteStore {
             .map_err(|e| self.error(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.error(e))
+    }
+}
+
+impl SqliteStore {
+    /// Run `f` in a write transaction (`BEGIN IMMEDIATE`: serialised with every other writer, in any
+    /// process).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let mut connection = self.connection();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.error(e))?;
+        let out = f(&tx).map_err(|e| self.error(e))?;
+        tx.commit().map_err(|e| self.error(e))?;
+        Ok(out)
+    }
+}
+
+fn outbox_item(r: &Row<'_>) -> rusqlite::Result<OutboxItem> {
+    Ok(OutboxItem {
+        seq: r.get(0)?,
+        target: r.get(1)?,
+        attempts: r.get(2)?,
+        message: StoredMessage {
+            global_position: r.get(3)?,
+            position: r.get(4)?,
+            stream: r.get(5)?,
+            message_type: r.get(6)?,
+            id: r.get(7)?,
+            time: r.get(8)?,
+            data: r.get(9)?,
+            metadata: r.get(10)?,
+        },
+    })
+}
+
+impl Outbox for SqliteStore {
+    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Vec<OutboxItem>> {
+        let now = super::now_ms();
+        self.write(|tx| {
+            // A window of the oldest pending rows: enough to skip a few held-back streams.
+            let candidates: Vec<Candidate> = tx
+                .prepare_cached(sql::OUTBOX_CANDIDATES)?
+                .query_map([limit as i64 * 4], |r| {
+                    Ok(Candidate {
+                        seq: r.get(0)?,
+                        target: r.get(1)?,
+                        next_attempt_at: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let leases: HashMap<String, Lease> = tx
+                .prepare_cached(sql::OUTBOX_LEASES)?
+                .query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        Lease {
+                            worker: r.get(1)?,
+                            until: r.get(2)?,
+                        },
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut items = Vec::new();
+            let mut select = tx.prepare_cached(sql::OUTBOX_ITEM)?;
+            for seq in choose(&candidates, &leases, worker, now, limit) {
+                items.push(select.query_row([seq], outbox_item)?);
+            }
+            let until = now + lease.as_millis() as u64;
+            let mut take = tx.prepare_cached(sql::OUTBOX_LEASE)?;
+            let targets: HashSet<&str> = items.iter().map(|i| i.target.as_str()).collect();
+            for target in targets {
+                take.execute(params![target, worker, until])?;
+            }
+            Ok(items)
+        })
+    }
+
+    fn published(&self, _worker: &str, seqs: &[u64]) -> Result<()> {
+        let at = now();
+        self.write(|tx| {
+            let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
+            for seq in seqs {
+                mark.execute(params![seq, at])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: Option<u64>) -> Result<()> {
+        self.write(|tx| {
+            match retry_at {
+                Some(at) => tx
+                    .prepare_cached(sql::OUTBOX_RETRY)?
+                    .execute(params![seq, error, at])?,
+                None => tx
+                    .prepare_cached(sql::OUTBOX_ABANDON)?
+                    .execute(params![seq, error])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn release(&self, worker: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.prepare_cached(sql::OUTBOX_RELEASE)?
+                .execute([worker])
+                .map(drop)
+        })
+    }
+
+    fn counts(&self) -> Result<OutboxCounts> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::OUTBOX_COUNTS)
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(|e| self.error(e))?;
+        let mut counts = OutboxCounts::default();
+        for row in rows {
+            let (status, n) = row.map_err(|e| self.error(e))?;
+            match status.as_str() {
+                "pending" => counts.pending = n,
+                "published" => counts.published = n,
+                _ => counts.abandoned += n,
+            }
+        }
+        Ok(counts)
     }
 }

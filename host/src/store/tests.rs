@@ -227,6 +227,88 @@ pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
     );
 }
 
+pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
+    let marker = |id: &str| ProcessedMarker {
+        subscription: "s".into(),
+        message_id: id.into(),
+        build_id: "b".into(),
+    };
+    store
+        .commit(&UnitOfWork {
+            processed: vec![marker("m1"), marker("m2")],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let found = store.processed("s", &["m1", "m3", "m2"]).unwrap();
+    assert_eq!(found.len(), 2);
+    assert!(found.contains("m1") && found.contains("m2"));
+    assert!(store.processed("other", &["m1"]).unwrap().is_empty());
+}
+
+pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
+    let outbox = store.outbox().expect("this store keeps an outbox");
+    let messages = vec![
+        event("shop::order-1", 0, None),
+        event("shop::stock-1", 0, None),
+        event("shop::order-2", 0, None),
+    ];
+    store
+        .commit(&UnitOfWork {
+            messages,
+            publish: true,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    store
+        .commit(&UnitOfWork {
+            messages: vec![event("shop::order-3", 0, None)],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    assert_eq!(
+        outbox.counts().unwrap().pending,
+        3,
+        "a unit without publish writes no outbox rows"
+    );
+    let lease = std::time::Duration::from_secs(30);
+    let a = outbox.claim("a", 10, lease).unwrap();
+    let targets: Vec<&str> = a.iter().map(|i| i.target.as_str()).collect();
+    assert_eq!(targets, ["shop::order", "shop::stock", "shop::order"]);
+    assert_eq!(a[0].message.stream, "shop::order-1");
+    assert!(
+        outbox.claim("b", 10, lease).unwrap().is_empty(),
+        "streams leased to a stay with a"
+    );
+    outbox
+        .failed("a", a[0].seq, "broker down", Some(super::now_ms() + 60_000))
+        .unwrap();
+    outbox.published("a", &[a[1].seq]).unwrap();
+    outbox.release("a").unwrap();
+    let b = outbox.claim("b", 10, lease).unwrap();
+    assert!(
+        b.is_empty(),
+        "the order stream waits behind its first row: {b:?}"
+    );
+    outbox.failed("b", a[0].seq, "broker down", None).unwrap();
+    let b = outbox.claim("b", 10, lease).unwrap();
+    assert_eq!(
+        b.iter()
+            .map(|i| i.message.stream.as_str())
+            .collect::<Vec<_>>(),
+        ["shop::order-2"]
+    );
+    assert_eq!(b[0].attempts, 0);
+    outbox.published("b", &[b[0].seq]).unwrap();
+    assert_eq!(
+        outbox.counts().unwrap(),
+        super::OutboxCounts {
+            pending: 0,
+            published: 2,
+            abandoned: 1
+        }
+    );
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -237,6 +319,8 @@ macro_rules! store_conformance {
             #[test] fn a_duplicate_message_id_is_refused() { let (s, _g) = $make; super::a_duplicate_message_id_is_refused(&s) }
             #[test] fn documents_are_found_by_field() { let (s, _g) = $make; super::documents_are_found_by_field(&s) }
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
+            #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
+            #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
         }
     )+};
 }

@@ -61,3 +61,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     failed_at       TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_subscription ON dead_letters (subscription, seq);
+
+-- Messages waiting to be published to the broker (written in the same transaction as the message).
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    global_position INTEGER NOT NULL,
+    target          TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    published_at    TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, seq);
+
+-- Which outbox processor publishes to a target stream now, so that a stream's order is kept.
+CREATE TABLE IF NOT EXISTS outbox_leases (
+    target TEXT    PRIMARY KEY,
+    worker TEXT    NOT NULL,
+    until  INTEGER NOT NULL
+) WITHOUT ROWID;

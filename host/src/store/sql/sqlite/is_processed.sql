@@ -1,0 +1,1 @@
+SELECT 1 FROM processed WHERE subscription = ?1 AND message_id = ?2

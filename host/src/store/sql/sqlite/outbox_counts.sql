@@ -1,0 +1,1 @@
+SELECT status, COUNT(*) FROM outbox GROUP BY status

@@ -1,0 +1,1 @@
+INSERT INTO outbox (global_position, target) VALUES (?1, ?2)

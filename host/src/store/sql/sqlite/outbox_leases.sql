@@ -1,0 +1,1 @@
+SELECT target, worker, until FROM outbox_leases

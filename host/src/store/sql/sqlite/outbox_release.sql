@@ -1,0 +1,1 @@
+DELETE FROM outbox_leases WHERE worker = ?1
