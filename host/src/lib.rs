@@ -9,6 +9,7 @@
 // whose items are the authoring surface.
 #![allow(missing_docs)]
 
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -1,0 +1,128 @@
+//! Brokers: streams that carry published messages to consumer groups, shared by many replicas.
+//!
+//! Invariants: a consumer group delivers each entry to one consumer; an entry stays pending until it is
+//! acknowledged, which the engine does only after the entry's unit of work has committed (or it was
+//! dead-lettered); an entry pending on a dead consumer is reclaimed by a live one.
+//!
+//! [`open`] is the only code that knows the backends by name.
+
+mod redis;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+
+pub use self::redis::RedisBroker;
+
+/// One entry read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The stream it was read from.
+    pub stream: String,
+    /// Its stream id (`1700000000000-0`).
+    pub id: String,
+    /// Its `data` field (the message's JSON), if it has one that is text.
+    pub data: Option<String>,
+    /// How many times it has been delivered, this time included.
+    pub deliveries: u32,
+}
+
+/// Where a new consumer group starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupStart {
+    /// The whole history of the stream (Protean's choice, and the default).
+    #[default]
+    Beginning,
+    /// Only entries added after the group is created.
+    New,
+}
+
+/// How to reach and use the broker.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerConfig {
+    /// `redis://host:port/db`.
+    pub uri: String,
+    pub group_start: GroupStart,
+    /// How long a read waits for new entries.
+    pub block: Duration,
+    /// An entry pending this long on a consumer is taken over by another.
+    pub claim_idle: Duration,
+    /// How often a consumer looks for entries to take over.
+    pub reclaim_interval: Duration,
+}
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("broker {uri} is unreachable: {source}")]
+    Connect { uri: String, source: ::redis::RedisError },
+    #[error("broker command {command} failed: {source}")]
+    Command { command: &'static str, source: ::redis::RedisError },
+    #[error("invalid broker uri {uri:?}: {reason}; write redis://HOST:PORT[/DB]")]
+    Uri { uri: String, reason: String },
+}
+
+/// Result of broker operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A broker: publishing, consumer groups, and leases.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Append `payloads` (each a message's JSON) to `stream`, in order, as Protean does: one field, `data`.
+    async fn publish(&self, stream: &str, payloads: &[String]) -> Result<()>;
+
+    /// A consumer named `consumer` in `group` over `streams`, with a connection of its own, so that its
+    /// blocking reads never stall other commands. Creates the group where it is missing.
+    async fn consumer(&self, streams: Vec<String>, group: &str, consumer: &str) -> Result<Box<dyn Consumer>>;
+
+    /// Entries of `streams` not yet delivered to `group`, plus those delivered but not acknowledged.
+    async fn backlog(&self, streams: &[String], group: &str) -> Result<u64>;
+
+    /// Whether the broker answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Take the lease `name` for `owner` for `ttl`, or renew it if `owner` holds it. False when another
+    /// owner holds it.
+    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool>;
+
+    /// Give the lease `name` up, if `owner` holds it.
+    async fn release(&self, name: &str, owner: &str) -> Result<()>;
+}
+
+/// One consumer of a consumer group.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Up to `count` entries: this consumer's pending ones first (redeliveries, reclaimed entries),
+    /// then new ones, waiting up to `block` for them.
+    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>>;
+
+    /// Acknowledge entries (stream, id): they are done.
+    async fn ack(&mut self, entries: &[(String, String)]) -> Result<()>;
+
+    /// Record `entry` in the group's dead-letter stream with why it failed, then acknowledge it.
+    async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()>;
+
+    /// Take over entries pending longer than `min_idle` on other consumers, and forget consumers that
+    /// are gone with nothing pending. Returns how many entries were taken over.
+    async fn reclaim(&mut self, min_idle: Duration) -> Result<usize>;
+}
+
+/// The dead-letter stream of a group.
+pub fn dead_letter_stream(group: &str) -> String {
+    format!("{group}:dlq")
+}
+
+/// The stream a group reads replayed dead letters from (a replay goes back to one group only).
+pub fn replay_stream(group: &str) -> String {
+    format!("{group}:replay")
+}
+
+/// Connect to the configured broker.
+pub async fn open(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
+    let scheme = config.uri.split("://").next().unwrap_or_default();
+    match scheme {
+        "redis" | "rediss" | "redis+unix" | "unix" => Ok(Arc::new(RedisBroker::connect(config).await?)),
+        other => Err(Error::Uri { uri: config.uri.clone(), reason: format!("unknown scheme {other:?}") }),
+    }
+}

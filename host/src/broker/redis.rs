@@ -1,0 +1,322 @@
+//! The Redis Streams broker: `XADD` to publish, consumer groups to consume, `XAUTOCLAIM` to take over
+//! the entries of dead consumers, `SET NX PX` for leases.
+//!
+//! Each consumer has a connection of its own (a `ConnectionManager`, which reconnects after Redis
+//! restarts), so a blocked `XREADGROUP` never holds up publishing or acknowledging.
+
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
+
+use async_trait::async_trait;
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    streams::{StreamPendingCountReply, StreamReadReply},
+    Client, Script, Value,
+};
+
+use super::{dead_letter_stream, Broker, BrokerConfig, Consumer, Entry, Error, GroupStart, Result};
+
+static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/renew_lease.lua")));
+static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
+
+/// Commands that do not block get this long to answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A Redis server used as the broker.
+pub struct RedisBroker {
+    client: Client,
+    commands: ConnectionManager,
+    config: BrokerConfig,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("uri", &self.config.uri).finish_non_exhaustive()
+    }
+}
+
+fn command(name: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
+    move |source| Error::Command { command: name, source }
+}
+
+async fn manager(client: &Client, uri: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2);
+    ConnectionManager::new_with_config(client.clone(), config)
+        .await
+        .map_err(|source| Error::Connect { uri: uri.to_owned(), source })
+}
+
+impl RedisBroker {
+    /// Connect to `config.uri`.
+    pub async fn connect(config: &BrokerConfig) -> Result<Self> {
+        let client = Client::open(config.uri.as_str())
+            .map_err(|e| Error::Uri { uri: config.uri.clone(), reason: e.to_string() })?;
+        let commands = manager(&client, &config.uri, RESPONSE_TIMEOUT).await?;
+        Ok(Self { client, commands, config: config.clone() })
+    }
+
+    fn lease_key(name: &str) -> String {
+        format!("protean:lease:{name}")
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, stream: &str, payloads: &[String]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.cmd("XADD").arg(stream).arg("*").arg("data").arg(payload).ignore();
+        }
+        pipe.query_async::<()>(&mut self.commands.clone()).await.map_err(command("XADD"))
+    }
+
+    async fn consumer(&self, streams: Vec<String>, group: &str, consumer: &str) -> Result<Box<dyn Consumer>> {
+        let mut conn = manager(&self.client, &self.config.uri, self.config.block + RESPONSE_TIMEOUT).await?;
+        let start = match self.config.group_start {
+            GroupStart::Beginning => "0",
+            GroupStart::New => "$",
+        };
+        for stream in &streams {
+            let created: redis::RedisResult<()> =
+                redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg(start).arg("MKSTREAM").query_async(&mut conn).await;
+            match created {
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                other => other.map_err(command("XGROUP CREATE"))?,
+            }
+        }
+        Ok(Box::new(RedisConsumer {
+            conn,
+            streams,
+            group: group.to_owned(),
+            name: consumer.to_owned(),
+            maybe_pending: true,
+        }))
+    }
+
+    async fn backlog(&self, streams: &[String], group: &str) -> Result<u64> {
+        let mut conn = self.commands.clone();
+        let mut total = 0;
+        for stream in streams {
+            let groups: Vec<HashMap<String, Value>> =
+                redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(&mut conn).await.map_err(command("XINFO GROUPS"))?;
+            let Some(info) = groups.iter().find(|g| text(g.get("name")).as_deref() == Some(group)) else { continue };
+            // Without a lag (an entry was deleted), count the group as behind until it reads again.
+            total += number(info.get("lag")).unwrap_or(1) + number(info.get("pending")).unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        redis::cmd("PING").query_async::<String>(&mut self.commands.clone()).await.map(drop).map_err(command("PING"))
+    }
+
+    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let mut conn = self.commands.clone();
+        let key = Self::lease_key(name);
+        let ttl_ms = ttl.as_millis() as u64;
+        let taken: Option<String> =
+            redis::cmd("SET").arg(&key).arg(owner).arg("NX").arg("PX").arg(ttl_ms).query_async(&mut conn).await.map_err(command("SET NX"))?;
+        if taken.is_some() {
+            return Ok(true);
+        }
+        let renewed: i64 =
+            RENEW_LEASE.key(&key).arg(owner).arg(ttl_ms).invoke_async(&mut conn).await.map_err(command("EVALSHA renew_lease"))?;
+        Ok(renewed == 1)
+    }
+
+    async fn release(&self, name: &str, owner: &str) -> Result<()> {
+        let mut conn = self.commands.clone();
+        RELEASE_LEASE
+            .key(Self::lease_key(name))
+            .arg(owner)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(command("EVALSHA release_lease"))
+    }
+}
+
+fn text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn number(value: Option<&Value>) -> Option<u64> {
+    match value? {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::Nil => None,
+        other => text(Some(other))?.parse().ok(),
+    }
+}
+
+/// One consumer, on a connection of its own.
+struct RedisConsumer {
+    conn: ConnectionManager,
+    streams: Vec<String>,
+    group: String,
+    name: String,
+    /// Whether this consumer may have pending entries (at start, after a failure, after a reclaim).
+    maybe_pending: bool,
+}
+
+impl RedisConsumer {
+    async fn read_group(&mut self, count: usize, block: Option<Duration>, from: &str) -> Result<Vec<Entry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(&self.group).arg(&self.name).arg("COUNT").arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.streams);
+        for _ in &self.streams {
+            cmd.arg(from);
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await.map_err(command("XREADGROUP"))?;
+        let mut entries = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for id in key.ids {
+                let data = id.map.get("data").and_then(|v| text(Some(v)));
+                entries.push(Entry { stream: key.key.clone(), id: id.id, data, deliveries: 1 });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Fill in how often each pending entry has been delivered (Redis counts, so it survives restarts).
+    async fn fill_deliveries(&mut self, entries: &mut [Entry]) -> Result<()> {
+        for stream in &self.streams {
+            let ids: Vec<&str> = entries.iter().filter(|e| &e.stream == stream).map(|e| e.id.as_str()).collect();
+            let (Some(first), Some(last)) = (ids.first(), ids.last()) else { continue };
+            let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(&self.group)
+                .arg(*first)
+                .arg(*last)
+                .arg(ids.len())
+                .arg(&self.name)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(command("XPENDING"))?;
+            let counts: HashMap<String, usize> = pending.ids.into_iter().map(|p| (p.id, p.times_delivered)).collect();
+            for entry in entries.iter_mut().filter(|e| &e.stream == stream) {
+                entry.deliveries = counts.get(&entry.id).copied().unwrap_or(1) as u32;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for RedisConsumer {
+    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        if self.maybe_pending {
+            let mut pending = self.read_group(count, None, "0").await?;
+            if !pending.is_empty() {
+                self.fill_deliveries(&mut pending).await?;
+                return Ok(pending);
+            }
+            self.maybe_pending = false;
+        }
+        self.read_group(count, Some(block), ">").await
+    }
+
+    async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for stream in &self.streams {
+            let ids: Vec<&str> = entries.iter().filter(|(s, _)| s == stream).map(|(_, id)| id.as_str()).collect();
+            if !ids.is_empty() {
+                pipe.cmd("XACK").arg(stream).arg(&self.group).arg(ids).ignore();
+            }
+        }
+        // Entries left unacknowledged (a retry) are read again before new ones.
+        self.maybe_pending = true;
+        pipe.query_async::<()>(&mut self.conn).await.map_err(command("XACK"))
+    }
+
+    async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()> {
+        let failed_at = crate::message::format_time(chrono::Utc::now());
+        redis::cmd("XADD")
+            .arg(dead_letter_stream(&self.group))
+            .arg("*")
+            .arg("data")
+            .arg(entry.data.as_deref().unwrap_or_default())
+            .arg("original_stream")
+            .arg(&entry.stream)
+            .arg("original_id")
+            .arg(&entry.id)
+            .arg("group")
+            .arg(&self.group)
+            .arg("consumer")
+            .arg(&self.name)
+            .arg("error")
+            .arg(error)
+            .arg("attempts")
+            .arg(attempts)
+            .arg("failed_at")
+            .arg(failed_at)
+            .query_async::<String>(&mut self.conn)
+            .await
+            .map_err(command("XADD dead letter"))?;
+        self.ack(&[(entry.stream.clone(), entry.id.clone())]).await
+    }
+
+    async fn reclaim(&mut self, min_idle: Duration) -> Result<usize> {
+        let mut claimed = 0;
+        let streams = self.streams.clone();
+        for stream in &streams {
+            let mut cursor = "0-0".to_owned();
+            loop {
+                // JUSTID: take the entries over without counting a delivery; the next read counts it.
+                let reply: Vec<Value> = redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(&self.name)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(100)
+                    .arg("JUSTID")
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(command("XAUTOCLAIM"))?;
+                cursor = text(reply.first()).unwrap_or_else(|| "0-0".into());
+                if let Some(Value::Array(ids)) = reply.get(1) {
+                    claimed += ids.len();
+                }
+                if cursor == "0-0" {
+                    break;
+                }
+            }
+            let consumers: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(stream)
+                .arg(&self.group)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(command("XINFO CONSUMERS"))?;
+            for consumer in consumers {
+                let name = text(consumer.get("name")).unwrap_or_default();
+                let gone = number(consumer.get("pending")) == Some(0)
+                    && number(consumer.get("idle")).is_some_and(|idle| idle > min_idle.as_millis() as u64);
+                if gone && name != self.name {
+                    redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(stream)
+                        .arg(&self.group)
+                        .arg(&name)
+                        .query_async::<i64>(&mut self.conn)
+                        .await
+                        .map_err(command("XGROUP DELCONSUMER"))?;
+                }
+            }
+        }
+        if claimed > 0 {
+            self.maybe_pending = true;
+        }
+        Ok(claimed)
+    }
+}
