@@ -34,7 +34,10 @@ use std::{
 use protean_plugin_api::HandlerOptions;
 use serde::Deserialize;
 
-use crate::store::StoreConfig;
+use crate::{
+    broker::{BrokerConfig, GroupStart},
+    store::StoreConfig,
+};
 
 /// Why the configuration could not be used. Each names the file and the key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,10 +96,51 @@ pub struct Config {
     pub poll_interval: Duration,
     /// How often a batch is re-run after a version conflict before it counts as a failure.
     pub version_retries: u32,
+    /// The broker, when one is configured (`[brokers.default]`).
+    pub broker: Option<BrokerConfig>,
+    /// How the outbox publishes to the broker.
+    pub outbox: OutboxSettings,
+    /// How long an event-store subscription's lease lasts when replicas share a broker.
+    pub lease_ttl: Duration,
+    default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
     handlers: BTreeMap<String, HandlerSection>,
     profiles: BTreeMap<String, Profile>,
+}
+
+/// Where a handler's messages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionType {
+    /// The event store, by category, from a stored position (one replica at a time).
+    EventStore,
+    /// Broker streams, through a consumer group (every replica shares the work).
+    Stream,
+}
+
+/// Outbox publishing settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxSettings {
+    /// Rows claimed and published per round.
+    pub messages_per_tick: u32,
+    /// Attempts before a row is abandoned (and logged as such).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubles per attempt, with jitter.
+    pub retry_delay_ms: u64,
+    /// Upper bound of the backoff.
+    pub max_retry_delay_ms: u64,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            messages_per_tick: 500,
+            max_attempts: 10,
+            retry_delay_ms: 1000,
+            max_retry_delay_ms: 60_000,
+        }
+    }
 }
 
 fn store_as_text<S: serde::Serializer>(store: &StoreConfig, s: S) -> Result<S::Ok, S::Error> {
@@ -149,7 +193,31 @@ struct RawConfig {
     server: ServerSection,
     #[serde(default)]
     profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    brokers: BTreeMap<String, BrokerSection>,
+    #[serde(default)]
+    outbox: OutboxSection,
     // `[env.NAME]` overlays are merged (or dropped) before parsing.
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerSection {
+    uri: String,
+    #[serde(default)]
+    group_start: GroupStart,
+    block_ms: Option<u64>,
+    claim_idle_ms: Option<u64>,
+    reclaim_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboxSection {
+    messages_per_tick: Option<u32>,
+    max_attempts: Option<u32>,
+    retry_delay_ms: Option<u64>,
+    max_retry_delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +248,8 @@ struct ServerSection {
     test_mode_timeout_seconds: Option<u64>,
     poll_interval_ms: Option<u64>,
     version_retries: Option<u32>,
+    subscription_type: Option<SubscriptionType>,
+    lease_ttl_ms: Option<u64>,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
 }
@@ -188,6 +258,7 @@ struct ServerSection {
 #[serde(deny_unknown_fields)]
 struct HandlerSection {
     profile: Option<String>,
+    subscription_type: Option<SubscriptionType>,
     messages_per_tick: Option<u32>,
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
@@ -281,12 +352,37 @@ impl Config {
             },
         };
         let s = &raw.server;
+        let broker = broker(raw.brokers, path)?;
+        let o = &raw.outbox;
+        let defaults = OutboxSettings::default();
+        let outbox = OutboxSettings {
+            messages_per_tick: o.messages_per_tick.unwrap_or(defaults.messages_per_tick),
+            max_attempts: o.max_attempts.unwrap_or(defaults.max_attempts),
+            retry_delay_ms: o.retry_delay_ms.unwrap_or(defaults.retry_delay_ms),
+            max_retry_delay_ms: o.max_retry_delay_ms.unwrap_or(defaults.max_retry_delay_ms),
+        };
+        if outbox.messages_per_tick == 0 || outbox.max_attempts == 0 {
+            return Err(invalid(
+                "outbox",
+                "messages_per_tick and max_attempts must be at least 1".into(),
+            ));
+        }
+        if s.subscription_type == Some(SubscriptionType::Stream) && broker.is_none() {
+            return Err(invalid(
+                "server.subscription_type",
+                "\"stream\" needs a broker; add [brokers.default] with a uri".into(),
+            ));
+        }
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
             test_mode_timeout: Duration::from_secs(s.test_mode_timeout_seconds.unwrap_or(60)),
             poll_interval: Duration::from_millis(s.poll_interval_ms.unwrap_or(1000)),
             version_retries: s.version_retries.unwrap_or(3),
+            broker,
+            outbox,
+            lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
+            default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
                 max_retries: s.max_retries,
@@ -371,10 +467,58 @@ impl Config {
         settings
     }
 
+    /// The subscription type configured for `handler` (its own key, else `[server]`'s), if any.
+    pub fn subscription_type(&self, handler: &str) -> Option<SubscriptionType> {
+        self.handlers
+            .get(handler)
+            .and_then(|h| h.subscription_type)
+            .or(self.default_subscription_type)
+    }
+
     /// Handler names configured in `[server.handlers]`, to warn about ones the domain does not have.
     pub fn configured_handlers(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }
+}
+
+fn broker(
+    mut brokers: BTreeMap<String, BrokerSection>,
+    path: &Path,
+) -> Result<Option<BrokerConfig>, Error> {
+    let invalid = |key: String, message: String| Error::Invalid {
+        path: path.into(),
+        key,
+        message,
+    };
+    if let Some(other) = brokers.keys().find(|name| *name != "default") {
+        return Err(invalid(
+            format!("brokers.{other}"),
+            "only [brokers.default] is supported; rename the section".into(),
+        ));
+    }
+    let Some(b) = brokers.remove("default") else {
+        return Ok(None);
+    };
+    if !b.uri.contains("://") {
+        return Err(invalid(
+            "brokers.default.uri".into(),
+            format!("{:?} is not a URI; write redis://HOST:PORT[/DB]", b.uri),
+        ));
+    }
+    let block = Duration::from_millis(b.block_ms.unwrap_or(1000));
+    if block.is_zero() {
+        return Err(invalid(
+            "brokers.default.block_ms".into(),
+            "must be at least 1 (0 would block forever)".into(),
+        ));
+    }
+    Ok(Some(BrokerConfig {
+        uri: b.uri,
+        group_start: b.group_start,
+        block,
+        claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),
+        reclaim_interval: Duration::from_millis(b.reclaim_interval_ms.unwrap_or(5_000)),
+    }))
 }
 
 fn validate(profile: &Profile, key: &str) -> Result<(), (String, String)> {
@@ -579,6 +723,43 @@ mod tests {
         assert_eq!(
             unset.to_string(),
             "config file protean.toml: store.path: environment variable PROD_PATH is not set; set it or write ${PROD_PATH|default}"
+        );
+    }
+
+    #[test]
+    fn a_broker_makes_streams_possible() {
+        let config = parse(
+            "[brokers.default]\nuri = \"redis://127.0.0.1:6390/0\"\nclaim_idle_ms = 500\n[server.handlers.x]\nsubscription_type = \"event_store\"\n",
+            &[],
+        )
+        .unwrap();
+        let broker = config.broker.clone().unwrap();
+        assert_eq!(
+            (broker.claim_idle, broker.block),
+            (Duration::from_millis(500), Duration::from_secs(1))
+        );
+        assert_eq!(
+            config.subscription_type("x"),
+            Some(SubscriptionType::EventStore)
+        );
+        assert_eq!(
+            config.subscription_type("y"),
+            None,
+            "the engine picks the default by handler kind"
+        );
+        let no_broker = parse("[server]\nsubscription_type = \"stream\"\n", &[]).unwrap_err();
+        assert!(
+            no_broker
+                .to_string()
+                .contains("needs a broker; add [brokers.default]"),
+            "{no_broker}"
+        );
+        let other = parse("[brokers.events]\nuri = \"redis://x\"\n", &[]).unwrap_err();
+        assert!(
+            other
+                .to_string()
+                .contains("only [brokers.default] is supported"),
+            "{other}"
         );
     }
 

@@ -56,9 +56,15 @@ pub struct BrokerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("broker {uri} is unreachable: {source}")]
-    Connect { uri: String, source: ::redis::RedisError },
+    Connect {
+        uri: String,
+        source: ::redis::RedisError,
+    },
     #[error("broker command {command} failed: {source}")]
-    Command { command: &'static str, source: ::redis::RedisError },
+    Command {
+        command: &'static str,
+        source: ::redis::RedisError,
+    },
     #[error("invalid broker uri {uri:?}: {reason}; write redis://HOST:PORT[/DB]")]
     Uri { uri: String, reason: String },
 }
@@ -74,7 +80,12 @@ pub trait Broker: Send + Sync {
 
     /// A consumer named `consumer` in `group` over `streams`, with a connection of its own, so that its
     /// blocking reads never stall other commands. Creates the group where it is missing.
-    async fn consumer(&self, streams: Vec<String>, group: &str, consumer: &str) -> Result<Box<dyn Consumer>>;
+    async fn consumer(
+        &self,
+        streams: Vec<String>,
+        group: &str,
+        consumer: &str,
+    ) -> Result<Box<dyn Consumer>>;
 
     /// Entries of `streams` not yet delivered to `group`, plus those delivered but not acknowledged.
     async fn backlog(&self, streams: &[String], group: &str) -> Result<u64>;
@@ -122,7 +133,12 @@ pub fn replay_stream(group: &str) -> String {
 pub async fn open(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
     let scheme = config.uri.split("://").next().unwrap_or_default();
     match scheme {
-        "redis" | "rediss" | "redis+unix" | "unix" => Ok(Arc::new(RedisBroker::connect(config).await?)),
-        other => Err(Error::Uri { uri: config.uri.clone(), reason: format!("unknown scheme {other:?}") }),
+        "redis" | "rediss" | "redis+unix" | "unix" => {
+            Ok(Arc::new(RedisBroker::connect(config).await?))
+        }
+        other => Err(Error::Uri {
+            uri: config.uri.clone(),
+            reason: format!("unknown scheme {other:?}"),
+        }),
     }
 }

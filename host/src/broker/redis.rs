@@ -15,8 +15,10 @@ use redis::{
 
 use super::{dead_letter_stream, Broker, BrokerConfig, Consumer, Entry, Error, GroupStart, Result};
 
-static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/renew_lease.lua")));
-static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
+static RENEW_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/renew_lease.lua")));
+static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
 
 /// Commands that do not block get this long to answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,31 +32,49 @@ pub struct RedisBroker {
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBroker").field("uri", &self.config.uri).finish_non_exhaustive()
+        f.debug_struct("RedisBroker")
+            .field("uri", &self.config.uri)
+            .finish_non_exhaustive()
     }
 }
 
 fn command(name: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
-    move |source| Error::Command { command: name, source }
+    move |source| Error::Command {
+        command: name,
+        source,
+    }
 }
 
-async fn manager(client: &Client, uri: &str, response_timeout: Duration) -> Result<ConnectionManager> {
+async fn manager(
+    client: &Client,
+    uri: &str,
+    response_timeout: Duration,
+) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_number_of_retries(2);
     ConnectionManager::new_with_config(client.clone(), config)
         .await
-        .map_err(|source| Error::Connect { uri: uri.to_owned(), source })
+        .map_err(|source| Error::Connect {
+            uri: uri.to_owned(),
+            source,
+        })
 }
 
 impl RedisBroker {
     /// Connect to `config.uri`.
     pub async fn connect(config: &BrokerConfig) -> Result<Self> {
-        let client = Client::open(config.uri.as_str())
-            .map_err(|e| Error::Uri { uri: config.uri.clone(), reason: e.to_string() })?;
+        let client = Client::open(config.uri.as_str()).map_err(|e| Error::Uri {
+            uri: config.uri.clone(),
+            reason: e.to_string(),
+        })?;
         let commands = manager(&client, &config.uri, RESPONSE_TIMEOUT).await?;
-        Ok(Self { client, commands, config: config.clone() })
+        Ok(Self {
+            client,
+            commands,
+            config: config.clone(),
+        })
     }
 
     fn lease_key(name: &str) -> String {
@@ -67,20 +87,43 @@ impl Broker for RedisBroker {
     async fn publish(&self, stream: &str, payloads: &[String]) -> Result<()> {
         let mut pipe = redis::pipe();
         for payload in payloads {
-            pipe.cmd("XADD").arg(stream).arg("*").arg("data").arg(payload).ignore();
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("data")
+                .arg(payload)
+                .ignore();
         }
-        pipe.query_async::<()>(&mut self.commands.clone()).await.map_err(command("XADD"))
+        pipe.query_async::<()>(&mut self.commands.clone())
+            .await
+            .map_err(command("XADD"))
     }
 
-    async fn consumer(&self, streams: Vec<String>, group: &str, consumer: &str) -> Result<Box<dyn Consumer>> {
-        let mut conn = manager(&self.client, &self.config.uri, self.config.block + RESPONSE_TIMEOUT).await?;
+    async fn consumer(
+        &self,
+        streams: Vec<String>,
+        group: &str,
+        consumer: &str,
+    ) -> Result<Box<dyn Consumer>> {
+        let mut conn = manager(
+            &self.client,
+            &self.config.uri,
+            self.config.block + RESPONSE_TIMEOUT,
+        )
+        .await?;
         let start = match self.config.group_start {
             GroupStart::Beginning => "0",
             GroupStart::New => "$",
         };
         for stream in &streams {
-            let created: redis::RedisResult<()> =
-                redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg(start).arg("MKSTREAM").query_async(&mut conn).await;
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(group)
+                .arg(start)
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
             match created {
                 Err(e) if e.code() == Some("BUSYGROUP") => {}
                 other => other.map_err(command("XGROUP CREATE"))?,
@@ -99,30 +142,56 @@ impl Broker for RedisBroker {
         let mut conn = self.commands.clone();
         let mut total = 0;
         for stream in streams {
-            let groups: Vec<HashMap<String, Value>> =
-                redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(&mut conn).await.map_err(command("XINFO GROUPS"))?;
-            let Some(info) = groups.iter().find(|g| text(g.get("name")).as_deref() == Some(group)) else { continue };
+            let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut conn)
+                .await
+                .map_err(command("XINFO GROUPS"))?;
+            let Some(info) = groups
+                .iter()
+                .find(|g| text(g.get("name")).as_deref() == Some(group))
+            else {
+                continue;
+            };
             // Without a lag (an entry was deleted), count the group as behind until it reads again.
-            total += number(info.get("lag")).unwrap_or(1) + number(info.get("pending")).unwrap_or(0);
+            total +=
+                number(info.get("lag")).unwrap_or(1) + number(info.get("pending")).unwrap_or(0);
         }
         Ok(total)
     }
 
     async fn ping(&self) -> Result<()> {
-        redis::cmd("PING").query_async::<String>(&mut self.commands.clone()).await.map(drop).map_err(command("PING"))
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.commands.clone())
+            .await
+            .map(drop)
+            .map_err(command("PING"))
     }
 
     async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
         let mut conn = self.commands.clone();
         let key = Self::lease_key(name);
         let ttl_ms = ttl.as_millis() as u64;
-        let taken: Option<String> =
-            redis::cmd("SET").arg(&key).arg(owner).arg("NX").arg("PX").arg(ttl_ms).query_async(&mut conn).await.map_err(command("SET NX"))?;
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await
+            .map_err(command("SET NX"))?;
         if taken.is_some() {
             return Ok(true);
         }
-        let renewed: i64 =
-            RENEW_LEASE.key(&key).arg(owner).arg(ttl_ms).invoke_async(&mut conn).await.map_err(command("EVALSHA renew_lease"))?;
+        let renewed: i64 = RENEW_LEASE
+            .key(&key)
+            .arg(owner)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(command("EVALSHA renew_lease"))?;
         Ok(renewed == 1)
     }
 
@@ -165,9 +234,18 @@ struct RedisConsumer {
 }
 
 impl RedisConsumer {
-    async fn read_group(&mut self, count: usize, block: Option<Duration>, from: &str) -> Result<Vec<Entry>> {
+    async fn read_group(
+        &mut self,
+        count: usize,
+        block: Option<Duration>,
+        from: &str,
+    ) -> Result<Vec<Entry>> {
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(&self.group).arg(&self.name).arg("COUNT").arg(count);
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(count);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
@@ -175,12 +253,20 @@ impl RedisConsumer {
         for _ in &self.streams {
             cmd.arg(from);
         }
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await.map_err(command("XREADGROUP"))?;
+        let reply: Option<StreamReadReply> = cmd
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("XREADGROUP"))?;
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for id in key.ids {
                 let data = id.map.get("data").and_then(|v| text(Some(v)));
-                entries.push(Entry { stream: key.key.clone(), id: id.id, data, deliveries: 1 });
+                entries.push(Entry {
+                    stream: key.key.clone(),
+                    id: id.id,
+                    data,
+                    deliveries: 1,
+                });
             }
         }
         Ok(entries)
@@ -189,8 +275,14 @@ impl RedisConsumer {
     /// Fill in how often each pending entry has been delivered (Redis counts, so it survives restarts).
     async fn fill_deliveries(&mut self, entries: &mut [Entry]) -> Result<()> {
         for stream in &self.streams {
-            let ids: Vec<&str> = entries.iter().filter(|e| &e.stream == stream).map(|e| e.id.as_str()).collect();
-            let (Some(first), Some(last)) = (ids.first(), ids.last()) else { continue };
+            let ids: Vec<&str> = entries
+                .iter()
+                .filter(|e| &e.stream == stream)
+                .map(|e| e.id.as_str())
+                .collect();
+            let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+                continue;
+            };
             let pending: StreamPendingCountReply = redis::cmd("XPENDING")
                 .arg(stream)
                 .arg(&self.group)
@@ -201,7 +293,11 @@ impl RedisConsumer {
                 .query_async(&mut self.conn)
                 .await
                 .map_err(command("XPENDING"))?;
-            let counts: HashMap<String, usize> = pending.ids.into_iter().map(|p| (p.id, p.times_delivered)).collect();
+            let counts: HashMap<String, usize> = pending
+                .ids
+                .into_iter()
+                .map(|p| (p.id, p.times_delivered))
+                .collect();
             for entry in entries.iter_mut().filter(|e| &e.stream == stream) {
                 entry.deliveries = counts.get(&entry.id).copied().unwrap_or(1) as u32;
             }
@@ -227,14 +323,24 @@ impl Consumer for RedisConsumer {
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
         let mut pipe = redis::pipe();
         for stream in &self.streams {
-            let ids: Vec<&str> = entries.iter().filter(|(s, _)| s == stream).map(|(_, id)| id.as_str()).collect();
+            let ids: Vec<&str> = entries
+                .iter()
+                .filter(|(s, _)| s == stream)
+                .map(|(_, id)| id.as_str())
+                .collect();
             if !ids.is_empty() {
-                pipe.cmd("XACK").arg(stream).arg(&self.group).arg(ids).ignore();
+                pipe.cmd("XACK")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(ids)
+                    .ignore();
             }
         }
         // Entries left unacknowledged (a retry) are read again before new ones.
         self.maybe_pending = true;
-        pipe.query_async::<()>(&mut self.conn).await.map_err(command("XACK"))
+        pipe.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(command("XACK"))
     }
 
     async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()> {
@@ -301,7 +407,8 @@ impl Consumer for RedisConsumer {
             for consumer in consumers {
                 let name = text(consumer.get("name")).unwrap_or_default();
                 let gone = number(consumer.get("pending")) == Some(0)
-                    && number(consumer.get("idle")).is_some_and(|idle| idle > min_idle.as_millis() as u64);
+                    && number(consumer.get("idle"))
+                        .is_some_and(|idle| idle > min_idle.as_millis() as u64);
                 if gone && name != self.name {
                     redis::cmd("XGROUP")
                         .arg("DELCONSUMER")

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use crate::{
-    config::Settings,
+    config::{Settings, SubscriptionType},
     engine::retry::RetryPolicy,
     message::{Cause, MetaView},
     plugin::{Delivery, Failure, Plugin},
@@ -34,11 +34,24 @@ pub(crate) struct Subscription {
     pub(crate) retry: RetryPolicy,
     /// A `commands:` subscription: an unroutable message is poison, not someone else's event.
     pub(crate) commands: bool,
+    /// Where its messages come from.
+    pub(crate) kind: SubscriptionType,
 }
 
 /// Failed attempts per message id, for messages that are waiting to be retried.
 #[derive(Debug, Default)]
 pub(crate) struct Attempts(HashMap<String, u32>);
+
+impl Attempts {
+    /// Record that the message `id` has failed `failed` times so far (a broker's delivery count).
+    pub(crate) fn set(&mut self, id: &str, failed: u32) {
+        if failed == 0 {
+            self.0.remove(id);
+        } else {
+            self.0.insert(id.to_owned(), failed);
+        }
+    }
+}
 
 /// What the caller needs to know after a batch.
 #[derive(Debug, Default)]
@@ -53,6 +66,11 @@ pub(crate) struct Report {
     pub(crate) written: Vec<String>,
     pub(crate) dead_lettered: u32,
     pub(crate) skipped: u32,
+    /// Ids of the messages settled (handled, skipped or dead-lettered): a broker acknowledges them.
+    pub(crate) settled: Vec<String>,
+    /// Stream subscriptions: the dead letters, for the broker's dead-letter stream (the event store keeps
+    /// them in the unit of work instead).
+    pub(crate) dead_letters: Vec<DeadLetter>,
 }
 
 /// What the batch needs from the engine.
@@ -61,6 +79,8 @@ pub(crate) struct Context<'a> {
     pub(crate) store: &'a dyn Store,
     pub(crate) subscription: &'a Subscription,
     pub(crate) version_retries: u32,
+    /// Write outbox rows for what the handlers append (a broker is configured).
+    pub(crate) publish: bool,
 }
 
 enum Class<'m> {
@@ -77,7 +97,10 @@ pub(crate) fn run(
 ) -> store::Result<Report> {
     let mut conflicts = 0;
     loop {
-        let (unit, mut report, settled) = build(ctx, messages, attempts);
+        let (mut unit, mut report, settled) = build(ctx, messages, attempts)?;
+        if ctx.subscription.kind == SubscriptionType::Stream {
+            report.dead_letters = std::mem::take(&mut unit.dead_letters);
+        }
         match ctx.store.commit(&unit) {
             Ok(appended) => {
                 for id in settled {
@@ -136,7 +159,7 @@ fn build(
     ctx: &Context<'_>,
     messages: &[StoredMessage],
     attempts: &mut Attempts,
-) -> (UnitOfWork, Report, Vec<String>) {
+) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
     let sub = ctx.subscription;
     let metas: Vec<Result<MetaView<'_>, String>> = messages
         .iter()
@@ -156,13 +179,24 @@ fn build(
         })
         .collect();
     let now = chrono::Utc::now();
+    let done = already_processed(ctx, messages)?;
     let classes: Vec<Class<'_>> = messages
         .iter()
         .zip(&metas)
-        .map(|(m, meta)| classify(sub, m, meta, now))
+        .zip(done)
+        .map(|((m, meta), done)| {
+            if done {
+                Class::Skip("already processed")
+            } else {
+                classify(sub, m, meta, now)
+            }
+        })
         .collect();
     let buffer = Buffer::new(ctx.store, &causes);
-    let mut unit = UnitOfWork::default();
+    let mut unit = UnitOfWork {
+        publish: ctx.publish,
+        ..UnitOfWork::default()
+    };
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
     let mut last_settled: Option<usize> = None;
@@ -172,12 +206,14 @@ fn build(
             Class::Poison(reason) => {
                 dead_letter(ctx, &mut unit, &messages[i], "", reason, 1);
                 report.dead_lettered += 1;
+                settled_ids.push(messages[i].id.clone());
                 (last_settled, i) = (Some(i), i + 1);
                 continue;
             }
             Class::Skip(why) => {
                 skip(sub, &messages[i], why);
                 report.skipped += 1;
+                settled_ids.push(messages[i].id.clone());
                 (last_settled, i) = (Some(i), i + 1);
                 continue;
             }
@@ -240,7 +276,8 @@ fn build(
         }
     }
     buffer.drain_into(&mut unit);
-    if let Some(last) = last_settled {
+    report.settled = settled_ids.clone();
+    if let Some(last) = last_settled.filter(|_| sub.kind == SubscriptionType::EventStore) {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
             subscription: sub.plan.name.clone(),
@@ -248,7 +285,22 @@ fn build(
         });
         report.position = Some(position);
     }
-    (unit, report, settled_ids)
+    Ok((unit, report, settled_ids))
+}
+
+/// Which messages were handled before (a broker redelivers after a crash between commit and ack) or
+/// appear twice in the batch (the outbox publishes at least once). Event-store reads never repeat.
+fn already_processed(ctx: &Context<'_>, messages: &[StoredMessage]) -> store::Result<Vec<bool>> {
+    if ctx.subscription.kind == SubscriptionType::EventStore {
+        return Ok(vec![false; messages.len()]);
+    }
+    let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+    let committed = ctx.store.processed(&ctx.subscription.plan.name, &ids)?;
+    let mut seen = std::collections::HashSet::new();
+    Ok(ids
+        .iter()
+        .map(|id| committed.contains(*id) || !seen.insert(*id))
+        .collect())
 }
 
 fn classify<'m>(

@@ -27,11 +27,14 @@ use tokio_util::sync::CancellationToken;
 pub use progress::Totals;
 
 use crate::{
-    config::{Config, Settings},
+    broker,
+    config::{Config, Settings, SubscriptionType},
     message::Kind,
+    outbox,
+    plugin::Kind as HandlerKind,
     plugin::Plugin,
     store::{self, Store},
-    subscription::{self, event_store, PlanError, SubscriptionPlan},
+    subscription::{self, event_store, stream, PlanError, SubscriptionPlan},
     unit_of_work::{NewMessage, UnitOfWork},
 };
 
@@ -64,6 +67,12 @@ pub enum EngineError {
     Runtime(std::io::Error),
     #[error("a subscription failed: {0}")]
     Subscription(String),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::Error),
+    #[error("handler {handler} is configured with subscription_type = \"stream\" but no broker is configured; add [brokers.default] with a uri")]
+    NoBroker { handler: String },
+    #[error("a broker is configured but the store keeps no outbox to publish from")]
+    NoOutbox,
 }
 
 /// How a run ended.
@@ -103,6 +112,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Config,
     pub(crate) progress: Progress,
+    pub(crate) test_mode: bool,
 }
 
 /// A domain ready to run.
@@ -161,9 +171,13 @@ impl Engine {
                 let settings = options.config.settings(&handler, &plan.options);
                 tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
                 let commands = plan.name.starts_with("commands:");
-                Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands })
+                let kind = subscription_type(&options.config, &handler, plan.kind)?;
+                Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind }))
             })
-            .collect();
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        if options.config.broker.is_some() && store.outbox().is_none() {
+            return Err(EngineError::NoOutbox);
+        }
         let handlers: Vec<&str> = domain
             .registrations()
             .iter()
@@ -226,6 +240,7 @@ impl Engine {
         let id = message.id.clone();
         self.store.commit(&UnitOfWork {
             messages: vec![message],
+            publish: self.options.config.broker.is_some(),
             ..UnitOfWork::default()
         })?;
         Ok(id)
@@ -263,11 +278,24 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Subscription(e.to_string()))??
         };
+        let broker = match &self.options.config.broker {
+            Some(config) => Some(broker::open(config).await?),
+            None => None,
+        };
+        let mut names: Vec<String> = self
+            .subscriptions
+            .iter()
+            .map(|s| s.plan.name.clone())
+            .collect();
+        if broker.is_some() {
+            names.push(outbox::NAME.to_owned());
+        }
         let shared = Arc::new(Shared {
             plugin: self.plugin.clone(),
             store: self.store.clone(),
             config: self.options.config.clone(),
-            progress: Progress::new(head, self.subscriptions.iter().map(|s| s.plan.name.clone())),
+            progress: Progress::new(head, names),
+            test_mode,
         });
         let shutdown = CancellationToken::new();
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
@@ -278,10 +306,32 @@ impl Engine {
             outcome.clone(),
         ));
         let mut workers = JoinSet::new();
+        let owner = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         for sub in &self.subscriptions {
-            workers.spawn(event_store::run(
+            match (&broker, sub.kind) {
+                (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
+                    shared.clone(),
+                    broker.clone(),
+                    sub.clone(),
+                    shutdown.clone(),
+                )),
+                (broker, _) => workers.spawn(event_store::run(
+                    shared.clone(),
+                    sub.clone(),
+                    broker.clone().map(|b| (b, owner.clone())),
+                    shutdown.clone(),
+                )),
+            };
+        }
+        if let Some(broker) = &broker {
+            workers.spawn(outbox::run(
                 shared.clone(),
-                sub.clone(),
+                broker.clone(),
+                format!("outbox-{owner}"),
                 shutdown.clone(),
             ));
         }
@@ -337,6 +387,28 @@ impl Engine {
             elapsed: started.elapsed(),
         })
     }
+}
+
+/// Where a subscription reads from: its handler's configured type, else streams when a broker is
+/// configured, except for process managers, which need their categories in store order (one stream
+/// per category cannot give that), so they stay on the event store, leased to one replica at a time.
+fn subscription_type(
+    config: &Config,
+    handler: &str,
+    kind: HandlerKind,
+) -> Result<SubscriptionType, EngineError> {
+    let chosen = config
+        .subscription_type(handler)
+        .unwrap_or(match (&config.broker, kind) {
+            (Some(_), HandlerKind::ProcessManager) | (None, _) => SubscriptionType::EventStore,
+            (Some(_), _) => SubscriptionType::Stream,
+        });
+    if chosen == SubscriptionType::Stream && config.broker.is_none() {
+        return Err(EngineError::NoBroker {
+            handler: handler.to_owned(),
+        });
+    }
+    Ok(chosen)
 }
 
 /// A worker that ends before shutdown is a failure, whether it returned an error or not.

@@ -34,12 +34,16 @@ pub struct Totals {
     pub dead_lettered: u64,
     pub retries: u64,
     pub skipped: u64,
+    /// Messages the outbox published to the broker.
+    pub published: u64,
 }
 
 /// Shared by the engine and its subscriptions.
 #[derive(Debug)]
 pub(crate) struct Progress {
     head: watch::Sender<u64>,
+    /// Every message committed up to this global position has been published to the broker.
+    published: watch::Sender<u64>,
     states: Mutex<BTreeMap<String, State>>,
     totals: Mutex<Totals>,
     changed: Notify,
@@ -49,6 +53,7 @@ impl Progress {
     pub(crate) fn new(head: u64, subscriptions: impl IntoIterator<Item = String>) -> Self {
         Self {
             head: watch::Sender::new(head),
+            published: watch::Sender::new(0),
             states: Mutex::new(
                 subscriptions
                     .into_iter()
@@ -73,6 +78,21 @@ impl Progress {
             moved
         });
         self.changed.notify_one();
+    }
+
+    /// The outbox found nothing left to publish after the head was at `head`.
+    pub(crate) fn published_up_to(&self, head: u64) {
+        self.published.send_if_modified(|p| {
+            let moved = head > *p;
+            *p = (*p).max(head);
+            moved
+        });
+        self.changed.notify_one();
+    }
+
+    /// The global position up to which everything committed has been published.
+    pub(crate) fn published(&self) -> u64 {
+        *self.published.borrow()
     }
 
     pub(crate) fn set(&self, subscription: &str, state: State) {

@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    broker::Broker,
     engine::{
         batch::{self, Attempts, Subscription},
         progress::State,
@@ -21,6 +22,7 @@ use crate::{
 pub(crate) async fn run(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
+    lease: Option<(Arc<dyn Broker>, String)>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
@@ -43,7 +45,24 @@ pub(crate) async fn run(
     let mut head = progress.head();
     let mut attempts = Attempts::default();
     failures = 0;
+    let mut lease = lease.map(|(broker, owner)| Lease {
+        broker,
+        owner,
+        held: false,
+        renewed: None,
+    });
     while !shutdown.is_cancelled() {
+        if let Some(lease) = lease.as_mut() {
+            if !lease.keep(&name, shared.config.lease_ttl).await {
+                // Another replica runs this subscription: nothing to do here but wait for its lease to end.
+                progress.set(&name, State::Idle { head: u64::MAX });
+                tokio::select! {
+                    _ = tokio::time::sleep(shared.config.lease_ttl / 3) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+        }
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
@@ -114,9 +133,50 @@ pub(crate) async fn run(
             }
         }
     }
+    if let Some(lease) = lease.filter(|l| l.held) {
+        let _ = lease.broker.release(&name, &lease.owner).await;
+    }
     progress.set(&name, State::Stopped);
     tracing::info!(subscription = %name, position, "subscription stopped");
     Ok(())
+}
+
+/// When replicas share a broker, an event-store subscription runs on one replica at a time: the one
+/// holding its lease, renewed at a third of its time to live. A replica that dies loses the lease when it
+/// expires, and another takes over.
+struct Lease {
+    broker: Arc<dyn Broker>,
+    owner: String,
+    held: bool,
+    renewed: Option<std::time::Instant>,
+}
+
+impl Lease {
+    /// Take or renew the lease when due; whether this replica holds it.
+    async fn keep(&mut self, subscription: &str, ttl: Duration) -> bool {
+        if self.held && self.renewed.is_some_and(|at| at.elapsed() < ttl / 3) {
+            return true;
+        }
+        let held = match self.broker.lease(subscription, &self.owner, ttl).await {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(subscription, %error, "cannot reach the broker to renew the lease; pausing");
+                false
+            }
+        };
+        match (self.held, held) {
+            (false, true) => {
+                tracing::info!(subscription, owner = %self.owner, "lease taken; this replica runs the subscription")
+            }
+            (true, false) => {
+                tracing::warn!(subscription, owner = %self.owner, "lease lost; standing by")
+            }
+            _ => {}
+        }
+        self.held = held;
+        self.renewed = held.then(std::time::Instant::now);
+        held
+    }
 }
 
 async fn fetch(
@@ -150,6 +210,7 @@ async fn process(
             store: shared.store.as_ref(),
             subscription: &sub,
             version_retries: shared.config.version_retries,
+            publish: shared.config.broker.is_some(),
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
         (outcome, attempts)
@@ -165,7 +226,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Wait after a store failure: 1, 2, 4 ... 30 s, cut short by shutdown. Returns false on shutdown.
-async fn backoff(
+pub(crate) async fn backoff(
     subscription: &str,
     error: &str,
     failures: u32,

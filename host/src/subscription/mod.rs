@@ -5,6 +5,7 @@
 //! order), and one `commands:{category}` per aggregate, shared by its command handlers and routed by type.
 
 pub(crate) mod event_store;
+pub(crate) mod stream;
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,9 @@ pub struct SubscriptionPlan {
     /// The options declared by its (first) handler.
     #[serde(skip)]
     pub options: HandlerOptions,
+    /// The kind of its handlers.
+    #[serde(skip)]
+    pub kind: Kind,
 }
 
 /// A registration the plan cannot honour.
@@ -64,6 +68,7 @@ pub fn plan(registrations: &[Registration]) -> Result<Vec<SubscriptionPlan>, Pla
                             categories: vec![category.clone()],
                             routes: BTreeMap::new(),
                             options: r.options.clone(),
+                            kind: Kind::CommandHandler,
                         });
                     for message_type in &r.message_types {
                         if let Some(first) =
@@ -97,6 +102,7 @@ fn single(name: &str, r: &Registration, categories: &[String]) -> SubscriptionPl
             .map(|t| (t.clone(), r.name.clone()))
             .collect(),
         options: r.options.clone(),
+        kind: r.kind,
     }
 }
 

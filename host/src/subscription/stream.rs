@@ -1,0 +1,264 @@
+//! A stream subscription: a consumer of its own consumer group on the broker streams of its categories
+//! (and the group's replay stream), sharing the work with every other replica.
+//!
+//! Invariants: an entry is acknowledged only after its unit of work committed, or after it was recorded
+//! in the group's dead-letter stream; a redelivered entry whose message already has a processed marker
+//! is only acknowledged; a failed entry is retried when its delivery count (kept by the broker, so it
+//! survives restarts) allows, else dead-lettered; entries pending on a dead consumer are taken over.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker::{replay_stream, Broker, Consumer, Entry},
+    engine::{
+        batch::{self, Attempts, Subscription},
+        progress::State,
+        Shared,
+    },
+    store::StoredMessage,
+    subscription::event_store::backoff,
+};
+
+/// Run one stream subscription until `shutdown`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    broker: Arc<dyn Broker>,
+    sub: Arc<Subscription>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let name = sub.plan.name.clone();
+    let progress = &shared.progress;
+    let mut streams = sub.plan.categories.clone();
+    streams.push(replay_stream(&name));
+    let consumer_name = consumer_name(&name);
+    let mut failures = 0u32;
+    let mut consumer = loop {
+        match broker
+            .consumer(streams.clone(), &name, &consumer_name)
+            .await
+        {
+            Ok(consumer) => break consumer,
+            Err(error) => {
+                failures += 1;
+                if !backoff(&name, &error.to_string(), failures, &shutdown).await {
+                    progress.set(&name, State::Stopped);
+                    return Ok(());
+                }
+            }
+        }
+    };
+    tracing::info!(subscription = %name, consumer = %consumer_name, ?streams, "stream subscription started");
+    let config = shared
+        .config
+        .broker
+        .clone()
+        .ok_or("a stream subscription needs a broker")?;
+    // Test mode waits exactly as long as the work: short blocking reads notice idleness quickly.
+    let block = if shared.test_mode {
+        config.block.min(std::time::Duration::from_millis(20))
+    } else {
+        config.block
+    };
+    let mut last_reclaim: Option<Instant> = None;
+    let mut retrying = false;
+    failures = 0;
+    while !shutdown.is_cancelled() {
+        if last_reclaim.is_none_or(|at| at.elapsed() >= config.reclaim_interval) {
+            last_reclaim = Some(Instant::now());
+            match consumer.reclaim(config.claim_idle).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(subscription = %name, entries = n, "took over entries pending on idle consumers")
+                }
+                Err(error) => {
+                    tracing::warn!(subscription = %name, %error, "reclaim failed; will try again")
+                }
+            }
+        }
+        let seen = progress.published();
+        let count = if retrying {
+            1
+        } else {
+            sub.settings.messages_per_tick as usize
+        };
+        let read = tokio::select! {
+            read = consumer.read(count, block) => read,
+            _ = shutdown.cancelled() => break,
+        };
+        let entries = match read {
+            Ok(entries) => entries,
+            Err(error) => {
+                failures += 1;
+                backoff(&name, &error.to_string(), failures, &shutdown).await;
+                continue;
+            }
+        };
+        failures = 0;
+        if entries.is_empty() {
+            progress.set(&name, State::Idle { head: seen });
+            continue;
+        }
+        progress.set(&name, State::Busy);
+        match settle(&shared, &sub, consumer.as_mut(), entries).await? {
+            Some(delay) => {
+                retrying = true;
+                progress.set(&name, State::Retrying);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            None => retrying = false,
+        }
+    }
+    progress.set(&name, State::Stopped);
+    tracing::info!(subscription = %name, "stream subscription stopped");
+    Ok(())
+}
+
+/// `{subscription}-{host}-{pid}-{random}`: unique per process, readable in `XINFO CONSUMERS`.
+fn consumer_name(subscription: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    let random = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    format!("{subscription}-{host}-{}-{random}", std::process::id())
+}
+
+/// Handle one read: dead-letter poison, run the batch, then acknowledge or dead-letter what it settled.
+/// Returns the backoff before a retry, if a message failed and may be retried.
+async fn settle(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    consumer: &mut dyn Consumer,
+    entries: Vec<Entry>,
+) -> Result<Option<std::time::Duration>, String> {
+    let name = &sub.plan.name;
+    let mut messages = Vec::new();
+    let mut origin: HashMap<String, Vec<Entry>> = HashMap::new();
+    for entry in entries {
+        match decode(&entry) {
+            Ok(message) => {
+                origin.entry(message.id.clone()).or_default().push(entry);
+                messages.push(message);
+            }
+            Err(reason) => {
+                tracing::warn!(subscription = %name, stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
+                consumer
+                    .dead_letter(&entry, &reason, entry.deliveries)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    // Entries of several streams: handle them in store order.
+    messages.sort_by_key(|m| m.global_position);
+    let mut attempts = Attempts::default();
+    for m in &messages {
+        let deliveries = origin[&m.id]
+            .iter()
+            .map(|e| e.deliveries)
+            .max()
+            .unwrap_or(1);
+        attempts.set(&m.id, deliveries.saturating_sub(1));
+    }
+    let (shared2, sub2) = (shared.clone(), sub.clone());
+    let outcome = tokio::task::spawn_blocking(move || {
+        let ctx = batch::Context {
+            plugin: &shared2.plugin,
+            store: shared2.store.as_ref(),
+            subscription: &sub2,
+            version_retries: shared2.config.version_retries,
+            publish: shared2.config.broker.is_some(),
+        };
+        batch::run(&ctx, &messages, &mut attempts)
+    })
+    .await
+    .map_err(|e| format!("a batch task failed: {e}"))?;
+    let report = match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            // Nothing was committed or acknowledged; the entries are read again after the backoff.
+            tracing::error!(subscription = %name, %error, "store unavailable; will retry");
+            return Ok(Some(std::time::Duration::from_secs(1)));
+        }
+    };
+    if let Some(appended) = report.appended {
+        shared.progress.advanced(appended);
+    }
+    for dead in &report.dead_letters {
+        for entry in origin.remove(&dead.message_id).unwrap_or_default() {
+            consumer
+                .dead_letter(&entry, &dead.error, dead.attempts)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let acks: Vec<(String, String)> = report
+        .settled
+        .iter()
+        .flat_map(|id| origin.remove(id).unwrap_or_default())
+        .map(|e| (e.stream, e.id))
+        .collect();
+    // After a retry stop the unacknowledged entries are read again first; `ack` also says so.
+    consumer.ack(&acks).await.map_err(|e| e.to_string())?;
+    tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
+    shared.progress.count(|t| {
+        for message_type in report.handled {
+            *t.handled.entry(message_type).or_default() += 1;
+        }
+        for message_type in report.written {
+            *t.written.entry(message_type).or_default() += 1;
+        }
+        t.dead_lettered += u64::from(report.dead_lettered);
+        t.skipped += u64::from(report.skipped);
+        t.retries += u64::from(report.retry.is_some());
+    });
+    Ok(report.retry)
+}
+
+/// A broker entry as a stored message: Protean's `{"data", "metadata"}` in the entry's `data` field.
+fn decode(entry: &Entry) -> Result<StoredMessage, String> {
+    let text = entry
+        .data
+        .as_deref()
+        .ok_or("entry has no text field `data`")?;
+    let mut envelope: Map<String, Value> =
+        serde_json::from_str(text).map_err(|e| format!("entry data is not a JSON object: {e}"))?;
+    let data = envelope
+        .remove("data")
+        .ok_or("entry is not a Protean message: no `data`")?;
+    let Some(Value::Object(mut metadata)) = envelope.remove("metadata") else {
+        return Err("entry is not a Protean message: no `metadata` object".into());
+    };
+    let positions = metadata.remove("event_store").unwrap_or(Value::Null);
+    let headers = metadata.get("headers").cloned().unwrap_or(Value::Null);
+    let header = |key: &str| {
+        headers
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or(format!(
+                "entry is not a Protean message: no `metadata.headers.{key}`"
+            ))
+    };
+    Ok(StoredMessage {
+        global_position: positions
+            .get("global_position")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        position: positions
+            .get("position")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        stream: header("stream")?,
+        message_type: header("type")?,
+        id: header("id")?,
+        time: header("time").unwrap_or_default(),
+        data: data.to_string(),
+        metadata: Value::Object(metadata).to_string(),
+    })
+}
