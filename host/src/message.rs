@@ -197,17 +197,62 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
-/// Floats as Python's `repr`: a signed exponent of at least two digits (`1e+16`, `1e-07`).
+/// Numbers as Python's `json.dumps` writes them: integers as they are, floats as `repr(float)` (the
+/// shortest digits that round-trip; positional for exponents -4 to 15, else `1e-05` / `1.5e+16`).
 fn python_number(n: &serde_json::Number) -> String {
-    let text = n.to_string();
-    let Some((mantissa, exponent)) = text.split_once('e') else {
-        return text;
+    match n.as_f64() {
+        Some(f) if n.is_f64() => python_float(f),
+        _ => n.to_string(),
+    }
+}
+
+fn python_float(f: f64) -> String {
+    if f == 0.0 {
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr: "-1.2345e-5".
+    let scientific = format!("{f:e}");
+    let (mantissa, exponent) = scientific
+        .split_once('e')
+        .expect("{:e} always has an exponent");
+    let exponent: i32 = exponent.parse().expect("{:e} exponents are integers");
+    let (sign, mantissa) = mantissa
+        .strip_prefix('-')
+        .map_or(("", mantissa), |m| ("-", m));
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if (-4..16).contains(&exponent) {
+        let point = exponent + 1;
+        if point <= 0 {
+            return format!(
+                "{sign}0.{}{digits}",
+                "0".repeat(point.unsigned_abs() as usize)
+            );
+        }
+        let point = point as usize;
+        let (int, frac) = if digits.len() > point {
+            digits.split_at(point)
+        } else {
+            (digits.as_str(), "")
+        };
+        let int = format!("{int}{}", "0".repeat(point.saturating_sub(digits.len())));
+        let frac = if frac.is_empty() { "0" } else { frac };
+        return format!("{sign}{int}.{frac}");
+    }
+    let (first, rest) = digits.split_at(1);
+    let mantissa = if rest.is_empty() {
+        first.to_owned()
+    } else {
+        format!("{first}.{rest}")
     };
-    let (sign, digits) = match exponent.strip_prefix('-') {
-        Some(digits) => ('-', digits),
-        None => ('+', exponent.trim_start_matches('+')),
-    };
-    format!("{mantissa}e{sign}{digits:0>2}")
+    let exponent_sign = if exponent < 0 { '-' } else { '+' };
+    format!(
+        "{sign}{mantissa}e{exponent_sign}{:02}",
+        exponent.unsigned_abs()
+    )
 }
 
 fn write_string(s: &str, out: &mut String) {
@@ -422,6 +467,25 @@ mod tests {
             canonical_json(&value),
             r#"{"a":{"y":true,"z":null},"b":[1,2.5,"\u00e9\ud83d\ude00"],"c":1e+16,"d":1e-07}"#
         );
+    }
+
+    #[test]
+    fn floats_are_written_as_python_repr() {
+        let cases = [
+            (30.5, "30.5"),
+            (12.0, "12.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (-1.5e-7, "-1.5e-07"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.2345e20, "1.2345e+20"),
+            (0.1, "0.1"),
+            (123456.789, "123456.789"),
+        ];
+        for (f, python) in cases {
+            assert_eq!(python_float(f), python, "{f}");
+        }
     }
 
     #[test]

@@ -9,4 +9,5 @@ mod discovery;
 mod engine;
 mod loading;
 mod protean;
+mod redis;
 mod server;

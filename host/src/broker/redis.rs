@@ -321,6 +321,11 @@ impl Consumer for RedisConsumer {
     }
 
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
+        // Entries left unacknowledged (a retry) are read again before new ones.
+        self.maybe_pending = true;
+        if entries.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for stream in &self.streams {
             let ids: Vec<&str> = entries
@@ -336,8 +341,6 @@ impl Consumer for RedisConsumer {
                     .ignore();
             }
         }
-        // Entries left unacknowledged (a retry) are read again before new ones.
-        self.maybe_pending = true;
         pipe.query_async::<()>(&mut self.conn)
             .await
             .map_err(command("XACK"))

@@ -53,7 +53,22 @@ pub(crate) async fn run(
     });
     while !shutdown.is_cancelled() {
         if let Some(lease) = lease.as_mut() {
-            if !lease.keep(&name, shared.config.lease_ttl).await {
+            let was_held = lease.held;
+            let held = lease.keep(&name, shared.config.lease_ttl).await;
+            if held && !was_held {
+                // Another replica may have moved the position while this one stood by.
+                let (store, subscription) = (shared.store.clone(), name.clone());
+                match blocking(move || store.position(&subscription)).await? {
+                    Ok(stored) => position = stored.unwrap_or(0),
+                    Err(error) => {
+                        lease.held = false;
+                        backoff(&name, &error.to_string(), 1, &shutdown).await;
+                        continue;
+                    }
+                }
+                attempts = Attempts::default();
+            }
+            if !held {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end.
                 progress.set(&name, State::Idle { head: u64::MAX });
                 tokio::select! {

@@ -204,7 +204,9 @@ async fn settle(
         .map(|e| (e.stream, e.id))
         .collect();
     // After a retry stop the unacknowledged entries are read again first; `ack` also says so.
-    consumer.ack(&acks).await.map_err(|e| e.to_string())?;
+    if let Err(error) = consumer.ack(&acks).await {
+        return Ok(broker_trouble(name, &error));
+    }
     tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
     shared.progress.count(|t| {
         for message_type in report.handled {
@@ -218,6 +220,13 @@ async fn settle(
         t.retries += u64::from(report.retry.is_some());
     });
     Ok(report.retry)
+}
+
+/// The broker failed after the commit: the entries stay pending and come back, and their processed
+/// markers make the redelivery an acknowledgement only. Wait a moment before reading again.
+fn broker_trouble(subscription: &str, error: &crate::broker::Error) -> Option<std::time::Duration> {
+    tracing::warn!(subscription, %error, "broker unavailable after commit; the entries will be redelivered");
+    Some(std::time::Duration::from_secs(1))
 }
 
 /// A broker entry as a stored message: Protean's `{"data", "metadata"}` in the entry's `data` field.

@@ -2,9 +2,11 @@
 
 mod build;
 mod engine;
+mod redis;
 mod run;
 mod server;
 
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
 pub use engine::{backends, engine, types, TEST_CONFIG};
+pub use redis::RedisServer;
 pub use run::host;

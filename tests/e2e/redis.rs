@@ -1,0 +1,259 @@
+//! Redis Streams with a real Redis server: the flow, retries, dead letters, poison, and several
+//! replicas sharing the work, one of them killed, Redis restarted.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use protean_host::{
+    engine::Outcome,
+    store::{SqliteStore, Store},
+};
+use serde_json::{json, Value};
+
+use crate::support::{engine, fixture_domain, host, sample_domain, RedisServer, TEST_CONFIG};
+
+fn config(redis: &RedisServer) -> String {
+    format!("{TEST_CONFIG}{}", redis.config())
+}
+
+fn sqlite(dir: &Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
+}
+
+fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {
+    store
+        .read_categories(&[category.into()], 0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|m| m.message_type == message_type)
+        .count()
+}
+
+fn place(n: usize) -> Value {
+    json!({ "order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 })
+}
+
+#[test]
+fn the_whole_flow_runs_on_streams() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    let engine = engine(sample_domain(), "domain", store.clone(), &config(&redis));
+    for n in 0..50 {
+        engine
+            .send("Fulfilment.PlaceOrder.v1", &place(n), None)
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderShipped.v1"
+        ),
+        50
+    );
+    assert_eq!(
+        report.totals.published,
+        50 * 7 - 50 + 50,
+        "every message, the sent commands included, went through the outbox"
+    );
+    let outbox = store.outbox().unwrap().counts().unwrap();
+    assert_eq!((outbox.pending, outbox.abandoned), (0, 0));
+    let pending = redis.cli(&["XPENDING", "fulfilment::order", "inventory"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "nothing left pending: {pending}"
+    );
+    let entry = redis.cli(&["XRANGE", "fulfilment::order", "-", "+", "COUNT", "1"]);
+    assert!(
+        entry.contains("data") && entry.contains("\"event_store\""),
+        "Protean's entry format: {entry}"
+    );
+}
+
+fn probe(
+    store: &Arc<dyn Store>,
+    redis: &RedisServer,
+    behaviours: &[(&str, &str)],
+) -> protean_host::engine::RunReport {
+    let engine = engine(fixture_domain(), "probe", store.clone(), &config(redis));
+    for (id, behaviour) in behaviours {
+        engine
+            .send(
+                "Probe.Run.v1",
+                &json!({ "id": id, "behaviour": behaviour }),
+                None,
+            )
+            .unwrap();
+    }
+    engine.run().unwrap()
+}
+
+fn ran(store: &dyn Store, id: &str) -> usize {
+    store
+        .read_stream(&format!("probe::probe-{id}"), 0)
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_retry_then_success_and_an_exhausted_message_in_the_dead_letter_stream() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    let report = probe(
+        &store,
+        &redis,
+        &[("flaky", "fail:2"), ("doomed", "always"), ("after", "ok")],
+    );
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    let flaky: Value =
+        serde_json::from_str(&store.read_stream("probe::probe-flaky", 0).unwrap()[0].data).unwrap();
+    assert_eq!(flaky["attempts"], 3, "handled on the third delivery");
+    assert_eq!(
+        (ran(store.as_ref(), "doomed"), ran(store.as_ref(), "after")),
+        (0, 1)
+    );
+    let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
+    for field in [
+        "original_stream",
+        "probe::probe:command",
+        "original_id",
+        "group",
+        "commands:probe::probe",
+        "consumer",
+        "error",
+        "probe doomed always fails",
+        "attempts",
+        "failed_at",
+    ] {
+        assert!(
+            dead.contains(field),
+            "missing {field} in the dead letter:\n{dead}"
+        );
+    }
+    assert_eq!(
+        dead.matches("original_id").count(),
+        1,
+        "one dead letter:\n{dead}"
+    );
+    assert!(dead.contains("\n4\n"), "1 try + 3 retries:\n{dead}");
+    let pending = redis.cli(&["XPENDING", "probe::probe:command", "commands:probe::probe"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "the dead letter was acknowledged: {pending}"
+    );
+}
+
+#[test]
+fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    // Groups exist once a first run has created them; then garbage arrives on the stream.
+    probe(&store, &redis, &[("first", "ok")]);
+    redis.cli(&["XADD", "probe::probe:command", "*", "data", "{not json"]);
+    redis.cli(&["XADD", "probe::probe:command", "*", "other", "field"]);
+    let report = probe(&store, &redis, &[("after", "ok")]);
+    assert_eq!(report.totals.retries, 0);
+    assert_eq!(ran(store.as_ref(), "after"), 1);
+    let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
+    assert!(dead.contains("entry data is not a JSON object"), "{dead}");
+    assert!(dead.contains("entry has no text field `data`"), "{dead}");
+}
+
+/// Wait until `done` holds, checking every 50 ms; fail after `limit`.
+#[track_caller]
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn orders(n: usize) -> String {
+    (0..n).map(|i| place(i).to_string() + "\n").collect()
+}
+
+fn exactly_once(store: &dyn Store, orders: usize) {
+    for (category, message_type) in [
+        ("fulfilment::order", "Fulfilment.OrderPlaced.v1"),
+        ("fulfilment::order", "Fulfilment.OrderShipped.v1"),
+        ("fulfilment::reservation", "Fulfilment.StockReserved.v1"),
+        ("fulfilment::payment", "Fulfilment.PaymentProcessed.v1"),
+        (
+            "fulfilment::payment:command",
+            "Fulfilment.ProcessPayment.v1",
+        ),
+        ("fulfilment::order:command", "Fulfilment.ShipOrder.v1"),
+    ] {
+        assert_eq!(
+            count_of(store, category, message_type),
+            orders,
+            "{message_type} exactly once per order"
+        );
+    }
+    assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+#[test]
+fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("[server]\nmessages_per_tick = 20\n{}", redis.config()),
+    )
+    .unwrap();
+    let lib = sample_domain().display().to_string();
+    let total = 600;
+    host(dir.path())
+        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
+        .output_with_stdin(&orders(total))
+        .expect_code(0);
+    let mut replicas: Vec<_> = (0..3)
+        .map(|_| host(dir.path()).args(["--domain", &lib]).spawn())
+        .collect();
+    for replica in &mut replicas {
+        replica.wait_for(&["engine started"], Duration::from_secs(60));
+    }
+    let store = sqlite(dir.path());
+    let shipped =
+        |store: &dyn Store| count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1");
+    wait_until(Duration::from_secs(60), "the first shipments", || {
+        shipped(store.as_ref()) > 0
+    });
+    replicas[0].signal(libc::SIGKILL);
+    wait_until(Duration::from_secs(60), "more shipments", || {
+        shipped(store.as_ref()) > total / 3
+    });
+    redis.restart();
+    wait_until(Duration::from_secs(120), "every order shipped", || {
+        shipped(store.as_ref()) >= total
+    });
+    // Let the last entries settle (acknowledged, summaries written) before counting every effect.
+    wait_until(Duration::from_secs(60), "an empty outbox", || {
+        store.outbox().unwrap().counts().unwrap().pending == 0
+    });
+    for replica in replicas.drain(1..) {
+        replica.signal(libc::SIGTERM);
+        let (code, logs) = replica.wait();
+        assert_eq!(code, Some(0), "{logs}");
+    }
+    exactly_once(store.as_ref(), total);
+    let handled_by: Vec<String> = redis
+        .cli(&["XINFO", "GROUPS", "fulfilment::order"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        handled_by.iter().any(|l| l == "inventory"),
+        "{handled_by:?}"
+    );
+}

@@ -1,0 +1,114 @@
+//! A real Redis server per test, on a free loopback port, stopped when dropped.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Start one. Fails the test when redis-server is not installed: tests never skip.
+    #[track_caller]
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.launch();
+        server
+    }
+
+    #[track_caller]
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            // An append-only file, so that a restart (the restart test) keeps streams and groups.
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); scripts/test installs it (apt-get install redis-server)"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers PING.
+    fn answers(&self) -> bool {
+        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        conn.write_all(b"PING\r\n").is_ok()
+            && conn.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn uri(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The config section pointing at this server, with fast reclaim for tests.
+    pub fn config(&self) -> String {
+        format!(
+            "[brokers.default]\nuri = \"{}\"\nclaim_idle_ms = 1000\nreclaim_interval_ms = 500\nblock_ms = 200\n",
+            self.uri()
+        )
+    }
+
+    /// Stop the server gracefully (SIGTERM: it writes its append-only file first).
+    #[allow(unsafe_code)]
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Start it again on the same port.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Run a command with redis-cli and return its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
