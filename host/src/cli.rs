@@ -73,6 +73,59 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Append a command to its command stream and print its id.
     Send(SendArgs),
+    /// Dead letters: list, inspect, replay to the group they failed in, purge.
+    Dlq(DlqArgs),
+}
+
+/// Options of `dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+/// What to do with dead letters.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, of one subscription or of all.
+    List {
+        #[arg(long)]
+        subscription: Option<String>,
+        /// At most this many per subscription.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full.
+    Inspect {
+        id: String,
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Send one dead letter back to the subscription it failed in (not to every group).
+    Replay {
+        id: String,
+        #[arg(long)]
+        subscription: String,
+    },
+    /// Send every dead letter of a subscription back to it.
+    ReplayAll {
+        #[arg(long)]
+        subscription: String,
+        /// Confirm the bulk action.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Delete every dead letter of a subscription.
+    Purge {
+        #[arg(long)]
+        subscription: String,
+        /// Confirm the bulk action.
+        #[arg(long, short)]
+        yes: bool,
+    },
 }
 
 /// Options of `send`.

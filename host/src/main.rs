@@ -6,7 +6,7 @@ use std::{io::BufRead, process::ExitCode};
 use anyhow::Context as _;
 use clap::Parser;
 use protean_host::{
-    cli::{Cli, Command, Common, InspectArgs, LogFormat, SendArgs, ServerArgs},
+    cli::{Cli, Command, Common, DlqAction, DlqArgs, InspectArgs, LogFormat, SendArgs, ServerArgs},
     config::Config,
     discovery,
     engine::{Engine, EngineOptions, Outcome, RunReport},
@@ -37,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Server(args)) => server(&cli.common, &args),
         Some(Command::Inspect(args)) => inspect(&cli.common, &args),
         Some(Command::Send(args)) => send(&cli.common, &args),
+        Some(Command::Dlq(args)) => dlq(&cli.common, &args),
     }
 }
 
@@ -150,4 +151,119 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
+/// dead letters live in the store and are listed with them.
+fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
+    let engine = engine(common, false)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let broker = match &engine.config().broker {
+            Some(config) => Some(protean_host::broker::open(config).await?),
+            None => None,
+        };
+        let admin = broker.as_deref().and_then(|b| b.dead_letters());
+        let known: Vec<String> = engine.subscriptions().iter().map(|(plan, _)| plan.name.clone()).collect();
+        let streams = engine.stream_subscriptions();
+        let check = |name: &str| -> anyhow::Result<()> {
+            anyhow::ensure!(known.iter().any(|k| k == name), "no subscription {name:?} in this domain; subscriptions: {}", known.join(", "));
+            Ok(())
+        };
+        let broker_admin = |name: &str| -> anyhow::Result<&dyn protean_host::broker::DeadLetterAdmin> {
+            check(name)?;
+            anyhow::ensure!(streams.contains(&name), "{name} reads the event store; its dead letters are in the store and are listed by `dlq list`, but replaying them is not supported yet");
+            admin.context("no broker is configured; dead letters of event-store subscriptions are listed by `dlq list`")
+        };
+        match &args.action {
+            DlqAction::List { subscription, limit, json } => {
+                let names: Vec<String> = match subscription {
+                    Some(name) => {
+                        check(name)?;
+                        vec![name.clone()]
+                    }
+                    None => known.clone(),
+                };
+                let mut rows = Vec::new();
+                for name in &names {
+                    if let (Some(admin), true) = (admin, streams.contains(&name.as_str())) {
+                        for entry in admin.list(name, *limit).await? {
+                            rows.push(serde_json::json!({"subscription": name, "id": entry.id, "fields": entry.fields}));
+                        }
+                    }
+                    for dead in engine.store().dead_letters(Some(name))?.into_iter().take(*limit) {
+                        rows.push(serde_json::json!({"subscription": name, "id": dead.global_position.to_string(), "fields": dead}));
+                    }
+                }
+                print_dead_letters(&rows, *json);
+            }
+            DlqAction::Inspect { id, subscription } => {
+                let entry = broker_admin(subscription)?.list(subscription, usize::MAX).await?.into_iter().find(|e| &e.id == id);
+                let entry = entry.with_context(|| format!("no dead letter {id} in {subscription}; list them with `protean-host dlq list --subscription {subscription}`"))?;
+                println!("{}", serde_json::to_string_pretty(&entry)?);
+            }
+            DlqAction::Replay { id, subscription } => {
+                let replayed = broker_admin(subscription)?.replay(subscription, id).await?;
+                anyhow::ensure!(replayed, "no dead letter {id} in {subscription}; list them with `protean-host dlq list --subscription {subscription}`");
+                println!("replayed {id} to {subscription}");
+            }
+            DlqAction::ReplayAll { subscription, yes } => {
+                let admin = broker_admin(subscription)?;
+                let entries = admin.list(subscription, usize::MAX).await?;
+                anyhow::ensure!(*yes, "this replays {} dead letters of {subscription}; add --yes to confirm", entries.len());
+                for entry in &entries {
+                    admin.replay(subscription, &entry.id).await?;
+                }
+                println!("replayed {} dead letters to {subscription}", entries.len());
+            }
+            DlqAction::Purge { subscription, yes } => {
+                let admin = broker_admin(subscription)?;
+                let count = admin.list(subscription, usize::MAX).await?.len();
+                anyhow::ensure!(*yes, "this deletes {count} dead letters of {subscription}; add --yes to confirm");
+                println!("purged {} dead letters of {subscription}", admin.purge(subscription).await?);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_dead_letters(rows: &[serde_json::Value], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<34} {:<20} {:<30} {:>8}  error",
+        "subscription", "id", "type", "attempts"
+    );
+    for row in rows {
+        let fields = &row["fields"];
+        let message_type = fields["message_type"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                let data: serde_json::Value = fields["data"]
+                    .as_str()
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or_default();
+                data["metadata"]["headers"]["type"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned()
+            });
+        let attempts = fields["attempts"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| fields["attempts"].to_string());
+        let error = fields["error"].as_str().unwrap_or_default();
+        println!(
+            "{:<34} {:<20} {:<30} {:>8}  {error}",
+            row["subscription"].as_str().unwrap_or_default(),
+            row["id"].as_str().unwrap_or_default(),
+            message_type,
+            attempts
+        );
+    }
 }

@@ -257,3 +257,90 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
         "{handled_by:?}"
     );
 }
+
+#[test]
+fn a_dead_letter_is_listed_replayed_to_its_group_and_then_succeeds() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("protean.toml"), config(&redis)).unwrap();
+    let store = sqlite(dir.path());
+    // One plugin instance for both runs: its attempt counter says the fifth attempt succeeds.
+    let engine = engine(fixture_domain(), "probe", store.clone(), &config(&redis));
+    engine
+        .send(
+            "Probe.Run.v1",
+            &json!({"id": "later", "behaviour": "fail:4"}),
+            None,
+        )
+        .unwrap();
+    engine.run().unwrap();
+    assert_eq!(ran(store.as_ref(), "later"), 0);
+
+    let lib = format!("{}:probe", fixture_domain().display());
+    let dlq = |args: &[&str]| {
+        host(dir.path())
+            .args(["dlq"])
+            .args(args)
+            .args(["--domain", &lib])
+    };
+    let listed = dlq(&["list", "--json"]).output().expect_code(0);
+    let rows: Vec<Value> = serde_json::from_str(&listed.stdout()).unwrap();
+    assert_eq!(rows.len(), 1, "{}", listed.stdout());
+    assert_eq!(rows[0]["subscription"], "commands:probe::probe");
+    assert_eq!(rows[0]["fields"]["attempts"], "4");
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    let text = dlq(&["list"]).output().expect_code(0).stdout();
+    assert!(
+        text.contains("Probe.Run.v1") && text.contains("probe later failing attempt 4"),
+        "{text}"
+    );
+
+    let unconfirmed = dlq(&["replay-all", "--subscription", "commands:probe::probe"])
+        .output()
+        .expect_code(1);
+    assert!(
+        unconfirmed.error_lines()[0]
+            .contains("this replays 1 dead letters of commands:probe::probe; add --yes to confirm"),
+        "{}",
+        unconfirmed.stderr()
+    );
+    let unknown = dlq(&["replay", &id, "--subscription", "nope"])
+        .output()
+        .expect_code(1);
+    assert!(
+        unknown.error_lines()[0].contains(
+            "no subscription \"nope\" in this domain; subscriptions: chain, commands:probe::probe"
+        ),
+        "{}",
+        unknown.stderr()
+    );
+    dlq(&["replay", &id, "--subscription", "commands:probe::probe"])
+        .output()
+        .expect_code(0);
+    let missing = dlq(&["replay", &id, "--subscription", "commands:probe::probe"])
+        .output()
+        .expect_code(1);
+    assert!(
+        missing.error_lines()[0].contains(&format!("no dead letter {id} in commands:probe::probe")),
+        "{}",
+        missing.stderr()
+    );
+
+    engine.run().unwrap();
+    let done: Value =
+        serde_json::from_str(&store.read_stream("probe::probe-later", 0).unwrap()[0].data).unwrap();
+    assert_eq!(
+        done["attempts"], 5,
+        "the replayed message succeeded on its fifth attempt"
+    );
+    assert!(redis
+        .cli(&["XLEN", "commands:probe::probe:dlq"])
+        .starts_with('0'));
+    assert!(
+        redis.cli(&["XLEN", "chain:replay"]).starts_with('0'),
+        "the replay went to its own group only"
+    );
+    dlq(&["purge", "--subscription", "commands:probe::probe", "--yes"])
+        .output()
+        .expect_code(0);
+}

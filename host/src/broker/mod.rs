@@ -99,6 +99,34 @@ pub trait Broker: Send + Sync {
 
     /// Give the lease `name` up, if `owner` holds it.
     async fn release(&self, name: &str, owner: &str) -> Result<()>;
+
+    /// Reading and replaying dead letters, for brokers that keep them.
+    fn dead_letters(&self) -> Option<&dyn DeadLetterAdmin> {
+        None
+    }
+}
+
+/// One entry of a group's dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetterEntry {
+    /// Its id in the dead-letter stream.
+    pub id: String,
+    /// `data`, `original_stream`, `original_id`, `group`, `consumer`, `error`, `attempts`, `failed_at`.
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+/// Dead-letter administration (the `protean-host dlq` commands).
+#[async_trait]
+pub trait DeadLetterAdmin: Send + Sync {
+    /// The oldest `limit` dead letters of `group`.
+    async fn list(&self, group: &str, limit: usize) -> Result<Vec<DeadLetterEntry>>;
+
+    /// Send the dead letter `id` back to `group` only (through its replay stream) and remove it.
+    /// False when there is no such dead letter.
+    async fn replay(&self, group: &str, id: &str) -> Result<bool>;
+
+    /// Remove every dead letter of `group`; returns how many there were.
+    async fn purge(&self, group: &str) -> Result<u64>;
 }
 
 /// One consumer of a consumer group.

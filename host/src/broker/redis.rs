@@ -13,7 +13,10 @@ use redis::{
     Client, Script, Value,
 };
 
-use super::{dead_letter_stream, Broker, BrokerConfig, Consumer, Entry, Error, GroupStart, Result};
+use super::{
+    dead_letter_stream, replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin,
+    DeadLetterEntry, Entry, Error, GroupStart, Result,
+};
 
 static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/renew_lease.lua")));
@@ -195,6 +198,10 @@ impl Broker for RedisBroker {
         Ok(renewed == 1)
     }
 
+    fn dead_letters(&self) -> Option<&dyn DeadLetterAdmin> {
+        Some(self)
+    }
+
     async fn release(&self, name: &str, owner: &str) -> Result<()> {
         let mut conn = self.commands.clone();
         RELEASE_LEASE
@@ -204,6 +211,83 @@ impl Broker for RedisBroker {
             .await
             .map(drop)
             .map_err(command("EVALSHA release_lease"))
+    }
+}
+
+#[async_trait]
+impl DeadLetterAdmin for RedisBroker {
+    async fn list(&self, group: &str, limit: usize) -> Result<Vec<DeadLetterEntry>> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(dead_letter_stream(group))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit.min(i64::MAX as usize))
+            .query_async(&mut self.commands.clone())
+            .await
+            .map_err(command("XRANGE"))?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| DeadLetterEntry {
+                id: entry.id,
+                fields: entry
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), text(Some(v))?)))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    async fn replay(&self, group: &str, id: &str) -> Result<bool> {
+        let mut conn = self.commands.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(dead_letter_stream(group))
+            .arg(id)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(command("XRANGE"))?;
+        let Some(entry) = reply.ids.into_iter().next() else {
+            return Ok(false);
+        };
+        let data = entry
+            .map
+            .get("data")
+            .and_then(|v| text(Some(v)))
+            .unwrap_or_default();
+        // Add to the group's replay stream first: a crash in between leaves a duplicate, never a loss.
+        redis::cmd("XADD")
+            .arg(replay_stream(group))
+            .arg("*")
+            .arg("data")
+            .arg(data)
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(command("XADD replay"))?;
+        redis::cmd("XDEL")
+            .arg(dead_letter_stream(group))
+            .arg(id)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(command("XDEL"))?;
+        Ok(true)
+    }
+
+    async fn purge(&self, group: &str) -> Result<u64> {
+        let mut conn = self.commands.clone();
+        let count: u64 = redis::cmd("XLEN")
+            .arg(dead_letter_stream(group))
+            .query_async(&mut conn)
+            .await
+            .map_err(command("XLEN"))?;
+        redis::cmd("DEL")
+            .arg(dead_letter_stream(group))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(command("DEL"))?;
+        Ok(count)
     }
 }
 

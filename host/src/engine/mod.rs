@@ -198,6 +198,20 @@ impl Engine {
         })
     }
 
+    /// The names of the stream subscriptions (their consumer groups), when a broker is configured.
+    pub fn stream_subscriptions(&self) -> Vec<&str> {
+        self.subscriptions
+            .iter()
+            .filter(|s| s.kind == SubscriptionType::Stream)
+            .map(|s| s.plan.name.as_str())
+            .collect()
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.options.config
+    }
+
     /// The subscriptions the engine runs, with their resolved settings.
     pub fn subscriptions(&self) -> Vec<(&SubscriptionPlan, Settings)> {
         self.subscriptions
