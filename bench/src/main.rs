@@ -61,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     rows.push(inspect(&host, &sample)?);
     rows.push(sqlite_noop(&host, &fixture, arg("--events", 100_000))?);
     rows.extend(sample_flow(&host, &sample, arg("--orders", 10_000))?);
+    rows.extend(redis_noop(&host, &fixture, arg("--events", 100_000))?);
     report(&rows)
 }
 
@@ -319,6 +320,145 @@ fn sample_flow(host: &Path, sample: &Path, orders: usize) -> anyhow::Result<Vec<
         target: "≥ 5,000 orders/s".into(),
         ok: rate >= 5000.0,
     }])
+}
+
+/// A redis-server of the benchmark's own on a free loopback port, stopped when dropped.
+struct Redis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Redis {
+    fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start redis-server (apt-get install redis-server)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { port, child })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `redis-benchmark` XADD of a message-sized entry on the same server: what Redis itself allows.
+fn xadd_ceiling(redis: &Redis, payload: &str) -> anyhow::Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-q",
+            "-n",
+            "200000",
+            "-P",
+            "100",
+            "XADD",
+            "ceiling",
+            "*",
+            "data",
+            payload,
+        ])
+        .output()
+        .context("run redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("requests per second"))
+        .context("no figure from redis-benchmark")?;
+    // The command (with its JSON payload) precedes the figure: take the number right before the unit.
+    let before = line
+        .split(" requests per second")
+        .next()
+        .unwrap_or_default();
+    let figure = before
+        .rsplit([' ', ':', '\r'])
+        .next()
+        .context("unreadable redis-benchmark line")?;
+    Ok(figure.parse()?)
+}
+
+fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<Row>> {
+    let redis = Redis::start()?;
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "[brokers.default]\nuri = \"redis://127.0.0.1:{}/0\"\n",
+        redis.port
+    );
+    std::fs::write(dir.path().join("protean.toml"), config)?;
+    let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
+    let mut sample = String::new();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
+        let messages: Vec<NewMessage> = chunk
+            .iter()
+            .map(|n| {
+                NewMessage::new(
+                    Kind::Event,
+                    &format!("probe::probe-{}", n % 1000),
+                    "Probe.Ticked.v1",
+                    &json!({"n": n, "label": "tick"}),
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        if sample.is_empty() {
+            sample =
+                protean_host::message::wire_json(&messages[0].data, &messages[0].metadata, 0, 1)?;
+        }
+        store.commit(&UnitOfWork {
+            messages,
+            publish: true,
+            ..UnitOfWork::default()
+        })?;
+    }
+    drop(store);
+    let ceiling = xadd_ceiling(&redis, &sample)?;
+    let (elapsed, rss_kib, _) = run_measured(server(
+        host,
+        dir.path(),
+        &format!("{}:noop", fixture.display()),
+    ))?;
+    let rate = events as f64 / elapsed.as_secs_f64();
+    Ok(vec![
+        Row {
+            scenario: "Redis XADD ceiling (redis-benchmark)".into(),
+            setup: format!("same server, {} byte entries, pipeline 100", sample.len()),
+            result: format!("{ceiling:.0} XADD/s"),
+            target: "-".into(),
+            ok: true,
+        },
+        Row {
+            scenario: "Redis end to end, no-op handler".into(),
+            setup: format!("{events} stored events: outbox publish (XADD), XREADGROUP, handle, commit, XACK; whole process"),
+            result: format!("{rate:.0} messages/s ({:.0}% of the XADD ceiling), peak memory {:.1} MB", 100.0 * rate / ceiling, rss_kib as f64 / 1024.0),
+            target: "≥ 100,000 messages/s".into(),
+            ok: rate >= 100_000.0,
+        },
+    ])
 }
 
 fn report(rows: &[Row]) -> anyhow::Result<()> {
