@@ -242,30 +242,42 @@ fn server(host: &Path, dir: &Path, domain: &str) -> Command {
     command
 }
 
-fn sqlite_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Row> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
+/// Store `events` ticks for the no-op handler in `dir/.protean/store.db` (with outbox rows when
+/// `publish`); returns one of them as it travels on the wire.
+fn store_ticks(dir: &Path, events: usize, publish: bool) -> anyhow::Result<String> {
+    let store = SqliteStore::open(&dir.join(".protean/store.db"))?;
+    let tick = |n: usize| {
+        let data = json!({"n": n, "label": "tick"});
+        NewMessage::new(
+            Kind::Event,
+            &format!("probe::probe-{}", n % 1000),
+            "Probe.Ticked.v1",
+            &data,
+            None,
+            None,
+            None,
+        )
+    };
     for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let messages = chunk
-            .iter()
-            .map(|n| {
-                NewMessage::new(
-                    Kind::Event,
-                    &format!("probe::probe-{}", n % 1000),
-                    "Probe.Ticked.v1",
-                    &json!({"n": n, "label": "tick"}),
-                    None,
-                    None,
-                    None,
-                )
-            })
-            .collect();
+        let messages = chunk.iter().map(|&n| tick(n)).collect();
         store.commit(&UnitOfWork {
             messages,
+            publish,
             ..UnitOfWork::default()
         })?;
     }
-    drop(store);
+    let sample = tick(0);
+    Ok(protean_host::message::wire_json(
+        &sample.data,
+        &sample.metadata,
+        0,
+        1,
+    )?)
+}
+
+fn sqlite_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    store_ticks(dir.path(), events, false)?;
     let (elapsed, rss_kib, _) = run_measured(server(
         host,
         dir.path(),
@@ -408,34 +420,7 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         redis.port
     );
     std::fs::write(dir.path().join("protean.toml"), config)?;
-    let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
-    let mut sample = String::new();
-    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let messages: Vec<NewMessage> = chunk
-            .iter()
-            .map(|n| {
-                NewMessage::new(
-                    Kind::Event,
-                    &format!("probe::probe-{}", n % 1000),
-                    "Probe.Ticked.v1",
-                    &json!({"n": n, "label": "tick"}),
-                    None,
-                    None,
-                    None,
-                )
-            })
-            .collect();
-        if sample.is_empty() {
-            sample =
-                protean_host::message::wire_json(&messages[0].data, &messages[0].metadata, 0, 1)?;
-        }
-        store.commit(&UnitOfWork {
-            messages,
-            publish: true,
-            ..UnitOfWork::default()
-        })?;
-    }
-    drop(store);
+    let sample = store_ticks(dir.path(), events, true)?;
     let ceiling = xadd_ceiling(&redis, &sample)?;
     let (elapsed, rss_kib, _) = run_measured(server(
         host,

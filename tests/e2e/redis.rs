@@ -13,7 +13,10 @@ use protean_host::{
 };
 use serde_json::{json, Value};
 
-use crate::support::{engine, fixture_domain, host, sample_domain, RedisServer, TEST_CONFIG};
+use crate::support::{
+    count_of, each_order_exactly_once, engine, fixture_domain, host, sample_domain, RedisServer,
+    TEST_CONFIG,
+};
 
 fn config(redis: &RedisServer) -> String {
     format!("{TEST_CONFIG}{}", redis.config())
@@ -21,15 +24,6 @@ fn config(redis: &RedisServer) -> String {
 
 fn sqlite(dir: &Path) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
-}
-
-fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {
-    store
-        .read_categories(&[category.into()], 0, usize::MAX)
-        .unwrap()
-        .iter()
-        .filter(|m| m.message_type == message_type)
-        .count()
 }
 
 fn place(n: usize) -> Value {
@@ -181,27 +175,6 @@ fn orders(n: usize) -> String {
     (0..n).map(|i| place(i).to_string() + "\n").collect()
 }
 
-fn exactly_once(store: &dyn Store, orders: usize) {
-    for (category, message_type) in [
-        ("fulfilment::order", "Fulfilment.OrderPlaced.v1"),
-        ("fulfilment::order", "Fulfilment.OrderShipped.v1"),
-        ("fulfilment::reservation", "Fulfilment.StockReserved.v1"),
-        ("fulfilment::payment", "Fulfilment.PaymentProcessed.v1"),
-        (
-            "fulfilment::payment:command",
-            "Fulfilment.ProcessPayment.v1",
-        ),
-        ("fulfilment::order:command", "Fulfilment.ShipOrder.v1"),
-    ] {
-        assert_eq!(
-            count_of(store, category, message_type),
-            orders,
-            "{message_type} exactly once per order"
-        );
-    }
-    assert!(store.dead_letters(None).unwrap().is_empty());
-}
-
 #[test]
 fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let mut redis = RedisServer::start();
@@ -246,7 +219,7 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
         let (code, logs) = replica.wait();
         assert_eq!(code, Some(0), "{logs}");
     }
-    exactly_once(store.as_ref(), total);
+    each_order_exactly_once(store.as_ref(), total);
     let handled_by: Vec<String> = redis
         .cli(&["XINFO", "GROUPS", "fulfilment::order"])
         .lines()

@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use protean_host::store::{SqliteStore, Store};
 use serde_json::{json, Value};
 
-use crate::support::{fixture_domain, host, sample_domain};
+use crate::support::{count_of, each_order_exactly_once, fixture_domain, host, sample_domain};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -17,15 +17,6 @@ fn orders(n: usize) -> String {
 
 fn store(dir: &Path) -> SqliteStore {
     SqliteStore::open(&dir.join(".protean/store.db")).unwrap()
-}
-
-fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {
-    store
-        .read_categories(&[category.into()], 0, usize::MAX)
-        .unwrap()
-        .iter()
-        .filter(|m| m.message_type == message_type)
-        .count()
 }
 
 fn probe(dir: &Path, id: &str, behaviour: &str) {
@@ -79,23 +70,7 @@ fn killed_mid_run_then_restarted_every_order_ships_exactly_once() {
         .expect_code(0);
     assert!(run.stdout().contains("completed"), "{}", run.stdout());
     let store = store(dir.path());
-    for (category, message_type) in [
-        ("fulfilment::order", "Fulfilment.OrderPlaced.v1"),
-        ("fulfilment::order", "Fulfilment.OrderShipped.v1"),
-        ("fulfilment::reservation", "Fulfilment.StockReserved.v1"),
-        ("fulfilment::payment", "Fulfilment.PaymentProcessed.v1"),
-        (
-            "fulfilment::payment:command",
-            "Fulfilment.ProcessPayment.v1",
-        ),
-        ("fulfilment::order:command", "Fulfilment.ShipOrder.v1"),
-    ] {
-        assert_eq!(
-            count_of(&store, category, message_type),
-            300,
-            "{message_type} exactly once per order"
-        );
-    }
+    each_order_exactly_once(&store, 300);
     for i in 0..300 {
         let summary: Value = serde_json::from_str(
             &store
