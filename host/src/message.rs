@@ -68,6 +68,8 @@ pub struct EnvelopeView<'a> {
 pub struct DomainView<'a> {
     #[serde(borrow, default)]
     pub correlation_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub origin_stream: Option<Cow<'a, str>>,
 }
 
 impl<'a> MetaView<'a> {
@@ -377,7 +379,14 @@ impl NewMeta<'_> {
             domain: DomainOut {
                 fqn,
                 kind: self.kind.as_str(),
-                origin_stream: self.cause.map(|c| c.stream),
+                // Protean's rule: a command comes from the stream of the event that caused it; an event
+                // carries on the origin of the command it answers (none when an event handler raised it).
+                origin_stream: match self.kind {
+                    Kind::Command => self.cause.map(|c| c.stream),
+                    Kind::Event => {
+                        cause_meta.and_then(|m| m.domain.as_ref()?.origin_stream.as_deref())
+                    }
+                },
                 // Protean leaves a command's category empty; an event's is its stream's.
                 stream_category: match self.kind {
                     Kind::Event => Some(crate::store::category(self.stream)),
@@ -466,6 +475,40 @@ mod tests {
         assert_eq!(
             canonical_json(&value),
             r#"{"a":{"y":true,"z":null},"b":[1,2.5,"\u00e9\ud83d\ude00"],"c":1e+16,"d":1e-07}"#
+        );
+    }
+
+    #[test]
+    fn origin_streams_follow_protean() {
+        let command = MetaView::parse(
+            r#"{"headers": {"id": "c1"}, "domain": {"origin_stream": "shop::cart-9"}}"#,
+        )
+        .unwrap();
+        let cause = Cause {
+            id: "c1",
+            stream: "shop::order:command-1",
+            meta: Some(&command),
+        };
+        let meta = |kind| NewMeta {
+            id: "n1",
+            kind,
+            message_type: "Shop.X.v1",
+            stream: "shop::order-1",
+            time: "t",
+            checksum: "x",
+            expected_version: None,
+            deadline: None,
+            cause: Some(cause),
+        };
+        let event: Value = serde_json::from_str(&meta(Kind::Event).to_json()).unwrap();
+        assert_eq!(
+            event["domain"]["origin_stream"], "shop::cart-9",
+            "an event carries on its command's origin"
+        );
+        let sent: Value = serde_json::from_str(&meta(Kind::Command).to_json()).unwrap();
+        assert_eq!(
+            sent["domain"]["origin_stream"], "shop::order:command-1",
+            "a command comes from its cause's stream"
         );
     }
 

@@ -317,3 +317,41 @@ fn a_dead_letter_is_listed_replayed_to_its_group_and_then_succeeds() {
         .output()
         .expect_code(0);
 }
+
+/// Entries that the real Python Protean 0.18 Redis broker published (tests/fixtures/protean-redis, with
+/// the script that captured them) are consumed by a Rust domain through our stream subscriptions.
+#[test]
+fn entries_published_by_python_protean_are_consumed() {
+    let redis = RedisServer::start();
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/protean-redis/python-to-rust");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != "entries.json")
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "fixtures in {}", dir.display());
+    for file in &files {
+        let data = std::fs::read_to_string(file).unwrap();
+        redis.cli(&["XADD", "fulfilment::order", "*", "data", &data]);
+    }
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = sqlite(store_dir.path());
+    let report = engine(sample_domain(), "reporting", store.clone(), &config(&redis))
+        .run()
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    let totals: Value =
+        serde_json::from_str(&store.document("totals", "all").unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (totals["placed"].as_u64(), totals["revenue"].as_f64()),
+        (Some(2), Some(42.5))
+    );
+    assert!(
+        redis
+            .cli(&["XLEN", "totals-fulfilment::order:dlq"])
+            .starts_with('0'),
+        "nothing was dead-lettered"
+    );
+}
