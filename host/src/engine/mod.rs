@@ -357,8 +357,16 @@ impl Engine {
             "engine started"
         );
         if test_mode {
+            let streams = self
+                .subscriptions
+                .iter()
+                .filter(|s| s.kind == SubscriptionType::Stream)
+                .map(|s| (s.plan.categories.clone(), s.plan.name.clone()))
+                .collect();
             tokio::spawn(watch_quiescence(
                 shared.clone(),
+                broker.clone(),
+                streams,
                 self.options.config.test_mode_timeout,
                 shutdown.clone(),
                 outcome.clone(),
@@ -487,9 +495,33 @@ async fn watch_signals(
     }
 }
 
+/// With a broker, quiescent also means that every group of every stream subscription has read
+/// everything and has nothing pending, as Redis itself reports it.
+async fn broker_drained(
+    shared: &Shared,
+    broker: Option<&dyn broker::Broker>,
+    streams: &[(Vec<String>, String)],
+) -> bool {
+    let Some(broker) = broker else { return true };
+    for (streams, group) in streams {
+        match broker.backlog(streams, group).await {
+            Ok(0) => {}
+            Ok(_) | Err(_) => {
+                // Not yet: look again shortly (a subscription's next read changes its state anyway).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                shared.progress.poke();
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Test mode: stop when quiescent, or give up at the time limit.
 async fn watch_quiescence(
     shared: Arc<Shared>,
+    broker: Option<Arc<dyn broker::Broker>>,
+    streams: Vec<(Vec<String>, String)>,
     limit: Duration,
     shutdown: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,
@@ -497,7 +529,8 @@ async fn watch_quiescence(
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     loop {
-        if shared.progress.quiescent() {
+        if shared.progress.quiescent() && broker_drained(&shared, broker.as_deref(), &streams).await
+        {
             tracing::info!("test mode: every subscription is caught up and idle");
             lock(&outcome).get_or_insert(Outcome::Quiescent);
             shutdown.cancel();

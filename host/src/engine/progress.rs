@@ -126,6 +126,11 @@ impl Progress {
             .collect()
     }
 
+    /// Wake whoever waits for a change, to look again.
+    pub(crate) fn poke(&self) {
+        self.changed.notify_one();
+    }
+
     /// Wait for the next change of any state or of the head.
     pub(crate) async fn changed(&self) {
         self.changed.notified().await;

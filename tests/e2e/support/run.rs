@@ -46,13 +46,14 @@ impl HostCommand {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = self.command.spawn().expect("protean-host runs");
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-        Finished(child.wait_with_output().expect("protean-host runs"))
+        // Written from its own thread: a child that answers while it reads would otherwise fill
+        // its stdout pipe and wait for us while we wait for it to read.
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let input = input.to_owned();
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let output = child.wait_with_output().expect("protean-host runs");
+        writer.join().expect("stdin writer").expect("write stdin");
+        Finished(output)
     }
 
     pub(super) fn into_command(self) -> Command {
