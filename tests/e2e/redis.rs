@@ -185,7 +185,7 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     )
     .unwrap();
     let lib = sample_domain().display().to_string();
-    let total = 600;
+    let total = 10_000;
     host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
         .output_with_stdin(&orders(total))
