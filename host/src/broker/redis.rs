@@ -138,6 +138,7 @@ impl Broker for RedisBroker {
             group: group.to_owned(),
             name: consumer.to_owned(),
             maybe_pending: true,
+            unsettled: 0,
         }))
     }
 
@@ -315,6 +316,9 @@ struct RedisConsumer {
     name: String,
     /// Whether this consumer may have pending entries (at start, after a failure, after a reclaim).
     maybe_pending: bool,
+    /// Entries of the last read not yet acknowledged: if some are left at the next read, they are
+    /// pending on this consumer (a retry, a failed ack) and are read again first.
+    unsettled: usize,
 }
 
 impl RedisConsumer {
@@ -356,6 +360,19 @@ impl RedisConsumer {
         Ok(entries)
     }
 
+    /// This consumer's pending entries first, when it may have some; else new ones.
+    async fn read_entries(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        if self.maybe_pending {
+            let mut pending = self.read_group(count, None, "0").await?;
+            if !pending.is_empty() {
+                self.fill_deliveries(&mut pending).await?;
+                return Ok(pending);
+            }
+            self.maybe_pending = false;
+        }
+        self.read_group(count, Some(block), ">").await
+    }
+
     /// Fill in how often each pending entry has been delivered (Redis counts, so it survives restarts).
     async fn fill_deliveries(&mut self, entries: &mut [Entry]) -> Result<()> {
         for stream in &self.streams {
@@ -393,20 +410,13 @@ impl RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
-        if self.maybe_pending {
-            let mut pending = self.read_group(count, None, "0").await?;
-            if !pending.is_empty() {
-                self.fill_deliveries(&mut pending).await?;
-                return Ok(pending);
-            }
-            self.maybe_pending = false;
-        }
-        self.read_group(count, Some(block), ">").await
+        self.maybe_pending |= self.unsettled > 0;
+        let entries = self.read_entries(count, block).await?;
+        self.unsettled = entries.len();
+        Ok(entries)
     }
 
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
-        // Entries left unacknowledged (a retry) are read again before new ones.
-        self.maybe_pending = true;
         if entries.is_empty() {
             return Ok(());
         }
@@ -427,7 +437,9 @@ impl Consumer for RedisConsumer {
         }
         pipe.query_async::<()>(&mut self.conn)
             .await
-            .map_err(command("XACK"))
+            .map_err(command("XACK"))?;
+        self.unsettled = self.unsettled.saturating_sub(entries.len());
+        Ok(())
     }
 
     async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()> {

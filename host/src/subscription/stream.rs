@@ -8,7 +8,6 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -235,39 +234,5 @@ fn decode(entry: &Entry) -> Result<StoredMessage, String> {
         .data
         .as_deref()
         .ok_or("entry has no text field `data`")?;
-    let mut envelope: Map<String, Value> =
-        serde_json::from_str(text).map_err(|e| format!("entry data is not a JSON object: {e}"))?;
-    let data = envelope
-        .remove("data")
-        .ok_or("entry is not a Protean message: no `data`")?;
-    let Some(Value::Object(mut metadata)) = envelope.remove("metadata") else {
-        return Err("entry is not a Protean message: no `metadata` object".into());
-    };
-    let positions = metadata.remove("event_store").unwrap_or(Value::Null);
-    let headers = metadata.get("headers").cloned().unwrap_or(Value::Null);
-    let header = |key: &str| {
-        headers
-            .get(key)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or(format!(
-                "entry is not a Protean message: no `metadata.headers.{key}`"
-            ))
-    };
-    Ok(StoredMessage {
-        global_position: positions
-            .get("global_position")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        position: positions
-            .get("position")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        stream: header("stream")?,
-        message_type: header("type")?,
-        id: header("id")?,
-        time: header("time").unwrap_or_default(),
-        data: data.to_string(),
-        metadata: Value::Object(metadata).to_string(),
-    })
+    crate::message::from_wire(text)
 }
