@@ -139,6 +139,7 @@ impl Broker for RedisBroker {
             name: consumer.to_owned(),
             maybe_pending: true,
             unsettled: 0,
+            to_ack: Vec::new(),
         }))
     }
 
@@ -319,6 +320,9 @@ struct RedisConsumer {
     /// Entries of the last read not yet acknowledged: if some are left at the next read, they are
     /// pending on this consumer (a retry, a failed ack) and are read again first.
     unsettled: usize,
+    /// Acknowledgements not sent yet: they go in one pipeline with the next read, which saves a round
+    /// trip per batch (an entry acknowledged late is at worst redelivered and recognised as processed).
+    to_ack: Vec<(String, String)>,
 }
 
 impl RedisConsumer {
@@ -341,10 +345,17 @@ impl RedisConsumer {
         for _ in &self.streams {
             cmd.arg(from);
         }
-        let reply: Option<StreamReadReply> = cmd
-            .query_async(&mut self.conn)
-            .await
-            .map_err(command("XREADGROUP"))?;
+        let mut pipe = self.acks();
+        pipe.add_command(cmd);
+        let (reply,): (Option<StreamReadReply>,) = match pipe.query_async(&mut self.conn).await {
+            Ok(reply) => reply,
+            Err(error) => {
+                // The acknowledgements may not have arrived: look at what is pending before new entries.
+                self.maybe_pending = true;
+                return Err(command("XREADGROUP")(error));
+            }
+        };
+        self.to_ack.clear();
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for id in key.ids {
@@ -358,6 +369,27 @@ impl RedisConsumer {
             }
         }
         Ok(entries)
+    }
+
+    /// A pipeline with the acknowledgements not sent yet (XACK per stream; replies ignored).
+    fn acks(&self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for stream in &self.streams {
+            let ids: Vec<&str> = self
+                .to_ack
+                .iter()
+                .filter(|(s, _)| s == stream)
+                .map(|(_, id)| id.as_str())
+                .collect();
+            if !ids.is_empty() {
+                pipe.cmd("XACK")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(ids)
+                    .ignore();
+            }
+        }
+        pipe
     }
 
     /// This consumer's pending entries first, when it may have some; else new ones.
@@ -417,28 +449,20 @@ impl Consumer for RedisConsumer {
     }
 
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
-        if entries.is_empty() {
+        self.to_ack.extend_from_slice(entries);
+        self.unsettled = self.unsettled.saturating_sub(entries.len());
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.to_ack.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for stream in &self.streams {
-            let ids: Vec<&str> = entries
-                .iter()
-                .filter(|(s, _)| s == stream)
-                .map(|(_, id)| id.as_str())
-                .collect();
-            if !ids.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(stream)
-                    .arg(&self.group)
-                    .arg(ids)
-                    .ignore();
-            }
-        }
-        pipe.query_async::<()>(&mut self.conn)
+        self.acks()
+            .query_async::<()>(&mut self.conn)
             .await
             .map_err(command("XACK"))?;
-        self.unsettled = self.unsettled.saturating_sub(entries.len());
+        self.to_ack.clear();
         Ok(())
     }
 

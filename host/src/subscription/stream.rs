@@ -104,6 +104,7 @@ pub(crate) async fn run(
         match settle(&shared, &sub, consumer.as_mut(), entries).await? {
             Some(delay) => {
                 retrying = true;
+                flush(&name, consumer.as_mut()).await;
                 progress.set(&name, State::Retrying);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -113,9 +114,18 @@ pub(crate) async fn run(
             None => retrying = false,
         }
     }
+    flush(&name, consumer.as_mut()).await;
     progress.set(&name, State::Stopped);
     tracing::info!(subscription = %name, "stream subscription stopped");
     Ok(())
+}
+
+/// Send acknowledgements still held back. Those that cannot be sent are redelivered later and
+/// recognised by their processed markers.
+async fn flush(name: &str, consumer: &mut dyn Consumer) {
+    if let Err(error) = consumer.flush().await {
+        tracing::warn!(subscription = %name, %error, "cannot send acknowledgements; the entries will be redelivered");
+    }
 }
 
 /// `{subscription}-{host}-{pid}-{random}`: unique per process, readable in `XINFO CONSUMERS`.
