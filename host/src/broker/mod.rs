@@ -136,6 +136,10 @@ pub trait Consumer: Send {
     /// then new ones, waiting up to `block` for them.
     async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>>;
 
+    /// Up to `count` new entries, without waiting and without this consumer's pending ones: the next
+    /// batch, read while the current one is handled.
+    async fn read_ahead(&mut self, count: usize) -> Result<Vec<Entry>>;
+
     /// Acknowledge entries (stream, id): they are done. A broker may send acknowledgements with the
     /// next read; [`Consumer::flush`] sends what is left.
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()>;

@@ -317,8 +317,8 @@ struct RedisConsumer {
     name: String,
     /// Whether this consumer may have pending entries (at start, after a failure, after a reclaim).
     maybe_pending: bool,
-    /// Entries of the last read not yet acknowledged: if some are left at the next read, they are
-    /// pending on this consumer (a retry, a failed ack) and are read again first.
+    /// Entries read and not yet acknowledged: if some are left at a read, they are pending on this
+    /// consumer (a retry, a failed ack, a read-ahead given up) and are read again first.
     unsettled: usize,
     /// Acknowledgements not sent yet: they go in one pipeline with the next read, which saves a round
     /// trip per batch (an entry acknowledged late is at worst redelivered and recognised as processed).
@@ -445,6 +445,12 @@ impl Consumer for RedisConsumer {
         self.maybe_pending |= self.unsettled > 0;
         let entries = self.read_entries(count, block).await?;
         self.unsettled = entries.len();
+        Ok(entries)
+    }
+
+    async fn read_ahead(&mut self, count: usize) -> Result<Vec<Entry>> {
+        let entries = self.read_group(count, None, ">").await?;
+        self.unsettled += entries.len();
         Ok(entries)
     }
 
