@@ -7,8 +7,16 @@
 //! - `protean-host inspect` on the sample domain, whole process;
 //! - SQLite end to end: N stored events through one handler that does nothing, whole process, with its
 //!   peak memory;
-//! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory.
+//! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory;
+//! - Redis: the XADD ceiling (`redis-benchmark`), outbox publishing alone, consuming alone, both at
+//!   once, each as a ratio to the ceiling;
+//! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99).
+//!
+//! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
+//! redis, latency).
 #![allow(missing_docs, unreachable_pub)]
+
+mod latency;
 
 use std::{
     hint::black_box,
@@ -82,6 +90,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("redis") {
         rows.extend(redis_noop(&host, &fixture, events)?);
+    }
+    if wanted("latency") {
+        rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);
     }
     report(&rows)
 }

@@ -256,7 +256,11 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     assert_eq!(redis.pending(), 0, "entries left pending after a stop");
     let store = sqlite(dir.path());
     assert!(
-        count_of(store.as_ref(), "fulfilment::order", "Fulfilment.OrderShipped.v1") < total,
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderShipped.v1"
+        ) < total,
         "the stop came after the work was done: nothing tested"
     );
     host(dir.path())
