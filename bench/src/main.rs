@@ -235,8 +235,25 @@ fn inspect(host: &Path, sample: &Path) -> anyhow::Result<Row> {
     })
 }
 
-/// Run the binary to completion; returns wall time and peak resident memory (KiB).
-fn run_measured(mut command: Command) -> anyhow::Result<(Duration, u64, String)> {
+/// What one run of the binary took.
+struct Measured {
+    elapsed: Duration,
+    /// Peak resident memory.
+    rss_kib: u64,
+    /// User and system time: what the run cost the machine, less sensitive than wall time to
+    /// whatever else the machine is doing.
+    cpu: Duration,
+    stdout: String,
+}
+
+impl Measured {
+    fn rss_mb(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+}
+
+/// Run the binary to completion.
+fn run_measured(mut command: Command) -> anyhow::Result<Measured> {
     command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
@@ -250,7 +267,13 @@ fn run_measured(mut command: Command) -> anyhow::Result<(Duration, u64, String)>
     if status != 0 {
         bail!("protean-host exited with status {status}: {out}");
     }
-    Ok((elapsed, rusage.ru_maxrss as u64, out))
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(Measured {
+        elapsed,
+        rss_kib: rusage.ru_maxrss as u64,
+        cpu: time(rusage.ru_utime) + time(rusage.ru_stime),
+        stdout: out,
+    })
 }
 
 #[allow(unsafe_code)]
@@ -310,13 +333,13 @@ fn store_ticks(dir: &Path, events: usize, publish: bool) -> anyhow::Result<Strin
 fn sqlite_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
     store_ticks(dir.path(), events, false)?;
-    let (elapsed, rss_kib, _) = run_measured(server(
+    let run = run_measured(server(
         host,
         dir.path(),
         &format!("{}:noop", fixture.display()),
     ))?;
-    let rate = events as f64 / elapsed.as_secs_f64();
-    let rss_mb = rss_kib as f64 / 1024.0;
+    let rate = events as f64 / run.elapsed.as_secs_f64();
+    let rss_mb = run.rss_mb();
     Ok(Row {
         scenario: "SQLite end to end, no-op handler".into(),
         setup: format!("{events} stored events, one event handler that only decodes, 100 per batch, whole process"),
@@ -342,8 +365,12 @@ fn sample_flow(host: &Path, sample: &Path, orders: usize) -> anyhow::Result<Vec<
             ..UnitOfWork::default()
         })?;
     }
-    let (elapsed, rss_kib, out) =
-        run_measured(server(host, dir.path(), &sample.display().to_string()))?;
+    let Measured {
+        elapsed,
+        rss_kib,
+        stdout: out,
+        ..
+    } = run_measured(server(host, dir.path(), &sample.display().to_string()))?;
     let shipped = store
         .read_categories(&["fulfilment::order".into()], 0, usize::MAX)?
         .iter()
@@ -446,7 +473,8 @@ fn xadd_ceiling(redis: &Redis, payload: &str) -> anyhow::Result<f64> {
 
 /// Redis, three ways on one server: outbox publishing alone (a domain with no handlers, so the run
 /// ends when the outbox is drained), consuming alone (the entries that run left, read by the no-op
-/// handler), and both at once from a fresh store; each beside the XADD ceiling.
+/// handler), and both at once from a fresh store; each beside the XADD ceiling. Best of three rounds:
+/// wall time on a shared machine only ever gets worse than what the code allows.
 fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<Row>> {
     let redis = Redis::start()?;
     let config = format!(
@@ -461,17 +489,32 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
             &format!("{}:{instance}", fixture.display()),
         ))
     };
-    let split = tempfile::tempdir()?;
-    let sample = store_ticks(split.path(), events, true)?;
+    let best = |a: Option<Measured>, b: Measured| match a {
+        Some(a) if a.elapsed <= b.elapsed => Some(a),
+        _ => Some(b),
+    };
+    let (mut publish, mut consume, mut both) = (None, None, None);
+    let mut sample = String::new();
+    for _ in 0..3 {
+        redis_cli(&redis, &["FLUSHALL"])?;
+        let split = tempfile::tempdir()?;
+        sample = store_ticks(split.path(), events, true)?;
+        publish = best(publish, run(split.path(), "empty")?);
+        consume = best(consume, run(split.path(), "noop")?);
+        redis_cli(&redis, &["FLUSHALL"])?;
+        let fresh = tempfile::tempdir()?;
+        store_ticks(fresh.path(), events, true)?;
+        both = best(both, run(fresh.path(), "noop")?);
+    }
     let ceiling = xadd_ceiling(&redis, &sample)?;
-    let (publish, _, _) = run(split.path(), "empty")?;
-    let (consume, consume_rss, _) = run(split.path(), "noop")?;
-    redis_cli(&redis, &["FLUSHALL"])?;
-    let both = tempfile::tempdir()?;
-    store_ticks(both.path(), events, true)?;
-    let (end_to_end, rss, _) = run(both.path(), "noop")?;
-    let rate = |d: Duration| events as f64 / d.as_secs_f64();
-    let share = |d: Duration| 100.0 * rate(d) / ceiling;
+    let (publish, consume, both) = (
+        publish.context("no run")?,
+        consume.context("no run")?,
+        both.context("no run")?,
+    );
+    let rate = |m: &Measured| events as f64 / m.elapsed.as_secs_f64();
+    let share = |m: &Measured| 100.0 * rate(m) / ceiling;
+    let cpu = |m: &Measured| m.cpu.as_secs_f64() * 1e6 / events as f64;
     Ok(vec![
         Row {
             scenario: "Redis XADD ceiling (redis-benchmark)".into(),
@@ -482,22 +525,22 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         },
         Row {
             scenario: "Redis outbox publishing".into(),
-            setup: format!("{events} stored events with outbox rows, no handlers: claim, XADD, mark published; whole process"),
-            result: format!("{:.0} events/s ({:.0}% of the XADD ceiling)", rate(publish), share(publish)),
+            setup: format!("{events} stored events with outbox rows, no handlers: claim, XADD, mark published; 500 per round; whole process, best of 3"),
+            result: format!("{:.0} events/s ({:.0}% of the XADD ceiling), {:.1} µs CPU per event", rate(&publish), share(&publish), cpu(&publish)),
             target: "≥ 100,000 events/s".into(),
-            ok: rate(publish) >= 100_000.0,
+            ok: rate(&publish) >= 100_000.0,
         },
         Row {
             scenario: "Redis consume, no-op handler".into(),
-            setup: format!("{events} entries on the stream: XREADGROUP, handle, commit markers, XACK; 100 per batch; whole process"),
-            result: format!("{:.0} messages/s ({:.0}% of the XADD ceiling), peak memory {:.1} MB", rate(consume), share(consume), consume_rss as f64 / 1024.0),
+            setup: format!("{events} entries on the stream: XREADGROUP, handle, commit markers, XACK; 100 per batch; whole process, best of 3"),
+            result: format!("{:.0} messages/s ({:.0}% of the XADD ceiling), {:.1} µs CPU per message, peak memory {:.1} MB", rate(&consume), share(&consume), cpu(&consume), consume.rss_mb()),
             target: "≥ 100,000 messages/s".into(),
-            ok: rate(consume) >= 100_000.0,
+            ok: rate(&consume) >= 100_000.0,
         },
         Row {
             scenario: "Redis end to end, no-op handler".into(),
-            setup: format!("{events} stored events: outbox publish and consume at once in one process"),
-            result: format!("{:.0} messages/s ({:.0}% of the XADD ceiling), peak memory {:.1} MB", rate(end_to_end), share(end_to_end), rss as f64 / 1024.0),
+            setup: format!("{events} stored events: outbox publish and consume at once in one process, best of 3"),
+            result: format!("{:.0} messages/s ({:.0}% of the XADD ceiling), peak memory {:.1} MB", rate(&both), share(&both), both.rss_mb()),
             target: "-".into(),
             ok: true,
         },
