@@ -10,12 +10,14 @@
 //! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory;
 //! - Redis: the XADD ceiling (`redis-benchmark`), outbox publishing alone, consuming alone, both at
 //!   once, each as a ratio to the ceiling;
-//! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99).
+//! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99);
+//! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths.
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency).
+//! redis, latency, callgrind).
 #![allow(missing_docs, unreachable_pub)]
 
+mod callgrind;
 mod latency;
 
 use std::{
@@ -90,6 +92,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("redis") {
         rows.extend(redis_noop(&host, &fixture, events)?);
+    }
+    if wanted("callgrind") {
+        rows.extend(callgrind::hot_path(&host, &fixture, 5000)?);
     }
     if wanted("latency") {
         rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);

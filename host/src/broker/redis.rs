@@ -301,6 +301,15 @@ fn text(value: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Like [`text`], taking the bytes instead of copying them (an entry's payload).
+fn into_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
 fn number(value: Option<&Value>) -> Option<u64> {
     match value? {
         Value::Int(n) => u64::try_from(*n).ok(),
@@ -358,8 +367,8 @@ impl RedisConsumer {
         self.to_ack.clear();
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for id in key.ids {
-                let data = id.map.get("data").and_then(|v| text(Some(v)));
+            for mut id in key.ids {
+                let data = id.map.remove("data").and_then(into_text);
                 entries.push(Entry {
                     stream: key.key.clone(),
                     id: id.id,

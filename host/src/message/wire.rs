@@ -2,7 +2,7 @@
 //! back. This runs once per message on the broker path, so the members are spliced as raw JSON text:
 //! nothing is decoded into a tree that is only encoded again.
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
 
 use serde::{de, Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -10,8 +10,12 @@ use serde_json::value::RawValue;
 use super::PoisonError;
 use crate::store::StoredMessage;
 
-/// A JSON object as its members' raw text, in their order.
-struct RawObject<'a>(Vec<(String, &'a RawValue)>);
+/// A JSON object as its members' raw text, in their order. Keys are borrowed unless they hold escapes.
+struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// A key as it is in the text, when it can be.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for RawObject<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -21,15 +25,98 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
-                    members.push(member);
-                }
-                Ok(RawObject(members))
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawObject::from_map(map)
             }
         }
         deserializer.deserialize_map(Members)
+    }
+}
+
+impl<'de> RawObject<'de> {
+    fn from_map<A: de::MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+            members.push((key, value));
+        }
+        Ok(RawObject(members))
+    }
+}
+
+/// The outer object of a message on the wire, read in one pass: `data` as raw text, `metadata` split
+/// into its members (`None` inside when it is there but not an object).
+#[derive(Default)]
+struct WireEnvelope<'a> {
+    data: Option<&'a RawValue>,
+    metadata: Option<Option<RawObject<'a>>>,
+}
+
+impl<'de> Deserialize<'de> for WireEnvelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> de::Visitor<'de> for Fields {
+            type Value = WireEnvelope<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut envelope = WireEnvelope::default();
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                    match key.as_ref() {
+                        "data" => envelope.data = Some(map.next_value()?),
+                        "metadata" => {
+                            envelope.metadata = Some(map.next_value::<ObjectOrNot<'de>>()?.0)
+                        }
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
+/// An object's members, or `None` for any other JSON value.
+struct ObjectOrNot<'a>(Option<RawObject<'a>>);
+
+impl<'de> Deserialize<'de> for ObjectOrNot<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Any;
+        impl<'de> de::Visitor<'de> for Any {
+            type Value = ObjectOrNot<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                RawObject::from_map(map).map(|o| ObjectOrNot(Some(o)))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(ObjectOrNot(None))
+            }
+        }
+        deserializer.deserialize_any(Any)
     }
 }
 
@@ -44,8 +131,14 @@ fn member(out: &mut String, key: &str, value: &str) {
     if !out.ends_with('{') {
         out.push(',');
     }
-    // A key is a JSON string; serialising a `&str` cannot fail.
-    out.push_str(&serde_json::to_string(key).unwrap_or_default());
+    if key.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(key);
+        out.push('"');
+    } else {
+        // A key that needs escapes is rare; serialising a `&str` cannot fail.
+        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+    }
     out.push(':');
     out.push_str(value);
 }
@@ -89,6 +182,19 @@ pub fn wire_json(
     Ok(out)
 }
 
+/// The headers a received message must have (`time` may be missing).
+#[derive(Deserialize)]
+struct Headers<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "type")]
+    message_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    stream: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<Cow<'a, str>>,
+}
+
 #[derive(Deserialize)]
 struct Positions {
     global_position: Option<u64>,
@@ -98,29 +204,32 @@ struct Positions {
 /// A message received in its wire form, as the store would hold it (metadata without `event_store`).
 /// The error says, in one line, why the text is not a Protean message.
 pub fn from_wire(text: &str) -> Result<StoredMessage, String> {
-    let envelope: RawObject<'_> =
+    let envelope: WireEnvelope<'_> =
         serde_json::from_str(text).map_err(|e| format!("entry data is not a JSON object: {e}"))?;
     let data = envelope
-        .get("data")
+        .data
         .ok_or("entry is not a Protean message: no `data`")?;
-    let metadata: RawObject<'_> = envelope
-        .get("metadata")
-        .and_then(|m| serde_json::from_str(m.get()).ok())
+    let metadata = envelope
+        .metadata
+        .flatten()
         .ok_or("entry is not a Protean message: no `metadata` object")?;
     let positions = metadata
         .get("event_store")
         .and_then(|p| serde_json::from_str::<Positions>(p.get()).ok());
-    let headers: Option<RawObject<'_>> = metadata
-        .get("headers")
-        .and_then(|h| serde_json::from_str(h.get()).ok());
-    let header = |key: &str| {
-        headers
-            .as_ref()
-            .and_then(|h| h.get(key))
-            .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
-            .ok_or(format!(
-                "entry is not a Protean message: no `metadata.headers.{key}`"
-            ))
+    let headers: Option<Headers<'_>> =
+        match metadata.get("headers") {
+            Some(h) => Some(serde_json::from_str(h.get()).map_err(|e| {
+                format!("entry is not a Protean message: bad `metadata.headers`: {e}")
+            })?),
+            None => None,
+        };
+    let header = |key: &str, value: Option<&Cow<'_, str>>| {
+        value.map(|v| v.clone().into_owned()).ok_or(format!(
+            "entry is not a Protean message: no `metadata.headers.{key}`"
+        ))
+    };
+    let Some(headers) = headers else {
+        return Err("entry is not a Protean message: no `metadata.headers.stream`".into());
     };
     let mut stored_metadata = String::with_capacity(text.len() - data.get().len());
     stored_metadata.push('{');
@@ -134,10 +243,10 @@ pub fn from_wire(text: &str) -> Result<StoredMessage, String> {
             .and_then(|p| p.global_position)
             .unwrap_or(0),
         position: positions.as_ref().and_then(|p| p.position).unwrap_or(0),
-        stream: header("stream")?,
-        message_type: header("type")?,
-        id: header("id")?,
-        time: header("time").unwrap_or_default(),
+        stream: header("stream", headers.stream.as_ref())?,
+        message_type: header("type", headers.message_type.as_ref())?,
+        id: header("id", headers.id.as_ref())?,
+        time: headers.time.map(Cow::into_owned).unwrap_or_default(),
         data: data.get().to_owned(),
         metadata: stored_metadata,
     })
@@ -191,8 +300,21 @@ mod tests {
             (r#"{"metadata":{}}"#, "no `data`"),
             (r#"{"data":{},"metadata":3}"#, "no `metadata` object"),
             (
+                r#"{"data":{},"metadata":[{"a":1}]}"#,
+                "no `metadata` object",
+            ),
+            (r#"{"data":{},"other":{"x":[1]}}"#, "no `metadata` object"),
+            (
                 r#"{"data":{},"metadata":{"headers":{"id":"x"}}}"#,
                 "no `metadata.headers.stream`",
+            ),
+            (
+                r#"{"data":{},"metadata":{}}"#,
+                "no `metadata.headers.stream`",
+            ),
+            (
+                r#"{"data":{},"metadata":{"headers":{"id":5}}}"#,
+                "bad `metadata.headers`",
             ),
         ];
         for (text, expected) in cases {
