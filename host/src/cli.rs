@@ -62,6 +62,10 @@ pub struct ServerArgs {
     /// Run until every subscription is idle, then exit 0 (exit 1 if the time limit passes first).
     #[arg(long)]
     pub test_mode: bool,
+    /// Development: watch the domain library and switch to each new build of it (`cargo build`)
+    /// between batches, without losing or doubling a message.
+    #[arg(long, visible_alias = "watch", conflicts_with = "test_mode")]
+    pub reload: bool,
 }
 
 /// The subcommands.
@@ -188,7 +192,10 @@ mod tests {
         let cli = parse(&["server", "--test-mode", "--log-format", "json"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Server(ServerArgs { test_mode: true }))
+            Some(Command::Server(ServerArgs {
+                test_mode: true,
+                reload: false
+            }))
         ));
         assert_eq!(cli.common.log_format, LogFormat::Json);
     }

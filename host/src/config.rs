@@ -102,6 +102,8 @@ pub struct Config {
     pub outbox: OutboxSettings,
     /// How long an event-store subscription's lease lasts when replicas share a broker.
     pub lease_ttl: Duration,
+    /// Past this many library images mapped (each reload maps one more), a reload warns.
+    pub max_generations: u64,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -250,6 +252,7 @@ struct ServerSection {
     version_retries: Option<u32>,
     subscription_type: Option<SubscriptionType>,
     lease_ttl_ms: Option<u64>,
+    max_generations: Option<u64>,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
 }
@@ -382,6 +385,7 @@ impl Config {
             broker,
             outbox,
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
+            max_generations: s.max_generations.unwrap_or(20),
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod message;
 pub(crate) mod outbox;
 pub mod plugin;
+pub mod reload;
 pub mod store;
 pub mod subscription;
 pub mod unit_of_work;

@@ -12,6 +12,7 @@ use protean_host::{
     engine::{Engine, EngineOptions, Outcome, RunReport},
     inspect, logging,
     plugin::{Library, Plugin},
+    reload,
 };
 
 fn main() -> ExitCode {
@@ -51,20 +52,29 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     )?)
 }
 
-fn load_plugin(common: &Common) -> anyhow::Result<Plugin> {
+/// The domain instance to run, and what a reload needs to load the next build of it.
+fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
     let library = Library::load(&spec.path)?;
     let instance = library.select(spec.instance.as_deref())?;
     let plugin = library.instantiate(&instance, common.level().plugin_level())?;
     tracing::info!(library = %spec.path.display(), instance, build = library.build_id(), handlers = plugin.registrations().len(), "domain loaded");
-    Ok(plugin)
+    let target = reload::Target {
+        library: spec.path,
+        instance,
+        log_level: common.level().plugin_level(),
+    };
+    Ok((plugin, target))
 }
 
-fn engine(common: &Common, test_mode: bool) -> anyhow::Result<Engine> {
+fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let plugin = load_plugin(common)?;
-    Ok(Engine::new(plugin, EngineOptions { test_mode, config })?)
+    let (plugin, target) = load_plugin(common)?;
+    Ok((
+        Engine::new(plugin, EngineOptions { test_mode, config })?,
+        target,
+    ))
 }
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
@@ -88,7 +98,13 @@ fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let engine = engine(common, args.test_mode)?;
+    let (engine, target) = engine(common, args.test_mode)?;
+    let engine = std::sync::Arc::new(engine);
+    // Kept alive for the whole run: dropping it stops the watch.
+    let _watcher = args
+        .reload
+        .then(|| reload::watch(engine.clone(), target))
+        .transpose()?;
     let report = engine.run()?;
     if args.test_mode {
         print_summary(&report);
@@ -120,7 +136,7 @@ fn print_summary(report: &RunReport) {
 }
 
 fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
-    let engine = engine(common, false)?;
+    let (engine, _) = engine(common, false)?;
     let deadline = args.deadline.as_deref();
     let send_one = |text: &str, line: Option<usize>| -> anyhow::Result<()> {
         let at = line
@@ -156,7 +172,7 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
 /// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
-    let engine = engine(common, false)?;
+    let (engine, _) = engine(common, false)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -174,7 +190,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
         };
         let broker_admin = |name: &str| -> anyhow::Result<&dyn protean_host::broker::DeadLetterAdmin> {
             check(name)?;
-            anyhow::ensure!(streams.contains(&name), "{name} reads the event store; its dead letters are in the store and are listed by `dlq list`, but replaying them is not supported yet");
+            anyhow::ensure!(streams.iter().any(|s| s == name), "{name} reads the event store; its dead letters are in the store and are listed by `dlq list`, but replaying them is not supported yet");
             admin.context("no broker is configured; dead letters of event-store subscriptions are listed by `dlq list`")
         };
         match &args.action {
@@ -188,7 +204,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
                 };
                 let mut rows = Vec::new();
                 for name in &names {
-                    if let (Some(admin), true) = (admin, streams.contains(&name.as_str())) {
+                    if let (Some(admin), true) = (admin, streams.contains(name)) {
                         for entry in admin.list(name, *limit).await? {
                             rows.push(serde_json::json!({"subscription": name, "id": entry.id, "fields": entry.fields}));
                         }

@@ -10,4 +10,5 @@ mod engine;
 mod loading;
 mod protean;
 mod redis;
+mod reload;
 mod server;

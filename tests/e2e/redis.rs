@@ -1,33 +1,18 @@
 //! Redis Streams with a real Redis server: the flow, retries, dead letters, poison, and several
 //! replicas sharing the work, one of them killed, Redis restarted.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use protean_host::{
-    engine::Outcome,
-    store::{SqliteStore, Store},
-};
+use protean_host::{engine::Outcome, store::Store};
 use serde_json::{json, Value};
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, fixture_domain, host, sample_domain, RedisServer,
-    TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, fixture_domain, host, orders, place, sample_domain,
+    sqlite, wait_until, RedisServer, TEST_CONFIG,
 };
 
 fn config(redis: &RedisServer) -> String {
     format!("{TEST_CONFIG}{}", redis.config())
-}
-
-fn sqlite(dir: &Path) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
-}
-
-fn place(n: usize) -> Value {
-    json!({ "order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 })
 }
 
 #[test]
@@ -161,20 +146,6 @@ fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
     assert!(dead.contains("entry has no text field `data`"), "{dead}");
 }
 
-/// Wait until `done` holds, checking every 50 ms; fail after `limit`.
-#[track_caller]
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn orders(n: usize) -> String {
-    (0..n).map(|i| place(i).to_string() + "\n").collect()
-}
-
 #[test]
 fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let mut redis = RedisServer::start();
@@ -188,7 +159,7 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let total = 10_000;
     host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(total))
+        .output_with_stdin(&orders(0, total))
         .expect_code(0);
     let mut replicas: Vec<_> = (0..3)
         .map(|_| host(dir.path()).args(["--domain", &lib]).spawn())
@@ -246,7 +217,7 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     let total = 2_000;
     host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(total))
+        .output_with_stdin(&orders(0, total))
         .expect_code(0);
     let mut replica = host(dir.path()).args(["--domain", &lib]).spawn();
     replica.wait_for(&["batch committed"], Duration::from_secs(60));
@@ -300,6 +271,12 @@ fn a_dead_letter_is_listed_replayed_to_its_group_and_then_succeeds() {
     assert_eq!(rows.len(), 1, "{}", listed.stdout());
     assert_eq!(rows[0]["subscription"], "commands:probe::probe");
     assert_eq!(rows[0]["fields"]["attempts"], "4");
+    let build = protean_host::plugin::Library::load(fixture_domain()).unwrap();
+    assert_eq!(
+        rows[0]["fields"]["build_id"],
+        build.build_id(),
+        "the dead letter names the build that failed it"
+    );
     let id = rows[0]["id"].as_str().unwrap().to_owned();
     let text = dlq(&["list"]).output().expect_code(0).stdout();
     assert!(

@@ -111,7 +111,8 @@ pub trait Broker: Send + Sync {
 pub struct DeadLetterEntry {
     /// Its id in the dead-letter stream.
     pub id: String,
-    /// `data`, `original_stream`, `original_id`, `group`, `consumer`, `error`, `attempts`, `failed_at`.
+    /// `data`, `original_stream`, `original_id`, `group`, `consumer`, `error`, `attempts`, `build_id`,
+    /// `failed_at`.
     pub fields: std::collections::BTreeMap<String, String>,
 }
 
@@ -147,8 +148,15 @@ pub trait Consumer: Send {
     /// Send the acknowledgements not sent yet (before waiting, and before stopping).
     async fn flush(&mut self) -> Result<()>;
 
-    /// Record `entry` in the group's dead-letter stream with why it failed, then acknowledge it.
-    async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()>;
+    /// Record `entry` in the group's dead-letter stream with why it failed and which build of the
+    /// domain failed it, then acknowledge it.
+    async fn dead_letter(
+        &mut self,
+        entry: &Entry,
+        error: &str,
+        attempts: u32,
+        build_id: &str,
+    ) -> Result<()>;
 
     /// Take over entries pending longer than `min_idle` on other consumers, and forget consumers that
     /// are gone with nothing pending. Returns how many entries were taken over.

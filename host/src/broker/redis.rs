@@ -147,16 +147,29 @@ impl Broker for RedisBroker {
         let mut conn = self.commands.clone();
         let mut total = 0;
         for stream in streams {
-            let groups: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
+            let groups: Vec<HashMap<String, Value>> = match redis::cmd("XINFO")
                 .arg("GROUPS")
                 .arg(stream)
                 .query_async(&mut conn)
                 .await
-                .map_err(command("XINFO GROUPS"))?;
+            {
+                Ok(groups) => groups,
+                // No such stream yet: nothing to read in it.
+                Err(e) if e.to_string().contains("no such key") => continue,
+                Err(e) => return Err(command("XINFO GROUPS")(e)),
+            };
             let Some(info) = groups
                 .iter()
                 .find(|g| text(g.get("name")).as_deref() == Some(group))
             else {
+                // A group not created yet will read the whole stream when it starts from the beginning.
+                if self.config.group_start == GroupStart::Beginning {
+                    total += redis::cmd("XLEN")
+                        .arg(stream)
+                        .query_async::<u64>(&mut conn)
+                        .await
+                        .map_err(command("XLEN"))?;
+                }
                 continue;
             };
             // Without a lag (an entry was deleted), count the group as behind until it reads again.
@@ -481,7 +494,13 @@ impl Consumer for RedisConsumer {
         Ok(())
     }
 
-    async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()> {
+    async fn dead_letter(
+        &mut self,
+        entry: &Entry,
+        error: &str,
+        attempts: u32,
+        build_id: &str,
+    ) -> Result<()> {
         let failed_at = crate::message::format_time(chrono::Utc::now());
         redis::cmd("XADD")
             .arg(dead_letter_stream(&self.group))
@@ -500,6 +519,8 @@ impl Consumer for RedisConsumer {
             .arg(error)
             .arg("attempts")
             .arg(attempts)
+            .arg("build_id")
+            .arg(build_id)
             .arg("failed_at")
             .arg(failed_at)
             .query_async::<String>(&mut self.conn)

@@ -12,6 +12,7 @@
 //! after which the process exits anyway and the unfinished batches are redelivered on the next start.
 
 pub(crate) mod batch;
+mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
 
@@ -24,6 +25,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use generation::Changes;
 pub use progress::Totals;
 
 use crate::{
@@ -34,13 +36,13 @@ use crate::{
     plugin::Kind as HandlerKind,
     plugin::Plugin,
     store::{self, Store},
-    subscription::{self, event_store, stream, PlanError, SubscriptionPlan},
+    subscription::{event_store, stream, PlanError, SubscriptionPlan},
     unit_of_work::{NewMessage, UnitOfWork},
 };
 
 use batch::Subscription;
+use generation::Generation;
 use progress::Progress;
-use retry::RetryPolicy;
 
 /// How to run.
 #[derive(Debug, Clone, Default)]
@@ -73,6 +75,8 @@ pub enum EngineError {
     NoBroker { handler: String },
     #[error("a broker is configured but the store keeps no outbox to publish from")]
     NoOutbox,
+    #[error("reload is not available in test mode; run without --test-mode to reload")]
+    ReloadInTestMode,
 }
 
 /// How a run ended.
@@ -108,11 +112,19 @@ impl RunReport {
 
 /// What every subscription task shares during a run.
 pub(crate) struct Shared {
-    pub(crate) plugin: Arc<Plugin>,
+    /// The running generation's plugin; replaced by a reload while no subscription runs.
+    plugin: Mutex<Arc<Plugin>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Config,
     pub(crate) progress: Progress,
     pub(crate) test_mode: bool,
+}
+
+impl Shared {
+    /// The plugin to call (a batch takes it once, so a reload never changes it mid-batch).
+    pub(crate) fn plugin(&self) -> Arc<Plugin> {
+        lock(&self.plugin).clone()
+    }
 }
 
 /// A domain ready to run.
@@ -135,17 +147,22 @@ pub(crate) struct Shared {
 /// # }
 /// ```
 pub struct Engine {
-    plugin: Arc<Plugin>,
     store: Arc<dyn Store>,
     options: EngineOptions,
-    subscriptions: Vec<Arc<Subscription>>,
+    /// The generation that runs (or will run).
+    current: Mutex<Arc<Generation>>,
+    /// The next generation, planned by [`Engine::reload`], until the run loop swaps it in.
+    pending: Mutex<Option<Generation>>,
+    reload_requested: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self.current();
         f.debug_struct("Engine")
-            .field("plugin", &self.plugin)
-            .field("subscriptions", &self.subscriptions.len())
+            .field("plugin", &current.plugin)
+            .field("generation", &current.number)
+            .field("subscriptions", &current.subscriptions.len())
             .finish()
     }
 }
@@ -163,47 +180,58 @@ impl Engine {
         store: Arc<dyn Store>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
-        let plans = subscription::plan(domain.registrations())?;
-        let subscriptions = plans
-            .into_iter()
-            .map(|plan| {
-                let handler = plan.routes.values().next().cloned().unwrap_or_default();
-                let settings = options.config.settings(&handler, &plan.options);
-                tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
-                let commands = plan.name.starts_with("commands:");
-                let kind = subscription_type(&options.config, &handler, plan.kind)?;
-                Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind }))
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
         if options.config.broker.is_some() && store.outbox().is_none() {
             return Err(EngineError::NoOutbox);
         }
-        let handlers: Vec<&str> = domain
-            .registrations()
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
-        for configured in options
-            .config
-            .configured_handlers()
-            .filter(|h| !handlers.contains(h))
-        {
-            tracing::warn!(handler = configured, known = ?handlers, "server.handlers names a handler this domain does not have");
-        }
+        warn_unknown_handlers(&domain, &options.config);
+        let first = Generation::plan(1, domain, &options.config)?;
         Ok(Self {
-            plugin: Arc::new(domain),
             store,
             options,
-            subscriptions,
+            current: Mutex::new(Arc::new(first)),
+            pending: Mutex::default(),
+            reload_requested: tokio::sync::Notify::new(),
         })
     }
 
+    fn current(&self) -> Arc<Generation> {
+        lock(&self.current).clone()
+    }
+
+    /// Replace the domain with another build of it (hot reload). Its subscriptions are planned now
+    /// (an error leaves the running build in place); a running engine swaps between batches: it stops
+    /// fetching, finishes and commits the batches in flight, then starts the new build's
+    /// subscriptions. Returns what changes, against the generation running now.
+    pub fn reload(&self, domain: Plugin) -> Result<Changes, EngineError> {
+        if self.options.test_mode {
+            return Err(EngineError::ReloadInTestMode);
+        }
+        warn_unknown_handlers(&domain, &self.options.config);
+        let current = self.current();
+        let next = Generation::plan(current.number + 1, domain, &self.options.config)?;
+        let changes = Changes::between(&current, &next);
+        *lock(&self.pending) = Some(next);
+        self.reload_requested.notify_one();
+        Ok(changes)
+    }
+
+    /// The generation running: 1 for the library the engine started with, one more per reload.
+    pub fn generation(&self) -> u64 {
+        self.current().number
+    }
+
+    /// The build id of the library running.
+    pub fn build_id(&self) -> String {
+        self.current().plugin.build_id().to_owned()
+    }
+
     /// The names of the stream subscriptions (their consumer groups), when a broker is configured.
-    pub fn stream_subscriptions(&self) -> Vec<&str> {
-        self.subscriptions
+    pub fn stream_subscriptions(&self) -> Vec<String> {
+        self.current()
+            .subscriptions
             .iter()
             .filter(|s| s.kind == SubscriptionType::Stream)
-            .map(|s| s.plan.name.as_str())
+            .map(|s| s.plan.name.clone())
             .collect()
     }
 
@@ -213,10 +241,11 @@ impl Engine {
     }
 
     /// The subscriptions the engine runs, with their resolved settings.
-    pub fn subscriptions(&self) -> Vec<(&SubscriptionPlan, Settings)> {
-        self.subscriptions
+    pub fn subscriptions(&self) -> Vec<(SubscriptionPlan, Settings)> {
+        self.current()
+            .subscriptions
             .iter()
-            .map(|s| (&s.plan, s.settings))
+            .map(|s| (s.plan.clone(), s.settings))
             .collect()
     }
 
@@ -239,6 +268,7 @@ impl Engine {
         };
         let bytes = serde_json::to_vec(data).map_err(|e| bad(e.to_string()))?;
         let stream = self
+            .current()
             .plugin
             .command_stream(message_type, &bytes)
             .map_err(bad)?;
@@ -275,11 +305,13 @@ impl Engine {
     async fn run_async(&self) -> Result<RunReport, EngineError> {
         let started = Instant::now();
         let test_mode = self.options.test_mode;
+        self.swap_pending();
+        let mut generation = self.current();
         // Without handlers there is still the outbox to publish when a broker is configured: a replica
         // may run only that.
-        if self.subscriptions.is_empty() && self.options.config.broker.is_none() {
+        if generation.subscriptions.is_empty() && self.options.config.broker.is_none() {
             tracing::warn!(
-                instance = self.plugin.name(),
+                instance = generation.plugin.name(),
                 "the domain has no handlers; nothing to run"
             );
             return Ok(RunReport {
@@ -298,19 +330,11 @@ impl Engine {
             Some(config) => Some(broker::open(config).await?),
             None => None,
         };
-        let mut names: Vec<String> = self
-            .subscriptions
-            .iter()
-            .map(|s| s.plan.name.clone())
-            .collect();
-        if broker.is_some() {
-            names.push(outbox::NAME.to_owned());
-        }
         let shared = Arc::new(Shared {
-            plugin: self.plugin.clone(),
+            plugin: Mutex::new(generation.plugin.clone()),
             store: self.store.clone(),
             config: self.options.config.clone(),
-            progress: Progress::new(head, names),
+            progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
         });
         let shutdown = CancellationToken::new();
@@ -321,45 +345,27 @@ impl Engine {
             shutdown.clone(),
             outcome.clone(),
         ));
-        let mut workers = JoinSet::new();
         let owner = format!(
             "{}-{}",
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        for sub in &self.subscriptions {
-            match (&broker, sub.kind) {
-                (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
-                    shared.clone(),
-                    broker.clone(),
-                    sub.clone(),
-                    shutdown.clone(),
-                )),
-                (broker, _) => workers.spawn(event_store::run(
-                    shared.clone(),
-                    sub.clone(),
-                    broker.clone().map(|b| (b, owner.clone())),
-                    shutdown.clone(),
-                )),
-            };
-        }
-        if let Some(broker) = &broker {
-            workers.spawn(outbox::run(
-                shared.clone(),
-                broker.clone(),
-                format!("outbox-{owner}"),
-                shutdown.clone(),
-            ));
-        }
+        let runner = Runner {
+            shared: shared.clone(),
+            broker: broker.clone(),
+            owner,
+        };
+        let mut epoch = shutdown.child_token();
+        let mut workers = runner.spawn(&generation, &epoch);
         tracing::info!(
-            instance = self.plugin.name(),
-            build = self.plugin.build_id(),
-            subscriptions = self.subscriptions.len(),
+            instance = generation.plugin.name(),
+            build = generation.plugin.build_id(),
+            subscriptions = generation.subscriptions.len(),
             test_mode,
             "engine started"
         );
         if test_mode {
-            let streams = self
+            let streams = generation
                 .subscriptions
                 .iter()
                 .filter(|s| s.kind == SubscriptionType::Stream)
@@ -374,22 +380,36 @@ impl Engine {
                 outcome.clone(),
             ));
         }
-        let mut fatal = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => None,
-            Some(ended) = workers.join_next() => worker_error(ended, &shutdown),
+        let mut fatal = loop {
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Wake::Stop,
+                Some(ended) = workers.join_next() => Wake::Ended(worker_error(ended, &shutdown)),
+                _ = self.reload_requested.notified() => Wake::Reload,
+            };
+            match wake {
+                Wake::Stop => break None,
+                Wake::Ended(error) => break error,
+                Wake::Reload => {
+                    let swapped = self
+                        .swap(
+                            &runner,
+                            &mut generation,
+                            &mut epoch,
+                            &mut workers,
+                            &shutdown,
+                        )
+                        .await;
+                    if let Err(error) = swapped {
+                        break Some(error);
+                    }
+                }
+            }
         };
         shutdown.cancel();
         tracing::info!("engine stopping: finishing batches in flight");
         let grace = self.options.config.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(ended) = workers.join_next().await {
-                if let Err(error) = ended.map_err(|e| e.to_string()).and_then(|r| r) {
-                    fatal.get_or_insert(error);
-                }
-            }
-        })
-        .await;
+        let drained = tokio::time::timeout(grace, drain(&mut workers, &mut fatal)).await;
         if drained.is_err() {
             tracing::warn!(grace_s = grace.as_secs(), busy = ?shared.progress.busy(), "shutdown grace period over; exiting with batches in flight (they are redelivered on the next start)");
         }
@@ -410,6 +430,194 @@ impl Engine {
             totals,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Make the pending generation the current one, if there is one; returns it.
+    fn swap_pending(&self) -> Option<Arc<Generation>> {
+        let next = Arc::new(lock(&self.pending).take()?);
+        *lock(&self.current) = next.clone();
+        Some(next)
+    }
+
+    /// Hot reload while running: stop fetching, let every subscription finish and commit its batch,
+    /// then start the new generation's subscriptions. A subscription that fails meanwhile is fatal.
+    async fn swap(
+        &self,
+        runner: &Runner,
+        generation: &mut Arc<Generation>,
+        epoch: &mut CancellationToken,
+        workers: &mut JoinSet<Result<(), String>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let Some(next) = lock(&self.pending).take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let changes = Changes::between(generation, &next);
+        runner.warn_about(generation, &next, &changes).await;
+        epoch.cancel();
+        let mut failed = None;
+        drain(workers, &mut failed).await;
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        let next = Arc::new(next);
+        *lock(&self.current) = next.clone();
+        *lock(&runner.shared.plugin) = next.plugin.clone();
+        runner
+            .shared
+            .progress
+            .track(tracked(&next, runner.broker.is_some()));
+        *epoch = shutdown.child_token();
+        *workers = runner.spawn(&next, epoch);
+        let loaded = crate::plugin::generations_loaded();
+        tracing::info!(
+            generation = next.number,
+            build = next.plugin.build_id(),
+            added = ?changes.added,
+            removed = ?changes.removed,
+            changed = ?changes.changed,
+            took_ms = started.elapsed().as_millis() as u64,
+            libraries_mapped = loaded,
+            "reloaded"
+        );
+        if loaded > self.options.config.max_generations {
+            tracing::warn!(libraries_mapped = loaded, limit = self.options.config.max_generations, "old library generations stay mapped until the process exits; restart the server to release them");
+        }
+        *generation = next;
+        Ok(())
+    }
+}
+
+/// What woke the run loop.
+enum Wake {
+    Stop,
+    /// A task ended: an error, unless the engine is stopping.
+    Ended(Option<String>),
+    Reload,
+}
+
+/// What starts a generation's tasks.
+struct Runner {
+    shared: Arc<Shared>,
+    broker: Option<Arc<dyn broker::Broker>>,
+    /// Names this process as the holder of event-store subscription leases.
+    owner: String,
+}
+
+impl Runner {
+    /// One task per subscription, plus the outbox processor when there is a broker; all stop on `stop`.
+    fn spawn(
+        &self,
+        generation: &Generation,
+        stop: &CancellationToken,
+    ) -> JoinSet<Result<(), String>> {
+        let mut workers = JoinSet::new();
+        for sub in &generation.subscriptions {
+            match (&self.broker, sub.kind) {
+                (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
+                    self.shared.clone(),
+                    broker.clone(),
+                    sub.clone(),
+                    stop.clone(),
+                )),
+                (broker, _) => workers.spawn(event_store::run(
+                    self.shared.clone(),
+                    sub.clone(),
+                    broker.clone().map(|b| (b, self.owner.clone())),
+                    stop.clone(),
+                )),
+            };
+        }
+        if let Some(broker) = &self.broker {
+            workers.spawn(outbox::run(
+                self.shared.clone(),
+                broker.clone(),
+                format!("outbox-{}", self.owner),
+                stop.clone(),
+            ));
+        }
+        workers
+    }
+
+    /// Before a swap: a new subscription that will read a long history from its start, or a removed
+    /// one that leaves messages unhandled, gets a WARN line with the numbers.
+    async fn warn_about(&self, old: &Generation, new: &Generation, changes: &Changes) {
+        let find = |g: &Generation, name: &str| {
+            g.subscriptions
+                .iter()
+                .find(|s| s.plan.name == name)
+                .cloned()
+        };
+        for sub in changes.added.iter().filter_map(|n| find(new, n)) {
+            let (behind, _) = self.backlog(&sub).await;
+            if behind > 0 {
+                tracing::warn!(subscription = %sub.plan.name, categories = ?sub.plan.categories, messages = behind, "a new subscription starts from the beginning of its categories");
+            }
+        }
+        for sub in changes.removed.iter().filter_map(|n| find(old, n)) {
+            let (behind, pending) = self.backlog(&sub).await;
+            if behind + pending > 0 {
+                tracing::warn!(subscription = %sub.plan.name, unhandled = behind, pending, "a removed subscription leaves messages it has not handled");
+            }
+        }
+    }
+
+    /// How far a subscription is behind (messages not yet read) and how many it has read but not
+    /// finished (pending on its consumers). Unknown counts as 0: this only informs a warning.
+    async fn backlog(&self, sub: &Subscription) -> (u64, u64) {
+        if let (SubscriptionType::Stream, Some(broker)) = (sub.kind, &self.broker) {
+            let total = broker
+                .backlog(&sub.plan.categories, &sub.plan.name)
+                .await
+                .unwrap_or(0);
+            return (total, 0);
+        }
+        let (store, name, categories) = (
+            self.shared.store.clone(),
+            sub.plan.name.clone(),
+            sub.plan.categories.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let head = store.head(&categories).unwrap_or(0);
+            let position = store.position(&name).ok().flatten().unwrap_or(0);
+            (head.saturating_sub(position), 0)
+        })
+        .await
+        .unwrap_or((0, 0))
+    }
+}
+
+/// The names progress tracks for a generation: its subscriptions, and the outbox with a broker.
+fn tracked(generation: &Generation, broker: bool) -> Vec<String> {
+    let mut names = generation.names();
+    if broker {
+        names.push(outbox::NAME.to_owned());
+    }
+    names
+}
+
+/// Wait for every worker to end; the first error is kept in `fatal`.
+async fn drain(workers: &mut JoinSet<Result<(), String>>, fatal: &mut Option<String>) {
+    while let Some(ended) = workers.join_next().await {
+        if let Err(error) = ended.map_err(|e| e.to_string()).and_then(|r| r) {
+            fatal.get_or_insert(error);
+        }
+    }
+}
+
+/// A server.handlers section that names no handler of this domain is probably a typo.
+fn warn_unknown_handlers(domain: &Plugin, config: &Config) {
+    let handlers: Vec<&str> = domain
+        .registrations()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    for configured in config
+        .configured_handlers()
+        .filter(|h| !handlers.contains(h))
+    {
+        tracing::warn!(handler = configured, known = ?handlers, "server.handlers names a handler this domain does not have");
     }
 }
 

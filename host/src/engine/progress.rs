@@ -126,6 +126,16 @@ impl Progress {
             .collect()
     }
 
+    /// Track these subscriptions from now on, each starting (a reload changed the set); totals and
+    /// the head carry on.
+    pub(crate) fn track(&self, subscriptions: impl IntoIterator<Item = String>) {
+        *lock(&self.states) = subscriptions
+            .into_iter()
+            .map(|s| (s, State::Starting))
+            .collect();
+        self.changed.notify_one();
+    }
+
     /// Wake whoever waits for a change, to look again.
     pub(crate) fn poke(&self) {
         self.changed.notify_one();

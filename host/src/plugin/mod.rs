@@ -111,6 +111,11 @@ impl std::fmt::Debug for Plugin {
 /// Counts generations within this process, so every private copy has a fresh name.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// How many library images this process has loaded; none is ever unloaded, so all stay mapped.
+pub fn generations_loaded() -> u64 {
+    GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Library {
     /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts.
     pub fn load(path: &Path) -> Result<Self, LoadError> {
@@ -121,8 +126,14 @@ impl Library {
             path: path.into(),
             source,
         })?;
-        let build_id = build_id(&bytes);
-        let copy = private_copy(path, &bytes, &build_id)?;
+        Self::load_bytes(path, &bytes)
+    }
+
+    /// Load `bytes`, the content of the library at `path` (read once by a caller that already
+    /// needed them).
+    pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        let build_id = build_id(bytes);
+        let copy = private_copy(path, bytes, &build_id)?;
         let loaded = open(path, &copy);
         // The mapping keeps the image alive; the copy's name (and its directory, once empty) is no
         // longer needed.
@@ -225,7 +236,8 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-fn build_id(bytes: &[u8]) -> String {
+/// The build id of a library's bytes: a short hash of its content.
+pub(crate) fn build_id(bytes: &[u8]) -> String {
     crate::message::hex(&Sha256::digest(bytes)[..6])
 }
 

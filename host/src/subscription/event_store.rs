@@ -220,8 +220,9 @@ async fn process(
 ) -> Result<Processed, String> {
     let (shared, sub) = (shared.clone(), sub.clone());
     blocking(move || {
+        let plugin = shared.plugin();
         let ctx = batch::Context {
-            plugin: &shared.plugin,
+            plugin: &plugin,
             store: shared.store.as_ref(),
             subscription: &sub,
             version_retries: shared.config.version_retries,

@@ -189,7 +189,12 @@ async fn settle(
             Err(reason) => {
                 tracing::warn!(subscription = %name, stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
                 consumer
-                    .dead_letter(&entry, &reason, entry.deliveries)
+                    .dead_letter(
+                        &entry,
+                        &reason,
+                        entry.deliveries,
+                        shared.plugin().build_id(),
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -208,8 +213,9 @@ async fn settle(
     }
     let (shared2, sub2) = (shared.clone(), sub.clone());
     let batch = tokio::task::spawn_blocking(move || {
+        let plugin = shared2.plugin();
         let ctx = batch::Context {
-            plugin: &shared2.plugin,
+            plugin: &plugin,
             store: shared2.store.as_ref(),
             subscription: &sub2,
             version_retries: shared2.config.version_retries,
@@ -240,7 +246,7 @@ async fn settle(
     for dead in &report.dead_letters {
         for entry in origin.remove(&dead.message_id).unwrap_or_default() {
             consumer
-                .dead_letter(&entry, &dead.error, dead.attempts)
+                .dead_letter(&entry, &dead.error, dead.attempts, &dead.build_id)
                 .await
                 .map_err(|e| e.to_string())?;
         }

@@ -105,3 +105,18 @@ pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
         Some(&target_dir),
     )
 }
+
+/// The sample domain built with its `reload-test-variant` feature (reservations in the "north"
+/// warehouse, one more handler), in a target directory of its own, for the hot-reload tests.
+pub fn reload_variant_sample() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let target_dir = workspace().join("target").join("reload-fixtures");
+        build(
+            &["--features", "reload-test-variant"],
+            "sample-domain",
+            "cdylib",
+            Some(&target_dir),
+        )
+    })
+}

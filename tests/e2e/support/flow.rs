@@ -1,6 +1,23 @@
 //! Checks on the sample flow's effects in a store.
 
-use protean_host::store::Store;
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use protean_host::store::{SqliteStore, Store};
+use serde_json::{json, Value};
+
+/// The data of order number `n`'s `PlaceOrder` command.
+pub fn place(n: usize) -> Value {
+    json!({ "order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 })
+}
+
+/// Orders `from..to` as JSON lines, for `protean-host send ... -`.
+pub fn orders(from: usize, to: usize) -> String {
+    (from..to).map(|i| place(i).to_string() + "\n").collect()
+}
 
 /// How many messages of `message_type` the store holds in `category`.
 pub fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {
@@ -34,4 +51,20 @@ pub fn each_order_exactly_once(store: &dyn Store, orders: usize) {
         );
     }
     assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+/// The SQLite store a server in `dir` uses by default.
+pub fn sqlite(dir: &Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
+}
+
+/// Wait until `done` holds, checking every 50 ms; fail after `limit`. For state in another process
+/// that no event announces (a store written by a server).
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

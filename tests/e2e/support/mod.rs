@@ -7,8 +7,11 @@ mod redis;
 mod run;
 mod server;
 
-pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
+pub use build::{
+    fixture_domain, host_binary, incompatible_sample, reload_variant_sample, sample_domain,
+    Incompatibility,
+};
 pub use engine::{backends, engine, types, TEST_CONFIG};
-pub use flow::{count_of, each_order_exactly_once};
+pub use flow::{count_of, each_order_exactly_once, orders, place, sqlite, wait_until};
 pub use redis::RedisServer;
 pub use run::host;

@@ -1,0 +1,131 @@
+//! Hot reload: watch the domain library's directory and hand every new build to the engine.
+//!
+//! Cargo replaces a library by writing a new file and renaming it over the old one, so the watch is on
+//! the directory, not the file, and events are debounced. A reload happens only when the file's
+//! content changed (a touch does not reload). Loading goes through [`Library::load`] (a private copy,
+//! never unloaded, ABI checked); any failure is one ERROR line and the running build carries on.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use notify_debouncer_mini::{
+    new_debouncer,
+    notify::{RecommendedWatcher, RecursiveMode},
+    DebounceEventResult, Debouncer,
+};
+
+use crate::{engine::Engine, plugin::Library};
+
+/// How long the directory must be quiet before a change counts (cargo writes in several steps).
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Why watching could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {} for --reload: {source}", path.display())]
+pub struct WatchError {
+    path: PathBuf,
+    source: notify_debouncer_mini::notify::Error,
+}
+
+/// Watches while it lives.
+pub struct Watcher {
+    _debouncer: Debouncer<RecommendedWatcher>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watcher")
+    }
+}
+
+/// What to reload: the library file, which instance of it, and the plugin log level.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub library: PathBuf,
+    pub instance: String,
+    pub log_level: u8,
+}
+
+/// Reload `engine` whenever `target.library` gets new content.
+pub fn watch(engine: Arc<Engine>, target: Target) -> Result<Watcher, WatchError> {
+    let library = std::path::absolute(&target.library).unwrap_or(target.library.clone());
+    let dir = library
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let last_build = Mutex::new(engine.build_id());
+    let watched = library.clone();
+    let mut debouncer = new_debouncer(SETTLE, move |events: DebounceEventResult| match events {
+        Ok(events) if events.iter().any(|e| e.path == watched) => {
+            reload_if_changed(&engine, &target, &last_build)
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::error!(%error, "watching the domain library failed; reload may miss a build")
+        }
+    })
+    .map_err(|source| WatchError {
+        path: dir.clone(),
+        source,
+    })?;
+    debouncer
+        .watcher()
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError {
+            path: dir.clone(),
+            source,
+        })?;
+    tracing::info!(library = %library.display(), "watching the domain library; a new build is loaded when it appears");
+    Ok(Watcher {
+        _debouncer: debouncer,
+    })
+}
+
+fn reload_if_changed(engine: &Engine, target: &Target, last_build: &Mutex<String>) {
+    let Ok(bytes) = std::fs::read(&target.library) else {
+        // Between cargo's write and rename, or deleted: the next event brings the new file.
+        return;
+    };
+    let build = crate::plugin::build_id(&bytes);
+    let mut last = last_build.lock().unwrap_or_else(|p| p.into_inner());
+    if *last == build {
+        tracing::info!(
+            build,
+            "the library was rewritten with the same build; nothing to reload"
+        );
+        return;
+    }
+    // Not retried until the file changes again: the same bytes would fail the same way.
+    *last = build;
+    if let Err(error) = load(engine, target, &bytes) {
+        tracing::error!(library = %target.library.display(), %error, "reload failed; the running build carries on");
+    }
+}
+
+/// Why a new build was not taken.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Load(#[from] crate::plugin::LoadError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+fn load(
+    engine: &Engine,
+    target: &Target,
+    bytes: &[u8],
+) -> Result<crate::engine::Changes, ReloadError> {
+    let started = Instant::now();
+    let library = Library::load_bytes(&target.library, bytes)?;
+    let plugin = library.instantiate(&target.instance, target.log_level)?;
+    tracing::info!(
+        build = library.build_id(),
+        load_ms = started.elapsed().as_millis() as u64,
+        "new build loaded; swapping after the batches in flight"
+    );
+    Ok(engine.reload(plugin)?)
+}

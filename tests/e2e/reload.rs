@@ -1,0 +1,239 @@
+//! Hot reload: the real binary with `--reload`, under a steady stream of orders, while the library
+//! file is replaced the way cargo replaces it (a new file renamed over the old one).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use protean_host::store::Store;
+use serde_json::Value;
+
+use crate::support::{
+    each_order_exactly_once, host, orders, reload_variant_sample, sample_domain, sqlite,
+    wait_until, RedisServer,
+};
+
+/// Put `from` at `to` as cargo does: write a new file beside it, then rename it over.
+fn replace(from: &Path, to: &Path) {
+    let staged = to.with_extension("so.new");
+    std::fs::copy(from, &staged).unwrap();
+    std::fs::rename(&staged, to).unwrap();
+}
+
+/// Sends orders in small batches, one `protean-host send` at a time, until stopped.
+struct Sender {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sender {
+    fn start(dir: &Path, library: &Path) -> Self {
+        let (stop, sent) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (dir, library) = (dir.to_owned(), library.display().to_string());
+        let thread = std::thread::spawn({
+            let (stop, sent) = (stop.clone(), sent.clone());
+            move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let from = sent.load(Ordering::SeqCst);
+                    host(&dir)
+                        .args([
+                            "send",
+                            "--domain",
+                            &library,
+                            "Fulfilment.PlaceOrder.v1",
+                            "-",
+                        ])
+                        .output_with_stdin(&orders(from, from + 10))
+                        .expect_code(0);
+                    sent.store(from + 10, Ordering::SeqCst);
+                }
+            }
+        });
+        Self { stop, sent, thread }
+    }
+
+    /// Stop sending; how many orders were sent.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+fn warehouses(store: &dyn Store) -> Vec<String> {
+    store
+        .find_documents("reservations", "sku", &Value::from("book"))
+        .unwrap()
+        .iter()
+        .map(|doc| {
+            serde_json::from_str::<Value>(&doc.data).unwrap()["warehouse"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+fn shipped(store: &dyn Store) -> usize {
+    crate::support::count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1")
+}
+
+/// The whole story on one backend: a touch does nothing, a broken build is refused while the running
+/// one carries on, a good build takes over within 2 s, and every order is handled exactly once.
+fn reload_under_load(config: &str) {
+    // Built first: building it is not part of what the test times.
+    let next_build = reload_variant_sample();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).unwrap();
+    let library: PathBuf = lib_dir.join("libsample_domain.so");
+    std::fs::copy(sample_domain(), &library).unwrap();
+    let mut server = host(dir.path())
+        .args(["--reload", "--domain", &library.display().to_string()])
+        .spawn();
+    server.wait_for(&["watching the domain library"], Duration::from_secs(60));
+    server.wait_for(&["engine started"], Duration::from_secs(60));
+    let store = sqlite(dir.path());
+    // The sender loads the domain from a path of its own: the watched one is broken for a while.
+    let sender = Sender::start(dir.path(), sample_domain());
+    wait_until(Duration::from_secs(60), "the first shipments", || {
+        shipped(store.as_ref()) > 0
+    });
+
+    replace(sample_domain(), &library);
+    server.wait_for(
+        &["rewritten with the same build; nothing to reload"],
+        Duration::from_secs(10),
+    );
+
+    let broken = dir.path().join("broken.so");
+    std::fs::write(&broken, b"not a library").unwrap();
+    replace(&broken, &library);
+    let refused = server.wait_for(
+        &["reload failed; the running build carries on"],
+        Duration::from_secs(10),
+    );
+    assert!(refused.contains("ERROR"), "{refused}");
+    let before = shipped(store.as_ref());
+    wait_until(
+        Duration::from_secs(30),
+        "shipments after the refused build",
+        || shipped(store.as_ref()) > before + 10,
+    );
+
+    let swapped_at = Instant::now();
+    replace(next_build, &library);
+    let warned = server.wait_for(
+        &["a new subscription starts from the beginning"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        warned.contains("WARN") && warned.contains("audit") && !warned.contains("messages=0"),
+        "{warned}"
+    );
+    let reloaded = server.wait_for(&["reloaded", "generation=2"], Duration::from_secs(10));
+    assert!(
+        reloaded.contains("audit"),
+        "the new build's handler is added: {reloaded}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "a reservation by the new build",
+        || warehouses(store.as_ref()).iter().any(|w| w == "north"),
+    );
+    let shown = swapped_at.elapsed();
+    assert!(
+        shown < Duration::from_secs(2),
+        "the new behaviour showed after {shown:?}"
+    );
+
+    let sent = sender.finish();
+    wait_until(Duration::from_secs(120), "every order shipped", || {
+        shipped(store.as_ref()) >= sent
+    });
+    replace(sample_domain(), &library);
+    let back = server.wait_for(&["reloaded", "generation=3"], Duration::from_secs(10));
+    assert!(back.contains(r#"removed=["audit"]"#), "{back}");
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    each_order_exactly_once(store.as_ref(), sent);
+    let by_build = warehouses(store.as_ref());
+    assert!(by_build.iter().any(|w| w == "main") && by_build.iter().any(|w| w == "north"));
+}
+
+#[test]
+fn reload_on_sqlite_switches_builds_under_load_without_losing_or_doubling() {
+    reload_under_load("[server]\npoll_interval_ms = 50\n");
+}
+
+#[test]
+fn reload_on_redis_switches_builds_under_load_without_losing_or_doubling() {
+    let redis = RedisServer::start();
+    reload_under_load(&format!(
+        "[server]\npoll_interval_ms = 50\n{}",
+        redis.config()
+    ));
+}
+
+#[test]
+fn reload_and_test_mode_together_are_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = sample_domain().display().to_string();
+    let out = host(dir.path())
+        .args(["--reload", "--test-mode", "--domain", &lib])
+        .output()
+        .expect_code(2);
+    assert!(
+        out.stderr().contains("--reload") && out.stderr().contains("--test-mode"),
+        "{}",
+        out.stderr()
+    );
+}
+
+/// Programs that embed the engine reload through `Engine::reload`, which says what will change.
+#[test]
+fn the_engine_api_reports_what_a_reload_changes_and_refuses_it_in_test_mode() {
+    use protean_host::{
+        config::Config,
+        engine::{Engine, EngineError, EngineOptions},
+        plugin::Library,
+        store::MemoryStore,
+    };
+    let load = |path: &Path| {
+        Library::load(path)
+            .unwrap()
+            .instantiate("domain", 2)
+            .unwrap()
+    };
+    let engine = |test_mode| {
+        let options = EngineOptions {
+            test_mode,
+            config: Config::default(),
+        };
+        Engine::with_store(
+            load(sample_domain()),
+            Arc::new(MemoryStore::default()),
+            options,
+        )
+        .unwrap()
+    };
+    let running = engine(false);
+    let changes = running.reload(load(reload_variant_sample())).unwrap();
+    assert_eq!(changes.added, ["audit"]);
+    assert!(changes.removed.is_empty() && changes.changed.is_empty());
+    assert!(matches!(
+        engine(true).reload(load(reload_variant_sample())),
+        Err(EngineError::ReloadInTestMode)
+    ));
+}
