@@ -56,11 +56,14 @@ pub fn watch(engine: Arc<Engine>, target: Target) -> Result<Watcher, WatchError>
         .parent()
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from("."));
-    let last_build = Mutex::new(engine.build_id());
+    let last = Mutex::new(Seen {
+        file: stamp(&library),
+        build: engine.build_id(),
+    });
     let watched = library.clone();
     let mut debouncer = new_debouncer(SETTLE, move |events: DebounceEventResult| match events {
         Ok(events) if events.iter().any(|e| e.path == watched) => {
-            reload_if_changed(&engine, &target, &last_build)
+            reload_if_changed(&engine, &target, &last)
         }
         Ok(_) => {}
         Err(error) => {
@@ -84,14 +87,33 @@ pub fn watch(engine: Arc<Engine>, target: Target) -> Result<Watcher, WatchError>
     })
 }
 
-fn reload_if_changed(engine: &Engine, target: &Target, last_build: &Mutex<String>) {
+/// What was last seen of the library file.
+struct Seen {
+    /// Inode, size and modification time: when they are unchanged, so is the file. Reading the
+    /// library (ours included) is an event too, and must not make us read it again.
+    file: Option<(u64, u64, std::time::SystemTime)>,
+    build: String,
+}
+
+fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()?))
+}
+
+fn reload_if_changed(engine: &Engine, target: &Target, last: &Mutex<Seen>) {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let file = stamp(&target.library);
+    if file.is_none() || file == last.file {
+        // Unchanged, or between cargo's write and rename: the next event brings the new file.
+        return;
+    }
+    last.file = file;
     let Ok(bytes) = std::fs::read(&target.library) else {
-        // Between cargo's write and rename, or deleted: the next event brings the new file.
         return;
     };
     let build = crate::plugin::build_id(&bytes);
-    let mut last = last_build.lock().unwrap_or_else(|p| p.into_inner());
-    if *last == build {
+    if last.build == build {
         tracing::info!(
             build,
             "the library was rewritten with the same build; nothing to reload"
@@ -99,7 +121,7 @@ fn reload_if_changed(engine: &Engine, target: &Target, last_build: &Mutex<String
         return;
     }
     // Not retried until the file changes again: the same bytes would fail the same way.
-    *last = build;
+    last.build = build;
     if let Err(error) = load(engine, target, &bytes) {
         tracing::error!(library = %target.library.display(), %error, "reload failed; the running build carries on");
     }

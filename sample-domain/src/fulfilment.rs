@@ -314,6 +314,9 @@ fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
 
 /// The fulfilment domain.
 pub fn domain() -> Domain {
+    if cfg!(feature = "reload-test-panic") {
+        panic!("this build's constructor panics on purpose (feature reload-test-panic)");
+    }
     let domain = base();
     if cfg!(feature = "reload-test-variant") {
         // A handler only this build has: a reload starts its subscription.

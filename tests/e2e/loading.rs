@@ -50,6 +50,25 @@ fn a_file_that_is_not_a_library() {
     );
 }
 
+/// The dynamic loader maps a cut-short library and the process dies of SIGBUS on first touch; the host
+/// checks the segments first and says so in one line.
+#[test]
+fn a_truncated_library_is_one_line_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = std::fs::read(sample_domain()).unwrap();
+    std::fs::write(dir.path().join("libcut.so"), &whole[..4096]).unwrap();
+    let run = host(dir.path())
+        .args(["--domain", "libcut.so"])
+        .output()
+        .expect_code(1);
+    let line = &run.error_lines()[0];
+    assert!(
+        line.contains("libcut.so is not a whole shared library"),
+        "{line}"
+    );
+    assert!(line.contains("wait for the build to finish"), "{line}");
+}
+
 #[test]
 fn a_plugin_of_another_abi_generation_names_both_versions() {
     let lib = incompatible_sample(Incompatibility::NextTag);

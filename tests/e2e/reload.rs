@@ -14,8 +14,8 @@ use protean_host::store::Store;
 use serde_json::Value;
 
 use crate::support::{
-    each_order_exactly_once, host, orders, reload_variant_sample, sample_domain, sqlite,
-    wait_until, RedisServer,
+    each_order_exactly_once, host, incompatible_sample, orders, reload_sample, sample_domain,
+    sqlite, wait_until, Incompatibility, RedisServer, ReloadBuild,
 };
 
 /// Put `from` at `to` as cargo does: write a new file beside it, then rename it over.
@@ -87,11 +87,16 @@ fn shipped(store: &dyn Store) -> usize {
     crate::support::count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1")
 }
 
-/// The whole story on one backend: a touch does nothing, a broken build is refused while the running
-/// one carries on, a good build takes over within 2 s, and every order is handled exactly once.
+/// The whole story on one backend: a touch does nothing; broken builds (truncated, another ABI, a
+/// panicking constructor) are refused while the running one carries on; a good build takes over within
+/// 2 s; rebuilds in quick succession reload cleanly; every order is handled exactly once.
 fn reload_under_load(config: &str) {
-    // Built first: building it is not part of what the test times.
-    let next_build = reload_variant_sample();
+    // Built first: building them is not part of what the test times.
+    let next_build = reload_sample(ReloadBuild::Variant);
+    let broken_builds = [
+        (reload_sample(ReloadBuild::Panicking).to_owned(), "panicked"),
+        (incompatible_sample(Incompatibility::NextTag), "ABI"),
+    ];
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("protean.toml"), config).unwrap();
     let lib_dir = dir.path().join("lib");
@@ -116,14 +121,20 @@ fn reload_under_load(config: &str) {
         Duration::from_secs(10),
     );
 
-    let broken = dir.path().join("broken.so");
-    std::fs::write(&broken, b"not a library").unwrap();
-    replace(&broken, &library);
-    let refused = server.wait_for(
-        &["reload failed; the running build carries on"],
-        Duration::from_secs(10),
-    );
-    assert!(refused.contains("ERROR"), "{refused}");
+    let truncated = dir.path().join("truncated.so");
+    let whole = std::fs::read(sample_domain()).unwrap();
+    std::fs::write(&truncated, &whole[..4096]).unwrap();
+    for (broken, why) in [(truncated, "cut short")].into_iter().chain(broken_builds) {
+        replace(&broken, &library);
+        let refused = server.wait_for(
+            &["reload failed; the running build carries on"],
+            Duration::from_secs(10),
+        );
+        assert!(
+            refused.contains("ERROR") && refused.contains(why),
+            "{why}: {refused}"
+        );
+    }
     let before = shipped(store.as_ref());
     wait_until(
         Duration::from_secs(30),
@@ -164,6 +175,19 @@ fn reload_under_load(config: &str) {
     replace(sample_domain(), &library);
     let back = server.wait_for(&["reloaded", "generation=3"], Duration::from_secs(10));
     assert!(back.contains(r#"removed=["audit"]"#), "{back}");
+
+    // Rebuilds in quick succession: one or more clean reloads, ending on the last build.
+    for build in [next_build, sample_domain(), next_build] {
+        replace(build, &library);
+    }
+    let variant_id = protean_host::plugin::Library::load(next_build)
+        .unwrap()
+        .build_id()
+        .to_owned();
+    server.wait_for(
+        &["reloaded", &format!("build=\"{variant_id}\"")],
+        Duration::from_secs(10),
+    );
     server.signal(libc::SIGTERM);
     let (code, logs) = server.wait();
     assert_eq!(code, Some(0), "{logs}");
@@ -229,11 +253,13 @@ fn the_engine_api_reports_what_a_reload_changes_and_refuses_it_in_test_mode() {
         .unwrap()
     };
     let running = engine(false);
-    let changes = running.reload(load(reload_variant_sample())).unwrap();
+    let changes = running
+        .reload(load(reload_sample(ReloadBuild::Variant)))
+        .unwrap();
     assert_eq!(changes.added, ["audit"]);
     assert!(changes.removed.is_empty() && changes.changed.is_empty());
     assert!(matches!(
-        engine(true).reload(load(reload_variant_sample())),
+        engine(true).reload(load(reload_sample(ReloadBuild::Variant))),
         Err(EngineError::ReloadInTestMode)
     ));
 }

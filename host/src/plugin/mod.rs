@@ -8,6 +8,7 @@
 //! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`].
 #![allow(unsafe_code)]
 
+mod elf;
 mod services;
 
 use std::{
@@ -42,6 +43,8 @@ pub enum LoadError {
     },
     #[error("cannot open {} as a shared library: {reason}; pass the path of a domain cdylib (lib<name>.so)", path.display())]
     Open { path: PathBuf, reason: String },
+    #[error("{} is not a whole shared library: {reason}; wait for the build to finish, or rebuild it", path.display())]
+    Truncated { path: PathBuf, reason: String },
     #[error("{} is not a protean domain plugin (it exports no PROTEAN_ABI_TAG); build a cdylib that calls protean_plugin_api::export_domains!", .0.display())]
     NotAPlugin(PathBuf),
     #[error("{} was built against plugin-api {plugin_version} (ABI {plugin_abi}), but this host speaks ABI {PROTEAN_ABI} (plugin-api {API_VERSION}); rebuild the plugin against plugin-api {API_VERSION}", path.display())]
@@ -132,6 +135,12 @@ impl Library {
     /// Load `bytes`, the content of the library at `path` (read once by a caller that already
     /// needed them).
     pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        if let Some(reason) = elf::truncated(bytes) {
+            return Err(LoadError::Truncated {
+                path: path.into(),
+                reason,
+            });
+        }
         let build_id = build_id(bytes);
         let copy = private_copy(path, bytes, &build_id)?;
         let loaded = open(path, &copy);

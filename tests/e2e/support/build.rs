@@ -106,17 +106,36 @@ pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
     )
 }
 
-/// The sample domain built with its `reload-test-variant` feature (reservations in the "north"
-/// warehouse, one more handler), in a target directory of its own, for the hot-reload tests.
-pub fn reload_variant_sample() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
+/// Test builds of the sample domain for the hot-reload tests, by cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadBuild {
+    /// `reload-test-variant`: reservations in the "north" warehouse, one more handler.
+    Variant,
+    /// `reload-test-panic`: its constructor panics.
+    Panicking,
+}
+
+/// The sample domain built with a hot-reload test feature, in a target directory of its own. Both
+/// builds share that directory (only sample-domain differs), so each artifact is copied aside.
+pub fn reload_sample(which: ReloadBuild) -> &'static Path {
+    static VARIANT: OnceLock<PathBuf> = OnceLock::new();
+    static PANICKING: OnceLock<PathBuf> = OnceLock::new();
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let (cell, feature) = match which {
+        ReloadBuild::Variant => (&VARIANT, "reload-test-variant"),
+        ReloadBuild::Panicking => (&PANICKING, "reload-test-panic"),
+    };
+    cell.get_or_init(|| {
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
         let target_dir = workspace().join("target").join("reload-fixtures");
-        build(
-            &["--features", "reload-test-variant"],
+        let built = build(
+            &["--features", feature],
             "sample-domain",
             "cdylib",
             Some(&target_dir),
-        )
+        );
+        let aside = target_dir.join(format!("{feature}.so"));
+        std::fs::copy(&built, &aside).expect("copy the test build aside");
+        aside
     })
 }

@@ -8,8 +8,8 @@ mod run;
 mod server;
 
 pub use build::{
-    fixture_domain, host_binary, incompatible_sample, reload_variant_sample, sample_domain,
-    Incompatibility,
+    fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
+    Incompatibility, ReloadBuild,
 };
 pub use engine::{backends, engine, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once, orders, place, sqlite, wait_until};
