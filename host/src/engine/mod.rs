@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) progress: Progress,
     pub(crate) test_mode: bool,
+    /// Prometheus counters, recorded after each batch and outbox round.
+    pub(crate) metrics: crate::ops::metrics::Metrics,
 }
 
 /// A domain ready to run.
@@ -310,6 +312,7 @@ impl Engine {
             config: self.options.config.clone(),
             progress: Progress::new(head, names),
             test_mode,
+            metrics: crate::ops::metrics::Metrics::new(&self.subscriptions),
         });
         let shutdown = CancellationToken::new();
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
@@ -349,6 +352,13 @@ impl Engine {
                 shutdown.clone(),
             ));
         }
+        let health = crate::ops::health::start(
+            shared.clone(),
+            broker.clone(),
+            &self.subscriptions,
+            shutdown.clone(),
+        )
+        .await;
         tracing::info!(
             instance = self.plugin.name(),
             build = self.plugin.build_id(),
@@ -392,6 +402,9 @@ impl Engine {
             tracing::warn!(grace_s = grace.as_secs(), busy = ?shared.progress.busy(), "shutdown grace period over; exiting with batches in flight (they are redelivered on the next start)");
         }
         signals.abort();
+        if let Some(health) = health {
+            health.abort();
+        }
         let totals = shared.progress.totals();
         tracing::info!(
             handled = totals.handled.values().sum::<u64>(),

@@ -137,6 +137,7 @@ async fn settle(
     entries: Vec<Entry>,
 ) -> Result<Option<std::time::Duration>, String> {
     let name = &sub.plan.name;
+    let started = Instant::now();
     let mut messages = Vec::new();
     let mut origin: HashMap<String, Vec<Entry>> = HashMap::new();
     for entry in entries {
@@ -207,6 +208,7 @@ async fn settle(
     if let Err(error) = consumer.ack(&acks).await {
         return Ok(broker_trouble(name, &error));
     }
+    shared.metrics.batch(sub, &report, started.elapsed());
     tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
     shared.progress.count(|t| {
         for message_type in report.handled {
