@@ -1,11 +1,7 @@
 //! Redis Streams with a real Redis server: the flow, retries, dead letters, poison, and several
 //! replicas sharing the work, one of them killed, Redis restarted.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use protean_host::{
     engine::Outcome,
@@ -14,8 +10,8 @@ use protean_host::{
 use serde_json::{json, Value};
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, fixture_domain, host, sample_domain, RedisServer,
-    TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, fixture_domain, host, sample_domain, wait_until,
+    RedisServer, TEST_CONFIG,
 };
 
 fn config(redis: &RedisServer) -> String {
@@ -159,16 +155,6 @@ fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
     let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
     assert!(dead.contains("entry data is not a JSON object"), "{dead}");
     assert!(dead.contains("entry has no text field `data`"), "{dead}");
-}
-
-/// Wait until `done` holds, checking every 50 ms; fail after `limit`.
-#[track_caller]
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn orders(n: usize) -> String {

@@ -6,9 +6,12 @@ mod flow;
 mod redis;
 mod run;
 mod server;
+mod wait;
 
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
 pub use engine::{backends, engine, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use redis::RedisServer;
-pub use run::host;
+pub use run::{host, Finished};
+pub use server::Server;
+pub use wait::wait_until;
