@@ -10,6 +10,8 @@
 //! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory.
 #![allow(missing_docs, unreachable_pub)]
 
+mod ops;
+
 use std::{
     hint::black_box,
     path::{Path, PathBuf},
@@ -62,6 +64,11 @@ fn main() -> anyhow::Result<()> {
     rows.push(sqlite_noop(&host, &fixture, arg("--events", 100_000))?);
     rows.extend(sample_flow(&host, &sample, arg("--orders", 10_000))?);
     rows.extend(redis_noop(&host, &fixture, arg("--events", 100_000))?);
+    rows.extend(ops::scraped_vs_unscraped(
+        &host,
+        &fixture,
+        arg("--ops-events", 300_000),
+    )?);
     report(&rows)
 }
 
