@@ -356,23 +356,15 @@ impl Ops {
 
 /// The outbox processor, shown as a row only when it is stalled.
 fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus {
-    status::SubscriptionStatus {
+    let mut row = status::SubscriptionStatus::new(&Target {
         name: outbox::NAME.into(),
-        handlers: Vec::new(),
         kind: SubscriptionType::EventStore,
         categories: Vec::new(),
-        position: None,
-        group: None,
-        lag: None,
-        pending: None,
-        dead_letters: None,
-        consumers: None,
-        owner: None,
-        state: state_name(state).into(),
-        stalled: None,
-        last_progress_ms: Some(quiet.as_millis() as u64),
-        error: None,
-    }
+        handlers: Vec::new(),
+    });
+    row.state = state_name(state).into();
+    row.last_progress_ms = Some(quiet.as_millis() as u64);
+    row
 }
 
 fn outcome(result: &Result<(), String>) -> String {

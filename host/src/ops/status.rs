@@ -92,7 +92,8 @@ pub struct SubscriptionStatus {
 }
 
 impl SubscriptionStatus {
-    fn new(target: &Target) -> Self {
+    /// A row with no figures yet.
+    pub(crate) fn new(target: &Target) -> Self {
         Self {
             name: target.name.clone(),
             handlers: target.handlers.clone(),
