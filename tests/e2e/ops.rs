@@ -484,4 +484,31 @@ fn bad_health_settings_and_probes_fail_in_one_line() {
     let errors = nobody.error_lines();
     assert_eq!(errors.len(), 1, "{}", nobody.stderr());
     assert!(errors[0].contains("cannot reach"), "{}", errors[0]);
+
+    // Without --url the address comes from [server.health].
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("[server.health]\nport = {}\n", closed.port()),
+    )
+    .unwrap();
+    let from_config = host(dir.path()).args(["health"]).output().expect_code(1);
+    let expected = format!(
+        "error: cannot reach http://127.0.0.1:{}/readyz",
+        closed.port()
+    );
+    assert!(
+        from_config.error_lines()[0].starts_with(&expected),
+        "{}",
+        from_config.stderr()
+    );
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server.health]\nport = 0\n",
+    )
+    .unwrap();
+    let free_port = host(dir.path()).args(["health"]).output().expect_code(1);
+    assert_eq!(
+        free_port.error_lines(),
+        ["error: [server.health] port = 0 picks a free port at start; pass the logged address with --url"]
+    );
 }
