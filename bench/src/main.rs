@@ -14,11 +14,12 @@
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths.
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind).
+//! redis, latency, callgrind, ops).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod latency;
+mod ops;
 
 use std::{
     hint::black_box,
@@ -98,6 +99,13 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("latency") {
         rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);
+    }
+    if wanted("ops") {
+        rows.extend(ops::scraped_vs_unscraped(
+            &host,
+            &fixture,
+            arg("--ops-events", 300_000),
+        )?);
     }
     report(&rows)
 }

@@ -79,6 +79,40 @@ pub enum Command {
     Send(SendArgs),
     /// Dead letters: list, inspect, replay to the group they failed in, purge.
     Dlq(DlqArgs),
+    /// Subscriptions: where each stands (works without a running server).
+    Subscriptions(SubscriptionsArgs),
+    /// Ask a running server whether it is ready (/readyz): exit 0 if so, else 1 with one line saying why.
+    Health(HealthArgs),
+}
+
+/// Options of `subscriptions`.
+#[derive(Debug, Args)]
+pub struct SubscriptionsArgs {
+    #[command(subcommand)]
+    pub action: SubscriptionsAction,
+}
+
+/// What to show about subscriptions.
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionsAction {
+    /// For each subscription: type, categories, position or group, lag, pending, dead letters,
+    /// consumers and state, read from the store and the broker.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Options of `health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The readiness endpoint (default: http://HOST:PORT/readyz from [server.health]).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub timeout_ms: u64,
 }
 
 /// Options of `dlq`.
@@ -232,6 +266,29 @@ mod tests {
         );
         assert_eq!(
             parse(&["send", "Shop.Place.v1"]).unwrap_err().exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn subscriptions_status_and_health_parse() {
+        let cli = parse(&["subscriptions", "status", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Subscriptions(SubscriptionsArgs {
+                action: SubscriptionsAction::Status { json: true }
+            }))
+        ));
+        let cli = parse(&["health", "--url", "http://127.0.0.1:9/readyz"]).unwrap();
+        let Some(Command::Health(health)) = cli.command else {
+            panic!("not health")
+        };
+        assert_eq!(health.url.as_deref(), Some("http://127.0.0.1:9/readyz"));
+        assert_eq!(parse(&["subscriptions"]).unwrap_err().exit_code(), 2);
+        assert_eq!(
+            parse(&["health", "--timeout-ms", "soon"])
+                .unwrap_err()
+                .exit_code(),
             2
         );
     }

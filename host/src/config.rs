@@ -104,6 +104,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Past this many library images mapped (each reload maps one more), a reload warns.
     pub max_generations: u64,
+    /// The health and metrics server (`[server.health]`).
+    pub health: HealthSettings,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -142,6 +144,43 @@ impl Default for OutboxSettings {
             retry_delay_ms: 1000,
             max_retry_delay_ms: 60_000,
         }
+    }
+}
+
+/// The health and metrics server (`[server.health]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HealthSettings {
+    /// `Some(true)` runs it even in test mode, `Some(false)` never; `None`: except in test mode.
+    pub enabled: Option<bool>,
+    /// The address to listen on (an IP address, or `localhost`).
+    pub host: String,
+    /// The port; 0 picks a free one (logged).
+    pub port: u16,
+    /// A loop with work pending that has made no progress for this long fails readiness.
+    pub stall_after: Duration,
+    /// How long the store and broker get to answer a readiness check.
+    pub check_timeout: Duration,
+    /// How long a client gets to send its request headers.
+    pub request_timeout: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            stall_after: Duration::from_secs(60),
+            check_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HealthSettings {
+    /// Whether the server runs, given the mode.
+    pub fn runs(&self, test_mode: bool) -> bool {
+        self.enabled.unwrap_or(!test_mode)
     }
 }
 
@@ -255,6 +294,19 @@ struct ServerSection {
     max_generations: Option<u64>,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
+    #[serde(default)]
+    health: HealthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    enabled: Option<bool>,
+    host: Option<String>,
+    port: Option<u16>,
+    stall_after_ms: Option<u64>,
+    check_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -376,6 +428,7 @@ impl Config {
                 "\"stream\" needs a broker; add [brokers.default] with a uri".into(),
             ));
         }
+        let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -386,6 +439,7 @@ impl Config {
             outbox,
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
             max_generations: s.max_generations.unwrap_or(20),
+            health,
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
@@ -523,6 +577,42 @@ fn broker(
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),
         reclaim_interval: Duration::from_millis(b.reclaim_interval_ms.unwrap_or(5_000)),
     }))
+}
+
+/// `[server.health]`, checked: every duration at least 1 ms, the host an address to bind.
+fn health(h: &HealthSection) -> Result<HealthSettings, (String, String)> {
+    let defaults = HealthSettings::default();
+    let host = h.host.clone().unwrap_or(defaults.host);
+    if host != "localhost" && host.parse::<std::net::IpAddr>().is_err() {
+        return Err((
+            "server.health.host".into(),
+            format!("{host:?} is not an IP address; write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"),
+        ));
+    }
+    let millis = |key: &str, value: Option<u64>, default: Duration| match value {
+        Some(0) => Err((
+            format!("server.health.{key}"),
+            "must be at least 1".to_owned(),
+        )),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    };
+    Ok(HealthSettings {
+        enabled: h.enabled,
+        host,
+        port: h.port.unwrap_or(defaults.port),
+        stall_after: millis("stall_after_ms", h.stall_after_ms, defaults.stall_after)?,
+        check_timeout: millis(
+            "check_timeout_ms",
+            h.check_timeout_ms,
+            defaults.check_timeout,
+        )?,
+        request_timeout: millis(
+            "request_timeout_ms",
+            h.request_timeout_ms,
+            defaults.request_timeout,
+        )?,
+    })
 }
 
 fn validate(profile: &Profile, key: &str) -> Result<(), (String, String)> {
@@ -765,6 +855,63 @@ mod tests {
                 .contains("only [brokers.default] is supported"),
             "{other}"
         );
+    }
+
+    #[test]
+    fn health_settings_default_and_errors_name_the_key() {
+        let config = parse("", &[]).unwrap();
+        assert_eq!(config.health, HealthSettings::default());
+        assert!(config.health.runs(false) && !config.health.runs(true));
+        let on = parse(
+            "[server.health]\nenabled = true\nport = 0\nstall_after_ms = 250\n",
+            &[],
+        )
+        .unwrap();
+        assert!(on.health.runs(true));
+        assert_eq!(
+            (on.health.port, on.health.stall_after),
+            (0, Duration::from_millis(250))
+        );
+        let cases = [
+            (
+                "port = 70000",
+                "server.health.port: invalid value: integer `70000`, expected u16",
+            ),
+            (
+                "port = \"http\"",
+                "server.health.port: invalid type: string \"http\", expected u16",
+            ),
+            (
+                "host = \"example\"",
+                "server.health.host: \"example\" is not an IP address; write 127.0.0.1",
+            ),
+            (
+                "stall_after_ms = 0",
+                "server.health.stall_after_ms: must be at least 1",
+            ),
+            (
+                "request_timeout_ms = 0",
+                "server.health.request_timeout_ms: must be at least 1",
+            ),
+            (
+                "check_timeout_ms = 0",
+                "server.health.check_timeout_ms: must be at least 1",
+            ),
+            (
+                "stall_after = 5",
+                "server.health.stall_after: unknown field `stall_after`, expected one of",
+            ),
+        ];
+        for (line, expected) in cases {
+            let error = parse(&format!("[server.health]\n{line}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("config file protean.toml: {expected}")),
+                "{line}: {error}"
+            );
+            assert_eq!(error.lines().count(), 1, "one line: {error}");
+        }
     }
 
     #[test]

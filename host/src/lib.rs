@@ -17,6 +17,7 @@ pub mod engine;
 pub mod inspect;
 pub mod logging;
 pub mod message;
+pub mod ops;
 pub(crate) mod outbox;
 pub mod plugin;
 pub mod reload;

@@ -6,11 +6,14 @@ use std::{io::BufRead, process::ExitCode};
 use anyhow::Context as _;
 use clap::Parser;
 use protean_host::{
-    cli::{Cli, Command, Common, DlqAction, DlqArgs, InspectArgs, LogFormat, SendArgs, ServerArgs},
+    cli::{
+        Cli, Command, Common, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat, SendArgs,
+        ServerArgs, SubscriptionsAction, SubscriptionsArgs,
+    },
     config::Config,
     discovery,
     engine::{Engine, EngineOptions, Outcome, RunReport},
-    inspect, logging,
+    inspect, logging, ops,
     plugin::{Library, Plugin},
     reload,
 };
@@ -39,6 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Inspect(args)) => inspect(&cli.common, &args),
         Some(Command::Send(args)) => send(&cli.common, &args),
         Some(Command::Dlq(args)) => dlq(&cli.common, &args),
+        Some(Command::Subscriptions(args)) => subscriptions(&cli.common, &args),
+        Some(Command::Health(args)) => health(&cli.common, &args),
     }
 }
 
@@ -242,6 +247,72 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
             }
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `subscriptions status`: measured from the store and the broker, without running anything. Exit 1
+/// when a figure could not be measured (the table says which and why).
+fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<ExitCode> {
+    let SubscriptionsAction::Status { json } = args.action;
+    let (engine, _) = engine(common, false)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let snapshot = runtime.block_on(async {
+        let broker = match &engine.config().broker {
+            Some(config) => match protean_host::broker::open(config).await {
+                Ok(broker) => Some(broker),
+                Err(error) => {
+                    tracing::warn!(%error, "broker unavailable; stream figures are missing");
+                    None
+                }
+            },
+            None => None,
+        };
+        let targets = ops::status::targets(&engine);
+        let limit = std::time::Duration::from_secs(5);
+        let configured = engine.config().broker.is_some();
+        ops::status::measure(engine.store(), broker, configured, &targets, limit).await
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    } else {
+        print!("{snapshot}");
+    }
+    let measured = snapshot.subscriptions.iter().all(|s| s.error.is_none());
+    Ok(if measured {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `health`: one line, `ready` (exit 0) or `not ready: why` (exit 1), for container probes.
+fn health(common: &Common, args: &HealthArgs) -> anyhow::Result<ExitCode> {
+    let url = match &args.url {
+        Some(url) => url.clone(),
+        None => {
+            let settings = Config::load(common.config.as_deref())?.health;
+            anyhow::ensure!(
+                settings.port != 0,
+                "[server.health] port = 0 picks a free port at start; pass the logged address with --url"
+            );
+            let host = match settings.host.as_str() {
+                "0.0.0.0" => "127.0.0.1",
+                "::" => "[::1]",
+                host => host,
+            };
+            format!("http://{host}:{}/readyz", settings.port)
+        }
+    };
+    let timeout = std::time::Duration::from_millis(args.timeout_ms.max(1));
+    let answer = ops::probe::get(&url, timeout)?;
+    let (ready, line) = ops::probe::verdict(&answer);
+    println!("{line}");
+    Ok(if ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

@@ -125,6 +125,7 @@ async fn publish(
         }
     }
     let count = published.len() as u64;
+    let failures = failed.len() as u64;
     let (shared2, worker2) = (shared.clone(), worker.to_owned());
     let recorded = blocking(move || -> Result<(), String> {
         let outbox = shared2.store.outbox().ok_or("the store keeps no outbox")?;
@@ -146,6 +147,7 @@ async fn publish(
         // The rows stay claimed until their lease ends, then are published again: at least once.
         tracing::error!(error, "cannot record what the outbox published");
     }
+    shared.metrics.outbox_round(count, failures);
     shared.progress.count(|t| t.published += count);
     Ok(())
 }

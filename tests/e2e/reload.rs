@@ -13,6 +13,7 @@ use std::{
 use protean_host::store::Store;
 use serde_json::Value;
 
+use crate::ops::{sample, scrape};
 use crate::support::{
     each_order_exactly_once, host, incompatible_sample, orders, reload_sample, sample_domain,
     sqlite, wait_until, Incompatibility, RedisServer, ReloadBuild,
@@ -98,6 +99,7 @@ fn reload_under_load(config: &str) {
         (incompatible_sample(Incompatibility::NextTag), "ABI"),
     ];
     let dir = tempfile::tempdir().unwrap();
+    let config = format!("{config}\n[server.health]\nport = 0\n");
     std::fs::write(dir.path().join("protean.toml"), config).unwrap();
     let lib_dir = dir.path().join("lib");
     std::fs::create_dir(&lib_dir).unwrap();
@@ -107,6 +109,13 @@ fn reload_under_load(config: &str) {
         .args(["--reload", "--domain", &library.display().to_string()])
         .spawn();
     server.wait_for(&["watching the domain library"], Duration::from_secs(60));
+    let health = server.wait_for(&["health server listening"], Duration::from_secs(60));
+    let address = health
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
     server.wait_for(&["engine started"], Duration::from_secs(60));
     let store = sqlite(dir.path());
     // The sender loads the domain from a path of its own: the watched one is broken for a while.
@@ -167,6 +176,9 @@ fn reload_under_load(config: &str) {
         shown < Duration::from_secs(2),
         "the new behaviour showed after {shown:?}"
     );
+    let metrics = scrape(&address);
+    assert_eq!(sample(&metrics, "protean_plugin_generation", &[]), 2.0);
+    assert_eq!(sample(&metrics, "protean_plugin_reloads_total", &[]), 1.0);
 
     let sent = sender.finish();
     wait_until(Duration::from_secs(120), "every order shipped", || {

@@ -100,10 +100,39 @@ pub trait Broker: Send + Sync {
     /// Give the lease `name` up, if `owner` holds it.
     async fn release(&self, name: &str, owner: &str) -> Result<()>;
 
+    /// How `group` stands on `streams` (for status and metrics). The default knows only the backlog.
+    async fn group_status(&self, streams: &[String], group: &str) -> Result<GroupStatus> {
+        Ok(GroupStatus {
+            exists: true,
+            lag: self.backlog(streams, group).await?,
+            ..GroupStatus::default()
+        })
+    }
+
+    /// The owner holding the lease `name`, if any.
+    async fn lease_holder(&self, _name: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     /// Reading and replaying dead letters, for brokers that keep them.
     fn dead_letters(&self) -> Option<&dyn DeadLetterAdmin> {
         None
     }
+}
+
+/// How a consumer group stands, summed over the streams it reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStatus {
+    /// Whether the group exists on any of its streams (it is created by its first consumer).
+    pub exists: bool,
+    /// Entries not yet delivered to the group.
+    pub lag: u64,
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// Consumers registered in the group (the most on any one stream).
+    pub consumers: u64,
+    /// Entries in the group's dead-letter stream.
+    pub dead_letters: u64,
 }
 
 /// One entry of a group's dead-letter stream.

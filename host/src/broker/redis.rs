@@ -15,7 +15,7 @@ use redis::{
 
 use super::{
     dead_letter_stream, replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin,
-    DeadLetterEntry, Entry, Error, GroupStart, Result,
+    DeadLetterEntry, Entry, Error, GroupStart, GroupStatus, Result,
 };
 
 static RENEW_LEASE: LazyLock<Script> =
@@ -177,6 +177,49 @@ impl Broker for RedisBroker {
                 number(info.get("lag")).unwrap_or(1) + number(info.get("pending")).unwrap_or(0);
         }
         Ok(total)
+    }
+
+    async fn group_status(&self, streams: &[String], group: &str) -> Result<GroupStatus> {
+        let mut conn = self.commands.clone();
+        let mut status = GroupStatus::default();
+        for stream in streams {
+            let groups: redis::RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut conn)
+                .await;
+            let groups = match groups {
+                // A stream nobody published to yet does not exist: nothing to read there.
+                Err(e) if e.to_string().contains("no such key") => continue,
+                other => other.map_err(command("XINFO GROUPS"))?,
+            };
+            let Some(info) = groups
+                .iter()
+                .find(|g| text(g.get("name")).as_deref() == Some(group))
+            else {
+                continue;
+            };
+            status.exists = true;
+            status.lag += number(info.get("lag")).unwrap_or(0);
+            status.pending += number(info.get("pending")).unwrap_or(0);
+            status.consumers = status
+                .consumers
+                .max(number(info.get("consumers")).unwrap_or(0));
+        }
+        status.dead_letters = redis::cmd("XLEN")
+            .arg(dead_letter_stream(group))
+            .query_async(&mut conn)
+            .await
+            .map_err(command("XLEN"))?;
+        Ok(status)
+    }
+
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>> {
+        redis::cmd("GET")
+            .arg(Self::lease_key(name))
+            .query_async(&mut self.commands.clone())
+            .await
+            .map_err(command("GET"))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -118,12 +118,21 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) progress: Progress,
     pub(crate) test_mode: bool,
+    /// Prometheus counters, recorded after each batch and outbox round.
+    pub(crate) metrics: crate::ops::metrics::Metrics,
+    /// The running generation's subscriptions, for health and metrics.
+    subscriptions: Mutex<Vec<Arc<Subscription>>>,
 }
 
 impl Shared {
     /// The plugin to call (a batch takes it once, so a reload never changes it mid-batch).
     pub(crate) fn plugin(&self) -> Arc<Plugin> {
         lock(&self.plugin).clone()
+    }
+
+    /// The subscriptions running now.
+    pub(crate) fn subscriptions(&self) -> Vec<Arc<Subscription>> {
+        lock(&self.subscriptions).clone()
     }
 }
 
@@ -336,6 +345,8 @@ impl Engine {
             config: self.options.config.clone(),
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
+            metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
+            subscriptions: Mutex::new(generation.subscriptions.clone()),
         });
         let shutdown = CancellationToken::new();
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
@@ -357,6 +368,8 @@ impl Engine {
         };
         let mut epoch = shutdown.child_token();
         let mut workers = runner.spawn(&generation, &epoch);
+        let health =
+            crate::ops::health::start(shared.clone(), broker.clone(), shutdown.clone()).await;
         tracing::info!(
             instance = generation.plugin.name(),
             build = generation.plugin.build_id(),
@@ -414,6 +427,9 @@ impl Engine {
             tracing::warn!(grace_s = grace.as_secs(), busy = ?shared.progress.busy(), "shutdown grace period over; exiting with batches in flight (they are redelivered on the next start)");
         }
         signals.abort();
+        if let Some(health) = health {
+            health.abort();
+        }
         let totals = shared.progress.totals();
         tracing::info!(
             handled = totals.handled.values().sum::<u64>(),
@@ -464,6 +480,11 @@ impl Engine {
         let next = Arc::new(next);
         *lock(&self.current) = next.clone();
         *lock(&runner.shared.plugin) = next.plugin.clone();
+        *lock(&runner.shared.subscriptions) = next.subscriptions.clone();
+        runner
+            .shared
+            .metrics
+            .reloaded(next.number, &next.subscriptions);
         runner
             .shared
             .progress

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Mutex, MutexGuard},
+    time::Instant,
 };
 
 use tokio::sync::{watch, Notify};
@@ -44,7 +45,9 @@ pub(crate) struct Progress {
     head: watch::Sender<u64>,
     /// Every message committed up to this global position has been published to the broker.
     published: watch::Sender<u64>,
-    states: Mutex<BTreeMap<String, State>>,
+    /// Each loop's state and when it last reported one: every loop reports at least once per
+    /// iteration, so an old report means a loop that is stuck (the heartbeat readiness checks).
+    states: Mutex<BTreeMap<String, (State, Instant)>>,
     totals: Mutex<Totals>,
     changed: Notify,
 }
@@ -57,7 +60,7 @@ impl Progress {
             states: Mutex::new(
                 subscriptions
                     .into_iter()
-                    .map(|s| (s, State::Starting))
+                    .map(|s| (s, (State::Starting, Instant::now())))
                     .collect(),
             ),
             totals: Mutex::default(),
@@ -96,7 +99,7 @@ impl Progress {
     }
 
     pub(crate) fn set(&self, subscription: &str, state: State) {
-        lock(&self.states).insert(subscription.to_owned(), state);
+        lock(&self.states).insert(subscription.to_owned(), (state, Instant::now()));
         self.changed.notify_one();
     }
 
@@ -113,7 +116,7 @@ impl Progress {
         let head = *self.head.borrow();
         lock(&self.states)
             .values()
-            .all(|s| matches!(s, State::Idle { head: h } if *h >= head))
+            .all(|(s, _)| matches!(s, State::Idle { head: h } if *h >= head))
     }
 
     /// The subscriptions that are not done, with what they are doing.
@@ -121,19 +124,33 @@ impl Progress {
         let head = *self.head.borrow();
         lock(&self.states)
             .iter()
-            .filter(|(_, s)| !matches!(s, State::Idle { head: h } if *h >= head))
-            .map(|(name, s)| format!("{name} ({})", describe(s)))
+            .filter(|(_, (s, _))| !matches!(s, State::Idle { head: h } if *h >= head))
+            .map(|(name, (s, _))| format!("{name} ({})", describe(s)))
             .collect()
     }
 
     /// Track these subscriptions from now on, each starting (a reload changed the set); totals and
     /// the head carry on.
     pub(crate) fn track(&self, subscriptions: impl IntoIterator<Item = String>) {
+        let now = Instant::now();
         *lock(&self.states) = subscriptions
             .into_iter()
-            .map(|s| (s, State::Starting))
+            .map(|s| (s, (State::Starting, now)))
             .collect();
         self.changed.notify_one();
+    }
+
+    /// Every loop's state and when it last reported, for health checks.
+    pub(crate) fn snapshot(&self) -> Vec<(String, State, Instant)> {
+        lock(&self.states)
+            .iter()
+            .map(|(name, (state, at))| (name.clone(), state.clone(), *at))
+            .collect()
+    }
+
+    /// The global position of the engine's last commit that appended messages.
+    pub(crate) fn head_now(&self) -> u64 {
+        *self.head.borrow()
     }
 
     /// Wake whoever waits for a change, to look again.

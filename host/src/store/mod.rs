@@ -139,6 +139,17 @@ pub trait Store: Send + Sync {
     fn outbox(&self) -> Option<&dyn Outbox> {
         None
     }
+
+    /// How many messages of any of `categories` come after global position `after`: an event-store
+    /// subscription's lag. The default reads them; a backend with a query language counts instead.
+    fn count_after(&self, categories: &[String], after: u64) -> Result<u64> {
+        Ok(self.read_categories(categories, after, usize::MAX)?.len() as u64)
+    }
+
+    /// Whether the store answers (readiness): the cheapest read every backend has.
+    fn ping(&self) -> Result<()> {
+        self.head(&[]).map(drop)
+    }
 }
 
 /// Which store to open.

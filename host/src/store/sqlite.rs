@@ -30,6 +30,7 @@ mod sql {
     pub(super) const READ_CATEGORY: &str = include_str!("sql/sqlite/read_category.sql");
     pub(super) const HEAD_CATEGORY: &str = include_str!("sql/sqlite/head_category.sql");
     pub(super) const HEAD_ALL: &str = include_str!("sql/sqlite/head_all.sql");
+    pub(super) const COUNT_CATEGORY: &str = include_str!("sql/sqlite/count_category.sql");
     pub(super) const UPSERT_POSITION: &str = include_str!("sql/sqlite/upsert_position.sql");
     pub(super) const READ_POSITION: &str = include_str!("sql/sqlite/read_position.sql");
     pub(super) const PUT_DOCUMENT: &str = include_str!("sql/sqlite/put_document.sql");
@@ -464,6 +465,21 @@ impl Store for SqliteStore {
             max = max.max(head.unwrap_or(0));
         }
         Ok(max)
+    }
+
+    fn count_after(&self, categories: &[String], after: u64) -> Result<u64> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::COUNT_CATEGORY)
+            .map_err(|e| self.error(e))?;
+        let mut total = 0;
+        for c in categories {
+            let count: u64 = statement
+                .query_row(params![c, after], |r| r.get(0))
+                .map_err(|e| self.error(e))?;
+            total += count;
+        }
+        Ok(total)
     }
 
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {

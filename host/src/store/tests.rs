@@ -309,6 +309,30 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     );
 }
 
+pub(super) fn lag_is_counted_per_category_and_ping_answers(store: &dyn Store) {
+    store.ping().unwrap();
+    append(
+        store,
+        vec![
+            event("shop::order-1", 0, None),
+            event("shop::stock-1", 0, None),
+            event("shop::order-2", 0, None),
+        ],
+    )
+    .unwrap();
+    let orders = ["shop::order".to_owned()];
+    assert_eq!(store.count_after(&orders, 0).unwrap(), 2);
+    assert_eq!(
+        store.count_after(&orders, 1).unwrap(),
+        1,
+        "the stock event between them is not counted"
+    );
+    let both = ["shop::order".to_owned(), "shop::stock".to_owned()];
+    assert_eq!(store.count_after(&both, 0).unwrap(), 3);
+    assert_eq!(store.count_after(&both, 3).unwrap(), 0);
+    store.ping().unwrap();
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -321,6 +345,7 @@ macro_rules! store_conformance {
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
+            #[test] fn lag_is_counted_per_category_and_ping_answers() { let (s, _g) = $make; super::lag_is_counted_per_category_and_ping_answers(&s) }
         }
     )+};
 }

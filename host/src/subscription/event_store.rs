@@ -113,6 +113,7 @@ pub(crate) async fn run(
             }
         };
         failures = 0;
+        shared.metrics.batch(&sub, &report, started.elapsed());
         position = report.position.unwrap_or(position);
         if let Some(appended) = report.appended {
             progress.advanced(appended);

@@ -178,6 +178,7 @@ async fn settle(
     read_ahead: Option<usize>,
 ) -> Result<Settled, String> {
     let name = &sub.plan.name;
+    let started = Instant::now();
     let mut messages = Vec::new();
     let mut origin: HashMap<String, Vec<Entry>> = HashMap::new();
     for entry in entries {
@@ -261,6 +262,7 @@ async fn settle(
     if let Err(error) = consumer.ack(&acks).await {
         return Ok(Settled::retry_after(broker_trouble(name, &error)));
     }
+    shared.metrics.batch(sub, &report, started.elapsed());
     tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
     shared.progress.count(|t| {
         for message_type in report.handled {

@@ -1,10 +1,6 @@
 //! Checks on the sample flow's effects in a store.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::Arc};
 
 use protean_host::store::{SqliteStore, Store};
 use serde_json::{json, Value};
@@ -56,15 +52,4 @@ pub fn each_order_exactly_once(store: &dyn Store, orders: usize) {
 /// The SQLite store a server in `dir` uses by default.
 pub fn sqlite(dir: &Path) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
-}
-
-/// Wait until `done` holds, checking every 50 ms; fail after `limit`. For state in another process
-/// that no event announces (a store written by a server).
-#[track_caller]
-pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

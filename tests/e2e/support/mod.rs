@@ -6,12 +6,15 @@ mod flow;
 mod redis;
 mod run;
 mod server;
+mod wait;
 
 pub use build::{
     fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
     Incompatibility, ReloadBuild,
 };
 pub use engine::{backends, engine, types, TEST_CONFIG};
-pub use flow::{count_of, each_order_exactly_once, orders, place, sqlite, wait_until};
+pub use flow::{count_of, each_order_exactly_once, orders, place, sqlite};
 pub use redis::RedisServer;
-pub use run::host;
+pub use run::{host, Finished};
+pub use server::Server;
+pub use wait::wait_until;

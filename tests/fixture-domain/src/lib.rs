@@ -1,7 +1,8 @@
 //! Test fixtures: domains that fail, panic, log and cascade on request.
 //!
 //! - `probe`: the command `Run { id, behaviour }` does what `behaviour` says (`ok`, `panic`, `reject`,
-//!   `always`, `fail:N` = fail the first N attempts of this id in this process, `sleep:MS`), and the command
+//!   `always`, `fail:N` = fail the first N attempts of this id in this process, `sleep:MS`, `block:PATH` =
+//!   wait until the file PATH exists, at most 120 s: a stuck handler a test releases), and the command
 //!   `Step { chain, n, depth }` starts a cascade of `depth` event → command hops.
 //! - `broken`: its constructor returns an error (two handlers share a name).
 //! - `panicking`: its constructor panics.
@@ -34,7 +35,7 @@ impl Aggregate for Probe {
 pub struct Run {
     /// Names the attempt counter and the stream.
     pub id: String,
-    /// `ok`, `panic`, `reject`, `always`, `fail:N`, `sleep:MS`.
+    /// `ok`, `panic`, `reject`, `always`, `fail:N`, `sleep:MS`, `block:PATH`.
     pub behaviour: String,
 }
 
@@ -163,6 +164,14 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
         sleep if sleep.starts_with("sleep:") => {
             let ms: u64 = sleep[6..].parse().map_err(HandlerError::reject)?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        block if block.starts_with("block:") => {
+            let path = std::path::Path::new(&block[6..]);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            // Polled: a plugin has no way to be woken by the test, and 10 ms keeps the wait cheap.
+            while !path.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         fail if fail.starts_with("fail:") => {
             let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;

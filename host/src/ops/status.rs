@@ -1,0 +1,333 @@
+//! Where each subscription stands: measured through the `Store` and `Broker` traits, so it works with
+//! or without a running engine (`protean-host subscriptions status`), and feeds `/readyz` and `/metrics`.
+//!
+//! Lag means messages not yet read: for an event-store subscription, the messages of its categories
+//! after its stored position (counted, not a difference of global positions, which would count other
+//! categories' messages too); for a stream subscription, the entries not yet delivered to its group.
+//! Pending means delivered but not acknowledged (streams only).
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    broker::{replay_stream, Broker},
+    config::SubscriptionType,
+    engine::Engine,
+    store::{OutboxCounts, Store},
+};
+
+/// A subscription to measure.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub kind: SubscriptionType,
+    pub categories: Vec<String>,
+    pub handlers: Vec<String>,
+}
+
+/// The subscriptions a domain runs with its configuration, as the engine plans them.
+pub fn targets(engine: &Engine) -> Vec<Target> {
+    let streams = engine.stream_subscriptions();
+    engine
+        .subscriptions()
+        .into_iter()
+        .map(|(plan, _)| Target {
+            kind: if streams.contains(&plan.name) {
+                SubscriptionType::Stream
+            } else {
+                SubscriptionType::EventStore
+            },
+            name: plan.name.clone(),
+            categories: plan.categories.clone(),
+            handlers: handlers(plan.routes.values()),
+        })
+        .collect()
+}
+
+/// Distinct handler names, in order.
+pub(crate) fn handlers<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in names {
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
+}
+
+/// One subscription as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionStatus {
+    pub name: String,
+    pub handlers: Vec<String>,
+    #[serde(rename = "type")]
+    pub kind: SubscriptionType,
+    pub categories: Vec<String>,
+    /// Event store: the global position it has finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Streams: its consumer group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub lag: Option<u64>,
+    pub pending: Option<u64>,
+    pub dead_letters: Option<u64>,
+    /// Streams: consumers in the group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<u64>,
+    /// Event store with a broker: the replica holding its lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Without an engine: derived from the figures; in `/readyz`: what its loop is doing.
+    pub state: String,
+    /// A running engine only: whether its loop is stalled, and since when it last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_progress_ms: Option<u64>,
+    /// Why a figure could not be measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SubscriptionStatus {
+    /// A row with no figures yet.
+    pub(crate) fn new(target: &Target) -> Self {
+        Self {
+            name: target.name.clone(),
+            handlers: target.handlers.clone(),
+            kind: target.kind,
+            categories: target.categories.clone(),
+            position: None,
+            group: None,
+            lag: None,
+            pending: None,
+            dead_letters: None,
+            consumers: None,
+            owner: None,
+            state: String::new(),
+            stalled: None,
+            last_progress_ms: None,
+            error: None,
+        }
+    }
+
+    /// Messages waiting for this subscription: not yet read plus not yet acknowledged.
+    pub fn backlog(&self) -> u64 {
+        self.lag.unwrap_or(0) + self.pending.unwrap_or(0)
+    }
+}
+
+/// Every subscription and the outbox, measured at one time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Snapshot {
+    pub subscriptions: Vec<SubscriptionStatus>,
+    /// Rows by state, for stores that keep an outbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxCounts>,
+}
+
+/// Measure `targets`. Store reads run on a blocking thread; every part is bounded by `limit`, and a
+/// part that fails or times out leaves its figures empty with an `error` instead. `broker` is `None`
+/// when no broker is configured or when it is known to be down.
+pub async fn measure(
+    store: Arc<dyn Store>,
+    broker: Option<Arc<dyn Broker>>,
+    broker_configured: bool,
+    targets: &[Target],
+    limit: Duration,
+) -> Snapshot {
+    let mut rows: Vec<SubscriptionStatus> = targets.iter().map(SubscriptionStatus::new).collect();
+    let outbox = measure_store(store, targets, &mut rows, limit).await;
+    match &broker {
+        Some(broker) => {
+            let measured =
+                tokio::time::timeout(limit, measure_broker(broker.as_ref(), targets, &mut rows))
+                    .await;
+            if measured.is_err() {
+                fail_streams(
+                    &mut rows,
+                    &format!("broker did not answer within {limit:?}"),
+                );
+            }
+        }
+        None if broker_configured => fail_streams(&mut rows, "broker unavailable"),
+        None => {}
+    }
+    for row in &mut rows {
+        row.state = derived_state(row, broker_configured).to_owned();
+    }
+    Snapshot {
+        subscriptions: rows,
+        outbox,
+    }
+}
+
+fn fail_streams(rows: &mut [SubscriptionStatus], error: &str) {
+    for row in rows
+        .iter_mut()
+        .filter(|r| r.kind == SubscriptionType::Stream)
+    {
+        row.error.get_or_insert_with(|| error.to_owned());
+    }
+}
+
+type StoreFigures = (Vec<Result<(u64, u64, u64), String>>, Option<OutboxCounts>);
+
+/// Positions, lag and dead letters of event-store subscriptions, and the outbox counts.
+async fn measure_store(
+    store: Arc<dyn Store>,
+    targets: &[Target],
+    rows: &mut [SubscriptionStatus],
+    limit: Duration,
+) -> Option<OutboxCounts> {
+    let wanted: Vec<Target> = targets.to_vec();
+    let work = tokio::task::spawn_blocking(move || -> StoreFigures {
+        let figures = wanted
+            .iter()
+            .map(|t| {
+                if t.kind != SubscriptionType::EventStore {
+                    return Ok((0, 0, 0));
+                }
+                let position = store.position(&t.name).map_err(|e| e.to_string())?;
+                let position = position.unwrap_or(0);
+                let lag = store
+                    .count_after(&t.categories, position)
+                    .map_err(|e| e.to_string())?;
+                let dead = store
+                    .dead_letters(Some(&t.name))
+                    .map_err(|e| e.to_string())?;
+                Ok((position, lag, dead.len() as u64))
+            })
+            .collect();
+        let outbox = store.outbox().and_then(|o| o.counts().ok());
+        (figures, outbox)
+    });
+    let (figures, outbox) = match tokio::time::timeout(limit, work).await {
+        Ok(Ok(measured)) => measured,
+        Ok(Err(e)) => (
+            vec![Err(format!("store check failed: {e}")); rows.len()],
+            None,
+        ),
+        Err(_) => (
+            vec![Err(format!("store did not answer within {limit:?}")); rows.len()],
+            None,
+        ),
+    };
+    for (row, figure) in rows.iter_mut().zip(figures) {
+        if row.kind != SubscriptionType::EventStore {
+            continue;
+        }
+        match figure {
+            Ok((position, lag, dead)) => {
+                row.position = Some(position);
+                row.lag = Some(lag);
+                row.pending = Some(0);
+                row.dead_letters = Some(dead);
+            }
+            Err(error) => row.error = Some(error),
+        }
+    }
+    outbox
+}
+
+/// Groups of stream subscriptions, and the lease holders of event-store subscriptions.
+async fn measure_broker(broker: &dyn Broker, targets: &[Target], rows: &mut [SubscriptionStatus]) {
+    for (target, row) in targets.iter().zip(rows.iter_mut()) {
+        if target.kind == SubscriptionType::EventStore {
+            match broker.lease_holder(&target.name).await {
+                Ok(owner) => row.owner = owner,
+                Err(e) => row.error = Some(e.to_string()),
+            }
+            continue;
+        }
+        let mut streams = target.categories.clone();
+        streams.push(replay_stream(&target.name));
+        row.group = Some(target.name.clone());
+        match broker.group_status(&streams, &target.name).await {
+            Ok(group) => {
+                row.lag = Some(group.lag);
+                row.pending = Some(group.pending);
+                row.consumers = Some(group.consumers);
+                row.dead_letters = Some(group.dead_letters);
+                if !group.exists {
+                    row.error = Some("its consumer group does not exist yet".into());
+                }
+            }
+            Err(e) => row.error = Some(e.to_string()),
+        }
+    }
+}
+
+/// A state read from the figures alone, for a domain that may not be running.
+fn derived_state(row: &SubscriptionStatus, broker_configured: bool) -> &'static str {
+    if row.error.is_some() {
+        return "unknown";
+    }
+    let caught_up = row.backlog() == 0;
+    match row.kind {
+        SubscriptionType::Stream if row.consumers == Some(0) && !caught_up => {
+            "behind, no consumers"
+        }
+        SubscriptionType::EventStore if broker_configured && row.owner.is_none() && !caught_up => {
+            "behind, no replica holds its lease"
+        }
+        _ if caught_up => "caught up",
+        _ => "behind",
+    }
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<34} {:<11} {:<28} {:>8} {:>8} {:>6} {:>9}  state",
+            "subscription", "type", "at", "lag", "pending", "dead", "consumers"
+        )?;
+        for s in &self.subscriptions {
+            let kind = match s.kind {
+                SubscriptionType::EventStore => "event_store",
+                SubscriptionType::Stream => "stream",
+            };
+            let at = match (&s.group, s.position) {
+                (Some(group), _) => format!("group {group}"),
+                (None, Some(position)) => format!("position {position}"),
+                (None, None) => "-".into(),
+            };
+            let figure = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+            let mut state = s.state.clone();
+            if let Some(owner) = &s.owner {
+                state.push_str(&format!(" (lease: {owner})"));
+            }
+            if let Some(error) = &s.error {
+                state.push_str(&format!(" ({error})"));
+            }
+            writeln!(
+                f,
+                "{:<34} {:<11} {:<28} {:>8} {:>8} {:>6} {:>9}  {state}",
+                s.name,
+                kind,
+                at,
+                figure(s.lag),
+                figure(s.pending),
+                figure(s.dead_letters),
+                figure(s.consumers),
+            )?;
+            writeln!(
+                f,
+                "    reads {} -> {}",
+                s.categories.join(", "),
+                s.handlers.join(", ")
+            )?;
+        }
+        if let Some(o) = &self.outbox {
+            writeln!(
+                f,
+                "outbox: {} pending, {} published, {} abandoned",
+                o.pending, o.published, o.abandoned
+            )?;
+        }
+        Ok(())
+    }
+}
