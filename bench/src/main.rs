@@ -14,12 +14,13 @@
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths.
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind, ops).
+//! redis, latency, callgrind, ops, reload).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod latency;
 mod ops;
+mod reload;
 
 use std::{
     hint::black_box,
@@ -99,6 +100,16 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("latency") {
         rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);
+    }
+    if wanted("reload") {
+        let variant = workspace().join("target/reload-bench/release/libsample_domain.so");
+        if !variant.is_file() {
+            bail!(
+                "{} is missing; run scripts/bench (it builds it)",
+                variant.display()
+            );
+        }
+        rows.extend(reload::swap(&host, &sample, &variant)?);
     }
     if wanted("ops") {
         rows.extend(ops::scraped_vs_unscraped(
