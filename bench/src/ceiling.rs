@@ -1,0 +1,91 @@
+//! What Redis allows a Rust client on this machine: a minimal program that only does XADD (pipelined
+//! 100 at a time), then XREADGROUP and XACK 100 at a time, the batch size the host uses. The host's
+//! Redis figures are also given as a ratio to these.
+
+use std::time::Instant;
+
+use redis::streams::StreamReadReply;
+
+use crate::Redis;
+
+/// Entries per second: added, and read-and-acknowledged.
+pub(crate) struct ClientCeiling {
+    pub(crate) xadd: f64,
+    pub(crate) consume: f64,
+}
+
+/// The best of three runs, as the host's figures are.
+pub(crate) fn best_of_three(
+    redis: &Redis,
+    payload: &str,
+    events: usize,
+) -> anyhow::Result<ClientCeiling> {
+    let mut best = minimal_client(redis, payload, events)?;
+    for _ in 0..2 {
+        let run = minimal_client(redis, payload, events)?;
+        best.xadd = best.xadd.max(run.xadd);
+        best.consume = best.consume.max(run.consume);
+    }
+    Ok(best)
+}
+
+fn minimal_client(redis: &Redis, payload: &str, events: usize) -> anyhow::Result<ClientCeiling> {
+    const BATCH: usize = 100;
+    const STREAM: &str = "ceiling:client";
+    let mut conn =
+        redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.port))?.get_connection()?;
+    let _: () = redis::cmd("DEL").arg(STREAM).query(&mut conn)?;
+    let started = Instant::now();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(BATCH) {
+        let mut pipe = redis::pipe();
+        for _ in chunk {
+            pipe.cmd("XADD")
+                .arg(STREAM)
+                .arg("*")
+                .arg("data")
+                .arg(payload)
+                .ignore();
+        }
+        pipe.query::<()>(&mut conn)?;
+    }
+    let xadd = events as f64 / started.elapsed().as_secs_f64();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg("ceiling")
+        .arg("0")
+        .query(&mut conn)?;
+    let started = Instant::now();
+    let mut read = 0;
+    while read < events {
+        let reply: StreamReadReply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("ceiling")
+            .arg("c")
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query(&mut conn)?;
+        let ids: Vec<String> = reply
+            .keys
+            .into_iter()
+            .flat_map(|k| k.ids)
+            .map(|id| id.id)
+            .collect();
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "the stream ran dry after {read} of {events} entries"
+        );
+        read += ids.len();
+        let _: u64 = redis::cmd("XACK")
+            .arg(STREAM)
+            .arg("ceiling")
+            .arg(&ids)
+            .query(&mut conn)?;
+    }
+    let consume = events as f64 / started.elapsed().as_secs_f64();
+    let _: () = redis::cmd("DEL").arg(STREAM).query(&mut conn)?;
+    Ok(ClientCeiling { xadd, consume })
+}
