@@ -75,6 +75,24 @@ pub enum Command {
     Send(SendArgs),
     /// Dead letters: list, inspect, replay to the group they failed in, purge.
     Dlq(DlqArgs),
+    /// The PostgreSQL store's schema: apply its migrations, or show where it stands.
+    Db(DbArgs),
+}
+
+/// Options of `db`.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[command(subcommand)]
+    pub action: DbAction,
+}
+
+/// What `db` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum DbAction {
+    /// Apply the pending migrations (idempotent; safe to run from several replicas at once).
+    Setup,
+    /// Print the schema version and the pending migrations.
+    Status,
 }
 
 /// Options of `dlq`.

@@ -6,7 +6,10 @@ use std::{io::BufRead, process::ExitCode};
 use anyhow::Context as _;
 use clap::Parser;
 use protean_host::{
-    cli::{Cli, Command, Common, DlqAction, DlqArgs, InspectArgs, LogFormat, SendArgs, ServerArgs},
+    cli::{
+        Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, InspectArgs, LogFormat,
+        SendArgs, ServerArgs,
+    },
     config::Config,
     discovery,
     engine::{Engine, EngineOptions, Outcome, RunReport},
@@ -38,6 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Inspect(args)) => inspect(&cli.common, &args),
         Some(Command::Send(args)) => send(&cli.common, &args),
         Some(Command::Dlq(args)) => dlq(&cli.common, &args),
+        Some(Command::Db(args)) => db(&cli.common, &args),
     }
 }
 
@@ -148,6 +152,46 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         let line = line.context("cannot read stdin")?;
         if !line.trim().is_empty() {
             send_one(&line, Some(n + 1))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `db setup` and `db status`: the PostgreSQL store's migrations. Needs no domain, only the config.
+fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
+    use protean_host::store::{postgres::migrate, PostgresStore, StoreConfig};
+    let config = Config::load(common.config.as_deref())?;
+    let StoreConfig::Postgres(pg) = &config.store else {
+        anyhow::bail!("the configured store is not PostgreSQL; only [store] provider = \"postgres\" has migrations (SQLite creates its schema itself)");
+    };
+    let store = PostgresStore::connect(pg)?;
+    match args.action {
+        DbAction::Setup => {
+            let applied = store.setup()?;
+            for m in &applied {
+                println!("applied migration {}: {}", m.version, m.name);
+            }
+            println!(
+                "schema version {} ({}; {} migration(s) applied now)",
+                migrate::latest(),
+                pg.label(),
+                applied.len()
+            );
+        }
+        DbAction::Status => {
+            let status = store.status()?;
+            println!(
+                "schema version {} of {} ({})",
+                status.version,
+                migrate::latest(),
+                pg.label()
+            );
+            for m in &status.pending {
+                println!("pending migration {}: {}", m.version, m.name);
+            }
+            if !status.is_current() {
+                println!("run `protean-host db setup` to apply them");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
