@@ -8,6 +8,7 @@ mod cli;
 mod discovery;
 mod engine;
 mod loading;
+mod postgres;
 mod protean;
 mod redis;
 mod server;

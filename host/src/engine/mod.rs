@@ -336,7 +336,8 @@ impl Engine {
                 (broker, _) => workers.spawn(event_store::run(
                     shared.clone(),
                     sub.clone(),
-                    broker.clone().map(|b| (b, owner.clone())),
+                    broker.clone(),
+                    owner.clone(),
                     shutdown.clone(),
                 )),
             };

@@ -341,11 +341,7 @@ mod cluster;
 /// A fresh cluster with the store set up in it; the cluster stops when the pair is dropped.
 fn postgres() -> (super::PostgresStore, cluster::PgServer) {
     let server = cluster::PgServer::start();
-    let config = super::PostgresConfig {
-        uri: server.uri(),
-        pool_size: 4,
-        statement_timeout: std::time::Duration::from_secs(10),
-    };
+    let config = server.store_config();
     super::PostgresStore::connect(&config)
         .unwrap()
         .setup()
@@ -371,12 +367,7 @@ mod postgres_only {
 
     /// A second replica's store on the same database.
     fn replica(server: &super::cluster::PgServer) -> PostgresStore {
-        let config = crate::store::PostgresConfig {
-            uri: server.uri(),
-            pool_size: 2,
-            statement_timeout: Duration::from_secs(10),
-        };
-        PostgresStore::open(&config).unwrap()
+        PostgresStore::open(&server.store_config()).unwrap()
     }
 
     /// Poll `take` until it succeeds: the only way to see a lease expire is to ask.

@@ -3,6 +3,7 @@
 mod build;
 mod engine;
 mod flow;
+mod postgres;
 mod redis;
 mod run;
 mod server;
@@ -10,5 +11,6 @@ mod server;
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
 pub use engine::{backends, engine, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
+pub use postgres::PgServer;
 pub use redis::RedisServer;
 pub use run::host;

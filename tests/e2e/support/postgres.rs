@@ -1,6 +1,6 @@
 //! A real PostgreSQL cluster per test, in a temporary directory on a free loopback port, stopped when
 //! dropped. Shared by the host's store tests, the end-to-end tests and the bench (through `#[path]`), so
-//! it uses the standard library and `tempfile` only.
+//! it uses the standard library, `tempfile` and the host's own types only.
 //!
 //! initdb refuses to run as root; when the tests run as root the cluster is created and run as the
 //! `postgres` user of Debian's package (through `setpriv`, which execs in place, so the child process
@@ -132,6 +132,15 @@ impl PgServer {
     /// `postgresql://postgres@127.0.0.1:PORT/postgres`.
     pub fn uri(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The store's configuration for this cluster, for opening it in-process.
+    pub fn store_config(&self) -> protean_host::store::PostgresConfig {
+        protean_host::store::PostgresConfig {
+            uri: self.uri(),
+            pool_size: 4,
+            statement_timeout: Duration::from_secs(10),
+        }
     }
 
     /// The `[store]` section pointing at this cluster.

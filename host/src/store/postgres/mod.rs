@@ -238,11 +238,11 @@ impl Store for PostgresStore {
     ) -> Result<Vec<StoredMessage>> {
         // One indexed range read per category, merged, as in the SQLite store.
         let mut merged = Vec::new();
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
         for category in categories {
-            merged.extend(self.messages(
-                sql::READ_CATEGORY,
-                &[category, &(after as i64), &(limit as i64)],
-            )?);
+            merged.extend(
+                self.messages(sql::READ_CATEGORY, &[category, &(after as i64), &limit_sql])?,
+            );
         }
         if categories.len() > 1 {
             merged.sort_unstable_by_key(|m| m.global_position);
