@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod postgres;
+
 use anyhow::{bail, Context};
 use protean_host::{
     message::Kind,
@@ -62,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     rows.push(sqlite_noop(&host, &fixture, arg("--events", 100_000))?);
     rows.extend(sample_flow(&host, &sample, arg("--orders", 10_000))?);
     rows.extend(redis_noop(&host, &fixture, arg("--events", 100_000))?);
+    rows.extend(postgres::rows(&host, &fixture, arg("--events", 100_000))?);
     report(&rows)
 }
 

@@ -20,12 +20,26 @@ pub struct PgServer {
     bin: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    durable: bool,
 }
 
 impl PgServer {
     /// Create a cluster and start it. Fails the test when PostgreSQL is not installed: tests never skip.
+    /// Test clusters trade durability for speed (`fsync=off`); a clean stop still keeps everything.
     #[track_caller]
     pub fn start() -> Self {
+        Self::create(false)
+    }
+
+    /// A cluster with PostgreSQL's default durability (every commit flushed), for measurements.
+    #[track_caller]
+    #[allow(dead_code, reason = "the bench measures on it; the tests do not")]
+    pub fn durable() -> Self {
+        Self::create(true)
+    }
+
+    #[track_caller]
+    fn create(durable: bool) -> Self {
         let bin = bindir();
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -40,6 +54,7 @@ impl PgServer {
             bin,
             child: None,
             dir,
+            durable,
         };
         server.init();
         server.launch();
@@ -103,8 +118,8 @@ impl PgServer {
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
-            // Test clusters trade durability for speed; a clean stop still checkpoints everything.
-            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(["-c", &format!("fsync={}", if self.durable { "on" } else { "off" })])
+            .args(["-c", "max_connections=200"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
