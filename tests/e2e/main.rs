@@ -8,6 +8,7 @@ mod cli;
 mod discovery;
 mod engine;
 mod loading;
+mod messagedb;
 mod postgres;
 mod protean;
 mod redis;

@@ -9,7 +9,7 @@ mod run;
 mod server;
 
 pub use build::{fixture_domain, host_binary, incompatible_sample, sample_domain, Incompatibility};
-pub use engine::{backends, engine, types, TEST_CONFIG};
+pub use engine::{backends, engine, postgres, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;

@@ -171,3 +171,14 @@ RETURNS SETOF message_store.message LANGUAGE sql AS $$
       AND (get_last_stream_message.type IS NULL OR m.type = get_last_stream_message.type)
     ORDER BY position DESC
     LIMIT 1 $$;
+
+-- MessageDB clients call its functions unqualified (message-db-py: `SELECT * FROM get_stream_messages(...)`);
+-- MessageDB's installer puts message_store on its role's search path. The host connects as any role, so
+-- the database gets message_store at the end of its default search path instead (new sessions only).
+-- Without the privilege to alter the database, setup goes on and says so: the host itself needs none of it.
+DO $$
+BEGIN
+    EXECUTE format('ALTER DATABASE %I SET search_path TO "$user", public, message_store', current_database());
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'cannot set the search path of database %; MessageDB clients must set search_path to message_store', current_database();
+END $$;
