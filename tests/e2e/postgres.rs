@@ -229,6 +229,10 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
         .filter(|(_, o)| o.starts_with(&format!("{}-", pids[victim])))
         .map(|(n, _)| n)
         .collect();
+    assert!(
+        !taken_over.is_empty(),
+        "the victim owns subscriptions: {leased:?}"
+    );
     replicas[victim].signal(libc::SIGKILL);
     let survivor = replicas.remove(1 - victim);
     drop(replicas);
@@ -246,12 +250,17 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
     assert_eq!(code, Some(0), "{logs}");
     each_order_exactly_once(store.as_ref(), total);
     for name in taken_over {
-        let lines: Vec<&str> = logs.lines().filter(|l| l.contains(name.as_str())).collect();
-        let taken = lines.iter().position(|l| l.contains("lease taken"));
-        let first_batch = lines.iter().position(|l| l.contains("batch committed"));
-        assert!(taken.is_some(), "the survivor took over {name}:\n{logs}");
+        // Field formats of the two log lines: `subscription="NAME"` (lease) and `subscription=NAME ` (batch).
+        let lines: Vec<&str> = logs.lines().collect();
+        let taken = lines.iter().position(|l| {
+            l.contains("lease taken") && l.contains(&format!("subscription=\"{name}\""))
+        });
+        let first_batch = lines.iter().position(|l| {
+            l.contains("batch committed") && l.contains(&format!("subscription={name} "))
+        });
+        let taken = taken.unwrap_or_else(|| panic!("the survivor took over {name}:\n{logs}"));
         assert!(
-            first_batch.is_none_or(|b| b > taken.unwrap()),
+            first_batch.is_none_or(|b| b > taken),
             "{name} ran on the survivor only after it took the lease"
         );
     }
