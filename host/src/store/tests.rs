@@ -336,10 +336,10 @@ fn sqlite() -> (super::SqliteStore, tempfile::TempDir) {
 // The same cluster helper as the end-to-end tests: one source for how a test PostgreSQL is run.
 #[path = "../../../tests/e2e/support/postgres.rs"]
 #[allow(unreachable_pub, dead_code)]
-mod cluster;
+pub(super) mod cluster;
 
 /// A fresh cluster with the store set up in it; the cluster stops when the pair is dropped.
-fn postgres() -> (super::PostgresStore, cluster::PgServer) {
+pub(super) fn postgres() -> (super::PostgresStore, cluster::PgServer) {
     let server = cluster::PgServer::start();
     let config = server.store_config();
     super::PostgresStore::connect(&config)

@@ -350,3 +350,73 @@ impl Store for PostgresStore {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::PostgresStore;
+    use crate::store::{tests::postgres, Error, Store};
+
+    #[test]
+    fn a_statement_running_past_the_timeout_is_cancelled() {
+        let (_, server) = postgres();
+        let config = super::PostgresConfig {
+            statement_timeout: Duration::from_millis(100),
+            ..server.store_config()
+        };
+        let store = PostgresStore::open(&config).unwrap();
+        let error = store
+            .conn()
+            .unwrap()
+            .query("SELECT pg_sleep(2)", &[])
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("canceling statement due to statement timeout"),
+            "{error}"
+        );
+        assert_eq!(
+            store.head(&[]).unwrap(),
+            0,
+            "the connection is still usable"
+        );
+    }
+
+    #[test]
+    fn the_first_call_after_a_database_restart_reconnects() {
+        let (store, mut server) = postgres();
+        assert_eq!(store.head(&[]).unwrap(), 0);
+        server.restart();
+        assert_eq!(
+            store.head(&[]).unwrap(),
+            0,
+            "the pool replaced its dead connection"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_database_is_an_error_naming_it_without_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = super::PostgresConfig {
+            uri: format!("postgresql://app:secret@127.0.0.1:{port}/shop"),
+            pool_size: 1,
+            statement_timeout: Duration::from_secs(1),
+        };
+        let error = PostgresStore::open(&config).unwrap_err();
+        assert!(matches!(error, Error::Unreachable { .. }), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "cannot reach the PostgreSQL store at postgresql://app@127.0.0.1:{port}/shop: "
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("secret"));
+    }
+}
