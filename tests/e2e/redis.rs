@@ -185,7 +185,7 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     )
     .unwrap();
     let lib = sample_domain().display().to_string();
-    let total = 600;
+    let total = 10_000;
     host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
         .output_with_stdin(&orders(total))
@@ -229,6 +229,45 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
         handled_by.iter().any(|l| l == "inventory"),
         "{handled_by:?}"
     );
+}
+
+/// A stop mid-run finishes what the replica has read (including the batch it read ahead) and leaves
+/// nothing pending on its consumers for another replica to wait for.
+#[test]
+fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("[server]\nmessages_per_tick = 20\n{}", redis.config()),
+    )
+    .unwrap();
+    let lib = sample_domain().display().to_string();
+    let total = 2_000;
+    host(dir.path())
+        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
+        .output_with_stdin(&orders(total))
+        .expect_code(0);
+    let mut replica = host(dir.path()).args(["--domain", &lib]).spawn();
+    replica.wait_for(&["batch committed"], Duration::from_secs(60));
+    replica.signal(libc::SIGTERM);
+    let (code, logs) = replica.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    assert_eq!(redis.pending(), 0, "entries left pending after a stop");
+    let store = sqlite(dir.path());
+    assert!(
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderShipped.v1"
+        ) < total,
+        "the stop came after the work was done: nothing tested"
+    );
+    host(dir.path())
+        .args(["--test-mode", "--domain", &lib])
+        .output()
+        .expect_code(0);
+    each_order_exactly_once(store.as_ref(), total);
 }
 
 #[test]

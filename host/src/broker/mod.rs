@@ -136,8 +136,16 @@ pub trait Consumer: Send {
     /// then new ones, waiting up to `block` for them.
     async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>>;
 
-    /// Acknowledge entries (stream, id): they are done.
+    /// Up to `count` new entries, without waiting and without this consumer's pending ones: the next
+    /// batch, read while the current one is handled.
+    async fn read_ahead(&mut self, count: usize) -> Result<Vec<Entry>>;
+
+    /// Acknowledge entries (stream, id): they are done. A broker may send acknowledgements with the
+    /// next read; [`Consumer::flush`] sends what is left.
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()>;
+
+    /// Send the acknowledgements not sent yet (before waiting, and before stopping).
+    async fn flush(&mut self) -> Result<()>;
 
     /// Record `entry` in the group's dead-letter stream with why it failed, then acknowledge it.
     async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()>;

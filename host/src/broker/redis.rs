@@ -138,6 +138,8 @@ impl Broker for RedisBroker {
             group: group.to_owned(),
             name: consumer.to_owned(),
             maybe_pending: true,
+            unsettled: 0,
+            to_ack: Vec::new(),
         }))
     }
 
@@ -299,6 +301,15 @@ fn text(value: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Like [`text`], taking the bytes instead of copying them (an entry's payload).
+fn into_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
 fn number(value: Option<&Value>) -> Option<u64> {
     match value? {
         Value::Int(n) => u64::try_from(*n).ok(),
@@ -315,6 +326,12 @@ struct RedisConsumer {
     name: String,
     /// Whether this consumer may have pending entries (at start, after a failure, after a reclaim).
     maybe_pending: bool,
+    /// Entries read and not yet acknowledged: if some are left at a read, they are pending on this
+    /// consumer (a retry, a failed ack, a read-ahead given up) and are read again first.
+    unsettled: usize,
+    /// Acknowledgements not sent yet: they go in one pipeline with the next read, which saves a round
+    /// trip per batch (an entry acknowledged late is at worst redelivered and recognised as processed).
+    to_ack: Vec<(String, String)>,
 }
 
 impl RedisConsumer {
@@ -337,14 +354,21 @@ impl RedisConsumer {
         for _ in &self.streams {
             cmd.arg(from);
         }
-        let reply: Option<StreamReadReply> = cmd
-            .query_async(&mut self.conn)
-            .await
-            .map_err(command("XREADGROUP"))?;
+        let mut pipe = self.acks();
+        pipe.add_command(cmd);
+        let (reply,): (Option<StreamReadReply>,) = match pipe.query_async(&mut self.conn).await {
+            Ok(reply) => reply,
+            Err(error) => {
+                // The acknowledgements may not have arrived: look at what is pending before new entries.
+                self.maybe_pending = true;
+                return Err(command("XREADGROUP")(error));
+            }
+        };
+        self.to_ack.clear();
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for id in key.ids {
-                let data = id.map.get("data").and_then(|v| text(Some(v)));
+            for mut id in key.ids {
+                let data = id.map.remove("data").and_then(into_text);
                 entries.push(Entry {
                     stream: key.key.clone(),
                     id: id.id,
@@ -354,6 +378,40 @@ impl RedisConsumer {
             }
         }
         Ok(entries)
+    }
+
+    /// A pipeline with the acknowledgements not sent yet (XACK per stream; replies ignored).
+    fn acks(&self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for stream in &self.streams {
+            let ids: Vec<&str> = self
+                .to_ack
+                .iter()
+                .filter(|(s, _)| s == stream)
+                .map(|(_, id)| id.as_str())
+                .collect();
+            if !ids.is_empty() {
+                pipe.cmd("XACK")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(ids)
+                    .ignore();
+            }
+        }
+        pipe
+    }
+
+    /// This consumer's pending entries first, when it may have some; else new ones.
+    async fn read_entries(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        if self.maybe_pending {
+            let mut pending = self.read_group(count, None, "0").await?;
+            if !pending.is_empty() {
+                self.fill_deliveries(&mut pending).await?;
+                return Ok(pending);
+            }
+            self.maybe_pending = false;
+        }
+        self.read_group(count, Some(block), ">").await
     }
 
     /// Fill in how often each pending entry has been delivered (Redis counts, so it survives restarts).
@@ -393,41 +451,34 @@ impl RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
-        if self.maybe_pending {
-            let mut pending = self.read_group(count, None, "0").await?;
-            if !pending.is_empty() {
-                self.fill_deliveries(&mut pending).await?;
-                return Ok(pending);
-            }
-            self.maybe_pending = false;
-        }
-        self.read_group(count, Some(block), ">").await
+        self.maybe_pending |= self.unsettled > 0;
+        let entries = self.read_entries(count, block).await?;
+        self.unsettled = entries.len();
+        Ok(entries)
+    }
+
+    async fn read_ahead(&mut self, count: usize) -> Result<Vec<Entry>> {
+        let entries = self.read_group(count, None, ">").await?;
+        self.unsettled += entries.len();
+        Ok(entries)
     }
 
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
-        // Entries left unacknowledged (a retry) are read again before new ones.
-        self.maybe_pending = true;
-        if entries.is_empty() {
+        self.to_ack.extend_from_slice(entries);
+        self.unsettled = self.unsettled.saturating_sub(entries.len());
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.to_ack.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for stream in &self.streams {
-            let ids: Vec<&str> = entries
-                .iter()
-                .filter(|(s, _)| s == stream)
-                .map(|(_, id)| id.as_str())
-                .collect();
-            if !ids.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(stream)
-                    .arg(&self.group)
-                    .arg(ids)
-                    .ignore();
-            }
-        }
-        pipe.query_async::<()>(&mut self.conn)
+        self.acks()
+            .query_async::<()>(&mut self.conn)
             .await
-            .map_err(command("XACK"))
+            .map_err(command("XACK"))?;
+        self.to_ack.clear();
+        Ok(())
     }
 
     async fn dead_letter(&mut self, entry: &Entry, error: &str, attempts: u32) -> Result<()> {

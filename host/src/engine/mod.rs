@@ -275,7 +275,9 @@ impl Engine {
     async fn run_async(&self) -> Result<RunReport, EngineError> {
         let started = Instant::now();
         let test_mode = self.options.test_mode;
-        if self.subscriptions.is_empty() {
+        // Without handlers there is still the outbox to publish when a broker is configured: a replica
+        // may run only that.
+        if self.subscriptions.is_empty() && self.options.config.broker.is_none() {
             tracing::warn!(
                 instance = self.plugin.name(),
                 "the domain has no handlers; nothing to run"

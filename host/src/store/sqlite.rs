@@ -471,15 +471,12 @@ impl Store for SqliteStore {
         let mut statement = connection
             .prepare_cached(sql::IS_PROCESSED)
             .map_err(|e| self.error(e))?;
-        let mut found = HashSet::new();
-        for id in ids {
-            if statement
-                .exists(params![subscription, id])
-                .map_err(|e| self.error(e))?
-            {
-                found.insert((*id).to_owned());
-            }
-        }
+        // One query for the whole batch: the ids travel as one JSON array.
+        let ids = serde_json::to_string(ids).unwrap_or_default();
+        let found = statement
+            .query_map(params![subscription, ids], |row| row.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
+            .map_err(|e| self.error(e))?;
         Ok(found)
     }
 

@@ -8,7 +8,6 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -64,8 +63,11 @@ pub(crate) async fn run(
     };
     let mut last_reclaim: Option<Instant> = None;
     let mut retrying = false;
+    // The next batch, read while the last one was handled. Entries read are pending on this consumer,
+    // so they are handled even when a stop comes after they were read.
+    let mut ahead: Vec<Entry> = Vec::new();
     failures = 0;
-    while !shutdown.is_cancelled() {
+    while !shutdown.is_cancelled() || !ahead.is_empty() {
         if last_reclaim.is_none_or(|at| at.elapsed() >= config.reclaim_interval) {
             last_reclaim = Some(Instant::now());
             match consumer.reclaim(config.claim_idle).await {
@@ -84,9 +86,13 @@ pub(crate) async fn run(
         } else {
             sub.settings.messages_per_tick as usize
         };
-        let read = tokio::select! {
-            read = consumer.read(count, block) => read,
-            _ = shutdown.cancelled() => break,
+        let read = if ahead.is_empty() {
+            tokio::select! {
+                read = consumer.read(count, block) => read,
+                _ = shutdown.cancelled() => break,
+            }
+        } else {
+            Ok(std::mem::take(&mut ahead))
         };
         let entries = match read {
             Ok(entries) => entries,
@@ -102,21 +108,37 @@ pub(crate) async fn run(
             continue;
         }
         progress.set(&name, State::Busy);
-        match settle(&shared, &sub, consumer.as_mut(), entries).await? {
+        let read_ahead = (!retrying && !shutdown.is_cancelled()).then_some(count);
+        let settled = settle(&shared, &sub, consumer.as_mut(), entries, read_ahead).await?;
+        match settled.retry {
+            // What was read ahead stays pending here and is read again after the retried message.
             Some(delay) => {
                 retrying = true;
+                flush(&name, consumer.as_mut()).await;
                 progress.set(&name, State::Retrying);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break,
                 }
             }
-            None => retrying = false,
+            None => {
+                retrying = false;
+                ahead = settled.ahead;
+            }
         }
     }
+    flush(&name, consumer.as_mut()).await;
     progress.set(&name, State::Stopped);
     tracing::info!(subscription = %name, "stream subscription stopped");
     Ok(())
+}
+
+/// Send acknowledgements still held back. Those that cannot be sent are redelivered later and
+/// recognised by their processed markers.
+async fn flush(name: &str, consumer: &mut dyn Consumer) {
+    if let Err(error) = consumer.flush().await {
+        tracing::warn!(subscription = %name, %error, "cannot send acknowledgements; the entries will be redelivered");
+    }
 }
 
 /// `{subscription}-{host}-{pid}-{random}`: unique per process, readable in `XINFO CONSUMERS`.
@@ -128,14 +150,33 @@ fn consumer_name(subscription: &str) -> String {
     format!("{subscription}-{host}-{}-{random}", std::process::id())
 }
 
-/// Handle one read: dead-letter poison, run the batch, then acknowledge or dead-letter what it settled.
-/// Returns the backoff before a retry, if a message failed and may be retried.
+/// What handling one read left to do.
+#[derive(Default)]
+struct Settled {
+    /// The backoff before a retry, if a message failed and may be retried.
+    retry: Option<std::time::Duration>,
+    /// The next entries, read while this batch was handled.
+    ahead: Vec<Entry>,
+}
+
+impl Settled {
+    fn retry_after(delay: std::time::Duration) -> Self {
+        Self {
+            retry: Some(delay),
+            ahead: Vec::new(),
+        }
+    }
+}
+
+/// Handle one read: dead-letter poison, run the batch (reading up to `read_ahead` more entries
+/// meanwhile), then acknowledge or dead-letter what it settled.
 async fn settle(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
     consumer: &mut dyn Consumer,
     entries: Vec<Entry>,
-) -> Result<Option<std::time::Duration>, String> {
+    read_ahead: Option<usize>,
+) -> Result<Settled, String> {
     let name = &sub.plan.name;
     let mut messages = Vec::new();
     let mut origin: HashMap<String, Vec<Entry>> = HashMap::new();
@@ -166,7 +207,7 @@ async fn settle(
         attempts.set(&m.id, deliveries.saturating_sub(1));
     }
     let (shared2, sub2) = (shared.clone(), sub.clone());
-    let outcome = tokio::task::spawn_blocking(move || {
+    let batch = tokio::task::spawn_blocking(move || {
         let ctx = batch::Context {
             plugin: &shared2.plugin,
             store: shared2.store.as_ref(),
@@ -175,15 +216,22 @@ async fn settle(
             publish: shared2.config.broker.is_some(),
         };
         batch::run(&ctx, &messages, &mut attempts)
-    })
-    .await
-    .map_err(|e| format!("a batch task failed: {e}"))?;
+    });
+    let (outcome, ahead) = match read_ahead {
+        // A failed read-ahead is not an error here: its entries, if any, are pending and read again.
+        Some(count) => {
+            let (outcome, ahead) = tokio::join!(batch, consumer.read_ahead(count));
+            (outcome, ahead.unwrap_or_default())
+        }
+        None => (batch.await, Vec::new()),
+    };
+    let outcome = outcome.map_err(|e| format!("a batch task failed: {e}"))?;
     let report = match outcome {
         Ok(report) => report,
         Err(error) => {
             // Nothing was committed or acknowledged; the entries are read again after the backoff.
             tracing::error!(subscription = %name, %error, "store unavailable; will retry");
-            return Ok(Some(std::time::Duration::from_secs(1)));
+            return Ok(Settled::retry_after(std::time::Duration::from_secs(1)));
         }
     };
     if let Some(appended) = report.appended {
@@ -205,7 +253,7 @@ async fn settle(
         .collect();
     // After a retry stop the unacknowledged entries are read again first; `ack` also says so.
     if let Err(error) = consumer.ack(&acks).await {
-        return Ok(broker_trouble(name, &error));
+        return Ok(Settled::retry_after(broker_trouble(name, &error)));
     }
     tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
     shared.progress.count(|t| {
@@ -219,14 +267,17 @@ async fn settle(
         t.skipped += u64::from(report.skipped);
         t.retries += u64::from(report.retry.is_some());
     });
-    Ok(report.retry)
+    Ok(Settled {
+        retry: report.retry,
+        ahead,
+    })
 }
 
 /// The broker failed after the commit: the entries stay pending and come back, and their processed
 /// markers make the redelivery an acknowledgement only. Wait a moment before reading again.
-fn broker_trouble(subscription: &str, error: &crate::broker::Error) -> Option<std::time::Duration> {
+fn broker_trouble(subscription: &str, error: &crate::broker::Error) -> std::time::Duration {
     tracing::warn!(subscription, %error, "broker unavailable after commit; the entries will be redelivered");
-    Some(std::time::Duration::from_secs(1))
+    std::time::Duration::from_secs(1)
 }
 
 /// A broker entry as a stored message: Protean's `{"data", "metadata"}` in the entry's `data` field.
@@ -235,39 +286,5 @@ fn decode(entry: &Entry) -> Result<StoredMessage, String> {
         .data
         .as_deref()
         .ok_or("entry has no text field `data`")?;
-    let mut envelope: Map<String, Value> =
-        serde_json::from_str(text).map_err(|e| format!("entry data is not a JSON object: {e}"))?;
-    let data = envelope
-        .remove("data")
-        .ok_or("entry is not a Protean message: no `data`")?;
-    let Some(Value::Object(mut metadata)) = envelope.remove("metadata") else {
-        return Err("entry is not a Protean message: no `metadata` object".into());
-    };
-    let positions = metadata.remove("event_store").unwrap_or(Value::Null);
-    let headers = metadata.get("headers").cloned().unwrap_or(Value::Null);
-    let header = |key: &str| {
-        headers
-            .get(key)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or(format!(
-                "entry is not a Protean message: no `metadata.headers.{key}`"
-            ))
-    };
-    Ok(StoredMessage {
-        global_position: positions
-            .get("global_position")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        position: positions
-            .get("position")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        stream: header("stream")?,
-        message_type: header("type")?,
-        id: header("id")?,
-        time: header("time").unwrap_or_default(),
-        data: data.to_string(),
-        metadata: Value::Object(metadata).to_string(),
-    })
+    crate::message::from_wire(text)
 }

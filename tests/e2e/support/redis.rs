@@ -96,6 +96,23 @@ impl RedisServer {
         self.launch();
     }
 
+    /// Entries delivered to a consumer and not yet acknowledged, over every group of every stream.
+    pub fn pending(&self) -> u64 {
+        let keys = self.cli(&["KEYS", "*"]);
+        keys.lines()
+            .filter(|key| self.cli(&["TYPE", key]).trim() == "stream")
+            .map(|stream| {
+                let groups = self.cli(&["XINFO", "GROUPS", stream]);
+                let lines: Vec<&str> = groups.lines().collect();
+                lines
+                    .windows(2)
+                    .filter(|pair| pair[0] == "pending")
+                    .map(|pair| pair[1].parse::<u64>().expect("a pending count"))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Run a command with redis-cli and return its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")

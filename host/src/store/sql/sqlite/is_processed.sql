@@ -1,1 +1,1 @@
-SELECT 1 FROM processed WHERE subscription = ?1 AND message_id = ?2
+SELECT message_id FROM processed WHERE subscription = ?1 AND message_id IN (SELECT value FROM json_each(?2))

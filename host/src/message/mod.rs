@@ -6,11 +6,15 @@
 //! `data` (Python's `json.dumps(data, sort_keys=True, separators=(",", ":"))`) and is checked on read
 //! when present; keys this host does not know are kept as they are (every struct here flattens the rest).
 
+mod wire;
+
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+pub use wire::{from_wire, wire_json};
 
 /// A whole message as it travels on the wire (a Redis entry's `data` field, a fixture file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -279,37 +283,6 @@ fn write_string(s: &str, out: &mut String) {
         }
     }
     out.push('"');
-}
-
-/// The JSON of a stored message as Protean publishes it: `{"data", "metadata"}` with the
-/// `metadata.event_store` positions filled in (before `extensions`, where Protean puts them).
-pub fn wire_json(
-    data: &str,
-    metadata: &str,
-    position: u64,
-    global_position: u64,
-) -> Result<String, PoisonError> {
-    let data: Value =
-        serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
-    let metadata: Map<String, Value> =
-        serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))?;
-    let positions = serde_json::json!({ "global_position": global_position, "position": position });
-    let mut out = Map::new();
-    let mut placed = false;
-    for (key, value) in metadata {
-        if key == "event_store" {
-            continue;
-        }
-        if key == "extensions" && !placed {
-            out.insert("event_store".into(), positions.clone());
-            placed = true;
-        }
-        out.insert(key, value);
-    }
-    if !placed {
-        out.insert("event_store".into(), positions);
-    }
-    Ok(serde_json::json!({ "data": data, "metadata": out }).to_string())
 }
 
 /// What kind of message a new one is.
