@@ -11,7 +11,10 @@ use std::{
 use protean_host::store::{PostgresStore, Store};
 use serde_json::json;
 
-use crate::support::{count_of, each_order_exactly_once, host, sample_domain, PgServer};
+use crate::support::{
+    count_of, each_order_exactly_once, engine, host, postgres, sample_domain, PgServer,
+    RedisServer, TEST_CONFIG,
+};
 
 fn write_config(dir: &Path, text: &str) {
     std::fs::write(dir.join("protean.toml"), text).unwrap();
@@ -282,5 +285,34 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
             "Fulfilment.OrderPlaced.v1"
         ),
         total
+    );
+}
+
+#[test]
+fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() {
+    let redis = RedisServer::start();
+    let (store, _pg) = postgres();
+    let config = format!("{TEST_CONFIG}{}", redis.config());
+    let engine = engine(sample_domain(), "domain", store.clone(), &config);
+    for line in orders(20).lines() {
+        let order: serde_json::Value = serde_json::from_str(line).unwrap();
+        engine
+            .send("Fulfilment.PlaceOrder.v1", &order, None)
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, protean_host::engine::Outcome::Quiescent);
+    each_order_exactly_once(store.as_ref(), 20);
+    let outbox = store.outbox().unwrap().counts().unwrap();
+    assert_eq!(
+        (outbox.pending, outbox.abandoned),
+        (0, 0),
+        "everything published"
+    );
+    assert!(outbox.published >= 20 * 7, "{outbox:?}");
+    let pending = redis.cli(&["XPENDING", "fulfilment::order", "inventory"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "nothing left pending: {pending}"
     );
 }
