@@ -4,9 +4,20 @@
 //! thousands of times a second, and `postgres` prepares an unnamed statement for every text query (a
 //! second round trip); caching the prepared statements per connection halves the round trips.
 //! Reconnection is the pool's: a connection that saw its socket fail is reported broken and replaced,
-//! and every checkout is validated, so the first use after a database restart gets a fresh connection.
+//! and a checkout of a connection idle for more than a second is validated first (one round trip), so
+//! the first use after a database restart gets a fresh connection. A busy connection is not validated
+//! on every checkout (that would add a round trip to every read and commit), unless another connection
+//! of the pool has failed since it was last checked: the first failure makes every other connection
+//! suspect, so a restart costs one failed statement, not one per pooled connection.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use postgres::{types::ToSql, Client, NoTls, Row, Statement};
 
@@ -15,7 +26,9 @@ use crate::store::{Error, Result};
 /// Opens connections for the pool.
 #[derive(Debug)]
 pub(super) struct Manager {
-    pub(super) config: postgres::Config,
+    config: postgres::Config,
+    /// Bumped by every connection failure: a connection checked before the last bump is suspect.
+    failures: Arc<AtomicU64>,
 }
 
 /// One connection and the statements prepared on it.
@@ -23,7 +36,15 @@ pub(crate) struct Conn {
     client: Client,
     statements: HashMap<usize, Statement>,
     broken: bool,
+    /// When a statement last succeeded on it.
+    last_used: Instant,
+    /// The pool's failure count, shared, and its value when this connection was last known good.
+    failures: Arc<AtomicU64>,
+    checked_at: u64,
 }
+
+/// A connection used this recently is taken as alive without asking the server.
+const TRUSTED_FOR: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -42,11 +63,20 @@ impl r2d2::ManageConnection for Manager {
             client: self.config.connect(NoTls)?,
             statements: HashMap::new(),
             broken: false,
+            last_used: Instant::now(),
+            failures: self.failures.clone(),
+            checked_at: self.failures.load(Ordering::Relaxed),
         })
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(drop)
+        let failures = self.failures.load(Ordering::Relaxed);
+        if conn.last_used.elapsed() < TRUSTED_FOR && conn.checked_at == failures {
+            return Ok(());
+        }
+        conn.client.simple_query("")?;
+        (conn.last_used, conn.checked_at) = (Instant::now(), failures);
+        Ok(())
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
@@ -65,7 +95,10 @@ pub(super) fn pool(config: postgres::Config, size: u32) -> Pool {
         .connection_timeout(Duration::from_secs(5))
         .test_on_check_out(true)
         .error_handler(Box::new(r2d2::NopErrorHandler))
-        .build_unchecked(Manager { config })
+        .build_unchecked(Manager {
+            config,
+            failures: Arc::default(),
+        })
 }
 
 impl Conn {
@@ -87,9 +120,12 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let statement = self.statement(sql)?;
-        self.client
+        let rows = self
+            .client
             .query(&statement, params)
-            .map_err(|e| self.failed(e))
+            .map_err(|e| self.failed(e))?;
+        self.last_used = Instant::now();
+        Ok(rows)
     }
 
     pub(super) fn query_opt(
@@ -106,9 +142,12 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
         let statement = self.statement(sql)?;
-        self.client
+        let count = self
+            .client
             .execute(&statement, params)
-            .map_err(|e| self.failed(e))
+            .map_err(|e| self.failed(e))?;
+        self.last_used = Instant::now();
+        Ok(count)
     }
 
     /// Run SQL text with no parameters (migrations, transaction control).
@@ -132,11 +171,16 @@ impl Conn {
         }
     }
 
-    /// Note an error: one the server did not report (a socket, a protocol failure) leaves the connection
-    /// unusable, so the pool must not hand it out again.
+    /// Note an error: one the server did not report (a socket, a protocol failure) or a FATAL one (the
+    /// server ended the session, as at shutdown) leaves the connection unusable, so the pool must not hand
+    /// it out again.
     fn failed(&mut self, error: postgres::Error) -> Error {
-        if error.as_db_error().is_none() {
+        let fatal = error
+            .as_db_error()
+            .is_none_or(|db| db.severity() == "FATAL" || db.severity() == "PANIC");
+        if fatal || self.client.is_closed() {
             self.broken = true;
+            self.failures.fetch_add(1, Ordering::Relaxed);
         }
         Error::from(error)
     }
