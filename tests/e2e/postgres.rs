@@ -1,19 +1,13 @@
 //! The PostgreSQL store with a real PostgreSQL: its commands, its errors, and replicas sharing it with no
 //! broker, the owner of the subscriptions killed and the database restarted mid-run.
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use protean_host::store::{PostgresStore, Store};
-use serde_json::json;
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, host, postgres, sample_domain, PgServer,
-    RedisServer, TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, host, place, postgres, sample_domain, send_orders,
+    start_replicas, wait_until, PgServer, RedisServer, TEST_CONFIG,
 };
 
 fn write_config(dir: &Path, text: &str) {
@@ -142,26 +136,6 @@ fn an_unreachable_database_is_one_line_naming_it_without_the_password() {
     );
 }
 
-/// Wait until `done` holds, checking every 50 ms; fail after `limit`.
-#[track_caller]
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn orders(n: usize) -> String {
-    orders_from(0, n)
-}
-
-fn orders_from(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| json!({ "order_id": format!("o{i}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 }).to_string() + "\n")
-        .collect()
-}
-
 /// Shipments so far; 0 while the database is away (the test's own pool reconnects like the host's).
 fn shipped(store: &dyn Store) -> usize {
     store
@@ -195,18 +169,9 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
             pg.config()
         ),
     );
-    let lib = sample_domain().display().to_string();
     let total = 300;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(total))
-        .expect_code(0);
-    let mut replicas: Vec<_> = (0..2)
-        .map(|_| host(dir.path()).args(["--domain", &lib]).spawn())
-        .collect();
-    for replica in &mut replicas {
-        replica.wait_for(&["engine started"], Duration::from_secs(60));
-    }
+    send_orders(dir.path(), 0, total);
+    let mut replicas = start_replicas(dir.path(), 2);
     wait_until(Duration::from_secs(60), "the first shipments", || {
         shipped(store.as_ref()) > 0
     });
@@ -251,10 +216,7 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
     pg.restart();
     // Orders sent after the restart must be handled too: the host carried on, whatever was in flight.
     let late = 100;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders_from(total, late))
-        .expect_code(0);
+    send_orders(dir.path(), total, late);
     let total = total + late;
     wait_until(Duration::from_secs(120), "every order shipped", || {
         shipped(store.as_ref()) >= total
@@ -294,10 +256,9 @@ fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() 
     let (store, _pg) = postgres();
     let config = format!("{TEST_CONFIG}{}", redis.config());
     let engine = engine(sample_domain(), "domain", store.clone(), &config);
-    for line in orders(20).lines() {
-        let order: serde_json::Value = serde_json::from_str(line).unwrap();
+    for n in 0..20 {
         engine
-            .send("Fulfilment.PlaceOrder.v1", &order, None)
+            .send("Fulfilment.PlaceOrder.v1", &place(n), None)
             .unwrap();
     }
     let report = engine.run().unwrap();

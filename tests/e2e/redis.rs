@@ -1,11 +1,7 @@
 //! Redis Streams with a real Redis server: the flow, retries, dead letters, poison, and several
 //! replicas sharing the work, one of them killed, Redis restarted.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use protean_host::{
     engine::Outcome,
@@ -14,8 +10,8 @@ use protean_host::{
 use serde_json::{json, Value};
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, fixture_domain, host, sample_domain, RedisServer,
-    TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, fixture_domain, host, place, sample_domain,
+    send_orders, start_replicas, wait_until, RedisServer, TEST_CONFIG,
 };
 
 fn config(redis: &RedisServer) -> String {
@@ -24,10 +20,6 @@ fn config(redis: &RedisServer) -> String {
 
 fn sqlite(dir: &Path) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
-}
-
-fn place(n: usize) -> Value {
-    json!({ "order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 })
 }
 
 #[test]
@@ -161,20 +153,6 @@ fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
     assert!(dead.contains("entry has no text field `data`"), "{dead}");
 }
 
-/// Wait until `done` holds, checking every 50 ms; fail after `limit`.
-#[track_caller]
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn orders(n: usize) -> String {
-    (0..n).map(|i| place(i).to_string() + "\n").collect()
-}
-
 #[test]
 fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let mut redis = RedisServer::start();
@@ -184,18 +162,9 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
         format!("[server]\nmessages_per_tick = 20\n{}", redis.config()),
     )
     .unwrap();
-    let lib = sample_domain().display().to_string();
     let total = 10_000;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(total))
-        .expect_code(0);
-    let mut replicas: Vec<_> = (0..3)
-        .map(|_| host(dir.path()).args(["--domain", &lib]).spawn())
-        .collect();
-    for replica in &mut replicas {
-        replica.wait_for(&["engine started"], Duration::from_secs(60));
-    }
+    send_orders(dir.path(), 0, total);
+    let mut replicas = start_replicas(dir.path(), 3);
     let store = sqlite(dir.path());
     let shipped =
         |store: &dyn Store| count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1");
@@ -244,10 +213,7 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     .unwrap();
     let lib = sample_domain().display().to_string();
     let total = 2_000;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(total))
-        .expect_code(0);
+    send_orders(dir.path(), 0, total);
     let mut replica = host(dir.path()).args(["--domain", &lib]).spawn();
     replica.wait_for(&["batch committed"], Duration::from_secs(60));
     replica.signal(libc::SIGTERM);

@@ -5,6 +5,7 @@ mod engine;
 mod flow;
 mod postgres;
 mod redis;
+mod replicas;
 mod run;
 mod server;
 
@@ -13,4 +14,5 @@ pub use engine::{backends, engine, postgres, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
+pub use replicas::{place, send_orders, start_replicas, wait_until};
 pub use run::host;
