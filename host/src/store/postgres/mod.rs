@@ -217,15 +217,20 @@ impl PostgresStore {
 }
 
 fn message_from_row(row: &Row) -> StoredMessage {
+    message_at(row, 0)
+}
+
+/// The message in columns `first..first + 8` of a row, in `message_columns.sql`'s order.
+pub(super) fn message_at(row: &Row, first: usize) -> StoredMessage {
     StoredMessage {
-        global_position: row.get::<_, i64>(0) as u64,
-        position: row.get::<_, i64>(1) as u64,
-        stream: row.get(2),
-        message_type: row.get(3),
-        id: row.get(4),
-        time: row.get(5),
-        data: row.get(6),
-        metadata: row.get(7),
+        global_position: row.get::<_, i64>(first) as u64,
+        position: row.get::<_, i64>(first + 1) as u64,
+        stream: row.get(first + 2),
+        message_type: row.get(first + 3),
+        id: row.get(first + 4),
+        time: row.get(first + 5),
+        data: row.get(first + 6),
+        metadata: row.get(first + 7),
     }
 }
 

@@ -5,11 +5,11 @@ use std::{collections::HashMap, time::Duration};
 
 use postgres::Row;
 
-use super::{sql, PostgresStore};
+use super::{message_at, sql, PostgresStore};
 use crate::store::{
     now_ms,
     outbox::{choose, Candidate, Lease},
-    Outbox, OutboxCounts, OutboxItem, Result, StoredMessage,
+    Outbox, OutboxCounts, OutboxItem, Result,
 };
 
 impl Outbox for PostgresStore {
@@ -95,15 +95,6 @@ fn outbox_item(r: &Row) -> OutboxItem {
         seq: r.get::<_, i64>(0) as u64,
         target: r.get(1),
         attempts: r.get::<_, i64>(2) as u32,
-        message: StoredMessage {
-            global_position: r.get::<_, i64>(3) as u64,
-            position: r.get::<_, i64>(4) as u64,
-            stream: r.get(5),
-            message_type: r.get(6),
-            id: r.get(7),
-            time: r.get(8),
-            data: r.get(9),
-            metadata: r.get(10),
-        },
+        message: message_at(r, 3),
     }
 }
