@@ -116,7 +116,14 @@ impl PostgresConfig {
                 self.statement_timeout.as_millis()
             ))
             .connect_timeout(Duration::from_secs(5))
+            // A database host that vanishes (no RST: power loss, partition) must fail the statement in
+            // seconds, not after the kernel's default of minutes, so the subscription can back off and
+            // the pool reconnect: keepalives every few seconds and a bound on unacknowledged data.
             .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(self.statement_timeout + Duration::from_secs(10))
             .application_name("protean-host");
         Ok(config)
     }
@@ -359,6 +366,19 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn labels_never_show_the_password() {
+        assert_eq!(
+            super::redact("postgresql://app:s3cret@db:5432/shop"),
+            "postgresql://app@db:5432/shop"
+        );
+        assert_eq!(super::redact("postgres://db/shop"), "postgres://db/shop");
+        assert_eq!(
+            super::redact("host=db user=app password=s3cret"),
+            "host=db user=app"
+        );
+    }
 
     use super::PostgresStore;
     use crate::store::{tests::postgres, Error, Store};
