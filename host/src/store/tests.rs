@@ -445,4 +445,31 @@ mod postgres_only {
         append(&a, vec![event("shop::order-2", 0, None)])
             .expect("units without a position are not fenced");
     }
+
+    #[test]
+    fn an_expired_lease_nobody_took_still_lets_its_owner_commit() {
+        let (a, server) = super::postgres();
+        let b = replica(&server);
+        let ttl = Duration::from_millis(100);
+        assert!(a.leases().unwrap().take("sub", "a", ttl).unwrap());
+        // The lease's time runs out: a clock, nothing to await (b's take below shows it did).
+        std::thread::sleep(ttl * 2);
+        let unit = UnitOfWork {
+            position: Some(PositionUpdate {
+                subscription: "sub".into(),
+                position: 7,
+            }),
+            ..UnitOfWork::default()
+        };
+        a.commit(&unit)
+            .expect("a slow batch whose lease nobody took commits");
+        assert!(
+            b.leases().unwrap().take("sub", "b", ttl).unwrap(),
+            "the lease was expired"
+        );
+        assert!(
+            matches!(a.commit(&unit), Err(Error::LeaseLost { .. })),
+            "after the takeover it fails"
+        );
+    }
 }

@@ -7,9 +7,10 @@
 //! to live whatever the stalled owner does. Expiry is judged by the database's clock alone.
 //!
 //! Fencing: once this process has asked for a subscription's lease, every commit of that subscription's
-//! position checks, in the same transaction and under a row lock, that the lease is still this owner's
-//! and unexpired. A stalled owner that wakes after a takeover therefore cannot move the position, and
-//! the batch it handled is rolled back with it.
+//! position checks, in the same transaction and under a row lock, that the lease is still this owner's.
+//! A stalled owner that wakes after a takeover therefore cannot move the position, and the batch it
+//! handled is rolled back with it. An owner whose lease merely expired (a batch slower than the lease's
+//! time to live) and that nobody took over still commits: failing it would make such a batch fail forever.
 
 use std::time::Duration;
 
