@@ -136,6 +136,19 @@ fn an_unreachable_database_is_one_line_naming_it_without_the_password() {
     );
 }
 
+#[test]
+fn db_commands_on_another_store_say_they_are_for_postgres_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(1);
+    assert_eq!(
+        run.error_lines(),
+        ["error: the configured store is not PostgreSQL; only [store] provider = \"postgres\" has migrations (SQLite creates its schema itself)"]
+    );
+}
+
 /// Shipments so far; 0 while the database is away (the test's own pool reconnects like the host's).
 fn shipped(store: &dyn Store) -> usize {
     store
