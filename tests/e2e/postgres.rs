@@ -149,6 +149,32 @@ fn db_commands_on_another_store_say_they_are_for_postgres_only() {
     );
 }
 
+/// An existing MessageDB install (here: its schema as the first migration writes it, with a message in it)
+/// is adopted by `db setup`, not refused or overwritten.
+#[test]
+fn db_setup_adopts_an_existing_message_store_and_its_messages() {
+    let pg = PgServer::start();
+    let migration =
+        include_str!("../../host/src/store/sql/postgres/migrations/001_message_store.sql");
+    pg.psql(migration);
+    pg.psql("SELECT message_store.write_message('5f1a3a4e-8a2c-4a8e-9d7e-2f4f1d7c9b10', 'shop::order-1', 'Placed', '{\"n\": 1}', '{}')");
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &pg.config());
+    let out = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(out.contains("applied migration 2: protean"), "{out}");
+    let store = PostgresStore::open(&pg.store_config()).unwrap();
+    let stored = store.read_stream("shop::order-1", 0).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].id, "5f1a3a4e-8a2c-4a8e-9d7e-2f4f1d7c9b10",
+        "no headers.id: the row's id"
+    );
+}
+
 /// Shipments so far; 0 while the database is away (the test's own pool reconnects like the host's).
 fn shipped(store: &dyn Store) -> usize {
     store
