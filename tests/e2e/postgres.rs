@@ -149,14 +149,17 @@ fn db_commands_on_another_store_say_they_are_for_postgres_only() {
     );
 }
 
-/// An existing MessageDB install (here: its schema as the first migration writes it, with a message in it)
-/// is adopted by `db setup`, not refused or overwritten.
+/// An existing MessageDB install (here: the first migration's schema, one function redefined with the
+/// parameter names of another MessageDB release, and a message) is adopted by `db setup`: its functions
+/// are kept (`CREATE OR REPLACE` could not rename a parameter), its messages read.
 #[test]
 fn db_setup_adopts_an_existing_message_store_and_its_messages() {
     let pg = PgServer::start();
     let migration =
         include_str!("../../host/src/store/sql/postgres/migrations/001_message_store.sql");
     pg.psql(migration);
+    pg.psql("DROP FUNCTION message_store.get_category_messages(varchar, bigint, bigint, varchar, bigint, bigint, varchar)");
+    pg.psql("CREATE FUNCTION message_store.get_category_messages(category_name varchar, \"position\" bigint DEFAULT 1, batch_size bigint DEFAULT 1000, correlation varchar DEFAULT NULL, consumer_group_member bigint DEFAULT NULL, consumer_group_size bigint DEFAULT NULL, condition varchar DEFAULT NULL) RETURNS SETOF message_store.message LANGUAGE sql AS 'SELECT NULL::message_store.message WHERE false'");
     pg.psql("SELECT message_store.write_message('5f1a3a4e-8a2c-4a8e-9d7e-2f4f1d7c9b10', 'shop::order-1', 'Placed', '{\"n\": 1}', '{}')");
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), &pg.config());
@@ -166,6 +169,9 @@ fn db_setup_adopts_an_existing_message_store_and_its_messages() {
         .expect_code(0)
         .stdout();
     assert!(out.contains("applied migration 2: protean"), "{out}");
+    let kept =
+        pg.psql("SELECT proargnames[1] FROM pg_proc WHERE proname = 'get_category_messages'");
+    assert_eq!(kept, "category_name", "the install's own function is kept");
     let store = PostgresStore::open(&pg.store_config()).unwrap();
     let stored = store.read_stream("shop::order-1", 0).unwrap();
     assert_eq!(stored.len(), 1);

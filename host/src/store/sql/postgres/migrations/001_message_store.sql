@@ -23,35 +23,51 @@ DO $$ BEGIN
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
 
--- SQL (not plpgsql) so the planner inlines it: the category index and the host's category reads use the
--- same expression, and appends do not pay a function call per row for the index.
+-- The functions, unless MessageDB's own are installed already: an existing install keeps its functions
+-- (clients and the host call them alike; their signatures are MessageDB's), a new one gets these.
+DO $adopt$
+BEGIN
+    IF to_regprocedure('message_store.write_message(varchar, varchar, varchar, jsonb, jsonb, bigint)') IS NOT NULL THEN
+        RAISE NOTICE 'message_store functions found (an existing MessageDB install): kept as they are';
+        RETURN;
+    END IF;
+    -- SQL (not plpgsql) so the planner inlines it: the category index and the host's category reads use the
+    -- same expression, and appends do not pay a function call per row for the index.
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.category(stream_name varchar) RETURNS varchar
-    LANGUAGE sql IMMUTABLE AS $$ SELECT split_part(stream_name, '-', 1) $$;
+    LANGUAGE sql IMMUTABLE AS $$ SELECT split_part(stream_name, '-', 1) $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.id(stream_name varchar) RETURNS varchar
     LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN strpos(stream_name, '-') = 0 THEN NULL
-                ELSE substring(stream_name, strpos(stream_name, '-') + 1) END $$;
+                ELSE substring(stream_name, strpos(stream_name, '-') + 1) END $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.cardinal_id(stream_name varchar) RETURNS varchar
-    LANGUAGE sql IMMUTABLE AS $$ SELECT split_part(message_store.id(stream_name), '+', 1) $$;
+    LANGUAGE sql IMMUTABLE AS $$ SELECT split_part(message_store.id(stream_name), '+', 1) $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.is_category(stream_name varchar) RETURNS boolean
-    LANGUAGE sql IMMUTABLE AS $$ SELECT strpos(stream_name, '-') = 0 $$;
+    LANGUAGE sql IMMUTABLE AS $$ SELECT strpos(stream_name, '-') = 0 $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.hash_64(value varchar) RETURNS bigint
-    LANGUAGE sql IMMUTABLE AS $$ SELECT left('x' || md5(value), 17)::bit(64)::bigint $$;
+    LANGUAGE sql IMMUTABLE AS $$ SELECT left('x' || md5(value), 17)::bit(64)::bigint $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.message_store_version() RETURNS varchar
-    LANGUAGE sql AS $$ SELECT '1.3.0'::varchar $$;
+    LANGUAGE sql AS $$ SELECT '1.3.0'::varchar $$
+    $fn$;
 
-CREATE UNIQUE INDEX IF NOT EXISTS messages_id ON message_store.messages (id);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_stream ON message_store.messages (stream_name, position);
-CREATE INDEX IF NOT EXISTS messages_category ON message_store.messages
-    (message_store.category(stream_name), global_position, message_store.category(metadata->>'correlationStreamName'));
-
--- Writers of one category are serialised by this transaction lock, as in MessageDB; the host takes the
--- same lock, so its appends and a MessageDB client's never race on a stream's version.
+    -- Writers of one category are serialised by this transaction lock, as in MessageDB; the host takes the
+    -- same lock, so its appends and a MessageDB client's never race on a stream's version.
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.acquire_lock(stream_name varchar) RETURNS bigint
     LANGUAGE plpgsql AS $$
 DECLARE
@@ -59,12 +75,16 @@ DECLARE
 BEGIN
     PERFORM pg_advisory_xact_lock(_category_name_hash);
     RETURN _category_name_hash;
-END $$;
+END $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.stream_version(stream_name varchar) RETURNS bigint
     LANGUAGE sql AS $$
-    SELECT max(position) FROM message_store.messages m WHERE m.stream_name = stream_version.stream_name $$;
+    SELECT max(position) FROM message_store.messages m WHERE m.stream_name = stream_version.stream_name $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.write_message(
     id varchar, stream_name varchar, type varchar, data jsonb, metadata jsonb DEFAULT NULL,
     expected_version bigint DEFAULT NULL
@@ -84,8 +104,10 @@ BEGIN
     VALUES (write_message.id::uuid, write_message.stream_name, _next_position, write_message.type,
             write_message.data, write_message.metadata);
     RETURN _next_position;
-END $$;
+END $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.get_stream_messages(
     stream_name varchar, "position" bigint DEFAULT 0, batch_size bigint DEFAULT 1000,
     condition varchar DEFAULT NULL
@@ -111,8 +133,10 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE _command USING get_stream_messages.stream_name,
         coalesce(get_stream_messages.position, 0), coalesce(get_stream_messages.batch_size, 1000);
-END $$;
+END $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.get_category_messages(
     category varchar, "position" bigint DEFAULT 1, batch_size bigint DEFAULT 1000,
     correlation varchar DEFAULT NULL, consumer_group_member bigint DEFAULT NULL,
@@ -160,8 +184,10 @@ BEGIN
         coalesce(get_category_messages.position, 1), coalesce(get_category_messages.batch_size, 1000),
         get_category_messages.correlation, get_category_messages.consumer_group_member,
         get_category_messages.consumer_group_size;
-END $$;
+END $$
+    $fn$;
 
+    EXECUTE $fn$
 CREATE OR REPLACE FUNCTION message_store.get_last_stream_message(stream_name varchar, type varchar DEFAULT NULL)
 RETURNS SETOF message_store.message LANGUAGE sql AS $$
     SELECT id::varchar, stream_name::varchar, type::varchar, position::bigint, global_position::bigint,
@@ -170,7 +196,14 @@ RETURNS SETOF message_store.message LANGUAGE sql AS $$
     WHERE m.stream_name = get_last_stream_message.stream_name
       AND (get_last_stream_message.type IS NULL OR m.type = get_last_stream_message.type)
     ORDER BY position DESC
-    LIMIT 1 $$;
+    LIMIT 1 $$
+    $fn$;
+END $adopt$;
+
+CREATE UNIQUE INDEX IF NOT EXISTS messages_id ON message_store.messages (id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_stream ON message_store.messages (stream_name, position);
+CREATE INDEX IF NOT EXISTS messages_category ON message_store.messages
+    (message_store.category(stream_name), global_position, message_store.category(metadata->>'correlationStreamName'));
 
 -- MessageDB clients call its functions unqualified (message-db-py: `SELECT * FROM get_stream_messages(...)`);
 -- MessageDB's installer puts message_store on its role's search path. The host connects as any role, so
