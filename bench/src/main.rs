@@ -11,16 +11,18 @@
 //! - Redis: the XADD ceiling (`redis-benchmark`), outbox publishing alone, consuming alone, both at
 //!   once, each as a ratio to the ceiling;
 //! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99);
-//! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths.
+//! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths;
+//! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind, ops, reload).
+//! redis, latency, callgrind, ops, reload, postgres).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod ceiling;
 mod latency;
 mod ops;
+mod postgres;
 mod reload;
 
 use std::{
@@ -119,6 +121,9 @@ fn main() -> anyhow::Result<()> {
             &fixture,
             arg("--ops-events", 300_000),
         )?);
+    }
+    if wanted("postgres") {
+        rows.extend(postgres::rows(&host, &fixture, events)?);
     }
     report(&rows)
 }

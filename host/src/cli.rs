@@ -83,6 +83,8 @@ pub enum Command {
     Subscriptions(SubscriptionsArgs),
     /// Ask a running server whether it is ready (/readyz): exit 0 if so, else 1 with one line saying why.
     Health(HealthArgs),
+    /// The PostgreSQL store's schema: apply its migrations, or show where it stands.
+    Db(DbArgs),
 }
 
 /// Options of `subscriptions`.
@@ -113,6 +115,22 @@ pub struct HealthArgs {
     /// How long to wait for the answer, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub timeout_ms: u64,
+}
+
+/// Options of `db`.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    #[command(subcommand)]
+    pub action: DbAction,
+}
+
+/// What `db` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum DbAction {
+    /// Apply the pending migrations (idempotent; safe to run from several replicas at once).
+    Setup,
+    /// Print the schema version and the pending migrations.
+    Status,
 }
 
 /// Options of `dlq`.

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [store]
-//! provider = "sqlite"                  # or "memory"
+//! provider = "sqlite"                  # or "memory", or "postgres" with uri = "postgresql://..."
 //! path = "${STORE_PATH|.protean/store.db}"
 //!
 //! [server]
@@ -36,7 +36,7 @@ use serde::Deserialize;
 
 use crate::{
     broker::{BrokerConfig, GroupStart},
-    store::StoreConfig,
+    store::{PostgresConfig, StoreConfig},
 };
 
 /// Why the configuration could not be used. Each names the file and the key.
@@ -188,6 +188,7 @@ fn store_as_text<S: serde::Serializer>(store: &StoreConfig, s: S) -> Result<S::O
     s.serialize_str(&match store {
         StoreConfig::Memory => "memory".to_owned(),
         StoreConfig::Sqlite { path } => format!("sqlite:{}", path.display()),
+        StoreConfig::Postgres(config) => format!("postgres:{}", config.label()),
     })
 }
 
@@ -267,6 +268,9 @@ struct StoreSection {
     #[serde(default)]
     provider: Provider,
     path: Option<PathBuf>,
+    uri: Option<String>,
+    pool_size: Option<u32>,
+    statement_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -275,6 +279,7 @@ enum Provider {
     Memory,
     #[default]
     Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,6 +334,60 @@ impl HandlerSection {
             max_retry_delay_ms: self.max_retry_delay_ms,
         }
     }
+}
+
+/// The store section resolved; a bad value is (key, what is wrong and how to fix it).
+fn store(section: StoreSection) -> Result<StoreConfig, (&'static str, String)> {
+    let postgres_only = [
+        ("store.uri", section.uri.is_some()),
+        ("store.pool_size", section.pool_size.is_some()),
+        (
+            "store.statement_timeout_ms",
+            section.statement_timeout_ms.is_some(),
+        ),
+    ];
+    if !matches!(section.provider, Provider::Postgres) {
+        if let Some((key, _)) = postgres_only.iter().find(|(_, set)| *set) {
+            return Err((
+                key,
+                "applies to provider = \"postgres\" only; remove it or set the provider".into(),
+            ));
+        }
+    }
+    Ok(match section.provider {
+        Provider::Memory => StoreConfig::Memory,
+        Provider::Sqlite => StoreConfig::Sqlite {
+            path: section.path.unwrap_or_else(|| DEFAULT_STORE_PATH.into()),
+        },
+        Provider::Postgres => StoreConfig::Postgres(postgres_store(section)?),
+    })
+}
+
+fn postgres_store(section: StoreSection) -> Result<PostgresConfig, (&'static str, String)> {
+    if section.path.is_some() {
+        return Err((
+            "store.path",
+            "applies to provider = \"sqlite\" only; the PostgreSQL store is named by store.uri"
+                .into(),
+        ));
+    }
+    let uri = section.uri.ok_or((
+        "store.uri",
+        "is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\"".to_owned(),
+    ))?;
+    let config = PostgresConfig {
+        uri,
+        pool_size: section.pool_size.unwrap_or(16),
+        statement_timeout: Duration::from_millis(section.statement_timeout_ms.unwrap_or(30_000)),
+    };
+    if config.pool_size == 0 {
+        return Err(("store.pool_size", "must be at least 1".into()));
+    }
+    if config.statement_timeout.is_zero() {
+        return Err(("store.statement_timeout_ms", "must be at least 1".into()));
+    }
+    config.parse().map_err(|reason| ("store.uri", reason))?;
+    Ok(config)
 }
 
 /// The default store file, relative to the working directory.
@@ -400,12 +459,7 @@ impl Config {
             key: key.into(),
             message,
         };
-        let store = match raw.store.provider {
-            Provider::Memory => StoreConfig::Memory,
-            Provider::Sqlite => StoreConfig::Sqlite {
-                path: raw.store.path.unwrap_or_else(|| DEFAULT_STORE_PATH.into()),
-            },
-        };
+        let store = store(raw.store).map_err(|(key, message)| invalid(key, message))?;
         let s = &raw.server;
         let broker = broker(raw.brokers, path)?;
         let o = &raw.outbox;
@@ -920,7 +974,11 @@ mod tests {
             ("[server]\nmax_retrys = 3", "config file protean.toml: server.max_retrys: unknown field `max_retrys`, expected one of"),
             ("[server]\nmessages_per_tick = \"ten\"", "config file protean.toml: server.messages_per_tick: invalid type: string \"ten\", expected u32"),
             ("[server]\nmessages_per_tick = 0", "config file protean.toml: server.messages_per_tick: must be at least 1"),
-            ("[store]\nprovider = \"mysql\"", "config file protean.toml: store.provider: unknown variant `mysql`, expected `memory` or `sqlite`"),
+            ("[store]\nprovider = \"mysql\"", "config file protean.toml: store.provider: unknown variant `mysql`, expected one of `memory`, `sqlite`, `postgres`"),
+            ("[store]\nprovider = \"postgres\"", "config file protean.toml: store.uri: is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\""),
+            ("[store]\nprovider = \"postgres\"\nuri = \"postgresql://h:notaport/db\"", "config file protean.toml: store.uri: invalid connection string: invalid value for option `port`; expected a URI like postgresql://"),
+            ("[store]\nprovider = \"postgres\"\nuri = \"postgresql://h/db\"\npool_size = 0", "config file protean.toml: store.pool_size: must be at least 1"),
+            ("[store]\nuri = \"postgresql://h/db\"", "config file protean.toml: store.uri: applies to provider = \"postgres\" only"),
             ("[server.handlers.x]\nprofile = \"nope\"", "config file protean.toml: server.handlers.x.profile: unknown profile \"nope\"; known profiles: fast, batch, debug"),
             ("[profiles.fast]\nmax_retries = 1", "config file protean.toml: profiles.fast: \"fast\" is a built-in profile; choose another name"),
             ("[server\nx = 1", "config file protean.toml, line 1: invalid table header\nexpected `.`, `]`"),

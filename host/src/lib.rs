@@ -24,3 +24,7 @@ pub mod reload;
 pub mod store;
 pub mod subscription;
 pub mod unit_of_work;
+
+// The store tests share the end-to-end tests' PostgreSQL helper, which names this crate by its name.
+#[cfg(test)]
+extern crate self as protean_host;

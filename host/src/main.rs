@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use protean_host::{
     cli::{
-        Cli, Command, Common, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat, SendArgs,
-        ServerArgs, SubscriptionsAction, SubscriptionsArgs,
+        Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
+        LogFormat, SendArgs, ServerArgs, SubscriptionsAction, SubscriptionsArgs,
     },
     config::Config,
     discovery,
@@ -44,6 +44,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Dlq(args)) => dlq(&cli.common, &args),
         Some(Command::Subscriptions(args)) => subscriptions(&cli.common, &args),
         Some(Command::Health(args)) => health(&cli.common, &args),
+        Some(Command::Db(args)) => db(&cli.common, &args),
     }
 }
 
@@ -169,6 +170,46 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         let line = line.context("cannot read stdin")?;
         if !line.trim().is_empty() {
             send_one(&line, Some(n + 1))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `db setup` and `db status`: the PostgreSQL store's migrations. Needs no domain, only the config.
+fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
+    use protean_host::store::{postgres::migrate, PostgresStore, StoreConfig};
+    let config = Config::load(common.config.as_deref())?;
+    let StoreConfig::Postgres(pg) = &config.store else {
+        anyhow::bail!("the configured store is not PostgreSQL; only [store] provider = \"postgres\" has migrations (SQLite creates its schema itself)");
+    };
+    let store = PostgresStore::connect(pg)?;
+    match args.action {
+        DbAction::Setup => {
+            let applied = store.setup()?;
+            for m in &applied {
+                println!("applied migration {}: {}", m.version, m.name);
+            }
+            println!(
+                "schema version {} ({}; {} migration(s) applied now)",
+                migrate::latest(),
+                pg.label(),
+                applied.len()
+            );
+        }
+        DbAction::Status => {
+            let status = store.status()?;
+            println!(
+                "schema version {} of {} ({})",
+                status.version,
+                migrate::latest(),
+                pg.label()
+            );
+            for m in &status.pending {
+                println!("pending migration {}: {}", m.version, m.name);
+            }
+            if !status.is_current() {
+                println!("run `protean-host db setup` to apply them");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

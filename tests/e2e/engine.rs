@@ -333,7 +333,21 @@ fn poison_messages_are_dead_lettered_at_once() {
             r#"{"id": 5}"#,
             "{}",
         );
-        let messages = vec![tampered, unreadable, unknown, bad_data, good];
+        // PostgreSQL keeps data and metadata in MessageDB's jsonb columns: text that is not JSON is
+        // refused when written, so it can never reach a subscription there.
+        let refuses_non_json = backend == "postgres";
+        let mut messages = vec![tampered, unreadable, unknown, bad_data, good];
+        if refuses_non_json {
+            let unreadable = messages.remove(1);
+            let refused = store.commit(&UnitOfWork {
+                messages: vec![unreadable],
+                ..UnitOfWork::default()
+            });
+            assert!(
+                refused.is_err(),
+                "{backend}: metadata that is not JSON is refused"
+            );
+        }
         store
             .commit(&UnitOfWork {
                 messages,
@@ -348,19 +362,25 @@ fn poison_messages_are_dead_lettered_at_once() {
             "{backend}: nothing poison is retried"
         );
         let dead = store.dead_letters(None).unwrap();
-        let errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
-        assert_eq!(dead.len(), 4, "{backend}: {errors:?}");
-        assert!(errors[0].starts_with("checksum mismatch"), "{}", errors[0]);
-        assert!(
-            errors[1].starts_with("metadata is not valid JSON"),
-            "{}",
-            errors[1]
-        );
+        let mut errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
         assert_eq!(
-            errors[2],
+            dead.len(),
+            4 - usize::from(refuses_non_json),
+            "{backend}: {errors:?}"
+        );
+        if !refuses_non_json {
+            let unreadable = errors.remove(1);
+            assert!(
+                unreadable.starts_with("metadata is not valid JSON"),
+                "{unreadable}"
+            );
+        }
+        assert!(errors[0].starts_with("checksum mismatch"), "{}", errors[0]);
+        assert_eq!(
+            errors[1],
             "no handler for command type Probe.Explode.v1; is the right domain loaded?"
         );
-        assert!(errors[3].starts_with("cannot decode Run"), "{}", errors[3]);
+        assert!(errors[2].starts_with("cannot decode Run"), "{}", errors[2]);
         assert!(dead.iter().all(|d| d.attempts == 1));
         assert_eq!(
             ran(store.as_ref(), "ok").len(),

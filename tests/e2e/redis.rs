@@ -7,8 +7,8 @@ use protean_host::{engine::Outcome, store::Store};
 use serde_json::{json, Value};
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, fixture_domain, host, orders, place, sample_domain,
-    sqlite, wait_until, RedisServer, TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, fixture_domain, host, place, sample_domain,
+    send_orders, sqlite, start_replicas, wait_until, RedisServer, TEST_CONFIG,
 };
 
 fn config(redis: &RedisServer) -> String {
@@ -155,18 +155,9 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
         format!("[server]\nmessages_per_tick = 20\n{}", redis.config()),
     )
     .unwrap();
-    let lib = sample_domain().display().to_string();
     let total = 10_000;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(0, total))
-        .expect_code(0);
-    let mut replicas: Vec<_> = (0..3)
-        .map(|_| host(dir.path()).args(["--domain", &lib]).spawn())
-        .collect();
-    for replica in &mut replicas {
-        replica.wait_for(&["engine started"], Duration::from_secs(60));
-    }
+    send_orders(dir.path(), 0, total);
+    let mut replicas = start_replicas(dir.path(), 3);
     let store = sqlite(dir.path());
     let shipped =
         |store: &dyn Store| count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1");
@@ -215,10 +206,7 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     .unwrap();
     let lib = sample_domain().display().to_string();
     let total = 2_000;
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(0, total))
-        .expect_code(0);
+    send_orders(dir.path(), 0, total);
     let mut replica = host(dir.path()).args(["--domain", &lib]).spawn();
     replica.wait_for(&["batch committed"], Duration::from_secs(60));
     replica.signal(libc::SIGTERM);

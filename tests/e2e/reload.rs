@@ -53,7 +53,7 @@ impl Sender {
                             "Fulfilment.PlaceOrder.v1",
                             "-",
                         ])
-                        .output_with_stdin(&orders(from, from + 10))
+                        .output_with_stdin(&orders(from, 10))
                         .expect_code(0);
                     sent.store(from + 10, Ordering::SeqCst);
                 }

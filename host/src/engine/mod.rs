@@ -545,7 +545,8 @@ impl Runner {
                 (broker, _) => workers.spawn(event_store::run(
                     self.shared.clone(),
                     sub.clone(),
-                    broker.clone().map(|b| (b, self.owner.clone())),
+                    broker.clone(),
+                    self.owner.clone(),
                     stop.clone(),
                 )),
             };

@@ -7,8 +7,10 @@
 //! The trait is synchronous: the engine calls it only from blocking threads (the same thread that calls
 //! the plugin), so an embedded store costs no thread hop and a handler's reads are plain calls.
 
+mod lease;
 mod memory;
 mod outbox;
+pub mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -17,8 +19,10 @@ use std::{collections::HashSet, path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
+pub use lease::Leases;
 pub use memory::MemoryStore;
 pub use outbox::{now_ms, Outbox, OutboxCounts, OutboxItem};
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use crate::unit_of_work::UnitOfWork;
@@ -91,6 +95,34 @@ pub enum Error {
     },
     #[error("unreadable row in the store: {0}")]
     Corrupt(String),
+    #[error("postgresql store: {}", postgres_detail(.0))]
+    Postgres(#[from] ::postgres::Error),
+    #[error("cannot reach the PostgreSQL store at {store}: {reason}")]
+    Unreachable { store: String, reason: String },
+    #[error("store.uri {store:?} is not a PostgreSQL URI: {reason}")]
+    BadUri { store: String, reason: String },
+    #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
+    NotSetUp {
+        store: String,
+        version: i32,
+        latest: i32,
+    },
+    #[error("the lease of subscription {subscription} is no longer this replica's; its commit is refused")]
+    LeaseLost { subscription: String },
+}
+
+/// A PostgreSQL error in one line: the server's own message when it sent one, else the client's chain.
+pub(crate) fn postgres_detail(error: &::postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Result of store operations.
@@ -150,6 +182,11 @@ pub trait Store: Send + Sync {
     fn ping(&self) -> Result<()> {
         self.head(&[]).map(drop)
     }
+
+    /// Leases of event-store subscriptions, for stores shared by replicas.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
 }
 
 /// Which store to open.
@@ -159,6 +196,8 @@ pub enum StoreConfig {
     Memory,
     /// A SQLite file (WAL mode).
     Sqlite { path: PathBuf },
+    /// A PostgreSQL database set up by `protean-host db setup`.
+    Postgres(PostgresConfig),
 }
 
 /// Open the configured store. The only place that knows the backends by name.
@@ -166,6 +205,7 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>> {
     Ok(match config {
         StoreConfig::Memory => Arc::new(MemoryStore::default()),
         StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path)?),
+        StoreConfig::Postgres(config) => Arc::new(PostgresStore::open(config)?),
     })
 }
 

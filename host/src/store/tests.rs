@@ -358,7 +358,143 @@ fn sqlite() -> (super::SqliteStore, tempfile::TempDir) {
     )
 }
 
+// The same cluster helper as the end-to-end tests: one source for how a test PostgreSQL is run.
+#[path = "../../../tests/e2e/support/postgres.rs"]
+#[allow(unreachable_pub, dead_code)]
+pub(super) mod cluster;
+
+/// A fresh cluster with the store set up in it; the cluster stops when the pair is dropped.
+pub(super) fn postgres() -> (super::PostgresStore, cluster::PgServer) {
+    let server = cluster::PgServer::start();
+    let config = server.store_config();
+    super::PostgresStore::connect(&config)
+        .unwrap()
+        .setup()
+        .unwrap();
+    (super::PostgresStore::open(&config).unwrap(), server)
+}
+
 store_conformance! {
     memory => (super::super::MemoryStore::default(), ()),
     sqlite => super::sqlite(),
+    postgres => super::postgres(),
+}
+
+/// What only the PostgreSQL store offers: migrations, leases and the fence on a stale owner.
+mod postgres_only {
+    use std::time::{Duration, Instant};
+
+    use super::{append, event};
+    use crate::{
+        store::{Error, Leases, PostgresStore, Store},
+        unit_of_work::{PositionUpdate, UnitOfWork},
+    };
+
+    /// A second replica's store on the same database.
+    fn replica(server: &super::cluster::PgServer) -> PostgresStore {
+        PostgresStore::open(&server.store_config()).unwrap()
+    }
+
+    /// Poll `take` until it succeeds: the only way to see a lease expire is to ask.
+    fn take_when_free(leases: &dyn Leases, name: &str, owner: &str, ttl: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !leases.take(name, owner, ttl).unwrap() {
+            assert!(Instant::now() < deadline, "the lease never expired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn setup_is_idempotent_and_status_is_current() {
+        let (store, _server) = super::postgres();
+        assert!(store.setup().unwrap().is_empty(), "nothing left to apply");
+        let status = store.status().unwrap();
+        assert!(status.is_current());
+        assert_eq!(status.version, crate::store::postgres::migrate::latest());
+    }
+
+    #[test]
+    fn a_lease_has_one_owner_until_it_expires() {
+        let (a, server) = super::postgres();
+        let b = replica(&server);
+        let ttl = Duration::from_millis(300);
+        let (la, lb) = (a.leases().unwrap(), b.leases().unwrap());
+        assert!(la.take("sub", "a", ttl).unwrap());
+        assert!(!lb.take("sub", "b", ttl).unwrap(), "held by a");
+        assert!(la.take("sub", "a", ttl).unwrap(), "a renews its own lease");
+        take_when_free(lb, "sub", "b", Duration::from_secs(30));
+        assert!(!la.take("sub", "a", ttl).unwrap(), "b holds it now");
+        lb.release("sub", "b").unwrap();
+        assert!(
+            la.take("sub", "a", ttl).unwrap(),
+            "released leases are free at once"
+        );
+    }
+
+    #[test]
+    fn a_stale_owner_cannot_commit_its_position() {
+        let (a, server) = super::postgres();
+        let b = replica(&server);
+        let unit = |position| UnitOfWork {
+            messages: vec![event("shop::order-1", position, None)],
+            position: Some(PositionUpdate {
+                subscription: "sub".into(),
+                position,
+            }),
+            ..UnitOfWork::default()
+        };
+        assert!(a
+            .leases()
+            .unwrap()
+            .take("sub", "a", Duration::from_millis(200))
+            .unwrap());
+        a.commit(&unit(1)).unwrap();
+        take_when_free(b.leases().unwrap(), "sub", "b", Duration::from_secs(30));
+        let refused = a.commit(&unit(2)).unwrap_err();
+        assert!(
+            matches!(&refused, Error::LeaseLost { subscription } if subscription == "sub"),
+            "{refused}"
+        );
+        assert_eq!(
+            a.position("sub").unwrap(),
+            Some(1),
+            "the stale commit moved nothing"
+        );
+        assert_eq!(
+            a.read_stream("shop::order-1", 0).unwrap().len(),
+            1,
+            "and appended nothing"
+        );
+        b.commit(&unit(3)).unwrap();
+        assert_eq!(b.position("sub").unwrap(), Some(3), "the new owner commits");
+        append(&a, vec![event("shop::order-2", 0, None)])
+            .expect("units without a position are not fenced");
+    }
+
+    #[test]
+    fn an_expired_lease_nobody_took_still_lets_its_owner_commit() {
+        let (a, server) = super::postgres();
+        let b = replica(&server);
+        let ttl = Duration::from_millis(100);
+        assert!(a.leases().unwrap().take("sub", "a", ttl).unwrap());
+        // The lease's time runs out: a clock, nothing to await (b's take below shows it did).
+        std::thread::sleep(ttl * 2);
+        let unit = UnitOfWork {
+            position: Some(PositionUpdate {
+                subscription: "sub".into(),
+                position: 7,
+            }),
+            ..UnitOfWork::default()
+        };
+        a.commit(&unit)
+            .expect("a slow batch whose lease nobody took commits");
+        assert!(
+            b.leases().unwrap().take("sub", "b", ttl).unwrap(),
+            "the lease was expired"
+        );
+        assert!(
+            matches!(a.commit(&unit), Err(Error::LeaseLost { .. })),
+            "after the takeover it fails"
+        );
+    }
 }

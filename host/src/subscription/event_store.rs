@@ -19,10 +19,13 @@ use crate::{
 };
 
 /// Run one subscription until `shutdown`. The batch in flight when it fires is finished and committed.
+/// It runs on one replica at a time when the store keeps leases (preferred: the store fences a stale
+/// owner's commits) or else when replicas share a broker; `owner` names this replica in either.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
-    lease: Option<(Arc<dyn Broker>, String)>,
+    broker: Option<Arc<dyn Broker>>,
+    owner: String,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
@@ -45,8 +48,13 @@ pub(crate) async fn run(
     let mut head = progress.head();
     let mut attempts = Attempts::default();
     failures = 0;
-    let mut lease = lease.map(|(broker, owner)| Lease {
-        broker,
+    let keeper = match (shared.store.leases(), broker) {
+        (Some(_), _) => Some(Keeper::Store),
+        (None, Some(broker)) => Some(Keeper::Broker(broker)),
+        (None, None) => None,
+    };
+    let mut lease = keeper.map(|keeper| Lease {
+        keeper,
         owner,
         held: false,
         renewed: None,
@@ -54,7 +62,7 @@ pub(crate) async fn run(
     while !shutdown.is_cancelled() {
         if let Some(lease) = lease.as_mut() {
             let was_held = lease.held;
-            let held = lease.keep(&name, shared.config.lease_ttl).await;
+            let held = lease.keep(&shared, &name, shared.config.lease_ttl).await;
             if held && !was_held {
                 // Another replica may have moved the position while this one stood by.
                 let (store, subscription) = (shared.store.clone(), name.clone());
@@ -106,6 +114,14 @@ pub(crate) async fn run(
         attempts = returned;
         let report = match outcome {
             Ok(report) => report,
+            Err(error @ crate::store::Error::LeaseLost { .. }) => {
+                // Another replica took over while this batch ran: its commit was refused; stand by.
+                tracing::warn!(subscription = %name, %error, "lease lost during a batch; standing by");
+                if let Some(lease) = lease.as_mut() {
+                    lease.held = false;
+                }
+                continue;
+            }
             Err(error) => {
                 failures += 1;
                 backoff(&name, &error.to_string(), failures, &shutdown).await;
@@ -150,33 +166,40 @@ pub(crate) async fn run(
         }
     }
     if let Some(lease) = lease.filter(|l| l.held) {
-        let _ = lease.broker.release(&name, &lease.owner).await;
+        lease.release(&shared, &name).await;
     }
     progress.set(&name, State::Stopped);
     tracing::info!(subscription = %name, position, "subscription stopped");
     Ok(())
 }
 
-/// When replicas share a broker, an event-store subscription runs on one replica at a time: the one
-/// holding its lease, renewed at a third of its time to live. A replica that dies loses the lease when it
-/// expires, and another takes over.
+/// When replicas share a store that keeps leases, or a broker, an event-store subscription runs on one
+/// replica at a time: the one holding its lease, renewed at a third of its time to live. A replica that
+/// dies loses the lease when it expires, and another takes over.
 struct Lease {
-    broker: Arc<dyn Broker>,
+    keeper: Keeper,
     owner: String,
     held: bool,
     renewed: Option<std::time::Instant>,
 }
 
+/// Who keeps the leases.
+enum Keeper {
+    /// The store (`Store::leases`), called on the blocking pool like every store call.
+    Store,
+    Broker(Arc<dyn Broker>),
+}
+
 impl Lease {
     /// Take or renew the lease when due; whether this replica holds it.
-    async fn keep(&mut self, subscription: &str, ttl: Duration) -> bool {
+    async fn keep(&mut self, shared: &Arc<Shared>, subscription: &str, ttl: Duration) -> bool {
         if self.held && self.renewed.is_some_and(|at| at.elapsed() < ttl / 3) {
             return true;
         }
-        let held = match self.broker.lease(subscription, &self.owner, ttl).await {
+        let held = match self.ask(shared, subscription, ttl).await {
             Ok(held) => held,
             Err(error) => {
-                tracing::warn!(subscription, %error, "cannot reach the broker to renew the lease; pausing");
+                tracing::warn!(subscription, %error, "cannot reach the lease keeper to renew the lease; pausing");
                 false
             }
         };
@@ -192,6 +215,46 @@ impl Lease {
         self.held = held;
         self.renewed = held.then(std::time::Instant::now);
         held
+    }
+
+    async fn ask(
+        &self,
+        shared: &Arc<Shared>,
+        subscription: &str,
+        ttl: Duration,
+    ) -> Result<bool, String> {
+        match &self.keeper {
+            Keeper::Broker(broker) => broker
+                .lease(subscription, &self.owner, ttl)
+                .await
+                .map_err(|e| e.to_string()),
+            Keeper::Store => {
+                let (store, name, owner) = (
+                    shared.store.clone(),
+                    subscription.to_owned(),
+                    self.owner.clone(),
+                );
+                blocking(move || match store.leases() {
+                    Some(leases) => leases.take(&name, &owner, ttl).map_err(|e| e.to_string()),
+                    None => Err("the store keeps no leases".to_owned()),
+                })
+                .await?
+            }
+        }
+    }
+
+    /// Give the lease up on shutdown, so another replica takes over at once instead of after its time.
+    async fn release(self, shared: &Arc<Shared>, subscription: &str) {
+        match self.keeper {
+            Keeper::Broker(broker) => {
+                let _ = broker.release(subscription, &self.owner).await;
+            }
+            Keeper::Store => {
+                let (store, name) = (shared.store.clone(), subscription.to_owned());
+                let _ =
+                    blocking(move || store.leases().map(|l| l.release(&name, &self.owner))).await;
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Running the Engine API in-process against real plugin libraries, on every embedded backend.
+//! Running the Engine API in-process against real plugin libraries, on every backend: memory, SQLite
+//! and a real PostgreSQL.
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
@@ -6,21 +7,40 @@ use protean_host::{
     config::Config,
     engine::{Engine, EngineOptions},
     plugin::Library,
-    store::{MemoryStore, SqliteStore, Store},
+    store::{MemoryStore, PostgresStore, SqliteStore, Store},
 };
+
+use super::PgServer;
+
+/// What keeps a backend alive for the test: the SQLite file's directory, or the PostgreSQL cluster.
+#[allow(dead_code, reason = "held to be dropped at the end of the test")]
+pub enum Keep {
+    Dir(tempfile::TempDir),
+    Postgres(PgServer),
+}
 
 /// Fast retries and a generous time limit, so that tests wait only as long as the work.
 pub const TEST_CONFIG: &str =
     "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\ntest_mode_timeout_seconds = 60\n";
 
-/// A store of each embedded kind; the temp dir keeps the SQLite file alive.
-pub fn backends() -> Vec<(&'static str, Arc<dyn Store>, Option<tempfile::TempDir>)> {
+/// A store of each kind, PostgreSQL first (so `backends().pop()` is still SQLite).
+pub fn backends() -> Vec<(&'static str, Arc<dyn Store>, Option<Keep>)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+    let (postgres, server) = postgres();
     vec![
+        ("postgres", postgres, Some(Keep::Postgres(server))),
         ("memory", Arc::new(MemoryStore::default()), None),
-        ("sqlite", Arc::new(sqlite), Some(dir)),
+        ("sqlite", Arc::new(sqlite), Some(Keep::Dir(dir))),
     ]
+}
+
+/// A fresh PostgreSQL cluster with the store set up in it.
+pub fn postgres() -> (Arc<dyn Store>, PgServer) {
+    let server = PgServer::start();
+    let store = PostgresStore::connect(&server.store_config()).unwrap();
+    store.setup().unwrap();
+    (Arc::new(store), server)
 }
 
 /// A test-mode engine for `instance` of `library` on `store`, configured by `config` (TOML).

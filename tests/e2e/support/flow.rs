@@ -3,17 +3,6 @@
 use std::{path::Path, sync::Arc};
 
 use protean_host::store::{SqliteStore, Store};
-use serde_json::{json, Value};
-
-/// The data of order number `n`'s `PlaceOrder` command.
-pub fn place(n: usize) -> Value {
-    json!({ "order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 })
-}
-
-/// Orders `from..to` as JSON lines, for `protean-host send ... -`.
-pub fn orders(from: usize, to: usize) -> String {
-    (from..to).map(|i| place(i).to_string() + "\n").collect()
-}
 
 /// How many messages of `message_type` the store holds in `category`.
 pub fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {

@@ -3,7 +3,9 @@
 mod build;
 mod engine;
 mod flow;
+mod postgres;
 mod redis;
+mod replicas;
 mod run;
 mod server;
 mod wait;
@@ -12,9 +14,11 @@ pub use build::{
     fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
     Incompatibility, ReloadBuild,
 };
-pub use engine::{backends, engine, types, TEST_CONFIG};
-pub use flow::{count_of, each_order_exactly_once, orders, place, sqlite};
+pub use engine::{backends, engine, postgres, types, TEST_CONFIG};
+pub use flow::{count_of, each_order_exactly_once, sqlite};
+pub use postgres::PgServer;
 pub use redis::RedisServer;
+pub use replicas::{orders, place, send_orders, start_replicas};
 pub use run::{host, Finished};
 pub use server::Server;
 pub use wait::wait_until;

@@ -1,0 +1,100 @@
+//! PostgreSQL scenarios, on a durable cluster of their own (initdb in a temporary directory, every
+//! commit flushed, as in production):
+//! - appending events in batches of 1000 through the store, in-process;
+//! - a subscription end to end: the stored events through one handler that does nothing, whole process
+//!   (`protean-host --test-mode`), with its peak memory.
+
+use std::{path::Path, time::Instant};
+
+use protean_host::{
+    message::Kind,
+    store::{PostgresStore, Store},
+    unit_of_work::{NewMessage, UnitOfWork},
+};
+use serde_json::json;
+
+use super::{run_measured, server, Row};
+
+#[path = "../../tests/e2e/support/postgres.rs"]
+#[allow(dead_code)]
+mod cluster;
+
+const BATCH: usize = 1000;
+
+/// Both rows; `events` are appended, then handled.
+pub fn rows(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<Row>> {
+    let pg = cluster::PgServer::durable();
+    let store = PostgresStore::connect(&pg.store_config())?;
+    store.setup()?;
+    let appended = append_rate(&store, events)?;
+    let handled = subscription_rate(host, fixture, &pg, events)?;
+    Ok(vec![appended, handled])
+}
+
+fn ticks(from: usize, count: usize) -> Vec<NewMessage> {
+    (from..from + count)
+        .map(|n| {
+            NewMessage::new(
+                Kind::Event,
+                &format!("probe::probe-{}", n % 1000),
+                "Probe.Ticked.v1",
+                &json!({"n": n, "label": "tick"}),
+                None,
+                None,
+                None,
+            )
+        })
+        .collect()
+}
+
+/// Append `events` ticks, `BATCH` per unit of work, timing the commits only. Each unit is built just
+/// before its commit, so this process stays small: the subscription's process is forked from it, and a
+/// child's peak memory counts what it shared with its parent before `exec`.
+fn append_rate(store: &PostgresStore, events: usize) -> anyhow::Result<Row> {
+    let mut elapsed = std::time::Duration::ZERO;
+    for from in (0..events).step_by(BATCH) {
+        let unit = UnitOfWork {
+            messages: ticks(from, BATCH.min(events - from)),
+            ..UnitOfWork::default()
+        };
+        let started = Instant::now();
+        store.commit(&unit)?;
+        elapsed += started.elapsed();
+    }
+    let rate = events as f64 / elapsed.as_secs_f64();
+    Ok(Row {
+        scenario: "PostgreSQL append in batches".into(),
+        setup: format!("{events} events over 1000 streams, {BATCH} per unit of work (one transaction each), one connection, durable commits"),
+        result: format!("{rate:.0} events/s"),
+        target: "≥ 20,000 events/s".into(),
+        ok: rate >= 20_000.0,
+    })
+}
+
+/// The stored events through the no-op handler, whole process.
+fn subscription_rate(
+    host: &Path,
+    fixture: &Path,
+    pg: &cluster::PgServer,
+    events: usize,
+) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("protean.toml"), pg.config())?;
+    let run = run_measured(server(
+        host,
+        dir.path(),
+        &format!("{}:noop", fixture.display()),
+    ))?;
+    let rate = events as f64 / run.elapsed.as_secs_f64();
+    let cpu_us = run.cpu.as_secs_f64() * 1e6 / events as f64;
+    Ok(Row {
+        scenario: "PostgreSQL subscription end to end".into(),
+        setup: format!("{events} stored events, one event handler that only decodes, 100 per batch, lease held, whole process"),
+        result: format!(
+            "{rate:.0} messages/s, host CPU {cpu_us:.1} µs/message, peak memory {:.1} MB",
+            run.rss_mb()
+        ),
+        target: "≥ 20,000 messages/s".into(),
+        ok: rate >= 20_000.0,
+    })
+}

@@ -1,0 +1,203 @@
+//! A unit of work in one PostgreSQL transaction (the caller opens and ends it).
+//!
+//! Each step is one statement over arrays, not one per message, so a batch of a thousand events costs a
+//! handful of round trips.
+
+use std::collections::HashMap;
+
+use postgres::error::SqlState;
+
+use super::{pool::Conn, sql};
+use crate::{
+    store::{category, indexed_fields, Error, Result},
+    unit_of_work::{DocumentWrite, UnitOfWork},
+};
+
+/// Apply `unit`; `fence` is (subscription, owner) when its position commit requires the lease.
+pub(super) fn apply(
+    c: &mut Conn,
+    unit: &UnitOfWork,
+    fence: Option<(&str, String)>,
+) -> Result<Option<u64>> {
+    if let Some((subscription, owner)) = fence {
+        if c.query_opt(sql::LEASE_FENCE, &[&subscription, &owner])?
+            .is_none()
+        {
+            return Err(Error::LeaseLost {
+                subscription: subscription.to_owned(),
+            });
+        }
+    }
+    let last = append(c, unit)?;
+    for write in &unit.documents {
+        write_document(c, write)?;
+    }
+    if !unit.processed.is_empty() {
+        let column = |f: fn(&crate::unit_of_work::ProcessedMarker) -> &str| -> Vec<&str> {
+            unit.processed.iter().map(f).collect()
+        };
+        c.execute(
+            sql::INSERT_PROCESSED,
+            &[
+                &column(|m| &m.subscription),
+                &column(|m| &m.message_id),
+                &column(|m| &m.build_id),
+            ],
+        )?;
+    }
+    if let Some(update) = &unit.position {
+        c.execute(
+            sql::UPSERT_POSITION,
+            &[&update.subscription, &(update.position as i64)],
+        )?;
+    }
+    for d in &unit.dead_letters {
+        c.execute(
+            sql::INSERT_DEAD_LETTER,
+            &[
+                &d.subscription,
+                &d.handler,
+                &d.message_id,
+                &d.stream,
+                &(d.global_position as i64),
+                &d.message_type,
+                &d.data,
+                &d.metadata,
+                &d.error,
+                &i64::from(d.attempts),
+                &d.build_id,
+                &d.failed_at,
+            ],
+        )?;
+    }
+    Ok(last)
+}
+
+/// Append the unit's messages after checking every expected version; returns the last global position.
+fn append(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
+    let messages = &unit.messages;
+    if messages.is_empty() {
+        return Ok(None);
+    }
+    c.execute(sql::LOCK_APPENDS, &[])?;
+    let mut categories: Vec<&str> = messages.iter().map(|m| category(&m.stream)).collect();
+    categories.sort_unstable();
+    categories.dedup();
+    c.query(sql::LOCK_CATEGORIES, &[&categories])?;
+    let positions = positions(c, unit)?;
+    let column = |f: fn(&crate::unit_of_work::NewMessage) -> &str| -> Vec<&str> {
+        messages.iter().map(f).collect()
+    };
+    let inserted = c.query(
+        sql::APPEND,
+        &[
+            &column(|m| &m.id),
+            &column(|m| &m.stream),
+            &positions,
+            &column(|m| &m.message_type),
+            &column(|m| &m.data),
+            &column(|m| &m.metadata),
+            &column(|m| &m.time),
+        ],
+    );
+    let mut global: Vec<i64> = match inserted {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(error) => return Err(unique_violation(error, unit)),
+    };
+    // Positions are drawn from the sequence in row order; sorted, they line up with the messages.
+    global.sort_unstable();
+    if unit.publish {
+        let targets: Vec<&str> = messages.iter().map(|m| category(&m.stream)).collect();
+        c.execute(sql::OUTBOX_INSERT, &[&global, &targets])?;
+    }
+    Ok(global.last().map(|g| *g as u64))
+}
+
+/// Each message's stream position, checking expected versions (which chain within the unit).
+fn positions(c: &mut Conn, unit: &UnitOfWork) -> Result<Vec<i64>> {
+    let mut streams: Vec<&str> = unit.messages.iter().map(|m| m.stream.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let mut versions: HashMap<String, i64> = c
+        .query(sql::STREAM_VERSIONS, &[&streams])?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(-1)))
+        .collect();
+    let mut positions = Vec::with_capacity(unit.messages.len());
+    for m in &unit.messages {
+        let actual = versions.get(&m.stream).copied().unwrap_or(-1);
+        if let Some(expected) = m.expected_version.filter(|e| *e != actual) {
+            return Err(Error::VersionConflict {
+                stream: m.stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        positions.push(actual + 1);
+        versions.insert(m.stream.clone(), actual + 1);
+    }
+    Ok(positions)
+}
+
+/// A failed insert: a duplicate id is the caller's; a duplicate stream position means a writer that
+/// skipped the category lock got there first (a version conflict).
+fn unique_violation(error: Error, unit: &UnitOfWork) -> Error {
+    let Error::Postgres(source) = &error else {
+        return error;
+    };
+    let Some(db) = source
+        .as_db_error()
+        .filter(|d| d.code() == &SqlState::UNIQUE_VIOLATION)
+    else {
+        return error;
+    };
+    let detail = db.detail().unwrap_or_default();
+    if db.constraint() == Some("messages_id") {
+        let id = unit
+            .messages
+            .iter()
+            .find(|m| detail.contains(&m.id))
+            .map_or_else(|| detail.to_owned(), |m| m.id.clone());
+        return Error::DuplicateMessage(id);
+    }
+    let stream = unit
+        .messages
+        .iter()
+        .find(|m| detail.contains(&m.stream))
+        .map_or_else(String::new, |m| m.stream.clone());
+    Error::VersionConflict {
+        stream,
+        expected: -1,
+        actual: -1,
+    }
+}
+
+/// Write or delete a document and keep its field index in step, touching only the fields that changed.
+fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
+    let (collection, id, new_fields) = match write {
+        DocumentWrite::Put {
+            collection,
+            id,
+            data,
+        } => {
+            c.execute(sql::PUT_DOCUMENT, &[collection, id, data])?;
+            (collection, id, indexed_fields(data))
+        }
+        DocumentWrite::Delete { collection, id } => {
+            c.execute(sql::DELETE_DOCUMENT, &[collection, id])?;
+            (collection, id, Vec::new())
+        }
+    };
+    let old_fields: Vec<(String, String)> = c
+        .query(sql::READ_DOCUMENT_FIELDS, &[collection, id])?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
+        c.execute(sql::DELETE_DOCUMENT_FIELD, &[collection, field, value, id])?;
+    }
+    for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
+        c.execute(sql::INSERT_DOCUMENT_FIELD, &[collection, field, value, id])?;
+    }
+    Ok(())
+}

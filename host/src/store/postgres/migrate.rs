@@ -1,0 +1,93 @@
+//! Versioned migrations of the PostgreSQL store, applied by `protean-host db setup` (never by the
+//! server: a schema change in production is an operator's decision, and replicas must not race on it).
+//!
+//! Invariant: migration N is applied only after 1..N-1, in one transaction with the row recording it,
+//! under an advisory lock, so two `db setup` runs at once apply each migration exactly once.
+
+use super::{pool::Conn, sql};
+use crate::store::Result;
+
+/// One migration: its version, a name, and its SQL.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order. Append only: an applied migration never changes.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "message_store (MessageDB 1.3 compatible)",
+        sql: include_str!("../sql/postgres/migrations/001_message_store.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "protean (positions, documents, markers, dead letters, outbox, leases)",
+        sql: include_str!("../sql/postgres/migrations/002_protean.sql"),
+    },
+];
+
+/// The latest schema version this build knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Where a store's schema stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The highest applied version (0: never set up).
+    pub version: i32,
+    /// The migrations not applied yet.
+    pub pending: Vec<Migration>,
+}
+
+impl Status {
+    /// Whether every migration this build knows is applied.
+    pub fn is_current(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+impl PartialEq for Migration {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
+    }
+}
+
+impl Eq for Migration {}
+
+pub(super) fn status(conn: &mut Conn) -> Result<Status> {
+    let exists: bool = conn.query(sql::SCHEMA_EXISTS, &[])?[0].get(0);
+    let applied: Vec<i32> = if exists {
+        conn.query(sql::APPLIED_VERSIONS, &[])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Status {
+        version: applied.iter().copied().max().unwrap_or(0),
+        pending: MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .copied()
+            .collect(),
+    })
+}
+
+/// Apply the pending migrations; returns those it applied (none when the store is current).
+pub(super) fn setup(conn: &mut Conn) -> Result<Vec<Migration>> {
+    conn.transaction(|c| {
+        c.batch(sql::LOCK_MIGRATIONS)?;
+        c.batch(sql::MIGRATIONS_TABLE)?;
+        let pending = status(c)?.pending;
+        for migration in &pending {
+            c.batch(migration.sql)?;
+            c.execute(sql::RECORD_VERSION, &[&migration.version, &migration.name])?;
+        }
+        Ok(pending)
+    })
+}

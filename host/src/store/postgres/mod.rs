@@ -1,0 +1,460 @@
+//! The production store: PostgreSQL, shared by every replica.
+//!
+//! Messages live in MessageDB's `message_store.messages` (see the first migration), so MessageDB clients
+//! read and write the same store; the host's own tables live in the `protean` schema. A unit of work is
+//! one transaction. Appends take a store-wide transaction lock (as SQLite's single writer does): global
+//! positions then become visible in increasing order, which is what lets a subscription trust that
+//! nothing will appear behind the position it has read to.
+//!
+//! Failures: every error is a `store::Error` the engine retries with backoff; a lost connection is
+//! replaced by the pool, so processing resumes when the database is back.
+
+mod commit;
+mod lease;
+pub mod migrate;
+mod outbox;
+mod pool;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+
+use postgres::{types::ToSql, Row};
+
+use super::{
+    check_field, DeadLetter, Error, Leases, Outbox, Result, Store, StoredDocument, StoredMessage,
+};
+use crate::unit_of_work::UnitOfWork;
+use pool::Pool;
+
+mod sql {
+    macro_rules! sql {
+        ($($name:ident = $file:literal;)+) => {$(
+            pub(super) const $name: &str = include_str!(concat!("../sql/postgres/", $file, ".sql"));
+        )+};
+    }
+    macro_rules! messages {
+        ($($name:ident = $file:literal;)+) => {$(
+            pub(super) const $name: &str = concat!(
+                "SELECT ",
+                include_str!("../sql/postgres/message_columns.sql"),
+                include_str!(concat!("../sql/postgres/", $file, ".sql"))
+            );
+        )+};
+    }
+    sql! {
+        MIGRATIONS_TABLE = "migrations_table";
+        LOCK_MIGRATIONS = "lock_migrations";
+        SCHEMA_EXISTS = "schema_exists";
+        APPLIED_VERSIONS = "applied_versions";
+        RECORD_VERSION = "record_version";
+        LOCK_APPENDS = "lock_appends";
+        LOCK_CATEGORIES = "lock_categories";
+        STREAM_VERSIONS = "stream_versions";
+        APPEND = "append";
+        OUTBOX_INSERT = "outbox_insert";
+        INSERT_PROCESSED = "insert_processed";
+        UPSERT_POSITION = "upsert_position";
+        READ_POSITION = "read_position";
+        INSERT_DEAD_LETTER = "insert_dead_letter";
+        READ_DEAD_LETTERS = "read_dead_letters";
+        HEAD_CATEGORY = "head_category";
+        HEAD_ALL = "head_all";
+        PUT_DOCUMENT = "put_document";
+        DELETE_DOCUMENT = "delete_document";
+        READ_DOCUMENT_FIELDS = "read_document_fields";
+        DELETE_DOCUMENT_FIELD = "delete_document_field";
+        INSERT_DOCUMENT_FIELD = "insert_document_field";
+        GET_DOCUMENT = "get_document";
+        FIND_DOCUMENTS = "find_documents";
+        PROCESSED_AMONG = "processed_among";
+        LOCK_OUTBOX = "lock_outbox";
+        OUTBOX_CANDIDATES = "outbox_candidates";
+        OUTBOX_LEASES = "outbox_leases";
+        OUTBOX_ITEMS = "outbox_items";
+        OUTBOX_LEASE = "outbox_lease";
+        OUTBOX_PUBLISHED = "outbox_published";
+        OUTBOX_RETRY = "outbox_retry";
+        OUTBOX_ABANDON = "outbox_abandon";
+        OUTBOX_RELEASE = "outbox_release";
+        OUTBOX_COUNTS = "outbox_counts";
+        LEASE_TAKE = "lease_take";
+        LEASE_RELEASE = "lease_release";
+        LEASE_FENCE = "lease_fence";
+    }
+    messages! {
+        READ_STREAM = "read_stream";
+        READ_CATEGORY = "read_category";
+    }
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A libpq URI or key=value string (`postgresql://user:pass@host:5432/db`).
+    pub uri: String,
+    /// Connections per process.
+    pub pool_size: u32,
+    /// The server cancels a statement running longer than this.
+    pub statement_timeout: Duration,
+}
+
+impl PostgresConfig {
+    /// The URI as a connection configuration; the error says what is wrong with it.
+    pub fn parse(&self) -> Result<postgres::Config, String> {
+        let mut config: postgres::Config = self.uri.parse().map_err(|e: postgres::Error| {
+            format!(
+                "{}; expected a URI like postgresql://user:password@host:5432/database",
+                super::postgres_detail(&e)
+            )
+        })?;
+        config
+            .options(&format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis()
+            ))
+            .connect_timeout(Duration::from_secs(5))
+            // A database host that vanishes (no RST: power loss, partition) must fail the statement in
+            // seconds, not after the kernel's default of minutes, so the subscription can back off and
+            // the pool reconnect: keepalives every few seconds and a bound on unacknowledged data.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(self.statement_timeout + Duration::from_secs(10))
+            .application_name("protean-host");
+        Ok(config)
+    }
+
+    /// Where the store is, for messages: host, port and database, never the password.
+    pub fn label(&self) -> String {
+        redact(&self.uri)
+    }
+}
+
+/// The URI without its password.
+pub fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("password="))
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}")
+        }
+        None => uri.to_owned(),
+    }
+}
+
+/// A store in a PostgreSQL database.
+#[derive(Debug)]
+pub struct PostgresStore {
+    pool: Pool,
+    label: String,
+    /// Subscriptions this process has asked to lease, with the owner it asked as: their position commits
+    /// are fenced (see [`lease`]).
+    fenced: Mutex<HashMap<String, String>>,
+}
+
+impl PostgresStore {
+    /// Connect to a store that `protean-host db setup` has set up; a store that is not set up, or one
+    /// behind this build, is an error naming that command.
+    pub fn open(config: &PostgresConfig) -> Result<Self> {
+        let store = Self::connect(config)?;
+        let status = store.status()?;
+        if !status.is_current() {
+            return Err(Error::NotSetUp {
+                store: store.label.clone(),
+                version: status.version,
+                latest: migrate::latest(),
+            });
+        }
+        Ok(store)
+    }
+
+    /// Connect without checking the schema (for `db setup` and `db status`).
+    pub fn connect(config: &PostgresConfig) -> Result<Self> {
+        let parsed = config.parse().map_err(|reason| Error::BadUri {
+            store: config.label(),
+            reason,
+        })?;
+        Ok(Self {
+            pool: pool::pool(parsed, config.pool_size),
+            label: config.label(),
+            fenced: Mutex::default(),
+        })
+    }
+
+    /// Apply pending migrations; returns those applied.
+    pub fn setup(&self) -> Result<Vec<migrate::Migration>> {
+        migrate::setup(&mut *self.conn()?)
+    }
+
+    /// The schema version and the pending migrations.
+    pub fn status(&self) -> Result<migrate::Status> {
+        migrate::status(&mut *self.conn()?)
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<pool::Manager>> {
+        self.pool.get().map_err(|e| Error::Unreachable {
+            store: self.label.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn messages(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<StoredMessage>> {
+        let rows = self.conn()?.query(sql, params)?;
+        Ok(rows.iter().map(message_from_row).collect())
+    }
+
+    fn fence_of(&self, subscription: &str) -> Option<String> {
+        let fenced = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+        fenced.get(subscription).cloned()
+    }
+}
+
+fn message_from_row(row: &Row) -> StoredMessage {
+    message_at(row, 0)
+}
+
+/// The message in columns `first..first + 8` of a row, in `message_columns.sql`'s order.
+pub(super) fn message_at(row: &Row, first: usize) -> StoredMessage {
+    StoredMessage {
+        global_position: row.get::<_, i64>(first) as u64,
+        position: row.get::<_, i64>(first + 1) as u64,
+        stream: row.get(first + 2),
+        message_type: row.get(first + 3),
+        id: row.get(first + 4),
+        time: row.get(first + 5),
+        data: row.get(first + 6),
+        metadata: row.get(first + 7),
+    }
+}
+
+impl Store for PostgresStore {
+    fn read_categories(
+        &self,
+        categories: &[String],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        // One indexed range read per category, merged, as in the SQLite store.
+        let mut merged = Vec::new();
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        for category in categories {
+            merged.extend(
+                self.messages(sql::READ_CATEGORY, &[category, &(after as i64), &limit_sql])?,
+            );
+        }
+        if categories.len() > 1 {
+            merged.sort_unstable_by_key(|m| m.global_position);
+            merged.truncate(limit);
+        }
+        Ok(merged)
+    }
+
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>> {
+        self.messages(sql::READ_STREAM, &[&stream, &(from as i64)])
+    }
+
+    fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
+        let fence = unit.position.as_ref().and_then(|p| {
+            self.fence_of(&p.subscription)
+                .map(|owner| (p.subscription.as_str(), owner))
+        });
+        let mut conn = self.conn()?;
+        conn.transaction(|c| commit::apply(c, unit, fence))
+    }
+
+    fn position(&self, subscription: &str) -> Result<Option<u64>> {
+        let row = self
+            .conn()?
+            .query_opt(sql::READ_POSITION, &[&subscription])?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+        let row = self
+            .conn()?
+            .query_opt(sql::GET_DOCUMENT, &[&collection, &id])?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value: &serde_json::Value,
+    ) -> Result<Vec<StoredDocument>> {
+        check_field(field)?;
+        let rows = self.conn()?.query(
+            sql::FIND_DOCUMENTS,
+            &[&collection, &field, &value.to_string()],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredDocument {
+                id: r.get(0),
+                data: r.get(1),
+            })
+            .collect())
+    }
+
+    fn head(&self, categories: &[String]) -> Result<u64> {
+        let mut conn = self.conn()?;
+        let head =
+            |row: Option<Row>| row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0) as u64;
+        if categories.is_empty() {
+            return Ok(head(conn.query_opt(sql::HEAD_ALL, &[])?));
+        }
+        let mut max = 0;
+        for category in categories {
+            max = max.max(head(conn.query_opt(sql::HEAD_CATEGORY, &[category])?));
+        }
+        Ok(max)
+    }
+
+    fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let rows = self
+            .conn()?
+            .query(sql::READ_DEAD_LETTERS, &[&subscription])?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                subscription: r.get(0),
+                handler: r.get(1),
+                message_id: r.get(2),
+                stream: r.get(3),
+                global_position: r.get::<_, i64>(4) as u64,
+                message_type: r.get(5),
+                data: r.get(6),
+                metadata: r.get(7),
+                error: r.get(8),
+                attempts: r.get::<_, i64>(9) as u32,
+                build_id: r.get(10),
+                failed_at: r.get(11),
+            })
+            .collect())
+    }
+
+    fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {
+        let rows = self
+            .conn()?
+            .query(sql::PROCESSED_AMONG, &[&subscription, &ids])?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    fn outbox(&self) -> Option<&dyn Outbox> {
+        Some(self)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn labels_never_show_the_password() {
+        assert_eq!(
+            super::redact("postgresql://app:s3cret@db:5432/shop"),
+            "postgresql://app@db:5432/shop"
+        );
+        assert_eq!(super::redact("postgres://db/shop"), "postgres://db/shop");
+        assert_eq!(
+            super::redact("host=db user=app password=s3cret"),
+            "host=db user=app"
+        );
+    }
+
+    use super::PostgresStore;
+    use crate::store::{tests::postgres, Error, Store};
+
+    #[test]
+    fn a_statement_running_past_the_timeout_is_cancelled() {
+        let (_, server) = postgres();
+        let config = super::PostgresConfig {
+            statement_timeout: Duration::from_millis(100),
+            ..server.store_config()
+        };
+        let store = PostgresStore::open(&config).unwrap();
+        let error = store
+            .conn()
+            .unwrap()
+            .query("SELECT pg_sleep(2)", &[])
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("canceling statement due to statement timeout"),
+            "{error}"
+        );
+        assert_eq!(
+            store.head(&[]).unwrap(),
+            0,
+            "the connection is still usable"
+        );
+    }
+
+    #[test]
+    fn a_connection_idle_across_a_database_restart_is_replaced() {
+        let (store, mut server) = postgres();
+        assert_eq!(store.head(&[]).unwrap(), 0);
+        server.restart();
+        // Idle longer than a connection is trusted without a check: the checkout validates it.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(
+            store.head(&[]).unwrap(),
+            0,
+            "the pool replaced its dead connection"
+        );
+    }
+
+    #[test]
+    fn a_database_restart_costs_at_most_one_failed_call() {
+        let (store, mut server) = postgres();
+        assert_eq!(store.head(&[]).unwrap(), 0);
+        server.restart();
+        // Used a moment ago, so trusted: this call may fail on a dead connection; that failure makes the
+        // pool check every other connection, so the next call cannot.
+        let first = store.head(&[]);
+        assert_eq!(store.head(&[]).unwrap(), 0, "after {first:?}");
+    }
+
+    #[test]
+    fn an_unreachable_database_is_an_error_naming_it_without_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = super::PostgresConfig {
+            uri: format!("postgresql://app:secret@127.0.0.1:{port}/shop"),
+            pool_size: 1,
+            statement_timeout: Duration::from_secs(1),
+        };
+        let error = PostgresStore::open(&config).unwrap_err();
+        assert!(matches!(error, Error::Unreachable { .. }), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "cannot reach the PostgreSQL store at postgresql://app@127.0.0.1:{port}/shop: "
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("secret"));
+    }
+}

@@ -1,0 +1,5 @@
+SELECT d.id, d.data
+FROM protean.document_fields f
+JOIN protean.documents d ON d.collection = f.collection AND d.id = f.id
+WHERE f.collection = $1 AND f.field = $2 AND f.value = $3
+ORDER BY f.id

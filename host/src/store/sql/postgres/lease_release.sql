@@ -1,0 +1,1 @@
+DELETE FROM protean.leases WHERE name = $1 AND owner = $2

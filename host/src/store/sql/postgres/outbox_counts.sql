@@ -1,0 +1,1 @@
+SELECT status, count(*) FROM protean.outbox GROUP BY status

@@ -1,0 +1,1 @@
+SELECT target, worker, until FROM protean.outbox_leases

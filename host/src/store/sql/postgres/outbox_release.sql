@@ -1,0 +1,1 @@
+DELETE FROM protean.outbox_leases WHERE worker = $1

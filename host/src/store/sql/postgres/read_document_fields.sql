@@ -1,0 +1,1 @@
+SELECT field, value FROM protean.document_fields WHERE collection = $1 AND id = $2

@@ -1,0 +1,1 @@
+SELECT position FROM protean.positions WHERE subscription = $1

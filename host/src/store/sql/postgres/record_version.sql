@@ -1,0 +1,1 @@
+INSERT INTO protean.schema_version (version, name) VALUES ($1, $2)

@@ -1,0 +1,1 @@
+SELECT to_regclass('protean.schema_version') IS NOT NULL

@@ -1,0 +1,324 @@
+//! The PostgreSQL store with a real PostgreSQL: its commands, its errors, and replicas sharing it with no
+//! broker, the owner of the subscriptions killed and the database restarted mid-run.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+
+use protean_host::store::{PostgresStore, Store};
+
+use crate::support::{
+    count_of, each_order_exactly_once, engine, host, place, postgres, sample_domain, send_orders,
+    start_replicas, wait_until, PgServer, RedisServer, TEST_CONFIG,
+};
+
+fn write_config(dir: &Path, text: &str) {
+    std::fs::write(dir.join("protean.toml"), text).unwrap();
+}
+
+#[test]
+fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &pg.config());
+    let before = host(dir.path())
+        .args(["db", "status"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(before.starts_with("schema version 0 of 2"), "{before}");
+    assert!(
+        before.contains("pending migration 1: message_store"),
+        "{before}"
+    );
+    assert!(before.contains("run `protean-host db setup`"), "{before}");
+    let first = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(
+        first.contains("applied migration 1: message_store"),
+        "{first}"
+    );
+    assert!(first.contains("applied migration 2: protean"), "{first}");
+    let second = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(
+        !second.contains("applied migration"),
+        "nothing applied twice: {second}"
+    );
+    assert!(second.contains("0 migration(s) applied now"), "{second}");
+    let after = host(dir.path())
+        .args(["db", "status"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert_eq!(after.lines().count(), 1, "{after}");
+    assert!(after.starts_with("schema version 2 of 2"), "{after}");
+    assert_eq!(
+        pg.psql("SELECT message_store.message_store_version()"),
+        "1.3.0"
+    );
+}
+
+#[test]
+fn a_server_on_a_store_not_set_up_names_db_setup() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &pg.config());
+    let lib = sample_domain().display().to_string();
+    let run = host(dir.path())
+        .args(["--domain", &lib])
+        .output()
+        .expect_code(1);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(
+        errors[0].contains("is not set up (schema version 0 of 2); run `protean-host db setup`"),
+        "{errors:?}"
+    );
+    assert!(!errors[0].contains('\n'));
+}
+
+#[test]
+fn a_bad_uri_is_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "[store]\nprovider = \"postgres\"\nuri = \"postgresql://db:port/x\"\n",
+    );
+    let run = host(dir.path())
+        .args(["db", "status"])
+        .output()
+        .expect_code(1);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(
+        errors[0].contains("store.uri: invalid connection string"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].contains("expected a URI like postgresql://"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn an_unreachable_database_is_one_line_naming_it_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("postgresql://app:secret@127.0.0.1:{port}/shop");
+    write_config(
+        dir.path(),
+        &format!("[store]\nprovider = \"postgres\"\nuri = \"{uri}\"\n"),
+    );
+    let run = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(1);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(
+        errors[0].contains(&format!(
+            "cannot reach the PostgreSQL store at postgresql://app@127.0.0.1:{port}/shop"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        !run.stderr().contains("secret"),
+        "the password is never printed"
+    );
+}
+
+#[test]
+fn db_commands_on_another_store_say_they_are_for_postgres_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(1);
+    assert_eq!(
+        run.error_lines(),
+        ["error: the configured store is not PostgreSQL; only [store] provider = \"postgres\" has migrations (SQLite creates its schema itself)"]
+    );
+}
+
+/// An existing MessageDB install (here: the first migration's schema, one function redefined with the
+/// parameter names of another MessageDB release, and a message) is adopted by `db setup`: its functions
+/// are kept (`CREATE OR REPLACE` could not rename a parameter), its messages read.
+#[test]
+fn db_setup_adopts_an_existing_message_store_and_its_messages() {
+    let pg = PgServer::start();
+    let migration =
+        include_str!("../../host/src/store/sql/postgres/migrations/001_message_store.sql");
+    pg.psql(migration);
+    pg.psql("DROP FUNCTION message_store.get_category_messages(varchar, bigint, bigint, varchar, bigint, bigint, varchar)");
+    pg.psql("CREATE FUNCTION message_store.get_category_messages(category_name varchar, \"position\" bigint DEFAULT 1, batch_size bigint DEFAULT 1000, correlation varchar DEFAULT NULL, consumer_group_member bigint DEFAULT NULL, consumer_group_size bigint DEFAULT NULL, condition varchar DEFAULT NULL) RETURNS SETOF message_store.message LANGUAGE sql AS 'SELECT NULL::message_store.message WHERE false'");
+    pg.psql("SELECT message_store.write_message('5f1a3a4e-8a2c-4a8e-9d7e-2f4f1d7c9b10', 'shop::order-1', 'Placed', '{\"n\": 1}', '{}')");
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &pg.config());
+    let out = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(out.contains("applied migration 2: protean"), "{out}");
+    let kept =
+        pg.psql("SELECT proargnames[1] FROM pg_proc WHERE proname = 'get_category_messages'");
+    assert_eq!(kept, "category_name", "the install's own function is kept");
+    let store = PostgresStore::open(&pg.store_config()).unwrap();
+    let stored = store.read_stream("shop::order-1", 0).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].id, "5f1a3a4e-8a2c-4a8e-9d7e-2f4f1d7c9b10",
+        "no headers.id: the row's id"
+    );
+}
+
+/// Shipments so far; 0 while the database is away (the test's own pool reconnects like the host's).
+fn shipped(store: &dyn Store) -> usize {
+    store
+        .read_categories(&["fulfilment::order".into()], 0, usize::MAX)
+        .map(|all| {
+            all.iter()
+                .filter(|m| m.message_type == "Fulfilment.OrderShipped.v1")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Each event-store subscription's lease owner, as `pid-suffix`.
+fn owners(pg: &PgServer) -> BTreeMap<String, String> {
+    pg.psql("SELECT name || '=' || owner FROM protean.leases WHERE expires_at > clock_timestamp()")
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .collect()
+}
+
+#[test]
+fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_restart() {
+    let mut pg = PgServer::start();
+    let store = Arc::new(PostgresStore::connect(&pg.store_config()).unwrap());
+    store.setup().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!(
+            "[server]\nmessages_per_tick = 20\nlease_ttl_ms = 1500\npoll_interval_ms = 100\n{}",
+            pg.config()
+        ),
+    );
+    let total = 300;
+    send_orders(dir.path(), 0, total);
+    let mut replicas = start_replicas(dir.path(), 2);
+    wait_until(Duration::from_secs(60), "the first shipments", || {
+        shipped(store.as_ref()) > 0
+    });
+    let leased = owners(&pg);
+    assert!(
+        leased.len() >= 4,
+        "every event-store subscription has one owner: {leased:?}"
+    );
+    let pids: Vec<String> = replicas.iter().map(|r| r.pid().to_string()).collect();
+    for owner in leased.values() {
+        assert!(
+            pids.iter().any(|p| owner.starts_with(&format!("{p}-"))),
+            "{owner} is a live replica"
+        );
+    }
+    // Kill the replica that owns the most subscriptions: the other must take them over.
+    let victim = (0..2)
+        .max_by_key(|i| {
+            leased
+                .values()
+                .filter(|o| o.starts_with(&format!("{}-", pids[*i])))
+                .count()
+        })
+        .unwrap();
+    let taken_over: Vec<&String> = leased
+        .iter()
+        .filter(|(_, o)| o.starts_with(&format!("{}-", pids[victim])))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        !taken_over.is_empty(),
+        "the victim owns subscriptions: {leased:?}"
+    );
+    replicas[victim].signal(libc::SIGKILL);
+    let survivor = replicas.remove(1 - victim);
+    drop(replicas);
+    wait_until(
+        Duration::from_secs(60),
+        "a third of the orders shipped",
+        || shipped(store.as_ref()) > total / 3,
+    );
+    pg.restart();
+    // Orders sent after the restart must be handled too: the host carried on, whatever was in flight.
+    let late = 100;
+    send_orders(dir.path(), total, late);
+    let total = total + late;
+    wait_until(Duration::from_secs(120), "every order shipped", || {
+        shipped(store.as_ref()) >= total
+    });
+    survivor.signal(libc::SIGTERM);
+    let (code, logs) = survivor.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    each_order_exactly_once(store.as_ref(), total);
+    for name in taken_over {
+        // Field formats of the two log lines: `subscription="NAME"` (lease) and `subscription=NAME ` (batch).
+        let lines: Vec<&str> = logs.lines().collect();
+        let taken = lines.iter().position(|l| {
+            l.contains("lease taken") && l.contains(&format!("subscription=\"{name}\""))
+        });
+        let first_batch = lines.iter().position(|l| {
+            l.contains("batch committed") && l.contains(&format!("subscription={name} "))
+        });
+        let taken = taken.unwrap_or_else(|| panic!("the survivor took over {name}:\n{logs}"));
+        assert!(
+            first_batch.is_none_or(|b| b > taken),
+            "{name} ran on the survivor only after it took the lease"
+        );
+    }
+    assert_eq!(
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderPlaced.v1"
+        ),
+        total
+    );
+}
+
+#[test]
+fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() {
+    let redis = RedisServer::start();
+    let (store, _pg) = postgres();
+    let config = format!("{TEST_CONFIG}{}", redis.config());
+    let engine = engine(sample_domain(), "domain", store.clone(), &config);
+    for n in 0..20 {
+        engine
+            .send("Fulfilment.PlaceOrder.v1", &place(n), None)
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, protean_host::engine::Outcome::Quiescent);
+    each_order_exactly_once(store.as_ref(), 20);
+    let outbox = store.outbox().unwrap().counts().unwrap();
+    assert_eq!(
+        (outbox.pending, outbox.abandoned),
+        (0, 0),
+        "everything published"
+    );
+    assert!(outbox.published >= 20 * 7, "{outbox:?}");
+    let pending = redis.cli(&["XPENDING", "fulfilment::order", "inventory"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "nothing left pending: {pending}"
+    );
+}
