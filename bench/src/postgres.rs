@@ -2,7 +2,8 @@
 //! commit flushed, as in production):
 //! - appending events in batches of 1000 through the store, in-process;
 //! - a subscription end to end: the stored events through one handler that does nothing, whole process
-//!   (`protean-host --test-mode`), with its peak memory.
+//!   (`protean-host --test-mode`), with its peak memory;
+//! - the sample flow, orders to shipped, whole process.
 
 use std::{path::Path, time::Instant};
 
@@ -21,14 +22,30 @@ mod cluster;
 
 const BATCH: usize = 1000;
 
-/// Both rows; `events` are appended, then handled.
-pub fn rows(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<Row>> {
+/// The rows; `events` are appended, then handled; then the sample flow runs `orders` orders.
+pub fn rows(
+    host: &Path,
+    fixture: &Path,
+    sample: &Path,
+    events: usize,
+    orders: usize,
+) -> anyhow::Result<Vec<Row>> {
     let pg = cluster::PgServer::durable();
     let store = PostgresStore::connect(&pg.store_config())?;
     store.setup()?;
     let appended = append_rate(&store, events)?;
     let handled = subscription_rate(host, fixture, &pg, events)?;
-    Ok(vec![appended, handled])
+    let dir = tempfile::tempdir()?;
+    let flow = super::sample_flow(
+        host,
+        sample,
+        orders,
+        "PostgreSQL",
+        &store,
+        &pg.config(),
+        dir.path(),
+    )?;
+    Ok(vec![appended, handled, flow])
 }
 
 fn ticks(from: usize, count: usize) -> Vec<NewMessage> {
