@@ -14,12 +14,13 @@
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths.
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind, ops, reload).
+//! redis, latency, callgrind, ops, reload, peer).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod latency;
 mod ops;
+mod peer;
 mod reload;
 
 use std::{
@@ -110,6 +111,10 @@ fn main() -> anyhow::Result<()> {
             );
         }
         rows.extend(reload::swap(&host, &sample, &variant)?);
+    }
+    if wanted("peer") {
+        // Python Protean's flow slows as its memory event store grows: a modest count (see peer.rs).
+        rows.extend(peer::peer_rows(arg("--peer-orders", 50))?);
     }
     if wanted("ops") {
         rows.extend(ops::scraped_vs_unscraped(
