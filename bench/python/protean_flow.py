@@ -50,6 +50,7 @@ engine's loop checks every 10 ms whether the projection has seen every order shi
 """
 
 import argparse
+import asyncio
 import json
 import logging
 import shutil
@@ -238,7 +239,8 @@ def build_domain(redis_uri: str, database_uri: str) -> Domain:
         @handle(StockReserved)
         def charge(self, event: StockReserved):
             count("Billing")
-            # As the Rust handler: find the reservation by order id, load the order for its total.
+            # As the Rust handler: find the reservation by order id (a query on a field, through the repository's
+            # DAO as Protean's custom repositories do), then load the order for its total.
             reserved = current_domain.repository_for(Reservation)._dao.query.filter(order_id=event.order_id).all()
             if not reserved.items:
                 raise RuntimeError(f"no reservation found for order {event.order_id}")
@@ -345,9 +347,9 @@ def main() -> int:
         engine = Engine(domain)
         outcome = {}
 
+        # Protean has no "stop when done" in production mode: a task on the engine's own loop watches the
+        # projection's tally and shuts the engine down the way a SIGTERM would.
         async def watch() -> None:
-            import asyncio
-
             while len(SHIPPED) < args.orders and time.perf_counter() - started < args.time_limit:
                 await asyncio.sleep(0.01)
             outcome["seconds"] = time.perf_counter() - started
