@@ -15,13 +15,14 @@
 //! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind, ops, reload, postgres).
+//! redis, latency, callgrind, ops, reload, postgres, peer).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod ceiling;
 mod latency;
 mod ops;
+mod peer;
 mod postgres;
 mod reload;
 
@@ -92,10 +93,16 @@ fn main() -> anyhow::Result<()> {
     if wanted("sqlite") {
         rows.push(sqlite_noop(&host, &fixture, events)?);
     }
-    if wanted("sample") {
-        rows.push(sample_flow_sqlite(&host, &sample, orders, None)?);
+    // Orders per second of the sample flow on Redis, for the ratio to the peer.
+    let mut on_redis = None;
+    if wanted("sample") || wanted("peer") {
         let redis = Redis::start()?;
-        rows.push(sample_flow_sqlite(&host, &sample, orders, Some(&redis))?);
+        let (row, rate) = sample_flow_sqlite(&host, &sample, orders, Some(&redis))?;
+        on_redis = Some(rate);
+        if wanted("sample") {
+            rows.push(sample_flow_sqlite(&host, &sample, orders, None)?.0);
+            rows.push(row);
+        }
     }
     if wanted("redis") {
         rows.extend(redis_noop(&host, &fixture, events)?);
@@ -115,6 +122,26 @@ fn main() -> anyhow::Result<()> {
             );
         }
         rows.extend(reload::swap(&host, &sample, &variant)?);
+    }
+    if wanted("peer") {
+        // Python Protean's flow slows as its memory event store grows: a modest count (see peer.rs).
+        let (row, peer) = peer::peer(arg("--peer-orders", 50))?;
+        rows.push(row);
+        let ours = on_redis.context("the sample flow on Redis ran first")?;
+        let theirs = peer.orders_per_s;
+        rows.push(Row {
+            scenario: "Sample flow on Redis against Python Protean".into(),
+            setup: format!(
+                "our {orders} orders/s over Protean's {} orders/s, same run, same machine",
+                peer.orders
+            ),
+            result: format!(
+                "{:.0}× ({ours:.0} against {theirs:.1} orders/s)",
+                ours / theirs
+            ),
+            target: "≥ 50×".into(),
+            ok: ours >= 50.0 * theirs,
+        });
     }
     if wanted("ops") {
         rows.extend(ops::scraped_vs_unscraped(
@@ -388,7 +415,7 @@ fn sample_flow_sqlite(
     sample: &Path,
     orders: usize,
     redis: Option<&Redis>,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, f64)> {
     let dir = tempfile::tempdir()?;
     let config = redis.map_or(String::new(), |r| {
         format!(
@@ -403,7 +430,7 @@ fn sample_flow_sqlite(
 
 /// The sample flow from `orders` `PlaceOrder` commands stored in `store` to every order shipped, by a
 /// whole `protean-host` process in `dir` configured with `config` (TOML; a broker means outbox and
-/// streams).
+/// streams). The row, and the orders per second.
 fn sample_flow(
     host: &Path,
     sample: &Path,
@@ -412,7 +439,7 @@ fn sample_flow(
     store: &dyn Store,
     config: &str,
     dir: &Path,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, f64)> {
     std::fs::write(dir.join("protean.toml"), config)?;
     let publish = config.contains("[brokers.default]");
     for chunk in (0..orders).collect::<Vec<_>>().chunks(1000) {
@@ -449,7 +476,7 @@ fn sample_flow(
         "SQLite" => ("≥ 5,000 orders/s", 5000.0),
         _ => ("-", 0.0),
     };
-    Ok(Row {
+    let row = Row {
         scenario: format!("Sample flow on {backend}, PlaceOrder to shipped"),
         setup: format!("{orders} orders ({messages} handler calls), 8 subscriptions, 100 per batch, whole process"),
         result: format!(
@@ -460,7 +487,8 @@ fn sample_flow(
         ),
         target: target.into(),
         ok: rate >= min,
-    })
+    };
+    Ok((row, rate))
 }
 
 /// Handler calls in a test-mode run, from its summary on stdout (`  handled  N  Type` lines).

@@ -44,7 +44,8 @@ pub fn rows(
         &store,
         &pg.config(),
         dir.path(),
-    )?;
+    )?
+    .0;
     Ok(vec![appended, handled, flow])
 }
 
