@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(Row {
             scenario: "Sample flow on Redis against Python Protean".into(),
             setup: format!(
-                "our {orders} orders/s over Protean's {} orders/s, same run, same machine",
+                "orders/s of our flow ({orders} orders) over Protean's ({} orders), same run, same machine",
                 peer.orders
             ),
             result: format!(
