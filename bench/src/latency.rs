@@ -29,7 +29,7 @@ pub(crate) fn redis_latency(
         dir.path().join("protean.toml"),
         format!("[brokers.default]\nuri = \"{uri}\"\n"),
     )?;
-    let mut server = Command::new(host)
+    let server = Command::new(host)
         .current_dir(dir.path())
         .args([
             "--log-level",
@@ -50,7 +50,8 @@ pub(crate) fn redis_latency(
     unsafe {
         libc::kill(server.id() as i32, libc::SIGTERM)
     };
-    server.wait()?;
+    let (_, usage) = crate::wait4(server.id() as i32)?;
+    let rss_mb = usage.ru_maxrss as f64 / 1024.0;
     let mut latencies = latencies?;
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
@@ -58,7 +59,7 @@ pub(crate) fn redis_latency(
     Ok(Row {
         scenario: "Redis latency, commit to handled".into(),
         setup: format!("{count} events at a steady {rate}/s: command handler commits, outbox publishes, event handler commits; server clock"),
-        result: format!("p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms"),
+        result: format!("p50 {p50:.2} ms, p95 {p95:.2} ms, p99 {p99:.2} ms; server peak memory {rss_mb:.1} MB"),
         target: "p99 ≤ 5 ms".into(),
         ok: p99 <= 5.0,
     })

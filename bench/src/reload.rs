@@ -87,7 +87,8 @@ pub(crate) fn swap(host: &Path, sample: &Path, variant: &Path) -> anyhow::Result
     unsafe {
         libc::kill(server.id() as i32, libc::SIGTERM)
     };
-    server.wait()?;
+    let (_, usage) = crate::wait4(server.id() as i32)?;
+    let rss_mb = usage.ru_maxrss as f64 / 1024.0;
     let pause_ms: u64 = reloaded
         .split("took_ms=")
         .nth(1)
@@ -99,7 +100,7 @@ pub(crate) fn swap(host: &Path, sample: &Path, variant: &Path) -> anyhow::Result
         Row {
             scenario: "Hot reload, rename to the new build handling".into(),
             setup: format!("sample flow on SQLite at {RATE} orders/s, release, --reload; 200 ms debounce included"),
-            result: format!("{ms:.0} ms"),
+            result: format!("{ms:.0} ms; server peak memory {rss_mb:.1} MB"),
             target: "≤ 500 ms".into(),
             ok: ms <= 500.0,
         },
