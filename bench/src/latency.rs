@@ -40,6 +40,7 @@ pub(crate) fn redis_latency(
         .stdout(Stdio::null())
         .spawn()
         .context("start protean-host")?;
+    let peak = crate::peak_memory(server.id());
     let mut conn = redis::Client::open(uri.as_str())?.get_connection()?;
     wait_for_groups(&mut conn)?;
     send_steadily(&mut conn, rate, count)?;
@@ -50,8 +51,8 @@ pub(crate) fn redis_latency(
     unsafe {
         libc::kill(server.id() as i32, libc::SIGTERM)
     };
-    let (_, usage) = crate::wait4(server.id() as i32)?;
-    let rss_mb = usage.ru_maxrss as f64 / 1024.0;
+    crate::wait4(server.id() as i32)?;
+    let rss_mb = peak.join().unwrap_or(0) as f64 / 1024.0;
     let mut latencies = latencies?;
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize] as f64 / 1000.0;

@@ -318,6 +318,7 @@ fn run_measured(mut command: Command) -> anyhow::Result<Measured> {
         .stderr(std::process::Stdio::null());
     let started = Instant::now();
     let mut child = command.spawn().context("start protean-host")?;
+    let peak = peak_memory(child.id());
     let stdout = child.stdout.take().context("stdout")?;
     let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
     let (status, rusage) = wait4(child.id() as i32)?;
@@ -329,9 +330,36 @@ fn run_measured(mut command: Command) -> anyhow::Result<Measured> {
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Measured {
         elapsed,
-        rss_kib: rusage.ru_maxrss as u64,
+        rss_kib: peak.join().unwrap_or(0),
         cpu: time(rusage.ru_utime) + time(rusage.ru_stime),
         stdout: out,
+    })
+}
+
+/// The peak resident memory (KiB) of the process `pid` once it runs `protean-host`, read from
+/// `/proc/PID/status` (VmHWM) every 10 ms until it exits. Not `ru_maxrss`: that also counts the
+/// bench's own memory, which a child shares until its exec.
+fn peak_memory(pid: u32) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return peak;
+            };
+            if comm.trim() == "protean-host" {
+                let hwm = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                match hwm {
+                    Some(kib) => peak = peak.max(kib),
+                    // A zombie has no memory left to measure.
+                    None => return peak,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     })
 }
 

@@ -46,6 +46,7 @@ pub(crate) fn swap(host: &Path, sample: &Path, variant: &Path) -> anyhow::Result
         .stderr(Stdio::piped())
         .spawn()
         .context("start protean-host")?;
+    let peak = crate::peak_memory(server.id());
     let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
     let stderr = server.stderr.take().context("stderr")?;
     std::thread::spawn(move || {
@@ -87,8 +88,8 @@ pub(crate) fn swap(host: &Path, sample: &Path, variant: &Path) -> anyhow::Result
     unsafe {
         libc::kill(server.id() as i32, libc::SIGTERM)
     };
-    let (_, usage) = crate::wait4(server.id() as i32)?;
-    let rss_mb = usage.ru_maxrss as f64 / 1024.0;
+    crate::wait4(server.id() as i32)?;
+    let rss_mb = peak.join().unwrap_or(0) as f64 / 1024.0;
     let pause_ms: u64 = reloaded
         .split("took_ms=")
         .nth(1)
