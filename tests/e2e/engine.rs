@@ -179,6 +179,56 @@ fn a_cascade_of_twelve_hops_completes() {
     }
 }
 
+/// Another consumer committed one of the messages first (a reclaimed entry of a slow replica, a
+/// stalled lease owner): the commit is refused whole, the batch runs again without that message, and
+/// its effects are not doubled.
+#[test]
+fn a_message_another_consumer_committed_first_is_not_handled_twice() {
+    for (backend, store, _keep) in backends() {
+        let hop = |chain: &str| {
+            NewMessage::new(
+                Kind::Event,
+                &format!("probe::probe-{chain}-0"),
+                "Probe.Hopped.v1",
+                &json!({ "chain": chain, "n": 0, "depth": 2 }),
+                None,
+                None,
+                None,
+            )
+        };
+        let (taken, free) = (hop("taken"), hop("free"));
+        let marker = protean_host::unit_of_work::ProcessedMarker {
+            subscription: "chain".into(),
+            message_id: taken.id.clone(),
+            build_id: "another replica".into(),
+        };
+        store
+            .commit(&UnitOfWork {
+                messages: vec![taken, free],
+                processed: vec![marker],
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        let report = engine(fixture_domain(), "probe", store.clone(), TEST_CONFIG)
+            .run()
+            .unwrap();
+        assert_eq!(report.outcome, Outcome::Quiescent, "{backend}");
+        assert!(
+            store
+                .read_stream("probe::probe:command-taken-1", 0)
+                .unwrap()
+                .is_empty(),
+            "{backend}: the message committed elsewhere is not handled again"
+        );
+        assert_eq!(
+            types(store.as_ref(), "probe::probe:command-free-1"),
+            ["Probe.Step.v1"],
+            "{backend}: the rest of the batch is handled"
+        );
+        assert!(store.dead_letters(None).unwrap().is_empty(), "{backend}");
+    }
+}
+
 fn run_probe(
     store: &Arc<dyn Store>,
     behaviours: &[(&str, &str)],

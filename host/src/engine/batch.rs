@@ -96,8 +96,12 @@ pub(crate) fn run(
     attempts: &mut Attempts,
 ) -> store::Result<Report> {
     let mut conflicts = 0;
+    // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
+    // only after a commit found that another consumer got there first.
+    let mut recheck = ctx.subscription.kind == SubscriptionType::Stream;
+    let mut raced = 0;
     loop {
-        let (mut unit, mut report, settled) = build(ctx, messages, attempts)?;
+        let (mut unit, mut report, settled) = build(ctx, messages, attempts, recheck)?;
         if ctx.subscription.kind == SubscriptionType::Stream {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
@@ -121,6 +125,16 @@ pub(crate) fn run(
             }) if conflicts < ctx.version_retries => {
                 conflicts += 1;
                 tracing::debug!(subscription = %ctx.subscription.plan.name, %stream, expected, actual, conflicts, "version conflict; re-running the batch");
+            }
+            // Only a race with another consumer (a reclaim of a slow one's entries) gets here, and the
+            // re-run skips what the other committed; bounded all the same.
+            Err(store::Error::AlreadyProcessed {
+                subscription,
+                message_id,
+            }) if raced < 3 => {
+                raced += 1;
+                recheck = true;
+                tracing::info!(%subscription, %message_id, "another consumer committed this message first; re-running the batch without it");
             }
             Err(conflict @ store::Error::VersionConflict { .. }) => {
                 // Persistent contention: count it as a failure of the first message, so it is retried with
@@ -159,6 +173,7 @@ fn build(
     ctx: &Context<'_>,
     messages: &[StoredMessage],
     attempts: &mut Attempts,
+    recheck: bool,
 ) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
     let sub = ctx.subscription;
     let metas: Vec<Result<MetaView<'_>, String>> = messages
@@ -179,7 +194,7 @@ fn build(
         })
         .collect();
     let now = chrono::Utc::now();
-    let done = already_processed(ctx, messages)?;
+    let done = already_processed(ctx, messages, recheck)?;
     let classes: Vec<Class<'_>> = messages
         .iter()
         .zip(&metas)
@@ -288,10 +303,15 @@ fn build(
     Ok((unit, report, settled_ids))
 }
 
-/// Which messages were handled before (a broker redelivers after a crash between commit and ack) or
-/// appear twice in the batch (the outbox publishes at least once). Event-store reads never repeat.
-fn already_processed(ctx: &Context<'_>, messages: &[StoredMessage]) -> store::Result<Vec<bool>> {
-    if ctx.subscription.kind == SubscriptionType::EventStore {
+/// Which messages were handled before (a broker redelivers after a crash between commit and ack, or
+/// hands a slow consumer's entries to another) or appear twice in the batch (the outbox publishes at
+/// least once). Without `recheck`, none: event-store reads of a leased subscription do not repeat.
+fn already_processed(
+    ctx: &Context<'_>,
+    messages: &[StoredMessage],
+    recheck: bool,
+) -> store::Result<Vec<bool>> {
+    if !recheck {
         return Ok(vec![false; messages.len()]);
     }
     let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();

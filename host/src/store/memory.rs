@@ -83,6 +83,15 @@ impl State {
             }
             versions.insert(&m.stream, actual + 1);
         }
+        for marker in &unit.processed {
+            let key = (marker.subscription.clone(), marker.message_id.clone());
+            if self.processed.contains(&key) {
+                return Err(Error::AlreadyProcessed {
+                    subscription: key.0,
+                    message_id: key.1,
+                });
+            }
+        }
         Ok(())
     }
 

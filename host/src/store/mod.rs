@@ -81,6 +81,13 @@ pub enum Error {
     },
     #[error("message {0} is already stored")]
     DuplicateMessage(String),
+    /// Another consumer committed one of these messages first (a redelivery raced the original):
+    /// nothing of this unit was written, and the batch is run again without it.
+    #[error("message {message_id} was already handled by {subscription}")]
+    AlreadyProcessed {
+        subscription: String,
+        message_id: String,
+    },
     #[error("document field name {0:?} is not a plain identifier (letters, digits, _)")]
     BadField(String),
     #[error("sqlite store {path}: {source}")]

@@ -268,12 +268,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
     }
     let at = now();
     for marker in &unit.processed {
-        tx.prepare_cached(sql::INSERT_PROCESSED)?.execute(params![
+        let inserted = tx.prepare_cached(sql::INSERT_PROCESSED)?.execute(params![
             marker.subscription,
             marker.message_id,
             marker.build_id,
             at
-        ])?;
+        ]);
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(Error::AlreadyProcessed {
+                    subscription: marker.subscription.clone(),
+                    message_id: marker.message_id.clone(),
+                }
+                .into());
+            }
+            other => other?,
+        };
     }
     if let Some(update) = &unit.position {
         tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![

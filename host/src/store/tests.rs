@@ -191,6 +191,8 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
     ));
 }
 
+/// Positions and markers commit with the effects; a second commit of a marker (another consumer got
+/// there first) is refused whole.
 pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
     let unit = UnitOfWork {
         messages: vec![event("shop::order-1", 0, None)],
@@ -214,17 +216,20 @@ pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
         }),
         ..unit.clone()
     };
-    store
-        .commit(&UnitOfWork {
-            messages: vec![],
-            ..again
-        })
-        .unwrap();
+    let raced = store.commit(&UnitOfWork {
+        messages: vec![event("shop::order-2", 0, None)],
+        ..again
+    });
+    assert!(
+        matches!(raced, Err(Error::AlreadyProcessed { ref subscription, .. }) if subscription == "s"),
+        "a message handled twice is refused: {raced:?}"
+    );
     assert_eq!(
         store.position("s").unwrap(),
-        Some(42),
-        "a repeated marker is not an error"
+        Some(41),
+        "nothing of the refused unit is written"
     );
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
 }
 
 pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {

@@ -36,7 +36,7 @@ pub(super) fn apply(
         let column = |f: fn(&crate::unit_of_work::ProcessedMarker) -> &str| -> Vec<&str> {
             unit.processed.iter().map(f).collect()
         };
-        c.execute(
+        let inserted = c.execute(
             sql::INSERT_PROCESSED,
             &[
                 &column(|m| &m.subscription),
@@ -44,6 +44,18 @@ pub(super) fn apply(
                 &column(|m| &m.build_id),
             ],
         )?;
+        if inserted < unit.processed.len() as u64 {
+            let first = &unit.processed[0];
+            return Err(Error::AlreadyProcessed {
+                subscription: first.subscription.clone(),
+                message_id: format!(
+                    "{} (or another of the {} in this batch)",
+                    first.message_id,
+                    unit.processed.len()
+                ),
+            }
+            .into());
+        }
     }
     if let Some(update) = &unit.position {
         c.execute(
