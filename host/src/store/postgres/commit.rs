@@ -53,8 +53,7 @@ pub(super) fn apply(
                     first.message_id,
                     unit.processed.len()
                 ),
-            }
-            .into());
+            });
         }
     }
     if let Some(update) = &unit.position {
