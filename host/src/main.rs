@@ -209,6 +209,8 @@ fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
             }
             if !status.is_current() {
                 println!("run `protean-host db setup` to apply them");
+                // Scripts and init containers can ask "is the schema current?" by the exit code.
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

@@ -22,7 +22,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
     let before = host(dir.path())
         .args(["db", "status"])
         .output()
-        .expect_code(0)
+        .expect_code(1)
         .stdout();
     assert!(before.starts_with("schema version 0 of 2"), "{before}");
     assert!(
