@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::ops::{sample, scrape};
 use crate::support::{
-    each_order_exactly_once, host, incompatible_sample, orders, reload_sample, sample_domain,
+    each_order_exactly_once, host, incompatible_sample, reload_sample, sample_domain, send_orders,
     sqlite, wait_until, Incompatibility, RedisServer, ReloadBuild,
 };
 
@@ -34,27 +34,19 @@ struct Sender {
 }
 
 impl Sender {
-    fn start(dir: &Path, library: &Path) -> Self {
+    /// Sends with the sample domain from its build path: the watched copy is broken for a while.
+    fn start(dir: &Path) -> Self {
         let (stop, sent) = (
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicUsize::new(0)),
         );
-        let (dir, library) = (dir.to_owned(), library.display().to_string());
+        let dir = dir.to_owned();
         let thread = std::thread::spawn({
             let (stop, sent) = (stop.clone(), sent.clone());
             move || {
                 while !stop.load(Ordering::SeqCst) {
                     let from = sent.load(Ordering::SeqCst);
-                    host(&dir)
-                        .args([
-                            "send",
-                            "--domain",
-                            &library,
-                            "Fulfilment.PlaceOrder.v1",
-                            "-",
-                        ])
-                        .output_with_stdin(&orders(from, 10))
-                        .expect_code(0);
+                    send_orders(&dir, from, 10);
                     sent.store(from + 10, Ordering::SeqCst);
                 }
             }
@@ -118,8 +110,7 @@ fn reload_under_load(config: &str) {
         .to_owned();
     server.wait_for(&["engine started"], Duration::from_secs(60));
     let store = sqlite(dir.path());
-    // The sender loads the domain from a path of its own: the watched one is broken for a while.
-    let sender = Sender::start(dir.path(), sample_domain());
+    let sender = Sender::start(dir.path());
     wait_until(Duration::from_secs(60), "the first shipments", || {
         shipped(store.as_ref()) > 0
     });

@@ -5,15 +5,11 @@ use std::{path::Path, time::Duration};
 use protean_host::store::{SqliteStore, Store};
 use serde_json::{json, Value};
 
-use crate::support::{count_of, each_order_exactly_once, fixture_domain, host, sample_domain};
+use crate::support::{
+    count_of, each_order_exactly_once, fixture_domain, host, orders, sample_domain, send_orders,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn orders(n: usize) -> String {
-    (0..n)
-        .map(|i| json!({ "order_id": format!("o{i}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0 }).to_string() + "\n")
-        .collect()
-}
 
 fn store(dir: &Path) -> SqliteStore {
     SqliteStore::open(&dir.join(".protean/store.db")).unwrap()
@@ -39,7 +35,7 @@ fn killed_mid_run_then_restarted_every_order_ships_exactly_once() {
     let lib = sample_domain().display().to_string();
     let sent = host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(300))
+        .output_with_stdin(&orders(0, 300))
         .expect_code(0);
     assert_eq!(sent.stdout().lines().count(), 300);
 
@@ -173,10 +169,7 @@ fn the_grace_period_bounds_the_wait_and_nothing_half_done_is_kept() {
 fn test_mode_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let lib = sample_domain().display().to_string();
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(3))
-        .expect_code(0);
+    send_orders(dir.path(), 0, 3);
     let done = host(dir.path())
         .args(["--domain", &lib, "--test-mode"])
         .output()
@@ -262,10 +255,7 @@ fn bad_configuration_files_name_the_key_and_exit_one() {
 fn json_logs_are_one_object_per_line_and_debug_shows_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let lib = sample_domain().display().to_string();
-    host(dir.path())
-        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
-        .output_with_stdin(&orders(1))
-        .expect_code(0);
+    send_orders(dir.path(), 0, 1);
     let run = host(dir.path())
         .args([
             "--domain",

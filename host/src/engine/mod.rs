@@ -112,27 +112,26 @@ impl RunReport {
 
 /// What every subscription task shares during a run.
 pub(crate) struct Shared {
-    /// The running generation's plugin; replaced by a reload while no subscription runs.
-    plugin: Mutex<Arc<Plugin>>,
+    /// The running generation (its plugin and subscriptions); replaced by a reload while no
+    /// subscription runs.
+    generation: Mutex<Arc<Generation>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Config,
     pub(crate) progress: Progress,
     pub(crate) test_mode: bool,
     /// Prometheus counters, recorded after each batch and outbox round.
     pub(crate) metrics: crate::ops::metrics::Metrics,
-    /// The running generation's subscriptions, for health and metrics.
-    subscriptions: Mutex<Vec<Arc<Subscription>>>,
 }
 
 impl Shared {
     /// The plugin to call (a batch takes it once, so a reload never changes it mid-batch).
     pub(crate) fn plugin(&self) -> Arc<Plugin> {
-        lock(&self.plugin).clone()
+        lock(&self.generation).plugin.clone()
     }
 
     /// The subscriptions running now.
     pub(crate) fn subscriptions(&self) -> Vec<Arc<Subscription>> {
-        lock(&self.subscriptions).clone()
+        lock(&self.generation).subscriptions.clone()
     }
 }
 
@@ -315,7 +314,7 @@ impl Engine {
         let started = Instant::now();
         let test_mode = self.options.test_mode;
         self.swap_pending();
-        let mut generation = self.current();
+        let generation = self.current();
         // Without handlers there is still the outbox to publish when a broker is configured: a replica
         // may run only that.
         if generation.subscriptions.is_empty() && self.options.config.broker.is_none() {
@@ -340,13 +339,12 @@ impl Engine {
             None => None,
         };
         let shared = Arc::new(Shared {
-            plugin: Mutex::new(generation.plugin.clone()),
+            generation: Mutex::new(generation.clone()),
             store: self.store.clone(),
             config: self.options.config.clone(),
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
-            subscriptions: Mutex::new(generation.subscriptions.clone()),
         });
         let shutdown = CancellationToken::new();
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
@@ -405,13 +403,7 @@ impl Engine {
                 Wake::Ended(error) => break error,
                 Wake::Reload => {
                     let swapped = self
-                        .swap(
-                            &runner,
-                            &mut generation,
-                            &mut epoch,
-                            &mut workers,
-                            &shutdown,
-                        )
+                        .swap(&runner, &mut epoch, &mut workers, &shutdown)
                         .await;
                     if let Err(error) = swapped {
                         break Some(error);
@@ -448,11 +440,11 @@ impl Engine {
         })
     }
 
-    /// Make the pending generation the current one, if there is one; returns it.
-    fn swap_pending(&self) -> Option<Arc<Generation>> {
-        let next = Arc::new(lock(&self.pending).take()?);
-        *lock(&self.current) = next.clone();
-        Some(next)
+    /// Make the pending generation, if there is one, the current one (a reload before `run`).
+    fn swap_pending(&self) {
+        if let Some(next) = lock(&self.pending).take() {
+            *lock(&self.current) = Arc::new(next);
+        }
     }
 
     /// Hot reload while running: stop fetching, let every subscription finish and commit its batch,
@@ -460,7 +452,6 @@ impl Engine {
     async fn swap(
         &self,
         runner: &Runner,
-        generation: &mut Arc<Generation>,
         epoch: &mut CancellationToken,
         workers: &mut JoinSet<Result<(), String>>,
         shutdown: &CancellationToken,
@@ -469,8 +460,9 @@ impl Engine {
             return Ok(());
         };
         let started = Instant::now();
-        let changes = Changes::between(generation, &next);
-        runner.warn_about(generation, &next, &changes).await;
+        let running = self.current();
+        let changes = Changes::between(&running, &next);
+        runner.warn_about(&running, &next, &changes).await;
         epoch.cancel();
         let mut failed = None;
         drain(workers, &mut failed).await;
@@ -479,8 +471,7 @@ impl Engine {
         }
         let next = Arc::new(next);
         *lock(&self.current) = next.clone();
-        *lock(&runner.shared.plugin) = next.plugin.clone();
-        *lock(&runner.shared.subscriptions) = next.subscriptions.clone();
+        *lock(&runner.shared.generation) = next.clone();
         runner
             .shared
             .metrics
@@ -505,7 +496,6 @@ impl Engine {
         if loaded > self.options.config.max_generations {
             tracing::warn!(libraries_mapped = loaded, limit = self.options.config.max_generations, "old library generations stay mapped until the process exits; restart the server to release them");
         }
-        *generation = next;
         Ok(())
     }
 }
@@ -572,28 +562,27 @@ impl Runner {
                 .cloned()
         };
         for sub in changes.added.iter().filter_map(|n| find(new, n)) {
-            let (behind, _) = self.backlog(&sub).await;
+            let behind = self.backlog(&sub).await;
             if behind > 0 {
                 tracing::warn!(subscription = %sub.plan.name, categories = ?sub.plan.categories, messages = behind, "a new subscription starts from the beginning of its categories");
             }
         }
         for sub in changes.removed.iter().filter_map(|n| find(old, n)) {
-            let (behind, pending) = self.backlog(&sub).await;
-            if behind + pending > 0 {
-                tracing::warn!(subscription = %sub.plan.name, unhandled = behind, pending, "a removed subscription leaves messages it has not handled");
+            let unhandled = self.backlog(&sub).await;
+            if unhandled > 0 {
+                tracing::warn!(subscription = %sub.plan.name, unhandled, "a removed subscription leaves messages it has not handled");
             }
         }
     }
 
-    /// How far a subscription is behind (messages not yet read) and how many it has read but not
-    /// finished (pending on its consumers). Unknown counts as 0: this only informs a warning.
-    async fn backlog(&self, sub: &Subscription) -> (u64, u64) {
+    /// The messages a subscription has not finished: unread, and for a stream group also read but
+    /// unacknowledged. Unknown counts as 0: this only informs a warning.
+    async fn backlog(&self, sub: &Subscription) -> u64 {
         if let (SubscriptionType::Stream, Some(broker)) = (sub.kind, &self.broker) {
-            let total = broker
+            return broker
                 .backlog(&sub.plan.categories, &sub.plan.name)
                 .await
                 .unwrap_or(0);
-            return (total, 0);
         }
         let (store, name, categories) = (
             self.shared.store.clone(),
@@ -601,12 +590,11 @@ impl Runner {
             sub.plan.categories.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let head = store.head(&categories).unwrap_or(0);
             let position = store.position(&name).ok().flatten().unwrap_or(0);
-            (head.saturating_sub(position), 0)
+            store.count_after(&categories, position).unwrap_or(0)
         })
         .await
-        .unwrap_or((0, 0))
+        .unwrap_or(0)
     }
 }
 

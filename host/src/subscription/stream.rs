@@ -151,7 +151,6 @@ fn consumer_name(subscription: &str) -> String {
 }
 
 /// What handling one read left to do.
-#[derive(Default)]
 struct Settled {
     /// The backoff before a retry, if a message failed and may be retried.
     retry: Option<std::time::Duration>,

@@ -35,6 +35,11 @@ pub fn backends() -> Vec<(&'static str, Arc<dyn Store>, Option<Keep>)> {
     ]
 }
 
+/// The SQLite store a server in `dir` uses by default.
+pub fn sqlite(dir: &Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
+}
+
 /// A fresh PostgreSQL cluster with the store set up in it.
 pub fn postgres() -> (Arc<dyn Store>, PgServer) {
     let server = PgServer::start();

@@ -1,8 +1,6 @@
 //! Checks on the sample flow's effects in a store.
 
-use std::{path::Path, sync::Arc};
-
-use protean_host::store::{SqliteStore, Store};
+use protean_host::store::Store;
 
 /// How many messages of `message_type` the store holds in `category`.
 pub fn count_of(store: &dyn Store, category: &str, message_type: &str) -> usize {
@@ -36,9 +34,4 @@ pub fn each_order_exactly_once(store: &dyn Store, orders: usize) {
         );
     }
     assert!(store.dead_letters(None).unwrap().is_empty());
-}
-
-/// The SQLite store a server in `dir` uses by default.
-pub fn sqlite(dir: &Path) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&dir.join(".protean/store.db")).unwrap())
 }

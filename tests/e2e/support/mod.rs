@@ -14,8 +14,8 @@ pub use build::{
     fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
     Incompatibility, ReloadBuild,
 };
-pub use engine::{backends, engine, postgres, types, TEST_CONFIG};
-pub use flow::{count_of, each_order_exactly_once, sqlite};
+pub use engine::{backends, engine, postgres, sqlite, types, TEST_CONFIG};
+pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
 pub use replicas::{orders, place, send_orders, start_replicas};
