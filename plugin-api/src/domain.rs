@@ -33,6 +33,28 @@ pub struct HandlerOptions {
     /// Process managers: the field of every handled event that names the process instance.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlate: Option<String>,
+    /// Handle the messages of one key strictly in order, different keys in parallel: [`STREAM_KEY`] for
+    /// the message's stream id, else a top-level field of its data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordered_by: Option<String>,
+    /// Ordered handlers: what a key does after one of its messages is dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_dead_letter: Option<AfterDeadLetter>,
+}
+
+/// The ordering key that stands for the message's stream id (`fulfilment::order-42`).
+pub const STREAM_KEY: &str = "$stream";
+
+/// What an ordered key does after one of its messages is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterDeadLetter {
+    /// The key's later messages wait until the dead letter is replayed or discarded (the default for
+    /// process managers: a step skipped would leave the process in a state it never reached).
+    Park,
+    /// The key's later messages are handled; the dead letter can be replayed out of order later (the
+    /// default for other handlers).
+    MoveOn,
 }
 
 /// A handler as the host sees it.
@@ -115,6 +137,33 @@ pub trait Configure: Sized {
     /// Messages fetched and handled per batch.
     fn messages_per_tick(mut self, count: u32) -> Self {
         self.spec().options.messages_per_tick = Some(count);
+        self
+    }
+
+    /// Handle the messages of one stream (one aggregate) strictly in order, while different streams
+    /// run in parallel across workers and replicas. A process manager orders by its correlation field.
+    fn ordered(mut self) -> Self {
+        let spec = self.spec();
+        spec.options.ordered_by = Some(
+            spec.options
+                .correlate
+                .clone()
+                .unwrap_or_else(|| STREAM_KEY.to_owned()),
+        );
+        self
+    }
+
+    /// Handle the messages with the same value of the top-level field `field` (an order id, a customer
+    /// id) strictly in order, while different values run in parallel.
+    fn ordered_by(mut self, field: &str) -> Self {
+        self.spec().options.ordered_by = Some(field.to_owned());
+        self
+    }
+
+    /// What an ordered key does after one of its messages is dead-lettered (park for process managers,
+    /// move on for other handlers, unless set here).
+    fn after_dead_letter(mut self, policy: AfterDeadLetter) -> Self {
+        self.spec().options.after_dead_letter = Some(policy);
         self
     }
 }

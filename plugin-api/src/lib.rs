@@ -109,8 +109,8 @@ pub mod testing;
 pub use aggregate::{Aggregate, Recorded};
 pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
-    CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions, ProcessManager,
-    Projector, Registration, StepFn,
+    AfterDeadLetter, CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions,
+    ProcessManager, Projector, Registration, StepFn, STREAM_KEY,
 };
 pub use error::{HandlerError, HandlerResult};
 pub use log;
@@ -119,8 +119,9 @@ pub use message::{category_of_stream, Command, Event, Message, Naming};
 /// Everything a domain author needs, in one import.
 pub mod prelude {
     pub use crate::{
-        Aggregate, Command, CommandHandler, Configure, Context, Document, Domain, Event,
-        EventHandler, HandlerError, HandlerResult, Message, ProcessManager, Projector, Recorded,
+        AfterDeadLetter, Aggregate, Command, CommandHandler, Configure, Context, Document, Domain,
+        Event, EventHandler, HandlerError, HandlerResult, Message, ProcessManager, Projector,
+        Recorded,
     };
     pub use log;
 }
