@@ -106,6 +106,8 @@ pub struct Config {
     pub max_generations: u64,
     /// The health and metrics server (`[server.health]`).
     pub health: HealthSettings,
+    /// Ordered subscriptions (`[server.ordering]`).
+    pub ordering: OrderingSettings,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -144,6 +146,38 @@ impl Default for OutboxSettings {
             retry_delay_ms: 1000,
             max_retry_delay_ms: 60_000,
         }
+    }
+}
+
+/// Ordered subscriptions (`[server.ordering]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OrderingSettings {
+    /// Partitions the keys of a broker-fed ordered subscription are spread over; each belongs to one
+    /// replica at a time. Fixed for the life of its consumer group: changing it moves keys between
+    /// partitions, so change it only while the subscription is drained.
+    pub partitions: u32,
+    /// How long a replica's hold on a partition lasts without renewal: a dead replica's keys are
+    /// served again by others within this time plus a renewal interval.
+    pub lease_ttl: Duration,
+    /// Event-store ordered subscriptions: workers in one process, each handling the keys that fall to it.
+    pub workers: u32,
+}
+
+impl Default for OrderingSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 32,
+            lease_ttl: Duration::from_secs(10),
+            workers: 4,
+        }
+    }
+}
+
+impl OrderingSettings {
+    /// How often a replica renews its partitions and looks for ones to take (or give back): often
+    /// enough that a dead replica's partitions are taken within the lease time plus a second.
+    pub fn renew_interval(&self) -> Duration {
+        (self.lease_ttl / 4).min(Duration::from_secs(1))
     }
 }
 
@@ -301,6 +335,16 @@ struct ServerSection {
     handlers: BTreeMap<String, HandlerSection>,
     #[serde(default)]
     health: HealthSection,
+    #[serde(default)]
+    ordering: OrderingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderingSection {
+    partitions: Option<u32>,
+    lease_ttl_ms: Option<u64>,
+    workers: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -483,6 +527,7 @@ impl Config {
             ));
         }
         let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
+        let ordering = ordering(&s.ordering).map_err(|(k, m)| invalid(&k, m))?;
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -494,6 +539,7 @@ impl Config {
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
             max_generations: s.max_generations.unwrap_or(20),
             health,
+            ordering,
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
@@ -631,6 +677,36 @@ fn broker(
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),
         reclaim_interval: Duration::from_millis(b.reclaim_interval_ms.unwrap_or(5_000)),
     }))
+}
+
+/// `[server.ordering]`, checked: at least one partition and worker, a lease of at least 100 ms.
+fn ordering(o: &OrderingSection) -> Result<OrderingSettings, (String, String)> {
+    let defaults = OrderingSettings::default();
+    let settings = OrderingSettings {
+        partitions: o.partitions.unwrap_or(defaults.partitions),
+        lease_ttl: o
+            .lease_ttl_ms
+            .map_or(defaults.lease_ttl, Duration::from_millis),
+        workers: o.workers.unwrap_or(defaults.workers),
+    };
+    let at_least = |key: &str, min: &str| {
+        Err((
+            format!("server.ordering.{key}"),
+            format!("must be at least {min}"),
+        ))
+    };
+    match settings {
+        OrderingSettings {
+            partitions: 0 | 4097..,
+            ..
+        } => Err((
+            "server.ordering.partitions".into(),
+            "must be between 1 and 4096".into(),
+        )),
+        OrderingSettings { workers: 0, .. } => at_least("workers", "1"),
+        s if s.lease_ttl < Duration::from_millis(100) => at_least("lease_ttl_ms", "100"),
+        s => Ok(s),
+    }
 }
 
 /// `[server.health]`, checked: every duration at least 1 ms, the host an address to bind.
@@ -982,6 +1058,10 @@ mod tests {
             ("[server.handlers.x]\nprofile = \"nope\"", "config file protean.toml: server.handlers.x.profile: unknown profile \"nope\"; known profiles: fast, batch, debug"),
             ("[profiles.fast]\nmax_retries = 1", "config file protean.toml: profiles.fast: \"fast\" is a built-in profile; choose another name"),
             ("[server\nx = 1", "config file protean.toml, line 1: invalid table header\nexpected `.`, `]`"),
+            ("[server.ordering]\npartitions = 0", "config file protean.toml: server.ordering.partitions: must be between 1 and 4096"),
+            ("[server.ordering]\nworkers = 0", "config file protean.toml: server.ordering.workers: must be at least 1"),
+            ("[server.ordering]\nlease_ttl_ms = 5", "config file protean.toml: server.ordering.lease_ttl_ms: must be at least 100"),
+            ("[server.ordering]\nparts = 3", "config file protean.toml: server.ordering.parts: unknown field `parts`"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();

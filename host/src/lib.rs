@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod logging;
 pub mod message;
 pub mod ops;
+pub mod ordering;
 pub(crate) mod outbox;
 pub mod plugin;
 pub mod reload;

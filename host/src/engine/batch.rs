@@ -8,18 +8,24 @@
 //!    host services;
 //! 3. on a failure: drops the failed message's partial writes; a rejection, or a retryable failure out of
 //!    retries, is dead-lettered and the batch goes on; otherwise the batch stops there and the message is
-//!    retried later;
+//!    retried later. An ordered subscription stops only the failed message's key: its later messages are
+//!    left unsettled (as are those of a key parked by a dead letter) and the other keys go on;
 //! 4. commits everything settled (writes, processed markers, dead letters, the new position) as one unit
 //!    of work, re-running the batch if another writer changed a stream the handlers read.
 //!
-//! Invariant: the position never passes a message that was neither handled nor dead-lettered.
+//! Invariant: the position never passes a message that was neither handled nor dead-lettered, and a
+//! message is never settled while an earlier message of its key in the batch is not.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use crate::{
     config::{Settings, SubscriptionType},
     engine::retry::RetryPolicy,
     message::{Cause, MetaView},
+    ordering::Ordering,
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::SubscriptionPlan,
@@ -36,6 +42,8 @@ pub(crate) struct Subscription {
     pub(crate) commands: bool,
     /// Where its messages come from.
     pub(crate) kind: SubscriptionType,
+    /// Ordered subscriptions: how messages are keyed (a failure then holds back only its key).
+    pub(crate) ordering: Option<Ordering>,
 }
 
 /// Failed attempts per message id, for messages that are waiting to be retried.
@@ -60,8 +68,15 @@ pub(crate) struct Report {
     pub(crate) position: Option<u64>,
     /// The global position of the last message the commit appended.
     pub(crate) appended: Option<u64>,
-    /// A message that failed and must be retried after this delay (the batch stopped before it).
-    pub(crate) retry: Option<std::time::Duration>,
+    /// A message that failed and must be retried after this delay (the batch stopped before it; in an
+    /// ordered batch, the shortest of the waiting keys' delays).
+    pub(crate) retry: Option<Duration>,
+    /// Ordered batches: keys whose message failed and waits for a retry after the delay; their later
+    /// messages in the batch were left unsettled.
+    pub(crate) waiting: Vec<(String, Duration)>,
+    /// Ordered batches that park: keys whose message was dead-lettered; their later messages in the
+    /// batch were left unsettled.
+    pub(crate) parked: Vec<String>,
     pub(crate) handled: Vec<String>,
     pub(crate) written: Vec<String>,
     pub(crate) dead_lettered: u32,
@@ -98,7 +113,9 @@ pub(crate) fn run(
     let mut conflicts = 0;
     // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
     // only after a commit found that another consumer got there first.
-    let mut recheck = ctx.subscription.kind == SubscriptionType::Stream;
+    // An ordered batch settles messages past an unsettled one, so a re-read meets some settled ones.
+    let mut recheck =
+        ctx.subscription.kind == SubscriptionType::Stream || ctx.subscription.ordering.is_some();
     let mut raced = 0;
     loop {
         let (mut unit, mut report, settled) = build(ctx, messages, attempts, recheck)?;
@@ -214,35 +231,42 @@ fn build(
     };
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
-    let mut last_settled: Option<usize> = None;
+    let mut settled = vec![false; messages.len()];
+    let mut held = Held::new(sub.ordering.as_ref(), messages);
     let mut i = 0;
     while i < messages.len() {
+        if held.contains(i) {
+            i += 1;
+            continue;
+        }
         let handler = match &classes[i] {
             Class::Poison(reason) => {
                 dead_letter(ctx, &mut unit, &messages[i], "", reason, 1);
                 report.dead_lettered += 1;
                 settled_ids.push(messages[i].id.clone());
-                (last_settled, i) = (Some(i), i + 1);
+                settled[i] = true;
+                i += 1;
                 continue;
             }
             Class::Skip(why) => {
                 skip(sub, &messages[i], why);
                 report.skipped += 1;
                 settled_ids.push(messages[i].id.clone());
-                (last_settled, i) = (Some(i), i + 1);
+                settled[i] = true;
+                i += 1;
                 continue;
             }
             Class::Handle(handler) => *handler,
         };
         let end = (i..messages.len())
-            .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler))
+            .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler) || held.contains(j))
             .unwrap_or(messages.len());
         let deliveries: Vec<Delivery<'_>> = messages[i..end].iter().map(delivery).collect();
         let outcome = ctx
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i));
         let ok_end = i + outcome.handled.min(end - i);
-        for m in &messages[i..ok_end] {
+        for (j, m) in messages.iter().enumerate().take(ok_end).skip(i) {
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");
             unit.processed.push(ProcessedMarker {
                 subscription: sub.plan.name.clone(),
@@ -251,9 +275,7 @@ fn build(
             });
             report.handled.push(m.message_type.clone());
             settled_ids.push(m.id.clone());
-        }
-        if ok_end > i {
-            last_settled = Some(ok_end - 1);
+            settled[j] = true;
         }
         let failure = match outcome.failure {
             Some(failure) if ok_end < end => failure,
@@ -279,20 +301,32 @@ fn build(
             Some(delay) => {
                 attempts.0.insert(failed.id.clone(), attempt);
                 tracing::warn!(subscription = %sub.plan.name, message_id = %failed.id, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
-                report.retry = Some(delay);
-                break;
+                report.retry = Some(report.retry.map_or(delay, |d| d.min(delay)));
+                match held.hold(ok_end) {
+                    Some(key) => report.waiting.push((key, delay)),
+                    None => break,
+                }
             }
             None => {
                 dead_letter(ctx, &mut unit, failed, handler, &failure.message, attempt);
                 report.dead_lettered += 1;
                 settled_ids.push(failed.id.clone());
-                (last_settled, i) = (Some(ok_end), ok_end + 1);
+                settled[ok_end] = true;
+                if let Some(key) = held.park(ok_end) {
+                    report.parked.push(key);
+                }
             }
         }
+        i = ok_end + 1;
     }
     buffer.drain_into(&mut unit);
     report.settled = settled_ids.clone();
-    if let Some(last) = last_settled.filter(|_| sub.kind == SubscriptionType::EventStore) {
+    // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
+    let prefix = settled.iter().take_while(|s| **s).count();
+    if let Some(last) = prefix
+        .checked_sub(1)
+        .filter(|_| sub.kind == SubscriptionType::EventStore)
+    {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
             subscription: sub.plan.name.clone(),
@@ -301,6 +335,44 @@ fn build(
         report.position = Some(position);
     }
     Ok((unit, report, settled_ids))
+}
+
+/// The keys of an ordered batch that stopped: their later messages are left for later. Unordered
+/// batches have no keys and hold nothing.
+struct Held<'m> {
+    ordering: Option<&'m Ordering>,
+    keys: Vec<String>,
+    stopped: HashSet<usize>,
+}
+
+impl<'m> Held<'m> {
+    fn new(ordering: Option<&'m Ordering>, messages: &[StoredMessage]) -> Self {
+        let keys =
+            ordering.map_or_else(Vec::new, |o| messages.iter().map(|m| o.key_of(m)).collect());
+        Self {
+            ordering,
+            keys,
+            stopped: HashSet::new(),
+        }
+    }
+
+    /// Whether message `i`'s key has stopped (at an earlier message).
+    fn contains(&self, i: usize) -> bool {
+        !self.stopped.is_empty() && self.stopped.iter().any(|&s| self.keys[s] == self.keys[i])
+    }
+
+    /// Stop the key of message `i` (it waits for a retry); its key, or None when the batch is unordered.
+    fn hold(&mut self, i: usize) -> Option<String> {
+        self.ordering?;
+        self.stopped.insert(i);
+        Some(self.keys[i].clone())
+    }
+
+    /// Stop the key of message `i` (dead-lettered) if the ordering parks; its key then.
+    fn park(&mut self, i: usize) -> Option<String> {
+        self.ordering.filter(|o| o.park)?;
+        self.hold(i)
+    }
 }
 
 /// Which messages were handled before (a broker redelivers after a crash between commit and ack, or

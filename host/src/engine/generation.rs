@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{batch::Subscription, retry::RetryPolicy, subscription_type, EngineError};
-use crate::{config::Config, plugin::Plugin, subscription};
+use crate::{config::Config, ordering::Ordering, plugin::Plugin, subscription};
 
 /// One build of the domain, ready to run.
 #[derive(Debug)]
@@ -29,7 +29,8 @@ impl Generation {
                 tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
                 let commands = plan.name.starts_with("commands:");
                 let kind = subscription_type(config, &handler, plan.kind)?;
-                Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind }))
+                let ordering = Ordering::of(&plan);
+                Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind, ordering }))
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Self {

@@ -260,6 +260,7 @@ mod tests {
             settings,
             commands: true,
             kind: crate::config::SubscriptionType::EventStore,
+            ordering: None,
         };
         let report = Report {
             handled: vec![
