@@ -18,7 +18,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -46,18 +46,33 @@ pub(crate) struct Subscription {
     pub(crate) ordering: Option<Ordering>,
 }
 
-/// Failed attempts per message id, for messages that are waiting to be retried.
+/// Failed attempts per message id, for messages that are waiting to be retried; and, for ordered
+/// subscriptions, the keys waiting for a retry and until when (their messages are held until then).
 #[derive(Debug, Default)]
-pub(crate) struct Attempts(HashMap<String, u32>);
+pub(crate) struct Attempts {
+    failed: HashMap<String, u32>,
+    waiting: HashMap<String, Instant>,
+}
 
 impl Attempts {
     /// Record that the message `id` has failed `failed` times so far (a broker's delivery count).
     pub(crate) fn set(&mut self, id: &str, failed: u32) {
         if failed == 0 {
-            self.0.remove(id);
+            self.failed.remove(id);
         } else {
-            self.0.insert(id.to_owned(), failed);
+            self.failed.insert(id.to_owned(), failed);
         }
+    }
+
+    /// When the first waiting key may be tried again (None when no key waits).
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.waiting.values().min().copied()
+    }
+
+    /// Keys still waiting at `now`, forgetting those whose time has come.
+    fn waiting_at(&mut self, now: Instant) -> HashSet<String> {
+        self.waiting.retain(|_, until| *until > now);
+        self.waiting.keys().cloned().collect()
     }
 }
 
@@ -125,7 +140,7 @@ pub(crate) fn run(
         match ctx.store.commit(&unit) {
             Ok(appended) => {
                 for id in settled {
-                    attempts.0.remove(&id);
+                    attempts.failed.remove(&id);
                 }
                 report.appended = appended;
                 report.written = unit
@@ -170,7 +185,7 @@ fn fail_first(
     attempts: &mut Attempts,
     error: &str,
 ) -> Report {
-    let attempt = attempts.0.entry(first.id.clone()).or_insert(0);
+    let attempt = attempts.failed.entry(first.id.clone()).or_insert(0);
     *attempt += 1;
     let delay = ctx
         .subscription
@@ -232,7 +247,11 @@ fn build(
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
     let mut settled = vec![false; messages.len()];
-    let mut held = Held::new(sub.ordering.as_ref(), messages);
+    let mut held = Held::new(
+        sub.ordering.as_ref(),
+        messages,
+        attempts.waiting_at(Instant::now()),
+    );
     let mut i = 0;
     while i < messages.len() {
         if held.contains(i) {
@@ -290,7 +309,7 @@ fn build(
         };
         buffer.discard_from(ok_end);
         let failed = &messages[ok_end];
-        let attempt = attempts.0.get(&failed.id).copied().unwrap_or(0) + 1;
+        let attempt = attempts.failed.get(&failed.id).copied().unwrap_or(0) + 1;
         tracing::error!(subscription = %sub.plan.name, handler, message_type = %failed.message_type, message_id = %failed.id, attempt, error = %failure.message, "failed processing");
         let delay = if failure.retryable {
             sub.retry.next_delay(attempt, jitter())
@@ -299,11 +318,14 @@ fn build(
         };
         match delay {
             Some(delay) => {
-                attempts.0.insert(failed.id.clone(), attempt);
+                attempts.failed.insert(failed.id.clone(), attempt);
                 tracing::warn!(subscription = %sub.plan.name, message_id = %failed.id, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
                 report.retry = Some(report.retry.map_or(delay, |d| d.min(delay)));
                 match held.hold(ok_end) {
-                    Some(key) => report.waiting.push((key, delay)),
+                    Some(key) => {
+                        attempts.waiting.insert(key.clone(), Instant::now() + delay);
+                        report.waiting.push((key, delay));
+                    }
                     None => break,
                 }
             }
@@ -337,34 +359,38 @@ fn build(
     Ok((unit, report, settled_ids))
 }
 
-/// The keys of an ordered batch that stopped: their later messages are left for later. Unordered
-/// batches have no keys and hold nothing.
+/// The keys of an ordered batch that stopped (or still wait from an earlier batch): their messages are
+/// left for later. Unordered batches have no keys and hold nothing.
 struct Held<'m> {
     ordering: Option<&'m Ordering>,
     keys: Vec<String>,
-    stopped: HashSet<usize>,
+    stopped: HashSet<String>,
 }
 
 impl<'m> Held<'m> {
-    fn new(ordering: Option<&'m Ordering>, messages: &[StoredMessage]) -> Self {
+    fn new(
+        ordering: Option<&'m Ordering>,
+        messages: &[StoredMessage],
+        waiting: HashSet<String>,
+    ) -> Self {
         let keys =
             ordering.map_or_else(Vec::new, |o| messages.iter().map(|m| o.key_of(m)).collect());
         Self {
             ordering,
             keys,
-            stopped: HashSet::new(),
+            stopped: waiting,
         }
     }
 
-    /// Whether message `i`'s key has stopped (at an earlier message).
+    /// Whether message `i`'s key has stopped.
     fn contains(&self, i: usize) -> bool {
-        !self.stopped.is_empty() && self.stopped.iter().any(|&s| self.keys[s] == self.keys[i])
+        self.ordering.is_some() && self.stopped.contains(&self.keys[i])
     }
 
     /// Stop the key of message `i` (it waits for a retry); its key, or None when the batch is unordered.
     fn hold(&mut self, i: usize) -> Option<String> {
         self.ordering?;
-        self.stopped.insert(i);
+        self.stopped.insert(self.keys[i].clone());
         Some(self.keys[i].clone())
     }
 

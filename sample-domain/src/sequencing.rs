@@ -1,0 +1,89 @@
+//! The `sequencing` instance: an ordered handler that records, per key, the sequence numbers it handled,
+//! so tests and benchmarks can check that every key's messages were handled once each and in order.
+//!
+//! A `Numbered` event of stream `sequence-{key}` carries its key and sequence number. The `recorder`
+//! appends the number to the `records` document of its key. Two switches make failures on purpose:
+//! `poison` fails the message (retryably) while the file named by `SEQUENCING_POISON_FILE` exists, and
+//! `stall_ms` makes the handler take that long (a replica stalled inside a handler).
+
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// A sequence of numbered events, one per key.
+#[derive(Debug, Default)]
+pub struct Sequence;
+
+impl Aggregate for Sequence {
+    const CATEGORY: &'static str = "sequence";
+
+    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// `Sequencing.Numbered.v1`: message `seq` of `key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Numbered {
+    /// The ordering key (also the stream id's suffix).
+    pub key: String,
+    /// 1, 2, 3 ... within the key.
+    pub seq: u64,
+    /// Fail while the poison file exists.
+    #[serde(default)]
+    pub poison: bool,
+    /// Take this long to handle.
+    #[serde(default)]
+    pub stall_ms: u64,
+}
+
+impl Message for Numbered {
+    const NAME: &'static str = "Numbered";
+}
+
+impl Event for Numbered {
+    type Aggregate = Sequence;
+}
+
+/// The sequence numbers handled for one key, in the order they were handled.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The key.
+    pub id: String,
+    /// Sequence numbers, in handling order.
+    pub seqs: Vec<u64>,
+}
+
+impl Document for Record {
+    const COLLECTION: &'static str = "records";
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+fn record(event: Numbered, ctx: &mut Context) -> HandlerResult {
+    if event.stall_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(event.stall_ms));
+    }
+    if event.poison && poisoned() {
+        return Err(HandlerError::retry(format!(
+            "{} #{} is poisoned while the poison file exists",
+            event.key, event.seq
+        )));
+    }
+    let mut record = ctx.get::<Record>(&event.key)?.unwrap_or(Record {
+        id: event.key.clone(),
+        seqs: Vec::new(),
+    });
+    record.seqs.push(event.seq);
+    ctx.put(&record)
+}
+
+fn poisoned() -> bool {
+    std::env::var_os("SEQUENCING_POISON_FILE")
+        .is_some_and(|path| std::path::Path::new(&path).exists())
+}
+
+/// The sequencing instance: one handler, ordered by stream.
+pub fn domain() -> Domain {
+    Domain::new("Sequencing").event_handler(EventHandler::new("recorder").on(record).ordered())
+}
