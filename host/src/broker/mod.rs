@@ -6,6 +6,7 @@
 //!
 //! [`open`] is the only code that knows the backends by name.
 
+pub mod partitions;
 mod redis;
 
 use std::{sync::Arc, time::Duration};
@@ -113,6 +114,22 @@ pub trait Broker: Send + Sync {
     async fn lease_holder(&self, _name: &str) -> Result<Option<String>> {
         Ok(None)
     }
+
+    /// One replica's handle on the partitions of the ordered subscription `group` (see [`partitions`]).
+    async fn partitions(
+        &self,
+        group: &str,
+        owner: &str,
+        partitions: u32,
+        ttl: Duration,
+    ) -> Result<Box<dyn partitions::Partitions>>;
+
+    /// How the partitions of the ordered subscription `group` stand.
+    async fn partition_status(
+        &self,
+        group: &str,
+        partitions: u32,
+    ) -> Result<partitions::PartitionStatus>;
 
     /// Reading and replaying dead letters, for brokers that keep them.
     fn dead_letters(&self) -> Option<&dyn DeadLetterAdmin> {

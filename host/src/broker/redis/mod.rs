@@ -13,15 +13,19 @@ use redis::{
     Client, Script, Value,
 };
 
+mod partitions;
+
+use self::partitions::RedisPartitions;
 use super::{
-    dead_letter_stream, replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin,
+    dead_letter_stream,
+    partitions::{PartitionStatus, Partitions}, replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin,
     DeadLetterEntry, Entry, Error, GroupStart, GroupStatus, Result,
 };
 
 static RENEW_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/renew_lease.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
+    LazyLock::new(|| Script::new(include_str!("../lua/release_lease.lua")));
 
 /// Commands that do not block get this long to answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -260,6 +264,33 @@ impl Broker for RedisBroker {
         Some(self)
     }
 
+    async fn partitions(
+        &self,
+        group: &str,
+        owner: &str,
+        partitions: u32,
+        ttl: Duration,
+    ) -> Result<Box<dyn Partitions>> {
+        let conn = manager(
+            &self.client,
+            &self.config.uri,
+            self.config.block + RESPONSE_TIMEOUT,
+        )
+        .await?;
+        Ok(Box::new(RedisPartitions {
+            conn,
+            keys: partitions::Keys::new(group),
+            group: group.to_owned(),
+            owner: owner.to_owned(),
+            partitions,
+            ttl,
+        }))
+    }
+
+    async fn partition_status(&self, group: &str, partitions: u32) -> Result<PartitionStatus> {
+        partitions::status(&mut self.commands.clone(), group, partitions).await
+    }
+
     async fn release(&self, name: &str, owner: &str) -> Result<()> {
         let mut conn = self.commands.clone();
         RELEASE_LEASE
@@ -310,11 +341,20 @@ impl DeadLetterAdmin for RedisBroker {
         let Some(entry) = reply.ids.into_iter().next() else {
             return Ok(false);
         };
-        let data = entry
-            .map
-            .get("data")
-            .and_then(|v| text(Some(v)))
-            .unwrap_or_default();
+        let field = |name: &str| entry.map.get(name).and_then(|v| text(Some(v)));
+        let data = field("data").unwrap_or_default();
+        // A dead letter that parked its key goes back first in that key's line, so the key stays in order.
+        if let (Some(key), Some("yes")) = (field("key"), field("parked").as_deref()) {
+            let original = Entry {
+                stream: field("original_stream").unwrap_or_default(),
+                id: field("original_id").unwrap_or_default(),
+                data: Some(data.clone()),
+                deliveries: 1,
+            };
+            if partitions::release_parked(&mut conn, group, &key, id, Some(&original)).await? {
+                return Ok(true);
+            }
+        }
         // Add to the group's replay stream first: a crash in between leaves a duplicate, never a loss.
         redis::cmd("XADD")
             .arg(replay_stream(group))
@@ -335,6 +375,13 @@ impl DeadLetterAdmin for RedisBroker {
 
     async fn purge(&self, group: &str) -> Result<u64> {
         let mut conn = self.commands.clone();
+        // Discarding the dead letters of parked keys releases those keys.
+        for letter in self.list(group, usize::MAX).await? {
+            let parked = letter.fields.get("parked").map(String::as_str) == Some("yes");
+            if let (true, Some(key)) = (parked, letter.fields.get("key")) {
+                partitions::release_parked(&mut conn, group, key, &letter.id, None).await?;
+            }
+        }
         let count: u64 = redis::cmd("XLEN")
             .arg(dead_letter_stream(group))
             .query_async(&mut conn)

@@ -1,0 +1,441 @@
+//! Partitioned groups on Redis: leases with fencing tokens (`SET PX` with an `INCR`ed token, checked by
+//! Lua before every write), positions in a hash, parked keys in a hash, held entries in lists, live
+//! replicas in a sorted set scored by the server's clock. Keys live under `protean:ordered:{group}:`.
+
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
+
+use async_trait::async_trait;
+use redis::{aio::ConnectionManager, streams::StreamReadReply, Script};
+
+use super::{command, into_text};
+use crate::broker::{
+    dead_letter_stream,
+    partitions::{Claim, DeadLetterInfo, Parked, PartitionStatus, Partitions},
+    Entry, Result,
+};
+
+macro_rules! script {
+    ($name:ident, $file:literal) => {
+        static $name: LazyLock<Script> =
+            LazyLock::new(|| Script::new(include_str!(concat!("../lua/", $file))));
+    };
+}
+script!(HEARTBEAT, "heartbeat.lua");
+script!(ACQUIRE, "acquire_partition.lua");
+script!(RENEW, "renew_lease.lua");
+script!(RELEASE, "release_lease.lua");
+script!(COMMIT_POSITIONS, "commit_positions.lua");
+script!(PARK, "park_key.lua");
+script!(HOLD, "hold_entries.lua");
+script!(SETTLE_HELD, "settle_held.lua");
+script!(RELEASE_PARKED, "release_parked.lua");
+
+/// Where a group's partition state lives.
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(super) fn new(group: &str) -> Self {
+        Self {
+            prefix: format!("protean:ordered:{group}"),
+        }
+    }
+    fn members(&self) -> String {
+        format!("{}:members", self.prefix)
+    }
+    fn lease(&self, partition: u32) -> String {
+        format!("{}:lease:{partition}", self.prefix)
+    }
+    fn token(&self, partition: u32) -> String {
+        format!("{}:token:{partition}", self.prefix)
+    }
+    fn positions(&self) -> String {
+        format!("{}:positions", self.prefix)
+    }
+    pub(super) fn parked(&self) -> String {
+        format!("{}:parked", self.prefix)
+    }
+    pub(super) fn held(&self, key: &str) -> String {
+        format!("{}:held:{key}", self.prefix)
+    }
+}
+
+/// One replica's handle, on a connection of its own (its reads block).
+pub(super) struct RedisPartitions {
+    pub(super) conn: ConnectionManager,
+    pub(super) keys: Keys,
+    pub(super) group: String,
+    pub(super) owner: String,
+    pub(super) partitions: u32,
+    pub(super) ttl: Duration,
+}
+
+impl RedisPartitions {
+    fn value(&self, claim: &Claim) -> String {
+        format!("{} {}", self.owner, claim.token)
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.ttl.as_millis() as u64
+    }
+}
+
+/// A held entry as stored in a list: `[stream, id, data]`.
+pub(super) fn held_text(entry: &Entry) -> String {
+    serde_json::to_string(&(&entry.stream, &entry.id, entry.data.as_deref().unwrap_or("")))
+        .expect("strings serialize")
+}
+
+fn held_entry(text: &str) -> Option<Entry> {
+    let (stream, id, data): (String, String, String) = serde_json::from_str(text).ok()?;
+    Some(Entry {
+        stream,
+        id,
+        data: Some(data),
+        deliveries: 1,
+    })
+}
+
+#[async_trait]
+impl Partitions for RedisPartitions {
+    async fn heartbeat(&mut self) -> Result<usize> {
+        HEARTBEAT
+            .key(self.keys.members())
+            .arg(&self.owner)
+            .arg(self.ttl_ms())
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA heartbeat"))
+    }
+
+    async fn renew(&mut self, claims: &[Claim]) -> Result<Vec<u32>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for claim in claims {
+            pipe.invoke_script(
+                RENEW
+                    .key(self.keys.lease(claim.partition))
+                    .arg(self.value(claim))
+                    .arg(self.ttl_ms()),
+            );
+        }
+        let renewed: Vec<i64> = pipe
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA renew_lease"))?;
+        Ok(claims
+            .iter()
+            .zip(renewed)
+            .filter(|(_, ok)| *ok != 1)
+            .map(|(c, _)| c.partition)
+            .collect())
+    }
+
+    async fn free(&mut self) -> Result<Vec<u32>> {
+        let leases: Vec<String> = (0..self.partitions).map(|p| self.keys.lease(p)).collect();
+        let holders: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(leases)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("MGET leases"))?;
+        Ok((0..self.partitions)
+            .zip(holders)
+            .filter(|(_, h)| h.is_none())
+            .map(|(p, _)| p)
+            .collect())
+    }
+
+    async fn acquire(&mut self, partition: u32) -> Result<Option<Claim>> {
+        let token: Option<u64> = ACQUIRE
+            .key(self.keys.lease(partition))
+            .key(self.keys.token(partition))
+            .arg(&self.owner)
+            .arg(self.ttl_ms())
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA acquire_partition"))?;
+        Ok(token.map(|token| Claim { partition, token }))
+    }
+
+    async fn release(&mut self, claims: &[Claim]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for claim in claims {
+            pipe.invoke_script(
+                RELEASE
+                    .key(self.keys.lease(claim.partition))
+                    .arg(self.value(claim)),
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA release_lease"))
+    }
+
+    async fn leave(&mut self) -> Result<()> {
+        redis::cmd("ZREM")
+            .arg(self.keys.members())
+            .arg(&self.owner)
+            .query_async::<i64>(&mut self.conn)
+            .await
+            .map(drop)
+            .map_err(command("ZREM"))
+    }
+
+    async fn positions(&mut self, partition: u32) -> Result<HashMap<String, String>> {
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.positions())
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("HGETALL positions"))?;
+        let prefix = format!("{partition} ");
+        Ok(all
+            .into_iter()
+            .filter_map(|(field, id)| Some((field.strip_prefix(&prefix)?.to_owned(), id)))
+            .collect())
+    }
+
+    async fn commit_positions(
+        &mut self,
+        claim: &Claim,
+        positions: &[(String, String)],
+    ) -> Result<bool> {
+        if positions.is_empty() {
+            return Ok(true);
+        }
+        let mut invocation = COMMIT_POSITIONS.prepare_invoke();
+        invocation
+            .key(self.keys.lease(claim.partition))
+            .key(self.keys.positions())
+            .arg(self.value(claim));
+        for (stream, id) in positions {
+            invocation
+                .arg(format!("{} {stream}", claim.partition))
+                .arg(id);
+        }
+        let stored: i64 = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA commit_positions"))?;
+        Ok(stored == 1)
+    }
+
+    async fn read(
+        &mut self,
+        cursors: &[(String, String)],
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count);
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for (stream, _) in cursors {
+            cmd.arg(stream);
+        }
+        for (_, id) in cursors {
+            cmd.arg(id);
+        }
+        let reply: Option<StreamReadReply> = cmd
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("XREAD"))?;
+        let mut entries = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for mut id in key.ids {
+                let data = id.map.remove("data").and_then(into_text);
+                entries.push(Entry {
+                    stream: key.key.clone(),
+                    id: id.id,
+                    data,
+                    deliveries: 1,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn parked(&mut self) -> Result<HashMap<String, Parked>> {
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.keys.parked())
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("HGETALL parked"))?;
+        Ok(all
+            .into_iter()
+            .map(|(key, state)| match state.as_str() {
+                "released" => (key, Parked::Released),
+                _ => (key, Parked::Waiting(state)),
+            })
+            .collect())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        entry: &Entry,
+        key: &str,
+        park: Option<&Claim>,
+        failure: &DeadLetterInfo<'_>,
+    ) -> Result<()> {
+        let id: String = redis::cmd("XADD")
+            .arg(dead_letter_stream(&self.group))
+            .arg("*")
+            .arg("data")
+            .arg(entry.data.as_deref().unwrap_or_default())
+            .arg("original_stream")
+            .arg(&entry.stream)
+            .arg("original_id")
+            .arg(&entry.id)
+            .arg("group")
+            .arg(&self.group)
+            .arg("consumer")
+            .arg(&self.owner)
+            .arg("key")
+            .arg(key)
+            .arg("parked")
+            .arg(if park.is_some() { "yes" } else { "no" })
+            .arg("error")
+            .arg(failure.error)
+            .arg("attempts")
+            .arg(failure.attempts)
+            .arg("build_id")
+            .arg(failure.build_id)
+            .arg("failed_at")
+            .arg(crate::message::format_time(chrono::Utc::now()))
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("XADD dead letter"))?;
+        let Some(claim) = park else {
+            return Ok(());
+        };
+        PARK.key(self.keys.lease(claim.partition))
+            .key(self.keys.parked())
+            .arg(self.value(claim))
+            .arg(key)
+            .arg(id)
+            .invoke_async::<i64>(&mut self.conn)
+            .await
+            .map(drop)
+            .map_err(command("EVALSHA park_key"))
+    }
+
+    async fn hold(&mut self, claim: &Claim, key: &str, entries: &[Entry]) -> Result<bool> {
+        if entries.is_empty() {
+            return Ok(true);
+        }
+        let mut invocation = HOLD.prepare_invoke();
+        invocation
+            .key(self.keys.lease(claim.partition))
+            .key(self.keys.held(key))
+            .arg(self.value(claim));
+        for entry in entries {
+            invocation.arg(held_text(entry));
+        }
+        let held: i64 = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA hold_entries"))?;
+        Ok(held == 1)
+    }
+
+    async fn held(&mut self, key: &str, count: usize) -> Result<Vec<Entry>> {
+        let texts: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.keys.held(key))
+            .arg(0)
+            .arg(count.saturating_sub(1))
+            .query_async(&mut self.conn)
+            .await
+            .map_err(command("LRANGE held"))?;
+        // An unreadable item is handed on as an entry without data: it is dead-lettered, not lost.
+        Ok(texts
+            .iter()
+            .map(|t| {
+                held_entry(t).unwrap_or(Entry {
+                    stream: "held".into(),
+                    id: "0-0".into(),
+                    data: None,
+                    deliveries: 1,
+                })
+            })
+            .collect())
+    }
+
+    async fn settle_held(&mut self, claim: &Claim, key: &str, count: usize) -> Result<bool> {
+        let outcome: i64 = SETTLE_HELD
+            .key(self.keys.lease(claim.partition))
+            .key(self.keys.held(key))
+            .key(self.keys.parked())
+            .arg(self.value(claim))
+            .arg(count)
+            .arg(key)
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(command("EVALSHA settle_held"))?;
+        Ok(outcome == 1)
+    }
+}
+
+/// Release the key parked behind the dead letter `id` of `group`: replayed (its data goes first in
+/// line) or discarded (`entry` None). False when no key is parked behind that dead letter.
+pub(super) async fn release_parked(
+    conn: &mut ConnectionManager,
+    group: &str,
+    key: &str,
+    id: &str,
+    entry: Option<&Entry>,
+) -> Result<bool> {
+    let keys = Keys::new(group);
+    let released: i64 = RELEASE_PARKED
+        .key(keys.parked())
+        .key(keys.held(key))
+        .key(dead_letter_stream(group))
+        .arg(key)
+        .arg(id)
+        .arg(entry.map(held_text).unwrap_or_default())
+        .invoke_async(conn)
+        .await
+        .map_err(command("EVALSHA release_parked"))?;
+    Ok(released == 1)
+}
+
+/// How `group`'s partitions stand: holders (from the lease values), parked keys and held entries.
+pub(super) async fn status(
+    conn: &mut ConnectionManager,
+    group: &str,
+    partitions: u32,
+) -> Result<PartitionStatus> {
+    let keys = Keys::new(group);
+    let leases: Vec<String> = (0..partitions).map(|p| keys.lease(p)).collect();
+    let holders: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(leases)
+        .query_async(conn)
+        .await
+        .map_err(command("MGET leases"))?;
+    let mut status = PartitionStatus::default();
+    for holder in holders {
+        match holder.as_deref().and_then(|h| h.rsplit_once(' ')) {
+            Some((owner, _token)) => *status.owners.entry(owner.to_owned()).or_default() += 1,
+            None => status.unowned += 1,
+        }
+    }
+    let parked: Vec<String> = redis::cmd("HKEYS")
+        .arg(keys.parked())
+        .query_async(conn)
+        .await
+        .map_err(command("HKEYS parked"))?;
+    status.parked = parked.len() as u64;
+    for key in parked {
+        let held: u64 = redis::cmd("LLEN")
+            .arg(keys.held(&key))
+            .query_async(conn)
+            .await
+            .map_err(command("LLEN held"))?;
+        status.held += held;
+    }
+    Ok(status)
+}
