@@ -70,9 +70,10 @@ pub trait Partitions: Send {
     /// The stored positions of `partition`: stream -> id of the last entry settled.
     async fn positions(&mut self, partition: u32) -> Result<HashMap<String, String>>;
 
-    /// Store positions of `claim`'s partition; false when its lease was lost (nothing stored).
-    async fn commit_positions(&mut self, claim: &Claim, positions: &[(String, String)])
-        -> Result<bool>;
+    /// Store positions (stream, id) per claimed partition; returns the partitions whose lease was lost
+    /// (nothing stored for them).
+    async fn commit_positions(&mut self, updates: &[(Claim, Vec<(String, String)>)])
+        -> Result<Vec<u32>>;
 
     /// Entries after `cursors` (stream, id), up to `count` per stream, waiting up to `block`.
     async fn read(

@@ -200,27 +200,32 @@ impl Partitions for RedisPartitions {
 
     async fn commit_positions(
         &mut self,
-        claim: &Claim,
-        positions: &[(String, String)],
-    ) -> Result<bool> {
-        if positions.is_empty() {
-            return Ok(true);
+        updates: &[(Claim, Vec<(String, String)>)],
+    ) -> Result<Vec<u32>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut invocation = COMMIT_POSITIONS.prepare_invoke();
-        invocation
-            .key(self.keys.lease(claim.partition))
-            .key(self.keys.positions())
-            .arg(self.value(claim));
-        for (stream, id) in positions {
-            invocation
-                .arg(format!("{} {stream}", claim.partition))
-                .arg(id);
+        let mut pipe = redis::pipe();
+        for (claim, positions) in updates {
+            let mut invocation = COMMIT_POSITIONS.key(self.keys.lease(claim.partition));
+            invocation.key(self.keys.positions()).arg(self.value(claim));
+            for (stream, id) in positions {
+                invocation
+                    .arg(format!("{} {stream}", claim.partition))
+                    .arg(id);
+            }
+            pipe.invoke_script(&invocation);
         }
-        let stored: i64 = invocation
-            .invoke_async(&mut self.conn)
+        let stored: Vec<i64> = pipe
+            .query_async(&mut self.conn)
             .await
             .map_err(command("EVALSHA commit_positions"))?;
-        Ok(stored == 1)
+        Ok(updates
+            .iter()
+            .zip(stored)
+            .filter(|(_, ok)| *ok != 1)
+            .map(|((claim, _), _)| claim.partition)
+            .collect())
     }
 
     async fn read(

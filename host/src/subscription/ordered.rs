@@ -1,0 +1,612 @@
+//! An ordered stream subscription: the messages of one key are handled strictly in order, different keys
+//! in parallel across replicas, and a failing key holds back only itself.
+//!
+//! Keys fall into partitions (`[server.ordering] partitions`); each partition belongs to one live
+//! replica at a time through a lease with a fencing token (see `broker::partitions`). Replicas share
+//! the partitions evenly and rebalance as they come and go. A replica reads the streams from the
+//! positions of the partitions it holds and handles the messages of its partitions one batch at a time.
+//!
+//! Invariants:
+//! - a partition's position never passes a message that is neither settled (committed, dead-lettered)
+//!   nor held behind its parked key; the messages after it are re-read by the next owner and those
+//!   already handled are recognised by their processed markers;
+//! - within a key, a message is handled only after every earlier one was settled: a failed message
+//!   holds its key (not the batch) until its retry is due, and a parked key's later messages wait in its
+//!   held list until its dead letter is replayed or discarded;
+//! - every write for a partition carries the hold's fencing token: the store refuses the commit, and the
+//!   broker the position, of a replica that lost the partition.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker::{
+        partitions::{id_before, id_key, Claim, DeadLetterInfo, Parked, Partitions},
+        replay_stream, Broker, Entry,
+    },
+    engine::{
+        batch::{self, Attempts, Report, Subscription},
+        progress::State,
+        Shared,
+    },
+    ordering::{partition_of, Ordering},
+    store::{self, StoredMessage},
+    subscription::{event_store::backoff, stream::consumer_name},
+    unit_of_work::{Fence, UnitOfWork},
+};
+
+/// Run one ordered subscription on this replica until `shutdown`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    broker: Arc<dyn Broker>,
+    sub: Arc<Subscription>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let name = sub.plan.name.clone();
+    let ordering = sub.ordering.clone().ok_or("an ordered subscription needs an ordering")?;
+    let settings = shared.config.ordering;
+    let block = shared.config.broker.as_ref().map_or(Duration::from_secs(1), |b| b.block);
+    let block = if shared.test_mode { block.min(Duration::from_millis(20)) } else { block };
+    let owner = consumer_name(&name);
+    let mut failures = 0;
+    let mut group = loop {
+        match broker
+            .partitions(&name, &owner, settings.partitions, settings.lease_ttl)
+            .await
+        {
+            Ok(group) => break group,
+            Err(error) => {
+                failures += 1;
+                if !backoff(&name, &error.to_string(), failures, &shutdown).await {
+                    shared.progress.set(&name, State::Stopped);
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let mut streams = sub.plan.categories.clone();
+    streams.push(replay_stream(&name));
+    tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
+    let mut state = Ordered::new(shared.clone(), sub.clone(), ordering, streams);
+    let mut next_renew = Instant::now();
+    while !shutdown.is_cancelled() {
+        if Instant::now() >= next_renew {
+            next_renew = Instant::now() + settings.renew_interval();
+            if let Err(error) = state.rebalance(group.as_mut()).await {
+                tracing::warn!(subscription = %name, %error, "cannot renew or rebalance partitions; will try again");
+            }
+        }
+        let until_renew = next_renew.saturating_duration_since(Instant::now());
+        if state.parts.is_empty() {
+            shared.progress.set(&name, State::Idle { head: u64::MAX });
+            tokio::select! {
+                _ = tokio::time::sleep(until_renew) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        let wait = state.wait(block.min(until_renew));
+        let seen = shared.progress.published();
+        let read = tokio::select! {
+            read = state.read(group.as_mut(), wait) => read,
+            _ = shutdown.cancelled() => break,
+        };
+        let fresh = match read {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                failures += 1;
+                backoff(&name, &error.to_string(), failures, &shutdown).await;
+                continue;
+            }
+        };
+        failures = 0;
+        match state.step(group.as_mut(), fresh).await {
+            Ok(true) => {}
+            Ok(false) => shared.progress.set(&name, State::Idle { head: seen }),
+            Err(error) => {
+                failures += 1;
+                backoff(&name, &error, failures, &shutdown).await;
+            }
+        }
+    }
+    state.stop(group.as_mut()).await;
+    shared.progress.set(&name, State::Stopped);
+    tracing::info!(subscription = %name, "ordered subscription stopped");
+    Ok(())
+}
+
+/// A partition this replica holds.
+struct Part {
+    claim: Claim,
+    /// Per stream: the last entry id read for this partition (what the next read starts after).
+    read: HashMap<String, String>,
+    /// Per stream: the position stored for this partition.
+    stored: HashMap<String, String>,
+}
+
+/// A message read and not settled yet.
+struct Item {
+    message: StoredMessage,
+    entry: Entry,
+    partition: u32,
+    key: String,
+    /// Taken from its parked key's held list (not from a stream).
+    held: bool,
+}
+
+/// One replica's state of one ordered subscription.
+struct Ordered {
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    ordering: Ordering,
+    streams: Vec<String>,
+    parts: BTreeMap<u32, Part>,
+    /// Read, in order, not settled yet (a key waiting for its retry; a batch refused).
+    pending: Vec<Item>,
+    parked: HashMap<String, Parked>,
+    /// Released keys whose held entries are being handled (in `pending`).
+    draining: HashSet<String>,
+    attempts: Attempts,
+}
+
+impl Ordered {
+    fn new(shared: Arc<Shared>, sub: Arc<Subscription>, ordering: Ordering, streams: Vec<String>) -> Self {
+        Self {
+            shared,
+            sub,
+            ordering,
+            streams,
+            parts: BTreeMap::new(),
+            pending: Vec::new(),
+            parked: HashMap::new(),
+            draining: HashSet::new(),
+            attempts: Attempts::default(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.sub.plan.name
+    }
+
+    fn partitions(&self) -> u32 {
+        self.shared.config.ordering.partitions
+    }
+
+    /// How long the next read may wait for new entries: not past a waiting key's retry.
+    fn wait(&self, most: Duration) -> Duration {
+        let due = self.attempts.next_due().filter(|_| !self.pending.is_empty());
+        due.map_or(most, |at| most.min(at.saturating_duration_since(Instant::now())))
+    }
+
+    /// Say this replica is alive, renew its partitions, and take or give back partitions until it holds
+    /// its share: the partitions divided by the live replicas, rounded up.
+    async fn rebalance(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
+        let alive = group.heartbeat().await.map_err(|e| e.to_string())?.max(1);
+        let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
+        for lost in group.renew(&claims).await.map_err(|e| e.to_string())? {
+            tracing::warn!(subscription = %self.name(), partition = lost, "partition lease lost (expired while this replica was away); another replica serves it");
+            self.drop_part(lost);
+        }
+        let share = (self.partitions() as usize).div_ceil(alive);
+        if self.parts.len() > share {
+            let extra: Vec<Claim> = self.parts.values().rev().take(self.parts.len() - share).map(|p| p.claim).collect();
+            group.release(&extra).await.map_err(|e| e.to_string())?;
+            for claim in &extra {
+                self.drop_part(claim.partition);
+            }
+            tracing::info!(subscription = %self.name(), released = extra.len(), alive, held = self.parts.len(), "partitions given back to rebalance");
+        } else if self.parts.len() < share {
+            self.acquire(group, share).await?;
+        }
+        self.parked = group.parked().await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Take free partitions up to `share`, starting at a place of this replica's own so that replicas
+    /// starting together do not all race for the same ones.
+    async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), String> {
+        let mut free = group.free().await.map_err(|e| e.to_string())?;
+        let start = partition_of(&consumer_name(""), free.len().max(1) as u32) as usize;
+        free.rotate_left(start.min(free.len()));
+        let mut taken = Vec::new();
+        for partition in free {
+            if self.parts.len() >= share {
+                break;
+            }
+            let Some(claim) = group.acquire(partition).await.map_err(|e| e.to_string())? else {
+                continue;
+            };
+            // From here on the store refuses the previous holder's commits, before anything is read.
+            self.commit_fences(vec![self.fence(&claim)]).await?;
+            let stored = group.positions(partition).await.map_err(|e| e.to_string())?;
+            self.parts.insert(partition, Part { claim, read: stored.clone(), stored });
+            taken.push(partition);
+        }
+        if !taken.is_empty() {
+            tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
+        }
+        Ok(())
+    }
+
+    fn fence(&self, claim: &Claim) -> Fence {
+        Fence {
+            name: format!("{}#p{}", self.name(), claim.partition),
+            token: claim.token,
+        }
+    }
+
+    async fn commit_fences(&self, fences: Vec<Fence>) -> Result<(), String> {
+        let store = self.shared.store.clone();
+        let unit = UnitOfWork { fences, ..UnitOfWork::default() };
+        tokio::task::spawn_blocking(move || store.commit(&unit))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Forget a partition: its unsettled messages are re-read by its next holder.
+    fn drop_part(&mut self, partition: u32) {
+        self.parts.remove(&partition);
+        self.pending.retain(|item| item.partition != partition);
+        let partitions = self.partitions();
+        self.draining.retain(|key| partition_of(key, partitions) != partition);
+    }
+
+    /// Read the next entries of the held partitions' streams.
+    async fn read(&mut self, group: &mut dyn Partitions, wait: Duration) -> store::Result<Vec<Entry>, crate::broker::Error> {
+        let cursors: Vec<(String, String)> = self
+            .streams
+            .iter()
+            .map(|s| (s.clone(), self.cursor(s)))
+            .collect();
+        let count = self.sub.settings.messages_per_tick as usize;
+        group.read(&cursors, count, wait).await
+    }
+
+    /// Where a read of `stream` starts: after the lowest read mark among the held partitions.
+    fn cursor(&self, stream: &str) -> String {
+        self.parts
+            .values()
+            .map(|p| p.read.get(stream).map_or("0-0", String::as_str))
+            .min_by_key(|id| id_key(id))
+            .unwrap_or("0-0")
+            .to_owned()
+    }
+
+    /// Take in what was read, handle one batch, settle it. Says what the subscription is doing.
+    async fn step(&mut self, group: &mut dyn Partitions, fresh: Vec<Entry>) -> Result<State, String> {
+        let count = self.sub.settings.messages_per_tick as usize;
+        let fresh = self.accept(group, fresh).await?;
+        let new_work = !fresh.is_empty() | self.drain(group, count).await?;
+        self.pending.extend(fresh);
+        if self.pending.is_empty() {
+            return Ok(State::Idle { head: 0 });
+        }
+        let due = self.attempts.next_due().is_none_or(|at| at <= Instant::now());
+        if !new_work && !due {
+            return Ok(State::Retrying);
+        }
+        self.handle(group).await?;
+        Ok(State::Busy)
+    }
+
+    /// Decode what was read and keep the messages of this replica's partitions not seen before; the
+    /// messages of parked keys go to their held lists, undecodable entries to the dead letters.
+    async fn accept(&mut self, group: &mut dyn Partitions, entries: Vec<Entry>) -> Result<Vec<Item>, String> {
+        let count = self.sub.settings.messages_per_tick as usize;
+        let decoded: Vec<(Entry, Result<StoredMessage, String>)> =
+            entries.into_iter().map(|e| { let m = decode(&e); (e, m) }).collect();
+        let cap = merge_cap(&decoded, count);
+        let mut cut: HashSet<String> = HashSet::new();
+        let mut advance: HashMap<String, String> = HashMap::new();
+        let mut fresh = Vec::new();
+        let mut to_hold: BTreeMap<(u32, String), Vec<Entry>> = BTreeMap::new();
+        for (entry, message) in decoded {
+            let beyond = matches!(&message, Ok(m) if m.global_position > cap);
+            if cut.contains(&entry.stream) || beyond {
+                cut.insert(entry.stream.clone());
+                continue;
+            }
+            advance.insert(entry.stream.clone(), entry.id.clone());
+            let key = match &message {
+                Ok(m) => self.ordering.key_of(m),
+                Err(_) => format!("{}/{}", entry.stream, entry.id),
+            };
+            let partition = partition_of(&key, self.partitions());
+            let Some(part) = self.parts.get_mut(&partition) else { continue };
+            if part.read.get(&entry.stream).is_some_and(|r| id_key(&entry.id) <= id_key(r)) {
+                continue;
+            }
+            part.read.insert(entry.stream.clone(), entry.id.clone());
+            match message {
+                Err(reason) => self.poison(group, &entry, &key, &reason).await?,
+                Ok(_) if self.parked.contains_key(&key) => to_hold.entry((partition, key)).or_default().push(entry),
+                Ok(message) => fresh.push(Item { message, entry, partition, key, held: false }),
+            }
+        }
+        // Entries of other partitions up to here are theirs: every held partition has read this far.
+        for part in self.parts.values_mut() {
+            for (stream, id) in &advance {
+                if part.read.get(stream).is_none_or(|r| id_key(r) < id_key(id)) {
+                    part.read.insert(stream.clone(), id.clone());
+                }
+            }
+        }
+        for ((partition, key), entries) in to_hold {
+            self.hold(group, partition, &key, &entries).await?;
+        }
+        if self.streams.len() > 1 {
+            fresh.sort_by_key(|item| item.message.global_position);
+        }
+        Ok(fresh)
+    }
+
+    async fn poison(&mut self, group: &mut dyn Partitions, entry: &Entry, key: &str, reason: &str) -> Result<(), String> {
+        tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
+        let build_id = self.shared.plugin().build_id().to_owned();
+        let info = DeadLetterInfo { error: reason, attempts: 1, build_id: &build_id };
+        group.dead_letter(entry, key, None, &info).await.map_err(|e| e.to_string())
+    }
+
+    /// Move `entries` of the parked `key` to its held list.
+    async fn hold(&mut self, group: &mut dyn Partitions, partition: u32, key: &str, entries: &[Entry]) -> Result<(), String> {
+        let Some(part) = self.parts.get(&partition) else { return Ok(()) };
+        tracing::info!(subscription = %self.name(), key, held = entries.len(), "messages held behind a parked key");
+        if !group.hold(&part.claim, key, entries).await.map_err(|e| e.to_string())? {
+            self.lost(partition);
+        }
+        Ok(())
+    }
+
+    fn lost(&mut self, partition: u32) {
+        tracing::warn!(subscription = %self.name(), partition, "partition taken over by another replica; its writes from here are refused");
+        self.drop_part(partition);
+    }
+
+    /// Take the held entries of released keys in this replica's partitions, to handle them first.
+    /// Whether any were taken.
+    async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, String> {
+        let partitions = self.partitions();
+        let released: Vec<(String, u32)> = self
+            .parked
+            .iter()
+            .filter(|(key, state)| **state == Parked::Released && !self.draining.contains(*key))
+            .map(|(key, _)| (key.clone(), partition_of(key, partitions)))
+            .filter(|(_, p)| self.parts.contains_key(p))
+            .collect();
+        let mut taken = false;
+        for (key, partition) in released {
+            let entries = group.held(&key, count).await.map_err(|e| e.to_string())?;
+            let claim = self.parts[&partition].claim;
+            let mut items = Vec::new();
+            for entry in entries {
+                match decode(&entry) {
+                    Ok(message) => items.push(Item { message, entry, partition, key: key.clone(), held: true }),
+                    // Only the first can be settled at once; later ones wait their turn.
+                    Err(reason) if items.is_empty() => {
+                        self.poison(group, &entry, &key, &reason).await?;
+                        self.settle_held(group, &claim, &key, 1).await?;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if items.is_empty() {
+                // Nothing held (a discard of the only message): the key is free again.
+                self.settle_held(group, &claim, &key, 0).await?;
+                continue;
+            }
+            tracing::info!(subscription = %self.name(), %key, messages = items.len(), "handling the messages held behind a released key");
+            self.draining.insert(key);
+            self.pending.extend(items);
+            taken = true;
+        }
+        Ok(taken)
+    }
+
+    async fn settle_held(&mut self, group: &mut dyn Partitions, claim: &Claim, key: &str, count: usize) -> Result<(), String> {
+        match group.settle_held(claim, key, count).await.map_err(|e| e.to_string())? {
+            true => {
+                tracing::info!(subscription = %self.name(), key, "key unparked: its held messages are handled");
+                self.parked.remove(key);
+                self.draining.remove(key);
+            }
+            false => {}
+        }
+        Ok(())
+    }
+
+    /// Handle every pending message as one batch (waiting keys are held by the batch itself) and settle
+    /// the outcome.
+    async fn handle(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
+        let started = Instant::now();
+        let (messages, items): (Vec<StoredMessage>, Vec<Item>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|mut item| (std::mem::take(&mut item.message), item))
+            .unzip();
+        let touched: BTreeMap<u32, Fence> = items
+            .iter()
+            .filter_map(|i| Some((i.partition, self.fence(&self.parts.get(&i.partition)?.claim))))
+            .collect();
+        let (shared, sub) = (self.shared.clone(), self.sub.clone());
+        let mut attempts = std::mem::take(&mut self.attempts);
+        let fences = touched.into_values().collect();
+        let (outcome, messages, attempts) = tokio::task::spawn_blocking(move || {
+            let plugin = shared.plugin();
+            let ctx = batch::Context {
+                plugin: &plugin,
+                store: shared.store.as_ref(),
+                subscription: &sub,
+                version_retries: shared.config.version_retries,
+                publish: shared.config.broker.is_some(),
+                fences,
+            };
+            let outcome = batch::run(&ctx, &messages, &mut attempts);
+            (outcome, messages, attempts)
+        })
+        .await
+        .map_err(|e| format!("a batch task failed: {e}"))?;
+        self.attempts = attempts;
+        let items: Vec<Item> = items
+            .into_iter()
+            .zip(messages)
+            .map(|(item, message)| Item { message, ..item })
+            .collect();
+        match outcome {
+            Ok(report) => self.settle(group, items, report, started).await,
+            Err(store::Error::Fenced { name, .. }) => {
+                self.pending = items;
+                if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
+                    self.lost(partition);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                self.pending = items;
+                Err(format!("store unavailable: {error}"))
+            }
+        }
+    }
+
+    /// After a commit: dead letters (parking their keys), held lists trimmed, parked keys' later
+    /// messages held, the rest kept for later, positions stored.
+    async fn settle(&mut self, group: &mut dyn Partitions, items: Vec<Item>, report: Report, started: Instant) -> Result<(), String> {
+        let build_id = self.shared.plugin().build_id().to_owned();
+        for dead in &report.dead_letters {
+            let Some(item) = items.iter().find(|i| i.message.id == dead.message_id) else { continue };
+            let park = report.parked.contains(&item.key);
+            let claim = self.parts.get(&item.partition).map(|p| p.claim);
+            let info = DeadLetterInfo { error: &dead.error, attempts: dead.attempts, build_id: &build_id };
+            group
+                .dead_letter(&item.entry, &item.key, claim.as_ref().filter(|_| park), &info)
+                .await
+                .map_err(|e| e.to_string())?;
+            if park {
+                tracing::warn!(subscription = %self.name(), key = %item.key, message_id = %dead.message_id, "key parked: its later messages wait until its dead letter is replayed or discarded");
+                self.parked.insert(item.key.clone(), Parked::Waiting(dead.message_id.clone()));
+            }
+        }
+        let settled: HashSet<&str> = report.settled.iter().map(String::as_str).collect();
+        let mut held_done: BTreeMap<(u32, String), usize> = BTreeMap::new();
+        let mut to_hold: BTreeMap<(u32, String), Vec<Entry>> = BTreeMap::new();
+        let mut keep = Vec::new();
+        for item in items {
+            let parked = matches!(self.parked.get(&item.key), Some(Parked::Waiting(_)));
+            if settled.contains(item.message.id.as_str()) {
+                if item.held {
+                    *held_done.entry((item.partition, item.key)).or_default() += 1;
+                }
+            } else if parked && !item.held {
+                to_hold.entry((item.partition, item.key)).or_default().push(item.entry);
+            } else if parked {
+                // Still first in its held list, behind the new dead letter.
+                self.draining.remove(&item.key);
+            } else {
+                keep.push(item);
+            }
+        }
+        self.pending = keep;
+        for ((partition, key), count) in held_done {
+            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else { continue };
+            self.settle_held(group, &claim, &key, count).await?;
+            if !self.pending.iter().any(|i| i.held && i.key == key) {
+                self.draining.remove(&key);
+            }
+        }
+        for ((partition, key), entries) in to_hold {
+            self.hold(group, partition, &key, &entries).await?;
+        }
+        self.commit_positions(group).await?;
+        self.shared.metrics.batch(&self.sub, &report, started.elapsed());
+        tracing::info!(subscription = %self.name(), handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, waiting = report.waiting.len(), parked = report.parked.len(), "batch committed");
+        self.shared.progress.tally(report);
+        Ok(())
+    }
+
+    /// Store each held partition's position: after the last entry read, or just before its first
+    /// unsettled one.
+    async fn commit_positions(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
+        let mut first_unsettled: HashMap<(u32, &str), &str> = HashMap::new();
+        for item in self.pending.iter().filter(|i| !i.held) {
+            first_unsettled
+                .entry((item.partition, item.entry.stream.as_str()))
+                .and_modify(|id| if id_key(&item.entry.id) < id_key(id) { *id = &item.entry.id })
+                .or_insert(&item.entry.id);
+        }
+        let mut updates = Vec::new();
+        for (partition, part) in &self.parts {
+            let mut changed = Vec::new();
+            for stream in &self.streams {
+                let mark = match first_unsettled.get(&(*partition, stream.as_str())) {
+                    Some(id) => id_before(id),
+                    None => match part.read.get(stream) {
+                        Some(id) => id.clone(),
+                        None => continue,
+                    },
+                };
+                if part.stored.get(stream) != Some(&mark) {
+                    changed.push((stream.clone(), mark));
+                }
+            }
+            if !changed.is_empty() {
+                updates.push((part.claim, changed));
+            }
+        }
+        let lost = group.commit_positions(&updates).await.map_err(|e| e.to_string())?;
+        for (claim, changed) in updates {
+            if lost.contains(&claim.partition) {
+                self.lost(claim.partition);
+            } else if let Some(part) = self.parts.get_mut(&claim.partition) {
+                part.stored.extend(changed);
+            }
+        }
+        Ok(())
+    }
+
+    /// On shutdown: give every partition back at once (positions are stored after every batch), so the
+    /// other replicas need not wait for the leases to expire.
+    async fn stop(&mut self, group: &mut dyn Partitions) {
+        let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
+        let released = group.release(&claims).await;
+        let left = group.leave().await;
+        if let Err(error) = released.and(left) {
+            tracing::warn!(subscription = %self.name(), %error, "cannot give the partitions back; others take them when the leases expire");
+        }
+    }
+}
+
+/// When several streams are read at once and one returned a full page, entries of the others past
+/// that page's last global position may have earlier messages still unread on the full stream: take
+/// everything up to the lowest such position now and the rest on the next read, so a key spread over
+/// several categories keeps store order.
+fn merge_cap(decoded: &[(Entry, Result<StoredMessage, String>)], count: usize) -> u64 {
+    let mut per_stream: HashMap<&str, (usize, u64)> = HashMap::new();
+    for (entry, message) in decoded {
+        let slot = per_stream.entry(entry.stream.as_str()).or_default();
+        slot.0 += 1;
+        if let Ok(m) = message {
+            slot.1 = slot.1.max(m.global_position);
+        }
+    }
+    if per_stream.len() < 2 {
+        return u64::MAX;
+    }
+    per_stream
+        .values()
+        .filter(|(n, _)| *n >= count)
+        .map(|(_, last)| *last)
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+/// A broker entry as a stored message (Protean's wire format in its `data` field).
+fn decode(entry: &Entry) -> Result<StoredMessage, String> {
+    let text = entry.data.as_deref().ok_or("entry has no text field `data`")?;
+    crate::message::from_wire(text)
+}
