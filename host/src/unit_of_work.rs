@@ -26,6 +26,9 @@ pub struct UnitOfWork {
     /// Write an outbox row for every appended message, so the outbox processor publishes it to the
     /// broker stream of its category (set when a broker is configured).
     pub publish: bool,
+    /// Ownership claims checked and raised first: a commit carrying a token older than one the store has
+    /// seen for the same name is refused whole.
+    pub fences: Vec<Fence>,
 }
 
 impl UnitOfWork {
@@ -36,7 +39,24 @@ impl UnitOfWork {
             && self.processed.is_empty()
             && self.position.is_none()
             && self.dead_letters.is_empty()
+            && self.fences.is_empty()
     }
+}
+
+/// A claim to own `name` (a partition of keys) with a fencing token from its lease.
+///
+/// A lease alone cannot stop a replica that stalled past it (a pause, a long GC, SIGSTOP): when it wakes
+/// it still believes it owns the partition. Tokens grow with every acquisition, so the store, which sees
+/// every commit, can refuse the stale owner's: it keeps the highest token per name and rejects lower
+/// ones. The new owner commits a unit holding only its fence right after taking the lease, so the old
+/// owner is shut out from then on even before the new one has anything else to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// What is owned, e.g. a partition of a subscription's keys.
+    pub name: String,
+    /// The lease's fencing token (an increasing counter per acquisition); equal to the recorded one is
+    /// the same owner committing again.
+    pub token: u64,
 }
 
 /// A message to append.

@@ -24,7 +24,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .output()
         .expect_code(1)
         .stdout();
-    assert!(before.starts_with("schema version 0 of 2"), "{before}");
+    assert!(before.starts_with("schema version 0 of 3"), "{before}");
     assert!(
         before.contains("pending migration 1: message_store"),
         "{before}"
@@ -40,6 +40,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         "{first}"
     );
     assert!(first.contains("applied migration 2: protean"), "{first}");
+    assert!(first.contains("applied migration 3: fences"), "{first}");
     let second = host(dir.path())
         .args(["db", "setup"])
         .output()
@@ -56,7 +57,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .expect_code(0)
         .stdout();
     assert_eq!(after.lines().count(), 1, "{after}");
-    assert!(after.starts_with("schema version 2 of 2"), "{after}");
+    assert!(after.starts_with("schema version 3 of 3"), "{after}");
     assert_eq!(
         pg.psql("SELECT message_store.message_store_version()"),
         "1.3.0"
@@ -76,7 +77,7 @@ fn a_server_on_a_store_not_set_up_names_db_setup() {
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "{}", run.stderr());
     assert!(
-        errors[0].contains("is not set up (schema version 0 of 2); run `protean-host db setup`"),
+        errors[0].contains("is not set up (schema version 0 of 3); run `protean-host db setup`"),
         "{errors:?}"
     );
     assert!(!errors[0].contains('\n'));
@@ -169,6 +170,7 @@ fn db_setup_adopts_an_existing_message_store_and_its_messages() {
         .expect_code(0)
         .stdout();
     assert!(out.contains("applied migration 2: protean"), "{out}");
+    assert!(out.contains("applied migration 3: fences"), "{out}");
     let kept =
         pg.psql("SELECT proargnames[1] FROM pg_proc WHERE proname = 'get_category_messages'");
     assert_eq!(kept, "category_name", "the install's own function is kept");

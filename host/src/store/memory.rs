@@ -24,6 +24,8 @@ struct State {
     dead_letters: Vec<DeadLetter>,
     outbox: Vec<OutboxRow>,
     leases: HashMap<String, Lease>,
+    /// The highest fencing token committed per name.
+    fences: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -65,6 +67,7 @@ impl State {
 
     /// Every check a commit makes, without changing anything.
     fn check(&self, unit: &UnitOfWork) -> Result<()> {
+        self.check_fences(unit)?;
         let mut versions: HashMap<&str, i64> = HashMap::new();
         let mut ids: HashSet<&str> = HashSet::new();
         for m in &unit.messages {
@@ -95,8 +98,33 @@ impl State {
         Ok(())
     }
 
+    /// Refuse a fence older than the recorded one. Fences of one name chain within the unit, as they do
+    /// in the SQL stores, which raise each before checking the next.
+    fn check_fences(&self, unit: &UnitOfWork) -> Result<()> {
+        let mut raised: HashMap<&str, u64> = HashMap::new();
+        for fence in &unit.fences {
+            let current = raised
+                .get(fence.name.as_str())
+                .or_else(|| self.fences.get(&fence.name))
+                .copied()
+                .unwrap_or(0);
+            if fence.token < current {
+                return Err(Error::Fenced {
+                    name: fence.name.clone(),
+                    token: fence.token,
+                    current,
+                });
+            }
+            raised.insert(&fence.name, fence.token);
+        }
+        Ok(())
+    }
+
     /// Apply a unit that passed [`State::check`].
     fn apply(&mut self, unit: &UnitOfWork) -> Option<u64> {
+        for fence in &unit.fences {
+            self.fences.insert(fence.name.clone(), fence.token);
+        }
         let mut last = None;
         for m in &unit.messages {
             let actual = self.version(&m.stream);

@@ -116,6 +116,14 @@ pub enum Error {
     },
     #[error("the lease of subscription {subscription} is no longer this replica's; its commit is refused")]
     LeaseLost { subscription: String },
+    /// A newer owner of `name` has committed with a higher fencing token: this replica lost its lease
+    /// (it stalled past it) and nothing of its unit was written.
+    #[error("{name} was taken over by a newer owner (fencing token {current} > {token}); this replica's commit is refused")]
+    Fenced {
+        name: String,
+        token: u64,
+        current: u64,
+    },
 }
 
 /// A PostgreSQL error in one line: the server's own message when it sent one, else the client's chain.

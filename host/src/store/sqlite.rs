@@ -57,6 +57,8 @@ mod sql {
     pub(super) const OUTBOX_ABANDON: &str = include_str!("sql/sqlite/outbox_abandon.sql");
     pub(super) const OUTBOX_RELEASE: &str = include_str!("sql/sqlite/outbox_release.sql");
     pub(super) const OUTBOX_COUNTS: &str = include_str!("sql/sqlite/outbox_counts.sql");
+    pub(super) const FENCE_RAISE: &str = include_str!("sql/sqlite/fence_raise.sql");
+    pub(super) const FENCE_CURRENT: &str = include_str!("sql/sqlite/fence_current.sql");
 }
 
 /// A store in a SQLite file: one writer connection, and a pool of reader connections so that handlers
@@ -210,6 +212,7 @@ fn now() -> String {
 
 /// Apply a unit of work inside an open transaction.
 fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
+    raise_fences(tx, unit)?;
     let mut versions: HashMap<&str, i64> = HashMap::new();
     let mut last = None;
     for m in &unit.messages {
@@ -312,6 +315,28 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
             ])?;
     }
     Ok(last)
+}
+
+/// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. First
+/// in the commit, so a stale owner's unit fails before it has done any work.
+fn raise_fences(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<(), CommitError> {
+    for fence in &unit.fences {
+        let raised = tx
+            .prepare_cached(sql::FENCE_RAISE)?
+            .execute(params![fence.name, fence.token])?;
+        if raised == 0 {
+            let current: u64 = tx
+                .prepare_cached(sql::FENCE_CURRENT)?
+                .query_row([&fence.name], |r| r.get(0))?;
+            return Err(Error::Fenced {
+                name: fence.name.clone(),
+                token: fence.token,
+                current,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Write or delete a document and keep its field index in step, touching only the fields that changed

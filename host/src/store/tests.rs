@@ -5,7 +5,7 @@ use serde_json::json;
 use super::{Error, Store};
 use crate::{
     message::Kind,
-    unit_of_work::{DocumentWrite, NewMessage, PositionUpdate, ProcessedMarker, UnitOfWork},
+    unit_of_work::{DocumentWrite, Fence, NewMessage, PositionUpdate, ProcessedMarker, UnitOfWork},
 };
 
 fn event(stream: &str, n: u64, expected: Option<i64>) -> NewMessage {
@@ -338,6 +338,121 @@ pub(super) fn lag_is_counted_per_category_and_ping_answers(store: &dyn Store) {
     store.ping().unwrap();
 }
 
+fn fence(name: &str, token: u64) -> Fence {
+    Fence {
+        name: name.into(),
+        token,
+    }
+}
+
+/// A unit under `fences` that appends one event to `stream`.
+fn fenced(fences: Vec<Fence>, stream: &str) -> UnitOfWork {
+    UnitOfWork {
+        messages: vec![event(stream, 0, None)],
+        fences,
+        ..UnitOfWork::default()
+    }
+}
+
+/// Whether `result` is the refusal of `token` on `name` by a recorded `current`.
+fn is_fenced(result: &Result<Option<u64>, Error>, name: &str, token: u64, current: u64) -> bool {
+    matches!(result, Err(Error::Fenced { name: n, token: t, current: c })
+        if n == name && *t == token && *c == current)
+}
+
+pub(super) fn a_higher_fence_commits_and_raises_it(store: &dyn Store) {
+    store
+        .commit(&fenced(vec![fence("p-1", 1)], "shop::order-1"))
+        .unwrap();
+    store
+        .commit(&fenced(vec![fence("p-1", 2)], "shop::order-2"))
+        .expect("a newer owner commits");
+    assert_eq!(store.read_stream("shop::order-2", 0).unwrap().len(), 1);
+    let stale = store.commit(&fenced(vec![fence("p-1", 1)], "shop::order-3"));
+    assert!(is_fenced(&stale, "p-1", 1, 2), "raised to 2: {stale:?}");
+}
+
+/// A replica that lost its lease cannot commit: nothing of its unit is written.
+pub(super) fn a_lower_fence_is_refused_and_writes_nothing(store: &dyn Store) {
+    store
+        .commit(&fenced(vec![fence("p-1", 5)], "shop::order-1"))
+        .unwrap();
+    let stale = UnitOfWork {
+        documents: vec![DocumentWrite::Put {
+            collection: "c".into(),
+            id: "1".into(),
+            data: "{}".into(),
+        }],
+        processed: vec![ProcessedMarker {
+            subscription: "s".into(),
+            message_id: "m1".into(),
+            build_id: "b".into(),
+        }],
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 9,
+        }),
+        ..fenced(vec![fence("p-1", 4)], "shop::order-2")
+    };
+    let refused = store.commit(&stale);
+    assert!(is_fenced(&refused, "p-1", 4, 5), "{refused:?}");
+    let error = refused.unwrap_err().to_string();
+    assert_eq!(error, "p-1 was taken over by a newer owner (fencing token 5 > 4); this replica's commit is refused");
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
+    assert_eq!(store.document("c", "1").unwrap(), None);
+    assert!(store.processed("s", &["m1"]).unwrap().is_empty());
+    assert_eq!(store.position("s").unwrap(), None);
+}
+
+pub(super) fn an_equal_fence_commits(store: &dyn Store) {
+    store
+        .commit(&fenced(vec![fence("p-1", 3)], "shop::order-1"))
+        .unwrap();
+    store
+        .commit(&fenced(vec![fence("p-1", 3)], "shop::order-2"))
+        .expect("the same owner commits again");
+    assert_eq!(store.read_stream("shop::order-2", 0).unwrap().len(), 1);
+}
+
+/// The new owner commits its fence alone right after taking the lease: from then on the old owner's
+/// commits fail, even before the new owner has anything else to write.
+pub(super) fn a_unit_of_fences_only_raises_them(store: &dyn Store) {
+    store
+        .commit(&fenced(vec![fence("p-1", 6)], "shop::order-1"))
+        .unwrap();
+    store
+        .commit(&UnitOfWork {
+            fences: vec![fence("p-1", 7)],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let stale = store.commit(&fenced(vec![fence("p-1", 6)], "shop::order-2"));
+    assert!(is_fenced(&stale, "p-1", 6, 7), "{stale:?}");
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
+}
+
+pub(super) fn fences_of_two_names_are_independent(store: &dyn Store) {
+    store
+        .commit(&fenced(vec![fence("p-1", 10)], "shop::order-1"))
+        .unwrap();
+    store
+        .commit(&fenced(vec![fence("p-2", 1)], "shop::order-2"))
+        .expect("p-2 has its own tokens");
+    let stale = store.commit(&fenced(vec![fence("p-1", 9)], "shop::order-3"));
+    assert!(is_fenced(&stale, "p-1", 9, 10), "{stale:?}");
+    let both = store.commit(&fenced(
+        vec![fence("p-2", 2), fence("p-1", 1)],
+        "shop::order-4",
+    ));
+    assert!(
+        is_fenced(&both, "p-1", 1, 10),
+        "one stale fence refuses the unit: {both:?}"
+    );
+    store
+        .commit(&fenced(vec![fence("p-2", 1)], "shop::order-5"))
+        .expect("the refused unit did not raise p-2");
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -351,6 +466,11 @@ macro_rules! store_conformance {
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
             #[test] fn lag_is_counted_per_category_and_ping_answers() { let (s, _g) = $make; super::lag_is_counted_per_category_and_ping_answers(&s) }
+            #[test] fn a_higher_fence_commits_and_raises_it() { let (s, _g) = $make; super::a_higher_fence_commits_and_raises_it(&s) }
+            #[test] fn a_lower_fence_is_refused_and_writes_nothing() { let (s, _g) = $make; super::a_lower_fence_is_refused_and_writes_nothing(&s) }
+            #[test] fn an_equal_fence_commits() { let (s, _g) = $make; super::an_equal_fence_commits(&s) }
+            #[test] fn a_unit_of_fences_only_raises_them() { let (s, _g) = $make; super::a_unit_of_fences_only_raises_them(&s) }
+            #[test] fn fences_of_two_names_are_independent() { let (s, _g) = $make; super::fences_of_two_names_are_independent(&s) }
         }
     )+};
 }
@@ -383,6 +503,35 @@ store_conformance! {
     memory => (super::super::MemoryStore::default(), ()),
     sqlite => super::sqlite(),
     postgres => super::postgres(),
+}
+
+/// What only the SQLite store has to do: bring files written by older builds up to its schema.
+mod sqlite_only {
+    use super::{fence, fenced, is_fenced};
+    use crate::{
+        store::{SqliteStore, Store},
+        unit_of_work::UnitOfWork,
+    };
+
+    #[test]
+    fn a_store_file_from_before_fences_gets_their_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        drop(SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE protean_fences")
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .commit(&UnitOfWork {
+                fences: vec![fence("p-1", 2)],
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        let stale = store.commit(&fenced(vec![fence("p-1", 1)], "shop::order-1"));
+        assert!(is_fenced(&stale, "p-1", 1, 2), "{stale:?}");
+    }
 }
 
 /// What only the PostgreSQL store offers: migrations, leases and the fence on a stale owner.

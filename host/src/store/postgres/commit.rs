@@ -28,6 +28,7 @@ pub(super) fn apply(
             });
         }
     }
+    raise_fences(c, unit)?;
     let last = append(c, unit)?;
     for write in &unit.documents {
         write_document(c, write)?;
@@ -82,6 +83,27 @@ pub(super) fn apply(
         )?;
     }
     Ok(last)
+}
+
+/// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. Before
+/// the appends, so a stale owner's unit fails before it takes the append lock.
+fn raise_fences(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
+    for fence in &unit.fences {
+        let token = fence.token as i64;
+        if c.execute(sql::FENCE_RAISE, &[&fence.name, &token])? == 0 {
+            // The refusing row is locked by this transaction (ON CONFLICT locks it), so it is still there.
+            let current: i64 = c
+                .query_opt(sql::FENCE_CURRENT, &[&fence.name])?
+                .ok_or_else(|| Error::Corrupt(format!("fence {} vanished", fence.name)))?
+                .get(0);
+            return Err(Error::Fenced {
+                name: fence.name.clone(),
+                token: fence.token,
+                current: current as u64,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Append the unit's messages after checking every expected version; returns the last global position.

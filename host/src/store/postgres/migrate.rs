@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "protean (positions, documents, markers, dead letters, outbox, leases)",
         sql: include_str!("../sql/postgres/migrations/002_protean.sql"),
     },
+    Migration {
+        version: 3,
+        name: "fences (fencing tokens of owned partitions)",
+        sql: include_str!("../sql/postgres/migrations/003_fences.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -83,6 +83,8 @@ mod sql {
         LEASE_TAKE = "lease_take";
         LEASE_RELEASE = "lease_release";
         LEASE_FENCE = "lease_fence";
+        FENCE_RAISE = "fence_raise";
+        FENCE_CURRENT = "fence_current";
     }
     messages! {
         READ_STREAM = "read_stream";

@@ -81,3 +81,10 @@ CREATE TABLE IF NOT EXISTS outbox_leases (
     worker TEXT    NOT NULL,
     until  INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- The highest fencing token committed per owned name (a partition of keys): a commit with a lower one
+-- comes from an owner that lost its lease and is refused.
+CREATE TABLE IF NOT EXISTS protean_fences (
+    name  TEXT    PRIMARY KEY,
+    token INTEGER NOT NULL
+) WITHOUT ROWID;

@@ -1,0 +1,1 @@
+SELECT token FROM protean.fences WHERE name = $1

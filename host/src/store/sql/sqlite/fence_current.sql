@@ -1,0 +1,1 @@
+SELECT token FROM protean_fences WHERE name = ?1
