@@ -62,6 +62,12 @@ impl Document for Record {
 
 fn record(event: Numbered, ctx: &mut Context) -> HandlerResult {
     if event.stall_ms > 0 {
+        log::info!(
+            "stalling in {} #{} for {} ms",
+            event.key,
+            event.seq,
+            event.stall_ms
+        );
         std::thread::sleep(std::time::Duration::from_millis(event.stall_ms));
     }
     if event.poison && poisoned() {
@@ -83,7 +89,12 @@ fn poisoned() -> bool {
         .is_some_and(|path| std::path::Path::new(&path).exists())
 }
 
-/// The sequencing instance: one handler, ordered by stream.
+/// The sequencing instance: one handler, ordered by stream; a key parks behind a dead letter.
 pub fn domain() -> Domain {
-    Domain::new("Sequencing").event_handler(EventHandler::new("recorder").on(record).ordered())
+    Domain::new("Sequencing").event_handler(
+        EventHandler::new("recorder")
+            .on(record)
+            .ordered()
+            .after_dead_letter(AfterDeadLetter::Park),
+    )
 }

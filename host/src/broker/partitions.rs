@@ -72,8 +72,10 @@ pub trait Partitions: Send {
 
     /// Store positions (stream, id) per claimed partition; returns the partitions whose lease was lost
     /// (nothing stored for them).
-    async fn commit_positions(&mut self, updates: &[(Claim, Vec<(String, String)>)])
-        -> Result<Vec<u32>>;
+    async fn commit_positions(
+        &mut self,
+        updates: &[(Claim, Vec<(String, String)>)],
+    ) -> Result<Vec<u32>>;
 
     /// Entries after `cursors` (stream, id), up to `count` per stream, waiting up to `block`.
     async fn read(

@@ -29,7 +29,7 @@ use crate::{
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::SubscriptionPlan,
-    unit_of_work::{Buffer, PositionUpdate, ProcessedMarker, UnitOfWork},
+    unit_of_work::{Buffer, Fence, PositionUpdate, ProcessedMarker, UnitOfWork},
 };
 
 /// A subscription as the engine runs it.
@@ -111,6 +111,9 @@ pub(crate) struct Context<'a> {
     pub(crate) version_retries: u32,
     /// Write outbox rows for what the handlers append (a broker is configured).
     pub(crate) publish: bool,
+    /// Checked by the store on commit: partitions this batch's messages belong to, with the fencing
+    /// tokens of this replica's leases on them.
+    pub(crate) fences: Vec<Fence>,
 }
 
 enum Class<'m> {
@@ -242,6 +245,7 @@ fn build(
     let buffer = Buffer::new(ctx.store, &causes);
     let mut unit = UnitOfWork {
         publish: ctx.publish,
+        fences: ctx.fences.clone(),
         ..UnitOfWork::default()
     };
     let mut report = Report::default();

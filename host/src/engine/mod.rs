@@ -36,7 +36,7 @@ use crate::{
     plugin::Kind as HandlerKind,
     plugin::Plugin,
     store::{self, Store},
-    subscription::{event_store, stream, PlanError, SubscriptionPlan},
+    subscription::{event_store, ordered, stream, PlanError, SubscriptionPlan},
     unit_of_work::{NewMessage, UnitOfWork},
 };
 
@@ -526,6 +526,13 @@ impl Runner {
         let mut workers = JoinSet::new();
         for sub in &generation.subscriptions {
             match (&self.broker, sub.kind) {
+                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => workers
+                    .spawn(ordered::run(
+                        self.shared.clone(),
+                        broker.clone(),
+                        sub.clone(),
+                        stop.clone(),
+                    )),
                 (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
                     self.shared.clone(),
                     broker.clone(),

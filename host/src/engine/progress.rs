@@ -107,6 +107,21 @@ impl Progress {
         f(&mut lock(&self.totals));
     }
 
+    /// Count what a committed batch did.
+    pub(crate) fn tally(&self, report: super::batch::Report) {
+        self.count(|t| {
+            for message_type in report.handled {
+                *t.handled.entry(message_type).or_default() += 1;
+            }
+            for message_type in report.written {
+                *t.written.entry(message_type).or_default() += 1;
+            }
+            t.dead_lettered += u64::from(report.dead_lettered);
+            t.skipped += u64::from(report.skipped);
+            t.retries += u64::from(report.retry.is_some());
+        });
+    }
+
     pub(crate) fn totals(&self) -> Totals {
         lock(&self.totals).clone()
     }

@@ -28,7 +28,7 @@ pub use sqlite::SqliteStore;
 use crate::unit_of_work::UnitOfWork;
 
 /// One stored message, as read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredMessage {
     /// Position in the whole store (1-based, increasing, gaps possible).
     pub global_position: u64,

@@ -291,6 +291,7 @@ async fn process(
             subscription: &sub,
             version_retries: shared.config.version_retries,
             publish: shared.config.broker.is_some(),
+            fences: Vec::new(),
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
         (outcome, attempts)

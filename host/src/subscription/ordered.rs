@@ -48,10 +48,21 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
-    let ordering = sub.ordering.clone().ok_or("an ordered subscription needs an ordering")?;
+    let ordering = sub
+        .ordering
+        .clone()
+        .ok_or("an ordered subscription needs an ordering")?;
     let settings = shared.config.ordering;
-    let block = shared.config.broker.as_ref().map_or(Duration::from_secs(1), |b| b.block);
-    let block = if shared.test_mode { block.min(Duration::from_millis(20)) } else { block };
+    let block = shared
+        .config
+        .broker
+        .as_ref()
+        .map_or(Duration::from_secs(1), |b| b.block);
+    let block = if shared.test_mode {
+        block.min(Duration::from_millis(20))
+    } else {
+        block
+    };
     let owner = consumer_name(&name);
     let mut failures = 0;
     let mut group = loop {
@@ -106,8 +117,8 @@ pub(crate) async fn run(
         };
         failures = 0;
         match state.step(group.as_mut(), fresh).await {
-            Ok(true) => {}
-            Ok(false) => shared.progress.set(&name, State::Idle { head: seen }),
+            Ok(State::Idle { .. }) => shared.progress.set(&name, State::Idle { head: seen }),
+            Ok(state) => shared.progress.set(&name, state),
             Err(error) => {
                 failures += 1;
                 backoff(&name, &error, failures, &shutdown).await;
@@ -155,7 +166,12 @@ struct Ordered {
 }
 
 impl Ordered {
-    fn new(shared: Arc<Shared>, sub: Arc<Subscription>, ordering: Ordering, streams: Vec<String>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        sub: Arc<Subscription>,
+        ordering: Ordering,
+        streams: Vec<String>,
+    ) -> Self {
         Self {
             shared,
             sub,
@@ -179,8 +195,13 @@ impl Ordered {
 
     /// How long the next read may wait for new entries: not past a waiting key's retry.
     fn wait(&self, most: Duration) -> Duration {
-        let due = self.attempts.next_due().filter(|_| !self.pending.is_empty());
-        due.map_or(most, |at| most.min(at.saturating_duration_since(Instant::now())))
+        let due = self
+            .attempts
+            .next_due()
+            .filter(|_| !self.pending.is_empty());
+        due.map_or(most, |at| {
+            most.min(at.saturating_duration_since(Instant::now()))
+        })
     }
 
     /// Say this replica is alive, renew its partitions, and take or give back partitions until it holds
@@ -194,7 +215,13 @@ impl Ordered {
         }
         let share = (self.partitions() as usize).div_ceil(alive);
         if self.parts.len() > share {
-            let extra: Vec<Claim> = self.parts.values().rev().take(self.parts.len() - share).map(|p| p.claim).collect();
+            let extra: Vec<Claim> = self
+                .parts
+                .values()
+                .rev()
+                .take(self.parts.len() - share)
+                .map(|p| p.claim)
+                .collect();
             group.release(&extra).await.map_err(|e| e.to_string())?;
             for claim in &extra {
                 self.drop_part(claim.partition);
@@ -212,7 +239,8 @@ impl Ordered {
     async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), String> {
         let mut free = group.free().await.map_err(|e| e.to_string())?;
         let start = partition_of(&consumer_name(""), free.len().max(1) as u32) as usize;
-        free.rotate_left(start.min(free.len()));
+        let len = free.len();
+        free.rotate_left(start.min(len));
         let mut taken = Vec::new();
         for partition in free {
             if self.parts.len() >= share {
@@ -223,8 +251,18 @@ impl Ordered {
             };
             // From here on the store refuses the previous holder's commits, before anything is read.
             self.commit_fences(vec![self.fence(&claim)]).await?;
-            let stored = group.positions(partition).await.map_err(|e| e.to_string())?;
-            self.parts.insert(partition, Part { claim, read: stored.clone(), stored });
+            let stored = group
+                .positions(partition)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.parts.insert(
+                partition,
+                Part {
+                    claim,
+                    read: stored.clone(),
+                    stored,
+                },
+            );
             taken.push(partition);
         }
         if !taken.is_empty() {
@@ -242,7 +280,10 @@ impl Ordered {
 
     async fn commit_fences(&self, fences: Vec<Fence>) -> Result<(), String> {
         let store = self.shared.store.clone();
-        let unit = UnitOfWork { fences, ..UnitOfWork::default() };
+        let unit = UnitOfWork {
+            fences,
+            ..UnitOfWork::default()
+        };
         tokio::task::spawn_blocking(move || store.commit(&unit))
             .await
             .map_err(|e| e.to_string())?
@@ -255,11 +296,16 @@ impl Ordered {
         self.parts.remove(&partition);
         self.pending.retain(|item| item.partition != partition);
         let partitions = self.partitions();
-        self.draining.retain(|key| partition_of(key, partitions) != partition);
+        self.draining
+            .retain(|key| partition_of(key, partitions) != partition);
     }
 
     /// Read the next entries of the held partitions' streams.
-    async fn read(&mut self, group: &mut dyn Partitions, wait: Duration) -> store::Result<Vec<Entry>, crate::broker::Error> {
+    async fn read(
+        &mut self,
+        group: &mut dyn Partitions,
+        wait: Duration,
+    ) -> store::Result<Vec<Entry>, crate::broker::Error> {
         let cursors: Vec<(String, String)> = self
             .streams
             .iter()
@@ -280,7 +326,11 @@ impl Ordered {
     }
 
     /// Take in what was read, handle one batch, settle it. Says what the subscription is doing.
-    async fn step(&mut self, group: &mut dyn Partitions, fresh: Vec<Entry>) -> Result<State, String> {
+    async fn step(
+        &mut self,
+        group: &mut dyn Partitions,
+        fresh: Vec<Entry>,
+    ) -> Result<State, String> {
         let count = self.sub.settings.messages_per_tick as usize;
         let fresh = self.accept(group, fresh).await?;
         let new_work = !fresh.is_empty() | self.drain(group, count).await?;
@@ -288,7 +338,10 @@ impl Ordered {
         if self.pending.is_empty() {
             return Ok(State::Idle { head: 0 });
         }
-        let due = self.attempts.next_due().is_none_or(|at| at <= Instant::now());
+        let due = self
+            .attempts
+            .next_due()
+            .is_none_or(|at| at <= Instant::now());
         if !new_work && !due {
             return Ok(State::Retrying);
         }
@@ -298,10 +351,19 @@ impl Ordered {
 
     /// Decode what was read and keep the messages of this replica's partitions not seen before; the
     /// messages of parked keys go to their held lists, undecodable entries to the dead letters.
-    async fn accept(&mut self, group: &mut dyn Partitions, entries: Vec<Entry>) -> Result<Vec<Item>, String> {
+    async fn accept(
+        &mut self,
+        group: &mut dyn Partitions,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Item>, String> {
         let count = self.sub.settings.messages_per_tick as usize;
-        let decoded: Vec<(Entry, Result<StoredMessage, String>)> =
-            entries.into_iter().map(|e| { let m = decode(&e); (e, m) }).collect();
+        let decoded: Vec<(Entry, Result<StoredMessage, String>)> = entries
+            .into_iter()
+            .map(|e| {
+                let m = decode(&e);
+                (e, m)
+            })
+            .collect();
         let cap = merge_cap(&decoded, count);
         let mut cut: HashSet<String> = HashSet::new();
         let mut advance: HashMap<String, String> = HashMap::new();
@@ -319,15 +381,29 @@ impl Ordered {
                 Err(_) => format!("{}/{}", entry.stream, entry.id),
             };
             let partition = partition_of(&key, self.partitions());
-            let Some(part) = self.parts.get_mut(&partition) else { continue };
-            if part.read.get(&entry.stream).is_some_and(|r| id_key(&entry.id) <= id_key(r)) {
+            let Some(part) = self.parts.get_mut(&partition) else {
+                continue;
+            };
+            if part
+                .read
+                .get(&entry.stream)
+                .is_some_and(|r| id_key(&entry.id) <= id_key(r))
+            {
                 continue;
             }
             part.read.insert(entry.stream.clone(), entry.id.clone());
             match message {
                 Err(reason) => self.poison(group, &entry, &key, &reason).await?,
-                Ok(_) if self.parked.contains_key(&key) => to_hold.entry((partition, key)).or_default().push(entry),
-                Ok(message) => fresh.push(Item { message, entry, partition, key, held: false }),
+                Ok(_) if self.parked.contains_key(&key) => {
+                    to_hold.entry((partition, key)).or_default().push(entry)
+                }
+                Ok(message) => fresh.push(Item {
+                    message,
+                    entry,
+                    partition,
+                    key,
+                    held: false,
+                }),
             }
         }
         // Entries of other partitions up to here are theirs: every held partition has read this far.
@@ -347,18 +423,43 @@ impl Ordered {
         Ok(fresh)
     }
 
-    async fn poison(&mut self, group: &mut dyn Partitions, entry: &Entry, key: &str, reason: &str) -> Result<(), String> {
+    async fn poison(
+        &mut self,
+        group: &mut dyn Partitions,
+        entry: &Entry,
+        key: &str,
+        reason: &str,
+    ) -> Result<(), String> {
         tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
         let build_id = self.shared.plugin().build_id().to_owned();
-        let info = DeadLetterInfo { error: reason, attempts: 1, build_id: &build_id };
-        group.dead_letter(entry, key, None, &info).await.map_err(|e| e.to_string())
+        let info = DeadLetterInfo {
+            error: reason,
+            attempts: 1,
+            build_id: &build_id,
+        };
+        group
+            .dead_letter(entry, key, None, &info)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Move `entries` of the parked `key` to its held list.
-    async fn hold(&mut self, group: &mut dyn Partitions, partition: u32, key: &str, entries: &[Entry]) -> Result<(), String> {
-        let Some(part) = self.parts.get(&partition) else { return Ok(()) };
+    async fn hold(
+        &mut self,
+        group: &mut dyn Partitions,
+        partition: u32,
+        key: &str,
+        entries: &[Entry],
+    ) -> Result<(), String> {
+        let Some(part) = self.parts.get(&partition) else {
+            return Ok(());
+        };
         tracing::info!(subscription = %self.name(), key, held = entries.len(), "messages held behind a parked key");
-        if !group.hold(&part.claim, key, entries).await.map_err(|e| e.to_string())? {
+        if !group
+            .hold(&part.claim, key, entries)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             self.lost(partition);
         }
         Ok(())
@@ -387,7 +488,13 @@ impl Ordered {
             let mut items = Vec::new();
             for entry in entries {
                 match decode(&entry) {
-                    Ok(message) => items.push(Item { message, entry, partition, key: key.clone(), held: true }),
+                    Ok(message) => items.push(Item {
+                        message,
+                        entry,
+                        partition,
+                        key: key.clone(),
+                        held: true,
+                    }),
                     // Only the first can be settled at once; later ones wait their turn.
                     Err(reason) if items.is_empty() => {
                         self.poison(group, &entry, &key, &reason).await?;
@@ -410,8 +517,18 @@ impl Ordered {
         Ok(taken)
     }
 
-    async fn settle_held(&mut self, group: &mut dyn Partitions, claim: &Claim, key: &str, count: usize) -> Result<(), String> {
-        match group.settle_held(claim, key, count).await.map_err(|e| e.to_string())? {
+    async fn settle_held(
+        &mut self,
+        group: &mut dyn Partitions,
+        claim: &Claim,
+        key: &str,
+        count: usize,
+    ) -> Result<(), String> {
+        match group
+            .settle_held(claim, key, count)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             true => {
                 tracing::info!(subscription = %self.name(), key, "key unparked: its held messages are handled");
                 self.parked.remove(key);
@@ -432,7 +549,12 @@ impl Ordered {
             .unzip();
         let touched: BTreeMap<u32, Fence> = items
             .iter()
-            .filter_map(|i| Some((i.partition, self.fence(&self.parts.get(&i.partition)?.claim))))
+            .filter_map(|i| {
+                Some((
+                    i.partition,
+                    self.fence(&self.parts.get(&i.partition)?.claim),
+                ))
+            })
             .collect();
         let (shared, sub) = (self.shared.clone(), self.sub.clone());
         let mut attempts = std::mem::take(&mut self.attempts);
@@ -460,8 +582,12 @@ impl Ordered {
             .collect();
         match outcome {
             Ok(report) => self.settle(group, items, report, started).await,
-            Err(store::Error::Fenced { name, .. }) => {
+            Err(error @ store::Error::Fenced { .. }) => {
+                tracing::warn!(subscription = %self.name(), %error, "batch refused by the store");
                 self.pending = items;
+                let store::Error::Fenced { name, .. } = &error else {
+                    unreachable!()
+                };
                 if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
                     self.lost(partition);
                 }
@@ -476,20 +602,38 @@ impl Ordered {
 
     /// After a commit: dead letters (parking their keys), held lists trimmed, parked keys' later
     /// messages held, the rest kept for later, positions stored.
-    async fn settle(&mut self, group: &mut dyn Partitions, items: Vec<Item>, report: Report, started: Instant) -> Result<(), String> {
+    async fn settle(
+        &mut self,
+        group: &mut dyn Partitions,
+        items: Vec<Item>,
+        report: Report,
+        started: Instant,
+    ) -> Result<(), String> {
         let build_id = self.shared.plugin().build_id().to_owned();
         for dead in &report.dead_letters {
-            let Some(item) = items.iter().find(|i| i.message.id == dead.message_id) else { continue };
+            let Some(item) = items.iter().find(|i| i.message.id == dead.message_id) else {
+                continue;
+            };
             let park = report.parked.contains(&item.key);
             let claim = self.parts.get(&item.partition).map(|p| p.claim);
-            let info = DeadLetterInfo { error: &dead.error, attempts: dead.attempts, build_id: &build_id };
+            let info = DeadLetterInfo {
+                error: &dead.error,
+                attempts: dead.attempts,
+                build_id: &build_id,
+            };
             group
-                .dead_letter(&item.entry, &item.key, claim.as_ref().filter(|_| park), &info)
+                .dead_letter(
+                    &item.entry,
+                    &item.key,
+                    claim.as_ref().filter(|_| park),
+                    &info,
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             if park {
                 tracing::warn!(subscription = %self.name(), key = %item.key, message_id = %dead.message_id, "key parked: its later messages wait until its dead letter is replayed or discarded");
-                self.parked.insert(item.key.clone(), Parked::Waiting(dead.message_id.clone()));
+                self.parked
+                    .insert(item.key.clone(), Parked::Waiting(dead.message_id.clone()));
             }
         }
         let settled: HashSet<&str> = report.settled.iter().map(String::as_str).collect();
@@ -503,7 +647,10 @@ impl Ordered {
                     *held_done.entry((item.partition, item.key)).or_default() += 1;
                 }
             } else if parked && !item.held {
-                to_hold.entry((item.partition, item.key)).or_default().push(item.entry);
+                to_hold
+                    .entry((item.partition, item.key))
+                    .or_default()
+                    .push(item.entry);
             } else if parked {
                 // Still first in its held list, behind the new dead letter.
                 self.draining.remove(&item.key);
@@ -513,7 +660,9 @@ impl Ordered {
         }
         self.pending = keep;
         for ((partition, key), count) in held_done {
-            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else { continue };
+            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else {
+                continue;
+            };
             self.settle_held(group, &claim, &key, count).await?;
             if !self.pending.iter().any(|i| i.held && i.key == key) {
                 self.draining.remove(&key);
@@ -523,7 +672,9 @@ impl Ordered {
             self.hold(group, partition, &key, &entries).await?;
         }
         self.commit_positions(group).await?;
-        self.shared.metrics.batch(&self.sub, &report, started.elapsed());
+        self.shared
+            .metrics
+            .batch(&self.sub, &report, started.elapsed());
         tracing::info!(subscription = %self.name(), handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, waiting = report.waiting.len(), parked = report.parked.len(), "batch committed");
         self.shared.progress.tally(report);
         Ok(())
@@ -536,7 +687,11 @@ impl Ordered {
         for item in self.pending.iter().filter(|i| !i.held) {
             first_unsettled
                 .entry((item.partition, item.entry.stream.as_str()))
-                .and_modify(|id| if id_key(&item.entry.id) < id_key(id) { *id = &item.entry.id })
+                .and_modify(|id| {
+                    if id_key(&item.entry.id) < id_key(id) {
+                        *id = &item.entry.id
+                    }
+                })
                 .or_insert(&item.entry.id);
         }
         let mut updates = Vec::new();
@@ -558,7 +713,10 @@ impl Ordered {
                 updates.push((part.claim, changed));
             }
         }
-        let lost = group.commit_positions(&updates).await.map_err(|e| e.to_string())?;
+        let lost = group
+            .commit_positions(&updates)
+            .await
+            .map_err(|e| e.to_string())?;
         for (claim, changed) in updates {
             if lost.contains(&claim.partition) {
                 self.lost(claim.partition);
@@ -607,6 +765,9 @@ fn merge_cap(decoded: &[(Entry, Result<StoredMessage, String>)], count: usize) -
 
 /// A broker entry as a stored message (Protean's wire format in its `data` field).
 fn decode(entry: &Entry) -> Result<StoredMessage, String> {
-    let text = entry.data.as_deref().ok_or("entry has no text field `data`")?;
+    let text = entry
+        .data
+        .as_deref()
+        .ok_or("entry has no text field `data`")?;
     crate::message::from_wire(text)
 }

@@ -142,7 +142,7 @@ async fn flush(name: &str, consumer: &mut dyn Consumer) {
 }
 
 /// `{subscription}-{host}-{pid}-{random}`: unique per process, readable in `XINFO CONSUMERS`.
-fn consumer_name(subscription: &str) -> String {
+pub(crate) fn consumer_name(subscription: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
@@ -220,6 +220,7 @@ async fn settle(
             subscription: &sub2,
             version_retries: shared2.config.version_retries,
             publish: shared2.config.broker.is_some(),
+            fences: Vec::new(),
         };
         batch::run(&ctx, &messages, &mut attempts)
     });

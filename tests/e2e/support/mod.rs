@@ -7,6 +7,7 @@ mod postgres;
 mod redis;
 mod replicas;
 mod run;
+pub mod sequencing;
 mod server;
 mod wait;
 
@@ -18,7 +19,7 @@ pub use engine::{backends, engine, postgres, sqlite, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
-pub use replicas::{orders, place, send_orders, start_replicas};
+pub use replicas::{orders, place, send_orders, start_replicas, start_servers};
 pub use run::{host, Finished};
 pub use server::Server;
 pub use wait::wait_until;

@@ -113,6 +113,28 @@ impl RedisServer {
             .sum()
     }
 
+    /// Run many commands at once (`redis-cli --pipe`, the protocol written out), in order.
+    #[track_caller]
+    pub fn pipe(&self, commands: &[Vec<String>]) {
+        let mut protocol = Vec::new();
+        for args in commands {
+            protocol.extend(format!("*{}\r\n", args.len()).bytes());
+            for arg in args {
+                protocol.extend(format!("${}\r\n{arg}\r\n", arg.len()).bytes());
+            }
+        }
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--pipe"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-cli runs");
+        child.stdin.take().unwrap().write_all(&protocol).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("errors: 0"), "redis-cli --pipe: {text}");
+    }
+
     /// Run a command with redis-cli and return its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")

@@ -32,9 +32,14 @@ pub fn send_orders(dir: &Path, first: usize, n: usize) {
 /// Start `n` servers of the sample domain in `dir`, each past "engine started".
 #[track_caller]
 pub fn start_replicas(dir: &Path, n: usize) -> Vec<Server> {
-    let lib = sample_domain().display().to_string();
+    start_servers(dir, n, &sample_domain().display().to_string())
+}
+
+/// Start `n` servers of `domain` (`library[:instance]`) in `dir`, each past "engine started".
+#[track_caller]
+pub fn start_servers(dir: &Path, n: usize, domain: &str) -> Vec<Server> {
     let mut replicas: Vec<Server> = (0..n)
-        .map(|_| host(dir).args(["--domain", &lib]).spawn())
+        .map(|_| host(dir).args(["--domain", domain]).spawn())
         .collect();
     for replica in &mut replicas {
         replica.wait_for(&["engine started"], Duration::from_secs(60));

@@ -68,6 +68,25 @@ impl Server {
         }
     }
 
+    /// Whether a log line seen so far, or one arriving within `limit`, contains every one of `needles`.
+    pub fn seen_or_wait(&mut self, needles: &[&str], limit: Duration) -> bool {
+        let matches = |line: &str| needles.iter().all(|n| line.contains(n));
+        if self.seen.iter().any(|line| matches(line)) {
+            return true;
+        }
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            if matches(&line) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Send a signal.
     #[allow(unsafe_code)]
     pub fn signal(&self, signal: i32) {

@@ -18,8 +18,9 @@ mod partitions;
 use self::partitions::RedisPartitions;
 use super::{
     dead_letter_stream,
-    partitions::{PartitionStatus, Partitions}, replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin,
-    DeadLetterEntry, Entry, Error, GroupStart, GroupStatus, Result,
+    partitions::{PartitionStatus, Partitions},
+    replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin, DeadLetterEntry, Entry, Error,
+    GroupStart, GroupStatus, Result,
 };
 
 static RENEW_LEASE: LazyLock<Script> =

@@ -79,12 +79,32 @@ impl RedisPartitions {
     fn ttl_ms(&self) -> u64 {
         self.ttl.as_millis() as u64
     }
+
+    /// Run a pipeline of `script` invocations. Unlike a single invocation, a pipeline does not load a
+    /// script the server does not know (first use, or after a restart): load it and run it again.
+    async fn scripted<T: redis::FromRedisValue>(
+        &mut self,
+        script: &Script,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        match pipe.query_async(&mut self.conn).await {
+            Err(error) if error.to_string().contains("NoScript") => {
+                script.prepare_invoke().load_async(&mut self.conn).await?;
+                pipe.query_async(&mut self.conn).await
+            }
+            other => other,
+        }
+    }
 }
 
 /// A held entry as stored in a list: `[stream, id, data]`.
 pub(super) fn held_text(entry: &Entry) -> String {
-    serde_json::to_string(&(&entry.stream, &entry.id, entry.data.as_deref().unwrap_or("")))
-        .expect("strings serialize")
+    serde_json::to_string(&(
+        &entry.stream,
+        &entry.id,
+        entry.data.as_deref().unwrap_or(""),
+    ))
+    .expect("strings serialize")
 }
 
 fn held_entry(text: &str) -> Option<Entry> {
@@ -122,8 +142,8 @@ impl Partitions for RedisPartitions {
                     .arg(self.ttl_ms()),
             );
         }
-        let renewed: Vec<i64> = pipe
-            .query_async(&mut self.conn)
+        let renewed: Vec<i64> = self
+            .scripted(&RENEW, &pipe)
             .await
             .map_err(command("EVALSHA renew_lease"))?;
         Ok(claims
@@ -170,7 +190,7 @@ impl Partitions for RedisPartitions {
             )
             .ignore();
         }
-        pipe.query_async::<()>(&mut self.conn)
+        self.scripted::<()>(&RELEASE, &pipe)
             .await
             .map_err(command("EVALSHA release_lease"))
     }
@@ -216,8 +236,8 @@ impl Partitions for RedisPartitions {
             }
             pipe.invoke_script(&invocation);
         }
-        let stored: Vec<i64> = pipe
-            .query_async(&mut self.conn)
+        let stored: Vec<i64> = self
+            .scripted(&COMMIT_POSITIONS, &pipe)
             .await
             .map_err(command("EVALSHA commit_positions"))?;
         Ok(updates

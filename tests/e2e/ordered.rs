@@ -1,0 +1,174 @@
+//! Ordered subscriptions on a real Redis with real replicas: every key's messages handled once each and
+//! in order while replicas die, join and stall, and a poisoned key parked without holding up the rest.
+
+use std::{path::Path, time::Duration};
+
+use serde_json::json;
+
+use crate::support::{
+    host, sample_domain,
+    sequencing::{every_key_in_order, numbered, publish, publish_wave, recorded, records, wave},
+    sqlite, start_servers, wait_until, RedisServer, Server, TEST_CONFIG,
+};
+
+fn domain() -> String {
+    format!("{}:sequencing", sample_domain().display())
+}
+
+/// Fast retries, `partitions`, and a short lease (so takeovers are quick).
+fn configure(dir: &Path, redis: &RedisServer, partitions: u32) {
+    let config = format!(
+        "{TEST_CONFIG}messages_per_tick = 20\n{}[server.ordering]\npartitions = {partitions}\nlease_ttl_ms = 1500\n",
+        redis.config()
+    );
+    std::fs::write(dir.join("protean.toml"), config).unwrap();
+}
+
+fn start(dir: &Path, n: usize) -> Vec<Server> {
+    start_servers(dir, n, &domain())
+}
+
+#[test]
+fn three_replicas_keep_every_key_in_order_through_a_kill_and_a_join() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), &redis, 16);
+    let (keys, per_key) = (100, 100u64);
+    let mut replicas = start(dir.path(), 3);
+    let store = sqlite(dir.path());
+    let mut global = 0;
+    publish_wave(&redis, &wave(keys, 1..=40), &mut global);
+    wait_until(Duration::from_secs(60), "the first records", || {
+        recorded(store.as_ref(), keys) > 500
+    });
+    replicas[0].signal(libc::SIGKILL);
+    publish_wave(&redis, &wave(keys, 41..=70), &mut global);
+    wait_until(
+        Duration::from_secs(60),
+        "more records after the kill",
+        || recorded(store.as_ref(), keys) > 4_500,
+    );
+    let mut joined = start(dir.path(), 1).remove(0);
+    joined.wait_for(&["partitions taken"], Duration::from_secs(30));
+    publish_wave(&redis, &wave(keys, 71..=per_key), &mut global);
+    wait_until(Duration::from_secs(120), "every message recorded", || {
+        recorded(store.as_ref(), keys) >= keys * per_key as usize
+    });
+    every_key_in_order(store.as_ref(), keys, per_key);
+    // The replica that joined took partitions from the survivors, which gave some back.
+    let gave_back = replicas[1..]
+        .iter_mut()
+        .any(|r| r.seen_or_wait(&["partitions given back"], Duration::from_secs(5)));
+    assert!(
+        gave_back,
+        "no survivor gave partitions back when a replica joined"
+    );
+}
+
+#[test]
+fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_order() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let poison = dir.path().join("poison");
+    std::fs::write(&poison, "").unwrap();
+    configure(dir.path(), &redis, 16);
+    let (keys, per_key) = (20, 20u64);
+    let mut servers: Vec<Server> = (0..2)
+        .map(|_| {
+            host(dir.path())
+                .env("SEQUENCING_POISON_FILE", &poison)
+                .args(["--domain", &domain()])
+                .spawn()
+        })
+        .collect();
+    for server in &mut servers {
+        server.wait_for(&["engine started"], Duration::from_secs(60));
+    }
+    let store = sqlite(dir.path());
+    let messages: Vec<String> = wave(keys, 1..=per_key)
+        .iter()
+        .enumerate()
+        .map(|(i, (key, seq))| {
+            let poisoned = key == "k7" && *seq == 5;
+            numbered(key, *seq, i as u64 + 1, json!({ "poison": poisoned }))
+        })
+        .collect();
+    publish(&redis, &messages);
+    wait_until(Duration::from_secs(60), "every other key finished", || {
+        let records = records(store.as_ref(), keys);
+        records
+            .iter()
+            .filter(|(k, _)| *k != "k7")
+            .all(|(_, s)| s.len() == per_key as usize)
+    });
+    let dead = dead_letters(dir.path());
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    assert_eq!(dead[0]["fields"]["key"], "sequencing::sequence-k7");
+    assert_eq!(dead[0]["fields"]["parked"], "yes");
+    // Parked: nothing after 4, however long the others ran.
+    assert_eq!(records(store.as_ref(), keys)["k7"], [1, 2, 3, 4]);
+    std::fs::remove_file(&poison).unwrap();
+    let id = dead[0]["id"].as_str().unwrap();
+    host(dir.path())
+        .args([
+            "dlq",
+            "replay",
+            id,
+            "--subscription",
+            "recorder",
+            "--domain",
+            &domain(),
+        ])
+        .output()
+        .expect_code(0);
+    wait_until(Duration::from_secs(30), "k7 finished", || {
+        records(store.as_ref(), keys)["k7"].len() == per_key as usize
+    });
+    every_key_in_order(store.as_ref(), keys, per_key);
+    assert!(dead_letters(dir.path()).is_empty());
+}
+
+#[test]
+fn a_stalled_replica_whose_lease_expired_is_fenced_out() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // One partition: one replica serves every key, the other stands by.
+    configure(dir.path(), &redis, 1);
+    let mut servers = start(dir.path(), 2);
+    let owner = (0..2)
+        .find(|&i| servers[i].seen_or_wait(&["partitions taken"], Duration::from_secs(10)))
+        .expect("one replica takes the partition");
+    let standby = 1 - owner;
+    let store = sqlite(dir.path());
+    publish(&redis, &[numbered("k0", 1, 1, json!({ "stall_ms": 3000 }))]);
+    servers[owner].wait_for(&["stalling in k0 #1"], Duration::from_secs(30));
+    servers[owner].signal(libc::SIGSTOP);
+    servers[standby].wait_for(&["partitions taken"], Duration::from_secs(30));
+    publish(&redis, &[numbered("k0", 2, 2, json!({}))]);
+    wait_until(Duration::from_secs(30), "the standby handled both", || {
+        records(store.as_ref(), 1)["k0"].len() == 2
+    });
+    servers[owner].signal(libc::SIGCONT);
+    // Its handler returns and it commits what it did before the stall: refused by the store's fence.
+    servers[owner].wait_for(&["fencing token"], Duration::from_secs(30));
+    assert_eq!(records(store.as_ref(), 1)["k0"], [1, 2]);
+}
+
+/// The recorder's dead letters as JSON.
+fn dead_letters(dir: &Path) -> Vec<serde_json::Value> {
+    let out = host(dir)
+        .args([
+            "dlq",
+            "list",
+            "--subscription",
+            "recorder",
+            "--json",
+            "--domain",
+            &domain(),
+        ])
+        .output()
+        .expect_code(0)
+        .stdout();
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+    value.as_array().cloned().unwrap_or_default()
+}
