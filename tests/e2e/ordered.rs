@@ -81,8 +81,10 @@ fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_or
                 .spawn()
         })
         .collect();
+    // Both serve keys before anything is published: the first to start takes every partition and
+    // gives half back when it sees the second.
     for server in &mut servers {
-        server.wait_for(&["engine started"], Duration::from_secs(60));
+        assert!(server.seen_or_wait(&["partitions taken"], Duration::from_secs(60)));
     }
     let store = sqlite(dir.path());
     let messages: Vec<String> = wave(keys, 1..=per_key)
@@ -105,8 +107,18 @@ fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_or
     assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
     assert_eq!(dead[0]["fields"]["key"], "sequencing::sequence-k7");
     assert_eq!(dead[0]["fields"]["parked"], "yes");
-    // Parked: nothing after 4, however long the others ran.
+    // Parked: nothing after 4, however long the others ran; its later messages wait in its held list.
     assert_eq!(records(store.as_ref(), keys)["k7"], [1, 2, 3, 4]);
+    let status = recorder_status(dir.path());
+    assert_eq!(status["partitions"]["parked"], 1, "{status}");
+    assert_eq!(status["partitions"]["held"], 15, "{status}");
+    let owners = status["partitions"]["owners"].as_object().unwrap();
+    assert_eq!(owners.len(), 2, "both replicas hold partitions: {status}");
+    assert_eq!(
+        owners.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        16
+    );
+    assert_eq!(status["lag"], 0, "{status}");
     std::fs::remove_file(&poison).unwrap();
     let id = dead[0]["id"].as_str().unwrap();
     host(dir.path())
@@ -152,6 +164,32 @@ fn a_stalled_replica_whose_lease_expired_is_fenced_out() {
     // Its handler returns and it commits what it did before the stall: refused by the store's fence.
     servers[owner].wait_for(&["fencing token"], Duration::from_secs(30));
     assert_eq!(records(store.as_ref(), 1)["k0"], [1, 2]);
+}
+
+/// The recorder's row of `subscriptions status --json`.
+fn recorder_status(dir: &Path) -> serde_json::Value {
+    let out = host(dir)
+        .args(["subscriptions", "status", "--json", "--domain", &domain()])
+        .output()
+        .expect_code(0)
+        .stdout();
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+    value["subscriptions"][0].clone()
+}
+
+#[test]
+fn test_mode_ends_once_an_ordered_subscription_has_handled_everything() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), &redis, 4);
+    let mut global = 0;
+    publish_wave(&redis, &wave(10, 1..=10), &mut global);
+    host(dir.path())
+        .args(["server", "--test-mode", "--domain", &domain()])
+        .output()
+        .expect_code(0);
+    every_key_in_order(sqlite(dir.path()).as_ref(), 10, 10);
+    assert_eq!(recorder_status(dir.path())["lag"], 0);
 }
 
 /// The recorder's dead letters as JSON.

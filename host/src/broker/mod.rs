@@ -128,6 +128,7 @@ pub trait Broker: Send + Sync {
     async fn partition_status(
         &self,
         group: &str,
+        streams: &[String],
         partitions: u32,
     ) -> Result<partitions::PartitionStatus>;
 

@@ -44,6 +44,9 @@ pub struct PartitionStatus {
     pub parked: u64,
     /// Messages held behind parked keys.
     pub held: u64,
+    /// Entries of the streams after the slowest partition's position (an upper bound of what is left:
+    /// faster partitions may have handled some of them).
+    pub lag: u64,
 }
 
 /// One replica's handle on the partitions of one ordered subscription.

@@ -380,7 +380,7 @@ impl Engine {
                 .subscriptions
                 .iter()
                 .filter(|s| s.kind == SubscriptionType::Stream)
-                .map(|s| (s.plan.categories.clone(), s.plan.name.clone()))
+                .cloned()
                 .collect();
             tokio::spawn(watch_quiescence(
                 shared.clone(),
@@ -586,8 +586,8 @@ impl Runner {
     /// unacknowledged. Unknown counts as 0: this only informs a warning.
     async fn backlog(&self, sub: &Subscription) -> u64 {
         if let (SubscriptionType::Stream, Some(broker)) = (sub.kind, &self.broker) {
-            return broker
-                .backlog(&sub.plan.categories, &sub.plan.name)
+            let partitions = self.shared.config.ordering.partitions;
+            return stream_backlog(broker.as_ref(), sub, partitions)
                 .await
                 .unwrap_or(0);
         }
@@ -722,16 +722,34 @@ async fn watch_signals(
     }
 }
 
+/// What a stream subscription has not finished, as the broker reports it: its group's unread and
+/// pending entries, or for an ordered subscription the entries past its slowest partition's position.
+async fn stream_backlog(
+    broker: &dyn broker::Broker,
+    sub: &Subscription,
+    partitions: u32,
+) -> broker::Result<u64> {
+    if sub.ordering.is_none() {
+        return broker.backlog(&sub.plan.categories, &sub.plan.name).await;
+    }
+    let mut streams = sub.plan.categories.clone();
+    streams.push(broker::replay_stream(&sub.plan.name));
+    let status = broker
+        .partition_status(&sub.plan.name, &streams, partitions)
+        .await?;
+    Ok(status.lag)
+}
+
 /// With a broker, quiescent also means that every group of every stream subscription has read
 /// everything and has nothing pending, as Redis itself reports it.
 async fn broker_drained(
     shared: &Shared,
     broker: Option<&dyn broker::Broker>,
-    streams: &[(Vec<String>, String)],
+    subscriptions: &[Arc<Subscription>],
 ) -> bool {
     let Some(broker) = broker else { return true };
-    for (streams, group) in streams {
-        match broker.backlog(streams, group).await {
+    for sub in subscriptions {
+        match stream_backlog(broker, sub, shared.config.ordering.partitions).await {
             Ok(0) => {}
             Ok(_) | Err(_) => {
                 // Not yet: look again shortly (a subscription's next read changes its state anyway).
@@ -748,7 +766,7 @@ async fn broker_drained(
 async fn watch_quiescence(
     shared: Arc<Shared>,
     broker: Option<Arc<dyn broker::Broker>>,
-    streams: Vec<(Vec<String>, String)>,
+    streams: Vec<Arc<Subscription>>,
     limit: Duration,
     shutdown: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,

@@ -79,15 +79,10 @@ pub(crate) async fn start(
     Some(tokio::spawn(serve(listener, ops)))
 }
 
-fn targets(subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
+fn targets(subscriptions: &[Arc<Subscription>], partitions: u32) -> Vec<Target> {
     subscriptions
         .iter()
-        .map(|s| Target {
-            name: s.plan.name.clone(),
-            kind: s.kind,
-            categories: s.plan.categories.clone(),
-            handlers: status::handlers(s.plan.routes.values()),
-        })
+        .map(|s| Target::of(&s.plan, s.kind, partitions))
         .collect()
 }
 
@@ -338,7 +333,10 @@ impl Ops {
                 self.shared.store.clone(),
                 broker,
                 self.broker.is_some(),
-                &targets(&self.shared.subscriptions()),
+                &targets(
+                    &self.shared.subscriptions(),
+                    self.shared.config.ordering.partitions,
+                ),
                 self.settings.check_timeout,
             )
             .await,
@@ -355,6 +353,7 @@ fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus 
         kind: SubscriptionType::EventStore,
         categories: Vec::new(),
         handlers: Vec::new(),
+        partitions: None,
     });
     row.state = state_name(state).into();
     row.last_progress_ms = Some(quiet.as_millis() as u64);

@@ -55,6 +55,9 @@ pub(crate) struct Metrics {
     queue_depth: Family<Labels, Gauge>,
     dead_letters: Family<Labels, Gauge>,
     stalled: Family<Labels, Gauge>,
+    partitions_owned: Family<Labels, Gauge>,
+    parked_keys: Family<Labels, Gauge>,
+    held_messages: Family<Labels, Gauge>,
     outbox_pending: Gauge,
     outbox_abandoned: Gauge,
     outbox_published: Counter,
@@ -108,6 +111,9 @@ impl Metrics {
             queue_depth: add(r, "queue_depth", "Messages waiting for the subscription: lag plus pending", None, Family::default()),
             dead_letters: add(r, "subscription_dead_letters", "Dead letters the subscription holds now", None, Family::default()),
             stalled: add(r, "subscription_stalled", "1 when the loop has work pending but made no progress for server.health.stall_after_ms", None, Family::default()),
+            partitions_owned: add(r, "ordered_partitions", "Ordered subscriptions: partitions held, per replica (owner)", None, Family::default()),
+            parked_keys: add(r, "ordered_parked_keys", "Ordered subscriptions: keys parked behind a dead letter", None, Family::default()),
+            held_messages: add(r, "ordered_held_messages", "Ordered subscriptions: messages waiting behind parked keys", None, Family::default()),
             outbox_pending: add(r, "outbox_pending", "Outbox rows waiting to be published", None, Gauge::default()),
             outbox_abandoned: add(r, "outbox_abandoned", "Outbox rows abandoned after their last attempt", None, Gauge::default()),
             outbox_published: add(r, "outbox_published", "Outbox rows this process published", None, Counter::default()),
@@ -213,6 +219,17 @@ impl Metrics {
             set(&self.stalled, s.stalled.map(u64::from));
             if s.lag.is_some() {
                 set(&self.queue_depth, Some(s.backlog()));
+            }
+            if let Some(p) = &s.partitions {
+                set(&self.parked_keys, Some(p.parked));
+                set(&self.held_messages, Some(p.held));
+                for (owner, count) in &p.owners {
+                    let mut labels = labels.clone();
+                    labels.push(("owner", owner.clone()));
+                    self.partitions_owned
+                        .get_or_create(&labels)
+                        .set(i64::from(*count));
+                }
             }
         }
         if let Some(outbox) = snapshot.outbox {

@@ -11,7 +11,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use serde::Serialize;
 
 use crate::{
-    broker::{replay_stream, Broker},
+    broker::{partitions::PartitionStatus, replay_stream, Broker},
     config::SubscriptionType,
     engine::Engine,
     store::{OutboxCounts, Store},
@@ -24,23 +24,42 @@ pub struct Target {
     pub kind: SubscriptionType,
     pub categories: Vec<String>,
     pub handlers: Vec<String>,
+    /// Ordered stream subscriptions: how many partitions their keys fall in.
+    pub partitions: Option<u32>,
+}
+
+impl Target {
+    /// The target for a planned subscription of `kind`.
+    pub(crate) fn of(
+        plan: &crate::subscription::SubscriptionPlan,
+        kind: SubscriptionType,
+        partitions: u32,
+    ) -> Self {
+        let ordered = kind == SubscriptionType::Stream && plan.options.ordered_by.is_some();
+        Self {
+            name: plan.name.clone(),
+            kind,
+            categories: plan.categories.clone(),
+            handlers: handlers(plan.routes.values()),
+            partitions: ordered.then_some(partitions),
+        }
+    }
 }
 
 /// The subscriptions a domain runs with its configuration, as the engine plans them.
 pub fn targets(engine: &Engine) -> Vec<Target> {
     let streams = engine.stream_subscriptions();
+    let partitions = engine.config().ordering.partitions;
     engine
         .subscriptions()
         .into_iter()
-        .map(|(plan, _)| Target {
-            kind: if streams.contains(&plan.name) {
+        .map(|(plan, _)| {
+            let kind = if streams.contains(&plan.name) {
                 SubscriptionType::Stream
             } else {
                 SubscriptionType::EventStore
-            },
-            name: plan.name.clone(),
-            categories: plan.categories.clone(),
-            handlers: handlers(plan.routes.values()),
+            };
+            Target::of(&plan, kind, partitions)
         })
         .collect()
 }
@@ -79,6 +98,9 @@ pub struct SubscriptionStatus {
     /// Event store with a broker: the replica holding its lease.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Ordered stream subscriptions: partitions per replica, parked keys, held messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<PartitionStatus>,
     /// Without an engine: derived from the figures; in `/readyz`: what its loop is doing.
     pub state: String,
     /// A running engine only: whether its loop is stalled, and since when it last reported.
@@ -106,6 +128,7 @@ impl SubscriptionStatus {
             dead_letters: None,
             consumers: None,
             owner: None,
+            partitions: None,
             state: String::new(),
             stalled: None,
             last_progress_ms: None,
@@ -244,6 +267,10 @@ async fn measure_broker(broker: &dyn Broker, targets: &[Target], rows: &mut [Sub
         }
         let mut streams = target.categories.clone();
         streams.push(replay_stream(&target.name));
+        if let Some(partitions) = target.partitions {
+            measure_partitions(broker, target, &streams, partitions, row).await;
+            continue;
+        }
         row.group = Some(target.name.clone());
         match broker.group_status(&streams, &target.name).await {
             Ok(group) => {
@@ -257,6 +284,33 @@ async fn measure_broker(broker: &dyn Broker, targets: &[Target], rows: &mut [Sub
             }
             Err(e) => row.error = Some(e.to_string()),
         }
+    }
+}
+
+/// An ordered subscription: lag past its slowest partition, nothing pending (it keeps no group), dead
+/// letters from its group's dead-letter stream, and its partitions.
+async fn measure_partitions(
+    broker: &dyn Broker,
+    target: &Target,
+    streams: &[String],
+    partitions: u32,
+    row: &mut SubscriptionStatus,
+) {
+    match broker
+        .partition_status(&target.name, streams, partitions)
+        .await
+    {
+        Ok(status) => {
+            row.lag = Some(status.lag);
+            row.pending = Some(0);
+            row.consumers = Some(status.owners.len() as u64);
+            row.partitions = Some(status);
+        }
+        Err(e) => row.error = Some(e.to_string()),
+    }
+    match broker.group_status(streams, &target.name).await {
+        Ok(group) => row.dead_letters = Some(group.dead_letters),
+        Err(e) => row.error = Some(e.to_string()),
     }
 }
 
@@ -320,6 +374,22 @@ impl fmt::Display for Snapshot {
                 s.categories.join(", "),
                 s.handlers.join(", ")
             )?;
+            if let Some(p) = &s.partitions {
+                let owners: Vec<String> =
+                    p.owners.iter().map(|(o, n)| format!("{o} {n}")).collect();
+                writeln!(
+                    f,
+                    "    partitions: {} ({} unowned); parked keys {}, held messages {}",
+                    if owners.is_empty() {
+                        "none held".to_owned()
+                    } else {
+                        owners.join(", ")
+                    },
+                    p.unowned,
+                    p.parked,
+                    p.held
+                )?;
+            }
         }
         if let Some(o) = &self.outbox {
             writeln!(

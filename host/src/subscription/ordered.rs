@@ -524,17 +524,14 @@ impl Ordered {
         key: &str,
         count: usize,
     ) -> Result<(), String> {
-        match group
+        let unparked = group
             .settle_held(claim, key, count)
             .await
-            .map_err(|e| e.to_string())?
-        {
-            true => {
-                tracing::info!(subscription = %self.name(), key, "key unparked: its held messages are handled");
-                self.parked.remove(key);
-                self.draining.remove(key);
-            }
-            false => {}
+            .map_err(|e| e.to_string())?;
+        if unparked {
+            tracing::info!(subscription = %self.name(), key, "key unparked: its held messages are handled");
+            self.parked.remove(key);
+            self.draining.remove(key);
         }
         Ok(())
     }

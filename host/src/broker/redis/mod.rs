@@ -288,8 +288,13 @@ impl Broker for RedisBroker {
         }))
     }
 
-    async fn partition_status(&self, group: &str, partitions: u32) -> Result<PartitionStatus> {
-        partitions::status(&mut self.commands.clone(), group, partitions).await
+    async fn partition_status(
+        &self,
+        group: &str,
+        streams: &[String],
+        partitions: u32,
+    ) -> Result<PartitionStatus> {
+        partitions::status(&mut self.commands.clone(), group, streams, partitions).await
     }
 
     async fn release(&self, name: &str, owner: &str) -> Result<()> {

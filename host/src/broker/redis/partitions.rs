@@ -29,6 +29,7 @@ script!(PARK, "park_key.lua");
 script!(HOLD, "hold_entries.lua");
 script!(SETTLE_HELD, "settle_held.lua");
 script!(RELEASE_PARKED, "release_parked.lua");
+script!(COUNT_AFTER, "count_after.lua");
 
 /// Where a group's partition state lives.
 pub(super) struct Keys {
@@ -432,6 +433,7 @@ pub(super) async fn release_parked(
 pub(super) async fn status(
     conn: &mut ConnectionManager,
     group: &str,
+    streams: &[String],
     partitions: u32,
 ) -> Result<PartitionStatus> {
     let keys = Keys::new(group);
@@ -462,5 +464,37 @@ pub(super) async fn status(
             .map_err(command("LLEN held"))?;
         status.held += held;
     }
+    status.lag = lag(conn, &keys, streams, partitions).await?;
     Ok(status)
+}
+
+/// Entries of `streams` after the lowest position any partition has stored for them (from the start
+/// for a stream some partition has no position for).
+async fn lag(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    streams: &[String],
+    partitions: u32,
+) -> Result<u64> {
+    let positions: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.positions())
+        .query_async(conn)
+        .await
+        .map_err(command("HGETALL positions"))?;
+    let mut invocation = COUNT_AFTER.prepare_invoke();
+    for stream in streams {
+        let lowest = (0..partitions)
+            .map(|p| {
+                positions
+                    .get(&format!("{p} {stream}"))
+                    .map_or("0-0", String::as_str)
+            })
+            .min_by_key(|id| crate::broker::partitions::id_key(id))
+            .unwrap_or("0-0");
+        invocation.key(stream).arg(lowest);
+    }
+    invocation
+        .invoke_async(conn)
+        .await
+        .map_err(command("EVALSHA count_after"))
 }
