@@ -12,16 +12,18 @@
 //!   once, each as a ratio to the ceiling;
 //! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99);
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths;
-//! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`).
+//! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`);
+//! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, latency, callgrind, ops, reload, postgres, peer).
+//! redis, ordered, latency, callgrind, ops, reload, postgres, peer).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod ceiling;
 mod latency;
 mod ops;
+mod ordered;
 mod peer;
 mod postgres;
 mod reload;
@@ -106,6 +108,10 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("redis") {
         rows.extend(redis_noop(&host, &fixture, events)?);
+    }
+    if wanted("ordered") {
+        rows.push(ordered::ordered_vs_unordered(&host, &fixture, events)?);
+        rows.push(ordered::rebalance(&host, &sample)?);
     }
     if wanted("callgrind") {
         rows.extend(callgrind::hot_path(&host, &fixture, 5000)?);

@@ -37,12 +37,18 @@ fn three_replicas_keep_every_key_in_order_through_a_kill_and_a_join() {
     let mut replicas = start(dir.path(), 3);
     let store = sqlite(dir.path());
     let mut global = 0;
-    publish_wave(&redis, &wave(keys, 1..=40), &mut global);
+    // A millisecond per message keeps the replicas busy for seconds: the kill and the join land mid-run.
+    let slow = json!({ "stall_ms": 1 });
+    publish_wave(&redis, &wave(keys, 1..=40), &slow, &mut global);
     wait_until(Duration::from_secs(60), "the first records", || {
         recorded(store.as_ref(), keys) > 500
     });
     replicas[0].signal(libc::SIGKILL);
-    publish_wave(&redis, &wave(keys, 41..=70), &mut global);
+    assert!(
+        recorded(store.as_ref(), keys) < 4000,
+        "the kill came after the first wave was done"
+    );
+    publish_wave(&redis, &wave(keys, 41..=70), &slow, &mut global);
     wait_until(
         Duration::from_secs(60),
         "more records after the kill",
@@ -50,7 +56,7 @@ fn three_replicas_keep_every_key_in_order_through_a_kill_and_a_join() {
     );
     let mut joined = start(dir.path(), 1).remove(0);
     joined.wait_for(&["partitions taken"], Duration::from_secs(30));
-    publish_wave(&redis, &wave(keys, 71..=per_key), &mut global);
+    publish_wave(&redis, &wave(keys, 71..=per_key), &slow, &mut global);
     wait_until(Duration::from_secs(120), "every message recorded", || {
         recorded(store.as_ref(), keys) >= keys * per_key as usize
     });
@@ -183,7 +189,7 @@ fn test_mode_ends_once_an_ordered_subscription_has_handled_everything() {
     let dir = tempfile::tempdir().unwrap();
     configure(dir.path(), &redis, 4);
     let mut global = 0;
-    publish_wave(&redis, &wave(10, 1..=10), &mut global);
+    publish_wave(&redis, &wave(10, 1..=10), &json!({}), &mut global);
     host(dir.path())
         .args(["server", "--test-mode", "--domain", &domain()])
         .output()

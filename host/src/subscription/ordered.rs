@@ -103,9 +103,12 @@ pub(crate) async fn run(
         }
         let wait = state.wait(block.min(until_renew));
         let seen = shared.progress.published();
-        let read = tokio::select! {
-            read = state.read(group.as_mut(), wait) => read,
-            _ = shutdown.cancelled() => break,
+        let read = match std::mem::take(&mut state.ahead) {
+            ahead if !ahead.is_empty() => Ok(ahead),
+            _ => tokio::select! {
+                read = state.read(group.as_mut(), wait) => read,
+                _ = shutdown.cancelled() => break,
+            },
         };
         let fresh = match read {
             Ok(fresh) => fresh,
@@ -163,6 +166,8 @@ struct Ordered {
     /// Released keys whose held entries are being handled (in `pending`).
     draining: HashSet<String>,
     attempts: Attempts,
+    /// The next entries, read while the last batch was handled (not yet taken in).
+    ahead: Vec<Entry>,
 }
 
 impl Ordered {
@@ -182,6 +187,7 @@ impl Ordered {
             parked: HashMap::new(),
             draining: HashSet::new(),
             attempts: Attempts::default(),
+            ahead: Vec::new(),
         }
     }
 
@@ -266,6 +272,8 @@ impl Ordered {
             taken.push(partition);
         }
         if !taken.is_empty() {
+            // What was read ahead started past the new partitions' positions: read again from them.
+            self.ahead.clear();
             tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
         }
         Ok(())
@@ -306,13 +314,15 @@ impl Ordered {
         group: &mut dyn Partitions,
         wait: Duration,
     ) -> store::Result<Vec<Entry>, crate::broker::Error> {
-        let cursors: Vec<(String, String)> = self
-            .streams
+        let count = self.sub.settings.messages_per_tick as usize;
+        group.read(&self.cursors(), count, wait).await
+    }
+
+    fn cursors(&self) -> Vec<(String, String)> {
+        self.streams
             .iter()
             .map(|s| (s.clone(), self.cursor(s)))
-            .collect();
-        let count = self.sub.settings.messages_per_tick as usize;
-        group.read(&cursors, count, wait).await
+            .collect()
     }
 
     /// Where a read of `stream` starts: after the lowest read mark among the held partitions.
@@ -540,6 +550,13 @@ impl Ordered {
     /// the outcome.
     async fn handle(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
         let started = Instant::now();
+        // Positions of the last batch (computed while this batch is still pending, so they stop before
+        // it) go with the read-ahead below: one round trip fewer per batch.
+        let updates = self.position_updates();
+        // Never handle a message of a partition this replica no longer holds.
+        let parts = &self.parts;
+        self.pending
+            .retain(|item| parts.contains_key(&item.partition));
         let (messages, items): (Vec<StoredMessage>, Vec<Item>) = std::mem::take(&mut self.pending)
             .into_iter()
             .map(|mut item| (std::mem::take(&mut item.message), item))
@@ -556,7 +573,7 @@ impl Ordered {
         let (shared, sub) = (self.shared.clone(), self.sub.clone());
         let mut attempts = std::mem::take(&mut self.attempts);
         let fences = touched.into_values().collect();
-        let (outcome, messages, attempts) = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let plugin = shared.plugin();
             let ctx = batch::Context {
                 plugin: &plugin,
@@ -568,9 +585,23 @@ impl Ordered {
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);
             (outcome, messages, attempts)
-        })
-        .await
-        .map_err(|e| format!("a batch task failed: {e}"))?;
+        });
+        // The next entries are read while this batch runs (without waiting: nothing new may come).
+        let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
+        let broker_work = async {
+            let lost = group.commit_positions(&updates).await;
+            let ahead = group.read(&cursors, count, Duration::ZERO).await;
+            (lost, ahead)
+        };
+        let (done, (lost, ahead)) = tokio::join!(task, broker_work);
+        // A failed read-ahead loses nothing: the entries are read again from the same cursors; failed
+        // positions are sent again with the next ones.
+        self.ahead = ahead.unwrap_or_default();
+        if let Ok(lost) = lost {
+            self.positions_stored(updates, &lost);
+        }
+        let (outcome, messages, attempts) =
+            done.map_err(|e| format!("a batch task failed: {e}"))?;
         self.attempts = attempts;
         let items: Vec<Item> = items
             .into_iter()
@@ -651,7 +682,7 @@ impl Ordered {
             } else if parked {
                 // Still first in its held list, behind the new dead letter.
                 self.draining.remove(&item.key);
-            } else {
+            } else if self.parts.contains_key(&item.partition) {
                 keep.push(item);
             }
         }
@@ -668,7 +699,10 @@ impl Ordered {
         for ((partition, key), entries) in to_hold {
             self.hold(group, partition, &key, &entries).await?;
         }
-        self.commit_positions(group).await?;
+        // With more to read the next batch sends the positions; idle, they go now.
+        if self.ahead.is_empty() {
+            self.commit_positions(group).await?;
+        }
         self.shared
             .metrics
             .batch(&self.sub, &report, started.elapsed());
@@ -677,9 +711,20 @@ impl Ordered {
         Ok(())
     }
 
-    /// Store each held partition's position: after the last entry read, or just before its first
-    /// unsettled one.
+    /// Store each held partition's position now.
     async fn commit_positions(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
+        let updates = self.position_updates();
+        let lost = group
+            .commit_positions(&updates)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.positions_stored(updates, &lost);
+        Ok(())
+    }
+
+    /// The positions that changed: per held partition and stream, after the last entry read, or just
+    /// before its first unsettled one.
+    fn position_updates(&self) -> Vec<(Claim, Vec<(String, String)>)> {
         let mut first_unsettled: HashMap<(u32, &str), &str> = HashMap::new();
         for item in self.pending.iter().filter(|i| !i.held) {
             first_unsettled
@@ -710,10 +755,11 @@ impl Ordered {
                 updates.push((part.claim, changed));
             }
         }
-        let lost = group
-            .commit_positions(&updates)
-            .await
-            .map_err(|e| e.to_string())?;
+        updates
+    }
+
+    /// Note what the broker stored; drop the partitions it refused (their lease was lost).
+    fn positions_stored(&mut self, updates: Vec<(Claim, Vec<(String, String)>)>, lost: &[u32]) {
         for (claim, changed) in updates {
             if lost.contains(&claim.partition) {
                 self.lost(claim.partition);
@@ -721,7 +767,6 @@ impl Ordered {
                 part.stored.extend(changed);
             }
         }
-        Ok(())
     }
 
     /// On shutdown: give every partition back at once (positions are stored after every batch), so the

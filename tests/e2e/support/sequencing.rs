@@ -58,13 +58,18 @@ pub fn publish(redis: &RedisServer, messages: &[String]) {
     redis.pipe(&commands);
 }
 
-/// Publish a wave of plain messages; `global` counts messages over the run.
-pub fn publish_wave(redis: &RedisServer, wave: &[(String, u64)], global: &mut u64) {
+/// Publish a wave of messages with the `extra` fields; `global` counts messages over the run.
+pub fn publish_wave(
+    redis: &RedisServer,
+    wave: &[(String, u64)],
+    extra: &serde_json::Value,
+    global: &mut u64,
+) {
     let messages: Vec<String> = wave
         .iter()
         .map(|(key, seq)| {
             *global += 1;
-            numbered(key, *seq, *global, json!({}))
+            numbered(key, *seq, *global, extra.clone())
         })
         .collect();
     publish(redis, &messages);

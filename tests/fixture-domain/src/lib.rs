@@ -231,6 +231,11 @@ fn bench() -> Domain {
     Domain::new("Probe").event_handler(EventHandler::new("noop").on(noop))
 }
 
+/// The same no-op handler, ordered by stream (the ticks fall on 1,000 streams: 1,000 keys).
+fn ordered_bench() -> Domain {
+    Domain::new("Probe").event_handler(EventHandler::new("noop").on(noop).ordered())
+}
+
 fn broken() -> Domain {
     Domain::new("Broken")
         .event_handler(EventHandler::new("twice").on(hop))
@@ -252,4 +257,5 @@ protean_plugin_api::export_domains! {
     "panicking" => panicking,
     "empty" => empty,
     "noop" => bench,
+    "ordered_noop" => ordered_bench,
 }
