@@ -124,6 +124,15 @@ impl fmt::Display for Report {
                 let mut line = String::new();
                 let _ = write!(line, "    {:<34} reads {}", s.name, s.categories.join(", "));
                 writeln!(f, "{line} -> {}", handlers.join(", "))?;
+                if let Some(ordering) = crate::ordering::Ordering::of(s) {
+                    let after = if ordering.park { "parks" } else { "moves on" };
+                    writeln!(
+                        f,
+                        "{:>39}ordered by {}; a key {after} after a dead letter",
+                        "",
+                        ordering.describe()
+                    )?;
+                }
             }
         }
         Ok(())

@@ -264,21 +264,9 @@ async fn settle(
     }
     shared.metrics.batch(sub, &report, started.elapsed());
     tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
-    shared.progress.count(|t| {
-        for message_type in report.handled {
-            *t.handled.entry(message_type).or_default() += 1;
-        }
-        for message_type in report.written {
-            *t.written.entry(message_type).or_default() += 1;
-        }
-        t.dead_lettered += u64::from(report.dead_lettered);
-        t.skipped += u64::from(report.skipped);
-        t.retries += u64::from(report.retry.is_some());
-    });
-    Ok(Settled {
-        retry: report.retry,
-        ahead,
-    })
+    let retry = report.retry;
+    shared.progress.tally(report);
+    Ok(Settled { retry, ahead })
 }
 
 /// The broker failed after the commit: the entries stay pending and come back, and their processed
