@@ -64,22 +64,11 @@ pub(crate) async fn run(
         block
     };
     let owner = consumer_name(&name);
-    let mut failures = 0;
-    let mut group = loop {
-        match broker
-            .partitions(&name, &owner, settings.partitions, settings.lease_ttl)
-            .await
-        {
-            Ok(group) => break group,
-            Err(error) => {
-                failures += 1;
-                if !backoff(&name, &error.to_string(), failures, &shutdown).await {
-                    shared.progress.set(&name, State::Stopped);
-                    return Ok(());
-                }
-            }
-        }
+    let Some(mut group) = connect(&shared, broker.as_ref(), &name, &owner, &shutdown).await else {
+        shared.progress.set(&name, State::Stopped);
+        return Ok(());
     };
+    let mut failures = 0;
     let mut streams = sub.plan.categories.clone();
     streams.push(replay_stream(&name));
     tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
@@ -103,12 +92,8 @@ pub(crate) async fn run(
         }
         let wait = state.wait(block.min(until_renew));
         let seen = shared.progress.published();
-        let read = match std::mem::take(&mut state.ahead) {
-            ahead if !ahead.is_empty() => Ok(ahead),
-            _ => tokio::select! {
-                read = state.read(group.as_mut(), wait) => read,
-                _ = shutdown.cancelled() => break,
-            },
+        let Some(read) = state.next(group.as_mut(), wait, &shutdown).await else {
+            break;
         };
         let fresh = match read {
             Ok(fresh) => fresh,
@@ -132,6 +117,32 @@ pub(crate) async fn run(
     shared.progress.set(&name, State::Stopped);
     tracing::info!(subscription = %name, "ordered subscription stopped");
     Ok(())
+}
+
+/// This replica's handle on the subscription's partitions, retried with backoff; None on shutdown.
+async fn connect(
+    shared: &Shared,
+    broker: &dyn Broker,
+    name: &str,
+    owner: &str,
+    shutdown: &CancellationToken,
+) -> Option<Box<dyn Partitions>> {
+    let settings = shared.config.ordering;
+    let mut failures = 0;
+    loop {
+        match broker
+            .partitions(name, owner, settings.partitions, settings.lease_ttl)
+            .await
+        {
+            Ok(group) => return Some(group),
+            Err(error) => {
+                failures += 1;
+                if !backoff(name, &error.to_string(), failures, shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// A partition this replica holds.
@@ -228,6 +239,8 @@ impl Ordered {
                 .take(self.parts.len() - share)
                 .map(|p| p.claim)
                 .collect();
+            // Their positions first: a read ahead may have been due to carry them.
+            self.commit_positions(group).await?;
             group.release(&extra).await.map_err(|e| e.to_string())?;
             for claim in &extra {
                 self.drop_part(claim.partition);
@@ -306,6 +319,23 @@ impl Ordered {
         let partitions = self.partitions();
         self.draining
             .retain(|key| partition_of(key, partitions) != partition);
+    }
+
+    /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown.
+    async fn next(
+        &mut self,
+        group: &mut dyn Partitions,
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Vec<Entry>, crate::broker::Error>> {
+        let ahead = std::mem::take(&mut self.ahead);
+        if !ahead.is_empty() {
+            return Some(Ok(ahead));
+        }
+        tokio::select! {
+            read = self.read(group, wait) => Some(read),
+            _ = shutdown.cancelled() => None,
+        }
     }
 
     /// Read the next entries of the held partitions' streams.
@@ -772,6 +802,10 @@ impl Ordered {
     /// On shutdown: give every partition back at once (positions are stored after every batch), so the
     /// other replicas need not wait for the leases to expire.
     async fn stop(&mut self, group: &mut dyn Partitions) {
+        // The positions of the last batch, unless a read ahead was to carry them.
+        if let Err(error) = self.commit_positions(group).await {
+            tracing::warn!(subscription = %self.name(), %error, "cannot store the last positions; the next holder reads those entries again and skips what was handled");
+        }
         let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
         let released = group.release(&claims).await;
         let left = group.leave().await;
