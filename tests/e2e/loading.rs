@@ -148,7 +148,7 @@ fn an_unknown_instance_lists_the_available_ones() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} has no domain instance \"nope\"; available: domain, reporting; choose one with --domain={lib}:NAME"
+        "error: {lib} has no domain instance \"nope\"; available: domain, reporting, sequencing; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -161,7 +161,7 @@ fn several_instances_and_none_named_is_ambiguous() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
+        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop, ordered_noop) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -314,7 +314,7 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     std::fs::copy(fixture_domain(), &staged).unwrap();
     std::fs::rename(&staged, &path).unwrap();
     let second = Library::load(&path).unwrap();
-    assert_eq!(first.instances(), ["domain", "reporting"]);
+    assert_eq!(first.instances(), ["domain", "reporting", "sequencing"]);
     assert_eq!(
         second.instances(),
         ["probe", "broken", "panicking", "empty", "noop"]
