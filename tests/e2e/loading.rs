@@ -317,7 +317,14 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     assert_eq!(first.instances(), ["domain", "reporting", "sequencing"]);
     assert_eq!(
         second.instances(),
-        ["probe", "broken", "panicking", "empty", "noop"]
+        [
+            "probe",
+            "broken",
+            "panicking",
+            "empty",
+            "noop",
+            "ordered_noop"
+        ]
     );
     assert_ne!(first.build_id(), second.build_id());
     assert_eq!(
