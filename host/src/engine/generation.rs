@@ -6,7 +6,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{batch::Subscription, retry::RetryPolicy, subscription_type, EngineError};
-use crate::{config::Config, ordering::Ordering, plugin::Plugin, subscription};
+use crate::{
+    config::{Config, SubscriptionType},
+    ordering::Ordering,
+    plugin::Plugin,
+    subscription,
+};
 
 /// One build of the domain, ready to run.
 #[derive(Debug)]
@@ -29,7 +34,11 @@ impl Generation {
                 tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
                 let commands = plan.name.starts_with("commands:");
                 let kind = subscription_type(config, &handler, plan.kind)?;
-                let ordering = Ordering::of(&plan);
+                let ordering = Ordering::of(&plan).map(|mut ordering| {
+                    // Event-store dead letters cannot be replayed yet: a parked key would wait forever.
+                    ordering.park &= kind == SubscriptionType::Stream;
+                    ordering
+                });
                 Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind, ordering }))
             })
             .collect::<Result<Vec<_>, EngineError>>()?;

@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use super::status::{self, Snapshot, Target};
 use crate::{
     broker::Broker,
-    config::{HealthSettings, SubscriptionType},
+    config::{Config, HealthSettings, SubscriptionType},
     engine::{batch::Subscription, progress::State as LoopState, Shared},
     outbox,
+    subscription::workers,
 };
 
 /// How long a status snapshot is reused: scrapes and probes every 100 ms cost one measurement a second.
@@ -79,10 +80,11 @@ pub(crate) async fn start(
     Some(tokio::spawn(serve(listener, ops)))
 }
 
-fn targets(subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
+fn targets(config: &Config, subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
     subscriptions
         .iter()
         .map(|s| Target {
+            workers: workers::count(config, &s.plan, s.kind),
             name: s.plan.name.clone(),
             kind: s.kind,
             categories: s.plan.categories.clone(),
@@ -338,7 +340,7 @@ impl Ops {
                 self.shared.store.clone(),
                 broker,
                 self.broker.is_some(),
-                &targets(&self.shared.subscriptions()),
+                &targets(&self.shared.config, &self.shared.subscriptions()),
                 self.settings.check_timeout,
             )
             .await,
@@ -355,6 +357,7 @@ fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus 
         kind: SubscriptionType::EventStore,
         categories: Vec::new(),
         handlers: Vec::new(),
+        workers: 1,
     });
     row.state = state_name(state).into();
     row.last_progress_ms = Some(quiet.as_millis() as u64);

@@ -15,6 +15,7 @@ use crate::{
     config::SubscriptionType,
     engine::Engine,
     store::{OutboxCounts, Store},
+    subscription::workers,
 };
 
 /// A subscription to measure.
@@ -24,6 +25,8 @@ pub struct Target {
     pub kind: SubscriptionType,
     pub categories: Vec<String>,
     pub handlers: Vec<String>,
+    /// Workers sharing an ordered event-store subscription, each with its own position (else 1).
+    pub workers: u32,
 }
 
 /// The subscriptions a domain runs with its configuration, as the engine plans them.
@@ -32,15 +35,19 @@ pub fn targets(engine: &Engine) -> Vec<Target> {
     engine
         .subscriptions()
         .into_iter()
-        .map(|(plan, _)| Target {
-            kind: if streams.contains(&plan.name) {
+        .map(|(plan, _)| {
+            let kind = if streams.contains(&plan.name) {
                 SubscriptionType::Stream
             } else {
                 SubscriptionType::EventStore
-            },
-            name: plan.name.clone(),
-            categories: plan.categories.clone(),
-            handlers: handlers(plan.routes.values()),
+            };
+            Target {
+                workers: workers::count(engine.config(), &plan, kind),
+                kind,
+                name: plan.name.clone(),
+                categories: plan.categories.clone(),
+                handlers: handlers(plan.routes.values()),
+            }
         })
         .collect()
 }
@@ -190,8 +197,9 @@ async fn measure_store(
                 if t.kind != SubscriptionType::EventStore {
                     return Ok((0, 0, 0));
                 }
-                let position = store.position(&t.name).map_err(|e| e.to_string())?;
-                let position = position.unwrap_or(0);
+                // Workers: the lowest of their positions, so the lag counts whatever any has left.
+                let position = workers::lowest_position(store.as_ref(), &t.name, t.workers)
+                    .map_err(|e| e.to_string())?;
                 let lag = store
                     .count_after(&t.categories, position)
                     .map_err(|e| e.to_string())?;

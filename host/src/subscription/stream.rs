@@ -220,6 +220,9 @@ async fn settle(
             subscription: &sub2,
             version_retries: shared2.config.version_retries,
             publish: shared2.config.broker.is_some(),
+            // A broker's group keeps where the subscription is; the store keeps no position for it.
+            position: None,
+            worker: None,
         };
         batch::run(&ctx, &messages, &mut attempts)
     });
