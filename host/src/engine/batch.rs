@@ -69,9 +69,13 @@ impl Attempts {
         self.waiting.values().min().copied()
     }
 
-    /// Keys still waiting at `now`, forgetting those whose time has come.
-    fn waiting_at(&mut self, now: Instant) -> HashSet<String> {
+    /// Forget the waiting keys whose time has come at `now`: their messages may be handled again.
+    pub(crate) fn release_due(&mut self, now: Instant) {
         self.waiting.retain(|_, until| *until > now);
+    }
+
+    /// The keys whose messages are held.
+    fn held(&self) -> HashSet<String> {
         self.waiting.keys().cloned().collect()
     }
 }
@@ -264,11 +268,12 @@ fn build(
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
     let mut settled = vec![false; messages.len()];
-    let mut held = Held::new(
-        sub.ordering.as_ref(),
-        messages,
-        attempts.waiting_at(Instant::now()),
-    );
+    // A single reader always reads from its position, so a due key's failed message comes first. A
+    // worker may be reading ahead of it: it releases due keys itself, when it reads from its position.
+    if ctx.worker.is_none() {
+        attempts.release_due(Instant::now());
+    }
+    let mut held = Held::new(sub.ordering.as_ref(), messages, attempts.held());
     let mut i = 0;
     while i < messages.len() {
         if held.contains(i) {

@@ -95,8 +95,10 @@ async fn read(
     };
     tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
     // A worker reads on past a key that waits for its retry (its position stays before the key's
-    // message); the cursor is where it has read to, and goes back to the position when a retry is due.
-    let mut cursor = position;
+    // message): the cursor is where it reads from. When a retry is due the cursor goes back to the
+    // position, but only once it has read past where it was at the last such re-read (`mark`) or up to
+    // the head: retries due sooner than a re-read takes must not keep it from ever reading further.
+    let (mut cursor, mut mark, mut at_head) = (position, position, false);
     let mut head = progress.head();
     let mut attempts = Attempts::default();
     let mut failures = 0u32;
@@ -107,7 +109,7 @@ async fn read(
             Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
                 match load(&shared, &reader, &shutdown).await? {
-                    Some(stored) => (position, cursor) = (stored, stored),
+                    Some(stored) => (position, cursor, mark) = (stored, stored, stored),
                     None => break,
                 }
                 attempts = Attempts::default();
@@ -122,8 +124,13 @@ async fn read(
                 continue;
             }
         }
-        if cursor > position && attempts.next_due().is_none_or(|due| due <= Instant::now()) {
-            cursor = position;
+        let now = Instant::now();
+        let further = cursor > mark || at_head;
+        if cursor > position && further && attempts.next_due().is_none_or(|due| due <= now) {
+            // Read again from the position, which is before every held message: a released key's
+            // failed message is then met before its later ones.
+            attempts.release_due(now);
+            (mark, cursor) = (cursor, position);
         }
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
@@ -137,7 +144,8 @@ async fn read(
                 continue;
             }
         };
-        if messages.is_empty() {
+        at_head = messages.is_empty();
+        if at_head {
             // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
             let due = attempts.next_due().filter(|_| cursor > position);
             let state = match due {
