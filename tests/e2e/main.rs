@@ -10,6 +10,7 @@ mod engine;
 mod loading;
 mod messagedb;
 mod ops;
+mod ordered_store;
 mod postgres;
 mod protean;
 mod redis;

@@ -8,6 +8,7 @@ mod redis;
 mod replicas;
 mod run;
 mod server;
+mod status;
 mod wait;
 
 pub use build::{
@@ -21,4 +22,5 @@ pub use redis::RedisServer;
 pub use replicas::{orders, place, send_orders, start_replicas};
 pub use run::{host, Finished};
 pub use server::Server;
+pub use status::{status_json, subscription};
 pub use wait::wait_until;
