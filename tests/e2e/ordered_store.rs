@@ -2,7 +2,7 @@
 //! SQLite): every key's messages are handled once each and in order, and a failing key holds back
 //! only itself while the other keys, its worker's included, go on.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{ops::RangeInclusive, path::Path, process::Output, sync::Arc, time::Duration};
 
 use protean_host::{
     message::Kind,
@@ -24,17 +24,17 @@ fn sequencing() -> String {
     format!("{}:sequencing", sample_domain().display())
 }
 
-/// Fast retries that do not run out, and `WORKERS` workers.
-fn configure(dir: &Path) {
+/// Fast retries that do not run out, and `workers` workers.
+fn configure(dir: &Path, workers: u32) {
     let config =
-        format!("{TEST_CONFIG}max_retries = 1000000\n[server.ordering]\nworkers = {WORKERS}\n");
+        format!("{TEST_CONFIG}max_retries = 1000000\n[server.ordering]\nworkers = {workers}\n");
     std::fs::write(dir.join("protean.toml"), config).unwrap();
 }
 
-/// `KEYS` keys of `SEQS` messages each, appended round by round so the keys interleave in the store;
+/// Messages `seqs` of `KEYS` keys, appended round by round so the keys interleave in the store;
 /// `poisoned` (key, seq) fails while the poison file exists.
-fn append_sequences(store: &dyn Store, poisoned: Option<(u64, u64)>) {
-    for seq in 1..=SEQS {
+fn append_sequences(store: &dyn Store, seqs: RangeInclusive<u64>, poisoned: Option<(u64, u64)>) {
+    for seq in seqs {
         let messages = (0..KEYS)
             .map(|key| {
                 let data = json!({
@@ -72,6 +72,30 @@ fn seqs(store: &dyn Store, key: u64) -> Vec<u64> {
     serde_json::from_value(record["seqs"].clone()).unwrap()
 }
 
+/// A test-mode run of the server in `dir`, which must complete.
+fn run_to_completion(dir: &Path) -> Output {
+    let run = host(dir)
+        .args(["server", "--test-mode", "--domain", &sequencing()])
+        .output()
+        .expect_code(0);
+    assert!(run.stdout().contains("completed"), "{}", run.stdout());
+    run.0
+}
+
+/// The "batch committed" log lines of a run.
+fn batch_lines(run: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&run.stderr)
+        .lines()
+        .filter(|l| l.contains("batch committed"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The messages the batches handled.
+fn handled(batches: &[String]) -> u64 {
+    batches.iter().map(|l| figure(l, "handled")).sum()
+}
+
 /// The number after `name=` in a log line.
 fn figure(line: &str, name: &str) -> u64 {
     let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
@@ -89,31 +113,22 @@ fn all() -> Vec<u64> {
 #[test]
 fn workers_handle_every_key_once_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    configure(dir.path());
+    configure(dir.path(), WORKERS);
     let store: Arc<dyn Store> = sqlite(dir.path());
-    append_sequences(store.as_ref(), None);
+    append_sequences(store.as_ref(), 1..=SEQS, None);
 
-    let run = host(dir.path())
-        .args(["server", "--test-mode", "--domain", &sequencing()])
-        .output()
-        .expect_code(0);
-    assert!(run.stdout().contains("completed"), "{}", run.stdout());
+    let run = run_to_completion(dir.path());
     for key in 0..KEYS {
         assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
     }
     // Each message was handled by one worker, once: no worker met another's keys as work of its own
     // (which the processed markers would have turned into skips).
-    let stderr = run.stderr();
-    let batches: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("batch committed"))
-        .collect();
+    let batches = batch_lines(&run);
     assert!(
         batches.iter().all(|l| l.contains(" skipped=0 ")),
-        "{stderr}"
+        "{batches:#?}"
     );
-    let handled: u64 = batches.iter().map(|l| figure(l, "handled")).sum();
-    assert_eq!(handled, KEYS * SEQS);
+    assert_eq!(handled(&batches), KEYS * SEQS);
     // Each worker kept its own position, and together they reached the end.
     let end = KEYS * SEQS;
     for w in 0..WORKERS {
@@ -129,11 +144,11 @@ fn workers_handle_every_key_once_and_in_order() {
 #[test]
 fn a_failing_key_holds_back_only_itself_and_resumes_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    configure(dir.path());
+    configure(dir.path(), WORKERS);
     let poison = dir.path().join("poison");
     std::fs::write(&poison, "").unwrap();
     let store: Arc<dyn Store> = sqlite(dir.path());
-    append_sequences(store.as_ref(), Some((7, 5)));
+    append_sequences(store.as_ref(), 1..=SEQS, Some((7, 5)));
 
     let mut server = host(dir.path())
         .env("SEQUENCING_POISON_FILE", &poison)
@@ -163,4 +178,26 @@ fn a_failing_key_holds_back_only_itself_and_resumes_in_order() {
         assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
     }
     assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+#[test]
+fn a_changed_worker_count_loses_nothing_and_handles_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    let half = SEQS / 2;
+    configure(dir.path(), WORKERS);
+    append_sequences(store.as_ref(), 1..=half, None);
+    run_to_completion(dir.path());
+    assert_eq!(seqs(store.as_ref(), 0), (1..=half).collect::<Vec<_>>());
+
+    // Two workers have no positions yet: they read again from the start, and the processed markers
+    // keep them from handling the first half again.
+    configure(dir.path(), 2);
+    append_sequences(store.as_ref(), half + 1..=SEQS, None);
+    let run = run_to_completion(dir.path());
+    assert_eq!(handled(&batch_lines(&run)), KEYS * (SEQS - half));
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    assert!(store.position("recorder#1/2").unwrap().is_some());
 }
