@@ -171,6 +171,13 @@ fn a_failing_key_holds_back_only_itself_and_resumes_in_order() {
 
     std::fs::remove_file(&poison).unwrap();
     wait_until(LIMIT, "k7 to complete", || seqs(store.as_ref(), 7) == all());
+    // The held-back position then moves past k7 #5 to the end.
+    wait_until(LIMIT, "every worker position to reach the end", || {
+        (0..WORKERS).all(|w| {
+            let name = format!("recorder#{w}/{WORKERS}");
+            store.position(&name).unwrap() == Some(KEYS * SEQS)
+        })
+    });
     server.signal(libc::SIGTERM);
     let (code, log) = server.wait();
     assert_eq!(code, Some(0), "{log}");

@@ -147,7 +147,8 @@ async fn read(
         at_head = messages.is_empty();
         if at_head {
             // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
-            let due = attempts.next_due().filter(|_| cursor > position);
+            // Ahead with no key waiting, only the position is behind: read again at once to move it.
+            let due = (cursor > position).then(|| attempts.next_due().unwrap_or(now));
             let state = match due {
                 Some(_) => State::Retrying,
                 None => State::Idle { head: seen },
