@@ -26,8 +26,13 @@ fn sequencing() -> String {
 
 /// Fast retries that do not run out, and `workers` workers.
 fn configure(dir: &Path, workers: u32) {
-    let config =
-        format!("{TEST_CONFIG}max_retries = 1000000\n[server.ordering]\nworkers = {workers}\n");
+    configure_retries(dir, workers, 1_000_000);
+}
+
+fn configure_retries(dir: &Path, workers: u32, max_retries: u32) {
+    let config = format!(
+        "{TEST_CONFIG}max_retries = {max_retries}\n[server.ordering]\nworkers = {workers}\n"
+    );
     std::fs::write(dir.join("protean.toml"), config).unwrap();
 }
 
@@ -207,4 +212,30 @@ fn a_changed_worker_count_loses_nothing_and_handles_nothing_twice() {
         assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
     }
     assert!(store.position("recorder#1/2").unwrap().is_some());
+}
+
+#[test]
+fn a_key_out_of_retries_is_dead_lettered_and_moves_on_in_test_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    configure_retries(dir.path(), WORKERS, 2);
+    let poison = dir.path().join("poison");
+    std::fs::write(&poison, "").unwrap();
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, Some((7, 5)));
+
+    let run = host(dir.path())
+        .env("SEQUENCING_POISON_FILE", &poison)
+        .args(["server", "--test-mode", "--domain", &sequencing()])
+        .output()
+        .expect_code(0);
+    assert!(run.stdout().contains("dead-lettered 1"), "{}", run.stdout());
+    let mut without_5 = all();
+    without_5.retain(|&seq| seq != 5);
+    assert_eq!(seqs(store.as_ref(), 7), without_5);
+    for key in (0..KEYS).filter(|&key| key != 7) {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    let dead = store.dead_letters(Some("recorder")).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].stream.ends_with("-k7"), "{:?}", dead[0].stream);
 }
