@@ -239,3 +239,18 @@ fn a_key_out_of_retries_is_dead_lettered_and_moves_on_in_test_mode() {
     assert_eq!(dead.len(), 1);
     assert!(dead[0].stream.ends_with("-k7"), "{:?}", dead[0].stream);
 }
+
+#[test]
+fn one_worker_reads_as_before_with_the_plain_position() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), 1);
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, None);
+    let run = run_to_completion(dir.path());
+    assert!(batch_lines(&run).iter().all(|l| !l.contains("worker=")));
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    assert_eq!(store.position("recorder").unwrap(), Some(KEYS * SEQS));
+    assert_eq!(store.position("recorder#0/1").unwrap(), None);
+}
