@@ -159,7 +159,10 @@ pub struct OrderingSettings {
     /// How long a replica's hold on a partition lasts without renewal: a dead replica's keys are
     /// served again by others within this time plus a renewal interval.
     pub lease_ttl: Duration,
-    /// Event-store ordered subscriptions: workers in one process, each handling the keys that fall to it.
+    /// Event-store ordered subscriptions: workers in one process, each handling the keys that fall to it
+    /// and keeping its own position (`{subscription}#{w}/{workers}`). It may change between runs: new
+    /// workers start from the subscription's plain position, or from the start (see
+    /// `subscription::workers`).
     pub workers: u32,
 }
 

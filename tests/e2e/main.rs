@@ -11,6 +11,7 @@ mod loading;
 mod messagedb;
 mod ops;
 mod ordered;
+mod ordered_store;
 mod postgres;
 mod protean;
 mod redis;

@@ -12,7 +12,8 @@ use std::{
 use serde_json::{json, Value};
 
 use crate::support::{
-    fixture_domain, host, wait_until, Finished, RedisServer, Server, TEST_CONFIG,
+    fixture_domain, host, status_json, subscription, wait_until, Finished, RedisServer, Server,
+    TEST_CONFIG,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -87,15 +88,6 @@ fn health_command(dir: &Path, address: &str) -> Finished {
     host(dir)
         .args(["health", "--url", &format!("http://{address}/readyz")])
         .output()
-}
-
-fn subscription<'a>(body: &'a Value, name: &str) -> &'a Value {
-    body["subscriptions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no subscription {name} in {body}"))
 }
 
 #[test]
@@ -352,20 +344,6 @@ fn a_scrape_shows_what_a_known_workload_did() {
     drop(server);
 }
 
-fn status_json(dir: &Path) -> Value {
-    let out = host(dir)
-        .args([
-            "subscriptions",
-            "status",
-            "--json",
-            "--domain",
-            &probe_lib(),
-        ])
-        .output()
-        .expect_code(0);
-    serde_json::from_str(&out.stdout()).unwrap()
-}
-
 fn run_to_completion(dir: &Path) {
     host(dir)
         .args(["--domain", &probe_lib(), "--test-mode"])
@@ -383,7 +361,7 @@ fn subscriptions_status_shows_the_lag_and_dead_letters_a_workload_left() {
     for n in 0..4 {
         send(dir.path(), &format!("later{n}"), "ok");
     }
-    let status = status_json(dir.path());
+    let status = status_json(dir.path(), &probe_lib());
     let commands = subscription(&status, "commands:probe::probe");
     assert_eq!(commands["lag"], 4, "{commands}");
     assert_eq!(commands["dead_letters"], 1);
@@ -441,7 +419,7 @@ fn subscriptions_status_reads_groups_and_dead_letter_streams_on_redis() {
             &format!("late {n}"),
         ]);
     }
-    let status = status_json(dir.path());
+    let status = status_json(dir.path(), &probe_lib());
     let commands = subscription(&status, "commands:probe::probe");
     assert_eq!(commands["type"], "stream");
     assert_eq!(commands["group"], "commands:probe::probe");

@@ -25,7 +25,7 @@ use crate::{
     config::{Settings, SubscriptionType},
     engine::retry::RetryPolicy,
     message::{Cause, MetaView},
-    ordering::Ordering,
+    ordering::{partition_of, Ordering},
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::SubscriptionPlan,
@@ -69,9 +69,13 @@ impl Attempts {
         self.waiting.values().min().copied()
     }
 
-    /// Keys still waiting at `now`, forgetting those whose time has come.
-    fn waiting_at(&mut self, now: Instant) -> HashSet<String> {
+    /// Forget the waiting keys whose time has come at `now`: their messages may be handled again.
+    pub(crate) fn release_due(&mut self, now: Instant) {
         self.waiting.retain(|_, until| *until > now);
+    }
+
+    /// The keys whose messages are held.
+    fn held(&self) -> HashSet<String> {
         self.waiting.keys().cloned().collect()
     }
 }
@@ -114,11 +118,25 @@ pub(crate) struct Context<'a> {
     /// Checked by the store on commit: partitions this batch's messages belong to, with the fencing
     /// tokens of this replica's leases on them.
     pub(crate) fences: Vec<Fence>,
+    /// Where the batch's position is stored: the subscription's name, or a worker's position name;
+    /// None while the read runs ahead of a held message, which the position must not pass.
+    pub(crate) position: Option<&'a str>,
+    /// One of several workers sharing an ordered subscription: the others' keys are not its work.
+    pub(crate) worker: Option<Worker>,
+}
+
+/// Worker `index` of `of`: it handles the keys that fall in its partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Worker {
+    pub(crate) index: u32,
+    pub(crate) of: u32,
 }
 
 enum Class<'m> {
     Poison(String),
     Skip(&'static str),
+    /// Another worker's key: settled for this worker's position, not counted as skipped.
+    Theirs,
     Handle(&'m str),
 }
 
@@ -229,13 +247,16 @@ fn build(
         })
         .collect();
     let now = chrono::Utc::now();
-    let done = already_processed(ctx, messages, recheck)?;
+    let theirs = theirs(ctx, messages);
+    let done = already_processed(ctx, messages, &theirs, recheck)?;
     let classes: Vec<Class<'_>> = messages
         .iter()
         .zip(&metas)
-        .zip(done)
-        .map(|((m, meta), done)| {
-            if done {
+        .zip(done.into_iter().zip(theirs))
+        .map(|((m, meta), (done, theirs))| {
+            if theirs {
+                Class::Theirs
+            } else if done {
                 Class::Skip("already processed")
             } else {
                 classify(sub, m, meta, now)
@@ -251,11 +272,12 @@ fn build(
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
     let mut settled = vec![false; messages.len()];
-    let mut held = Held::new(
-        sub.ordering.as_ref(),
-        messages,
-        attempts.waiting_at(Instant::now()),
-    );
+    // A single reader always reads from its position, so a due key's failed message comes first. A
+    // worker may be reading ahead of it: it releases due keys itself, when it reads from its position.
+    if ctx.worker.is_none() {
+        attempts.release_due(Instant::now());
+    }
+    let mut held = Held::new(sub.ordering.as_ref(), messages, attempts.held());
     let mut i = 0;
     while i < messages.len() {
         if held.contains(i) {
@@ -275,6 +297,11 @@ fn build(
                 skip(sub, &messages[i], why);
                 report.skipped += 1;
                 settled_ids.push(messages[i].id.clone());
+                settled[i] = true;
+                i += 1;
+                continue;
+            }
+            Class::Theirs => {
                 settled[i] = true;
                 i += 1;
                 continue;
@@ -349,13 +376,13 @@ fn build(
     report.settled = settled_ids.clone();
     // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
     let prefix = settled.iter().take_while(|s| **s).count();
-    if let Some(last) = prefix
-        .checked_sub(1)
-        .filter(|_| sub.kind == SubscriptionType::EventStore)
-    {
+    let stored = ctx
+        .position
+        .filter(|_| sub.kind == SubscriptionType::EventStore);
+    if let (Some(last), Some(name)) = (prefix.checked_sub(1), stored) {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
-            subscription: sub.plan.name.clone(),
+            subscription: name.to_owned(),
             position,
         });
         report.position = Some(position);
@@ -411,18 +438,37 @@ impl<'m> Held<'m> {
 fn already_processed(
     ctx: &Context<'_>,
     messages: &[StoredMessage],
+    theirs: &[bool],
     recheck: bool,
 ) -> store::Result<Vec<bool>> {
     if !recheck {
         return Ok(vec![false; messages.len()]);
     }
-    let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+    // Another worker's messages are not looked up: this worker settles them without handling.
+    let ids: Vec<&str> = messages
+        .iter()
+        .zip(theirs)
+        .filter(|(_, theirs)| !**theirs)
+        .map(|(m, _)| m.id.as_str())
+        .collect();
     let committed = ctx.store.processed(&ctx.subscription.plan.name, &ids)?;
     let mut seen = std::collections::HashSet::new();
-    Ok(ids
+    Ok(messages
         .iter()
-        .map(|id| committed.contains(*id) || !seen.insert(*id))
+        .zip(theirs)
+        .map(|(m, theirs)| !theirs && (committed.contains(&m.id) || !seen.insert(m.id.as_str())))
         .collect())
+}
+
+/// Which messages belong to another worker's keys (none unless the subscription has several workers).
+fn theirs(ctx: &Context<'_>, messages: &[StoredMessage]) -> Vec<bool> {
+    match (ctx.worker, &ctx.subscription.ordering) {
+        (Some(worker), Some(ordering)) => messages
+            .iter()
+            .map(|m| partition_of(&ordering.key_of(m), worker.of) != worker.index)
+            .collect(),
+        _ => vec![false; messages.len()],
+    }
 }
 
 fn classify<'m>(

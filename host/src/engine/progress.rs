@@ -48,6 +48,9 @@ pub(crate) struct Progress {
     /// Each loop's state and when it last reported one: every loop reports at least once per
     /// iteration, so an old report means a loop that is stuck (the heartbeat readiness checks).
     states: Mutex<BTreeMap<String, (State, Instant)>>,
+    /// The workers' states of subscriptions run by several workers; their combination is the
+    /// subscription's state in `states`.
+    workers: Mutex<BTreeMap<String, Vec<State>>>,
     totals: Mutex<Totals>,
     changed: Notify,
 }
@@ -63,6 +66,7 @@ impl Progress {
                     .map(|s| (s, (State::Starting, Instant::now())))
                     .collect(),
             ),
+            workers: Mutex::default(),
             totals: Mutex::default(),
             changed: Notify::new(),
         }
@@ -101,6 +105,20 @@ impl Progress {
     pub(crate) fn set(&self, subscription: &str, state: State) {
         lock(&self.states).insert(subscription.to_owned(), (state, Instant::now()));
         self.changed.notify_one();
+    }
+
+    /// Worker `index` of the `of` workers running `subscription` is in `state`.
+    pub(crate) fn set_worker(&self, subscription: &str, index: u32, of: u32, state: State) {
+        let combined = {
+            let mut workers = lock(&self.workers);
+            let states = workers
+                .entry(subscription.to_owned())
+                .or_insert_with(|| vec![State::Starting; of as usize]);
+            states.resize(of as usize, State::Starting);
+            states[index as usize] = state;
+            combined(states)
+        };
+        self.set(subscription, combined);
     }
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut Totals)) {
@@ -148,6 +166,7 @@ impl Progress {
     /// the head carry on.
     pub(crate) fn track(&self, subscriptions: impl IntoIterator<Item = String>) {
         let now = Instant::now();
+        lock(&self.workers).clear();
         *lock(&self.states) = subscriptions
             .into_iter()
             .map(|s| (s, (State::Starting, now)))
@@ -177,6 +196,27 @@ impl Progress {
     pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
+}
+
+/// A subscription's state from its workers' states: busy, retrying or starting while any worker is;
+/// idle only when every worker is, at the lowest head they saw (so test mode waits for the slowest).
+fn combined(states: &[State]) -> State {
+    let any = |wanted: &State| states.contains(wanted);
+    if any(&State::Busy) {
+        return State::Busy;
+    }
+    if any(&State::Retrying) {
+        return State::Retrying;
+    }
+    if any(&State::Starting) {
+        return State::Starting;
+    }
+    let idle = states.iter().filter_map(|s| match s {
+        State::Idle { head } => Some(*head),
+        _ => None,
+    });
+    idle.min()
+        .map_or(State::Stopped, |head| State::Idle { head })
 }
 
 fn describe(state: &State) -> &'static str {
@@ -213,5 +253,21 @@ mod tests {
         p.set("a", State::Idle { head: 7 });
         p.set("b", State::Retrying);
         assert_eq!(p.busy(), ["b (waiting to retry a message)"]);
+    }
+
+    #[test]
+    fn a_subscription_with_workers_is_idle_only_when_every_worker_is() {
+        let p = Progress::new(5, ["s".to_owned()]);
+        p.set_worker("s", 0, 2, State::Idle { head: 5 });
+        assert!(!p.quiescent(), "worker 1 has not started");
+        p.set_worker("s", 1, 2, State::Retrying);
+        assert_eq!(p.busy(), ["s (waiting to retry a message)"]);
+        p.set_worker("s", 1, 2, State::Idle { head: 4 });
+        assert!(!p.quiescent(), "worker 1 saw an older head");
+        p.set_worker("s", 1, 2, State::Idle { head: 5 });
+        assert!(p.quiescent());
+        p.set_worker("s", 0, 2, State::Stopped);
+        p.set_worker("s", 1, 2, State::Stopped);
+        assert_eq!(p.busy(), ["s (stopped)"]);
     }
 }

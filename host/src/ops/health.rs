@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::status::{self, Snapshot, Target};
 use crate::{
     broker::Broker,
-    config::{HealthSettings, SubscriptionType},
+    config::{Config, HealthSettings, SubscriptionType},
     engine::{batch::Subscription, progress::State as LoopState, Shared},
     outbox,
 };
@@ -79,10 +79,10 @@ pub(crate) async fn start(
     Some(tokio::spawn(serve(listener, ops)))
 }
 
-fn targets(subscriptions: &[Arc<Subscription>], partitions: u32) -> Vec<Target> {
+fn targets(config: &Config, subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
     subscriptions
         .iter()
-        .map(|s| Target::of(&s.plan, s.kind, partitions))
+        .map(|s| Target::of(&s.plan, s.kind, config))
         .collect()
 }
 
@@ -333,10 +333,7 @@ impl Ops {
                 self.shared.store.clone(),
                 broker,
                 self.broker.is_some(),
-                &targets(
-                    &self.shared.subscriptions(),
-                    self.shared.config.ordering.partitions,
-                ),
+                &targets(&self.shared.config, &self.shared.subscriptions()),
                 self.settings.check_timeout,
             )
             .await,
@@ -354,6 +351,7 @@ fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus 
         categories: Vec::new(),
         handlers: Vec::new(),
         partitions: None,
+        workers: 1,
     });
     row.state = state_name(state).into();
     row.last_progress_ms = Some(quiet.as_millis() as u64);

@@ -15,6 +15,7 @@ use crate::{
     config::SubscriptionType,
     engine::Engine,
     store::{OutboxCounts, Store},
+    subscription::workers,
 };
 
 /// A subscription to measure.
@@ -26,6 +27,8 @@ pub struct Target {
     pub handlers: Vec<String>,
     /// Ordered stream subscriptions: how many partitions their keys fall in.
     pub partitions: Option<u32>,
+    /// Workers sharing an ordered event-store subscription, each with its own position (else 1).
+    pub workers: u32,
 }
 
 impl Target {
@@ -33,7 +36,7 @@ impl Target {
     pub(crate) fn of(
         plan: &crate::subscription::SubscriptionPlan,
         kind: SubscriptionType,
-        partitions: u32,
+        config: &crate::config::Config,
     ) -> Self {
         let ordered = kind == SubscriptionType::Stream && plan.options.ordered_by.is_some();
         Self {
@@ -41,7 +44,8 @@ impl Target {
             kind,
             categories: plan.categories.clone(),
             handlers: handlers(plan.routes.values()),
-            partitions: ordered.then_some(partitions),
+            partitions: ordered.then_some(config.ordering.partitions),
+            workers: workers::count(config, plan, kind),
         }
     }
 }
@@ -49,7 +53,6 @@ impl Target {
 /// The subscriptions a domain runs with its configuration, as the engine plans them.
 pub fn targets(engine: &Engine) -> Vec<Target> {
     let streams = engine.stream_subscriptions();
-    let partitions = engine.config().ordering.partitions;
     engine
         .subscriptions()
         .into_iter()
@@ -59,7 +62,7 @@ pub fn targets(engine: &Engine) -> Vec<Target> {
             } else {
                 SubscriptionType::EventStore
             };
-            Target::of(&plan, kind, partitions)
+            Target::of(&plan, kind, engine.config())
         })
         .collect()
 }
@@ -213,8 +216,9 @@ async fn measure_store(
                 if t.kind != SubscriptionType::EventStore {
                     return Ok((0, 0, 0));
                 }
-                let position = store.position(&t.name).map_err(|e| e.to_string())?;
-                let position = position.unwrap_or(0);
+                // Workers: the lowest of their positions, so the lag counts whatever any has left.
+                let position = workers::lowest_position(store.as_ref(), &t.name, t.workers)
+                    .map_err(|e| e.to_string())?;
                 let lag = store
                     .count_after(&t.categories, position)
                     .map_err(|e| e.to_string())?;

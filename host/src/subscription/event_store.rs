@@ -3,10 +3,19 @@
 //! Invariants: it reads only after the position it committed, so a restart resumes exactly where the
 //! last commit left off; when idle it waits for the engine's head to move (or, for writers in other
 //! processes, for the poll interval), so an idle subscription costs one indexed query per interval.
+//! The one exception: a worker of an ordered subscription reads on past a key that waits for a retry
+//! (without moving its position, which stays before that key's message) and reads again from its
+//! position once the retry is due, so a failing key holds back only itself.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use super::workers::{self, Reader};
 
 use crate::{
     broker::Broker,
@@ -15,12 +24,14 @@ use crate::{
         progress::State,
         Shared,
     },
+    ordering::Ordering,
     store::StoredMessage,
 };
 
 /// Run one subscription until `shutdown`. The batch in flight when it fires is finished and committed.
 /// It runs on one replica at a time when the store keeps leases (preferred: the store fences a stale
-/// owner's commits) or else when replicas share a broker; `owner` names this replica in either.
+/// owner's commits) or else when replicas share a broker; `owner` names this replica in either. An
+/// ordered subscription runs as several workers under that one lease (see [`workers`]).
 pub(crate) async fn run(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
@@ -29,56 +40,83 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
-    let progress = &shared.progress;
-    let mut failures = 0u32;
-    let mut position = loop {
-        let (store, subscription) = (shared.store.clone(), name.clone());
-        match blocking(move || store.position(&subscription)).await? {
-            Ok(position) => break position.unwrap_or(0),
-            Err(error) => {
-                failures += 1;
-                if !backoff(&name, &error.to_string(), failures, &shutdown).await {
-                    progress.set(&name, State::Stopped);
-                    return Ok(());
-                }
-            }
-        }
-    };
-    tracing::info!(subscription = %name, categories = ?sub.plan.categories, position, "subscription started");
-    let mut head = progress.head();
-    let mut attempts = Attempts::default();
-    failures = 0;
+    if Ordering::of(&sub.plan).is_some_and(|o| o.park) {
+        tracing::warn!(subscription = %name, "parking a key after a dead letter needs a broker (a stream subscription); this event-store subscription moves on to the key's next message instead");
+    }
     let keeper = match (shared.store.leases(), broker) {
         (Some(_), _) => Some(Keeper::Store),
         (None, Some(broker)) => Some(Keeper::Broker(broker)),
         (None, None) => None,
     };
-    let mut lease = keeper.map(|keeper| Lease {
+    let lease = Arc::new(tokio::sync::Mutex::new(keeper.map(|keeper| Lease {
         keeper,
         owner,
         held: false,
         renewed: None,
-    });
+        taken: 0,
+    })));
+    // A worker that fails stops its siblings, so the subscription ends and the engine sees the error.
+    let stop = shutdown.child_token();
+    let mut loops = JoinSet::new();
+    for reader in Reader::all(&name, workers::count(&shared.config, &sub.plan, sub.kind)) {
+        let (shared, sub, lease, stop) = (shared.clone(), sub.clone(), lease.clone(), stop.clone());
+        loops.spawn(read(shared, sub, reader, lease, stop));
+    }
+    let mut result = Ok(());
+    while let Some(ended) = loops.join_next().await {
+        if let Err(error) = ended
+            .map_err(|e| format!("a worker of {name} failed: {e}"))
+            .and_then(|r| r)
+        {
+            stop.cancel();
+            result = result.and(Err(error));
+        }
+    }
+    if let Some(lease) = lease.lock().await.take().filter(|l| l.held) {
+        lease.release(&shared, &name).await;
+    }
+    shared.progress.set(&name, State::Stopped);
+    result
+}
+
+/// One reader of a subscription until `shutdown`: the only one, or one of its workers.
+async fn read(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    reader: Reader,
+    lease: Arc<tokio::sync::Mutex<Option<Lease>>>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let name = sub.plan.name.clone();
+    let progress = &shared.progress;
+    let Some(mut position) = load(&shared, &reader, &shutdown).await? else {
+        reader.report(progress, State::Stopped);
+        return Ok(());
+    };
+    tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
+    // A worker reads on past a key that waits for its retry (its position stays before the key's
+    // message): the cursor is where it reads from. When a retry is due the cursor goes back to the
+    // position, but only once it has read past where it was at the last such re-read (`mark`) or up to
+    // the head: retries due sooner than a re-read takes must not keep it from ever reading further.
+    let (mut cursor, mut mark, mut at_head) = (position, position, false);
+    let mut head = progress.head();
+    let mut attempts = Attempts::default();
+    let mut failures = 0u32;
+    let mut taken = 0u64;
     while !shutdown.is_cancelled() {
-        if let Some(lease) = lease.as_mut() {
-            let was_held = lease.held;
-            let held = lease.keep(&shared, &name, shared.config.lease_ttl).await;
-            if held && !was_held {
+        match hold(&shared, &name, &lease, &mut taken).await {
+            Holding::Yes => {}
+            Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
-                let (store, subscription) = (shared.store.clone(), name.clone());
-                match blocking(move || store.position(&subscription)).await? {
-                    Ok(stored) => position = stored.unwrap_or(0),
-                    Err(error) => {
-                        lease.held = false;
-                        backoff(&name, &error.to_string(), 1, &shutdown).await;
-                        continue;
-                    }
+                match load(&shared, &reader, &shutdown).await? {
+                    Some(stored) => (position, cursor, mark) = (stored, stored, stored),
+                    None => break,
                 }
                 attempts = Attempts::default();
             }
-            if !held {
+            Holding::No => {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end.
-                progress.set(&name, State::Idle { head: u64::MAX });
+                reader.report(progress, State::Idle { head: u64::MAX });
                 tokio::select! {
                     _ = tokio::time::sleep(shared.config.lease_ttl / 3) => {}
                     _ = shutdown.cancelled() => break,
@@ -86,10 +124,18 @@ pub(crate) async fn run(
                 continue;
             }
         }
+        let now = Instant::now();
+        let further = cursor > mark || at_head;
+        if cursor > position && further && attempts.next_due().is_none_or(|due| due <= now) {
+            // Read again from the position, which is before every held message: a released key's
+            // failed message is then met before its later ones.
+            attempts.release_due(now);
+            (mark, cursor) = (cursor, position);
+        }
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
-        let fetched = fetch(&shared, &sub, position).await?;
+        let fetched = fetch(&shared, &sub, cursor).await?;
         let messages = match fetched {
             Ok(messages) => messages,
             Err(error) => {
@@ -98,26 +144,38 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        if messages.is_empty() {
-            progress.set(&name, State::Idle { head: seen });
+        at_head = messages.is_empty();
+        if at_head {
+            // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
+            // Ahead with no key waiting, only the position is behind: read again at once to move it.
+            let due = (cursor > position).then(|| attempts.next_due().unwrap_or(now));
+            let state = match due {
+                Some(_) => State::Retrying,
+                None => State::Idle { head: seen },
+            };
+            reader.report(progress, state);
             tokio::select! {
                 _ = head.changed() => {}
                 _ = tokio::time::sleep(shared.config.poll_interval) => {}
+                _ = sleep_until(due) => {}
                 _ = shutdown.cancelled() => break,
             }
             continue;
         }
-        progress.set(&name, State::Busy);
+        reader.report(progress, State::Busy);
         let started = std::time::Instant::now();
         let count = messages.len();
-        let (outcome, returned) = process(&shared, &sub, messages, attempts).await?;
+        let last = messages.last().map_or(cursor, |m| m.global_position);
+        let stored = (cursor == position).then_some(reader.position.as_str());
+        let (outcome, returned) =
+            process(&shared, &sub, &reader, stored, messages, attempts).await?;
         attempts = returned;
         let report = match outcome {
             Ok(report) => report,
             Err(error @ crate::store::Error::LeaseLost { .. }) => {
                 // Another replica took over while this batch ran: its commit was refused; stand by.
                 tracing::warn!(subscription = %name, %error, "lease lost during a batch; standing by");
-                if let Some(lease) = lease.as_mut() {
+                if let Some(lease) = lease.lock().await.as_mut() {
                     lease.held = false;
                 }
                 continue;
@@ -131,11 +189,19 @@ pub(crate) async fn run(
         failures = 0;
         shared.metrics.batch(&sub, &report, started.elapsed());
         position = report.position.unwrap_or(position);
+        // A batch that failed as a whole is read again; otherwise a worker reads on after it.
+        let whole = report.retry.is_some() && report.waiting.is_empty();
+        cursor = match reader.worker {
+            Some(_) if !whole => last,
+            Some(_) => cursor,
+            None => position,
+        };
         if let Some(appended) = report.appended {
             progress.advanced(appended);
         }
         tracing::info!(
             subscription = %name,
+            worker = reader.label(),
             read = count,
             handled = report.handled.len(),
             dead_lettered = report.dead_lettered,
@@ -146,31 +212,82 @@ pub(crate) async fn run(
             "batch committed"
         );
         tracing::debug!(subscription = %name, position, "position updated");
-        progress.count(|t| {
-            for message_type in report.handled {
-                *t.handled.entry(message_type).or_default() += 1;
-            }
-            for message_type in report.written {
-                *t.written.entry(message_type).or_default() += 1;
-            }
-            t.dead_lettered += u64::from(report.dead_lettered);
-            t.skipped += u64::from(report.skipped);
-            t.retries += u64::from(report.retry.is_some());
-        });
-        if let Some(delay) = report.retry {
-            progress.set(&name, State::Retrying);
+        // A single reader waits out a retry; a worker goes on with its other keys unless the whole
+        // batch must be retried.
+        let delay = report.retry.filter(|_| reader.worker.is_none() || whole);
+        progress.tally(report);
+        if let Some(delay) = delay {
+            reader.report(progress, State::Retrying);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => break,
             }
         }
     }
-    if let Some(lease) = lease.filter(|l| l.held) {
-        lease.release(&shared, &name).await;
-    }
-    progress.set(&name, State::Stopped);
-    tracing::info!(subscription = %name, position, "subscription stopped");
+    reader.report(progress, State::Stopped);
+    tracing::info!(subscription = %name, worker = reader.label(), position, "subscription stopped");
     Ok(())
+}
+
+/// The reader's stored position (see [`workers::start`]), retried with backoff; None on shutdown.
+async fn load(
+    shared: &Arc<Shared>,
+    reader: &Reader,
+    shutdown: &CancellationToken,
+) -> Result<Option<u64>, String> {
+    let mut failures = 0u32;
+    loop {
+        let (store, reader2) = (shared.store.clone(), reader.clone());
+        let stored = blocking(move || reader2.stored_position(store.as_ref())).await?;
+        match stored {
+            Ok(position) => return Ok(Some(position)),
+            Err(error) => {
+                failures += 1;
+                if !backoff(&reader.subscription, &error.to_string(), failures, shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Sleep until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether this replica holds the subscription's lease (always, without a keeper).
+enum Holding {
+    Yes,
+    /// Taken since this reader last looked: it must reload its position.
+    Taken,
+    No,
+}
+
+/// Take or renew the shared lease when due; `seen` is the count of takes this reader has seen.
+async fn hold(
+    shared: &Arc<Shared>,
+    subscription: &str,
+    lease: &tokio::sync::Mutex<Option<Lease>>,
+    seen: &mut u64,
+) -> Holding {
+    let mut guard = lease.lock().await;
+    let Some(lease) = guard.as_mut() else {
+        return Holding::Yes;
+    };
+    if !lease
+        .keep(shared, subscription, shared.config.lease_ttl)
+        .await
+    {
+        return Holding::No;
+    }
+    if std::mem::replace(seen, lease.taken) != lease.taken {
+        return Holding::Taken;
+    }
+    Holding::Yes
 }
 
 /// When replicas share a store that keeps leases, or a broker, an event-store subscription runs on one
@@ -181,6 +298,8 @@ struct Lease {
     owner: String,
     held: bool,
     renewed: Option<std::time::Instant>,
+    /// How many times this replica took it: each reader reloads its position after a take.
+    taken: u64,
 }
 
 /// Who keeps the leases.
@@ -203,6 +322,7 @@ impl Lease {
                 false
             }
         };
+        let was_held = self.held;
         match (self.held, held) {
             (false, true) => {
                 tracing::info!(subscription, owner = %self.owner, "lease taken; this replica runs the subscription")
@@ -213,6 +333,7 @@ impl Lease {
             _ => {}
         }
         self.held = held;
+        self.taken += u64::from(held && !was_held);
         self.renewed = held.then(std::time::Instant::now);
         held
     }
@@ -279,10 +400,13 @@ type Processed = (Result<batch::Report, crate::store::Error>, Attempts);
 async fn process(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
+    reader: &Reader,
+    stored: Option<&str>,
     messages: Vec<StoredMessage>,
     mut attempts: Attempts,
 ) -> Result<Processed, String> {
     let (shared, sub) = (shared.clone(), sub.clone());
+    let (stored, worker) = (stored.map(str::to_owned), reader.worker);
     blocking(move || {
         let plugin = shared.plugin();
         let ctx = batch::Context {
@@ -292,6 +416,8 @@ async fn process(
             version_retries: shared.config.version_retries,
             publish: shared.config.broker.is_some(),
             fences: Vec::new(),
+            position: stored.as_deref(),
+            worker,
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
         (outcome, attempts)

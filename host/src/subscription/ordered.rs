@@ -612,6 +612,9 @@ impl Ordered {
                 version_retries: shared.config.version_retries,
                 publish: shared.config.broker.is_some(),
                 fences,
+                // Positions are per partition, in the broker.
+                position: None,
+                worker: None,
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);
             (outcome, messages, attempts)

@@ -221,6 +221,9 @@ async fn settle(
             version_retries: shared2.config.version_retries,
             publish: shared2.config.broker.is_some(),
             fences: Vec::new(),
+            // A broker's group keeps where the subscription is; the store keeps no position for it.
+            position: None,
+            worker: None,
         };
         batch::run(&ctx, &messages, &mut attempts)
     });

@@ -9,6 +9,7 @@ mod replicas;
 mod run;
 pub mod sequencing;
 mod server;
+mod status;
 mod wait;
 
 pub use build::{
@@ -22,4 +23,5 @@ pub use redis::RedisServer;
 pub use replicas::{orders, place, send_orders, start_replicas, start_servers};
 pub use run::{host, Finished};
 pub use server::Server;
+pub use status::{status_json, subscription};
 pub use wait::wait_until;

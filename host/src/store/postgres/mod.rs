@@ -26,7 +26,7 @@ use postgres::{types::ToSql, Row};
 use super::{
     check_field, DeadLetter, Error, Leases, Outbox, Result, Store, StoredDocument, StoredMessage,
 };
-use crate::unit_of_work::UnitOfWork;
+use crate::{subscription::workers, unit_of_work::UnitOfWork};
 use pool::Pool;
 
 mod sql {
@@ -270,9 +270,11 @@ impl Store for PostgresStore {
     }
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
+        // A worker's position is fenced by its subscription's lease: the workers run under that one.
         let fence = unit.position.as_ref().and_then(|p| {
-            self.fence_of(&p.subscription)
-                .map(|owner| (p.subscription.as_str(), owner))
+            let subscription = workers::subscription_of(&p.subscription);
+            self.fence_of(subscription)
+                .map(|owner| (subscription, owner))
         });
         let mut conn = self.conn()?;
         conn.transaction(|c| commit::apply(c, unit, fence))

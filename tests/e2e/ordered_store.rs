@@ -1,0 +1,256 @@
+//! Ordered event-store subscriptions run by several workers in one process (the real binary on
+//! SQLite): every key's messages are handled once each and in order, and a failing key holds back
+//! only itself while the other keys, its worker's included, go on.
+
+use std::{ops::RangeInclusive, path::Path, process::Output, sync::Arc, time::Duration};
+
+use protean_host::{
+    message::Kind,
+    store::Store,
+    unit_of_work::{NewMessage, UnitOfWork},
+};
+use serde_json::{json, Value};
+
+use crate::support::{
+    host, sample_domain, sqlite, status_json, subscription, wait_until, TEST_CONFIG,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const KEYS: u64 = 100;
+const SEQS: u64 = 20;
+const WORKERS: u32 = 4;
+
+fn sequencing() -> String {
+    format!("{}:sequencing", sample_domain().display())
+}
+
+/// Fast retries that do not run out, and `workers` workers.
+fn configure(dir: &Path, workers: u32) {
+    configure_retries(dir, workers, 1_000_000);
+}
+
+fn configure_retries(dir: &Path, workers: u32, max_retries: u32) {
+    let config = format!(
+        "{TEST_CONFIG}max_retries = {max_retries}\n[server.ordering]\nworkers = {workers}\n"
+    );
+    std::fs::write(dir.join("protean.toml"), config).unwrap();
+}
+
+/// Messages `seqs` of `KEYS` keys, appended round by round so the keys interleave in the store;
+/// `poisoned` (key, seq) fails while the poison file exists.
+fn append_sequences(store: &dyn Store, seqs: RangeInclusive<u64>, poisoned: Option<(u64, u64)>) {
+    for seq in seqs {
+        let messages = (0..KEYS)
+            .map(|key| {
+                let data = json!({
+                    "key": format!("k{key}"),
+                    "seq": seq,
+                    "poison": poisoned == Some((key, seq)),
+                });
+                let stream = format!("sequencing::sequence-k{key}");
+                NewMessage::new(
+                    Kind::Event,
+                    &stream,
+                    "Sequencing.Numbered.v1",
+                    &data,
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        store
+            .commit(&UnitOfWork {
+                messages,
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+    }
+}
+
+/// The sequence numbers recorded for `key`, in handling order.
+fn seqs(store: &dyn Store, key: u64) -> Vec<u64> {
+    let Some(record) = store.document("records", &format!("k{key}")).unwrap() else {
+        return Vec::new();
+    };
+    let record: Value = serde_json::from_str(&record).unwrap();
+    serde_json::from_value(record["seqs"].clone()).unwrap()
+}
+
+/// A test-mode run of the server in `dir`, which must complete.
+fn run_to_completion(dir: &Path) -> Output {
+    let run = host(dir)
+        .args(["server", "--test-mode", "--domain", &sequencing()])
+        .output()
+        .expect_code(0);
+    assert!(run.stdout().contains("completed"), "{}", run.stdout());
+    run.0
+}
+
+/// The "batch committed" log lines of a run.
+fn batch_lines(run: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&run.stderr)
+        .lines()
+        .filter(|l| l.contains("batch committed"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The messages the batches handled.
+fn handled(batches: &[String]) -> u64 {
+    batches.iter().map(|l| figure(l, "handled")).sum()
+}
+
+/// The number after `name=` in a log line.
+fn figure(line: &str, name: &str) -> u64 {
+    let start = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+fn all() -> Vec<u64> {
+    (1..=SEQS).collect()
+}
+
+#[test]
+fn workers_handle_every_key_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), WORKERS);
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, None);
+
+    let run = run_to_completion(dir.path());
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    // Each message was handled by one worker, once: no worker met another's keys as work of its own
+    // (which the processed markers would have turned into skips).
+    let batches = batch_lines(&run);
+    assert!(
+        batches.iter().all(|l| l.contains(" skipped=0 ")),
+        "{batches:#?}"
+    );
+    assert_eq!(handled(&batches), KEYS * SEQS);
+    // Each worker kept its own position, and together they reached the end.
+    let end = KEYS * SEQS;
+    for w in 0..WORKERS {
+        let position = store.position(&format!("recorder#{w}/{WORKERS}")).unwrap();
+        assert!(position.is_some_and(|p| p > 0), "worker {w}: {position:?}");
+    }
+    let status = status_json(dir.path(), &sequencing());
+    let recorder = subscription(&status, "recorder");
+    assert_eq!(recorder["lag"], 0, "{recorder}");
+    assert!(recorder["position"].as_u64().unwrap() <= end, "{recorder}");
+}
+
+#[test]
+fn a_failing_key_holds_back_only_itself_and_resumes_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), WORKERS);
+    let poison = dir.path().join("poison");
+    std::fs::write(&poison, "").unwrap();
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, Some((7, 5)));
+
+    let mut server = host(dir.path())
+        .env("SEQUENCING_POISON_FILE", &poison)
+        .args(["server", "--domain", &sequencing()])
+        .spawn();
+    server.wait_for(&["failed processing", "k7 #5 is poisoned"], LIMIT);
+    wait_until(LIMIT, "every other key to complete", || {
+        (0..KEYS)
+            .filter(|&key| key != 7)
+            .all(|key| seqs(store.as_ref(), key) == all())
+    });
+    assert_eq!(seqs(store.as_ref(), 7), [1, 2, 3, 4], "k7 waits at #5");
+    // Status counts from the lowest worker position, which stays before k7 #5.
+    let recorder = status_json(dir.path(), &sequencing());
+    let lag = subscription(&recorder, "recorder")["lag"].as_u64().unwrap();
+    assert!(
+        (SEQS - 4..KEYS * SEQS).contains(&lag),
+        "lag {lag}: at least k7's 16 messages, less than everything"
+    );
+
+    std::fs::remove_file(&poison).unwrap();
+    wait_until(LIMIT, "k7 to complete", || seqs(store.as_ref(), 7) == all());
+    // The held-back position then moves past k7 #5 to the end.
+    wait_until(LIMIT, "every worker position to reach the end", || {
+        (0..WORKERS).all(|w| {
+            let name = format!("recorder#{w}/{WORKERS}");
+            store.position(&name).unwrap() == Some(KEYS * SEQS)
+        })
+    });
+    server.signal(libc::SIGTERM);
+    let (code, log) = server.wait();
+    assert_eq!(code, Some(0), "{log}");
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+#[test]
+fn a_changed_worker_count_loses_nothing_and_handles_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    let half = SEQS / 2;
+    configure(dir.path(), WORKERS);
+    append_sequences(store.as_ref(), 1..=half, None);
+    run_to_completion(dir.path());
+    assert_eq!(seqs(store.as_ref(), 0), (1..=half).collect::<Vec<_>>());
+
+    // Two workers have no positions yet: they read again from the start, and the processed markers
+    // keep them from handling the first half again.
+    configure(dir.path(), 2);
+    append_sequences(store.as_ref(), half + 1..=SEQS, None);
+    let run = run_to_completion(dir.path());
+    assert_eq!(handled(&batch_lines(&run)), KEYS * (SEQS - half));
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    assert!(store.position("recorder#1/2").unwrap().is_some());
+}
+
+#[test]
+fn a_key_out_of_retries_is_dead_lettered_and_moves_on_in_test_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    configure_retries(dir.path(), WORKERS, 2);
+    let poison = dir.path().join("poison");
+    std::fs::write(&poison, "").unwrap();
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, Some((7, 5)));
+
+    let run = host(dir.path())
+        .env("SEQUENCING_POISON_FILE", &poison)
+        .args(["server", "--test-mode", "--domain", &sequencing()])
+        .output()
+        .expect_code(0);
+    assert!(run.stdout().contains("dead-lettered 1"), "{}", run.stdout());
+    let mut without_5 = all();
+    without_5.retain(|&seq| seq != 5);
+    assert_eq!(seqs(store.as_ref(), 7), without_5);
+    for key in (0..KEYS).filter(|&key| key != 7) {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    let dead = store.dead_letters(Some("recorder")).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].stream.ends_with("-k7"), "{:?}", dead[0].stream);
+}
+
+#[test]
+fn one_worker_reads_as_before_with_the_plain_position() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), 1);
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    append_sequences(store.as_ref(), 1..=SEQS, None);
+    let run = run_to_completion(dir.path());
+    assert!(batch_lines(&run).iter().all(|l| !l.contains("worker=")));
+    for key in 0..KEYS {
+        assert_eq!(seqs(store.as_ref(), key), all(), "key k{key}");
+    }
+    assert_eq!(store.position("recorder").unwrap(), Some(KEYS * SEQS));
+    assert_eq!(store.position("recorder#0/1").unwrap(), None);
+}
