@@ -4,15 +4,13 @@
 
 use std::{ops::RangeInclusive, path::Path, process::Output, sync::Arc, time::Duration};
 
-use protean_host::{
-    message::Kind,
-    store::Store,
-    unit_of_work::{NewMessage, UnitOfWork},
-};
-use serde_json::{json, Value};
+use protean_host::{store::Store, unit_of_work::UnitOfWork};
+use serde_json::json;
 
 use crate::support::{
-    host, sample_domain, sqlite, status_json, subscription, wait_until, TEST_CONFIG,
+    host, sample_domain,
+    sequencing::{new_numbered, record},
+    sqlite, status_json, subscription, wait_until, TEST_CONFIG,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -42,21 +40,8 @@ fn append_sequences(store: &dyn Store, seqs: RangeInclusive<u64>, poisoned: Opti
     for seq in seqs {
         let messages = (0..KEYS)
             .map(|key| {
-                let data = json!({
-                    "key": format!("k{key}"),
-                    "seq": seq,
-                    "poison": poisoned == Some((key, seq)),
-                });
-                let stream = format!("sequencing::sequence-k{key}");
-                NewMessage::new(
-                    Kind::Event,
-                    &stream,
-                    "Sequencing.Numbered.v1",
-                    &data,
-                    None,
-                    None,
-                    None,
-                )
+                let poison = json!({ "poison": poisoned == Some((key, seq)) });
+                new_numbered(&format!("k{key}"), seq, poison)
             })
             .collect();
         store
@@ -70,11 +55,7 @@ fn append_sequences(store: &dyn Store, seqs: RangeInclusive<u64>, poisoned: Opti
 
 /// The sequence numbers recorded for `key`, in handling order.
 fn seqs(store: &dyn Store, key: u64) -> Vec<u64> {
-    let Some(record) = store.document("records", &format!("k{key}")).unwrap() else {
-        return Vec::new();
-    };
-    let record: Value = serde_json::from_str(&record).unwrap();
-    serde_json::from_value(record["seqs"].clone()).unwrap()
+    record(store, &format!("k{key}"))
 }
 
 /// A test-mode run of the server in `dir`, which must complete.

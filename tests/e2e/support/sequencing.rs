@@ -15,14 +15,14 @@ use super::RedisServer;
 /// The category the recorder reads.
 pub const SEQUENCE: &str = "sequencing::sequence";
 
-/// One `Numbered` message of `key` in Protean's wire form; `global` is its place in the whole run.
-pub fn numbered(key: &str, seq: u64, global: u64, extra: serde_json::Value) -> String {
+/// Message `seq` of `key` (on stream `sequencing::sequence-{key}`), with the `extra` data fields.
+pub fn new_numbered(key: &str, seq: u64, extra: serde_json::Value) -> NewMessage {
     let mut data = json!({ "key": key, "seq": seq });
     if let (Some(data), Some(extra)) = (data.as_object_mut(), extra.as_object()) {
         data.extend(extra.clone());
     }
     let stream = format!("{SEQUENCE}-{key}");
-    let message = NewMessage::new(
+    NewMessage::new(
         Kind::Event,
         &stream,
         "Sequencing.Numbered.v1",
@@ -30,7 +30,12 @@ pub fn numbered(key: &str, seq: u64, global: u64, extra: serde_json::Value) -> S
         None,
         None,
         None,
-    );
+    )
+}
+
+/// One `Numbered` message of `key` in Protean's wire form; `global` is its place in the whole run.
+pub fn numbered(key: &str, seq: u64, global: u64, extra: serde_json::Value) -> String {
+    let message = new_numbered(key, seq, extra);
     wire_json(&message.data, &message.metadata, seq - 1, global).expect("a well-formed message")
 }
 
@@ -75,19 +80,24 @@ pub fn publish_wave(
     publish(redis, &messages);
 }
 
-/// The sequence numbers recorded per key, in the order they were handled (committed).
+/// The sequence numbers recorded for `key`, in the order they were handled (committed).
+pub fn record(store: &dyn Store, key: &str) -> Vec<u64> {
+    store
+        .document("records", key)
+        .unwrap()
+        .map(|text| {
+            let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+            serde_json::from_value(doc["seqs"].clone()).unwrap()
+        })
+        .unwrap_or_default()
+}
+
+/// The records of keys `k0` .. `k{keys - 1}`.
 pub fn records(store: &dyn Store, keys: usize) -> BTreeMap<String, Vec<u64>> {
     (0..keys)
         .map(|k| {
             let key = format!("k{k}");
-            let seqs = store
-                .document("records", &key)
-                .unwrap()
-                .map(|text| {
-                    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-                    serde_json::from_value(doc["seqs"].clone()).unwrap()
-                })
-                .unwrap_or_default();
+            let seqs = record(store, &key);
             (key, seqs)
         })
         .collect()

@@ -18,7 +18,7 @@ mod partitions;
 use self::partitions::RedisPartitions;
 use super::{
     dead_letter_stream,
-    partitions::{PartitionStatus, Partitions},
+    partitions::{DeadLetterInfo, PartitionStatus, Partitions},
     replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin, DeadLetterEntry, Entry, Error,
     GroupStart, GroupStatus, Result,
 };
@@ -402,6 +402,59 @@ impl DeadLetterAdmin for RedisBroker {
     }
 }
 
+/// The `XADD` of a dead letter to `group`'s dead-letter stream: the entry's data, where it came from,
+/// who failed it, why, and `extra` fields (an ordered subscription's key).
+fn dead_letter_xadd(
+    group: &str,
+    consumer: &str,
+    entry: &Entry,
+    failure: &DeadLetterInfo<'_>,
+    extra: &[(&str, &str)],
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(dead_letter_stream(group))
+        .arg("*")
+        .arg("data")
+        .arg(entry.data.as_deref().unwrap_or_default())
+        .arg("original_stream")
+        .arg(&entry.stream)
+        .arg("original_id")
+        .arg(&entry.id)
+        .arg("group")
+        .arg(group)
+        .arg("consumer")
+        .arg(consumer);
+    for (field, value) in extra {
+        cmd.arg(*field).arg(*value);
+    }
+    cmd.arg("error")
+        .arg(failure.error)
+        .arg("attempts")
+        .arg(failure.attempts)
+        .arg("build_id")
+        .arg(failure.build_id)
+        .arg("failed_at")
+        .arg(crate::message::format_time(chrono::Utc::now()));
+    cmd
+}
+
+/// The entries of an `XREAD`/`XREADGROUP` reply, stream by stream.
+fn entries(reply: Option<StreamReadReply>) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        for mut id in key.ids {
+            let data = id.map.remove("data").and_then(into_text);
+            entries.push(Entry {
+                stream: key.key.clone(),
+                id: id.id,
+                data,
+                deliveries: 1,
+            });
+        }
+    }
+    entries
+}
+
 fn text(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
@@ -474,19 +527,7 @@ impl RedisConsumer {
             }
         };
         self.to_ack.clear();
-        let mut entries = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for mut id in key.ids {
-                let data = id.map.remove("data").and_then(into_text);
-                entries.push(Entry {
-                    stream: key.key.clone(),
-                    id: id.id,
-                    data,
-                    deliveries: 1,
-                });
-            }
-        }
-        Ok(entries)
+        Ok(entries(reply))
     }
 
     /// A pipeline with the acknowledgements not sent yet (XACK per stream; replies ignored).
@@ -597,28 +638,12 @@ impl Consumer for RedisConsumer {
         attempts: u32,
         build_id: &str,
     ) -> Result<()> {
-        let failed_at = crate::message::format_time(chrono::Utc::now());
-        redis::cmd("XADD")
-            .arg(dead_letter_stream(&self.group))
-            .arg("*")
-            .arg("data")
-            .arg(entry.data.as_deref().unwrap_or_default())
-            .arg("original_stream")
-            .arg(&entry.stream)
-            .arg("original_id")
-            .arg(&entry.id)
-            .arg("group")
-            .arg(&self.group)
-            .arg("consumer")
-            .arg(&self.name)
-            .arg("error")
-            .arg(error)
-            .arg("attempts")
-            .arg(attempts)
-            .arg("build_id")
-            .arg(build_id)
-            .arg("failed_at")
-            .arg(failed_at)
+        let failure = DeadLetterInfo {
+            error,
+            attempts,
+            build_id,
+        };
+        dead_letter_xadd(&self.group, &self.name, entry, &failure, &[])
             .query_async::<String>(&mut self.conn)
             .await
             .map_err(command("XADD dead letter"))?;

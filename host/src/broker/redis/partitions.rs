@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::LazyLock, time::Duration};
 use async_trait::async_trait;
 use redis::{aio::ConnectionManager, streams::StreamReadReply, Script};
 
-use super::{command, into_text};
+use super::{command, dead_letter_xadd, entries};
 use crate::broker::{
     dead_letter_stream,
     partitions::{Claim, DeadLetterInfo, Parked, PartitionStatus, Partitions},
@@ -271,19 +271,7 @@ impl Partitions for RedisPartitions {
             .query_async(&mut self.conn)
             .await
             .map_err(command("XREAD"))?;
-        let mut entries = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for mut id in key.ids {
-                let data = id.map.remove("data").and_then(into_text);
-                entries.push(Entry {
-                    stream: key.key.clone(),
-                    id: id.id,
-                    data,
-                    deliveries: 1,
-                });
-            }
-        }
-        Ok(entries)
+        Ok(entries(reply))
     }
 
     async fn parked(&mut self) -> Result<HashMap<String, Parked>> {
@@ -308,31 +296,9 @@ impl Partitions for RedisPartitions {
         park: Option<&Claim>,
         failure: &DeadLetterInfo<'_>,
     ) -> Result<()> {
-        let id: String = redis::cmd("XADD")
-            .arg(dead_letter_stream(&self.group))
-            .arg("*")
-            .arg("data")
-            .arg(entry.data.as_deref().unwrap_or_default())
-            .arg("original_stream")
-            .arg(&entry.stream)
-            .arg("original_id")
-            .arg(&entry.id)
-            .arg("group")
-            .arg(&self.group)
-            .arg("consumer")
-            .arg(&self.owner)
-            .arg("key")
-            .arg(key)
-            .arg("parked")
-            .arg(if park.is_some() { "yes" } else { "no" })
-            .arg("error")
-            .arg(failure.error)
-            .arg("attempts")
-            .arg(failure.attempts)
-            .arg("build_id")
-            .arg(failure.build_id)
-            .arg("failed_at")
-            .arg(crate::message::format_time(chrono::Utc::now()))
+        let parked = if park.is_some() { "yes" } else { "no" };
+        let extra = [("key", key), ("parked", parked)];
+        let id: String = dead_letter_xadd(&self.group, &self.owner, entry, failure, &extra)
             .query_async(&mut self.conn)
             .await
             .map_err(command("XADD dead letter"))?;
