@@ -119,24 +119,25 @@ impl SqliteStore {
         connection
             .busy_timeout(Duration::from_secs(5))
             .map_err(|e| self.error(e))?;
-        connection
-            // 16 KiB pages (new files only): fewer B-tree splits and WAL frames per commit.
-            .pragma_update(None, "page_size", 16384)
-            .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
-            .and_then(|_| connection.pragma_update(None, "synchronous", "NORMAL"))
-            // 16 MiB of page cache (the default is 2 MiB): index pages of a busy store stay in memory
-            // instead of being re-read from the OS on every lookup.
-            .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
-            // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
-            .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
-            .and_then(|_| {
-                connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA))
-            })
-            .map_err(|e| self.error(e))?;
+        // Replicas starting together race to create a new file: switching it to WAL can fail with
+        // SQLITE_BUSY at once, without the busy handler (SQLite avoids a deadlock that way). Try again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match configure(&connection) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.map_err(|e| self.error(e))?,
+            }
+        }
         connection.set_prepared_statement_cache_capacity(32);
         Ok(())
     }
-
     fn connection(&self) -> MutexGuard<'_, Connection> {
         // rusqlite rolls back an open transaction when it is dropped during a panic, so a poisoned
         // connection is still consistent.
@@ -694,4 +695,25 @@ impl Outbox for SqliteStore {
         }
         Ok(counts)
     }
+}
+
+/// Pragmas and the schema, on a connection of a store file.
+fn configure(connection: &Connection) -> rusqlite::Result<()> {
+    connection
+        // 16 KiB pages (new files only): fewer B-tree splits and WAL frames per commit.
+        .pragma_update(None, "page_size", 16384)
+        .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
+        .and_then(|_| connection.pragma_update(None, "synchronous", "NORMAL"))
+        // 16 MiB of page cache (the default is 2 MiB): index pages of a busy store stay in memory
+        // instead of being re-read from the OS on every lookup.
+        .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
+        // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
+        .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
+        .and_then(|_| {
+            connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA))
+        })
+        .inspect_err(|_| {
+            // A schema transaction cut short must not stay open for the next attempt.
+            let _ = connection.execute_batch("ROLLBACK");
+        })
 }

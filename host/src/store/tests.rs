@@ -514,6 +514,30 @@ mod sqlite_only {
     };
 
     #[test]
+    fn replicas_opening_a_new_file_at_once_all_succeed() {
+        // The race is won or lost in microseconds: many rounds, each on a new file.
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store.db");
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                let opened: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            SqliteStore::open(&path).map(drop)
+                        })
+                    })
+                    .collect();
+                for open in opened {
+                    let opened = open.join().unwrap();
+                    assert!(opened.is_ok(), "round {round}: {opened:?}");
+                }
+            });
+        }
+    }
+
+    #[test]
     fn a_store_file_from_before_fences_gets_their_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");

@@ -850,3 +850,47 @@ fn decode(entry: &Entry) -> Result<StoredMessage, String> {
         .ok_or("entry has no text field `data`")?;
     crate::message::from_wire(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(stream: &str, global_positions: &[u64]) -> Vec<(Entry, Result<StoredMessage, String>)> {
+        global_positions
+            .iter()
+            .map(|&global_position| {
+                let entry = Entry {
+                    stream: stream.into(),
+                    id: format!("{global_position}-0"),
+                    data: None,
+                    deliveries: 1,
+                };
+                let message = StoredMessage {
+                    global_position,
+                    ..StoredMessage::default()
+                };
+                (entry, Ok(message))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_stream_or_no_full_page_takes_everything() {
+        assert_eq!(merge_cap(&read("a", &[1, 2, 3]), 3), u64::MAX);
+        let mut both = read("a", &[1, 5]);
+        both.extend(read("b", &[2, 9]));
+        assert_eq!(merge_cap(&both, 3), u64::MAX);
+    }
+
+    #[test]
+    fn a_full_page_caps_the_other_streams_at_its_last_position() {
+        // `a` may hold more entries after 5 that come before b's 9: take b up to 5 only.
+        let mut both = read("a", &[1, 3, 5]);
+        both.extend(read("b", &[2, 9]));
+        assert_eq!(merge_cap(&both, 3), 5);
+        // Two full pages: the lower end wins.
+        let mut full = read("a", &[1, 3, 5]);
+        full.extend(read("b", &[2, 4, 6]));
+        assert_eq!(merge_cap(&full, 3), 5);
+    }
+}
