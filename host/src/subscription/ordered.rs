@@ -164,6 +164,9 @@ struct Item {
     held: bool,
 }
 
+/// Something per key, with the partition the key falls in.
+type PerKey<T> = BTreeMap<(u32, String), T>;
+
 /// One replica's state of one ordered subscription.
 struct Ordered {
     shared: Arc<Shared>,
@@ -396,42 +399,18 @@ impl Ordered {
         group: &mut dyn Partitions,
         entries: Vec<Entry>,
     ) -> Result<Vec<Item>, String> {
-        let count = self.sub.settings.messages_per_tick as usize;
-        let decoded: Vec<(Entry, Result<StoredMessage, String>)> = entries
-            .into_iter()
-            .map(|e| {
-                let m = decode(&e);
-                (e, m)
-            })
-            .collect();
-        let cap = merge_cap(&decoded, count);
-        let mut cut: HashSet<String> = HashSet::new();
-        let mut advance: HashMap<String, String> = HashMap::new();
+        let (taken, advance) = take_in_order(entries, self.sub.settings.messages_per_tick as usize);
         let mut fresh = Vec::new();
-        let mut to_hold: BTreeMap<(u32, String), Vec<Entry>> = BTreeMap::new();
-        for (entry, message) in decoded {
-            let beyond = matches!(&message, Ok(m) if m.global_position > cap);
-            if cut.contains(&entry.stream) || beyond {
-                cut.insert(entry.stream.clone());
-                continue;
-            }
-            advance.insert(entry.stream.clone(), entry.id.clone());
+        let mut to_hold: PerKey<Vec<Entry>> = PerKey::new();
+        for (entry, message) in taken {
             let key = match &message {
                 Ok(m) => self.ordering.key_of(m),
                 Err(_) => format!("{}/{}", entry.stream, entry.id),
             };
             let partition = partition_of(&key, self.partitions());
-            let Some(part) = self.parts.get_mut(&partition) else {
-                continue;
-            };
-            if part
-                .read
-                .get(&entry.stream)
-                .is_some_and(|r| id_key(&entry.id) <= id_key(r))
-            {
+            if !self.first_read(partition, &entry) {
                 continue;
             }
-            part.read.insert(entry.stream.clone(), entry.id.clone());
             match message {
                 Err(reason) => self.poison(group, &entry, &key, &reason).await?,
                 Ok(_) if self.parked.contains_key(&key) => {
@@ -461,6 +440,20 @@ impl Ordered {
             fresh.sort_by_key(|item| item.message.global_position);
         }
         Ok(fresh)
+    }
+
+    /// Whether `entry` belongs to a partition held here and was not read for it before (a read after
+    /// taking a partition starts further back); marks it read.
+    fn first_read(&mut self, partition: u32, entry: &Entry) -> bool {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return false;
+        };
+        let seen = part.read.get(&entry.stream);
+        if seen.is_some_and(|r| id_key(&entry.id) <= id_key(r)) {
+            return false;
+        }
+        part.read.insert(entry.stream.clone(), entry.id.clone());
+        true
     }
 
     async fn poison(
@@ -583,42 +576,8 @@ impl Ordered {
         // Positions of the last batch (computed while this batch is still pending, so they stop before
         // it) go with the read-ahead below: one round trip fewer per batch.
         let updates = self.position_updates();
-        // Never handle a message of a partition this replica no longer holds.
-        let parts = &self.parts;
-        self.pending
-            .retain(|item| parts.contains_key(&item.partition));
-        let (messages, items): (Vec<StoredMessage>, Vec<Item>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .map(|mut item| (std::mem::take(&mut item.message), item))
-            .unzip();
-        let touched: BTreeMap<u32, Fence> = items
-            .iter()
-            .filter_map(|i| {
-                Some((
-                    i.partition,
-                    self.fence(&self.parts.get(&i.partition)?.claim),
-                ))
-            })
-            .collect();
-        let (shared, sub) = (self.shared.clone(), self.sub.clone());
-        let mut attempts = std::mem::take(&mut self.attempts);
-        let fences = touched.into_values().collect();
-        let task = tokio::task::spawn_blocking(move || {
-            let plugin = shared.plugin();
-            let ctx = batch::Context {
-                plugin: &plugin,
-                store: shared.store.as_ref(),
-                subscription: &sub,
-                version_retries: shared.config.version_retries,
-                publish: shared.config.broker.is_some(),
-                fences,
-                // Positions are per partition, in the broker.
-                position: None,
-                worker: None,
-            };
-            let outcome = batch::run(&ctx, &messages, &mut attempts);
-            (outcome, messages, attempts)
-        });
+        let (messages, items, fences) = self.take_batch();
+        let task = self.spawn_batch(messages, fences);
         // The next entries are read while this batch runs (without waiting: nothing new may come).
         let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
         let broker_work = async {
@@ -643,22 +602,67 @@ impl Ordered {
             .collect();
         match outcome {
             Ok(report) => self.settle(group, items, report, started).await,
-            Err(error @ store::Error::Fenced { .. }) => {
-                tracing::warn!(subscription = %self.name(), %error, "batch refused by the store");
-                self.pending = items;
-                let store::Error::Fenced { name, .. } = &error else {
-                    unreachable!()
-                };
-                if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
-                    self.lost(partition);
-                }
-                Ok(())
-            }
             Err(error) => {
                 self.pending = items;
-                Err(format!("store unavailable: {error}"))
+                self.refused(error)
             }
         }
+    }
+
+    /// Every pending message of a partition still held, split into the messages for the batch and
+    /// the rest of their items, with the fences of the partitions they belong to.
+    fn take_batch(&mut self) -> (Vec<StoredMessage>, Vec<Item>, Vec<Fence>) {
+        let parts = &self.parts;
+        self.pending
+            .retain(|item| parts.contains_key(&item.partition));
+        let (messages, items): (Vec<StoredMessage>, Vec<Item>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|mut item| (std::mem::take(&mut item.message), item))
+            .unzip();
+        let fences: BTreeMap<u32, Fence> = items
+            .iter()
+            .filter_map(|i| Some((i.partition, self.fence(&parts.get(&i.partition)?.claim))))
+            .collect();
+        (messages, items, fences.into_values().collect())
+    }
+
+    /// Run the batch on the blocking pool; it hands the messages and the attempts back.
+    fn spawn_batch(
+        &mut self,
+        messages: Vec<StoredMessage>,
+        fences: Vec<Fence>,
+    ) -> tokio::task::JoinHandle<(store::Result<Report>, Vec<StoredMessage>, Attempts)> {
+        let (shared, sub) = (self.shared.clone(), self.sub.clone());
+        let mut attempts = std::mem::take(&mut self.attempts);
+        tokio::task::spawn_blocking(move || {
+            let plugin = shared.plugin();
+            let ctx = batch::Context {
+                plugin: &plugin,
+                store: shared.store.as_ref(),
+                subscription: &sub,
+                version_retries: shared.config.version_retries,
+                publish: shared.config.broker.is_some(),
+                fences,
+                // Positions are per partition, in the broker.
+                position: None,
+                worker: None,
+            };
+            let outcome = batch::run(&ctx, &messages, &mut attempts);
+            (outcome, messages, attempts)
+        })
+    }
+
+    /// The store refused the batch: a fence (another replica holds one of its partitions now: drop it)
+    /// or trouble (the caller backs off). The messages stay pending either way.
+    fn refused(&mut self, error: store::Error) -> Result<(), String> {
+        let store::Error::Fenced { name, .. } = &error else {
+            return Err(format!("store unavailable: {error}"));
+        };
+        tracing::warn!(subscription = %self.name(), %error, "batch refused by the store");
+        if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
+            self.lost(partition);
+        }
+        Ok(())
     }
 
     /// After a commit: dead letters (parking their keys), held lists trimmed, parked keys' later
@@ -669,6 +673,39 @@ impl Ordered {
         items: Vec<Item>,
         report: Report,
         started: Instant,
+    ) -> Result<(), String> {
+        self.dead_letters(group, &items, &report).await?;
+        let (held_done, to_hold) = self.sort_out(items, &report);
+        for ((partition, key), count) in held_done {
+            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else {
+                continue;
+            };
+            self.settle_held(group, &claim, &key, count).await?;
+            if !self.pending.iter().any(|i| i.held && i.key == key) {
+                self.draining.remove(&key);
+            }
+        }
+        for ((partition, key), entries) in to_hold {
+            self.hold(group, partition, &key, &entries).await?;
+        }
+        // With more to read the next batch sends the positions; idle, they go now.
+        if self.ahead.is_empty() {
+            self.commit_positions(group).await?;
+        }
+        self.shared
+            .metrics
+            .batch(&self.sub, &report, started.elapsed());
+        tracing::info!(subscription = %self.name(), handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, waiting = report.waiting.len(), parked = report.parked.len(), "batch committed");
+        self.shared.progress.tally(report);
+        Ok(())
+    }
+
+    /// Record the batch's dead letters in the broker, parking their keys where the ordering parks.
+    async fn dead_letters(
+        &mut self,
+        group: &mut dyn Partitions,
+        items: &[Item],
+        report: &Report,
     ) -> Result<(), String> {
         let build_id = self.shared.plugin().build_id().to_owned();
         for dead in &report.dead_letters {
@@ -697,10 +734,18 @@ impl Ordered {
                     .insert(item.key.clone(), Parked::Waiting(dead.message_id.clone()));
             }
         }
+        Ok(())
+    }
+
+    /// Sort the batch's items out: settled held ones are counted per key (to trim their lists), the
+    /// unsettled ones of a key parked now go to its held list, the rest stay pending.
+    fn sort_out(
+        &mut self,
+        items: Vec<Item>,
+        report: &Report,
+    ) -> (PerKey<usize>, PerKey<Vec<Entry>>) {
         let settled: HashSet<&str> = report.settled.iter().map(String::as_str).collect();
-        let mut held_done: BTreeMap<(u32, String), usize> = BTreeMap::new();
-        let mut to_hold: BTreeMap<(u32, String), Vec<Entry>> = BTreeMap::new();
-        let mut keep = Vec::new();
+        let (mut held_done, mut to_hold): (PerKey<usize>, PerKey<Vec<Entry>>) = Default::default();
         for item in items {
             let parked = matches!(self.parked.get(&item.key), Some(Parked::Waiting(_)));
             if settled.contains(item.message.id.as_str()) {
@@ -716,32 +761,10 @@ impl Ordered {
                 // Still first in its held list, behind the new dead letter.
                 self.draining.remove(&item.key);
             } else if self.parts.contains_key(&item.partition) {
-                keep.push(item);
+                self.pending.push(item);
             }
         }
-        self.pending = keep;
-        for ((partition, key), count) in held_done {
-            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else {
-                continue;
-            };
-            self.settle_held(group, &claim, &key, count).await?;
-            if !self.pending.iter().any(|i| i.held && i.key == key) {
-                self.draining.remove(&key);
-            }
-        }
-        for ((partition, key), entries) in to_hold {
-            self.hold(group, partition, &key, &entries).await?;
-        }
-        // With more to read the next batch sends the positions; idle, they go now.
-        if self.ahead.is_empty() {
-            self.commit_positions(group).await?;
-        }
-        self.shared
-            .metrics
-            .batch(&self.sub, &report, started.elapsed());
-        tracing::info!(subscription = %self.name(), handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, waiting = report.waiting.len(), parked = report.parked.len(), "batch committed");
-        self.shared.progress.tally(report);
-        Ok(())
+        (held_done, to_hold)
     }
 
     /// Store each held partition's position now.
@@ -818,11 +841,41 @@ impl Ordered {
     }
 }
 
+/// An entry read, and the message it holds (or why it holds none).
+type Decoded = (Entry, Result<StoredMessage, String>);
+
+/// Decode what was read and keep what may be handled now (see [`merge_cap`]); also returns, per
+/// stream, the last entry kept.
+fn take_in_order(entries: Vec<Entry>, count: usize) -> (Vec<Decoded>, HashMap<String, String>) {
+    let decoded: Vec<Decoded> = entries
+        .into_iter()
+        .map(|e| {
+            let m = decode(&e);
+            (e, m)
+        })
+        .collect();
+    let cap = merge_cap(&decoded, count);
+    let mut cut: HashSet<String> = HashSet::new();
+    let mut advance: HashMap<String, String> = HashMap::new();
+    let mut taken = Vec::with_capacity(decoded.len());
+    for (entry, message) in decoded {
+        let beyond = matches!(&message, Ok(m) if m.global_position > cap);
+        // A stream's entries are in order: past the cap once, past it for the rest of the read.
+        if cut.contains(&entry.stream) || beyond {
+            cut.insert(entry.stream.clone());
+            continue;
+        }
+        advance.insert(entry.stream.clone(), entry.id.clone());
+        taken.push((entry, message));
+    }
+    (taken, advance)
+}
+
 /// When several streams are read at once and one returned a full page, entries of the others past
 /// that page's last global position may have earlier messages still unread on the full stream: take
 /// everything up to the lowest such position now and the rest on the next read, so a key spread over
 /// several categories keeps store order.
-fn merge_cap(decoded: &[(Entry, Result<StoredMessage, String>)], count: usize) -> u64 {
+fn merge_cap(decoded: &[Decoded], count: usize) -> u64 {
     let mut per_stream: HashMap<&str, (usize, u64)> = HashMap::new();
     for (entry, message) in decoded {
         let slot = per_stream.entry(entry.stream.as_str()).or_default();
@@ -855,7 +908,7 @@ fn decode(entry: &Entry) -> Result<StoredMessage, String> {
 mod tests {
     use super::*;
 
-    fn read(stream: &str, global_positions: &[u64]) -> Vec<(Entry, Result<StoredMessage, String>)> {
+    fn read(stream: &str, global_positions: &[u64]) -> Vec<Decoded> {
         global_positions
             .iter()
             .map(|&global_position| {
