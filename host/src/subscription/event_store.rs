@@ -89,16 +89,12 @@ async fn read(
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
     let progress = &shared.progress;
-    let Some(mut position) = load(&shared, &reader, &shutdown).await? else {
+    let Some(position) = load(&shared, &reader, &shutdown).await? else {
         reader.report(progress, State::Stopped);
         return Ok(());
     };
     tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
-    // A worker reads on past a key that waits for its retry (its position stays before the key's
-    // message): the cursor is where it reads from. When a retry is due the cursor goes back to the
-    // position, but only once it has read past where it was at the last such re-read (`mark`) or up to
-    // the head: retries due sooner than a re-read takes must not keep it from ever reading further.
-    let (mut cursor, mut mark, mut at_head) = (position, position, false);
+    let mut cursor = Cursor::new(position);
     let mut head = progress.head();
     let mut attempts = Attempts::default();
     let mut failures = 0u32;
@@ -109,7 +105,7 @@ async fn read(
             Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
                 match load(&shared, &reader, &shutdown).await? {
-                    Some(stored) => (position, cursor, mark) = (stored, stored, stored),
+                    Some(stored) => cursor = Cursor::new(stored),
                     None => break,
                 }
                 attempts = Attempts::default();
@@ -124,18 +120,11 @@ async fn read(
                 continue;
             }
         }
-        let now = Instant::now();
-        let further = cursor > mark || at_head;
-        if cursor > position && further && attempts.next_due().is_none_or(|due| due <= now) {
-            // Read again from the position, which is before every held message: a released key's
-            // failed message is then met before its later ones.
-            attempts.release_due(now);
-            (mark, cursor) = (cursor, position);
-        }
+        cursor.rewind_when_due(&mut attempts, Instant::now());
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
-        let fetched = fetch(&shared, &sub, cursor).await?;
+        let fetched = fetch(&shared, &sub, cursor.at).await?;
         let messages = match fetched {
             Ok(messages) => messages,
             Err(error) => {
@@ -144,11 +133,13 @@ async fn read(
                 continue;
             }
         };
-        at_head = messages.is_empty();
-        if at_head {
+        cursor.at_head = messages.is_empty();
+        if cursor.at_head {
             // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
             // Ahead with no key waiting, only the position is behind: read again at once to move it.
-            let due = (cursor > position).then(|| attempts.next_due().unwrap_or(now));
+            let due = cursor
+                .ahead()
+                .then(|| attempts.next_due().unwrap_or_else(Instant::now));
             let state = match due {
                 Some(_) => State::Retrying,
                 None => State::Idle { head: seen },
@@ -165,8 +156,8 @@ async fn read(
         reader.report(progress, State::Busy);
         let started = std::time::Instant::now();
         let count = messages.len();
-        let last = messages.last().map_or(cursor, |m| m.global_position);
-        let stored = (cursor == position).then_some(reader.position.as_str());
+        let last = messages.last().map_or(cursor.at, |m| m.global_position);
+        let stored = (!cursor.ahead()).then_some(reader.position.as_str());
         let (outcome, returned) =
             process(&shared, &sub, &reader, stored, messages, attempts).await?;
         attempts = returned;
@@ -188,14 +179,8 @@ async fn read(
         };
         failures = 0;
         shared.metrics.batch(&sub, &report, started.elapsed());
-        position = report.position.unwrap_or(position);
-        // A batch that failed as a whole is read again; otherwise a worker reads on after it.
-        let whole = report.retry.is_some() && report.waiting.is_empty();
-        cursor = match reader.worker {
-            Some(_) if !whole => last,
-            Some(_) => cursor,
-            None => position,
-        };
+        let whole = cursor.after(&report, last, reader.worker.is_some());
+        let position = cursor.position;
         if let Some(appended) = report.appended {
             progress.advanced(appended);
         }
@@ -225,8 +210,59 @@ async fn read(
         }
     }
     reader.report(progress, State::Stopped);
-    tracing::info!(subscription = %name, worker = reader.label(), position, "subscription stopped");
+    tracing::info!(subscription = %name, worker = reader.label(), position = cursor.position, "subscription stopped");
     Ok(())
+}
+
+/// Where a reader stands. A worker reads on past a key that waits for its retry (its position stays
+/// before the key's message): `at` is where it reads from. When a retry is due it goes back to the
+/// position, but only once it has read past where it was at the last such re-read (`mark`) or up to the
+/// head: retries due sooner than a re-read takes must not keep it from ever reading further.
+struct Cursor {
+    position: u64,
+    at: u64,
+    mark: u64,
+    at_head: bool,
+}
+
+impl Cursor {
+    fn new(position: u64) -> Self {
+        Self {
+            position,
+            at: position,
+            mark: position,
+            at_head: false,
+        }
+    }
+
+    /// Whether it reads ahead of its position.
+    fn ahead(&self) -> bool {
+        self.at > self.position
+    }
+
+    /// Read again from the position (before every held message, so a released key's failed message
+    /// is met before its later ones) once a retry is due.
+    fn rewind_when_due(&mut self, attempts: &mut Attempts, now: Instant) {
+        let further = self.at > self.mark || self.at_head;
+        if self.ahead() && further && attempts.next_due().is_none_or(|due| due <= now) {
+            attempts.release_due(now);
+            (self.mark, self.at) = (self.at, self.position);
+        }
+    }
+
+    /// After a committed batch that read up to `last`: a batch that failed as a whole is read again,
+    /// otherwise a worker reads on after it and a single reader from its position. Returns whether the
+    /// batch failed as a whole.
+    fn after(&mut self, report: &batch::Report, last: u64, worker: bool) -> bool {
+        self.position = report.position.unwrap_or(self.position);
+        let whole = report.retry.is_some() && report.waiting.is_empty();
+        self.at = match (worker, whole) {
+            (true, false) => last,
+            (true, true) => self.at,
+            (false, _) => self.position,
+        };
+        whole
+    }
 }
 
 /// The reader's stored position (see [`workers::start`]), retried with backoff; None on shutdown.
