@@ -154,7 +154,7 @@ async fn read(
             continue;
         }
         reader.report(progress, State::Busy);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let count = messages.len();
         let last = messages.last().map_or(cursor.at, |m| m.global_position);
         let stored = (!cursor.ahead()).then_some(reader.position.as_str());
@@ -178,29 +178,19 @@ async fn read(
             }
         };
         failures = 0;
-        shared.metrics.batch(&sub, &report, started.elapsed());
         let whole = cursor.after(&report, last, reader.worker.is_some());
-        let position = cursor.position;
-        if let Some(appended) = report.appended {
-            progress.advanced(appended);
-        }
-        tracing::info!(
-            subscription = %name,
-            worker = reader.label(),
-            read = count,
-            handled = report.handled.len(),
-            dead_lettered = report.dead_lettered,
-            skipped = report.skipped,
-            written = report.written.len(),
-            position,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch committed"
-        );
-        tracing::debug!(subscription = %name, position, "position updated");
         // A single reader waits out a retry; a worker goes on with its other keys unless the whole
         // batch must be retried.
         let delay = report.retry.filter(|_| reader.worker.is_none() || whole);
-        progress.tally(report);
+        committed(
+            &shared,
+            &sub,
+            &reader,
+            report,
+            count,
+            cursor.position,
+            started,
+        );
         if let Some(delay) = delay {
             reader.report(progress, State::Retrying);
             tokio::select! {
@@ -212,6 +202,37 @@ async fn read(
     reader.report(progress, State::Stopped);
     tracing::info!(subscription = %name, worker = reader.label(), position = cursor.position, "subscription stopped");
     Ok(())
+}
+
+/// Count, measure and log a committed batch of `read` messages.
+fn committed(
+    shared: &Shared,
+    sub: &Subscription,
+    reader: &Reader,
+    report: batch::Report,
+    read: usize,
+    position: u64,
+    started: Instant,
+) {
+    let name = &sub.plan.name;
+    shared.metrics.batch(sub, &report, started.elapsed());
+    if let Some(appended) = report.appended {
+        shared.progress.advanced(appended);
+    }
+    tracing::info!(
+        subscription = %name,
+        worker = reader.label(),
+        read,
+        handled = report.handled.len(),
+        dead_lettered = report.dead_lettered,
+        skipped = report.skipped,
+        written = report.written.len(),
+        position,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "batch committed"
+    );
+    tracing::debug!(subscription = %name, position, "position updated");
+    shared.progress.tally(report);
 }
 
 /// Where a reader stands. A worker reads on past a key that waits for its retry (its position stays
