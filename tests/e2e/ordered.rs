@@ -198,6 +198,32 @@ fn test_mode_ends_once_an_ordered_subscription_has_handled_everything() {
     assert_eq!(recorder_status(dir.path())["lag"], 0);
 }
 
+#[test]
+fn a_replica_configured_with_another_partition_count_refuses_to_start() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), &redis, 4);
+    let mut global = 0;
+    publish_wave(&redis, &wave(2, 1..=2), &json!({}), &mut global);
+    let run = || {
+        host(dir.path())
+            .args(["server", "--test-mode", "--domain", &domain()])
+            .output()
+    };
+    run().expect_code(0);
+    configure(dir.path(), &redis, 8);
+    let refused = run().expect_code(1);
+    let errors = refused.error_lines();
+    assert!(
+        errors.iter().any(|l| l.contains(
+            "ordered subscription recorder runs with 4 partitions but this replica is configured with 8; set [server.ordering] partitions = 4"
+        )),
+        "{errors:?}"
+    );
+    // Nothing was handled twice or lost by the refused replica.
+    every_key_in_order(sqlite(dir.path()).as_ref(), 2, 2);
+}
+
 /// The recorder's dead letters as JSON.
 fn dead_letters(dir: &Path) -> Vec<serde_json::Value> {
     let out = host(dir)

@@ -68,6 +68,12 @@ pub enum Error {
     },
     #[error("invalid broker uri {uri:?}: {reason}; write redis://HOST:PORT[/DB]")]
     Uri { uri: String, reason: String },
+    #[error("ordered subscription {group} runs with {running} partitions but this replica is configured with {configured}; set [server.ordering] partitions = {running}, or change the count only as docs/production.md describes (stop every replica first)")]
+    PartitionCount {
+        group: String,
+        running: u32,
+        configured: u32,
+    },
 }
 
 /// Result of broker operations.

@@ -64,7 +64,7 @@ pub(crate) async fn run(
         block
     };
     let owner = consumer_name(&name);
-    let Some(mut group) = connect(&shared, broker.as_ref(), &name, &owner, &shutdown).await else {
+    let Some(mut group) = connect(&shared, broker.as_ref(), &name, &owner, &shutdown).await? else {
         shared.progress.set(&name, State::Stopped);
         return Ok(());
     };
@@ -120,13 +120,14 @@ pub(crate) async fn run(
 }
 
 /// This replica's handle on the subscription's partitions, retried with backoff; None on shutdown.
+/// A partition count other than the running one is an error for the operator, not worth a retry.
 async fn connect(
     shared: &Shared,
     broker: &dyn Broker,
     name: &str,
     owner: &str,
     shutdown: &CancellationToken,
-) -> Option<Box<dyn Partitions>> {
+) -> Result<Option<Box<dyn Partitions>>, String> {
     let settings = shared.config.ordering;
     let mut failures = 0;
     loop {
@@ -134,11 +135,14 @@ async fn connect(
             .partitions(name, owner, settings.partitions, settings.lease_ttl)
             .await
         {
-            Ok(group) => return Some(group),
+            Ok(group) => return Ok(Some(group)),
+            Err(error @ crate::broker::Error::PartitionCount { .. }) => {
+                return Err(error.to_string())
+            }
             Err(error) => {
                 failures += 1;
                 if !backoff(name, &error.to_string(), failures, shutdown).await {
-                    return None;
+                    return Ok(None);
                 }
             }
         }

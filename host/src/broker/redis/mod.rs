@@ -272,12 +272,13 @@ impl Broker for RedisBroker {
         partitions: u32,
         ttl: Duration,
     ) -> Result<Box<dyn Partitions>> {
-        let conn = manager(
+        let mut conn = manager(
             &self.client,
             &self.config.uri,
             self.config.block + RESPONSE_TIMEOUT,
         )
         .await?;
+        partitions::check_count(&mut conn, group, partitions).await?;
         Ok(Box::new(RedisPartitions {
             conn,
             keys: partitions::Keys::new(group),

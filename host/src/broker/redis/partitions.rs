@@ -30,6 +30,7 @@ script!(HOLD, "hold_entries.lua");
 script!(SETTLE_HELD, "settle_held.lua");
 script!(RELEASE_PARKED, "release_parked.lua");
 script!(COUNT_AFTER, "count_after.lua");
+script!(PARTITION_COUNT, "partition_count.lua");
 
 /// Where a group's partition state lives.
 pub(super) struct Keys {
@@ -53,6 +54,9 @@ impl Keys {
     }
     fn positions(&self) -> String {
         format!("{}:positions", self.prefix)
+    }
+    fn count(&self) -> String {
+        format!("{}:partitions", self.prefix)
     }
     pub(super) fn parked(&self) -> String {
         format!("{}:parked", self.prefix)
@@ -370,6 +374,28 @@ impl Partitions for RedisPartitions {
             .map_err(command("EVALSHA settle_held"))?;
         Ok(outcome == 1)
     }
+}
+
+/// Check that `group` runs with `partitions` partitions (fixing the count if it is the first replica).
+pub(super) async fn check_count(
+    conn: &mut ConnectionManager,
+    group: &str,
+    partitions: u32,
+) -> Result<()> {
+    let running: u32 = PARTITION_COUNT
+        .key(Keys::new(group).count())
+        .arg(partitions)
+        .invoke_async(conn)
+        .await
+        .map_err(command("EVALSHA partition_count"))?;
+    if running != partitions {
+        return Err(crate::broker::Error::PartitionCount {
+            group: group.to_owned(),
+            running,
+            configured: partitions,
+        });
+    }
+    Ok(())
 }
 
 /// Release the key parked behind the dead letter `id` of `group`: replayed (its data goes first in
