@@ -125,6 +125,27 @@ pub(crate) struct Context<'a> {
     pub(crate) worker: Option<Worker>,
 }
 
+impl<'a> Context<'a> {
+    /// The context of `subscription`'s batches in the engine `shared` with `plugin`: no fences, no
+    /// position in the store (a broker keeps where the subscription is), not a worker.
+    pub(crate) fn new(
+        shared: &'a super::Shared,
+        plugin: &'a Plugin,
+        subscription: &'a Subscription,
+    ) -> Self {
+        Self {
+            plugin,
+            store: shared.store.as_ref(),
+            subscription,
+            version_retries: shared.config.version_retries,
+            publish: shared.config.broker.is_some(),
+            fences: Vec::new(),
+            position: None,
+            worker: None,
+        }
+    }
+}
+
 /// Worker `index` of `of`: it handles the keys that fall in its partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Worker {

@@ -467,14 +467,9 @@ async fn process(
     blocking(move || {
         let plugin = shared.plugin();
         let ctx = batch::Context {
-            plugin: &plugin,
-            store: shared.store.as_ref(),
-            subscription: &sub,
-            version_retries: shared.config.version_retries,
-            publish: shared.config.broker.is_some(),
-            fences: Vec::new(),
             position: stored.as_deref(),
             worker,
+            ..batch::Context::new(&shared, &plugin, &sub)
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
         (outcome, attempts)

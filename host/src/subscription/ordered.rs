@@ -640,16 +640,10 @@ impl Ordered {
         let mut attempts = std::mem::take(&mut self.attempts);
         tokio::task::spawn_blocking(move || {
             let plugin = shared.plugin();
+            // Positions are per partition, in the broker.
             let ctx = batch::Context {
-                plugin: &plugin,
-                store: shared.store.as_ref(),
-                subscription: &sub,
-                version_retries: shared.config.version_retries,
-                publish: shared.config.broker.is_some(),
                 fences,
-                // Positions are per partition, in the broker.
-                position: None,
-                worker: None,
+                ..batch::Context::new(&shared, &plugin, &sub)
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);
             (outcome, messages, attempts)

@@ -214,17 +214,8 @@ async fn settle(
     let (shared2, sub2) = (shared.clone(), sub.clone());
     let batch = tokio::task::spawn_blocking(move || {
         let plugin = shared2.plugin();
-        let ctx = batch::Context {
-            plugin: &plugin,
-            store: shared2.store.as_ref(),
-            subscription: &sub2,
-            version_retries: shared2.config.version_retries,
-            publish: shared2.config.broker.is_some(),
-            fences: Vec::new(),
-            // A broker's group keeps where the subscription is; the store keeps no position for it.
-            position: None,
-            worker: None,
-        };
+        // A broker's group keeps where the subscription is; the store keeps no position for it.
+        let ctx = batch::Context::new(&shared2, &plugin, &sub2);
         batch::run(&ctx, &messages, &mut attempts)
     });
     let (outcome, ahead) = match read_ahead {
