@@ -224,6 +224,30 @@ fn a_replica_configured_with_another_partition_count_refuses_to_start() {
     every_key_in_order(sqlite(dir.path()).as_ref(), 2, 2);
 }
 
+#[test]
+fn with_group_start_new_a_new_ordered_subscription_skips_the_history() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), &redis, 4);
+    let config = std::fs::read_to_string(dir.path().join("protean.toml")).unwrap();
+    let config = config.replace(
+        "[brokers.default]\n",
+        "[brokers.default]\ngroup_start = \"new\"\n",
+    );
+    std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+    let mut global = 0;
+    publish_wave(&redis, &wave(1, 1..=5), &json!({}), &mut global);
+    let mut server = start(dir.path(), 1).remove(0);
+    server.wait_for(&["partitions taken"], Duration::from_secs(30));
+    publish_wave(&redis, &wave(1, 6..=10), &json!({}), &mut global);
+    let store = sqlite(dir.path());
+    wait_until(Duration::from_secs(30), "five records", || {
+        records(store.as_ref(), 1)["k0"].len() >= 5
+    });
+    assert_eq!(records(store.as_ref(), 1)["k0"], [6, 7, 8, 9, 10]);
+    assert_eq!(recorder_status(dir.path())["lag"], 0);
+}
+
 /// The recorder's dead letters as JSON.
 fn dead_letters(dir: &Path) -> Vec<serde_json::Value> {
     let out = host(dir)

@@ -121,10 +121,12 @@ pub trait Broker: Send + Sync {
         Ok(None)
     }
 
-    /// One replica's handle on the partitions of the ordered subscription `group` (see [`partitions`]).
+    /// One replica's handle on the partitions of the ordered subscription `group` reading `streams`
+    /// (see [`partitions`]).
     async fn partitions(
         &self,
         group: &str,
+        streams: &[String],
         owner: &str,
         partitions: u32,
         ttl: Duration,

@@ -64,13 +64,21 @@ pub(crate) async fn run(
         block
     };
     let owner = consumer_name(&name);
-    let Some(mut group) = connect(&shared, broker.as_ref(), &name, &owner, &shutdown).await? else {
+    let mut streams = sub.plan.categories.clone();
+    streams.push(replay_stream(&name));
+    let Some(mut group) = connect(
+        &shared,
+        broker.as_ref(),
+        (&name, &streams),
+        &owner,
+        &shutdown,
+    )
+    .await?
+    else {
         shared.progress.set(&name, State::Stopped);
         return Ok(());
     };
     let mut failures = 0;
-    let mut streams = sub.plan.categories.clone();
-    streams.push(replay_stream(&name));
     tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
     let mut state = Ordered::new(shared.clone(), sub.clone(), ordering, streams);
     let mut next_renew = Instant::now();
@@ -124,7 +132,7 @@ pub(crate) async fn run(
 async fn connect(
     shared: &Shared,
     broker: &dyn Broker,
-    name: &str,
+    (name, streams): (&str, &[String]),
     owner: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<Box<dyn Partitions>>, String> {
@@ -132,7 +140,13 @@ async fn connect(
     let mut failures = 0;
     loop {
         match broker
-            .partitions(name, owner, settings.partitions, settings.lease_ttl)
+            .partitions(
+                name,
+                streams,
+                owner,
+                settings.partitions,
+                settings.lease_ttl,
+            )
             .await
         {
             Ok(group) => return Ok(Some(group)),

@@ -268,24 +268,29 @@ impl Broker for RedisBroker {
     async fn partitions(
         &self,
         group: &str,
+        streams: &[String],
         owner: &str,
         partitions: u32,
         ttl: Duration,
     ) -> Result<Box<dyn Partitions>> {
-        let mut conn = manager(
+        let reads = manager(
             &self.client,
             &self.config.uri,
             self.config.block + RESPONSE_TIMEOUT,
         )
         .await?;
+        let mut conn = manager(&self.client, &self.config.uri, RESPONSE_TIMEOUT).await?;
         partitions::check_count(&mut conn, group, partitions).await?;
         Ok(Box::new(RedisPartitions {
+            reads,
             conn,
             keys: partitions::Keys::new(group),
             group: group.to_owned(),
             owner: owner.to_owned(),
             partitions,
             ttl,
+            streams: streams.to_vec(),
+            start_new: self.config.group_start == GroupStart::New,
         }))
     }
 

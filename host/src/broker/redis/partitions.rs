@@ -31,6 +31,7 @@ script!(SETTLE_HELD, "settle_held.lua");
 script!(RELEASE_PARKED, "release_parked.lua");
 script!(COUNT_AFTER, "count_after.lua");
 script!(PARTITION_COUNT, "partition_count.lua");
+script!(GROUP_START, "group_start.lua");
 
 /// Where a group's partition state lives.
 pub(super) struct Keys {
@@ -58,6 +59,9 @@ impl Keys {
     fn count(&self) -> String {
         format!("{}:partitions", self.prefix)
     }
+    fn start(&self, stream: &str) -> String {
+        format!("{}:start:{stream}", self.prefix)
+    }
     pub(super) fn parked(&self) -> String {
         format!("{}:parked", self.prefix)
     }
@@ -66,14 +70,21 @@ impl Keys {
     }
 }
 
-/// One replica's handle, on a connection of its own (its reads block).
+/// One replica's handle, on connections of its own: one for its blocking reads, one for the rest, so a
+/// read given up at shutdown does not hold back the release of its partitions until its time is up.
 pub(super) struct RedisPartitions {
+    pub(super) reads: ConnectionManager,
     pub(super) conn: ConnectionManager,
     pub(super) keys: Keys,
     pub(super) group: String,
     pub(super) owner: String,
     pub(super) partitions: u32,
     pub(super) ttl: Duration,
+    /// The streams it reads.
+    pub(super) streams: Vec<String>,
+    /// `group_start = "new"`: a partition with no position starts where the subscription first
+    /// found its streams' ends, not at their beginning.
+    pub(super) start_new: bool,
 }
 
 impl RedisPartitions {
@@ -217,10 +228,19 @@ impl Partitions for RedisPartitions {
             .await
             .map_err(command("HGETALL positions"))?;
         let prefix = format!("{partition} ");
-        Ok(all
+        let mut positions: HashMap<String, String> = all
             .into_iter()
             .filter_map(|(field, id)| Some((field.strip_prefix(&prefix)?.to_owned(), id)))
-            .collect())
+            .collect();
+        if self.start_new {
+            for stream in self.streams.clone() {
+                if let std::collections::hash_map::Entry::Vacant(slot) = positions.entry(stream) {
+                    let start = group_start(&mut self.conn, &self.keys, slot.key()).await?;
+                    slot.insert(start);
+                }
+            }
+        }
+        Ok(positions)
     }
 
     async fn commit_positions(
@@ -272,7 +292,7 @@ impl Partitions for RedisPartitions {
             cmd.arg(id);
         }
         let reply: Option<StreamReadReply> = cmd
-            .query_async(&mut self.conn)
+            .query_async(&mut self.reads)
             .await
             .map_err(command("XREAD"))?;
         Ok(entries(reply))
@@ -376,6 +396,16 @@ impl Partitions for RedisPartitions {
     }
 }
 
+/// Where the subscription started reading `stream` (fixed by the first call).
+async fn group_start(conn: &mut ConnectionManager, keys: &Keys, stream: &str) -> Result<String> {
+    GROUP_START
+        .key(keys.start(stream))
+        .key(stream)
+        .invoke_async(conn)
+        .await
+        .map_err(command("EVALSHA group_start"))
+}
+
 /// Check that `group` runs with `partitions` partitions (fixing the count if it is the first replica).
 pub(super) async fn check_count(
     conn: &mut ConnectionManager,
@@ -475,11 +505,18 @@ async fn lag(
         .map_err(command("HGETALL positions"))?;
     let mut invocation = COUNT_AFTER.prepare_invoke();
     for stream in streams {
+        // A partition without a position starts where the subscription started (group_start = "new").
+        let start: Option<String> = redis::cmd("GET")
+            .arg(keys.start(stream))
+            .query_async(conn)
+            .await
+            .map_err(command("GET start"))?;
+        let start = start.as_deref().unwrap_or("0-0");
         let lowest = (0..partitions)
             .map(|p| {
                 positions
                     .get(&format!("{p} {stream}"))
-                    .map_or("0-0", String::as_str)
+                    .map_or(start, String::as_str)
             })
             .min_by_key(|id| crate::broker::partitions::id_key(id))
             .unwrap_or("0-0");
