@@ -138,8 +138,30 @@ pub struct ProcessedMarker {
 /// The subscription's new position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PositionUpdate {
+    /// The position's name: the subscription's, or one of its workers' (`{subscription}#{w}/{of}`).
     pub subscription: String,
     pub position: u64,
+}
+
+impl PositionUpdate {
+    /// The name of the position of worker `index` of `of` of `subscription`.
+    pub fn worker_name(subscription: &str, index: u32, of: u32) -> String {
+        format!("{subscription}#{index}/{of}")
+    }
+
+    /// The subscription whose lease fences this position: its own, or its workers' subscription's
+    /// (the workers run under that one lease).
+    pub fn lease(&self) -> &str {
+        let worker = |suffix: &str| {
+            suffix
+                .split_once('/')
+                .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok())
+        };
+        match self.subscription.rsplit_once('#') {
+            Some((subscription, suffix)) if worker(suffix) => subscription,
+            _ => &self.subscription,
+        }
+    }
 }
 
 #[derive(Debug)]

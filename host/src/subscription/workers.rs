@@ -19,6 +19,7 @@ use crate::{
     },
     ordering::Ordering,
     store::{Result, Store},
+    unit_of_work::PositionUpdate,
 };
 
 /// How many workers run a subscription: the configured count for an ordered event-store subscription,
@@ -37,25 +38,6 @@ pub(crate) fn lowest_position(store: &dyn Store, subscription: &str, of: u32) ->
         lowest = lowest.min(reader.stored_position(store)?);
     }
     Ok(lowest)
-}
-
-/// The stored position of worker `index` of `of` of `subscription`.
-pub(crate) fn position_name(subscription: &str, index: u32, of: u32) -> String {
-    format!("{subscription}#{index}/{of}")
-}
-
-/// The subscription a stored position belongs to: the subscription itself, or the one of a worker's
-/// position (whose commits the subscription's lease fences).
-pub(crate) fn subscription_of(position: &str) -> &str {
-    let worker = |suffix: &str| {
-        suffix
-            .split_once('/')
-            .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok())
-    };
-    match position.rsplit_once('#') {
-        Some((subscription, suffix)) if worker(suffix) => subscription,
-        _ => position,
-    }
 }
 
 /// Where a worker starts: the furthest of its own stored position and the subscription's plain one,
@@ -88,7 +70,7 @@ impl Reader {
         (0..of)
             .map(|index| Self {
                 subscription: subscription.to_owned(),
-                position: position_name(subscription, index, of),
+                position: PositionUpdate::worker_name(subscription, index, of),
                 worker: Some(Worker { index, of }),
             })
             .collect()
@@ -131,9 +113,16 @@ mod tests {
             .map(|r| r.position)
             .collect();
         assert_eq!(names, ["s#0/3", "s#1/3", "s#2/3"]);
-        assert_eq!(subscription_of("s#2/3"), "s");
-        assert_eq!(subscription_of("s"), "s");
-        assert_eq!(subscription_of("a#b"), "a#b");
+        let lease = |name: &str| {
+            let update = PositionUpdate {
+                subscription: name.into(),
+                position: 0,
+            };
+            update.lease().to_owned()
+        };
+        assert_eq!(lease("s#2/3"), "s");
+        assert_eq!(lease("s"), "s");
+        assert_eq!(lease("a#b"), "a#b");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use postgres::{types::ToSql, Row};
 use super::{
     check_field, DeadLetter, Error, Leases, Outbox, Result, Store, StoredDocument, StoredMessage,
 };
-use crate::{subscription::workers, unit_of_work::UnitOfWork};
+use crate::unit_of_work::UnitOfWork;
 use pool::Pool;
 
 mod sql {
@@ -272,7 +272,7 @@ impl Store for PostgresStore {
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         // A worker's position is fenced by its subscription's lease: the workers run under that one.
         let fence = unit.position.as_ref().and_then(|p| {
-            let subscription = workers::subscription_of(&p.subscription);
+            let subscription = p.lease();
             self.fence_of(subscription)
                 .map(|owner| (subscription, owner))
         });
