@@ -123,6 +123,9 @@ pub(crate) struct Context<'a> {
     pub(crate) position: Option<&'a str>,
     /// One of several workers sharing an ordered subscription: the others' keys are not its work.
     pub(crate) worker: Option<Worker>,
+    /// Ordered subscriptions: the messages' keys, when the caller has them already (else worked out
+    /// here, once per batch).
+    pub(crate) keys: Option<&'a [String]>,
 }
 
 impl<'a> Context<'a> {
@@ -142,6 +145,7 @@ impl<'a> Context<'a> {
             fences: Vec::new(),
             position: None,
             worker: None,
+            keys: None,
         }
     }
 }
@@ -174,8 +178,9 @@ pub(crate) fn run(
     let mut recheck =
         ctx.subscription.kind == SubscriptionType::Stream || ctx.subscription.ordering.is_some();
     let mut raced = 0;
+    let keys = keys(ctx, messages);
     loop {
-        let (mut unit, mut report, settled) = build(ctx, messages, attempts, recheck)?;
+        let (mut unit, mut report, settled) = build(ctx, messages, &keys, attempts, recheck)?;
         if ctx.subscription.kind == SubscriptionType::Stream {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
@@ -246,6 +251,7 @@ fn fail_first(
 fn build(
     ctx: &Context<'_>,
     messages: &[StoredMessage],
+    keys: &[String],
     attempts: &mut Attempts,
     recheck: bool,
 ) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
@@ -268,7 +274,7 @@ fn build(
         })
         .collect();
     let now = chrono::Utc::now();
-    let theirs = theirs(ctx, messages);
+    let theirs = theirs(ctx, keys, messages.len());
     let done = already_processed(ctx, messages, &theirs, recheck)?;
     let classes: Vec<Class<'_>> = messages
         .iter()
@@ -298,7 +304,7 @@ fn build(
     if ctx.worker.is_none() {
         attempts.release_due(Instant::now());
     }
-    let mut held = Held::new(sub.ordering.as_ref(), messages, attempts.held());
+    let mut held = Held::new(sub.ordering.as_ref(), keys, attempts.held());
     let mut i = 0;
     while i < messages.len() {
         if held.contains(i) {
@@ -415,18 +421,12 @@ fn build(
 /// left for later. Unordered batches have no keys and hold nothing.
 struct Held<'m> {
     ordering: Option<&'m Ordering>,
-    keys: Vec<String>,
+    keys: &'m [String],
     stopped: HashSet<String>,
 }
 
 impl<'m> Held<'m> {
-    fn new(
-        ordering: Option<&'m Ordering>,
-        messages: &[StoredMessage],
-        waiting: HashSet<String>,
-    ) -> Self {
-        let keys =
-            ordering.map_or_else(Vec::new, |o| messages.iter().map(|m| o.key_of(m)).collect());
+    fn new(ordering: Option<&'m Ordering>, keys: &'m [String], waiting: HashSet<String>) -> Self {
         Self {
             ordering,
             keys,
@@ -482,13 +482,23 @@ fn already_processed(
 }
 
 /// Which messages belong to another worker's keys (none unless the subscription has several workers).
-fn theirs(ctx: &Context<'_>, messages: &[StoredMessage]) -> Vec<bool> {
-    match (ctx.worker, &ctx.subscription.ordering) {
-        (Some(worker), Some(ordering)) => messages
+fn theirs(ctx: &Context<'_>, keys: &[String], messages: usize) -> Vec<bool> {
+    match ctx.worker {
+        // Workers run ordered subscriptions only, so every message has its key.
+        Some(worker) => keys
             .iter()
-            .map(|m| partition_of(&ordering.key_of(m), worker.of) != worker.index)
+            .map(|key| partition_of(key, worker.of) != worker.index)
             .collect(),
-        _ => vec![false; messages.len()],
+        None => vec![false; messages],
+    }
+}
+
+/// The messages' ordering keys (none for an unordered subscription): the caller's, or worked out.
+fn keys<'a>(ctx: &Context<'a>, messages: &[StoredMessage]) -> std::borrow::Cow<'a, [String]> {
+    match (ctx.keys, &ctx.subscription.ordering) {
+        (Some(keys), _) => keys.into(),
+        (None, Some(ordering)) => messages.iter().map(|m| ordering.key_of(m)).collect(),
+        (None, None) => std::borrow::Cow::Borrowed(&[]),
     }
 }
 

@@ -80,7 +80,7 @@ pub(crate) async fn run(
     };
     let mut failures = 0;
     tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
-    let mut state = Ordered::new(shared.clone(), sub.clone(), ordering, streams);
+    let mut state = Ordered::new(shared.clone(), sub.clone(), (ordering, owner), streams);
     let mut next_renew = Instant::now();
     while !shutdown.is_cancelled() {
         if Instant::now() >= next_renew {
@@ -188,6 +188,8 @@ type PerKey<T> = BTreeMap<(u32, String), T>;
 /// One replica's state of one ordered subscription.
 struct Ordered {
     shared: Arc<Shared>,
+    /// This replica's name in leases.
+    owner: String,
     sub: Arc<Subscription>,
     ordering: Ordering,
     streams: Vec<String>,
@@ -206,11 +208,12 @@ impl Ordered {
     fn new(
         shared: Arc<Shared>,
         sub: Arc<Subscription>,
-        ordering: Ordering,
+        (ordering, owner): (Ordering, String),
         streams: Vec<String>,
     ) -> Self {
         Self {
             shared,
+            owner,
             sub,
             ordering,
             streams,
@@ -278,39 +281,61 @@ impl Ordered {
     /// starting together do not all race for the same ones.
     async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), String> {
         let mut free = group.free().await.map_err(|e| e.to_string())?;
-        let start = partition_of(&consumer_name(""), free.len().max(1) as u32) as usize;
+        let start = partition_of(&self.owner, free.len().max(1) as u32) as usize;
         let len = free.len();
         free.rotate_left(start.min(len));
-        let mut taken = Vec::new();
+        let mut claims = Vec::new();
         for partition in free {
-            if self.parts.len() >= share {
+            if self.parts.len() + claims.len() >= share {
                 break;
             }
-            let Some(claim) = group.acquire(partition).await.map_err(|e| e.to_string())? else {
-                continue;
-            };
-            // From here on the store refuses the previous holder's commits, before anything is read.
-            self.commit_fences(vec![self.fence(&claim)]).await?;
+            if let Some(claim) = group.acquire(partition).await.map_err(|e| e.to_string())? {
+                claims.push(claim);
+            }
+        }
+        if claims.is_empty() {
+            return Ok(());
+        }
+        // Taken only once fenced and positioned; else given back at once rather than left to expire.
+        let parts = match self.prepare(group, &claims).await {
+            Ok(parts) => parts,
+            Err(error) => {
+                let _ = group.release(&claims).await;
+                return Err(error);
+            }
+        };
+        self.parts
+            .extend(parts.into_iter().map(|p| (p.claim.partition, p)));
+        // What was read ahead started past the new partitions' positions: read again from them.
+        self.ahead.clear();
+        let taken: Vec<u32> = claims.iter().map(|c| c.partition).collect();
+        tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
+        Ok(())
+    }
+
+    /// Raise the store's fences of new `claims` (from here on it refuses the previous holders'
+    /// commits, before anything is read), then load their positions.
+    async fn prepare(
+        &self,
+        group: &mut dyn Partitions,
+        claims: &[Claim],
+    ) -> Result<Vec<Part>, String> {
+        let fences = claims.iter().map(|c| self.fence(c)).collect();
+        self.commit_fences(fences).await?;
+        let mut parts = Vec::new();
+        for claim in claims {
             let stored = group
-                .positions(partition)
+                .positions(claim.partition)
                 .await
                 .map_err(|e| e.to_string())?;
-            self.parts.insert(
-                partition,
-                Part {
-                    claim,
-                    read: stored.clone(),
-                    stored,
-                },
-            );
-            taken.push(partition);
+            let read = stored.clone();
+            parts.push(Part {
+                claim: *claim,
+                read,
+                stored,
+            });
         }
-        if !taken.is_empty() {
-            // What was read ahead started past the new partitions' positions: read again from them.
-            self.ahead.clear();
-            tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
-        }
-        Ok(())
+        Ok(parts)
     }
 
     fn fence(&self, claim: &Claim) -> Fence {
@@ -595,7 +620,8 @@ impl Ordered {
         // it) go with the read-ahead below: one round trip fewer per batch.
         let updates = self.position_updates();
         let (messages, items, fences) = self.take_batch();
-        let task = self.spawn_batch(messages, fences);
+        let keys = items.iter().map(|i| i.key.clone()).collect();
+        let task = self.spawn_batch(messages, keys, fences);
         // The next entries are read while this batch runs (without waiting: nothing new may come).
         let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
         let broker_work = async {
@@ -648,6 +674,7 @@ impl Ordered {
     fn spawn_batch(
         &mut self,
         messages: Vec<StoredMessage>,
+        keys: Vec<String>,
         fences: Vec<Fence>,
     ) -> tokio::task::JoinHandle<(store::Result<Report>, Vec<StoredMessage>, Attempts)> {
         let (shared, sub) = (self.shared.clone(), self.sub.clone());
@@ -655,8 +682,10 @@ impl Ordered {
         tokio::task::spawn_blocking(move || {
             let plugin = shared.plugin();
             // Positions are per partition, in the broker.
+            // The keys were worked out when the messages were read.
             let ctx = batch::Context {
                 fences,
+                keys: Some(&keys),
                 ..batch::Context::new(&shared, &plugin, &sub)
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);
