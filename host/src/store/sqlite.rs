@@ -187,6 +187,39 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One indexed range read per category, merged: each stops at the limit, so the cost does not grow
+    /// with the history behind the position. The reads share one read transaction, hence one snapshot:
+    /// read on separate snapshots, a commit landing between two of them could show a later message of
+    /// one category while an earlier one of another is still missing, and the position would pass it.
+    fn read_merged(
+        &self,
+        categories: &[String],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let connection = self.reader()?;
+        let snapshot = connection
+            .unchecked_transaction()
+            .map_err(|e| self.error(e))?;
+        let mut statement = snapshot
+            .prepare_cached(sql::READ_CATEGORY)
+            .map_err(|e| self.error(e))?;
+        let mut merged = Vec::new();
+        for category in categories {
+            let rows = statement
+                .query_map(params![category, after, limit as i64], message_from_row)
+                .map_err(|e| self.error(e))?;
+            for row in rows {
+                merged.push(row.map_err(|e| self.error(e))?);
+            }
+        }
+        merged.sort_unstable_by_key(|m| m.global_position);
+        merged.truncate(limit);
+        Ok(merged)
+    }
+}
+
 fn sqlite(path: &Path, source: rusqlite::Error) -> Error {
     Error::Sqlite {
         path: path.display().to_string(),
@@ -402,20 +435,7 @@ impl Store for SqliteStore {
         match categories {
             [] => Ok(Vec::new()),
             [one] => self.query_messages(sql::READ_CATEGORY, params![one, after, limit as i64]),
-            // One indexed range read per category, merged: each stops at the limit, so the cost does not
-            // grow with the history behind the position.
-            many => {
-                let mut merged = Vec::new();
-                for category in many {
-                    merged.extend(self.query_messages(
-                        sql::READ_CATEGORY,
-                        params![category, after, limit as i64],
-                    )?);
-                }
-                merged.sort_unstable_by_key(|m| m.global_position);
-                merged.truncate(limit);
-                Ok(merged)
-            }
+            many => self.read_merged(many, after, limit),
         }
     }
 

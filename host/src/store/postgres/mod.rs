@@ -52,6 +52,7 @@ mod sql {
         RECORD_VERSION = "record_version";
         LOCK_APPENDS = "lock_appends";
         LOCK_CATEGORIES = "lock_categories";
+        SHARE_CATEGORIES = "share_categories";
         STREAM_VERSIONS = "stream_versions";
         APPEND = "append";
         OUTBOX_INSERT = "outbox_insert";
@@ -89,6 +90,7 @@ mod sql {
     messages! {
         READ_STREAM = "read_stream";
         READ_CATEGORY = "read_category";
+        READ_CATEGORIES = "read_categories";
     }
 }
 
@@ -219,10 +221,44 @@ impl PostgresStore {
         Ok(rows.iter().map(message_from_row).collect())
     }
 
+    /// Several categories: appends to different categories commit in any order (MessageDB clients take
+    /// only their category's lock), so a message can become visible below one already seen. Taking the
+    /// categories' locks shared before one snapshot of them all closes that window; a writer that takes
+    /// them in another order could deadlock with this read, so the read gives up its wait first (a lock
+    /// timeout below PostgreSQL's deadlock_timeout) and tries again.
+    fn read_merged(
+        &self,
+        categories: &[String],
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>> {
+        const ATTEMPTS: u32 = 20;
+        let mut conn = self.conn()?;
+        for attempt in 1.. {
+            let read = conn.transaction(|c| {
+                c.batch("SET LOCAL lock_timeout = '500ms'")?;
+                c.query(sql::SHARE_CATEGORIES, &[&categories])?;
+                c.query(sql::READ_CATEGORIES, &[&categories, &after, &limit])
+            });
+            match read {
+                Err(e) if attempt < ATTEMPTS && is_lock_timeout(&e) => continue,
+                rows => return Ok(rows?.iter().map(message_from_row).collect()),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
     fn fence_of(&self, subscription: &str) -> Option<String> {
         let fenced = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
         fenced.get(subscription).cloned()
     }
+}
+
+fn is_lock_timeout(error: &Error) -> bool {
+    let Error::Postgres(source) = error else {
+        return false;
+    };
+    source.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 fn message_from_row(row: &Row) -> StoredMessage {
@@ -250,19 +286,14 @@ impl Store for PostgresStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
-        // One indexed range read per category, merged, as in the SQLite store.
-        let mut merged = Vec::new();
-        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-        for category in categories {
-            merged.extend(
-                self.messages(sql::READ_CATEGORY, &[category, &(after as i64), &limit_sql])?,
-            );
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match categories {
+            [] => Ok(Vec::new()),
+            // Appends to one category are serialised by its lock, and each draws its global position
+            // under it: one category's messages become visible in global order.
+            [one] => self.messages(sql::READ_CATEGORY, &[one, &(after as i64), &limit]),
+            many => self.read_merged(many, after as i64, limit),
         }
-        if categories.len() > 1 {
-            merged.sort_unstable_by_key(|m| m.global_position);
-            merged.truncate(limit);
-        }
-        Ok(merged)
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>> {
