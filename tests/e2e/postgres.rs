@@ -324,3 +324,38 @@ fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() 
         "nothing left pending: {pending}"
     );
 }
+
+/// A replica killed while it holds the subscriptions' leases leaves them held until they expire. Test
+/// mode started meanwhile must wait and finish the work, not call a subscription that a dead replica
+/// "runs" done (it did, and exited 0 with nothing handled).
+#[test]
+fn test_mode_waits_out_a_dead_replicas_leases_and_finishes_the_work() {
+    let pg = PgServer::start();
+    PostgresStore::connect(&pg.store_config())
+        .unwrap()
+        .setup()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("[server]\nlease_ttl_ms = 3000\n{}", pg.config()),
+    );
+    let replica = start_replicas(dir.path(), 1).remove(0);
+    wait_until(Duration::from_secs(30), "the replica's leases", || {
+        owners(&pg).len() >= 4
+    });
+    replica.signal(libc::SIGKILL);
+    replica.wait();
+    send_orders(dir.path(), 0, 20);
+    assert!(
+        !owners(&pg).is_empty(),
+        "the dead replica's leases still hold"
+    );
+    let lib = sample_domain().display().to_string();
+    host(dir.path())
+        .args(["--domain", &lib, "--test-mode"])
+        .output()
+        .expect_code(0);
+    let store = PostgresStore::open(&pg.store_config()).unwrap();
+    each_order_exactly_once(&store, 20);
+}

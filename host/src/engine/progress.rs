@@ -20,6 +20,12 @@ pub(crate) enum State {
     Idle {
         head: u64,
     },
+    /// Another replica holds the subscription's lease; `lag` messages of its categories come after the
+    /// position that replica stored. Done only at 0: a dead owner's lease, or an owner still at work,
+    /// leaves work that nobody has finished.
+    StandingBy {
+        lag: u64,
+    },
     /// A message failed and is waiting for its retry.
     Retrying,
     Stopped,
@@ -147,9 +153,7 @@ impl Progress {
     /// Whether nothing is left to do.
     pub(crate) fn quiescent(&self) -> bool {
         let head = *self.head.borrow();
-        lock(&self.states)
-            .values()
-            .all(|(s, _)| matches!(s, State::Idle { head: h } if *h >= head))
+        lock(&self.states).values().all(|(s, _)| done(s, head))
     }
 
     /// The subscriptions that are not done, with what they are doing.
@@ -157,7 +161,7 @@ impl Progress {
         let head = *self.head.borrow();
         lock(&self.states)
             .iter()
-            .filter(|(_, (s, _))| !matches!(s, State::Idle { head: h } if *h >= head))
+            .filter(|(_, (s, _))| !done(s, head))
             .map(|(name, (s, _))| format!("{name} ({})", describe(s)))
             .collect()
     }
@@ -198,6 +202,15 @@ impl Progress {
     }
 }
 
+/// Whether a loop in `state` has nothing left while the engine's head is `head`.
+fn done(state: &State, head: u64) -> bool {
+    match state {
+        State::Idle { head: seen } => *seen >= head,
+        State::StandingBy { lag } => *lag == 0,
+        _ => false,
+    }
+}
+
 /// A subscription's state from its workers' states: busy, retrying or starting while any worker is;
 /// idle only when every worker is, at the lowest head they saw (so test mode waits for the slowest).
 fn combined(states: &[State]) -> State {
@@ -210,6 +223,13 @@ fn combined(states: &[State]) -> State {
     }
     if any(&State::Starting) {
         return State::Starting;
+    }
+    let standing_by = states.iter().filter_map(|s| match s {
+        State::StandingBy { lag } => Some(*lag),
+        _ => None,
+    });
+    if let Some(lag) = standing_by.max() {
+        return State::StandingBy { lag };
     }
     let idle = states.iter().filter_map(|s| match s {
         State::Idle { head } => Some(*head),
@@ -224,6 +244,9 @@ fn describe(state: &State) -> &'static str {
         State::Starting => "starting",
         State::Busy => "handling a batch",
         State::Idle { .. } => "behind the head",
+        State::StandingBy { .. } => {
+            "standing by while another replica's lease leaves messages unhandled"
+        }
         State::Retrying => "waiting to retry a message",
         State::Stopped => "stopped",
     }
@@ -253,6 +276,22 @@ mod tests {
         p.set("a", State::Idle { head: 7 });
         p.set("b", State::Retrying);
         assert_eq!(p.busy(), ["b (waiting to retry a message)"]);
+    }
+
+    #[test]
+    fn standing_by_is_done_only_when_the_lease_holder_left_nothing() {
+        let p = Progress::new(5, ["s".to_owned()]);
+        p.set("s", State::StandingBy { lag: 3 });
+        assert!(!p.quiescent(), "a dead owner's lease holds 3 messages back");
+        assert_eq!(
+            p.busy(),
+            ["s (standing by while another replica's lease leaves messages unhandled)"]
+        );
+        p.set("s", State::StandingBy { lag: 0 });
+        assert!(p.quiescent());
+        p.set_worker("s", 0, 2, State::StandingBy { lag: 0 });
+        p.set_worker("s", 1, 2, State::StandingBy { lag: 2 });
+        assert!(!p.quiescent(), "one worker's position is behind");
     }
 
     #[test]

@@ -369,7 +369,9 @@ fn state_name(state: &LoopState) -> &'static str {
     match state {
         LoopState::Starting => "starting",
         LoopState::Busy => "handling a batch",
-        LoopState::Idle { head: u64::MAX } => "standing by (another replica holds the lease)",
+        LoopState::Idle { head: u64::MAX } | LoopState::StandingBy { .. } => {
+            "standing by (another replica holds the lease)"
+        }
         LoopState::Idle { .. } => "idle",
         LoopState::Retrying => "waiting to retry a message",
         LoopState::Stopped => "stopped",
@@ -394,7 +396,7 @@ impl Stall {
             LoopState::Busy | LoopState::Starting => quiet > self.after,
             LoopState::Retrying => quiet > self.after + self.allowance,
             // A replica standing by for a lease has nothing to do here.
-            LoopState::Idle { head: u64::MAX } => false,
+            LoopState::Idle { head: u64::MAX } | LoopState::StandingBy { .. } => false,
             LoopState::Idle { head } => (*head < self.head || backlog > 0) && quiet > self.after,
             LoopState::Stopped => false,
         }

@@ -111,8 +111,9 @@ async fn read(
                 attempts = Attempts::default();
             }
             Holding::No => {
-                // Another replica runs this subscription: nothing to do here but wait for its lease to end.
-                reader.report(progress, State::Idle { head: u64::MAX });
+                // Another replica runs this subscription: nothing to do here but wait for its lease to end,
+                // and say whether that replica has left anything (test mode must not end on a dead owner).
+                reader.report(progress, standing_by(&shared, &sub, &reader).await);
                 tokio::select! {
                     _ = tokio::time::sleep(shared.config.lease_ttl / 3) => {}
                     _ = shutdown.cancelled() => break,
@@ -433,6 +434,24 @@ impl Lease {
                     blocking(move || store.leases().map(|l| l.release(&name, &self.owner))).await;
             }
         }
+    }
+}
+
+/// The state of a reader whose subscription another replica runs: the lag after the stored position,
+/// as far as the store can tell (unknown counts as not done).
+async fn standing_by(shared: &Arc<Shared>, sub: &Arc<Subscription>, reader: &Reader) -> State {
+    let (shared, sub, reader) = (shared.clone(), sub.clone(), reader.clone());
+    let lag = blocking(move || {
+        let store = shared.store.as_ref();
+        let position = reader.stored_position(store)?;
+        store.count_after(&sub.plan.categories, position)
+    })
+    .await;
+    State::StandingBy {
+        lag: match lag {
+            Ok(Ok(lag)) => lag,
+            _ => u64::MAX,
+        },
     }
 }
 
