@@ -8,6 +8,7 @@ mod cli;
 mod discovery;
 mod engine;
 mod loading;
+mod loss_hunter;
 mod messagedb;
 mod ops;
 mod ordered;

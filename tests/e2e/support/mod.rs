@@ -3,6 +3,7 @@
 mod build;
 mod engine;
 mod flow;
+pub mod hunt;
 mod postgres;
 mod redis;
 mod replicas;

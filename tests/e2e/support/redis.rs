@@ -96,6 +96,14 @@ impl RedisServer {
         self.launch();
     }
 
+    /// Stop it, keep it down for `hold` (a timed outage, not a wait for anything), start it again.
+    #[track_caller]
+    pub fn outage(&mut self, hold: Duration) {
+        self.stop();
+        std::thread::sleep(hold);
+        self.launch();
+    }
+
     /// Entries delivered to a consumer and not yet acknowledged, over every group of every stream.
     pub fn pending(&self) -> u64 {
         let keys = self.cli(&["KEYS", "*"]);
