@@ -44,3 +44,13 @@ fn hunt_postgres_and_redis_replicas_through_broker_outages() {
         message_db_writer: false,
     });
 }
+
+#[test]
+fn hunt_sqlite_and_redis_replicas_through_broker_outages() {
+    hunt_and_check(Scenario {
+        name: "sqlite+redis",
+        postgres: false,
+        redis: true,
+        message_db_writer: false,
+    });
+}

@@ -669,6 +669,33 @@ mod postgres_only {
         );
     }
 
+    /// A writer that skips the category lock could commit below a position already read past: the store
+    /// refuses its append, naming the fix, rather than let a subscription miss it.
+    #[test]
+    fn an_append_without_its_category_lock_is_refused() {
+        let (_store, server) = super::postgres();
+        let mut client = postgres::Client::connect(&server.uri(), postgres::NoTls).unwrap();
+        let insert =
+            "INSERT INTO message_store.messages (id, stream_name, position, type, data, metadata) \
+                      VALUES (gen_random_uuid(), 'shop::order-1', 0, 'Placed', '{}', '{}')";
+        let refused = client.batch_execute(insert).unwrap_err();
+        let db = refused.as_db_error().unwrap();
+        assert_eq!(
+            db.message(),
+            "message of category shop::order appended without the category's lock: subscriptions could miss it"
+        );
+        assert!(db.hint().unwrap().contains("message_store.write_message"));
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(message_store.hash_64('shop::order')); {insert}; COMMIT"
+            ))
+            .expect("with the lock it is appended");
+        let other = client.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(message_store.hash_64('shop::stock')); {insert}; COMMIT"
+        ));
+        assert!(other.is_err(), "another category's lock is not this one's");
+    }
+
     #[test]
     fn a_lease_has_one_owner_until_it_expires() {
         let (a, server) = super::postgres();

@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fences (fencing tokens of owned partitions)",
         sql: include_str!("../sql/postgres/migrations/003_fences.sql"),
     },
+    Migration {
+        version: 4,
+        name: "appends without their category's lock refused",
+        sql: include_str!("../sql/postgres/migrations/004_category_lock_guard.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.
