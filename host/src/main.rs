@@ -313,9 +313,9 @@ fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<Ex
             None => None,
         };
         let targets = ops::status::targets(&engine);
-        let limit = std::time::Duration::from_secs(5);
+        let limits = ops::status::Limits::of(engine.config(), std::time::Duration::from_secs(5));
         let configured = engine.config().broker.is_some();
-        ops::status::measure(engine.store(), broker, configured, &targets, limit).await
+        ops::status::measure(engine.store(), broker, configured, &targets, limits).await
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);

@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fences (fencing tokens of owned partitions)",
         sql: include_str!("../sql/postgres/migrations/003_fences.sql"),
     },
+    Migration {
+        version: 4,
+        name: "outbox: rows abandoned by older builds are pending again",
+        sql: include_str!("../sql/postgres/migrations/004_outbox_revive.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -77,9 +77,10 @@ mod sql {
         OUTBOX_LEASE = "outbox_lease";
         OUTBOX_PUBLISHED = "outbox_published";
         OUTBOX_RETRY = "outbox_retry";
-        OUTBOX_ABANDON = "outbox_abandon";
         OUTBOX_RELEASE = "outbox_release";
         OUTBOX_COUNTS = "outbox_counts";
+        OUTBOX_PENDING = "outbox_pending";
+        OUTBOX_REPUBLISH = "outbox_republish";
         LEASE_TAKE = "lease_take";
         LEASE_RELEASE = "lease_release";
         LEASE_FENCE = "lease_fence";
