@@ -78,6 +78,13 @@ pub(crate) async fn run(
             }
             continue;
         }
+        let targets: Vec<&str> = claim.items.iter().map(|i| i.target.as_str()).collect();
+        tracing::debug!(
+            worker,
+            rows = claim.items.len(),
+            ?targets,
+            "outbox claimed rows"
+        );
         progress.set(NAME, State::Busy);
         let deadline = tokio::time::Instant::now() + lease / 2;
         publish(&shared, broker.as_ref(), &worker, claim.items, deadline).await?;
@@ -141,6 +148,10 @@ async fn publish(
         for (seq, attempts, target, error) in failed {
             let attempt = attempts + 1;
             let retry_at = now_ms() + backoff_ms(&shared2.config.outbox, attempt);
+            outbox
+                .failed(&worker2, seq, &error, retry_at)
+                .map_err(|e| e.to_string())?;
+            // Logged once recorded, so that what the line says is what status shows.
             log_failure(
                 &shared2.config.outbox,
                 &target,
@@ -149,9 +160,6 @@ async fn publish(
                 &error,
                 retry_at,
             );
-            outbox
-                .failed(&worker2, seq, &error, retry_at)
-                .map_err(|e| e.to_string())?;
         }
         outbox.release(&worker2).map_err(|e| e.to_string())
     })
@@ -197,8 +205,17 @@ async fn publish_target(
         Ok(payloads) => payloads,
         Err(e) => return Outcome::Failed(format!("stored message is unreadable: {e}")),
     };
+    let attempt = async {
+        match broker.publish(target, &payloads).await {
+            // The first command after the broker came back can fail on the connection that broke
+            // (the client reconnects then): one more try at once, so that a row is not sent into a
+            // long backoff for it. A failed pipeline may have been partly taken: at least once.
+            Err(_) => broker.publish(target, &payloads).await,
+            done => done,
+        }
+    };
     // Bounded so that the lease cannot run out while this processor still publishes to the stream.
-    match tokio::time::timeout_at(deadline, broker.publish(target, &payloads)).await {
+    match tokio::time::timeout_at(deadline, attempt).await {
         Ok(Ok(())) => Outcome::Published,
         Ok(Err(e)) => Outcome::Failed(e.to_string()),
         Err(_) => Outcome::Failed("the broker did not answer within half the outbox lease".into()),
