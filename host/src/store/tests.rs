@@ -543,6 +543,34 @@ store_conformance! {
 }
 
 /// What only the SQLite store has to do: bring files written by older builds up to its schema.
+/// The streams of the rows a claim takes, in order.
+fn revived_in_order(store: &dyn Store) -> Vec<String> {
+    let claim = store
+        .outbox()
+        .unwrap()
+        .claim("w", 10, std::time::Duration::from_secs(30))
+        .unwrap();
+    claim
+        .items
+        .iter()
+        .map(|i| i.message.stream.clone())
+        .collect()
+}
+
+/// Two rows of one stream to publish (a test then marks the first 'abandoned', as older builds did).
+fn two_rows_to_publish(store: &dyn Store) {
+    store
+        .commit(&UnitOfWork {
+            messages: vec![
+                event("shop::order-1", 0, None),
+                event("shop::order-2", 0, None),
+            ],
+            publish: true,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+}
+
 mod sqlite_only {
     use super::{fence, fenced, is_fenced};
     use crate::{
@@ -572,6 +600,22 @@ mod sqlite_only {
                 }
             });
         }
+    }
+
+    #[test]
+    fn rows_abandoned_by_an_older_build_are_pending_again_when_the_file_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        super::two_rows_to_publish(&SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE outbox SET status = 'abandoned', attempts = 10 WHERE seq = 1")
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            super::revived_in_order(&store),
+            ["shop::order-1", "shop::order-2"]
+        );
     }
 
     #[test]
@@ -617,6 +661,23 @@ mod postgres_only {
             assert!(Instant::now() < deadline, "the lease never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn migration_4_makes_rows_abandoned_by_an_older_build_pending_again() {
+        let (store, server) = super::postgres();
+        super::two_rows_to_publish(&store);
+        server.psql(
+            "UPDATE protean.outbox SET status = 'abandoned', attempts = 10 \
+             WHERE seq = (SELECT min(seq) FROM protean.outbox); \
+             DELETE FROM protean.schema_version WHERE version = 4",
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [4]);
+        assert_eq!(
+            super::revived_in_order(&store),
+            ["shop::order-1", "shop::order-2"]
+        );
     }
 
     #[test]

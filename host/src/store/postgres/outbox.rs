@@ -111,7 +111,7 @@ impl Outbox for PostgresStore {
     }
 
     fn republish(&self, target: Option<&str>) -> Result<u64> {
-        Ok(self.conn()?.execute(sql::OUTBOX_REPUBLISH, &[&target])?)
+        self.conn()?.execute(sql::OUTBOX_REPUBLISH, &[&target])
     }
 }
 
