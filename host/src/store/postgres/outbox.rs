@@ -1,5 +1,6 @@
 //! The outbox of the PostgreSQL store. Claims are serialised across every processor by a transaction
-//! lock, so the per-target leases decide alone who publishes what, as in the SQLite store.
+//! lock, so the per-target leases decide alone who publishes what, as in the SQLite store; their times
+//! come from the database's clock, the one clock every replica shares.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -14,9 +15,11 @@ use crate::store::{
 
 impl Outbox for PostgresStore {
     fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
-        let now = now_ms();
         self.conn()?.transaction(|c| {
             c.execute(sql::LOCK_OUTBOX, &[])?;
+            // Leases are judged by the database's clock: the replicas' clocks may disagree, and a
+            // lease of a few seconds leaves little room for that.
+            let now = c.query(sql::CLOCK_MS, &[])?[0].get::<_, i64>(0) as u64;
             let window = limit as i64 * 4;
             let candidates: Vec<Candidate> = c
                 .query(sql::OUTBOX_CANDIDATES, &[&window])?
