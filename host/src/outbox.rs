@@ -222,8 +222,31 @@ async fn publish_target(
     }
 }
 
+/// What a failed attempt is worth saying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Note {
+    /// A WARN line: it will be retried.
+    Retry,
+    /// The ERROR line: it has just become held.
+    Held,
+    /// An ERROR line reminding that it is still held.
+    StillHeld,
+    /// Nothing: a held row between reminders.
+    Quiet,
+}
+
 /// One WARN line per retry until the row is held; then an ERROR line when it becomes held and a
 /// reminder every `REMIND_EVERY` attempts, so a long outage is neither silent nor flooding the log.
+fn note(settings: &OutboxSettings, attempt: u32) -> Note {
+    let held = settings.max_attempts;
+    match attempt {
+        a if a < held => Note::Retry,
+        a if a == held => Note::Held,
+        a if (a - held) % OutboxSettings::REMIND_EVERY == 0 => Note::StillHeld,
+        _ => Note::Quiet,
+    }
+}
+
 fn log_failure(
     settings: &OutboxSettings,
     target: &str,
@@ -233,13 +256,17 @@ fn log_failure(
     retry_at: u64,
 ) {
     let retry_in_ms = retry_at.saturating_sub(now_ms());
-    let held = settings.max_attempts;
-    if attempt < held {
-        tracing::warn!(%target, seq, attempt, error, retry_in_ms, "outbox publish failed; will retry");
-    } else if attempt == held {
-        tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row held after outbox.max_attempts failed attempts: it and the rows of its stream after it wait; still retried (see `protean-host outbox list`)");
-    } else if (attempt - held) % OutboxSettings::REMIND_EVERY == 0 {
-        tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row still held; still retried");
+    match note(settings, attempt) {
+        Note::Retry => {
+            tracing::warn!(%target, seq, attempt, error, retry_in_ms, "outbox publish failed; will retry")
+        }
+        Note::Held => {
+            tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row held after outbox.max_attempts failed attempts: it and the rows of its stream after it wait; still retried (see `protean-host outbox list`)")
+        }
+        Note::StillHeld => {
+            tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row still held; still retried")
+        }
+        Note::Quiet => {}
     }
 }
 
@@ -295,6 +322,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_row_is_said_once_then_every_ten_attempts() {
+        let settings = OutboxSettings {
+            max_attempts: 3,
+            ..OutboxSettings::default()
+        };
+        let notes: Vec<Note> = (1..=24).map(|a| note(&settings, a)).collect();
+        assert_eq!(&notes[..3], [Note::Retry, Note::Retry, Note::Held]);
+        let reminders: Vec<u32> = (4..=24)
+            .filter(|a| note(&settings, *a) == Note::StillHeld)
+            .collect();
+        assert_eq!(reminders, [13, 23]);
+        assert_eq!(notes[4], Note::Quiet);
+    }
 
     #[test]
     fn the_backoff_doubles_up_to_its_cap_and_never_stops() {

@@ -268,38 +268,41 @@ fn outbox_commands_say_why_without_a_broker_or_on_the_memory_store() {
 fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\npoll_interval_ms = 100\n[outbox]\nlease_ttl_ms = 4000\n";
+    let config = "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\npoll_interval_ms = 100\nlease_ttl_ms = 1000\n[outbox]\nlease_ttl_ms = 4000\n";
     std::fs::write(
         dir.path().join("protean.toml"),
         format!("{config}{}", redis.config()),
     )
     .unwrap();
     let store = sqlite(dir.path());
-    let first = spawn(dir.path(), &[]);
-    // A frozen Redis holds the first replica inside its round: it claimed, leased, and waits.
+    let mut replicas = start_replicas(dir.path(), 2);
+    // A frozen Redis holds whichever replica claims the row inside its round: claimed, leased, waiting.
     redis.pause();
     send_orders(dir.path(), 0, 1);
     let leases = rusqlite::Connection::open(dir.path().join(".protean/store.db")).unwrap();
+    let mut holder = String::new();
     wait_until(
         Duration::from_secs(30),
-        "the first replica leases the stream",
+        "a replica leases the stream",
         || {
-            leases
-                .query_row("SELECT count(*) FROM outbox_leases", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .unwrap()
-                > 0
+            holder = leases
+                .query_row("SELECT worker FROM outbox_leases", [], |r| r.get(0))
+                .unwrap_or_default();
+            !holder.is_empty()
         },
     );
     let claimed = Instant::now();
-    first.signal(libc::SIGKILL);
-    let _ = first.wait();
+    // Workers are named outbox-{pid}-{random}.
+    let pid: i32 = holder.split('-').nth(1).unwrap().parse().unwrap();
+    let dead = replicas.iter().position(|r| r.pid() == pid).unwrap();
+    let dead = replicas.remove(dead);
+    dead.signal(libc::SIGKILL);
+    let _ = dead.wait();
     redis.resume();
-    let mut second = start_replicas(dir.path(), 1).pop().unwrap();
+    let mut other = replicas.pop().unwrap();
     wait_until(
         Duration::from_secs(20),
-        "the second replica publishes",
+        "the other replica publishes",
         || pending(store.as_ref()) == 0,
     );
     let took = claimed.elapsed();
@@ -308,23 +311,26 @@ fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
         "published after the 4 s lease, not before and not 30 s later: {took:?}"
     );
     assert!(
-        second.seen_or_wait(
-            &["outbox took over a stream whose lease expired"],
-            Duration::from_secs(5)
-        ),
-        "the takeover is logged"
-    );
-    assert!(
-        second.seen_or_wait(
-            &["outbox stream waits for a lease its holder has neither renewed nor released"],
+        other.seen_or_wait(
+            &[
+                "outbox stream waits for a lease its holder has neither renewed nor released",
+                &holder
+            ],
             Duration::ZERO
         ),
         "the wait is logged"
     );
+    assert!(
+        other.seen_or_wait(
+            &["outbox took over a stream whose lease expired", &holder],
+            Duration::from_secs(5)
+        ),
+        "the takeover is logged"
+    );
     wait_until(Duration::from_secs(60), "the order shipped", || {
         shipped(store.as_ref()) == 1
     });
-    stop(second);
+    stop(other);
     // The frozen Redis may still have run the killed replica's XADD: at least once on the broker,
     // exactly once in effect.
     each_order_exactly_once(store.as_ref(), 1);
