@@ -58,19 +58,7 @@ pub(crate) async fn run(
         failures = 0;
         watch.observe(&worker, &claim);
         if claim.items.is_empty() {
-            let wait = match claim.wake_at {
-                // Rows wait for a retry or for another processor's lease: not done, not stalled.
-                Some(at) => {
-                    progress.set(NAME, State::Retrying);
-                    Duration::from_millis(at.saturating_sub(now_ms()))
-                        .min(shared.config.poll_interval)
-                }
-                None => {
-                    progress.published_up_to(seen);
-                    progress.set(NAME, State::Idle { head: seen });
-                    shared.config.poll_interval
-                }
-            };
+            let wait = nothing_claimed(&shared, claim.wake_at, seen);
             tokio::select! {
                 _ = head.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -78,13 +66,7 @@ pub(crate) async fn run(
             }
             continue;
         }
-        let targets: Vec<&str> = claim.items.iter().map(|i| i.target.as_str()).collect();
-        tracing::debug!(
-            worker,
-            rows = claim.items.len(),
-            ?targets,
-            "outbox claimed rows"
-        );
+        tracing::debug!(worker, rows = claim.items.len(), "outbox claimed rows");
         progress.set(NAME, State::Busy);
         let deadline = tokio::time::Instant::now() + lease / 2;
         publish(&shared, broker.as_ref(), &worker, claim.items, deadline).await?;
@@ -93,6 +75,25 @@ pub(crate) async fn run(
     let _ = blocking(move || store.outbox().map(|o| o.release(&worker))).await;
     progress.set(NAME, State::Stopped);
     Ok(())
+}
+
+/// Report a round that claimed nothing, and say how long to wait before the next claim. Rows waiting
+/// for a retry or for another processor's lease (`wake_at`) mean not done, and not stalled either.
+fn nothing_claimed(shared: &Shared, wake_at: Option<u64>, seen: u64) -> Duration {
+    // A floor, so that clocks that disagree (PostgreSQL judges leases by its own) cannot make a spin.
+    const AT_LEAST: Duration = Duration::from_millis(20);
+    let poll = shared.config.poll_interval;
+    match wake_at {
+        Some(at) => {
+            shared.progress.set(NAME, State::Retrying);
+            Duration::from_millis(at.saturating_sub(now_ms())).clamp(AT_LEAST, poll.max(AT_LEAST))
+        }
+        None => {
+            shared.progress.published_up_to(seen);
+            shared.progress.set(NAME, State::Idle { head: seen });
+            poll
+        }
+    }
 }
 
 async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, String>, String> {
