@@ -85,6 +85,42 @@ pub enum Command {
     Health(HealthArgs),
     /// The PostgreSQL store's schema: apply its migrations, or show where it stands.
     Db(DbArgs),
+    /// The outbox: list the rows waiting to be published, publish held ones at once.
+    Outbox(OutboxArgs),
+}
+
+/// Options of `outbox`.
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub action: OutboxAction,
+}
+
+/// What to do with the outbox (SQLite or PostgreSQL, with a broker configured).
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// The rows waiting to be published, oldest first: target stream, seq, attempts, last error, age.
+    List {
+        /// Only the rows going to this broker stream (a category, e.g. shop::order).
+        #[arg(long, value_name = "STREAM")]
+        stream: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear the backoff of waiting rows, so that a running server publishes them at once (in order).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["stream", "all"])))]
+    Republish {
+        /// The rows going to this broker stream.
+        #[arg(long, value_name = "STREAM")]
+        stream: Option<String>,
+        /// Every waiting row.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Options of `subscriptions`.
@@ -309,6 +345,24 @@ mod tests {
                 .exit_code(),
             2
         );
+    }
+
+    #[test]
+    fn outbox_republish_needs_a_stream_or_all() {
+        let cli = parse(&["outbox", "republish", "--stream", "shop::order"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Outbox(OutboxArgs {
+                action: OutboxAction::Republish { all: false, .. }
+            }))
+        ));
+        assert!(parse(&["outbox", "list", "--json"]).is_ok());
+        for args in [
+            &["outbox", "republish"][..],
+            &["outbox", "republish", "--all", "--stream", "x"],
+        ] {
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
     }
 
     #[test]

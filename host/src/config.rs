@@ -130,12 +130,22 @@ pub enum SubscriptionType {
 pub struct OutboxSettings {
     /// Rows claimed and published per round.
     pub messages_per_tick: u32,
-    /// Attempts before a row is abandoned (and logged as such).
+    /// Failed attempts after which a row counts as held: logged as an ERROR (then reminded every
+    /// [`OutboxSettings::REMIND_EVERY`] attempts) and counted as held in status and metrics. A held row
+    /// is still retried, at the longest backoff: a committed message is never given up.
     pub max_attempts: u32,
     /// Backoff before the first retry; doubles per attempt, with jitter.
     pub retry_delay_ms: u64,
     /// Upper bound of the backoff.
     pub max_retry_delay_ms: u64,
+    /// How long a processor holds the target streams it claimed: a stopped replica's streams are
+    /// published by another one after this long.
+    pub lease_ttl: Duration,
+}
+
+impl OutboxSettings {
+    /// A held row is logged again every this many attempts.
+    pub const REMIND_EVERY: u32 = 10;
 }
 
 impl Default for OutboxSettings {
@@ -145,6 +155,7 @@ impl Default for OutboxSettings {
             max_attempts: 10,
             retry_delay_ms: 1000,
             max_retry_delay_ms: 60_000,
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -195,6 +206,8 @@ pub struct HealthSettings {
     pub port: u16,
     /// A loop with work pending that has made no progress for this long fails readiness.
     pub stall_after: Duration,
+    /// An outbox whose oldest pending row was committed longer ago than this fails readiness.
+    pub outbox_max_age: Duration,
     /// How long the store and broker get to answer a readiness check.
     pub check_timeout: Duration,
     /// How long a client gets to send its request headers.
@@ -208,6 +221,7 @@ impl Default for HealthSettings {
             host: "127.0.0.1".into(),
             port: 8080,
             stall_after: Duration::from_secs(60),
+            outbox_max_age: Duration::from_secs(60),
             check_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
         }
@@ -297,6 +311,7 @@ struct OutboxSection {
     max_attempts: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    lease_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -357,6 +372,7 @@ struct HealthSection {
     host: Option<String>,
     port: Option<u16>,
     stall_after_ms: Option<u64>,
+    outbox_max_age_ms: Option<u64>,
     check_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
 }
@@ -509,20 +525,7 @@ impl Config {
         let store = store(raw.store).map_err(|(key, message)| invalid(key, message))?;
         let s = &raw.server;
         let broker = broker(raw.brokers, path)?;
-        let o = &raw.outbox;
-        let defaults = OutboxSettings::default();
-        let outbox = OutboxSettings {
-            messages_per_tick: o.messages_per_tick.unwrap_or(defaults.messages_per_tick),
-            max_attempts: o.max_attempts.unwrap_or(defaults.max_attempts),
-            retry_delay_ms: o.retry_delay_ms.unwrap_or(defaults.retry_delay_ms),
-            max_retry_delay_ms: o.max_retry_delay_ms.unwrap_or(defaults.max_retry_delay_ms),
-        };
-        if outbox.messages_per_tick == 0 || outbox.max_attempts == 0 {
-            return Err(invalid(
-                "outbox",
-                "messages_per_tick and max_attempts must be at least 1".into(),
-            ));
-        }
+        let outbox = outbox(&raw.outbox).map_err(|(k, m)| invalid(&k, m))?;
         if s.subscription_type == Some(SubscriptionType::Stream) && broker.is_none() {
             return Err(invalid(
                 "server.subscription_type",
@@ -682,6 +685,33 @@ fn broker(
     }))
 }
 
+/// `[outbox]`, checked: at least one message per tick and attempt, a lease of at least 100 ms.
+fn outbox(o: &OutboxSection) -> Result<OutboxSettings, (String, String)> {
+    let defaults = OutboxSettings::default();
+    let settings = OutboxSettings {
+        messages_per_tick: o.messages_per_tick.unwrap_or(defaults.messages_per_tick),
+        max_attempts: o.max_attempts.unwrap_or(defaults.max_attempts),
+        retry_delay_ms: o.retry_delay_ms.unwrap_or(defaults.retry_delay_ms),
+        max_retry_delay_ms: o.max_retry_delay_ms.unwrap_or(defaults.max_retry_delay_ms),
+        lease_ttl: o
+            .lease_ttl_ms
+            .map_or(defaults.lease_ttl, Duration::from_millis),
+    };
+    let at_least =
+        |key: &str, min: &str| Err((format!("outbox.{key}"), format!("must be at least {min}")));
+    match settings {
+        OutboxSettings {
+            messages_per_tick: 0,
+            ..
+        } => at_least("messages_per_tick", "1"),
+        OutboxSettings {
+            max_attempts: 0, ..
+        } => at_least("max_attempts", "1"),
+        s if s.lease_ttl < Duration::from_millis(100) => at_least("lease_ttl_ms", "100"),
+        s => Ok(s),
+    }
+}
+
 /// `[server.ordering]`, checked: at least one partition and worker, a lease of at least 100 ms.
 fn ordering(o: &OrderingSection) -> Result<OrderingSettings, (String, String)> {
     let defaults = OrderingSettings::default();
@@ -735,6 +765,11 @@ fn health(h: &HealthSection) -> Result<HealthSettings, (String, String)> {
         host,
         port: h.port.unwrap_or(defaults.port),
         stall_after: millis("stall_after_ms", h.stall_after_ms, defaults.stall_after)?,
+        outbox_max_age: millis(
+            "outbox_max_age_ms",
+            h.outbox_max_age_ms,
+            defaults.outbox_max_age,
+        )?,
         check_timeout: millis(
             "check_timeout_ms",
             h.check_timeout_ms,
@@ -1048,6 +1083,17 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_lease_is_configurable_and_max_attempts_still_reads() {
+        let config = parse("[outbox]\nmax_attempts = 3\nlease_ttl_ms = 1500\n", &[]).unwrap();
+        assert_eq!(
+            (config.outbox.max_attempts, config.outbox.lease_ttl),
+            (3, Duration::from_millis(1500))
+        );
+        let defaults = parse("", &[]).unwrap();
+        assert_eq!(defaults.outbox.lease_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_fix() {
         let cases = [
             ("[server]\nmax_retrys = 3", "config file protean.toml: server.max_retrys: unknown field `max_retrys`, expected one of"),
@@ -1065,6 +1111,10 @@ mod tests {
             ("[server.ordering]\nworkers = 0", "config file protean.toml: server.ordering.workers: must be at least 1"),
             ("[server.ordering]\nlease_ttl_ms = 5", "config file protean.toml: server.ordering.lease_ttl_ms: must be at least 100"),
             ("[server.ordering]\nparts = 3", "config file protean.toml: server.ordering.parts: unknown field `parts`"),
+            ("[outbox]\nlease_ttl_ms = 0", "config file protean.toml: outbox.lease_ttl_ms: must be at least 100"),
+            ("[outbox]\nmax_attempts = 0", "config file protean.toml: outbox.max_attempts: must be at least 1"),
+            ("[outbox]\nmessages_per_tick = 0", "config file protean.toml: outbox.messages_per_tick: must be at least 1"),
+            ("[server.health]\noutbox_max_age_ms = 0", "config file protean.toml: server.health.outbox_max_age_ms: must be at least 1"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();

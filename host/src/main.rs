@@ -8,7 +8,8 @@ use clap::Parser;
 use protean_host::{
     cli::{
         Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
-        LogFormat, SendArgs, ServerArgs, SubscriptionsAction, SubscriptionsArgs,
+        LogFormat, OutboxAction, OutboxArgs, SendArgs, ServerArgs, SubscriptionsAction,
+        SubscriptionsArgs,
     },
     config::Config,
     discovery,
@@ -45,6 +46,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Subscriptions(args)) => subscriptions(&cli.common, &args),
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
+        Some(Command::Outbox(args)) => outbox(&cli.common, &args),
     }
 }
 
@@ -217,6 +219,99 @@ fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `outbox list` and `outbox republish`: read and nudge the store's outbox. Needs no domain, only the
+/// config; a running server publishes what `republish` cleared on its next round.
+fn outbox(common: &Common, args: &OutboxArgs) -> anyhow::Result<ExitCode> {
+    use protean_host::store::{self, StoreConfig};
+    let config = Config::load(common.config.as_deref())?;
+    anyhow::ensure!(
+        config.broker.is_some(),
+        "no broker is configured ([brokers.default]): nothing is published, so there is no outbox to show"
+    );
+    anyhow::ensure!(
+        config.store != StoreConfig::Memory,
+        "the memory store lives inside the server process; `outbox` commands need [store] provider = \"sqlite\" or \"postgres\""
+    );
+    let store = store::open(&config.store)?;
+    let outbox = store.outbox().context("this store keeps no outbox")?;
+    match &args.action {
+        OutboxAction::List {
+            stream,
+            limit,
+            json,
+        } => {
+            let rows = outbox.pending(stream.as_deref(), *limit)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_outbox(&rows, &outbox.counts(config.outbox.max_attempts)?);
+            }
+        }
+        OutboxAction::Republish { stream, .. } => {
+            if let Some(stream) = stream {
+                ensure_waiting(outbox, stream)?;
+            }
+            let cleared = outbox.republish(stream.as_deref())?;
+            let which = stream
+                .as_deref()
+                .map_or("every stream".to_owned(), |s| format!("stream {s}"));
+            println!("{cleared} row(s) of {which} were waiting for a retry; a running server publishes them now, in order");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A stream given to `outbox republish` must have rows waiting: a typo is an error, not "0 rows".
+fn ensure_waiting(outbox: &dyn protean_host::store::Outbox, stream: &str) -> anyhow::Result<()> {
+    if !outbox.pending(Some(stream), 1)?.is_empty() {
+        return Ok(());
+    }
+    let mut waiting: Vec<String> = outbox
+        .pending(None, 10_000)?
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    waiting.sort();
+    waiting.dedup();
+    let known = if waiting.is_empty() {
+        "no stream has rows waiting".to_owned()
+    } else {
+        format!("streams with rows waiting: {}", waiting.join(", "))
+    };
+    anyhow::bail!("no outbox rows wait for stream {stream:?}; {known}")
+}
+
+fn print_outbox(
+    rows: &[protean_host::store::PendingRow],
+    counts: &protean_host::store::OutboxCounts,
+) {
+    println!(
+        "{:<28} {:>8} {:>8} {:>10} {:>10}  {:<50} error",
+        "stream", "seq", "attempts", "age", "retry in", "message"
+    );
+    let now = protean_host::store::now_ms();
+    for r in rows {
+        let retry = match r.next_attempt_at.saturating_sub(now) {
+            0 => "now".to_owned(),
+            ms => format!("{:.1} s", ms as f64 / 1000.0),
+        };
+        println!(
+            "{:<28} {:>8} {:>8} {:>10} {:>10}  {:<50} {}",
+            r.target,
+            r.seq,
+            r.attempts,
+            format!("{:.1} s", r.age_ms as f64 / 1000.0),
+            retry,
+            format!("{} {}", r.stream, r.message_type),
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "{} pending ({} failing, {} held), {} published",
+        counts.pending, counts.failing, counts.held, counts.published
+    );
+}
+
 /// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
@@ -313,9 +408,9 @@ fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<Ex
             None => None,
         };
         let targets = ops::status::targets(&engine);
-        let limit = std::time::Duration::from_secs(5);
+        let limits = ops::status::Limits::of(engine.config(), std::time::Duration::from_secs(5));
         let configured = engine.config().broker.is_some();
-        ops::status::measure(engine.store(), broker, configured, &targets, limit).await
+        ops::status::measure(engine.store(), broker, configured, &targets, limits).await
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);

@@ -1,26 +1,31 @@
 //! The outbox processor: publishes what units of work committed to the broker, in commit order per
-//! stream, at least once.
+//! stream, at least once, however long the broker is away.
 //!
 //! Invariants: a row is marked published only after the broker accepted it; a row that fails waits for
-//! its retry with exponential backoff and jitter, holding back the rows of its stream behind it, and is
-//! abandoned (with a WARN line, and counted) after `outbox.max_attempts`.
+//! its retry with capped exponential backoff and jitter, holding back the rows of its stream behind
+//! it. No row is ever given up: after `outbox.max_attempts` failures it counts as held (an ERROR line,
+//! a reminder every `REMIND_EVERY` attempts, `held` in status and metrics) and is still retried.
+//! A round publishes for at most half the lease (`outbox.lease_ttl_ms`), so a processor has stopped
+//! publishing to a stream before another one may take the stream over.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::Broker,
+    config::OutboxSettings,
     engine::{progress::State, Shared},
     message,
-    store::{now_ms, OutboxItem},
+    store::{now_ms, Claim, ForeignLease, OutboxItem},
 };
 
 /// The name the outbox processor reports its progress under.
 pub(crate) const NAME: &str = "outbox";
-
-/// How long a processor holds the streams it claimed; another one takes over after a crash.
-const LEASE: Duration = Duration::from_secs(30);
 
 /// Publish until `shutdown`. Rows of the round in flight are published and marked first.
 pub(crate) async fn run(
@@ -32,50 +37,39 @@ pub(crate) async fn run(
     let progress = &shared.progress;
     let mut head = progress.head();
     let mut failures = 0u32;
-    tracing::info!(worker, "outbox processor started");
+    let mut watch = LeaseWatch::default();
+    let lease = shared.config.outbox.lease_ttl;
+    tracing::info!(
+        worker,
+        lease_ms = lease.as_millis() as u64,
+        "outbox processor started"
+    );
     while !shutdown.is_cancelled() {
         let seen = *head.borrow_and_update();
-        let claimed = blocking({
-            let (shared, worker) = (shared.clone(), worker.clone());
-            move || {
-                let outbox = shared.store.outbox().ok_or("the store keeps no outbox")?;
-                outbox
-                    .claim(
-                        &worker,
-                        shared.config.outbox.messages_per_tick as usize,
-                        LEASE,
-                    )
-                    .map_err(|e| e.to_string())
-            }
-        })
-        .await?;
-        let items = match claimed {
-            Ok(items) => items,
+        let claimed = claim(&shared, &worker).await?;
+        let claim = match claimed {
+            Ok(claim) => claim,
             Err(error) => {
                 failures += 1;
-                crate::subscription::event_store::backoff(
-                    NAME,
-                    &error.to_string(),
-                    failures,
-                    &shutdown,
-                )
-                .await;
+                crate::subscription::event_store::backoff(NAME, &error, failures, &shutdown).await;
                 continue;
             }
         };
         failures = 0;
-        if items.is_empty() {
-            progress.published_up_to(seen);
-            progress.set(NAME, State::Idle { head: seen });
+        watch.observe(&worker, &claim);
+        if claim.items.is_empty() {
+            let wait = nothing_claimed(&shared, claim.wake_at, seen);
             tokio::select! {
                 _ = head.changed() => {}
-                _ = tokio::time::sleep(shared.config.poll_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => break,
             }
             continue;
         }
+        tracing::debug!(worker, rows = claim.items.len(), "outbox claimed rows");
         progress.set(NAME, State::Busy);
-        publish(&shared, broker.as_ref(), &worker, items).await?;
+        let deadline = tokio::time::Instant::now() + lease / 2;
+        publish(&shared, broker.as_ref(), &worker, claim.items, deadline).await?;
     }
     let store = shared.store.clone();
     let _ = blocking(move || store.outbox().map(|o| o.release(&worker))).await;
@@ -83,45 +77,65 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Publish a claimed round, stream by stream in claim order, then record the outcome.
+/// Report a round that claimed nothing, and say how long to wait before the next claim. Rows waiting
+/// for a retry or for another processor's lease (`wake_at`) mean not done, and not stalled either.
+fn nothing_claimed(shared: &Shared, wake_at: Option<u64>, seen: u64) -> Duration {
+    // A floor, so that clocks that disagree (PostgreSQL judges leases by its own) cannot make a spin.
+    const AT_LEAST: Duration = Duration::from_millis(20);
+    let poll = shared.config.poll_interval;
+    match wake_at {
+        Some(at) => {
+            shared.progress.set(NAME, State::Retrying);
+            Duration::from_millis(at.saturating_sub(now_ms())).clamp(AT_LEAST, poll.max(AT_LEAST))
+        }
+        None => {
+            shared.progress.published_up_to(seen);
+            shared.progress.set(NAME, State::Idle { head: seen });
+            poll
+        }
+    }
+}
+
+async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, String>, String> {
+    let (shared, worker) = (shared.clone(), worker.to_owned());
+    blocking(move || {
+        let outbox = shared.store.outbox().ok_or("the store keeps no outbox")?;
+        let settings = &shared.config.outbox;
+        outbox
+            .claim(
+                &worker,
+                settings.messages_per_tick as usize,
+                settings.lease_ttl,
+            )
+            .map_err(|e| e.to_string())
+    })
+    .await
+}
+
+/// What one target's publish came to.
+enum Outcome {
+    Published,
+    Failed(String),
+    /// The round's time was up before its turn: claimable again, not a failed attempt.
+    NotTried,
+}
+
+/// Publish a claimed round, stream by stream in claim order, until `deadline`; then record the outcome.
 async fn publish(
     shared: &Arc<Shared>,
     broker: &dyn Broker,
     worker: &str,
     items: Vec<OutboxItem>,
+    deadline: tokio::time::Instant,
 ) -> Result<(), String> {
-    let mut targets: Vec<(String, Vec<OutboxItem>)> = Vec::new();
-    for item in items {
-        match targets.iter_mut().find(|(t, _)| *t == item.target) {
-            Some((_, list)) => list.push(item),
-            None => targets.push((item.target.clone(), vec![item])),
-        }
-    }
     let mut published = Vec::new();
     let mut failed = Vec::new();
-    for (target, items) in targets {
-        let payloads: Result<Vec<String>, _> = items
-            .iter()
-            .map(|i| {
-                message::wire_json(
-                    &i.message.data,
-                    &i.message.metadata,
-                    i.message.position,
-                    i.message.global_position,
-                )
-            })
-            .collect();
-        let outcome = match payloads {
-            Ok(payloads) => broker
-                .publish(&target, &payloads)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("stored message is unreadable: {e}")),
-        };
-        match outcome {
-            Ok(()) => published.extend(items.iter().map(|i| i.seq)),
+    for (target, items) in by_target(items) {
+        match publish_target(broker, &target, &items, deadline).await {
+            Outcome::Published => published.extend(items.iter().map(|i| i.seq)),
             // The first row carries the failure; the rest of the stream waits behind it.
-            Err(error) => failed.push((items[0].seq, items[0].attempts, target, error)),
+            Outcome::Failed(error) => failed.push((items[0].seq, items[0].attempts, target, error)),
+            Outcome::NotTried => {}
         }
     }
     let count = published.len() as u64;
@@ -129,16 +143,24 @@ async fn publish(
     let (shared2, worker2) = (shared.clone(), worker.to_owned());
     let recorded = blocking(move || -> Result<(), String> {
         let outbox = shared2.store.outbox().ok_or("the store keeps no outbox")?;
-        outbox.published(&worker2, &published).map_err(|e| e.to_string())?;
+        outbox
+            .published(&worker2, &published)
+            .map_err(|e| e.to_string())?;
         for (seq, attempts, target, error) in failed {
-            let settings = shared2.config.outbox;
             let attempt = attempts + 1;
-            let retry_at = (attempt < settings.max_attempts).then(|| now_ms() + backoff_ms(&settings, attempt));
-            match retry_at {
-                Some(at) => tracing::warn!(%target, seq, attempt, error, retry_in_ms = at.saturating_sub(now_ms()), "outbox publish failed; will retry"),
-                None => tracing::warn!(%target, seq, attempt, error, "outbox row abandoned after its last attempt"),
-            }
-            outbox.failed(&worker2, seq, &error, retry_at).map_err(|e| e.to_string())?;
+            let retry_at = now_ms() + backoff_ms(&shared2.config.outbox, attempt);
+            outbox
+                .failed(&worker2, seq, &error, retry_at)
+                .map_err(|e| e.to_string())?;
+            // Logged once recorded, so that what the line says is what status shows.
+            log_failure(
+                &shared2.config.outbox,
+                &target,
+                seq,
+                attempt,
+                &error,
+                retry_at,
+            );
         }
         outbox.release(&worker2).map_err(|e| e.to_string())
     })
@@ -152,8 +174,106 @@ async fn publish(
     Ok(())
 }
 
-/// Exponential backoff with ±20% jitter.
-fn backoff_ms(settings: &crate::config::OutboxSettings, attempt: u32) -> u64 {
+/// The claimed rows grouped by target stream, targets in claim order, rows in commit order.
+fn by_target(items: Vec<OutboxItem>) -> Vec<(String, Vec<OutboxItem>)> {
+    let mut targets: Vec<(String, Vec<OutboxItem>)> = Vec::new();
+    for item in items {
+        match targets.iter_mut().find(|(t, _)| *t == item.target) {
+            Some((_, list)) => list.push(item),
+            None => targets.push((item.target.clone(), vec![item])),
+        }
+    }
+    targets
+}
+
+async fn publish_target(
+    broker: &dyn Broker,
+    target: &str,
+    items: &[OutboxItem],
+    deadline: tokio::time::Instant,
+) -> Outcome {
+    if tokio::time::Instant::now() >= deadline {
+        return Outcome::NotTried;
+    }
+    let payloads: Result<Vec<String>, _> = items
+        .iter()
+        .map(|i| {
+            let m = &i.message;
+            message::wire_json(&m.data, &m.metadata, m.position, m.global_position)
+        })
+        .collect();
+    let payloads = match payloads {
+        Ok(payloads) => payloads,
+        Err(e) => return Outcome::Failed(format!("stored message is unreadable: {e}")),
+    };
+    let attempt = async {
+        match broker.publish(target, &payloads).await {
+            // The first command after the broker came back can fail on the connection that broke
+            // (the client reconnects then): one more try at once, so that a row is not sent into a
+            // long backoff for it. A failed pipeline may have been partly taken: at least once.
+            Err(_) => broker.publish(target, &payloads).await,
+            done => done,
+        }
+    };
+    // Bounded so that the lease cannot run out while this processor still publishes to the stream.
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(Ok(())) => Outcome::Published,
+        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+        Err(_) => Outcome::Failed("the broker did not answer within half the outbox lease".into()),
+    }
+}
+
+/// What a failed attempt is worth saying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Note {
+    /// A WARN line: it will be retried.
+    Retry,
+    /// The ERROR line: it has just become held.
+    Held,
+    /// An ERROR line reminding that it is still held.
+    StillHeld,
+    /// Nothing: a held row between reminders.
+    Quiet,
+}
+
+/// One WARN line per retry until the row is held; then an ERROR line when it becomes held and a
+/// reminder every `REMIND_EVERY` attempts, so a long outage is neither silent nor flooding the log.
+fn note(settings: &OutboxSettings, attempt: u32) -> Note {
+    let held = settings.max_attempts;
+    match attempt {
+        a if a < held => Note::Retry,
+        a if a == held => Note::Held,
+        a if (a - held) % OutboxSettings::REMIND_EVERY == 0 => Note::StillHeld,
+        _ => Note::Quiet,
+    }
+}
+
+fn log_failure(
+    settings: &OutboxSettings,
+    target: &str,
+    seq: u64,
+    attempt: u32,
+    error: &str,
+    retry_at: u64,
+) {
+    let retry_in_ms = retry_at.saturating_sub(now_ms());
+    match note(settings, attempt) {
+        Note::Retry => {
+            tracing::warn!(%target, seq, attempt, error, retry_in_ms, "outbox publish failed; will retry")
+        }
+        Note::Held => {
+            tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row held after outbox.max_attempts failed attempts: it and the rows of its stream after it wait; still retried (see `protean-host outbox list`)")
+        }
+        Note::StillHeld => {
+            tracing::error!(%target, seq, attempt, error, retry_in_ms, "outbox row still held; still retried")
+        }
+        Note::Quiet => {}
+    }
+}
+
+/// Exponential backoff capped at `max_retry_delay_ms`, with ±20% jitter (so that processors retrying
+/// together spread out).
+fn backoff_ms(settings: &OutboxSettings, attempt: u32) -> u64 {
     let base = settings
         .retry_delay_ms
         .saturating_mul(1 << attempt.saturating_sub(1).min(20))
@@ -162,8 +282,81 @@ fn backoff_ms(settings: &crate::config::OutboxSettings, attempt: u32) -> u64 {
     (base as f64 * jitter) as u64
 }
 
+/// Says when another processor's lease keeps streams from this one for longer than a round takes (its
+/// processor stopped or stalled), and when this one takes such streams over.
+#[derive(Debug, Default)]
+struct LeaseWatch {
+    /// Leases met, by target: since when this one has been seen unchanged, and whether it was said.
+    seen: HashMap<String, (ForeignLease, Instant, bool)>,
+}
+
+impl LeaseWatch {
+    /// Longer than any round of a live processor takes between its claim and its release.
+    const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+
+    fn observe(&mut self, worker: &str, claim: &Claim) {
+        let now = now_ms();
+        for lease in &claim.taken_over {
+            tracing::warn!(target = %lease.target, from = %lease.worker, worker, expired_ms_ago = now.saturating_sub(lease.until), "outbox took over a stream whose lease expired without being released (its processor stopped or stalled)");
+        }
+        self.seen
+            .retain(|target, (lease, ..)| claim.waiting.contains(lease) && &lease.target == target);
+        for lease in &claim.waiting {
+            let entry = self
+                .seen
+                .entry(lease.target.clone())
+                .or_insert_with(|| (lease.clone(), Instant::now(), false));
+            if !entry.2 && entry.1.elapsed() >= Self::SUSPECT_AFTER {
+                entry.2 = true;
+                tracing::warn!(target = %lease.target, holder = %lease.worker, worker, held_for_ms = entry.1.elapsed().as_millis() as u64, expires_in_ms = lease.until.saturating_sub(now), "outbox stream waits for a lease its holder has neither renewed nor released (stopped or stalled?); taking it over when it expires");
+            }
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("an outbox task failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_row_is_said_once_then_every_ten_attempts() {
+        let settings = OutboxSettings {
+            max_attempts: 3,
+            ..OutboxSettings::default()
+        };
+        let notes: Vec<Note> = (1..=24).map(|a| note(&settings, a)).collect();
+        assert_eq!(&notes[..3], [Note::Retry, Note::Retry, Note::Held]);
+        let reminders: Vec<u32> = (4..=24)
+            .filter(|a| note(&settings, *a) == Note::StillHeld)
+            .collect();
+        assert_eq!(reminders, [13, 23]);
+        assert_eq!(notes[4], Note::Quiet);
+    }
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_cap_and_never_stops() {
+        let settings = OutboxSettings {
+            retry_delay_ms: 100,
+            max_retry_delay_ms: 1000,
+            ..OutboxSettings::default()
+        };
+        let within = |attempt, base: u64| {
+            let ms = backoff_ms(&settings, attempt);
+            assert!(
+                ms >= base * 8 / 10 && ms <= base * 12 / 10,
+                "attempt {attempt}: {ms} ms"
+            );
+        };
+        within(1, 100);
+        within(2, 200);
+        within(4, 800);
+        within(5, 1000);
+        within(1000, 1000);
+    }
 }

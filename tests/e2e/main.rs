@@ -13,6 +13,7 @@ mod messagedb;
 mod ops;
 mod ordered;
 mod ordered_store;
+mod outbox;
 mod postgres;
 mod protean;
 mod redis;

@@ -231,6 +231,56 @@ fn readiness_fails_with_the_broker_stopped() {
     drop(server);
 }
 
+/// Issue 14, item 4: an outbox that cannot publish is visible. Rows committed while Redis is away are
+/// held (counted in `/metrics`), readiness names the outbox once the oldest waits longer than
+/// `outbox_max_age_ms`, and both clear when Redis is back and the rows are published.
+#[test]
+fn readiness_and_metrics_show_an_outbox_that_waits() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{TEST_CONFIG}{}[outbox]\nmax_attempts = 2\nretry_delay_ms = 20\nmax_retry_delay_ms = 100\n\
+         [server.health]\nport = 0\noutbox_max_age_ms = 300\n",
+        redis.config()
+    );
+    std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+    let (server, address) = start(dir.path());
+    wait_until(LIMIT, "readiness with the broker up", || {
+        readyz(&address).0 == 200
+    });
+    redis.stop();
+    send(dir.path(), "a", "ok");
+    let outbox_reason = |body: &Value| {
+        body["reasons"].as_array().unwrap().iter().any(|r| {
+            r.as_str()
+                .unwrap()
+                .starts_with("outbox: its oldest pending row waits for")
+        })
+    };
+    wait_until(LIMIT, "readiness to name the outbox, its row held", || {
+        let body = readyz(&address).1;
+        outbox_reason(&body) && body["outbox"]["held"] == 1
+    });
+    wait_until(LIMIT, "the scrape to show the held row", || {
+        sample(&scrape(&address), "protean_outbox_held", &[]) == 1.0
+    });
+    let metrics = scrape(&address);
+    assert_eq!(sample(&metrics, "protean_outbox_pending", &[]), 1.0);
+    assert_eq!(sample(&metrics, "protean_outbox_failing", &[]), 1.0);
+    assert!(sample(&metrics, "protean_outbox_oldest_pending_age_seconds", &[]) > 0.3);
+    redis.restart();
+    wait_until(LIMIT, "readiness once the row is published", || {
+        readyz(&address).0 == 200
+    });
+    let metrics = scrape(&address);
+    assert_eq!(sample(&metrics, "protean_outbox_pending", &[]), 0.0);
+    assert_eq!(
+        sample(&metrics, "protean_outbox_oldest_pending_age_seconds", &[]),
+        0.0
+    );
+    drop(server);
+}
+
 #[test]
 fn garbage_and_stalled_clients_do_not_block_other_requests() {
     let dir = tempfile::tempdir().unwrap();

@@ -41,8 +41,8 @@ fn the_whole_flow_runs_on_streams() {
         50 * 7 - 50 + 50,
         "every message, the sent commands included, went through the outbox"
     );
-    let outbox = store.outbox().unwrap().counts().unwrap();
-    assert_eq!((outbox.pending, outbox.abandoned), (0, 0));
+    let outbox = store.outbox().unwrap().counts(1).unwrap();
+    assert_eq!((outbox.pending, outbox.failing), (0, 0));
     let pending = redis.cli(&["XPENDING", "fulfilment::order", "inventory"]);
     assert!(
         pending.starts_with("0\n"),
@@ -174,7 +174,7 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     });
     // Let the last entries settle (acknowledged, summaries written) before counting every effect.
     wait_until(Duration::from_secs(60), "an empty outbox", || {
-        store.outbox().unwrap().counts().unwrap().pending == 0
+        store.outbox().unwrap().counts(1).unwrap().pending == 0
     });
     for replica in replicas.drain(1..) {
         replica.signal(libc::SIGTERM);

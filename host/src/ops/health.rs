@@ -34,6 +34,7 @@ use crate::{
     config::{Config, HealthSettings, SubscriptionType},
     engine::{batch::Subscription, progress::State as LoopState, Shared},
     outbox,
+    store::OutboxCounts,
 };
 
 /// How long a status snapshot is reused: scrapes and probes every 100 ms cost one measurement a second.
@@ -216,6 +217,12 @@ impl Ops {
             reasons.push("shutting down".into());
         }
         let snapshot = self.live_snapshot(broker_up).await;
+        if let Some(reason) = snapshot
+            .outbox
+            .and_then(|o| outbox_too_old(&o, self.settings.outbox_max_age))
+        {
+            reasons.push(reason);
+        }
         for s in snapshot
             .subscriptions
             .iter()
@@ -305,9 +312,10 @@ impl Ops {
             }
         }
         if let (Some((state, at)), Some(outbox)) = (loops.get(outbox::NAME), snapshot.outbox) {
+            // Waiting out a retry is not a stall: the age of what waits is checked on its own.
             let limit = Stall {
                 after: self.settings.stall_after,
-                allowance: Duration::ZERO,
+                allowance: Duration::from_millis(self.shared.config.outbox.max_retry_delay_ms),
                 head,
             };
             if limit.stalled(state, at.elapsed(), outbox.pending) {
@@ -334,13 +342,28 @@ impl Ops {
                 broker,
                 self.broker.is_some(),
                 &targets(&self.shared.config, &self.shared.subscriptions()),
-                self.settings.check_timeout,
+                status::Limits::of(&self.shared.config, self.settings.check_timeout),
             )
             .await,
         );
         *cache = Some((Instant::now(), snapshot.clone()));
         snapshot
     }
+}
+
+/// Why readiness fails for the outbox: its oldest pending row was committed more than `max_age` ago
+/// (the broker is away, or rows are held), whatever the processors are doing.
+fn outbox_too_old(outbox: &OutboxCounts, max_age: Duration) -> Option<String> {
+    let age = outbox.oldest_pending_age_ms?;
+    (age > max_age.as_millis() as u64).then(|| {
+        format!(
+            "outbox: its oldest pending row waits for {age} ms (over server.health.outbox_max_age_ms = {}); {} pending, {} failing, {} held",
+            max_age.as_millis(),
+            outbox.pending,
+            outbox.failing,
+            outbox.held
+        )
+    })
 }
 
 /// The outbox processor, shown as a row only when it is stalled.
@@ -406,6 +429,23 @@ impl Stall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outbox_fails_readiness_only_when_its_oldest_row_is_too_old() {
+        let max_age = Duration::from_millis(1000);
+        let counts = |age| OutboxCounts {
+            pending: 2,
+            oldest_pending_age_ms: age,
+            ..OutboxCounts::default()
+        };
+        assert_eq!(outbox_too_old(&counts(None), max_age), None);
+        assert_eq!(outbox_too_old(&counts(Some(900)), max_age), None);
+        let reason = outbox_too_old(&counts(Some(1500)), max_age).unwrap();
+        assert!(
+            reason.starts_with("outbox: its oldest pending row waits for 1500 ms"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn a_loop_is_stalled_only_with_work_pending_and_no_report_for_stall_after() {

@@ -59,7 +59,9 @@ pub(crate) struct Metrics {
     parked_keys: Family<Labels, Gauge>,
     held_messages: Family<Labels, Gauge>,
     outbox_pending: Gauge,
-    outbox_abandoned: Gauge,
+    outbox_failing: Gauge,
+    outbox_held: Gauge,
+    outbox_oldest_age: Gauge<f64, AtomicU64>,
     outbox_published: Counter,
     outbox_failed: Counter,
     up: Gauge,
@@ -115,7 +117,9 @@ impl Metrics {
             parked_keys: add(r, "ordered_parked_keys", "Ordered subscriptions: keys parked behind a dead letter", None, Family::default()),
             held_messages: add(r, "ordered_held_messages", "Ordered subscriptions: messages waiting behind parked keys", None, Family::default()),
             outbox_pending: add(r, "outbox_pending", "Outbox rows waiting to be published", None, Gauge::default()),
-            outbox_abandoned: add(r, "outbox_abandoned", "Outbox rows abandoned after their last attempt", None, Gauge::default()),
+            outbox_failing: add(r, "outbox_failing", "Outbox rows waiting to be published that failed at least once", None, Gauge::default()),
+            outbox_held: add(r, "outbox_held", "Outbox rows that failed outbox.max_attempts times or more: still retried, holding back their stream", None, Gauge::default()),
+            outbox_oldest_age: add(r, "outbox_oldest_pending_age", "Time since the oldest outbox row waiting to be published was committed (0 when none waits)", Some(Unit::Seconds), Gauge::default()),
             outbox_published: add(r, "outbox_published", "Outbox rows this process published", None, Counter::default()),
             outbox_failed: add(r, "outbox_failed", "Failed outbox publish attempts of this process", None, Counter::default()),
             up: add(r, "engine_up", "1 while the engine runs, 0 once it is shutting down", None, Gauge::default()),
@@ -234,7 +238,10 @@ impl Metrics {
         }
         if let Some(outbox) = snapshot.outbox {
             self.outbox_pending.set(outbox.pending as i64);
-            self.outbox_abandoned.set(outbox.abandoned as i64);
+            self.outbox_failing.set(outbox.failing as i64);
+            self.outbox_held.set(outbox.held as i64);
+            let age_ms = outbox.oldest_pending_age_ms.unwrap_or(0);
+            self.outbox_oldest_age.set(age_ms as f64 / 1000.0);
         }
         self.up.set(i64::from(!shutting_down));
         self.uptime.set(self.started.elapsed().as_secs_f64());
@@ -289,7 +296,17 @@ mod tests {
             ..Report::default()
         };
         metrics.batch(&s, &report, Duration::from_millis(40));
-        let text = metrics.encode(&Default::default(), false);
+        let snapshot = crate::ops::status::Snapshot {
+            outbox: Some(crate::store::OutboxCounts {
+                pending: 4,
+                held: 1,
+                failing: 2,
+                oldest_pending_age_ms: Some(2500),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = metrics.encode(&snapshot, false);
         for line in [
             "protean_messages_handled_total{subscription=\"commands:shop::order\",handler=\"orders\"} 2",
             "protean_messages_handled_total{subscription=\"commands:shop::order\",handler=\"shipping\"} 1",
@@ -299,6 +316,10 @@ mod tests {
             "protean_engine_up 1",
             "protean_plugin_generation 1",
             "protean_plugin_reloads_total 0",
+            "protean_outbox_pending 4",
+            "protean_outbox_failing 2",
+            "protean_outbox_held 1",
+            "protean_outbox_oldest_pending_age_seconds 2.5",
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }

@@ -154,18 +154,38 @@ pub struct Snapshot {
     pub outbox: Option<OutboxCounts>,
 }
 
-/// Measure `targets`. Store reads run on a blocking thread; every part is bounded by `limit`, and a
-/// part that fails or times out leaves its figures empty with an `error` instead. `broker` is `None`
-/// when no broker is configured or when it is known to be down.
+/// What to measure, and how long it may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Every part (store, broker) is bounded by this.
+    pub timeout: Duration,
+    /// `outbox.max_attempts`: outbox rows count as held from this many failed attempts.
+    pub outbox_held_after: u32,
+}
+
+impl Limits {
+    /// The limits of `config`, with `timeout`.
+    pub fn of(config: &crate::config::Config, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            outbox_held_after: config.outbox.max_attempts,
+        }
+    }
+}
+
+/// Measure `targets`. Store reads run on a blocking thread; every part is bounded by `limits.timeout`,
+/// and a part that fails or times out leaves its figures empty with an `error` instead. `broker` is
+/// `None` when no broker is configured or when it is known to be down.
 pub async fn measure(
     store: Arc<dyn Store>,
     broker: Option<Arc<dyn Broker>>,
     broker_configured: bool,
     targets: &[Target],
-    limit: Duration,
+    limits: Limits,
 ) -> Snapshot {
+    let limit = limits.timeout;
     let mut rows: Vec<SubscriptionStatus> = targets.iter().map(SubscriptionStatus::new).collect();
-    let outbox = measure_store(store, targets, &mut rows, limit).await;
+    let outbox = measure_store(store, targets, &mut rows, limits).await;
     match &broker {
         Some(broker) => {
             let measured =
@@ -206,8 +226,9 @@ async fn measure_store(
     store: Arc<dyn Store>,
     targets: &[Target],
     rows: &mut [SubscriptionStatus],
-    limit: Duration,
+    limits: Limits,
 ) -> Option<OutboxCounts> {
+    let (limit, held_after) = (limits.timeout, limits.outbox_held_after);
     let wanted: Vec<Target> = targets.to_vec();
     let work = tokio::task::spawn_blocking(move || -> StoreFigures {
         let figures = wanted
@@ -228,7 +249,7 @@ async fn measure_store(
                 Ok((position, lag, dead.len() as u64))
             })
             .collect();
-        let outbox = store.outbox().and_then(|o| o.counts().ok());
+        let outbox = store.outbox().and_then(|o| o.counts(held_after).ok());
         (figures, outbox)
     });
     let (figures, outbox) = match tokio::time::timeout(limit, work).await {
@@ -396,12 +417,40 @@ impl fmt::Display for Snapshot {
             }
         }
         if let Some(o) = &self.outbox {
-            writeln!(
-                f,
-                "outbox: {} pending, {} published, {} abandoned",
-                o.pending, o.published, o.abandoned
-            )?;
+            writeln!(f, "{}", outbox_line(o))?;
         }
         Ok(())
+    }
+}
+
+/// `outbox: 3 pending (2 failing, 1 held), oldest 12.3 s; 40 published`.
+fn outbox_line(o: &OutboxCounts) -> String {
+    let oldest = o
+        .oldest_pending_age_ms
+        .map(|ms| format!(", oldest {:.1} s", ms as f64 / 1000.0))
+        .unwrap_or_default();
+    format!(
+        "outbox: {} pending ({} failing, {} held){oldest}; {} published",
+        o.pending, o.failing, o.held, o.published
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_line_shows_what_waits_and_for_how_long() {
+        let counts = OutboxCounts {
+            pending: 3,
+            published: 40,
+            failing: 2,
+            held: 1,
+            oldest_pending_age_ms: Some(12_345),
+        };
+        assert_eq!(
+            outbox_line(&counts),
+            "outbox: 3 pending (2 failing, 1 held), oldest 12.3 s; 40 published"
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::{
 use super::{
     category, check_field,
     outbox::{choose, Candidate, Lease},
-    DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, Result, Store, StoredDocument,
-    StoredMessage,
+    Claim, DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, Store,
+    StoredDocument, StoredMessage,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
@@ -36,13 +36,13 @@ struct OutboxRow {
     state: RowState,
     attempts: u32,
     next_attempt_at: u64,
+    last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RowState {
     Pending,
     Published,
-    Abandoned,
 }
 
 /// A store that lives in this process only.
@@ -155,6 +155,7 @@ impl State {
                     state: RowState::Pending,
                     attempts: 0,
                     next_attempt_at: 0,
+                    last_error: None,
                 };
                 self.outbox.push(row);
             }
@@ -306,12 +307,7 @@ impl Store for MemoryStore {
 }
 
 impl Outbox for MemoryStore {
-    fn claim(
-        &self,
-        worker: &str,
-        limit: usize,
-        lease: std::time::Duration,
-    ) -> Result<Vec<OutboxItem>> {
+    fn claim(&self, worker: &str, limit: usize, lease: std::time::Duration) -> Result<Claim> {
         let mut state = self.state();
         let now = super::now_ms();
         let candidates: Vec<Candidate> = state
@@ -324,13 +320,13 @@ impl Outbox for MemoryStore {
                 next_attempt_at: r.next_attempt_at,
             })
             .collect();
-        let taken = choose(&candidates, &state.leases, worker, now, limit);
-        let mut items = Vec::with_capacity(taken.len());
-        for seq in taken {
-            let row = &state.outbox[seq as usize - 1];
+        let choice = choose(&candidates, &state.leases, worker, now, limit);
+        let mut items = Vec::with_capacity(choice.seqs.len());
+        for seq in &choice.seqs {
+            let row = &state.outbox[*seq as usize - 1];
             let message = state.messages[row.global_position as usize - 1].clone();
             items.push(OutboxItem {
-                seq,
+                seq: *seq,
                 target: row.target.clone(),
                 attempts: row.attempts,
                 message,
@@ -346,7 +342,7 @@ impl Outbox for MemoryStore {
                 },
             );
         }
-        Ok(items)
+        Ok(choice.claim(items))
     }
 
     fn published(&self, _worker: &str, seqs: &[u64]) -> Result<()> {
@@ -357,14 +353,12 @@ impl Outbox for MemoryStore {
         Ok(())
     }
 
-    fn failed(&self, _worker: &str, seq: u64, _error: &str, retry_at: Option<u64>) -> Result<()> {
+    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()> {
         let mut state = self.state();
         let row = &mut state.outbox[seq as usize - 1];
         row.attempts += 1;
-        match retry_at {
-            Some(at) => row.next_attempt_at = at,
-            None => row.state = RowState::Abandoned,
-        }
+        row.next_attempt_at = retry_at;
+        row.last_error = Some(error.to_owned());
         Ok(())
     }
 
@@ -375,13 +369,61 @@ impl Outbox for MemoryStore {
         Ok(())
     }
 
-    fn counts(&self) -> Result<OutboxCounts> {
+    fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
         let state = self.state();
-        let count = |s: RowState| state.outbox.iter().filter(|r| r.state == s).count() as u64;
+        let pending = || state.outbox.iter().filter(|r| r.state == RowState::Pending);
+        let count = |f: &dyn Fn(&OutboxRow) -> bool| pending().filter(|r| f(r)).count() as u64;
         Ok(OutboxCounts {
-            pending: count(RowState::Pending),
-            published: count(RowState::Published),
-            abandoned: count(RowState::Abandoned),
+            pending: count(&|_| true),
+            published: state.outbox.len() as u64 - count(&|_| true),
+            failing: count(&|r| r.attempts > 0),
+            held: count(&|r| r.attempts >= held_after),
+            oldest_pending_age_ms: pending().next().map(|r| age_ms(&state, r)),
         })
     }
+
+    fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>> {
+        let state = self.state();
+        Ok(state
+            .outbox
+            .iter()
+            .filter(|r| r.state == RowState::Pending && target.is_none_or(|t| r.target == t))
+            .take(limit)
+            .map(|r| {
+                let message = &state.messages[r.global_position as usize - 1];
+                PendingRow {
+                    seq: r.seq,
+                    target: r.target.clone(),
+                    stream: message.stream.clone(),
+                    message_type: message.message_type.clone(),
+                    attempts: r.attempts,
+                    last_error: r.last_error.clone(),
+                    next_attempt_at: r.next_attempt_at,
+                    age_ms: age_ms(&state, r),
+                }
+            })
+            .collect())
+    }
+
+    fn republish(&self, target: Option<&str>) -> Result<u64> {
+        let mut state = self.state();
+        let mut cleared = 0;
+        for row in state.outbox.iter_mut().filter(|r| {
+            r.state == RowState::Pending
+                && r.next_attempt_at != 0
+                && target.is_none_or(|t| r.target == t)
+        }) {
+            row.next_attempt_at = 0;
+            cleared += 1;
+        }
+        Ok(cleared)
+    }
+}
+
+/// How long ago the message of `row` was committed.
+fn age_ms(state: &State, row: &OutboxRow) -> u64 {
+    let time = &state.messages[row.global_position as usize - 1].time;
+    crate::message::parse_time(time).map_or(0, |t| {
+        super::now_ms().saturating_sub(t.timestamp_millis().max(0) as u64)
+    })
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub use lease::Leases;
 pub use memory::MemoryStore;
-pub use outbox::{now_ms, Outbox, OutboxCounts, OutboxItem};
+pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow};
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 

@@ -1,8 +1,9 @@
 //! The outbox: messages committed with a unit of work, waiting to be published to the broker.
 //!
-//! Invariants: a message is published at least once, after its commit; rows of one target stream are
-//! published in the order they were committed, even by several processors (a processor holds a lease
-//! on each target it publishes to, and a row waiting for its retry holds back the rows after it).
+//! Invariants: a message is published at least once, after its commit, however long the broker is
+//! away (no row is ever given up); rows of one target stream are published in the order they were
+//! committed, even by several processors (a processor holds a lease on each target it publishes to,
+//! and a row waiting for its retry holds back the rows after it).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -21,31 +22,85 @@ pub struct OutboxItem {
     pub message: StoredMessage,
 }
 
-/// Counts of outbox rows by state.
+/// What a claim took, and whose leases it met.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// The rows to publish, in claim order.
+    pub items: Vec<OutboxItem>,
+    /// Targets whose lease another worker let expire without releasing it (it stopped or stalled),
+    /// taken over by this claim.
+    pub taken_over: Vec<ForeignLease>,
+    /// Targets with pending rows that another worker's live lease keeps from this one.
+    pub waiting: Vec<ForeignLease>,
+    /// When rows that could not be taken now (waiting for a retry or for a lease) become claimable
+    /// (unix ms); `None` when there were none.
+    pub wake_at: Option<u64>,
+}
+
+/// Another worker's lease on a target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ForeignLease {
+    pub target: String,
+    pub worker: String,
+    /// When it ends (unix ms).
+    pub until: u64,
+}
+
+/// Outbox rows by state, for status, metrics and readiness.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OutboxCounts {
+    /// Rows not published yet (failing and held ones included).
     pub pending: u64,
     pub published: u64,
-    pub abandoned: u64,
+    /// Pending rows that failed at least once.
+    pub failing: u64,
+    /// Pending rows that failed at least `outbox.max_attempts` times: still retried, and logged.
+    pub held: u64,
+    /// How long ago the oldest pending row was committed.
+    pub oldest_pending_age_ms: Option<u64>,
+}
+
+/// A pending row as operators see it (`protean-host outbox list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PendingRow {
+    pub seq: u64,
+    /// The broker stream it goes to.
+    pub target: String,
+    /// The message's own stream and type.
+    pub stream: String,
+    pub message_type: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// When it is tried next (unix ms; 0: at once).
+    pub next_attempt_at: u64,
+    /// How long ago it was committed.
+    pub age_ms: u64,
 }
 
 /// The outbox capability of a store.
 pub trait Outbox: Send + Sync {
     /// Claim up to `limit` rows for `worker`, in commit order per target stream, leasing their targets
     /// for `lease`.
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Vec<OutboxItem>>;
+    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim>;
 
     /// These rows were published.
     fn published(&self, worker: &str, seqs: &[u64]) -> Result<()>;
 
-    /// Publishing `seq` failed: try again at `retry_at` (unix ms), or give up (`None`: abandoned).
-    fn failed(&self, worker: &str, seq: u64, error: &str, retry_at: Option<u64>) -> Result<()>;
+    /// Publishing `seq` failed: try again at `retry_at` (unix ms).
+    fn failed(&self, worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()>;
 
     /// Give back the leases of `worker` (rows it claimed but did not publish are claimable again).
     fn release(&self, worker: &str) -> Result<()>;
 
-    /// How many rows are in each state.
-    fn counts(&self) -> Result<OutboxCounts>;
+    /// How many rows are in each state; a row counts as held from `held_after` failed attempts.
+    fn counts(&self, held_after: u32) -> Result<OutboxCounts>;
+
+    /// The oldest pending rows (of the target stream `target`, or of all), in commit order.
+    fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>>;
+
+    /// Clear the backoff of the pending rows of `target` (or of all), so that the next round publishes
+    /// them; returns how many were waiting for a retry.
+    fn republish(&self, target: Option<&str>) -> Result<u64>;
 }
 
 /// A pending row as the claim sees it.
@@ -63,6 +118,32 @@ pub(super) struct Lease {
     pub(super) until: u64,
 }
 
+/// What `choose` decided.
+#[derive(Debug, Default)]
+pub(super) struct Choice {
+    pub(super) seqs: Vec<u64>,
+    pub(super) taken_over: Vec<ForeignLease>,
+    pub(super) waiting: Vec<ForeignLease>,
+    pub(super) wake_at: Option<u64>,
+}
+
+impl Choice {
+    /// The claim of these items.
+    pub(super) fn claim(self, items: Vec<OutboxItem>) -> Claim {
+        Claim {
+            items,
+            taken_over: self.taken_over,
+            waiting: self.waiting,
+            wake_at: self.wake_at,
+        }
+    }
+
+    /// Rows of a target wait until `at`.
+    fn defer(&mut self, at: u64) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+}
+
 /// Which candidates `worker` may take at `now` (unix ms): in order, skipping targets leased to another
 /// live worker, and stopping a target at its first row that is waiting for a retry.
 pub(super) fn choose(
@@ -71,26 +152,41 @@ pub(super) fn choose(
     worker: &str,
     now: u64,
     limit: usize,
-) -> Vec<u64> {
+) -> Choice {
     let mut blocked: Vec<&str> = Vec::new();
-    let mut taken = Vec::new();
+    let mut choice = Choice::default();
     for c in candidates {
-        if taken.len() == limit {
+        if choice.seqs.len() == limit {
             break;
         }
         if blocked.contains(&c.target.as_str()) {
             continue;
         }
-        let leased_elsewhere = leases
-            .get(&c.target)
-            .is_some_and(|l| l.worker != worker && l.until > now);
-        if leased_elsewhere || c.next_attempt_at > now {
+        let foreign = leases.get(&c.target).filter(|l| l.worker != worker);
+        let lease = |l: &Lease| ForeignLease {
+            target: c.target.clone(),
+            worker: l.worker.clone(),
+            until: l.until,
+        };
+        if let Some(l) = foreign.filter(|l| l.until > now) {
+            choice.waiting.push(lease(l));
+            choice.defer(l.until);
             blocked.push(&c.target);
             continue;
         }
-        taken.push(c.seq);
+        if c.next_attempt_at > now {
+            choice.defer(c.next_attempt_at);
+            blocked.push(&c.target);
+            continue;
+        }
+        // A foreign lease still stored but expired: its worker never released it.
+        if let Some(l) = foreign.filter(|_| !choice.taken_over.iter().any(|t| t.target == c.target))
+        {
+            choice.taken_over.push(lease(l));
+        }
+        choice.seqs.push(c.seq);
     }
-    taken
+    choice
 }
 
 /// Milliseconds since the Unix epoch.
@@ -121,9 +217,12 @@ mod tests {
             c(4, "b", 0),
             c(5, "c", 0),
         ];
-        assert_eq!(choose(&rows, &HashMap::new(), "w", 10, 10), [1, 3, 5]);
-        assert_eq!(choose(&rows, &HashMap::new(), "w", 60, 10), [1, 2, 3, 4, 5]);
-        assert_eq!(choose(&rows, &HashMap::new(), "w", 60, 2), [1, 2]);
+        let seqs = |now, limit| choose(&rows, &HashMap::new(), "w", now, limit).seqs;
+        assert_eq!(seqs(10, 10), [1, 3, 5]);
+        assert_eq!(seqs(60, 10), [1, 2, 3, 4, 5]);
+        assert_eq!(seqs(60, 2), [1, 2]);
+        let waits = choose(&rows[1..2], &HashMap::new(), "w", 10, 10);
+        assert_eq!((waits.seqs.len(), waits.wake_at), (0, Some(50)));
     }
 
     #[test]
@@ -137,16 +236,23 @@ mod tests {
                 until: 100,
             },
         );
-        assert_eq!(choose(&rows, &leases, "w", 50, 10), [2]);
+        let waiting = choose(&rows, &leases, "w", 50, 10);
+        assert_eq!(waiting.seqs, [2]);
+        assert_eq!(waiting.waiting.len(), 1, "{waiting:?}");
+        assert!(waiting.taken_over.is_empty());
+        let expired = choose(&rows, &leases, "w", 150, 10);
+        assert_eq!(expired.seqs, [1, 2], "an expired lease is free");
         assert_eq!(
-            choose(&rows, &leases, "w", 150, 10),
-            [1, 2],
-            "an expired lease is free"
+            expired.taken_over,
+            [ForeignLease {
+                target: "a".into(),
+                worker: "other".into(),
+                until: 100
+            }],
+            "and taken over"
         );
-        assert_eq!(
-            choose(&rows, &leases, "other", 50, 10),
-            [1, 2],
-            "its own lease"
-        );
+        let own = choose(&rows, &leases, "other", 50, 10);
+        assert_eq!(own.seqs, [1, 2], "its own lease");
+        assert!(own.waiting.is_empty() && own.taken_over.is_empty());
     }
 }

@@ -17,8 +17,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::{
     category, check_field, indexed_fields,
     outbox::{choose, Candidate, Lease},
-    DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, Result, Store, StoredDocument,
-    StoredMessage,
+    Claim, DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, Store,
+    StoredDocument, StoredMessage,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
@@ -54,9 +54,10 @@ mod sql {
     pub(super) const OUTBOX_LEASE: &str = include_str!("sql/sqlite/outbox_lease.sql");
     pub(super) const OUTBOX_PUBLISHED: &str = include_str!("sql/sqlite/outbox_published.sql");
     pub(super) const OUTBOX_RETRY: &str = include_str!("sql/sqlite/outbox_retry.sql");
-    pub(super) const OUTBOX_ABANDON: &str = include_str!("sql/sqlite/outbox_abandon.sql");
     pub(super) const OUTBOX_RELEASE: &str = include_str!("sql/sqlite/outbox_release.sql");
     pub(super) const OUTBOX_COUNTS: &str = include_str!("sql/sqlite/outbox_counts.sql");
+    pub(super) const OUTBOX_PENDING: &str = include_str!("sql/sqlite/outbox_pending.sql");
+    pub(super) const OUTBOX_REPUBLISH: &str = include_str!("sql/sqlite/outbox_republish.sql");
     pub(super) const FENCE_RAISE: &str = include_str!("sql/sqlite/fence_raise.sql");
     pub(super) const FENCE_CURRENT: &str = include_str!("sql/sqlite/fence_current.sql");
 }
@@ -622,7 +623,7 @@ fn outbox_item(r: &Row<'_>) -> rusqlite::Result<OutboxItem> {
 }
 
 impl Outbox for SqliteStore {
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Vec<OutboxItem>> {
+    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
         let now = super::now_ms();
         self.write(|tx| {
             // A window of the oldest pending rows: enough to skip a few held-back streams.
@@ -648,9 +649,10 @@ impl Outbox for SqliteStore {
                     ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            let choice = choose(&candidates, &leases, worker, now, limit);
             let mut items = Vec::new();
             let mut select = tx.prepare_cached(sql::OUTBOX_ITEM)?;
-            for seq in choose(&candidates, &leases, worker, now, limit) {
+            for seq in &choice.seqs {
                 items.push(select.query_row([seq], outbox_item)?);
             }
             let until = now + lease.as_millis() as u64;
@@ -659,7 +661,7 @@ impl Outbox for SqliteStore {
             for target in targets {
                 take.execute(params![target, worker, until])?;
             }
-            Ok(items)
+            Ok(choice.claim(items))
         })
     }
 
@@ -674,17 +676,11 @@ impl Outbox for SqliteStore {
         })
     }
 
-    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: Option<u64>) -> Result<()> {
+    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()> {
         self.write(|tx| {
-            match retry_at {
-                Some(at) => tx
-                    .prepare_cached(sql::OUTBOX_RETRY)?
-                    .execute(params![seq, error, at])?,
-                None => tx
-                    .prepare_cached(sql::OUTBOX_ABANDON)?
-                    .execute(params![seq, error])?,
-            };
-            Ok(())
+            tx.prepare_cached(sql::OUTBOX_RETRY)?
+                .execute(params![seq, error, retry_at])
+                .map(drop)
         })
     }
 
@@ -696,24 +692,69 @@ impl Outbox for SqliteStore {
         })
     }
 
-    fn counts(&self) -> Result<OutboxCounts> {
+    fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
         let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::OUTBOX_COUNTS)
             .map_err(|e| self.error(e))?;
         let rows = statement
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .query_map([held_after], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, u64>(3)?,
+                ))
+            })
             .map_err(|e| self.error(e))?;
         let mut counts = OutboxCounts::default();
         for row in rows {
-            let (status, n) = row.map_err(|e| self.error(e))?;
-            match status.as_str() {
-                "pending" => counts.pending = n,
-                "published" => counts.published = n,
-                _ => counts.abandoned += n,
+            match row.map_err(|e| self.error(e))? {
+                (status, n, _, _) if status == "published" => counts.published = n,
+                (_, n, failing, held) => {
+                    counts.pending += n;
+                    counts.failing += failing;
+                    counts.held += held;
+                }
             }
         }
+        counts.oldest_pending_age_ms = self.pending(None, 1)?.first().map(|r| r.age_ms);
         Ok(counts)
+    }
+
+    fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::OUTBOX_PENDING)
+            .map_err(|e| self.error(e))?;
+        let now = super::now_ms();
+        let rows = statement
+            .query_map(params![target, limit as i64], |r| {
+                let time: String = r.get(7)?;
+                let committed = crate::message::parse_time(&time)
+                    .map_or(now, |t| t.timestamp_millis().max(0) as u64);
+                Ok(PendingRow {
+                    seq: r.get(0)?,
+                    target: r.get(1)?,
+                    stream: r.get(2)?,
+                    message_type: r.get(3)?,
+                    attempts: r.get(4)?,
+                    last_error: r.get(5)?,
+                    next_attempt_at: r.get(6)?,
+                    age_ms: now.saturating_sub(committed),
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
+    }
+
+    fn republish(&self, target: Option<&str>) -> Result<u64> {
+        self.write(|tx| {
+            tx.prepare_cached(sql::OUTBOX_REPUBLISH)?
+                .execute([target])
+                .map(|n| n as u64)
+        })
     }
 }
 

@@ -271,46 +271,83 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         })
         .unwrap();
     assert_eq!(
-        outbox.counts().unwrap().pending,
+        outbox.counts(3).unwrap().pending,
         3,
         "a unit without publish writes no outbox rows"
     );
     let lease = std::time::Duration::from_secs(30);
-    let a = outbox.claim("a", 10, lease).unwrap();
+    let a = outbox.claim("a", 10, lease).unwrap().items;
     let targets: Vec<&str> = a.iter().map(|i| i.target.as_str()).collect();
     assert_eq!(targets, ["shop::order", "shop::stock", "shop::order"]);
     assert_eq!(a[0].message.stream, "shop::order-1");
-    assert!(
-        outbox.claim("b", 10, lease).unwrap().is_empty(),
-        "streams leased to a stay with a"
-    );
+    let b = outbox.claim("b", 10, lease).unwrap();
+    assert!(b.items.is_empty(), "streams leased to a stay with a");
+    assert_eq!(b.waiting.len(), 2, "b waits for a's leases: {b:?}");
     outbox
-        .failed("a", a[0].seq, "broker down", Some(super::now_ms() + 60_000))
+        .failed("a", a[0].seq, "broker down", super::now_ms() + 60_000)
         .unwrap();
     outbox.published("a", &[a[1].seq]).unwrap();
     outbox.release("a").unwrap();
     let b = outbox.claim("b", 10, lease).unwrap();
     assert!(
-        b.is_empty(),
+        b.items.is_empty(),
         "the order stream waits behind its first row: {b:?}"
     );
-    outbox.failed("b", a[0].seq, "broker down", None).unwrap();
-    let b = outbox.claim("b", 10, lease).unwrap();
+    assert!(b.wake_at.is_some(), "and says until when: {b:?}");
+    outbox
+        .failed("b", a[0].seq, "broker down", super::now_ms() + 60_000)
+        .unwrap();
+    let counts = outbox.counts(2).unwrap();
+    assert_eq!(
+        (
+            counts.pending,
+            counts.published,
+            counts.failing,
+            counts.held
+        ),
+        (2, 1, 1, 1),
+        "two attempts failed: held from 2, still pending; the row behind it waits: {counts:?}"
+    );
+    assert!(counts.oldest_pending_age_ms.is_some());
+    assert!(
+        outbox.claim("b", 10, lease).unwrap().items.is_empty(),
+        "a held row is never skipped: the rows after it wait"
+    );
+    let rows = outbox.pending(Some("shop::order"), 10).unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.stream.as_str(), r.attempts, r.last_error.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            ("shop::order-1", 2, Some("broker down")),
+            ("shop::order-2", 0, None)
+        ]
+    );
+    assert!(outbox.pending(Some("shop::stock"), 10).unwrap().is_empty());
+    assert_eq!(outbox.republish(Some("shop::stock")).unwrap(), 0);
+    assert_eq!(
+        outbox.republish(Some("shop::order")).unwrap(),
+        1,
+        "the held row's backoff is cleared"
+    );
+    let b = outbox.claim("b", 10, lease).unwrap().items;
     assert_eq!(
         b.iter()
-            .map(|i| i.message.stream.as_str())
+            .map(|i| (i.message.stream.as_str(), i.attempts))
             .collect::<Vec<_>>(),
-        ["shop::order-2"]
+        [("shop::order-1", 2), ("shop::order-2", 0)],
+        "in commit order, the held row first"
     );
-    assert_eq!(b[0].attempts, 0);
-    outbox.published("b", &[b[0].seq]).unwrap();
+    outbox.published("b", &[b[0].seq, b[1].seq]).unwrap();
+    let counts = outbox.counts(2).unwrap();
     assert_eq!(
-        outbox.counts().unwrap(),
-        super::OutboxCounts {
-            pending: 0,
-            published: 2,
-            abandoned: 1
-        }
+        (
+            counts.pending,
+            counts.published,
+            counts.held,
+            counts.oldest_pending_age_ms
+        ),
+        (0, 3, 0, None)
     );
 }
 
@@ -553,6 +590,34 @@ store_conformance! {
 }
 
 /// What only the SQLite store has to do: bring files written by older builds up to its schema.
+/// The streams of the rows a claim takes, in order.
+fn revived_in_order(store: &dyn Store) -> Vec<String> {
+    let claim = store
+        .outbox()
+        .unwrap()
+        .claim("w", 10, std::time::Duration::from_secs(30))
+        .unwrap();
+    claim
+        .items
+        .iter()
+        .map(|i| i.message.stream.clone())
+        .collect()
+}
+
+/// Two rows of one stream to publish (a test then marks the first 'abandoned', as older builds did).
+fn two_rows_to_publish(store: &dyn Store) {
+    store
+        .commit(&UnitOfWork {
+            messages: vec![
+                event("shop::order-1", 0, None),
+                event("shop::order-2", 0, None),
+            ],
+            publish: true,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+}
+
 mod sqlite_only {
     use super::{fence, fenced, is_fenced};
     use crate::{
@@ -582,6 +647,22 @@ mod sqlite_only {
                 }
             });
         }
+    }
+
+    #[test]
+    fn rows_abandoned_by_an_older_build_are_pending_again_when_the_file_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        super::two_rows_to_publish(&SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE outbox SET status = 'abandoned', attempts = 10 WHERE seq = 1")
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            super::revived_in_order(&store),
+            ["shop::order-1", "shop::order-2"]
+        );
     }
 
     #[test]
@@ -627,6 +708,23 @@ mod postgres_only {
             assert!(Instant::now() < deadline, "the lease never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn migration_5_makes_rows_abandoned_by_an_older_build_pending_again() {
+        let (store, server) = super::postgres();
+        super::two_rows_to_publish(&store);
+        server.psql(
+            "UPDATE protean.outbox SET status = 'abandoned', attempts = 10 \
+             WHERE seq = (SELECT min(seq) FROM protean.outbox); \
+             DELETE FROM protean.schema_version WHERE version = 5",
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [5]);
+        assert_eq!(
+            super::revived_in_order(&store),
+            ["shop::order-1", "shop::order-2"]
+        );
     }
 
     #[test]

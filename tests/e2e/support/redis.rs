@@ -85,7 +85,27 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child process.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // A paused server handles the SIGTERM only once it runs again.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
             let _ = child.wait();
+        }
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open and commands get no answer.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Let a paused server answer again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    #[allow(unsafe_code)]
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
         }
     }
 

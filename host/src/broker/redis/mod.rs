@@ -27,6 +27,41 @@ static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/release_lease.lua")));
+static GROUP_BACKLOG: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/group_backlog.lua")));
+
+/// Unread entries are counted up to this many per stream (a count costs Redis time); past it the
+/// figure is the larger of the cap and Redis' own lag.
+const UNREAD_CAP: u64 = 10_000;
+
+/// How a group stands on one stream, counted by `group_backlog.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupFigures {
+    unread: u64,
+    pending: u64,
+    consumers: u64,
+}
+
+impl GroupFigures {
+    /// From the script's five numbers: `None` when the group does not exist on the stream.
+    fn of(numbers: &[i64]) -> Option<Self> {
+        let [exists, unread, pending, consumers, redis_lag] = numbers else {
+            return None;
+        };
+        let unread = *unread as u64;
+        // At the cap the count stopped: more are unread, maybe as many as Redis says.
+        let unread = if unread >= UNREAD_CAP {
+            unread.max(u64::try_from(*redis_lag).unwrap_or(0))
+        } else {
+            unread
+        };
+        (*exists == 1).then_some(Self {
+            unread,
+            pending: *pending as u64,
+            consumers: *consumers as u64,
+        })
+    }
+}
 
 /// Commands that do not block get this long to answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +122,28 @@ impl RedisBroker {
 
     fn lease_key(name: &str) -> String {
         format!("protean:lease:{name}")
+    }
+
+    /// How `group` stands on each of `streams` (`None` where it does not exist), in one round trip.
+    async fn group_figures(
+        &self,
+        streams: &[String],
+        group: &str,
+    ) -> Result<Vec<Option<GroupFigures>>> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = GROUP_BACKLOG.prepare_invoke();
+        for stream in streams {
+            invocation.key(stream);
+        }
+        let numbers: Vec<i64> = invocation
+            .arg(group)
+            .arg(UNREAD_CAP)
+            .invoke_async(&mut self.commands.clone())
+            .await
+            .map_err(command("EVALSHA group_backlog"))?;
+        Ok(numbers.chunks(5).map(GroupFigures::of).collect())
     }
 }
 
@@ -151,69 +208,42 @@ impl Broker for RedisBroker {
     async fn backlog(&self, streams: &[String], group: &str) -> Result<u64> {
         let mut conn = self.commands.clone();
         let mut total = 0;
-        for stream in streams {
-            let groups: Vec<HashMap<String, Value>> = match redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async(&mut conn)
-                .await
-            {
-                Ok(groups) => groups,
-                // No such stream yet: nothing to read in it.
-                Err(e) if e.to_string().contains("no such key") => continue,
-                Err(e) => return Err(command("XINFO GROUPS")(e)),
-            };
-            let Some(info) = groups
-                .iter()
-                .find(|g| text(g.get("name")).as_deref() == Some(group))
-            else {
+        for (stream, figures) in streams
+            .iter()
+            .zip(self.group_figures(streams, group).await?)
+        {
+            match figures {
+                Some(f) => total += f.unread + f.pending,
                 // A group not created yet will read the whole stream when it starts from the beginning.
-                if self.config.group_start == GroupStart::Beginning {
+                None if self.config.group_start == GroupStart::Beginning => {
                     total += redis::cmd("XLEN")
                         .arg(stream)
                         .query_async::<u64>(&mut conn)
                         .await
                         .map_err(command("XLEN"))?;
                 }
-                continue;
-            };
-            // Without a lag (an entry was deleted), count the group as behind until it reads again.
-            total +=
-                number(info.get("lag")).unwrap_or(1) + number(info.get("pending")).unwrap_or(0);
+                None => {}
+            }
         }
         Ok(total)
     }
 
     async fn group_status(&self, streams: &[String], group: &str) -> Result<GroupStatus> {
-        let mut conn = self.commands.clone();
         let mut status = GroupStatus::default();
-        for stream in streams {
-            let groups: redis::RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async(&mut conn)
-                .await;
-            let groups = match groups {
-                // A stream nobody published to yet does not exist: nothing to read there.
-                Err(e) if e.to_string().contains("no such key") => continue,
-                other => other.map_err(command("XINFO GROUPS"))?,
-            };
-            let Some(info) = groups
-                .iter()
-                .find(|g| text(g.get("name")).as_deref() == Some(group))
-            else {
-                continue;
-            };
+        for figures in self
+            .group_figures(streams, group)
+            .await?
+            .into_iter()
+            .flatten()
+        {
             status.exists = true;
-            status.lag += number(info.get("lag")).unwrap_or(0);
-            status.pending += number(info.get("pending")).unwrap_or(0);
-            status.consumers = status
-                .consumers
-                .max(number(info.get("consumers")).unwrap_or(0));
+            status.lag += figures.unread;
+            status.pending += figures.pending;
+            status.consumers = status.consumers.max(figures.consumers);
         }
         status.dead_letters = redis::cmd("XLEN")
             .arg(dead_letter_stream(group))
-            .query_async(&mut conn)
+            .query_async(&mut self.commands.clone())
             .await
             .map_err(command("XLEN"))?;
         Ok(status)
@@ -711,5 +741,25 @@ impl Consumer for RedisConsumer {
             self.maybe_pending = true;
         }
         Ok(claimed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counted_figures_win_over_redis_lag_below_the_cap() {
+        let of = |n: &[i64]| GroupFigures::of(n);
+        assert_eq!(of(&[0, 0, 0, 0, -1]), None, "no group");
+        let drifted = of(&[1, 0, 2, 3, 50]).unwrap();
+        assert_eq!(
+            (drifted.unread, drifted.pending, drifted.consumers),
+            (0, 2, 3),
+            "Redis says 50 unread; none is"
+        );
+        let capped = UNREAD_CAP as i64;
+        assert_eq!(of(&[1, capped, 0, 1, 25_000]).unwrap().unread, 25_000);
+        assert_eq!(of(&[1, capped, 0, 1, -1]).unwrap().unread, UNREAD_CAP);
     }
 }

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "appends without their category's lock refused",
         sql: include_str!("../sql/postgres/migrations/004_category_lock_guard.sql"),
     },
+    Migration {
+        version: 5,
+        name: "outbox: rows abandoned by older builds are pending again",
+        sql: include_str!("../sql/postgres/migrations/005_outbox_revive.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

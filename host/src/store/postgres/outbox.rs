@@ -1,5 +1,6 @@
 //! The outbox of the PostgreSQL store. Claims are serialised across every processor by a transaction
-//! lock, so the per-target leases decide alone who publishes what, as in the SQLite store.
+//! lock, so the per-target leases decide alone who publishes what, as in the SQLite store; their times
+//! come from the database's clock, the one clock every replica shares.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -9,14 +10,16 @@ use super::{message_at, sql, PostgresStore};
 use crate::store::{
     now_ms,
     outbox::{choose, Candidate, Lease},
-    Outbox, OutboxCounts, OutboxItem, Result,
+    Claim, Outbox, OutboxCounts, OutboxItem, PendingRow, Result,
 };
 
 impl Outbox for PostgresStore {
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Vec<OutboxItem>> {
-        let now = now_ms();
+    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
         self.conn()?.transaction(|c| {
             c.execute(sql::LOCK_OUTBOX, &[])?;
+            // Leases are judged by the database's clock: the replicas' clocks may disagree, and a
+            // lease of a few seconds leaves little room for that.
+            let now = c.query(sql::CLOCK_MS, &[])?[0].get::<_, i64>(0) as u64;
             let window = limit as i64 * 4;
             let candidates: Vec<Candidate> = c
                 .query(sql::OUTBOX_CANDIDATES, &[&window])?
@@ -38,10 +41,8 @@ impl Outbox for PostgresStore {
                     (r.get(0), lease)
                 })
                 .collect();
-            let seqs: Vec<i64> = choose(&candidates, &leases, worker, now, limit)
-                .into_iter()
-                .map(|s| s as i64)
-                .collect();
+            let choice = choose(&candidates, &leases, worker, now, limit);
+            let seqs: Vec<i64> = choice.seqs.iter().map(|s| *s as i64).collect();
             let items: Vec<OutboxItem> = c
                 .query(sql::OUTBOX_ITEMS, &[&seqs])?
                 .iter()
@@ -52,7 +53,7 @@ impl Outbox for PostgresStore {
             targets.dedup();
             let until = (now + lease.as_millis() as u64) as i64;
             c.execute(sql::OUTBOX_LEASE, &[&targets, &worker, &until])?;
-            Ok(items)
+            Ok(choice.claim(items))
         })
     }
 
@@ -62,12 +63,11 @@ impl Outbox for PostgresStore {
         Ok(())
     }
 
-    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: Option<u64>) -> Result<()> {
-        let mut conn = self.conn()?;
-        match retry_at {
-            Some(at) => conn.execute(sql::OUTBOX_RETRY, &[&(seq as i64), &error, &(at as i64)])?,
-            None => conn.execute(sql::OUTBOX_ABANDON, &[&(seq as i64), &error])?,
-        };
+    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()> {
+        self.conn()?.execute(
+            sql::OUTBOX_RETRY,
+            &[&(seq as i64), &error, &(retry_at as i64)],
+        )?;
         Ok(())
     }
 
@@ -76,17 +76,45 @@ impl Outbox for PostgresStore {
         Ok(())
     }
 
-    fn counts(&self) -> Result<OutboxCounts> {
+    fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
         let mut counts = OutboxCounts::default();
-        for row in self.conn()?.query(sql::OUTBOX_COUNTS, &[])? {
-            let n = row.get::<_, i64>(1) as u64;
-            match row.get::<_, &str>(0) {
-                "pending" => counts.pending = n,
-                "published" => counts.published = n,
-                _ => counts.abandoned += n,
+        let held_after = i64::from(held_after);
+        for row in self.conn()?.query(sql::OUTBOX_COUNTS, &[&held_after])? {
+            let figure = |i| row.get::<_, i64>(i) as u64;
+            if row.get::<_, &str>(0) == "published" {
+                counts.published = figure(1);
+            } else {
+                counts.pending += figure(1);
+                counts.failing += figure(2);
+                counts.held += figure(3);
             }
         }
+        counts.oldest_pending_age_ms = self.pending(None, 1)?.first().map(|r| r.age_ms);
         Ok(counts)
+    }
+
+    fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>> {
+        let now = now_ms();
+        let rows = self
+            .conn()?
+            .query(sql::OUTBOX_PENDING, &[&target, &(limit as i64)])?;
+        Ok(rows
+            .iter()
+            .map(|r| PendingRow {
+                seq: r.get::<_, i64>(0) as u64,
+                target: r.get(1),
+                stream: r.get(2),
+                message_type: r.get(3),
+                attempts: r.get::<_, i64>(4) as u32,
+                last_error: r.get(5),
+                next_attempt_at: r.get::<_, i64>(6) as u64,
+                age_ms: now.saturating_sub(r.get::<_, i64>(7).max(0) as u64),
+            })
+            .collect())
+    }
+
+    fn republish(&self, target: Option<&str>) -> Result<u64> {
+        self.conn()?.execute(sql::OUTBOX_REPUBLISH, &[&target])
     }
 }
 

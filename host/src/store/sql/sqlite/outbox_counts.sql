@@ -1,1 +1,2 @@
-SELECT status, COUNT(*) FROM outbox GROUP BY status
+SELECT status, COUNT(*), COALESCE(SUM(attempts > 0), 0), COALESCE(SUM(attempts >= ?1), 0)
+FROM outbox GROUP BY status

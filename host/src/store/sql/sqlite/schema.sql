@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     published_at    TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, seq);
+-- Rows that older builds gave up on ('abandoned' after outbox.max_attempts) are pending again: nothing
+-- committed is lost. Cheap on every open (the index above finds none).
+UPDATE outbox SET status = 'pending', next_attempt_at = 0 WHERE status = 'abandoned';
 
 -- Which outbox processor publishes to a target stream now, so that a stream's order is kept.
 CREATE TABLE IF NOT EXISTS outbox_leases (

@@ -1,1 +1,0 @@
-UPDATE outbox SET attempts = attempts + 1, last_error = ?2, status = 'abandoned' WHERE seq = ?1
