@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod discovery;
+mod documents;
 mod engine;
 mod loading;
 mod messagedb;

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::{Error, Store};
+use super::{Error, Store, ABSENT};
 use crate::{
     message::Kind,
     unit_of_work::{DocumentWrite, Fence, NewMessage, PositionUpdate, ProcessedMarker, UnitOfWork},
@@ -96,6 +96,7 @@ pub(super) fn a_version_conflict_commits_nothing(store: &dyn Store) {
             collection: "c".into(),
             id: "1".into(),
             data: "{}".into(),
+            expected: None,
         }],
         position: Some(PositionUpdate {
             subscription: "s".into(),
@@ -140,6 +141,7 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
         collection: "reservations".into(),
         id: id.into(),
         data: json!({ "id": id, "order_id": order, "qty": 2 }).to_string(),
+        expected: None,
     };
     let documents = vec![put("r1", "o1"), put("r2", "o2"), put("r3", "o1")];
     store
@@ -169,6 +171,7 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
         DocumentWrite::Delete {
             collection: "reservations".into(),
             id: "r1".into(),
+            expected: None,
         },
     ];
     store
@@ -382,6 +385,7 @@ pub(super) fn a_lower_fence_is_refused_and_writes_nothing(store: &dyn Store) {
             collection: "c".into(),
             id: "1".into(),
             data: "{}".into(),
+            expected: None,
         }],
         processed: vec![ProcessedMarker {
             subscription: "s".into(),
@@ -453,6 +457,142 @@ pub(super) fn fences_of_two_names_are_independent(store: &dyn Store) {
         .expect("the refused unit did not raise p-2");
 }
 
+fn put(id: &str, data: serde_json::Value, expected: Option<u64>) -> DocumentWrite {
+    DocumentWrite::Put {
+        collection: "c".into(),
+        id: id.into(),
+        data: data.to_string(),
+        expected,
+    }
+}
+
+fn write_docs(store: &dyn Store, documents: Vec<DocumentWrite>) -> Result<Option<u64>, Error> {
+    store.commit(&UnitOfWork {
+        documents,
+        ..UnitOfWork::default()
+    })
+}
+
+fn version(store: &dyn Store, id: &str) -> u64 {
+    store
+        .read_document("c", id)
+        .unwrap()
+        .map_or(ABSENT, |d| d.version)
+}
+
+fn is_document_conflict(result: &Result<Option<u64>, Error>, expected: u64, actual: u64) -> bool {
+    matches!(result, Err(Error::DocumentConflict { collection, expected: e, actual: a, .. })
+        if collection == "c" && *e == expected && *a == actual)
+}
+
+/// A write expecting the version its handler read commits only while that is still the stored one
+/// (insert-if-absent for a document read as absent); a refused unit writes nothing at all.
+pub(super) fn a_document_write_commits_only_on_the_version_read(store: &dyn Store) {
+    write_docs(store, vec![put("1", json!({"n": 1}), Some(ABSENT))]).unwrap();
+    let v1 = version(store, "1");
+    assert_ne!(v1, ABSENT);
+    assert_eq!(
+        store.find_documents("c", "n", &json!(1)).unwrap()[0].version,
+        v1,
+        "find answers the same version as get"
+    );
+    let late_insert = UnitOfWork {
+        messages: vec![event("shop::order-1", 0, None)],
+        documents: vec![put("1", json!({"n": 9}), Some(ABSENT))],
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 9,
+        }),
+        ..UnitOfWork::default()
+    };
+    let refused = store.commit(&late_insert);
+    assert!(is_document_conflict(&refused, ABSENT, v1), "{refused:?}");
+    assert!(store.read_stream("shop::order-1", 0).unwrap().is_empty());
+    assert_eq!(store.position("s").unwrap(), None);
+
+    write_docs(store, vec![put("1", json!({"n": 2}), Some(v1))]).unwrap();
+    let v2 = version(store, "1");
+    assert_ne!(v2, v1);
+    let stale = write_docs(store, vec![put("1", json!({"n": 3}), Some(v1))]);
+    assert!(is_document_conflict(&stale, v1, v2), "{stale:?}");
+    let stale_delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "1".into(),
+        expected: Some(v1),
+    };
+    assert!(is_document_conflict(
+        &write_docs(store, vec![stale_delete]),
+        v1,
+        v2
+    ));
+    assert_eq!(store.document("c", "1").unwrap().unwrap(), r#"{"n":2}"#);
+}
+
+/// Versions are never reused: a document deleted and written again has a version its earlier readers
+/// never saw, so their writes conflict. Writes without an expected version are unconditional, and
+/// writes of one document chain within a unit.
+pub(super) fn document_versions_are_never_reused(store: &dyn Store) {
+    write_docs(store, vec![put("1", json!({"n": 1}), None)]).unwrap();
+    let v1 = version(store, "1");
+    let delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "1".into(),
+        expected: Some(v1),
+    };
+    write_docs(store, vec![delete, put("1", json!({"n": 1}), Some(ABSENT))]).unwrap();
+    let again = version(store, "1");
+    assert_ne!(again, v1, "a re-created document has a new version");
+    let stale = write_docs(store, vec![put("1", json!({"n": 5}), Some(v1))]);
+    assert!(is_document_conflict(&stale, v1, again), "{stale:?}");
+    write_docs(store, vec![put("1", json!({"n": 6}), None)]).unwrap();
+    assert_eq!(store.document("c", "1").unwrap().unwrap(), r#"{"n":6}"#);
+    let absent_delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "2".into(),
+        expected: Some(ABSENT),
+    };
+    write_docs(store, vec![absent_delete]).unwrap();
+    assert_eq!(version(store, "2"), ABSENT);
+}
+
+/// Writers that read-modify-write one document at once, retrying on conflicts, lose no increment.
+pub(super) fn concurrent_read_modify_writes_lose_nothing(store: &dyn Store) {
+    const WRITERS: u64 = 4;
+    const EACH: u64 = 25;
+    let increment = || {
+        for _ in 0..EACH {
+            loop {
+                let read = store.read_document("c", "counter").unwrap();
+                let (n, expected) = match &read {
+                    Some(d) => {
+                        let n = serde_json::from_str::<serde_json::Value>(&d.data).unwrap()["n"]
+                            .as_u64()
+                            .unwrap();
+                        (n, d.version)
+                    }
+                    None => (0, ABSENT),
+                };
+                match write_docs(
+                    store,
+                    vec![put("counter", json!({"n": n + 1}), Some(expected))],
+                ) {
+                    Ok(_) => break,
+                    Err(Error::DocumentConflict { .. }) => continue,
+                    Err(other) => panic!("{other}"),
+                }
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(increment);
+        }
+    });
+    let counter: serde_json::Value =
+        serde_json::from_str(&store.document("c", "counter").unwrap().unwrap()).unwrap();
+    assert_eq!(counter["n"], WRITERS * EACH);
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -471,6 +611,9 @@ macro_rules! store_conformance {
             #[test] fn an_equal_fence_commits() { let (s, _g) = $make; super::an_equal_fence_commits(&s) }
             #[test] fn a_unit_of_fences_only_raises_them() { let (s, _g) = $make; super::a_unit_of_fences_only_raises_them(&s) }
             #[test] fn fences_of_two_names_are_independent() { let (s, _g) = $make; super::fences_of_two_names_are_independent(&s) }
+            #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
+            #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
+            #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
         }
     )+};
 }
@@ -556,6 +699,31 @@ mod sqlite_only {
         let stale = store.commit(&fenced(vec![fence("p-1", 1)], "shop::order-1"));
         assert!(is_fenced(&stale, "p-1", 1, 2), "{stale:?}");
     }
+}
+
+/// A store file made before documents had versions keeps its documents (version 1 each) and gets
+/// conditional writes.
+#[test]
+fn a_store_file_from_before_document_versions_gets_them() {
+    use crate::store::SqliteStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let old = SqliteStore::open(&path).unwrap();
+    write_docs(&old, vec![put("1", json!({"n": 1}), None)]).unwrap();
+    drop(old);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE documents DROP COLUMN version; DROP TABLE protean_counters")
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(version(&store, "1"), 1);
+    write_docs(&store, vec![put("1", json!({"n": 2}), Some(1))]).unwrap();
+    let stale = write_docs(&store, vec![put("1", json!({"n": 3}), Some(1))]);
+    assert!(
+        is_document_conflict(&stale, 1, version(&store, "1")),
+        "{stale:?}"
+    );
+    assert!(version(&store, "1") > 1);
 }
 
 /// What only the PostgreSQL store offers: migrations, leases and the fence on a stale owner.

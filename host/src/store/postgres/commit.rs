@@ -9,7 +9,7 @@ use postgres::error::SqlState;
 
 use super::{pool::Conn, sql};
 use crate::{
-    store::{category, indexed_fields, Error, Result},
+    store::{category, indexed_fields, DocumentVersion, Error, Result, ABSENT},
     unit_of_work::{DocumentWrite, UnitOfWork},
 };
 
@@ -207,30 +207,69 @@ fn unique_violation(error: Error, unit: &UnitOfWork) -> Error {
 
 /// Write or delete a document and keep its field index in step, touching only the fields that changed.
 fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
-    let (collection, id, new_fields) = match write {
-        DocumentWrite::Put {
-            collection,
-            id,
-            data,
-        } => {
-            c.execute(sql::PUT_DOCUMENT, &[collection, id, data])?;
-            (collection, id, indexed_fields(data))
-        }
-        DocumentWrite::Delete { collection, id } => {
-            c.execute(sql::DELETE_DOCUMENT, &[collection, id])?;
-            (collection, id, Vec::new())
-        }
+    let (collection, id) = write.key();
+    let changed = match write {
+        DocumentWrite::Put { data, expected, .. } => match expected {
+            None => c.execute(sql::PUT_DOCUMENT, &[&collection, &id, data])?,
+            Some(ABSENT) => c.execute(sql::INSERT_DOCUMENT, &[&collection, &id, data])?,
+            Some(version) => c.execute(
+                sql::UPDATE_DOCUMENT,
+                &[&collection, &id, data, &(*version as i64)],
+            )?,
+        },
+        DocumentWrite::Delete { expected, .. } => match expected {
+            Some(version) if *version != ABSENT => c.execute(
+                sql::DELETE_DOCUMENT_VERSION,
+                &[&collection, &id, &(*version as i64)],
+            )?,
+            // Read as absent: still absent, there is nothing to delete; present, someone wrote it since.
+            Some(_) => match c.query_opt(sql::DOCUMENT_VERSION, &[&collection, &id])? {
+                None => return Ok(()),
+                Some(_) => 0,
+            },
+            None => c
+                .execute(sql::DELETE_DOCUMENT, &[&collection, &id])
+                .map(|_| 1)?,
+        },
+    };
+    if changed == 0 {
+        return Err(document_conflict(c, write));
+    }
+    let new_fields = match write {
+        DocumentWrite::Put { data, .. } => indexed_fields(data),
+        DocumentWrite::Delete { .. } => Vec::new(),
     };
     let old_fields: Vec<(String, String)> = c
-        .query(sql::READ_DOCUMENT_FIELDS, &[collection, id])?
+        .query(sql::READ_DOCUMENT_FIELDS, &[&collection, &id])?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
-        c.execute(sql::DELETE_DOCUMENT_FIELD, &[collection, field, value, id])?;
+        c.execute(
+            sql::DELETE_DOCUMENT_FIELD,
+            &[&collection, field, value, &id],
+        )?;
     }
     for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
-        c.execute(sql::INSERT_DOCUMENT_FIELD, &[collection, field, value, id])?;
+        c.execute(
+            sql::INSERT_DOCUMENT_FIELD,
+            &[&collection, field, value, &id],
+        )?;
     }
     Ok(())
+}
+
+/// The conflict of a conditional write that changed nothing, with the version found (for the log).
+fn document_conflict(c: &mut Conn, write: &DocumentWrite) -> Error {
+    let (collection, id) = write.key();
+    let actual = match c.query_opt(sql::DOCUMENT_VERSION, &[&collection, &id]) {
+        Ok(row) => row.map_or(ABSENT, |r| r.get::<_, i64>(0) as DocumentVersion),
+        Err(error) => return error,
+    };
+    Error::DocumentConflict {
+        collection: collection.to_owned(),
+        id: id.to_owned(),
+        expected: write.expected().unwrap_or(ABSENT),
+        actual,
+    }
 }

@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fences (fencing tokens of owned partitions)",
         sql: include_str!("../sql/postgres/migrations/003_fences.sql"),
     },
+    Migration {
+        version: 4,
+        name: "document versions (optimistic concurrency of read models)",
+        sql: include_str!("../sql/postgres/migrations/004_document_versions.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -63,6 +63,10 @@ mod sql {
         HEAD_CATEGORY = "head_category";
         HEAD_ALL = "head_all";
         PUT_DOCUMENT = "put_document";
+        INSERT_DOCUMENT = "insert_document";
+        UPDATE_DOCUMENT = "update_document";
+        DELETE_DOCUMENT_VERSION = "delete_document_version";
+        DOCUMENT_VERSION = "document_version";
         DELETE_DOCUMENT = "delete_document";
         READ_DOCUMENT_FIELDS = "read_document_fields";
         DELETE_DOCUMENT_FIELD = "delete_document_field";
@@ -287,11 +291,15 @@ impl Store for PostgresStore {
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
-    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>> {
         let row = self
             .conn()?
             .query_opt(sql::GET_DOCUMENT, &[&collection, &id])?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| StoredDocument {
+            id: id.to_owned(),
+            data: r.get(0),
+            version: r.get::<_, i64>(1) as u64,
+        }))
     }
 
     fn find_documents(
@@ -310,6 +318,7 @@ impl Store for PostgresStore {
             .map(|r| StoredDocument {
                 id: r.get(0),
                 data: r.get(1),
+                version: r.get::<_, i64>(2) as u64,
             })
             .collect())
     }
