@@ -29,6 +29,18 @@ pub struct UnitOfWork {
     /// Ownership claims checked and raised first: a commit carrying a token older than one the store has
     /// seen for the same name is refused whole.
     pub fences: Vec<Fence>,
+    /// Commit only if no unit with this key was committed before: the store records the key in the
+    /// same transaction and refuses a second unit with it ([`store::Error::AlreadyCommitted`]), so a
+    /// `send` retried after an unknown outcome cannot store its command twice.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// A caller's key for "this unit, once": Protean's `metadata.headers.idempotency_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// The message the unit stores under the key, answered to a retry.
+    pub message_id: String,
 }
 
 impl UnitOfWork {
@@ -40,6 +52,7 @@ impl UnitOfWork {
             && self.position.is_none()
             && self.dead_letters.is_empty()
             && self.fences.is_empty()
+            && self.idempotency_key.is_none()
     }
 }
 
@@ -110,6 +123,18 @@ impl NewMessage {
             id,
             time,
         }
+    }
+}
+
+impl NewMessage {
+    /// The same message carrying `key` as `metadata.headers.idempotency_key`, as Protean writes it.
+    pub fn with_idempotency_key(mut self, key: &str) -> Self {
+        // The metadata was written by `NewMeta` a moment ago, so it parses; keys keep their order.
+        if let Ok(mut metadata) = serde_json::from_str::<Value>(&self.metadata) {
+            metadata["headers"]["idempotency_key"] = Value::from(key);
+            self.metadata = metadata.to_string();
+        }
+        self
     }
 }
 

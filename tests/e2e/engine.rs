@@ -568,6 +568,9 @@ impl Store for ConflictOnce {
     fn processed(&self, s: &str, ids: &[&str]) -> store::Result<std::collections::HashSet<String>> {
         self.inner.processed(s, ids)
     }
+    fn idempotency_key(&self, key: &str) -> store::Result<Option<String>> {
+        self.inner.idempotency_key(key)
+    }
     fn dead_letters(&self, s: Option<&str>) -> store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s)
     }

@@ -17,4 +17,5 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod send;
 mod server;

@@ -24,7 +24,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .output()
         .expect_code(1)
         .stdout();
-    assert!(before.starts_with("schema version 0 of 3"), "{before}");
+    assert!(before.starts_with("schema version 0 of 5"), "{before}");
     assert!(
         before.contains("pending migration 1: message_store"),
         "{before}"
@@ -41,6 +41,14 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
     );
     assert!(first.contains("applied migration 2: protean"), "{first}");
     assert!(first.contains("applied migration 3: fences"), "{first}");
+    assert!(
+        first.contains("applied migration 4: document versions"),
+        "{first}"
+    );
+    assert!(
+        first.contains("applied migration 5: idempotency keys"),
+        "{first}"
+    );
     let second = host(dir.path())
         .args(["db", "setup"])
         .output()
@@ -57,7 +65,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .expect_code(0)
         .stdout();
     assert_eq!(after.lines().count(), 1, "{after}");
-    assert!(after.starts_with("schema version 3 of 3"), "{after}");
+    assert!(after.starts_with("schema version 5 of 5"), "{after}");
     assert_eq!(
         pg.psql("SELECT message_store.message_store_version()"),
         "1.3.0"
@@ -77,7 +85,7 @@ fn a_server_on_a_store_not_set_up_names_db_setup() {
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "{}", run.stderr());
     assert!(
-        errors[0].contains("is not set up (schema version 0 of 3); run `protean-host db setup`"),
+        errors[0].contains("is not set up (schema version 0 of 5); run `protean-host db setup`"),
         "{errors:?}"
     );
     assert!(!errors[0].contains('\n'));

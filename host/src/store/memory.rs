@@ -27,6 +27,8 @@ struct State {
     dead_letters: Vec<DeadLetter>,
     outbox: Vec<OutboxRow>,
     leases: HashMap<String, Lease>,
+    /// Message ids by idempotency key.
+    idempotency_keys: HashMap<String, String>,
     /// The highest fencing token committed per name.
     fences: HashMap<String, u64>,
 }
@@ -71,6 +73,14 @@ impl State {
     /// Every check a commit makes, without changing anything.
     fn check(&self, unit: &UnitOfWork) -> Result<()> {
         self.check_fences(unit)?;
+        if let Some(key) = &unit.idempotency_key {
+            if let Some(message_id) = self.idempotency_keys.get(&key.key) {
+                return Err(Error::AlreadyCommitted {
+                    key: key.key.clone(),
+                    message_id: message_id.clone(),
+                });
+            }
+        }
         let mut versions: HashMap<&str, i64> = HashMap::new();
         let mut ids: HashSet<&str> = HashSet::new();
         for m in &unit.messages {
@@ -157,6 +167,10 @@ impl State {
     fn apply(&mut self, unit: &UnitOfWork) -> Option<u64> {
         for fence in &unit.fences {
             self.fences.insert(fence.name.clone(), fence.token);
+        }
+        if let Some(key) = &unit.idempotency_key {
+            self.idempotency_keys
+                .insert(key.key.clone(), key.message_id.clone());
         }
         let mut last = None;
         for m in &unit.messages {
@@ -331,6 +345,10 @@ impl Store for MemoryStore {
             })
             .map(|id| (*id).to_owned())
             .collect())
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.state().idempotency_keys.get(key).cloned())
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {

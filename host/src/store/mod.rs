@@ -98,6 +98,15 @@ pub enum Error {
         expected: DocumentVersion,
         actual: DocumentVersion,
     },
+    /// A unit with this idempotency key was committed before: nothing of this one was written.
+    #[error("idempotency key {key:?} was already committed, as message {message_id}")]
+    AlreadyCommitted { key: String, message_id: String },
+    /// The connection failed while the commit was in flight: the unit may or may not be stored, and
+    /// only a look at the store (or a retry with an idempotency key) can tell.
+    #[error(
+        "the outcome of the commit is unknown (the connection failed while committing): {reason}"
+    )]
+    OutcomeUnknown { reason: String },
     #[error("message {0} is already stored")]
     DuplicateMessage(String),
     /// Another consumer committed one of these messages first (a redelivery raced the original):
@@ -210,6 +219,9 @@ pub trait Store: Send + Sync {
 
     /// The highest global position among `categories` (0 when empty); all categories when empty.
     fn head(&self, categories: &[String]) -> Result<u64>;
+
+    /// The message committed under an idempotency key, if one was.
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>>;
 
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;

@@ -64,6 +64,10 @@ mod sql {
     pub(super) const OUTBOX_ABANDON: &str = include_str!("sql/sqlite/outbox_abandon.sql");
     pub(super) const OUTBOX_RELEASE: &str = include_str!("sql/sqlite/outbox_release.sql");
     pub(super) const OUTBOX_COUNTS: &str = include_str!("sql/sqlite/outbox_counts.sql");
+    pub(super) const INSERT_IDEMPOTENCY_KEY: &str =
+        include_str!("sql/sqlite/insert_idempotency_key.sql");
+    pub(super) const READ_IDEMPOTENCY_KEY: &str =
+        include_str!("sql/sqlite/read_idempotency_key.sql");
     pub(super) const FENCE_RAISE: &str = include_str!("sql/sqlite/fence_raise.sql");
     pub(super) const FENCE_CURRENT: &str = include_str!("sql/sqlite/fence_current.sql");
 }
@@ -221,6 +225,7 @@ fn now() -> String {
 /// Apply a unit of work inside an open transaction.
 fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
+    record_idempotency_key(tx, unit)?;
     let mut versions: HashMap<&str, i64> = HashMap::new();
     let mut last = None;
     for m in &unit.messages {
@@ -323,6 +328,30 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
             ])?;
     }
     Ok(last)
+}
+
+/// Record the unit's idempotency key, refusing the unit when the key was committed before.
+fn record_idempotency_key(
+    tx: &rusqlite::Transaction<'_>,
+    unit: &UnitOfWork,
+) -> Result<(), CommitError> {
+    let Some(key) = &unit.idempotency_key else {
+        return Ok(());
+    };
+    let inserted = tx
+        .prepare_cached(sql::INSERT_IDEMPOTENCY_KEY)?
+        .execute(params![key.key, key.message_id, now()])?;
+    if inserted == 0 {
+        let message_id: String = tx
+            .prepare_cached(sql::READ_IDEMPOTENCY_KEY)?
+            .query_row([&key.key], |r| r.get(0))?;
+        return Err(Error::AlreadyCommitted {
+            key: key.key.clone(),
+            message_id,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. First
@@ -567,6 +596,17 @@ impl Store for SqliteStore {
             .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
             .map_err(|e| self.error(e))?;
         Ok(found)
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::READ_IDEMPOTENCY_KEY)
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_row([key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.error(e))
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {

@@ -5,7 +5,10 @@ use serde_json::json;
 use super::{Error, Store, ABSENT};
 use crate::{
     message::Kind,
-    unit_of_work::{DocumentWrite, Fence, NewMessage, PositionUpdate, ProcessedMarker, UnitOfWork},
+    unit_of_work::{
+        DocumentWrite, Fence, IdempotencyKey, NewMessage, PositionUpdate, ProcessedMarker,
+        UnitOfWork,
+    },
 };
 
 fn event(stream: &str, n: u64, expected: Option<i64>) -> NewMessage {
@@ -593,6 +596,62 @@ pub(super) fn concurrent_read_modify_writes_lose_nothing(store: &dyn Store) {
     assert_eq!(counter["n"], WRITERS * EACH);
 }
 
+fn keyed(key: &str, stream: &str) -> UnitOfWork {
+    let message = event(stream, 0, None);
+    UnitOfWork {
+        idempotency_key: Some(IdempotencyKey {
+            key: key.into(),
+            message_id: message.id.clone(),
+        }),
+        messages: vec![message],
+        ..UnitOfWork::default()
+    }
+}
+
+/// A unit with an idempotency key commits once: a second unit with the key writes nothing and is told
+/// the first one's message id, which the key also answers on its own.
+pub(super) fn an_idempotency_key_commits_once(store: &dyn Store) {
+    let first = keyed("k-1", "shop::order-1");
+    store.commit(&first).unwrap();
+    let first_id = first.messages[0].id.clone();
+    let second = store.commit(&keyed("k-1", "shop::order-2"));
+    assert!(
+        matches!(&second, Err(Error::AlreadyCommitted { key, message_id }) if key == "k-1" && *message_id == first_id),
+        "{second:?}"
+    );
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
+    assert_eq!(store.idempotency_key("k-1").unwrap(), Some(first_id));
+    assert_eq!(store.idempotency_key("k-2").unwrap(), None);
+    store.commit(&keyed("k-2", "shop::order-2")).unwrap();
+}
+
+/// Units with one key committed at once (a retry racing the attempt it retries): exactly one commits.
+pub(super) fn concurrent_units_with_one_key_commit_once(store: &dyn Store) {
+    let committed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for n in 0..4 {
+            let committed = &committed;
+            scope.spawn(
+                move || match store.commit(&keyed("same", &format!("shop::order-{n}"))) {
+                    Ok(_) => {
+                        committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(Error::AlreadyCommitted { .. }) => {}
+                    Err(other) => panic!("{other}"),
+                },
+            );
+        }
+    });
+    assert_eq!(committed.into_inner(), 1);
+    assert_eq!(
+        store
+            .read_categories(&["shop::order".into()], 0, 100)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -614,6 +673,8 @@ macro_rules! store_conformance {
             #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
             #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
+            #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
+            #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
         }
     )+};
 }

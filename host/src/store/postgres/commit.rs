@@ -29,6 +29,7 @@ pub(super) fn apply(
         }
     }
     raise_fences(c, unit)?;
+    record_idempotency_key(c, unit)?;
     let last = append(c, unit)?;
     for write in &unit.documents {
         write_document(c, write)?;
@@ -83,6 +84,25 @@ pub(super) fn apply(
         )?;
     }
     Ok(last)
+}
+
+/// Record the unit's idempotency key, refusing the unit when the key was committed before. Before the
+/// appends, so a retry waits here for an attempt still in flight rather than appending beside it.
+fn record_idempotency_key(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
+    let Some(key) = &unit.idempotency_key else {
+        return Ok(());
+    };
+    if c.execute(sql::INSERT_IDEMPOTENCY_KEY, &[&key.key, &key.message_id])? == 0 {
+        let message_id: String = c
+            .query_opt(sql::READ_IDEMPOTENCY_KEY, &[&key.key])?
+            .ok_or_else(|| Error::Corrupt(format!("idempotency key {} vanished", key.key)))?
+            .get(0);
+        return Err(Error::AlreadyCommitted {
+            key: key.key.clone(),
+            message_id,
+        });
+    }
+    Ok(())
 }
 
 /// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. Before

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "document versions (optimistic concurrency of read models)",
         sql: include_str!("../sql/postgres/migrations/004_document_versions.sql"),
     },
+    Migration {
+        version: 5,
+        name: "idempotency keys (send, once)",
+        sql: include_str!("../sql/postgres/migrations/005_idempotency_keys.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

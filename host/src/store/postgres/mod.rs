@@ -67,6 +67,8 @@ mod sql {
         UPDATE_DOCUMENT = "update_document";
         DELETE_DOCUMENT_VERSION = "delete_document_version";
         DOCUMENT_VERSION = "document_version";
+        INSERT_IDEMPOTENCY_KEY = "insert_idempotency_key";
+        READ_IDEMPOTENCY_KEY = "read_idempotency_key";
         DELETE_DOCUMENT = "delete_document";
         READ_DOCUMENT_FIELDS = "read_document_fields";
         DELETE_DOCUMENT_FIELD = "delete_document_field";
@@ -282,6 +284,11 @@ impl Store for PostgresStore {
         });
         let mut conn = self.conn()?;
         conn.transaction(|c| commit::apply(c, unit, fence))
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        let row = self.conn()?.query_opt(sql::READ_IDEMPOTENCY_KEY, &[&key])?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     fn position(&self, subscription: &str) -> Result<Option<u64>> {

@@ -100,3 +100,11 @@ CREATE TABLE IF NOT EXISTS protean_fences (
     name  TEXT    PRIMARY KEY,
     token INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Units committed under an idempotency key (a `send` with --idempotency-key): a second unit with the
+-- same key is refused, so a retry after an unknown outcome cannot store its command twice.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key          TEXT PRIMARY KEY,
+    message_id   TEXT NOT NULL,
+    committed_at TEXT NOT NULL
+) WITHOUT ROWID;
