@@ -10,12 +10,13 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use protean_host::store::{PostgresStore, Store, StoredMessage};
 use serde_json::Value;
 
-use crate::support::{host, place, sample_domain, Finished, PgServer};
+use crate::support::{host, place, sample_domain, wait_until, Finished, PgServer};
 
 const COMMANDS: &str = "fulfilment::order:command";
 
@@ -278,4 +279,51 @@ fn pg_port(pg: &PgServer) -> u16 {
     let uri = pg.uri();
     let port = uri.rsplit(':').next().unwrap().split('/').next().unwrap();
     port.parse().unwrap()
+}
+
+/// PostgreSQL restarts while `send` waits inside its transaction (another session holds the append
+/// lock): the commit was never asked for, so `send` answers "not committed" (exit 1, with the server's
+/// reason) and the retry with the same key stores the command once.
+#[test]
+fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
+    let mut pg = PgServer::start();
+    let store = store(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("protean.toml"), pg.config()).unwrap();
+    // The store's append lock (host/src/store/sql/postgres/lock_appends.sql), held by another session.
+    let mut holder = std::process::Command::new("psql")
+        .args(["-X", "-q", "-d", &pg.uri(), "-c"])
+        .arg("SELECT pg_advisory_lock(7362836200114529281); SELECT pg_sleep(600)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lib = sample_domain().display().to_string();
+    let sending = host(dir.path())
+        .args(["send", "--domain", &lib, "--idempotency-key", "order-2"])
+        .args(["Fulfilment.PlaceOrder.v1", &place(2).to_string()])
+        .spawn();
+    wait_until(
+        Duration::from_secs(30),
+        "send waiting for the append lock",
+        || {
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%'") == "1"
+        },
+    );
+    pg.restart();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let (code, stderr) = sending.wait();
+    assert_eq!(code, Some(1), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        error.contains("not committed (idempotency key order-2)"),
+        "{stderr}"
+    );
+    assert!(commands(&store).is_empty(), "nothing stored");
+    send(dir.path(), &["--idempotency-key", "order-2"], 2).expect_code(0);
+    assert_eq!(commands(&store).len(), 1);
 }
