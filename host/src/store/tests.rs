@@ -811,6 +811,37 @@ mod postgres_only {
         }
     }
 
+    /// A store set up by an older build (migration 3) keeps its documents: migration 4 gives each a
+    /// version, and conditional writes work on them.
+    #[test]
+    fn documents_from_before_versions_get_one_at_setup() {
+        let (store, server) = super::postgres();
+        server.psql(
+            "ALTER TABLE protean.documents DROP COLUMN version; \
+             DROP SEQUENCE IF EXISTS protean.document_versions; \
+             DROP TABLE protean.idempotency_keys; \
+             DELETE FROM protean.schema_version WHERE version >= 4; \
+             INSERT INTO protean.documents (collection, id, data) VALUES ('c', '1', '{\"n\": 1}')",
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [4, 5]);
+        let old = super::version(&store, "1");
+        assert_ne!(old, super::ABSENT);
+        super::write_docs(
+            &store,
+            vec![super::put("1", serde_json::json!({"n": 2}), Some(old))],
+        )
+        .unwrap();
+        let stale = super::write_docs(
+            &store,
+            vec![super::put("1", serde_json::json!({"n": 3}), Some(old))],
+        );
+        assert!(
+            super::is_document_conflict(&stale, old, super::version(&store, "1")),
+            "{stale:?}"
+        );
+    }
+
     #[test]
     fn setup_is_idempotent_and_status_is_current() {
         let (store, _server) = super::postgres();
