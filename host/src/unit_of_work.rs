@@ -124,9 +124,7 @@ impl NewMessage {
             time,
         }
     }
-}
 
-impl NewMessage {
     /// The same message carrying `key` as `metadata.headers.idempotency_key`, as Protean writes it.
     pub fn with_idempotency_key(mut self, key: &str) -> Self {
         // The metadata was written by `NewMeta` a moment ago, so it parses; keys keep their order.
@@ -165,6 +163,14 @@ impl DocumentWrite {
         match self {
             DocumentWrite::Put { collection, id, .. }
             | DocumentWrite::Delete { collection, id, .. } => (collection, id),
+        }
+    }
+
+    fn expect(&mut self, version: Option<DocumentVersion>) {
+        match self {
+            DocumentWrite::Put { expected, .. } | DocumentWrite::Delete { expected, .. } => {
+                *expected = version
+            }
         }
     }
 
@@ -355,7 +361,7 @@ impl<'a> Buffer<'a> {
     /// Buffer a document write. The first write of a document in the unit carries the version its
     /// handler read (the store's when the write commits must still be that one); later writes of it
     /// follow from the first in the same transaction and need no check.
-    fn write_document(&self, index: usize, write: DocumentWrite) {
+    fn write_document(&self, index: usize, mut write: DocumentWrite) {
         let (collection, id) = write.key();
         let expected = match self.pending_document(collection, id) {
             Some(_) => None,
@@ -365,24 +371,7 @@ impl<'a> Buffer<'a> {
                 .get(&(collection.to_owned(), id.to_owned()))
                 .copied(),
         };
-        let write = match write {
-            DocumentWrite::Put {
-                collection,
-                id,
-                data,
-                ..
-            } => DocumentWrite::Put {
-                collection,
-                id,
-                data,
-                expected,
-            },
-            DocumentWrite::Delete { collection, id, .. } => DocumentWrite::Delete {
-                collection,
-                id,
-                expected,
-            },
-        };
+        write.expect(expected);
         self.push(index, Write::Document(write));
     }
 

@@ -298,6 +298,11 @@ fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the other session holding the lock",
+        || pg.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == "1",
+    );
     let lib = sample_domain().display().to_string();
     let sending = host(dir.path())
         .args(["send", "--domain", &lib, "--idempotency-key", "order-2"])
@@ -323,6 +328,9 @@ fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
         error.contains("not committed (idempotency key order-2)"),
         "{stderr}"
     );
+    // The restart ended this test's own pooled connections too: a new store, new connections.
+    drop(store);
+    let store = PostgresStore::open(&pg.store_config()).unwrap();
     assert!(commands(&store).is_empty(), "nothing stored");
     send(dir.path(), &["--idempotency-key", "order-2"], 2).expect_code(0);
     assert_eq!(commands(&store).len(), 1);

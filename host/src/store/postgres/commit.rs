@@ -227,34 +227,10 @@ fn unique_violation(error: Error, unit: &UnitOfWork) -> Error {
 
 /// Write or delete a document and keep its field index in step, touching only the fields that changed.
 fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
-    let (collection, id) = write.key();
-    let changed = match write {
-        DocumentWrite::Put { data, expected, .. } => match expected {
-            None => c.execute(sql::PUT_DOCUMENT, &[&collection, &id, data])?,
-            Some(ABSENT) => c.execute(sql::INSERT_DOCUMENT, &[&collection, &id, data])?,
-            Some(version) => c.execute(
-                sql::UPDATE_DOCUMENT,
-                &[&collection, &id, data, &(*version as i64)],
-            )?,
-        },
-        DocumentWrite::Delete { expected, .. } => match expected {
-            Some(version) if *version != ABSENT => c.execute(
-                sql::DELETE_DOCUMENT_VERSION,
-                &[&collection, &id, &(*version as i64)],
-            )?,
-            // Read as absent: still absent, there is nothing to delete; present, someone wrote it since.
-            Some(_) => match c.query_opt(sql::DOCUMENT_VERSION, &[&collection, &id])? {
-                None => return Ok(()),
-                Some(_) => 0,
-            },
-            None => c
-                .execute(sql::DELETE_DOCUMENT, &[&collection, &id])
-                .map(|_| 1)?,
-        },
-    };
-    if changed == 0 {
+    if !write_row(c, write)? {
         return Err(document_conflict(c, write));
     }
+    let (collection, id) = write.key();
     let new_fields = match write {
         DocumentWrite::Put { data, .. } => indexed_fields(data),
         DocumentWrite::Delete { .. } => Vec::new(),
@@ -265,18 +241,48 @@ fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
-        c.execute(
-            sql::DELETE_DOCUMENT_FIELD,
-            &[&collection, field, value, &id],
-        )?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
+        c.execute(sql::DELETE_DOCUMENT_FIELD, &params)?;
     }
     for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
-        c.execute(
-            sql::INSERT_DOCUMENT_FIELD,
-            &[&collection, field, value, &id],
-        )?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
+        c.execute(sql::INSERT_DOCUMENT_FIELD, &params)?;
     }
     Ok(())
+}
+
+/// Write or delete the document's row; false when the version it expects is no longer the stored one.
+/// The conditional statements wait for a concurrent writer's transaction and then judge its row, so two
+/// writers that read the same version cannot both succeed.
+fn write_row(c: &mut Conn, write: &DocumentWrite) -> Result<bool> {
+    let (collection, id) = write.key();
+    let changed = match (write, write.expected()) {
+        (DocumentWrite::Put { data, .. }, None) => {
+            c.execute(sql::PUT_DOCUMENT, &[&collection, &id, data])?
+        }
+        (DocumentWrite::Put { data, .. }, Some(ABSENT)) => {
+            c.execute(sql::INSERT_DOCUMENT, &[&collection, &id, data])?
+        }
+        (DocumentWrite::Put { data, .. }, Some(version)) => c.execute(
+            sql::UPDATE_DOCUMENT,
+            &[&collection, &id, data, &(version as i64)],
+        )?,
+        (DocumentWrite::Delete { .. }, None) => {
+            c.execute(sql::DELETE_DOCUMENT, &[&collection, &id])?;
+            return Ok(true);
+        }
+        // Read as absent: still absent, there is nothing to delete; present, someone wrote it since.
+        (DocumentWrite::Delete { .. }, Some(ABSENT)) => {
+            return Ok(c
+                .query_opt(sql::DOCUMENT_VERSION, &[&collection, &id])?
+                .is_none());
+        }
+        (DocumentWrite::Delete { .. }, Some(version)) => c.execute(
+            sql::DELETE_DOCUMENT_VERSION,
+            &[&collection, &id, &(version as i64)],
+        )?,
+    };
+    Ok(changed > 0)
 }
 
 /// The conflict of a conditional write that changed nothing, with the version found (for the log).
