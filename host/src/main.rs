@@ -181,6 +181,7 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         check_key(&key)?;
         let code = sender.send(&line, &key, Some(n + 1))?;
         if code != ExitCode::SUCCESS {
+            eprintln!("the lines after stdin line {} were not sent", n + 1);
             return Ok(code);
         }
     }

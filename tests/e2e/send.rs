@@ -16,7 +16,7 @@ use std::{
 use protean_host::store::{PostgresStore, Store, StoredMessage};
 use serde_json::Value;
 
-use crate::support::{host, place, sample_domain, wait_until, Finished, PgServer};
+use crate::support::{host, orders, place, sample_domain, sqlite, wait_until, Finished, PgServer};
 
 const COMMANDS: &str = "fulfilment::order:command";
 
@@ -334,4 +334,25 @@ fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
     assert!(commands(&store).is_empty(), "nothing stored");
     send(dir.path(), &["--idempotency-key", "order-2"], 2).expect_code(0);
     assert_eq!(commands(&store).len(), 1);
+}
+
+/// With `-`, line N of a keyed send uses `KEY:N`: sending the same file again stores nothing new.
+#[test]
+fn stdin_lines_get_their_own_keys_and_a_second_run_stores_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = sample_domain().display().to_string();
+    let run = || {
+        host(dir.path())
+            .args(["send", "--domain", &lib, "--idempotency-key", "batch"])
+            .args(["Fulfilment.PlaceOrder.v1", "-"])
+            .output_with_stdin(&orders(0, 3))
+            .expect_code(0)
+    };
+    let first = run();
+    let second = run();
+    assert_eq!(second.stdout(), first.stdout(), "the same three ids");
+    assert_eq!(second.stderr().matches("already committed").count(), 3);
+    let stored = commands(sqlite(dir.path()).as_ref());
+    let keys: Vec<String> = stored.iter().map(key_of).collect();
+    assert_eq!(keys, ["batch:1", "batch:2", "batch:3"]);
 }
