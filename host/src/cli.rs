@@ -232,6 +232,11 @@ pub struct SendArgs {
     /// When the command expires (RFC 3339 time); an expired command is acknowledged without a call.
     #[arg(long, value_name = "TIME")]
     pub deadline: Option<String>,
+    /// Store the command at most once for KEY (Protean's metadata.headers.idempotency_key): a send
+    /// with the key of a command already stored stores nothing and answers that command's id.
+    /// Generated when absent; with `-`, stdin line N uses KEY:N.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Options of `inspect`.
@@ -309,6 +314,8 @@ mod tests {
             "{}",
             "--deadline",
             "2030-01-01T00:00:00Z",
+            "--idempotency-key",
+            "order-1",
         ])
         .unwrap();
         let Some(Command::Send(send)) = cli.command else {
@@ -318,6 +325,7 @@ mod tests {
             (send.message_type.as_str(), send.data.as_str()),
             ("Shop.Place.v1", "{}")
         );
+        assert_eq!(send.idempotency_key.as_deref(), Some("order-1"));
         assert_eq!(
             parse(&["send", "Shop.Place.v1"]).unwrap_err().exit_code(),
             2

@@ -1,5 +1,5 @@
 //! The `protean-host` binary: parses the command line, runs it, and maps the outcome to an exit code
-//! (0 success, 1 failure, 2 usage error).
+//! (0 success, 1 failure, 2 usage error; `send` adds 3: the command's outcome is unknown).
 
 use std::{io::BufRead, process::ExitCode};
 
@@ -13,10 +13,10 @@ use protean_host::{
     },
     config::Config,
     discovery,
-    engine::{Engine, EngineOptions, Outcome, RunReport},
+    engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent},
     inspect, logging, ops,
     plugin::{Library, Plugin},
-    reload,
+    reload, store,
 };
 
 fn main() -> ExitCode {
@@ -143,38 +143,164 @@ fn print_summary(report: &RunReport) {
     );
 }
 
+/// `send`'s exit code when a command's outcome is unknown: it may or may not be stored.
+const OUTCOME_UNKNOWN: u8 = 3;
+
+/// The longest idempotency key accepted, in bytes (keys are stored and indexed).
+const MAX_KEY_BYTES: usize = 200;
+
+/// `send`: exit 0 when every command is stored (now, or before under the same idempotency key), 1 when
+/// one is not (with why; the lines after it are not sent), 3 when one's outcome is unknown (with the
+/// command that retries it safely).
 fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
+    if let Some(key) = &args.idempotency_key {
+        check_key(key)?;
+    }
+    if let Some(deadline) = &args.deadline {
+        protean_host::message::parse_time(deadline).with_context(|| {
+            format!("--deadline {deadline:?} is not an RFC 3339 time like 2030-01-31T12:00:00Z")
+        })?;
+    }
     let (engine, _) = engine(common, false)?;
-    let deadline = args.deadline.as_deref();
-    let send_one = |text: &str, line: Option<usize>| -> anyhow::Result<()> {
+    let sender = Sender {
+        engine: &engine,
+        common,
+        args,
+    };
+    if args.data != "-" {
+        let key = args.idempotency_key.clone().unwrap_or_else(new_key);
+        return sender.send(&args.data, &key, None);
+    }
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("cannot read stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let key = match &args.idempotency_key {
+            Some(key) => format!("{key}:{}", n + 1),
+            None => new_key(),
+        };
+        check_key(&key)?;
+        let code = sender.send(&line, &key, Some(n + 1))?;
+        if code != ExitCode::SUCCESS {
+            eprintln!("the lines after stdin line {} were not sent", n + 1);
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn check_key(key: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !key.is_empty(),
+        "--idempotency-key is empty; pass a key, or leave the option out to have one generated"
+    );
+    anyhow::ensure!(
+        key.len() <= MAX_KEY_BYTES,
+        "--idempotency-key is {} bytes long; at most {MAX_KEY_BYTES} are allowed",
+        key.len()
+    );
+    anyhow::ensure!(
+        !key.chars().any(char::is_control),
+        "--idempotency-key contains a control character"
+    );
+    Ok(())
+}
+
+/// Sends `send`'s commands one at a time and says what became of each.
+struct Sender<'a> {
+    engine: &'a Engine,
+    common: &'a Common,
+    args: &'a SendArgs,
+}
+
+impl Sender<'_> {
+    /// Send one command (`line`: its stdin line) under `key`; prints its id on stdout when stored.
+    fn send(&self, text: &str, key: &str, line: Option<usize>) -> anyhow::Result<ExitCode> {
         let at = line
             .map(|n| format!(" (stdin line {n})"))
             .unwrap_or_default();
         let data: serde_json::Value = serde_json::from_str(text).with_context(|| {
             format!("the command data{at} is not JSON; pass an object like '{{\"id\": \"1\"}}'")
         })?;
-        let id = engine
-            .send(&args.message_type, &data, deadline)
-            .with_context(|| format!("command{at} not sent"))?;
-        println!("{id}");
-        Ok(())
-    };
-    if let Some(deadline) = deadline {
-        protean_host::message::parse_time(deadline).with_context(|| {
-            format!("--deadline {deadline:?} is not an RFC 3339 time like 2030-01-31T12:00:00Z")
-        })?;
-    }
-    if args.data != "-" {
-        send_one(&args.data, None)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("cannot read stdin")?;
-        if !line.trim().is_empty() {
-            send_one(&line, Some(n + 1))?;
+        let deadline = self.args.deadline.as_deref();
+        match self
+            .engine
+            .send_once(&self.args.message_type, &data, deadline, key)
+        {
+            Ok(Sent::Committed(id)) => println!("{id}"),
+            Ok(Sent::AlreadyCommitted(id)) => {
+                println!("{id}");
+                eprintln!("already committed{at}: idempotency key {key} was stored before as command {id}; nothing new was stored");
+            }
+            Err(EngineError::Store(error @ store::Error::OutcomeUnknown { .. })) => {
+                return Ok(self.unknown(text, key, &at, &error));
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("command{at} not committed (idempotency key {key})")))
+            }
         }
+        Ok(ExitCode::SUCCESS)
     }
-    Ok(ExitCode::SUCCESS)
+
+    /// The commit's answer was lost. The key says whether it landed, if the store answers now;
+    /// otherwise only a retry with the same key can settle it, and it is safe.
+    fn unknown(&self, text: &str, key: &str, at: &str, error: &store::Error) -> ExitCode {
+        if let Ok(Some(id)) = self.engine.store().idempotency_key(key) {
+            println!("{id}");
+            eprintln!("committed{at}: the connection failed while committing, but the store has idempotency key {key} as command {id}");
+            return ExitCode::SUCCESS;
+        }
+        eprintln!("outcome unknown{at}: {error}; the command may or may not be stored (idempotency key {key})");
+        eprintln!(
+            "retry safely (it stores the command at most once): {}",
+            self.retry_command(text, key)
+        );
+        ExitCode::from(OUTCOME_UNKNOWN)
+    }
+
+    /// The command line that sends this command again under `key`, quoted for a POSIX shell.
+    fn retry_command(&self, text: &str, key: &str) -> String {
+        let program = std::env::args()
+            .next()
+            .unwrap_or_else(|| "protean-host".into());
+        // Global options go after the subcommand: before it they would select the server.
+        let mut words = vec![program, "send".into()];
+        if let Some(config) = &self.common.config {
+            words.extend(["--config".into(), config.display().to_string()]);
+        }
+        if let Some(domain) = &self.common.domain {
+            words.extend(["--domain".into(), domain.clone()]);
+        }
+        words.extend(["--idempotency-key".into(), key.into()]);
+        if let Some(deadline) = &self.args.deadline {
+            words.extend(["--deadline".into(), deadline.clone()]);
+        }
+        words.extend([self.args.message_type.clone(), text.to_owned()]);
+        words
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `word` as one POSIX shell word: bare when it is plainly safe, else in single quotes.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 /// `db setup` and `db status`: the PostgreSQL store's migrations. Needs no domain, only the config.

@@ -4,14 +4,14 @@
 //! it is the host services a handler sees during a batch, recording each write with the index of the
 //! message that made it, and answering reads from the store overlaid with the writes buffered so far.
 
-use std::cell::RefCell;
+use std::{cell::RefCell, collections::HashMap};
 
 use serde_json::Value;
 
 use crate::{
     message::{self, Cause, Kind, NewMeta},
     plugin::HostServices,
-    store::{DeadLetter, Store},
+    store::{self, DeadLetter, DocumentVersion, Store, StoredDocument},
 };
 
 /// What one commit writes.
@@ -29,6 +29,18 @@ pub struct UnitOfWork {
     /// Ownership claims checked and raised first: a commit carrying a token older than one the store has
     /// seen for the same name is refused whole.
     pub fences: Vec<Fence>,
+    /// Commit only if no unit with this key was committed before: the store records the key in the
+    /// same transaction and refuses a second unit with it ([`store::Error::AlreadyCommitted`]), so a
+    /// `send` retried after an unknown outcome cannot store its command twice.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// A caller's key for "this unit, once": Protean's `metadata.headers.idempotency_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// The message the unit stores under the key, answered to a retry.
+    pub message_id: String,
 }
 
 impl UnitOfWork {
@@ -40,6 +52,7 @@ impl UnitOfWork {
             && self.position.is_none()
             && self.dead_letters.is_empty()
             && self.fences.is_empty()
+            && self.idempotency_key.is_none()
     }
 }
 
@@ -111,20 +124,64 @@ impl NewMessage {
             time,
         }
     }
+
+    /// The same message carrying `key` as `metadata.headers.idempotency_key`, as Protean writes it.
+    pub fn with_idempotency_key(mut self, key: &str) -> Self {
+        // The metadata was written by `NewMeta` a moment ago, so it parses; keys keep their order.
+        if let Ok(mut metadata) = serde_json::from_str::<Value>(&self.metadata) {
+            metadata["headers"]["idempotency_key"] = Value::from(key);
+            self.metadata = metadata.to_string();
+        }
+        self
+    }
 }
 
 /// A document change.
+///
+/// `expected` makes it conditional (optimistic concurrency): the commit fails with
+/// [`store::Error::DocumentConflict`] unless the stored document still has that version
+/// ([`store::ABSENT`]: it must still not exist). `None` writes whatever is stored: a handler that
+/// writes a document without reading it first computed nothing from it, so there is nothing to lose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DocumentWrite {
     Put {
         collection: String,
         id: String,
         data: String,
+        expected: Option<DocumentVersion>,
     },
     Delete {
         collection: String,
         id: String,
+        expected: Option<DocumentVersion>,
     },
+}
+
+impl DocumentWrite {
+    /// The document written: (collection, id).
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            DocumentWrite::Put { collection, id, .. }
+            | DocumentWrite::Delete { collection, id, .. } => (collection, id),
+        }
+    }
+
+    fn expect(&mut self, version: Option<DocumentVersion>) {
+        match self {
+            DocumentWrite::Put { expected, .. } | DocumentWrite::Delete { expected, .. } => {
+                *expected = version
+            }
+        }
+    }
+
+    /// The version the write requires of the stored document, if any.
+    pub fn expected(&self) -> Option<DocumentVersion> {
+        match self {
+            DocumentWrite::Put { expected, .. } | DocumentWrite::Delete { expected, .. } => {
+                *expected
+            }
+        }
+    }
 }
 
 /// "This subscription has handled this message", committed with its effects.
@@ -175,6 +232,11 @@ pub(crate) struct Buffer<'a> {
     store: &'a dyn Store,
     causes: &'a [Cause<'a>],
     writes: RefCell<Vec<(usize, Write)>>,
+    /// The stored version of each document last read from the store (`get` or `find`), so that a write
+    /// of it commits only if nobody wrote it since: two subscriptions of one projector (or two replicas
+    /// of one) read-modify-write the same document, and without this the later commit silently
+    /// overwrites the earlier one.
+    read: RefCell<HashMap<(String, String), DocumentVersion>>,
 }
 
 impl<'a> Buffer<'a> {
@@ -183,6 +245,7 @@ impl<'a> Buffer<'a> {
             store,
             causes,
             writes: RefCell::default(),
+            read: RefCell::default(),
         }
     }
 
@@ -267,17 +330,49 @@ impl<'a> Buffer<'a> {
             .iter()
             .rev()
             .find_map(|(_, w)| match w {
-                Write::Document(DocumentWrite::Put {
-                    collection: c,
-                    id: i,
-                    data,
-                }) if c == collection && i == id => Some(Some(data.clone())),
-                Write::Document(DocumentWrite::Delete {
-                    collection: c,
-                    id: i,
-                }) if c == collection && i == id => Some(None),
+                Write::Document(write) if write.key() == (collection, id) => match write {
+                    DocumentWrite::Put { data, .. } => Some(Some(data.clone())),
+                    DocumentWrite::Delete { .. } => Some(None),
+                },
                 _ => None,
             })
+    }
+
+    /// A document as the handler sees it: the buffered write, else the store (whose version is noted).
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<String>, String> {
+        if let Some(pending) = self.pending_document(collection, id) {
+            return Ok(pending);
+        }
+        let stored = self
+            .store
+            .read_document(collection, id)
+            .map_err(|e| e.to_string())?;
+        let version = stored.as_ref().map_or(store::ABSENT, |d| d.version);
+        self.note_read(collection, id, version);
+        Ok(stored.map(|d| d.data))
+    }
+
+    fn note_read(&self, collection: &str, id: &str, version: DocumentVersion) {
+        self.read
+            .borrow_mut()
+            .insert((collection.to_owned(), id.to_owned()), version);
+    }
+
+    /// Buffer a document write. The first write of a document in the unit carries the version its
+    /// handler read (the store's when the write commits must still be that one); later writes of it
+    /// follow from the first in the same transaction and need no check.
+    fn write_document(&self, index: usize, mut write: DocumentWrite) {
+        let (collection, id) = write.key();
+        let expected = match self.pending_document(collection, id) {
+            Some(_) => None,
+            None => self
+                .read
+                .borrow()
+                .get(&(collection.to_owned(), id.to_owned()))
+                .copied(),
+        };
+        write.expect(expected);
+        self.push(index, Write::Document(write));
     }
 
     fn find_documents(
@@ -292,7 +387,15 @@ impl<'a> Buffer<'a> {
             .store
             .find_documents(collection, field, &value)
             .map_err(|e| e.to_string())?;
-        let mut found: Vec<(String, String)> = stored.into_iter().map(|d| (d.id, d.data)).collect();
+        let mut found: Vec<(String, String)> = Vec::with_capacity(stored.len());
+        for StoredDocument { id, data, version } in stored {
+            // A document already written in this unit is answered from the buffer below; its first
+            // write carries the version read before it.
+            if self.pending_document(collection, &id).is_none() {
+                self.note_read(collection, &id, version);
+            }
+            found.push((id, data));
+        }
         for (_, write) in self.writes.borrow().iter() {
             let Write::Document(write) = write else {
                 continue;
@@ -302,6 +405,7 @@ impl<'a> Buffer<'a> {
                     collection: c,
                     id,
                     data,
+                    ..
                 } if c == collection => {
                     found.retain(|(i, _)| i != id);
                     let matches = serde_json::from_str::<Value>(data)
@@ -313,9 +417,9 @@ impl<'a> Buffer<'a> {
                         found.push((id.clone(), data.clone()));
                     }
                 }
-                DocumentWrite::Delete { collection: c, id } if c == collection => {
-                    found.retain(|(i, _)| i != id)
-                }
+                DocumentWrite::Delete {
+                    collection: c, id, ..
+                } if c == collection => found.retain(|(i, _)| i != id),
                 _ => {}
             }
         }
@@ -378,15 +482,9 @@ impl HostServices for BufferView<'_, '_> {
     }
 
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
-        match self.buffer.pending_document(collection, id) {
-            Some(pending) => Ok(pending.map(String::into_bytes)),
-            None => self
-                .buffer
-                .store
-                .document(collection, id)
-                .map(|d| d.map(String::into_bytes))
-                .map_err(|e| e.to_string()),
-        }
+        self.buffer
+            .get_document(collection, id)
+            .map(|d| d.map(String::into_bytes))
     }
 
     fn put_document(
@@ -404,9 +502,10 @@ impl HostServices for BufferView<'_, '_> {
             collection: collection.into(),
             id: id.into(),
             data: data.into(),
+            expected: None,
         };
         self.buffer
-            .push(self.offset + index as usize, Write::Document(write));
+            .write_document(self.offset + index as usize, write);
         Ok(())
     }
 
@@ -414,9 +513,10 @@ impl HostServices for BufferView<'_, '_> {
         let write = DocumentWrite::Delete {
             collection: collection.into(),
             id: id.into(),
+            expected: None,
         };
         self.buffer
-            .push(self.offset + index as usize, Write::Document(write));
+            .write_document(self.offset + index as usize, write);
         Ok(())
     }
 

@@ -202,7 +202,9 @@ impl<'a> Context<'a> {
             .map_err(HandlerError::retry)
     }
 
-    /// The document `D` with `id`, if it exists (including writes buffered earlier in this batch).
+    /// The document `D` with `id`, if it exists (including writes buffered earlier in this batch). The
+    /// host notes the version read, so a later `put` or `delete` of it cannot overwrite a concurrent
+    /// write (see [`Context::put`]).
     pub fn get<D: Document>(&self, id: &str) -> Result<Option<D>, HandlerError> {
         let found = self
             .services
@@ -213,7 +215,10 @@ impl<'a> Context<'a> {
             .transpose()
     }
 
-    /// Write `document` (insert or replace).
+    /// Write `document` (insert or replace). If this batch read it (`get` or `find`), the write commits
+    /// only if nobody wrote the document since (insert only if it is still absent when it was read as
+    /// absent); otherwise the host re-runs the batch on the new document. A document not read first is
+    /// written whatever is stored.
     pub fn put<D: Document>(&mut self, document: &D) -> Result<(), HandlerError> {
         let data = to_json(document)?;
         self.services

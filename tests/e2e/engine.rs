@@ -556,8 +556,8 @@ impl Store for ConflictOnce {
     fn position(&self, s: &str) -> store::Result<Option<u64>> {
         self.inner.position(s)
     }
-    fn document(&self, c: &str, id: &str) -> store::Result<Option<String>> {
-        self.inner.document(c, id)
+    fn read_document(&self, c: &str, id: &str) -> store::Result<Option<StoredDocument>> {
+        self.inner.read_document(c, id)
     }
     fn find_documents(&self, c: &str, f: &str, v: &Value) -> store::Result<Vec<StoredDocument>> {
         self.inner.find_documents(c, f, v)
@@ -567,6 +567,9 @@ impl Store for ConflictOnce {
     }
     fn processed(&self, s: &str, ids: &[&str]) -> store::Result<std::collections::HashSet<String>> {
         self.inner.processed(s, ids)
+    }
+    fn idempotency_key(&self, key: &str) -> store::Result<Option<String>> {
+        self.inner.idempotency_key(key)
     }
     fn dead_letters(&self, s: Option<&str>) -> store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s)

@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod discovery;
+mod documents;
 mod engine;
 mod loading;
 mod loss_hunter;
@@ -18,4 +19,5 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod send;
 mod server;

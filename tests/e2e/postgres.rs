@@ -49,6 +49,14 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         first.contains("applied migration 4: appends without their category's lock refused"),
         "{first}"
     );
+    assert!(
+        first.contains("applied migration 6: document versions"),
+        "{first}"
+    );
+    assert!(
+        first.contains("applied migration 7: idempotency keys"),
+        "{first}"
+    );
     let second = host(dir.path())
         .args(["db", "setup"])
         .output()

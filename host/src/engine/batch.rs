@@ -197,13 +197,11 @@ pub(crate) fn run(
                     .collect();
                 return Ok(report);
             }
-            Err(store::Error::VersionConflict {
-                stream,
-                expected,
-                actual,
-            }) if conflicts < ctx.version_retries => {
+            // Another writer changed a stream or a document this batch read: run it again on what is
+            // stored now.
+            Err(conflict) if conflict.is_conflict() && conflicts < ctx.version_retries => {
                 conflicts += 1;
-                tracing::debug!(subscription = %ctx.subscription.plan.name, %stream, expected, actual, conflicts, "version conflict; re-running the batch");
+                tracing::debug!(subscription = %ctx.subscription.plan.name, %conflict, conflicts, "conflict; re-running the batch");
             }
             // Only a race with another consumer (a reclaim of a slow one's entries) gets here, and the
             // re-run skips what the other committed; bounded all the same.
@@ -215,7 +213,7 @@ pub(crate) fn run(
                 recheck = true;
                 tracing::info!(%subscription, %message_id, "another consumer committed this message first; re-running the batch without it");
             }
-            Err(conflict @ store::Error::VersionConflict { .. }) => {
+            Err(conflict) if conflict.is_conflict() => {
                 // Persistent contention: count it as a failure of the first message, so it is retried with
                 // backoff and, eventually, dead-lettered instead of spinning.
                 let first = &messages[0];

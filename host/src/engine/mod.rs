@@ -37,7 +37,7 @@ use crate::{
     plugin::Plugin,
     store::{self, Store},
     subscription::{event_store, ordered, stream, PlanError, SubscriptionPlan},
-    unit_of_work::{NewMessage, UnitOfWork},
+    unit_of_work::{IdempotencyKey, NewMessage, UnitOfWork},
 };
 
 use batch::Subscription;
@@ -77,6 +77,15 @@ pub enum EngineError {
     NoOutbox,
     #[error("reload is not available in test mode; run without --test-mode to reload")]
     ReloadInTestMode,
+}
+
+/// What [`Engine::send_once`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Stored now, with this id.
+    Committed(String),
+    /// A command with the same key was stored before, with this id; nothing new was stored.
+    AlreadyCommitted(String),
 }
 
 /// How a run ended.
@@ -270,6 +279,46 @@ impl Engine {
         data: &Value,
         deadline: Option<&str>,
     ) -> Result<String, EngineError> {
+        let message = self.command(message_type, data, deadline)?;
+        let id = message.id.clone();
+        self.commit_command(message, None)?;
+        Ok(id)
+    }
+
+    /// [`Engine::send`] at most once per `key` (Protean's `metadata.headers.idempotency_key`): the store
+    /// keeps the key with the command in the same transaction, so sending again with a key that was
+    /// committed stores nothing and answers the first command's id.
+    pub fn send_once(
+        &self,
+        message_type: &str,
+        data: &Value,
+        deadline: Option<&str>,
+        key: &str,
+    ) -> Result<Sent, EngineError> {
+        let message = self
+            .command(message_type, data, deadline)?
+            .with_idempotency_key(key);
+        let id = message.id.clone();
+        let key = IdempotencyKey {
+            key: key.to_owned(),
+            message_id: id.clone(),
+        };
+        match self.commit_command(message, Some(key)) {
+            Ok(()) => Ok(Sent::Committed(id)),
+            Err(store::Error::AlreadyCommitted { message_id, .. }) => {
+                Ok(Sent::AlreadyCommitted(message_id))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// A new command of `message_type`, its stream named by the plugin.
+    fn command(
+        &self,
+        message_type: &str,
+        data: &Value,
+        deadline: Option<&str>,
+    ) -> Result<NewMessage, EngineError> {
         let bad = |reason: String| EngineError::BadCommand {
             message_type: message_type.into(),
             reason,
@@ -280,7 +329,7 @@ impl Engine {
             .plugin
             .command_stream(message_type, &bytes)
             .map_err(bad)?;
-        let message = NewMessage::new(
+        Ok(NewMessage::new(
             Kind::Command,
             &stream,
             message_type,
@@ -288,14 +337,22 @@ impl Engine {
             None,
             deadline,
             None,
-        );
-        let id = message.id.clone();
-        self.store.commit(&UnitOfWork {
-            messages: vec![message],
-            publish: self.options.config.broker.is_some(),
-            ..UnitOfWork::default()
-        })?;
-        Ok(id)
+        ))
+    }
+
+    fn commit_command(
+        &self,
+        message: NewMessage,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<(), store::Error> {
+        self.store
+            .commit(&UnitOfWork {
+                messages: vec![message],
+                publish: self.options.config.broker.is_some(),
+                idempotency_key,
+                ..UnitOfWork::default()
+            })
+            .map(drop)
     }
 
     /// Run until stopped (or, in test mode, until quiescent). Blocking: it drives its own runtime.

@@ -8,8 +8,8 @@ use std::{
 use super::{
     category, check_field,
     outbox::{choose, Candidate, Lease},
-    Claim, DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, Store,
-    StoredDocument, StoredMessage,
+    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
+    Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
@@ -19,11 +19,16 @@ struct State {
     streams: HashMap<String, Vec<usize>>,
     ids: HashSet<String>,
     positions: HashMap<String, u64>,
-    documents: BTreeMap<(String, String), String>,
+    /// (data, version) by (collection, id).
+    documents: BTreeMap<(String, String), (String, DocumentVersion)>,
+    /// The last document version drawn: versions are never reused.
+    document_version: DocumentVersion,
     processed: HashSet<(String, String)>,
     dead_letters: Vec<DeadLetter>,
     outbox: Vec<OutboxRow>,
     leases: HashMap<String, Lease>,
+    /// Message ids by idempotency key.
+    idempotency_keys: HashMap<String, String>,
     /// The highest fencing token committed per name.
     fences: HashMap<String, u64>,
 }
@@ -68,6 +73,14 @@ impl State {
     /// Every check a commit makes, without changing anything.
     fn check(&self, unit: &UnitOfWork) -> Result<()> {
         self.check_fences(unit)?;
+        if let Some(key) = &unit.idempotency_key {
+            if let Some(message_id) = self.idempotency_keys.get(&key.key) {
+                return Err(Error::AlreadyCommitted {
+                    key: key.key.clone(),
+                    message_id: message_id.clone(),
+                });
+            }
+        }
         let mut versions: HashMap<&str, i64> = HashMap::new();
         let mut ids: HashSet<&str> = HashSet::new();
         for m in &unit.messages {
@@ -86,6 +99,7 @@ impl State {
             }
             versions.insert(&m.stream, actual + 1);
         }
+        self.check_documents(unit)?;
         for marker in &unit.processed {
             let key = (marker.subscription.clone(), marker.message_id.clone());
             if self.processed.contains(&key) {
@@ -120,10 +134,43 @@ impl State {
         Ok(())
     }
 
+    /// Refuse a document write whose expected version is not the one it would replace. Writes of one
+    /// document chain within the unit, as in the SQL stores, which check each as they apply it.
+    fn check_documents(&self, unit: &UnitOfWork) -> Result<()> {
+        let mut written: HashMap<(&str, &str), DocumentVersion> = HashMap::new();
+        // Every write draws the next version, as apply does.
+        for (next, write) in (self.document_version + 1..).zip(&unit.documents) {
+            let key = write.key();
+            let actual = written.get(&key).copied().unwrap_or_else(|| {
+                self.documents
+                    .get(&(key.0.to_owned(), key.1.to_owned()))
+                    .map_or(ABSENT, |(_, v)| *v)
+            });
+            if let Some(expected) = write.expected().filter(|e| *e != actual) {
+                return Err(Error::DocumentConflict {
+                    collection: key.0.to_owned(),
+                    id: key.1.to_owned(),
+                    expected,
+                    actual,
+                });
+            }
+            let now = match write {
+                DocumentWrite::Put { .. } => next,
+                DocumentWrite::Delete { .. } => ABSENT,
+            };
+            written.insert(key, now);
+        }
+        Ok(())
+    }
+
     /// Apply a unit that passed [`State::check`].
     fn apply(&mut self, unit: &UnitOfWork) -> Option<u64> {
         for fence in &unit.fences {
             self.fences.insert(fence.name.clone(), fence.token);
+        }
+        if let Some(key) = &unit.idempotency_key {
+            self.idempotency_keys
+                .insert(key.key.clone(), key.message_id.clone());
         }
         let mut last = None;
         for m in &unit.messages {
@@ -166,11 +213,16 @@ impl State {
                     collection,
                     id,
                     data,
+                    ..
                 } => {
+                    self.document_version += 1;
+                    let stored = (data.clone(), self.document_version);
                     self.documents
-                        .insert((collection.clone(), id.clone()), data.clone());
+                        .insert((collection.clone(), id.clone()), stored);
                 }
-                DocumentWrite::Delete { collection, id } => {
+                DocumentWrite::Delete { collection, id, .. } => {
+                    // Drawn all the same, so that the check's count of versions matches.
+                    self.document_version += 1;
                     self.documents.remove(&(collection.clone(), id.clone()));
                 }
             }
@@ -230,12 +282,16 @@ impl Store for MemoryStore {
         Ok(self.state().positions.get(subscription).copied())
     }
 
-    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>> {
         Ok(self
             .state()
             .documents
             .get(&(collection.into(), id.into()))
-            .cloned())
+            .map(|(data, version)| StoredDocument {
+                id: id.to_owned(),
+                data: data.clone(),
+                version: *version,
+            }))
     }
 
     fn find_documents(
@@ -251,16 +307,17 @@ impl Store for MemoryStore {
             .range((collection.to_owned(), String::new())..)
             .take_while(|((c, _), _)| c == collection);
         Ok(found
-            .filter(|(_, data)| {
+            .filter(|(_, (data, _))| {
                 serde_json::from_str::<serde_json::Value>(data)
                     .ok()
                     .and_then(|d| d.get(field).cloned())
                     .as_ref()
                     == Some(value)
             })
-            .map(|((_, id), data)| StoredDocument {
+            .map(|((_, id), (data, version))| StoredDocument {
                 id: id.clone(),
                 data: data.clone(),
+                version: *version,
             })
             .collect())
     }
@@ -289,6 +346,10 @@ impl Store for MemoryStore {
             })
             .map(|id| (*id).to_owned())
             .collect())
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.state().idempotency_keys.get(key).cloned())
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {

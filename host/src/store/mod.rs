@@ -68,7 +68,17 @@ pub struct StoredDocument {
     pub id: String,
     /// JSON text.
     pub data: String,
+    /// Changes with every write of the document. Drawn from one counter per store, so a version is
+    /// never reused, not even by a document deleted and written again: a writer that read version `v`
+    /// can tell whether anything was written since, whatever it was.
+    pub version: u64,
 }
+
+/// The version a document write expects to replace: [`ABSENT`] when the writer saw no document.
+pub type DocumentVersion = u64;
+
+/// The "version" of a document that does not exist (stored versions start at 1).
+pub const ABSENT: DocumentVersion = 0;
 
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +89,24 @@ pub enum Error {
         expected: i64,
         actual: i64,
     },
+    /// A document was written since the handler read it: nothing of this unit was written, and the
+    /// batch is run again (it reads the new document), as for a stream version conflict.
+    #[error("document {collection}/{id} changed since it was read: expected version {expected}, found {actual} (0: absent)")]
+    DocumentConflict {
+        collection: String,
+        id: String,
+        expected: DocumentVersion,
+        actual: DocumentVersion,
+    },
+    /// A unit with this idempotency key was committed before: nothing of this one was written.
+    #[error("idempotency key {key:?} was already committed, as message {message_id}")]
+    AlreadyCommitted { key: String, message_id: String },
+    /// The connection failed while the commit was in flight: the unit may or may not be stored, and
+    /// only a look at the store (or a retry with an idempotency key) can tell.
+    #[error(
+        "the outcome of the commit is unknown (the connection failed while committing): {reason}"
+    )]
+    OutcomeUnknown { reason: String },
     #[error("message {0} is already stored")]
     DuplicateMessage(String),
     /// Another consumer committed one of these messages first (a redelivery raced the original):
@@ -126,6 +154,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether another writer changed what this unit was computed from (a stream's version, a
+    /// document's): running the batch again, on what is stored now, resolves it.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::VersionConflict { .. } | Error::DocumentConflict { .. }
+        )
+    }
+}
+
 /// A PostgreSQL error in one line: the server's own message when it sent one, else the client's chain.
 pub(crate) fn postgres_detail(error: &::postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
@@ -162,10 +201,15 @@ pub trait Store: Send + Sync {
     /// The stored position of a subscription (the global position it has finished).
     fn position(&self, subscription: &str) -> Result<Option<u64>>;
 
-    /// A document by collection and id.
-    fn document(&self, collection: &str, id: &str) -> Result<Option<String>>;
+    /// A document by collection and id, with its version.
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>>;
 
-    /// Documents whose top-level `field` equals the JSON scalar `value`.
+    /// A document's data by collection and id.
+    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+        Ok(self.read_document(collection, id)?.map(|d| d.data))
+    }
+
+    /// Documents whose top-level `field` equals the JSON scalar `value`, with their versions.
     fn find_documents(
         &self,
         collection: &str,
@@ -175,6 +219,9 @@ pub trait Store: Send + Sync {
 
     /// The highest global position among `categories` (0 when empty); all categories when empty.
     fn head(&self, categories: &[String]) -> Result<u64>;
+
+    /// The message committed under an idempotency key, if one was.
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>>;
 
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;

@@ -17,8 +17,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::{
     category, check_field, indexed_fields,
     outbox::{choose, Candidate, Lease},
-    Claim, DeadLetter, Error, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, Store,
-    StoredDocument, StoredMessage,
+    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
+    Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
 use crate::unit_of_work::{DocumentWrite, UnitOfWork};
 
@@ -42,6 +42,13 @@ mod sql {
     pub(super) const INSERT_DOCUMENT_FIELD: &str =
         include_str!("sql/sqlite/insert_document_field.sql");
     pub(super) const GET_DOCUMENT: &str = include_str!("sql/sqlite/get_document.sql");
+    pub(super) const DOCUMENT_VERSION: &str = include_str!("sql/sqlite/document_version.sql");
+    pub(super) const NEXT_DOCUMENT_VERSION: &str =
+        include_str!("sql/sqlite/next_document_version.sql");
+    pub(super) const HAS_DOCUMENT_VERSIONS: &str =
+        include_str!("sql/sqlite/has_document_versions.sql");
+    pub(super) const ADD_DOCUMENT_VERSIONS: &str =
+        include_str!("sql/sqlite/add_document_versions.sql");
     pub(super) const FIND_DOCUMENTS: &str = include_str!("sql/sqlite/find_documents.sql");
     pub(super) const INSERT_PROCESSED: &str = include_str!("sql/sqlite/insert_processed.sql");
     pub(super) const INSERT_DEAD_LETTER: &str = include_str!("sql/sqlite/insert_dead_letter.sql");
@@ -58,6 +65,10 @@ mod sql {
     pub(super) const OUTBOX_COUNTS: &str = include_str!("sql/sqlite/outbox_counts.sql");
     pub(super) const OUTBOX_PENDING: &str = include_str!("sql/sqlite/outbox_pending.sql");
     pub(super) const OUTBOX_REPUBLISH: &str = include_str!("sql/sqlite/outbox_republish.sql");
+    pub(super) const INSERT_IDEMPOTENCY_KEY: &str =
+        include_str!("sql/sqlite/insert_idempotency_key.sql");
+    pub(super) const READ_IDEMPOTENCY_KEY: &str =
+        include_str!("sql/sqlite/read_idempotency_key.sql");
     pub(super) const FENCE_RAISE: &str = include_str!("sql/sqlite/fence_raise.sql");
     pub(super) const FENCE_CURRENT: &str = include_str!("sql/sqlite/fence_current.sql");
 }
@@ -248,6 +259,7 @@ fn now() -> String {
 /// Apply a unit of work inside an open transaction.
 fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
+    record_idempotency_key(tx, unit)?;
     let mut versions: HashMap<&str, i64> = HashMap::new();
     let mut last = None;
     for m in &unit.messages {
@@ -352,6 +364,30 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
     Ok(last)
 }
 
+/// Record the unit's idempotency key, refusing the unit when the key was committed before.
+fn record_idempotency_key(
+    tx: &rusqlite::Transaction<'_>,
+    unit: &UnitOfWork,
+) -> Result<(), CommitError> {
+    let Some(key) = &unit.idempotency_key else {
+        return Ok(());
+    };
+    let inserted = tx
+        .prepare_cached(sql::INSERT_IDEMPOTENCY_KEY)?
+        .execute(params![key.key, key.message_id, now()])?;
+    if inserted == 0 {
+        let message_id: String = tx
+            .prepare_cached(sql::READ_IDEMPOTENCY_KEY)?
+            .query_row([&key.key], |r| r.get(0))?;
+        return Err(Error::AlreadyCommitted {
+            key: key.key.clone(),
+            message_id,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. First
 /// in the commit, so a stale owner's unit fails before it has done any work.
 fn raise_fences(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<(), CommitError> {
@@ -375,22 +411,43 @@ fn raise_fences(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<(),
 }
 
 /// Write or delete a document and keep its field index in step, touching only the fields that changed
-/// (a projector rewriting one field of a document costs one index delete and one insert).
-fn write_document(tx: &rusqlite::Transaction<'_>, write: &DocumentWrite) -> rusqlite::Result<()> {
-    let (collection, id, new_fields) = match write {
-        DocumentWrite::Put {
-            collection,
-            id,
-            data,
-        } => {
-            tx.prepare_cached(sql::PUT_DOCUMENT)?
-                .execute(params![collection, id, data])?;
-            (collection, id, indexed_fields(data))
+/// (a projector rewriting one field of a document costs one index delete and one insert). A write that
+/// expects a version is checked first; the transaction holds the write lock, so nothing can change the
+/// document between the check and the write.
+fn write_document(
+    tx: &rusqlite::Transaction<'_>,
+    write: &DocumentWrite,
+) -> Result<(), CommitError> {
+    let (collection, id) = write.key();
+    if let Some(expected) = write.expected() {
+        let actual: DocumentVersion = tx
+            .prepare_cached(sql::DOCUMENT_VERSION)?
+            .query_row(params![collection, id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(ABSENT);
+        if actual != expected {
+            return Err(Error::DocumentConflict {
+                collection: collection.to_owned(),
+                id: id.to_owned(),
+                expected,
+                actual,
+            }
+            .into());
         }
-        DocumentWrite::Delete { collection, id } => {
+    }
+    let new_fields = match write {
+        DocumentWrite::Put { data, .. } => {
+            let version: DocumentVersion = tx
+                .prepare_cached(sql::NEXT_DOCUMENT_VERSION)?
+                .query_row([], |r| r.get(0))?;
+            tx.prepare_cached(sql::PUT_DOCUMENT)?
+                .execute(params![collection, id, data, version])?;
+            indexed_fields(data)
+        }
+        DocumentWrite::Delete { .. } => {
             tx.prepare_cached(sql::DELETE_DOCUMENT)?
                 .execute(params![collection, id])?;
-            (collection, id, Vec::new())
+            Vec::new()
         }
     };
     let old_fields: Vec<(String, String)> = tx
@@ -471,13 +528,19 @@ impl Store for SqliteStore {
             .map_err(|e| self.error(e))
     }
 
-    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>> {
         let connection = self.reader()?;
         let mut statement = connection
             .prepare_cached(sql::GET_DOCUMENT)
             .map_err(|e| self.error(e))?;
         statement
-            .query_row([collection, id], |r| r.get(0))
+            .query_row([collection, id], |r| {
+                Ok(StoredDocument {
+                    id: id.to_owned(),
+                    data: r.get(0)?,
+                    version: r.get(1)?,
+                })
+            })
             .optional()
             .map_err(|e| self.error(e))
     }
@@ -498,6 +561,7 @@ impl Store for SqliteStore {
                 Ok(StoredDocument {
                     id: r.get(0)?,
                     data: r.get(1)?,
+                    version: r.get(2)?,
                 })
             })
             .map_err(|e| self.error(e))?;
@@ -553,6 +617,17 @@ impl Store for SqliteStore {
             .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
             .map_err(|e| self.error(e))?;
         Ok(found)
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::READ_IDEMPOTENCY_KEY)
+            .map_err(|e| self.error(e))?;
+        statement
+            .query_row([key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.error(e))
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {
@@ -758,6 +833,16 @@ impl Outbox for SqliteStore {
     }
 }
 
+/// Bring a file made by an older build up to the schema (inside the schema's transaction): the
+/// columns `CREATE TABLE IF NOT EXISTS` cannot add to a table that exists.
+fn migrate(connection: &Connection) -> rusqlite::Result<()> {
+    let versioned: i64 = connection.query_row(sql::HAS_DOCUMENT_VERSIONS, [], |r| r.get(0))?;
+    if versioned == 0 {
+        connection.execute_batch(sql::ADD_DOCUMENT_VERSIONS)?;
+    }
+    Ok(())
+}
+
 /// Pragmas and the schema, on a connection of a store file.
 fn configure(connection: &Connection) -> rusqlite::Result<()> {
     connection
@@ -770,9 +855,9 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
         .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
         // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
         .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
-        .and_then(|_| {
-            connection.execute_batch(&format!("BEGIN IMMEDIATE; {} COMMIT;", sql::SCHEMA))
-        })
+        .and_then(|_| connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA)))
+        .and_then(|_| migrate(connection))
+        .and_then(|_| connection.execute_batch("COMMIT"))
         .inspect_err(|_| {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");

@@ -2,10 +2,13 @@
 
 use serde_json::json;
 
-use super::{Error, Store};
+use super::{Error, Store, ABSENT};
 use crate::{
     message::Kind,
-    unit_of_work::{DocumentWrite, Fence, NewMessage, PositionUpdate, ProcessedMarker, UnitOfWork},
+    unit_of_work::{
+        DocumentWrite, Fence, IdempotencyKey, NewMessage, PositionUpdate, ProcessedMarker,
+        UnitOfWork,
+    },
 };
 
 fn event(stream: &str, n: u64, expected: Option<i64>) -> NewMessage {
@@ -96,6 +99,7 @@ pub(super) fn a_version_conflict_commits_nothing(store: &dyn Store) {
             collection: "c".into(),
             id: "1".into(),
             data: "{}".into(),
+            expected: None,
         }],
         position: Some(PositionUpdate {
             subscription: "s".into(),
@@ -140,6 +144,7 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
         collection: "reservations".into(),
         id: id.into(),
         data: json!({ "id": id, "order_id": order, "qty": 2 }).to_string(),
+        expected: None,
     };
     let documents = vec![put("r1", "o1"), put("r2", "o2"), put("r3", "o1")];
     store
@@ -169,6 +174,7 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
         DocumentWrite::Delete {
             collection: "reservations".into(),
             id: "r1".into(),
+            expected: None,
         },
     ];
     store
@@ -465,6 +471,7 @@ pub(super) fn a_lower_fence_is_refused_and_writes_nothing(store: &dyn Store) {
             collection: "c".into(),
             id: "1".into(),
             data: "{}".into(),
+            expected: None,
         }],
         processed: vec![ProcessedMarker {
             subscription: "s".into(),
@@ -536,6 +543,198 @@ pub(super) fn fences_of_two_names_are_independent(store: &dyn Store) {
         .expect("the refused unit did not raise p-2");
 }
 
+fn put(id: &str, data: serde_json::Value, expected: Option<u64>) -> DocumentWrite {
+    DocumentWrite::Put {
+        collection: "c".into(),
+        id: id.into(),
+        data: data.to_string(),
+        expected,
+    }
+}
+
+fn write_docs(store: &dyn Store, documents: Vec<DocumentWrite>) -> Result<Option<u64>, Error> {
+    store.commit(&UnitOfWork {
+        documents,
+        ..UnitOfWork::default()
+    })
+}
+
+fn version(store: &dyn Store, id: &str) -> u64 {
+    store
+        .read_document("c", id)
+        .unwrap()
+        .map_or(ABSENT, |d| d.version)
+}
+
+fn is_document_conflict(result: &Result<Option<u64>, Error>, expected: u64, actual: u64) -> bool {
+    matches!(result, Err(Error::DocumentConflict { collection, expected: e, actual: a, .. })
+        if collection == "c" && *e == expected && *a == actual)
+}
+
+/// A write expecting the version its handler read commits only while that is still the stored one
+/// (insert-if-absent for a document read as absent); a refused unit writes nothing at all.
+pub(super) fn a_document_write_commits_only_on_the_version_read(store: &dyn Store) {
+    write_docs(store, vec![put("1", json!({"n": 1}), Some(ABSENT))]).unwrap();
+    let v1 = version(store, "1");
+    assert_ne!(v1, ABSENT);
+    assert_eq!(
+        store.find_documents("c", "n", &json!(1)).unwrap()[0].version,
+        v1,
+        "find answers the same version as get"
+    );
+    let late_insert = UnitOfWork {
+        messages: vec![event("shop::order-1", 0, None)],
+        documents: vec![put("1", json!({"n": 9}), Some(ABSENT))],
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 9,
+        }),
+        ..UnitOfWork::default()
+    };
+    let refused = store.commit(&late_insert);
+    assert!(is_document_conflict(&refused, ABSENT, v1), "{refused:?}");
+    assert!(store.read_stream("shop::order-1", 0).unwrap().is_empty());
+    assert_eq!(store.position("s").unwrap(), None);
+
+    write_docs(store, vec![put("1", json!({"n": 2}), Some(v1))]).unwrap();
+    let v2 = version(store, "1");
+    assert_ne!(v2, v1);
+    let stale = write_docs(store, vec![put("1", json!({"n": 3}), Some(v1))]);
+    assert!(is_document_conflict(&stale, v1, v2), "{stale:?}");
+    let stale_delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "1".into(),
+        expected: Some(v1),
+    };
+    assert!(is_document_conflict(
+        &write_docs(store, vec![stale_delete]),
+        v1,
+        v2
+    ));
+    assert_eq!(store.document("c", "1").unwrap().unwrap(), r#"{"n":2}"#);
+}
+
+/// Versions are never reused: a document deleted and written again has a version its earlier readers
+/// never saw, so their writes conflict. Writes without an expected version are unconditional, and
+/// writes of one document chain within a unit.
+pub(super) fn document_versions_are_never_reused(store: &dyn Store) {
+    write_docs(store, vec![put("1", json!({"n": 1}), None)]).unwrap();
+    let v1 = version(store, "1");
+    let delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "1".into(),
+        expected: Some(v1),
+    };
+    write_docs(store, vec![delete, put("1", json!({"n": 1}), Some(ABSENT))]).unwrap();
+    let again = version(store, "1");
+    assert_ne!(again, v1, "a re-created document has a new version");
+    let stale = write_docs(store, vec![put("1", json!({"n": 5}), Some(v1))]);
+    assert!(is_document_conflict(&stale, v1, again), "{stale:?}");
+    write_docs(store, vec![put("1", json!({"n": 6}), None)]).unwrap();
+    assert_eq!(store.document("c", "1").unwrap().unwrap(), r#"{"n":6}"#);
+    let absent_delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "2".into(),
+        expected: Some(ABSENT),
+    };
+    write_docs(store, vec![absent_delete]).unwrap();
+    assert_eq!(version(store, "2"), ABSENT);
+}
+
+/// Writers that read-modify-write one document at once, retrying on conflicts, lose no increment.
+pub(super) fn concurrent_read_modify_writes_lose_nothing(store: &dyn Store) {
+    const WRITERS: u64 = 4;
+    const EACH: u64 = 25;
+    let increment = || {
+        for _ in 0..EACH {
+            loop {
+                let read = store.read_document("c", "counter").unwrap();
+                let (n, expected) = match &read {
+                    Some(d) => {
+                        let n = serde_json::from_str::<serde_json::Value>(&d.data).unwrap()["n"]
+                            .as_u64()
+                            .unwrap();
+                        (n, d.version)
+                    }
+                    None => (0, ABSENT),
+                };
+                match write_docs(
+                    store,
+                    vec![put("counter", json!({"n": n + 1}), Some(expected))],
+                ) {
+                    Ok(_) => break,
+                    Err(Error::DocumentConflict { .. }) => continue,
+                    Err(other) => panic!("{other}"),
+                }
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(increment);
+        }
+    });
+    let counter: serde_json::Value =
+        serde_json::from_str(&store.document("c", "counter").unwrap().unwrap()).unwrap();
+    assert_eq!(counter["n"], WRITERS * EACH);
+}
+
+fn keyed(key: &str, stream: &str) -> UnitOfWork {
+    let message = event(stream, 0, None);
+    UnitOfWork {
+        idempotency_key: Some(IdempotencyKey {
+            key: key.into(),
+            message_id: message.id.clone(),
+        }),
+        messages: vec![message],
+        ..UnitOfWork::default()
+    }
+}
+
+/// A unit with an idempotency key commits once: a second unit with the key writes nothing and is told
+/// the first one's message id, which the key also answers on its own.
+pub(super) fn an_idempotency_key_commits_once(store: &dyn Store) {
+    let first = keyed("k-1", "shop::order-1");
+    store.commit(&first).unwrap();
+    let first_id = first.messages[0].id.clone();
+    let second = store.commit(&keyed("k-1", "shop::order-2"));
+    assert!(
+        matches!(&second, Err(Error::AlreadyCommitted { key, message_id }) if key == "k-1" && *message_id == first_id),
+        "{second:?}"
+    );
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
+    assert_eq!(store.idempotency_key("k-1").unwrap(), Some(first_id));
+    assert_eq!(store.idempotency_key("k-2").unwrap(), None);
+    store.commit(&keyed("k-2", "shop::order-2")).unwrap();
+}
+
+/// Units with one key committed at once (a retry racing the attempt it retries): exactly one commits.
+pub(super) fn concurrent_units_with_one_key_commit_once(store: &dyn Store) {
+    let committed = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for n in 0..4 {
+            let committed = &committed;
+            scope.spawn(
+                move || match store.commit(&keyed("same", &format!("shop::order-{n}"))) {
+                    Ok(_) => {
+                        committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(Error::AlreadyCommitted { .. }) => {}
+                    Err(other) => panic!("{other}"),
+                },
+            );
+        }
+    });
+    assert_eq!(committed.into_inner(), 1);
+    assert_eq!(
+        store
+            .read_categories(&["shop::order".into()], 0, 100)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -555,6 +754,11 @@ macro_rules! store_conformance {
             #[test] fn a_unit_of_fences_only_raises_them() { let (s, _g) = $make; super::a_unit_of_fences_only_raises_them(&s) }
             #[test] fn a_reader_of_several_categories_passes_no_message_a_writer_commits() { let (s, _g) = $make; super::a_reader_of_several_categories_passes_no_message_a_writer_commits(&s) }
             #[test] fn fences_of_two_names_are_independent() { let (s, _g) = $make; super::fences_of_two_names_are_independent(&s) }
+            #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
+            #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
+            #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
+            #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
+            #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
         }
     )+};
 }
@@ -686,6 +890,31 @@ mod sqlite_only {
     }
 }
 
+/// A store file made before documents had versions keeps its documents (version 1 each) and gets
+/// conditional writes.
+#[test]
+fn a_store_file_from_before_document_versions_gets_them() {
+    use crate::store::SqliteStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let old = SqliteStore::open(&path).unwrap();
+    write_docs(&old, vec![put("1", json!({"n": 1}), None)]).unwrap();
+    drop(old);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE documents DROP COLUMN version; DROP TABLE protean_counters")
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(version(&store, "1"), 1);
+    write_docs(&store, vec![put("1", json!({"n": 2}), Some(1))]).unwrap();
+    let stale = write_docs(&store, vec![put("1", json!({"n": 3}), Some(1))]);
+    assert!(
+        is_document_conflict(&stale, 1, version(&store, "1")),
+        "{stale:?}"
+    );
+    assert!(version(&store, "1") > 1);
+}
+
 /// What only the PostgreSQL store offers: migrations, leases and the fence on a stale owner.
 mod postgres_only {
     use std::time::{Duration, Instant};
@@ -708,6 +937,37 @@ mod postgres_only {
             assert!(Instant::now() < deadline, "the lease never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A store set up by an older build (migration 5) keeps its documents: migration 6 gives each a
+    /// version, and conditional writes work on them.
+    #[test]
+    fn documents_from_before_versions_get_one_at_setup() {
+        let (store, server) = super::postgres();
+        server.psql(
+            "ALTER TABLE protean.documents DROP COLUMN version; \
+             DROP SEQUENCE IF EXISTS protean.document_versions; \
+             DROP TABLE protean.idempotency_keys; \
+             DELETE FROM protean.schema_version WHERE version >= 6; \
+             INSERT INTO protean.documents (collection, id, data) VALUES ('c', '1', '{\"n\": 1}')",
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [6, 7]);
+        let old = super::version(&store, "1");
+        assert_ne!(old, super::ABSENT);
+        super::write_docs(
+            &store,
+            vec![super::put("1", serde_json::json!({"n": 2}), Some(old))],
+        )
+        .unwrap();
+        let stale = super::write_docs(
+            &store,
+            vec![super::put("1", serde_json::json!({"n": 3}), Some(old))],
+        );
+        assert!(
+            super::is_document_conflict(&stale, old, super::version(&store, "1")),
+            "{stale:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use postgres::error::SqlState;
 
 use super::{pool::Conn, sql};
 use crate::{
-    store::{category, indexed_fields, Error, Result},
+    store::{category, indexed_fields, DocumentVersion, Error, Result, ABSENT},
     unit_of_work::{DocumentWrite, UnitOfWork},
 };
 
@@ -29,6 +29,7 @@ pub(super) fn apply(
         }
     }
     raise_fences(c, unit)?;
+    record_idempotency_key(c, unit)?;
     let last = append(c, unit)?;
     for write in &unit.documents {
         write_document(c, write)?;
@@ -83,6 +84,25 @@ pub(super) fn apply(
         )?;
     }
     Ok(last)
+}
+
+/// Record the unit's idempotency key, refusing the unit when the key was committed before. Before the
+/// appends, so a retry waits here for an attempt still in flight rather than appending beside it.
+fn record_idempotency_key(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
+    let Some(key) = &unit.idempotency_key else {
+        return Ok(());
+    };
+    if c.execute(sql::INSERT_IDEMPOTENCY_KEY, &[&key.key, &key.message_id])? == 0 {
+        let message_id: String = c
+            .query_opt(sql::READ_IDEMPOTENCY_KEY, &[&key.key])?
+            .ok_or_else(|| Error::Corrupt(format!("idempotency key {} vanished", key.key)))?
+            .get(0);
+        return Err(Error::AlreadyCommitted {
+            key: key.key.clone(),
+            message_id,
+        });
+    }
+    Ok(())
 }
 
 /// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. Before
@@ -207,30 +227,75 @@ fn unique_violation(error: Error, unit: &UnitOfWork) -> Error {
 
 /// Write or delete a document and keep its field index in step, touching only the fields that changed.
 fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
-    let (collection, id, new_fields) = match write {
-        DocumentWrite::Put {
-            collection,
-            id,
-            data,
-        } => {
-            c.execute(sql::PUT_DOCUMENT, &[collection, id, data])?;
-            (collection, id, indexed_fields(data))
-        }
-        DocumentWrite::Delete { collection, id } => {
-            c.execute(sql::DELETE_DOCUMENT, &[collection, id])?;
-            (collection, id, Vec::new())
-        }
+    if !write_row(c, write)? {
+        return Err(document_conflict(c, write));
+    }
+    let (collection, id) = write.key();
+    let new_fields = match write {
+        DocumentWrite::Put { data, .. } => indexed_fields(data),
+        DocumentWrite::Delete { .. } => Vec::new(),
     };
     let old_fields: Vec<(String, String)> = c
-        .query(sql::READ_DOCUMENT_FIELDS, &[collection, id])?
+        .query(sql::READ_DOCUMENT_FIELDS, &[&collection, &id])?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
-        c.execute(sql::DELETE_DOCUMENT_FIELD, &[collection, field, value, id])?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
+        c.execute(sql::DELETE_DOCUMENT_FIELD, &params)?;
     }
     for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
-        c.execute(sql::INSERT_DOCUMENT_FIELD, &[collection, field, value, id])?;
+        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
+        c.execute(sql::INSERT_DOCUMENT_FIELD, &params)?;
     }
     Ok(())
+}
+
+/// Write or delete the document's row; false when the version it expects is no longer the stored one.
+/// The conditional statements wait for a concurrent writer's transaction and then judge its row, so two
+/// writers that read the same version cannot both succeed.
+fn write_row(c: &mut Conn, write: &DocumentWrite) -> Result<bool> {
+    let (collection, id) = write.key();
+    let changed = match (write, write.expected()) {
+        (DocumentWrite::Put { data, .. }, None) => {
+            c.execute(sql::PUT_DOCUMENT, &[&collection, &id, data])?
+        }
+        (DocumentWrite::Put { data, .. }, Some(ABSENT)) => {
+            c.execute(sql::INSERT_DOCUMENT, &[&collection, &id, data])?
+        }
+        (DocumentWrite::Put { data, .. }, Some(version)) => c.execute(
+            sql::UPDATE_DOCUMENT,
+            &[&collection, &id, data, &(version as i64)],
+        )?,
+        (DocumentWrite::Delete { .. }, None) => {
+            c.execute(sql::DELETE_DOCUMENT, &[&collection, &id])?;
+            return Ok(true);
+        }
+        // Read as absent: still absent, there is nothing to delete; present, someone wrote it since.
+        (DocumentWrite::Delete { .. }, Some(ABSENT)) => {
+            return Ok(c
+                .query_opt(sql::DOCUMENT_VERSION, &[&collection, &id])?
+                .is_none());
+        }
+        (DocumentWrite::Delete { .. }, Some(version)) => c.execute(
+            sql::DELETE_DOCUMENT_VERSION,
+            &[&collection, &id, &(version as i64)],
+        )?,
+    };
+    Ok(changed > 0)
+}
+
+/// The conflict of a conditional write that changed nothing, with the version found (for the log).
+fn document_conflict(c: &mut Conn, write: &DocumentWrite) -> Error {
+    let (collection, id) = write.key();
+    let actual = match c.query_opt(sql::DOCUMENT_VERSION, &[&collection, &id]) {
+        Ok(row) => row.map_or(ABSENT, |r| r.get::<_, i64>(0) as DocumentVersion),
+        Err(error) => return error,
+    };
+    Error::DocumentConflict {
+        collection: collection.to_owned(),
+        id: id.to_owned(),
+        expected: write.expected().unwrap_or(ABSENT),
+        actual,
+    }
 }

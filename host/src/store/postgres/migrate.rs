@@ -42,6 +42,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox: rows abandoned by older builds are pending again",
         sql: include_str!("../sql/postgres/migrations/005_outbox_revive.sql"),
     },
+    Migration {
+        version: 6,
+        name: "document versions (optimistic concurrency of read models)",
+        sql: include_str!("../sql/postgres/migrations/006_document_versions.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "idempotency keys (send, once)",
+        sql: include_str!("../sql/postgres/migrations/007_idempotency_keys.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -64,6 +64,12 @@ mod sql {
         HEAD_CATEGORY = "head_category";
         HEAD_ALL = "head_all";
         PUT_DOCUMENT = "put_document";
+        INSERT_DOCUMENT = "insert_document";
+        UPDATE_DOCUMENT = "update_document";
+        DELETE_DOCUMENT_VERSION = "delete_document_version";
+        DOCUMENT_VERSION = "document_version";
+        INSERT_IDEMPOTENCY_KEY = "insert_idempotency_key";
+        READ_IDEMPOTENCY_KEY = "read_idempotency_key";
         DELETE_DOCUMENT = "delete_document";
         READ_DOCUMENT_FIELDS = "read_document_fields";
         DELETE_DOCUMENT_FIELD = "delete_document_field";
@@ -313,6 +319,11 @@ impl Store for PostgresStore {
         conn.transaction(|c| commit::apply(c, unit, fence))
     }
 
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        let row = self.conn()?.query_opt(sql::READ_IDEMPOTENCY_KEY, &[&key])?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     fn position(&self, subscription: &str) -> Result<Option<u64>> {
         let row = self
             .conn()?
@@ -320,11 +331,15 @@ impl Store for PostgresStore {
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
-    fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>> {
         let row = self
             .conn()?
             .query_opt(sql::GET_DOCUMENT, &[&collection, &id])?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| StoredDocument {
+            id: id.to_owned(),
+            data: r.get(0),
+            version: r.get::<_, i64>(1) as u64,
+        }))
     }
 
     fn find_documents(
@@ -343,6 +358,7 @@ impl Store for PostgresStore {
             .map(|r| StoredDocument {
                 id: r.get(0),
                 data: r.get(1),
+                version: r.get::<_, i64>(2) as u64,
             })
             .collect())
     }

@@ -101,6 +101,22 @@ pub(super) fn pool(config: postgres::Config, size: u32) -> Pool {
         })
 }
 
+/// What a failed `COMMIT` means. An ERROR the server reports means it rolled the transaction back;
+/// anything else (the socket closed, the session ended by a FATAL as at shutdown or
+/// `pg_terminate_backend`) may have come after the server made the commit durable: the outcome is
+/// unknown, and saying "failed" would invite a retry that doubles it.
+fn commit_failed(error: Error) -> Error {
+    let rolled_back = matches!(&error, Error::Postgres(e)
+        if e.as_db_error().is_some_and(|db| db.severity() == "ERROR"));
+    if rolled_back {
+        error
+    } else {
+        Error::OutcomeUnknown {
+            reason: error.to_string(),
+        }
+    }
+}
+
 impl Conn {
     /// The prepared form of `sql`, prepared on first use. Keyed by the text's address: every statement
     /// is a `&'static str` from an embedded file.
@@ -159,10 +175,10 @@ impl Conn {
     pub(super) fn transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.batch("BEGIN")?;
         match f(self) {
-            Ok(value) => {
-                self.batch("COMMIT")?;
-                Ok(value)
-            }
+            Ok(value) => match self.batch("COMMIT") {
+                Ok(()) => Ok(value),
+                Err(error) => Err(commit_failed(error)),
+            },
             Err(error) => {
                 // A failed rollback means a failed connection: `failed` has marked it broken.
                 let _ = self.batch("ROLLBACK");

@@ -1,1 +1,1 @@
-SELECT data FROM protean.documents WHERE collection = $1 AND id = $2
+SELECT data, version FROM protean.documents WHERE collection = $1 AND id = $2

@@ -1,5 +1,5 @@
 -- CROSS JOIN keeps the field index as the outer loop: an index lookup, not a scan of the collection.
-SELECT d.id, d.data
+SELECT d.id, d.data, d.version
 FROM document_fields f
 CROSS JOIN documents d
 WHERE f.collection = ?1 AND f.field = ?2 AND f.value = ?3

@@ -1,1 +1,1 @@
-SELECT data FROM documents WHERE collection = ?1 AND id = ?2
+SELECT data, version FROM documents WHERE collection = ?1 AND id = ?2

@@ -1,1 +1,1 @@
-INSERT INTO documents (collection, id, data) VALUES (?1, ?2, ?3) ON CONFLICT (collection, id) DO UPDATE SET data = excluded.data
+INSERT INTO documents (collection, id, data, version) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (collection, id) DO UPDATE SET data = excluded.data, version = excluded.version

@@ -1,4 +1,4 @@
--- Schema version 1 of the SQLite store. Applied in one transaction; every statement is idempotent.
+-- The schema of the SQLite store, applied in one transaction at every open; every statement is idempotent.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     position        INTEGER NOT NULL,
@@ -19,12 +19,24 @@ CREATE TABLE IF NOT EXISTS positions (
     updated_at   TEXT    NOT NULL
 ) WITHOUT ROWID;
 
+-- `version` changes with every write (drawn from protean_counters, never reused), so a write can be
+-- made conditional on the version its handler read. Files made before it had the column get it from
+-- `add_document_versions.sql`.
 CREATE TABLE IF NOT EXISTS documents (
-    collection TEXT NOT NULL,
-    id         TEXT NOT NULL,
-    data       TEXT NOT NULL,
+    collection TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    data       TEXT    NOT NULL,
+    version    INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (collection, id)
 ) WITHOUT ROWID;
+
+-- Store-wide counters: `document_version` is the last document version drawn. It starts at 1, the
+-- version of every document that existed before versions did, so a drawn version is always newer.
+CREATE TABLE IF NOT EXISTS protean_counters (
+    name  TEXT    PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO protean_counters (name, value) VALUES ('document_version', 1);
 
 -- One row per top-level scalar field of a document, so find-by-field is an index lookup.
 CREATE TABLE IF NOT EXISTS document_fields (
@@ -90,4 +102,12 @@ CREATE TABLE IF NOT EXISTS outbox_leases (
 CREATE TABLE IF NOT EXISTS protean_fences (
     name  TEXT    PRIMARY KEY,
     token INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Units committed under an idempotency key (a `send` with --idempotency-key): a second unit with the
+-- same key is refused, so a retry after an unknown outcome cannot store its command twice.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key          TEXT PRIMARY KEY,
+    message_id   TEXT NOT NULL,
+    committed_at TEXT NOT NULL
 ) WITHOUT ROWID;

@@ -1,0 +1,1 @@
+SELECT version FROM protean.documents WHERE collection = $1 AND id = $2

@@ -1,0 +1,1 @@
+SELECT message_id FROM protean.idempotency_keys WHERE key = $1

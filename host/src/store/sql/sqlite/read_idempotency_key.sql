@@ -1,0 +1,1 @@
+SELECT message_id FROM idempotency_keys WHERE key = ?1
