@@ -423,7 +423,7 @@ fn postgres_store(section: StoreSection) -> Result<PostgresConfig, (&'static str
         "is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\"".to_owned(),
     ))?;
     let config = PostgresConfig {
-        uri,
+        uri: uri.into(),
         pool_size: section.pool_size.unwrap_or(16),
         statement_timeout: Duration::from_millis(section.statement_timeout_ms.unwrap_or(30_000)),
     };
@@ -663,7 +663,9 @@ fn broker(
     if !b.uri.contains("://") {
         return Err(invalid(
             "brokers.default.uri".into(),
-            format!("{:?} is not a URI; write redis://HOST:PORT[/DB]", b.uri),
+            // The value itself is not shown: without a scheme there is no telling which part is a password.
+            "is not a URI (no scheme://); write redis://HOST:PORT[/DB] or redis://:PASSWORD@HOST:PORT[/DB]"
+                .into(),
         ));
     }
     let block = Duration::from_millis(b.block_ms.unwrap_or(1000));
@@ -674,7 +676,7 @@ fn broker(
         ));
     }
     Ok(Some(BrokerConfig {
-        uri: b.uri,
+        uri: b.uri.into(),
         group_start: b.group_start,
         block,
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),

@@ -16,4 +16,5 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod security;
 mod server;

@@ -42,8 +42,8 @@ pub enum GroupStart {
 /// How to reach and use the broker.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BrokerConfig {
-    /// `redis://host:port/db`.
-    pub uri: String,
+    /// `redis://host:port/db`; printed redacted.
+    pub uri: crate::redact::ConnectionString,
     pub group_start: GroupStart,
     /// How long a read waits for new entries.
     pub block: Duration,
@@ -58,7 +58,7 @@ pub struct BrokerConfig {
 pub enum Error {
     #[error("broker {uri} is unreachable: {source}")]
     Connect {
-        uri: String,
+        uri: crate::redact::ConnectionString,
         source: ::redis::RedisError,
     },
     #[error("broker command {command} failed: {source}")]
@@ -66,8 +66,11 @@ pub enum Error {
         command: &'static str,
         source: ::redis::RedisError,
     },
-    #[error("invalid broker uri {uri:?}: {reason}; write redis://HOST:PORT[/DB]")]
-    Uri { uri: String, reason: String },
+    #[error("invalid broker uri {uri}: {reason}; write redis://HOST:PORT[/DB]")]
+    Uri {
+        uri: crate::redact::ConnectionString,
+        reason: String,
+    },
     #[error("ordered subscription {group} runs with {running} partitions but this replica is configured with {configured}; set [server.ordering] partitions = {running}, or change the count only as docs/production.md describes (stop every replica first)")]
     PartitionCount {
         group: String,
@@ -230,7 +233,7 @@ pub fn replay_stream(group: &str) -> String {
 
 /// Connect to the configured broker.
 pub async fn open(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
-    let scheme = config.uri.split("://").next().unwrap_or_default();
+    let scheme = config.uri.expose().split("://").next().unwrap_or_default();
     match scheme {
         "redis" | "rediss" | "redis+unix" | "unix" => {
             Ok(Arc::new(RedisBroker::connect(config).await?))

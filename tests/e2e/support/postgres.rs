@@ -152,7 +152,7 @@ impl PgServer {
     /// The store's configuration for this cluster, for opening it in-process.
     pub fn store_config(&self) -> protean_host::store::PostgresConfig {
         protean_host::store::PostgresConfig {
-            uri: self.uri(),
+            uri: self.uri().into(),
             pool_size: 4,
             statement_timeout: Duration::from_secs(10),
         }

@@ -22,6 +22,7 @@ use super::{
     replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin, DeadLetterEntry, Entry, Error,
     GroupStart, GroupStatus, Result,
 };
+use crate::redact::ConnectionString;
 
 static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
@@ -55,7 +56,7 @@ fn command(name: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
 
 async fn manager(
     client: &Client,
-    uri: &str,
+    uri: &ConnectionString,
     response_timeout: Duration,
 ) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
@@ -65,7 +66,7 @@ async fn manager(
     ConnectionManager::new_with_config(client.clone(), config)
         .await
         .map_err(|source| Error::Connect {
-            uri: uri.to_owned(),
+            uri: uri.clone(),
             source,
         })
 }
@@ -73,7 +74,7 @@ async fn manager(
 impl RedisBroker {
     /// Connect to `config.uri`.
     pub async fn connect(config: &BrokerConfig) -> Result<Self> {
-        let client = Client::open(config.uri.as_str()).map_err(|e| Error::Uri {
+        let client = Client::open(config.uri.expose()).map_err(|e| Error::Uri {
             uri: config.uri.clone(),
             reason: e.to_string(),
         })?;

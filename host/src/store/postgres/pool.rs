@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -87,14 +87,33 @@ impl r2d2::ManageConnection for Manager {
 /// The pool of a store.
 pub(super) type Pool = r2d2::Pool<Manager>;
 
+/// The last reason the pool could not connect, in the server's words: r2d2's own timeout error says
+/// only "timed out waiting for connection: db error".
+#[derive(Debug, Clone, Default)]
+pub(super) struct LastError(Arc<Mutex<Option<String>>>);
+
+impl LastError {
+    /// The reason of the last failed connection attempt, if one failed since the last call.
+    pub(super) fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl r2d2::HandleError<postgres::Error> for LastError {
+    fn handle_error(&self, error: postgres::Error) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::store::postgres_detail(&error));
+    }
+}
+
 /// Build a pool that connects lazily: opening a store does not wait for connections it may not need.
-pub(super) fn pool(config: postgres::Config, size: u32) -> Pool {
+pub(super) fn pool(config: postgres::Config, size: u32, errors: LastError) -> Pool {
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(1))
         .connection_timeout(Duration::from_secs(5))
         .test_on_check_out(true)
-        .error_handler(Box::new(r2d2::NopErrorHandler))
+        .error_handler(Box::new(errors))
         .build_unchecked(Manager {
             config,
             failures: Arc::default(),
