@@ -58,9 +58,20 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     )?)
 }
 
-/// The domain instance to run, and what a reload needs to load the next build of it.
-fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
+/// The domain instance to run, and what a reload needs to load the next build of it. With `reload`,
+/// the library must pass the reload trust check before anything of it is loaded.
+fn load_plugin(
+    common: &Common,
+    reload: Option<&ServerArgs>,
+) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
+    let owner = match reload.and_then(|args| args.reload_owner.as_deref()) {
+        Some(owner) => protean_host::plugin::trust::resolve_owner(owner)?,
+        None => protean_host::plugin::trust::euid(),
+    };
+    if reload.is_some() {
+        reload::check_trusted(&spec.path, owner)?;
+    }
     let library = Library::load(&spec.path)?;
     let instance = library.select(spec.instance.as_deref())?;
     let plugin = library.instantiate(&instance, common.level().plugin_level())?;
@@ -69,14 +80,19 @@ fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
         library: spec.path,
         instance,
         log_level: common.level().plugin_level(),
+        owner,
     };
     Ok((plugin, target))
 }
 
-fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
+fn engine(
+    common: &Common,
+    test_mode: bool,
+    reload: Option<&ServerArgs>,
+) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common)?;
+    let (plugin, target) = load_plugin(common, reload)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
@@ -104,7 +120,7 @@ fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let (engine, target) = engine(common, args.test_mode)?;
+    let (engine, target) = engine(common, args.test_mode, args.reload.then_some(args))?;
     let engine = std::sync::Arc::new(engine);
     // Kept alive for the whole run: dropping it stops the watch.
     let _watcher = args
@@ -142,7 +158,7 @@ fn print_summary(report: &RunReport) {
 }
 
 fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, None)?;
     let deadline = args.deadline.as_deref();
     let send_one = |text: &str, line: Option<usize>| -> anyhow::Result<()> {
         let at = line
@@ -220,7 +236,7 @@ fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
 /// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, None)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -297,7 +313,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
 /// when a figure could not be measured (the table says which and why).
 fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<ExitCode> {
     let SubscriptionsAction::Status { json } = args.action;
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, None)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -1,9 +1,11 @@
 //! What a hostile reader of the output, or a hostile local user, must not get: secrets in any output,
 //! code loaded from a path another user can write.
 
-use std::path::Path;
+use std::{path::Path, process::Command, time::Duration};
 
-use crate::support::{host, sample_domain, Finished, PgServer, RedisServer, TEST_CONFIG};
+use crate::support::{
+    host, host_binary, sample_domain, Finished, PgServer, RedisServer, TEST_CONFIG,
+};
 
 /// A password with every character that trips a naive parser: `@`, `:` and a `%`-encoded `%`.
 const PASSWORD_IN_URI: &str = "S3cr@t:pa%25ss";
@@ -104,4 +106,181 @@ fn no_output_of_any_command_shows_a_password() {
     for (label, config) in cases {
         every_command(dir.path(), &config, label, !label.contains("raw @"));
     }
+}
+
+/// The uid and gid of `nobody`: the other user of the hostile-user tests (they run as root).
+const NOBODY: &str = "65534:65534";
+
+#[track_caller]
+fn sh(script: &str) {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Names in `dir` that start with `protean-host-`.
+fn copy_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("protean-host-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A pid that no process has now.
+fn dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn private_copies_never_use_what_another_user_planted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    sh(&format!("chmod 1777 {}", tmp.display()));
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // Another user's leftovers, and one of ours from a process that died mid-load.
+    let dead = dead_pid();
+    let theirs = tmp.join(format!("protean-host-{dead}-theirs"));
+    let stale = tmp.join(format!("protean-host-{dead}-stale"));
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("lib.so"), "old copy").unwrap();
+    sh(&format!("chown -R {NOBODY} {}", theirs.display()));
+    // The old copy directory's name was predictable (protean-host-<pid>): the other user creates it
+    // for the pid the host will have (`exec` keeps the shell's), with symlinks at the copy's names.
+    let script = format!(
+        r#"set -e
+d="$TMPDIR/protean-host-$$"
+mkdir "$d"
+b=$(sha256sum "$LIB" | cut -c1-12)
+ln -s "$VICTIM" "$d/libsample_domain-0-$b.so.part"
+ln -s "$VICTIM" "$d/libsample_domain-0-$b.so"
+chown -h -R {NOBODY} "$d"
+chmod 0777 "$d"
+echo "$d" > "$TMPDIR/../planted"
+exec "$HOST" inspect --domain "$LIB""#
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir.path())
+        .env("TMPDIR", &tmp)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env("LIB", sample_domain())
+        .env("VICTIM", &victim)
+        .env("HOST", host_binary())
+        .output()
+        .unwrap();
+    let run = Finished(out).expect_code(0);
+    assert!(run.stdout().contains("instance domain"), "{}", run.stdout());
+    assert!(
+        std::fs::read(&victim).unwrap() == b"precious",
+        "the host wrote through a symlink another user planted"
+    );
+    let planted = std::fs::read_to_string(dir.path().join("planted")).unwrap();
+    let planted = Path::new(planted.trim())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut expected = vec![planted, format!("protean-host-{dead}-theirs")];
+    expected.sort();
+    assert_eq!(
+        copy_dirs(&tmp),
+        expected,
+        "the host's own copy is gone, so is its stale one; the other user's are untouched"
+    );
+}
+
+#[test]
+fn a_temp_dir_others_can_rename_in_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    sh(&format!("chmod 0777 {}", tmp.display()));
+    let run = host(dir.path())
+        .env("TMPDIR", &tmp)
+        .env("XDG_RUNTIME_DIR", dir.path().join("none"))
+        .args(["inspect", "--domain"])
+        .args([sample_domain()])
+        .output()
+        .expect_code(1);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    assert!(
+        errors[0].contains("without the sticky bit") && errors[0].contains("set TMPDIR"),
+        "{errors:?}"
+    );
+}
+
+/// Start `--reload` on `library`; the first error line, or None when it started watching.
+fn reload_start(dir: &Path, library: &Path, extra: &[&str]) -> Option<String> {
+    std::fs::write(
+        dir.join("protean.toml"),
+        "[server.health]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut server = host(dir)
+        .args(["--reload", "--domain"])
+        .args([library])
+        .args(extra)
+        .spawn();
+    let limit = Duration::from_secs(30);
+    let line = server.wait_for_any(&["error:", "watching the domain library"], limit);
+    if line.contains("watching") {
+        return None;
+    }
+    let (code, _) = server.wait();
+    assert_eq!(code, Some(1), "{line}");
+    Some(line)
+}
+
+#[test]
+fn reload_refuses_code_other_users_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).unwrap();
+    let library = lib_dir.join("libsample_domain.so");
+    std::fs::copy(sample_domain(), &library).unwrap();
+    let shown = lib_dir.display().to_string();
+
+    sh(&format!("chmod 0777 {shown}"));
+    let error =
+        reload_start(dir.path(), &library, &[]).expect("a world-writable directory is refused");
+    assert!(
+        error.contains("writable by other users") && error.contains(&shown),
+        "{error}"
+    );
+
+    sh(&format!("chmod 0755 {shown} && chown {NOBODY} {shown}"));
+    let error =
+        reload_start(dir.path(), &library, &[]).expect("another user's directory is refused");
+    assert!(
+        error.contains("belongs to uid 65534") && error.contains("--reload-owner 65534"),
+        "{error}"
+    );
+    assert_eq!(
+        reload_start(dir.path(), &library, &["--reload-owner", "nobody"]),
+        None,
+        "a pinned owner is allowed"
+    );
+
+    sh(&format!(
+        "chown 0:0 {shown} && chmod 0666 {}",
+        library.display()
+    ));
+    let error =
+        reload_start(dir.path(), &library, &[]).expect("a world-writable library is refused");
+    assert!(error.contains("writable by other users"), "{error}");
 }
