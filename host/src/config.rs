@@ -531,6 +531,20 @@ impl Config {
         }
         let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
         let ordering = ordering(&s.ordering).map_err(|(k, m)| invalid(&k, m))?;
+        // A lease shorter than a renewal round trip is lost between renewals: every replica would
+        // take it in turn. Said, not clamped, so the operator learns the value is not what runs.
+        if s.lease_ttl_ms.is_some_and(|ms| ms < 100) {
+            return Err(invalid(
+                "server.lease_ttl_ms",
+                "must be at least 100".into(),
+            ));
+        }
+        if s.test_mode_timeout_seconds == Some(0) {
+            return Err(invalid(
+                "server.test_mode_timeout_seconds",
+                "must be at least 1".into(),
+            ));
+        }
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -539,7 +553,7 @@ impl Config {
             version_retries: s.version_retries.unwrap_or(3),
             broker,
             outbox,
-            lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
+            lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000)),
             max_generations: s.max_generations.unwrap_or(20),
             health,
             ordering,
@@ -674,6 +688,18 @@ fn broker(
             "brokers.default.block_ms".into(),
             "must be at least 1 (0 would block forever)".into(),
         ));
+    }
+    // 0 would take every pending entry from its consumer at once (claim) or spin (reclaim).
+    for (key, value) in [
+        ("claim_idle_ms", b.claim_idle_ms),
+        ("reclaim_interval_ms", b.reclaim_interval_ms),
+    ] {
+        if value == Some(0) {
+            return Err(invalid(
+                format!("brokers.default.{key}"),
+                "must be at least 1".into(),
+            ));
+        }
     }
     Ok(Some(BrokerConfig {
         uri: b.uri.into(),
@@ -1067,6 +1093,12 @@ mod tests {
             ("[server.ordering]\nworkers = 0", "config file protean.toml: server.ordering.workers: must be at least 1"),
             ("[server.ordering]\nlease_ttl_ms = 5", "config file protean.toml: server.ordering.lease_ttl_ms: must be at least 100"),
             ("[server.ordering]\nparts = 3", "config file protean.toml: server.ordering.parts: unknown field `parts`"),
+            ("[server]\nlease_ttl_ms = 0", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
+            ("[server]\nlease_ttl_ms = 99", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
+            ("[server]\ntest_mode_timeout_seconds = 0", "config file protean.toml: server.test_mode_timeout_seconds: must be at least 1"),
+            ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
+            ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
+            ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();

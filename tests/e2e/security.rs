@@ -284,3 +284,27 @@ fn reload_refuses_code_other_users_can_write() {
         reload_start(dir.path(), &library, &[]).expect("a world-writable library is refused");
     assert!(error.contains("writable by other users"), "{error}");
 }
+
+#[test]
+fn the_sqlite_store_is_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server.health]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    server.wait_for(&["engine started"], Duration::from_secs(60));
+    let mode = |name: &str| {
+        let meta = std::fs::metadata(dir.path().join(name)).unwrap();
+        meta.permissions().mode() & 0o777
+    };
+    assert_eq!(mode(".protean"), 0o700);
+    for file in ["store.db", "store.db-wal", "store.db-shm"] {
+        assert_eq!(mode(&format!(".protean/{file}")), 0o600, "{file}");
+    }
+}

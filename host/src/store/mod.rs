@@ -100,6 +100,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the store file {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("unreadable row in the store: {0}")]
     Corrupt(String),
     #[error("postgresql store: {}", postgres_detail(.0))]
