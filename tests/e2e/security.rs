@@ -308,3 +308,63 @@ fn the_sqlite_store_is_private_to_its_user() {
         assert_eq!(mode(&format!(".protean/{file}")), 0o600, "{file}");
     }
 }
+
+/// The first error line of `args` run with `config`, and how long the run took.
+fn first_error(dir: &Path, config: &str, args: &[&str]) -> (String, Duration) {
+    std::fs::write(dir.join("protean.toml"), config).unwrap();
+    let started = std::time::Instant::now();
+    let run = host(dir).args(args).output().expect_code(1);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr());
+    (errors[0].clone(), started.elapsed())
+}
+
+#[test]
+fn errors_carry_the_dependencys_own_reason_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgServer::start();
+    let redis = RedisServer::start();
+    redis.cli(&["CONFIG", "SET", "requirepass", "right"]);
+    pg.require_password("right");
+    let at = pg.uri().replace("postgresql://postgres@", "");
+    let store = |uri: &str| format!("[store]\nprovider = \"postgres\"\nuri = \"{uri}\"\n");
+    let cases = [
+        (
+            store(&format!("postgresql://postgres:wrong@{at}")),
+            "password authentication failed for user \"postgres\"",
+        ),
+        (
+            store(&format!(
+                "postgresql://postgres:right@{}",
+                at.replace("/postgres", "/nope")
+            )),
+            "database \"nope\" does not exist",
+        ),
+    ];
+    for (config, reason) in cases {
+        let (error, took) = first_error(dir.path(), &config, &["db", "status"]);
+        assert!(error.contains(reason), "{error}");
+        assert!(took < Duration::from_secs(3), "took {took:?}: {error}");
+    }
+    let domain = sample_domain().display().to_string();
+    let port = redis.uri().split(':').nth(2).unwrap().to_owned();
+    for (uri, reason) in [
+        (
+            format!("redis://:wrong@127.0.0.1:{port}"),
+            "refused the credentials",
+        ),
+        (format!("redis://127.0.0.1:{port}"), "NOAUTH"),
+    ] {
+        let config = format!("{TEST_CONFIG}[brokers.default]\nuri = \"{uri}\"\n");
+        for args in [
+            &["dlq", "list", "--domain", &domain][..],
+            &["--test-mode", "--domain", &domain],
+        ] {
+            let (error, _) = first_error(dir.path(), &config, args);
+            assert!(
+                error.contains(reason) && error.contains("brokers.default.uri"),
+                "{args:?}: {error}"
+            );
+        }
+    }
+}

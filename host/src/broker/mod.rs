@@ -56,10 +56,15 @@ pub struct BrokerConfig {
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("broker {uri} is unreachable: {source}")]
+    #[error("broker {uri} is unreachable: {reason}")]
     Connect {
         uri: crate::redact::ConnectionString,
-        source: ::redis::RedisError,
+        reason: String,
+    },
+    #[error("broker {uri} refused the credentials: {reason}; check the user and password in brokers.default.uri (redis://USER:PASSWORD@HOST:PORT/DB, or redis://:PASSWORD@HOST:PORT/DB without ACL users)")]
+    Credentials {
+        uri: crate::redact::ConnectionString,
+        reason: String,
     },
     #[error("broker command {command} failed: {source}")]
     Command {

@@ -192,6 +192,20 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// From now on TCP connections must give `password` (user `postgres`); psql through this
+    /// helper stops working.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn require_password(&self, password: &str) {
+        self.psql(&format!("ALTER USER postgres PASSWORD '{password}'"));
+        std::fs::write(
+            self.data().join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        self.psql("SELECT pg_reload_conf()");
+    }
+
     /// Stop the server (fast shutdown: sessions are ended, everything is checkpointed).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

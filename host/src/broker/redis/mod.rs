@@ -65,10 +65,21 @@ async fn manager(
         .set_number_of_retries(2);
     ConnectionManager::new_with_config(client.clone(), config)
         .await
-        .map_err(|source| Error::Connect {
-            uri: uri.clone(),
-            source,
-        })
+        .map_err(|e| connect_error(uri, &e))
+}
+
+/// A failed connection, with the server's reason; a refused password is told apart from an
+/// unreachable server, since the fix differs.
+fn connect_error(uri: &ConnectionString, error: &redis::RedisError) -> Error {
+    let reason = error.to_string();
+    let uri = uri.clone();
+    let credentials = error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"));
+    if credentials {
+        Error::Credentials { uri, reason }
+    } else {
+        Error::Connect { uri, reason }
+    }
 }
 
 impl RedisBroker {
@@ -79,6 +90,12 @@ impl RedisBroker {
             reason: e.to_string(),
         })?;
         let commands = manager(&client, &config.uri, RESPONSE_TIMEOUT).await?;
+        // Connecting sends no command when the URI has no password: a server that wants one would
+        // only say so (NOAUTH) at the first real command, deep inside a loop.
+        redis::cmd("PING")
+            .query_async::<()>(&mut commands.clone())
+            .await
+            .map_err(|e| connect_error(&config.uri, &e))?;
         Ok(Self {
             client,
             commands,
