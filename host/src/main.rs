@@ -85,18 +85,33 @@ fn load_plugin(
     Ok((plugin, target))
 }
 
-fn engine(
-    common: &Common,
-    test_mode: bool,
-    reload: Option<&ServerArgs>,
-) -> anyhow::Result<(Engine, reload::Target)> {
+fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, reload)?;
+    let (plugin, target) = load_plugin(common, None)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
     ))
+}
+
+/// The server outside test mode: the configuration and plugin are checked first (a mistake there fails
+/// at once), then the store and broker are waited for. `None` when a signal stopped the wait.
+fn waiting_engine(
+    common: &Common,
+    args: &ServerArgs,
+) -> anyhow::Result<Option<(Engine, reload::Target)>> {
+    let config = Config::load(common.config.as_deref())?;
+    tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
+    let (plugin, target) = load_plugin(common, args.reload.then_some(args))?;
+    if !protean_host::engine::startup::wait_for_dependencies(&config)? {
+        return Ok(None);
+    }
+    let options = EngineOptions {
+        test_mode: false,
+        config,
+    };
+    Ok(Some((Engine::new(plugin, options)?, target)))
 }
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
@@ -120,7 +135,14 @@ fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let (engine, target) = engine(common, args.test_mode, args.reload.then_some(args))?;
+    let (engine, target) = if args.test_mode {
+        engine(common, true)?
+    } else {
+        match waiting_engine(common, args)? {
+            Some(started) => started,
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    };
     let engine = std::sync::Arc::new(engine);
     // Kept alive for the whole run: dropping it stops the watch.
     let _watcher = args
@@ -158,7 +180,7 @@ fn print_summary(report: &RunReport) {
 }
 
 fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
-    let (engine, _) = engine(common, false, None)?;
+    let (engine, _) = engine(common, false)?;
     let deadline = args.deadline.as_deref();
     let send_one = |text: &str, line: Option<usize>| -> anyhow::Result<()> {
         let at = line
@@ -236,7 +258,7 @@ fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
 /// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
-    let (engine, _) = engine(common, false, None)?;
+    let (engine, _) = engine(common, false)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -313,7 +335,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
 /// when a figure could not be measured (the table says which and why).
 fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<ExitCode> {
     let SubscriptionsAction::Status { json } = args.action;
-    let (engine, _) = engine(common, false, None)?;
+    let (engine, _) = engine(common, false)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -368,3 +368,74 @@ fn errors_carry_the_dependencys_own_reason_at_once() {
         }
     }
 }
+
+#[test]
+fn a_server_waits_for_postgres_and_redis_that_start_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg_port, redis_port) = (closed_port(), closed_port());
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!(
+            "{TEST_CONFIG}[store]\nprovider = \"postgres\"\nuri = \"postgresql://postgres@127.0.0.1:{pg_port}/postgres\"\n\
+             [brokers.default]\nuri = \"redis://127.0.0.1:{redis_port}/0\"\nblock_ms = 200\n\
+             [server.health]\nport = 0\n"
+        ),
+    )
+    .unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    let listening = server.wait_for(&["health server listening"], Duration::from_secs(30));
+    let address = listening
+        .split("address=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let first = server.wait_for(&["WARN", "not ready", "attempt=1"], Duration::from_secs(10));
+    assert!(
+        first.contains("store: cannot reach the PostgreSQL store"),
+        "{first}"
+    );
+    let probe = host(dir.path())
+        .args(["health", "--url", &format!("http://{address}/readyz")])
+        .output()
+        .expect_code(1);
+    assert!(
+        probe.stdout().contains("not ready: store: cannot reach"),
+        "{}",
+        probe.stdout()
+    );
+
+    let pg = PgServer::start_on(pg_port);
+    host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0);
+    let _redis = RedisServer::start_on(redis_port);
+    server.wait_for(&["engine started"], Duration::from_secs(60));
+    crate::support::send_orders(dir.path(), 0, 3);
+    let store = protean_host::store::PostgresStore::open(&pg.store_config()).unwrap();
+    crate::support::wait_until(Duration::from_secs(60), "3 orders shipped", || {
+        crate::support::count_of(&store, "fulfilment::order", "Fulfilment.OrderShipped.v1") == 3
+    });
+    let attempts: Vec<String> = server_lines(&mut server, "a dependency is not ready");
+    assert!(
+        attempts.len() < 12,
+        "attempts grow sparse, one WARN line each: {attempts:#?}"
+    );
+}
+
+/// Lines seen so far containing `needle`.
+fn server_lines(server: &mut crate::support::Server, needle: &str) -> Vec<String> {
+    server.seen_or_wait(&[needle], Duration::ZERO);
+    server
+        .seen()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .cloned()
+        .collect()
+}

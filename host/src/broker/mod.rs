@@ -84,6 +84,14 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether the broker may answer if asked again later (down or starting); refused credentials or a
+    /// bad URI will not fix themselves.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+}
+
 /// Result of broker operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -111,6 +111,8 @@ pub enum Error {
     Postgres(#[from] ::postgres::Error),
     #[error("cannot reach the PostgreSQL store at {store}: {reason}")]
     Unreachable { store: String, reason: String },
+    #[error("the PostgreSQL server at {store} refused the connection: {reason}; check the user, password and database in store.uri")]
+    Refused { store: String, reason: String },
     #[error("store.uri {store:?} is not a PostgreSQL URI: {reason}")]
     BadUri { store: String, reason: String },
     #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
@@ -129,6 +131,14 @@ pub enum Error {
         token: u64,
         current: u64,
     },
+}
+
+impl Error {
+    /// Whether the store may answer if asked again later: down, starting, or not set up yet (a
+    /// migration job may be running). A refused password or a bad URI will not fix itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::NotSetUp { .. })
+    }
 }
 
 /// A PostgreSQL error in one line: the server's own message when it sent one, else the client's chain.

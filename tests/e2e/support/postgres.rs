@@ -38,13 +38,25 @@ impl PgServer {
         Self::create(true)
     }
 
+    /// A cluster on `port` (chosen by the test, to start the server after a client that waits for it).
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn start_on(port: u16) -> Self {
+        Self::create_on(false, port)
+    }
+
     #[track_caller]
     fn create(durable: bool) -> Self {
-        let bin = bindir();
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::create_on(durable, port)
+    }
+
+    #[track_caller]
+    fn create_on(durable: bool, port: u16) -> Self {
+        let bin = bindir();
         let dir = tempfile::Builder::new()
             .prefix("protean-pg")
             .tempdir()

@@ -22,6 +22,12 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::start_on(port)
+    }
+
+    /// One on `port` (chosen by the test, to start the server after a client that waits for it).
+    #[track_caller]
+    pub fn start_on(port: u16) -> Self {
         let mut server = Self {
             port,
             child: None,

@@ -108,6 +108,11 @@ impl Server {
         false
     }
 
+    /// Every line seen so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Send a signal.
     #[allow(unsafe_code)]
     pub fn signal(&self, signal: i32) {

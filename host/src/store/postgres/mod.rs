@@ -137,6 +137,18 @@ impl PostgresConfig {
     }
 }
 
+/// A failed first connection: refused by the server (credentials, database), or not made at all (down,
+/// starting up), which is worth waiting for.
+fn connect_error(config: &PostgresConfig, error: &postgres::Error) -> Error {
+    let (store, reason) = (config.label(), super::postgres_detail(error));
+    match error.code() {
+        Some(code) if *code != postgres::error::SqlState::CANNOT_CONNECT_NOW => {
+            Error::Refused { store, reason }
+        }
+        _ => Error::Unreachable { store, reason },
+    }
+}
+
 /// A store in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PostgresStore {
@@ -175,10 +187,7 @@ impl PostgresStore {
         // database until its timeout and then say only "timed out"; this says what the server said.
         parsed
             .connect(postgres::NoTls)
-            .map_err(|e| Error::Unreachable {
-                store: config.label(),
-                reason: super::postgres_detail(&e),
-            })?;
+            .map_err(|e| connect_error(config, &e))?;
         let errors = pool::LastError::default();
         Ok(Self {
             pool: pool::pool(parsed, config.pool_size, errors.clone()),
