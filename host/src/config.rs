@@ -288,6 +288,9 @@ struct BrokerSection {
     block_ms: Option<u64>,
     claim_idle_ms: Option<u64>,
     reclaim_interval_ms: Option<u64>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,8 +704,26 @@ fn broker(
             ));
         }
     }
+    let tls = crate::broker::TlsFiles {
+        ca_file: b.tls_ca_file,
+        cert_file: b.tls_cert_file,
+        key_file: b.tls_key_file,
+    };
+    if tls != crate::broker::TlsFiles::default() && !b.uri.starts_with("rediss://") {
+        return Err(invalid(
+            "brokers.default.uri".into(),
+            "tls_ca_file, tls_cert_file and tls_key_file need a TLS connection; write rediss://HOST:PORT[/DB]".into(),
+        ));
+    }
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err(invalid(
+            "brokers.default.tls_cert_file".into(),
+            "tls_cert_file and tls_key_file go together (a client certificate and its key)".into(),
+        ));
+    }
     Ok(Some(BrokerConfig {
         uri: b.uri.into(),
+        tls,
         group_start: b.group_start,
         block,
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),

@@ -439,3 +439,90 @@ fn server_lines(server: &mut crate::support::Server, needle: &str) -> Vec<String
         .cloned()
         .collect()
 }
+
+#[test]
+fn the_flow_runs_on_tls_only_postgres_and_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    crate::support::make_certificates(&certs);
+    let pg = PgServer::start_tls(&certs);
+    let redis = RedisServer::start_tls(&certs);
+    let file = |name: &str| certs.join(name).display().to_string();
+    let ca = file("ca.pem");
+    let store = |host: &str, tls: &str| {
+        format!(
+            "[store]\nprovider = \"postgres\"\nuri = \"postgresql://postgres@{host}:{}/postgres{tls}\"\n",
+            pg.port()
+        )
+    };
+    let broker = format!(
+        "[brokers.default]\nuri = \"rediss://localhost:{}/0\"\ntls_ca_file = \"{ca}\"\n\
+         tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nblock_ms = 200\n",
+        redis.port(),
+        file("client.pem"),
+        file("client.key")
+    );
+    let full = store(
+        "localhost",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let write = |config: &str| {
+        std::fs::write(
+            dir.path().join("protean.toml"),
+            format!("{TEST_CONFIG}{config}"),
+        )
+        .unwrap()
+    };
+    write(&format!("{full}{broker}"));
+    host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0);
+    crate::support::send_orders(dir.path(), 0, 3);
+    let run = host(dir.path())
+        .args(["--test-mode", "--domain"])
+        .args([sample_domain()])
+        .output()
+        .expect_code(0);
+    assert!(run.stdout().contains("completed"), "{}", run.stdout());
+    let shipped = pg.psql(
+        "SELECT count(*) FROM message_store.messages WHERE type = 'Fulfilment.OrderShipped.v1'",
+    );
+    assert_eq!(shipped, "3");
+
+    // verify-ca takes any name; verify-full does not; without TLS the server says no.
+    let verify_ca = store("127.0.0.1", &format!("?sslmode=verify-ca&sslrootcert={ca}"));
+    let wrong_name = store(
+        "127.0.0.1",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    );
+    write(&verify_ca);
+    host(dir.path())
+        .args(["db", "status"])
+        .output()
+        .expect_code(0);
+    for (config, reason) in [
+        (wrong_name, "certificate not valid for name"),
+        (store("localhost", ""), "no encryption"),
+    ] {
+        let (error, _) = first_error(
+            dir.path(),
+            &format!("{TEST_CONFIG}{config}"),
+            &["db", "status"],
+        );
+        assert!(error.contains(reason), "{error}");
+    }
+    // Redis asks for a client certificate.
+    let no_client_cert = format!(
+        "[brokers.default]\nuri = \"rediss://localhost:{}/0\"\ntls_ca_file = \"{ca}\"\n",
+        redis.port()
+    );
+    let domain = sample_domain().display().to_string();
+    let (error, _) = first_error(
+        dir.path(),
+        &format!("{TEST_CONFIG}{no_client_cert}"),
+        &["dlq", "list", "--domain", &domain],
+    );
+    assert!(error.contains("is unreachable"), "{error}");
+}

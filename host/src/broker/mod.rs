@@ -51,6 +51,17 @@ pub struct BrokerConfig {
     pub claim_idle: Duration,
     /// How often a consumer looks for entries to take over.
     pub reclaim_interval: Duration,
+    /// Certificates for `rediss://`.
+    pub tls: TlsFiles,
+}
+
+/// PEM files for a TLS connection (`rediss://`): the CA that signed the server's certificate (else the
+/// system's roots), and a client certificate with its key when the server asks for one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TlsFiles {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// What went wrong talking to the broker.
@@ -70,6 +81,12 @@ pub enum Error {
     Command {
         command: &'static str,
         source: ::redis::RedisError,
+    },
+    #[error("cannot read brokers.default.{key} {}: {source}", path.display())]
+    TlsFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
     },
     #[error("invalid broker uri {uri}: {reason}; write redis://HOST:PORT[/DB]")]
     Uri {

@@ -21,6 +21,8 @@ pub struct PgServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     durable: bool,
+    /// More `-c name=value` settings.
+    settings: Vec<String>,
 }
 
 impl PgServer {
@@ -56,20 +58,62 @@ impl PgServer {
 
     #[track_caller]
     fn create_on(durable: bool, port: u16) -> Self {
+        let mut server = Self::prepare(durable, port);
+        server.launch();
+        server
+    }
+
+    /// A cluster that accepts TCP connections over TLS only (`hostssl`), with the certificate and key
+    /// `server.pem` and `server.key` of `certs`.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn start_tls(certs: &std::path::Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self::prepare(false, port);
+        for file in ["server.pem", "server.key"] {
+            let to = server.data().join(file);
+            std::fs::copy(certs.join(file), &to).unwrap();
+            // PostgreSQL refuses a key others can read; the server runs as postgres when we are root.
+            run(Command::new("chmod").arg("0600").arg(&to));
+            if is_root() {
+                run(Command::new("chown").arg("postgres:postgres").arg(&to));
+            }
+        }
+        std::fs::write(
+            server.data().join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .unwrap();
+        server.settings = [
+            "ssl=on",
+            "ssl_cert_file=server.pem",
+            "ssl_key_file=server.key",
+        ]
+        .map(String::from)
+        .to_vec();
+        server.launch();
+        server
+    }
+
+    #[track_caller]
+    fn prepare(durable: bool, port: u16) -> Self {
         let bin = bindir();
         let dir = tempfile::Builder::new()
             .prefix("protean-pg")
             .tempdir()
             .unwrap();
-        let mut server = Self {
+        let server = Self {
             port,
             bin,
             child: None,
             dir,
             durable,
+            settings: Vec::new(),
         };
         server.init();
-        server.launch();
         server
     }
 
@@ -132,6 +176,7 @@ impl PgServer {
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
             .args(["-c", &format!("fsync={}", if self.durable { "on" } else { "off" })])
             .args(["-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,6 +199,12 @@ impl PgServer {
             .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    /// The port it listens on.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `postgresql://postgres@127.0.0.1:PORT/postgres`.

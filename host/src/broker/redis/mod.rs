@@ -82,13 +82,48 @@ fn connect_error(uri: &ConnectionString, error: &redis::RedisError) -> Error {
     }
 }
 
+/// A client for `config.uri`, with its certificates when it has any.
+async fn client(config: &BrokerConfig) -> Result<Client> {
+    let uri = config.uri.expose();
+    let tls = &config.tls;
+    let client = if *tls == super::TlsFiles::default() {
+        Client::open(uri)
+    } else {
+        let read = |key: &'static str, path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|source| Error::TlsFile {
+                key,
+                path: path.clone(),
+                source,
+            })
+        };
+        let root_cert = tls
+            .ca_file
+            .as_ref()
+            .map(|p| read("tls_ca_file", p))
+            .transpose()?;
+        let client_tls = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("tls_cert_file", cert)?,
+                client_key: read("tls_key_file", key)?,
+            }),
+            _ => None,
+        };
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        Client::build_with_tls(uri, certificates)
+    };
+    client.map_err(|e| Error::Uri {
+        uri: config.uri.clone(),
+        reason: e.to_string(),
+    })
+}
+
 impl RedisBroker {
     /// Connect to `config.uri`.
     pub async fn connect(config: &BrokerConfig) -> Result<Self> {
-        let client = Client::open(config.uri.expose()).map_err(|e| Error::Uri {
-            uri: config.uri.clone(),
-            reason: e.to_string(),
-        })?;
+        let client = client(config).await?;
         let commands = manager(&client, &config.uri, RESPONSE_TIMEOUT).await?;
         // Connecting sends no command when the URI has no password: a server that wants one would
         // only say so (NOAUTH) at the first real command, deep inside a loop.

@@ -14,6 +14,10 @@ mod lease;
 pub mod migrate;
 mod outbox;
 mod pool;
+mod tls;
+
+/// How connections are encrypted: `None` for plain ones (`sslmode` `disable` or `prefer`).
+pub type Tls = Option<tokio_postgres_rustls::MakeRustlsConnect>;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -104,15 +108,22 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// The URI as a connection configuration; the error says what is wrong with it.
-    pub fn parse(&self) -> Result<postgres::Config, String> {
-        let mut config: postgres::Config =
-            self.uri.expose().parse().map_err(|e: postgres::Error| {
-                format!(
-                    "{}; expected a URI like postgresql://user:password@host:5432/database",
-                    super::postgres_detail(&e)
-                )
-            })?;
+    /// The URI as a connection configuration and its TLS connector (`None`: plain); the error says
+    /// what is wrong with it.
+    pub fn parse(&self) -> Result<(postgres::Config, Tls), String> {
+        let (text, tls) = tls::split(self.uri.expose())?;
+        let mut config: postgres::Config = text.parse().map_err(|e: postgres::Error| {
+            format!(
+                "{}; expected a URI like postgresql://user:password@host:5432/database",
+                super::postgres_detail(&e)
+            )
+        })?;
+        let connector = tls::connector(&tls)?;
+        config.ssl_mode(match tls.mode {
+            tls::Mode::Disable => postgres::config::SslMode::Disable,
+            tls::Mode::Prefer => postgres::config::SslMode::Prefer,
+            _ => postgres::config::SslMode::Require,
+        });
         config
             .options(&format!(
                 "-c statement_timeout={}",
@@ -128,7 +139,7 @@ impl PostgresConfig {
             .keepalives_retries(3)
             .tcp_user_timeout(self.statement_timeout + Duration::from_secs(10))
             .application_name("protean-host");
-        Ok(config)
+        Ok((config, connector))
     }
 
     /// Where the store is, for messages: host, port and database, never the password.
@@ -179,18 +190,16 @@ impl PostgresStore {
 
     /// Connect without checking the schema (for `db setup` and `db status`).
     pub fn connect(config: &PostgresConfig) -> Result<Self> {
-        let parsed = config.parse().map_err(|reason| Error::BadUri {
+        let (parsed, tls) = config.parse().map_err(|reason| Error::BadUri {
             store: config.label(),
             reason,
         })?;
         // One connection of our own first: the pool would retry a refused password or a missing
         // database until its timeout and then say only "timed out"; this says what the server said.
-        parsed
-            .connect(postgres::NoTls)
-            .map_err(|e| connect_error(config, &e))?;
+        pool::connect(&parsed, &tls).map_err(|e| connect_error(config, &e))?;
         let errors = pool::LastError::default();
         Ok(Self {
-            pool: pool::pool(parsed, config.pool_size, errors.clone()),
+            pool: pool::pool(parsed, tls, config.pool_size, errors.clone()),
             errors,
             label: config.label(),
             fenced: Mutex::default(),

@@ -24,11 +24,19 @@ use postgres::{types::ToSql, Client, NoTls, Row, Statement};
 use crate::store::{Error, Result};
 
 /// Opens connections for the pool.
-#[derive(Debug)]
 pub(super) struct Manager {
     config: postgres::Config,
+    tls: super::Tls,
     /// Bumped by every connection failure: a connection checked before the last bump is suspect.
     failures: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One connection and the statements prepared on it.
@@ -60,7 +68,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client: connect(&self.config, &self.tls)?,
             statements: HashMap::new(),
             broken: false,
             last_used: Instant::now(),
@@ -107,7 +115,12 @@ impl r2d2::HandleError<postgres::Error> for LastError {
 }
 
 /// Build a pool that connects lazily: opening a store does not wait for connections it may not need.
-pub(super) fn pool(config: postgres::Config, size: u32, errors: LastError) -> Pool {
+pub(super) fn pool(
+    config: postgres::Config,
+    tls: super::Tls,
+    size: u32,
+    errors: LastError,
+) -> Pool {
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(1))
@@ -116,8 +129,20 @@ pub(super) fn pool(config: postgres::Config, size: u32, errors: LastError) -> Po
         .error_handler(Box::new(errors))
         .build_unchecked(Manager {
             config,
+            tls,
             failures: Arc::default(),
         })
+}
+
+/// One connection, encrypted when `tls` says so.
+pub(super) fn connect(
+    config: &postgres::Config,
+    tls: &super::Tls,
+) -> Result<Client, postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
+    }
 }
 
 impl Conn {
