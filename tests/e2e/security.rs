@@ -33,7 +33,13 @@ fn closed_port() -> u16 {
 /// Run every command that reads the configuration with `--debug`, and check none prints the password
 /// (and, when `shown`, that some output did name the connection, redacted).
 fn every_command(dir: &Path, config: &str, label: &str, shown: bool) {
-    std::fs::write(dir.join("protean.toml"), format!("{TEST_CONFIG}{config}")).unwrap();
+    let health = "[server.health]\nport = 0\n";
+    std::fs::write(
+        dir.join("protean.toml"),
+        format!("{TEST_CONFIG}{health}{config}"),
+    )
+    .unwrap();
+    server_outputs(dir, label);
     let domain = sample_domain().display().to_string();
     let commands: [&[&str]; 5] = [
         &["--debug", "--test-mode", "--domain", &domain],
@@ -52,6 +58,37 @@ fn every_command(dir: &Path, config: &str, label: &str, shown: bool) {
         redacted || !shown,
         "{label}: no output named the redacted connection string"
     );
+}
+
+/// The server outside test mode: its log lines until it started, failed, or waits for a dependency,
+/// and then its `/readyz` answer; none may show the password.
+fn server_outputs(dir: &Path, label: &str) {
+    let mut server = host(dir)
+        .args(["--debug", "--domain"])
+        .args([sample_domain()])
+        .spawn();
+    let limit = Duration::from_secs(30);
+    let line = server.wait_for_any(&["engine started", "waiting for it", "error:"], limit);
+    let mut output = server.seen().join("\n");
+    if line.contains("waiting for it") {
+        let listening = server_lines(&mut server, "health server listening");
+        let address = listening[0].split("address=").nth(1).unwrap();
+        let address = address.split_whitespace().next().unwrap();
+        let url = format!("http://{address}/readyz");
+        let probe = host(dir).args(["health", "--url", &url]).output();
+        output.push_str(&probe.stdout());
+        assert!(
+            probe.stdout().contains("***"),
+            "{label}: {}",
+            probe.stdout()
+        );
+    }
+    for piece in ["S3cr", "pa%25ss", "pa%ss", "t:pa"] {
+        assert!(
+            !output.contains(piece),
+            "{label}: the server printed the password ({piece:?}):\n{output}"
+        );
+    }
 }
 
 #[test]
