@@ -41,7 +41,15 @@ fn every_command(dir: &Path, config: &str, label: &str, shown: bool) {
     .unwrap();
     server_outputs(dir, label);
     let domain = sample_domain().display().to_string();
-    let commands: [&[&str]; 5] = [
+    let send = [
+        "--debug",
+        "send",
+        "--domain",
+        &domain,
+        "Fulfilment.PlaceOrder.v1",
+    ];
+    let commands: [&[&str]; 6] = [
+        &[&send[..], &[r#"{"order_id": "o1"}"#]].concat(),
         &["--debug", "--test-mode", "--domain", &domain],
         &["--debug", "subscriptions", "status", "--domain", &domain],
         &["--debug", "dlq", "list", "--domain", &domain],
