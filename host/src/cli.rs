@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// between batches, without losing or doubling a message.
     #[arg(long, visible_alias = "watch", conflicts_with = "test_mode")]
     pub reload: bool,
+    /// With --reload: the user (uid or name) whose library and directory may be loaded, besides root;
+    /// default: the user running the host. Libraries writable by other users are always refused.
+    #[arg(long, value_name = "UID|NAME", requires = "reload")]
+    pub reload_owner: Option<String>,
 }
 
 /// The subcommands.
@@ -287,7 +291,8 @@ mod tests {
             cli.command,
             Some(Command::Server(ServerArgs {
                 test_mode: true,
-                reload: false
+                reload: false,
+                reload_owner: None
             }))
         ));
         assert_eq!(cli.common.log_format, LogFormat::Json);

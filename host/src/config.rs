@@ -302,6 +302,9 @@ struct BrokerSection {
     block_ms: Option<u64>,
     claim_idle_ms: Option<u64>,
     reclaim_interval_ms: Option<u64>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -439,7 +442,7 @@ fn postgres_store(section: StoreSection) -> Result<PostgresConfig, (&'static str
         "is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\"".to_owned(),
     ))?;
     let config = PostgresConfig {
-        uri,
+        uri: uri.into(),
         pool_size: section.pool_size.unwrap_or(16),
         statement_timeout: Duration::from_millis(section.statement_timeout_ms.unwrap_or(30_000)),
     };
@@ -534,6 +537,20 @@ impl Config {
         }
         let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
         let ordering = ordering(&s.ordering).map_err(|(k, m)| invalid(&k, m))?;
+        // A lease shorter than a renewal round trip is lost between renewals: every replica would
+        // take it in turn. Said, not clamped, so the operator learns the value is not what runs.
+        if s.lease_ttl_ms.is_some_and(|ms| ms < 100) {
+            return Err(invalid(
+                "server.lease_ttl_ms",
+                "must be at least 100".into(),
+            ));
+        }
+        if s.test_mode_timeout_seconds == Some(0) {
+            return Err(invalid(
+                "server.test_mode_timeout_seconds",
+                "must be at least 1".into(),
+            ));
+        }
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -542,7 +559,7 @@ impl Config {
             version_retries: s.version_retries.unwrap_or(3),
             broker,
             outbox,
-            lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000).max(100)),
+            lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000)),
             max_generations: s.max_generations.unwrap_or(20),
             health,
             ordering,
@@ -666,7 +683,9 @@ fn broker(
     if !b.uri.contains("://") {
         return Err(invalid(
             "brokers.default.uri".into(),
-            format!("{:?} is not a URI; write redis://HOST:PORT[/DB]", b.uri),
+            // The value itself is not shown: without a scheme there is no telling which part is a password.
+            "is not a URI (no scheme://); write redis://HOST:PORT[/DB] or redis://:PASSWORD@HOST:PORT[/DB]"
+                .into(),
         ));
     }
     let block = Duration::from_millis(b.block_ms.unwrap_or(1000));
@@ -676,8 +695,38 @@ fn broker(
             "must be at least 1 (0 would block forever)".into(),
         ));
     }
+    // 0 would take every pending entry from its consumer at once (claim) or spin (reclaim).
+    for (key, value) in [
+        ("claim_idle_ms", b.claim_idle_ms),
+        ("reclaim_interval_ms", b.reclaim_interval_ms),
+    ] {
+        if value == Some(0) {
+            return Err(invalid(
+                format!("brokers.default.{key}"),
+                "must be at least 1".into(),
+            ));
+        }
+    }
+    let tls = crate::broker::TlsFiles {
+        ca_file: b.tls_ca_file,
+        cert_file: b.tls_cert_file,
+        key_file: b.tls_key_file,
+    };
+    if tls != crate::broker::TlsFiles::default() && !b.uri.starts_with("rediss://") {
+        return Err(invalid(
+            "brokers.default.uri".into(),
+            "tls_ca_file, tls_cert_file and tls_key_file need a TLS connection; write rediss://HOST:PORT[/DB]".into(),
+        ));
+    }
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        return Err(invalid(
+            "brokers.default.tls_cert_file".into(),
+            "tls_cert_file and tls_key_file go together (a client certificate and its key)".into(),
+        ));
+    }
     Ok(Some(BrokerConfig {
-        uri: b.uri,
+        uri: b.uri.into(),
+        tls,
         group_start: b.group_start,
         block,
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),
@@ -1115,6 +1164,12 @@ mod tests {
             ("[outbox]\nmax_attempts = 0", "config file protean.toml: outbox.max_attempts: must be at least 1"),
             ("[outbox]\nmessages_per_tick = 0", "config file protean.toml: outbox.messages_per_tick: must be at least 1"),
             ("[server.health]\noutbox_max_age_ms = 0", "config file protean.toml: server.health.outbox_max_age_ms: must be at least 1"),
+            ("[server]\nlease_ttl_ms = 0", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
+            ("[server]\nlease_ttl_ms = 99", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
+            ("[server]\ntest_mode_timeout_seconds = 0", "config file protean.toml: server.test_mode_timeout_seconds: must be at least 1"),
+            ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
+            ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
+            ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();

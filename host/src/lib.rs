@@ -21,6 +21,7 @@ pub mod ops;
 pub mod ordering;
 pub(crate) mod outbox;
 pub mod plugin;
+pub mod redact;
 pub mod reload;
 pub mod store;
 pub mod subscription;

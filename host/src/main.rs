@@ -60,9 +60,20 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     )?)
 }
 
-/// The domain instance to run, and what a reload needs to load the next build of it.
-fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
+/// The domain instance to run, and what a reload needs to load the next build of it. With `reload`,
+/// the library must pass the reload trust check before anything of it is loaded.
+fn load_plugin(
+    common: &Common,
+    reload: Option<&ServerArgs>,
+) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
+    let owner = match reload.and_then(|args| args.reload_owner.as_deref()) {
+        Some(owner) => protean_host::plugin::trust::resolve_owner(owner)?,
+        None => protean_host::plugin::trust::euid(),
+    };
+    if reload.is_some() {
+        reload::check_trusted(&spec.path, owner)?;
+    }
     let library = Library::load(&spec.path)?;
     let instance = library.select(spec.instance.as_deref())?;
     let plugin = library.instantiate(&instance, common.level().plugin_level())?;
@@ -71,6 +82,7 @@ fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
         library: spec.path,
         instance,
         log_level: common.level().plugin_level(),
+        owner,
     };
     Ok((plugin, target))
 }
@@ -78,11 +90,30 @@ fn load_plugin(common: &Common) -> anyhow::Result<(Plugin, reload::Target)> {
 fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common)?;
+    let (plugin, target) = load_plugin(common, None)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
     ))
+}
+
+/// The server outside test mode: the configuration and plugin are checked first (a mistake there fails
+/// at once), then the store and broker are waited for. `None` when a signal stopped the wait.
+fn waiting_engine(
+    common: &Common,
+    args: &ServerArgs,
+) -> anyhow::Result<Option<(Engine, reload::Target)>> {
+    let config = Config::load(common.config.as_deref())?;
+    tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
+    let (plugin, target) = load_plugin(common, args.reload.then_some(args))?;
+    if !protean_host::engine::startup::wait_for_dependencies(&config)? {
+        return Ok(None);
+    }
+    let options = EngineOptions {
+        test_mode: false,
+        config,
+    };
+    Ok(Some((Engine::new(plugin, options)?, target)))
 }
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
@@ -106,7 +137,14 @@ fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let (engine, target) = engine(common, args.test_mode)?;
+    let (engine, target) = if args.test_mode {
+        engine(common, true)?
+    } else {
+        match waiting_engine(common, args)? {
+            Some(started) => started,
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    };
     let engine = std::sync::Arc::new(engine);
     // Kept alive for the whole run: dropping it stops the watch.
     let _watcher = args

@@ -17,17 +17,24 @@ use notify_debouncer_mini::{
     DebounceEventResult, Debouncer,
 };
 
-use crate::{engine::Engine, plugin::Library};
+use crate::{
+    engine::Engine,
+    plugin::{trust, Library},
+};
 
 /// How long the directory must be quiet before a change counts (cargo writes in several steps).
 const SETTLE: Duration = Duration::from_millis(200);
 
 /// Why watching could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot watch {} for --reload: {source}", path.display())]
-pub struct WatchError {
-    path: PathBuf,
-    source: notify_debouncer_mini::notify::Error,
+pub enum WatchError {
+    #[error("cannot watch {} for --reload: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        source: notify_debouncer_mini::notify::Error,
+    },
+    #[error("refusing to --reload: {0}")]
+    Untrusted(#[from] trust::TrustError),
 }
 
 /// Watches while it lives.
@@ -41,16 +48,29 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-/// What to reload: the library file, which instance of it, and the plugin log level.
+/// What to reload: the library file, which instance of it, the plugin log level, and the user whose
+/// files may be loaded (besides root).
 #[derive(Debug, Clone)]
 pub struct Target {
     pub library: PathBuf,
     pub instance: String,
     pub log_level: u8,
+    pub owner: u32,
+}
+
+/// Fail unless `library` and its directory are trusted to hold code ([`trust::check`]): with --reload
+/// whoever can write either of them chooses the code this process runs. Checked before the first load.
+pub fn check_trusted(library: &Path, owner: u32) -> Result<(), WatchError> {
+    let library = std::path::absolute(library).unwrap_or(library.to_owned());
+    let dir = library.parent().unwrap_or(Path::new("."));
+    trust::check(dir, owner)?;
+    trust::check(&library, owner)?;
+    Ok(())
 }
 
 /// Reload `engine` whenever `target.library` gets new content.
 pub fn watch(engine: Arc<Engine>, target: Target) -> Result<Watcher, WatchError> {
+    check_trusted(&target.library, target.owner)?;
     let library = std::path::absolute(&target.library).unwrap_or(target.library.clone());
     let dir = library
         .parent()
@@ -70,14 +90,14 @@ pub fn watch(engine: Arc<Engine>, target: Target) -> Result<Watcher, WatchError>
             tracing::error!(%error, "watching the domain library failed; reload may miss a build")
         }
     })
-    .map_err(|source| WatchError {
+    .map_err(|source| WatchError::Watch {
         path: dir.clone(),
         source,
     })?;
     debouncer
         .watcher()
         .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| WatchError {
+        .map_err(|source| WatchError::Watch {
             path: dir.clone(),
             source,
         })?;
@@ -109,8 +129,12 @@ fn reload_if_changed(engine: &Engine, target: &Target, last: &Mutex<Seen>) {
         return;
     }
     last.file = file;
-    let Ok(bytes) = std::fs::read(&target.library) else {
-        return;
+    let bytes = match read_trusted(&target.library, target.owner) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            tracing::error!(%error, "new build not loaded; the running build carries on");
+            return;
+        }
     };
     let build = crate::plugin::build_id(&bytes);
     if last.build == build {
@@ -127,9 +151,30 @@ fn reload_if_changed(engine: &Engine, target: &Target, last: &Mutex<Seen>) {
     }
 }
 
+/// The library's bytes, read from a descriptor whose file passed [`trust::check_metadata`]: the file
+/// checked is the file read, even if the path is replaced in between.
+fn read_trusted(library: &Path, owner: u32) -> Result<Vec<u8>, ReloadError> {
+    use std::io::Read;
+    let dir = library.parent().unwrap_or(Path::new("."));
+    trust::check(dir, owner)?;
+    let mut file = std::fs::File::open(library).map_err(|e| ReloadError::Read(e.to_string()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ReloadError::Read(e.to_string()))?;
+    trust::check_metadata(library, &meta, owner)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut bytes)
+        .map_err(|e| ReloadError::Read(e.to_string()))?;
+    Ok(bytes)
+}
+
 /// Why a new build was not taken.
 #[derive(Debug, thiserror::Error)]
 enum ReloadError {
+    #[error("cannot read the new build: {0}")]
+    Read(String),
+    #[error("refusing the new build: {0}")]
+    Untrusted(#[from] trust::TrustError),
     #[error(transparent)]
     Load(#[from] crate::plugin::LoadError),
     #[error(transparent)]

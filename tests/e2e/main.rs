@@ -19,5 +19,6 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod security;
 mod send;
 mod server;

@@ -42,8 +42,8 @@ pub enum GroupStart {
 /// How to reach and use the broker.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BrokerConfig {
-    /// `redis://host:port/db`.
-    pub uri: String,
+    /// `redis://host:port/db`; printed redacted.
+    pub uri: crate::redact::ConnectionString,
     pub group_start: GroupStart,
     /// How long a read waits for new entries.
     pub block: Duration,
@@ -51,29 +51,62 @@ pub struct BrokerConfig {
     pub claim_idle: Duration,
     /// How often a consumer looks for entries to take over.
     pub reclaim_interval: Duration,
+    /// Certificates for `rediss://`.
+    pub tls: TlsFiles,
+}
+
+/// PEM files for a TLS connection (`rediss://`): the CA that signed the server's certificate (else the
+/// system's roots), and a client certificate with its key when the server asks for one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TlsFiles {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("broker {uri} is unreachable: {source}")]
+    #[error("broker {uri} is unreachable: {reason}")]
     Connect {
-        uri: String,
-        source: ::redis::RedisError,
+        uri: crate::redact::ConnectionString,
+        reason: String,
+    },
+    #[error("broker {uri} refused the credentials: {reason}; check the user and password in brokers.default.uri (redis://USER:PASSWORD@HOST:PORT/DB, or redis://:PASSWORD@HOST:PORT/DB without ACL users)")]
+    Credentials {
+        uri: crate::redact::ConnectionString,
+        reason: String,
     },
     #[error("broker command {command} failed: {source}")]
     Command {
         command: &'static str,
         source: ::redis::RedisError,
     },
-    #[error("invalid broker uri {uri:?}: {reason}; write redis://HOST:PORT[/DB]")]
-    Uri { uri: String, reason: String },
+    #[error("cannot read brokers.default.{key} {}: {source}", path.display())]
+    TlsFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid broker uri {uri}: {reason}; write redis://HOST:PORT[/DB]")]
+    Uri {
+        uri: crate::redact::ConnectionString,
+        reason: String,
+    },
     #[error("ordered subscription {group} runs with {running} partitions but this replica is configured with {configured}; set [server.ordering] partitions = {running}, or change the count only as docs/production.md describes (stop every replica first)")]
     PartitionCount {
         group: String,
         running: u32,
         configured: u32,
     },
+}
+
+impl Error {
+    /// Whether the broker may answer if asked again later (down or starting); refused credentials or a
+    /// bad URI will not fix themselves.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
 }
 
 /// Result of broker operations.
@@ -230,7 +263,7 @@ pub fn replay_stream(group: &str) -> String {
 
 /// Connect to the configured broker.
 pub async fn open(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
-    let scheme = config.uri.split("://").next().unwrap_or_default();
+    let scheme = config.uri.expose().split("://").next().unwrap_or_default();
     match scheme {
         "redis" | "rediss" | "redis+unix" | "unix" => {
             Ok(Arc::new(RedisBroker::connect(config).await?))

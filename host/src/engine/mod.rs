@@ -15,6 +15,7 @@ pub(crate) mod batch;
 mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
+pub mod startup;
 
 use std::{
     sync::{Arc, Mutex},

@@ -98,10 +98,52 @@ pub(crate) fn router(ops: Arc<Ops>) -> Router {
         .with_state(ops)
 }
 
+/// While the host waits for its store and broker at start: live, not ready, saying what it waits for.
+/// Stops when the task is aborted (the engine then starts its own server on the same port).
+pub(crate) async fn waiting(
+    settings: &HealthSettings,
+    waiting_for: tokio::sync::watch::Receiver<String>,
+) -> Option<JoinHandle<()>> {
+    if !settings.runs(false) {
+        return None;
+    }
+    let address = format!("{}:{}", settings.host, settings.port);
+    let listener = match TcpListener::bind(&address).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%address, %error, "cannot start the health server while waiting for the store and broker");
+            return None;
+        }
+    };
+    let bound = listener.local_addr().map_or(address, |a| a.to_string());
+    tracing::info!(address = %bound, "health server listening (not ready until the store and broker answer)");
+    let not_ready = move || {
+        let reason = waiting_for.borrow().clone();
+        async move {
+            let body = serde_json::json!({"status": "starting", "reasons": [reason], "shutting_down": false});
+            json(StatusCode::SERVICE_UNAVAILABLE, &body)
+        }
+    };
+    let router = Router::new()
+        .route("/healthz", get(live).fallback(wrong_method))
+        .route("/livez", get(live).fallback(wrong_method))
+        .route("/readyz", get(not_ready).fallback(wrong_method))
+        .fallback(not_found);
+    Some(tokio::spawn(serve_router(
+        listener,
+        router,
+        settings.request_timeout,
+    )))
+}
+
 /// Accept connections until the task is aborted (when the engine has stopped).
 async fn serve(listener: TcpListener, ops: Arc<Ops>) {
     let timeout = ops.settings.request_timeout;
-    let router = router(ops);
+    serve_router(listener, router(ops), timeout).await;
+}
+
+/// Serve `router`, each connection on a task of its own with a header-read `timeout`.
+async fn serve_router(listener: TcpListener, router: Router, timeout: Duration) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

@@ -9,7 +9,9 @@
 #![allow(unsafe_code)]
 
 mod elf;
+mod private;
 mod services;
+pub mod trust;
 
 use std::{
     fs,
@@ -78,6 +80,8 @@ pub enum LoadError {
         instance: String,
         reason: String,
     },
+    #[error("cannot make a private directory for the library copy in {}: {reason}", dir.display())]
+    PrivateDir { dir: PathBuf, reason: String },
     #[error("cannot copy {} to {}: {source}", from.display(), to.display())]
     Copy {
         from: PathBuf,
@@ -141,19 +145,21 @@ impl Library {
                 reason,
             });
         }
-        let build_id = build_id(bytes);
-        let copy = private_copy(path, bytes, &build_id)?;
-        let loaded = open(path, &copy);
-        // The mapping keeps the image alive; the copy's name (and its directory, once empty) is no
-        // longer needed.
-        let _ = fs::remove_file(&copy);
-        if let Some(dir) = copy.parent() {
-            let _ = fs::remove_dir(dir);
-        }
+        let digest = Sha256::digest(bytes);
+        let build_id = crate::message::hex(&digest[..6]);
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
+        let name = format!("{stem}-{generation}-{build_id}.so");
+        let copy = private::write(path, bytes, &digest, &name)?;
+        let module = open(path, &copy.path)?;
+        // The mapping keeps the image alive: the copy and its directory go now.
+        drop(copy);
         Ok(Self {
             path: path.into(),
             build_id,
-            module: loaded?,
+            module,
         })
     }
 
@@ -248,27 +254,6 @@ fn absolute(path: &Path) -> PathBuf {
 /// The build id of a library's bytes: a short hash of its content.
 pub(crate) fn build_id(bytes: &[u8]) -> String {
     crate::message::hex(&Sha256::digest(bytes)[..6])
-}
-
-/// Write the library to a fresh path, so the dynamic loader never returns an image it already holds
-/// and a rebuild in place never changes a mapped file.
-fn private_copy(path: &Path, bytes: &[u8], build_id: &str) -> Result<PathBuf, LoadError> {
-    let dir = std::env::temp_dir().join(format!("protean-host-{}", std::process::id()));
-    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-    let stem = path
-        .file_stem()
-        .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
-    let copy = dir.join(format!("{stem}-{generation}-{build_id}.so"));
-    let staging = copy.with_extension("so.part");
-    let copy_error = |source| LoadError::Copy {
-        from: path.into(),
-        to: copy.clone(),
-        source,
-    };
-    fs::create_dir_all(&dir).map_err(copy_error)?;
-    fs::write(&staging, bytes).map_err(copy_error)?;
-    fs::rename(&staging, &copy).map_err(copy_error)?;
-    Ok(copy)
 }
 
 fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {

@@ -128,12 +128,19 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the store file {}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("unreadable row in the store: {0}")]
     Corrupt(String),
     #[error("postgresql store: {}", postgres_detail(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error("cannot reach the PostgreSQL store at {store}: {reason}")]
     Unreachable { store: String, reason: String },
+    #[error("the PostgreSQL server at {store} refused the connection: {reason}; check the user, password and database in store.uri")]
+    Refused { store: String, reason: String },
     #[error("store.uri {store:?} is not a PostgreSQL URI: {reason}")]
     BadUri { store: String, reason: String },
     #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
@@ -162,6 +169,12 @@ impl Error {
             self,
             Error::VersionConflict { .. } | Error::DocumentConflict { .. }
         )
+    }
+
+    /// Whether the store may answer if asked again later: down, starting, or not set up yet (a
+    /// migration job may be running). A refused password or a bad URI will not fix itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::NotSetUp { .. })
     }
 }
 

@@ -108,15 +108,39 @@ impl Drop for Reader<'_> {
     }
 }
 
-impl SqliteStore {
-    /// Open (creating if needed) the store at `path`, creating its directory too.
-    pub fn open(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Directory {
+/// Create the store's directory (0700) and file (0600) when missing: the store holds every message and
+/// document, so other users of the machine get nothing. SQLite gives the `-wal` and `-shm` files the
+/// database file's mode. Existing files keep theirs (the operator chose them).
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::Directory {
                 path: dir.into(),
                 source,
             })?;
-        }
+    }
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    match created {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(Error::File {
+            path: path.into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store at `path`, creating its directory too.
+    pub fn open(path: &Path) -> Result<Self> {
+        create_private(path)?;
         let store = Self {
             path: path.into(),
             connection: Mutex::new(Connection::open(path).map_err(|e| sqlite(path, e))?),

@@ -11,6 +11,7 @@ mod run;
 pub mod sequencing;
 mod server;
 mod status;
+mod tls;
 mod wait;
 
 pub use build::{
@@ -25,4 +26,5 @@ pub use replicas::{orders, place, send_orders, start_replicas, start_servers};
 pub use run::{host, Finished};
 pub use server::Server;
 pub use status::{status_json, subscription};
+pub use tls::make_certificates;
 pub use wait::wait_until;

@@ -21,6 +21,8 @@ pub struct PgServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     durable: bool,
+    /// More `-c name=value` settings.
+    settings: Vec<String>,
 }
 
 impl PgServer {
@@ -38,26 +40,80 @@ impl PgServer {
         Self::create(true)
     }
 
+    /// A cluster on `port` (chosen by the test, to start the server after a client that waits for it).
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn start_on(port: u16) -> Self {
+        Self::create_on(false, port)
+    }
+
     #[track_caller]
     fn create(durable: bool) -> Self {
-        let bin = bindir();
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::create_on(durable, port)
+    }
+
+    #[track_caller]
+    fn create_on(durable: bool, port: u16) -> Self {
+        let mut server = Self::prepare(durable, port);
+        server.launch();
+        server
+    }
+
+    /// A cluster that accepts TCP connections over TLS only (`hostssl`), with the certificate and key
+    /// `server.pem` and `server.key` of `certs`.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn start_tls(certs: &std::path::Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self::prepare(false, port);
+        for file in ["server.pem", "server.key"] {
+            let to = server.data().join(file);
+            std::fs::copy(certs.join(file), &to).unwrap();
+            // PostgreSQL refuses a key others can read; the server runs as postgres when we are root.
+            run(Command::new("chmod").arg("0600").arg(&to));
+            if is_root() {
+                run(Command::new("chown").arg("postgres:postgres").arg(&to));
+            }
+        }
+        std::fs::write(
+            server.data().join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .unwrap();
+        server.settings = [
+            "ssl=on",
+            "ssl_cert_file=server.pem",
+            "ssl_key_file=server.key",
+        ]
+        .map(String::from)
+        .to_vec();
+        server.launch();
+        server
+    }
+
+    #[track_caller]
+    fn prepare(durable: bool, port: u16) -> Self {
+        let bin = bindir();
         let dir = tempfile::Builder::new()
             .prefix("protean-pg")
             .tempdir()
             .unwrap();
-        let mut server = Self {
+        let server = Self {
             port,
             bin,
             child: None,
             dir,
             durable,
+            settings: Vec::new(),
         };
         server.init();
-        server.launch();
         server
     }
 
@@ -120,6 +176,7 @@ impl PgServer {
             .arg(format!("unix_socket_directories={}", self.dir.path().display()))
             .args(["-c", &format!("fsync={}", if self.durable { "on" } else { "off" })])
             .args(["-c", "max_connections=200"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -144,6 +201,12 @@ impl PgServer {
             .is_ok_and(|s| s.success())
     }
 
+    /// The port it listens on.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// `postgresql://postgres@127.0.0.1:PORT/postgres`.
     pub fn uri(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
@@ -152,7 +215,7 @@ impl PgServer {
     /// The store's configuration for this cluster, for opening it in-process.
     pub fn store_config(&self) -> protean_host::store::PostgresConfig {
         protean_host::store::PostgresConfig {
-            uri: self.uri(),
+            uri: self.uri().into(),
             pool_size: 4,
             statement_timeout: Duration::from_secs(10),
         }
@@ -190,6 +253,20 @@ impl PgServer {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// From now on TCP connections must give `password` (user `postgres`); psql through this
+    /// helper stops working.
+    #[allow(dead_code, reason = "the bench does not use it")]
+    #[track_caller]
+    pub fn require_password(&self, password: &str) {
+        self.psql(&format!("ALTER USER postgres PASSWORD '{password}'"));
+        std::fs::write(
+            self.data().join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        self.psql("SELECT pg_reload_conf()");
     }
 
     /// Stop the server (fast shutdown: sessions are ended, everything is checkpointed).

@@ -22,6 +22,12 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        Self::start_on(port)
+    }
+
+    /// One on `port` (chosen by the test, to start the server after a client that waits for it).
+    #[track_caller]
+    pub fn start_on(port: u16) -> Self {
         let mut server = Self {
             port,
             child: None,
@@ -52,6 +58,65 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A server on TLS only (`--port 0 --tls-port`), with `server.pem`, `server.key` and `ca.pem` of
+    /// `certs`, asking clients for a certificate signed by that CA.
+    #[track_caller]
+    pub fn start_tls(certs: &std::path::Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let file = |name: &str| certs.join(name).display().to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--tls-cert-file", &file("server.pem"), "--tls-key-file", &file("server.key")])
+            .args(["--tls-ca-cert-file", &file("ca.pem"), "--tls-auth-clients", "yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); scripts/test installs it (apt-get install redis-server)"));
+        let server = Self {
+            port,
+            child: Some(child),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ping = Command::new("redis-cli")
+                .args([
+                    "--tls",
+                    "--cacert",
+                    &file("ca.pem"),
+                    "--cert",
+                    &file("client.pem"),
+                ])
+                .args([
+                    "--key",
+                    &file("client.key"),
+                    "-h",
+                    "localhost",
+                    "-p",
+                    &port.to_string(),
+                    "PING",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"));
+            if ping.unwrap_or(false) {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server (TLS) on port {port} did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Whether the server answers PING.

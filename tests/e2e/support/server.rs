@@ -68,6 +68,27 @@ impl Server {
         }
     }
 
+    /// Wait until a log line contains one of `needles`; fails after `limit`.
+    #[track_caller]
+    pub fn wait_for_any(&mut self, needles: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if needles.iter().any(|n| line.contains(n)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with any of {needles:?} within {limit:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Whether a log line seen so far, or one arriving within `limit`, contains every one of `needles`.
     pub fn seen_or_wait(&mut self, needles: &[&str], limit: Duration) -> bool {
         let matches = |line: &str| needles.iter().all(|n| line.contains(n));
@@ -85,6 +106,11 @@ impl Server {
             }
         }
         false
+    }
+
+    /// Every line seen so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
     }
 
     /// Send a signal.

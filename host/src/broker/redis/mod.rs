@@ -22,6 +22,7 @@ use super::{
     replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin, DeadLetterEntry, Entry, Error,
     GroupStart, GroupStatus, Result,
 };
+use crate::redact::ConnectionString;
 
 static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
@@ -90,7 +91,7 @@ fn command(name: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
 
 async fn manager(
     client: &Client,
-    uri: &str,
+    uri: &ConnectionString,
     response_timeout: Duration,
 ) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
@@ -99,20 +100,72 @@ async fn manager(
         .set_number_of_retries(2);
     ConnectionManager::new_with_config(client.clone(), config)
         .await
-        .map_err(|source| Error::Connect {
-            uri: uri.to_owned(),
-            source,
-        })
+        .map_err(|e| connect_error(uri, &e))
+}
+
+/// A failed connection, with the server's reason; a refused password is told apart from an
+/// unreachable server, since the fix differs.
+fn connect_error(uri: &ConnectionString, error: &redis::RedisError) -> Error {
+    let reason = error.to_string();
+    let uri = uri.clone();
+    let credentials = error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"));
+    if credentials {
+        Error::Credentials { uri, reason }
+    } else {
+        Error::Connect { uri, reason }
+    }
+}
+
+/// A client for `config.uri`, with its certificates when it has any.
+async fn client(config: &BrokerConfig) -> Result<Client> {
+    let uri = config.uri.expose();
+    let tls = &config.tls;
+    let client = if *tls == super::TlsFiles::default() {
+        Client::open(uri)
+    } else {
+        let read = |key: &'static str, path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|source| Error::TlsFile {
+                key,
+                path: path.clone(),
+                source,
+            })
+        };
+        let root_cert = tls
+            .ca_file
+            .as_ref()
+            .map(|p| read("tls_ca_file", p))
+            .transpose()?;
+        let client_tls = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("tls_cert_file", cert)?,
+                client_key: read("tls_key_file", key)?,
+            }),
+            _ => None,
+        };
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        Client::build_with_tls(uri, certificates)
+    };
+    client.map_err(|e| Error::Uri {
+        uri: config.uri.clone(),
+        reason: e.to_string(),
+    })
 }
 
 impl RedisBroker {
     /// Connect to `config.uri`.
     pub async fn connect(config: &BrokerConfig) -> Result<Self> {
-        let client = Client::open(config.uri.as_str()).map_err(|e| Error::Uri {
-            uri: config.uri.clone(),
-            reason: e.to_string(),
-        })?;
+        let client = client(config).await?;
         let commands = manager(&client, &config.uri, RESPONSE_TIMEOUT).await?;
+        // Connecting sends no command when the URI has no password: a server that wants one would
+        // only say so (NOAUTH) at the first real command, deep inside a loop.
+        redis::cmd("PING")
+            .query_async::<()>(&mut commands.clone())
+            .await
+            .map_err(|e| connect_error(&config.uri, &e))?;
         Ok(Self {
             client,
             commands,

@@ -14,6 +14,10 @@ mod lease;
 pub mod migrate;
 mod outbox;
 mod pool;
+mod tls;
+
+/// How connections are encrypted: `None` for plain ones (`sslmode` `disable` or `prefer`).
+pub type Tls = Option<tokio_postgres_rustls::MakeRustlsConnect>;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -106,7 +110,7 @@ mod sql {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// A libpq URI or key=value string (`postgresql://user:pass@host:5432/db`).
-    pub uri: String,
+    pub uri: crate::redact::ConnectionString,
     /// Connections per process.
     pub pool_size: u32,
     /// The server cancels a statement running longer than this.
@@ -114,14 +118,22 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// The URI as a connection configuration; the error says what is wrong with it.
-    pub fn parse(&self) -> Result<postgres::Config, String> {
-        let mut config: postgres::Config = self.uri.parse().map_err(|e: postgres::Error| {
+    /// The URI as a connection configuration and its TLS connector (`None`: plain); the error says
+    /// what is wrong with it.
+    pub fn parse(&self) -> Result<(postgres::Config, Tls), String> {
+        let (text, tls) = tls::split(self.uri.expose())?;
+        let mut config: postgres::Config = text.parse().map_err(|e: postgres::Error| {
             format!(
                 "{}; expected a URI like postgresql://user:password@host:5432/database",
                 super::postgres_detail(&e)
             )
         })?;
+        let connector = tls::connector(&tls)?;
+        config.ssl_mode(match tls.mode {
+            tls::Mode::Disable => postgres::config::SslMode::Disable,
+            tls::Mode::Prefer => postgres::config::SslMode::Prefer,
+            _ => postgres::config::SslMode::Require,
+        });
         config
             .options(&format!(
                 "-c statement_timeout={}",
@@ -137,30 +149,24 @@ impl PostgresConfig {
             .keepalives_retries(3)
             .tcp_user_timeout(self.statement_timeout + Duration::from_secs(10))
             .application_name("protean-host");
-        Ok(config)
+        Ok((config, connector))
     }
 
     /// Where the store is, for messages: host, port and database, never the password.
     pub fn label(&self) -> String {
-        redact(&self.uri)
+        self.uri.to_string()
     }
 }
 
-/// The URI without its password.
-pub fn redact(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return uri
-            .split_whitespace()
-            .filter(|kv| !kv.starts_with("password="))
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}@{host}")
+/// A failed first connection: refused by the server (credentials, database), or not made at all (down,
+/// starting up), which is worth waiting for.
+fn connect_error(config: &PostgresConfig, error: &postgres::Error) -> Error {
+    let (store, reason) = (config.label(), super::postgres_detail(error));
+    match error.code() {
+        Some(code) if *code != postgres::error::SqlState::CANNOT_CONNECT_NOW => {
+            Error::Refused { store, reason }
         }
-        None => uri.to_owned(),
+        _ => Error::Unreachable { store, reason },
     }
 }
 
@@ -168,6 +174,8 @@ pub fn redact(uri: &str) -> String {
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: Pool,
+    /// Why the pool last failed to connect, for the error of a checkout that timed out.
+    errors: pool::LastError,
     label: String,
     /// Subscriptions this process has asked to lease, with the owner it asked as: their position commits
     /// are fenced (see [`lease`]).
@@ -192,12 +200,17 @@ impl PostgresStore {
 
     /// Connect without checking the schema (for `db setup` and `db status`).
     pub fn connect(config: &PostgresConfig) -> Result<Self> {
-        let parsed = config.parse().map_err(|reason| Error::BadUri {
+        let (parsed, tls) = config.parse().map_err(|reason| Error::BadUri {
             store: config.label(),
             reason,
         })?;
+        // One connection of our own first: the pool would retry a refused password or a missing
+        // database until its timeout and then say only "timed out"; this says what the server said.
+        pool::connect(&parsed, &tls).map_err(|e| connect_error(config, &e))?;
+        let errors = pool::LastError::default();
         Ok(Self {
-            pool: pool::pool(parsed, config.pool_size),
+            pool: pool::pool(parsed, tls, config.pool_size, errors.clone()),
+            errors,
             label: config.label(),
             fenced: Mutex::default(),
         })
@@ -216,7 +229,7 @@ impl PostgresStore {
     fn conn(&self) -> Result<r2d2::PooledConnection<pool::Manager>> {
         self.pool.get().map_err(|e| Error::Unreachable {
             store: self.label.clone(),
-            reason: e.to_string(),
+            reason: self.errors.take().unwrap_or_else(|| e.to_string()),
         })
     }
 
@@ -420,19 +433,6 @@ impl Store for PostgresStore {
 mod tests {
     use std::time::Duration;
 
-    #[test]
-    fn labels_never_show_the_password() {
-        assert_eq!(
-            super::redact("postgresql://app:s3cret@db:5432/shop"),
-            "postgresql://app@db:5432/shop"
-        );
-        assert_eq!(super::redact("postgres://db/shop"), "postgres://db/shop");
-        assert_eq!(
-            super::redact("host=db user=app password=s3cret"),
-            "host=db user=app"
-        );
-    }
-
     use super::PostgresStore;
     use crate::store::{tests::postgres, Error, Store};
 
@@ -495,7 +495,7 @@ mod tests {
             .unwrap()
             .port();
         let config = super::PostgresConfig {
-            uri: format!("postgresql://app:secret@127.0.0.1:{port}/shop"),
+            uri: format!("postgresql://app:secret@127.0.0.1:{port}/shop").into(),
             pool_size: 1,
             statement_timeout: Duration::from_secs(1),
         };
@@ -504,7 +504,7 @@ mod tests {
         let text = error.to_string();
         assert!(
             text.starts_with(&format!(
-                "cannot reach the PostgreSQL store at postgresql://app@127.0.0.1:{port}/shop: "
+                "cannot reach the PostgreSQL store at postgresql://app:***@127.0.0.1:{port}/shop: "
             )),
             "{text}"
         );

@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -24,11 +24,19 @@ use postgres::{types::ToSql, Client, NoTls, Row, Statement};
 use crate::store::{Error, Result};
 
 /// Opens connections for the pool.
-#[derive(Debug)]
 pub(super) struct Manager {
     config: postgres::Config,
+    tls: super::Tls,
     /// Bumped by every connection failure: a connection checked before the last bump is suspect.
     failures: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One connection and the statements prepared on it.
@@ -60,7 +68,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client: connect(&self.config, &self.tls)?,
             statements: HashMap::new(),
             broken: false,
             last_used: Instant::now(),
@@ -87,16 +95,41 @@ impl r2d2::ManageConnection for Manager {
 /// The pool of a store.
 pub(super) type Pool = r2d2::Pool<Manager>;
 
+/// The last reason the pool could not connect, in the server's words: r2d2's own timeout error says
+/// only "timed out waiting for connection: db error".
+#[derive(Debug, Clone, Default)]
+pub(super) struct LastError(Arc<Mutex<Option<String>>>);
+
+impl LastError {
+    /// The reason of the last failed connection attempt, if one failed since the last call.
+    pub(super) fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl r2d2::HandleError<postgres::Error> for LastError {
+    fn handle_error(&self, error: postgres::Error) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::store::postgres_detail(&error));
+    }
+}
+
 /// Build a pool that connects lazily: opening a store does not wait for connections it may not need.
-pub(super) fn pool(config: postgres::Config, size: u32) -> Pool {
+pub(super) fn pool(
+    config: postgres::Config,
+    tls: super::Tls,
+    size: u32,
+    errors: LastError,
+) -> Pool {
     r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(1))
         .connection_timeout(Duration::from_secs(5))
         .test_on_check_out(true)
-        .error_handler(Box::new(r2d2::NopErrorHandler))
+        .error_handler(Box::new(errors))
         .build_unchecked(Manager {
             config,
+            tls,
             failures: Arc::default(),
         })
 }
@@ -114,6 +147,17 @@ fn commit_failed(error: Error) -> Error {
         Error::OutcomeUnknown {
             reason: error.to_string(),
         }
+    }
+}
+
+/// One connection, encrypted when `tls` says so.
+pub(super) fn connect(
+    config: &postgres::Config,
+    tls: &super::Tls,
+) -> Result<Client, postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
     }
 }
 

@@ -1,0 +1,166 @@
+//! The private copy every library generation is loaded from.
+//!
+//! The copy goes into a directory this process creates itself (random name, mode 0700, checked to be
+//! ours after creation) under `$XDG_RUNTIME_DIR` when that is private to this user, else under the temp
+//! directory. The file is created through `O_CREAT | O_EXCL | O_NOFOLLOW`, so nothing planted there
+//! (a symlink, a file of another user) is written through or reused. The bytes are read back from the
+//! descriptor that wrote them and hashed: the file the loader maps holds exactly the bytes whose build id
+//! was computed, and only this user (or root) could change it before the load. The directory is removed
+//! once the library is mapped; one left by a process that died mid-load is removed by the next start of
+//! the same user.
+
+use std::{
+    fs::{self, OpenOptions, Permissions},
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256};
+
+use super::{trust, LoadError};
+
+/// Every copy directory's name starts with this, then the pid of the process that made it.
+const PREFIX: &str = "protean-host-";
+
+/// A library copy in its private directory; dropping it removes both (a mapped image stays valid).
+#[derive(Debug)]
+pub(super) struct Copy {
+    pub(super) path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Copy `bytes` (whose SHA-256 is `digest`), the content of `source`, to a fresh private file `name`.
+pub(super) fn write(
+    source: &Path,
+    bytes: &[u8],
+    digest: &[u8],
+    name: &str,
+) -> Result<Copy, LoadError> {
+    let me = trust::euid();
+    let base = base(me)?;
+    remove_stale(&base, me);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{PREFIX}{}-", std::process::id()))
+        .permissions(Permissions::from_mode(0o700))
+        .tempdir_in(&base)
+        .map_err(|e| private_dir_error(&base, &e.to_string()))?;
+    check_private(dir.path(), me).map_err(|reason| private_dir_error(dir.path(), &reason))?;
+    let path = dir.path().join(name);
+    write_checked(&path, bytes, digest).map_err(|error| LoadError::Copy {
+        from: source.to_owned(),
+        to: path.clone(),
+        source: error,
+    })?;
+    Ok(Copy { path, _dir: dir })
+}
+
+fn private_dir_error(dir: &Path, reason: &str) -> LoadError {
+    LoadError::PrivateDir {
+        dir: dir.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Where copy directories go: `$XDG_RUNTIME_DIR` when it is a directory of this user that nobody else
+/// can enter, else the temp directory, provided another user cannot rename what we create there.
+fn base(me: u32) -> Result<PathBuf, LoadError> {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if check_private(&runtime, me).is_ok() {
+            return Ok(runtime);
+        }
+    }
+    let temp = std::env::temp_dir();
+    let meta = fs::metadata(&temp).map_err(|e| private_dir_error(&temp, &e.to_string()))?;
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(private_dir_error(
+            &temp,
+            &format!(
+                "it belongs to uid {}; set TMPDIR to a directory of this user",
+                meta.uid()
+            ),
+        ));
+    }
+    // In a directory others can write without the sticky bit, they could rename our directory away
+    // and put theirs in its place.
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(private_dir_error(
+            &temp,
+            &format!("it is writable by other users without the sticky bit (mode {mode:04o}); set TMPDIR to a directory only this user can write"),
+        ));
+    }
+    Ok(temp)
+}
+
+/// `Ok` when `dir` is a real directory (not a symlink) of user `me` that nobody else may enter.
+fn check_private(dir: &Path, me: u32) -> Result<(), String> {
+    let meta = fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() {
+        return Err("it is not a directory".into());
+    }
+    if meta.uid() != me {
+        return Err(format!(
+            "it belongs to uid {}, not to this user (uid {me})",
+            meta.uid()
+        ));
+    }
+    if mode & 0o077 != 0 {
+        return Err(format!("other users may enter it (mode {mode:04o})"));
+    }
+    Ok(())
+}
+
+/// Create `path` (never following or reusing anything there), write `bytes`, and read them back from
+/// the same descriptor: what will be mapped must hash to `digest`.
+fn write_checked(path: &Path, bytes: &[u8], digest: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o500)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut written = Vec::with_capacity(bytes.len());
+    file.read_to_end(&mut written)?;
+    if Sha256::digest(&written).as_slice() != digest {
+        return Err(std::io::Error::other(
+            "the copy does not hold the bytes that were checked",
+        ));
+    }
+    Ok(())
+}
+
+/// Remove copy directories of this user left by processes that are gone (they died while loading).
+/// Only directories named by a dead pid and owned by this user are touched; `remove_dir_all` does not
+/// follow symlinks.
+fn remove_stale(base: &Path, me: u32) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let ours = fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && pid as u32 != std::process::id() && !trust::pid_alive(pid) {
+            match fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::debug!(dir = %entry.path().display(), "removed the library copy of a process that is gone")
+                }
+                Err(error) => {
+                    tracing::debug!(dir = %entry.path().display(), %error, "cannot remove a stale library copy")
+                }
+            }
+        }
+    }
+}
