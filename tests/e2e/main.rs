@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod discovery;
 mod engine;
+mod interop;
 mod loading;
 mod loss_hunter;
 mod messagedb;

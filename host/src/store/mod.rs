@@ -45,6 +45,23 @@ pub struct StoredMessage {
     pub metadata: String,
 }
 
+impl StoredMessage {
+    /// The message's identity for exactly-once (processed markers, retry counts, acknowledgements):
+    /// `{stream}@{position}`, which no two stored messages share and a redelivery of the same stored
+    /// message keeps (a broker entry carries both in `metadata.event_store`). `headers.id` cannot be
+    /// it: another writer sets it, and Protean 0.18 gives every command its aggregate's id. A broker
+    /// entry without positions (Protean's outbox publishes `event_store: null`) falls back to
+    /// `headers.id`, which Protean makes unique for events (`{stream}-{version}`), the only messages
+    /// it publishes.
+    pub fn identity(&self) -> String {
+        if self.global_position > 0 {
+            format!("{}@{}", self.stream, self.position)
+        } else {
+            self.id.clone()
+        }
+    }
+}
+
 /// A message failed for good, recorded with why and how often it was tried.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {
@@ -179,7 +196,8 @@ pub trait Store: Send + Sync {
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
 
-    /// Which of `ids` already have a processed marker of `subscription` (a redelivery after a commit).
+    /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
+    /// of `subscription` (a redelivery after a commit).
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;
 
     /// The outbox, for stores that keep one.

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "appends without their category's lock refused",
         sql: include_str!("../sql/postgres/migrations/004_category_lock_guard.sql"),
     },
+    Migration {
+        version: 9,
+        name: "processed markers keyed by stream and position, not headers.id",
+        sql: include_str!("../sql/postgres/migrations/009_processed_by_identity.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -1,0 +1,172 @@
+//! Sharing a store and a broker with Python Protean (issue 15): what another writer puts in the store or
+//! on Redis, written exactly as Protean 0.18 writes it, is handled exactly once.
+//!
+//! Protean gives a command its aggregate's id as `metadata.headers.id`, so two commands for one
+//! aggregate share it; the host must still handle both, and still skip a redelivery of either.
+
+use std::sync::Arc;
+
+use protean_host::{engine::Outcome, message, store::Store};
+use serde_json::{json, Value};
+
+use crate::support::{
+    engine, fixture_domain, postgres, sqlite, PgServer, RedisServer, TEST_CONFIG,
+};
+
+/// A probe `Run` command for aggregate `id` as Protean 0.18 makes it: `headers.id` is the aggregate id.
+fn protean_command(id: &str, behaviour: &str) -> (String, Value, Value) {
+    let data = json!({ "id": id, "behaviour": behaviour });
+    let stream = format!("probe::probe:command-{id}");
+    let metadata = json!({
+        "headers": {"id": id, "time": "2026-03-01T10:00:00.124956+00:00", "type": "Probe.Run.v1",
+                    "stream": stream, "traceparent": null, "idempotency_key": null, "deadline": null},
+        "envelope": {"specversion": "1.0", "checksum": message::checksum(&data)},
+        "domain": {"fqn": "__main__.Run", "kind": "COMMAND", "origin_stream": null,
+                   "stream_category": null, "version": 1, "sequence_id": null, "asynchronous": true,
+                   "expected_version": null, "priority": 0,
+                   "correlation_id": "ca1e884324b445a4865ad9318438f5f7", "causation_id": null},
+        "extensions": {}
+    });
+    (stream, data, metadata)
+}
+
+/// Append as message-db-py does: `message_store.write_message`, with a fresh row uuid.
+fn write_message(pg: &PgServer, (stream, data, metadata): &(String, Value, Value)) {
+    pg.psql(&format!(
+        "SELECT message_store.write_message('{}', '{stream}', 'Probe.Run.v1', $j${data}$j$::jsonb, $j${metadata}$j$::jsonb)",
+        uuid::Uuid::new_v4()
+    ));
+}
+
+fn ran(store: &dyn Store, id: &str) -> usize {
+    store
+        .read_stream(&format!("probe::probe-{id}"), 0)
+        .unwrap()
+        .len()
+}
+
+fn run_probe(store: &Arc<dyn Store>, config: &str) {
+    let report = engine(fixture_domain(), "probe", store.clone(), config)
+        .run()
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+}
+
+#[test]
+fn two_protean_commands_for_one_aggregate_are_both_handled_and_a_redelivery_is_skipped_on_postgres()
+{
+    let (store, pg) = postgres();
+    for command in [
+        protean_command("a", "ok"),
+        protean_command("a", "ok"),
+        protean_command("b", "reject"),
+        protean_command("b", "ok"),
+    ] {
+        write_message(&pg, &command);
+    }
+    run_probe(&store, TEST_CONFIG);
+    assert_eq!(ran(store.as_ref(), "a"), 2, "both commands for a");
+    assert_eq!(ran(store.as_ref(), "b"), 1, "the corrected command for b");
+    assert_eq!(
+        store.dead_letters(None).unwrap().len(),
+        1,
+        "the rejected one"
+    );
+    // A redelivery: the subscription reads everything again from the start.
+    pg.psql("DELETE FROM protean.positions");
+    run_probe(&store, TEST_CONFIG);
+    assert_eq!(
+        (ran(store.as_ref(), "a"), ran(store.as_ref(), "b")),
+        (2, 1),
+        "a re-read of handled commands is skipped"
+    );
+}
+
+/// What the host's outbox puts on Redis for a stored message: its wire form, with its positions.
+fn entry(data: &Value, metadata: &Value, position: u64, global: u64) -> String {
+    message::wire_json(&data.to_string(), &metadata.to_string(), position, global).unwrap()
+}
+
+/// Two command entries sharing Protean's `headers.id` (stored at positions 0 and 1 of the aggregate's
+/// command stream), the first of them twice (the outbox publishes at least once).
+fn redis_commands_sharing_an_id(store: &Arc<dyn Store>, redis: &RedisServer) {
+    let (_, first, metadata) = protean_command("a", "ok");
+    let (_, second, second_metadata) = protean_command("a", "ok");
+    for (data, metadata, position) in [
+        (&first, &metadata, 0),
+        (&second, &second_metadata, 1),
+        (&first, &metadata, 0),
+    ] {
+        let text = entry(data, metadata, position, position + 1);
+        redis.cli(&["XADD", "probe::probe:command", "*", "data", &text]);
+    }
+    let config = format!(
+        "{TEST_CONFIG}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        redis.config()
+    );
+    run_probe(store, &config);
+    assert_eq!(
+        ran(store.as_ref(), "a"),
+        2,
+        "both commands, and the redelivered one once"
+    );
+    assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+#[test]
+fn redis_entries_sharing_a_headers_id_are_each_handled_once_on_every_store() {
+    let redis = RedisServer::start();
+    let memory: Arc<dyn Store> = Arc::new(protean_host::store::MemoryStore::default());
+    redis_commands_sharing_an_id(&memory, &redis);
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    redis_commands_sharing_an_id(&sqlite(dir.path()), &redis);
+    let redis = RedisServer::start();
+    let (store, _pg) = postgres();
+    redis_commands_sharing_an_id(&store, &redis);
+}
+
+#[test]
+fn a_marker_an_older_build_wrote_still_prevents_a_re_handle() {
+    // SQLite: a store file of the previous schema (user_version 0), its marker naming headers.id.
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    let config = TEST_CONFIG;
+    let sent = engine(fixture_domain(), "probe", store.clone(), config)
+        .send(
+            "Probe.Run.v1",
+            &json!({"id": "old", "behaviour": "ok"}),
+            None,
+        )
+        .unwrap();
+    drop(store);
+    let file = dir.path().join(".protean/store.db");
+    let db = rusqlite::Connection::open(&file).unwrap();
+    db.execute_batch(&format!(
+        "INSERT INTO processed VALUES ('commands:probe::probe', '{sent}', 'old-build', 'then'); PRAGMA user_version = 0;"
+    ))
+    .unwrap();
+    drop(db);
+    let store = sqlite(dir.path());
+    run_probe(&store, config);
+    assert_eq!(ran(store.as_ref(), "old"), 0, "handled before the upgrade");
+
+    // PostgreSQL: the marker is written before migration 9 runs.
+    let (store, pg) = postgres();
+    let sent = engine(fixture_domain(), "probe", store.clone(), config)
+        .send(
+            "Probe.Run.v1",
+            &json!({"id": "old", "behaviour": "ok"}),
+            None,
+        )
+        .unwrap();
+    pg.psql(&format!(
+        "INSERT INTO protean.processed (subscription, message_id, build_id) VALUES ('commands:probe::probe', '{sent}', 'old-build'); DELETE FROM protean.schema_version WHERE version = 9;"
+    ));
+    protean_host::store::PostgresStore::connect(&pg.store_config())
+        .unwrap()
+        .setup()
+        .unwrap();
+    run_probe(&store, config);
+    assert_eq!(ran(store.as_ref(), "old"), 0, "handled before the upgrade");
+}
