@@ -10,7 +10,8 @@ use protean_host::{engine::Outcome, message, store::Store};
 use serde_json::{json, Value};
 
 use crate::support::{
-    engine, fixture_domain, postgres, sqlite, PgServer, RedisServer, TEST_CONFIG,
+    engine, fixture_domain, host, postgres, sqlite, status_json, subscription, PgServer,
+    RedisServer, TEST_CONFIG,
 };
 
 /// A probe `Run` command for aggregate `id` as Protean 0.18 makes it: `headers.id` is the aggregate id.
@@ -169,4 +170,51 @@ fn a_marker_an_older_build_wrote_still_prevents_a_re_handle() {
         .unwrap();
     run_probe(&store, config);
     assert_eq!(ran(store.as_ref(), "old"), 0, "handled before the upgrade");
+}
+
+fn probe_lib() -> String {
+    format!("{}:probe", fixture_domain().display())
+}
+
+/// `subscriptions status --json`, whatever its exit code (1 while something is behind).
+fn status(dir: &std::path::Path) -> Value {
+    let out = host(dir)
+        .args([
+            "subscriptions",
+            "status",
+            "--json",
+            "--domain",
+            &probe_lib(),
+        ])
+        .output();
+    serde_json::from_str(&out.stdout()).unwrap_or_else(|e| panic!("{e}: {}", out.stderr()))
+}
+
+#[test]
+fn commands_a_message_db_client_appends_are_handled_with_redis_configured_and_shown_waiting() {
+    let (store, pg) = postgres();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("{TEST_CONFIG}{}{}", pg.config(), redis.config()),
+    )
+    .unwrap();
+    write_message(&pg, &protean_command("a", "ok"));
+    write_message(&pg, &protean_command("b", "ok"));
+    let before = status(dir.path());
+    let commands = subscription(&before, "commands:probe::probe");
+    assert_eq!(commands["type"], "event_store", "{commands}");
+    assert_eq!(commands["lag"], 2, "both commands wait: {commands}");
+    host(dir.path())
+        .args(["--domain", &probe_lib(), "--test-mode"])
+        .output()
+        .expect_code(0);
+    assert_eq!(
+        (ran(store.as_ref(), "a"), ran(store.as_ref(), "b")),
+        (1, 1),
+        "each command handled once"
+    );
+    let after = status_json(dir.path(), &probe_lib());
+    assert_eq!(subscription(&after, "commands:probe::probe")["lag"], 0);
 }

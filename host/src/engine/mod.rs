@@ -639,23 +639,31 @@ fn warn_unknown_handlers(domain: &Plugin, config: &Config) {
 }
 
 /// Where a subscription reads from: its handler's configured type, else streams when a broker is
-/// configured, except for process managers, which need their categories in store order (one stream
-/// per category cannot give that), so they stay on the event store, leased to one replica at a time.
+/// configured, except for
+/// - process managers, which need their categories in store order (one stream per category cannot give
+///   that), so they stay on the event store, leased to one replica at a time;
+/// - command handlers: a command reaches Redis only through this host's outbox, while other writers
+///   (Python Protean's `domain.process(..., asynchronous=True)`, MessageDB clients) only append it to
+///   the store. Read from the store, every command is handled whoever wrote it.
 fn subscription_type(
     config: &Config,
     handler: &str,
     kind: HandlerKind,
 ) -> Result<SubscriptionType, EngineError> {
-    let chosen = config
-        .subscription_type(handler)
-        .unwrap_or(match (&config.broker, kind) {
-            (Some(_), HandlerKind::ProcessManager) | (None, _) => SubscriptionType::EventStore,
-            (Some(_), _) => SubscriptionType::Stream,
-        });
+    let configured = config.subscription_type(handler);
+    let chosen = configured.unwrap_or(match (&config.broker, kind) {
+        (Some(_), HandlerKind::ProcessManager | HandlerKind::CommandHandler) | (None, _) => {
+            SubscriptionType::EventStore
+        }
+        (Some(_), _) => SubscriptionType::Stream,
+    });
     if chosen == SubscriptionType::Stream && config.broker.is_none() {
         return Err(EngineError::NoBroker {
             handler: handler.to_owned(),
         });
+    }
+    if chosen == SubscriptionType::Stream && kind == HandlerKind::CommandHandler {
+        tracing::warn!(%handler, "command handler configured with subscription_type = \"stream\": it reads only the commands this host published to Redis; commands other writers append to the store (Python Protean, MessageDB clients) wait unhandled; remove the setting to read them from the store");
     }
     Ok(chosen)
 }
