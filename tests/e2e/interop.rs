@@ -218,3 +218,65 @@ fn commands_a_message_db_client_appends_are_handled_with_redis_configured_and_sh
     let after = status_json(dir.path(), &probe_lib());
     assert_eq!(subscription(&after, "commands:probe::probe")["lag"], 0);
 }
+
+/// Data with numbers jsonb rewrites (large floats, exponents, a negative zero), small ones and text
+/// beyond ASCII; the probe's `Run` ignores the fields it does not know.
+fn numbers(id: &str) -> Value {
+    serde_json::from_str(&format!(
+        r#"{{"id": "{id}", "behaviour": "ok", "big": 1e16, "huge": 1.2345e20, "negative": -2.5e17,
+            "small": 1.5e-7, "tiny": 1e-5, "plain": 30.5, "whole": 12.0, "zero": -0.0, "count": 7,
+            "text": "bücher-📚 Zoë"}}"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn messages_with_large_small_exponent_and_unicode_numbers_verify_after_jsonb_on_postgres() {
+    let (store, pg) = postgres();
+    // Written by the host.
+    let ours = protean_host::unit_of_work::NewMessage::new(
+        message::Kind::Command,
+        "probe::probe:command-ours",
+        "Probe.Run.v1",
+        &numbers("ours"),
+        None,
+        None,
+        None,
+    );
+    store
+        .commit(&protean_host::unit_of_work::UnitOfWork {
+            messages: vec![ours],
+            ..Default::default()
+        })
+        .unwrap();
+    // Written as Protean writes it: its checksum is Python's json.dumps of the data before jsonb.
+    // (A Python -0.0 cannot verify after jsonb, which has no negative zero; Protean fails it too.)
+    let (stream, _, mut metadata) = protean_command("theirs", "ok");
+    let mut data = numbers("theirs");
+    data.as_object_mut().unwrap().remove("zero");
+    metadata["envelope"]["checksum"] = json!(sha256_hex(&message::canonical_json(&data)));
+    write_message(&pg, &(stream, data, metadata));
+    // And one with a large integer (a Python int, which jsonb keeps as it is).
+    let (stream, _, mut metadata) = protean_command("int", "ok");
+    let data = json!({"id": "int", "behaviour": "ok", "big": 12_345_678_901_234_567_u64});
+    metadata["envelope"]["checksum"] = json!(sha256_hex(&message::canonical_json(&data)));
+    write_message(&pg, &(stream, data, metadata));
+    run_probe(&store, TEST_CONFIG);
+    assert_eq!(
+        store.dead_letters(None).unwrap(),
+        vec![],
+        "nothing failed its checksum"
+    );
+    for id in ["ours", "theirs", "int"] {
+        assert_eq!(ran(store.as_ref(), id), 1, "{id} handled");
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use std::fmt::Write;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+    digest.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
