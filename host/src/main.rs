@@ -4,7 +4,6 @@
 use std::{io::BufRead, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser;
 use protean_host::{
     cli::{
         Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
@@ -19,7 +18,7 @@ use protean_host::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_args();
     logging::init(cli.common.level(), cli.common.log_format);
     let format = cli.common.log_format;
     match run(cli) {
@@ -221,6 +220,12 @@ fn db(common: &Common, args: &DbArgs) -> anyhow::Result<ExitCode> {
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
     let (engine, _) = engine(common, false)?;
+    // Read before the runtime starts: the PostgreSQL store's client is synchronous and runs a runtime
+    // of its own, which cannot start inside this one.
+    let stored = match &args.action {
+        DlqAction::List { .. } => engine.store().dead_letters(None)?,
+        _ => Vec::new(),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -257,7 +262,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
                             rows.push(serde_json::json!({"subscription": name, "id": entry.id, "fields": entry.fields}));
                         }
                     }
-                    for dead in engine.store().dead_letters(Some(name))?.into_iter().take(*limit) {
+                    for dead in stored.iter().filter(|d| &d.subscription == name).take(*limit) {
                         rows.push(serde_json::json!({"subscription": name, "id": dead.global_position.to_string(), "fields": dead}));
                     }
                 }
