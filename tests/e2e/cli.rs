@@ -127,12 +127,31 @@ fn every_command(store: &str, redis: Option<&RedisServer>, postgres: bool) -> Ve
     assert_eq!(sent.stdout().lines().count(), 1, "the command's id");
     run(&["--test-mode"]).expect_code(0);
     run(&["subscriptions", "status"]).expect_code(0);
-    let listed = run(&["dlq", "list", "--json"]).expect_code(0);
-    serde_json::from_str::<Value>(&listed.stdout())
-        .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let list = || {
+        let listed = run(&["dlq", "list", "--json"]).expect_code(0);
+        serde_json::from_str::<Value>(&listed.stdout())
+            .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let rows = list();
+    let commands = "commands:probe::probe";
+    let Some(id) = rows.first().map(|r| r["id"].as_str().unwrap().to_owned()) else {
+        let missing = run(&["dlq", "inspect", "1", "--subscription", commands]).expect_code(1);
+        assert_eq!(missing.error_lines().len(), 1, "{}", missing.stderr());
+        run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
+        return rows;
+    };
+    run(&["dlq", "inspect", &id, "--subscription", commands]).expect_code(0);
+    // The probe rejects it again: exit 1, one line, and a new dead letter in its place.
+    let again = run(&["dlq", "replay", &id, "--subscription", commands]).expect_code(1);
+    assert_eq!(again.error_lines().len(), 1, "{}", again.stderr());
+    assert_eq!(list().len(), 1, "dead-lettered anew");
+    run(&["dlq", "replay-all", "--subscription", commands]).expect_code(1);
+    run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
+    assert!(list().is_empty(), "purged");
+    rows
 }
 
 #[test]

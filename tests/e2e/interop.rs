@@ -280,3 +280,81 @@ fn sha256_hex(text: &str) -> String {
         out
     })
 }
+
+/// A probe that fails its first 4 attempts in this process is dead-lettered (1 try + 3 retries), then
+/// replayed by the engine in the same process (its 5th attempt succeeds).
+fn replay_on(store: &Arc<dyn Store>, builds: impl Fn() -> Vec<(String, Option<String>)>) {
+    let engine = engine(fixture_domain(), "probe", store.clone(), TEST_CONFIG);
+    engine
+        .send(
+            "Probe.Run.v1",
+            &json!({"id": "late", "behaviour": "fail:4"}),
+            None,
+        )
+        .unwrap();
+    engine
+        .send(
+            "Probe.Run.v1",
+            &json!({"id": "fine", "behaviour": "ok"}),
+            None,
+        )
+        .unwrap();
+    engine.run().unwrap();
+    let dead = store.dead_letters(None).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(ran(store.as_ref(), "late"), 0);
+    let (subscription, position) = (dead[0].subscription.clone(), dead[0].global_position);
+    assert_eq!(
+        engine.replay_dead_letter(&subscription, position).unwrap(),
+        protean_host::engine::Replay::Handled
+    );
+    assert_eq!(ran(store.as_ref(), "late"), 1, "handled by the replay");
+    assert_eq!(ran(store.as_ref(), "fine"), 1, "nothing else handled again");
+    assert!(
+        store.dead_letters(None).unwrap().is_empty(),
+        "no longer waiting"
+    );
+    let build = engine.build_id();
+    assert_eq!(
+        builds(),
+        vec![(build.clone(), Some(build))],
+        "the failed attempt's build and the replay's"
+    );
+    assert!(
+        engine.replay_dead_letter(&subscription, position).is_err(),
+        "a dead letter is replayed once"
+    );
+    // A new run finds nothing left to do: the replay did not move or rewind the position.
+    engine.run().unwrap();
+    assert_eq!(ran(store.as_ref(), "late"), 1);
+}
+
+#[test]
+fn an_event_store_dead_letter_is_replayed_once_to_its_subscription_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    let file = dir.path().join(".protean/store.db");
+    replay_on(&store, || {
+        let db = rusqlite::Connection::open(&file).unwrap();
+        let mut rows = db
+            .prepare("SELECT build_id, replayed_by FROM dead_letters")
+            .unwrap();
+        rows.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    });
+    let (store, pg) = postgres();
+    replay_on(&store, || {
+        pg.psql("SELECT build_id || ' ' || coalesce(replayed_by, '-') FROM protean.dead_letters")
+            .lines()
+            .map(|l| {
+                let (failed, replayed) = l.split_once(' ').unwrap();
+                (
+                    failed.to_owned(),
+                    Some(replayed.to_owned()).filter(|r| r != "-"),
+                )
+            })
+            .collect()
+    });
+}

@@ -77,6 +77,19 @@ pub enum EngineError {
     NoOutbox,
     #[error("reload is not available in test mode; run without --test-mode to reload")]
     ReloadInTestMode,
+    #[error("no dead letter {id} waits in {subscription}; list them with `protean-host dlq list --subscription {subscription}`")]
+    NoDeadLetter { subscription: String, id: String },
+    #[error("{subscription} is not an event-store subscription of this domain; its dead letters are in its group's dead-letter stream")]
+    NotEventStore { subscription: String },
+}
+
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Handled (or found handled already) by this build; the dead letter is kept, marked replayed.
+    Handled,
+    /// Failed again: a new dead letter says why; the old one is marked replayed.
+    DeadLettered,
 }
 
 /// How a run ended.
@@ -296,6 +309,71 @@ impl Engine {
             ..UnitOfWork::default()
         })?;
         Ok(id)
+    }
+
+    /// Handle the waiting dead letter of event-store subscription `subscription` at `global_position`
+    /// again, now, in this process and with this engine's build, for that subscription's handler only
+    /// (its position does not move). The unit of work carries the message's processed marker, so a
+    /// message handled meanwhile is not handled twice. A retryable failure is retried after the
+    /// subscription's backoff here; a failure out of retries is dead-lettered anew. Blocking.
+    pub fn replay_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+    ) -> Result<Replay, EngineError> {
+        let generation = self.current();
+        let sub = generation
+            .subscriptions
+            .iter()
+            .find(|s| s.plan.name == subscription && s.kind == SubscriptionType::EventStore)
+            .ok_or_else(|| EngineError::NotEventStore {
+                subscription: subscription.to_owned(),
+            })?;
+        let missing = || EngineError::NoDeadLetter {
+            subscription: subscription.to_owned(),
+            id: global_position.to_string(),
+        };
+        let dead = self
+            .store
+            .dead_letters(Some(subscription))?
+            .into_iter()
+            .find(|d| d.global_position == global_position)
+            .ok_or_else(missing)?;
+        let message = self
+            .store
+            .read_stream(&dead.stream, 0)?
+            .into_iter()
+            .find(|m| m.global_position == global_position)
+            .ok_or_else(missing)?;
+        let ctx = batch::Context {
+            plugin: &generation.plugin,
+            store: self.store.as_ref(),
+            subscription: sub,
+            version_retries: self.options.config.version_retries,
+            publish: self.options.config.broker.is_some(),
+            fences: Vec::new(),
+            position: None,
+            worker: None,
+            keys: None,
+        };
+        let mut attempts = batch::Attempts::default();
+        let report = loop {
+            let report = batch::run(&ctx, std::slice::from_ref(&message), &mut attempts)?;
+            match report.retry {
+                Some(delay) => std::thread::sleep(delay),
+                None => break report,
+            }
+        };
+        self.store.resolve_dead_letter(
+            subscription,
+            global_position,
+            generation.plugin.build_id(),
+        )?;
+        Ok(if report.dead_lettered > 0 {
+            Replay::DeadLettered
+        } else {
+            Replay::Handled
+        })
     }
 
     /// Run until stopped (or, in test mode, until quiescent). Blocking: it drives its own runtime.

@@ -196,6 +196,19 @@ pub trait Store: Send + Sync {
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
 
+    /// Mark the waiting dead letter of `subscription` at `global_position` as replayed by the build
+    /// `replayed_by`: it keeps its row (with the build that failed) and is no longer listed. Whether
+    /// there was one.
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool>;
+
+    /// Delete the waiting dead letters of `subscription`; how many.
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64>;
+
     /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
     /// of `subscription` (a redelivery after a commit).
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;

@@ -39,8 +39,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 9,
-        name: "processed markers keyed by stream and position, not headers.id",
-        sql: include_str!("../sql/postgres/migrations/009_processed_by_identity.sql"),
+        name: "processed markers keyed by stream and position, not headers.id; replayable dead letters",
+        sql: include_str!("../sql/postgres/migrations/009_interop.sql"),
     },
 ];
 

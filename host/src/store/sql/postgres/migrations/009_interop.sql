@@ -19,3 +19,8 @@ FROM (
     ORDER BY headers_id, global_position
 ) m
 WHERE p.message_id = m.headers_id;
+
+-- Dead letters of event-store subscriptions can be replayed: a replayed one keeps its row, with the
+-- build that handled it (its own build_id is the one that failed), and no longer counts as waiting.
+ALTER TABLE protean.dead_letters
+    ADD COLUMN IF NOT EXISTS replayed_by text, ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
