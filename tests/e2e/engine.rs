@@ -199,7 +199,8 @@ fn a_message_another_consumer_committed_first_is_not_handled_twice() {
         let (taken, free) = (hop("taken"), hop("free"));
         let marker = protean_host::unit_of_work::ProcessedMarker {
             subscription: "chain".into(),
-            message_id: taken.id.clone(),
+            // The message's identity: its stream and position (the first of its stream).
+            message_id: format!("{}@0", taken.stream),
             build_id: "another replica".into(),
         };
         store
