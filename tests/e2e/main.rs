@@ -8,6 +8,7 @@ mod cli;
 mod discovery;
 mod engine;
 mod interop;
+mod live;
 mod loading;
 mod loss_hunter;
 mod messagedb;
