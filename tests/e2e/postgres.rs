@@ -24,7 +24,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .output()
         .expect_code(1)
         .stdout();
-    assert!(before.starts_with("schema version 0 of 4"), "{before}");
+    assert!(before.starts_with("schema version 0 of 9"), "{before}");
     assert!(
         before.contains("pending migration 1: message_store"),
         "{before}"
@@ -45,6 +45,10 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         first.contains("applied migration 4: appends without their category's lock refused"),
         "{first}"
     );
+    assert!(
+        first.contains("applied migration 9: processed markers keyed by stream and position"),
+        "{first}"
+    );
     let second = host(dir.path())
         .args(["db", "setup"])
         .output()
@@ -61,7 +65,7 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         .expect_code(0)
         .stdout();
     assert_eq!(after.lines().count(), 1, "{after}");
-    assert!(after.starts_with("schema version 4 of 4"), "{after}");
+    assert!(after.starts_with("schema version 9 of 9"), "{after}");
     assert_eq!(
         pg.psql("SELECT message_store.message_store_version()"),
         "1.3.0"
@@ -81,7 +85,7 @@ fn a_server_on_a_store_not_set_up_names_db_setup() {
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "{}", run.stderr());
     assert!(
-        errors[0].contains("is not set up (schema version 0 of 4); run `protean-host db setup`"),
+        errors[0].contains("is not set up (schema version 0 of 9); run `protean-host db setup`"),
         "{errors:?}"
     );
     assert!(!errors[0].contains('\n'));
