@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{error::ErrorKind, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// Runs the handlers of a Protean domain written in Rust.
 ///
 /// Without a subcommand it runs the server: `protean-host --domain=target/debug/libshop.so`.
 #[derive(Debug, Parser)]
-#[command(name = "protean-host", version, args_conflicts_with_subcommands = true)]
+#[command(name = "protean-host", version)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -16,6 +16,35 @@ pub struct Cli {
     pub server: ServerArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The process's command line; a usage error exits 2 with clap's message.
+    pub fn from_args() -> Self {
+        Self::parse().checked().unwrap_or_else(|e| e.exit())
+    }
+
+    /// The server's flags before another subcommand are a usage error. (clap's
+    /// `args_conflicts_with_subcommands` would say so, but it also refuses the global flags there:
+    /// `protean-host --log-level warn dlq list`.)
+    pub fn checked(self) -> Result<Self, clap::Error> {
+        let server_flag = match (self.server.test_mode, self.server.reload) {
+            (true, _) => Some("--test-mode"),
+            (_, true) => Some("--reload"),
+            _ => None,
+        };
+        match (server_flag, &self.command) {
+            (Some(flag), Some(command)) if !matches!(command, Command::Server(_)) => {
+                Err(Self::command().error(
+                    ErrorKind::ArgumentConflict,
+                    format!(
+                        "{flag} runs the server; give it without a subcommand or after `server`"
+                    ),
+                ))
+            }
+            _ => Ok(self),
+        }
+    }
 }
 
 /// Options every subcommand takes.
@@ -268,6 +297,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("protean-host").chain(args.iter().copied()))
+            .and_then(Cli::checked)
     }
 
     #[test]
@@ -299,12 +329,27 @@ mod tests {
     }
 
     #[test]
+    fn global_flags_go_before_a_subcommand_too() {
+        let cli = parse(&["--log-level", "warn", "--domain", "x", "dlq", "list"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Dlq(_))));
+        assert_eq!(cli.common.level(), LogLevel::Warn);
+        assert_eq!(cli.common.domain.as_deref(), Some("x"));
+        let cli = parse(&["--test-mode", "server"]).unwrap();
+        assert!(
+            cli.server.test_mode,
+            "the server's flags before `server` are the server's"
+        );
+    }
+
+    #[test]
     fn bad_values_are_usage_errors() {
         for args in [
             &["--log-level", "loud"][..],
             &["--log-format", "xml"],
             &["--nope"],
             &["inspect", "--test-mode"],
+            &["--test-mode", "inspect"],
+            &["--reload", "dlq", "list"],
         ] {
             let error = parse(args).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{args:?}: {error}");

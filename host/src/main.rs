@@ -4,7 +4,6 @@
 use std::{io::BufRead, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser;
 use protean_host::{
     cli::{
         Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
@@ -20,7 +19,7 @@ use protean_host::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_args();
     logging::init(cli.common.level(), cli.common.log_format);
     let format = cli.common.log_format;
     match run(cli) {
@@ -480,6 +479,26 @@ fn print_outbox(
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
     let (engine, _) = engine(common, false)?;
+    let named = match &args.action {
+        DlqAction::List { .. } => None,
+        DlqAction::Inspect { subscription, .. }
+        | DlqAction::Replay { subscription, .. }
+        | DlqAction::ReplayAll { subscription, .. }
+        | DlqAction::Purge { subscription, .. } => Some(subscription),
+    };
+    let on_store = named.filter(|name| {
+        engine.subscriptions().iter().any(|(p, _)| &&p.name == name)
+            && !engine.stream_subscriptions().contains(name)
+    });
+    if on_store.is_some() {
+        return store_dlq(&engine, &args.action);
+    }
+    // Read before the runtime starts: the PostgreSQL store's client is synchronous and runs a runtime
+    // of its own, which cannot start inside this one.
+    let stored = match &args.action {
+        DlqAction::List { .. } => engine.store().dead_letters(None)?,
+        _ => Vec::new(),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -497,7 +516,6 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
         };
         let broker_admin = |name: &str| -> anyhow::Result<&dyn protean_host::broker::DeadLetterAdmin> {
             check(name)?;
-            anyhow::ensure!(streams.iter().any(|s| s == name), "{name} reads the event store; its dead letters are in the store and are listed by `dlq list`, but replaying them is not supported yet");
             admin.context("no broker is configured; dead letters of event-store subscriptions are listed by `dlq list`")
         };
         match &args.action {
@@ -516,7 +534,7 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
                             rows.push(serde_json::json!({"subscription": name, "id": entry.id, "fields": entry.fields}));
                         }
                     }
-                    for dead in engine.store().dead_letters(Some(name))?.into_iter().take(*limit) {
+                    for dead in stored.iter().filter(|d| &d.subscription == name).take(*limit) {
                         rows.push(serde_json::json!({"subscription": name, "id": dead.global_position.to_string(), "fields": dead}));
                     }
                 }
@@ -550,6 +568,73 @@ fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The dead-letter commands for an event-store subscription: its dead letters are in the store, and
+/// a replay handles the message here, with the loaded build (the store is synchronous: no runtime).
+fn store_dlq(engine: &Engine, action: &DlqAction) -> anyhow::Result<ExitCode> {
+    let store = engine.store();
+    let waiting = |subscription: &str| store.dead_letters(Some(subscription));
+    match action {
+        DlqAction::List { .. } => unreachable!("dlq list reads every subscription's dead letters"),
+        DlqAction::Inspect { id, subscription } => {
+            let dead = waiting(subscription)?
+                .into_iter()
+                .find(|d| &d.global_position.to_string() == id)
+                .with_context(|| format!("no dead letter {id} waits in {subscription}; list them with `protean-host dlq list --subscription {subscription}`"))?;
+            println!("{}", serde_json::to_string_pretty(&dead)?);
+        }
+        DlqAction::Replay { id, subscription } => {
+            let position: u64 = id.parse().with_context(|| {
+                format!("dead letters of {subscription} are named by global position (a number), not {id:?}; list them with `protean-host dlq list --subscription {subscription}`")
+            })?;
+            return replay_one(engine, subscription, position);
+        }
+        DlqAction::ReplayAll { subscription, yes } => {
+            let letters = waiting(subscription)?;
+            anyhow::ensure!(
+                *yes,
+                "this replays {} dead letters of {subscription}; add --yes to confirm",
+                letters.len()
+            );
+            let mut code = ExitCode::SUCCESS;
+            for dead in &letters {
+                if replay_one(engine, subscription, dead.global_position)? != ExitCode::SUCCESS {
+                    code = ExitCode::FAILURE;
+                }
+            }
+            return Ok(code);
+        }
+        DlqAction::Purge { subscription, yes } => {
+            let count = waiting(subscription)?.len();
+            anyhow::ensure!(
+                *yes,
+                "this deletes {count} dead letters of {subscription}; add --yes to confirm"
+            );
+            println!(
+                "purged {} dead letters of {subscription}",
+                store.purge_dead_letters(subscription)?
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replay one event-store dead letter; exit 1 when it failed again (its new dead letter says why).
+fn replay_one(engine: &Engine, subscription: &str, position: u64) -> anyhow::Result<ExitCode> {
+    match engine.replay_dead_letter(subscription, position)? {
+        protean_host::engine::Replay::Handled => {
+            println!(
+                "replayed {position} to {subscription}: handled by build {}",
+                engine.build_id()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        protean_host::engine::Replay::DeadLettered => {
+            eprintln!("error: dead letter {position} of {subscription} failed again and is dead-lettered anew; see `protean-host dlq list --subscription {subscription}`");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// `subscriptions status`: measured from the store and the broker, without running anything. Exit 1

@@ -188,6 +188,7 @@ impl DocumentWrite {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessedMarker {
     pub subscription: String,
+    /// The message's identity ([`crate::store::StoredMessage::identity`]), not its `headers.id`.
     pub message_id: String,
     pub build_id: String,
 }

@@ -1,6 +1,8 @@
 //! The command line itself: help, version, usage errors, inspect output.
 
-use crate::support::{host, sample_domain};
+use serde_json::Value;
+
+use crate::support::{fixture_domain, host, sample_domain, PgServer, RedisServer, TEST_CONFIG};
 
 #[test]
 fn help_and_version_exit_zero() {
@@ -89,4 +91,87 @@ fn inspect_json_is_machine_readable() {
         .unwrap();
     assert_eq!(commands["routes"]["Fulfilment.ShipOrder.v1"], "orders");
     assert_eq!(report["build_id"].as_str().unwrap().len(), 12);
+}
+
+/// Every subcommand, with global flags before it, on one store configuration (`store`: a `[store]`
+/// section, or none for SQLite), with or without Redis. Returns the rows `dlq list --json` printed.
+fn every_command(store: &str, redis: Option<&RedisServer>, postgres: bool) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = redis.map(RedisServer::config).unwrap_or_default();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("{TEST_CONFIG}{store}{broker}"),
+    )
+    .unwrap();
+    let domain = format!("{}:probe", fixture_domain().display());
+    let run = |args: &[&str]| {
+        host(dir.path())
+            .args(["--log-level", "warn", "--domain", &domain])
+            .args(args)
+            .output()
+    };
+    if postgres {
+        run(&["db", "setup"]).expect_code(0);
+        run(&["db", "status"]).expect_code(0);
+    } else {
+        let db = run(&["db", "status"]).expect_code(1);
+        assert!(db.stderr().contains("not PostgreSQL"), "{}", db.stderr());
+    }
+    run(&["inspect"]).expect_code(0);
+    let sent = run(&[
+        "send",
+        "Probe.Run.v1",
+        r#"{"id": "bad", "behaviour": "reject"}"#,
+    ])
+    .expect_code(0);
+    assert_eq!(sent.stdout().lines().count(), 1, "the command's id");
+    run(&["--test-mode"]).expect_code(0);
+    run(&["subscriptions", "status"]).expect_code(0);
+    let list = || {
+        let listed = run(&["dlq", "list", "--json"]).expect_code(0);
+        serde_json::from_str::<Value>(&listed.stdout())
+            .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let rows = list();
+    let commands = "commands:probe::probe";
+    let Some(id) = rows.first().map(|r| r["id"].as_str().unwrap().to_owned()) else {
+        let missing = run(&["dlq", "inspect", "1", "--subscription", commands]).expect_code(1);
+        assert_eq!(missing.error_lines().len(), 1, "{}", missing.stderr());
+        run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
+        return rows;
+    };
+    run(&["dlq", "inspect", &id, "--subscription", commands]).expect_code(0);
+    // The probe rejects it again: exit 1, one line, and a new dead letter in its place.
+    let again = run(&["dlq", "replay", &id, "--subscription", commands]).expect_code(1);
+    assert_eq!(again.error_lines().len(), 1, "{}", again.stderr());
+    assert_eq!(list().len(), 1, "dead-lettered anew");
+    run(&["dlq", "replay-all", "--subscription", commands]).expect_code(1);
+    run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
+    assert!(list().is_empty(), "purged");
+    rows
+}
+
+#[test]
+fn every_command_works_on_every_store_with_and_without_redis() {
+    let pg = PgServer::start();
+    let memory = "[store]\nprovider = \"memory\"\n";
+    for redis in [None, Some(RedisServer::start())] {
+        let with = if redis.is_some() {
+            "with Redis"
+        } else {
+            "alone"
+        };
+        let rows = every_command(memory, redis.as_ref(), false);
+        assert!(rows.is_empty(), "memory {with}: nothing survives a process");
+        let rows = every_command("", redis.as_ref(), false);
+        assert_eq!(rows.len(), 1, "sqlite {with}: {rows:?}");
+        pg.psql(
+            "DROP SCHEMA IF EXISTS protean CASCADE; DROP SCHEMA IF EXISTS message_store CASCADE;",
+        );
+        let rows = every_command(&pg.config(), redis.as_ref(), true);
+        assert_eq!(rows.len(), 1, "postgres {with}: {rows:?}");
+    }
 }

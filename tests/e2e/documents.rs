@@ -146,6 +146,12 @@ impl Store for WriterInBetween {
     fn dead_letters(&self, s: Option<&str>) -> store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s)
     }
+    fn resolve_dead_letter(&self, s: &str, position: u64, by: &str) -> store::Result<bool> {
+        self.inner.resolve_dead_letter(s, position, by)
+    }
+    fn purge_dead_letters(&self, s: &str) -> store::Result<u64> {
+        self.inner.purge_dead_letters(s)
+    }
 }
 
 /// A document written by someone else after the batch read it makes the commit conflict; the batch

@@ -199,7 +199,8 @@ fn a_message_another_consumer_committed_first_is_not_handled_twice() {
         let (taken, free) = (hop("taken"), hop("free"));
         let marker = protean_host::unit_of_work::ProcessedMarker {
             subscription: "chain".into(),
-            message_id: taken.id.clone(),
+            // The message's identity: its stream and position (the first of its stream).
+            message_id: format!("{}@0", taken.stream),
             build_id: "another replica".into(),
         };
         store
@@ -573,6 +574,12 @@ impl Store for ConflictOnce {
     }
     fn dead_letters(&self, s: Option<&str>) -> store::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s)
+    }
+    fn resolve_dead_letter(&self, s: &str, position: u64, by: &str) -> store::Result<bool> {
+        self.inner.resolve_dead_letter(s, position, by)
+    }
+    fn purge_dead_letters(&self, s: &str) -> store::Result<u64> {
+        self.inner.purge_dead_letters(s)
     }
 }
 

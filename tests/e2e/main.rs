@@ -8,6 +8,8 @@ mod cli;
 mod discovery;
 mod documents;
 mod engine;
+mod interop;
+mod live;
 mod loading;
 mod loss_hunter;
 mod messagedb;

@@ -24,6 +24,9 @@ fn configure(dir: &Path, extra: &str) {
     std::fs::write(dir.join("protean.toml"), config).unwrap();
 }
 
+/// The probe's command handler on Redis streams (commands read the store unless told otherwise).
+const COMMANDS_ON_STREAMS: &str = "[server.handlers.runner]\nsubscription_type = \"stream\"\n";
+
 fn probe_lib() -> String {
     format!("{}:probe", fixture_domain().display())
 }
@@ -199,7 +202,10 @@ fn readiness_fails_while_shutting_down_and_liveness_holds() {
 fn readiness_fails_with_the_broker_stopped() {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    configure(dir.path(), &redis.config());
+    configure(
+        dir.path(),
+        &format!("{}{COMMANDS_ON_STREAMS}", redis.config()),
+    );
     send(dir.path(), "a", "ok");
     let (server, address) = start(dir.path());
     wait_until(LIMIT, "readiness with the broker up", || {
@@ -454,7 +460,7 @@ fn subscriptions_status_reads_groups_and_dead_letter_streams_on_redis() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("protean.toml"),
-        format!("{TEST_CONFIG}{}", redis.config()),
+        format!("{TEST_CONFIG}{}{COMMANDS_ON_STREAMS}", redis.config()),
     )
     .unwrap();
     send(dir.path(), "bad", "reject");

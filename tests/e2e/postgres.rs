@@ -57,6 +57,10 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
         first.contains("applied migration 7: idempotency keys"),
         "{first}"
     );
+    assert!(
+        first.contains("applied migration 8: processed markers keyed by stream and position"),
+        "{first}"
+    );
     let second = host(dir.path())
         .args(["db", "setup"])
         .output()

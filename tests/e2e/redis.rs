@@ -12,7 +12,12 @@ use crate::support::{
 };
 
 fn config(redis: &RedisServer) -> String {
-    format!("{TEST_CONFIG}{}", redis.config())
+    // The probe's commands on Redis: these tests are about stream subscriptions (commands read the
+    // store by default).
+    format!(
+        "{TEST_CONFIG}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        redis.config()
+    )
 }
 
 #[test]

@@ -46,7 +46,7 @@ pub(crate) struct Subscription {
     pub(crate) ordering: Option<Ordering>,
 }
 
-/// Failed attempts per message id, for messages that are waiting to be retried; and, for ordered
+/// Failed attempts per message identity ([`StoredMessage::identity`]), for messages that are waiting to be retried; and, for ordered
 /// subscriptions, the keys waiting for a retry and until when (their messages are held until then).
 #[derive(Debug, Default)]
 pub(crate) struct Attempts {
@@ -55,7 +55,7 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
-    /// Record that the message `id` has failed `failed` times so far (a broker's delivery count).
+    /// Record that the message of identity `id` has failed `failed` times so far (a broker's delivery count).
     pub(crate) fn set(&mut self, id: &str, failed: u32) {
         if failed == 0 {
             self.failed.remove(id);
@@ -100,11 +100,14 @@ pub(crate) struct Report {
     pub(crate) written: Vec<String>,
     pub(crate) dead_lettered: u32,
     pub(crate) skipped: u32,
-    /// Ids of the messages settled (handled, skipped or dead-lettered): a broker acknowledges them.
+    /// Identities of the messages settled (handled, skipped or dead-lettered): a broker acknowledges
+    /// them.
     pub(crate) settled: Vec<String>,
     /// Stream subscriptions: the dead letters, for the broker's dead-letter stream (the event store keeps
     /// them in the unit of work instead).
     pub(crate) dead_letters: Vec<DeadLetter>,
+    /// The identities of the messages dead-lettered, in the order of the unit's dead letters.
+    pub(crate) dead_lettered_ids: Vec<String>,
 }
 
 /// What the batch needs from the engine.
@@ -230,7 +233,7 @@ fn fail_first(
     attempts: &mut Attempts,
     error: &str,
 ) -> Report {
-    let attempt = attempts.failed.entry(first.id.clone()).or_insert(0);
+    let attempt = attempts.failed.entry(first.identity()).or_insert(0);
     *attempt += 1;
     let delay = ctx
         .subscription
@@ -313,7 +316,8 @@ fn build(
             Class::Poison(reason) => {
                 dead_letter(ctx, &mut unit, &messages[i], "", reason, 1);
                 report.dead_lettered += 1;
-                settled_ids.push(messages[i].id.clone());
+                report.dead_lettered_ids.push(messages[i].identity());
+                settled_ids.push(messages[i].identity());
                 settled[i] = true;
                 i += 1;
                 continue;
@@ -321,7 +325,7 @@ fn build(
             Class::Skip(why) => {
                 skip(sub, &messages[i], why);
                 report.skipped += 1;
-                settled_ids.push(messages[i].id.clone());
+                settled_ids.push(messages[i].identity());
                 settled[i] = true;
                 i += 1;
                 continue;
@@ -345,11 +349,11 @@ fn build(
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");
             unit.processed.push(ProcessedMarker {
                 subscription: sub.plan.name.clone(),
-                message_id: m.id.clone(),
+                message_id: m.identity(),
                 build_id: ctx.plugin.build_id().to_owned(),
             });
             report.handled.push(m.message_type.clone());
-            settled_ids.push(m.id.clone());
+            settled_ids.push(m.identity());
             settled[j] = true;
         }
         let failure = match outcome.failure {
@@ -365,7 +369,12 @@ fn build(
         };
         buffer.discard_from(ok_end);
         let failed = &messages[ok_end];
-        let attempt = attempts.failed.get(&failed.id).copied().unwrap_or(0) + 1;
+        let attempt = attempts
+            .failed
+            .get(&failed.identity())
+            .copied()
+            .unwrap_or(0)
+            + 1;
         tracing::error!(subscription = %sub.plan.name, handler, message_type = %failed.message_type, message_id = %failed.id, attempt, error = %failure.message, "failed processing");
         let delay = if failure.retryable {
             sub.retry.next_delay(attempt, jitter())
@@ -374,7 +383,7 @@ fn build(
         };
         match delay {
             Some(delay) => {
-                attempts.failed.insert(failed.id.clone(), attempt);
+                attempts.failed.insert(failed.identity(), attempt);
                 tracing::warn!(subscription = %sub.plan.name, message_id = %failed.id, attempt, delay_ms = delay.as_millis() as u64, "retrying after backoff");
                 report.retry = Some(report.retry.map_or(delay, |d| d.min(delay)));
                 match held.hold(ok_end) {
@@ -388,7 +397,8 @@ fn build(
             None => {
                 dead_letter(ctx, &mut unit, failed, handler, &failure.message, attempt);
                 report.dead_lettered += 1;
-                settled_ids.push(failed.id.clone());
+                report.dead_lettered_ids.push(failed.identity());
+                settled_ids.push(failed.identity());
                 settled[ok_end] = true;
                 if let Some(key) = held.park(ok_end) {
                     report.parked.push(key);
@@ -463,19 +473,20 @@ fn already_processed(
     if !recheck {
         return Ok(vec![false; messages.len()]);
     }
+    let identities: Vec<String> = messages.iter().map(StoredMessage::identity).collect();
     // Another worker's messages are not looked up: this worker settles them without handling.
-    let ids: Vec<&str> = messages
+    let ids: Vec<&str> = identities
         .iter()
         .zip(theirs)
         .filter(|(_, theirs)| !**theirs)
-        .map(|(m, _)| m.id.as_str())
+        .map(|(id, _)| id.as_str())
         .collect();
     let committed = ctx.store.processed(&ctx.subscription.plan.name, &ids)?;
     let mut seen = std::collections::HashSet::new();
-    Ok(messages
+    Ok(identities
         .iter()
         .zip(theirs)
-        .map(|(m, theirs)| !theirs && (committed.contains(&m.id) || !seen.insert(m.id.as_str())))
+        .map(|(id, theirs)| !theirs && (committed.contains(id) || !seen.insert(id.as_str())))
         .collect())
 }
 

@@ -78,6 +78,19 @@ pub enum EngineError {
     NoOutbox,
     #[error("reload is not available in test mode; run without --test-mode to reload")]
     ReloadInTestMode,
+    #[error("no dead letter {id} waits in {subscription}; list them with `protean-host dlq list --subscription {subscription}`")]
+    NoDeadLetter { subscription: String, id: String },
+    #[error("{subscription} is not an event-store subscription of this domain; its dead letters are in its group's dead-letter stream")]
+    NotEventStore { subscription: String },
+}
+
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Handled (or found handled already) by this build; the dead letter is kept, marked replayed.
+    Handled,
+    /// Failed again: a new dead letter says why; the old one is marked replayed.
+    DeadLettered,
 }
 
 /// What [`Engine::send_once`] did.
@@ -354,6 +367,71 @@ impl Engine {
                 ..UnitOfWork::default()
             })
             .map(drop)
+    }
+
+    /// Handle the waiting dead letter of event-store subscription `subscription` at `global_position`
+    /// again, now, in this process and with this engine's build, for that subscription's handler only
+    /// (its position does not move). The unit of work carries the message's processed marker, so a
+    /// message handled meanwhile is not handled twice. A retryable failure is retried after the
+    /// subscription's backoff here; a failure out of retries is dead-lettered anew. Blocking.
+    pub fn replay_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+    ) -> Result<Replay, EngineError> {
+        let generation = self.current();
+        let sub = generation
+            .subscriptions
+            .iter()
+            .find(|s| s.plan.name == subscription && s.kind == SubscriptionType::EventStore)
+            .ok_or_else(|| EngineError::NotEventStore {
+                subscription: subscription.to_owned(),
+            })?;
+        let missing = || EngineError::NoDeadLetter {
+            subscription: subscription.to_owned(),
+            id: global_position.to_string(),
+        };
+        let dead = self
+            .store
+            .dead_letters(Some(subscription))?
+            .into_iter()
+            .find(|d| d.global_position == global_position)
+            .ok_or_else(missing)?;
+        let message = self
+            .store
+            .read_stream(&dead.stream, 0)?
+            .into_iter()
+            .find(|m| m.global_position == global_position)
+            .ok_or_else(missing)?;
+        let ctx = batch::Context {
+            plugin: &generation.plugin,
+            store: self.store.as_ref(),
+            subscription: sub,
+            version_retries: self.options.config.version_retries,
+            publish: self.options.config.broker.is_some(),
+            fences: Vec::new(),
+            position: None,
+            worker: None,
+            keys: None,
+        };
+        let mut attempts = batch::Attempts::default();
+        let report = loop {
+            let report = batch::run(&ctx, std::slice::from_ref(&message), &mut attempts)?;
+            match report.retry {
+                Some(delay) => std::thread::sleep(delay),
+                None => break report,
+            }
+        };
+        self.store.resolve_dead_letter(
+            subscription,
+            global_position,
+            generation.plugin.build_id(),
+        )?;
+        Ok(if report.dead_lettered > 0 {
+            Replay::DeadLettered
+        } else {
+            Replay::Handled
+        })
     }
 
     /// Run until stopped (or, in test mode, until quiescent). Blocking: it drives its own runtime.
@@ -697,23 +775,31 @@ fn warn_unknown_handlers(domain: &Plugin, config: &Config) {
 }
 
 /// Where a subscription reads from: its handler's configured type, else streams when a broker is
-/// configured, except for process managers, which need their categories in store order (one stream
-/// per category cannot give that), so they stay on the event store, leased to one replica at a time.
+/// configured, except for
+/// - process managers, which need their categories in store order (one stream per category cannot give
+///   that), so they stay on the event store, leased to one replica at a time;
+/// - command handlers: a command reaches Redis only through this host's outbox, while other writers
+///   (Python Protean's `domain.process(..., asynchronous=True)`, MessageDB clients) only append it to
+///   the store. Read from the store, every command is handled whoever wrote it.
 fn subscription_type(
     config: &Config,
     handler: &str,
     kind: HandlerKind,
 ) -> Result<SubscriptionType, EngineError> {
-    let chosen = config
-        .subscription_type(handler)
-        .unwrap_or(match (&config.broker, kind) {
-            (Some(_), HandlerKind::ProcessManager) | (None, _) => SubscriptionType::EventStore,
-            (Some(_), _) => SubscriptionType::Stream,
-        });
+    let configured = config.subscription_type(handler);
+    let chosen = configured.unwrap_or(match (&config.broker, kind) {
+        (Some(_), HandlerKind::ProcessManager | HandlerKind::CommandHandler) | (None, _) => {
+            SubscriptionType::EventStore
+        }
+        (Some(_), _) => SubscriptionType::Stream,
+    });
     if chosen == SubscriptionType::Stream && config.broker.is_none() {
         return Err(EngineError::NoBroker {
             handler: handler.to_owned(),
         });
+    }
+    if chosen == SubscriptionType::Stream && kind == HandlerKind::CommandHandler {
+        tracing::warn!(%handler, "command handler configured with subscription_type = \"stream\": it reads only the commands this host published to Redis; commands other writers append to the store (Python Protean, MessageDB clients) wait unhandled; remove the setting to read them from the store");
     }
     Ok(chosen)
 }

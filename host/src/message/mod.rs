@@ -104,7 +104,14 @@ impl<'a> MetaView<'a> {
         let value: Value =
             serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
         let actual = checksum(&value);
-        if actual == expected {
+        // A message whose checksum was taken before PostgreSQL's jsonb rewrote its large numbers
+        // (Protean's, or an older host's): Python's own form as read, or with its large integers read
+        // as the floats they were written as (`1e+16`, now `10000000000000000`).
+        let matches = actual == expected
+            || [Numbers::Python, Numbers::PythonFloats]
+                .into_iter()
+                .any(|numbers| hash(&canonical_with(&value, numbers)) == expected);
+        if matches {
             Ok(())
         } else {
             Err(PoisonError::Checksum {
@@ -147,9 +154,15 @@ pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
     )
 }
 
-/// sha256 (hex) of the canonical JSON of `data`.
+/// sha256 (hex) of the canonical JSON of `data` with its numbers as jsonb keeps them
+/// ([`stable_json`]): what Protean computes from the same data read back from a PostgreSQL store, so
+/// both sides verify it whatever store held the message.
 pub fn checksum(data: &Value) -> String {
-    hex(&Sha256::digest(canonical_json(data).as_bytes()))
+    hash(&stable_json(data))
+}
+
+fn hash(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// Lowercase hex, without a formatting call per byte (this runs for every message).
@@ -166,12 +179,37 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Python's `json.dumps(value, sort_keys=True, separators=(",", ":"))`: sorted keys, no spaces, every
 /// non-ASCII character escaped as `\uXXXX`.
 pub fn canonical_json(value: &Value) -> String {
+    canonical_with(value, Numbers::Python)
+}
+
+/// [`canonical_json`] of `value` as it reads back from a jsonb column, which keeps a number's decimal
+/// value but not how it was written: a float written with an exponent and no fraction left (`1e16`,
+/// `1.5e20`) comes back as an integer (`10000000000000000`), which Python then reads as an int, and a
+/// negative zero comes back as `0.0`. Every other number keeps Python's form. The form is the same
+/// before and after a jsonb round trip, so a checksum of it verifies on every store.
+pub fn stable_json(value: &Value) -> String {
+    canonical_with(value, Numbers::Stable)
+}
+
+/// How a canonical form writes numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbers {
+    /// As Python's `json.dumps` does.
+    Python,
+    /// As Python's `json.dumps` does after a jsonb round trip.
+    Stable,
+    /// As Python's `json.dumps` does, taking integers of 17 digits or more for floats (what they were
+    /// before jsonb rewrote a Python `1e+16`).
+    PythonFloats,
+}
+
+fn canonical_with(value: &Value, numbers: Numbers) -> String {
     let mut out = String::new();
-    write_canonical(value, &mut out);
+    write_canonical(value, &mut out, numbers);
     out
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_canonical(value: &Value, out: &mut String, numbers: Numbers) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
@@ -183,7 +221,7 @@ fn write_canonical(value: &Value, out: &mut String) {
                 }
                 write_string(key, out);
                 out.push(':');
-                write_canonical(&map[key], out);
+                write_canonical(&map[key], out, numbers);
             }
             out.push('}');
         }
@@ -193,13 +231,57 @@ fn write_canonical(value: &Value, out: &mut String) {
                 if i > 0 {
                     out.push(',');
                 }
-                write_canonical(item, out);
+                write_canonical(item, out, numbers);
             }
             out.push(']');
         }
         Value::String(s) => write_string(s, out),
-        Value::Number(n) => out.push_str(&python_number(n)),
+        Value::Number(n) => out.push_str(&number(n, numbers)),
         other => out.push_str(&other.to_string()),
+    }
+}
+
+fn number(n: &serde_json::Number, numbers: Numbers) -> String {
+    match (numbers, n.as_f64()) {
+        (Numbers::Stable, Some(f)) if n.is_f64() => stable_float(f, n),
+        (Numbers::PythonFloats, Some(f)) if !n.is_f64() && was_float(f, n) => python_float(f),
+        _ => python_number(n),
+    }
+}
+
+/// Whether the integer `n` (`f` as a float) is what jsonb gives back for a large float: the float's
+/// shortest digits, padded with zeros.
+fn was_float(f: f64, n: &serde_json::Number) -> bool {
+    f.abs() >= 1e16
+        && serde_json::Number::from_f64(f)
+            .is_some_and(|float| stable_float(f, &float) == n.to_string())
+}
+
+/// A float as Python writes what jsonb gives back for it: an integer when its written form has an
+/// exponent and no fraction digits left after it (serde writes `1e16`, `1.2345e20` for the integral
+/// floats from 1e16 up), else Python's repr; `-0.0` is `0.0` (numeric has no negative zero).
+fn stable_float(f: f64, n: &serde_json::Number) -> String {
+    if f == 0.0 {
+        return "0.0".into();
+    }
+    let written = n.to_string();
+    let Some((mantissa, exponent)) = written.split_once(['e', 'E']) else {
+        return python_float(f);
+    };
+    let Ok(exponent) = exponent.parse::<i32>() else {
+        return python_float(f);
+    };
+    let (sign, mantissa) = mantissa
+        .strip_prefix('-')
+        .map_or(("", mantissa), |m| ("-", m));
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    match usize::try_from(exponent) {
+        Ok(shift) if frac.len() <= shift => {
+            let digits = format!("{int}{frac}{}", "0".repeat(shift - frac.len()));
+            let digits = digits.trim_start_matches('0');
+            format!("{sign}{}", if digits.is_empty() { "0" } else { digits })
+        }
+        _ => python_float(f),
     }
 }
 
@@ -449,6 +531,43 @@ mod tests {
             canonical_json(&value),
             r#"{"a":{"y":true,"z":null},"b":[1,2.5,"\u00e9\ud83d\ude00"],"c":1e+16,"d":1e-07}"#
         );
+    }
+
+    #[test]
+    fn the_stable_form_is_what_a_jsonb_round_trip_gives_back() {
+        // Written by serde, as the host stores it; and as PostgreSQL's jsonb gives it back.
+        let written: Value = serde_json::from_str(
+            r#"{"a": 1e16, "b": 1.2345e20, "c": 1.5e-7, "d": 30.5, "e": 12.0, "f": -0.0, "g": 7, "h": "é", "i": -2.5e17, "j": 1e15}"#,
+        )
+        .unwrap();
+        let jsonb: Value = serde_json::from_str(
+            r#"{"a": 10000000000000000, "b": 123450000000000000000, "c": 0.00000015, "d": 30.5, "e": 12.0, "f": 0.0, "g": 7, "h": "é", "i": -250000000000000000, "j": 1000000000000000.0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&written["a"]).unwrap(),
+            "1e+16",
+            "serde writes integral floats from 1e16 up with an exponent"
+        );
+        assert_eq!(stable_json(&written), stable_json(&jsonb));
+        assert_eq!(
+            stable_json(&written),
+            r#"{"a":10000000000000000,"b":123450000000000000000,"c":1.5e-07,"d":30.5,"e":12.0,"f":0.0,"g":7,"h":"\u00e9","i":-250000000000000000,"j":1000000000000000.0}"#,
+            "Python's json.dumps of the data read back from jsonb"
+        );
+    }
+
+    #[test]
+    fn a_python_checksum_taken_before_jsonb_still_verifies_after_it() {
+        let python: Value = serde_json::from_str(r#"{"a": 1e16, "c": 1.5e-7, "h": "ü"}"#).unwrap();
+        let jsonb = r#"{"a": 10000000000000000, "c": 0.00000015, "h": "ü"}"#;
+        let metadata = format!(
+            r#"{{"envelope": {{"checksum": "{}"}}}}"#,
+            hash(&canonical_json(&python))
+        );
+        assert_eq!(MetaView::parse(&metadata).unwrap().verify(jsonb), Ok(()));
+        let other = r#"{"a": 10000000000000001, "c": 0.00000015, "h": "ü"}"#;
+        assert!(MetaView::parse(&metadata).unwrap().verify(other).is_err());
     }
 
     #[test]

@@ -25,6 +25,8 @@ struct State {
     document_version: DocumentVersion,
     processed: HashSet<(String, String)>,
     dead_letters: Vec<DeadLetter>,
+    /// Dead letters replayed: their index in `dead_letters` to the build that handled them.
+    replayed: HashMap<usize, String>,
     outbox: Vec<OutboxRow>,
     leases: HashMap<String, Lease>,
     /// Message ids by idempotency key.
@@ -361,9 +363,51 @@ impl Store for MemoryStore {
         Ok(state
             .dead_letters
             .iter()
-            .filter(|d| subscription.is_none_or(|s| d.subscription == s))
-            .cloned()
+            .enumerate()
+            .filter(|(i, d)| {
+                subscription.is_none_or(|s| d.subscription == s) && !state.replayed.contains_key(i)
+            })
+            .map(|(_, d)| d.clone())
             .collect())
+    }
+
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool> {
+        let mut state = self.state();
+        let oldest = state.dead_letters.iter().enumerate().position(|(i, d)| {
+            d.subscription == subscription
+                && d.global_position == global_position
+                && !state.replayed.contains_key(&i)
+        });
+        let Some(index) = oldest else {
+            return Ok(false);
+        };
+        state.replayed.insert(index, replayed_by.to_owned());
+        Ok(true)
+    }
+
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        let mut state = self.state();
+        let (letters, replayed) = (
+            std::mem::take(&mut state.dead_letters),
+            std::mem::take(&mut state.replayed),
+        );
+        let before = letters.len();
+        for (i, letter) in letters.into_iter().enumerate() {
+            let by = replayed.get(&i).cloned();
+            if letter.subscription != subscription || by.is_some() {
+                if let Some(by) = by {
+                    let kept = state.dead_letters.len();
+                    state.replayed.insert(kept, by);
+                }
+                state.dead_letters.push(letter);
+            }
+        }
+        Ok((before - state.dead_letters.len()) as u64)
     }
 }
 

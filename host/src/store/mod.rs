@@ -45,6 +45,23 @@ pub struct StoredMessage {
     pub metadata: String,
 }
 
+impl StoredMessage {
+    /// The message's identity for exactly-once (processed markers, retry counts, acknowledgements):
+    /// `{stream}@{position}`, which no two stored messages share and a redelivery of the same stored
+    /// message keeps (a broker entry carries both in `metadata.event_store`). `headers.id` cannot be
+    /// it: another writer sets it, and Protean 0.18 gives every command its aggregate's id. A broker
+    /// entry without positions (Protean's outbox publishes `event_store: null`) falls back to
+    /// `headers.id`, which Protean makes unique for events (`{stream}-{version}`), the only messages
+    /// it publishes.
+    pub fn identity(&self) -> String {
+        if self.global_position > 0 {
+            format!("{}@{}", self.stream, self.position)
+        } else {
+            self.id.clone()
+        }
+    }
+}
+
 /// A message failed for good, recorded with why and how often it was tried.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {
@@ -239,7 +256,21 @@ pub trait Store: Send + Sync {
     /// Dead letters of a subscription, oldest first; all subscriptions when `None`.
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
 
-    /// Which of `ids` already have a processed marker of `subscription` (a redelivery after a commit).
+    /// Mark the waiting dead letter of `subscription` at `global_position` as replayed by the build
+    /// `replayed_by`: it keeps its row (with the build that failed) and is no longer listed. Whether
+    /// there was one.
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool>;
+
+    /// Delete the waiting dead letters of `subscription`; how many.
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64>;
+
+    /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
+    /// of `subscription` (a redelivery after a commit).
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;
 
     /// The outbox, for stores that keep one.

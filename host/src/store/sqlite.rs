@@ -54,6 +54,9 @@ mod sql {
     pub(super) const INSERT_DEAD_LETTER: &str = include_str!("sql/sqlite/insert_dead_letter.sql");
     pub(super) const READ_DEAD_LETTERS: &str = include_str!("sql/sqlite/read_dead_letters.sql");
     pub(super) const IS_PROCESSED: &str = include_str!("sql/sqlite/is_processed.sql");
+    pub(super) const RESOLVE_DEAD_LETTER: &str = include_str!("sql/sqlite/resolve_dead_letter.sql");
+    pub(super) const PURGE_DEAD_LETTERS: &str = include_str!("sql/sqlite/purge_dead_letters.sql");
+    pub(super) const REPLAY_COLUMNS: &str = include_str!("sql/sqlite/replay_columns.sql");
     pub(super) const OUTBOX_INSERT: &str = include_str!("sql/sqlite/outbox_insert.sql");
     pub(super) const OUTBOX_CANDIDATES: &str = include_str!("sql/sqlite/outbox_candidates.sql");
     pub(super) const OUTBOX_LEASES: &str = include_str!("sql/sqlite/outbox_leases.sql");
@@ -658,6 +661,30 @@ impl Store for SqliteStore {
         Some(self)
     }
 
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool> {
+        let now = crate::message::format_time(chrono::Utc::now());
+        let updated = self
+            .connection()
+            .prepare_cached(sql::RESOLVE_DEAD_LETTER)
+            .and_then(|mut s| s.execute(params![subscription, global_position, replayed_by, now]))
+            .map_err(|e| self.error(e))?;
+        Ok(updated > 0)
+    }
+
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        let deleted = self
+            .connection()
+            .prepare_cached(sql::PURGE_DEAD_LETTERS)
+            .and_then(|mut s| s.execute(params![subscription]))
+            .map_err(|e| self.error(e))?;
+        Ok(deleted as u64)
+    }
+
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
         let connection = self.reader()?;
         let mut statement = connection
@@ -867,6 +894,19 @@ fn migrate(connection: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The dead-letter columns of replays, on a file an older build made (inside the schema transaction).
+fn add_replay_columns(connection: &Connection) -> rusqlite::Result<()> {
+    let present: i64 = connection.query_row(
+        "SELECT count(*) FROM pragma_table_info('dead_letters') WHERE name = 'replayed_by'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        connection.execute_batch(sql::REPLAY_COLUMNS)?;
+    }
+    Ok(())
+}
+
 /// Pragmas and the schema, on a connection of a store file.
 fn configure(connection: &Connection) -> rusqlite::Result<()> {
     connection
@@ -879,9 +919,12 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
         .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
         // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
         .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
-        .and_then(|_| connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA)))
-        .and_then(|_| migrate(connection))
-        .and_then(|_| connection.execute_batch("COMMIT"))
+        .and_then(|_| {
+            connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
+            migrate(connection)?;
+            add_replay_columns(connection)?;
+            connection.execute_batch("COMMIT;")
+        })
         .inspect_err(|_| {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");

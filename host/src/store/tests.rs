@@ -948,7 +948,7 @@ mod postgres_only {
             "ALTER TABLE protean.documents DROP COLUMN version; \
              DROP SEQUENCE IF EXISTS protean.document_versions; \
              DROP TABLE protean.idempotency_keys; \
-             DELETE FROM protean.schema_version WHERE version >= 6; \
+             DELETE FROM protean.schema_version WHERE version IN (6, 7); \
              INSERT INTO protean.documents (collection, id, data) VALUES ('c', '1', '{\"n\": 1}')",
         );
         let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();

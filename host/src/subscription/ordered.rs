@@ -749,8 +749,8 @@ impl Ordered {
         report: &Report,
     ) -> Result<(), String> {
         let build_id = self.shared.plugin().build_id().to_owned();
-        for dead in &report.dead_letters {
-            let Some(item) = items.iter().find(|i| i.message.id == dead.message_id) else {
+        for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
+            let Some(item) = items.iter().find(|i| &i.message.identity() == identity) else {
                 continue;
             };
             let park = report.parked.contains(&item.key);
@@ -789,7 +789,7 @@ impl Ordered {
         let (mut held_done, mut to_hold): (PerKey<usize>, PerKey<Vec<Entry>>) = Default::default();
         for item in items {
             let parked = matches!(self.parked.get(&item.key), Some(Parked::Waiting(_)));
-            if settled.contains(item.message.id.as_str()) {
+            if settled.contains(item.message.identity().as_str()) {
                 if item.held {
                     *held_done.entry((item.partition, item.key)).or_default() += 1;
                 }

@@ -183,7 +183,7 @@ async fn settle(
     for entry in entries {
         match decode(&entry) {
             Ok(message) => {
-                origin.entry(message.id.clone()).or_default().push(entry);
+                origin.entry(message.identity()).or_default().push(entry);
                 messages.push(message);
             }
             Err(reason) => {
@@ -204,12 +204,13 @@ async fn settle(
     messages.sort_by_key(|m| m.global_position);
     let mut attempts = Attempts::default();
     for m in &messages {
-        let deliveries = origin[&m.id]
+        let identity = m.identity();
+        let deliveries = origin[&identity]
             .iter()
             .map(|e| e.deliveries)
             .max()
             .unwrap_or(1);
-        attempts.set(&m.id, deliveries.saturating_sub(1));
+        attempts.set(&identity, deliveries.saturating_sub(1));
     }
     let (shared2, sub2) = (shared.clone(), sub.clone());
     let batch = tokio::task::spawn_blocking(move || {
@@ -238,8 +239,8 @@ async fn settle(
     if let Some(appended) = report.appended {
         shared.progress.advanced(appended);
     }
-    for dead in &report.dead_letters {
-        for entry in origin.remove(&dead.message_id).unwrap_or_default() {
+    for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
+        for entry in origin.remove(identity).unwrap_or_default() {
             consumer
                 .dead_letter(&entry, &dead.error, dead.attempts, &dead.build_id)
                 .await

@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "idempotency keys (send, once)",
         sql: include_str!("../sql/postgres/migrations/007_idempotency_keys.sql"),
     },
+    Migration {
+        version: 8,
+        name: "processed markers keyed by stream and position, not headers.id; replayable dead letters",
+        sql: include_str!("../sql/postgres/migrations/008_interop.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

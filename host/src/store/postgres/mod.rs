@@ -65,6 +65,8 @@ mod sql {
         READ_POSITION = "read_position";
         INSERT_DEAD_LETTER = "insert_dead_letter";
         READ_DEAD_LETTERS = "read_dead_letters";
+        RESOLVE_DEAD_LETTER = "resolve_dead_letter";
+        PURGE_DEAD_LETTERS = "purge_dead_letters";
         HEAD_CATEGORY = "head_category";
         HEAD_ALL = "head_all";
         PUT_DOCUMENT = "put_document";
@@ -411,6 +413,25 @@ impl Store for PostgresStore {
                 failed_at: r.get(11),
             })
             .collect())
+    }
+
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool> {
+        let position = global_position as i64;
+        let updated = self.conn()?.execute(
+            sql::RESOLVE_DEAD_LETTER,
+            &[&subscription, &position, &replayed_by],
+        )?;
+        Ok(updated > 0)
+    }
+
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        self.conn()?
+            .execute(sql::PURGE_DEAD_LETTERS, &[&subscription])
     }
 
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {

@@ -126,13 +126,15 @@ fn unhandled(store: &dyn Store, stored: &Stored, sub: &Planned) -> Option<String
         .filter(|m| sub.routes.contains(&m.message_type))
         .collect();
     let mut handled = HashSet::new();
+    // Markers name a message's identity (its stream and position), not its headers.id.
     for chunk in routed.chunks(500) {
-        let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
+        let identities: Vec<String> = chunk.iter().map(|m| m.identity()).collect();
+        let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
         handled.extend(store.processed(&sub.name, &ids).unwrap());
     }
     let mut missing: Vec<u64> = routed
         .iter()
-        .filter(|m| !handled.contains(&m.id))
+        .filter(|m| !handled.contains(&m.identity()))
         .map(|m| m.global_position)
         .collect();
     if missing.is_empty() {

@@ -1,1 +1,1 @@
-SELECT subscription, handler, message_id, stream, global_position, type, data, metadata, error, attempts, build_id, failed_at FROM dead_letters WHERE ?1 IS NULL OR subscription = ?1 ORDER BY seq
+SELECT subscription, handler, message_id, stream, global_position, type, data, metadata, error, attempts, build_id, failed_at FROM dead_letters WHERE (?1 IS NULL OR subscription = ?1) AND replayed_by IS NULL ORDER BY seq

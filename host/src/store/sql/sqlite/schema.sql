@@ -1,4 +1,5 @@
--- The schema of the SQLite store, applied in one transaction at every open; every statement is idempotent.
+-- The SQLite store's schema (version 2, in user_version). Applied in one transaction at every open; every
+-- statement is idempotent.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     position        INTEGER NOT NULL,
@@ -111,3 +112,16 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     message_id   TEXT NOT NULL,
     committed_at TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- Version 2: processed markers name the message's identity (`{stream}@{position}`), not its
+-- metadata.headers.id (Protean 0.18 gives every command of an aggregate that aggregate's id). A marker
+-- an older build wrote names a headers.id, unique in this table of messages: it becomes that message's
+-- identity, once (user_version says the file is done). Markers of broker entries that are not stored
+-- here keep their id, which is still the identity of such an entry when it carries no positions.
+UPDATE OR IGNORE processed
+SET message_id = (
+    SELECT m.stream_name || '@' || m.position FROM messages m WHERE m.id = processed.message_id
+)
+WHERE (SELECT user_version FROM pragma_user_version) < 2
+  AND message_id IN (SELECT id FROM messages);
+PRAGMA user_version = 2;
