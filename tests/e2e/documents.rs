@@ -39,7 +39,8 @@ fn place_orders(store: &dyn Store, n: usize) -> Vec<String> {
             )
         })
         .collect();
-    let ids = messages.iter().map(|m| m.id.clone()).collect();
+    // Each event opens its own stream, so its identity (what markers name) is `{stream}@0`.
+    let ids = messages.iter().map(|m| format!("{}@0", m.stream)).collect();
     for chunk in messages.chunks(50) {
         store
             .commit(&UnitOfWork {

@@ -10,7 +10,7 @@ fn hunt_and_check(scenario: Scenario) {
     eprintln!("{report}");
     assert!(report.violations.is_empty(), "{report}");
     assert!(
-        report.kills + report.pauses > 0,
+        report.kills + report.pauses + report.broker_outages > 0,
         "no fault was injected: nothing tested"
     );
 }

@@ -103,10 +103,11 @@ fn a_redis_outage_past_max_attempts_loses_no_committed_message_and_keeps_stream_
     wait_until(Duration::from_secs(30), "a row failed 3 times", || {
         store.outbox().unwrap().counts(3).unwrap().held > 0
     });
+    // The commands are handled from the store meanwhile, so their events wait in the outbox too.
     let counts = store.outbox().unwrap().counts(3).unwrap();
     assert!(
-        counts.held == 1 && counts.pending == 10,
-        "the first row is held, the rest wait behind it: {counts:?}"
+        counts.held >= 1 && counts.pending >= 10,
+        "a held row, and the rest waiting behind it: {counts:?}"
     );
     redis.restart();
     wait_until(Duration::from_secs(60), "every order shipped", || {
@@ -132,9 +133,12 @@ fn a_redis_outage_past_max_attempts_loses_no_committed_message_and_keeps_stream_
 fn list_and_republish(store_config: &str, store: &Arc<dyn Store>) {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    // One failure holds a row, and its next attempt is ten minutes away.
+    // One failure holds a row, and its next attempt is ten minutes away. The command handler reads its
+    // commands from the broker here, so that only the three sent commands wait in the outbox (from the
+    // event store, its default, it would handle them and add rows of other streams meanwhile).
     let outbox =
-        "[outbox]\nmax_attempts = 1\nretry_delay_ms = 600000\nmax_retry_delay_ms = 600000\n";
+        "[outbox]\nmax_attempts = 1\nretry_delay_ms = 600000\nmax_retry_delay_ms = 600000\n\
+                  [server.handlers.orders]\nsubscription_type = \"stream\"\n";
     std::fs::write(
         dir.path().join("protean.toml"),
         format!("{store_config}{TEST_CONFIG}{}{outbox}", redis.config()),

@@ -21,6 +21,15 @@ pub struct Tally {
     pub broker_outages: usize,
 }
 
+impl Tally {
+    pub fn total(&self) -> usize {
+        self.kills + self.pauses + self.broker_outages
+    }
+}
+
+/// Faults every hunt injects at the least, however fast its writers finish.
+const MIN_FAULTS: usize = 4;
+
 type Replicas = Arc<Mutex<Vec<(String, Server)>>>;
 
 pub struct Chaos {
@@ -62,7 +71,8 @@ struct Monkey {
 
 impl Monkey {
     fn run(mut self, stop: &AtomicBool) -> (Tally, Option<RedisServer>) {
-        while !stop.load(Ordering::SeqCst) {
+        // A hunt whose writers finish early still gets its faults: a run without any tests nothing.
+        while !stop.load(Ordering::SeqCst) || self.tally.total() < MIN_FAULTS {
             // Faults at random moments: the timing is the point, nothing is awaited.
             std::thread::sleep(self.rng.millis(150, 700));
             match self.rng.below(if self.redis.is_some() { 5 } else { 4 }) {
