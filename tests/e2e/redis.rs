@@ -364,3 +364,42 @@ fn entries_published_by_python_protean_are_consumed() {
         "nothing was dead-lettered"
     );
 }
+
+/// `XGROUP DELCONSUMER` drops a consumer's pending entries with it. A look at the consumers followed by
+/// a separate removal lost a batch when a stalled replica woke up and read in between (the loss hunter
+/// found 10 entries of one group in nobody's pending list). The host removes gone consumers in one
+/// script, atomically, and never one that holds entries, nor itself.
+#[test]
+fn only_idle_consumers_holding_nothing_are_removed_and_atomically() {
+    let redis = RedisServer::start();
+    redis.cli(&["XADD", "s", "*", "f", "v"]);
+    redis.cli(&["XGROUP", "CREATE", "s", "g", "0"]);
+    redis.cli(&[
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "holder",
+        "COUNT",
+        "1",
+        "STREAMS",
+        "s",
+        ">",
+    ]);
+    redis.cli(&["XGROUP", "CREATECONSUMER", "s", "g", "gone"]);
+    redis.cli(&["XGROUP", "CREATECONSUMER", "s", "g", "caller"]);
+    // Idle time is a clock: let every consumer pass the 20 ms threshold.
+    std::thread::sleep(Duration::from_millis(60));
+    let script = include_str!("../../host/src/broker/lua/drop_gone_consumers.lua");
+    let removed = redis.cli(&["EVAL", script, "1", "s", "g", "20", "caller"]);
+    assert_eq!(
+        removed.trim(),
+        "1",
+        "only the idle consumer holding nothing"
+    );
+    let consumers = redis.cli(&["XINFO", "CONSUMERS", "s", "g"]);
+    assert!(
+        consumers.contains("holder") && consumers.contains("caller"),
+        "{consumers}"
+    );
+    assert!(!consumers.contains("gone"), "{consumers}");
+}

@@ -28,6 +28,8 @@ static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/release_lease.lua")));
+static DROP_GONE_CONSUMERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/drop_gone_consumers.lua")));
 static GROUP_BACKLOG: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/group_backlog.lua")));
 
@@ -561,14 +563,6 @@ fn into_text(value: Value) -> Option<String> {
     }
 }
 
-fn number(value: Option<&Value>) -> Option<u64> {
-    match value? {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        Value::Nil => None,
-        other => text(Some(other))?.parse().ok(),
-    }
-}
-
 /// One consumer, on a connection of its own.
 struct RedisConsumer {
     conn: ConnectionManager,
@@ -766,29 +760,15 @@ impl Consumer for RedisConsumer {
                     break;
                 }
             }
-            let consumers: Vec<HashMap<String, Value>> = redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg(stream)
+            // Consumers of processes that are gone, once their entries were taken over above.
+            DROP_GONE_CONSUMERS
+                .key(stream)
                 .arg(&self.group)
-                .query_async(&mut self.conn)
+                .arg(min_idle.as_millis() as u64)
+                .arg(&self.name)
+                .invoke_async::<i64>(&mut self.conn)
                 .await
-                .map_err(command("XINFO CONSUMERS"))?;
-            for consumer in consumers {
-                let name = text(consumer.get("name")).unwrap_or_default();
-                let gone = number(consumer.get("pending")) == Some(0)
-                    && number(consumer.get("idle"))
-                        .is_some_and(|idle| idle > min_idle.as_millis() as u64);
-                if gone && name != self.name {
-                    redis::cmd("XGROUP")
-                        .arg("DELCONSUMER")
-                        .arg(stream)
-                        .arg(&self.group)
-                        .arg(&name)
-                        .query_async::<i64>(&mut self.conn)
-                        .await
-                        .map_err(command("XGROUP DELCONSUMER"))?;
-                }
-            }
+                .map_err(command("EVALSHA drop_gone_consumers"))?;
         }
         if claimed > 0 {
             self.maybe_pending = true;
