@@ -203,14 +203,9 @@ async fn settle(
     // Entries of several streams: handle them in store order.
     messages.sort_by_key(|m| m.global_position);
     let mut attempts = Attempts::default();
-    for m in &messages {
-        let identity = m.identity();
-        let deliveries = origin[&identity]
-            .iter()
-            .map(|e| e.deliveries)
-            .max()
-            .unwrap_or(1);
-        attempts.set(&identity, deliveries.saturating_sub(1));
+    for (identity, entries) in &origin {
+        let deliveries = entries.iter().map(|e| e.deliveries).max().unwrap_or(1);
+        attempts.set(identity, deliveries.saturating_sub(1));
     }
     let (shared2, sub2) = (shared.clone(), sub.clone());
     let batch = tokio::task::spawn_blocking(move || {

@@ -257,18 +257,19 @@ impl PostgresStore {
     ) -> Result<Vec<StoredMessage>> {
         const ATTEMPTS: u32 = 20;
         let mut conn = self.conn()?;
-        for attempt in 1.. {
+        let mut attempt = 1;
+        let rows = loop {
             let read = conn.transaction(|c| {
                 c.batch("SET LOCAL lock_timeout = '500ms'")?;
                 c.query(sql::SHARE_CATEGORIES, &[&categories])?;
                 c.query(sql::READ_CATEGORIES, &[&categories, &after, &limit])
             });
             match read {
-                Err(e) if attempt < ATTEMPTS && is_lock_timeout(&e) => continue,
-                rows => return Ok(rows?.iter().map(message_from_row).collect()),
+                Err(e) if attempt < ATTEMPTS && is_lock_timeout(&e) => attempt += 1,
+                rows => break rows?,
             }
-        }
-        unreachable!("the last attempt returns")
+        };
+        Ok(rows.iter().map(message_from_row).collect())
     }
 
     fn fence_of(&self, subscription: &str) -> Option<String> {
