@@ -361,6 +361,7 @@ fn build(
             None if ok_end < end => Failure {
                 retryable: true,
                 message: "the plugin returned before handling every message".into(),
+                crashed: false,
             },
             _ => {
                 i = end;

@@ -434,6 +434,9 @@ pub struct Outcome {
 pub struct Failure {
     pub retryable: bool,
     pub message: String,
+    /// The call did not return (the worker process running it died, or it passed its deadline): which
+    /// message of the call caused it is unknown, so the engine retries the call's messages one by one.
+    pub crashed: bool,
 }
 
 impl Plugin {
@@ -471,6 +474,7 @@ impl Plugin {
             failure: outcome.failure.into_option().map(|f| Failure {
                 retryable: f.retryable,
                 message: f.message.into_string(),
+                crashed: false,
             }),
         }
     }

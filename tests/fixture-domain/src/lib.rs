@@ -2,7 +2,9 @@
 //!
 //! - `probe`: the command `Run { id, behaviour }` does what `behaviour` says (`ok`, `panic`, `reject`,
 //!   `always`, `fail:N` = fail the first N attempts of this id in this process, `sleep:MS`, `block:PATH` =
-//!   wait until the file PATH exists, at most 120 s: a stuck handler a test releases), and the command
+//!   wait until the file PATH exists, at most 120 s: a stuck handler a test releases; and, to test crash
+//!   containment, `abort`, `segfault`, `exit:N`, `alloc` = allocate and touch memory without bound, `spin`
+//!   = loop forever on the CPU), and the command
 //!   `Step { chain, n, depth }` starts a cascade of `depth` event → command hops.
 //! - `broken`: its constructor returns an error (two handlers share a name).
 //! - `panicking`: its constructor panics.
@@ -173,6 +175,21 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        "abort" => std::process::abort(),
+        "segfault" => segfault(),
+        exit if exit.starts_with("exit:") => {
+            std::process::exit(exit[5..].parse().map_err(HandlerError::reject)?)
+        }
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Touched, so the pages are really taken (an untouched allocation costs nothing).
+                hoard.push(vec![1u8; 16 << 20]);
+            }
+        }
+        "spin" => loop {
+            std::hint::spin_loop();
+        },
         fail if fail.starts_with("fail:") => {
             let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;
             if attempt <= failures {
@@ -191,6 +208,14 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
             attempts: attempt,
         },
     )
+}
+
+/// Dies of SIGSEGV, as a handler with a memory bug would.
+#[allow(unsafe_code)]
+fn segfault() -> ! {
+    // SAFETY: none, on purpose: a write through a null pointer is the crash this behaviour is for.
+    unsafe { std::ptr::null_mut::<u8>().write_volatile(1) };
+    unreachable!("a write through a null pointer returned")
 }
 
 fn step(command: Step, ctx: &mut Context) -> HandlerResult {
