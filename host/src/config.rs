@@ -69,6 +69,9 @@ pub struct Settings {
     pub retry_delay_ms: u64,
     /// Upper bound of the backoff.
     pub max_retry_delay_ms: u64,
+    /// The longest one handler call (a batch) may take: past it the call is a failed attempt (an
+    /// isolated worker is killed; in process, liveness fails so that a supervisor restarts the host).
+    pub handler_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -78,6 +81,7 @@ impl Default for Settings {
             max_retries: 3,
             retry_delay_ms: 1000,
             max_retry_delay_ms: 30_000,
+            handler_timeout_ms: 30_000,
         }
     }
 }
@@ -251,6 +255,7 @@ struct Profile {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
 }
 
 impl Profile {
@@ -259,6 +264,7 @@ impl Profile {
         s.max_retries = self.max_retries.unwrap_or(s.max_retries);
         s.retry_delay_ms = self.retry_delay_ms.unwrap_or(s.retry_delay_ms);
         s.max_retry_delay_ms = self.max_retry_delay_ms.unwrap_or(s.max_retry_delay_ms);
+        s.handler_timeout_ms = self.handler_timeout_ms.unwrap_or(s.handler_timeout_ms);
     }
 
     fn builtin(name: &str) -> Option<Self> {
@@ -273,6 +279,7 @@ impl Profile {
             max_retries: Some(retries),
             retry_delay_ms: Some(delay),
             max_retry_delay_ms: None,
+            handler_timeout_ms: None,
         })
     }
 }
@@ -345,6 +352,7 @@ struct ServerSection {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
     shutdown_grace_seconds: Option<u64>,
     test_mode_timeout_seconds: Option<u64>,
     poll_interval_ms: Option<u64>,
@@ -389,6 +397,7 @@ struct HandlerSection {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
 }
 
 impl HandlerSection {
@@ -398,6 +407,7 @@ impl HandlerSection {
             max_retries: self.max_retries,
             retry_delay_ms: self.retry_delay_ms,
             max_retry_delay_ms: self.max_retry_delay_ms,
+            handler_timeout_ms: self.handler_timeout_ms,
         }
     }
 }
@@ -569,6 +579,7 @@ impl Config {
                 max_retries: s.max_retries,
                 retry_delay_ms: s.retry_delay_ms,
                 max_retry_delay_ms: s.max_retry_delay_ms,
+                handler_timeout_ms: s.handler_timeout_ms,
             },
             server_profile: s.profile.clone(),
             handlers: raw.server.handlers,
@@ -636,6 +647,7 @@ impl Config {
         Profile {
             messages_per_tick: declared.messages_per_tick,
             max_retries: declared.max_retries,
+            handler_timeout_ms: declared.timeout_ms,
             ..Profile::default()
         }
         .apply(&mut settings);
@@ -837,6 +849,12 @@ fn validate(profile: &Profile, key: &str) -> Result<(), (String, String)> {
         return Err((
             format!("{key}.messages_per_tick"),
             "must be at least 1".into(),
+        ));
+    }
+    if profile.handler_timeout_ms == Some(0) {
+        return Err((
+            format!("{key}.handler_timeout_ms"),
+            "must be at least 1 (a handler needs some time; raise it for slow handlers)".into(),
         ));
     }
     if let (Some(delay), Some(max)) = (profile.retry_delay_ms, profile.max_retry_delay_ms) {

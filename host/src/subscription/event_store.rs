@@ -89,14 +89,13 @@ async fn read(
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
     let progress = &shared.progress;
-    let Some(position) = load(&shared, &reader, &shutdown).await? else {
+    let Some((position, mut attempts)) = load(&shared, &reader, &shutdown).await? else {
         reader.report(progress, State::Stopped);
         return Ok(());
     };
     tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
     let mut cursor = Cursor::new(position);
     let mut head = progress.head();
-    let mut attempts = Attempts::default();
     let mut failures = 0u32;
     let mut taken = 0u64;
     while !shutdown.is_cancelled() {
@@ -105,10 +104,12 @@ async fn read(
             Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
                 match load(&shared, &reader, &shutdown).await? {
-                    Some(stored) => cursor = Cursor::new(stored),
+                    Some((stored, recovered)) => {
+                        cursor = Cursor::new(stored);
+                        attempts = recovered;
+                    }
                     None => break,
                 }
-                attempts = Attempts::default();
             }
             Holding::No => {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end,
@@ -287,18 +288,25 @@ impl Cursor {
     }
 }
 
-/// The reader's stored position (see [`workers::start`]), retried with backoff; None on shutdown.
+/// The reader's stored position (see [`workers::start`]) and the failed attempts of the calls a previous
+/// owner left unsettled (it died in them), retried with backoff; None on shutdown.
 async fn load(
     shared: &Arc<Shared>,
     reader: &Reader,
     shutdown: &CancellationToken,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<(u64, Attempts)>, String> {
     let mut failures = 0u32;
     loop {
         let (store, reader2) = (shared.store.clone(), reader.clone());
-        let stored = blocking(move || reader2.stored_position(store.as_ref())).await?;
+        let stored = blocking(move || {
+            let position = reader2.stored_position(store.as_ref())?;
+            let mut attempts = Attempts::default();
+            attempts.recover(store.recorded_calls(&reader2.subscription, None)?);
+            Ok::<_, crate::store::Error>((position, attempts))
+        })
+        .await?;
         match stored {
-            Ok(position) => return Ok(Some(position)),
+            Ok(loaded) => return Ok(Some(loaded)),
             Err(error) => {
                 failures += 1;
                 if !backoff(&reader.subscription, &error.to_string(), failures, shutdown).await {
