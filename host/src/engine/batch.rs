@@ -64,6 +64,15 @@ impl Attempts {
         }
     }
 
+    /// Count one failed attempt for messages that were in a call which may never have returned (no
+    /// record says more): each is then called alone, and recorded.
+    pub(crate) fn suspect<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            let failed = self.failed.entry(id.to_owned()).or_insert(0);
+            *failed = (*failed).max(1);
+        }
+    }
+
     /// The failed attempts of the message of identity `id` so far.
     fn failed(&self, id: &str) -> u32 {
         self.failed.get(id).copied().unwrap_or(0)
@@ -160,6 +169,19 @@ pub(crate) struct Context<'a> {
     pub(crate) keys: Option<&'a [String]>,
     /// Where calls are registered with their deadline (none for a one-off replay).
     pub(crate) deadlines: Option<&'a super::deadlines::Deadlines>,
+    /// Which calls are recorded in the store before they start ([`CallRecord`]).
+    pub(crate) record: Record,
+}
+
+/// Which handler calls are recorded before they start, so that a process dying in one is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Every call: nothing else would tell which messages a dead process was handling.
+    Every,
+    /// Only calls of messages that failed before. The caller knows otherwise which messages a dead
+    /// process may have been in (a broker's redeliveries; an event-store reader's first batch after an
+    /// owner that died busy, see `subscription::event_store`) and marks them failed once.
+    Suspects,
 }
 
 impl<'a> Context<'a> {
@@ -181,6 +203,7 @@ impl<'a> Context<'a> {
             worker: None,
             keys: None,
             deadlines: Some(&shared.deadlines),
+            record: Record::Suspects,
         }
     }
 }
@@ -488,7 +511,9 @@ fn build(
         let end = (i..messages.len())
             .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler) || held.contains(j))
             .unwrap_or(messages.len());
-        record_calls(ctx, &messages[i..end], attempts)?;
+        if ctx.record == Record::Every || before > 0 {
+            record_calls(ctx, &messages[i..end], attempts)?;
+        }
         called[i..end].fill(true);
         let deliveries: Vec<Delivery<'_>> = messages[i..end].iter().map(delivery).collect();
         let limit = Duration::from_millis(sub.settings.handler_timeout_ms);

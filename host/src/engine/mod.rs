@@ -429,6 +429,7 @@ impl Engine {
             worker: None,
             keys: None,
             deadlines: None,
+            record: batch::Record::Every,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {

@@ -703,6 +703,9 @@ impl Ordered {
             let ctx = batch::Context {
                 fences,
                 keys: Some(&keys),
+                // Positions live in the broker, per partition: only a record says what a holder that
+                // died was handling.
+                record: batch::Record::Every,
                 ..batch::Context::new(&shared, &plugin, &sub)
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);

@@ -202,8 +202,9 @@ async fn settle(
     }
     // Entries of several streams: handle them in store order.
     messages.sort_by_key(|m| m.global_position);
-    // Only a redelivered entry can have failed before: its calls not settled are recorded in the store
-    // (a delivery count would also count the redeliveries of entries that were never called).
+    // Only a redelivered entry can have failed before: it was in a batch whose consumer died or failed
+    // (one failed attempt), or, called alone since, its calls are recorded (a delivery count would
+    // also count the redeliveries of entries behind a culprit that were never called).
     let redelivered: Vec<String> = origin
         .iter()
         .filter(|(_, entries)| entries.iter().any(|e| e.deliveries > 1))
@@ -214,6 +215,7 @@ async fn settle(
         let mut attempts = Attempts::default();
         if !redelivered.is_empty() {
             let ids: Vec<&str> = redelivered.iter().map(String::as_str).collect();
+            attempts.suspect(ids.iter().copied());
             attempts.recover(shared2.store.recorded_calls(&sub2.plan.name, Some(&ids))?);
         }
         let plugin = shared2.plugin();
