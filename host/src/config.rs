@@ -984,6 +984,7 @@ mod tests {
             [server.handlers.inventory]
             profile = "careful"
             messages_per_tick = 7
+            handler_timeout_ms = 900
             [profiles.careful]
             retry_delay_ms = 5000
             "#,
@@ -993,6 +994,7 @@ mod tests {
         let declared = HandlerOptions {
             max_retries: Some(9),
             messages_per_tick: Some(50),
+            timeout_ms: Some(2000),
             ..HandlerOptions::default()
         };
         let other = config.settings("billing", &declared);
@@ -1015,6 +1017,10 @@ mod tests {
         );
         let plain = config.settings("billing", &HandlerOptions::default());
         assert_eq!((plain.messages_per_tick, plain.max_retries), (10, 4));
+        // A deadline: the default, what the handler declares in code, the operator's key over both.
+        assert_eq!(plain.handler_timeout_ms, 30_000);
+        assert_eq!(other.handler_timeout_ms, 2000);
+        assert_eq!(inventory.handler_timeout_ms, 900);
     }
 
     #[test]
@@ -1166,6 +1172,8 @@ mod tests {
             ("[server]\nmax_retrys = 3", "config file protean.toml: server.max_retrys: unknown field `max_retrys`, expected one of"),
             ("[server]\nmessages_per_tick = \"ten\"", "config file protean.toml: server.messages_per_tick: invalid type: string \"ten\", expected u32"),
             ("[server]\nmessages_per_tick = 0", "config file protean.toml: server.messages_per_tick: must be at least 1"),
+            ("[server]\nhandler_timeout_ms = 0", "config file protean.toml: server.handler_timeout_ms: must be at least 1 (a handler needs some time; raise it for slow handlers)"),
+            ("[server.handlers.x]\nhandler_timeout_ms = 0", "config file protean.toml: server.handlers.x.handler_timeout_ms: must be at least 1 (a handler needs some time; raise it for slow handlers)"),
             ("[store]\nprovider = \"mysql\"", "config file protean.toml: store.provider: unknown variant `mysql`, expected one of `memory`, `sqlite`, `postgres`"),
             ("[store]\nprovider = \"postgres\"", "config file protean.toml: store.uri: is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\""),
             ("[store]\nprovider = \"postgres\"\nuri = \"postgresql://h:notaport/db\"", "config file protean.toml: store.uri: invalid connection string: invalid value for option `port`; expected a URI like postgresql://"),
