@@ -39,6 +39,10 @@ pub use process::SUBCOMMAND;
 /// How long a stopping worker gets to shut its instance down before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// The least time a worker gets to start and load the domain: a short handler deadline is about
+/// calls, and must not make a slow start (a big debug build, a busy machine) fail.
+const MIN_START: Duration = Duration::from_secs(30);
+
 /// How worker processes are started and limited.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -144,8 +148,8 @@ impl Pool {
             memory_limit_mb: self.settings.memory_limit_mb,
             cpu_limit_seconds: self.settings.cpu_limit_seconds,
         });
-        let deadline = Instant::now() + self.settings.timeout;
-        let answer = worker.exchange(&start, deadline, |message| match message {
+        let limit = self.settings.timeout.max(MIN_START);
+        let answer = worker.exchange(&start, Instant::now() + limit, |message| match message {
             FromWorker::Ready {
                 instance,
                 registrations,
@@ -166,7 +170,7 @@ impl Pool {
                 Err(LoadError::InWorker(reason))
             }
             Err(broken) => {
-                let death = Death::of(worker, broken, self.settings.timeout);
+                let death = Death::of(worker, broken, limit);
                 Err(failed(death.describe("loading the domain")))
             }
         }
