@@ -295,6 +295,28 @@ fn a_reload_starts_a_new_worker_and_stops_the_old_one_after_its_calls() {
 }
 
 #[test]
+fn a_domain_that_cannot_start_in_its_worker_is_the_same_one_line_as_in_process() {
+    let dir = configured("[server]\nisolation = \"process\"\n");
+    let broken = host(dir.path())
+        .args(["--test-mode", "--domain"])
+        .args([format!("{}:broken", fixture_domain().display())])
+        .output()
+        .expect_code(1);
+    assert_eq!(broken.error_lines(), [format!(
+        "error: domain instance \"broken\" of {} failed to start: domain \"broken\" is invalid: two handlers are named \"twice\"; handler names must be unique",
+        fixture_domain().display()
+    )]);
+    let lib = sample_domain().display().to_string();
+    let unknown = host(dir.path())
+        .args(["--test-mode", "--domain", &format!("{lib}:nope")])
+        .output()
+        .expect_code(1);
+    assert_eq!(unknown.error_lines(), [format!(
+        "error: {lib} has no domain instance \"nope\"; available: domain, reporting, sequencing; choose one with --domain={lib}:NAME"
+    )]);
+}
+
+#[test]
 fn a_bad_isolation_value_is_refused_in_one_line() {
     let dir = configured("[server]\nisolation = \"thread\"\n");
     let refused = host(dir.path())
