@@ -1,10 +1,72 @@
 //! Isolated mode against in-process: the SQLite no-op row run both ways, alternately, on the same
-//! stored events. The difference per message is what a worker process costs: each batch of 100
-//! crosses a pipe to the worker and its outcome comes back.
+//! stored events; and the call alone (`Plugin::handle_batch` with a host that does nothing), both ways.
+//! The difference per message is what a worker process costs: each batch crosses a pipe to the worker
+//! and its outcome comes back.
 
 use std::{path::Path, time::Duration};
 
-use crate::{run_measured, server, store_ticks, Measured, Row};
+use protean_host::plugin::{self, isolated, Delivery, Isolation};
+use serde_json::json;
+
+use crate::{run_measured, server, store_ticks, time, Measured, NullHost, Row};
+
+/// The call alone: one handler call per batch through the ABI in this process, and through a worker
+/// process of `host`, per message, at batch sizes 1 and 100.
+pub fn call_overhead(host: &Path, fixture: &Path) -> anyhow::Result<Vec<Row>> {
+    let bytes = plugin::read(fixture)?;
+    let here = plugin::start(fixture, &bytes, Some("noop"), 2, &Isolation::InProcess)?;
+    let settings = isolated::Settings {
+        program: host.to_owned(),
+        timeout: Duration::from_secs(30),
+        memory_limit_mb: None,
+        cpu_limit_seconds: None,
+    };
+    let worker = plugin::start(
+        fixture,
+        &bytes,
+        Some("noop"),
+        2,
+        &Isolation::Process(settings),
+    )?;
+    let data: Vec<String> = (0..100)
+        .map(|n| json!({"n": n, "label": "tick"}).to_string())
+        .collect();
+    let metadata = json!({"headers": {"id": "m", "type": "Probe.Ticked.v1"}}).to_string();
+    let deliveries: Vec<Delivery<'_>> = data
+        .iter()
+        .map(|d| Delivery {
+            id: "m",
+            stream: "probe::probe-1",
+            message_type: "Probe.Ticked.v1",
+            position: 0,
+            global_position: 1,
+            data: d.as_bytes(),
+            metadata: metadata.as_bytes(),
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for batch in [1usize, 100] {
+        let messages = 200_000;
+        let per_message = |elapsed: Duration| elapsed.as_nanos() as f64 / messages as f64;
+        let calls = |plugin: &plugin::Plugin| {
+            time(|| {
+                for _ in 0..messages / batch {
+                    let outcome = plugin.handle_batch("noop", &deliveries[..batch], &NullHost);
+                    assert_eq!(outcome.handled, batch);
+                }
+            })
+        };
+        let (ours, theirs) = (per_message(calls(&worker)), per_message(calls(&here)));
+        rows.push(Row {
+            scenario: format!("Isolated call overhead, batch {batch}"),
+            setup: format!("{messages} messages to the no-op handler with a host that does nothing; in-process {theirs:.0} ns/message, through a worker process {ours:.0} ns/message"),
+            result: format!("{:.0} ns/message ({:.1}×)", ours - theirs, ours / theirs),
+            target: "-".into(),
+            ok: true,
+        });
+    }
+    Ok(rows)
+}
 
 /// Runs of each mode; the best of each counts (a shared machine only ever makes a run slower).
 const ROUNDS: usize = 3;

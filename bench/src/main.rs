@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(sqlite_noop(&host, &fixture, events)?);
     }
     if wanted("isolation") {
+        rows.extend(isolation::call_overhead(&host, &fixture)?);
         rows.push(isolation::noop(&host, &fixture, events)?);
     }
     // Orders per second of the sample flow on Redis, for the ratio to the peer.
@@ -188,7 +189,7 @@ fn noop(event: Ticked) -> Result<(), String> {
     Ok(())
 }
 
-struct NullHost;
+pub(crate) struct NullHost;
 
 impl HostServices for NullHost {
     fn raise_event(
