@@ -112,6 +112,10 @@ pub struct Config {
     pub health: HealthSettings,
     /// Ordered subscriptions (`[server.ordering]`).
     pub ordering: OrderingSettings,
+    /// How long one handler call may run. An isolated worker process past it is killed.
+    pub handler_timeout: Duration,
+    /// Where the domain's code runs (`[server] isolation`, `[server.worker]`).
+    pub isolation: IsolationSettings,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -197,6 +201,28 @@ impl OrderingSettings {
     pub fn renew_interval(&self) -> Duration {
         (self.lease_ttl / 4).min(Duration::from_secs(1))
     }
+}
+
+/// Where the domain's code runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// In the host process: the fastest, but a crash of the domain is a crash of the host.
+    #[default]
+    None,
+    /// In worker processes the host supervises: a crash or a hang costs one call.
+    Process,
+}
+
+/// `[server] isolation` and the limits of each worker process (`[server.worker]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IsolationSettings {
+    pub mode: IsolationMode,
+    /// The worker's data memory (heap and private writable mappings), in MiB: past it an allocation
+    /// fails and the worker dies, not the host.
+    pub memory_limit_mb: Option<u64>,
+    /// CPU seconds one call (or the domain's start) may use before the worker is killed.
+    pub cpu_limit_seconds: Option<u64>,
 }
 
 /// The health and metrics server (`[server.health]`).
@@ -360,12 +386,22 @@ struct ServerSection {
     subscription_type: Option<SubscriptionType>,
     lease_ttl_ms: Option<u64>,
     max_generations: Option<u64>,
+    isolation: Option<IsolationMode>,
+    #[serde(default)]
+    worker: WorkerSection,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
     #[serde(default)]
     health: HealthSection,
     #[serde(default)]
     ordering: OrderingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerSection {
+    memory_limit_mb: Option<u64>,
+    cpu_limit_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -410,6 +446,34 @@ impl HandlerSection {
             handler_timeout_ms: self.handler_timeout_ms,
         }
     }
+}
+
+/// `[server] isolation` with `[server.worker]`'s limits, which only a worker process can have.
+fn isolation(s: &ServerSection) -> Result<IsolationSettings, (&'static str, String)> {
+    let mode = s.isolation.unwrap_or_default();
+    let limits = [
+        ("server.worker.memory_limit_mb", s.worker.memory_limit_mb),
+        (
+            "server.worker.cpu_limit_seconds",
+            s.worker.cpu_limit_seconds,
+        ),
+    ];
+    for (key, value) in limits {
+        match value {
+            Some(0) => return Err((key, "must be at least 1".into())),
+            Some(_) if mode == IsolationMode::None => return Err((
+                key,
+                "applies to isolation = \"process\" only; set it in [server], or remove this key"
+                    .into(),
+            )),
+            _ => {}
+        }
+    }
+    Ok(IsolationSettings {
+        mode,
+        memory_limit_mb: s.worker.memory_limit_mb,
+        cpu_limit_seconds: s.worker.cpu_limit_seconds,
+    })
 }
 
 /// The store section resolved; a bad value is (key, what is wrong and how to fix it).
@@ -547,6 +611,7 @@ impl Config {
         }
         let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
         let ordering = ordering(&s.ordering).map_err(|(k, m)| invalid(&k, m))?;
+        let isolation = isolation(s).map_err(|(k, m)| invalid(k, m))?;
         // A lease shorter than a renewal round trip is lost between renewals: every replica would
         // take it in turn. Said, not clamped, so the operator learns the value is not what runs.
         if s.lease_ttl_ms.is_some_and(|ms| ms < 100) {
@@ -573,6 +638,8 @@ impl Config {
             max_generations: s.max_generations.unwrap_or(20),
             health,
             ordering,
+            handler_timeout: Duration::from_millis(s.handler_timeout_ms.unwrap_or(30_000)),
+            isolation,
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
@@ -1196,6 +1263,9 @@ mod tests {
             ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),
+            ("[server]\nisolation = \"thread\"", "config file protean.toml: server.isolation: unknown variant `thread`, expected `none` or `process`"),
+            ("[server.worker]\nmemory_limit_mb = 64", "config file protean.toml: server.worker.memory_limit_mb: applies to isolation = \"process\" only"),
+            ("[server]\nisolation = \"process\"\n[server.worker]\ncpu_limit_seconds = 0", "config file protean.toml: server.worker.cpu_limit_seconds: must be at least 1"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();
@@ -1204,5 +1274,26 @@ mod tests {
                 "{text:?}:\n  got      {error}\n  expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn isolation_is_in_process_unless_asked_with_its_limits() {
+        let default = parse("", &[]).unwrap();
+        assert_eq!(default.isolation, IsolationSettings::default());
+        assert_eq!(default.handler_timeout, Duration::from_secs(30));
+        let isolated = parse(
+            "[server]\nisolation = \"process\"\nhandler_timeout_ms = 500\n[server.worker]\nmemory_limit_mb = 256\ncpu_limit_seconds = 5\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            isolated.isolation,
+            IsolationSettings {
+                mode: IsolationMode::Process,
+                memory_limit_mb: Some(256),
+                cpu_limit_seconds: Some(5),
+            }
+        );
+        assert_eq!(isolated.handler_timeout, Duration::from_millis(500));
     }
 }

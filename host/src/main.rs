@@ -10,11 +10,11 @@ use protean_host::{
         LogFormat, OutboxAction, OutboxArgs, SendArgs, ServerArgs, SubscriptionsAction,
         SubscriptionsArgs,
     },
-    config::Config,
+    config::{Config, IsolationMode},
     discovery,
     engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent},
     inspect, logging, ops,
-    plugin::{Library, Plugin},
+    plugin::{isolated, Isolation, Library, Plugin},
     reload, store,
 };
 
@@ -46,6 +46,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
+        Some(Command::Worker(args)) => {
+            isolated::worker::serve(args.host_pid)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -59,11 +63,13 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     )?)
 }
 
-/// The domain instance to run, and what a reload needs to load the next build of it. With `reload`,
-/// the library must pass the reload trust check before anything of it is loaded.
+/// The domain instance to run, where the configuration says, and what a reload needs to load the
+/// next build of it. With `reload`, the library must pass the reload trust check before anything of
+/// it is loaded.
 fn load_plugin(
     common: &Common,
     reload: Option<&ServerArgs>,
+    config: &Config,
 ) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
     let owner = match reload.and_then(|args| args.reload_owner.as_deref()) {
@@ -73,23 +79,43 @@ fn load_plugin(
     if reload.is_some() {
         reload::check_trusted(&spec.path, owner)?;
     }
-    let library = Library::load(&spec.path)?;
-    let instance = library.select(spec.instance.as_deref())?;
-    let plugin = library.instantiate(&instance, common.level().plugin_level())?;
-    tracing::info!(library = %spec.path.display(), instance, build = library.build_id(), handlers = plugin.registrations().len(), "domain loaded");
+    let isolation = isolation(config)?;
+    let bytes = protean_host::plugin::read(&spec.path)?;
+    let level = common.level().plugin_level();
+    let plugin = protean_host::plugin::start(
+        &spec.path,
+        &bytes,
+        spec.instance.as_deref(),
+        level,
+        &isolation,
+    )?;
+    let instance = plugin.name().to_owned();
+    tracing::info!(library = %spec.path.display(), instance, build = plugin.build_id(), handlers = plugin.registrations().len(), isolated = plugin.isolated(), "domain loaded");
     let target = reload::Target {
         library: spec.path,
         instance,
-        log_level: common.level().plugin_level(),
+        log_level: level,
         owner,
+        isolation,
     };
     Ok((plugin, target))
+}
+
+/// Where the configuration runs the domain: here, or in worker processes of this very binary.
+fn isolation(config: &Config) -> anyhow::Result<Isolation> {
+    Ok(match config.isolation.mode {
+        IsolationMode::None => Isolation::InProcess,
+        IsolationMode::Process => Isolation::Process(
+            isolated::Settings::from_config(config)
+                .context("cannot find this program's file to start worker processes from")?,
+        ),
+    })
 }
 
 fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, None)?;
+    let (plugin, target) = load_plugin(common, None, &config)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
@@ -104,7 +130,7 @@ fn waiting_engine(
 ) -> anyhow::Result<Option<(Engine, reload::Target)>> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, args.reload.then_some(args))?;
+    let (plugin, target) = load_plugin(common, args.reload.then_some(args), &config)?;
     if !protean_host::engine::startup::wait_for_dependencies(&config)? {
         return Ok(None);
     }

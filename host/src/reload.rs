@@ -2,7 +2,7 @@
 //!
 //! Cargo replaces a library by writing a new file and renaming it over the old one, so the watch is on
 //! the directory, not the file, and events are debounced. A reload happens only when the file's
-//! content changed (a touch does not reload). Loading goes through [`Library::load`] (a private copy,
+//! content changed (a touch does not reload). Loading goes through [`crate::plugin::start`] (a private copy,
 //! never unloaded, ABI checked); any failure is one ERROR line and the running build carries on.
 
 use std::{
@@ -19,7 +19,7 @@ use notify_debouncer_mini::{
 
 use crate::{
     engine::Engine,
-    plugin::{trust, Library},
+    plugin::{trust, Isolation},
 };
 
 /// How long the directory must be quiet before a change counts (cargo writes in several steps).
@@ -48,14 +48,15 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-/// What to reload: the library file, which instance of it, the plugin log level, and the user whose
-/// files may be loaded (besides root).
+/// What to reload: the library file, which instance of it, the plugin log level, the user whose
+/// files may be loaded (besides root), and where each build runs (a new worker per build, isolated).
 #[derive(Debug, Clone)]
 pub struct Target {
     pub library: PathBuf,
     pub instance: String,
     pub log_level: u8,
     pub owner: u32,
+    pub isolation: Isolation,
 }
 
 /// Fail unless `library` and its directory are trusted to hold code ([`trust::check`]): with --reload
@@ -187,10 +188,15 @@ fn load(
     bytes: &[u8],
 ) -> Result<crate::engine::Changes, ReloadError> {
     let started = Instant::now();
-    let library = Library::load_bytes(&target.library, bytes)?;
-    let plugin = library.instantiate(&target.instance, target.log_level)?;
+    let plugin = crate::plugin::start(
+        &target.library,
+        bytes,
+        Some(&target.instance),
+        target.log_level,
+        &target.isolation,
+    )?;
     tracing::info!(
-        build = library.build_id(),
+        build = plugin.build_id(),
         load_ms = started.elapsed().as_millis() as u64,
         "new build loaded; swapping after the batches in flight"
     );

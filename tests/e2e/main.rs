@@ -10,6 +10,7 @@ mod discovery;
 mod documents;
 mod engine;
 mod interop;
+mod isolation;
 mod live;
 mod loading;
 mod loss_hunter;

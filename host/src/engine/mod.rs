@@ -546,6 +546,9 @@ impl Engine {
                 outcome.clone(),
             ));
         }
+        // Not kept for the run: a reload drops the generation it replaces once its batches are done
+        // (an isolated plugin then stops its worker processes).
+        drop(generation);
         let mut fatal = loop {
             let wake = tokio::select! {
                 biased;
