@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "processed markers keyed by stream and position, not headers.id; replayable dead letters",
         sql: include_str!("../sql/postgres/migrations/008_interop.sql"),
     },
+    Migration {
+        version: 10,
+        name: "parked keys of ordered event-store subscriptions and the messages they hold",
+        sql: include_str!("../sql/postgres/migrations/010_parked_keys.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.
