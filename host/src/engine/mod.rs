@@ -413,6 +413,7 @@ impl Engine {
             position: None,
             worker: None,
             keys: None,
+            parking: None,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {

@@ -1,0 +1,147 @@
+//! Parking on the event store: after a dead letter, an ordered subscription that parks holds the
+//! key's later messages until the dead letter is replayed or purged, while its other keys go on.
+//!
+//! The held messages stay in the event store. A batch records each one behind its key (the store
+//! refuses that for a key that is not parked) in the same commit that moves the position past it, so
+//! the position never passes a message for good. `dlq replay` (once handled) or `dlq purge` releases
+//! the key in the store; the reader that owns the key then handles the held messages in store order,
+//! a batch at a time between its ordinary batches, each settled one leaving the list, and the store
+//! unparks the key once nothing is held. A held message that fails for good parks the key again,
+//! behind its own dead letter, with the rest still held.
+//!
+//! Invariants: a key belongs to one reader (one worker, under the subscription's lease), which alone
+//! holds, handles and unparks its messages; a message of a parked key after its dead letter is never
+//! handled before the key is released; every held message is handled (or skipped by its processed
+//! marker) exactly once, in store order, before any later message of its key.
+
+use std::{collections::HashMap, time::Instant};
+
+use crate::{
+    engine::batch::{self, Attempts, Subscription},
+    engine::Shared,
+    ordering::partition_of,
+    store::{self, StoredMessage},
+    subscription::workers::Reader,
+    unit_of_work::UnitOfWork,
+};
+
+/// What a batch of a parking event-store subscription does with parked keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Parking<'a> {
+    /// Reading the categories: the keys parked now (released ones too, until they are unparked),
+    /// each with the global position of the dead letter it waits behind.
+    Read(&'a HashMap<String, u64>),
+    /// Handling the messages held behind this released key.
+    Drain(&'a str),
+}
+
+impl Parking<'_> {
+    /// For a message of `key` at `global_position` read from the categories: Some(true) when it
+    /// waits behind its parked key, Some(false) when it came no later than the key's dead letter
+    /// (read again: the dead letter itself, or a message settled before the key parked), None when
+    /// its key is not parked.
+    pub(crate) fn waits(&self, key: &str, global_position: u64) -> Option<bool> {
+        match self {
+            Parking::Read(parked) => parked.get(key).map(|&dead| global_position > dead),
+            Parking::Drain(_) => None,
+        }
+    }
+
+    /// Whether a key this batch parks holds its later messages of the batch in the store (else they
+    /// stay unsettled: a drain keeps them held, a broker holds them itself).
+    pub(crate) fn holds_in_store(&self) -> bool {
+        matches!(self, Parking::Read(_))
+    }
+}
+
+/// Record in `unit` that `key` parks behind the dead letter at `global_position`.
+pub(crate) fn park(unit: &mut UnitOfWork, key: &str, global_position: u64) {
+    unit.parking.park.push((key.to_owned(), global_position));
+}
+
+/// Record in `unit` that `message` waits behind its parked `key`.
+pub(crate) fn hold(unit: &mut UnitOfWork, key: &str, message: &StoredMessage) {
+    unit.parking
+        .hold
+        .push((key.to_owned(), message.global_position));
+}
+
+/// Finish the parking records of a batch of `subscription`: a drain settles the held messages the
+/// batch settled and asks the store to unpark the key if nothing is held any more.
+pub(crate) fn finish(
+    parking: Parking<'_>,
+    subscription: &str,
+    unit: &mut UnitOfWork,
+    messages: &[StoredMessage],
+    settled: &[bool],
+) {
+    unit.parking.subscription = subscription.to_owned();
+    let Parking::Drain(key) = parking else {
+        return;
+    };
+    unit.parking.settle = messages
+        .iter()
+        .zip(settled)
+        .filter(|(_, settled)| **settled)
+        .map(|(m, _)| (key.to_owned(), m.global_position))
+        .collect();
+    unit.parking.unpark.push(key.to_owned());
+}
+
+/// The parked keys of a subscription, read at the start of a reader's round.
+#[derive(Debug, Default)]
+pub(crate) struct Parked {
+    /// Key -> the global position of the dead letter it waits behind.
+    pub(crate) keys: HashMap<String, u64>,
+    /// The keys released (their dead letter replayed or purged): their held messages are handled next.
+    released: Vec<String>,
+}
+
+impl Parked {
+    /// Read the parked keys of `subscription`.
+    pub(crate) fn load(store: &dyn store::Store, subscription: &str) -> store::Result<Self> {
+        let mut parked = Self::default();
+        for key in store.parked_keys(subscription)? {
+            if key.released {
+                parked.released.push(key.key.clone());
+            }
+            parked.keys.insert(key.key, key.dead_letter);
+        }
+        Ok(parked)
+    }
+
+    /// A released key of `reader`'s whose held messages may be handled now (none waits for a retry).
+    pub(crate) fn drainable(&self, reader: &Reader, attempts: &mut Attempts) -> Option<&str> {
+        let now = Instant::now();
+        self.released
+            .iter()
+            .filter(|key| {
+                reader
+                    .worker
+                    .is_none_or(|w| partition_of(key, w.of) == w.index)
+            })
+            .find(|key| !attempts.waits(key, now))
+            .map(String::as_str)
+    }
+}
+
+/// Handle the first messages held behind the released `key` as one batch (on the blocking pool), with
+/// the position where it is: they are behind it.
+pub(crate) fn drain(
+    shared: &Shared,
+    sub: &Subscription,
+    reader: &Reader,
+    key: &str,
+    attempts: &mut Attempts,
+) -> store::Result<batch::Report> {
+    let limit = sub.settings.messages_per_tick as usize;
+    let messages = shared.store.held_messages(&sub.plan.name, key, limit)?;
+    tracing::info!(subscription = %sub.plan.name, worker = reader.label(), key, messages = messages.len(), "handling the messages held behind a released key");
+    let plugin = shared.plugin();
+    let ctx = batch::Context {
+        worker: reader.worker,
+        parking: Some(Parking::Drain(key)),
+        ..batch::Context::new(shared, &plugin, sub)
+    };
+    batch::run(&ctx, &messages, attempts)
+}
