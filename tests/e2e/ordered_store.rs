@@ -7,13 +7,14 @@
 use std::{ops::RangeInclusive, path::Path, process::Output, sync::Arc, time::Duration};
 
 use protean_host::{
-    store::{PostgresStore, Store, StoredMessage},
-    unit_of_work::UnitOfWork,
+    message::Kind,
+    store::{DeadLetter, PostgresStore, Store, StoredMessage},
+    unit_of_work::{NewMessage, Parking, PositionUpdate, UnitOfWork},
 };
 use serde_json::json;
 
 use crate::support::{
-    host, sample_domain,
+    fixture_domain, host, sample_domain,
     sequencing::{new_numbered, record, SEQUENCE},
     sqlite, status_json, subscription, wait_until, PgServer, Server, TEST_CONFIG,
 };
@@ -221,8 +222,13 @@ fn a_changed_worker_count_loses_nothing_and_handles_nothing_twice() {
 
 /// The recorder's status row: parked keys, held messages, dead letters and lag.
 fn parking_figures(dir: &Path) -> (u64, u64, u64, u64) {
-    let status = status_json(dir, &sequencing());
-    let recorder = subscription(&status, "recorder");
+    figures_of(dir, &sequencing(), "recorder")
+}
+
+/// The status row of `name` of `domain`: parked keys, held messages, dead letters and lag.
+fn figures_of(dir: &Path, domain: &str, name: &str) -> (u64, u64, u64, u64) {
+    let status = status_json(dir, domain);
+    let recorder = subscription(&status, name);
     let figure = |name: &str| {
         recorder[name]
             .as_u64()
@@ -426,4 +432,127 @@ fn one_worker_reads_as_before_with_the_plain_position() {
     }
     assert_eq!(store.position("recorder").unwrap(), Some(KEYS * SEQS));
     assert_eq!(store.position("recorder#0/1").unwrap(), None);
+}
+
+/// Keys a build that parked left parked are still handled by a build that moves on (the policy
+/// changed): their held messages, and the later ones of their keys, wait for the release and are
+/// handled then; nothing is left behind for good.
+#[test]
+fn keys_an_earlier_build_parked_are_released_and_handled_by_one_that_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    configure_retries(dir.path(), 1, 2);
+    let store: Arc<dyn Store> = sqlite(dir.path());
+    let stream = "probe::probe-1";
+    let tick = |n: u64| {
+        let data = json!({ "n": n, "label": "t" });
+        NewMessage::new(
+            Kind::Event,
+            stream,
+            "Probe.Ticked.v1",
+            &data,
+            None,
+            None,
+            None,
+        )
+    };
+    append(store.as_ref(), (1..=2).map(tick).collect());
+    // What a parking build left: #1 dead-lettered, its key parked, #2 held, the position past both.
+    let first = &store.read_stream(stream, 0).unwrap()[0];
+    store
+        .commit(&UnitOfWork {
+            dead_letters: vec![dead_letter("noop", first)],
+            parking: Parking {
+                subscription: "noop".into(),
+                park: vec![(stream.into(), 1)],
+                hold: vec![(stream.into(), 2)],
+                ..Parking::default()
+            },
+            position: Some(PositionUpdate {
+                subscription: "noop".into(),
+                position: 2,
+            }),
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    append(store.as_ref(), vec![tick(3)]);
+    let domain = format!("{}:ordered_noop", fixture_domain().display());
+    let run = || {
+        host(dir.path())
+            .args(["server", "--test-mode", "--domain", &domain])
+            .output()
+            .expect_code(0)
+    };
+    let first_run = run();
+    assert!(
+        first_run.stderr().contains("no longer parks"),
+        "{}",
+        first_run.stderr()
+    );
+    let handled = |store: &dyn Store| {
+        let ids: Vec<String> = store
+            .read_stream(stream, 0)
+            .unwrap()
+            .iter()
+            .map(StoredMessage::identity)
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        store.processed("noop", &ids).unwrap().len()
+    };
+    assert_eq!(handled(store.as_ref()), 0, "#2 and #3 wait behind #1");
+    assert_eq!(figures_of(dir.path(), &domain, "noop"), (1, 2, 1, 0));
+    host(dir.path())
+        .args([
+            "dlq",
+            "purge",
+            "--subscription",
+            "noop",
+            "--yes",
+            "--domain",
+            &domain,
+        ])
+        .output()
+        .expect_code(0);
+    run();
+    assert_eq!(
+        handled(store.as_ref()),
+        2,
+        "#2 and #3 handled once released"
+    );
+    assert!(store.parked_keys("noop").unwrap().is_empty());
+    let status = status_json(dir.path(), &domain);
+    let noop = subscription(&status, "noop");
+    assert!(
+        noop.get("parked_keys").is_none(),
+        "nothing parked, and it does not park: {noop}"
+    );
+    assert_eq!(
+        (&noop["dead_letters"], &noop["lag"]),
+        (&json!(0), &json!(0))
+    );
+}
+
+fn append(store: &dyn Store, messages: Vec<NewMessage>) {
+    store
+        .commit(&UnitOfWork {
+            messages,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+}
+
+fn dead_letter(subscription: &str, m: &StoredMessage) -> DeadLetter {
+    DeadLetter {
+        subscription: subscription.into(),
+        handler: subscription.into(),
+        message_id: m.id.clone(),
+        stream: m.stream.clone(),
+        global_position: m.global_position,
+        message_type: m.message_type.clone(),
+        data: m.data.clone(),
+        metadata: m.metadata.clone(),
+        error: "failed in an earlier build".into(),
+        attempts: 1,
+        build_id: "earlier".into(),
+        failed_at: "2026-01-01T00:00:00.000000+00:00".into(),
+    }
 }

@@ -247,13 +247,10 @@ impl Figures {
     fn of(store: &dyn Store, t: &Target) -> crate::store::Result<Self> {
         // Workers: the lowest of their positions, so the lag counts whatever any has left.
         let position = workers::lowest_position(store, &t.name, t.workers)?;
-        let parked = match t.parks {
-            true => {
-                let keys = store.parked_keys(&t.name)?;
-                Some((keys.len() as u64, keys.iter().map(|k| k.held).sum()))
-            }
-            false => None,
-        };
+        // Also for one that no longer parks: keys an earlier build parked still hold messages.
+        let keys = store.parked_keys(&t.name)?;
+        let parked = (t.parks || !keys.is_empty())
+            .then(|| (keys.len() as u64, keys.iter().map(|k| k.held).sum()));
         Ok(Self {
             position,
             lag: store.count_after(&t.categories, position)?,

@@ -101,7 +101,7 @@ async fn read(
     let mut attempts = Attempts::default();
     let mut failures = 0u32;
     let mut taken = 0u64;
-    let parks = sub.ordering.as_ref().is_some_and(|o| o.park);
+    let mut parks = parking::Minding::of(&sub);
     // Held messages of a released key are handled every other round, so the other keys go on too.
     let mut drained = false;
     while !shutdown.is_cancelled() {
@@ -130,8 +130,8 @@ async fn read(
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
-        let parked = match load_parked(&shared, &sub, parks).await? {
-            Ok(parked) => parked,
+        let parked = match load_parked(&shared, &sub, parks.wanted()).await? {
+            Ok(parked) => parks.seen(&name, parked),
             Err(error) => {
                 failures += 1;
                 backoff(&name, &error, failures, &shutdown).await;
@@ -175,7 +175,7 @@ async fn read(
             let due = cursor
                 .ahead()
                 .then(|| attempts.next_due().unwrap_or_else(Instant::now))
-                .or_else(|| attempts.next_due().filter(|_| parks));
+                .or_else(|| attempts.next_due().filter(|_| parked.is_some()));
             let state = match due {
                 Some(_) => State::Retrying,
                 None => State::Idle { head: seen },
@@ -528,13 +528,13 @@ async fn fetch(
 
 type Processed = (Result<batch::Report, crate::store::Error>, Attempts);
 
-/// The parked keys of a subscription that `parks` (see [`parking`]); None for one that does not.
+/// The parked keys of the subscription when `wanted` (see [`parking`]).
 async fn load_parked(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
-    parks: bool,
+    wanted: bool,
 ) -> Result<Result<Option<Parked>, String>, String> {
-    if !parks {
+    if !wanted {
         return Ok(Ok(None));
     }
     let (shared, sub) = (shared.clone(), sub.clone());

@@ -88,6 +88,41 @@ pub(crate) fn finish(
     unit.parking.unpark.push(key.to_owned());
 }
 
+/// Whether a reader minds parked keys: when its ordering parks, always; else only if a build that
+/// parked left keys parked (the policy changed, or the handler lost its ordering), so that their held
+/// messages are still handled once released rather than left behind for good.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Minding(Option<bool>);
+
+impl Minding {
+    pub(crate) fn of(sub: &Subscription) -> Self {
+        Self(
+            sub.ordering
+                .as_ref()
+                .is_some_and(|o| o.park)
+                .then_some(true),
+        )
+    }
+
+    /// Whether to read the parked keys this round: yes until the first read says there is nothing
+    /// to mind.
+    pub(crate) fn wanted(&self) -> bool {
+        self.0 != Some(false)
+    }
+
+    /// The parked keys to mind, from what this round read.
+    pub(crate) fn seen(&mut self, subscription: &str, parked: Option<Parked>) -> Option<Parked> {
+        if self.0.is_none() {
+            let left = parked.as_ref().is_some_and(|p| !p.keys.is_empty());
+            if left {
+                tracing::warn!(subscription, keys = parked.as_ref().map_or(0, |p| p.keys.len()), "this subscription no longer parks, but keys an earlier build parked are still parked: their later messages stay held until their dead letters are replayed or purged, then they are handled");
+            }
+            self.0 = Some(left);
+        }
+        parked.filter(|_| self.0 == Some(true))
+    }
+}
+
 /// The parked keys of a subscription, read at the start of a reader's round.
 #[derive(Debug, Default)]
 pub(crate) struct Parked {
