@@ -86,6 +86,11 @@ impl Attempts {
         self.waiting.contains_key(key)
     }
 
+    /// Hold `key`'s messages for `delay` (a batch of its messages failed as a whole).
+    pub(crate) fn wait(&mut self, key: &str, delay: Duration) {
+        self.waiting.insert(key.to_owned(), Instant::now() + delay);
+    }
+
     /// The keys whose messages are held.
     fn held(&self) -> HashSet<String> {
         self.waiting.keys().cloned().collect()

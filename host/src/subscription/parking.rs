@@ -178,5 +178,85 @@ pub(crate) fn drain(
         parking: Some(Parking::Drain(key)),
         ..batch::Context::new(shared, &plugin, sub)
     };
-    batch::run(&ctx, &messages, attempts)
+    let report = batch::run(&ctx, &messages, attempts)?;
+    // A batch that failed as a whole (its commit kept conflicting, or an unordered handler failed)
+    // waits out its delay like a key that failed, instead of being run again at once.
+    if let (Some(delay), true) = (report.retry, report.waiting.is_empty()) {
+        attempts.wait(key, delay);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::batch::Worker;
+
+    #[test]
+    fn a_parked_keys_messages_after_its_dead_letter_wait_and_earlier_ones_were_settled() {
+        let parked = HashMap::from([("k".to_owned(), 10)]);
+        let read = Parking::Read(&parked);
+        assert_eq!(read.waits("k", 11), Some(true));
+        assert_eq!(
+            read.waits("k", 10),
+            Some(false),
+            "the dead letter, read again"
+        );
+        assert_eq!(read.waits("other", 11), None);
+        assert_eq!(
+            Parking::Drain("k").waits("k", 11),
+            None,
+            "a drain handles them"
+        );
+        assert!(read.holds_in_store() && !Parking::Drain("k").holds_in_store());
+    }
+
+    #[test]
+    fn a_worker_drains_its_own_released_keys_unless_they_wait_for_a_retry() {
+        let parked = Parked {
+            keys: HashMap::from([("a".to_owned(), 1), ("b".to_owned(), 2)]),
+            released: vec!["a".to_owned(), "b".to_owned()],
+        };
+        let reader = |worker| Reader {
+            subscription: "s".into(),
+            position: "s".into(),
+            worker,
+        };
+        let mut attempts = Attempts::default();
+        let of = 2;
+        let owner = |key: &str| {
+            Some(Worker {
+                index: partition_of(key, of),
+                of,
+            })
+        };
+        assert_eq!(
+            parked.drainable(&reader(owner("a")), &mut attempts),
+            Some("a")
+        );
+        assert_eq!(
+            parked.drainable(&reader(owner("b")), &mut attempts),
+            Some("b")
+        );
+        attempts.wait("a", Duration::from_secs(60));
+        let single = parked.drainable(&reader(None), &mut attempts);
+        assert_eq!(single, Some("b"), "a waits for its retry");
+    }
+
+    #[test]
+    fn a_reader_that_does_not_park_minds_keys_only_if_some_were_left_parked() {
+        let left = || Parked {
+            keys: HashMap::from([("k".to_owned(), 1)]),
+            released: Vec::new(),
+        };
+        let mut minding = Minding(None);
+        assert!(minding.wanted());
+        assert!(minding.seen("s", Some(left())).is_some());
+        assert!(minding.wanted(), "until they are drained, and after");
+        let mut minding = Minding(None);
+        assert!(minding.seen("s", Some(Parked::default())).is_none());
+        assert!(!minding.wanted(), "nothing was left: never read again");
+    }
 }
