@@ -101,7 +101,7 @@ async fn read(
     let mut attempts = Attempts::default();
     let mut failures = 0u32;
     let mut taken = 0u64;
-    let mut parks = parking::Minding::of(&sub);
+    let mut view = parking::View::of(&sub);
     // Held messages of a released key are handled every other round, so the other keys go on too.
     let mut drained = false;
     while !shutdown.is_cancelled() {
@@ -114,6 +114,7 @@ async fn read(
                     None => break,
                 }
                 attempts = Attempts::default();
+                view.changed();
             }
             Holding::No => {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end,
@@ -130,16 +131,18 @@ async fn read(
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
-        let parked = match load_parked(&shared, &sub, parks.wanted()).await? {
-            Ok(parked) => parks.seen(&name, parked),
-            Err(error) => {
-                failures += 1;
-                backoff(&name, &error, failures, &shutdown).await;
-                continue;
+        if view.due(shared.config.poll_interval) {
+            match load_parked(&shared, &sub).await? {
+                Ok(parked) => view.update(&name, parked),
+                Err(error) => {
+                    failures += 1;
+                    backoff(&name, &error, failures, &shutdown).await;
+                    continue;
+                }
             }
-        };
-        let released = parked
-            .as_ref()
+        }
+        let released = view
+            .parked()
             .and_then(|p| p.drainable(&reader, &mut attempts))
             .map(str::to_owned);
         if let Some(key) = released.clone().filter(|_| !drained) {
@@ -148,6 +151,7 @@ async fn read(
             let started = Instant::now();
             let (outcome, returned) = drain(&shared, &sub, &reader, key, attempts).await?;
             attempts = returned;
+            view.changed();
             if let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await {
                 committed(&shared, &sub, &reader, report, 0, cursor.position, started);
             }
@@ -175,7 +179,7 @@ async fn read(
             let due = cursor
                 .ahead()
                 .then(|| attempts.next_due().unwrap_or_else(Instant::now))
-                .or_else(|| attempts.next_due().filter(|_| parked.is_some()));
+                .or_else(|| attempts.next_due().filter(|_| view.parked().is_some()));
             let state = match due {
                 Some(_) => State::Retrying,
                 None => State::Idle { head: seen },
@@ -194,13 +198,18 @@ async fn read(
         let count = messages.len();
         let last = messages.last().map_or(cursor.at, |m| m.global_position);
         let stored = (!cursor.ahead()).then_some(reader.position.as_str());
-        let parked = parked.map(|p| p.keys);
+        let parked = view.parked().map(|p| p.keys.clone());
         let (outcome, returned) =
             process(&shared, &sub, &reader, (stored, parked), messages, attempts).await?;
         attempts = returned;
         let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await else {
+            // A hold refused as not parked any more, among others: read the parked keys again.
+            view.changed();
             continue;
         };
+        if !report.parked.is_empty() {
+            view.changed();
+        }
         let whole = cursor.after(&report, last, reader.worker.is_some());
         // A single reader waits out a retry; a worker goes on with its other keys unless the whole
         // batch must be retried.
@@ -528,22 +537,14 @@ async fn fetch(
 
 type Processed = (Result<batch::Report, crate::store::Error>, Attempts);
 
-/// The parked keys of the subscription when `wanted` (see [`parking`]).
+/// The parked keys of the subscription (see [`parking`]).
 async fn load_parked(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
-    wanted: bool,
-) -> Result<Result<Option<Parked>, String>, String> {
-    if !wanted {
-        return Ok(Ok(None));
-    }
+) -> Result<Result<Parked, String>, String> {
     let (shared, sub) = (shared.clone(), sub.clone());
-    blocking(move || {
-        Parked::load(shared.store.as_ref(), &sub.plan.name)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    })
-    .await
+    blocking(move || Parked::load(shared.store.as_ref(), &sub.plan.name).map_err(|e| e.to_string()))
+        .await
 }
 
 /// Handle a batch of the messages held behind the released `key`.
@@ -563,7 +564,7 @@ async fn drain(
 }
 
 /// Where the batch stores its position (None while reading ahead of it), and the parked keys.
-type Placing<'a> = (Option<&'a str>, Option<HashMap<String, u64>>);
+type Placing<'a> = (Option<&'a str>, Option<Arc<HashMap<String, u64>>>);
 
 async fn process(
     shared: &Arc<Shared>,
@@ -580,7 +581,7 @@ async fn process(
         let ctx = batch::Context {
             position: stored.as_deref(),
             worker,
-            parking: parked.as_ref().map(parking::Parking::Read),
+            parking: parked.as_deref().map(parking::Parking::Read),
             ..batch::Context::new(&shared, &plugin, &sub)
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);

@@ -4,7 +4,8 @@
 //! The held messages stay in the event store. A batch records each one behind its key (the store
 //! refuses that for a key that is not parked) in the same commit that moves the position past it, so
 //! the position never passes a message for good. `dlq replay` (once handled) or `dlq purge` releases
-//! the key in the store; the reader that owns the key then handles the held messages in store order,
+//! the key in the store; the reader that owns the key sees that within its poll interval (see
+//! [`View`]) and then handles the held messages in store order,
 //! a batch at a time between its ordinary batches, each settled one leaving the list, and the store
 //! unparks the key once nothing is held. A held message that fails for good parks the key again,
 //! behind its own dead letter, with the rest still held.
@@ -14,7 +15,11 @@
 //! handled before the key is released; every held message is handled (or skipped by its processed
 //! marker) exactly once, in store order, before any later message of its key.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     engine::batch::{self, Attempts, Subscription},
@@ -88,46 +93,70 @@ pub(crate) fn finish(
     unit.parking.unpark.push(key.to_owned());
 }
 
-/// Whether a reader minds parked keys: when its ordering parks, always; else only if a build that
-/// parked left keys parked (the policy changed, or the handler lost its ordering), so that their held
-/// messages are still handled once released rather than left behind for good.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Minding(Option<bool>);
+/// A reader's view of its subscription's parked keys. It reads them again after its own commits
+/// changed them (a key parked, a drain), after a lease takeover, and at the poll interval, when `dlq`
+/// in another process may have released one: until it sees that, the key's messages stay held, which
+/// is what a parked key's are anyway.
+///
+/// A reader whose ordering parks always minds parked keys; another one only if a build that parked left
+/// keys parked (the policy changed, or the handler lost its ordering), so that their held messages are
+/// still handled once released rather than left behind for good.
+#[derive(Debug)]
+pub(crate) struct View {
+    /// Whether to mind parked keys: None until the first read says whether any were left.
+    minding: Option<bool>,
+    parked: Option<Parked>,
+    /// When the keys were read; None when they must be read again.
+    read_at: Option<Instant>,
+}
 
-impl Minding {
+impl View {
     pub(crate) fn of(sub: &Subscription) -> Self {
-        Self(
-            sub.ordering
+        Self {
+            minding: sub
+                .ordering
                 .as_ref()
                 .is_some_and(|o| o.park)
                 .then_some(true),
-        )
-    }
-
-    /// Whether to read the parked keys this round: yes until the first read says there is nothing
-    /// to mind.
-    pub(crate) fn wanted(&self) -> bool {
-        self.0 != Some(false)
-    }
-
-    /// The parked keys to mind, from what this round read.
-    pub(crate) fn seen(&mut self, subscription: &str, parked: Option<Parked>) -> Option<Parked> {
-        if self.0.is_none() {
-            let left = parked.as_ref().is_some_and(|p| !p.keys.is_empty());
-            if left {
-                tracing::warn!(subscription, keys = parked.as_ref().map_or(0, |p| p.keys.len()), "this subscription no longer parks, but keys an earlier build parked are still parked: their later messages stay held until their dead letters are replayed or purged, then they are handled");
-            }
-            self.0 = Some(left);
+            parked: None,
+            read_at: None,
         }
-        parked.filter(|_| self.0 == Some(true))
+    }
+
+    /// Whether to read the parked keys now (given how often to look for changes by others).
+    pub(crate) fn due(&self, every: Duration) -> bool {
+        self.minding != Some(false) && self.read_at.is_none_or(|at| at.elapsed() >= every)
+    }
+
+    /// What a read of `subscription`'s parked keys found.
+    pub(crate) fn update(&mut self, subscription: &str, parked: Parked) {
+        if self.minding.is_none() {
+            let left = !parked.keys.is_empty();
+            if left {
+                tracing::warn!(subscription, keys = parked.keys.len(), "this subscription no longer parks, but keys an earlier build parked are still parked: their later messages stay held until their dead letters are replayed or purged, then they are handled");
+            }
+            self.minding = Some(left);
+        }
+        self.parked = Some(parked).filter(|_| self.minding == Some(true));
+        self.read_at = Some(Instant::now());
+    }
+
+    /// The reader's own commit changed the parked keys (or another replica may have): read them again.
+    pub(crate) fn changed(&mut self) {
+        self.read_at = None;
+    }
+
+    /// The parked keys, for a reader that minds them.
+    pub(crate) fn parked(&self) -> Option<&Parked> {
+        self.parked.as_ref()
     }
 }
 
-/// The parked keys of a subscription, read at the start of a reader's round.
+/// The parked keys of a subscription.
 #[derive(Debug, Default)]
 pub(crate) struct Parked {
-    /// Key -> the global position of the dead letter it waits behind.
-    pub(crate) keys: HashMap<String, u64>,
+    /// Key -> the global position of the dead letter it waits behind (shared with the batches).
+    pub(crate) keys: Arc<HashMap<String, u64>>,
     /// The keys released (their dead letter replayed or purged): their held messages are handled next.
     released: Vec<String>,
 }
@@ -135,14 +164,18 @@ pub(crate) struct Parked {
 impl Parked {
     /// Read the parked keys of `subscription`.
     pub(crate) fn load(store: &dyn store::Store, subscription: &str) -> store::Result<Self> {
-        let mut parked = Self::default();
+        let mut keys = HashMap::new();
+        let mut released = Vec::new();
         for key in store.parked_keys(subscription)? {
             if key.released {
-                parked.released.push(key.key.clone());
+                released.push(key.key.clone());
             }
-            parked.keys.insert(key.key, key.dead_letter);
+            keys.insert(key.key, key.dead_letter);
         }
-        Ok(parked)
+        Ok(Self {
+            keys: Arc::new(keys),
+            released,
+        })
     }
 
     /// A released key of `reader`'s whose held messages may be handled now (none waits for a retry).
@@ -216,7 +249,7 @@ mod tests {
     #[test]
     fn a_worker_drains_its_own_released_keys_unless_they_wait_for_a_retry() {
         let parked = Parked {
-            keys: HashMap::from([("a".to_owned(), 1), ("b".to_owned(), 2)]),
+            keys: Arc::new(HashMap::from([("a".to_owned(), 1), ("b".to_owned(), 2)])),
             released: vec!["a".to_owned(), "b".to_owned()],
         };
         let reader = |worker| Reader {
@@ -248,15 +281,33 @@ mod tests {
     #[test]
     fn a_reader_that_does_not_park_minds_keys_only_if_some_were_left_parked() {
         let left = || Parked {
-            keys: HashMap::from([("k".to_owned(), 1)]),
+            keys: Arc::new(HashMap::from([("k".to_owned(), 1)])),
             released: Vec::new(),
         };
-        let mut minding = Minding(None);
-        assert!(minding.wanted());
-        assert!(minding.seen("s", Some(left())).is_some());
-        assert!(minding.wanted(), "until they are drained, and after");
-        let mut minding = Minding(None);
-        assert!(minding.seen("s", Some(Parked::default())).is_none());
-        assert!(!minding.wanted(), "nothing was left: never read again");
+        let never = Duration::from_secs(3600);
+        let mut view = View {
+            minding: None,
+            parked: None,
+            read_at: None,
+        };
+        assert!(view.due(never));
+        view.update("s", left());
+        assert!(
+            view.parked().is_some() && !view.due(never),
+            "read, and minded"
+        );
+        view.changed();
+        assert!(view.due(never), "read again after a change");
+        let mut view = View {
+            minding: None,
+            parked: None,
+            read_at: None,
+        };
+        view.update("s", Parked::default());
+        view.changed();
+        assert!(
+            view.parked().is_none() && !view.due(Duration::ZERO),
+            "nothing left: never read again"
+        );
     }
 }
