@@ -5,10 +5,10 @@
 //! refuses that for a key that is not parked) in the same commit that moves the position past it, so
 //! the position never passes a message for good. `dlq replay` (once handled) or `dlq purge` releases
 //! the key in the store; the reader that owns the key sees that within its poll interval (see
-//! [`View`]) and then handles the held messages in store order,
-//! a batch at a time between its ordinary batches, each settled one leaving the list, and the store
-//! unparks the key once nothing is held. A held message that fails for good parks the key again,
-//! behind its own dead letter, with the rest still held.
+//! [`View`]) and then handles the held messages in store order, a batch at a time between its
+//! ordinary batches, each settled one leaving the list, and the store unparks the key once nothing is
+//! held. A held message that fails for good parks the key again, behind its own dead letter, with the
+//! rest still held.
 //!
 //! Invariants: a key belongs to one reader (one worker, under the subscription's lease), which alone
 //! holds, handles and unparks its messages; a message of a parked key after its dead letter is never
