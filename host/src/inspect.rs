@@ -125,10 +125,15 @@ impl fmt::Display for Report {
                 let _ = write!(line, "    {:<34} reads {}", s.name, s.categories.join(", "));
                 writeln!(f, "{line} -> {}", handlers.join(", "))?;
                 if let Some(ordering) = crate::ordering::Ordering::of(s) {
-                    let after = if ordering.park { "parks" } else { "moves on" };
+                    // The same on a broker and on the event store.
+                    let after = if ordering.park {
+                        "parks: its later messages wait until `dlq replay` or `dlq purge` releases it"
+                    } else {
+                        "moves on"
+                    };
                     writeln!(
                         f,
-                        "{:>39}ordered by {}; a key {after} after a dead letter",
+                        "{:>39}ordered by {}; after a dead letter a key {after}",
                         "",
                         ordering.describe()
                     )?;

@@ -637,10 +637,14 @@ fn store_dlq(engine: &Engine, action: &DlqAction) -> anyhow::Result<ExitCode> {
                 *yes,
                 "this deletes {count} dead letters of {subscription}; add --yes to confirm"
             );
+            let parked = store.parked_keys(subscription)?;
             println!(
                 "purged {} dead letters of {subscription}",
                 store.purge_dead_letters(subscription)?
             );
+            for key in parked.iter().filter(|k| !k.released) {
+                print_released(subscription, key);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -654,6 +658,13 @@ fn replay_one(engine: &Engine, subscription: &str, position: u64) -> anyhow::Res
                 "replayed {position} to {subscription}: handled by build {}",
                 engine.build_id()
             );
+            let parked = engine.store().parked_keys(subscription)?;
+            for key in parked
+                .iter()
+                .filter(|k| k.dead_letter == position && k.released)
+            {
+                print_released(subscription, key);
+            }
             Ok(ExitCode::SUCCESS)
         }
         protean_host::engine::Replay::DeadLettered => {
@@ -661,6 +672,14 @@ fn replay_one(engine: &Engine, subscription: &str, position: u64) -> anyhow::Res
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Say that the parked `key` of `subscription` was released, and what happens next.
+fn print_released(subscription: &str, key: &protean_host::store::ParkedKey) {
+    println!(
+        "released key {}: its {} held messages are handled next, in order, by the server running {subscription}",
+        key.key, key.held
+    );
 }
 
 /// `subscriptions status`: measured from the store and the broker, without running anything. Exit 1

@@ -36,6 +36,9 @@ pub struct UnitOfWork {
     /// Call records ([`CallRecord`]) this unit clears, as (subscription, message identity): their
     /// messages are settled by it.
     pub ended_calls: Vec<(String, String)>,
+    /// Ordered event-store subscriptions that park: keys parked, messages held behind them, held
+    /// messages settled.
+    pub parking: Parking,
 }
 
 /// A caller's key for "this unit, once": Protean's `metadata.headers.idempotency_key`.
@@ -57,6 +60,38 @@ impl UnitOfWork {
             && self.fences.is_empty()
             && self.idempotency_key.is_none()
             && self.ended_calls.is_empty()
+            && self.parking.is_empty()
+    }
+}
+
+/// What an ordered event-store subscription that parks records beside a batch.
+///
+/// A parked key's later messages stay in the event store; the subscription's position moves past
+/// them only in the commit that records them here, so none is passed for good. A key is unparked
+/// only after its dead letter was replayed or purged (`released`) and nothing is held behind it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parking {
+    /// Whose keys: its lease fences these writes as it fences a position.
+    pub subscription: String,
+    /// Keys parked by this batch, each with the global position of its dead letter (a key parked
+    /// again by a held message that failed for good waits behind the new dead letter).
+    pub park: Vec<(String, u64)>,
+    /// Messages held behind their parked key: (key, global position). Refused for a key that is not
+    /// parked, so a stale view of the parked keys cannot pass a message for good.
+    pub hold: Vec<(String, u64)>,
+    /// Held messages settled (handled, skipped or dead-lettered): (key, global position).
+    pub settle: Vec<(String, u64)>,
+    /// Keys to unpark if they were released and nothing they hold is left.
+    pub unpark: Vec<String>,
+}
+
+impl Parking {
+    /// Whether it records nothing.
+    pub fn is_empty(&self) -> bool {
+        self.park.is_empty()
+            && self.hold.is_empty()
+            && self.settle.is_empty()
+            && self.unpark.is_empty()
     }
 }
 

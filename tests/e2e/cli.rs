@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
-use crate::support::{fixture_domain, host, sample_domain, PgServer, RedisServer, TEST_CONFIG};
+use crate::support::{
+    fixture_domain, host, sample_domain, Finished, PgServer, RedisServer, TEST_CONFIG,
+};
 
 #[test]
 fn help_and_version_exit_zero() {
@@ -93,23 +95,62 @@ fn inspect_json_is_machine_readable() {
     assert_eq!(report["build_id"].as_str().unwrap().len(), 12);
 }
 
+/// The probe domain in a directory configured with `config`, and the real binary run in it with
+/// global flags before the subcommand.
+struct Probe {
+    dir: tempfile::TempDir,
+    domain: String,
+}
+
+impl Probe {
+    fn new(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+        let domain = format!("{}:probe", fixture_domain().display());
+        Self { dir, domain }
+    }
+
+    fn run(&self, args: &[&str]) -> Finished {
+        host(self.dir.path())
+            .args(["--log-level", "warn", "--domain", &self.domain])
+            .args(args)
+            .output()
+    }
+
+    /// Send a command the probe rejects, and run the server in test mode.
+    fn reject_one(&self) {
+        let sent = self.run(&[
+            "send",
+            "Probe.Run.v1",
+            r#"{"id": "bad", "behaviour": "reject"}"#,
+        ]);
+        assert_eq!(
+            sent.expect_code(0).stdout().lines().count(),
+            1,
+            "the command's id"
+        );
+        self.run(&["--test-mode"]).expect_code(0);
+    }
+
+    /// The rows `dlq list --json` prints.
+    fn dead_letters(&self) -> Vec<Value> {
+        let listed = self.run(&["dlq", "list", "--json"]).expect_code(0);
+        serde_json::from_str::<Value>(&listed.stdout())
+            .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+const COMMANDS: &str = "commands:probe::probe";
+
 /// Every subcommand, with global flags before it, on one store configuration (`store`: a `[store]`
 /// section, or none for SQLite), with or without Redis. Returns the rows `dlq list --json` printed.
 fn every_command(store: &str, redis: Option<&RedisServer>, postgres: bool) -> Vec<Value> {
-    let dir = tempfile::tempdir().unwrap();
     let broker = redis.map(RedisServer::config).unwrap_or_default();
-    std::fs::write(
-        dir.path().join("protean.toml"),
-        format!("{TEST_CONFIG}{store}{broker}"),
-    )
-    .unwrap();
-    let domain = format!("{}:probe", fixture_domain().display());
-    let run = |args: &[&str]| {
-        host(dir.path())
-            .args(["--log-level", "warn", "--domain", &domain])
-            .args(args)
-            .output()
-    };
+    let probe = Probe::new(&format!("{TEST_CONFIG}{store}{broker}"));
+    let run = |args: &[&str]| probe.run(args);
     if postgres {
         run(&["db", "setup"]).expect_code(0);
         run(&["db", "status"]).expect_code(0);
@@ -118,40 +159,69 @@ fn every_command(store: &str, redis: Option<&RedisServer>, postgres: bool) -> Ve
         assert!(db.stderr().contains("not PostgreSQL"), "{}", db.stderr());
     }
     run(&["inspect"]).expect_code(0);
-    let sent = run(&[
-        "send",
-        "Probe.Run.v1",
-        r#"{"id": "bad", "behaviour": "reject"}"#,
-    ])
-    .expect_code(0);
-    assert_eq!(sent.stdout().lines().count(), 1, "the command's id");
-    run(&["--test-mode"]).expect_code(0);
+    probe.reject_one();
     run(&["subscriptions", "status"]).expect_code(0);
-    let list = || {
-        let listed = run(&["dlq", "list", "--json"]).expect_code(0);
-        serde_json::from_str::<Value>(&listed.stdout())
-            .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
-    let rows = list();
-    let commands = "commands:probe::probe";
+    let rows = probe.dead_letters();
     let Some(id) = rows.first().map(|r| r["id"].as_str().unwrap().to_owned()) else {
-        let missing = run(&["dlq", "inspect", "1", "--subscription", commands]).expect_code(1);
+        let missing = run(&["dlq", "inspect", "1", "--subscription", COMMANDS]).expect_code(1);
         assert_eq!(missing.error_lines().len(), 1, "{}", missing.stderr());
-        run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
+        run(&["dlq", "purge", "--subscription", COMMANDS, "--yes"]).expect_code(0);
         return rows;
     };
-    run(&["dlq", "inspect", &id, "--subscription", commands]).expect_code(0);
+    run(&["dlq", "inspect", &id, "--subscription", COMMANDS]).expect_code(0);
     // The probe rejects it again: exit 1, one line, and a new dead letter in its place.
-    let again = run(&["dlq", "replay", &id, "--subscription", commands]).expect_code(1);
+    let again = run(&["dlq", "replay", &id, "--subscription", COMMANDS]).expect_code(1);
     assert_eq!(again.error_lines().len(), 1, "{}", again.stderr());
-    assert_eq!(list().len(), 1, "dead-lettered anew");
-    run(&["dlq", "replay-all", "--subscription", commands]).expect_code(1);
-    run(&["dlq", "purge", "--subscription", commands, "--yes"]).expect_code(0);
-    assert!(list().is_empty(), "purged");
+    assert_eq!(probe.dead_letters().len(), 1, "dead-lettered anew");
+    run(&["dlq", "replay-all", "--subscription", COMMANDS]).expect_code(1);
+    run(&["dlq", "purge", "--subscription", COMMANDS, "--yes"]).expect_code(0);
+    assert!(probe.dead_letters().is_empty(), "purged");
     rows
+}
+
+/// The dead-letter commands on a broker's dead-letter stream (the probe's runner reads Redis), with
+/// the store `store` beside it: a replay goes back to the group, whose next run rejects it again.
+fn broker_dead_letters(store: &str, postgres: bool) {
+    let redis = RedisServer::start();
+    let probe = Probe::new(&format!(
+        "{TEST_CONFIG}{store}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        redis.config()
+    ));
+    if postgres {
+        probe.run(&["db", "setup"]).expect_code(0);
+    }
+    probe.reject_one();
+    let rows = probe.dead_letters();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let id = rows[0]["id"].as_str().unwrap().to_owned();
+    let inspected = probe
+        .run(&["dlq", "inspect", &id, "--subscription", COMMANDS])
+        .expect_code(0);
+    assert!(inspected.stdout().contains(&id), "{}", inspected.stdout());
+    probe
+        .run(&["dlq", "replay", &id, "--subscription", COMMANDS])
+        .expect_code(0);
+    assert!(probe.dead_letters().is_empty(), "back to its group");
+    probe.run(&["--test-mode"]).expect_code(0);
+    assert_eq!(probe.dead_letters().len(), 1, "rejected again");
+    let unconfirmed = probe
+        .run(&["dlq", "replay-all", "--subscription", COMMANDS])
+        .expect_code(1);
+    assert_eq!(
+        unconfirmed.error_lines().len(),
+        1,
+        "{}",
+        unconfirmed.stderr()
+    );
+    probe
+        .run(&["dlq", "replay-all", "--subscription", COMMANDS, "--yes"])
+        .expect_code(0);
+    probe.run(&["--test-mode"]).expect_code(0);
+    assert_eq!(probe.dead_letters().len(), 1, "rejected once more");
+    probe
+        .run(&["dlq", "purge", "--subscription", COMMANDS, "--yes"])
+        .expect_code(0);
+    assert!(probe.dead_letters().is_empty(), "purged");
 }
 
 #[test]
@@ -174,4 +244,14 @@ fn every_command_works_on_every_store_with_and_without_redis() {
         let rows = every_command(&pg.config(), redis.as_ref(), true);
         assert_eq!(rows.len(), 1, "postgres {with}: {rows:?}");
     }
+}
+
+/// With Redis, a handler that reads a stream keeps its dead letters in the broker: the same commands
+/// work on them beside every store that keeps what `send` wrote (a memory store does not outlive the
+/// `send` process, so nothing reaches the broker from it).
+#[test]
+fn dead_letter_commands_work_on_broker_dead_letters_beside_every_store() {
+    broker_dead_letters("", false);
+    let pg = PgServer::start();
+    broker_dead_letters(&pg.config(), true);
 }

@@ -163,6 +163,12 @@ impl Store for WriterInBetween {
     fn purge_dead_letters(&self, s: &str) -> store::Result<u64> {
         self.inner.purge_dead_letters(s)
     }
+    fn parked_keys(&self, s: &str) -> store::Result<Vec<store::ParkedKey>> {
+        self.inner.parked_keys(s)
+    }
+    fn held_messages(&self, s: &str, key: &str, n: usize) -> store::Result<Vec<StoredMessage>> {
+        self.inner.held_messages(s, key, n)
+    }
 }
 
 /// A document written by someone else after the batch read it makes the commit conflict; the batch

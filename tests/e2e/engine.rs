@@ -591,6 +591,12 @@ impl Store for ConflictOnce {
     fn purge_dead_letters(&self, s: &str) -> store::Result<u64> {
         self.inner.purge_dead_letters(s)
     }
+    fn parked_keys(&self, s: &str) -> store::Result<Vec<store::ParkedKey>> {
+        self.inner.parked_keys(s)
+    }
+    fn held_messages(&self, s: &str, key: &str, n: usize) -> store::Result<Vec<StoredMessage>> {
+        self.inner.held_messages(s, key, n)
+    }
 }
 
 #[test]

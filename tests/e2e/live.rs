@@ -7,8 +7,15 @@
 //! itself (o-4), which its own outbox processor publishes into the Redis stream the host's groups read;
 //! the host, with Redis configured, handles each exactly once; then Protean reads every message back
 //! with its checksum verified and rehydrates every order as shipped.
+//!
+//! The dead-letter commands, from Protean's side: Protean sends `ShipOrder(o-5)` before anyone placed
+//! o-5; the host's handler rejects it (a dead letter that `dlq list` and `dlq inspect` show); Protean
+//! then places o-5 itself (the cause fixed), and `dlq replay` handles the shipment once.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use protean_host::store::{PostgresStore, Store};
 use serde_json::Value;
@@ -72,13 +79,20 @@ fn protean_and_protean_host_share_one_postgres_store_and_one_redis() {
         .expect_code(0);
     protean(&python, "write", &pg, &redis);
     protean(&python, "publish", &pg, &redis);
-    host(dir.path())
-        .args(["--test-mode", "--domain"])
-        .args([sample_domain()])
-        .output()
-        .expect_code(0);
+    let run = || {
+        host(dir.path())
+            .args(["--test-mode", "--domain"])
+            .args([sample_domain()])
+            .output()
+            .expect_code(0)
+    };
+    run();
     let store = PostgresStore::connect(&pg.store_config()).unwrap();
-    for order in ["o-1", "o-2", "o-4"] {
+    replay_a_shipment_once_its_order_is_placed(&python, (&pg, &redis), dir.path(), &store);
+    // o-5's OrderPlaced (Protean's) reaches Redis; its fulfilment runs, and finds it shipped.
+    protean(&python, "publish", &pg, &redis);
+    run();
+    for order in ["o-1", "o-2", "o-4", "o-5"] {
         let stream = format!("fulfilment::order-{order}");
         for event in ["Fulfilment.OrderPlaced.v1", "Fulfilment.OrderShipped.v1"] {
             assert_eq!(count_in(&store, &stream, event), 1, "{order}: {event} once");
@@ -90,13 +104,16 @@ fn protean_and_protean_host_share_one_postgres_store_and_one_redis() {
             "fulfilment::reservation",
             "Fulfilment.StockReserved.v1"
         ),
-        3,
+        4,
         "one reservation per order"
     );
     let dead = store.dead_letters(None).unwrap();
     assert_eq!(dead.len(), 1, "the rejected o-1 only: {dead:?}");
     assert!(dead[0].error.contains("no items"), "{dead:?}");
     let read = protean(&python, "read", &pg, &redis);
+    for order in ["o-1", "o-2", "o-4", "o-5"] {
+        assert_eq!(read["orders"][order], "shipped", "{read}");
+    }
     // Protean cannot verify one message: its own o-2 command. It hashed `"total":1e+16` and jsonb gave
     // back 10000000000000000 (an int to Python). The host verifies it (and everything it wrote verifies
     // in Protean: its checksum covers the data as jsonb keeps it).
@@ -112,7 +129,75 @@ fn protean_and_protean_host_share_one_postgres_store_and_one_redis() {
             && failures[0].contains("checksum mismatch"),
         "{failures:#?}"
     );
-    for order in ["o-1", "o-2", "o-4"] {
-        assert_eq!(read["orders"][order], "shipped", "{read}");
-    }
+}
+
+/// `dlq` on Protean's rejected `ShipOrder(o-5)`: listed and inspected as a dead letter of the host's
+/// command subscription; once Protean has placed o-5, `dlq replay` handles it: o-5 is shipped once, the
+/// command has its processed marker, the dead letter is gone, and a second replay is refused.
+fn replay_a_shipment_once_its_order_is_placed(
+    python: &PathBuf,
+    (pg, redis): (&PgServer, &RedisServer),
+    dir: &Path,
+    store: &dyn Store,
+) {
+    let dlq = |args: &[&str]| {
+        host(dir)
+            .args(["dlq"])
+            .args(args)
+            .args(["--domain"])
+            .args([sample_domain()])
+            .output()
+    };
+    let listed = dlq(&["list", "--json"]).expect_code(0);
+    let rows: Value = serde_json::from_str(&listed.stdout()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "the rejected o-1 and o-5: {rows:#?}");
+    let shipment = rows
+        .iter()
+        .find(|r| r["fields"]["message_type"] == "Fulfilment.ShipOrder.v1")
+        .unwrap_or_else(|| panic!("no ShipOrder dead letter: {rows:#?}"));
+    let (subscription, id) = (
+        shipment["subscription"].as_str().unwrap(),
+        shipment["id"].as_str().unwrap(),
+    );
+    assert_eq!(subscription, "commands:fulfilment::order");
+    let inspected = dlq(&["inspect", id, "--subscription", subscription]).expect_code(0);
+    let letter: Value = serde_json::from_str(&inspected.stdout()).unwrap();
+    assert_eq!(
+        letter["stream"], "fulfilment::order:command-o-5",
+        "{letter}"
+    );
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot ship unknown order o-5"),
+        "{letter}"
+    );
+
+    protean(python, "place", pg, redis);
+    let replayed = dlq(&["replay", id, "--subscription", subscription]).expect_code(0);
+    assert!(
+        replayed.stdout().contains("handled by build"),
+        "{}",
+        replayed.stdout()
+    );
+    assert_eq!(
+        count_in(store, "fulfilment::order-o-5", "Fulfilment.OrderShipped.v1"),
+        1
+    );
+    let command = store
+        .read_stream("fulfilment::order:command-o-5", 0)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message_type == "Fulfilment.ShipOrder.v1")
+        .unwrap();
+    let marked = store
+        .processed(subscription, &[command.identity().as_str()])
+        .unwrap();
+    assert_eq!(marked.len(), 1, "the replayed command has its marker");
+    let left = store.dead_letters(Some(subscription)).unwrap();
+    assert_eq!(left.len(), 1, "only o-1 waits: {left:?}");
+    let again = dlq(&["replay", id, "--subscription", subscription]).expect_code(1);
+    assert_eq!(again.error_lines().len(), 1, "{}", again.stderr());
 }

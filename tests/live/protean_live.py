@@ -4,6 +4,7 @@ Run by tests/e2e/live.rs in the venv scripts/protean-venv makes:
 
     python protean_live.py write --uri URI --redis REDIS    # appends commands, raises an event
     python protean_live.py publish --uri URI --redis REDIS  # Protean's outbox processor: rows to Redis
+    python protean_live.py place --uri URI --redis REDIS    # places o-5, which a shipment waited for
     python protean_live.py read --uri URI --redis REDIS     # reads and rehydrates what both wrote
 
 `write` does what a Python service sharing the store does:
@@ -13,7 +14,9 @@ Run by tests/e2e/live.rs in the venv scripts/protean-venv makes:
 - `domain.process(PlaceOrder, asynchronous=False)` for o-4: Protean's own handler raises `OrderPlaced`,
   which Protean's outbox (a table in the same database) holds until `publish` runs Protean's own
   `OutboxProcessor`, which puts it on the Redis stream `fulfilment::order`, where the host's event
-  handlers' groups take it from there.
+  handlers' groups take it from there;
+- `domain.process(ShipOrder, asynchronous=True)` for o-5, an order nobody placed yet: the host rejects it
+  (a dead letter) until `place` has Protean place o-5 itself (as for o-4), and the dead letter is replayed.
 `read` deserializes every message in the store with Protean's own read path and its checksum verified,
 and rehydrates each order from its events. Each prints one JSON object; `write` and `publish` exit 1
 when a check fails, `read` lists what failed and leaves the judging to the test.
@@ -84,11 +87,22 @@ class PlaceOrder:
     total = Float()
 
 
+@domain.command(part_of=Order)
+class ShipOrder:
+    order_id = Identifier(identifier=True)
+
+
 @domain.command_handler(part_of=Order)
 class OrderCommands:
     @handle(PlaceOrder)
     def place(self, command: PlaceOrder):
         order = Order.place(command.order_id, command.customer, command.sku, command.quantity, command.total)
+        current_domain.repository_for(Order).add(order)
+
+    @handle(ShipOrder)
+    def ship(self, command: ShipOrder):
+        order = current_domain.repository_for(Order).get(command.order_id)
+        order.raise_(OrderShipped(order_id=command.order_id))
         current_domain.repository_for(Order).add(order)
 
 
@@ -110,8 +124,17 @@ def write(uri: str, redis: str) -> dict:
             (PlaceOrder(order_id="o-1", customer="ada", sku="book", quantity=2, total=30.5), True),
             (PlaceOrder(order_id="o-2", customer="Zoë Ünal 📚", sku="bücher", quantity=1, total=1e16), True),
             (PlaceOrder(order_id="o-4", customer="lin", sku="pen", quantity=3, total=4.5), False),
+            (ShipOrder(order_id="o-5"), True),
         ]:
             domain.process(order, asynchronous=asynchronous)
+        domain.event_store.store.close()
+    return {"failures": []}
+
+
+def place(uri: str, redis: str) -> dict:
+    start(uri, redis)
+    with domain.domain_context():
+        domain.process(PlaceOrder(order_id="o-5", customer="kai", sku="mug", quantity=1, total=9.0), asynchronous=False)
         domain.event_store.store.close()
     return {"failures": []}
 
@@ -160,7 +183,7 @@ def read(uri: str, redis: str) -> dict:
                 except Exception as exc:  # noqa: BLE001 - reported verbatim
                     failures.append(f"{where}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         orders = {}
-        for order_id in ["o-1", "o-2", "o-4"]:
+        for order_id in ["o-1", "o-2", "o-4", "o-5"]:
             try:
                 orders[order_id] = current_domain.repository_for(Order).get(order_id).status
             except Exception as exc:  # noqa: BLE001
@@ -171,12 +194,13 @@ def read(uri: str, redis: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["write", "publish", "read"])
+    parser.add_argument("action", choices=["write", "publish", "place", "read"])
     parser.add_argument("--uri", required=True)
     parser.add_argument("--redis", required=True)
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)
-    result = {"write": write, "publish": publish, "read": read}[args.action](args.uri, args.redis)
+    actions = {"write": write, "publish": publish, "place": place, "read": read}
+    result = actions[args.action](args.uri, args.redis)
     print(json.dumps(result, ensure_ascii=False))
     # What Protean could not read is judged by the test (Protean fails one of its own messages).
     return 1 if result["failures"] and args.action != "read" else 0

@@ -9,7 +9,8 @@
 //! 3. on a failure: drops the failed message's partial writes; a rejection, or a retryable failure out of
 //!    retries, is dead-lettered and the batch goes on; otherwise the batch stops there and the message is
 //!    retried later. An ordered subscription stops only the failed message's key: its later messages are
-//!    left unsettled (as are those of a key parked by a dead letter) and the other keys go on;
+//!    left unsettled (as are those of a key parked by a dead letter; on the event store those are held
+//!    in the store instead, see `subscription::parking`) and the other keys go on;
 //! 4. commits everything settled (writes, processed markers, dead letters, the new position) as one unit
 //!    of work, re-running the batch if another writer changed a stream the handlers read.
 //!
@@ -28,7 +29,10 @@ use crate::{
     ordering::{partition_of, Ordering},
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
-    subscription::SubscriptionPlan,
+    subscription::{
+        parking::{self, Parking},
+        SubscriptionPlan,
+    },
     unit_of_work::{Buffer, CallRecord, Fence, PositionUpdate, ProcessedMarker, UnitOfWork},
 };
 
@@ -88,6 +92,19 @@ impl Attempts {
         self.waiting.retain(|_, until| *until > now);
     }
 
+    /// Whether `key` waits for a retry at `now` (a wait that is over is forgotten).
+    pub(crate) fn waits(&mut self, key: &str, now: Instant) -> bool {
+        if self.waiting.get(key).is_some_and(|until| *until <= now) {
+            self.waiting.remove(key);
+        }
+        self.waiting.contains_key(key)
+    }
+
+    /// Hold `key`'s messages for `delay` (a batch of its messages failed as a whole).
+    pub(crate) fn wait(&mut self, key: &str, delay: Duration) {
+        self.waiting.insert(key.to_owned(), Instant::now() + delay);
+    }
+
     /// The keys whose messages are held.
     fn held(&self) -> HashSet<String> {
         self.waiting.keys().cloned().collect()
@@ -108,8 +125,10 @@ pub(crate) struct Report {
     /// messages in the batch were left unsettled.
     pub(crate) waiting: Vec<(String, Duration)>,
     /// Ordered batches that park: keys whose message was dead-lettered; their later messages in the
-    /// batch were left unsettled.
+    /// batch were left unsettled (held in the store, on the event store).
     pub(crate) parked: Vec<String>,
+    /// Parking event-store batches: messages held behind parked keys (settled for the position).
+    pub(crate) held: u32,
     pub(crate) handled: Vec<String>,
     pub(crate) written: Vec<String>,
     pub(crate) dead_lettered: u32,
@@ -137,6 +156,7 @@ impl Report {
         };
         self.waiting.extend(next.waiting);
         self.parked.extend(next.parked);
+        self.held += next.held;
         self.handled.extend(next.handled);
         self.written.extend(next.written);
         self.dead_lettered += next.dead_lettered;
@@ -171,6 +191,8 @@ pub(crate) struct Context<'a> {
     pub(crate) deadlines: Option<&'a super::deadlines::Deadlines>,
     /// Which calls are recorded in the store before they start ([`CallRecord`]).
     pub(crate) record: Record,
+    /// Ordered event-store subscriptions that park: the parked keys, or the key being drained.
+    pub(crate) parking: Option<Parking<'a>>,
 }
 
 /// Which handler calls are recorded before they start, so that a process dying in one is counted.
@@ -204,6 +226,7 @@ impl<'a> Context<'a> {
             keys: None,
             deadlines: Some(&shared.deadlines),
             record: Record::Suspects,
+            parking: None,
         }
     }
 }
@@ -220,6 +243,8 @@ enum Class<'m> {
     Skip(&'static str),
     /// Another worker's key: settled for this worker's position, not counted as skipped.
     Theirs,
+    /// A message of a parked key: held behind it in the store, settled for the position.
+    Held,
     Handle(&'m str),
 }
 
@@ -428,11 +453,14 @@ fn build(
         .iter()
         .zip(&metas)
         .zip(done.into_iter().zip(theirs))
-        .map(|((m, meta), (done, theirs))| {
+        .enumerate()
+        .map(|(i, ((m, meta), (done, theirs)))| {
             if theirs {
                 Class::Theirs
             } else if done {
                 Class::Skip("already processed")
+            } else if let Some(class) = parked(ctx, keys, i, m) {
+                class
             } else {
                 classify(sub, m, meta, now)
             }
@@ -458,6 +486,13 @@ fn build(
     let mut held = Held::new(sub.ordering.as_ref(), keys, waiting);
     let mut i = 0;
     while i < messages.len() {
+        if matches!(classes[i], Class::Held) || held.parked_in_store(i, ctx.parking) {
+            parking::hold(&mut unit, &keys[i], &messages[i]);
+            report.held += 1;
+            settled[i] = true;
+            i += 1;
+            continue;
+        }
         if held.contains(i) {
             i += 1;
             continue;
@@ -485,6 +520,7 @@ fn build(
                 i += 1;
                 continue;
             }
+            Class::Held => unreachable!("a held message is recorded before its class is matched"),
             Class::Handle(handler) => *handler,
         };
         let before = attempts.failed(&messages[i].identity());
@@ -593,6 +629,9 @@ fn build(
                 settled_ids.push(failed.identity());
                 settled[ok_end] = true;
                 if let Some(key) = held.park(ok_end) {
+                    if ctx.parking.is_some() {
+                        parking::park(&mut unit, &key, failed.global_position);
+                    }
                     report.parked.push(key);
                 }
             }
@@ -601,6 +640,9 @@ fn build(
     }
     buffer.drain_into(&mut unit);
     unit.ended_calls = ended_calls(sub, messages, &settled, &called, attempts);
+    if let Some(parking) = ctx.parking {
+        parking::finish(parking, &sub.plan.name, &mut unit, messages, &settled);
+    }
     report.settled = settled_ids.clone();
     report.complete = settled.iter().all(|s| *s);
     // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
@@ -692,6 +734,8 @@ struct Held<'m> {
     ordering: Option<&'m Ordering>,
     keys: &'m [String],
     stopped: HashSet<String>,
+    /// The keys this batch parked (also stopped).
+    parked: HashSet<String>,
 }
 
 impl<'m> Held<'m> {
@@ -700,7 +744,14 @@ impl<'m> Held<'m> {
             ordering,
             keys,
             stopped: waiting,
+            parked: HashSet::new(),
         }
+    }
+
+    /// Whether message `i`'s key was parked by this batch and its messages are held in the store.
+    fn parked_in_store(&self, i: usize, parking: Option<Parking<'_>>) -> bool {
+        parking.is_some_and(|p| p.holds_in_store())
+            && self.keys.get(i).is_some_and(|k| self.parked.contains(k))
     }
 
     /// Whether message `i`'s key has stopped.
@@ -718,6 +769,7 @@ impl<'m> Held<'m> {
     /// Stop the key of message `i` (dead-lettered) if the ordering parks; its key then.
     fn park(&mut self, i: usize) -> Option<String> {
         self.ordering.filter(|o| o.park)?;
+        self.parked.insert(self.keys[i].clone());
         self.hold(i)
     }
 }
@@ -749,6 +801,21 @@ fn already_processed(
         .zip(theirs)
         .map(|(id, theirs)| !theirs && (committed.contains(id) || !seen.insert(id.as_str())))
         .collect())
+}
+
+/// The class of message `i` when its key is parked (see [`Parking::waits`]): held, or settled before.
+fn parked<'m>(
+    ctx: &Context<'_>,
+    keys: &[String],
+    i: usize,
+    m: &StoredMessage,
+) -> Option<Class<'m>> {
+    let waits = ctx.parking?.waits(keys.get(i)?, m.global_position)?;
+    Some(if waits {
+        Class::Held
+    } else {
+        Class::Skip("settled before its key parked")
+    })
 }
 
 /// Which messages belong to another worker's keys (none unless the subscription has several workers).

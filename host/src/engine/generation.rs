@@ -6,12 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{batch::Subscription, retry::RetryPolicy, subscription_type, EngineError};
-use crate::{
-    config::{Config, SubscriptionType},
-    ordering::Ordering,
-    plugin::Plugin,
-    subscription::{self, SubscriptionPlan},
-};
+use crate::{config::Config, ordering::Ordering, plugin::Plugin, subscription};
 
 /// One build of the domain, ready to run.
 #[derive(Debug)]
@@ -34,7 +29,7 @@ impl Generation {
                 tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
                 let commands = plan.name.starts_with("commands:");
                 let kind = subscription_type(config, &handler, plan.kind)?;
-                let ordering = ordering(&plan, kind);
+                let ordering = Ordering::of(&plan);
                 Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind, ordering }))
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
@@ -59,14 +54,6 @@ impl Generation {
             .find(|s| s.plan.name == name)
             .map(AsRef::as_ref)
     }
-}
-
-/// The ordering a subscription runs with: the one its handler declared, except that event-store
-/// subscriptions never park (their dead letters cannot be replayed yet: a parked key would wait forever).
-fn ordering(plan: &SubscriptionPlan, kind: SubscriptionType) -> Option<Ordering> {
-    let mut ordering = Ordering::of(plan)?;
-    ordering.park &= kind == SubscriptionType::Stream;
-    Some(ordering)
 }
 
 /// What a reload changes, by subscription name.
@@ -101,29 +88,4 @@ impl Changes {
 
 fn differs(a: &Subscription, b: &Subscription) -> bool {
     a.plan != b.plan || a.settings != b.settings || a.kind != b.kind
-}
-
-#[cfg(test)]
-mod tests {
-    use protean_plugin_api::{HandlerOptions, STREAM_KEY};
-
-    use super::*;
-    use crate::plugin::Kind;
-
-    #[test]
-    fn a_process_manager_parks_on_a_broker_and_moves_on_on_the_event_store() {
-        let plan = SubscriptionPlan {
-            name: "flow".into(),
-            categories: vec!["d::order".into()],
-            routes: Default::default(),
-            options: HandlerOptions {
-                ordered_by: Some(STREAM_KEY.into()),
-                ..HandlerOptions::default()
-            },
-            kind: Kind::ProcessManager,
-        };
-        let park = |kind| ordering(&plan, kind).map(|o| o.park);
-        assert_eq!(park(SubscriptionType::Stream), Some(true));
-        assert_eq!(park(SubscriptionType::EventStore), Some(false));
-    }
 }

@@ -430,6 +430,7 @@ impl Engine {
             keys: None,
             deadlines: None,
             record: batch::Record::Every,
+            parking: None,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {

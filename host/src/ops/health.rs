@@ -431,6 +431,7 @@ fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus 
         handlers: Vec::new(),
         partitions: None,
         workers: 1,
+        parks: false,
     });
     row.state = state_name(state).into();
     row.last_progress_ms = Some(quiet.as_millis() as u64);

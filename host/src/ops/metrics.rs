@@ -224,9 +224,9 @@ impl Metrics {
             if s.lag.is_some() {
                 set(&self.queue_depth, Some(s.backlog()));
             }
+            set(&self.parked_keys, s.parked_keys);
+            set(&self.held_messages, s.held_messages);
             if let Some(p) = &s.partitions {
-                set(&self.parked_keys, Some(p.parked));
-                set(&self.held_messages, Some(p.held));
                 for (owner, count) in &p.owners {
                     let mut labels = labels.clone();
                     labels.push(("owner", owner.clone()));

@@ -29,6 +29,8 @@ pub struct Target {
     pub partitions: Option<u32>,
     /// Workers sharing an ordered event-store subscription, each with its own position (else 1).
     pub workers: u32,
+    /// An ordered event-store subscription that parks a key after a dead letter.
+    pub parks: bool,
 }
 
 impl Target {
@@ -39,6 +41,7 @@ impl Target {
         config: &crate::config::Config,
     ) -> Self {
         let ordered = kind == SubscriptionType::Stream && plan.options.ordered_by.is_some();
+        let parks = crate::ordering::Ordering::of(plan).is_some_and(|o| o.park);
         Self {
             name: plan.name.clone(),
             kind,
@@ -46,6 +49,7 @@ impl Target {
             handlers: handlers(plan.routes.values()),
             partitions: ordered.then_some(config.ordering.partitions),
             workers: workers::count(config, plan, kind),
+            parks: parks && kind == SubscriptionType::EventStore,
         }
     }
 }
@@ -104,6 +108,12 @@ pub struct SubscriptionStatus {
     /// Ordered stream subscriptions: partitions per replica, parked keys, held messages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<PartitionStatus>,
+    /// Ordered subscriptions that park (on a broker or the event store): keys parked behind a dead
+    /// letter, and the messages they hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parked_keys: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_messages: Option<u64>,
     /// Without an engine: derived from the figures; in `/readyz`: what its loop is doing.
     pub state: String,
     /// A running engine only: whether its loop is stalled, and since when it last reported.
@@ -132,6 +142,8 @@ impl SubscriptionStatus {
             consumers: None,
             owner: None,
             partitions: None,
+            parked_keys: None,
+            held_messages: None,
             state: String::new(),
             stalled: None,
             last_progress_ms: None,
@@ -219,7 +231,34 @@ fn fail_streams(rows: &mut [SubscriptionStatus], error: &str) {
     }
 }
 
-type StoreFigures = (Vec<Result<(u64, u64, u64), String>>, Option<OutboxCounts>);
+type StoreFigures = (Vec<Result<Figures, String>>, Option<OutboxCounts>);
+
+/// What the store says of one event-store subscription.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    position: u64,
+    lag: u64,
+    dead_letters: u64,
+    /// Parked keys and the messages they hold, for one that parks.
+    parked: Option<(u64, u64)>,
+}
+
+impl Figures {
+    fn of(store: &dyn Store, t: &Target) -> crate::store::Result<Self> {
+        // Workers: the lowest of their positions, so the lag counts whatever any has left.
+        let position = workers::lowest_position(store, &t.name, t.workers)?;
+        // Also for one that no longer parks: keys an earlier build parked still hold messages.
+        let keys = store.parked_keys(&t.name)?;
+        let parked = (t.parks || !keys.is_empty())
+            .then(|| (keys.len() as u64, keys.iter().map(|k| k.held).sum()));
+        Ok(Self {
+            position,
+            lag: store.count_after(&t.categories, position)?,
+            dead_letters: store.dead_letters(Some(&t.name))?.len() as u64,
+            parked,
+        })
+    }
+}
 
 /// Positions, lag and dead letters of event-store subscriptions, and the outbox counts.
 async fn measure_store(
@@ -233,20 +272,11 @@ async fn measure_store(
     let work = tokio::task::spawn_blocking(move || -> StoreFigures {
         let figures = wanted
             .iter()
-            .map(|t| {
-                if t.kind != SubscriptionType::EventStore {
-                    return Ok((0, 0, 0));
+            .map(|t| match t.kind {
+                SubscriptionType::EventStore => {
+                    Figures::of(store.as_ref(), t).map_err(|e| e.to_string())
                 }
-                // Workers: the lowest of their positions, so the lag counts whatever any has left.
-                let position = workers::lowest_position(store.as_ref(), &t.name, t.workers)
-                    .map_err(|e| e.to_string())?;
-                let lag = store
-                    .count_after(&t.categories, position)
-                    .map_err(|e| e.to_string())?;
-                let dead = store
-                    .dead_letters(Some(&t.name))
-                    .map_err(|e| e.to_string())?;
-                Ok((position, lag, dead.len() as u64))
+                SubscriptionType::Stream => Ok(Figures::default()),
             })
             .collect();
         let outbox = store.outbox().and_then(|o| o.counts(held_after).ok());
@@ -268,11 +298,13 @@ async fn measure_store(
             continue;
         }
         match figure {
-            Ok((position, lag, dead)) => {
-                row.position = Some(position);
-                row.lag = Some(lag);
+            Ok(figures) => {
+                row.position = Some(figures.position);
+                row.lag = Some(figures.lag);
                 row.pending = Some(0);
-                row.dead_letters = Some(dead);
+                row.dead_letters = Some(figures.dead_letters);
+                row.parked_keys = figures.parked.map(|(keys, _)| keys);
+                row.held_messages = figures.parked.map(|(_, held)| held);
             }
             Err(error) => row.error = Some(error),
         }
@@ -329,6 +361,8 @@ async fn measure_partitions(
             row.lag = Some(status.lag);
             row.pending = Some(0);
             row.consumers = Some(status.owners.len() as u64);
+            row.parked_keys = Some(status.parked);
+            row.held_messages = Some(status.held);
             row.partitions = Some(status);
         }
         Err(e) => row.error = Some(e.to_string()),
@@ -414,6 +448,8 @@ impl fmt::Display for Snapshot {
                     p.parked,
                     p.held
                 )?;
+            } else if let (Some(parked), Some(held)) = (s.parked_keys, s.held_messages) {
+                writeln!(f, "    parked keys {parked}, held messages {held}")?;
             }
         }
         if let Some(o) = &self.outbox {

@@ -8,8 +8,8 @@ use std::{
 use super::{
     category, check_field,
     outbox::{choose, Candidate, Lease},
-    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
-    Result, Store, StoredDocument, StoredMessage, ABSENT,
+    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
+    PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
 use crate::unit_of_work::{CallRecord, DocumentWrite, UnitOfWork};
 
@@ -35,6 +35,10 @@ struct State {
     fences: HashMap<String, u64>,
     /// Call records: attempts by (subscription, identity).
     calls: HashMap<(String, String), u32>,
+    /// Parked keys by (subscription, key): the dead letter's global position, and whether released.
+    parked: BTreeMap<(String, String), (u64, bool)>,
+    /// Held messages: (subscription, key, global position).
+    held: std::collections::BTreeSet<(String, String, u64)>,
 }
 
 #[derive(Debug)]
@@ -113,7 +117,62 @@ impl State {
                 });
             }
         }
+        self.check_holds(unit)
+    }
+
+    /// Refuse to hold a message behind a key that is not parked (nor parked by the unit itself).
+    fn check_holds(&self, unit: &UnitOfWork) -> Result<()> {
+        let parking = &unit.parking;
+        for (key, _) in &parking.hold {
+            let parked = self
+                .parked
+                .contains_key(&(parking.subscription.clone(), key.clone()))
+                || parking.park.iter().any(|(k, _)| k == key);
+            if !parked {
+                return Err(Error::NotParked {
+                    subscription: parking.subscription.clone(),
+                    key: key.clone(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Park, hold, settle and unpark, as the SQL stores do.
+    fn apply_parking(&mut self, parking: &crate::unit_of_work::Parking) {
+        let subscription = &parking.subscription;
+        for (key, dead_letter) in &parking.park {
+            self.parked
+                .insert((subscription.clone(), key.clone()), (*dead_letter, false));
+        }
+        for (key, position) in &parking.hold {
+            self.held
+                .insert((subscription.clone(), key.clone(), *position));
+        }
+        for (key, position) in &parking.settle {
+            self.held
+                .remove(&(subscription.clone(), key.clone(), *position));
+        }
+        for key in &parking.unpark {
+            let id = (subscription.clone(), key.clone());
+            if self.parked.get(&id).is_some_and(|(_, released)| *released)
+                && self.held_behind(subscription, key).next().is_none()
+            {
+                self.parked.remove(&id);
+            }
+        }
+    }
+
+    /// The global positions held behind `key` of `subscription`, in order.
+    fn held_behind<'s>(
+        &'s self,
+        subscription: &'s str,
+        key: &'s str,
+    ) -> impl Iterator<Item = u64> + 's {
+        self.held
+            .iter()
+            .filter(move |(s, k, _)| s == subscription && k == key)
+            .map(|(_, _, position)| *position)
     }
 
     /// Refuse a fence older than the recorded one. Fences of one name chain within the unit, as they do
@@ -243,6 +302,7 @@ impl State {
         for ended in &unit.ended_calls {
             self.calls.remove(ended);
         }
+        self.apply_parking(&unit.parking);
         last
     }
 }
@@ -417,6 +477,16 @@ impl Store for MemoryStore {
             return Ok(false);
         };
         state.replayed.insert(index, replayed_by.to_owned());
+        let waiting = state.dead_letters.iter().enumerate().any(|(i, d)| {
+            d.subscription == subscription
+                && d.global_position == global_position
+                && !state.replayed.contains_key(&i)
+        });
+        for ((s, _), (dead_letter, released)) in state.parked.iter_mut() {
+            if s == subscription && *dead_letter == global_position && !waiting {
+                *released = true;
+            }
+        }
         Ok(true)
     }
 
@@ -437,7 +507,42 @@ impl Store for MemoryStore {
                 state.dead_letters.push(letter);
             }
         }
+        for ((s, _), (_, released)) in state.parked.iter_mut() {
+            *released |= s == subscription;
+        }
         Ok((before - state.dead_letters.len()) as u64)
+    }
+
+    fn parked_keys(&self, subscription: &str) -> Result<Vec<ParkedKey>> {
+        let state = self.state();
+        Ok(state
+            .parked
+            .iter()
+            .filter(|((s, _), _)| s == subscription)
+            .map(|((_, key), (dead_letter, released))| ParkedKey {
+                key: key.clone(),
+                dead_letter: *dead_letter,
+                released: *released,
+                held: state.held_behind(subscription, key).count() as u64,
+            })
+            .collect())
+    }
+
+    fn held_messages(
+        &self,
+        subscription: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let state = self.state();
+        Ok(state
+            .held_behind(subscription, key)
+            .filter_map(|position| {
+                let index = usize::try_from(position.checked_sub(1)?).ok()?;
+                state.messages.get(index).cloned()
+            })
+            .take(limit)
+            .collect())
     }
 }
 

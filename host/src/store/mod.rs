@@ -83,6 +83,18 @@ pub struct DeadLetter {
     pub failed_at: String,
 }
 
+/// A key of an ordered event-store subscription parked behind a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParkedKey {
+    pub key: String,
+    /// The global position of the dead letter it waits behind.
+    pub dead_letter: u64,
+    /// Its dead letter was replayed (and handled) or purged: its held messages are handled next.
+    pub released: bool,
+    /// How many messages it holds.
+    pub held: u64,
+}
+
 /// A document as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDocument {
@@ -137,6 +149,10 @@ pub enum Error {
         subscription: String,
         message_id: String,
     },
+    /// A batch held a message behind a key that is no longer parked (its view of the parked keys was
+    /// stale): nothing of the unit was written, and the batch is read again.
+    #[error("cannot hold a message behind key {key:?} of {subscription}: the key is not parked")]
+    NotParked { subscription: String, key: String },
     #[error("document field name {0:?} is not a plain identifier (letters, digits, _)")]
     BadField(String),
     #[error("sqlite store {path}: {source}")]
@@ -262,7 +278,8 @@ pub trait Store: Send + Sync {
 
     /// Mark the waiting dead letter of `subscription` at `global_position` as replayed by the build
     /// `replayed_by`: it keeps its row (with the build that failed) and is no longer listed. Whether
-    /// there was one.
+    /// there was one. A key parked behind it is released in the same transaction, unless a newer dead
+    /// letter of the message waits (the replay failed again).
     fn resolve_dead_letter(
         &self,
         subscription: &str,
@@ -270,8 +287,20 @@ pub trait Store: Send + Sync {
         replayed_by: &str,
     ) -> Result<bool>;
 
-    /// Delete the waiting dead letters of `subscription`; how many.
+    /// Delete the waiting dead letters of `subscription`; how many. Every key parked behind one is
+    /// released with them: its held messages are handled next.
     fn purge_dead_letters(&self, subscription: &str) -> Result<u64>;
+
+    /// The keys of `subscription` parked behind a dead letter, by key.
+    fn parked_keys(&self, subscription: &str) -> Result<Vec<ParkedKey>>;
+
+    /// The first `limit` messages held behind `key` of `subscription`, in store order.
+    fn held_messages(
+        &self,
+        subscription: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
 
     /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
     /// of `subscription` (a redelivery after a commit).

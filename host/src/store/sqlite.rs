@@ -17,10 +17,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::{
     category, check_field, indexed_fields,
     outbox::{choose, Candidate, Lease},
-    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
-    Result, Store, StoredDocument, StoredMessage, ABSENT,
+    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
+    PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
-use crate::unit_of_work::{CallRecord, DocumentWrite, UnitOfWork};
+use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
 
 mod sql {
     pub(super) const SCHEMA: &str = include_str!("sql/sqlite/schema.sql");
@@ -77,6 +77,16 @@ mod sql {
     pub(super) const RECORD_CALL: &str = include_str!("sql/sqlite/record_call.sql");
     pub(super) const END_CALL: &str = include_str!("sql/sqlite/end_call.sql");
     pub(super) const RECORDED_CALLS: &str = include_str!("sql/sqlite/recorded_calls.sql");
+    pub(super) const PARK_KEY: &str = include_str!("sql/sqlite/park_key.sql");
+    pub(super) const IS_PARKED: &str = include_str!("sql/sqlite/is_parked.sql");
+    pub(super) const HOLD_MESSAGE: &str = include_str!("sql/sqlite/hold_message.sql");
+    pub(super) const SETTLE_HELD: &str = include_str!("sql/sqlite/settle_held.sql");
+    pub(super) const UNPARK_KEY: &str = include_str!("sql/sqlite/unpark_key.sql");
+    pub(super) const DROP_HELD: &str = include_str!("sql/sqlite/drop_held.sql");
+    pub(super) const RELEASE_REPLAYED: &str = include_str!("sql/sqlite/release_replayed.sql");
+    pub(super) const RELEASE_ALL: &str = include_str!("sql/sqlite/release_all.sql");
+    pub(super) const PARKED_KEYS: &str = include_str!("sql/sqlite/parked_keys.sql");
+    pub(super) const HELD_MESSAGES: &str = include_str!("sql/sqlite/held_messages.sql");
 }
 
 /// A store in a SQLite file: one writer connection, and a pool of reader connections so that handlers
@@ -395,7 +405,56 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
         tx.prepare_cached(sql::END_CALL)?
             .execute(params![subscription, identity])?;
     }
+    apply_parking(tx, &unit.parking, &at)?;
     Ok(last)
+}
+
+/// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
+fn apply_parking(
+    tx: &rusqlite::Transaction<'_>,
+    parking: &Parking,
+    at: &str,
+) -> Result<(), CommitError> {
+    let subscription = &parking.subscription;
+    for (key, dead_letter) in &parking.park {
+        tx.prepare_cached(sql::PARK_KEY)?
+            .execute(params![subscription, key, dead_letter, at])?;
+    }
+    for (key, global_position) in &parking.hold {
+        let parked: i64 = tx
+            .prepare_cached(sql::IS_PARKED)?
+            .query_row(params![subscription, key], |r| r.get(0))?;
+        if parked == 0 {
+            return Err(Error::NotParked {
+                subscription: subscription.clone(),
+                key: key.clone(),
+            }
+            .into());
+        }
+        tx.prepare_cached(sql::HOLD_MESSAGE)?.execute(params![
+            subscription,
+            key,
+            global_position
+        ])?;
+    }
+    for (key, global_position) in &parking.settle {
+        tx.prepare_cached(sql::SETTLE_HELD)?.execute(params![
+            subscription,
+            key,
+            global_position
+        ])?;
+    }
+    for key in &parking.unpark {
+        if tx
+            .prepare_cached(sql::UNPARK_KEY)?
+            .execute(params![subscription, key])?
+            > 0
+        {
+            tx.prepare_cached(sql::DROP_HELD)?
+                .execute(params![subscription, key])?;
+        }
+    }
+    Ok(())
 }
 
 /// Record the unit's idempotency key, refusing the unit when the key was committed before.
@@ -708,21 +767,56 @@ impl Store for SqliteStore {
         replayed_by: &str,
     ) -> Result<bool> {
         let now = crate::message::format_time(chrono::Utc::now());
-        let updated = self
-            .connection()
-            .prepare_cached(sql::RESOLVE_DEAD_LETTER)
-            .and_then(|mut s| s.execute(params![subscription, global_position, replayed_by, now]))
-            .map_err(|e| self.error(e))?;
+        let updated = self.write(|tx| {
+            let updated = tx
+                .prepare_cached(sql::RESOLVE_DEAD_LETTER)?
+                .execute(params![subscription, global_position, replayed_by, now])?;
+            tx.prepare_cached(sql::RELEASE_REPLAYED)?
+                .execute(params![subscription, global_position])?;
+            Ok(updated)
+        })?;
         Ok(updated > 0)
     }
 
     fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
-        let deleted = self
-            .connection()
-            .prepare_cached(sql::PURGE_DEAD_LETTERS)
-            .and_then(|mut s| s.execute(params![subscription]))
-            .map_err(|e| self.error(e))?;
+        let deleted = self.write(|tx| {
+            let deleted = tx
+                .prepare_cached(sql::PURGE_DEAD_LETTERS)?
+                .execute(params![subscription])?;
+            tx.prepare_cached(sql::RELEASE_ALL)?
+                .execute(params![subscription])?;
+            Ok(deleted)
+        })?;
         Ok(deleted as u64)
+    }
+
+    fn parked_keys(&self, subscription: &str) -> Result<Vec<ParkedKey>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::PARKED_KEYS)
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([subscription], |r| {
+                Ok(ParkedKey {
+                    key: r.get(0)?,
+                    dead_letter: r.get(1)?,
+                    released: r.get(2)?,
+                    held: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.error(e))
+    }
+
+    fn held_messages(
+        &self,
+        subscription: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.query_messages(sql::HELD_MESSAGES, params![subscription, key, limit])
     }
 
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {

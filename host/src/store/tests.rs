@@ -2,11 +2,11 @@
 
 use serde_json::json;
 
-use super::{Error, Store, ABSENT};
+use super::{DeadLetter, Error, ParkedKey, Store, ABSENT};
 use crate::{
     message::Kind,
     unit_of_work::{
-        CallRecord, DocumentWrite, Fence, IdempotencyKey, NewMessage, PositionUpdate,
+        CallRecord, DocumentWrite, Fence, IdempotencyKey, NewMessage, Parking, PositionUpdate,
         ProcessedMarker, UnitOfWork,
     },
 };
@@ -775,6 +775,131 @@ pub(super) fn call_records_outlive_their_call_until_a_commit_settles_it(store: &
     assert_eq!(store.recorded_calls("stock", None).unwrap()["a@0"], 1);
 }
 
+fn parking(park: &[(&str, u64)], hold: &[(&str, u64)], settle: &[(&str, u64)]) -> UnitOfWork {
+    let pairs = |v: &[(&str, u64)]| v.iter().map(|(k, p)| (k.to_string(), *p)).collect();
+    UnitOfWork {
+        parking: Parking {
+            subscription: "s".into(),
+            park: pairs(park),
+            hold: pairs(hold),
+            settle: pairs(settle),
+            unpark: settle.iter().map(|(k, _)| k.to_string()).collect(),
+        },
+        ..UnitOfWork::default()
+    }
+}
+
+fn dead_letter_at(global_position: u64) -> UnitOfWork {
+    UnitOfWork {
+        dead_letters: vec![DeadLetter {
+            subscription: "s".into(),
+            handler: "h".into(),
+            message_id: format!("m{global_position}"),
+            stream: "shop::order-1".into(),
+            global_position,
+            message_type: "Shop.Happened.v1".into(),
+            data: "{}".into(),
+            metadata: "{}".into(),
+            error: "boom".into(),
+            attempts: 1,
+            build_id: "b".into(),
+            failed_at: "2026-01-01T00:00:00.000000+00:00".into(),
+        }],
+        ..UnitOfWork::default()
+    }
+}
+
+fn parked(store: &dyn Store) -> Vec<(String, u64, bool, u64)> {
+    let keys: Vec<ParkedKey> = store.parked_keys("s").unwrap();
+    keys.into_iter()
+        .map(|p| (p.key, p.dead_letter, p.released, p.held))
+        .collect()
+}
+
+/// A key parks behind its dead letter and holds later messages (by global position, read back in
+/// order); it is released by the replay of that dead letter and unparked once nothing is held.
+pub(super) fn a_parked_key_holds_until_released_and_drained(store: &dyn Store) {
+    let stream: Vec<NewMessage> = (0..4).map(|n| event("shop::order-1", n, None)).collect();
+    append(store, stream).unwrap();
+    store.commit(&dead_letter_at(1)).unwrap();
+    store
+        .commit(&parking(&[("k", 1)], &[("k", 3), ("k", 2), ("k", 3)], &[]))
+        .unwrap();
+    assert_eq!(parked(store), [("k".to_owned(), 1, false, 2)]);
+    let held: Vec<u64> = store
+        .held_messages("s", "k", 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.global_position)
+        .collect();
+    assert_eq!(held, [2, 3], "in store order, a message held twice once");
+    assert_eq!(store.held_messages("s", "k", 1).unwrap().len(), 1);
+    store.commit(&parking(&[], &[], &[("k", 2)])).unwrap();
+    assert_eq!(
+        parked(store),
+        [("k".to_owned(), 1, false, 1)],
+        "not released: still parked"
+    );
+    assert!(store.resolve_dead_letter("s", 1, "b2").unwrap());
+    assert_eq!(parked(store), [("k".to_owned(), 1, true, 1)], "released");
+    store.commit(&parking(&[], &[("k", 4)], &[])).unwrap();
+    store.commit(&parking(&[], &[], &[("k", 3)])).unwrap();
+    assert_eq!(parked(store), [("k".to_owned(), 1, true, 1)], "4 is held");
+    store.commit(&parking(&[], &[], &[("k", 4)])).unwrap();
+    assert!(parked(store).is_empty(), "unparked: {:?}", parked(store));
+}
+
+/// Holding behind a key that is not parked refuses the whole unit: a stale view of the parked keys
+/// must not move a position past a message for good.
+pub(super) fn holding_behind_a_key_not_parked_is_refused_whole(store: &dyn Store) {
+    append(store, vec![event("shop::order-1", 0, None)]).unwrap();
+    let unit = UnitOfWork {
+        position: Some(PositionUpdate {
+            subscription: "s".into(),
+            position: 1,
+        }),
+        ..parking(&[("k", 1)], &[("x", 1)], &[])
+    };
+    let refused = store.commit(&unit);
+    assert!(
+        matches!(refused, Err(Error::NotParked { ref key, .. }) if key == "x"),
+        "{refused:?}"
+    );
+    assert_eq!(store.position("s").unwrap(), None);
+    assert!(parked(store).is_empty(), "nothing of the unit is written");
+}
+
+/// A replay that failed again leaves a newer dead letter: the key stays parked until that one is
+/// replayed. A purge releases every parked key of the subscription.
+pub(super) fn a_key_is_released_by_its_last_dead_letter_or_a_purge(store: &dyn Store) {
+    let stream: Vec<NewMessage> = (0..3).map(|n| event("shop::order-1", n, None)).collect();
+    append(store, stream).unwrap();
+    store.commit(&dead_letter_at(1)).unwrap();
+    store.commit(&dead_letter_at(1)).unwrap();
+    store.commit(&dead_letter_at(2)).unwrap();
+    store
+        .commit(&parking(&[("a", 1), ("b", 2)], &[("b", 3)], &[]))
+        .unwrap();
+    assert!(store.resolve_dead_letter("s", 1, "b2").unwrap());
+    assert_eq!(
+        parked(store)[0],
+        ("a".to_owned(), 1, false, 0),
+        "failed again"
+    );
+    assert!(store.resolve_dead_letter("s", 1, "b3").unwrap());
+    assert_eq!(parked(store)[0], ("a".to_owned(), 1, true, 0));
+    assert_eq!(store.purge_dead_letters("s").unwrap(), 1);
+    assert_eq!(parked(store)[1], ("b".to_owned(), 2, true, 1), "purged");
+    store
+        .commit(&parking(&[("b", 3)], &[], &[("b", 3)]))
+        .unwrap();
+    assert_eq!(
+        parked(store)[1],
+        ("b".to_owned(), 3, false, 0),
+        "a held message dead-lettered parks its key again, behind it"
+    );
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -800,6 +925,9 @@ macro_rules! store_conformance {
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
             #[test] fn call_records_outlive_their_call_until_a_commit_settles_it() { let (s, _g) = $make; super::call_records_outlive_their_call_until_a_commit_settles_it(&s) }
+            #[test] fn a_parked_key_holds_until_released_and_drained() { let (s, _g) = $make; super::a_parked_key_holds_until_released_and_drained(&s) }
+            #[test] fn holding_behind_a_key_not_parked_is_refused_whole() { let (s, _g) = $make; super::holding_behind_a_key_not_parked_is_refused_whole(&s) }
+            #[test] fn a_key_is_released_by_its_last_dead_letter_or_a_purge() { let (s, _g) = $make; super::a_key_is_released_by_its_last_dead_letter_or_a_purge(&s) }
         }
     )+};
 }

@@ -5,9 +5,12 @@
 //! processes, for the poll interval), so an idle subscription costs one indexed query per interval.
 //! The one exception: a worker of an ordered subscription reads on past a key that waits for a retry
 //! (without moving its position, which stays before that key's message) and reads again from its
-//! position once the retry is due, so a failing key holds back only itself.
+//! position once the retry is due, so a failing key holds back only itself. An ordered subscription
+//! that parks moves its position past a parked key's messages by holding them in the store (see
+//! [`parking`]), and handles them, between its ordinary batches, once the key is released.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     busy::BusyMark,
+    parking::{self, Parked},
     workers::{self, Reader},
 };
 
@@ -27,7 +31,6 @@ use crate::{
         progress::State,
         Shared,
     },
-    ordering::Ordering,
     store::StoredMessage,
 };
 
@@ -43,9 +46,6 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
-    if Ordering::of(&sub.plan).is_some_and(|o| o.park) {
-        tracing::warn!(subscription = %name, "parking a key after a dead letter needs a broker (a stream subscription); this event-store subscription moves on to the key's next message instead");
-    }
     let keeper = match (shared.store.leases(), broker) {
         (Some(_), _) => Some(Keeper::Store),
         (None, Some(broker)) => Some(Keeper::Broker(broker)),
@@ -104,6 +104,9 @@ async fn read(
     let mut head = progress.head();
     let mut failures = 0u32;
     let mut taken = 0u64;
+    let mut view = parking::View::of(&sub);
+    // Held messages of a released key are handled every other round, so the other keys go on too.
+    let mut drained = false;
     while !shutdown.is_cancelled() {
         match hold(&shared, &name, &lease, &mut taken).await {
             Holding::Yes => {}
@@ -117,6 +120,7 @@ async fn read(
                     }
                     None => break,
                 }
+                view.changed();
             }
             Holding::No => {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end,
@@ -133,6 +137,33 @@ async fn read(
         // The state stays what it was while reading: an idle subscription that re-reads is still idle
         // unless the read finds something.
         let seen = *head.borrow_and_update();
+        if view.due(shared.config.poll_interval) {
+            match load_parked(&shared, &sub).await? {
+                Ok(parked) => view.update(&name, parked),
+                Err(error) => {
+                    failures += 1;
+                    backoff(&name, &error, failures, &shutdown).await;
+                    continue;
+                }
+            }
+        }
+        let released = view
+            .parked()
+            .and_then(|p| p.drainable(&reader, &mut attempts))
+            .map(str::to_owned);
+        if let Some(key) = released.clone().filter(|_| !drained) {
+            drained = true;
+            reader.report(progress, State::Busy);
+            let started = Instant::now();
+            let (outcome, returned) = drain(&shared, &sub, &reader, key, attempts).await?;
+            attempts = returned;
+            view.changed();
+            if let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await {
+                committed(&shared, &sub, &reader, report, 0, cursor.position, started);
+            }
+            continue;
+        }
+        drained = false;
         let fetched = fetch(&shared, &sub, cursor.at).await?;
         let messages = match fetched {
             Ok(messages) => messages,
@@ -143,13 +174,19 @@ async fn read(
             }
         };
         cursor.at_head = messages.is_empty();
+        if cursor.at_head && released.is_some() {
+            // A released key still holds messages: handle them without waiting.
+            continue;
+        }
         if cursor.at_head {
             mark.idle(&shared.store).await;
             // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
             // Ahead with no key waiting, only the position is behind: read again at once to move it.
+            // A released key whose held messages wait for a retry wakes it then too.
             let due = cursor
                 .ahead()
-                .then(|| attempts.next_due().unwrap_or_else(Instant::now));
+                .then(|| attempts.next_due().unwrap_or_else(Instant::now))
+                .or_else(|| attempts.next_due().filter(|_| view.parked().is_some()));
             let state = match due {
                 Some(_) => State::Retrying,
                 None => State::Idle { head: seen },
@@ -178,26 +215,18 @@ async fn read(
         let count = messages.len();
         let last = messages.last().map_or(cursor.at, |m| m.global_position);
         let stored = (!cursor.ahead()).then_some(reader.position.as_str());
+        let parked = view.parked().map(|p| p.keys.clone());
         let (outcome, returned) =
-            process(&shared, &sub, &reader, stored, messages, attempts).await?;
+            process(&shared, &sub, &reader, (stored, parked), messages, attempts).await?;
         attempts = returned;
-        let report = match outcome {
-            Ok(report) => report,
-            Err(error @ crate::store::Error::LeaseLost { .. }) => {
-                // Another replica took over while this batch ran: its commit was refused; stand by.
-                tracing::warn!(subscription = %name, %error, "lease lost during a batch; standing by");
-                if let Some(lease) = lease.lock().await.as_mut() {
-                    lease.held = false;
-                }
-                continue;
-            }
-            Err(error) => {
-                failures += 1;
-                backoff(&name, &error.to_string(), failures, &shutdown).await;
-                continue;
-            }
+        let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await else {
+            // A hold refused as not parked any more, among others: read the parked keys again.
+            view.changed();
+            continue;
         };
-        failures = 0;
+        if !report.parked.is_empty() {
+            view.changed();
+        }
         let whole = cursor.after(&report, last, reader.worker.is_some());
         // A single reader waits out a retry; a worker goes on with its other keys unless the whole
         // batch must be retried.
@@ -225,6 +254,35 @@ async fn read(
     Ok(())
 }
 
+/// The report of a batch that committed. Else None: the lease was lost while it ran (its commit was
+/// refused: stand by) or the store failed (after a backoff).
+async fn settled(
+    name: &str,
+    outcome: Result<batch::Report, crate::store::Error>,
+    lease: &tokio::sync::Mutex<Option<Lease>>,
+    failures: &mut u32,
+    shutdown: &CancellationToken,
+) -> Option<batch::Report> {
+    match outcome {
+        Ok(report) => {
+            *failures = 0;
+            Some(report)
+        }
+        Err(error @ crate::store::Error::LeaseLost { .. }) => {
+            tracing::warn!(subscription = %name, %error, "lease lost during a batch; standing by");
+            if let Some(lease) = lease.lock().await.as_mut() {
+                lease.held = false;
+            }
+            None
+        }
+        Err(error) => {
+            *failures += 1;
+            backoff(name, &error.to_string(), *failures, shutdown).await;
+            None
+        }
+    }
+}
+
 /// Count, measure and log a committed batch of `read` messages.
 fn committed(
     shared: &Shared,
@@ -240,6 +298,9 @@ fn committed(
     if let Some(appended) = report.appended {
         shared.progress.advanced(appended);
     }
+    for key in &report.parked {
+        tracing::warn!(subscription = %name, worker = reader.label(), %key, "key parked: its later messages are held until its dead letter is replayed (`dlq replay`) or purged (`dlq purge`)");
+    }
     tracing::info!(
         subscription = %name,
         worker = reader.label(),
@@ -247,6 +308,7 @@ fn committed(
         handled = report.handled.len(),
         dead_lettered = report.dead_lettered,
         skipped = report.skipped,
+        held = report.held,
         written = report.written.len(),
         position,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -506,11 +568,40 @@ async fn fetch(
 
 type Processed = (Result<batch::Report, crate::store::Error>, Attempts);
 
+/// The parked keys of the subscription (see [`parking`]).
+async fn load_parked(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+) -> Result<Result<Parked, String>, String> {
+    let (shared, sub) = (shared.clone(), sub.clone());
+    blocking(move || Parked::load(shared.store.as_ref(), &sub.plan.name).map_err(|e| e.to_string()))
+        .await
+}
+
+/// Handle a batch of the messages held behind the released `key`.
+async fn drain(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    reader: &Reader,
+    key: String,
+    mut attempts: Attempts,
+) -> Result<Processed, String> {
+    let (shared, sub, reader) = (shared.clone(), sub.clone(), reader.clone());
+    blocking(move || {
+        let outcome = parking::drain(&shared, &sub, &reader, &key, &mut attempts);
+        (outcome, attempts)
+    })
+    .await
+}
+
+/// Where the batch stores its position (None while reading ahead of it), and the parked keys.
+type Placing<'a> = (Option<&'a str>, Option<Arc<HashMap<String, u64>>>);
+
 async fn process(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
     reader: &Reader,
-    stored: Option<&str>,
+    (stored, parked): Placing<'_>,
     messages: Vec<StoredMessage>,
     mut attempts: Attempts,
 ) -> Result<Processed, String> {
@@ -521,6 +612,7 @@ async fn process(
         let ctx = batch::Context {
             position: stored.as_deref(),
             worker,
+            parking: parked.as_deref().map(parking::Parking::Read),
             ..batch::Context::new(&shared, &plugin, &sub)
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);

@@ -3,7 +3,9 @@
 //!
 //! Invariants: every key belongs to exactly one worker for a given worker count, so a key's messages
 //! are handled by one loop, in store order. A worker's position never passes a message of its keys that
-//! was neither handled nor dead-lettered (other workers' messages are not its work and never hold it).
+//! was neither handled, dead-lettered nor held behind its parked key in the store (other workers'
+//! messages are not its work and never hold it); a parked key's held messages are drained by the worker
+//! the key falls to, whatever the worker count was when they were held.
 //! A worker without a stored position (first start, or the worker count changed) starts from the
 //! subscription's plain position (kept by a single reader; no worker moves it), or from the start: it
 //! may re-read messages another worker count handled, and the processed markers (which ordered batches

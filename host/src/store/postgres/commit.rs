@@ -10,7 +10,7 @@ use postgres::error::SqlState;
 use super::{pool::Conn, sql};
 use crate::{
     store::{category, indexed_fields, DocumentVersion, Error, Result, ABSENT},
-    unit_of_work::{DocumentWrite, UnitOfWork},
+    unit_of_work::{DocumentWrite, Parking, UnitOfWork},
 };
 
 /// Apply `unit`; `fence` is (subscription, owner) when its position commit requires the lease.
@@ -91,7 +91,41 @@ pub(super) fn apply(
             .unzip();
         c.execute(sql::END_CALLS, &[&subscriptions, &identities])?;
     }
+    apply_parking(c, &unit.parking)?;
     Ok(last)
+}
+
+/// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
+fn apply_parking(c: &mut Conn, parking: &Parking) -> Result<()> {
+    if parking.is_empty() {
+        return Ok(());
+    }
+    let subscription = &parking.subscription;
+    let columns = |pairs: &[(String, u64)]| -> (Vec<String>, Vec<i64>) {
+        pairs.iter().map(|(k, p)| (k.clone(), *p as i64)).unzip()
+    };
+    if !parking.park.is_empty() {
+        let (keys, positions) = columns(&parking.park);
+        c.execute(sql::PARK_KEY, &[subscription, &keys, &positions])?;
+    }
+    if !parking.hold.is_empty() {
+        let (keys, positions) = columns(&parking.hold);
+        let unparked = c.query(sql::HOLD_MESSAGES, &[subscription, &keys, &positions])?;
+        if let Some(row) = unparked.first() {
+            return Err(Error::NotParked {
+                subscription: subscription.clone(),
+                key: row.get(0),
+            });
+        }
+    }
+    if !parking.settle.is_empty() {
+        let (keys, positions) = columns(&parking.settle);
+        c.execute(sql::SETTLE_HELD, &[subscription, &keys, &positions])?;
+    }
+    if !parking.unpark.is_empty() {
+        c.execute(sql::UNPARK_KEYS, &[subscription, &parking.unpark])?;
+    }
+    Ok(())
 }
 
 /// Record the unit's idempotency key, refusing the unit when the key was committed before. Before the

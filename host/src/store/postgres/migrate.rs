@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "calls in flight (a crash counts as a failed attempt)",
         sql: include_str!("../sql/postgres/migrations/009_calls_in_flight.sql"),
     },
+    Migration {
+        version: 10,
+        name: "parked keys of ordered event-store subscriptions and the messages they hold",
+        sql: include_str!("../sql/postgres/migrations/010_parked_keys.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -28,7 +28,8 @@ use std::{
 use postgres::{types::ToSql, Row};
 
 use super::{
-    check_field, DeadLetter, Error, Leases, Outbox, Result, Store, StoredDocument, StoredMessage,
+    check_field, DeadLetter, Error, Leases, Outbox, ParkedKey, Result, Store, StoredDocument,
+    StoredMessage,
 };
 use crate::unit_of_work::{CallRecord, UnitOfWork};
 use pool::Pool;
@@ -103,8 +104,16 @@ mod sql {
         RECORDED_CALLS = "recorded_calls";
         FENCE_RAISE = "fence_raise";
         FENCE_CURRENT = "fence_current";
+        PARK_KEY = "park_key";
+        HOLD_MESSAGES = "hold_messages";
+        SETTLE_HELD = "settle_held";
+        UNPARK_KEYS = "unpark_keys";
+        RELEASE_REPLAYED = "release_replayed";
+        RELEASE_ALL = "release_all";
+        PARKED_KEYS = "parked_keys";
     }
     messages! {
+        HELD_MESSAGES = "held_messages";
         READ_STREAM = "read_stream";
         READ_CATEGORY = "read_category";
         READ_CATEGORIES = "read_categories";
@@ -329,8 +338,12 @@ impl Store for PostgresStore {
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         // A worker's position is fenced by its subscription's lease: the workers run under that one.
-        let fence = unit.position.as_ref().and_then(|p| {
-            let subscription = p.lease();
+        // So are the keys it parks and the messages it holds or settles behind them.
+        let leased = unit.position.as_ref().map(|p| p.lease()).or_else(|| {
+            let parking = &unit.parking;
+            (!parking.is_empty()).then_some(parking.subscription.as_str())
+        });
+        let fence = leased.and_then(|subscription| {
             self.fence_of(subscription)
                 .map(|owner| (subscription, owner))
         });
@@ -426,16 +439,46 @@ impl Store for PostgresStore {
         replayed_by: &str,
     ) -> Result<bool> {
         let position = global_position as i64;
-        let updated = self.conn()?.execute(
-            sql::RESOLVE_DEAD_LETTER,
-            &[&subscription, &position, &replayed_by],
-        )?;
+        let updated = self.conn()?.transaction(|c| {
+            let updated = c.execute(
+                sql::RESOLVE_DEAD_LETTER,
+                &[&subscription, &position, &replayed_by],
+            )?;
+            c.execute(sql::RELEASE_REPLAYED, &[&subscription, &position])?;
+            Ok(updated)
+        })?;
         Ok(updated > 0)
     }
 
     fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
-        self.conn()?
-            .execute(sql::PURGE_DEAD_LETTERS, &[&subscription])
+        self.conn()?.transaction(|c| {
+            let purged = c.execute(sql::PURGE_DEAD_LETTERS, &[&subscription])?;
+            c.execute(sql::RELEASE_ALL, &[&subscription])?;
+            Ok(purged)
+        })
+    }
+
+    fn parked_keys(&self, subscription: &str) -> Result<Vec<ParkedKey>> {
+        let rows = self.conn()?.query(sql::PARKED_KEYS, &[&subscription])?;
+        Ok(rows
+            .iter()
+            .map(|r| ParkedKey {
+                key: r.get(0),
+                dead_letter: r.get::<_, i64>(1) as u64,
+                released: r.get(2),
+                held: r.get::<_, i64>(3) as u64,
+            })
+            .collect())
+    }
+
+    fn held_messages(
+        &self,
+        subscription: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.messages(sql::HELD_MESSAGES, &[&subscription, &key, &limit])
     }
 
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {

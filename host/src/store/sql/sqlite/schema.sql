@@ -1,4 +1,4 @@
--- The SQLite store's schema (version 2, in user_version). Applied in one transaction at every open; every
+-- The SQLite store's schema (version 4, in user_version). Applied in one transaction at every open; every
 -- statement is idempotent.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -134,3 +134,22 @@ SET message_id = (
 WHERE (SELECT user_version FROM pragma_user_version) < 2
   AND message_id IN (SELECT id FROM messages);
 PRAGMA user_version = 2;
+
+-- Version 4: keys of ordered event-store subscriptions parked behind a dead letter (`dead_letter`: its
+-- global position; `released` once it was replayed or purged), and the messages held behind them, by
+-- global position, until they are handled in order and the key is unparked.
+CREATE TABLE IF NOT EXISTS parked_keys (
+    subscription TEXT    NOT NULL,
+    ordering_key TEXT    NOT NULL,
+    dead_letter  INTEGER NOT NULL,
+    released     INTEGER NOT NULL DEFAULT 0,
+    parked_at    TEXT    NOT NULL,
+    PRIMARY KEY (subscription, ordering_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS held_messages (
+    subscription    TEXT    NOT NULL,
+    ordering_key    TEXT    NOT NULL,
+    global_position INTEGER NOT NULL,
+    PRIMARY KEY (subscription, ordering_key, global_position)
+) WITHOUT ROWID;
+PRAGMA user_version = 4;

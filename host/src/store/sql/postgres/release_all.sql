@@ -1,0 +1,1 @@
+UPDATE protean.parked_keys SET released = true WHERE subscription = $1
