@@ -9,6 +9,7 @@ mod discovery;
 mod documents;
 mod engine;
 mod interop;
+mod limits;
 mod live;
 mod loading;
 mod loss_hunter;

@@ -38,6 +38,39 @@ pub enum PoisonError {
     BadDeadline(String),
 }
 
+/// A message, or a part of one, larger than `server.max_message_bytes`. Its size counts the bytes of
+/// its data and metadata as stored (a document's: its data).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is {size} bytes, over server.max_message_bytes = {limit}; {fix}")]
+pub struct TooBig {
+    /// What is too big: "message", "event Shop.Placed.v1 raised for shop::order-1", ...
+    pub what: String,
+    pub size: usize,
+    pub limit: usize,
+    /// What to do about it, for whoever reads the line.
+    pub fix: &'static str,
+}
+
+impl TooBig {
+    /// An error when `size` is over `limit`; `what` is only worked out then.
+    pub fn check(
+        size: usize,
+        limit: usize,
+        what: impl FnOnce() -> String,
+        fix: &'static str,
+    ) -> Result<(), Self> {
+        if size <= limit {
+            return Ok(());
+        }
+        Err(Self {
+            what: what(),
+            size,
+            limit,
+            fix,
+        })
+    }
+}
+
 /// What the engine needs from a message's metadata, read without copying the rest.
 #[derive(Debug, Default, Deserialize)]
 pub struct MetaView<'a> {
@@ -873,7 +906,10 @@ mod tests {
         };
         assert!(checksum_text(&nested(MAX_DEPTH)).is_ok());
         let error = checksum_text(&nested(MAX_DEPTH + 2)).unwrap_err();
-        assert!(error.to_string().contains("recursion limit exceeded"), "{error}");
+        assert!(
+            error.to_string().contains("recursion limit exceeded"),
+            "{error}"
+        );
     }
 
     #[test]

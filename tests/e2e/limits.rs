@@ -1,0 +1,157 @@
+//! `server.max_message_bytes` on every way in: a message over it that another writer put in the store
+//! or on Redis is dead-lettered with the reason, unhandled, while the rest of its batch goes on.
+
+use std::sync::Arc;
+
+use protean_host::{
+    engine::{Outcome, Replay, RunReport},
+    message::{wire_json, Kind},
+    store::Store,
+    unit_of_work::{NewMessage, UnitOfWork},
+};
+use serde_json::{json, Value};
+
+use crate::support::{backends, engine, fixture_domain, sqlite, RedisServer, TEST_CONFIG};
+
+/// The smallest limit allowed, so that the tests' large messages stay small.
+const LIMIT: &str = "max_message_bytes = 4096\n";
+
+const COMMANDS: &str = "probe::probe:command";
+
+fn config() -> String {
+    // TEST_CONFIG ends in its [server] table.
+    format!("{TEST_CONFIG}{LIMIT}")
+}
+
+fn run_command(id: &str, behaviour: &str, pad: usize) -> Value {
+    json!({ "id": id, "behaviour": behaviour, "pad": "x".repeat(pad) })
+}
+
+fn command(id: &str, pad: usize) -> NewMessage {
+    NewMessage::new(
+        Kind::Command,
+        &format!("{COMMANDS}-{id}"),
+        "Probe.Run.v1",
+        &run_command(id, "ok", pad),
+        None,
+        None,
+        None,
+    )
+}
+
+fn ran(store: &dyn Store, id: &str) -> Vec<String> {
+    store
+        .read_stream(&format!("probe::probe-{id}"), 0)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message_type)
+        .collect()
+}
+
+#[test]
+fn a_message_over_the_limit_in_the_store_is_dead_lettered_unhandled_and_the_batch_goes_on() {
+    for (backend, store, _keep) in backends() {
+        // Another writer, which knows no limit, appends a large command between two small ones.
+        let big = command("big", 10_000);
+        let big_id = big.id.clone();
+        store
+            .commit(&UnitOfWork {
+                messages: vec![command("a", 0), big, command("b", 0)],
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        let report = engine(fixture_domain(), "probe", store.clone(), &config())
+            .run()
+            .unwrap();
+        assert_eq!(report.outcome, Outcome::Quiescent, "{backend}");
+        assert_eq!(
+            (report.totals.retries, report.totals.dead_lettered),
+            (0, 1),
+            "{backend}"
+        );
+        let dead = store.dead_letters(None).unwrap();
+        assert_eq!(dead.len(), 1, "{backend}");
+        assert_eq!(
+            (
+                dead[0].message_id.as_str(),
+                dead[0].handler.as_str(),
+                dead[0].attempts
+            ),
+            (big_id.as_str(), "", 1),
+            "{backend}: unhandled, not retried"
+        );
+        let size = dead[0].data.len() + dead[0].metadata.len();
+        assert_eq!(
+            dead[0].error,
+            format!("message is {size} bytes, over server.max_message_bytes = 4096; raise the limit and replay the dead letter (protean-host dlq replay), or keep large payloads out of messages and send a reference"),
+            "{backend}"
+        );
+        assert!(ran(store.as_ref(), "big").is_empty(), "{backend}");
+        for id in ["a", "b"] {
+            assert_eq!(ran(store.as_ref(), id), ["Probe.Ran.v1"], "{backend}: {id}");
+        }
+        // The dead letter keeps the whole message: raised, the limit lets its replay through.
+        let raised = engine(fixture_domain(), "probe", store.clone(), TEST_CONFIG);
+        let position = dead[0].global_position;
+        assert_eq!(
+            raised
+                .replay_dead_letter("commands:probe::probe", position)
+                .unwrap(),
+            Replay::Handled,
+            "{backend}"
+        );
+        assert_eq!(ran(store.as_ref(), "big"), ["Probe.Ran.v1"], "{backend}");
+    }
+}
+
+#[test]
+fn a_message_over_the_limit_on_redis_is_dead_lettered_unhandled_and_the_batch_goes_on() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    let config = format!(
+        "{}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        config(),
+        redis.config()
+    );
+    let run = |store: &Arc<dyn Store>| -> RunReport {
+        let report = engine(fixture_domain(), "probe", store.clone(), &config)
+            .run()
+            .unwrap();
+        assert_eq!(report.outcome, Outcome::Quiescent);
+        report
+    };
+    // The consumer group exists once a first run has created it.
+    run(&store);
+    // Another writer puts three entries on the stream at once: one batch.
+    let entries: Vec<Vec<String>> = [("a", 0), ("big", 10_000), ("b", 0)]
+        .iter()
+        .enumerate()
+        .map(|(n, (id, pad))| {
+            let m = command(id, *pad);
+            let wire = wire_json(&m.data, &m.metadata, 0, 1000 + n as u64).unwrap();
+            ["XADD", COMMANDS, "*", "data", &wire]
+                .map(str::to_owned)
+                .to_vec()
+        })
+        .collect();
+    redis.pipe(&entries);
+    let report = run(&store);
+    assert_eq!((report.totals.retries, report.totals.dead_lettered), (0, 1));
+    assert!(ran(store.as_ref(), "big").is_empty());
+    for id in ["a", "b"] {
+        assert_eq!(ran(store.as_ref(), id), ["Probe.Ran.v1"], "{id}");
+    }
+    let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
+    assert_eq!(dead.matches("original_id").count(), 1, "{dead}");
+    assert!(
+        dead.contains("bytes, over server.max_message_bytes = 4096; raise the limit and replay the dead letter"),
+        "{dead}"
+    );
+    assert!(
+        dead.contains(&"x".repeat(10_000)),
+        "the whole entry is kept"
+    );
+    let pending = redis.cli(&["XPENDING", COMMANDS, "commands:probe::probe"]);
+    assert!(pending.starts_with("0\n"), "all acknowledged: {pending}");
+}
