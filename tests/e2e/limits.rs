@@ -1,5 +1,6 @@
 //! `server.max_message_bytes` on every way in: a message over it that another writer put in the store
-//! or on Redis is dead-lettered with the reason, unhandled, while the rest of its batch goes on.
+//! or on Redis is dead-lettered with the reason, unhandled, while the rest of its batch goes on; a
+//! handler's write over it fails that message for good and nothing it wrote is committed.
 
 use std::sync::Arc;
 
@@ -154,4 +155,62 @@ fn a_message_over_the_limit_on_redis_is_dead_lettered_unhandled_and_the_batch_go
     );
     let pending = redis.cli(&["XPENDING", COMMANDS, "commands:probe::probe"]);
     assert!(pending.starts_with("0\n"), "all acknowledged: {pending}");
+}
+
+#[test]
+fn a_handler_write_over_the_limit_fails_its_message_for_good_and_commits_nothing_of_it() {
+    for (backend, store, _keep) in backends() {
+        let engine = engine(fixture_domain(), "probe", store.clone(), &config());
+        // `big` returns the host's error, `big-quiet` ignores it; `edge` raises data under the limit
+        // that its metadata takes over.
+        for (id, behaviour) in [
+            ("loud", "big:10000"),
+            ("quiet", "big-quiet:10000"),
+            ("edge", "big:3900"),
+            ("after", "ok"),
+        ] {
+            engine
+                .send(
+                    "Probe.Run.v1",
+                    &json!({ "id": id, "behaviour": behaviour }),
+                    None,
+                )
+                .unwrap();
+        }
+        let report = engine.run().unwrap();
+        assert_eq!(report.outcome, Outcome::Quiescent, "{backend}");
+        assert_eq!(
+            (report.totals.retries, report.totals.dead_lettered),
+            (0, 3),
+            "{backend}: failed for good, at once"
+        );
+        let dead = store.dead_letters(None).unwrap();
+        let errors: Vec<(&str, u32, &str)> = dead
+            .iter()
+            .map(|d| (d.handler.as_str(), d.attempts, d.error.as_str()))
+            .collect();
+        assert_eq!(errors.len(), 3, "{backend}: {errors:?}");
+        for ((handler, attempts, error), id) in errors.iter().zip(["loud", "quiet"]) {
+            assert_eq!((*handler, *attempts), ("runner", 1), "{backend}");
+            assert!(
+                error.starts_with(&format!("event Probe.Stuffed.v1 data written for stream probe::probe-{id} is "))
+                    && error.contains(" bytes, over server.max_message_bytes = 4096; the handled message fails for good; raise the limit and replay its dead letter"),
+                "{backend}: {error}"
+            );
+        }
+        assert!(
+            errors[2]
+                .2
+                .starts_with("event Probe.Stuffed.v1 written for stream probe::probe-edge is "),
+            "{backend}: {}",
+            errors[2].2
+        );
+        for id in ["loud", "quiet", "edge"] {
+            assert!(
+                ran(store.as_ref(), id).is_empty(),
+                "{backend}: the Ran that {id} raised first is not committed"
+            );
+        }
+        assert_eq!(ran(store.as_ref(), "after"), ["Probe.Ran.v1"], "{backend}");
+    }
 }

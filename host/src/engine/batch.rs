@@ -299,7 +299,7 @@ fn build(
             }
         })
         .collect();
-    let buffer = Buffer::new(ctx.store, &causes);
+    let buffer = Buffer::new(ctx.store, &causes, sub.settings.max_message_bytes);
     let mut unit = UnitOfWork {
         publish: ctx.publish,
         fences: ctx.fences.clone(),
@@ -352,6 +352,10 @@ fn build(
         let outcome = ctx
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i));
+        let outcome = match buffer.refusal(i..end) {
+            Some((at, reason)) => outcome.refused_at(at - i, reason),
+            None => outcome,
+        };
         let ok_end = i + outcome.handled.min(end - i);
         for (j, m) in messages.iter().enumerate().take(ok_end).skip(i) {
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");

@@ -429,6 +429,25 @@ pub struct Outcome {
     pub failure: Option<Failure>,
 }
 
+impl Outcome {
+    /// The outcome once the host refused a write of message `index` of the call (over the size
+    /// limit): that message fails for good with `reason`, whatever the plugin reported for it (the SDK
+    /// makes a host error retryable, a handler may ignore it), unless an earlier message failed first.
+    pub fn refused_at(self, index: usize, reason: String) -> Self {
+        if self.handled < index {
+            return self;
+        }
+        Self {
+            handled: index,
+            failure: Some(Failure {
+                retryable: false,
+                message: reason,
+                crashed: false,
+            }),
+        }
+    }
+}
+
 /// A handler failure as reported by the plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
