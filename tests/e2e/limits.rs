@@ -1,18 +1,19 @@
-//! `server.max_message_bytes` on every way in: a message over it that another writer put in the store
-//! or on Redis is dead-lettered with the reason, unhandled, while the rest of its batch goes on; a
-//! handler's write over it fails that message for good and nothing it wrote is committed.
+//! `server.max_message_bytes` on every way in: `send` refuses a command over it before anything is
+//! stored; a message over it that another writer put in the store or on Redis is dead-lettered with
+//! the reason, unhandled, while the rest of its batch goes on; a handler's write over it fails that
+//! message for good and nothing it wrote is committed.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use protean_host::{
     engine::{Outcome, Replay, RunReport},
     message::{wire_json, Kind},
-    store::Store,
+    store::{Store, StoredMessage},
     unit_of_work::{NewMessage, UnitOfWork},
 };
 use serde_json::{json, Value};
 
-use crate::support::{backends, engine, fixture_domain, sqlite, RedisServer, TEST_CONFIG};
+use crate::support::{backends, engine, fixture_domain, host, sqlite, RedisServer, TEST_CONFIG};
 
 /// The smallest limit allowed, so that the tests' large messages stay small.
 const LIMIT: &str = "max_message_bytes = 4096\n";
@@ -47,6 +48,84 @@ fn ran(store: &dyn Store, id: &str) -> Vec<String> {
         .into_iter()
         .map(|m| m.message_type)
         .collect()
+}
+
+fn commands(store: &dyn Store) -> Vec<StoredMessage> {
+    store
+        .read_categories(&[COMMANDS.into()], 0, usize::MAX)
+        .unwrap()
+}
+
+fn send(dir: &Path, data: &str) -> crate::support::Finished {
+    let lib = format!("{}:probe", fixture_domain().display());
+    host(dir)
+        .args(["send", "--domain", &lib, "Probe.Run.v1", data])
+        .output()
+}
+
+#[test]
+fn send_refuses_a_command_over_the_limit_in_one_line_and_stores_nothing() {
+    let lib = format!("{}:probe", fixture_domain().display());
+    // The default limit, 1 MiB: a 2 MB line on stdin is refused without being read whole.
+    let dir = tempfile::tempdir().unwrap();
+    let line = run_command("huge", "ok", 2_000_000).to_string();
+    let refused = host(dir.path())
+        .args(["send", "--domain", &lib, "Probe.Run.v1", "-"])
+        .output_with_stdin(&format!("{line}\n"))
+        .expect_code(65);
+    let errors = refused.error_lines();
+    assert_eq!(errors.len(), 1, "{}", refused.stderr());
+    assert_eq!(
+        errors[0],
+        format!("error: stdin line 1: the command data is {} bytes, over server.max_message_bytes = 1048576; nothing was stored; send less data, or raise the limit in the config file (for every replica)", line.len())
+    );
+    assert!(commands(sqlite(dir.path()).as_ref()).is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("[server]\n{LIMIT}"),
+    )
+    .unwrap();
+    // Data under the limit, but not with the metadata every message carries.
+    let data = run_command("edge", "ok", 3900).to_string();
+    assert!(data.len() < 4096);
+    let refused = send(dir.path(), &data).expect_code(65);
+    assert_eq!(refused.error_lines().len(), 1, "{}", refused.stderr());
+    let error = &refused.error_lines()[0];
+    assert!(
+        error.starts_with("error: command Probe.Run.v1 with its metadata is ")
+            && error.contains(" bytes, over server.max_message_bytes = 4096; nothing was stored"),
+        "{error}"
+    );
+    assert!(refused.stdout().is_empty());
+    let store = sqlite(dir.path());
+    assert!(commands(store.as_ref()).is_empty(), "nothing stored");
+    // A command under the limit is stored as ever.
+    send(dir.path(), &run_command("small", "ok", 10).to_string()).expect_code(0);
+    assert_eq!(commands(store.as_ref()).len(), 1);
+}
+
+#[test]
+fn a_bad_limit_is_refused_in_one_line() {
+    let lib = format!("{}:probe", fixture_domain().display());
+    for (value, expected) in [
+        ("1", "error: config file protean.toml: server.max_message_bytes: 1 is below 4096; the value is in bytes (1 MiB = 1048576)"),
+        ("\"1MB\"", "error: config file protean.toml: server.max_message_bytes: invalid type: string \"1MB\", expected u64"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("protean.toml"),
+            format!("[server]\nmax_message_bytes = {value}\n"),
+        )
+        .unwrap();
+        let run = host(dir.path())
+            .args(["--test-mode", "--domain", &lib])
+            .output()
+            .expect_code(1);
+        assert_eq!(run.stderr().lines().count(), 1, "{}", run.stderr());
+        assert_eq!(run.error_lines()[0], expected);
+    }
 }
 
 #[test]
