@@ -416,10 +416,12 @@ impl<'a> Buffer<'a> {
             if out.len() > 1 {
                 out.push(',');
             }
-            let message_type = Value::from(message_type);
-            out.push_str(&format!(
-                r#"{{"type":{message_type},"position":{position},"data":{data}}}"#
-            ));
+            // Pushed piece by piece: a formatted event would be one more copy of its data.
+            out.push_str(r#"{"type":"#);
+            out.push_str(&Value::from(message_type).to_string());
+            out.push_str(&format!(r#","position":{position},"data":"#));
+            out.push_str(data);
+            out.push('}');
         }
         out.push(']');
         Ok(out.into_bytes())
