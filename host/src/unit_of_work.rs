@@ -640,3 +640,43 @@ impl HostServices for BufferView<'_, '_> {
         self.buffer.find_documents(collection, field, value_json)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_write_over_the_limit_is_refused_and_noted_until_its_message_is_discarded() {
+        let store = MemoryStore::default();
+        let causes = [Cause::default(); 3];
+        let buffer = Buffer::new(&store, &causes, 4096);
+        // A call whose first message is batch index 1.
+        let view = buffer.view(1);
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5000));
+        view.raise_event(0, "s-1", "T.A.v1", br#"{"a":1}"#, None)
+            .unwrap();
+        let refused = view
+            .put_document(0, "docs", "d1", big.as_bytes())
+            .unwrap_err();
+        assert_eq!(refused, "document docs/d1 is 5008 bytes, over server.max_message_bytes = 4096; the handled message fails for good; raise the limit and replay its dead letter, or have the handler write less (keep large payloads elsewhere and pass a reference)");
+        let refused = view
+            .raise_event(1, "s-1", "T.B.v1", big.as_bytes(), None)
+            .unwrap_err();
+        assert!(
+            refused.starts_with("event T.B.v1 data written for stream s-1 is 5008 bytes"),
+            "{refused}"
+        );
+        assert_eq!(buffer.refusal(0..3).map(|(i, _)| i), Some(1));
+        assert_eq!(buffer.refusal(2..3).map(|(i, _)| i), Some(2));
+        assert_eq!(buffer.refusal(0..1), None);
+        // A refusal goes with its message's writes.
+        buffer.discard_from(2);
+        assert_eq!(buffer.refusal(0..3).map(|(i, _)| i), Some(1));
+        buffer.discard_from(1);
+        assert_eq!(buffer.refusal(0..3), None);
+        let mut unit = UnitOfWork::default();
+        buffer.drain_into(&mut unit);
+        assert!(unit.is_empty(), "nothing refused was buffered: {unit:?}");
+    }
+}

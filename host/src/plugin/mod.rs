@@ -548,3 +548,44 @@ impl HostLog for PluginLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(handled: usize, retryable: Option<bool>) -> Outcome {
+        Outcome {
+            handled,
+            failure: retryable.map(|retryable| Failure {
+                retryable,
+                message: "the plugin's".into(),
+                crashed: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_refused_write_fails_its_message_for_good_unless_an_earlier_one_failed() {
+        let refused = |o: Outcome| o.refused_at(1, "refused".into());
+        let for_good = Outcome {
+            handled: 1,
+            failure: Some(Failure {
+                retryable: false,
+                message: "refused".into(),
+                crashed: false,
+            }),
+        };
+        assert_eq!(refused(outcome(3, None)), for_good, "the refusal ignored");
+        assert_eq!(refused(outcome(1, Some(true))), for_good, "made retryable");
+        assert_eq!(
+            refused(outcome(2, Some(false))),
+            for_good,
+            "a later failure"
+        );
+        assert_eq!(
+            refused(outcome(0, Some(true))),
+            outcome(0, Some(true)),
+            "an earlier failure stands"
+        );
+    }
+}
