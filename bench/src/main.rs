@@ -14,16 +14,19 @@
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths;
 //! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`);
 //! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`);
-//! - isolated mode (the domain in a worker process) against in-process, SQLite no-op (`isolation.rs`).
+//! - isolated mode (the domain in a worker process) against in-process, SQLite no-op (`isolation.rs`);
+//! - memory per message: peak RSS growth handling one message of 1, 5 and 20 MB, over its size, on
+//!   SQLite and Redis (`limits.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, isolation,
-//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer).
+//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer, limits).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod ceiling;
 mod isolation;
 mod latency;
+mod limits;
 mod ops;
 mod ordered;
 mod peer;
@@ -64,7 +67,10 @@ fn main() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let release = workspace().join("target/release");
+    // Where cargo put the release build: CARGO_TARGET_DIR when the build was directed elsewhere.
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from)
+        .join("release");
     let host = release.join("protean-host");
     let fixture = release.join("libfixture_domain.so");
     let sample = release.join("libsample_domain.so");
@@ -164,6 +170,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("postgres") {
         rows.extend(postgres::rows(&host, &fixture, &sample, events, orders)?);
+    }
+    if wanted("limits") {
+        rows.extend(limits::rows(&host, &fixture)?);
     }
     report(&rows)
 }

@@ -9,6 +9,7 @@
 //! messages_per_tick = 100              # defaults for every subscription ...
 //! max_retries = 3
 //! profile = "fast"                     # ... optionally starting from a profile
+//! max_message_bytes = 1048576          # data + metadata of one message, on every way in and out
 //!
 //! [server.handlers.inventory]          # per-handler overrides (by handler name)
 //! max_retries = 5
@@ -72,6 +73,9 @@ pub struct Settings {
     /// The longest one handler call (a batch) may take: past it the call is a failed attempt (an
     /// isolated worker is killed; in process, liveness fails so that a supervisor restarts the host).
     pub handler_timeout_ms: u64,
+    /// `[server] max_message_bytes`, the same for every subscription: a message read that is larger
+    /// is dead-lettered unhandled, and a handler's write that is larger fails its message for good.
+    pub max_message_bytes: usize,
 }
 
 impl Default for Settings {
@@ -82,9 +86,23 @@ impl Default for Settings {
             retry_delay_ms: 1000,
             max_retry_delay_ms: 30_000,
             handler_timeout_ms: 30_000,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
+
+/// 1 MiB: Kafka's and NATS' default message limit and EventStoreDB's largest append. Redis (512 MB
+/// strings) and MessageDB (jsonb, 255 MiB) set none, and Protean none of its own; but handling a
+/// message costs a small multiple of its size in memory, times a batch, so the limit is what keeps a
+/// replica within its container's memory.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// The largest `max_message_bytes`: a PostgreSQL jsonb value holds no more.
+const MAX_MESSAGE_BYTES_CEILING: u64 = 268_435_455;
+
+/// The smallest `max_message_bytes`: the metadata the host writes is about 700 bytes, and a limit of
+/// a few bytes is a unit mistaken (KB or MB for bytes).
+const MAX_MESSAGE_BYTES_FLOOR: u64 = 4096;
 
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -116,6 +134,8 @@ pub struct Config {
     pub handler_timeout: Duration,
     /// Where the domain's code runs (`[server] isolation`, `[server.worker]`).
     pub isolation: IsolationSettings,
+    /// The largest message (data and metadata, in bytes) sent, read, handled or written.
+    pub max_message_bytes: usize,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -389,6 +409,7 @@ struct ServerSection {
     isolation: Option<IsolationMode>,
     #[serde(default)]
     worker: WorkerSection,
+    max_message_bytes: Option<u64>,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
     #[serde(default)]
@@ -626,6 +647,8 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let max_message_bytes = max_message_bytes(s.max_message_bytes)
+            .map_err(|m| invalid("server.max_message_bytes", m))?;
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -640,6 +663,7 @@ impl Config {
             ordering,
             handler_timeout: Duration::from_millis(s.handler_timeout_ms.unwrap_or(30_000)),
             isolation,
+            max_message_bytes,
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
@@ -704,7 +728,10 @@ impl Config {
 
     /// The settings of `handler`, given what it declares in code.
     pub fn settings(&self, handler: &str, declared: &HandlerOptions) -> Settings {
-        let mut settings = Settings::default();
+        let mut settings = Settings {
+            max_message_bytes: self.max_message_bytes,
+            ..Settings::default()
+        };
         // Profiles were validated when the configuration was built.
         let profile = |name: Option<&str>| self.profile(name, "").ok().flatten();
         if let Some(p) = profile(self.server_profile.as_deref()) {
@@ -811,6 +838,20 @@ fn broker(
         claim_idle: Duration::from_millis(b.claim_idle_ms.unwrap_or(30_000)),
         reclaim_interval: Duration::from_millis(b.reclaim_interval_ms.unwrap_or(5_000)),
     }))
+}
+
+/// `server.max_message_bytes`, checked: between the floor and what PostgreSQL can store.
+fn max_message_bytes(value: Option<u64>) -> Result<usize, String> {
+    match value {
+        None => Ok(DEFAULT_MAX_MESSAGE_BYTES),
+        Some(n) if n < MAX_MESSAGE_BYTES_FLOOR => Err(format!(
+            "{n} is below {MAX_MESSAGE_BYTES_FLOOR}; the value is in bytes (1 MiB = 1048576)"
+        )),
+        Some(n) if n > MAX_MESSAGE_BYTES_CEILING => Err(format!(
+            "{n} is above {MAX_MESSAGE_BYTES_CEILING}, the most a PostgreSQL jsonb value holds; keep large payloads outside messages and send a reference"
+        )),
+        Some(n) => Ok(usize::try_from(n).expect("at most the ceiling, which fits")),
+    }
 }
 
 /// `[outbox]`, checked: at least one message per tick and attempt, a lease of at least 100 ms.
@@ -1223,6 +1264,27 @@ mod tests {
     }
 
     #[test]
+    fn the_message_size_limit_defaults_to_1_mib_and_reaches_every_subscription() {
+        let defaults = parse("", &[]).unwrap();
+        assert_eq!(defaults.max_message_bytes, 1_048_576);
+        let raised = parse(
+            "[server]\nmax_message_bytes = 20000000\n[server.handlers.x]\nprofile = \"fast\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(raised.max_message_bytes, 20_000_000);
+        for handler in ["x", "y"] {
+            assert_eq!(
+                raised
+                    .settings(handler, &HandlerOptions::default())
+                    .max_message_bytes,
+                20_000_000,
+                "{handler}"
+            );
+        }
+    }
+
+    #[test]
     fn the_outbox_lease_is_configurable_and_max_attempts_still_reads() {
         let config = parse("[outbox]\nmax_attempts = 3\nlease_ttl_ms = 1500\n", &[]).unwrap();
         assert_eq!(
@@ -1260,6 +1322,10 @@ mod tests {
             ("[server]\nlease_ttl_ms = 0", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
             ("[server]\nlease_ttl_ms = 99", "config file protean.toml: server.lease_ttl_ms: must be at least 100"),
             ("[server]\ntest_mode_timeout_seconds = 0", "config file protean.toml: server.test_mode_timeout_seconds: must be at least 1"),
+            ("[server]\nmax_message_bytes = 1", "config file protean.toml: server.max_message_bytes: 1 is below 4096; the value is in bytes (1 MiB = 1048576)"),
+            ("[server]\nmax_message_bytes = 300000000", "config file protean.toml: server.max_message_bytes: 300000000 is above 268435455, the most a PostgreSQL jsonb value holds"),
+            ("[server]\nmax_message_bytes = \"1MB\"", "config file protean.toml: server.max_message_bytes: invalid type: string \"1MB\", expected u64"),
+            ("[server]\nmax_message_bytes = -1", "config file protean.toml: server.max_message_bytes: invalid value: integer `-1`, expected u64"),
             ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),

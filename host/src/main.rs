@@ -1,5 +1,6 @@
 //! The `protean-host` binary: parses the command line, runs it, and maps the outcome to an exit code
-//! (0 success, 1 failure, 2 usage error; `send` adds 3: the command's outcome is unknown).
+//! (0 success, 1 failure, 2 usage error; `send` adds 3: the command's outcome is unknown, and 65: a
+//! command over `server.max_message_bytes` was refused).
 
 use std::{io::BufRead, process::ExitCode};
 
@@ -12,8 +13,10 @@ use protean_host::{
     },
     config::{Config, IsolationMode},
     discovery,
-    engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent},
-    inspect, logging, ops,
+    engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent, SEND_FIX},
+    inspect, logging,
+    message::TooBig,
+    ops,
     plugin::{isolated, Isolation, Library, Plugin},
     reload, store,
 };
@@ -30,7 +33,11 @@ fn main() -> ExitCode {
                 LogFormat::Json => tracing::error!("{error:#}"),
                 LogFormat::Console => eprintln!("error: {error:#}"),
             }
-            ExitCode::FAILURE
+            if error.downcast_ref::<TooBig>().is_some() {
+                ExitCode::from(DATA_ERROR)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -209,6 +216,10 @@ fn print_summary(report: &RunReport) {
 /// `send`'s exit code when a command's outcome is unknown: it may or may not be stored.
 const OUTCOME_UNKNOWN: u8 = 3;
 
+/// `send`'s exit code when a command is refused for its size (sysexits' EX_DATAERR): nothing of it was
+/// stored, and sending it again will not help.
+const DATA_ERROR: u8 = 65;
+
 /// The longest idempotency key accepted, in bytes (keys are stored and indexed).
 const MAX_KEY_BYTES: usize = 200;
 
@@ -225,6 +236,7 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         })?;
     }
     let (engine, _) = engine(common, false)?;
+    let limit = engine.config().max_message_bytes;
     let sender = Sender {
         engine: &engine,
         common,
@@ -234,8 +246,15 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         let key = args.idempotency_key.clone().unwrap_or_else(new_key);
         return sender.send(&args.data, &key, None);
     }
-    for (n, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("cannot read stdin")?;
+    let mut input = std::io::stdin().lock();
+    for n in 0.. {
+        let line = match read_line(&mut input, limit).context("cannot read stdin")? {
+            None => break,
+            Some(Line::Text(line)) => line,
+            Some(Line::TooLong(size)) => {
+                return Err(data_too_big(size, limit)).context(format!("stdin line {}", n + 1))
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -251,6 +270,73 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A line of `send`'s stdin.
+enum Line {
+    /// Without its line ending.
+    Text(String),
+    /// A line longer than the limit, by its length: skipped unread rather than held in memory.
+    TooLong(usize),
+}
+
+/// The next line of `input`; `None` at the end.
+fn read_line(input: &mut impl BufRead, limit: usize) -> std::io::Result<Option<Line>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    // The limit, and room for a line ending ("\r\n") that does not count.
+    let room = limit + 2;
+    let read = input
+        .by_ref()
+        .take(room as u64)
+        .read_until(b'\n', &mut bytes)?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if bytes.ends_with(b"\n") || read < room {
+        for ending in [b'\n', b'\r'] {
+            if bytes.last() == Some(&ending) {
+                bytes.pop();
+            }
+        }
+        let text = String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })?;
+        return Ok(Some(Line::Text(text)));
+    }
+    let mut length = bytes.len();
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            break;
+        }
+        match chunk.iter().position(|b| *b == b'\n') {
+            Some(end) => {
+                length += end;
+                input.consume(end + 1);
+                break;
+            }
+            None => {
+                let n = chunk.len();
+                length += n;
+                input.consume(n);
+            }
+        }
+    }
+    Ok(Some(Line::TooLong(length)))
+}
+
+/// `send`'s command data of `size` bytes is over `limit`.
+fn data_too_big(size: usize, limit: usize) -> TooBig {
+    TooBig {
+        what: "the command data".into(),
+        size,
+        limit,
+        fix: SEND_FIX,
+    }
 }
 
 fn new_key() -> String {
@@ -287,6 +373,16 @@ impl Sender<'_> {
         let at = line
             .map(|n| format!(" (stdin line {n})"))
             .unwrap_or_default();
+        let limit = self.engine.config().max_message_bytes;
+        let refused = |too_big: TooBig| match line {
+            Some(n) => anyhow::Error::new(too_big).context(format!("stdin line {n}")),
+            None => anyhow::Error::new(too_big),
+        };
+        // Refused before it is decoded: a decoded tree takes many times the text. Data over the limit
+        // is refused even if the whitespace it holds would not have been stored.
+        if text.len() > limit {
+            return Err(refused(data_too_big(text.len(), limit)));
+        }
         let data: serde_json::Value = serde_json::from_str(text).with_context(|| {
             format!("the command data{at} is not JSON; pass an object like '{{\"id\": \"1\"}}'")
         })?;
@@ -303,6 +399,7 @@ impl Sender<'_> {
             Err(EngineError::Store(error @ store::Error::OutcomeUnknown { .. })) => {
                 return Ok(self.unknown(text, key, &at, &error));
             }
+            Err(EngineError::TooBig(too_big)) => return Err(refused(too_big)),
             Err(error) => {
                 return Err(anyhow::Error::new(error)
                     .context(format!("command{at} not committed (idempotency key {key})")))
@@ -784,5 +881,37 @@ fn print_dead_letters(rows: &[serde_json::Value], json: bool) {
             message_type,
             attempts
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &str, limit: usize) -> Vec<Result<String, usize>> {
+        let mut input = std::io::Cursor::new(input.as_bytes());
+        std::iter::from_fn(|| read_line(&mut input, limit).unwrap())
+            .map(|line| match line {
+                Line::Text(text) => Ok(text),
+                Line::TooLong(size) => Err(size),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_measured_unread_and_the_next_one_reads_whole() {
+        let long = "y".repeat(10);
+        assert_eq!(
+            lines(&format!("abcd\r\n{long}\nabcde\nlast"), 4),
+            [
+                Ok("abcd".to_owned()),
+                Err(10),
+                Ok("abcde".to_owned()),
+                Ok("last".to_owned())
+            ],
+            "a line of 5 is read whole: the caller refuses it with its size"
+        );
+        assert_eq!(lines(&long, 4), [Err(10)], "without a line ending");
+        assert!(lines("", 4).is_empty());
     }
 }

@@ -130,8 +130,8 @@ async fn publish(
 ) -> Result<(), String> {
     let mut published = Vec::new();
     let mut failed = Vec::new();
-    for (target, items) in by_target(items) {
-        match publish_target(broker, &target, &items, deadline).await {
+    for (target, mut items) in by_target(items) {
+        match publish_target(broker, &target, &mut items, deadline).await {
             Outcome::Published => published.extend(items.iter().map(|i| i.seq)),
             // The first row carries the failure; the rest of the stream waits behind it.
             Outcome::Failed(error) => failed.push((items[0].seq, items[0].attempts, target, error)),
@@ -186,37 +186,31 @@ fn by_target(items: Vec<OutboxItem>) -> Vec<(String, Vec<OutboxItem>)> {
     targets
 }
 
+/// Publish `items` to `target`. Their data is taken out as each wire form is made: a large message is
+/// then held as its wire form and the client's copies of it, not as its stored text besides.
 async fn publish_target(
     broker: &dyn Broker,
     target: &str,
-    items: &[OutboxItem],
+    items: &mut [OutboxItem],
     deadline: tokio::time::Instant,
 ) -> Outcome {
     if tokio::time::Instant::now() >= deadline {
         return Outcome::NotTried;
     }
     let payloads: Result<Vec<String>, _> = items
-        .iter()
+        .iter_mut()
         .map(|i| {
-            let m = &i.message;
-            message::wire_json(&m.data, &m.metadata, m.position, m.global_position)
+            let m = &mut i.message;
+            let data = std::mem::take(&mut m.data);
+            message::wire_json(&data, &m.metadata, m.position, m.global_position)
         })
         .collect();
     let payloads = match payloads {
         Ok(payloads) => payloads,
         Err(e) => return Outcome::Failed(format!("stored message is unreadable: {e}")),
     };
-    let attempt = async {
-        match broker.publish(target, &payloads).await {
-            // The first command after the broker came back can fail on the connection that broke
-            // (the client reconnects then): one more try at once, so that a row is not sent into a
-            // long backoff for it. A failed pipeline may have been partly taken: at least once.
-            Err(_) => broker.publish(target, &payloads).await,
-            done => done,
-        }
-    };
     // Bounded so that the lease cannot run out while this processor still publishes to the stream.
-    match tokio::time::timeout_at(deadline, attempt).await {
+    match tokio::time::timeout_at(deadline, broker.publish(target, payloads)).await {
         Ok(Ok(())) => Outcome::Published,
         Ok(Err(e)) => Outcome::Failed(e.to_string()),
         Err(_) => Outcome::Failed("the broker did not answer within half the outbox lease".into()),

@@ -9,7 +9,7 @@ use std::{cell::RefCell, collections::HashMap};
 use serde_json::Value;
 
 use crate::{
-    message::{self, Cause, Kind, NewMeta},
+    message::{self, Cause, Kind, NewMeta, TooBig},
     plugin::HostServices,
     store::{self, DeadLetter, DocumentVersion, Store, StoredDocument},
 };
@@ -137,31 +137,44 @@ impl NewMessage {
         deadline: Option<&str>,
         cause: Option<Cause<'_>>,
     ) -> Self {
-        // Time-ordered ids (UUIDv7) keep the id indexes append-mostly; any UUID is valid for Protean.
-        let id = uuid::Uuid::now_v7().to_string();
-        let time = message::format_time(chrono::Utc::now());
         let checksum = message::checksum(data);
-        let metadata = NewMeta {
-            id: &id,
+        let meta = Meta {
             kind,
-            message_type,
             stream,
-            time: &time,
-            checksum: &checksum,
+            message_type,
             expected_version,
             deadline,
             cause,
-        }
-        .to_json();
-        Self {
-            stream: stream.into(),
-            message_type: message_type.into(),
-            data: data.to_string(),
-            metadata,
+        };
+        meta.message(data.to_string(), &checksum)
+    }
+
+    /// [`NewMessage::new`] from the JSON text of `data`, kept as it is: nothing is decoded into a tree
+    /// (which takes many times the text), so a large message costs little more than its text. The
+    /// error says why the text is not JSON.
+    pub fn from_json(
+        kind: Kind,
+        stream: &str,
+        message_type: &str,
+        data: &str,
+        expected_version: Option<i64>,
+        cause: Option<Cause<'_>>,
+    ) -> Result<Self, serde_json::Error> {
+        let checksum = message::checksum_text(data)?;
+        let meta = Meta {
+            kind,
+            stream,
+            message_type,
             expected_version,
-            id,
-            time,
-        }
+            deadline: None,
+            cause,
+        };
+        Ok(meta.message(data.to_owned(), &checksum))
+    }
+
+    /// Its size as `server.max_message_bytes` counts it: the bytes of its data and metadata.
+    pub fn size(&self) -> usize {
+        self.data.len() + self.metadata.len()
     }
 
     /// The same message carrying `key` as `metadata.headers.idempotency_key`, as Protean writes it.
@@ -172,6 +185,54 @@ impl NewMessage {
             self.metadata = metadata.to_string();
         }
         self
+    }
+}
+
+/// What a new message's metadata is made of, besides its data's checksum.
+struct Meta<'a> {
+    kind: Kind,
+    stream: &'a str,
+    message_type: &'a str,
+    expected_version: Option<i64>,
+    deadline: Option<&'a str>,
+    cause: Option<Cause<'a>>,
+}
+
+impl Meta<'_> {
+    /// The message with `data` (JSON text) and a fresh id and time.
+    fn message(self, data: String, checksum: &str) -> NewMessage {
+        let Self {
+            kind,
+            stream,
+            message_type,
+            expected_version,
+            deadline,
+            cause,
+        } = self;
+        // Time-ordered ids (UUIDv7) keep the id indexes append-mostly; any UUID is valid for Protean.
+        let id = uuid::Uuid::now_v7().to_string();
+        let time = message::format_time(chrono::Utc::now());
+        let metadata = NewMeta {
+            id: &id,
+            kind,
+            message_type,
+            stream,
+            time: &time,
+            checksum,
+            expected_version,
+            deadline,
+            cause,
+        }
+        .to_json();
+        NewMessage {
+            stream: stream.into(),
+            message_type: message_type.into(),
+            data,
+            metadata,
+            expected_version,
+            id,
+            time,
+        }
     }
 }
 
@@ -285,7 +346,12 @@ enum Write {
 pub(crate) struct Buffer<'a> {
     store: &'a dyn Store,
     causes: &'a [Cause<'a>],
+    /// `server.max_message_bytes`: a larger write is refused.
+    limit: usize,
     writes: RefCell<Vec<(usize, Write)>>,
+    /// Writes refused for their size, by batch index, with why: such a message fails for good,
+    /// whatever its handler made of the refusal ([`Buffer::refusal`]).
+    refused: RefCell<Vec<(usize, String)>>,
     /// The stored version of each document last read from the store (`get` or `find`), so that a write
     /// of it commits only if nobody wrote it since: two subscriptions of one projector (or two replicas
     /// of one) read-modify-write the same document, and without this the later commit silently
@@ -294,11 +360,13 @@ pub(crate) struct Buffer<'a> {
 }
 
 impl<'a> Buffer<'a> {
-    pub(crate) fn new(store: &'a dyn Store, causes: &'a [Cause<'a>]) -> Self {
+    pub(crate) fn new(store: &'a dyn Store, causes: &'a [Cause<'a>], limit: usize) -> Self {
         Self {
             store,
             causes,
+            limit,
             writes: RefCell::default(),
+            refused: RefCell::default(),
             read: RefCell::default(),
         }
     }
@@ -314,6 +382,24 @@ impl<'a> Buffer<'a> {
     /// Drop everything written for batch index `index` and later (a failed message's partial effects).
     pub(crate) fn discard_from(&self, index: usize) {
         self.writes.borrow_mut().retain(|(i, _)| *i < index);
+        self.refused.borrow_mut().retain(|(i, _)| *i < index);
+    }
+
+    /// The first message in batch indexes `range` that had a write refused for its size, and why.
+    pub(crate) fn refusal(&self, range: std::ops::Range<usize>) -> Option<(usize, String)> {
+        self.refused
+            .borrow()
+            .iter()
+            .filter(|(i, _)| range.contains(i))
+            .min_by_key(|(i, _)| *i)
+            .cloned()
+    }
+
+    /// Refuse a write of message `index` that is over the limit; the error goes back to the handler.
+    fn refuse(&self, index: usize, too_big: TooBig) -> Result<(), String> {
+        let reason = too_big.to_string();
+        self.refused.borrow_mut().push((index, reason.clone()));
+        Err(reason)
     }
 
     /// Move the buffered writes into `unit`, in the order they were made.
@@ -339,10 +425,25 @@ impl<'a> Buffer<'a> {
         data: &[u8],
         expected: Option<i64>,
     ) -> Result<(), String> {
-        let data: Value = serde_json::from_slice(data)
-            .map_err(|e| format!("{message_type} data is not JSON: {e}"))?;
+        let what = |part: &str| {
+            let kind = match kind {
+                Kind::Event => "event",
+                Kind::Command => "command",
+            };
+            format!("{kind} {message_type}{part} written for stream {stream}")
+        };
+        // Refused before it is read: a runaway write costs no more than the bytes handed over.
+        if let Err(too_big) = TooBig::check(data.len(), self.limit, || what(" data"), WRITE_FIX) {
+            return self.refuse(index, too_big);
+        }
+        let not_json = |e: &dyn std::fmt::Display| format!("{message_type} data is not JSON: {e}");
+        let data = std::str::from_utf8(data).map_err(|e| not_json(&e))?;
         let cause = self.causes.get(index).copied();
-        let message = NewMessage::new(kind, stream, message_type, &data, expected, None, cause);
+        let message = NewMessage::from_json(kind, stream, message_type, data, expected, cause)
+            .map_err(|e| not_json(&e))?;
+        if let Err(too_big) = TooBig::check(message.size(), self.limit, || what(""), WRITE_FIX) {
+            return self.refuse(index, too_big);
+        }
         self.push(index, Write::Message(message));
         Ok(())
     }
@@ -368,10 +469,12 @@ impl<'a> Buffer<'a> {
             if out.len() > 1 {
                 out.push(',');
             }
-            let message_type = Value::from(message_type);
-            out.push_str(&format!(
-                r#"{{"type":{message_type},"position":{position},"data":{data}}}"#
-            ));
+            // Pushed piece by piece: a formatted event would be one more copy of its data.
+            out.push_str(r#"{"type":"#);
+            out.push_str(&Value::from(message_type).to_string());
+            out.push_str(&format!(r#","position":{position},"data":"#));
+            out.push_str(data);
+            out.push('}');
         }
         out.push(']');
         Ok(out.into_bytes())
@@ -489,6 +592,9 @@ impl<'a> Buffer<'a> {
     }
 }
 
+/// What to do about a handler's write over the limit (its message is dead-lettered with this).
+const WRITE_FIX: &str = "the handled message fails for good; raise the limit and replay its dead letter, or have the handler write less (keep large payloads elsewhere and pass a reference)";
+
 /// The services one plugin call sees: indexes are relative to the call's first message.
 pub(crate) struct BufferView<'b, 'a> {
     buffer: &'b Buffer<'a>,
@@ -548,6 +654,11 @@ impl HostServices for BufferView<'_, '_> {
         id: &str,
         data: &[u8],
     ) -> Result<(), String> {
+        let index = self.offset + index as usize;
+        let what = || format!("document {collection}/{id}");
+        if let Err(too_big) = TooBig::check(data.len(), self.buffer.limit, what, WRITE_FIX) {
+            return self.buffer.refuse(index, too_big);
+        }
         let data = std::str::from_utf8(data)
             .map_err(|e| format!("document {collection}/{id} is not UTF-8: {e}"))?;
         serde_json::from_str::<serde::de::IgnoredAny>(data)
@@ -558,8 +669,7 @@ impl HostServices for BufferView<'_, '_> {
             data: data.into(),
             expected: None,
         };
-        self.buffer
-            .write_document(self.offset + index as usize, write);
+        self.buffer.write_document(index, write);
         Ok(())
     }
 
@@ -581,5 +691,45 @@ impl HostServices for BufferView<'_, '_> {
         value_json: &[u8],
     ) -> Result<Vec<u8>, String> {
         self.buffer.find_documents(collection, field, value_json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_write_over_the_limit_is_refused_and_noted_until_its_message_is_discarded() {
+        let store = MemoryStore::default();
+        let causes = [Cause::default(); 3];
+        let buffer = Buffer::new(&store, &causes, 4096);
+        // A call whose first message is batch index 1.
+        let view = buffer.view(1);
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5000));
+        view.raise_event(0, "s-1", "T.A.v1", br#"{"a":1}"#, None)
+            .unwrap();
+        let refused = view
+            .put_document(0, "docs", "d1", big.as_bytes())
+            .unwrap_err();
+        assert_eq!(refused, "document docs/d1 is 5008 bytes, over server.max_message_bytes = 4096; the handled message fails for good; raise the limit and replay its dead letter, or have the handler write less (keep large payloads elsewhere and pass a reference)");
+        let refused = view
+            .raise_event(1, "s-1", "T.B.v1", big.as_bytes(), None)
+            .unwrap_err();
+        assert!(
+            refused.starts_with("event T.B.v1 data written for stream s-1 is 5008 bytes"),
+            "{refused}"
+        );
+        assert_eq!(buffer.refusal(0..3).map(|(i, _)| i), Some(1));
+        assert_eq!(buffer.refusal(2..3).map(|(i, _)| i), Some(2));
+        assert_eq!(buffer.refusal(0..1), None);
+        // A refusal goes with its message's writes.
+        buffer.discard_from(2);
+        assert_eq!(buffer.refusal(0..3).map(|(i, _)| i), Some(1));
+        buffer.discard_from(1);
+        assert_eq!(buffer.refusal(0..3), None);
+        let mut unit = UnitOfWork::default();
+        buffer.drain_into(&mut unit);
+        assert!(unit.is_empty(), "nothing refused was buffered: {unit:?}");
     }
 }

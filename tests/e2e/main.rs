@@ -11,6 +11,7 @@ mod documents;
 mod engine;
 mod interop;
 mod isolation;
+mod limits;
 mod live;
 mod loading;
 mod loss_hunter;

@@ -116,7 +116,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[async_trait]
 pub trait Broker: Send + Sync {
     /// Append `payloads` (each a message's JSON) to `stream`, in order, as Protean does: one field, `data`.
-    async fn publish(&self, stream: &str, payloads: &[String]) -> Result<()>;
+    /// The first command after the broker came back can fail on the connection that broke (the client
+    /// reconnects then): a failed attempt is made once more at once, so that a row is not sent into a
+    /// long backoff for it; a failed attempt may have been partly taken (at least once). The payloads
+    /// are given, not lent: the client copies them into its commands, and keeping them besides would
+    /// hold every message once more.
+    async fn publish(&self, stream: &str, payloads: Vec<String>) -> Result<()>;
 
     /// A consumer named `consumer` in `group` over `streams`, with a connection of its own, so that its
     /// blocking reads never stall other commands. Creates the group where it is missing.

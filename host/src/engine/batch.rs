@@ -25,7 +25,7 @@ use std::{
 use crate::{
     config::{Settings, SubscriptionType},
     engine::retry::RetryPolicy,
-    message::{Cause, MetaView},
+    message::{Cause, MetaView, TooBig},
     ordering::{partition_of, Ordering},
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
@@ -35,6 +35,9 @@ use crate::{
     },
     unit_of_work::{Buffer, CallRecord, Fence, PositionUpdate, ProcessedMarker, UnitOfWork},
 };
+
+/// What to do about a message read over `server.max_message_bytes` (it is dead-lettered with this).
+const READ_FIX: &str = "raise the limit and replay the dead letter (protean-host dlq replay), or keep large payloads out of messages and send a reference";
 
 /// A subscription as the engine runs it.
 #[derive(Debug)]
@@ -137,7 +140,8 @@ pub(crate) struct Report {
     /// them.
     pub(crate) settled: Vec<String>,
     /// Stream subscriptions: the dead letters, for the broker's dead-letter stream (the event store keeps
-    /// them in the unit of work instead).
+    /// them in the unit of work instead), without the message's data and metadata: the broker's
+    /// dead letter is the entry itself.
     pub(crate) dead_letters: Vec<DeadLetter>,
     /// The identities of the messages dead-lettered, in the order of the unit's dead letters.
     pub(crate) dead_lettered_ids: Vec<String>,
@@ -432,6 +436,10 @@ fn build(
     let metas: Vec<Result<MetaView<'_>, String>> = messages
         .iter()
         .map(|m| {
+            // Before anything decodes it: an oversized message is poison, handled by no one.
+            let limit = sub.settings.max_message_bytes;
+            TooBig::check(m.size(), limit, || "message".into(), READ_FIX)
+                .map_err(|e| e.to_string())?;
             MetaView::parse(&m.metadata)
                 .and_then(|v| v.verify(&m.data).map(|()| v))
                 .map_err(|e| e.to_string())
@@ -466,7 +474,7 @@ fn build(
             }
         })
         .collect();
-    let buffer = Buffer::new(ctx.store, &causes);
+    let buffer = Buffer::new(ctx.store, &causes, sub.settings.max_message_bytes);
     let mut unit = UnitOfWork {
         publish: ctx.publish,
         fences: ctx.fences.clone(),
@@ -560,6 +568,10 @@ fn build(
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i));
         drop(call);
+        let outcome = match buffer.refusal(i..end) {
+            Some((at, reason)) => outcome.refused_at(at - i, reason),
+            None => outcome,
+        };
         let ok_end = i + outcome.handled.min(end - i);
         for (j, m) in messages.iter().enumerate().take(ok_end).skip(i) {
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");
@@ -884,6 +896,12 @@ fn dead_letter(
 ) {
     let subscription = &ctx.subscription.plan.name;
     tracing::warn!(%subscription, handler, message_type = %m.message_type, message_id = %m.id, attempts, error, "dead-lettered");
+    // Only the event store keeps the message in its dead letter; a copy of a large one for the broker
+    // would be memory spent for nothing.
+    let copy = |text: &String| match ctx.subscription.kind {
+        SubscriptionType::EventStore => text.clone(),
+        SubscriptionType::Stream => String::new(),
+    };
     unit.dead_letters.push(DeadLetter {
         subscription: subscription.clone(),
         handler: handler.to_owned(),
@@ -891,8 +909,8 @@ fn dead_letter(
         stream: m.stream.clone(),
         global_position: m.global_position,
         message_type: m.message_type.clone(),
-        data: m.data.clone(),
-        metadata: m.metadata.clone(),
+        data: copy(&m.data),
+        metadata: copy(&m.metadata),
         error: error.to_owned(),
         attempts,
         build_id: ctx.plugin.build_id().to_owned(),

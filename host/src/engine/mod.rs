@@ -67,6 +67,9 @@ pub enum EngineError {
         message_type: String,
         reason: String,
     },
+    /// A command to send is over `server.max_message_bytes`: nothing was stored.
+    #[error(transparent)]
+    TooBig(#[from] crate::message::TooBig),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("a subscription failed: {0}")]
@@ -84,6 +87,10 @@ pub enum EngineError {
     #[error("{subscription} is not an event-store subscription of this domain; its dead letters are in its group's dead-letter stream")]
     NotEventStore { subscription: String },
 }
+
+/// What to do about a command over the size limit.
+pub const SEND_FIX: &str =
+    "nothing was stored; send less data, or raise the limit in the config file (for every replica)";
 
 /// What replaying a dead letter did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +316,7 @@ impl Engine {
         deadline: Option<&str>,
     ) -> Result<String, EngineError> {
         let message = self.command(message_type, data, deadline)?;
+        self.check_size(&message)?;
         let id = message.id.clone();
         self.commit_command(message, None)?;
         Ok(id)
@@ -327,6 +335,7 @@ impl Engine {
         let message = self
             .command(message_type, data, deadline)?
             .with_idempotency_key(key);
+        self.check_size(&message)?;
         let id = message.id.clone();
         let key = IdempotencyKey {
             key: key.to_owned(),
@@ -367,6 +376,19 @@ impl Engine {
             deadline,
             None,
         ))
+    }
+
+    /// A command over `server.max_message_bytes` is refused before anything is stored: every reader
+    /// would dead-letter it.
+    fn check_size(&self, message: &NewMessage) -> Result<(), EngineError> {
+        let what = || format!("command {} with its metadata", message.message_type);
+        crate::message::TooBig::check(
+            message.size(),
+            self.options.config.max_message_bytes,
+            what,
+            SEND_FIX,
+        )?;
+        Ok(())
     }
 
     fn commit_command(

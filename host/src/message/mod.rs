@@ -38,6 +38,39 @@ pub enum PoisonError {
     BadDeadline(String),
 }
 
+/// A message, or a part of one, larger than `server.max_message_bytes`. Its size counts the bytes of
+/// its data and metadata as stored (a document's: its data).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is {size} bytes, over server.max_message_bytes = {limit}; {fix}")]
+pub struct TooBig {
+    /// What is too big: "message", "event Shop.Placed.v1 raised for shop::order-1", ...
+    pub what: String,
+    pub size: usize,
+    pub limit: usize,
+    /// What to do about it, for whoever reads the line.
+    pub fix: &'static str,
+}
+
+impl TooBig {
+    /// An error when `size` is over `limit`; `what` is only worked out then.
+    pub fn check(
+        size: usize,
+        limit: usize,
+        what: impl FnOnce() -> String,
+        fix: &'static str,
+    ) -> Result<(), Self> {
+        if size <= limit {
+            return Ok(());
+        }
+        Err(Self {
+            what: what(),
+            size,
+            limit,
+            fix,
+        })
+    }
+}
+
 /// What the engine needs from a message's metadata, read without copying the rest.
 #[derive(Debug, Default, Deserialize)]
 pub struct MetaView<'a> {
@@ -101,16 +134,15 @@ impl<'a> MetaView<'a> {
         let Some(expected) = self.envelope.as_ref().and_then(|e| e.checksum.as_deref()) else {
             return Ok(());
         };
-        let value: Value =
-            serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
-        let actual = checksum(&value);
+        let actual =
+            hash_text(data, Numbers::Stable).map_err(|e| PoisonError::BadData(e.to_string()))?;
         // A message whose checksum was taken before PostgreSQL's jsonb rewrote its large numbers
         // (Protean's, or an older host's): Python's own form as read, or with its large integers read
         // as the floats they were written as (`1e+16`, now `10000000000000000`).
         let matches = actual == expected
             || [Numbers::Python, Numbers::PythonFloats]
                 .into_iter()
-                .any(|numbers| hash(&canonical_with(&value, numbers)) == expected);
+                .any(|numbers| hash_text(data, numbers).is_ok_and(|h| h == expected));
         if matches {
             Ok(())
         } else {
@@ -158,11 +190,21 @@ pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
 /// ([`stable_json`]): what Protean computes from the same data read back from a PostgreSQL store, so
 /// both sides verify it whatever store held the message.
 pub fn checksum(data: &Value) -> String {
-    hash(&stable_json(data))
+    let mut sink = HashSink::default();
+    write_canonical(data, &mut sink, Numbers::Stable);
+    sink.finish()
 }
 
-fn hash(text: &str) -> String {
-    hex(&Sha256::digest(text.as_bytes()))
+/// [`checksum`] of the JSON text `data`, without decoding it into a tree (a tree of small objects
+/// takes many times the text's size): the error says why the text is not JSON.
+pub fn checksum_text(data: &str) -> Result<String, serde_json::Error> {
+    hash_text(data, Numbers::Stable)
+}
+
+fn hash_text(data: &str, numbers: Numbers) -> Result<String, serde_json::Error> {
+    let mut sink = HashSink::default();
+    write_canonical_text(data, &mut sink, numbers)?;
+    Ok(sink.finish())
 }
 
 /// Lowercase hex, without a formatting call per byte (this runs for every message).
@@ -209,7 +251,54 @@ fn canonical_with(value: &Value, numbers: Numbers) -> String {
     out
 }
 
-fn write_canonical(value: &Value, out: &mut String, numbers: Numbers) {
+/// Where a canonical form goes: a string, or a hash fed as it is written.
+trait Sink {
+    fn push_str(&mut self, s: &str);
+
+    fn push(&mut self, c: char) {
+        self.push_str(c.encode_utf8(&mut [0; 4]));
+    }
+}
+
+impl Sink for String {
+    fn push_str(&mut self, s: &str) {
+        String::push_str(self, s);
+    }
+
+    fn push(&mut self, c: char) {
+        String::push(self, c);
+    }
+}
+
+/// A sha256 of what is written, fed in chunks: the canonical form of a large message is never held
+/// whole.
+#[derive(Default)]
+struct HashSink {
+    hasher: Sha256,
+    pending: String,
+}
+
+impl HashSink {
+    /// Hashing in chunks of this many bytes costs no more than hashing once.
+    const CHUNK: usize = 64 * 1024;
+
+    fn finish(mut self) -> String {
+        self.hasher.update(self.pending.as_bytes());
+        hex(&self.hasher.finalize())
+    }
+}
+
+impl Sink for HashSink {
+    fn push_str(&mut self, s: &str) {
+        self.pending.push_str(s);
+        if self.pending.len() >= Self::CHUNK {
+            self.hasher.update(self.pending.as_bytes());
+            self.pending.clear();
+        }
+    }
+}
+
+fn write_canonical<S: Sink>(value: &Value, out: &mut S, numbers: Numbers) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
@@ -343,7 +432,178 @@ fn python_float(f: f64) -> String {
     )
 }
 
-fn write_string(s: &str, out: &mut String) {
+/// How deep arrays and objects may nest: serde_json's own limit when it decodes a tree.
+const MAX_DEPTH: usize = 128;
+
+/// The canonical form of the JSON text `text`, written as it is read: objects are taken apart into
+/// their members' raw text (borrowed from `text`), sorted, and each member written in turn; arrays
+/// and scalars go straight through. Nothing the size of the text is held besides the text itself.
+/// Duplicate keys keep their last value, as a decoded tree (and Python) would.
+fn write_canonical_text<S: Sink>(
+    text: &str,
+    out: &mut S,
+    numbers: Numbers,
+) -> Result<(), serde_json::Error> {
+    write_canonical_at(text, out, numbers, 0)
+}
+
+fn write_canonical_at<S: Sink>(
+    text: &str,
+    out: &mut S,
+    numbers: Numbers,
+    depth: usize,
+) -> Result<(), serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(
+        Canonical {
+            out,
+            numbers,
+            depth,
+            comma: false,
+        },
+        &mut deserializer,
+    )?;
+    deserializer.end()
+}
+
+/// Writes one JSON value in canonical form as serde reads it (see [`write_canonical_text`]).
+struct Canonical<'o, S> {
+    out: &'o mut S,
+    numbers: Numbers,
+    /// Arrays and objects this value is inside.
+    depth: usize,
+    /// Write a comma first: the value is an array's element after the first.
+    comma: bool,
+}
+
+impl<S: Sink> Canonical<'_, S> {
+    fn start(&mut self) {
+        if self.comma {
+            self.out.push(',');
+        }
+    }
+
+    fn number<E>(mut self, n: serde_json::Number) -> Result<(), E> {
+        self.start();
+        self.out.push_str(&number(&n, self.numbers));
+        Ok(())
+    }
+
+    fn nest<E: serde::de::Error>(&self) -> Result<usize, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom("recursion limit exceeded"));
+        }
+        Ok(self.depth + 1)
+    }
+}
+
+impl<'de, S: Sink> serde::de::DeserializeSeed<'de> for Canonical<'_, S> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, S: Sink> serde::de::Visitor<'de> for Canonical<'_, S> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(mut self, b: bool) -> Result<(), E> {
+        self.start();
+        self.out.push_str(if b { "true" } else { "false" });
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<(), E> {
+        self.number(n.into())
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<(), E> {
+        self.number(n.into())
+    }
+
+    fn visit_f64<E>(mut self, f: f64) -> Result<(), E> {
+        match serde_json::Number::from_f64(f) {
+            Some(n) => self.number(n),
+            // What a decoded tree makes of a float it cannot hold (JSON text has none).
+            None => {
+                self.start();
+                self.out.push_str("null");
+                Ok(())
+            }
+        }
+    }
+
+    fn visit_str<E>(mut self, s: &str) -> Result<(), E> {
+        self.start();
+        write_string(s, self.out);
+        Ok(())
+    }
+
+    fn visit_unit<E>(mut self) -> Result<(), E> {
+        self.start();
+        self.out.push_str("null");
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let depth = self.nest()?;
+        self.start();
+        self.out.push('[');
+        let mut comma = false;
+        while seq
+            .next_element_seed(Canonical {
+                out: &mut *self.out,
+                numbers: self.numbers,
+                depth,
+                comma,
+            })?
+            .is_some()
+        {
+            comma = true;
+        }
+        self.out.push(']');
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let depth = self.nest()?;
+        let mut members: Vec<(Cow<'de, str>, &'de serde_json::value::RawValue)> = Vec::new();
+        while let Some((Key(key), value)) = map.next_entry()? {
+            members.push((key, value));
+        }
+        // Stable: of equal keys, the last stays last, and is the one written.
+        members.sort_by(|(a, _), (b, _)| a.cmp(b));
+        self.start();
+        self.out.push('{');
+        let mut first = true;
+        for (i, (key, value)) in members.iter().enumerate() {
+            if members.get(i + 1).is_some_and(|(next, _)| next == key) {
+                continue;
+            }
+            if !first {
+                self.out.push(',');
+            }
+            first = false;
+            write_string(key, self.out);
+            self.out.push(':');
+            write_canonical_at(value.get(), self.out, self.numbers, depth)
+                .map_err(serde::de::Error::custom)?;
+        }
+        self.out.push('}');
+        Ok(())
+    }
+}
+
+/// An object key as it is in the text, when it has no escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn write_string<S: Sink>(s: &str, out: &mut S) {
     out.push('"');
     for ch in s.chars() {
         match ch {
@@ -563,7 +823,7 @@ mod tests {
         let jsonb = r#"{"a": 10000000000000000, "c": 0.00000015, "h": "ü"}"#;
         let metadata = format!(
             r#"{{"envelope": {{"checksum": "{}"}}}}"#,
-            hash(&canonical_json(&python))
+            hex(&Sha256::digest(canonical_json(&python).as_bytes()))
         );
         assert_eq!(MetaView::parse(&metadata).unwrap().verify(jsonb), Ok(()));
         let other = r#"{"a": 10000000000000001, "c": 0.00000015, "h": "ü"}"#;
@@ -601,6 +861,54 @@ mod tests {
         assert_eq!(
             sent["domain"]["origin_stream"], "shop::order:command-1",
             "a command comes from its cause's stream"
+        );
+    }
+
+    #[test]
+    fn the_canonical_form_of_a_text_is_that_of_its_decoded_tree() {
+        let texts = [
+            r#"{"b": [1, 2.5, "é😀", {"z": null, "y": [true, false]}], "a": {"z": null, "y": true}}"#,
+            r#"{"c": 1e16, "d": 1e-7, "e": -0.0, "f": 12.0, "g": 1.2345e20, "h": 18446744073709551615, "i": -9223372036854775808, "j": 123456789012345678901234567890}"#,
+            r#"{"k\"ey": "q\"uote\\back\nline\u0001", "\u00e9": "\ud83d\ude00", "": []}"#,
+            r#"{"dup": 1, "a": 0, "dup": {"x": 2, "x": 3}}"#,
+            r#"  [ {"b":1,"a":2} , [] , {} , "s" , -1.5e-9 ]  "#,
+            r#""just a string""#,
+            "42",
+            "null",
+        ];
+        for text in texts {
+            let tree: Value = serde_json::from_str(text).unwrap();
+            for numbers in [Numbers::Python, Numbers::Stable, Numbers::PythonFloats] {
+                let mut streamed = String::new();
+                write_canonical_text(text, &mut streamed, numbers).unwrap();
+                assert_eq!(
+                    streamed,
+                    canonical_with(&tree, numbers),
+                    "{text} ({numbers:?})"
+                );
+            }
+            assert_eq!(checksum_text(text).unwrap(), checksum(&tree), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_text_that_is_not_json_or_nests_too_deep_has_no_canonical_form() {
+        for bad in ["{not json", r#"{"a": 1} trailing"#, r#"{"a": [1,]}"#, ""] {
+            assert!(checksum_text(bad).is_err(), "{bad:?}");
+        }
+        // Objects are read member by member, each with a fresh parser: the depth is counted across.
+        let nested = |depth: usize| {
+            format!(
+                "{}1{}",
+                r#"{"a":["#.repeat(depth / 2),
+                "]}".repeat(depth / 2)
+            )
+        };
+        assert!(checksum_text(&nested(MAX_DEPTH)).is_ok());
+        let error = checksum_text(&nested(MAX_DEPTH + 2)).unwrap_err();
+        assert!(
+            error.to_string().contains("recursion limit exceeded"),
+            "{error}"
         );
     }
 

@@ -536,6 +536,25 @@ pub struct Outcome {
     pub failure: Option<Failure>,
 }
 
+impl Outcome {
+    /// The outcome once the host refused a write of message `index` of the call (over the size
+    /// limit): that message fails for good with `reason`, whatever the plugin reported for it (the SDK
+    /// makes a host error retryable, a handler may ignore it), unless an earlier message failed first.
+    pub fn refused_at(self, index: usize, reason: String) -> Self {
+        if self.handled < index {
+            return self;
+        }
+        Self {
+            handled: index,
+            failure: Some(Failure {
+                retryable: false,
+                message: reason,
+                crashed: false,
+            }),
+        }
+    }
+}
+
 /// A handler failure as reported by the plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -669,5 +688,46 @@ fn emit(level: u8, plugin: &str, module: &str, message: &str) {
         level::INFO => tracing::info!(target: "plugin", plugin, module, "{message}"),
         level::DEBUG => tracing::debug!(target: "plugin", plugin, module, "{message}"),
         _ => tracing::trace!(target: "plugin", plugin, module, "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(handled: usize, retryable: Option<bool>) -> Outcome {
+        Outcome {
+            handled,
+            failure: retryable.map(|retryable| Failure {
+                retryable,
+                message: "the plugin's".into(),
+                crashed: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_refused_write_fails_its_message_for_good_unless_an_earlier_one_failed() {
+        let refused = |o: Outcome| o.refused_at(1, "refused".into());
+        let for_good = Outcome {
+            handled: 1,
+            failure: Some(Failure {
+                retryable: false,
+                message: "refused".into(),
+                crashed: false,
+            }),
+        };
+        assert_eq!(refused(outcome(3, None)), for_good, "the refusal ignored");
+        assert_eq!(refused(outcome(1, Some(true))), for_good, "made retryable");
+        assert_eq!(
+            refused(outcome(2, Some(false))),
+            for_good,
+            "a later failure"
+        );
+        assert_eq!(
+            refused(outcome(0, Some(true))),
+            outcome(0, Some(true)),
+            "an earlier failure stands"
+        );
     }
 }

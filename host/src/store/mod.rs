@@ -50,6 +50,11 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// Its size as `server.max_message_bytes` counts it: the bytes of its data and metadata.
+    pub fn size(&self) -> usize {
+        self.data.len() + self.metadata.len()
+    }
+
     /// The message's identity for exactly-once (processed markers, retry counts, acknowledgements):
     /// `{stream}@{position}`, which no two stored messages share and a redelivery of the same stored
     /// message keeps (a broker entry carries both in `metadata.event_store`). `headers.id` cannot be

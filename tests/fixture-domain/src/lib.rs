@@ -4,7 +4,9 @@
 //!   `always`, `fail:N` = fail the first N attempts of this id in this process, `sleep:MS`, `block:PATH` =
 //!   wait until the file PATH exists, at most 120 s: a stuck handler a test releases; and, to test crash
 //!   containment, `abort`, `segfault`, `exit:N`, `alloc` = allocate and touch memory without bound, `spin`
-//!   = loop forever on the CPU), and the command
+//!   = loop forever on the CPU; and, to test size limits, `big:BYTES` = raise `Ran`, then a `Stuffed`
+//!   event of about BYTES bytes, failing with the host's error if it refuses it, and `big-quiet:BYTES` =
+//!   the same, ignoring that error), and the command
 //!   `Step { chain, n, depth }` starts a cascade of `depth` event → command hops.
 //! - `broken`: its constructor returns an error (two handlers share a name).
 //! - `panicking`: its constructor panics.
@@ -66,6 +68,23 @@ impl Message for Ran {
 }
 
 impl Event for Ran {
+    type Aggregate = Probe;
+}
+
+/// An event as large as a `big:BYTES` probe asks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stuffed {
+    /// The probe.
+    pub id: String,
+    /// BYTES bytes of it.
+    pub filler: String,
+}
+
+impl Message for Stuffed {
+    const NAME: &'static str = "Stuffed";
+}
+
+impl Event for Stuffed {
     type Aggregate = Probe;
 }
 
@@ -191,6 +210,30 @@ fn run(command: Run, ctx: &mut Context) -> HandlerResult {
         "spin" => loop {
             std::hint::spin_loop();
         },
+        big if big.starts_with("big:") || big.starts_with("big-quiet:") => {
+            let (how, bytes) = big.split_once(':').unwrap_or_default();
+            let bytes: usize = bytes.parse().map_err(HandlerError::reject)?;
+            // A write before the large one: a refused message must take it back.
+            let id = command.id.clone();
+            ctx.raise(
+                &id,
+                &Ran {
+                    id: id.clone(),
+                    attempts: attempt,
+                },
+            )?;
+            let stuffed = ctx.raise(
+                &id,
+                &Stuffed {
+                    id: id.clone(),
+                    filler: "x".repeat(bytes),
+                },
+            );
+            if how == "big" {
+                stuffed?;
+            }
+            return Ok(());
+        }
         fail if fail.starts_with("fail:") => {
             let failures: u32 = fail[5..].parse().map_err(HandlerError::reject)?;
             if attempt <= failures {

@@ -204,7 +204,7 @@ impl RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, stream: &str, payloads: &[String]) -> Result<()> {
+    async fn publish(&self, stream: &str, payloads: Vec<String>) -> Result<()> {
         let mut pipe = redis::pipe();
         for payload in payloads {
             pipe.cmd("XADD")
@@ -214,9 +214,12 @@ impl Broker for RedisBroker {
                 .arg(payload)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut self.commands.clone())
-            .await
-            .map_err(command("XADD"))
+        let mut conn = self.commands.clone();
+        match pipe.query_async::<()>(&mut conn).await {
+            Err(_) => pipe.query_async::<()>(&mut conn).await,
+            done => done,
+        }
+        .map_err(command("XADD"))
     }
 
     async fn consumer(
