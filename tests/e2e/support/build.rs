@@ -21,6 +21,24 @@ fn workspace() -> PathBuf {
 fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
+    // `cargo test` sets these for this test process, and ring's build script tracks some of them:
+    // inherited, they would make this build and the next `cargo test` rebuild ring and everything
+    // above it (the host included), in turn.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ];
+        if per_crate.iter().any(|prefix| key.starts_with(prefix))
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
     command.current_dir(workspace()).args([
         "build",
         "--message-format=json-render-diagnostics",
