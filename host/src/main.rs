@@ -7,14 +7,14 @@ use anyhow::Context as _;
 use protean_host::{
     cli::{
         Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
-        LogFormat, OutboxAction, OutboxArgs, SendArgs, ServerArgs, SubscriptionsAction,
-        SubscriptionsArgs,
+        LogFormat, LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
+        SubscriptionsAction, SubscriptionsArgs,
     },
     config::Config,
     discovery,
     engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent},
     inspect, logging, ops,
-    plugin::{Library, Plugin},
+    plugin::{probe, Instances, Library, Plugin, Probe},
     reload, store,
 };
 
@@ -46,7 +46,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
+        Some(Command::Probe(args)) => probe_child(&cli.common, &args),
     }
+}
+
+/// How this binary probes a build before loading it: by running itself (`__probe`), logging as this
+/// process does, and showing the child's own output at debug level.
+fn prober(common: &Common, config: &Config) -> Probe {
+    Probe::this_binary(config.probe_timeout)
+        .args(common.log_args())
+        .show_output(matches!(common.level(), LogLevel::Debug | LogLevel::Trace))
+}
+
+/// The hidden `__probe` subcommand: never returns (the process ends when the probe does).
+fn probe_child(common: &Common, args: &ProbeArgs) -> ! {
+    let instances = if args.every {
+        Instances::Every
+    } else {
+        Instances::Selected(args.instance.as_deref())
+    };
+    let named = args.named.as_deref().unwrap_or(&args.library);
+    probe::child(
+        &args.library,
+        named,
+        instances,
+        common.level().plugin_level(),
+    )
 }
 
 fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
@@ -60,9 +85,12 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
 }
 
 /// The domain instance to run, and what a reload needs to load the next build of it. With `reload`,
-/// the library must pass the reload trust check before anything of it is loaded.
+/// the library must pass the reload trust check before anything of it is loaded. The build is probed
+/// first (in a child process), so one that crashes or hangs while it loads is one error line and exit
+/// code 1, not a raw abort of this process.
 fn load_plugin(
     common: &Common,
+    config: &Config,
     reload: Option<&ServerArgs>,
 ) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
@@ -73,15 +101,22 @@ fn load_plugin(
     if reload.is_some() {
         reload::check_trusted(&spec.path, owner)?;
     }
-    let library = Library::load(&spec.path)?;
+    let probe = prober(common, config);
+    let library = Library::load_probed(
+        &spec.path,
+        &probe,
+        Instances::Selected(spec.instance.as_deref()),
+    )?;
     let instance = library.select(spec.instance.as_deref())?;
     let plugin = library.instantiate(&instance, common.level().plugin_level())?;
-    tracing::info!(library = %spec.path.display(), instance, build = library.build_id(), handlers = plugin.registrations().len(), "domain loaded");
+    let probe_ms = library.probed_in().map(|t| t.as_millis() as u64);
+    tracing::info!(library = %spec.path.display(), instance, build = library.build_id(), handlers = plugin.registrations().len(), probe_ms, "domain loaded");
     let target = reload::Target {
         library: spec.path,
         instance,
         log_level: common.level().plugin_level(),
         owner,
+        probe: Some(probe),
     };
     Ok((plugin, target))
 }
@@ -89,7 +124,7 @@ fn load_plugin(
 fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, None)?;
+    let (plugin, target) = load_plugin(common, &config, None)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
@@ -104,7 +139,7 @@ fn waiting_engine(
 ) -> anyhow::Result<Option<(Engine, reload::Target)>> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, args.reload.then_some(args))?;
+    let (plugin, target) = load_plugin(common, &config, args.reload.then_some(args))?;
     if !protean_host::engine::startup::wait_for_dependencies(&config)? {
         return Ok(None);
     }
@@ -117,7 +152,13 @@ fn waiting_engine(
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let spec = domain_spec(common)?;
-    let library = Library::load(&spec.path)?;
+    let config = Config::load(common.config.as_deref())?;
+    // Probed with the instances inspect constructs: the named one, or all of them.
+    let instances = match spec.instance.as_deref() {
+        Some(name) => Instances::Selected(Some(name)),
+        None => Instances::Every,
+    };
+    let library = Library::load_probed(&spec.path, &prober(common, &config), instances)?;
     let report = inspect::describe(
         &library,
         spec.instance.as_deref(),

@@ -2,8 +2,10 @@
 //!
 //! Cargo replaces a library by writing a new file and renaming it over the old one, so the watch is on
 //! the directory, not the file, and events are debounced. A reload happens only when the file's
-//! content changed (a touch does not reload). Loading goes through [`Library::load`] (a private copy,
-//! never unloaded, ABI checked); any failure is one ERROR line and the running build carries on.
+//! content changed (a touch does not reload). Loading goes through [`Library::load_bytes_probed`] (a
+//! private copy, first loaded by a probe process, never unloaded, ABI checked): a build that aborts,
+//! exits or hangs while it loads or constructs is refused, and any failure is one ERROR line while the
+//! running build carries on.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +21,7 @@ use notify_debouncer_mini::{
 
 use crate::{
     engine::Engine,
-    plugin::{trust, Library},
+    plugin::{trust, Instances, Library, Probe},
 };
 
 /// How long the directory must be quiet before a change counts (cargo writes in several steps).
@@ -48,14 +50,17 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-/// What to reload: the library file, which instance of it, the plugin log level, and the user whose
-/// files may be loaded (besides root).
+/// What to reload: the library file, which instance of it, the plugin log level, the user whose files
+/// may be loaded (besides root), and how a new build is probed before it is loaded.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub library: PathBuf,
     pub instance: String,
     pub log_level: u8,
     pub owner: u32,
+    /// `None` loads a new build straight into this process, where a crash in its initialisers or
+    /// constructor ends the process: only for programs that cannot run a probe ([`Probe`]).
+    pub probe: Option<Probe>,
 }
 
 /// Fail unless `library` and its directory are trusted to hold code ([`trust::check`]): with --reload
@@ -187,11 +192,20 @@ fn load(
     bytes: &[u8],
 ) -> Result<crate::engine::Changes, ReloadError> {
     let started = Instant::now();
-    let library = Library::load_bytes(&target.library, bytes)?;
+    let library = match &target.probe {
+        Some(probe) => Library::load_bytes_probed(
+            &target.library,
+            bytes,
+            probe,
+            Instances::Selected(Some(&target.instance)),
+        )?,
+        None => Library::load_bytes(&target.library, bytes)?,
+    };
     let plugin = library.instantiate(&target.instance, target.log_level)?;
     tracing::info!(
         build = library.build_id(),
         load_ms = started.elapsed().as_millis() as u64,
+        probe_ms = library.probed_in().map(|t| t.as_millis() as u64),
         "new build loaded; swapping after the batches in flight"
     );
     Ok(engine.reload(plugin)?)

@@ -5,11 +5,15 @@
 //!   `cdylib` cannot be unloaded safely; a same-path reload would return the old image);
 //! - the ABI tag is read before abi_stable's checks, so a plugin built against another plugin-api gets a
 //!   one-line error;
+//! - the binary maps a build only after a child process loaded the same private copy and constructed
+//!   its instances without dying or hanging ([`probe`]); `Library::load` without a probe is for
+//!   programs that embed the engine and cannot run the binary;
 //! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`].
 #![allow(unsafe_code)]
 
 mod elf;
 mod private;
+pub mod probe;
 mod services;
 pub mod trust;
 
@@ -17,6 +21,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
 };
 
 use protean_plugin_api::{
@@ -31,6 +36,7 @@ use protean_plugin_api::{
 };
 use sha2::{Digest, Sha256};
 
+pub use probe::{Instances, Probe, ProbeError};
 pub use services::HostServices;
 
 /// Why a domain library could not be loaded or instantiated. Each message names the file and the fix.
@@ -88,6 +94,8 @@ pub enum LoadError {
         to: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
 }
 
 /// A loaded domain library (one generation). Never unloaded.
@@ -95,6 +103,7 @@ pub struct Library {
     path: PathBuf,
     build_id: String,
     module: ProteanPlugin_Ref,
+    probed_in: Option<Duration>,
 }
 
 impl std::fmt::Debug for Library {
@@ -115,30 +124,56 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// Counts generations within this process, so every private copy has a fresh name.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Counts private copies within this process, so every copy has a fresh name.
+static COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the library images this process mapped (a refused build maps none).
+static MAPPED: AtomicU64 = AtomicU64::new(0);
 
 /// How many library images this process has loaded; none is ever unloaded, so all stay mapped.
 pub fn generations_loaded() -> u64 {
-    GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+    MAPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Library {
-    /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts.
+    /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts. Its
+    /// code runs in this process: a build that aborts takes the process with it ([`Self::load_probed`]
+    /// does not).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
-        if !path.is_file() {
-            return Err(LoadError::Missing(absolute(path)));
-        }
-        let bytes = fs::read(path).map_err(|source| LoadError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::load_bytes(path, &bytes)
+        Self::load_bytes(path, &read(path)?)
+    }
+
+    /// [`Self::load`], after a child process loaded the same bytes and constructed `instances` without
+    /// dying or hanging ([`probe`]).
+    pub fn load_probed(
+        path: &Path,
+        probe: &Probe,
+        instances: Instances<'_>,
+    ) -> Result<Self, LoadError> {
+        Self::load_bytes_probed(path, &read(path)?, probe, instances)
     }
 
     /// Load `bytes`, the content of the library at `path` (read once by a caller that already
     /// needed them).
     pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
+        Self::load_copy(path, bytes, None)
+    }
+
+    /// [`Self::load_bytes`], probed first like [`Self::load_probed`].
+    pub fn load_bytes_probed(
+        path: &Path,
+        bytes: &[u8],
+        probe: &Probe,
+        instances: Instances<'_>,
+    ) -> Result<Self, LoadError> {
+        Self::load_copy(path, bytes, Some((probe, instances)))
+    }
+
+    fn load_copy(
+        path: &Path,
+        bytes: &[u8],
+        probe: Option<(&Probe, Instances<'_>)>,
+    ) -> Result<Self, LoadError> {
         if let Some(reason) = elf::truncated(bytes) {
             return Err(LoadError::Truncated {
                 path: path.into(),
@@ -147,12 +182,21 @@ impl Library {
         }
         let digest = Sha256::digest(bytes);
         let build_id = crate::message::hex(&digest[..6]);
-        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let number = COPIES.fetch_add(1, Ordering::Relaxed);
         let stem = path
             .file_stem()
             .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
-        let name = format!("{stem}-{generation}-{build_id}.so");
+        let name = format!("{stem}-{number}-{build_id}.so");
         let copy = private::write(path, bytes, &digest, &name)?;
+        // The probe loads this very file, so what it vouches for is what is mapped below.
+        let probed_in = match probe {
+            Some((probe, instances)) => {
+                let started = Instant::now();
+                probe.check(&copy.path, path, &build_id, instances)?;
+                Some(started.elapsed())
+            }
+            None => None,
+        };
         let module = open(path, &copy.path)?;
         // The mapping keeps the image alive: the copy and its directory go now.
         drop(copy);
@@ -160,7 +204,35 @@ impl Library {
             path: path.into(),
             build_id,
             module,
+            probed_in,
         })
+    }
+
+    /// The probe process's load ([`probe::child`]): `file` is the host's private copy of the library
+    /// `named`, and the process is new, so it is mapped where it is.
+    fn open_in_place(named: &Path, file: &Path) -> Result<Self, LoadError> {
+        let bytes = fs::read(file).map_err(|source| LoadError::Read {
+            path: named.into(),
+            source,
+        })?;
+        if let Some(reason) = elf::truncated(&bytes) {
+            return Err(LoadError::Truncated {
+                path: named.into(),
+                reason,
+            });
+        }
+        let module = open(named, file)?;
+        Ok(Self {
+            path: named.into(),
+            build_id: build_id(&bytes),
+            module,
+            probed_in: None,
+        })
+    }
+
+    /// How long the probe of this build took, if it was probed.
+    pub fn probed_in(&self) -> Option<Duration> {
+        self.probed_in
     }
 
     /// The path the library was loaded from.
@@ -247,6 +319,17 @@ impl Library {
     }
 }
 
+/// The library's bytes, with one-line errors for a missing or unreadable file.
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::Missing(absolute(path)));
+    }
+    fs::read(path).map_err(|source| LoadError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
@@ -274,6 +357,7 @@ fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
         .map_err(|e| explain(e, original))?;
     // Never unload: statics, vtables and thread-local destructors of the plugin must outlive every use.
     std::mem::forget(raw);
+    MAPPED.fetch_add(1, Ordering::Relaxed);
     Ok(module)
 }
 
