@@ -2,7 +2,9 @@
 
 use serde_json::Value;
 
-use crate::support::{fixture_domain, host, sample_domain, PgServer, RedisServer, TEST_CONFIG};
+use crate::support::{
+    bad_build, fixture_domain, host, sample_domain, BadBuild, PgServer, RedisServer, TEST_CONFIG,
+};
 
 #[test]
 fn help_and_version_exit_zero() {
@@ -91,6 +93,42 @@ fn inspect_json_is_machine_readable() {
         .unwrap();
     assert_eq!(commands["routes"]["Fulfilment.ShipOrder.v1"], "orders");
     assert_eq!(report["build_id"].as_str().unwrap().len(), 12);
+}
+
+/// `inspect` loads a build in a probe process first: one that aborts or hangs while loading is one
+/// error line and exit 1, not a crash of `inspect` itself (exit 134).
+#[test]
+fn inspect_of_a_build_that_crashes_or_hangs_is_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server]\nprobe_timeout_seconds = 3\n",
+    )
+    .unwrap();
+    for which in BadBuild::ALL {
+        let lib = bad_build(which);
+        for json in [&[][..], &["--json"]] {
+            let run = host(dir.path())
+                .args(["inspect", "--domain"])
+                .args([lib])
+                .args(json)
+                .output()
+                .expect_code(1);
+            assert_eq!(run.stdout(), "", "{which:?}: nothing is described");
+            assert_eq!(
+                run.stderr().lines().count(),
+                1,
+                "{which:?}: {}",
+                run.stderr()
+            );
+            assert!(
+                run.stderr()
+                    .starts_with(&format!("error: {}: {}", lib.display(), which.refusal())),
+                "{which:?}: {}",
+                run.stderr()
+            );
+        }
+    }
 }
 
 /// Every subcommand, with global flags before it, on one store configuration (`store`: a `[store]`

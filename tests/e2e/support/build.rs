@@ -162,3 +162,62 @@ pub fn reload_sample(which: ReloadBuild) -> &'static Path {
         aside
     })
 }
+
+/// Builds of tests/bad-domain that crash or hang whatever loads them, by cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadBuild {
+    /// An ELF initialiser aborts when the library is mapped.
+    AbortOnLoad,
+    /// The constructor of instance `domain` aborts.
+    AbortInConstructor,
+    /// The constructor of instance `domain` never returns.
+    HangInConstructor,
+}
+
+impl BadBuild {
+    pub const ALL: [BadBuild; 3] = [
+        BadBuild::AbortOnLoad,
+        BadBuild::AbortInConstructor,
+        BadBuild::HangInConstructor,
+    ];
+
+    /// What the host's one-line refusal of this build says happened.
+    pub fn refusal(self) -> &'static str {
+        match self {
+            BadBuild::AbortOnLoad => "the probe process died of SIGABRT while loading the library",
+            BadBuild::AbortInConstructor => {
+                "the probe process died of SIGABRT while constructing domain instance \"domain\""
+            }
+            BadBuild::HangInConstructor => {
+                "the probe process was still constructing domain instance \"domain\" after 3 s"
+            }
+        }
+    }
+
+    fn feature(self) -> &'static str {
+        match self {
+            BadBuild::AbortOnLoad => "abort-on-load",
+            BadBuild::AbortInConstructor => "abort-in-constructor",
+            BadBuild::HangInConstructor => "hang-in-constructor",
+        }
+    }
+}
+
+/// The bad-domain library built with `which`'s feature. Every feature builds the same file in the
+/// shared target directory (only this small crate differs), so each build is copied aside at once.
+pub fn bad_build(which: BadBuild) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 3] = [const { OnceLock::new() }; 3];
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    BUILT[which as usize].get_or_init(|| {
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
+        let built = build(
+            &["--features", which.feature()],
+            "bad-domain",
+            "cdylib",
+            None,
+        );
+        let aside = built.with_file_name(format!("libbad_domain-{}.so", which.feature()));
+        std::fs::copy(&built, &aside).expect("copy the bad build aside");
+        aside
+    })
+}
