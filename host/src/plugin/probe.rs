@@ -175,7 +175,8 @@ impl Probe {
             path: named.to_owned(),
             source,
         })?;
-        // Its only writer is gone (the report descriptor is close-on-exec in the child), so this ends.
+        // Every writer is gone: the group is dead, and what the plugin may have exec'd did not inherit
+        // the report descriptor (close-on-exec), so the read ends.
         let bytes = reader.join().unwrap_or_default();
         let lines = String::from_utf8_lossy(&bytes)
             .lines()
