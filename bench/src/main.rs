@@ -13,14 +13,16 @@
 //! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99);
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths;
 //! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`);
-//! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`).
+//! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`);
+//! - isolated mode (the domain in a worker process) against in-process, SQLite no-op (`isolation.rs`).
 //!
-//! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, sample,
-//! redis, ordered, latency, callgrind, ops, reload, postgres, peer).
+//! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, isolation,
+//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
 mod ceiling;
+mod isolation;
 mod latency;
 mod ops;
 mod ordered;
@@ -94,6 +96,10 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("sqlite") {
         rows.push(sqlite_noop(&host, &fixture, events)?);
+    }
+    if wanted("isolation") {
+        rows.extend(isolation::call_overhead(&host, &fixture)?);
+        rows.push(isolation::noop(&host, &fixture, events)?);
     }
     // Orders per second of the sample flow on Redis, for the ratio to the peer.
     let mut on_redis = None;
@@ -183,7 +189,7 @@ fn noop(event: Ticked) -> Result<(), String> {
     Ok(())
 }
 
-struct NullHost;
+pub(crate) struct NullHost;
 
 impl HostServices for NullHost {
     fn raise_event(

@@ -124,6 +124,17 @@ pub enum Command {
     /// each step as a JSON line on stdout (see `plugin::probe`). The host runs it before it loads a build.
     #[command(name = "__probe", hide = true)]
     Probe(ProbeArgs),
+    /// One worker process of isolated mode (`[server] isolation = "process"`): started by the server
+    /// itself, never by hand.
+    #[command(name = "__worker", hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// Options of the hidden worker subcommand.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The host process that started this worker.
+    pub host_pid: u32,
 }
 
 /// Options of the hidden `__probe` subcommand.
@@ -332,6 +343,18 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("protean-host").chain(args.iter().copied()))
             .and_then(Cli::checked)
+    }
+
+    #[test]
+    fn the_worker_subcommand_is_the_one_the_host_starts_and_is_hidden() {
+        let host = "4242";
+        let cli = parse(&[crate::plugin::isolated::SUBCOMMAND, host]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Worker(WorkerArgs { host_pid: 4242 }))
+        ));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("__worker"), "{help}");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Settings {
     pub retry_delay_ms: u64,
     /// Upper bound of the backoff.
     pub max_retry_delay_ms: u64,
+    /// The longest one handler call (a batch) may take: past it the call is a failed attempt (an
+    /// isolated worker is killed; in process, liveness fails so that a supervisor restarts the host).
+    pub handler_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -78,6 +81,7 @@ impl Default for Settings {
             max_retries: 3,
             retry_delay_ms: 1000,
             max_retry_delay_ms: 30_000,
+            handler_timeout_ms: 30_000,
         }
     }
 }
@@ -111,6 +115,10 @@ pub struct Config {
     pub health: HealthSettings,
     /// Ordered subscriptions (`[server.ordering]`).
     pub ordering: OrderingSettings,
+    /// How long one handler call may run. An isolated worker process past it is killed.
+    pub handler_timeout: Duration,
+    /// Where the domain's code runs (`[server] isolation`, `[server.worker]`).
+    pub isolation: IsolationSettings,
     default_subscription_type: Option<SubscriptionType>,
     server: Profile,
     server_profile: Option<String>,
@@ -198,6 +206,28 @@ impl OrderingSettings {
     }
 }
 
+/// Where the domain's code runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// In the host process: the fastest, but a crash of the domain is a crash of the host.
+    #[default]
+    None,
+    /// In worker processes the host supervises: a crash or a hang costs one call.
+    Process,
+}
+
+/// `[server] isolation` and the limits of each worker process (`[server.worker]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IsolationSettings {
+    pub mode: IsolationMode,
+    /// The worker's data memory (heap and private writable mappings), in MiB: past it an allocation
+    /// fails and the worker dies, not the host.
+    pub memory_limit_mb: Option<u64>,
+    /// CPU seconds one call (or the domain's start) may use before the worker is killed.
+    pub cpu_limit_seconds: Option<u64>,
+}
+
 /// The health and metrics server (`[server.health]`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HealthSettings {
@@ -254,6 +284,7 @@ struct Profile {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
 }
 
 impl Profile {
@@ -262,6 +293,7 @@ impl Profile {
         s.max_retries = self.max_retries.unwrap_or(s.max_retries);
         s.retry_delay_ms = self.retry_delay_ms.unwrap_or(s.retry_delay_ms);
         s.max_retry_delay_ms = self.max_retry_delay_ms.unwrap_or(s.max_retry_delay_ms);
+        s.handler_timeout_ms = self.handler_timeout_ms.unwrap_or(s.handler_timeout_ms);
     }
 
     fn builtin(name: &str) -> Option<Self> {
@@ -276,6 +308,7 @@ impl Profile {
             max_retries: Some(retries),
             retry_delay_ms: Some(delay),
             max_retry_delay_ms: None,
+            handler_timeout_ms: None,
         })
     }
 }
@@ -348,6 +381,7 @@ struct ServerSection {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
     shutdown_grace_seconds: Option<u64>,
     test_mode_timeout_seconds: Option<u64>,
     poll_interval_ms: Option<u64>,
@@ -356,12 +390,22 @@ struct ServerSection {
     lease_ttl_ms: Option<u64>,
     max_generations: Option<u64>,
     probe_timeout_seconds: Option<u64>,
+    isolation: Option<IsolationMode>,
+    #[serde(default)]
+    worker: WorkerSection,
     #[serde(default)]
     handlers: BTreeMap<String, HandlerSection>,
     #[serde(default)]
     health: HealthSection,
     #[serde(default)]
     ordering: OrderingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerSection {
+    memory_limit_mb: Option<u64>,
+    cpu_limit_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -393,6 +437,7 @@ struct HandlerSection {
     max_retries: Option<u32>,
     retry_delay_ms: Option<u64>,
     max_retry_delay_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
 }
 
 impl HandlerSection {
@@ -402,8 +447,37 @@ impl HandlerSection {
             max_retries: self.max_retries,
             retry_delay_ms: self.retry_delay_ms,
             max_retry_delay_ms: self.max_retry_delay_ms,
+            handler_timeout_ms: self.handler_timeout_ms,
         }
     }
+}
+
+/// `[server] isolation` with `[server.worker]`'s limits, which only a worker process can have.
+fn isolation(s: &ServerSection) -> Result<IsolationSettings, (&'static str, String)> {
+    let mode = s.isolation.unwrap_or_default();
+    let limits = [
+        ("server.worker.memory_limit_mb", s.worker.memory_limit_mb),
+        (
+            "server.worker.cpu_limit_seconds",
+            s.worker.cpu_limit_seconds,
+        ),
+    ];
+    for (key, value) in limits {
+        match value {
+            Some(0) => return Err((key, "must be at least 1".into())),
+            Some(_) if mode == IsolationMode::None => return Err((
+                key,
+                "applies to isolation = \"process\" only; set it in [server], or remove this key"
+                    .into(),
+            )),
+            _ => {}
+        }
+    }
+    Ok(IsolationSettings {
+        mode,
+        memory_limit_mb: s.worker.memory_limit_mb,
+        cpu_limit_seconds: s.worker.cpu_limit_seconds,
+    })
 }
 
 /// The store section resolved; a bad value is (key, what is wrong and how to fix it).
@@ -541,6 +615,7 @@ impl Config {
         }
         let health = health(&s.health).map_err(|(k, m)| invalid(&k, m))?;
         let ordering = ordering(&s.ordering).map_err(|(k, m)| invalid(&k, m))?;
+        let isolation = isolation(s).map_err(|(k, m)| invalid(k, m))?;
         // A lease shorter than a renewal round trip is lost between renewals: every replica would
         // take it in turn. Said, not clamped, so the operator learns the value is not what runs.
         if s.lease_ttl_ms.is_some_and(|ms| ms < 100) {
@@ -575,12 +650,15 @@ impl Config {
             probe_timeout: Duration::from_secs(s.probe_timeout_seconds.unwrap_or(30)),
             health,
             ordering,
+            handler_timeout: Duration::from_millis(s.handler_timeout_ms.unwrap_or(30_000)),
+            isolation,
             default_subscription_type: s.subscription_type,
             server: Profile {
                 messages_per_tick: s.messages_per_tick,
                 max_retries: s.max_retries,
                 retry_delay_ms: s.retry_delay_ms,
                 max_retry_delay_ms: s.max_retry_delay_ms,
+                handler_timeout_ms: s.handler_timeout_ms,
             },
             server_profile: s.profile.clone(),
             handlers: raw.server.handlers,
@@ -648,6 +726,7 @@ impl Config {
         Profile {
             messages_per_tick: declared.messages_per_tick,
             max_retries: declared.max_retries,
+            handler_timeout_ms: declared.timeout_ms,
             ..Profile::default()
         }
         .apply(&mut settings);
@@ -851,6 +930,12 @@ fn validate(profile: &Profile, key: &str) -> Result<(), (String, String)> {
             "must be at least 1".into(),
         ));
     }
+    if profile.handler_timeout_ms == Some(0) {
+        return Err((
+            format!("{key}.handler_timeout_ms"),
+            "must be at least 1 (a handler needs some time; raise it for slow handlers)".into(),
+        ));
+    }
     if let (Some(delay), Some(max)) = (profile.retry_delay_ms, profile.max_retry_delay_ms) {
         if max < delay {
             return Err((
@@ -978,6 +1063,7 @@ mod tests {
             [server.handlers.inventory]
             profile = "careful"
             messages_per_tick = 7
+            handler_timeout_ms = 900
             [profiles.careful]
             retry_delay_ms = 5000
             "#,
@@ -987,6 +1073,7 @@ mod tests {
         let declared = HandlerOptions {
             max_retries: Some(9),
             messages_per_tick: Some(50),
+            timeout_ms: Some(2000),
             ..HandlerOptions::default()
         };
         let other = config.settings("billing", &declared);
@@ -1009,6 +1096,10 @@ mod tests {
         );
         let plain = config.settings("billing", &HandlerOptions::default());
         assert_eq!((plain.messages_per_tick, plain.max_retries), (10, 4));
+        // A deadline: the default, what the handler declares in code, the operator's key over both.
+        assert_eq!(plain.handler_timeout_ms, 30_000);
+        assert_eq!(other.handler_timeout_ms, 2000);
+        assert_eq!(inventory.handler_timeout_ms, 900);
     }
 
     #[test]
@@ -1170,6 +1261,8 @@ mod tests {
             ("[server]\nmax_retrys = 3", "config file protean.toml: server.max_retrys: unknown field `max_retrys`, expected one of"),
             ("[server]\nmessages_per_tick = \"ten\"", "config file protean.toml: server.messages_per_tick: invalid type: string \"ten\", expected u32"),
             ("[server]\nmessages_per_tick = 0", "config file protean.toml: server.messages_per_tick: must be at least 1"),
+            ("[server]\nhandler_timeout_ms = 0", "config file protean.toml: server.handler_timeout_ms: must be at least 1 (a handler needs some time; raise it for slow handlers)"),
+            ("[server.handlers.x]\nhandler_timeout_ms = 0", "config file protean.toml: server.handlers.x.handler_timeout_ms: must be at least 1 (a handler needs some time; raise it for slow handlers)"),
             ("[store]\nprovider = \"mysql\"", "config file protean.toml: store.provider: unknown variant `mysql`, expected one of `memory`, `sqlite`, `postgres`"),
             ("[store]\nprovider = \"postgres\"", "config file protean.toml: store.uri: is required for provider = \"postgres\"; set it like uri = \"postgresql://user:password@host:5432/database\""),
             ("[store]\nprovider = \"postgres\"\nuri = \"postgresql://h:notaport/db\"", "config file protean.toml: store.uri: invalid connection string: invalid value for option `port`; expected a URI like postgresql://"),
@@ -1194,6 +1287,9 @@ mod tests {
             ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),
+            ("[server]\nisolation = \"thread\"", "config file protean.toml: server.isolation: unknown variant `thread`, expected `none` or `process`"),
+            ("[server.worker]\nmemory_limit_mb = 64", "config file protean.toml: server.worker.memory_limit_mb: applies to isolation = \"process\" only"),
+            ("[server]\nisolation = \"process\"\n[server.worker]\ncpu_limit_seconds = 0", "config file protean.toml: server.worker.cpu_limit_seconds: must be at least 1"),
         ];
         for (text, expected) in cases {
             let error = parse(text, &[]).unwrap_err().to_string();
@@ -1202,5 +1298,26 @@ mod tests {
                 "{text:?}:\n  got      {error}\n  expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn isolation_is_in_process_unless_asked_with_its_limits() {
+        let default = parse("", &[]).unwrap();
+        assert_eq!(default.isolation, IsolationSettings::default());
+        assert_eq!(default.handler_timeout, Duration::from_secs(30));
+        let isolated = parse(
+            "[server]\nisolation = \"process\"\nhandler_timeout_ms = 500\n[server.worker]\nmemory_limit_mb = 256\ncpu_limit_seconds = 5\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            isolated.isolation,
+            IsolationSettings {
+                mode: IsolationMode::Process,
+                memory_limit_mb: Some(256),
+                cpu_limit_seconds: Some(5),
+            }
+        );
+        assert_eq!(isolated.handler_timeout, Duration::from_millis(500));
     }
 }

@@ -10,11 +10,11 @@ use protean_host::{
         LogFormat, LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
         SubscriptionsAction, SubscriptionsArgs,
     },
-    config::Config,
+    config::{Config, IsolationMode},
     discovery,
     engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent},
     inspect, logging, ops,
-    plugin::{probe, Instances, Library, Plugin, Probe},
+    plugin::{isolated, probe, Instances, Isolation, Library, Plugin, Probe},
     reload, store,
 };
 
@@ -47,6 +47,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
         Some(Command::Probe(args)) => probe_child(&cli.common, &args),
+        Some(Command::Worker(args)) => {
+            isolated::worker::serve(args.host_pid)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -84,10 +88,10 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
     )?)
 }
 
-/// The domain instance to run, and what a reload needs to load the next build of it. With `reload`,
-/// the library must pass the reload trust check before anything of it is loaded. The build is probed
-/// first (in a child process), so one that crashes or hangs while it loads is one error line and exit
-/// code 1, not a raw abort of this process.
+/// The domain instance to run, where the configuration says, and what a reload needs to load the
+/// next build of it. With `reload`, the library must pass the reload trust check before anything of
+/// it is loaded. The build is probed first (in a child process), in either mode, so one that crashes
+/// or hangs while it loads is one error line and exit code 1, not a raw abort of this process.
 fn load_plugin(
     common: &Common,
     config: &Config,
@@ -101,24 +105,41 @@ fn load_plugin(
     if reload.is_some() {
         reload::check_trusted(&spec.path, owner)?;
     }
+    let isolation = isolation(config)?;
     let probe = prober(common, config);
-    let library = Library::load_probed(
+    let bytes = protean_host::plugin::read(&spec.path)?;
+    let level = common.level().plugin_level();
+    let plugin = protean_host::plugin::start(
         &spec.path,
-        &probe,
-        Instances::Selected(spec.instance.as_deref()),
+        &bytes,
+        spec.instance.as_deref(),
+        level,
+        &isolation,
+        Some(&probe),
     )?;
-    let instance = library.select(spec.instance.as_deref())?;
-    let plugin = library.instantiate(&instance, common.level().plugin_level())?;
-    let probe_ms = library.probed_in().map(|t| t.as_millis() as u64);
-    tracing::info!(library = %spec.path.display(), instance, build = library.build_id(), handlers = plugin.registrations().len(), probe_ms, "domain loaded");
+    let instance = plugin.name().to_owned();
+    let probe_ms = plugin.probed_in().map(|t| t.as_millis() as u64);
+    tracing::info!(library = %spec.path.display(), instance, build = plugin.build_id(), handlers = plugin.registrations().len(), isolated = plugin.isolated(), probe_ms, "domain loaded");
     let target = reload::Target {
         library: spec.path,
         instance,
-        log_level: common.level().plugin_level(),
+        log_level: level,
         owner,
+        isolation,
         probe: Some(probe),
     };
     Ok((plugin, target))
+}
+
+/// Where the configuration runs the domain: here, or in worker processes of this very binary.
+fn isolation(config: &Config) -> anyhow::Result<Isolation> {
+    Ok(match config.isolation.mode {
+        IsolationMode::None => Isolation::InProcess,
+        IsolationMode::Process => Isolation::Process(
+            isolated::Settings::from_config(config)
+                .context("cannot find this program's file to start worker processes from")?,
+        ),
+    })
 }
 
 fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {

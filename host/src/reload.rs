@@ -2,10 +2,10 @@
 //!
 //! Cargo replaces a library by writing a new file and renaming it over the old one, so the watch is on
 //! the directory, not the file, and events are debounced. A reload happens only when the file's
-//! content changed (a touch does not reload). Loading goes through [`Library::load_bytes_probed`] (a
-//! private copy, first loaded by a probe process, never unloaded, ABI checked): a build that aborts,
-//! exits or hangs while it loads or constructs is refused, and any failure is one ERROR line while the
-//! running build carries on.
+//! content changed (a touch does not reload). Loading goes through [`crate::plugin::start`] (a private
+//! copy, first loaded by a probe process, never unloaded, ABI checked; in this process or in a new
+//! worker pool): a build that aborts, exits or hangs while it loads or constructs is refused, and any
+//! failure is one ERROR line while the running build carries on.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +21,7 @@ use notify_debouncer_mini::{
 
 use crate::{
     engine::Engine,
-    plugin::{trust, Instances, Library, Probe},
+    plugin::{trust, Isolation, Probe},
 };
 
 /// How long the directory must be quiet before a change counts (cargo writes in several steps).
@@ -51,15 +51,17 @@ impl std::fmt::Debug for Watcher {
 }
 
 /// What to reload: the library file, which instance of it, the plugin log level, the user whose files
-/// may be loaded (besides root), and how a new build is probed before it is loaded.
+/// may be loaded (besides root), where each build runs (a new worker pool per build, isolated), and how
+/// a new build is probed before it is loaded.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub library: PathBuf,
     pub instance: String,
     pub log_level: u8,
     pub owner: u32,
-    /// `None` loads a new build straight into this process, where a crash in its initialisers or
-    /// constructor ends the process: only for programs that cannot run a probe ([`Probe`]).
+    pub isolation: Isolation,
+    /// `None` loads a new build without a probe: in this process, a crash in its initialisers or
+    /// constructor ends the process; only for programs that cannot run a probe ([`Probe`]).
     pub probe: Option<Probe>,
 }
 
@@ -192,20 +194,18 @@ fn load(
     bytes: &[u8],
 ) -> Result<crate::engine::Changes, ReloadError> {
     let started = Instant::now();
-    let library = match &target.probe {
-        Some(probe) => Library::load_bytes_probed(
-            &target.library,
-            bytes,
-            probe,
-            Instances::Selected(Some(&target.instance)),
-        )?,
-        None => Library::load_bytes(&target.library, bytes)?,
-    };
-    let plugin = library.instantiate(&target.instance, target.log_level)?;
+    let plugin = crate::plugin::start(
+        &target.library,
+        bytes,
+        Some(&target.instance),
+        target.log_level,
+        &target.isolation,
+        target.probe.as_ref(),
+    )?;
     tracing::info!(
-        build = library.build_id(),
+        build = plugin.build_id(),
         load_ms = started.elapsed().as_millis() as u64,
-        probe_ms = library.probed_in().map(|t| t.as_millis() as u64),
+        probe_ms = plugin.probed_in().map(|t| t.as_millis() as u64),
         "new build loaded; swapping after the batches in flight"
     );
     Ok(engine.reload(plugin)?)

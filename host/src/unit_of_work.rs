@@ -33,6 +33,9 @@ pub struct UnitOfWork {
     /// same transaction and refuses a second unit with it ([`store::Error::AlreadyCommitted`]), so a
     /// `send` retried after an unknown outcome cannot store its command twice.
     pub idempotency_key: Option<IdempotencyKey>,
+    /// Call records ([`CallRecord`]) this unit clears, as (subscription, message identity): their
+    /// messages are settled by it.
+    pub ended_calls: Vec<(String, String)>,
 }
 
 /// A caller's key for "this unit, once": Protean's `metadata.headers.idempotency_key`.
@@ -53,6 +56,7 @@ impl UnitOfWork {
             && self.dead_letters.is_empty()
             && self.fences.is_empty()
             && self.idempotency_key.is_none()
+            && self.ended_calls.is_empty()
     }
 }
 
@@ -191,6 +195,20 @@ pub struct ProcessedMarker {
     /// The message's identity ([`crate::store::StoredMessage::identity`]), not its `headers.id`.
     pub message_id: String,
     pub build_id: String,
+}
+
+/// "A handler call of this message is starting; it has been called `attempts - 1` times before without
+/// being settled." Recorded before the call and cleared by the commit that settles the message, so a
+/// process that dies in the call (abort, segfault, OOM kill, a supervisor ending a hung call) leaves it
+/// behind: whoever handles the message next counts that call as a failed attempt, and after
+/// `max_retries` dead-letters the message instead of dying on it forever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub subscription: String,
+    /// The message's identity ([`crate::store::StoredMessage::identity`]).
+    pub identity: String,
+    /// Calls started for this message and not settled, this one included.
+    pub attempts: u32,
 }
 
 /// The subscription's new position.

@@ -40,6 +40,9 @@ pub struct HandlerOptions {
     /// Ordered handlers: what a key does after one of its messages is dead-lettered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_dead_letter: Option<AfterDeadLetter>,
+    /// The longest one call of the handler (a batch of messages) may take, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The ordering key that stands for the message's stream id (`fulfilment::order-42`).
@@ -137,6 +140,13 @@ pub trait Configure: Sized {
     /// Messages fetched and handled per batch.
     fn messages_per_tick(mut self, count: u32) -> Self {
         self.spec().options.messages_per_tick = Some(count);
+        self
+    }
+
+    /// The longest one call of the handler (a batch of messages) may take; past it the call counts as
+    /// failed (see the host's `handler_timeout_ms`, which operators can set over this).
+    fn timeout(mut self, limit: std::time::Duration) -> Self {
+        self.spec().options.timeout_ms = Some(limit.as_millis().try_into().unwrap_or(u64::MAX));
         self
     }
 

@@ -566,6 +566,16 @@ impl Store for ConflictOnce {
     fn head(&self, c: &[String]) -> store::Result<u64> {
         self.inner.head(c)
     }
+    fn record_calls(&self, calls: &[protean_host::unit_of_work::CallRecord]) -> store::Result<()> {
+        self.inner.record_calls(calls)
+    }
+    fn recorded_calls(
+        &self,
+        s: &str,
+        ids: Option<&[&str]>,
+    ) -> store::Result<std::collections::HashMap<String, u32>> {
+        self.inner.recorded_calls(s, ids)
+    }
     fn processed(&self, s: &str, ids: &[&str]) -> store::Result<std::collections::HashSet<String>> {
         self.inner.processed(s, ids)
     }

@@ -5,10 +5,12 @@
 mod support;
 
 mod cli;
+mod crash;
 mod discovery;
 mod documents;
 mod engine;
 mod interop;
+mod isolation;
 mod live;
 mod loading;
 mod loss_hunter;

@@ -166,15 +166,19 @@ fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let store = sqlite(dir.path());
     let shipped =
         |store: &dyn Store| count_of(store, "fulfilment::order", "Fulfilment.OrderShipped.v1");
-    wait_until(Duration::from_secs(60), "the first shipments", || {
-        shipped(store.as_ref()) > 0
+    let placed =
+        |store: &dyn Store| count_of(store, "fulfilment::order", "Fulfilment.OrderPlaced.v1");
+    // Shipments come only once the commands subscription has read past every PlaceOrder (it reads the
+    // store in order), so the kill and the restart are timed on placements: mid-work either way.
+    wait_until(Duration::from_secs(60), "the first placements", || {
+        placed(store.as_ref()) > 0
     });
     replicas[0].signal(libc::SIGKILL);
-    wait_until(Duration::from_secs(60), "more shipments", || {
-        shipped(store.as_ref()) > total / 3
+    wait_until(Duration::from_secs(180), "more placements", || {
+        placed(store.as_ref()) > total / 3
     });
     redis.restart();
-    wait_until(Duration::from_secs(120), "every order shipped", || {
+    wait_until(Duration::from_secs(300), "every order shipped", || {
         shipped(store.as_ref()) >= total
     });
     // Let the last entries settle (acknowledged, summaries written) before counting every effect.

@@ -29,7 +29,7 @@ use crate::{
     plugin::{Delivery, Failure, Plugin},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::SubscriptionPlan,
-    unit_of_work::{Buffer, Fence, PositionUpdate, ProcessedMarker, UnitOfWork},
+    unit_of_work::{Buffer, CallRecord, Fence, PositionUpdate, ProcessedMarker, UnitOfWork},
 };
 
 /// A subscription as the engine runs it.
@@ -55,13 +55,27 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
-    /// Record that the message of identity `id` has failed `failed` times so far (a broker's delivery count).
-    pub(crate) fn set(&mut self, id: &str, failed: u32) {
-        if failed == 0 {
-            self.failed.remove(id);
-        } else {
-            self.failed.insert(id.to_owned(), failed);
+    /// Take the failed attempts of calls recorded and never settled ([`Store::recorded_calls`]): calls a
+    /// process died in (or that failed and wait for a retry) count as failed attempts here.
+    pub(crate) fn recover(&mut self, recorded: std::collections::HashMap<String, u32>) {
+        for (id, attempts) in recorded {
+            let failed = self.failed.entry(id).or_insert(0);
+            *failed = (*failed).max(attempts);
         }
+    }
+
+    /// Count one failed attempt for messages that were in a call which may never have returned (no
+    /// record says more): each is then called alone, and recorded.
+    pub(crate) fn suspect<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            let failed = self.failed.entry(id.to_owned()).or_insert(0);
+            *failed = (*failed).max(1);
+        }
+    }
+
+    /// The failed attempts of the message of identity `id` so far.
+    fn failed(&self, id: &str) -> u32 {
+        self.failed.get(id).copied().unwrap_or(0)
     }
 
     /// When the first waiting key may be tried again (None when no key waits).
@@ -108,6 +122,30 @@ pub(crate) struct Report {
     pub(crate) dead_letters: Vec<DeadLetter>,
     /// The identities of the messages dead-lettered, in the order of the unit's dead letters.
     pub(crate) dead_lettered_ids: Vec<String>,
+    /// Every message of the batch was settled (or was another worker's).
+    pub(crate) complete: bool,
+}
+
+impl Report {
+    /// Add the report of the next unit of the same batch (see [`units`]).
+    fn absorb(&mut self, next: Report) {
+        self.position = next.position.or(self.position);
+        self.appended = next.appended.or(self.appended);
+        self.retry = match (self.retry, next.retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.waiting.extend(next.waiting);
+        self.parked.extend(next.parked);
+        self.handled.extend(next.handled);
+        self.written.extend(next.written);
+        self.dead_lettered += next.dead_lettered;
+        self.skipped += next.skipped;
+        self.settled.extend(next.settled);
+        self.dead_letters.extend(next.dead_letters);
+        self.dead_lettered_ids.extend(next.dead_lettered_ids);
+        self.complete &= next.complete;
+    }
 }
 
 /// What the batch needs from the engine.
@@ -129,6 +167,21 @@ pub(crate) struct Context<'a> {
     /// Ordered subscriptions: the messages' keys, when the caller has them already (else worked out
     /// here, once per batch).
     pub(crate) keys: Option<&'a [String]>,
+    /// Where calls are registered with their deadline (none for a one-off replay).
+    pub(crate) deadlines: Option<&'a super::deadlines::Deadlines>,
+    /// Which calls are recorded in the store before they start ([`CallRecord`]).
+    pub(crate) record: Record,
+}
+
+/// Which handler calls are recorded before they start, so that a process dying in one is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Every call: nothing else would tell which messages a dead process was handling.
+    Every,
+    /// Only calls of messages that failed before. The caller knows otherwise which messages a dead
+    /// process may have been in (a broker's redeliveries; an event-store reader's first batch after an
+    /// owner that died busy, see `subscription::event_store`) and marks them failed once.
+    Suspects,
 }
 
 impl<'a> Context<'a> {
@@ -149,6 +202,8 @@ impl<'a> Context<'a> {
             position: None,
             worker: None,
             keys: None,
+            deadlines: Some(&shared.deadlines),
+            record: Record::Suspects,
         }
     }
 }
@@ -169,11 +224,103 @@ enum Class<'m> {
 }
 
 /// Process `messages` and commit the outcome.
+///
+/// A message that failed before (a retry, or a call a process died in: see [`CallRecord`]) is
+/// called alone and committed in a unit of its own, so that if it kills the process again it takes
+/// nothing else with it: the messages before it are committed, and it alone is counted.
 pub(crate) fn run(
     ctx: &Context<'_>,
     messages: &[StoredMessage],
     attempts: &mut Attempts,
 ) -> store::Result<Report> {
+    let keys = keys(ctx, messages);
+    let mut report: Option<Report> = None;
+    // Keys an earlier unit of this batch stopped (a wait or a park): later units hold them too.
+    let mut stopped = HashSet::new();
+    for range in units(messages, attempts) {
+        let unit_keys = keys.get(range.clone()).unwrap_or_default();
+        // The position may not pass a message an earlier unit left unsettled.
+        let whole = report.as_ref().is_none_or(|r| r.complete);
+        let batch = Batch {
+            messages: &messages[range],
+            keys: unit_keys,
+            whole,
+        };
+        let next = match (run_unit(ctx, &batch, attempts, &stopped), report.take()) {
+            (Ok(next), done) => {
+                report = done;
+                next
+            }
+            (Err(error), None) => return Err(error),
+            // Earlier units are committed: report them, and retry the rest after a pause.
+            (Err(error), Some(mut done)) => {
+                tracing::warn!(subscription = %ctx.subscription.plan.name, %error, "store unavailable after part of a batch committed; will retry the rest");
+                done.complete = false;
+                done.retry = Some(done.retry.unwrap_or(Duration::from_secs(1)));
+                return Ok(done);
+            }
+        };
+        stopped.extend(next.waiting.iter().map(|(key, _)| key.clone()));
+        stopped.extend(next.parked.iter().cloned());
+        // An unordered batch stops at a failed message; an ordered one holds only its key.
+        let stop = next.retry.is_some() && ctx.subscription.ordering.is_none();
+        report = Some(match report.take() {
+            Some(mut done) => {
+                done.absorb(next);
+                done
+            }
+            None => next,
+        });
+        if stop {
+            break;
+        }
+    }
+    Ok(report.unwrap_or(Report {
+        complete: true,
+        ..Report::default()
+    }))
+}
+
+/// The units a batch is committed in: one for all, unless some messages failed before; each of those
+/// is a unit of its own, and the runs between them are units too.
+fn units(messages: &[StoredMessage], attempts: &Attempts) -> Vec<std::ops::Range<usize>> {
+    let mut units = Vec::new();
+    if attempts.failed.is_empty() {
+        units.push(0..messages.len());
+        return units;
+    }
+    let mut start = 0;
+    for (i, m) in messages.iter().enumerate() {
+        if attempts.failed(&m.identity()) > 0 {
+            if start < i {
+                units.push(start..i);
+            }
+            units.push(i..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < messages.len() {
+        units.push(start..messages.len());
+    }
+    units
+}
+
+/// One unit of a batch: its messages, their ordering keys (empty when unordered), and whether every
+/// message before it in the batch was settled (else the position must stay where it is).
+struct Batch<'m> {
+    messages: &'m [StoredMessage],
+    keys: &'m [String],
+    whole: bool,
+}
+
+/// Process one unit and commit it, re-running it on conflicts.
+fn run_unit(
+    ctx: &Context<'_>,
+    batch: &Batch<'_>,
+    attempts: &mut Attempts,
+    stopped: &HashSet<String>,
+) -> store::Result<Report> {
+    let messages = batch.messages;
     let mut conflicts = 0;
     // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
     // only after a commit found that another consumer got there first.
@@ -181,9 +328,8 @@ pub(crate) fn run(
     let mut recheck =
         ctx.subscription.kind == SubscriptionType::Stream || ctx.subscription.ordering.is_some();
     let mut raced = 0;
-    let keys = keys(ctx, messages);
     loop {
-        let (mut unit, mut report, settled) = build(ctx, messages, &keys, attempts, recheck)?;
+        let (mut unit, mut report, settled) = build(ctx, batch, attempts, stopped, recheck)?;
         if ctx.subscription.kind == SubscriptionType::Stream {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
@@ -251,11 +397,12 @@ fn fail_first(
 /// can be forgotten once it commits.
 fn build(
     ctx: &Context<'_>,
-    messages: &[StoredMessage],
-    keys: &[String],
+    batch: &Batch<'_>,
     attempts: &mut Attempts,
+    stopped: &HashSet<String>,
     recheck: bool,
 ) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
+    let (messages, keys) = (batch.messages, batch.keys);
     let sub = ctx.subscription;
     let metas: Vec<Result<MetaView<'_>, String>> = messages
         .iter()
@@ -300,12 +447,15 @@ fn build(
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
     let mut settled = vec![false; messages.len()];
+    let mut called = vec![false; messages.len()];
     // A single reader always reads from its position, so a due key's failed message comes first. A
     // worker may be reading ahead of it: it releases due keys itself, when it reads from its position.
     if ctx.worker.is_none() {
         attempts.release_due(Instant::now());
     }
-    let mut held = Held::new(sub.ordering.as_ref(), keys, attempts.held());
+    let mut waiting = attempts.held();
+    waiting.extend(stopped.iter().cloned());
+    let mut held = Held::new(sub.ordering.as_ref(), keys, waiting);
     let mut i = 0;
     while i < messages.len() {
         if held.contains(i) {
@@ -337,13 +487,43 @@ fn build(
             }
             Class::Handle(handler) => *handler,
         };
+        let before = attempts.failed(&messages[i].identity());
+        if before > 0 && sub.retry.next_delay(before, 0.0).is_none() {
+            // Its calls never came back: dead-lettered without a call that would end this process too.
+            dead_letter(
+                ctx,
+                &mut unit,
+                &messages[i],
+                handler,
+                &never_settled(before),
+                before,
+            );
+            report.dead_lettered += 1;
+            report.dead_lettered_ids.push(messages[i].identity());
+            settled_ids.push(messages[i].identity());
+            settled[i] = true;
+            if let Some(key) = held.park(i) {
+                report.parked.push(key);
+            }
+            i += 1;
+            continue;
+        }
         let end = (i..messages.len())
             .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler) || held.contains(j))
             .unwrap_or(messages.len());
+        if ctx.record == Record::Every || before > 0 {
+            record_calls(ctx, &messages[i..end], attempts)?;
+        }
+        called[i..end].fill(true);
         let deliveries: Vec<Delivery<'_>> = messages[i..end].iter().map(delivery).collect();
+        let limit = Duration::from_millis(sub.settings.handler_timeout_ms);
+        let call = ctx
+            .deadlines
+            .map(|d| d.start(&sub.plan.name, handler, limit));
         let outcome = ctx
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i));
+        drop(call);
         let ok_end = i + outcome.handled.min(end - i);
         for (j, m) in messages.iter().enumerate().take(ok_end).skip(i) {
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");
@@ -369,6 +549,17 @@ fn build(
             }
         };
         buffer.discard_from(ok_end);
+        if failure.crashed && end - ok_end > 1 {
+            // Which of the call's messages it died on is unknown: each is tried again alone.
+            report.retry = Some(crashed(
+                sub,
+                handler,
+                &messages[ok_end..end],
+                attempts,
+                &failure,
+            ));
+            break;
+        }
         let failed = &messages[ok_end];
         let attempt = attempts
             .failed
@@ -409,13 +600,15 @@ fn build(
         i = ok_end + 1;
     }
     buffer.drain_into(&mut unit);
+    unit.ended_calls = ended_calls(sub, messages, &settled, &called, attempts);
     report.settled = settled_ids.clone();
+    report.complete = settled.iter().all(|s| *s);
     // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
     let prefix = settled.iter().take_while(|s| **s).count();
     let stored = ctx
         .position
         .filter(|_| sub.kind == SubscriptionType::EventStore);
-    if let (Some(last), Some(name)) = (prefix.checked_sub(1), stored) {
+    if let (Some(last), Some(name), true) = (prefix.checked_sub(1), stored, batch.whole) {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
             subscription: name.to_owned(),
@@ -424,6 +617,73 @@ fn build(
         report.position = Some(position);
     }
     Ok((unit, report, settled_ids))
+}
+
+/// Record that `messages` are about to be handed to their handler (see [`CallRecord`]): if the process
+/// dies in the call, whoever handles them next counts it.
+fn record_calls(
+    ctx: &Context<'_>,
+    messages: &[StoredMessage],
+    attempts: &Attempts,
+) -> store::Result<()> {
+    let calls: Vec<CallRecord> = messages
+        .iter()
+        .map(|m| {
+            let identity = m.identity();
+            CallRecord {
+                subscription: ctx.subscription.plan.name.clone(),
+                attempts: attempts.failed(&identity) + 1,
+                identity,
+            }
+        })
+        .collect();
+    ctx.store.record_calls(&calls)
+}
+
+/// The call records the unit clears: those of the messages it settles that were called, or had failed
+/// before (their record may be an older call's).
+fn ended_calls(
+    sub: &Subscription,
+    messages: &[StoredMessage],
+    settled: &[bool],
+    called: &[bool],
+    attempts: &Attempts,
+) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .zip(settled.iter().zip(called))
+        .filter(|(_, (settled, _))| **settled)
+        .map(|(m, (_, called))| (m.identity(), *called))
+        .filter(|(identity, called)| *called || attempts.failed(identity) > 0)
+        .map(|(identity, _)| (sub.plan.name.clone(), identity))
+        .collect()
+}
+
+/// A call that did not return (its worker died, or it passed its deadline) with several messages left:
+/// each counts the failed attempt, and the batch waits before they are tried one by one.
+fn crashed(
+    sub: &Subscription,
+    handler: &str,
+    messages: &[StoredMessage],
+    attempts: &mut Attempts,
+    failure: &Failure,
+) -> Duration {
+    let mut most = 0;
+    for m in messages {
+        let identity = m.identity();
+        let failed = attempts.failed(&identity) + 1;
+        most = most.max(failed);
+        attempts.failed.insert(identity, failed);
+    }
+    tracing::error!(subscription = %sub.plan.name, handler, messages = messages.len(), error = %failure.message, "a call did not return; its messages are tried again one by one");
+    sub.retry.next_delay(most, jitter()).unwrap_or_default()
+}
+
+/// Why a message whose calls never came back is dead-lettered.
+fn never_settled(calls: u32) -> String {
+    format!(
+        "the process handling this message died or was stopped during each of its last {calls} calls (a crash, a kill, an out-of-memory kill, or a restart after a handler passed its deadline); dead-lettered without calling the handler again"
+    )
 }
 
 /// The keys of an ordered batch that stopped (or still wait from an earlier batch): their messages are

@@ -12,6 +12,7 @@
 //! after which the process exits anyway and the unfinished batches are redelivered on the next start.
 
 pub(crate) mod batch;
+pub(crate) mod deadlines;
 mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
@@ -144,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) test_mode: bool,
     /// Prometheus counters, recorded after each batch and outbox round.
     pub(crate) metrics: crate::ops::metrics::Metrics,
+    /// The handler calls in progress, with their deadlines (liveness fails past one).
+    pub(crate) deadlines: deadlines::Deadlines,
 }
 
 impl Shared {
@@ -158,6 +161,18 @@ impl Shared {
     }
 }
 
+/// Say, once per call, when a handler call passes its deadline (`/livez` fails from then on).
+async fn watch_deadlines(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for late in shared.deadlines.newly_overdue(std::time::Instant::now()) {
+            tracing::error!(subscription = %late.subscription, handler = %late.handler, limit_ms = late.limit.as_millis() as u64, "{late}");
+        }
+    }
+}
 /// A domain ready to run.
 ///
 /// Embedding the engine, as `protean-host` itself does:
@@ -413,6 +428,8 @@ impl Engine {
             position: None,
             worker: None,
             keys: None,
+            deadlines: None,
+            record: batch::Record::Every,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {
@@ -481,8 +498,10 @@ impl Engine {
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
+            deadlines: deadlines::Deadlines::default(),
         });
         let shutdown = CancellationToken::new();
+        tokio::spawn(watch_deadlines(shared.clone(), shutdown.clone()));
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
         // Installed before "engine started" is logged, so a signal right after it is never missed.
         let signals = tokio::spawn(watch_signals(
@@ -527,6 +546,9 @@ impl Engine {
                 outcome.clone(),
             ));
         }
+        // Not kept for the run: a reload drops the generation it replaces once its batches are done
+        // (an isolated plugin then stops its worker processes).
+        drop(generation);
         let mut fatal = loop {
             let wake = tokio::select! {
                 biased;

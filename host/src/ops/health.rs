@@ -90,8 +90,8 @@ fn targets(config: &Config, subscriptions: &[Arc<Subscription>]) -> Vec<Target> 
 /// The routes. Every route answers GET (and HEAD); any other method gets 405, any other path 404.
 pub(crate) fn router(ops: Arc<Ops>) -> Router {
     Router::new()
-        .route("/healthz", get(live).fallback(wrong_method))
-        .route("/livez", get(live).fallback(wrong_method))
+        .route("/healthz", get(alive).fallback(wrong_method))
+        .route("/livez", get(alive).fallback(wrong_method))
         .route("/readyz", get(ready).fallback(wrong_method))
         .route("/metrics", get(metrics).fallback(wrong_method))
         .fallback(not_found)
@@ -171,6 +171,20 @@ async fn serve_router(listener: TcpListener, router: Router, timeout: Duration) 
 fn json(status: StatusCode, body: &impl Serialize) -> Response {
     let text = serde_json::to_string(body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// Live unless a handler call is past its deadline: a call in process cannot be stopped, so only a
+/// restart by the supervisor recovers (and the call then counts as a failed attempt).
+async fn alive(State(ops): State<Arc<Ops>>) -> Response {
+    let overdue = ops.shared.deadlines.overdue(Instant::now());
+    if overdue.is_empty() {
+        return live().await;
+    }
+    let reasons: Vec<String> = overdue.iter().map(ToString::to_string).collect();
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({"status": "stuck", "reasons": reasons, "checks": {"runtime": "responsive", "handlers": "past their deadline"}}),
+    )
 }
 
 async fn live() -> Response {

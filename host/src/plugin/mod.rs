@@ -8,10 +8,14 @@
 //! - the binary maps a build only after a child process loaded the same private copy and constructed
 //!   its instances without dying or hanging ([`probe`]); `Library::load` without a probe is for
 //!   programs that embed the engine and cannot run the binary;
-//! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`].
+//! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`];
+//! - a [`Plugin`] runs in this process or, isolated ([`isolated`]), in worker processes behind the same
+//!   calls; an isolated domain is never mapped into this process (its first worker is what stands for
+//!   the probe there: a build that dies or hangs while it starts fails that worker, not this process).
 #![allow(unsafe_code)]
 
 mod elf;
+pub mod isolated;
 mod private;
 pub mod probe;
 mod services;
@@ -20,7 +24,10 @@ pub mod trust;
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -96,6 +103,11 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Probe(#[from] ProbeError),
+    /// A worker process could not load the domain; its own one-line reason.
+    #[error("{0}")]
+    InWorker(String),
+    #[error("the worker process for {} failed: {reason}", path.display())]
+    Worker { path: PathBuf, reason: String },
 }
 
 /// A loaded domain library (one generation). Never unloaded.
@@ -156,7 +168,7 @@ impl Library {
     /// Load `bytes`, the content of the library at `path` (read once by a caller that already
     /// needed them).
     pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
-        Self::load_copy(path, bytes, None)
+        Self::load_private(path, bytes, None)
     }
 
     /// [`Self::load_bytes`], probed first like [`Self::load_probed`].
@@ -166,28 +178,16 @@ impl Library {
         probe: &Probe,
         instances: Instances<'_>,
     ) -> Result<Self, LoadError> {
-        Self::load_copy(path, bytes, Some((probe, instances)))
+        Self::load_private(path, bytes, Some((probe, instances)))
     }
 
-    fn load_copy(
+    fn load_private(
         path: &Path,
         bytes: &[u8],
         probe: Option<(&Probe, Instances<'_>)>,
     ) -> Result<Self, LoadError> {
-        if let Some(reason) = elf::truncated(bytes) {
-            return Err(LoadError::Truncated {
-                path: path.into(),
-                reason,
-            });
-        }
-        let digest = Sha256::digest(bytes);
-        let build_id = crate::message::hex(&digest[..6]);
         let number = COPIES.fetch_add(1, Ordering::Relaxed);
-        let stem = path
-            .file_stem()
-            .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
-        let name = format!("{stem}-{number}-{build_id}.so");
-        let copy = private::write(path, bytes, &digest, &name)?;
+        let (copy, build_id) = private_copy(path, bytes, &number.to_string())?;
         // The probe loads this very file, so what it vouches for is what is mapped below.
         let probed_in = match probe {
             Some((probe, instances)) => {
@@ -233,6 +233,17 @@ impl Library {
     /// How long the probe of this build took, if it was probed.
     pub fn probed_in(&self) -> Option<Duration> {
         self.probed_in
+    }
+
+    /// Load the private copy `copy` of the library at `path`, made (and hashed to `build_id`) by the
+    /// host process that started this worker process.
+    pub(crate) fn load_copy(path: &Path, copy: &Path, build_id: &str) -> Result<Self, LoadError> {
+        Ok(Self {
+            path: path.into(),
+            build_id: build_id.into(),
+            module: open(path, copy)?,
+            probed_in: None,
+        })
     }
 
     /// The path the library was loaded from.
@@ -283,10 +294,21 @@ impl Library {
 
     /// Instantiate the domain instance `name`.
     pub fn instantiate(&self, name: &str, log_level: u8) -> Result<Plugin, LoadError> {
+        self.instantiate_logging_to(name, log_level, None)
+    }
+
+    /// Instantiate the domain instance `name`, its log lines going to `sink` (else to `tracing`).
+    pub(crate) fn instantiate_logging_to(
+        &self,
+        name: &str,
+        log_level: u8,
+        sink: Option<LogSink>,
+    ) -> Result<Plugin, LoadError> {
         // The logger is installed once per loaded image, so it names the library, not the instance.
         let logger = HostLog_TO::from_value(
             PluginLog {
                 source: self.file_name(),
+                sink,
             },
             TD_Opaque,
         );
@@ -305,22 +327,31 @@ impl Library {
             .map(Registration::from_abi)
             .collect();
         Ok(Plugin {
-            instance,
+            runner: Runner::InProcess(instance),
             name: name.into(),
             build_id: self.build_id.clone(),
             registrations,
+            probed_in: self.probed_in,
         })
     }
 
     fn file_name(&self) -> String {
-        self.path
-            .file_name()
-            .map_or_else(|| "plugin".into(), |n| n.to_string_lossy().into_owned())
+        file_name(&self.path)
     }
 }
 
-/// The library's bytes, with one-line errors for a missing or unreadable file.
-fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+/// The name plugin log lines carry: the library's file name.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(|| "plugin".into(), |n| n.to_string_lossy().into_owned())
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The content of the domain library at `path`.
+pub fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
     if !path.is_file() {
         return Err(LoadError::Missing(absolute(path)));
     }
@@ -330,8 +361,65 @@ fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
     })
 }
 
-fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+/// A private copy of `bytes`, the content of the library at `path`, named with `tag` (unique in this
+/// process), and its build id.
+fn private_copy(
+    path: &Path,
+    bytes: &[u8],
+    tag: &str,
+) -> Result<(private::Copy, String), LoadError> {
+    if let Some(reason) = elf::truncated(bytes) {
+        return Err(LoadError::Truncated {
+            path: path.into(),
+            reason,
+        });
+    }
+    let digest = Sha256::digest(bytes);
+    let build_id = crate::message::hex(&digest[..6]);
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
+    let name = format!("{stem}-{tag}-{build_id}.so");
+    let copy = private::write(path, bytes, &digest, &name)?;
+    Ok((copy, build_id))
+}
+
+/// Where a domain instance runs.
+#[derive(Debug, Clone)]
+pub enum Isolation {
+    /// In this process.
+    InProcess,
+    /// In worker processes this one starts and supervises.
+    Process(isolated::Settings),
+}
+
+/// Start the domain instance `wanted` (else the default one) of the library whose content is `bytes`,
+/// read from `path`, where `isolation` says. With `probe`, a child process first loads the private
+/// copy and constructs the instance ([`probe`]): in this process, so that a build that dies or hangs
+/// there is refused instead of taking the process with it; isolated, so that it is refused the same
+/// way (the same one line, within `probe_timeout_seconds`) before any worker is started.
+pub fn start(
+    path: &Path,
+    bytes: &[u8],
+    wanted: Option<&str>,
+    log_level: u8,
+    isolation: &Isolation,
+    probe: Option<&Probe>,
+) -> Result<Plugin, LoadError> {
+    match isolation {
+        Isolation::InProcess => {
+            let library = match probe {
+                Some(probe) => {
+                    Library::load_bytes_probed(path, bytes, probe, Instances::Selected(wanted))?
+                }
+                None => Library::load_bytes(path, bytes)?,
+            };
+            library.instantiate(&library.select(wanted)?, log_level)
+        }
+        Isolation::Process(settings) => {
+            isolated::start(path, bytes, wanted, log_level, settings.clone(), probe)
+        }
+    }
 }
 
 /// The build id of a library's bytes: a short hash of its content.
@@ -459,39 +547,67 @@ impl std::fmt::Display for Kind {
     }
 }
 
-impl Registration {
-    fn from_abi(r: protean_plugin_api::abi::HandlerRegistration) -> Self {
-        let kind = match r.kind {
+impl Kind {
+    fn from_abi(kind: HandlerKind) -> Self {
+        match kind {
             HandlerKind::EVENT_HANDLER => Kind::EventHandler,
             HandlerKind::COMMAND_HANDLER => Kind::CommandHandler,
             HandlerKind::PROJECTOR => Kind::Projector,
             HandlerKind::PROCESS_MANAGER => Kind::ProcessManager,
             HandlerKind(other) => Kind::Unknown(other),
-        };
-        let options = serde_json::from_str(r.options_json.as_str()).unwrap_or_else(|error| {
-            tracing::warn!(handler = %r.name, %error, "ignoring unreadable handler options");
-            HandlerOptions::default()
-        });
+        }
+    }
+
+    /// The kind's number in the ABI.
+    fn to_abi(self) -> HandlerKind {
+        match self {
+            Kind::EventHandler => HandlerKind::EVENT_HANDLER,
+            Kind::CommandHandler => HandlerKind::COMMAND_HANDLER,
+            Kind::Projector => HandlerKind::PROJECTOR,
+            Kind::ProcessManager => HandlerKind::PROCESS_MANAGER,
+            Kind::Unknown(other) => HandlerKind(other),
+        }
+    }
+}
+
+impl Registration {
+    fn from_abi(r: protean_plugin_api::abi::HandlerRegistration) -> Self {
         Self {
+            options: options(&r.name, r.options_json.as_str()),
             name: r.name.into_string(),
-            kind,
+            kind: Kind::from_abi(r.kind),
             categories: r.categories.into_iter().map(|c| c.into_string()).collect(),
             message_types: r
                 .message_types
                 .into_iter()
                 .map(|t| t.into_string())
                 .collect(),
-            options,
         }
     }
 }
 
-/// One instantiated domain of a loaded library.
+/// A handler's options as it declared them (as JSON); unreadable ones are the defaults, with a warning.
+fn options(handler: &str, json: &str) -> HandlerOptions {
+    serde_json::from_str(json).unwrap_or_else(|error| {
+        tracing::warn!(handler, %error, "ignoring unreadable handler options");
+        HandlerOptions::default()
+    })
+}
+
+/// One instantiated domain: loaded in this process, or running in worker processes.
 pub struct Plugin {
-    instance: DomainInstanceBox,
+    runner: Runner,
     name: String,
     build_id: String,
     registrations: Vec<Registration>,
+    /// How long the probe of its build took, if it was probed.
+    probed_in: Option<Duration>,
+}
+
+/// Where the instance's calls go.
+enum Runner {
+    InProcess(DomainInstanceBox),
+    Isolated(Box<isolated::Pool>),
 }
 
 /// One message handed to a handler.
@@ -546,21 +662,33 @@ impl Plugin {
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
     ) -> Outcome {
-        let messages: Vec<MessageRef<'_>> = batch.iter().map(to_message_ref).collect();
-        let adapter = services::AbiHost(host);
-        let outcome = self.instance.handle_batch(
-            RStr::from_str(handler),
-            messages.as_slice().into(),
-            adapter.as_host_ref(),
-        );
-        Outcome {
-            handled: outcome.handled as usize,
-            failure: outcome.failure.into_option().map(|f| Failure {
-                retryable: f.retryable,
-                message: f.message.into_string(),
-                crashed: false,
-            }),
+        match &self.runner {
+            Runner::InProcess(instance) => handle_in_process(instance, handler, batch, host),
+            Runner::Isolated(pool) => pool.handle_batch(handler, batch, host),
         }
+    }
+}
+
+fn handle_in_process(
+    instance: &DomainInstanceBox,
+    handler: &str,
+    batch: &[Delivery<'_>],
+    host: &dyn HostServices,
+) -> Outcome {
+    let messages: Vec<MessageRef<'_>> = batch.iter().map(to_message_ref).collect();
+    let adapter = services::AbiHost(host);
+    let outcome = instance.handle_batch(
+        RStr::from_str(handler),
+        messages.as_slice().into(),
+        adapter.as_host_ref(),
+    );
+    Outcome {
+        handled: outcome.handled as usize,
+        failure: outcome.failure.into_option().map(|f| Failure {
+            retryable: f.retryable,
+            message: f.message.into_string(),
+            crashed: false,
+        }),
     }
 }
 
@@ -568,17 +696,33 @@ impl Plugin {
     /// The stream a command goes to, asking the plugin (which knows the command's identity field);
     /// an error says why `data` is not a command of `message_type`.
     pub fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
-        self.instance
-            .command_stream(RStr::from_str(message_type), data.into())
-            .into_result()
-            .map(|s| s.into_string())
-            .map_err(|e| e.into_string())
+        match &self.runner {
+            Runner::InProcess(instance) => instance
+                .command_stream(RStr::from_str(message_type), data.into())
+                .into_result()
+                .map(|s| s.into_string())
+                .map_err(|e| e.into_string()),
+            Runner::Isolated(pool) => pool.command_stream(message_type, data),
+        }
+    }
+
+    /// Whether the instance runs in worker processes.
+    pub fn isolated(&self) -> bool {
+        matches!(self.runner, Runner::Isolated(_))
+    }
+
+    /// How long the probe of this instance's build took, if it was probed.
+    pub fn probed_in(&self) -> Option<Duration> {
+        self.probed_in
     }
 }
 
 impl Drop for Plugin {
     fn drop(&mut self) {
-        self.instance.shutdown();
+        // A pool stops its workers when it is dropped; each runs its instance's shutdown.
+        if let Runner::InProcess(instance) = &self.runner {
+            instance.shutdown();
+        }
     }
 }
 
@@ -595,21 +739,33 @@ fn to_message_ref<'a>(d: &Delivery<'a>) -> MessageRef<'a> {
     }
 }
 
-/// Re-emits the plugin's log lines as host `tracing` events, with the plugin as their source.
+/// Where a worker process sends its plugin's log lines (level, module, message): to the host.
+pub(crate) type LogSink = Arc<dyn Fn(u8, &str, &str) + Send + Sync>;
+
+/// Re-emits the plugin's log lines as host `tracing` events, with the plugin as their source; in a
+/// worker process, hands them to the sink that carries them to the host.
 struct PluginLog {
     source: String,
+    sink: Option<LogSink>,
 }
 
 impl HostLog for PluginLog {
     fn log(&self, level: u8, target: RStr<'_>, message: RStr<'_>) {
-        use protean_plugin_api::abi::level;
-        let (plugin, module, message) = (self.source.as_str(), target.as_str(), message.as_str());
-        match level {
-            level::ERROR => tracing::error!(target: "plugin", plugin, module, "{message}"),
-            level::WARN => tracing::warn!(target: "plugin", plugin, module, "{message}"),
-            level::INFO => tracing::info!(target: "plugin", plugin, module, "{message}"),
-            level::DEBUG => tracing::debug!(target: "plugin", plugin, module, "{message}"),
-            _ => tracing::trace!(target: "plugin", plugin, module, "{message}"),
+        match &self.sink {
+            Some(sink) => sink(level, target.as_str(), message.as_str()),
+            None => emit(level, &self.source, target.as_str(), message.as_str()),
         }
+    }
+}
+
+/// One plugin log line as a `tracing` event of target `plugin`.
+fn emit(level: u8, plugin: &str, module: &str, message: &str) {
+    use protean_plugin_api::abi::level;
+    match level {
+        level::ERROR => tracing::error!(target: "plugin", plugin, module, "{message}"),
+        level::WARN => tracing::warn!(target: "plugin", plugin, module, "{message}"),
+        level::INFO => tracing::info!(target: "plugin", plugin, module, "{message}"),
+        level::DEBUG => tracing::debug!(target: "plugin", plugin, module, "{message}"),
+        _ => tracing::trace!(target: "plugin", plugin, module, "{message}"),
     }
 }

@@ -11,7 +11,7 @@ use super::{
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
     Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
-use crate::unit_of_work::{DocumentWrite, UnitOfWork};
+use crate::unit_of_work::{CallRecord, DocumentWrite, UnitOfWork};
 
 #[derive(Debug, Default)]
 struct State {
@@ -33,6 +33,8 @@ struct State {
     idempotency_keys: HashMap<String, String>,
     /// The highest fencing token committed per name.
     fences: HashMap<String, u64>,
+    /// Call records: attempts by (subscription, identity).
+    calls: HashMap<(String, String), u32>,
 }
 
 #[derive(Debug)]
@@ -238,6 +240,9 @@ impl State {
                 .insert(update.subscription.clone(), update.position);
         }
         self.dead_letters.extend(unit.dead_letters.iter().cloned());
+        for ended in &unit.ended_calls {
+            self.calls.remove(ended);
+        }
         last
     }
 }
@@ -352,6 +357,31 @@ impl Store for MemoryStore {
 
     fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
         Ok(self.state().idempotency_keys.get(key).cloned())
+    }
+
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<()> {
+        let mut state = self.state();
+        for call in calls {
+            let key = (call.subscription.clone(), call.identity.clone());
+            state.calls.insert(key, call.attempts);
+        }
+        Ok(())
+    }
+
+    fn recorded_calls(
+        &self,
+        subscription: &str,
+        identities: Option<&[&str]>,
+    ) -> Result<HashMap<String, u32>> {
+        let state = self.state();
+        Ok(state
+            .calls
+            .iter()
+            .filter(|((s, id), _)| {
+                s == subscription && identities.is_none_or(|ids| ids.contains(&id.as_str()))
+            })
+            .map(|((_, id), attempts)| (id.clone(), *attempts))
+            .collect())
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {

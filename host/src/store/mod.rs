@@ -15,7 +15,11 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashSet, path::PathBuf, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -25,7 +29,7 @@ pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, 
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 
-use crate::unit_of_work::UnitOfWork;
+use crate::unit_of_work::{CallRecord, UnitOfWork};
 
 /// One stored message, as read back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -272,6 +276,18 @@ pub trait Store: Send + Sync {
     /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
     /// of `subscription` (a redelivery after a commit).
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;
+
+    /// Record handler calls about to start ([`CallRecord`]), replacing earlier records of the same
+    /// messages. Durable before it returns: the call may end the process.
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<()>;
+
+    /// The recorded calls of `subscription` not cleared by a commit, as identity → attempts: those of
+    /// `identities`, or all of them when `None`.
+    fn recorded_calls(
+        &self,
+        subscription: &str,
+        identities: Option<&[&str]>,
+    ) -> Result<HashMap<String, u32>>;
 
     /// The outbox, for stores that keep one.
     fn outbox(&self) -> Option<&dyn Outbox> {

@@ -20,7 +20,7 @@ use super::{
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, PendingRow,
     Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
-use crate::unit_of_work::{DocumentWrite, UnitOfWork};
+use crate::unit_of_work::{CallRecord, DocumentWrite, UnitOfWork};
 
 mod sql {
     pub(super) const SCHEMA: &str = include_str!("sql/sqlite/schema.sql");
@@ -74,6 +74,9 @@ mod sql {
         include_str!("sql/sqlite/read_idempotency_key.sql");
     pub(super) const FENCE_RAISE: &str = include_str!("sql/sqlite/fence_raise.sql");
     pub(super) const FENCE_CURRENT: &str = include_str!("sql/sqlite/fence_current.sql");
+    pub(super) const RECORD_CALL: &str = include_str!("sql/sqlite/record_call.sql");
+    pub(super) const END_CALL: &str = include_str!("sql/sqlite/end_call.sql");
+    pub(super) const RECORDED_CALLS: &str = include_str!("sql/sqlite/recorded_calls.sql");
 }
 
 /// A store in a SQLite file: one writer connection, and a pool of reader connections so that handlers
@@ -388,6 +391,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
                 d.failed_at
             ])?;
     }
+    for (subscription, identity) in &unit.ended_calls {
+        tx.prepare_cached(sql::END_CALL)?
+            .execute(params![subscription, identity])?;
+    }
     Ok(last)
 }
 
@@ -644,6 +651,39 @@ impl Store for SqliteStore {
             .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
             .map_err(|e| self.error(e))?;
         Ok(found)
+    }
+
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<()> {
+        let mut connection = self.connection();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.error(e))?;
+        for call in calls {
+            tx.prepare_cached(sql::RECORD_CALL)
+                .and_then(|mut s| {
+                    s.execute(params![call.subscription, call.identity, call.attempts])
+                })
+                .map_err(|e| self.error(e))?;
+        }
+        tx.commit().map_err(|e| self.error(e))
+    }
+
+    fn recorded_calls(
+        &self,
+        subscription: &str,
+        identities: Option<&[&str]>,
+    ) -> Result<HashMap<String, u32>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::RECORDED_CALLS)
+            .map_err(|e| self.error(e))?;
+        let wanted = identities.map(|ids| serde_json::to_string(ids).unwrap_or_default());
+        statement
+            .query_map(params![subscription, wanted], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.error(e))
     }
 
     fn idempotency_key(&self, key: &str) -> Result<Option<String>> {

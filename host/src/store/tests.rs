@@ -6,8 +6,8 @@ use super::{Error, Store, ABSENT};
 use crate::{
     message::Kind,
     unit_of_work::{
-        DocumentWrite, Fence, IdempotencyKey, NewMessage, PositionUpdate, ProcessedMarker,
-        UnitOfWork,
+        CallRecord, DocumentWrite, Fence, IdempotencyKey, NewMessage, PositionUpdate,
+        ProcessedMarker, UnitOfWork,
     },
 };
 
@@ -735,6 +735,46 @@ pub(super) fn concurrent_units_with_one_key_commit_once(store: &dyn Store) {
     );
 }
 
+fn call(subscription: &str, identity: &str, attempts: u32) -> CallRecord {
+    CallRecord {
+        subscription: subscription.into(),
+        identity: identity.into(),
+        attempts,
+    }
+}
+
+/// Calls are recorded per subscription and message, replaced by a later record, and cleared only by
+/// the commit that settles their message: what a process that died in a call leaves behind.
+pub(super) fn call_records_outlive_their_call_until_a_commit_settles_it(store: &dyn Store) {
+    store
+        .record_calls(&[
+            call("orders", "a@0", 1),
+            call("orders", "b@0", 1),
+            call("stock", "a@0", 1),
+        ])
+        .unwrap();
+    store.record_calls(&[call("orders", "a@0", 2)]).unwrap();
+    let all = store.recorded_calls("orders", None).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all["a@0"], all["b@0"]), (2, 1));
+    let some = store
+        .recorded_calls("orders", Some(&["a@0", "c@0"]))
+        .unwrap();
+    assert_eq!(
+        some.into_iter().collect::<Vec<_>>(),
+        [("a@0".to_owned(), 2)]
+    );
+    store
+        .commit(&UnitOfWork {
+            ended_calls: vec![("orders".into(), "a@0".into())],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let left = store.recorded_calls("orders", None).unwrap();
+    assert_eq!(left.keys().collect::<Vec<_>>(), ["b@0"]);
+    assert_eq!(store.recorded_calls("stock", None).unwrap()["a@0"], 1);
+}
+
 macro_rules! store_conformance {
     ($($backend:ident => $make:expr),+ $(,)?) => {$(
         mod $backend {
@@ -759,6 +799,7 @@ macro_rules! store_conformance {
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
+            #[test] fn call_records_outlive_their_call_until_a_commit_settles_it() { let (s, _g) = $make; super::call_records_outlive_their_call_until_a_commit_settles_it(&s) }
         }
     )+};
 }

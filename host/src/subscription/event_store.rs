@@ -15,7 +15,10 @@ use std::{
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::workers::{self, Reader};
+use super::{
+    busy::BusyMark,
+    workers::{self, Reader},
+};
 
 use crate::{
     broker::Broker,
@@ -89,14 +92,16 @@ async fn read(
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
     let progress = &shared.progress;
-    let Some(position) = load(&shared, &reader, &shutdown).await? else {
+    let mut mark = BusyMark::new(&name, &reader.position);
+    let Some((position, mut attempts, mut died_busy)) =
+        load(&shared, &reader, &mark, &shutdown).await?
+    else {
         reader.report(progress, State::Stopped);
         return Ok(());
     };
     tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
     let mut cursor = Cursor::new(position);
     let mut head = progress.head();
-    let mut attempts = Attempts::default();
     let mut failures = 0u32;
     let mut taken = 0u64;
     while !shutdown.is_cancelled() {
@@ -104,11 +109,14 @@ async fn read(
             Holding::Yes => {}
             Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
-                match load(&shared, &reader, &shutdown).await? {
-                    Some(stored) => cursor = Cursor::new(stored),
+                match load(&shared, &reader, &mark, &shutdown).await? {
+                    Some((stored, recovered, busy)) => {
+                        cursor = Cursor::new(stored);
+                        attempts = recovered;
+                        died_busy = busy;
+                    }
                     None => break,
                 }
-                attempts = Attempts::default();
             }
             Holding::No => {
                 // Another replica runs this subscription: nothing to do here but wait for its lease to end,
@@ -136,6 +144,7 @@ async fn read(
         };
         cursor.at_head = messages.is_empty();
         if cursor.at_head {
+            mark.idle(&shared.store).await;
             // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
             // Ahead with no key waiting, only the position is behind: read again at once to move it.
             let due = cursor
@@ -153,6 +162,16 @@ async fn read(
                 _ = shutdown.cancelled() => break,
             }
             continue;
+        }
+        if let Err(error) = mark.busy(&shared.store).await {
+            failures += 1;
+            backoff(&name, &error, failures, &shutdown).await;
+            continue;
+        }
+        if std::mem::take(&mut died_busy) {
+            // The last owner died handling these (or some of them): each is one failed attempt.
+            let identities: Vec<String> = messages.iter().map(StoredMessage::identity).collect();
+            attempts.suspect(identities.iter().map(String::as_str));
         }
         reader.report(progress, State::Busy);
         let started = Instant::now();
@@ -200,6 +219,7 @@ async fn read(
             }
         }
     }
+    mark.idle(&shared.store).await;
     reader.report(progress, State::Stopped);
     tracing::info!(subscription = %name, worker = reader.label(), position = cursor.position, "subscription stopped");
     Ok(())
@@ -287,18 +307,31 @@ impl Cursor {
     }
 }
 
-/// The reader's stored position (see [`workers::start`]), retried with backoff; None on shutdown.
+/// The reader's stored position (see [`workers::start`]), the failed attempts of the calls recorded and
+/// never settled, and whether its last owner died busy (see [`BusyMark`]), retried with backoff; None
+/// on shutdown.
 async fn load(
     shared: &Arc<Shared>,
     reader: &Reader,
+    mark: &BusyMark,
     shutdown: &CancellationToken,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<(u64, Attempts, bool)>, String> {
     let mut failures = 0u32;
     loop {
         let (store, reader2) = (shared.store.clone(), reader.clone());
-        let stored = blocking(move || reader2.stored_position(store.as_ref())).await?;
+        let stored = blocking(move || {
+            let position = reader2.stored_position(store.as_ref())?;
+            let recorded = store.recorded_calls(&reader2.subscription, None)?;
+            Ok::<_, crate::store::Error>((position, recorded))
+        })
+        .await?;
         match stored {
-            Ok(position) => return Ok(Some(position)),
+            Ok((position, mut recorded)) => {
+                let died_busy = mark.left_in(&mut recorded);
+                let mut attempts = Attempts::default();
+                attempts.recover(recorded);
+                return Ok(Some((position, attempts, died_busy)));
+            }
             Err(error) => {
                 failures += 1;
                 if !backoff(&reader.subscription, &error.to_string(), failures, shutdown).await {

@@ -4,6 +4,7 @@
 //! category for projectors, one over all categories for a process manager (so it sees its events in store
 //! order), and one `commands:{category}` per aggregate, shared by its command handlers and routed by type.
 
+pub(crate) mod busy;
 pub(crate) mod event_store;
 pub(crate) mod ordered;
 pub(crate) mod stream;

@@ -306,11 +306,28 @@ impl Ordered {
         };
         self.parts
             .extend(parts.into_iter().map(|p| (p.claim.partition, p)));
+        self.recover_calls().await;
         // What was read ahead started past the new partitions' positions: read again from them.
         self.ahead.clear();
         let taken: Vec<u32> = claims.iter().map(|c| c.partition).collect();
         tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
         Ok(())
+    }
+
+    /// Count the calls a previous holder of new partitions died in (see [`batch::Attempts::recover`]).
+    /// Without them a message that kills the process would be called again forever; a store that
+    /// cannot answer now only delays that count to the next take.
+    async fn recover_calls(&mut self) {
+        let (store, name) = (self.shared.store.clone(), self.name().to_owned());
+        match tokio::task::spawn_blocking(move || store.recorded_calls(&name, None)).await {
+            Ok(Ok(recorded)) => self.attempts.recover(recorded),
+            Ok(Err(error)) => {
+                tracing::warn!(subscription = %self.name(), %error, "cannot read the calls in flight of the partitions taken")
+            }
+            Err(error) => {
+                tracing::warn!(subscription = %self.name(), %error, "reading the calls in flight failed")
+            }
+        }
     }
 
     /// Raise the store's fences of new `claims` (from here on it refuses the previous holders'
@@ -686,6 +703,9 @@ impl Ordered {
             let ctx = batch::Context {
                 fences,
                 keys: Some(&keys),
+                // Positions live in the broker, per partition: only a record says what a holder that
+                // died was handling.
+                record: batch::Record::Every,
                 ..batch::Context::new(&shared, &plugin, &sub)
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);

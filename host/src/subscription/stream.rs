@@ -202,13 +202,22 @@ async fn settle(
     }
     // Entries of several streams: handle them in store order.
     messages.sort_by_key(|m| m.global_position);
-    let mut attempts = Attempts::default();
-    for (identity, entries) in &origin {
-        let deliveries = entries.iter().map(|e| e.deliveries).max().unwrap_or(1);
-        attempts.set(identity, deliveries.saturating_sub(1));
-    }
+    // Only a redelivered entry can have failed before: it was in a batch whose consumer died or failed
+    // (one failed attempt), or, called alone since, its calls are recorded (a delivery count would
+    // also count the redeliveries of entries behind a culprit that were never called).
+    let redelivered: Vec<String> = origin
+        .iter()
+        .filter(|(_, entries)| entries.iter().any(|e| e.deliveries > 1))
+        .map(|(identity, _)| identity.clone())
+        .collect();
     let (shared2, sub2) = (shared.clone(), sub.clone());
     let batch = tokio::task::spawn_blocking(move || {
+        let mut attempts = Attempts::default();
+        if !redelivered.is_empty() {
+            let ids: Vec<&str> = redelivered.iter().map(String::as_str).collect();
+            attempts.suspect(ids.iter().copied());
+            attempts.recover(shared2.store.recorded_calls(&sub2.plan.name, Some(&ids))?);
+        }
         let plugin = shared2.plugin();
         // A broker's group keeps where the subscription is; the store keeps no position for it.
         let ctx = batch::Context::new(&shared2, &plugin, &sub2);

@@ -3,6 +3,7 @@
 mod build;
 mod engine;
 mod flow;
+pub mod http;
 pub mod hunt;
 mod postgres;
 mod redis;
@@ -23,7 +24,7 @@ pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
 pub use replicas::{orders, place, send_orders, start_replicas, start_servers};
-pub use run::{assert_probe_gone, host, Finished};
+pub use run::{assert_probe_gone, host, Finished, HostCommand};
 pub use server::Server;
 pub use status::{status_json, subscription};
 pub use tls::make_certificates;

@@ -49,6 +49,29 @@ impl HostCommand {
         self
     }
 
+    /// Limit the process's data memory to `bytes` (`RLIMIT_DATA`), as a container's limit would: an
+    /// allocation past it fails.
+    #[allow(unsafe_code)]
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: bytes,
+        };
+        // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent; the closure
+        // allocates nothing between fork and exec.
+        unsafe {
+            self.command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        self
+    }
+
     /// Run to completion, with `input` on stdin.
     pub fn output_with_stdin(mut self, input: &str) -> Finished {
         use std::io::Write;

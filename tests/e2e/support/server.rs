@@ -108,6 +108,11 @@ impl Server {
         false
     }
 
+    /// How the process ended, if it has (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait on protean-host")
+    }
+
     /// Every line seen so far.
     pub fn seen(&self) -> &[String] {
         &self.seen

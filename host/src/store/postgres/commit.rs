@@ -83,6 +83,14 @@ pub(super) fn apply(
             ],
         )?;
     }
+    if !unit.ended_calls.is_empty() {
+        let (subscriptions, identities): (Vec<&str>, Vec<&str>) = unit
+            .ended_calls
+            .iter()
+            .map(|(s, i)| (s.as_str(), i.as_str()))
+            .unzip();
+        c.execute(sql::END_CALLS, &[&subscriptions, &identities])?;
+    }
     Ok(last)
 }
 

@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "processed markers keyed by stream and position, not headers.id; replayable dead letters",
         sql: include_str!("../sql/postgres/migrations/008_interop.sql"),
     },
+    Migration {
+        version: 9,
+        name: "calls in flight (a crash counts as a failed attempt)",
+        sql: include_str!("../sql/postgres/migrations/009_calls_in_flight.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

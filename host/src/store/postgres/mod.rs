@@ -30,7 +30,7 @@ use postgres::{types::ToSql, Row};
 use super::{
     check_field, DeadLetter, Error, Leases, Outbox, Result, Store, StoredDocument, StoredMessage,
 };
-use crate::unit_of_work::UnitOfWork;
+use crate::unit_of_work::{CallRecord, UnitOfWork};
 use pool::Pool;
 
 mod sql {
@@ -98,6 +98,9 @@ mod sql {
         LEASE_TAKE = "lease_take";
         LEASE_RELEASE = "lease_release";
         LEASE_FENCE = "lease_fence";
+        RECORD_CALLS = "record_calls";
+        END_CALLS = "end_calls";
+        RECORDED_CALLS = "recorded_calls";
         FENCE_RAISE = "fence_raise";
         FENCE_CURRENT = "fence_current";
     }
@@ -440,6 +443,29 @@ impl Store for PostgresStore {
             .conn()?
             .query(sql::PROCESSED_AMONG, &[&subscription, &ids])?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<()> {
+        let subscriptions: Vec<&str> = calls.iter().map(|c| c.subscription.as_str()).collect();
+        let identities: Vec<&str> = calls.iter().map(|c| c.identity.as_str()).collect();
+        let attempts: Vec<i32> = calls.iter().map(|c| c.attempts as i32).collect();
+        self.conn()?
+            .execute(sql::RECORD_CALLS, &[&subscriptions, &identities, &attempts])?;
+        Ok(())
+    }
+
+    fn recorded_calls(
+        &self,
+        subscription: &str,
+        identities: Option<&[&str]>,
+    ) -> Result<HashMap<String, u32>> {
+        let rows = self
+            .conn()?
+            .query(sql::RECORDED_CALLS, &[&subscription, &identities])?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i32>(1) as u32))
+            .collect())
     }
 
     fn outbox(&self) -> Option<&dyn Outbox> {

@@ -113,6 +113,15 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     committed_at TEXT NOT NULL
 ) WITHOUT ROWID;
 
+-- Handler calls started and not yet settled (see CallRecord): a process that dies in a call leaves its
+-- rows, and the next handler of those messages counts the call as a failed attempt.
+CREATE TABLE IF NOT EXISTS calls_in_flight (
+    subscription TEXT    NOT NULL,
+    identity     TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL,
+    PRIMARY KEY (subscription, identity)
+) WITHOUT ROWID;
+
 -- Version 2: processed markers name the message's identity (`{stream}@{position}`), not its
 -- metadata.headers.id (Protean 0.18 gives every command of an aggregate that aggregate's id). A marker
 -- an older build wrote names a headers.id, unique in this table of messages: it becomes that message's

@@ -1,0 +1,336 @@
+//! Crash containment against the real binary, with a fixture handler that aborts, segfaults, exits,
+//! allocates without bound or spins forever. In process nothing can stop such a handler from taking the
+//! process down (or, spinning, from never returning), so these tests play the supervisor: they restart
+//! what died, kill what `/livez` says is stuck, and then check from the store and the dead letters that
+//! every other message was handled exactly once and the culprit was dead-lettered, with the cause, after
+//! `max_retries` calls, on every store and with three replicas on Redis.
+
+use std::{
+    os::unix::process::ExitStatusExt,
+    path::Path,
+    process::ExitStatus,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use protean_host::store::{self, Store, StoreConfig};
+use serde_json::{json, Value};
+
+use crate::support::{
+    fixture_domain, host, http::get, wait_until, Finished, HostCommand, PgServer, RedisServer,
+    Server, TEST_CONFIG,
+};
+
+const MAX_RETRIES: usize = 2;
+const LIMIT: Duration = Duration::from_secs(60);
+const COMMANDS: &str = "commands:probe::probe";
+
+fn probe_lib() -> String {
+    format!("{}:probe", fixture_domain().display())
+}
+
+/// Fast retries, the store section `store`, `server` keys, and the probe's command handler (which
+/// declares 3 in code) told `max_retries = 2` and `runner` keys.
+fn configure(dir: &Path, store: &str, server: &str, runner: &str) {
+    let config = format!(
+        "{TEST_CONFIG}{server}\n[server.handlers.runner]\nmax_retries = {MAX_RETRIES}\n{runner}\n{store}"
+    );
+    std::fs::write(dir.join("protean.toml"), config).unwrap();
+}
+
+fn run(dir: &Path, args: &[&str]) -> HostCommand {
+    host(dir)
+        .args(["--log-level", "warn", "--domain", &probe_lib()])
+        .args(args)
+}
+
+/// A server of the probe domain, logging at INFO.
+fn serve(dir: &Path) -> Server {
+    host(dir).args(["--domain", &probe_lib()]).spawn()
+}
+
+/// Send `Run` commands in one `send`, so that they are stored together and read as one batch.
+fn send(dir: &Path, commands: &[(&str, &str)]) {
+    let lines: String = commands
+        .iter()
+        .map(|(id, behaviour)| json!({ "id": id, "behaviour": behaviour }).to_string() + "\n")
+        .collect();
+    run(dir, &["send", "Probe.Run.v1", "-"])
+        .output_with_stdin(&lines)
+        .expect_code(0);
+}
+
+/// The store the server of `dir` uses: its SQLite file, or `pg`'s database.
+fn open(dir: &Path, pg: Option<&PgServer>) -> Arc<dyn Store> {
+    let config = match pg {
+        Some(pg) => StoreConfig::Postgres(pg.store_config()),
+        None => StoreConfig::Sqlite {
+            path: dir.join(".protean/store.db"),
+        },
+    };
+    store::open(&config).unwrap()
+}
+
+/// How many `Ran` events the probe raised for command `id`: how many times it was handled and committed.
+fn handled(store: &dyn Store, id: &str) -> usize {
+    store
+        .read_stream(&format!("probe::probe-{id}"), 0)
+        .unwrap()
+        .iter()
+        .filter(|m| m.message_type == "Probe.Ran.v1")
+        .count()
+}
+
+/// The dead letters `dlq list --json` shows.
+fn dead_letters(dir: &Path) -> Vec<Value> {
+    let listed = run(dir, &["dlq", "list", "--json"]).output().expect_code(0);
+    serde_json::from_str::<Value>(&listed.stdout())
+        .unwrap_or_else(|e| panic!("{e}: {}", listed.stdout()))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Exactly one dead letter: the culprit's, after `max_retries + 1` calls, saying the process died.
+#[track_caller]
+fn assert_culprit_dead_lettered(dir: &Path, culprit: &str) {
+    let rows = dead_letters(dir);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let fields = &rows[0]["fields"];
+    let data = fields["data"].as_str().map_or(Value::Null, |d| {
+        serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()))
+    });
+    assert!(
+        fields.to_string().contains(culprit) || data["id"] == culprit,
+        "{fields:#}"
+    );
+    let error = fields["error"].as_str().unwrap_or_default();
+    assert!(error.contains("died or was stopped"), "{error}");
+    assert_eq!(
+        fields["attempts"].to_string().trim_matches('"'),
+        (MAX_RETRIES + 1).to_string(),
+        "{fields:#}"
+    );
+}
+
+/// Run test mode again after every death, as a supervisor restarting the process would, until a run
+/// ends cleanly; how each run that died ended.
+fn supervise_test_mode(dir: &Path) -> Vec<ExitStatus> {
+    let mut deaths = Vec::new();
+    loop {
+        let Finished(output) = run(dir, &["--test-mode"]).output();
+        if output.status.success() {
+            return deaths;
+        }
+        deaths.push(output.status);
+        assert!(
+            deaths.len() <= MAX_RETRIES + 2,
+            "still dying after {} runs: {:?}; last stderr:\n{}",
+            deaths.len(),
+            deaths,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The crash of `behaviour`, between two good commands of the same batch, on the store `store`.
+fn a_crash_loop_ends_in_a_dead_letter(
+    behaviour: &str,
+    died: fn(ExitStatus) -> bool,
+    pg: Option<&PgServer>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let section = pg.map(PgServer::config).unwrap_or_default();
+    configure(dir.path(), &section, "", "");
+    if let Some(pg) = pg {
+        pg.psql(
+            "DROP SCHEMA IF EXISTS protean CASCADE; DROP SCHEMA IF EXISTS message_store CASCADE;",
+        );
+        run(dir.path(), &["db", "setup"]).output().expect_code(0);
+    }
+    send(
+        dir.path(),
+        &[("before", "ok"), ("culprit", behaviour), ("after", "ok")],
+    );
+    let deaths = supervise_test_mode(dir.path());
+    assert_eq!(
+        deaths.len(),
+        MAX_RETRIES + 1,
+        "{behaviour}: one death per call: {deaths:?}"
+    );
+    assert!(deaths.iter().all(|s| died(*s)), "{behaviour}: {deaths:?}");
+    let store = open(dir.path(), pg);
+    for id in ["before", "after"] {
+        assert_eq!(
+            handled(store.as_ref(), id),
+            1,
+            "{behaviour}: {id} handled once"
+        );
+    }
+    assert_eq!(handled(store.as_ref(), "culprit"), 0);
+    assert_culprit_dead_lettered(dir.path(), "culprit");
+    assert!(
+        store.recorded_calls(COMMANDS, None).unwrap().is_empty(),
+        "{behaviour}: every call record cleared by its settlement"
+    );
+}
+
+fn by_signal(signal: i32) -> impl Fn(ExitStatus) -> bool {
+    move |status| status.signal() == Some(signal)
+}
+
+#[test]
+fn a_handler_that_aborts_segfaults_or_exits_is_dead_lettered_after_max_retries_on_sqlite() {
+    a_crash_loop_ends_in_a_dead_letter("abort", |s| by_signal(libc::SIGABRT)(s), None);
+    a_crash_loop_ends_in_a_dead_letter("segfault", |s| by_signal(libc::SIGSEGV)(s), None);
+    a_crash_loop_ends_in_a_dead_letter("exit:3", |s| s.code() == Some(3), None);
+}
+
+#[test]
+fn a_handler_that_aborts_or_segfaults_is_dead_lettered_after_max_retries_on_postgres() {
+    let pg = PgServer::start();
+    a_crash_loop_ends_in_a_dead_letter("abort", |s| by_signal(libc::SIGABRT)(s), Some(&pg));
+    a_crash_loop_ends_in_a_dead_letter("segfault", |s| by_signal(libc::SIGSEGV)(s), Some(&pg));
+}
+
+#[test]
+fn a_handler_that_allocates_without_bound_under_a_memory_limit_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(dir.path(), "", "", "");
+    send(
+        dir.path(),
+        &[("before", "ok"), ("hog", "alloc"), ("after", "ok")],
+    );
+    let mut deaths = Vec::new();
+    loop {
+        // As a container's memory limit would: the allocation that passes it fails and aborts.
+        let Finished(output) = run(dir.path(), &["--test-mode"])
+            .memory_limit(512 << 20)
+            .output();
+        if output.status.success() {
+            break;
+        }
+        deaths.push(output.status);
+        assert!(deaths.len() <= MAX_RETRIES + 2, "{deaths:?}");
+    }
+    assert_eq!(deaths.len(), MAX_RETRIES + 1, "{deaths:?}");
+    let store = open(dir.path(), None);
+    assert_eq!(
+        (
+            handled(store.as_ref(), "before"),
+            handled(store.as_ref(), "after")
+        ),
+        (1, 1)
+    );
+    assert_culprit_dead_lettered(dir.path(), "hog");
+}
+
+/// The address the server's health server bound (configured on port 0).
+fn health_address(server: &mut Server) -> String {
+    let line = server.wait_for(&["health server listening"], LIMIT);
+    line.split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned()
+}
+
+#[test]
+fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    configure(
+        dir.path(),
+        "[server.health]\nport = 0\n",
+        "handler_timeout_ms = 300",
+        "",
+    );
+    send(
+        dir.path(),
+        &[("before", "ok"), ("stuck", "spin"), ("after", "ok")],
+    );
+    let mut stuck = 0;
+    let store = open(dir.path(), None);
+    let finished = |store: &dyn Store| handled(store, "after") == 1;
+    while !finished(store.as_ref()) {
+        assert!(
+            stuck <= MAX_RETRIES + 1,
+            "still stuck after {stuck} restarts"
+        );
+        let mut server = serve(dir.path());
+        let address = health_address(&mut server);
+        // Either the spinning call passes its deadline, or (once dead-lettered) the rest is handled.
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let (status, body) = get(&address, "/livez");
+            if status == 503 {
+                assert!(
+                    body.contains("handler runner of commands:probe::probe"),
+                    "{body}"
+                );
+                assert!(body.contains("past its deadline of 300 ms"), "{body}");
+                stuck += 1;
+                // The supervisor's answer to a failed liveness probe.
+                server.signal(libc::SIGKILL);
+                break;
+            }
+            if finished(store.as_ref()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "neither stuck nor done");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(stuck, MAX_RETRIES + 1);
+    assert_eq!(handled(store.as_ref(), "before"), 1);
+    assert_culprit_dead_lettered(dir.path(), "stuck");
+}
+
+#[test]
+fn three_replicas_on_redis_survive_a_handler_that_aborts() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The command handler on a Redis stream: replicas share its consumer group.
+    configure(
+        dir.path(),
+        &redis.config(),
+        "",
+        "subscription_type = \"stream\"",
+    );
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
+    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
+    commands.insert(5, ("culprit".into(), "abort"));
+    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+    send(dir.path(), &refs);
+    let store = open(dir.path(), None);
+    let mut restarts = 0;
+    wait_until(
+        Duration::from_secs(120),
+        "every good command handled and the culprit dead-lettered",
+        || {
+            // The supervisor: a replica that died is started again.
+            for replica in &mut replicas {
+                if replica.exited().is_some() {
+                    restarts += 1;
+                    *replica = serve(dir.path());
+                }
+            }
+            let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
+            good && dead_letters(dir.path()).len() == 1
+        },
+    );
+    assert!(
+        restarts > MAX_RETRIES,
+        "each call of the culprit killed a replica: {restarts}"
+    );
+    for n in 0..10 {
+        assert_eq!(
+            handled(store.as_ref(), &format!("good-{n}")),
+            1,
+            "good-{n} once"
+        );
+    }
+    assert_culprit_dead_lettered(dir.path(), "culprit");
+    for replica in &mut replicas {
+        assert!(replica.exited().is_none(), "no replica left dead");
+    }
+}
