@@ -14,7 +14,14 @@ use crate::{run_measured, server, store_ticks, time, Measured, NullHost, Row};
 /// process of `host`, per message, at batch sizes 1 and 100.
 pub fn call_overhead(host: &Path, fixture: &Path) -> anyhow::Result<Vec<Row>> {
     let bytes = plugin::read(fixture)?;
-    let here = plugin::start(fixture, &bytes, Some("noop"), 2, &Isolation::InProcess)?;
+    let here = plugin::start(
+        fixture,
+        &bytes,
+        Some("noop"),
+        2,
+        &Isolation::InProcess,
+        None,
+    )?;
     let settings = isolated::Settings {
         program: host.to_owned(),
         timeout: Duration::from_secs(30),
@@ -27,6 +34,7 @@ pub fn call_overhead(host: &Path, fixture: &Path) -> anyhow::Result<Vec<Row>> {
         Some("noop"),
         2,
         &Isolation::Process(settings),
+        None,
     )?;
     let data: Vec<String> = (0..100)
         .map(|n| json!({"n": n, "label": "tick"}).to_string())

@@ -120,6 +120,10 @@ pub enum Command {
     Db(DbArgs),
     /// The outbox: list the rows waiting to be published, publish held ones at once.
     Outbox(OutboxArgs),
+    /// Internal: load a library copy and construct its instances in this throwaway process, reporting
+    /// each step as a JSON line on stdout (see `plugin::probe`). The host runs it before it loads a build.
+    #[command(name = "__probe", hide = true)]
+    Probe(ProbeArgs),
     /// One worker process of isolated mode (`[server] isolation = "process"`): started by the server
     /// itself, never by hand.
     #[command(name = "__worker", hide = true)]
@@ -131,6 +135,23 @@ pub enum Command {
 pub struct WorkerArgs {
     /// The host process that started this worker.
     pub host_pid: u32,
+}
+
+/// Options of the hidden `__probe` subcommand.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The library file to load where it is (the host's private copy).
+    #[arg(value_name = "LIBRARY")]
+    pub library: PathBuf,
+    /// The path to name in messages (the library the copy was made of); default: LIBRARY.
+    #[arg(long, value_name = "PATH")]
+    pub named: Option<PathBuf>,
+    /// The instance to construct; default: the one the default rule selects.
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Construct every instance.
+    #[arg(long, conflicts_with = "instance")]
+    pub every: bool,
 }
 
 /// Options of `outbox`.
@@ -292,6 +313,19 @@ pub struct InspectArgs {
 }
 
 impl Common {
+    /// The logging flags, as given to a child process of this binary so that it logs the same way.
+    pub fn log_args(&self) -> Vec<String> {
+        let name = |value: Option<clap::builder::PossibleValue>| {
+            value.map_or_else(String::new, |v| v.get_name().to_owned())
+        };
+        vec![
+            "--log-level".into(),
+            name(self.level().to_possible_value()),
+            "--log-format".into(),
+            name(self.log_format.to_possible_value()),
+        ]
+    }
+
     /// The effective log level.
     pub fn level(&self) -> LogLevel {
         match (self.log_level, self.debug) {
@@ -444,6 +478,26 @@ mod tests {
         ] {
             assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn the_logging_flags_given_to_a_child_parse_back_to_the_same_levels() {
+        let cli = parse(&["--debug", "--log-format", "json", "inspect"]).unwrap();
+        let mut args = cli.common.log_args();
+        args.extend(["__probe".into(), "lib.so".into(), "--every".into()]);
+        let child = parse(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        assert_eq!(child.common.level(), LogLevel::Debug);
+        assert_eq!(child.common.log_format, LogFormat::Json);
+        let Some(Command::Probe(probe)) = child.command else {
+            panic!("not the probe")
+        };
+        assert!(probe.every && probe.instance.is_none());
+        assert_eq!(
+            parse(&["__probe", "lib.so", "--every", "--instance", "x"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
     }
 
     #[test]

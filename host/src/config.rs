@@ -126,6 +126,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Past this many library images mapped (each reload maps one more), a reload warns.
     pub max_generations: u64,
+    /// How long the probe process of a build (loading it and constructing its instance before this
+    /// process does) may take before it is killed and the build refused.
+    pub probe_timeout: Duration,
     /// The health and metrics server (`[server.health]`).
     pub health: HealthSettings,
     /// Ordered subscriptions (`[server.ordering]`).
@@ -406,6 +409,7 @@ struct ServerSection {
     subscription_type: Option<SubscriptionType>,
     lease_ttl_ms: Option<u64>,
     max_generations: Option<u64>,
+    probe_timeout_seconds: Option<u64>,
     isolation: Option<IsolationMode>,
     #[serde(default)]
     worker: WorkerSection,
@@ -649,6 +653,13 @@ impl Config {
         }
         let max_message_bytes = max_message_bytes(s.max_message_bytes)
             .map_err(|m| invalid("server.max_message_bytes", m))?;
+        // 0 would refuse every build; there is no switch to skip the probe (see plugin::probe).
+        if s.probe_timeout_seconds == Some(0) {
+            return Err(invalid(
+                "server.probe_timeout_seconds",
+                "must be at least 1 (the seconds a new build may take to load and construct its domain instance)".into(),
+            ));
+        }
         let config = Self {
             store,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds.unwrap_or(10)),
@@ -659,6 +670,7 @@ impl Config {
             outbox,
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.unwrap_or(10_000)),
             max_generations: s.max_generations.unwrap_or(20),
+            probe_timeout: Duration::from_secs(s.probe_timeout_seconds.unwrap_or(30)),
             health,
             ordering,
             handler_timeout: Duration::from_millis(s.handler_timeout_ms.unwrap_or(30_000)),
@@ -1285,6 +1297,16 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_time_limit_defaults_to_30_seconds_and_is_configurable() {
+        assert_eq!(
+            parse("", &[]).unwrap().probe_timeout,
+            Duration::from_secs(30)
+        );
+        let config = parse("[server]\nprobe_timeout_seconds = 5\n", &[]).unwrap();
+        assert_eq!(config.probe_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
     fn the_outbox_lease_is_configurable_and_max_attempts_still_reads() {
         let config = parse("[outbox]\nmax_attempts = 3\nlease_ttl_ms = 1500\n", &[]).unwrap();
         assert_eq!(
@@ -1326,6 +1348,8 @@ mod tests {
             ("[server]\nmax_message_bytes = 300000000", "config file protean.toml: server.max_message_bytes: 300000000 is above 268435455, the most a PostgreSQL jsonb value holds"),
             ("[server]\nmax_message_bytes = \"1MB\"", "config file protean.toml: server.max_message_bytes: invalid type: string \"1MB\", expected u64"),
             ("[server]\nmax_message_bytes = -1", "config file protean.toml: server.max_message_bytes: invalid value: integer `-1`, expected u64"),
+            ("[server]\nprobe_timeout_seconds = 0", "config file protean.toml: server.probe_timeout_seconds: must be at least 1 (the seconds a new build may take to load and construct its domain instance)"),
+            ("[server]\nprobe_timeout_seconds = -1", "config file protean.toml: server.probe_timeout_seconds: invalid value: integer `-1`, expected u64"),
             ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
             ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use protean_host::{
     cli::{
         Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
-        LogFormat, OutboxAction, OutboxArgs, SendArgs, ServerArgs, SubscriptionsAction,
-        SubscriptionsArgs,
+        LogFormat, LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
+        SubscriptionsAction, SubscriptionsArgs,
     },
     config::{Config, IsolationMode},
     discovery,
@@ -17,7 +17,7 @@ use protean_host::{
     inspect, logging,
     message::TooBig,
     ops,
-    plugin::{isolated, Isolation, Library, Plugin},
+    plugin::{isolated, probe, Instances, Isolation, Library, Plugin, Probe},
     reload, store,
 };
 
@@ -53,11 +53,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
+        Some(Command::Probe(args)) => probe_child(&cli.common, &args),
         Some(Command::Worker(args)) => {
             isolated::worker::serve(args.host_pid)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// How this binary probes a build before loading it: by running itself (`__probe`), logging as this
+/// process does, and showing the child's own output at debug level.
+fn prober(common: &Common, config: &Config) -> Probe {
+    Probe::this_binary(config.probe_timeout)
+        .args(common.log_args())
+        .show_output(matches!(common.level(), LogLevel::Debug | LogLevel::Trace))
+}
+
+/// The hidden `__probe` subcommand: never returns (the process ends when the probe does).
+fn probe_child(common: &Common, args: &ProbeArgs) -> ! {
+    let instances = if args.every {
+        Instances::Every
+    } else {
+        Instances::Selected(args.instance.as_deref())
+    };
+    let named = args.named.as_deref().unwrap_or(&args.library);
+    probe::child(
+        &args.library,
+        named,
+        instances,
+        common.level().plugin_level(),
+    )
 }
 
 fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
@@ -72,11 +97,12 @@ fn domain_spec(common: &Common) -> anyhow::Result<discovery::DomainSpec> {
 
 /// The domain instance to run, where the configuration says, and what a reload needs to load the
 /// next build of it. With `reload`, the library must pass the reload trust check before anything of
-/// it is loaded.
+/// it is loaded. The build is probed first (in a child process), in either mode, so one that crashes
+/// or hangs while it loads is one error line and exit code 1, not a raw abort of this process.
 fn load_plugin(
     common: &Common,
-    reload: Option<&ServerArgs>,
     config: &Config,
+    reload: Option<&ServerArgs>,
 ) -> anyhow::Result<(Plugin, reload::Target)> {
     let spec = domain_spec(common)?;
     let owner = match reload.and_then(|args| args.reload_owner.as_deref()) {
@@ -87,6 +113,7 @@ fn load_plugin(
         reload::check_trusted(&spec.path, owner)?;
     }
     let isolation = isolation(config)?;
+    let probe = prober(common, config);
     let bytes = protean_host::plugin::read(&spec.path)?;
     let level = common.level().plugin_level();
     let plugin = protean_host::plugin::start(
@@ -95,15 +122,18 @@ fn load_plugin(
         spec.instance.as_deref(),
         level,
         &isolation,
+        Some(&probe),
     )?;
     let instance = plugin.name().to_owned();
-    tracing::info!(library = %spec.path.display(), instance, build = plugin.build_id(), handlers = plugin.registrations().len(), isolated = plugin.isolated(), "domain loaded");
+    let probe_ms = plugin.probed_in().map(|t| t.as_millis() as u64);
+    tracing::info!(library = %spec.path.display(), instance, build = plugin.build_id(), handlers = plugin.registrations().len(), isolated = plugin.isolated(), probe_ms, "domain loaded");
     let target = reload::Target {
         library: spec.path,
         instance,
         log_level: level,
         owner,
         isolation,
+        probe: Some(probe),
     };
     Ok((plugin, target))
 }
@@ -122,7 +152,7 @@ fn isolation(config: &Config) -> anyhow::Result<Isolation> {
 fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, None, &config)?;
+    let (plugin, target) = load_plugin(common, &config, None)?;
     Ok((
         Engine::new(plugin, EngineOptions { test_mode, config })?,
         target,
@@ -137,7 +167,7 @@ fn waiting_engine(
 ) -> anyhow::Result<Option<(Engine, reload::Target)>> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
-    let (plugin, target) = load_plugin(common, args.reload.then_some(args), &config)?;
+    let (plugin, target) = load_plugin(common, &config, args.reload.then_some(args))?;
     if !protean_host::engine::startup::wait_for_dependencies(&config)? {
         return Ok(None);
     }
@@ -150,7 +180,13 @@ fn waiting_engine(
 
 fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
     let spec = domain_spec(common)?;
-    let library = Library::load(&spec.path)?;
+    let config = Config::load(common.config.as_deref())?;
+    // Probed with the instances inspect constructs: the named one, or all of them.
+    let instances = match spec.instance.as_deref() {
+        Some(name) => Instances::Selected(Some(name)),
+        None => Instances::Every,
+    };
+    let library = Library::load_probed(&spec.path, &prober(common, &config), instances)?;
     let report = inspect::describe(
         &library,
         spec.instance.as_deref(),

@@ -2,8 +2,10 @@
 //!
 //! Cargo replaces a library by writing a new file and renaming it over the old one, so the watch is on
 //! the directory, not the file, and events are debounced. A reload happens only when the file's
-//! content changed (a touch does not reload). Loading goes through [`crate::plugin::start`] (a private copy,
-//! never unloaded, ABI checked); any failure is one ERROR line and the running build carries on.
+//! content changed (a touch does not reload). Loading goes through [`crate::plugin::start`] (a private
+//! copy, first loaded by a probe process, never unloaded, ABI checked; in this process or in a new
+//! worker pool): a build that aborts, exits or hangs while it loads or constructs is refused, and any
+//! failure is one ERROR line while the running build carries on.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +21,7 @@ use notify_debouncer_mini::{
 
 use crate::{
     engine::Engine,
-    plugin::{trust, Isolation},
+    plugin::{trust, Isolation, Probe},
 };
 
 /// How long the directory must be quiet before a change counts (cargo writes in several steps).
@@ -48,8 +50,9 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-/// What to reload: the library file, which instance of it, the plugin log level, the user whose
-/// files may be loaded (besides root), and where each build runs (a new worker per build, isolated).
+/// What to reload: the library file, which instance of it, the plugin log level, the user whose files
+/// may be loaded (besides root), where each build runs (a new worker pool per build, isolated), and how
+/// a new build is probed before it is loaded.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub library: PathBuf,
@@ -57,6 +60,9 @@ pub struct Target {
     pub log_level: u8,
     pub owner: u32,
     pub isolation: Isolation,
+    /// `None` loads a new build without a probe: in this process, a crash in its initialisers or
+    /// constructor ends the process; only for programs that cannot run a probe ([`Probe`]).
+    pub probe: Option<Probe>,
 }
 
 /// Fail unless `library` and its directory are trusted to hold code ([`trust::check`]): with --reload
@@ -194,10 +200,12 @@ fn load(
         Some(&target.instance),
         target.log_level,
         &target.isolation,
+        target.probe.as_ref(),
     )?;
     tracing::info!(
         build = plugin.build_id(),
         load_ms = started.elapsed().as_millis() as u64,
+        probe_ms = plugin.probed_in().map(|t| t.as_millis() as u64),
         "new build loaded; swapping after the batches in flight"
     );
     Ok(engine.reload(plugin)?)

@@ -3,7 +3,8 @@
 use serde_json::Value;
 
 use crate::support::{
-    fixture_domain, host, sample_domain, Finished, PgServer, RedisServer, TEST_CONFIG,
+    bad_build, fixture_domain, host, sample_domain, BadBuild, Finished, PgServer, RedisServer,
+    TEST_CONFIG,
 };
 
 #[test]
@@ -144,6 +145,42 @@ impl Probe {
 }
 
 const COMMANDS: &str = "commands:probe::probe";
+
+/// `inspect` loads a build in a probe process first: one that aborts or hangs while loading is one
+/// error line and exit 1, not a crash of `inspect` itself (exit 134).
+#[test]
+fn inspect_of_a_build_that_crashes_or_hangs_is_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server]\nprobe_timeout_seconds = 3\n",
+    )
+    .unwrap();
+    for which in BadBuild::ALL {
+        let lib = bad_build(which);
+        for json in [&[][..], &["--json"]] {
+            let run = host(dir.path())
+                .args(["inspect", "--domain"])
+                .args([lib])
+                .args(json)
+                .output()
+                .expect_code(1);
+            assert_eq!(run.stdout(), "", "{which:?}: nothing is described");
+            assert_eq!(
+                run.stderr().lines().count(),
+                1,
+                "{which:?}: {}",
+                run.stderr()
+            );
+            assert!(
+                run.stderr()
+                    .starts_with(&format!("error: {}: {}", lib.display(), which.refusal())),
+                "{which:?}: {}",
+                run.stderr()
+            );
+        }
+    }
+}
 
 /// Every subcommand, with global flags before it, on one store configuration (`store`: a `[store]`
 /// section, or none for SQLite), with or without Redis. Returns the rows `dlq list --json` printed.

@@ -7,8 +7,8 @@ use protean_host::store::Store;
 use serde_json::json;
 
 use crate::support::{
-    each_order_exactly_once, fixture_domain, host, reload_sample, sample_domain, send_orders,
-    sqlite, wait_until, ReloadBuild,
+    assert_probe_gone, bad_build, each_order_exactly_once, fixture_domain, host, reload_sample,
+    sample_domain, send_orders, sqlite, wait_until, BadBuild, ReloadBuild,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -314,6 +314,110 @@ fn a_domain_that_cannot_start_in_its_worker_is_the_same_one_line_as_in_process()
     assert_eq!(unknown.error_lines(), [format!(
         "error: {lib} has no domain instance \"nope\"; available: domain, reporting, sequencing; choose one with --domain={lib}:NAME"
     )]);
+}
+
+/// Isolated too, a build that aborts while it loads (an ELF initialiser, its constructor) or whose
+/// constructor never returns is probed first: one line naming how the probe died and exit code 1,
+/// within `probe_timeout_seconds`, and no worker is started for it.
+#[test]
+fn a_build_that_crashes_or_hangs_while_loading_is_the_same_one_line_isolated() {
+    let dir = configured("[server]\nisolation = \"process\"\nprobe_timeout_seconds = 3\n");
+    let pid_file = dir.path().join("probe.pid");
+    for which in BadBuild::ALL {
+        let lib = bad_build(which);
+        let started = std::time::Instant::now();
+        let run = host(dir.path())
+            .env("BAD_DOMAIN_PID_FILE", &pid_file)
+            .args(["--domain"])
+            .args([lib])
+            .output()
+            .expect_code(1);
+        let took = started.elapsed();
+        assert_eq!(
+            run.stderr().lines().count(),
+            1,
+            "{which:?}: {}",
+            run.stderr()
+        );
+        let line = &run.error_lines()[0];
+        assert!(
+            line.starts_with(&format!("error: {}: {}", lib.display(), which.refusal())),
+            "{which:?}: {line}"
+        );
+        if which == BadBuild::HangInConstructor {
+            assert!(
+                took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+                "the 3 s probe limit ends it, not the worker's 30 s start limit: {took:?}"
+            );
+            assert_probe_gone(&pid_file);
+        }
+    }
+}
+
+/// Under --reload in isolated mode, new builds that abort or hang while they load are refused, each
+/// with one ERROR line, before any worker is started for them; the running build's workers carry on:
+/// an order sent after each refusal is handled.
+#[test]
+fn reload_refuses_builds_that_crash_or_hang_and_the_running_workers_carry_on() {
+    for which in BadBuild::ALL {
+        bad_build(which);
+    }
+    let dir = configured(
+        "[server]\nisolation = \"process\"\npoll_interval_ms = 50\nprobe_timeout_seconds = 3\n[server.health]\nport = 0\n",
+    );
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).unwrap();
+    let library = lib_dir.join("libsample_domain.so");
+    std::fs::copy(sample_domain(), &library).unwrap();
+    let pid_file = dir.path().join("probe.pid");
+    let mut server = host(dir.path())
+        .env("BAD_DOMAIN_PID_FILE", &pid_file)
+        .args(["--reload", "--domain", &library.display().to_string()])
+        .spawn();
+    server.wait_for(&["worker process started"], LIMIT);
+    server.wait_for(&["engine started"], LIMIT);
+    let store = sqlite(dir.path());
+    let shipped = || {
+        crate::support::count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderShipped.v1",
+        )
+    };
+    for (n, which) in BadBuild::ALL.into_iter().enumerate() {
+        let staged = library.with_extension("so.new");
+        std::fs::copy(bad_build(which), &staged).unwrap();
+        std::fs::rename(&staged, &library).unwrap();
+        let refused = server.wait_for(&["reload failed; the running build carries on"], LIMIT);
+        assert!(
+            refused.contains("ERROR") && refused.contains(which.refusal()),
+            "{which:?}: {refused}"
+        );
+        if which == BadBuild::HangInConstructor {
+            assert_probe_gone(&pid_file);
+        }
+        send_orders(dir.path(), n, 1);
+        wait_until(
+            LIMIT,
+            "the running build's workers to ship the order sent after the refusal",
+            || shipped() > n,
+        );
+    }
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(
+        errors.len(),
+        3,
+        "one ERROR line per refused build:\n{}",
+        errors.join("\n")
+    );
+    assert!(
+        !logs.contains("generation=2"),
+        "no bad build replaced the running one:\n{logs}"
+    );
+    each_order_exactly_once(store.as_ref(), 3);
 }
 
 #[test]

@@ -1,10 +1,17 @@
 //! Loading real plugin libraries: every load error, instance choice, panics and logs across the ABI.
 
-use std::{cell::RefCell, path::PathBuf};
+use std::{
+    cell::RefCell,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use protean_host::plugin::{Delivery, HostServices, Library};
 
-use crate::support::{fixture_domain, host, incompatible_sample, sample_domain, Incompatibility};
+use crate::support::{
+    assert_probe_gone, bad_build, fixture_domain, host, incompatible_sample, sample_domain,
+    BadBuild, Incompatibility,
+};
 
 fn libc() -> PathBuf {
     [
@@ -137,6 +144,53 @@ fn a_constructor_that_errors_or_panics() {
         "{line}"
     );
     assert!(line.contains("panics on purpose"), "{line}");
+}
+
+/// A build that aborts while it loads (an ELF initialiser, its constructor), or whose constructor never
+/// returns, is loaded by a probe process first: the server says so in one line and exits 1, instead of
+/// dying with it (exit 134, nothing said) or hanging. The hung probe is killed at the time limit.
+#[test]
+fn a_build_that_crashes_or_hangs_while_loading_is_one_line_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server]\nprobe_timeout_seconds = 3\n",
+    )
+    .unwrap();
+    let pid_file = dir.path().join("probe.pid");
+    for which in BadBuild::ALL {
+        let lib = bad_build(which);
+        let started = Instant::now();
+        let run = host(dir.path())
+            .env("BAD_DOMAIN_PID_FILE", &pid_file)
+            .args(["--domain"])
+            .args([lib])
+            .output()
+            .expect_code(1);
+        let took = started.elapsed();
+        assert_eq!(
+            run.stderr().lines().count(),
+            1,
+            "{which:?}: {}",
+            run.stderr()
+        );
+        let line = &run.error_lines()[0];
+        assert!(
+            line.starts_with(&format!("error: {}: {}", lib.display(), which.refusal())),
+            "{which:?}: {line}"
+        );
+        assert!(
+            line.contains("so the build was not loaded; "),
+            "names the fix: {line}"
+        );
+        if which == BadBuild::HangInConstructor {
+            assert!(
+                took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+                "the 3 s limit ends the probe: {took:?}"
+            );
+            assert_probe_gone(&pid_file);
+        }
+    }
 }
 
 #[test]

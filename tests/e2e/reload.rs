@@ -15,8 +15,9 @@ use serde_json::Value;
 
 use crate::ops::{sample, scrape};
 use crate::support::{
-    each_order_exactly_once, host, incompatible_sample, reload_sample, sample_domain, send_orders,
-    sqlite, wait_until, Incompatibility, RedisServer, ReloadBuild,
+    assert_probe_gone, bad_build, each_order_exactly_once, host, incompatible_sample,
+    reload_sample, sample_domain, send_orders, sqlite, wait_until, BadBuild, Incompatibility,
+    RedisServer, ReloadBuild,
 };
 
 /// Put `from` at `to` as cargo does: write a new file beside it, then rename it over.
@@ -211,6 +212,65 @@ fn reload_on_redis_switches_builds_under_load_without_losing_or_doubling() {
         "[server]\npoll_interval_ms = 50\n{}",
         redis.config()
     ));
+}
+
+/// New builds that abort (an ELF initialiser, the constructor) or hang (the constructor) while they load
+/// are loaded by a probe process first and refused, each with one ERROR line, while the running build
+/// carries on: an order sent after each refusal is handled. The hung probe is killed at the time limit.
+#[test]
+fn reload_refuses_builds_that_crash_or_hang_and_the_running_build_carries_on() {
+    for which in BadBuild::ALL {
+        bad_build(which);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        "[server]\npoll_interval_ms = 50\nprobe_timeout_seconds = 3\n[server.health]\nport = 0\n",
+    )
+    .unwrap();
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).unwrap();
+    let library = lib_dir.join("libsample_domain.so");
+    std::fs::copy(sample_domain(), &library).unwrap();
+    let pid_file = dir.path().join("probe.pid");
+    let mut server = host(dir.path())
+        .env("BAD_DOMAIN_PID_FILE", &pid_file)
+        .args(["--reload", "--domain", &library.display().to_string()])
+        .spawn();
+    server.wait_for(&["watching the domain library"], Duration::from_secs(60));
+    server.wait_for(&["engine started"], Duration::from_secs(60));
+    let store = sqlite(dir.path());
+    for (n, which) in BadBuild::ALL.into_iter().enumerate() {
+        replace(bad_build(which), &library);
+        let refused = server.wait_for(
+            &["reload failed; the running build carries on"],
+            Duration::from_secs(20),
+        );
+        assert!(
+            refused.contains("ERROR") && refused.contains(which.refusal()),
+            "{which:?}: {refused}"
+        );
+        if which == BadBuild::HangInConstructor {
+            assert_probe_gone(&pid_file);
+        }
+        send_orders(dir.path(), n, 1);
+        wait_until(
+            Duration::from_secs(30),
+            "the running build to ship the order sent after the refusal",
+            || shipped(store.as_ref()) > n,
+        );
+    }
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(
+        errors.len(),
+        3,
+        "one ERROR line per refused build:\n{}",
+        errors.join("\n")
+    );
+    each_order_exactly_once(store.as_ref(), 3);
 }
 
 #[test]

@@ -5,14 +5,19 @@
 //!   `cdylib` cannot be unloaded safely; a same-path reload would return the old image);
 //! - the ABI tag is read before abi_stable's checks, so a plugin built against another plugin-api gets a
 //!   one-line error;
+//! - the binary maps a build only after a child process loaded the same private copy and constructed
+//!   its instances without dying or hanging ([`probe`]); `Library::load` without a probe is for
+//!   programs that embed the engine and cannot run the binary;
 //! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`];
 //! - a [`Plugin`] runs in this process or, isolated ([`isolated`]), in worker processes behind the same
-//!   calls; an isolated domain is never mapped into this process.
+//!   calls; an isolated domain is never mapped into this process (its first worker is what stands for
+//!   the probe there: a build that dies or hangs while it starts fails that worker, not this process).
 #![allow(unsafe_code)]
 
 mod elf;
 pub mod isolated;
 mod private;
+pub mod probe;
 mod services;
 pub mod trust;
 
@@ -23,6 +28,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
 use protean_plugin_api::{
@@ -37,6 +43,7 @@ use protean_plugin_api::{
 };
 use sha2::{Digest, Sha256};
 
+pub use probe::{Instances, Probe, ProbeError};
 pub use services::HostServices;
 
 /// Why a domain library could not be loaded or instantiated. Each message names the file and the fix.
@@ -94,6 +101,8 @@ pub enum LoadError {
         to: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     /// A worker process could not load the domain; its own one-line reason.
     #[error("{0}")]
     InWorker(String),
@@ -106,6 +115,7 @@ pub struct Library {
     path: PathBuf,
     build_id: String,
     module: ProteanPlugin_Ref,
+    probed_in: Option<Duration>,
 }
 
 impl std::fmt::Debug for Library {
@@ -126,25 +136,67 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// Counts generations within this process, so every private copy has a fresh name.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Counts private copies within this process, so every copy has a fresh name.
+static COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the library images this process mapped (a refused build maps none).
+static MAPPED: AtomicU64 = AtomicU64::new(0);
 
 /// How many library images this process has loaded; none is ever unloaded, so all stay mapped.
 pub fn generations_loaded() -> u64 {
-    GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+    MAPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Library {
-    /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts.
+    /// Load the library at `path` through a private copy, checking its ABI tag, then its layouts. Its
+    /// code runs in this process: a build that aborts takes the process with it ([`Self::load_probed`]
+    /// does not).
     pub fn load(path: &Path) -> Result<Self, LoadError> {
         Self::load_bytes(path, &read(path)?)
+    }
+
+    /// [`Self::load`], after a child process loaded the same bytes and constructed `instances` without
+    /// dying or hanging ([`probe`]).
+    pub fn load_probed(
+        path: &Path,
+        probe: &Probe,
+        instances: Instances<'_>,
+    ) -> Result<Self, LoadError> {
+        Self::load_bytes_probed(path, &read(path)?, probe, instances)
     }
 
     /// Load `bytes`, the content of the library at `path` (read once by a caller that already
     /// needed them).
     pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Self, LoadError> {
-        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        let (copy, build_id) = private_copy(path, bytes, &generation.to_string())?;
+        Self::load_private(path, bytes, None)
+    }
+
+    /// [`Self::load_bytes`], probed first like [`Self::load_probed`].
+    pub fn load_bytes_probed(
+        path: &Path,
+        bytes: &[u8],
+        probe: &Probe,
+        instances: Instances<'_>,
+    ) -> Result<Self, LoadError> {
+        Self::load_private(path, bytes, Some((probe, instances)))
+    }
+
+    fn load_private(
+        path: &Path,
+        bytes: &[u8],
+        probe: Option<(&Probe, Instances<'_>)>,
+    ) -> Result<Self, LoadError> {
+        let number = COPIES.fetch_add(1, Ordering::Relaxed);
+        let (copy, build_id) = private_copy(path, bytes, &number.to_string())?;
+        // The probe loads this very file, so what it vouches for is what is mapped below.
+        let probed_in = match probe {
+            Some((probe, instances)) => {
+                let started = Instant::now();
+                probe.check(&copy.path, path, &build_id, instances)?;
+                Some(started.elapsed())
+            }
+            None => None,
+        };
         let module = open(path, &copy.path)?;
         // The mapping keeps the image alive: the copy and its directory go now.
         drop(copy);
@@ -152,17 +204,45 @@ impl Library {
             path: path.into(),
             build_id,
             module,
+            probed_in,
         })
+    }
+
+    /// The probe process's load ([`probe::child`]): `file` is the host's private copy of the library
+    /// `named`, and the process is new, so it is mapped where it is.
+    fn open_in_place(named: &Path, file: &Path) -> Result<Self, LoadError> {
+        let bytes = fs::read(file).map_err(|source| LoadError::Read {
+            path: named.into(),
+            source,
+        })?;
+        if let Some(reason) = elf::truncated(&bytes) {
+            return Err(LoadError::Truncated {
+                path: named.into(),
+                reason,
+            });
+        }
+        let module = open(named, file)?;
+        Ok(Self {
+            path: named.into(),
+            build_id: build_id(&bytes),
+            module,
+            probed_in: None,
+        })
+    }
+
+    /// How long the probe of this build took, if it was probed.
+    pub fn probed_in(&self) -> Option<Duration> {
+        self.probed_in
     }
 
     /// Load the private copy `copy` of the library at `path`, made (and hashed to `build_id`) by the
     /// host process that started this worker process.
     pub(crate) fn load_copy(path: &Path, copy: &Path, build_id: &str) -> Result<Self, LoadError> {
-        GENERATION.fetch_add(1, Ordering::Relaxed);
         Ok(Self {
             path: path.into(),
             build_id: build_id.into(),
             module: open(path, copy)?,
+            probed_in: None,
         })
     }
 
@@ -251,6 +331,7 @@ impl Library {
             name: name.into(),
             build_id: self.build_id.clone(),
             registrations,
+            probed_in: self.probed_in,
         })
     }
 
@@ -313,21 +394,30 @@ pub enum Isolation {
 }
 
 /// Start the domain instance `wanted` (else the default one) of the library whose content is `bytes`,
-/// read from `path`, where `isolation` says.
+/// read from `path`, where `isolation` says. With `probe`, a child process first loads the private
+/// copy and constructs the instance ([`probe`]): in this process, so that a build that dies or hangs
+/// there is refused instead of taking the process with it; isolated, so that it is refused the same
+/// way (the same one line, within `probe_timeout_seconds`) before any worker is started.
 pub fn start(
     path: &Path,
     bytes: &[u8],
     wanted: Option<&str>,
     log_level: u8,
     isolation: &Isolation,
+    probe: Option<&Probe>,
 ) -> Result<Plugin, LoadError> {
     match isolation {
         Isolation::InProcess => {
-            let library = Library::load_bytes(path, bytes)?;
+            let library = match probe {
+                Some(probe) => {
+                    Library::load_bytes_probed(path, bytes, probe, Instances::Selected(wanted))?
+                }
+                None => Library::load_bytes(path, bytes)?,
+            };
             library.instantiate(&library.select(wanted)?, log_level)
         }
         Isolation::Process(settings) => {
-            isolated::start(path, bytes, wanted, log_level, settings.clone())
+            isolated::start(path, bytes, wanted, log_level, settings.clone(), probe)
         }
     }
 }
@@ -355,6 +445,7 @@ fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
         .map_err(|e| explain(e, original))?;
     // Never unload: statics, vtables and thread-local destructors of the plugin must outlive every use.
     std::mem::forget(raw);
+    MAPPED.fetch_add(1, Ordering::Relaxed);
     Ok(module)
 }
 
@@ -509,6 +600,8 @@ pub struct Plugin {
     name: String,
     build_id: String,
     registrations: Vec<Registration>,
+    /// How long the probe of its build took, if it was probed.
+    probed_in: Option<Duration>,
 }
 
 /// Where the instance's calls go.
@@ -635,6 +728,11 @@ impl Plugin {
     /// Whether the instance runs in worker processes.
     pub fn isolated(&self) -> bool {
         matches!(self.runner, Runner::Isolated(_))
+    }
+
+    /// How long the probe of this instance's build took, if it was probed.
+    pub fn probed_in(&self) -> Option<Duration> {
+        self.probed_in
     }
 }
 

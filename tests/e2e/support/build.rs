@@ -21,6 +21,24 @@ fn workspace() -> PathBuf {
 fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
+    // `cargo test` sets these for this test process, and ring's build script tracks some of them:
+    // inherited, they would make this build and the next `cargo test` rebuild ring and everything
+    // above it (the host included), in turn.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ];
+        if per_crate.iter().any(|prefix| key.starts_with(prefix))
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
     command.current_dir(workspace()).args([
         "build",
         "--message-format=json-render-diagnostics",
@@ -141,6 +159,65 @@ pub fn reload_sample(which: ReloadBuild) -> &'static Path {
         );
         let aside = target_dir.join(format!("{feature}.so"));
         std::fs::copy(&built, &aside).expect("copy the test build aside");
+        aside
+    })
+}
+
+/// Builds of tests/bad-domain that crash or hang whatever loads them, by cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadBuild {
+    /// An ELF initialiser aborts when the library is mapped.
+    AbortOnLoad,
+    /// The constructor of instance `domain` aborts.
+    AbortInConstructor,
+    /// The constructor of instance `domain` never returns.
+    HangInConstructor,
+}
+
+impl BadBuild {
+    pub const ALL: [BadBuild; 3] = [
+        BadBuild::AbortOnLoad,
+        BadBuild::AbortInConstructor,
+        BadBuild::HangInConstructor,
+    ];
+
+    /// What the host's one-line refusal of this build says happened.
+    pub fn refusal(self) -> &'static str {
+        match self {
+            BadBuild::AbortOnLoad => "the probe process died of SIGABRT while loading the library",
+            BadBuild::AbortInConstructor => {
+                "the probe process died of SIGABRT while constructing domain instance \"domain\""
+            }
+            BadBuild::HangInConstructor => {
+                "the probe process was still constructing domain instance \"domain\" after 3 s"
+            }
+        }
+    }
+
+    fn feature(self) -> &'static str {
+        match self {
+            BadBuild::AbortOnLoad => "abort-on-load",
+            BadBuild::AbortInConstructor => "abort-in-constructor",
+            BadBuild::HangInConstructor => "hang-in-constructor",
+        }
+    }
+}
+
+/// The bad-domain library built with `which`'s feature. Every feature builds the same file in the
+/// shared target directory (only this small crate differs), so each build is copied aside at once.
+pub fn bad_build(which: BadBuild) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 3] = [const { OnceLock::new() }; 3];
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    BUILT[which as usize].get_or_init(|| {
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
+        let built = build(
+            &["--features", which.feature()],
+            "bad-domain",
+            "cdylib",
+            None,
+        );
+        let aside = built.with_file_name(format!("libbad_domain-{}.so", which.feature()));
+        std::fs::copy(&built, &aside).expect("copy the bad build aside");
         aside
     })
 }

@@ -16,15 +16,15 @@ mod tls;
 mod wait;
 
 pub use build::{
-    fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
-    Incompatibility, ReloadBuild,
+    bad_build, fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
+    BadBuild, Incompatibility, ReloadBuild,
 };
 pub use engine::{backends, engine, postgres, sqlite, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
 pub use replicas::{orders, place, send_orders, start_replicas, start_servers};
-pub use run::{host, Finished, HostCommand};
+pub use run::{assert_probe_gone, host, Finished, HostCommand};
 pub use server::Server;
 pub use status::{status_json, subscription};
 pub use tls::make_certificates;

@@ -5,6 +5,17 @@ use std::{
     process::{Command, Output},
 };
 
+/// The probe process whose pid a hanging bad build wrote to `pid_file` (`BAD_DOMAIN_PID_FILE`) is
+/// gone: killed and reaped, not left behind.
+#[track_caller]
+pub fn assert_probe_gone(pid_file: &Path) {
+    let pid = std::fs::read_to_string(pid_file).expect("the hanging constructor wrote its pid");
+    assert!(
+        !Path::new("/proc").join(pid.trim()).exists(),
+        "the hung probe process {pid} still exists"
+    );
+}
+
 use super::host_binary;
 
 /// A `protean-host` invocation with a clean environment for the variables it reads.

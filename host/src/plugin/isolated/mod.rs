@@ -32,7 +32,10 @@ use self::{
     process::{Broken, Process, Step},
     protocol::{Call, FromWorker, Message, Reply, Start, ToWorker},
 };
-use super::{Delivery, Failure, HostServices, Kind, LoadError, Outcome, Plugin, Registration};
+use super::{
+    Delivery, Failure, HostServices, Instances, Kind, LoadError, Outcome, Plugin, Probe,
+    Registration,
+};
 
 pub use process::SUBCOMMAND;
 
@@ -69,13 +72,17 @@ impl Settings {
 }
 
 /// Start the domain instance `wanted` (else the default one) of the library whose content is `bytes`
-/// (read from `path`) in a first worker process, which tells its handlers.
+/// (read from `path`) in a first worker process, which tells its handlers. With `probe`, a probe
+/// process loads the same private copy and constructs the instance first ([`super::probe`]), so a
+/// build that dies or hangs while it starts is refused in the same line as in-process, before any
+/// worker is started.
 pub(super) fn start(
     path: &Path,
     bytes: &[u8],
     wanted: Option<&str>,
     log_level: u8,
     settings: Settings,
+    probe: Option<&Probe>,
 ) -> Result<Plugin, LoadError> {
     static POOLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tag = format!(
@@ -83,6 +90,14 @@ pub(super) fn start(
         POOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let (copy, build_id) = super::private_copy(path, bytes, &tag)?;
+    let probed_in = match probe {
+        Some(probe) => {
+            let started = Instant::now();
+            probe.check(&copy.path, path, &build_id, Instances::Selected(wanted))?;
+            Some(started.elapsed())
+        }
+        None => None,
+    };
     let mut pool = Pool {
         library: path.into(),
         plugin: super::file_name(path).into(),
@@ -101,6 +116,7 @@ pub(super) fn start(
         build_id: pool.build_id.clone(),
         registrations: ready.registrations,
         runner: super::Runner::Isolated(Box::new(pool)),
+        probed_in,
     })
 }
 
