@@ -20,11 +20,13 @@ pub(crate) enum State {
     Idle {
         head: u64,
     },
-    /// Another replica holds the subscription's lease; `lag` messages of its categories come after the
-    /// position that replica stored. Done only at 0: a dead owner's lease, or an owner still at work,
-    /// leaves work that nobody has finished.
+    /// Another replica holds the subscription's lease; `lag` messages of its categories came after the
+    /// position that replica stored when the head was `head`. Done only at 0, and only while the head is
+    /// still there: a dead owner's lease, or an owner still at work, leaves work that nobody has
+    /// finished, and a lag measured before this engine appended more says nothing about the new ones.
     StandingBy {
         lag: u64,
+        head: u64,
     },
     /// A message failed and is waiting for its retry.
     Retrying,
@@ -206,7 +208,7 @@ impl Progress {
 fn done(state: &State, head: u64) -> bool {
     match state {
         State::Idle { head: seen } => *seen >= head,
-        State::StandingBy { lag } => *lag == 0,
+        State::StandingBy { lag, head: seen } => *lag == 0 && *seen >= head,
         _ => false,
     }
 }
@@ -224,12 +226,18 @@ fn combined(states: &[State]) -> State {
     if any(&State::Starting) {
         return State::Starting;
     }
-    let standing_by = states.iter().filter_map(|s| match s {
-        State::StandingBy { lag } => Some(*lag),
-        _ => None,
-    });
-    if let Some(lag) = standing_by.max() {
-        return State::StandingBy { lag };
+    let standing_by: Vec<(u64, u64)> = states
+        .iter()
+        .filter_map(|s| match s {
+            State::StandingBy { lag, head } => Some((*lag, *head)),
+            _ => None,
+        })
+        .collect();
+    if let (Some(lag), Some(head)) = (
+        standing_by.iter().map(|(lag, _)| *lag).max(),
+        standing_by.iter().map(|(_, head)| *head).min(),
+    ) {
+        return State::StandingBy { lag, head };
     }
     let idle = states.iter().filter_map(|s| match s {
         State::Idle { head } => Some(*head),
@@ -281,16 +289,23 @@ mod tests {
     #[test]
     fn standing_by_is_done_only_when_the_lease_holder_left_nothing() {
         let p = Progress::new(5, ["s".to_owned()]);
-        p.set("s", State::StandingBy { lag: 3 });
+        p.set("s", State::StandingBy { lag: 3, head: 5 });
         assert!(!p.quiescent(), "a dead owner's lease holds 3 messages back");
         assert_eq!(
             p.busy(),
             ["s (standing by while another replica's lease leaves messages unhandled)"]
         );
-        p.set("s", State::StandingBy { lag: 0 });
+        p.set("s", State::StandingBy { lag: 0, head: 5 });
         assert!(p.quiescent());
-        p.set_worker("s", 0, 2, State::StandingBy { lag: 0 });
-        p.set_worker("s", 1, 2, State::StandingBy { lag: 2 });
+        p.advanced(7);
+        assert!(
+            !p.quiescent(),
+            "a lag of 0 measured before a commit says nothing of what it appended"
+        );
+        p.set("s", State::StandingBy { lag: 0, head: 7 });
+        assert!(p.quiescent());
+        p.set_worker("s", 0, 2, State::StandingBy { lag: 0, head: 7 });
+        p.set_worker("s", 1, 2, State::StandingBy { lag: 2, head: 7 });
         assert!(!p.quiescent(), "one worker's position is behind");
     }
 

@@ -296,7 +296,19 @@ mod tests {
             ..Report::default()
         };
         metrics.batch(&s, &report, Duration::from_millis(40));
+        let mut recorder =
+            crate::ops::status::SubscriptionStatus::new(&crate::ops::status::Target {
+                name: "recorder".into(),
+                kind: crate::config::SubscriptionType::EventStore,
+                categories: vec!["d::sequence".into()],
+                handlers: vec!["recorder".into()],
+                partitions: None,
+                workers: 4,
+                parks: true,
+            });
+        (recorder.parked_keys, recorder.held_messages) = (Some(1), Some(15));
         let snapshot = crate::ops::status::Snapshot {
+            subscriptions: vec![recorder],
             outbox: Some(crate::store::OutboxCounts {
                 pending: 4,
                 held: 1,
@@ -304,7 +316,6 @@ mod tests {
                 oldest_pending_age_ms: Some(2500),
                 ..Default::default()
             }),
-            ..Default::default()
         };
         let text = metrics.encode(&snapshot, false);
         for line in [
@@ -320,6 +331,8 @@ mod tests {
             "protean_outbox_failing 2",
             "protean_outbox_held 1",
             "protean_outbox_oldest_pending_age_seconds 2.5",
+            "protean_ordered_parked_keys{subscription=\"recorder\"} 1",
+            "protean_ordered_held_messages{subscription=\"recorder\"} 15",
         ] {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }

@@ -476,6 +476,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_event_store_subscription_that_parks_shows_its_parked_keys_and_held_messages() {
+        let mut row = SubscriptionStatus::new(&Target {
+            name: "recorder".into(),
+            kind: SubscriptionType::EventStore,
+            categories: vec!["d::sequence".into()],
+            handlers: vec!["recorder".into()],
+            partitions: None,
+            workers: 1,
+            parks: true,
+        });
+        (row.parked_keys, row.held_messages) = (Some(1), Some(15));
+        let snapshot = Snapshot {
+            subscriptions: vec![row],
+            outbox: None,
+        };
+        let text = snapshot.to_string();
+        assert!(
+            text.contains("\n    parked keys 1, held messages 15\n"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&snapshot).unwrap();
+        let row = &json["subscriptions"][0];
+        assert_eq!(
+            (&row["parked_keys"], &row["held_messages"]),
+            (&1.into(), &15.into())
+        );
+    }
+
+    #[test]
     fn the_outbox_line_shows_what_waits_and_for_how_long() {
         let counts = OutboxCounts {
             pending: 3,

@@ -535,6 +535,8 @@ impl Lease {
 /// The state of a reader whose subscription another replica runs: the lag after the stored position,
 /// as far as the store can tell (unknown counts as not done).
 async fn standing_by(shared: &Arc<Shared>, sub: &Arc<Subscription>, reader: &Reader) -> State {
+    // Read first: a commit of this engine after it makes the lag measured below stale.
+    let head = *shared.progress.head().borrow();
     let (shared, sub, reader) = (shared.clone(), sub.clone(), reader.clone());
     let lag = blocking(move || {
         let store = shared.store.as_ref();
@@ -547,6 +549,7 @@ async fn standing_by(shared: &Arc<Shared>, sub: &Arc<Subscription>, reader: &Rea
             Ok(Ok(lag)) => lag,
             _ => u64::MAX,
         },
+        head,
     }
 }
 
