@@ -225,16 +225,6 @@ fn a_handler_that_allocates_without_bound_under_a_memory_limit_is_dead_lettered(
     assert_culprit_dead_lettered(dir.path(), "hog");
 }
 
-/// The address the server's health server bound (configured on port 0).
-fn health_address(server: &mut Server) -> String {
-    let line = server.wait_for(&["health server listening"], LIMIT);
-    line.split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned()
-}
-
 #[test]
 fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,7 +247,7 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
             "still stuck after {stuck} restarts"
         );
         let mut server = serve(dir.path());
-        let address = health_address(&mut server);
+        let address = server.health_address();
         // Either the spinning call passes its deadline, or (once dead-lettered) the rest is handled.
         let deadline = Instant::now() + LIMIT;
         loop {

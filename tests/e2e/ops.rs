@@ -43,13 +43,7 @@ fn send(dir: &Path, id: &str, behaviour: &str) {
 /// A server of the probe domain; returns it with the address its health server bound.
 fn start(dir: &Path) -> (Server, String) {
     let mut server = host(dir).args(["--domain", &probe_lib()]).spawn();
-    let line = server.wait_for(&["health server listening"], LIMIT);
-    let address = line
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let address = server.health_address();
     (server, address)
 }
 

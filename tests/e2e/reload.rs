@@ -102,13 +102,7 @@ fn reload_under_load(config: &str) {
         .args(["--reload", "--domain", &library.display().to_string()])
         .spawn();
     server.wait_for(&["watching the domain library"], Duration::from_secs(60));
-    let health = server.wait_for(&["health server listening"], Duration::from_secs(60));
-    let address = health
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let address = server.health_address();
     server.wait_for(&["engine started"], Duration::from_secs(60));
     let store = sqlite(dir.path());
     let sender = Sender::start(dir.path());

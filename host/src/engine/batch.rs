@@ -531,7 +531,12 @@ fn build(
             Class::Held => unreachable!("a held message is recorded before its class is matched"),
             Class::Handle(handler) => *handler,
         };
-        let before = attempts.failed(&messages[i].identity());
+        // Nothing failed before on the busy path: no identity to format.
+        let before = if attempts.failed.is_empty() {
+            0
+        } else {
+            attempts.failed(&messages[i].identity())
+        };
         if before > 0 && sub.retry.next_delay(before, 0.0).is_none() {
             // Its calls never came back: dead-lettered without a call that would end this process too.
             dead_letter(

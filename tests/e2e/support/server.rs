@@ -108,6 +108,17 @@ impl Server {
         false
     }
 
+    /// The address its health server bound (configured on port 0), from its "listening" line.
+    #[track_caller]
+    pub fn health_address(&mut self) -> String {
+        let line = self.wait_for(&["health server listening"], Duration::from_secs(60));
+        line.split("address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned()
+    }
+
     /// How the process ended, if it has (without waiting).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().expect("try_wait on protean-host")
