@@ -81,11 +81,11 @@ impl BusyMark {
     }
 }
 
+/// A store call on the blocking pool, its error as text.
 async fn run<T: Send + 'static>(
     f: impl FnOnce() -> store::Result<T> + Send + 'static,
 ) -> Result<T, String> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(error) => Err(format!("a store task failed: {error}")),
-    }
+    super::event_store::blocking(f)
+        .await?
+        .map_err(|e| e.to_string())
 }

@@ -625,7 +625,9 @@ async fn process(
 }
 
 /// Run store and plugin work on the blocking pool. A panic there is fatal for the engine.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("a batch task failed: {e}"))
