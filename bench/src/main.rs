@@ -263,8 +263,12 @@ fn abi_overhead(fixture: &Path) -> anyhow::Result<Vec<Row>> {
         });
         let abi = time(|| {
             for _ in 0..calls {
-                let outcome =
-                    plugin.handle_batch("noop", black_box(&deliveries[..batch]), &NullHost);
+                let outcome = plugin.handle_batch(
+                    "noop",
+                    black_box(&deliveries[..batch]),
+                    &NullHost,
+                    Duration::from_secs(30),
+                );
                 assert_eq!(outcome.handled, batch);
             }
         });

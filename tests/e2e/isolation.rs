@@ -171,13 +171,18 @@ fn unbounded_allocation_under_a_memory_limit_kills_only_the_worker() {
 }
 
 #[test]
-fn a_call_past_its_deadline_is_killed_and_its_worker_reaped() {
-    let dir = configured(&ISOLATED.replace("max_retries = 1", "max_retries = 0"));
+fn a_call_past_its_handlers_deadline_is_killed_and_its_worker_reaped() {
+    // The handler's own deadline, not the server's, decides when its worker is killed.
+    let config = ISOLATED
+        .replace("max_retries = 1", "max_retries = 0")
+        .replace("handler_timeout_ms = 2000", "handler_timeout_ms = 600000")
+        + "[server.handlers.runner]\nhandler_timeout_ms = 1500\n";
+    let dir = configured(&config);
     run(dir.path(), "forever", "spin");
     let mut server = host(dir.path()).args(["--domain", &probe_lib()]).spawn();
     let first = server.wait_for(&["worker process started"], LIMIT);
     let lost = server.wait_for(
-        &["worker process lost", "passed its deadline of 2000 ms"],
+        &["worker process lost", "passed its deadline of 1500 ms"],
         LIMIT,
     );
     let pid = workers_started(&first)[0];

@@ -26,6 +26,9 @@ fn libc() -> PathBuf {
     .expect("a libc.so.6 to use as a shared library that is not a plugin")
 }
 
+/// The deadline of a direct call: a call in process is only watched, never stopped.
+const LIMIT: Duration = Duration::from_secs(30);
+
 #[test]
 fn a_shared_library_that_is_not_a_plugin() {
     let dir = tempfile::tempdir().unwrap();
@@ -307,7 +310,7 @@ fn a_panicking_handler_returns_an_error_and_the_host_carries_on() {
         delivery(&panics, "probe::probe:command-p-panic"),
         delivery(&ok, "x"),
     ];
-    let outcome = plugin.handle_batch("runner", &batch, &recorder);
+    let outcome = plugin.handle_batch("runner", &batch, &recorder, LIMIT);
     assert_eq!(
         outcome.handled, 1,
         "the batch stops at the panicking message"
@@ -330,6 +333,7 @@ fn a_panicking_handler_returns_an_error_and_the_host_carries_on() {
         "runner",
         &[delivery(&run_command("p-after", "ok"), "s")],
         &recorder,
+        LIMIT,
     );
     assert_eq!(
         (again.handled, again.failure),
@@ -351,7 +355,12 @@ fn a_rejection_is_not_retryable() {
         .instantiate("probe", 3)
         .unwrap();
     let reject = run_command("p-reject", "reject");
-    let outcome = plugin.handle_batch("runner", &[delivery(&reject, "s")], &Recorder::default());
+    let outcome = plugin.handle_batch(
+        "runner",
+        &[delivery(&reject, "s")],
+        &Recorder::default(),
+        LIMIT,
+    );
     let failure = outcome.failure.unwrap();
     assert_eq!((outcome.handled, failure.retryable), (0, false));
     assert_eq!(failure.message, "probe p-reject rejected");

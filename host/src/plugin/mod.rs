@@ -674,16 +674,20 @@ impl Plugin {
         &self.registrations
     }
 
-    /// Call `handler` with `batch`. Blocking: run it on a blocking thread.
+    /// Call `handler` with `batch`. Blocking: run it on a blocking thread. `limit` is the handler's
+    /// deadline: a worker process still in the call past it is killed, and the call fails as
+    /// crashed; a call in this process cannot be stopped, so there it is only watched
+    /// (`engine::deadlines`, which fails liveness).
     pub fn handle_batch(
         &self,
         handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
+        limit: Duration,
     ) -> Outcome {
         match &self.runner {
             Runner::InProcess(instance) => handle_in_process(instance, handler, batch, host),
-            Runner::Isolated(pool) => pool.handle_batch(handler, batch, host),
+            Runner::Isolated(pool) => pool.handle_batch(handler, batch, host, limit),
         }
     }
 }

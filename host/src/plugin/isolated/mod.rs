@@ -51,7 +51,8 @@ const MIN_START: Duration = Duration::from_secs(30);
 pub struct Settings {
     /// The `protean-host` binary whose worker subcommand runs a worker (normally this one).
     pub program: PathBuf,
-    /// How long one call may run before its worker is killed.
+    /// How long a request other than a handler call (naming a command's stream) may take before its
+    /// worker is killed; a handler call has its handler's own deadline.
     pub timeout: Duration,
     /// The worker's data memory limit (`RLIMIT_DATA`), in MiB.
     pub memory_limit_mb: Option<u64>,
@@ -209,6 +210,7 @@ impl Pool {
         handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
+        limit: Duration,
     ) -> Outcome {
         let mut worker = match self.checkout() {
             Ok(worker) => worker,
@@ -218,7 +220,7 @@ impl Pool {
             handler,
             batch: batch.iter().map(Message::from).collect(),
         };
-        let deadline = Instant::now() + self.settings.timeout;
+        let deadline = Instant::now() + limit;
         let done = worker.exchange(&request, deadline, |message| match message {
             FromWorker::Call(call) => Step::Answer(serve(host, call)),
             FromWorker::Done { handled, failure } => Step::Finish(Outcome {
@@ -236,14 +238,14 @@ impl Pool {
                 self.checkin(worker);
                 outcome
             }
-            Err(broken) => self.crashed(worker, broken, handler),
+            Err(broken) => self.crashed(worker, broken, handler, limit),
         }
     }
 
     /// The outcome of a call whose worker died, hung or broke the protocol: reaped, and not reused.
-    fn crashed(&self, worker: Process, broken: Broken, handler: &str) -> Outcome {
+    fn crashed(&self, worker: Process, broken: Broken, handler: &str, limit: Duration) -> Outcome {
         let pid = worker.pid();
-        let death = Death::of(worker, broken, self.settings.timeout);
+        let death = Death::of(worker, broken, limit);
         let message = death.describe("handling this call");
         tracing::error!(pid, handler, build = %self.build_id, error = %message, "worker process lost; the next call starts a new one");
         Outcome {
