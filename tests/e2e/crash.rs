@@ -94,23 +94,40 @@ fn dead_letters(dir: &Path) -> Vec<Value> {
 /// Exactly one dead letter: the culprit's, after `max_retries + 1` calls, saying the process died.
 #[track_caller]
 fn assert_culprit_dead_lettered(dir: &Path, culprit: &str) {
+    assert_dead_lettered(dir, &[(culprit, "died or was stopped")]);
+}
+
+/// The dead letters are exactly the `culprits`' (ids as sent), each after `max_retries + 1` calls,
+/// with its cause in the error.
+#[track_caller]
+fn assert_dead_lettered(dir: &Path, culprits: &[(&str, &str)]) {
     let rows = dead_letters(dir);
-    assert_eq!(rows.len(), 1, "{rows:#?}");
-    let fields = &rows[0]["fields"];
-    let data = fields["data"].as_str().map_or(Value::Null, |d| {
-        serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()))
-    });
-    assert!(
-        fields.to_string().contains(culprit) || data["id"] == culprit,
-        "{fields:#}"
-    );
-    let error = fields["error"].as_str().unwrap_or_default();
-    assert!(error.contains("died or was stopped"), "{error}");
-    assert_eq!(
-        fields["attempts"].to_string().trim_matches('"'),
-        (MAX_RETRIES + 1).to_string(),
-        "{fields:#}"
-    );
+    assert_eq!(rows.len(), culprits.len(), "{rows:#?}");
+    for (culprit, cause) in culprits {
+        let fields = rows
+            .iter()
+            .map(|row| &row["fields"])
+            .find(|fields| {
+                let data = fields["data"].as_str().map_or(Value::Null, |d| {
+                    serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()))
+                });
+                // A store's dead letter names the stream and holds the data; a broker's holds the
+                // whole entry.
+                fields["stream"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with(culprit))
+                    || data["id"] == *culprit
+                    || data["data"]["id"] == *culprit
+            })
+            .unwrap_or_else(|| panic!("{culprit} dead-lettered: {rows:#?}"));
+        let error = fields["error"].as_str().unwrap_or_default();
+        assert!(error.contains(cause), "{culprit}: {error}");
+        assert_eq!(
+            fields["attempts"].to_string().trim_matches('"'),
+            (MAX_RETRIES + 1).to_string(),
+            "{culprit}: {fields:#}"
+        );
+    }
 }
 
 /// Run test mode again after every death, as a supervisor restarting the process would, until a run
@@ -323,4 +340,138 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts() {
     for replica in &mut replicas {
         assert!(replica.exited().is_none(), "no replica left dead");
     }
+}
+
+/// Isolated mode: the handler's ways of killing its process, each between good commands, and what each
+/// dead letter says.
+const CULPRITS: [(&str, &str, &str); 5] = [
+    ("aborts", "abort", "died handling this call (SIGABRT)"),
+    ("segfaults", "segfault", "died handling this call (SIGSEGV)"),
+    ("exits", "exit:3", "exited with code 3 handling this call"),
+    (
+        "spins",
+        "spin",
+        "passed its deadline of 1000 ms handling this call and was killed",
+    ),
+    ("hoards", "alloc", "memory allocation of"),
+];
+
+/// Worker processes with a memory limit, and the handler's deadline, for `store`.
+fn configure_isolated(dir: &Path, store: &str, runner: &str) {
+    let store = format!("[server.worker]\nmemory_limit_mb = 256\n{store}");
+    let runner = format!("handler_timeout_ms = 1000\n{runner}");
+    configure(dir, &store, "isolation = \"process\"", &runner);
+}
+
+/// Ten good commands with every culprit among them, in one `send` (so, one batch to start with).
+fn send_goods_and_culprits(dir: &Path) {
+    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
+    for (n, (id, behaviour, _)) in CULPRITS.iter().enumerate() {
+        commands.insert(2 * n + 1, ((*id).to_owned(), behaviour));
+    }
+    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+    send(dir, &refs);
+}
+
+/// Every good command handled exactly once, no culprit ever, every culprit dead-lettered with its cause.
+#[track_caller]
+fn assert_only_culprits_lost(dir: &Path, store: &dyn Store) {
+    for n in 0..10 {
+        assert_eq!(handled(store, &format!("good-{n}")), 1, "good-{n} once");
+    }
+    let causes: Vec<(&str, &str)> = CULPRITS
+        .iter()
+        .map(|(id, _, cause)| (*id, *cause))
+        .collect();
+    for (id, _) in &causes {
+        assert_eq!(handled(store, id), 0, "{id} never completes");
+    }
+    assert_dead_lettered(dir, &causes);
+}
+
+#[test]
+fn isolated_every_crash_costs_a_worker_never_the_host_on_postgres() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure_isolated(dir.path(), &pg.config(), "");
+    run(dir.path(), &["db", "setup"]).output().expect_code(0);
+    send_goods_and_culprits(dir.path());
+    // One run: the host outlives every crash and finishes the flow.
+    run(dir.path(), &["--test-mode"]).output().expect_code(0);
+    let store = open(dir.path(), Some(&pg));
+    assert_only_culprits_lost(dir.path(), store.as_ref());
+    assert!(
+        store.recorded_calls(COMMANDS, None).unwrap().is_empty(),
+        "every call record cleared by its settlement"
+    );
+}
+
+#[test]
+fn isolated_three_replicas_on_redis_outlive_every_crash() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure_isolated(
+        dir.path(),
+        &redis.config(),
+        "subscription_type = \"stream\"",
+    );
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
+    send_goods_and_culprits(dir.path());
+    let store = open(dir.path(), None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for replica in &mut replicas {
+            assert_eq!(replica.exited(), None, "no replica dies");
+        }
+        let waiting: Vec<String> = (0..10)
+            .map(|n| format!("good-{n}"))
+            .filter(|id| handled(store.as_ref(), id) == 0)
+            .collect();
+        let dead = dead_letters(dir.path()).len();
+        if waiting.is_empty() && dead == CULPRITS.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = replicas.into_iter().map(|r| r.stop().1).collect();
+            panic!(
+                "still waiting for {waiting:?}, {dead} dead letters:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_only_culprits_lost(dir.path(), store.as_ref());
+    for replica in replicas {
+        replica.stop_cleanly();
+    }
+}
+
+/// How many times the probe was called for command `id`, from the logs of every replica.
+fn calls_logged(logs: &[String], id: &str) -> usize {
+    let needle = format!("probe {id} attempt ");
+    logs.iter().map(|log| log.matches(&needle).count()).sum()
+}
+
+#[test]
+fn a_long_call_or_a_long_retry_keeps_its_entry_on_its_replica() {
+    // Entries idle for a second are taken over (`claim_idle_ms = 1000`); the call takes three, and
+    // so does the wait for the retry: a live replica's entries must stay its own meanwhile.
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(
+        dir.path(),
+        &redis.config(),
+        "",
+        "subscription_type = \"stream\"\nretry_delay_ms = 3000\nmax_retry_delay_ms = 3000",
+    );
+    let replicas: Vec<Server> = (0..2).map(|_| serve(dir.path())).collect();
+    send(dir.path(), &[("slow", "sleep:3000"), ("retried", "fail:1")]);
+    let store = open(dir.path(), None);
+    wait_until(LIMIT, "both commands handled", || {
+        handled(store.as_ref(), "slow") == 1 && handled(store.as_ref(), "retried") == 1
+    });
+    let logs: Vec<String> = replicas.into_iter().map(Server::stop_cleanly).collect();
+    assert_eq!(calls_logged(&logs, "slow"), 1, "{logs:#?}");
+    assert_eq!(calls_logged(&logs, "retried"), 2, "{logs:#?}");
+    assert!(dead_letters(dir.path()).is_empty());
 }

@@ -267,12 +267,6 @@ fn serve(dir: &Path, poison: &Path) -> Server {
         .spawn()
 }
 
-fn stop(server: Server) {
-    server.signal(libc::SIGTERM);
-    let (code, log) = server.wait();
-    assert_eq!(code, Some(0), "{log}");
-}
-
 /// The whole story of a parked key on one store (`pg`, or the SQLite file): k7 #5 is dead-lettered,
 /// k7 parks and holds its later messages (also those appended later, also across a restart) while the
 /// other keys finish and every worker's position reaches the end; the replay of its dead letter
@@ -321,7 +315,7 @@ fn a_parked_key_holds_its_messages_until_its_replay(pg: Option<&PgServer>, worke
     // Later messages of k7 are held too; k3 goes on.
     append_keyed(store.as_ref(), &[3, 7], SEQS + 1);
     wait_until(LIMIT, "k3 #21", || seqs(store.as_ref(), 3).len() == 21);
-    stop(server);
+    server.stop_cleanly();
     let server = serve(dir.path(), &poison);
     append_keyed(store.as_ref(), &[7, 3], SEQS + 2);
     wait_until(LIMIT, "k3 #22 after the restart", || {
@@ -353,7 +347,7 @@ fn a_parked_key_holds_its_messages_until_its_replay(pg: Option<&PgServer>, worke
     wait_until(LIMIT, "k7 to be unparked", || {
         store.parked_keys("recorder").unwrap().is_empty()
     });
-    stop(server);
+    server.stop_cleanly();
     assert_eq!(seqs(store.as_ref(), 7), to_22, "in order, each once");
     every_message_marked(store.as_ref(), 7);
     for key in (0..KEYS).filter(|&k| k != 7 && k != 3) {

@@ -73,13 +73,6 @@ fn spawn(dir: &Path, extra: &[&str]) -> Server {
     server
 }
 
-#[track_caller]
-fn stop(server: Server) {
-    server.signal(libc::SIGTERM);
-    let (code, logs) = server.wait();
-    assert_eq!(code, Some(0), "{logs}");
-}
-
 /// Item 4 of issue 14: with `max_attempts = 3`, a 10 s outage used to abandon the rows committed
 /// meanwhile. Now they are held, published once Redis is back, exactly once and in order.
 #[test]
@@ -123,7 +116,7 @@ fn a_redis_outage_past_max_attempts_loses_no_committed_message_and_keeps_stream_
         ),
         "the held row was logged"
     );
-    stop(server);
+    server.stop_cleanly();
     each_order_exactly_once(store.as_ref(), 15);
     broker_matches_store(&redis, store.as_ref());
 }
@@ -210,7 +203,7 @@ fn list_and_republish(store_config: &str, store: &Arc<dyn Store>) {
     wait_until(Duration::from_secs(30), "the last events published", || {
         pending(store.as_ref()) == 0
     });
-    stop(server);
+    server.stop_cleanly();
     let list = run(&["outbox", "list"]).expect_code(0).stdout();
     assert!(list.contains("\n0 pending (0 failing, 0 held)"), "{list}");
     broker_matches_store(&redis, store.as_ref());
@@ -334,7 +327,7 @@ fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
     wait_until(Duration::from_secs(60), "the order shipped", || {
         shipped(store.as_ref()) == 1
     });
-    stop(other);
+    other.stop_cleanly();
     // The frozen Redis may still have run the killed replica's XADD: at least once on the broker,
     // exactly once in effect.
     each_order_exactly_once(store.as_ref(), 1);

@@ -137,6 +137,21 @@ impl Server {
         assert_eq!(result, 0, "kill({}, {signal}) failed", self.pid());
     }
 
+    /// Stop the process as a supervisor would (SIGTERM), and wait for it: its code and all its stderr.
+    pub fn stop(self) -> (Option<i32>, String) {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// Stop the process, asserting that it exits cleanly (code 0); its stderr.
+    #[track_caller]
+    pub fn stop_cleanly(self) -> String {
+        let pid = self.pid();
+        let (code, log) = self.stop();
+        assert_eq!(code, Some(0), "protean-host {pid} stops cleanly:\n{log}");
+        log
+    }
+
     /// Wait for the process to exit; returns its code (None if killed by a signal) and all its stderr.
     pub fn wait(mut self) -> (Option<i32>, String) {
         let status = self.child.wait().expect("wait for protean-host");

@@ -13,9 +13,10 @@ use redis::{
     Client, Script, Value,
 };
 
+mod keeper;
 mod partitions;
 
-use self::partitions::RedisPartitions;
+use self::{keeper::Keeper, partitions::RedisPartitions};
 use super::{
     dead_letter_stream,
     partitions::{DeadLetterInfo, PartitionStatus, Partitions},
@@ -252,6 +253,13 @@ impl Broker for RedisBroker {
                 other => other.map_err(command("XGROUP CREATE"))?,
             }
         }
+        let keeper = Keeper::start(
+            manager(&self.client, &self.config.uri, RESPONSE_TIMEOUT).await?,
+            streams.clone(),
+            group.to_owned(),
+            consumer.to_owned(),
+            self.config.claim_idle,
+        );
         Ok(Box::new(RedisConsumer {
             conn,
             streams,
@@ -260,6 +268,7 @@ impl Broker for RedisBroker {
             maybe_pending: true,
             unsettled: 0,
             to_ack: Vec::new(),
+            _keeper: keeper,
         }))
     }
 
@@ -580,6 +589,8 @@ struct RedisConsumer {
     /// Acknowledgements not sent yet: they go in one pipeline with the next read, which saves a round
     /// trip per batch (an entry acknowledged late is at worst redelivered and recognised as processed).
     to_ack: Vec<(String, String)>,
+    /// Keeps the entries pending here from being taken over while this consumer lives.
+    _keeper: Keeper,
 }
 
 impl RedisConsumer {
