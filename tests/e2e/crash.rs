@@ -475,3 +475,60 @@ fn a_long_call_or_a_long_retry_keeps_its_entry_on_its_replica() {
     assert_eq!(calls_logged(&logs, "retried"), 2, "{logs:#?}");
     assert!(dead_letters(dir.path()).is_empty());
 }
+
+#[test]
+fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_the_culprit() {
+    // The command handler reads the event store: one replica at a time holds its lease. Each holder
+    // that dies in a call leaves its busy mark; the next holder counts it and calls one by one.
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(
+        dir.path(),
+        &pg.config(),
+        "lease_ttl_ms = 1500\npoll_interval_ms = 100",
+        "",
+    );
+    run(dir.path(), &["db", "setup"]).output().expect_code(0);
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
+    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
+    commands.insert(5, ("culprit".into(), "abort"));
+    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+    send(dir.path(), &refs);
+    let store = open(dir.path(), Some(&pg));
+    let mut deaths = Vec::new();
+    wait_until(
+        Duration::from_secs(120),
+        "every good command handled and the culprit dead-lettered",
+        || {
+            for replica in &mut replicas {
+                if let Some(status) = replica.exited() {
+                    deaths.push(status);
+                    *replica = serve(dir.path());
+                }
+            }
+            let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
+            good && dead_letters(dir.path()).len() == 1
+        },
+    );
+    assert_eq!(
+        deaths.len(),
+        MAX_RETRIES + 1,
+        "one death per call: {deaths:?}"
+    );
+    assert!(
+        deaths.iter().all(|s| by_signal(libc::SIGABRT)(*s)),
+        "{deaths:?}"
+    );
+    for n in 0..10 {
+        assert_eq!(
+            handled(store.as_ref(), &format!("good-{n}")),
+            1,
+            "good-{n} once"
+        );
+    }
+    assert_culprit_dead_lettered(dir.path(), "culprit");
+    assert!(store.recorded_calls(COMMANDS, None).unwrap().is_empty());
+    for replica in replicas {
+        replica.stop_cleanly();
+    }
+}
