@@ -25,8 +25,16 @@ const MAX_RETRIES: usize = 2;
 const LIMIT: Duration = Duration::from_secs(60);
 const COMMANDS: &str = "commands:probe::probe";
 
+/// The fixture's probe domain: its `runner` command handler unordered, or ordered by stream.
+const PROBE: &str = "probe";
+const ORDERED: &str = "probe_ordered";
+
 fn probe_lib() -> String {
-    format!("{}:probe", fixture_domain().display())
+    lib(PROBE)
+}
+
+fn lib(instance: &str) -> String {
+    format!("{}:{instance}", fixture_domain().display())
 }
 
 /// Fast retries, the store section `store`, `server` keys, and the probe's command handler (which
@@ -46,7 +54,12 @@ fn run(dir: &Path, args: &[&str]) -> HostCommand {
 
 /// A server of the probe domain, logging at INFO.
 fn serve(dir: &Path) -> Server {
-    host(dir).args(["--domain", &probe_lib()]).spawn()
+    serve_as(dir, PROBE)
+}
+
+/// A server of the probe domain's `instance`, logging at INFO.
+fn serve_as(dir: &Path, instance: &str) -> Server {
+    host(dir).args(["--domain", &lib(instance)]).spawn()
 }
 
 /// Send `Run` commands in one `send`, so that they are stored together and read as one batch.
@@ -131,13 +144,18 @@ fn assert_dead_lettered(dir: &Path, culprits: &[(&str, &str)]) {
 }
 
 /// Run test mode again after every death, as a supervisor restarting the process would, until a run
-/// ends cleanly; how each run that died ended.
-fn supervise_test_mode(dir: &Path) -> Vec<ExitStatus> {
+/// ends cleanly; how each run that died ended, and the log of every run.
+fn supervise_test_mode(dir: &Path, instance: &str) -> (Vec<ExitStatus>, String) {
     let mut deaths = Vec::new();
+    let mut log = String::new();
     loop {
-        let Finished(output) = run(dir, &["--test-mode"]).output();
+        let Finished(output) = host(dir)
+            .args(["--domain", &lib(instance), "--test-mode"])
+            .output();
+        log += &format!("---- run {}\n", deaths.len() + 1);
+        log += &String::from_utf8_lossy(&output.stderr);
         if output.status.success() {
-            return deaths;
+            return (deaths, log);
         }
         deaths.push(output.status);
         assert!(
@@ -150,45 +168,49 @@ fn supervise_test_mode(dir: &Path) -> Vec<ExitStatus> {
     }
 }
 
-/// The crash of `behaviour`, between two good commands of the same batch, on the store `store`.
+/// The crash of `behaviour` among `goods` good commands sent together, in the probe domain's
+/// `instance`, on the store `store`.
 fn a_crash_loop_ends_in_a_dead_letter(
+    instance: &str,
+    goods: usize,
     behaviour: &str,
     died: fn(ExitStatus) -> bool,
     pg: Option<&PgServer>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let section = pg.map(PgServer::config).unwrap_or_default();
-    configure(dir.path(), &section, "", "");
+    // A dead owner's lease runs out sooner than by default.
+    configure(dir.path(), &section, "lease_ttl_ms = 2000", "");
     if let Some(pg) = pg {
         pg.psql(
             "DROP SCHEMA IF EXISTS protean CASCADE; DROP SCHEMA IF EXISTS message_store CASCADE;",
         );
         run(dir.path(), &["db", "setup"]).output().expect_code(0);
     }
-    send(
-        dir.path(),
-        &[("before", "ok"), ("culprit", behaviour), ("after", "ok")],
-    );
-    let deaths = supervise_test_mode(dir.path());
+    let ids: Vec<String> = (0..goods).map(|n| format!("good-{n}")).collect();
+    let mut commands: Vec<(&str, &str)> = ids.iter().map(|id| (id.as_str(), "ok")).collect();
+    commands.insert(goods / 2, ("culprit", behaviour));
+    send(dir.path(), &commands);
+    let (deaths, log) = supervise_test_mode(dir.path(), instance);
     assert_eq!(
         deaths.len(),
         MAX_RETRIES + 1,
-        "{behaviour}: one death per call: {deaths:?}"
+        "{instance} {behaviour}: one death per call: {deaths:?}\n{log}"
     );
     assert!(deaths.iter().all(|s| died(*s)), "{behaviour}: {deaths:?}");
     let store = open(dir.path(), pg);
-    for id in ["before", "after"] {
+    for id in &ids {
         assert_eq!(
             handled(store.as_ref(), id),
             1,
-            "{behaviour}: {id} handled once"
+            "{instance} {behaviour}: {id} handled once\n{log}"
         );
     }
     assert_eq!(handled(store.as_ref(), "culprit"), 0);
     assert_culprit_dead_lettered(dir.path(), "culprit");
     assert!(
         store.recorded_calls(COMMANDS, None).unwrap().is_empty(),
-        "{behaviour}: every call record cleared by its settlement"
+        "{behaviour}: every call record (and busy mark) cleared\n{log}"
     );
 }
 
@@ -198,16 +220,24 @@ fn by_signal(signal: i32) -> impl Fn(ExitStatus) -> bool {
 
 #[test]
 fn a_handler_that_aborts_segfaults_or_exits_is_dead_lettered_after_max_retries_on_sqlite() {
-    a_crash_loop_ends_in_a_dead_letter("abort", |s| by_signal(libc::SIGABRT)(s), None);
-    a_crash_loop_ends_in_a_dead_letter("segfault", |s| by_signal(libc::SIGSEGV)(s), None);
-    a_crash_loop_ends_in_a_dead_letter("exit:3", |s| s.code() == Some(3), None);
+    let abort = |s| by_signal(libc::SIGABRT)(s);
+    a_crash_loop_ends_in_a_dead_letter(PROBE, 2, "abort", abort, None);
+    a_crash_loop_ends_in_a_dead_letter(PROBE, 2, "segfault", |s| by_signal(libc::SIGSEGV)(s), None);
+    a_crash_loop_ends_in_a_dead_letter(PROBE, 2, "exit:3", |s| s.code() == Some(3), None);
 }
 
 #[test]
 fn a_handler_that_aborts_or_segfaults_is_dead_lettered_after_max_retries_on_postgres() {
     let pg = PgServer::start();
-    a_crash_loop_ends_in_a_dead_letter("abort", |s| by_signal(libc::SIGABRT)(s), Some(&pg));
-    a_crash_loop_ends_in_a_dead_letter("segfault", |s| by_signal(libc::SIGSEGV)(s), Some(&pg));
+    let abort = |s| by_signal(libc::SIGABRT)(s);
+    a_crash_loop_ends_in_a_dead_letter(PROBE, 2, "abort", abort, Some(&pg));
+    a_crash_loop_ends_in_a_dead_letter(
+        PROBE,
+        2,
+        "segfault",
+        |s| by_signal(libc::SIGSEGV)(s),
+        Some(&pg),
+    );
 }
 
 #[test]
@@ -292,8 +322,8 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
     assert_culprit_dead_lettered(dir.path(), "stuck");
 }
 
-#[test]
-fn three_replicas_on_redis_survive_a_handler_that_aborts() {
+/// Three replicas of the probe domain's `instance` on Redis, an aborting command among ten good ones.
+fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str) {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     // The command handler on a Redis stream: replicas share its consumer group.
@@ -303,7 +333,7 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts() {
         "",
         "subscription_type = \"stream\"",
     );
-    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir.path(), instance)).collect();
     let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
     commands.insert(5, ("culprit".into(), "abort"));
     let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
@@ -318,7 +348,7 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts() {
             for replica in &mut replicas {
                 if replica.exited().is_some() {
                     restarts += 1;
-                    *replica = serve(dir.path());
+                    *replica = serve_as(dir.path(), instance);
                 }
             }
             let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
@@ -340,6 +370,27 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts() {
     for replica in &mut replicas {
         assert!(replica.exited().is_none(), "no replica left dead");
     }
+}
+
+#[test]
+fn three_replicas_on_redis_survive_a_handler_that_aborts() {
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(PROBE);
+}
+
+#[test]
+fn three_replicas_on_redis_survive_an_ordered_handler_that_aborts() {
+    // Ordered by stream on Redis: partitions leased to replicas, every call recorded.
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(ORDERED);
+}
+
+#[test]
+fn an_ordered_handler_that_aborts_is_dead_lettered_after_max_retries_on_sqlite_and_postgres() {
+    // Ordered by stream on the event store: workers in one process, one lease. The culprit's crash
+    // also ends its sibling workers' calls; only it may be charged for its later crashes.
+    let abort = |s| by_signal(libc::SIGABRT)(s);
+    a_crash_loop_ends_in_a_dead_letter(ORDERED, 12, "abort", abort, None);
+    let pg = PgServer::start();
+    a_crash_loop_ends_in_a_dead_letter(ORDERED, 12, "abort", abort, Some(&pg));
 }
 
 /// Isolated mode: the handler's ways of killing its process, each between good commands, and what each

@@ -193,6 +193,8 @@ pub(crate) struct Context<'a> {
     pub(crate) keys: Option<&'a [String]>,
     /// Where calls are registered with their deadline (none for a one-off replay).
     pub(crate) deadlines: Option<&'a super::deadlines::Deadlines>,
+    /// Who may call now, when a suspect must call alone (in process; none for a one-off replay).
+    pub(crate) turns: Option<&'a super::turns::Turns>,
     /// Which calls are recorded in the store before they start ([`CallRecord`]).
     pub(crate) record: Record,
     /// Ordered event-store subscriptions that park: the parked keys, or the key being drained.
@@ -229,6 +231,7 @@ impl<'a> Context<'a> {
             worker: None,
             keys: None,
             deadlines: Some(&shared.deadlines),
+            turns: (!plugin.isolated()).then_some(&shared.turns),
             record: Record::Suspects,
             parking: None,
         }
@@ -560,6 +563,8 @@ fn build(
         let end = (i..messages.len())
             .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler) || held.contains(j))
             .unwrap_or(messages.len());
+        // Taken before the record: a record written while a suspect runs would be charged its crash.
+        let turn = ctx.turns.map(|turns| turns.take(before > 0));
         if ctx.record == Record::Every || before > 0 {
             record_calls(ctx, &messages[i..end], attempts)?;
         }
@@ -573,6 +578,7 @@ fn build(
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i), limit);
         drop(call);
+        drop(turn);
         let outcome = match buffer.refusal(i..end) {
             Some((at, reason)) => outcome.refused_at(at - i, reason),
             None => outcome,
@@ -656,7 +662,7 @@ fn build(
         i = ok_end + 1;
     }
     buffer.drain_into(&mut unit);
-    unit.ended_calls = ended_calls(sub, messages, &settled, &called, attempts);
+    unit.ended_calls = ended_calls(sub, messages, &classes, &settled, &called, attempts);
     if let Some(parking) = ctx.parking {
         parking::finish(parking, &sub.plan.name, &mut unit, messages, &settled);
     }
@@ -700,19 +706,22 @@ fn record_calls(
 }
 
 /// The call records the unit clears: those of the messages it settles that were called, or had failed
-/// before (their record may be an older call's).
+/// before (their record may be an older call's). Never another worker's: this worker settles those
+/// for its position only, and their record counts the calls of the worker that handles them.
 fn ended_calls(
     sub: &Subscription,
     messages: &[StoredMessage],
+    classes: &[Class<'_>],
     settled: &[bool],
     called: &[bool],
     attempts: &Attempts,
 ) -> Vec<(String, String)> {
     messages
         .iter()
+        .zip(classes)
         .zip(settled.iter().zip(called))
-        .filter(|(_, (settled, _))| **settled)
-        .map(|(m, (_, called))| (m.identity(), *called))
+        .filter(|((_, class), (settled, _))| **settled && !matches!(class, Class::Theirs))
+        .map(|((m, _), (_, called))| (m.identity(), *called))
         .filter(|(identity, called)| *called || attempts.failed(identity) > 0)
         .map(|(identity, _)| (sub.plan.name.clone(), identity))
         .collect()

@@ -17,6 +17,7 @@ mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
 pub mod startup;
+pub(crate) mod turns;
 
 use std::{
     sync::{Arc, Mutex},
@@ -154,6 +155,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: crate::ops::metrics::Metrics,
     /// The handler calls in progress, with their deadlines (liveness fails past one).
     pub(crate) deadlines: deadlines::Deadlines,
+    /// Who may call a handler now: a suspect calls alone.
+    pub(crate) turns: turns::Turns,
 }
 
 impl Shared {
@@ -451,6 +454,7 @@ impl Engine {
             worker: None,
             keys: None,
             deadlines: None,
+            turns: None,
             record: batch::Record::Every,
             parking: None,
         };
@@ -522,6 +526,7 @@ impl Engine {
             test_mode,
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
             deadlines: deadlines::Deadlines::default(),
+            turns: turns::Turns::default(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_deadlines(shared.clone(), shutdown.clone()));

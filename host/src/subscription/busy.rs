@@ -35,10 +35,13 @@ impl BusyMark {
     }
 
     /// Take the marks out of the records `recorded` (they are no messages); whether this reader's
-    /// was among them, i.e. its last owner died while busy.
-    pub(crate) fn left_in(&self, recorded: &mut HashMap<String, u32>) -> bool {
+    /// was among them, i.e. its last owner died while busy. A mark left behind is this reader's to
+    /// clear when it next goes idle: left, it would count a failed attempt against the first batch
+    /// of every later start, however long after.
+    pub(crate) fn left_in(&mut self, recorded: &mut HashMap<String, u32>) -> bool {
         let left = recorded.contains_key(&self.key);
         recorded.retain(|identity, _| !identity.starts_with(PREFIX));
+        self.set |= left;
         left
     }
 

@@ -94,7 +94,7 @@ async fn read(
     let progress = &shared.progress;
     let mut mark = BusyMark::new(&name, &reader.position);
     let Some((position, mut attempts, mut died_busy)) =
-        load(&shared, &reader, &mark, &shutdown).await?
+        load(&shared, &reader, &mut mark, &shutdown).await?
     else {
         reader.report(progress, State::Stopped);
         return Ok(());
@@ -112,7 +112,7 @@ async fn read(
             Holding::Yes => {}
             Holding::Taken => {
                 // Another replica may have moved the position while this one stood by.
-                match load(&shared, &reader, &mark, &shutdown).await? {
+                match load(&shared, &reader, &mut mark, &shutdown).await? {
                     Some((stored, recovered, busy)) => {
                         cursor = Cursor::new(stored);
                         attempts = recovered;
@@ -375,7 +375,7 @@ impl Cursor {
 async fn load(
     shared: &Arc<Shared>,
     reader: &Reader,
-    mark: &BusyMark,
+    mark: &mut BusyMark,
     shutdown: &CancellationToken,
 ) -> Result<Option<(u64, Attempts, bool)>, String> {
     let mut failures = 0u32;

@@ -296,6 +296,17 @@ fn probe() -> Domain {
         .event_handler(EventHandler::new("chain").on(hop))
 }
 
+/// The probe's command handler ordered by stream: each command (a stream of its own) is a key.
+fn probe_ordered() -> Domain {
+    Domain::new("Probe").command_handler(
+        CommandHandler::<Probe>::new("runner")
+            .on(run)
+            .on(step)
+            .max_retries(3)
+            .ordered(),
+    )
+}
+
 fn bench() -> Domain {
     Domain::new("Probe").event_handler(EventHandler::new("noop").on(noop))
 }
@@ -327,4 +338,5 @@ protean_plugin_api::export_domains! {
     "empty" => empty,
     "noop" => bench,
     "ordered_noop" => ordered_bench,
+    "probe_ordered" => probe_ordered,
 }
