@@ -278,7 +278,14 @@ pub(crate) fn run(
             keys: unit_keys,
             whole,
         };
-        let next = match (run_unit(ctx, &batch, attempts, &stopped), report.take()) {
+        // From its call records to its commit: a record left while a suspect runs would be charged
+        // its crash. Units of a message that failed before (a suspect) are that message alone.
+        let suspect =
+            batch.messages.len() == 1 && attempts.failed(&batch.messages[0].identity()) > 0;
+        let turn = ctx.turns.map(|turns| turns.take(suspect));
+        let outcome = run_unit(ctx, &batch, attempts, &stopped);
+        drop(turn);
+        let next = match (outcome, report.take()) {
             (Ok(next), done) => {
                 report = done;
                 next
@@ -563,8 +570,6 @@ fn build(
         let end = (i..messages.len())
             .find(|&j| !matches!(classes[j], Class::Handle(h) if h == handler) || held.contains(j))
             .unwrap_or(messages.len());
-        // Taken before the record: a record written while a suspect runs would be charged its crash.
-        let turn = ctx.turns.map(|turns| turns.take(before > 0));
         if ctx.record == Record::Every || before > 0 {
             record_calls(ctx, &messages[i..end], attempts)?;
         }
@@ -578,7 +583,6 @@ fn build(
             .plugin
             .handle_batch(handler, &deliveries, &buffer.view(i), limit);
         drop(call);
-        drop(turn);
         let outcome = match buffer.refusal(i..end) {
             Some((at, reason)) => outcome.refused_at(at - i, reason),
             None => outcome,

@@ -4,8 +4,8 @@
 //! other subscriptions' and workers' calls die with it, and their messages count a failed attempt
 //! too (their call records, their reader's busy mark). That first charge cannot be avoided, since
 //! nothing says in advance which message will kill the process. But a message that failed before
-//! (a suspect) runs while no other call of this process is in flight, so if it kills the process
-//! again, it is the only one charged; otherwise an innocent message in a sibling worker, charged at
+//! (a suspect) runs while no other unit of work of this process is between its call records and its
+//! commit, so if it kills the process again, it is the only one charged; otherwise an innocent message in a sibling worker, charged at
 //! every death of the culprit, would run out of retries beside it. Calls that are not suspects run
 //! side by side as before. Isolated mode needs none of this: a worker process's death costs only its
 //! own call.
@@ -16,7 +16,7 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 #[derive(Debug, Default)]
 pub(crate) struct Turns(RwLock<()>);
 
-/// A turn to call (and record the call): held until the call returned.
+/// A turn to run a unit of work: from its call records, through its calls, to its commit.
 pub(crate) enum Turn<'a> {
     Beside(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
     Alone(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
