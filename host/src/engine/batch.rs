@@ -27,7 +27,7 @@ use crate::{
     engine::retry::RetryPolicy,
     message::{Cause, MetaView, TooBig},
     ordering::{partition_of, Ordering},
-    plugin::{Delivery, Failure, Plugin},
+    plugin::{Delivery, Failure, Handlers},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::{
         parking::{self, Parking},
@@ -174,7 +174,8 @@ impl Report {
 
 /// What the batch needs from the engine.
 pub(crate) struct Context<'a> {
-    pub(crate) plugin: &'a Plugin,
+    /// The domain's handlers, called for each run of messages.
+    pub(crate) plugin: &'a dyn Handlers,
     pub(crate) store: &'a dyn Store,
     pub(crate) subscription: &'a Subscription,
     pub(crate) version_retries: u32,
@@ -215,7 +216,7 @@ impl<'a> Context<'a> {
     /// position in the store (a broker keeps where the subscription is), not a worker.
     pub(crate) fn new(
         shared: &'a super::Shared,
-        plugin: &'a Plugin,
+        plugin: &'a dyn Handlers,
         subscription: &'a Subscription,
     ) -> Self {
         Self {

@@ -1,0 +1,83 @@
+//! The whole engine, in test mode, on the memory store, running the reference domain linked into this
+//! binary ([`Plugin::linked`]): the flow `tests/e2e/engine.rs` checks through a built library, with
+//! no library built.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use serde_json::{json, Value};
+
+use super::{Engine, EngineOptions, Outcome};
+use crate::{
+    config::Config,
+    plugin::{Plugin, LINKED_BUILD},
+    store::{MemoryStore, Store},
+};
+
+/// Fast retries and a generous time limit, so that a test waits only as long as the work.
+const TEST_CONFIG: &str =
+    "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\ntest_mode_timeout_seconds = 60\n";
+
+/// An engine in test mode over `store`, running the sample domain's `domain` instance in process.
+fn engine(store: Arc<dyn Store>) -> Engine {
+    let domain = Plugin::linked("domain", sample_domain::fulfilment::domain).unwrap();
+    let config = Config::parse(TEST_CONFIG, Path::new("test.toml"), &BTreeMap::new()).unwrap();
+    let options = EngineOptions {
+        test_mode: true,
+        config,
+    };
+    Engine::with_handlers(Arc::new(domain), store, options).unwrap()
+}
+
+fn place(order: &str) -> Value {
+    json!({ "order_id": order, "customer": "ada", "sku": "book", "quantity": 2, "total": 30.0 })
+}
+
+fn types(store: &dyn Store, stream: &str) -> Vec<String> {
+    let messages = store.read_stream(stream, 0).unwrap();
+    messages.into_iter().map(|m| m.message_type).collect()
+}
+
+#[test]
+fn the_linked_sample_domain_runs_every_order_to_shipped_on_the_memory_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = engine(store.clone());
+    assert_eq!(engine.build_id(), LINKED_BUILD);
+    for n in 0..3 {
+        engine
+            .send("Fulfilment.PlaceOrder.v1", &place(&format!("o{n}")), None)
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    for n in 0..3 {
+        let order = format!("o{n}");
+        let summary = store.document("order_summaries", &order).unwrap();
+        let summary: Value = serde_json::from_str(&summary.expect("a summary")).unwrap();
+        assert_eq!(summary["status"], "shipped", "{order}");
+        assert_eq!(
+            types(store.as_ref(), &format!("fulfilment::order-{order}")),
+            ["Fulfilment.OrderPlaced.v1", "Fulfilment.OrderShipped.v1"],
+            "{order}"
+        );
+        assert_eq!(
+            types(store.as_ref(), &format!("fulfilment::reservation-{order}")),
+            ["Fulfilment.StockReserved.v1"],
+            "{order}"
+        );
+    }
+    assert_eq!(report.totals.written["Fulfilment.OrderShipped.v1"], 3);
+    assert_eq!(report.totals.dead_lettered, 0);
+    assert!(store.dead_letters(None).unwrap().is_empty());
+}
+
+#[test]
+fn a_command_the_linked_domain_does_not_know_is_refused_before_anything_is_stored() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = engine(store.clone());
+    let refused = engine.send("Fulfilment.Unknown.v1", &json!({}), None);
+    assert!(
+        matches!(refused, Err(super::EngineError::BadCommand { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.head(&[]).unwrap(), 0);
+}

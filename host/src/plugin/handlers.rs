@@ -1,0 +1,87 @@
+//! The seam between the engine and a domain: the calls the engine makes to the domain's handlers.
+//!
+//! The engine (batches, commands, generations) holds a domain only as `dyn Handlers`. A [`Plugin`]
+//! is one, whether its library is mapped here or runs in worker processes; so is a domain linked into
+//! this binary ([`Plugin::linked`], for tests that run the engine without building a library), and
+//! so is any scripted stand-in a unit test needs.
+
+use super::{Delivery, HostServices, Outcome, Plugin, Registration};
+
+/// A domain's handlers, as the engine calls them.
+pub(crate) trait Handlers: Send + Sync + std::fmt::Debug {
+    /// The instance's name (`domain`, `reporting`, ...).
+    fn name(&self) -> &str;
+
+    /// Which build of the domain this is: carried by processed markers and dead letters.
+    fn build_id(&self) -> &str;
+
+    /// Every handler the domain registered; the engine plans its subscriptions from them.
+    fn registrations(&self) -> &[Registration];
+
+    /// Call `handler` with `batch`, its writes going to `host`. Blocking: run it on a blocking thread.
+    fn handle_batch(
+        &self,
+        handler: &str,
+        batch: &[Delivery<'_>],
+        host: &dyn HostServices,
+    ) -> Outcome;
+
+    /// The stream a command of `message_type` with `data` goes to; an error says why `data` is not
+    /// such a command.
+    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String>;
+}
+
+impl Handlers for Plugin {
+    fn name(&self) -> &str {
+        Plugin::name(self)
+    }
+
+    fn build_id(&self) -> &str {
+        Plugin::build_id(self)
+    }
+
+    fn registrations(&self) -> &[Registration] {
+        Plugin::registrations(self)
+    }
+
+    fn handle_batch(
+        &self,
+        handler: &str,
+        batch: &[Delivery<'_>],
+        host: &dyn HostServices,
+    ) -> Outcome {
+        Plugin::handle_batch(self, handler, batch, host)
+    }
+
+    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
+        Plugin::command_stream(self, message_type, data)
+    }
+}
+
+/// A generation shares its handlers as an `Arc`; a batch borrows them through it.
+impl<T: Handlers + ?Sized> Handlers for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn build_id(&self) -> &str {
+        (**self).build_id()
+    }
+
+    fn registrations(&self) -> &[Registration] {
+        (**self).registrations()
+    }
+
+    fn handle_batch(
+        &self,
+        handler: &str,
+        batch: &[Delivery<'_>],
+        host: &dyn HostServices,
+    ) -> Outcome {
+        (**self).handle_batch(handler, batch, host)
+    }
+
+    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
+        (**self).command_stream(message_type, data)
+    }
+}
