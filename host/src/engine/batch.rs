@@ -943,3 +943,7 @@ fn jitter() -> f64 {
         .map_or(0, |d| d.subsec_nanos());
     f64::from(nanos % 1000) / 1000.0
 }
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod tests;

@@ -19,6 +19,8 @@ mod handlers;
 pub mod isolated;
 mod private;
 pub mod probe;
+#[cfg(test)]
+pub(crate) mod scripted;
 mod services;
 pub mod trust;
 

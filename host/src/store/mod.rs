@@ -11,6 +11,8 @@ mod lease;
 mod memory;
 mod outbox;
 pub mod postgres;
+#[cfg(test)]
+pub(crate) mod recording;
 mod sqlite;
 #[cfg(test)]
 mod tests;
