@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Engine, EngineOptions, Outcome};
@@ -19,13 +21,73 @@ const TEST_CONFIG: &str =
 
 /// An engine in test mode over `store`, running the sample domain's `domain` instance in process.
 fn engine(store: Arc<dyn Store>) -> Engine {
-    let domain = Plugin::linked("domain", sample_domain::fulfilment::domain).unwrap();
+    linked(store, "domain", sample_domain::fulfilment::domain)
+}
+
+/// An engine in test mode over `store`, running `domain` linked in as instance `name`.
+fn linked(store: Arc<dyn Store>, name: &'static str, domain: fn() -> Domain) -> Engine {
+    let domain = Plugin::linked(name, domain).unwrap();
     let config = Config::parse(TEST_CONFIG, Path::new("test.toml"), &BTreeMap::new()).unwrap();
     let options = EngineOptions {
         test_mode: true,
         config,
     };
     Engine::with_handlers(Arc::new(domain), store, options).unwrap()
+}
+
+/// The aggregate of [`Boom`] commands.
+#[derive(Debug, Default)]
+struct Bomb;
+
+impl Aggregate for Bomb {
+    const CATEGORY: &'static str = "bomb";
+    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// Panics in its handler when `panic` says so; else raises [`Defused`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Boom {
+    id: String,
+    panic: bool,
+}
+
+impl Message for Boom {
+    const NAME: &'static str = "Boom";
+}
+
+impl Command for Boom {
+    type Aggregate = Bomb;
+    fn target_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Defused {
+    id: String,
+}
+
+impl Message for Defused {
+    const NAME: &'static str = "Defused";
+}
+
+impl Event for Defused {
+    type Aggregate = Bomb;
+}
+
+fn boom(command: Boom, ctx: &mut Context) -> HandlerResult {
+    assert!(!command.panic, "{} was told to panic", command.id);
+    ctx.raise(&command.id.clone(), &Defused { id: command.id })
+}
+
+fn bombs() -> Domain {
+    Domain::new("Bombs").command_handler(
+        CommandHandler::<Bomb>::new("defuser")
+            .on(boom)
+            .max_retries(1),
+    )
 }
 
 fn place(order: &str) -> Value {
@@ -80,4 +142,30 @@ fn a_command_the_linked_domain_does_not_know_is_refused_before_anything_is_store
         "{refused:?}"
     );
     assert_eq!(store.head(&[]).unwrap(), 0);
+}
+
+#[test]
+fn a_handler_that_panics_costs_its_message_only_and_is_dead_lettered_after_its_retries() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = linked(store.clone(), "bombs", bombs);
+    for (id, panic) in [("b1", true), ("b2", false)] {
+        engine
+            .send("Bombs.Boom.v1", &json!({ "id": id, "panic": panic }), None)
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    let [dead] = store.dead_letters(None).unwrap().try_into().unwrap();
+    assert_eq!((dead.handler.as_str(), dead.attempts), ("defuser", 2));
+    assert!(
+        dead.error.contains("handler panicked") && dead.error.contains("b1 was told to panic"),
+        "{}",
+        dead.error
+    );
+    assert!(types(store.as_ref(), "bombs::bomb-b1").is_empty());
+    assert_eq!(
+        types(store.as_ref(), "bombs::bomb-b2"),
+        ["Bombs.Defused.v1"]
+    );
+    assert_eq!(report.totals.dead_lettered, 1);
 }
