@@ -8,7 +8,8 @@
 //! - the binary maps a build only after a child process loaded the same private copy and constructed
 //!   its instances without dying or hanging ([`probe`]); `Library::load` without a probe is for
 //!   programs that embed the engine and cannot run the binary;
-//! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`];
+//! - abi_stable types never leave this module: the engine sees a domain as `Handlers` (which
+//!   [`Plugin`] implements), with [`Delivery`] and [`Outcome`];
 //! - a [`Plugin`] runs in this process or, isolated ([`isolated`]), in worker processes behind the same
 //!   calls; an isolated domain is never mapped into this process (its first worker is what stands for
 //!   the probe there: a build that dies or hangs while it starts fails that worker, not this process).
