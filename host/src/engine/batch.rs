@@ -216,11 +216,11 @@ impl<'a> Context<'a> {
     /// position in the store (a broker keeps where the subscription is), not a worker.
     pub(crate) fn new(
         shared: &'a super::Shared,
-        plugin: &'a dyn Handlers,
+        plugin: &'a std::sync::Arc<dyn Handlers>,
         subscription: &'a Subscription,
     ) -> Self {
         Self {
-            plugin,
+            plugin: plugin.as_ref(),
             store: shared.store.as_ref(),
             subscription,
             version_retries: shared.config.version_retries,

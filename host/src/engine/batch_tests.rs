@@ -116,12 +116,7 @@ impl Setup {
 }
 
 fn append(store: &dyn Store, messages: Vec<NewMessage>) {
-    store
-        .commit(&UnitOfWork {
-            messages,
-            ..UnitOfWork::default()
-        })
-        .unwrap();
+    crate::store::tests::append(store, messages).unwrap();
 }
 
 fn ids(ids: &[&str]) -> Vec<Value> {

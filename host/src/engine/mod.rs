@@ -454,7 +454,7 @@ impl Engine {
             .find(|m| m.global_position == global_position)
             .ok_or_else(missing)?;
         let ctx = batch::Context {
-            plugin: &generation.plugin,
+            plugin: generation.plugin.as_ref(),
             store: self.store.as_ref(),
             subscription: sub,
             version_retries: self.options.config.version_retries,

@@ -57,31 +57,3 @@ impl Handlers for Plugin {
         Plugin::command_stream(self, message_type, data)
     }
 }
-
-/// A generation shares its handlers as an `Arc`; a batch borrows them through it.
-impl<T: Handlers + ?Sized> Handlers for std::sync::Arc<T> {
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-
-    fn build_id(&self) -> &str {
-        (**self).build_id()
-    }
-
-    fn registrations(&self) -> &[Registration] {
-        (**self).registrations()
-    }
-
-    fn handle_batch(
-        &self,
-        handler: &str,
-        batch: &[Delivery<'_>],
-        host: &dyn HostServices,
-    ) -> Outcome {
-        (**self).handle_batch(handler, batch, host)
-    }
-
-    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
-        (**self).command_stream(message_type, data)
-    }
-}

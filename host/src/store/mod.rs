@@ -15,7 +15,7 @@ pub mod postgres;
 pub(crate) mod recording;
 mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::{HashMap, HashSet},
