@@ -18,7 +18,7 @@ pub mod inspect;
 pub mod logging;
 pub mod message;
 pub mod ops;
-pub mod ordering;
+pub(crate) mod ordering;
 pub(crate) mod outbox;
 pub mod plugin;
 pub mod redact;
