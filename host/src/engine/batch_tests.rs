@@ -24,6 +24,7 @@ use crate::{
         Kind,
     },
     store::{recording::Recording, Store, StoredMessage},
+    subscription::parking::Parking,
     unit_of_work::{CallRecord, NewMessage, UnitOfWork},
 };
 
@@ -684,4 +685,75 @@ fn a_commit_that_keeps_conflicting_fails_the_first_message_with_backoff() {
     assert!(setup.store.committed().is_empty());
     assert!(report.retry.is_some() && report.position.is_none());
     assert_eq!(attempts.failed(&messages[0].identity()), 1);
+}
+
+#[test]
+fn on_the_event_store_a_key_parked_by_the_batch_holds_its_later_messages_in_the_store() {
+    let setup = Setup::events(
+        |s| s.options(ordered(true)).script("a1", &[Act::Reject]),
+        FAST,
+    );
+    setup.append(HAPPENED, &keyed(&[("a1", "a"), ("b1", "b"), ("a2", "a")]));
+    let messages = setup.read();
+    let none = std::collections::HashMap::new();
+    let ctx = Context {
+        parking: Some(Parking::Read(&none)),
+        ..setup.context(Record::Suspects)
+    };
+    let report = run(&ctx, &messages, &mut Attempts::default()).unwrap();
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(effects(&unit), ["b1"]);
+    assert_eq!(unit.parking.subscription, "h");
+    assert_eq!(
+        unit.parking.park,
+        [("a".to_owned(), messages[0].global_position)]
+    );
+    assert_eq!(
+        unit.parking.hold,
+        [("a".to_owned(), messages[2].global_position)]
+    );
+    // Held counts as settled: the position passes it, in the commit that holds it.
+    assert_eq!(position(&unit), Some(messages[2].global_position));
+    assert_eq!(
+        (report.parked.as_slice(), report.held, report.complete),
+        (["a".to_owned()].as_slice(), 1, true)
+    );
+    let held = setup.store.held_messages("h", "a", 10).unwrap();
+    assert_eq!(
+        held.iter().map(|m| m.global_position).collect::<Vec<_>>(),
+        [messages[2].global_position]
+    );
+}
+
+#[test]
+fn on_the_event_store_a_parked_keys_messages_after_its_dead_letter_are_held_and_not_called() {
+    let setup = Setup::events(|s| s.options(ordered(true)), FAST);
+    setup.append(HAPPENED, &keyed(&[("a1", "a"), ("b1", "b"), ("a2", "a")]));
+    let messages = setup.read();
+    // `a` parked behind a1's dead letter by an earlier batch.
+    let parked_at = messages[0].global_position;
+    let mut earlier = UnitOfWork::default();
+    earlier.parking.subscription = "h".into();
+    earlier.parking.park.push(("a".into(), parked_at));
+    setup.store.commit(&earlier).unwrap();
+    setup.store.take();
+    let parked = [("a".to_owned(), parked_at)].into_iter().collect();
+    let ctx = Context {
+        parking: Some(Parking::Read(&parked)),
+        ..setup.context(Record::Suspects)
+    };
+    let report = run(&ctx, &messages, &mut Attempts::default()).unwrap();
+    assert_eq!(
+        calls(&setup),
+        [call(&["b1"])],
+        "a1 was settled before, a2 waits"
+    );
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(
+        unit.parking.hold,
+        [("a".to_owned(), messages[2].global_position)]
+    );
+    assert!(unit.parking.park.is_empty());
+    assert_eq!(position(&unit), Some(messages[2].global_position));
+    assert_eq!((report.held, report.skipped, report.complete), (1, 1, true));
 }
