@@ -14,9 +14,9 @@ use std::{
 use protean_plugin_api::{AfterDeadLetter, HandlerOptions};
 use serde_json::{json, Value};
 
-use super::{run, Attempts, Context, Record, Report, Subscription};
+use super::{run, Attempts, Context, Record, Report, Subscription, Worker};
 use crate::{
-    config::Config,
+    config::{Config, SubscriptionType},
     engine::generation::Generation,
     message::Kind as MessageKind,
     plugin::{
@@ -756,4 +756,94 @@ fn on_the_event_store_a_parked_keys_messages_after_its_dead_letter_are_held_and_
     assert!(unit.parking.park.is_empty());
     assert_eq!(position(&unit), Some(messages[2].global_position));
     assert_eq!((report.held, report.skipped, report.complete), (1, 1, true));
+}
+
+#[test]
+fn a_worker_settles_the_other_workers_keys_without_calling_or_counting_them() {
+    let setup = Setup::events(|s| s.options(ordered(false)), FAST);
+    // Two keys that fall in different partitions of two.
+    let (mine, theirs) = ("k0", "k1");
+    assert_ne!(
+        crate::ordering::partition_of(mine, 2),
+        crate::ordering::partition_of(theirs, 2)
+    );
+    let index = crate::ordering::partition_of(mine, 2);
+    setup.append(
+        HAPPENED,
+        &keyed(&[("m1", mine), ("t1", theirs), ("m2", mine)]),
+    );
+    let messages = setup.read();
+    let ctx = Context {
+        worker: Some(Worker { index, of: 2 }),
+        ..setup.context(Record::Suspects)
+    };
+    let report = run(&ctx, &messages, &mut Attempts::default()).unwrap();
+    assert_eq!(calls(&setup), [call(&["m1"]), call(&["m2"])]);
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(
+        markers(&unit),
+        [messages[0].identity(), messages[2].identity()]
+    );
+    assert_eq!(position(&unit), Some(messages[2].global_position));
+    assert_eq!((report.skipped, report.complete), (0, true));
+}
+
+/// The subscription of `setup` read from broker streams instead (a consumer group).
+fn on_a_stream(setup: &Setup) -> Subscription {
+    let sub = &setup.sub;
+    Subscription {
+        plan: sub.plan.clone(),
+        settings: sub.settings,
+        retry: sub.retry,
+        commands: sub.commands,
+        kind: SubscriptionType::Stream,
+        ordering: sub.ordering.clone(),
+    }
+}
+
+#[test]
+fn a_stream_batch_skips_redeliveries_and_duplicates_and_hands_its_dead_letters_to_the_broker() {
+    let setup = Setup::events(|s| s.script("m3", &[Act::Reject]), FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2", "m3"]));
+    let stored = setup.read();
+    // m1 was handled before (committed, not acknowledged); m2 is delivered twice.
+    let mut earlier = UnitOfWork::default();
+    earlier
+        .processed
+        .push(crate::unit_of_work::ProcessedMarker {
+            subscription: "h".into(),
+            message_id: stored[0].identity(),
+            build_id: "older".into(),
+        });
+    setup.store.commit(&earlier).unwrap();
+    setup.store.take();
+    let delivered = [&stored[0], &stored[1], &stored[1], &stored[2]].map(Clone::clone);
+    let stream = on_a_stream(&setup);
+    let ctx = Context {
+        subscription: &stream,
+        position: None,
+        ..setup.context(Record::Suspects)
+    };
+    let report = run(&ctx, &delivered, &mut Attempts::default()).unwrap();
+    assert_eq!(calls(&setup), [call(&["m2"]), call(&["m3"])]);
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(effects(&unit), ["m2"]);
+    assert_eq!(markers(&unit), [stored[1].identity()]);
+    assert!(unit.position.is_none(), "the group keeps where it is");
+    assert!(
+        unit.dead_letters.is_empty(),
+        "the broker's dead-letter stream keeps them"
+    );
+    let [dead] = report.dead_letters.clone().try_into().unwrap();
+    assert_eq!(
+        (
+            dead.error.as_str(),
+            dead.data.as_str(),
+            dead.metadata.as_str()
+        ),
+        ("m3 rejected", "", "")
+    );
+    assert_eq!(report.dead_lettered_ids, [stored[2].identity()]);
+    assert_eq!(report.skipped, 2, "the redelivery and the duplicate");
+    assert_eq!(report.settled.len(), 4, "all acknowledged");
 }
