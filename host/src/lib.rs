@@ -10,12 +10,9 @@
 #![allow(missing_docs)]
 
 pub mod broker;
-pub mod cli;
 pub mod config;
-pub mod discovery;
 pub mod engine;
 pub mod inspect;
-pub mod logging;
 pub mod message;
 pub mod ops;
 pub(crate) mod ordering;
