@@ -42,7 +42,11 @@ fn list(paths: &[PathBuf]) -> String {
 const SUFFIX: &str = ".so";
 
 /// Resolve the domain from the environment value (`PROTEAN_DOMAIN`), the flag, and the working directory.
-pub(crate) fn resolve(env: Option<&str>, flag: Option<&str>, cwd: &Path) -> Result<DomainSpec, Error> {
+pub(crate) fn resolve(
+    env: Option<&str>,
+    flag: Option<&str>,
+    cwd: &Path,
+) -> Result<DomainSpec, Error> {
     let given = env
         .filter(|v| !v.is_empty())
         .or(flag.filter(|v| !v.is_empty()));

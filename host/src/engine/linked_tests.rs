@@ -169,3 +169,26 @@ fn a_handler_that_panics_costs_its_message_only_and_is_dead_lettered_after_its_r
     );
     assert_eq!(report.totals.dead_lettered, 1);
 }
+
+/// Two handlers share a name: the export table refuses the domain when it is created.
+fn invalid() -> Domain {
+    Domain::new("Bombs")
+        .command_handler(CommandHandler::<Bomb>::new("twice").on(boom))
+        .command_handler(CommandHandler::<Bomb>::new("twice").on(boom))
+}
+
+#[test]
+fn a_linked_domain_is_checked_by_the_export_table_as_a_loaded_one_is() {
+    let refused = Plugin::linked("invalid", invalid).unwrap_err();
+    let crate::plugin::LoadError::Constructor {
+        instance, reason, ..
+    } = &refused
+    else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(instance, "invalid");
+    assert!(
+        reason.starts_with("domain \"invalid\" is invalid: "),
+        "{reason}"
+    );
+}
