@@ -192,3 +192,30 @@ fn a_linked_domain_is_checked_by_the_export_table_as_a_loaded_one_is() {
         "{reason}"
     );
 }
+
+#[test]
+fn replaying_a_dead_letter_calls_the_linked_handler_again_and_a_new_failure_is_a_new_dead_letter() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let engine = linked(store.clone(), "bombs", bombs);
+    engine
+        .send("Bombs.Boom.v1", &json!({ "id": "b1", "panic": true }), None)
+        .unwrap();
+    engine.run().unwrap();
+    let [first] = store.dead_letters(None).unwrap().try_into().unwrap();
+    let replayed = engine
+        .replay_dead_letter(&first.subscription, first.global_position)
+        .unwrap();
+    assert_eq!(replayed, super::Replay::DeadLettered);
+    let [again] = store.dead_letters(None).unwrap().try_into().unwrap();
+    assert_eq!(again.global_position, first.global_position);
+    assert!(
+        again.error.contains("b1 was told to panic"),
+        "{}",
+        again.error
+    );
+    let missing = engine.replay_dead_letter(&first.subscription, first.global_position + 100);
+    assert!(
+        matches!(missing, Err(super::EngineError::NoDeadLetter { .. })),
+        "{missing:?}"
+    );
+}
