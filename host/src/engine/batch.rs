@@ -572,7 +572,7 @@ fn build(
             .map(|d| d.start(&sub.plan.name, handler, limit));
         let outcome = ctx
             .plugin
-            .handle_batch(handler, &deliveries, &buffer.view(i));
+            .handle_batch(handler, &deliveries, &buffer.view(i), limit);
         drop(call);
         let outcome = match buffer.refusal(i..end) {
             Some((at, reason)) => outcome.refused_at(at - i, reason),

@@ -5,6 +5,8 @@
 //! this binary ([`Plugin::linked`], for tests that run the engine without building a library), and
 //! so is any scripted stand-in a unit test needs.
 
+use std::time::Duration;
+
 use super::{Delivery, HostServices, Outcome, Plugin, Registration};
 
 /// A domain's handlers, as the engine calls them.
@@ -19,11 +21,13 @@ pub(crate) trait Handlers: Send + Sync + std::fmt::Debug {
     fn registrations(&self) -> &[Registration];
 
     /// Call `handler` with `batch`, its writes going to `host`. Blocking: run it on a blocking thread.
+    /// `limit` is the handler's deadline (the engine also watches it, `engine::deadlines`).
     fn handle_batch(
         &self,
         handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
+        limit: Duration,
     ) -> Outcome;
 
     /// The stream a command of `message_type` with `data` goes to; an error says why `data` is not
@@ -49,7 +53,10 @@ impl Handlers for Plugin {
         handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
+        _limit: Duration,
     ) -> Outcome {
+        // An isolated call is bounded by the pool's own timeout until `Plugin::handle_batch` takes the
+        // handler's limit (main, 4a8bb16): then pass `limit` on here.
         Plugin::handle_batch(self, handler, batch, host)
     }
 

@@ -175,6 +175,7 @@ impl Handlers for Scripted {
         _handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
+        _limit: std::time::Duration,
     ) -> Outcome {
         let ids: Vec<String> = batch.iter().map(id_of).collect();
         self.calls.lock().unwrap().push(ids.clone());
