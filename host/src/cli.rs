@@ -9,25 +9,25 @@ use clap::{error::ErrorKind, Args, CommandFactory, Parser, Subcommand, ValueEnum
 /// Without a subcommand it runs the server: `protean-host --domain=target/debug/libshop.so`.
 #[derive(Debug, Parser)]
 #[command(name = "protean-host", version)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
-    pub common: Common,
+    pub(crate) common: Common,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub(crate) server: ServerArgs,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 }
 
 impl Cli {
     /// The process's command line; a usage error exits 2 with clap's message.
-    pub fn from_args() -> Self {
+    pub(crate) fn from_args() -> Self {
         Self::parse().checked().unwrap_or_else(|e| e.exit())
     }
 
     /// The server's flags before another subcommand are a usage error. (clap's
     /// `args_conflicts_with_subcommands` would say so, but it also refuses the global flags there:
     /// `protean-host --log-level warn dlq list`.)
-    pub fn checked(self) -> Result<Self, clap::Error> {
+    pub(crate) fn checked(self) -> Result<Self, clap::Error> {
         let server_flag = match (self.server.test_mode, self.server.reload) {
             (true, _) => Some("--test-mode"),
             (_, true) => Some("--reload"),
@@ -49,28 +49,28 @@ impl Cli {
 
 /// Options every subcommand takes.
 #[derive(Debug, Args)]
-pub struct Common {
+pub(crate) struct Common {
     /// The domain library: PATH[:INSTANCE], a crate name (found in ., target/release, target/debug), or
     /// nothing for ./libdomain.so. PROTEAN_DOMAIN, when set, wins.
     #[arg(long, global = true, value_name = "LIB[:INSTANCE]")]
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Log at DEBUG level, including the resolved configuration.
     #[arg(long, global = true)]
-    pub debug: bool,
+    pub(crate) debug: bool,
     /// The most verbose level logged (default info; --debug means debug).
     #[arg(long, global = true, value_enum, value_name = "LEVEL")]
-    pub log_level: Option<LogLevel>,
+    pub(crate) log_level: Option<LogLevel>,
     /// Human-readable lines, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Console, value_name = "FORMAT")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// The configuration file (default: ./protean.toml when it exists).
     #[arg(long, global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// Log levels, most severe first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogLevel {
+pub(crate) enum LogLevel {
     Error,
     Warn,
     Info,
@@ -80,30 +80,30 @@ pub enum LogLevel {
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Console,
     Json,
 }
 
 /// Options of the server.
 #[derive(Debug, Clone, Default, Args)]
-pub struct ServerArgs {
+pub(crate) struct ServerArgs {
     /// Run until every subscription is idle, then exit 0 (exit 1 if the time limit passes first).
     #[arg(long)]
-    pub test_mode: bool,
+    pub(crate) test_mode: bool,
     /// Development: watch the domain library and switch to each new build of it (`cargo build`)
     /// between batches, without losing or doubling a message.
     #[arg(long, visible_alias = "watch", conflicts_with = "test_mode")]
-    pub reload: bool,
+    pub(crate) reload: bool,
     /// With --reload: the user (uid or name) whose library and directory may be loaded, besides root;
     /// default: the user running the host. Libraries writable by other users are always refused.
     #[arg(long, value_name = "UID|NAME", requires = "reload")]
-    pub reload_owner: Option<String>,
+    pub(crate) reload_owner: Option<String>,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the domain's handlers until stopped (the default).
     Server(ServerArgs),
     /// Show the domain's instances, handlers and the subscriptions the server would create.
@@ -132,38 +132,38 @@ pub enum Command {
 
 /// Options of the hidden worker subcommand.
 #[derive(Debug, Args)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     /// The host process that started this worker.
-    pub host_pid: u32,
+    pub(crate) host_pid: u32,
 }
 
 /// Options of the hidden `__probe` subcommand.
 #[derive(Debug, Args)]
-pub struct ProbeArgs {
+pub(crate) struct ProbeArgs {
     /// The library file to load where it is (the host's private copy).
     #[arg(value_name = "LIBRARY")]
-    pub library: PathBuf,
+    pub(crate) library: PathBuf,
     /// The path to name in messages (the library the copy was made of); default: LIBRARY.
     #[arg(long, value_name = "PATH")]
-    pub named: Option<PathBuf>,
+    pub(crate) named: Option<PathBuf>,
     /// The instance to construct; default: the one the default rule selects.
     #[arg(long, value_name = "NAME")]
-    pub instance: Option<String>,
+    pub(crate) instance: Option<String>,
     /// Construct every instance.
     #[arg(long, conflicts_with = "instance")]
-    pub every: bool,
+    pub(crate) every: bool,
 }
 
 /// Options of `outbox`.
 #[derive(Debug, Args)]
-pub struct OutboxArgs {
+pub(crate) struct OutboxArgs {
     #[command(subcommand)]
-    pub action: OutboxAction,
+    pub(crate) action: OutboxAction,
 }
 
 /// What to do with the outbox (SQLite or PostgreSQL, with a broker configured).
 #[derive(Debug, Subcommand)]
-pub enum OutboxAction {
+pub(crate) enum OutboxAction {
     /// The rows waiting to be published, oldest first: target stream, seq, attempts, last error, age.
     List {
         /// Only the rows going to this broker stream (a category, e.g. shop::order).
@@ -190,14 +190,14 @@ pub enum OutboxAction {
 
 /// Options of `subscriptions`.
 #[derive(Debug, Args)]
-pub struct SubscriptionsArgs {
+pub(crate) struct SubscriptionsArgs {
     #[command(subcommand)]
-    pub action: SubscriptionsAction,
+    pub(crate) action: SubscriptionsAction,
 }
 
 /// What to show about subscriptions.
 #[derive(Debug, Subcommand)]
-pub enum SubscriptionsAction {
+pub(crate) enum SubscriptionsAction {
     /// For each subscription: type, categories, position or group, lag, pending, dead letters,
     /// consumers and state, read from the store and the broker.
     Status {
@@ -209,25 +209,25 @@ pub enum SubscriptionsAction {
 
 /// Options of `health`.
 #[derive(Debug, Args)]
-pub struct HealthArgs {
+pub(crate) struct HealthArgs {
     /// The readiness endpoint (default: http://HOST:PORT/readyz from [server.health]).
     #[arg(long, value_name = "URL")]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// How long to wait for the answer, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
-    pub timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
 }
 
 /// Options of `db`.
 #[derive(Debug, Args)]
-pub struct DbArgs {
+pub(crate) struct DbArgs {
     #[command(subcommand)]
-    pub action: DbAction,
+    pub(crate) action: DbAction,
 }
 
 /// What `db` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
-pub enum DbAction {
+pub(crate) enum DbAction {
     /// Apply the pending migrations (idempotent; safe to run from several replicas at once).
     Setup,
     /// Print the schema version and the pending migrations.
@@ -236,14 +236,14 @@ pub enum DbAction {
 
 /// Options of `dlq`.
 #[derive(Debug, Args)]
-pub struct DlqArgs {
+pub(crate) struct DlqArgs {
     #[command(subcommand)]
-    pub action: DlqAction,
+    pub(crate) action: DlqAction,
 }
 
 /// What to do with dead letters.
 #[derive(Debug, Subcommand)]
-pub enum DlqAction {
+pub(crate) enum DlqAction {
     /// List dead letters, of one subscription or of all.
     List {
         #[arg(long)]
@@ -287,34 +287,34 @@ pub enum DlqAction {
 
 /// Options of `send`.
 #[derive(Debug, Args)]
-pub struct SendArgs {
+pub(crate) struct SendArgs {
     /// The command's type, e.g. Fulfilment.PlaceOrder.v1.
     #[arg(value_name = "TYPE")]
-    pub message_type: String,
+    pub(crate) message_type: String,
     /// The command's data as a JSON object, or - to read one JSON object per line from stdin.
     #[arg(value_name = "JSON")]
-    pub data: String,
+    pub(crate) data: String,
     /// When the command expires (RFC 3339 time); an expired command is acknowledged without a call.
     #[arg(long, value_name = "TIME")]
-    pub deadline: Option<String>,
+    pub(crate) deadline: Option<String>,
     /// Store the command at most once for KEY (Protean's metadata.headers.idempotency_key): a send
     /// with the key of a command already stored stores nothing and answers that command's id.
     /// Generated when absent; with `-`, stdin line N uses KEY:N.
     #[arg(long, value_name = "KEY")]
-    pub idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 /// Options of `inspect`.
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 impl Common {
     /// The logging flags, as given to a child process of this binary so that it logs the same way.
-    pub fn log_args(&self) -> Vec<String> {
+    pub(crate) fn log_args(&self) -> Vec<String> {
         let name = |value: Option<clap::builder::PossibleValue>| {
             value.map_or_else(String::new, |v| v.get_name().to_owned())
         };
@@ -327,7 +327,7 @@ impl Common {
     }
 
     /// The effective log level.
-    pub fn level(&self) -> LogLevel {
+    pub(crate) fn level(&self) -> LogLevel {
         match (self.log_level, self.debug) {
             (Some(level), _) => level,
             (None, true) => LogLevel::Debug,
@@ -348,7 +348,7 @@ mod tests {
     #[test]
     fn the_worker_subcommand_is_the_one_the_host_starts_and_is_hidden() {
         let host = "4242";
-        let cli = parse(&[crate::plugin::isolated::SUBCOMMAND, host]).unwrap();
+        let cli = parse(&[protean_host::plugin::isolated::SUBCOMMAND, host]).unwrap();
         assert!(matches!(
             cli.command,
             Some(Command::Worker(WorkerArgs { host_pid: 4242 }))

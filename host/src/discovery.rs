@@ -13,16 +13,16 @@ use std::path::{Path, PathBuf};
 
 /// Where the domain is: a library path and, optionally, the instance to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainSpec {
+pub(crate) struct DomainSpec {
     /// The library file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The instance named after `:`, if any.
-    pub instance: Option<String>,
+    pub(crate) instance: Option<String>,
 }
 
 /// Why no library could be found.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("no domain library given and none found: looked for {}; pass --domain=PATH[:INSTANCE] or set PROTEAN_DOMAIN", list(.0))]
     NoDefault(Vec<PathBuf>),
     #[error("no library for crate {name:?}: looked for {}; build it with cargo build, or pass the path", list(.looked))]
@@ -42,7 +42,11 @@ fn list(paths: &[PathBuf]) -> String {
 const SUFFIX: &str = ".so";
 
 /// Resolve the domain from the environment value (`PROTEAN_DOMAIN`), the flag, and the working directory.
-pub fn resolve(env: Option<&str>, flag: Option<&str>, cwd: &Path) -> Result<DomainSpec, Error> {
+pub(crate) fn resolve(
+    env: Option<&str>,
+    flag: Option<&str>,
+    cwd: &Path,
+) -> Result<DomainSpec, Error> {
     let given = env
         .filter(|v| !v.is_empty())
         .or(flag.filter(|v| !v.is_empty()));

@@ -10,15 +10,12 @@
 #![allow(missing_docs)]
 
 pub mod broker;
-pub mod cli;
 pub mod config;
-pub mod discovery;
 pub mod engine;
 pub mod inspect;
-pub mod logging;
 pub mod message;
 pub mod ops;
-pub mod ordering;
+pub(crate) mod ordering;
 pub(crate) mod outbox;
 pub mod plugin;
 pub mod redact;

@@ -16,13 +16,13 @@ impl LogLevel {
     }
 
     /// The level number plugins understand (1 = error ... 5 = trace).
-    pub fn plugin_level(self) -> u8 {
+    pub(crate) fn plugin_level(self) -> u8 {
         self as u8 + 1
     }
 }
 
 /// Install the global subscriber. Dependencies stay at `warn` unless the level asks for more from us.
-pub fn init(level: LogLevel, format: LogFormat) {
+pub(crate) fn init(level: LogLevel, format: LogFormat) {
     let level = level.directive();
     let filter = EnvFilter::new(format!("warn,protean_host={level},plugin={level}"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

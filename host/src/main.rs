@@ -4,17 +4,21 @@
 
 use std::{io::BufRead, process::ExitCode};
 
+// The command line and what only it needs live in the binary, not in the library embedders link.
+mod cli;
+mod discovery;
+mod logging;
+
 use anyhow::Context as _;
+use cli::{
+    Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat,
+    LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs, SubscriptionsAction,
+    SubscriptionsArgs,
+};
 use protean_host::{
-    cli::{
-        Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
-        LogFormat, LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
-        SubscriptionsAction, SubscriptionsArgs,
-    },
     config::{Config, IsolationMode},
-    discovery,
     engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent, SEND_FIX},
-    inspect, logging,
+    inspect,
     message::TooBig,
     ops,
     plugin::{isolated, probe, Instances, Isolation, Library, Plugin, Probe},

@@ -12,10 +12,10 @@ use crate::{plugin::Kind, store::StoredMessage, subscription::SubscriptionPlan};
 
 /// How an ordered subscription keys and parks its messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ordering {
+pub(crate) struct Ordering {
     key: Key,
     /// After a dead letter, the key's later messages wait (else they go on).
-    pub park: bool,
+    pub(crate) park: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ enum Key {
 
 impl Ordering {
     /// The ordering a subscription's handler declared, if any. Process managers park by default.
-    pub fn of(plan: &SubscriptionPlan) -> Option<Self> {
+    pub(crate) fn of(plan: &SubscriptionPlan) -> Option<Self> {
         let by = plan.options.ordered_by.as_deref()?;
         let key = match by {
             STREAM_KEY => Key::Stream,
@@ -41,7 +41,7 @@ impl Ordering {
 
     /// The key of `message`: its stream id, or the value of the field (a string as it is, any other
     /// scalar as its JSON text). A message without the field is keyed by its stream id.
-    pub fn key_of(&self, message: &StoredMessage) -> String {
+    pub(crate) fn key_of(&self, message: &StoredMessage) -> String {
         let Key::Field(field) = &self.key else {
             return message.stream.clone();
         };
@@ -49,7 +49,7 @@ impl Ordering {
     }
 
     /// What the key is, for logs and status (`$stream` or the field's name).
-    pub fn describe(&self) -> &str {
+    pub(crate) fn describe(&self) -> &str {
         match &self.key {
             Key::Stream => STREAM_KEY,
             Key::Field(field) => field,
@@ -69,7 +69,7 @@ fn field_value(data: &str, field: &str) -> Option<String> {
 }
 
 /// The partition of `key` among `partitions` (FNV-1a: stable across builds and platforms).
-pub fn partition_of(key: &str, partitions: u32) -> u32 {
+pub(crate) fn partition_of(key: &str, partitions: u32) -> u32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in key.bytes() {
         hash ^= u64::from(byte);

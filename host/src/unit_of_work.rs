@@ -733,3 +733,7 @@ mod tests {
         assert!(unit.is_empty(), "nothing refused was buffered: {unit:?}");
     }
 }
+
+#[cfg(test)]
+#[path = "unit_of_work_tests.rs"]
+mod overlay_tests;

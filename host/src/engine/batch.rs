@@ -27,7 +27,7 @@ use crate::{
     engine::retry::RetryPolicy,
     message::{Cause, MetaView, TooBig},
     ordering::{partition_of, Ordering},
-    plugin::{Delivery, Failure, Plugin},
+    plugin::{Delivery, Failure, Handlers},
     store::{self, DeadLetter, Store, StoredMessage},
     subscription::{
         parking::{self, Parking},
@@ -174,7 +174,8 @@ impl Report {
 
 /// What the batch needs from the engine.
 pub(crate) struct Context<'a> {
-    pub(crate) plugin: &'a Plugin,
+    /// The domain's handlers, called for each run of messages.
+    pub(crate) plugin: &'a dyn Handlers,
     pub(crate) store: &'a dyn Store,
     pub(crate) subscription: &'a Subscription,
     pub(crate) version_retries: u32,
@@ -217,11 +218,11 @@ impl<'a> Context<'a> {
     /// position in the store (a broker keeps where the subscription is), not a worker.
     pub(crate) fn new(
         shared: &'a super::Shared,
-        plugin: &'a Plugin,
+        plugin: &'a std::sync::Arc<dyn Handlers>,
         subscription: &'a Subscription,
     ) -> Self {
         Self {
-            plugin,
+            plugin: plugin.as_ref(),
             store: shared.store.as_ref(),
             subscription,
             version_retries: shared.config.version_retries,
@@ -955,3 +956,7 @@ fn jitter() -> f64 {
         .map_or(0, |d| d.subsec_nanos());
     f64::from(nanos % 1000) / 1000.0
 }
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod tests;

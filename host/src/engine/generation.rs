@@ -6,20 +6,24 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{batch::Subscription, retry::RetryPolicy, subscription_type, EngineError};
-use crate::{config::Config, ordering::Ordering, plugin::Plugin, subscription};
+use crate::{config::Config, ordering::Ordering, plugin::Handlers, subscription};
 
 /// One build of the domain, ready to run.
 #[derive(Debug)]
 pub(crate) struct Generation {
     /// 1 for the library the engine started with, then one more per reload.
     pub(crate) number: u64,
-    pub(crate) plugin: Arc<Plugin>,
+    pub(crate) plugin: Arc<dyn Handlers>,
     pub(crate) subscriptions: Vec<Arc<Subscription>>,
 }
 
 impl Generation {
     /// Plan the subscriptions of `plugin`'s registrations under `config`.
-    pub(crate) fn plan(number: u64, plugin: Plugin, config: &Config) -> Result<Self, EngineError> {
+    pub(crate) fn plan(
+        number: u64,
+        plugin: Arc<dyn Handlers>,
+        config: &Config,
+    ) -> Result<Self, EngineError> {
         let plans = subscription::plan(plugin.registrations())?;
         let subscriptions = plans
             .into_iter()
@@ -35,7 +39,7 @@ impl Generation {
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Self {
             number,
-            plugin: Arc::new(plugin),
+            plugin,
             subscriptions,
         })
     }

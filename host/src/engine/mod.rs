@@ -19,6 +19,9 @@ pub(crate) mod retry;
 pub mod startup;
 pub(crate) mod turns;
 
+#[cfg(test)]
+mod linked_tests;
+
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -37,7 +40,7 @@ use crate::{
     message::Kind,
     outbox,
     plugin::Kind as HandlerKind,
-    plugin::Plugin,
+    plugin::{Handlers, Plugin},
     store::{self, Store},
     subscription::{event_store, ordered, stream, PlanError, SubscriptionPlan},
     unit_of_work::{IdempotencyKey, NewMessage, UnitOfWork},
@@ -161,7 +164,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The plugin to call (a batch takes it once, so a reload never changes it mid-batch).
-    pub(crate) fn plugin(&self) -> Arc<Plugin> {
+    pub(crate) fn plugin(&self) -> Arc<dyn Handlers> {
         lock(&self.generation).plugin.clone()
     }
 
@@ -236,10 +239,20 @@ impl Engine {
         store: Arc<dyn Store>,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
+        Self::with_handlers(Arc::new(domain), store, options)
+    }
+
+    /// [`Engine::with_store`] for any implementation of the domain's handlers: a [`Plugin`], or a
+    /// domain linked into a test ([`Plugin::linked`]).
+    pub(crate) fn with_handlers(
+        domain: Arc<dyn Handlers>,
+        store: Arc<dyn Store>,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
         if options.config.broker.is_some() && store.outbox().is_none() {
             return Err(EngineError::NoOutbox);
         }
-        warn_unknown_handlers(&domain, &options.config);
+        warn_unknown_handlers(domain.as_ref(), &options.config);
         let first = Generation::plan(1, domain, &options.config)?;
         Ok(Self {
             store,
@@ -264,7 +277,7 @@ impl Engine {
         }
         warn_unknown_handlers(&domain, &self.options.config);
         let current = self.current();
-        let next = Generation::plan(current.number + 1, domain, &self.options.config)?;
+        let next = Generation::plan(current.number + 1, Arc::new(domain), &self.options.config)?;
         let changes = Changes::between(&current, &next);
         *lock(&self.pending) = Some(next);
         self.reload_requested.notify_one();
@@ -444,7 +457,7 @@ impl Engine {
             .find(|m| m.global_position == global_position)
             .ok_or_else(missing)?;
         let ctx = batch::Context {
-            plugin: &generation.plugin,
+            plugin: generation.plugin.as_ref(),
             store: self.store.as_ref(),
             subscription: sub,
             version_retries: self.options.config.version_retries,
@@ -810,7 +823,7 @@ async fn drain(workers: &mut JoinSet<Result<(), String>>, fatal: &mut Option<Str
 }
 
 /// A server.handlers section that names no handler of this domain is probably a typo.
-fn warn_unknown_handlers(domain: &Plugin, config: &Config) {
+fn warn_unknown_handlers(domain: &dyn Handlers, config: &Config) {
     let handlers: Vec<&str> = domain
         .registrations()
         .iter()

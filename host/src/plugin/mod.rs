@@ -8,16 +8,20 @@
 //! - the binary maps a build only after a child process loaded the same private copy and constructed
 //!   its instances without dying or hanging ([`probe`]); `Library::load` without a probe is for
 //!   programs that embed the engine and cannot run the binary;
-//! - abi_stable types never leave this module: the engine sees [`Plugin`], [`Delivery`] and [`Outcome`];
+//! - abi_stable types never leave this module: the engine sees a domain as `Handlers` (which
+//!   [`Plugin`] implements), with [`Delivery`] and [`Outcome`];
 //! - a [`Plugin`] runs in this process or, isolated ([`isolated`]), in worker processes behind the same
 //!   calls; an isolated domain is never mapped into this process (its first worker is what stands for
 //!   the probe there: a build that dies or hangs while it starts fails that worker, not this process).
 #![allow(unsafe_code)]
 
 mod elf;
+mod handlers;
 pub mod isolated;
 mod private;
 pub mod probe;
+#[cfg(test)]
+pub(crate) mod scripted;
 mod services;
 pub mod trust;
 
@@ -43,6 +47,7 @@ use protean_plugin_api::{
 };
 use sha2::{Digest, Sha256};
 
+pub(crate) use handlers::Handlers;
 pub use probe::{Instances, Probe, ProbeError};
 pub use services::HostServices;
 
@@ -321,18 +326,12 @@ impl Library {
                 instance: name.into(),
                 reason: reason.into_string(),
             })?;
-        let registrations = instance
-            .registrations()
-            .into_iter()
-            .map(Registration::from_abi)
-            .collect();
-        Ok(Plugin {
-            runner: Runner::InProcess(instance),
-            name: name.into(),
-            build_id: self.build_id.clone(),
-            registrations,
-            probed_in: self.probed_in,
-        })
+        Ok(Plugin::in_process(
+            instance,
+            name,
+            &self.build_id,
+            self.probed_in,
+        ))
     }
 
     fn file_name(&self) -> String {
@@ -603,6 +602,65 @@ pub struct Plugin {
     /// How long the probe of its build took, if it was probed.
     probed_in: Option<Duration>,
 }
+
+impl Plugin {
+    /// The instance `instance` called `name`, of build `build_id`, running in this process.
+    fn in_process(
+        instance: DomainInstanceBox,
+        name: &str,
+        build_id: &str,
+        probed_in: Option<Duration>,
+    ) -> Self {
+        let registrations = instance
+            .registrations()
+            .into_iter()
+            .map(Registration::from_abi)
+            .collect();
+        Plugin {
+            runner: Runner::InProcess(instance),
+            name: name.into(),
+            build_id: build_id.into(),
+            registrations,
+            probed_in,
+        }
+    }
+
+    /// The domain `domain` linked into this binary, as instance `name` of build [`LINKED_BUILD`]:
+    /// created through the export table `export_domains!` gives a library (`create`, then the ABI
+    /// instance), only without loading one. For tests that run the engine on a domain.
+    #[cfg(test)]
+    pub(crate) fn linked(
+        name: &'static str,
+        domain: fn() -> protean_plugin_api::Domain,
+    ) -> Result<Self, LoadError> {
+        let logger = HostLog_TO::from_value(
+            PluginLog {
+                source: format!("linked {name}"),
+                sink: None,
+            },
+            TD_Opaque,
+        );
+        let config = serde_json::json!({ "log_level": 2 }).to_string();
+        let created = protean_plugin_api::export::create(
+            &[(name, domain)],
+            RStr::from_str(name),
+            RStr::from_str(&config),
+            logger,
+        );
+        let instance = created
+            .into_result()
+            .map_err(|reason| LoadError::Constructor {
+                path: PathBuf::from("(linked)"),
+                instance: name.into(),
+                reason: reason.into_string(),
+            })?;
+        Ok(Plugin::in_process(instance, name, LINKED_BUILD, None))
+    }
+}
+
+/// The build id of a domain linked into this binary ([`Plugin::linked`]).
+#[cfg(test)]
+pub(crate) const LINKED_BUILD: &str = "linked";
 
 /// Where the instance's calls go.
 enum Runner {

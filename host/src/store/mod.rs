@@ -11,9 +11,11 @@ mod lease;
 mod memory;
 mod outbox;
 pub mod postgres;
+#[cfg(test)]
+pub(crate) mod recording;
 mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -23,7 +23,8 @@ fn event(stream: &str, n: u64, expected: Option<i64>) -> NewMessage {
     )
 }
 
-fn append(store: &dyn Store, messages: Vec<NewMessage>) -> Result<Option<u64>, Error> {
+/// Commit `messages` as one unit.
+pub(crate) fn append(store: &dyn Store, messages: Vec<NewMessage>) -> Result<Option<u64>, Error> {
     store.commit(&UnitOfWork {
         messages,
         ..UnitOfWork::default()

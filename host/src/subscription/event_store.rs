@@ -654,3 +654,7 @@ pub(crate) async fn backoff(
         _ = shutdown.cancelled() => false,
     }
 }
+
+#[cfg(test)]
+#[path = "event_store_tests.rs"]
+mod tests;

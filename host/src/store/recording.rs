@@ -1,0 +1,122 @@
+//! A memory store that keeps a copy of every unit of work it commits, for unit tests that assert on
+//! what the engine committed, unit by unit.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
+use super::{DeadLetter, MemoryStore, ParkedKey, Result, Store, StoredDocument, StoredMessage};
+use crate::unit_of_work::{CallRecord, UnitOfWork};
+
+/// [`MemoryStore`], recording each unit it commits.
+#[derive(Debug, Default)]
+pub(crate) struct Recording {
+    pub(crate) inner: MemoryStore,
+    committed: Mutex<Vec<UnitOfWork>>,
+}
+
+impl Recording {
+    /// The units committed so far, in commit order; a refused commit is not among them.
+    pub(crate) fn committed(&self) -> Vec<UnitOfWork> {
+        self.committed.lock().unwrap().clone()
+    }
+
+    /// The units committed so far, forgetting them.
+    pub(crate) fn take(&self) -> Vec<UnitOfWork> {
+        std::mem::take(&mut *self.committed.lock().unwrap())
+    }
+}
+
+impl Store for Recording {
+    fn read_categories(
+        &self,
+        categories: &[String],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        self.inner.read_categories(categories, after, limit)
+    }
+
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>> {
+        self.inner.read_stream(stream, from)
+    }
+
+    fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
+        let appended = self.inner.commit(unit)?;
+        self.committed.lock().unwrap().push(unit.clone());
+        Ok(appended)
+    }
+
+    fn position(&self, subscription: &str) -> Result<Option<u64>> {
+        self.inner.position(subscription)
+    }
+
+    fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>> {
+        self.inner.read_document(collection, id)
+    }
+
+    fn find_documents(
+        &self,
+        collection: &str,
+        field: &str,
+        value: &serde_json::Value,
+    ) -> Result<Vec<StoredDocument>> {
+        self.inner.find_documents(collection, field, value)
+    }
+
+    fn head(&self, categories: &[String]) -> Result<u64> {
+        self.inner.head(categories)
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
+        self.inner.idempotency_key(key)
+    }
+
+    fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(subscription)
+    }
+
+    fn resolve_dead_letter(
+        &self,
+        subscription: &str,
+        global_position: u64,
+        replayed_by: &str,
+    ) -> Result<bool> {
+        self.inner
+            .resolve_dead_letter(subscription, global_position, replayed_by)
+    }
+
+    fn purge_dead_letters(&self, subscription: &str) -> Result<u64> {
+        self.inner.purge_dead_letters(subscription)
+    }
+
+    fn parked_keys(&self, subscription: &str) -> Result<Vec<ParkedKey>> {
+        self.inner.parked_keys(subscription)
+    }
+
+    fn held_messages(
+        &self,
+        subscription: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        self.inner.held_messages(subscription, key, limit)
+    }
+
+    fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {
+        self.inner.processed(subscription, ids)
+    }
+
+    fn record_calls(&self, calls: &[CallRecord]) -> Result<()> {
+        self.inner.record_calls(calls)
+    }
+
+    fn recorded_calls(
+        &self,
+        subscription: &str,
+        identities: Option<&[&str]>,
+    ) -> Result<HashMap<String, u32>> {
+        self.inner.recorded_calls(subscription, identities)
+    }
+}
