@@ -73,6 +73,7 @@ impl Setup {
             worker: None,
             keys: None,
             deadlines: None,
+            turns: None,
             record,
             parking: None,
         }

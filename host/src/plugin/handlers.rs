@@ -33,6 +33,12 @@ pub(crate) trait Handlers: Send + Sync + std::fmt::Debug {
     /// The stream a command of `message_type` with `data` goes to; an error says why `data` is not
     /// such a command.
     fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String>;
+
+    /// Whether calls run in worker processes, so that a call that crashes costs only itself
+    /// (`engine::turns`); a domain in this process takes every call in flight down with it.
+    fn isolated(&self) -> bool {
+        false
+    }
 }
 
 impl Handlers for Plugin {
@@ -53,14 +59,16 @@ impl Handlers for Plugin {
         handler: &str,
         batch: &[Delivery<'_>],
         host: &dyn HostServices,
-        _limit: Duration,
+        limit: Duration,
     ) -> Outcome {
-        // An isolated call is bounded by the pool's own timeout until `Plugin::handle_batch` takes the
-        // handler's limit (main, 4a8bb16): then pass `limit` on here.
-        Plugin::handle_batch(self, handler, batch, host)
+        Plugin::handle_batch(self, handler, batch, host, limit)
     }
 
     fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
         Plugin::command_stream(self, message_type, data)
+    }
+
+    fn isolated(&self) -> bool {
+        Plugin::isolated(self)
     }
 }
