@@ -7,6 +7,7 @@
 //! The trait is synchronous: the engine calls it only from blocking threads (the same thread that calls
 //! the plugin), so an embedded store costs no thread hop and a handler's reads are plain calls.
 
+mod config;
 mod lease;
 mod memory;
 mod outbox;
@@ -23,6 +24,8 @@ use std::{
 
 use serde::Serialize;
 
+pub(crate) use config::StoreSection;
+pub use config::DEFAULT_STORE_PATH;
 pub use lease::Leases;
 pub use memory::MemoryStore;
 pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow};

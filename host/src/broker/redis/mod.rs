@@ -13,8 +13,10 @@ use redis::{
     Client, Script, Value,
 };
 
+mod config;
 mod partitions;
 
+pub(crate) use self::config::BrokerSection;
 use self::partitions::RedisPartitions;
 use super::{
     dead_letter_stream,

@@ -10,6 +10,7 @@
 //! replaced by the pool, so processing resumes when the database is back.
 
 mod commit;
+mod config;
 mod lease;
 pub mod migrate;
 mod outbox;
