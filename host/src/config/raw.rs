@@ -153,7 +153,9 @@ pub(super) fn parse(
         line: e
             .span()
             .map_or(1, |s| text[..s.start].lines().count().max(1)),
-        message: e.message().to_owned(),
+        // toml's message can run over lines ("invalid table header\nexpected ..."): one line, so
+        // that it reads as one error wherever it is logged.
+        message: e.message().trim().lines().collect::<Vec<_>>().join("; "),
     })?;
     let overlays = table.remove("env");
     if let (Some(name), Some(toml::Value::Table(overlays))) = (env.get("PROTEAN_ENV"), overlays) {

@@ -28,6 +28,11 @@ fn defaults_are_sqlite_under_dot_protean() {
         config.settings("any", &HandlerOptions::default()),
         Settings::default()
     );
+    assert_eq!(
+        config,
+        Config::default(),
+        "an empty file resolves to the defaults"
+    );
 }
 
 #[test]
@@ -268,7 +273,7 @@ fn errors_name_the_key_and_the_fix() {
         ("[store]\nuri = \"postgresql://h/db\"", "config file protean.toml: store.uri: applies to provider = \"postgres\" only"),
         ("[server.handlers.x]\nprofile = \"nope\"", "config file protean.toml: server.handlers.x.profile: unknown profile \"nope\"; known profiles: fast, batch, debug"),
         ("[profiles.fast]\nmax_retries = 1", "config file protean.toml: profiles.fast: \"fast\" is a built-in profile; choose another name"),
-        ("[server\nx = 1", "config file protean.toml, line 1: invalid table header\nexpected `.`, `]`"),
+        ("[server\nx = 1", "config file protean.toml, line 1: invalid table header; expected `.`, `]`"),
         ("[server.ordering]\npartitions = 0", "config file protean.toml: server.ordering.partitions: must be between 1 and 4096"),
         ("[server.ordering]\nworkers = 0", "config file protean.toml: server.ordering.workers: must be at least 1"),
         ("[server.ordering]\nlease_ttl_ms = 5", "config file protean.toml: server.ordering.lease_ttl_ms: must be at least 100"),
@@ -296,10 +301,42 @@ fn errors_name_the_key_and_the_fix() {
     for (text, expected) in cases {
         let error = parse(text, &[]).unwrap_err().to_string();
         assert!(
-            error.starts_with(expected.lines().next().unwrap()),
+            error.starts_with(expected),
             "{text:?}:\n  got      {error}\n  expected {expected}"
         );
+        assert_eq!(error.lines().count(), 1, "one line: {error}");
     }
+}
+
+#[test]
+fn a_lease_below_100_ms_is_refused_in_every_section_never_clamped() {
+    for section in ["[server]", "[server.ordering]", "[outbox]"] {
+        let key = format!("{}.lease_ttl_ms", section.trim_matches(['[', ']']));
+        for bad in [0, 99] {
+            let error = parse(&format!("{section}\nlease_ttl_ms = {bad}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                error,
+                format!("config file protean.toml: {key}: must be at least 100"),
+                "{section} {bad}"
+            );
+        }
+    }
+    let lowest = parse(
+        "[server]\nlease_ttl_ms = 100\n[server.ordering]\nlease_ttl_ms = 100\n[outbox]\nlease_ttl_ms = 100\n",
+        &[],
+    )
+    .unwrap();
+    let ms100 = Duration::from_millis(100);
+    assert_eq!(
+        (
+            lowest.lease_ttl,
+            lowest.ordering.lease_ttl,
+            lowest.outbox.lease_ttl
+        ),
+        (ms100, ms100, ms100)
+    );
 }
 
 #[test]
