@@ -1,26 +1,7 @@
 //! Configuration: `protean.toml`, parsed strictly, then resolved.
 //!
-//! ```toml
-//! [store]
-//! provider = "sqlite"                  # or "memory", or "postgres" with uri = "postgresql://..."
-//! path = "${STORE_PATH|.protean/store.db}"
-//!
-//! [server]
-//! messages_per_tick = 100              # defaults for every subscription ...
-//! max_retries = 3
-//! profile = "fast"                     # ... optionally starting from a profile
-//! max_message_bytes = 1048576          # data + metadata of one message, on every way in and out
-//!
-//! [server.handlers.inventory]          # per-handler overrides (by handler name)
-//! max_retries = 5
-//!
-//! [profiles.careful]                   # named bundles of subscription settings
-//! max_retries = 10
-//! retry_delay_ms = 5000
-//!
-//! [env.production.store]               # overlaid on the root when PROTEAN_ENV=production
-//! path = "/var/lib/shop/store.db"
-//! ```
+//! Every key, its default and its bounds: the README's reference ("Configuration: `protean.toml`"),
+//! which `tests` checks against the defaults here.
 //!
 //! Order of resolution for a subscription's settings, lowest first: built-in defaults, the `[server]`
 //! profile, `[server]` keys, what the handler declares in code, the handler's profile, the handler's keys.

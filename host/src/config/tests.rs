@@ -359,3 +359,82 @@ fn isolation_is_in_process_unless_asked_with_its_limits() {
     );
     assert_eq!(isolated.handler_timeout, Duration::from_millis(500));
 }
+
+/// The README's configuration reference: its first two TOML blocks (defaults; keys without one).
+fn readme_reference() -> (&'static str, &'static str) {
+    let readme = include_str!("../../../README.md");
+    let section = &readme[readme
+        .find("### Configuration: `protean.toml`")
+        .expect("the README has its configuration reference")..];
+    let mut blocks = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|block| block.split_once("```").expect("a closed code block").0);
+    (blocks.next().unwrap(), blocks.next().unwrap())
+}
+
+#[test]
+fn the_readme_reference_shows_every_default_as_it_is() {
+    let (defaults, _) = readme_reference();
+    let mut config = parse(defaults, &[]).unwrap();
+    assert_eq!(
+        config.settings("any", &HandlerOptions::default()),
+        Settings::default()
+    );
+    // The subscription keys of [server] are kept as written, to lay over what a handler declares.
+    config.server = Profile::default();
+    assert_eq!(config, Config::default());
+}
+
+#[test]
+fn the_readme_reference_of_keys_without_defaults_is_valid_and_its_defaults_true() {
+    let (_, others) = readme_reference();
+    let config = parse(others, &[]).unwrap();
+    let StoreConfig::Postgres(store) = &config.store else {
+        panic!(
+            "the reference shows the PostgreSQL store: {:?}",
+            config.store
+        )
+    };
+    assert_eq!(
+        (store.pool_size, store.statement_timeout),
+        (
+            crate::store::PostgresConfig::DEFAULT_POOL_SIZE,
+            crate::store::PostgresConfig::DEFAULT_STATEMENT_TIMEOUT
+        )
+    );
+    let broker = config.broker.expect("the reference shows the broker");
+    assert_eq!(
+        (
+            broker.group_start,
+            broker.block,
+            broker.claim_idle,
+            broker.reclaim_interval
+        ),
+        (
+            crate::broker::GroupStart::default(),
+            BrokerConfig::DEFAULT_BLOCK,
+            BrokerConfig::DEFAULT_CLAIM_IDLE,
+            BrokerConfig::DEFAULT_RECLAIM_INTERVAL
+        )
+    );
+    assert_eq!(config.health.enabled, Some(true));
+    assert_eq!(config.isolation.memory_limit_mb, Some(512));
+}
+
+#[test]
+fn the_production_example_is_a_valid_configuration() {
+    let guide = include_str!("../../../docs/production.md");
+    let example = guide
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("docs/production.md has its example")
+        .0;
+    let env = [
+        ("STORE_URI", "postgresql://app:secret@db:5432/shop"),
+        ("REDIS_URI", "redis://cache:6379/0"),
+    ];
+    let config = parse(example, &env).unwrap();
+    assert_eq!(config.isolation.mode, IsolationMode::Process);
+    assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+}
