@@ -113,7 +113,7 @@ pub enum Problem {
     NotAnAddress { host: String },
     /// The connection string does not parse; the reason never quotes it (it may hold a password).
     #[error("{0}")]
-    BadUri(String),
+    BadUri(crate::store::postgres::UriError),
 }
 
 fn because(why: &Option<&'static str>) -> String {

@@ -187,7 +187,10 @@ pub enum Error {
     #[error("the PostgreSQL server at {store} refused the connection: {reason}; check the user, password and database in store.uri")]
     Refused { store: String, reason: String },
     #[error("store.uri {store:?} is not a PostgreSQL URI: {reason}")]
-    BadUri { store: String, reason: String },
+    BadUri {
+        store: String,
+        reason: self::postgres::UriError,
+    },
     #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
     NotSetUp {
         store: String,

@@ -1,6 +1,6 @@
 //! The PostgreSQL keys of `[store]` (`uri`, `pool_size`, `statement_timeout_ms`), resolved.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use super::PostgresConfig;
 use crate::{
@@ -42,4 +42,31 @@ impl PostgresConfig {
             .map_err(|reason| Invalid::new("store.uri", Problem::BadUri(reason)))?;
         Ok(config)
     }
+}
+
+/// What is wrong with `store.uri`. It never quotes the URI, which may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("{0}; expected a URI like postgresql://user:password@host:5432/database")]
+    Syntax(String),
+    #[error("sslmode {0:?} is not one of disable, prefer, require, verify-ca, verify-full")]
+    SslMode(String),
+    #[error(
+        "sslmode {0} needs sslrootcert=/path/to/ca.pem (the certificate that signed the server's)"
+    )]
+    NeedsRootCert(String),
+    #[error("sslcert and sslkey go together (a client certificate and its key)")]
+    CertWithoutKey,
+    /// A certificate or key file that cannot be read or holds no PEM of its kind.
+    #[error("{option} {}: {reason}", path.display())]
+    File {
+        option: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("sslcert and sslkey: {0}")]
+    ClientCertificate(String),
+    /// rustls refused to build a TLS configuration (its own words).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
