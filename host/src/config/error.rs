@@ -65,7 +65,7 @@ pub enum Problem {
     },
     #[error("must be between {min} and {max}")]
     Between { min: u64, max: u64 },
-    #[error("{value} is below {other_key} {other}")]
+    #[error("{value} is below {other_key} {other}; raise it or lower {other_key}")]
     BelowOther {
         value: u64,
         other_key: &'static str,

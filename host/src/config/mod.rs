@@ -7,11 +7,11 @@
 //! profile, `[server]` keys, what the handler declares in code, the handler's profile, the handler's keys.
 //! Operators have the last word over code. Unknown keys and bad values are errors naming the key.
 //!
-//! Three steps, a module each: `raw` reads the file's shape (TOML, the `[env.NAME]` overlay, serde),
-//! `substitute` replaces `${VAR}` before that, and resolution (`resolve`, and the store's and broker's
-//! own sections in `store::config` and `broker::redis::config`) turns it into the types below. Every
-//! default is in one place, the `Default` (or `DEFAULT_` constant) of the type that holds it; a value
-//! out of bounds is an error, never clamped.
+//! Three steps, a module each: `raw` reads the file's shape (TOML, then the `[env.NAME]` overlay, then
+//! `substitute`'s `${VAR}` replacement, then serde), and resolution (`resolve`, and the store's and
+//! broker's own sections in `store::config` and `broker::redis::config`) turns it into the types
+//! below. Every default is in one place, the `Default` (or `DEFAULT_` constant) of the type that holds
+//! it; a value out of bounds is an error, never clamped.
 
 mod error;
 mod profile;
@@ -170,6 +170,11 @@ impl Config {
 
     /// The settings of `handler`, given what it declares in code.
     pub fn settings(&self, handler: &str, declared: &HandlerOptions) -> Settings {
+        self.layered(self.handlers.get(handler), declared)
+    }
+
+    /// The layers of a subscription's settings, lowest first, up to a handler's section if any.
+    fn layered(&self, section: Option<&HandlerSection>, declared: &HandlerOptions) -> Settings {
         let mut settings = Settings {
             max_message_bytes: self.max_message_bytes,
             ..Settings::default()
@@ -190,7 +195,7 @@ impl Config {
             ..Profile::default()
         }
         .apply(&mut settings);
-        if let Some(section) = self.handlers.get(handler) {
+        if let Some(section) = section {
             if let Some(p) = profile(&section.profile) {
                 p.apply(&mut settings);
             }

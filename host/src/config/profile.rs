@@ -81,17 +81,10 @@ impl Profile {
             1,
             Some("a handler needs some time; raise it for slow handlers"),
         )?;
+        // A profile may be used under sections that set the other key; both keys of one profile
+        // must agree on their own. `[server]` and handler sections are checked layered, in resolve.
         if let (Some(delay), Some(max)) = (self.retry_delay_ms, self.max_retry_delay_ms) {
-            if max < delay {
-                return Err(Invalid::new(
-                    format!("{key}.max_retry_delay_ms"),
-                    Problem::BelowOther {
-                        value: max,
-                        other_key: "retry_delay_ms",
-                        other: delay,
-                    },
-                ));
-            }
+            super::resolve::backoff(key, delay, max)?;
         }
         Ok(())
     }

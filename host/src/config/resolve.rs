@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use protean_plugin_api::HandlerOptions;
+
 use super::{
     error::{at_least, at_least_because, Invalid, Problem},
     profile::Profile,
@@ -81,7 +83,21 @@ impl Config {
             profiles: raw.profiles,
         };
         config.check_profiles()?;
+        config.check_backoff()?;
         Ok(config)
+    }
+
+    /// The backoff of `[server]` and of each handler section, over the profiles and defaults below
+    /// it: a cap below the first delay is refused (the loop would wait longer than the cap says).
+    fn check_backoff(&self) -> Result<(), Invalid> {
+        let server = std::iter::once(("server".to_owned(), None));
+        let handlers = (self.handlers.iter())
+            .map(|(name, section)| (format!("server.handlers.{name}"), Some(section)));
+        for (key, section) in server.chain(handlers) {
+            let s = self.layered(section, &HandlerOptions::default());
+            backoff(&key, s.retry_delay_ms, s.max_retry_delay_ms)?;
+        }
+        Ok(())
     }
 
     /// Every profile and per-handler section valid, and every profile named one that exists.
@@ -108,6 +124,21 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `key.max_retry_delay_ms` not below `key.retry_delay_ms`, whichever layer set them.
+pub(super) fn backoff(key: &str, delay: u64, max: u64) -> Result<(), Invalid> {
+    if max < delay {
+        return Err(Invalid::new(
+            format!("{key}.max_retry_delay_ms"),
+            Problem::BelowOther {
+                value: max,
+                other_key: "retry_delay_ms",
+                other: delay,
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// `[server] isolation` with `[server.worker]`'s limits, which only a worker process can have.
@@ -156,10 +187,11 @@ fn max_message_bytes(value: Option<u64>) -> Result<usize, Invalid> {
     Err(Invalid::new("server.max_message_bytes", problem))
 }
 
-/// `[outbox]`, checked: at least one message per tick and attempt, a lease of at least 100 ms.
+/// `[outbox]`, checked: at least one message per tick and attempt, a backoff cap not below its first
+/// delay, a lease of at least 100 ms.
 fn outbox(o: &OutboxSection) -> Result<OutboxSettings, Invalid> {
     let d = OutboxSettings::default();
-    Ok(OutboxSettings {
+    let settings = OutboxSettings {
         messages_per_tick: at_least("outbox.messages_per_tick", o.messages_per_tick, 1)?
             .unwrap_or(d.messages_per_tick),
         max_attempts: at_least("outbox.max_attempts", o.max_attempts, 1)?.unwrap_or(d.max_attempts),
@@ -167,7 +199,13 @@ fn outbox(o: &OutboxSection) -> Result<OutboxSettings, Invalid> {
         max_retry_delay_ms: o.max_retry_delay_ms.unwrap_or(d.max_retry_delay_ms),
         lease_ttl: at_least("outbox.lease_ttl_ms", o.lease_ttl_ms, MIN_LEASE_TTL_MS)?
             .map_or(d.lease_ttl, Duration::from_millis),
-    })
+    };
+    backoff(
+        "outbox",
+        settings.retry_delay_ms,
+        settings.max_retry_delay_ms,
+    )?;
+    Ok(settings)
 }
 
 /// `[server.ordering]`, checked: at least one partition and worker, a lease of at least 100 ms.

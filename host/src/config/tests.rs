@@ -438,3 +438,48 @@ fn the_production_example_is_a_valid_configuration() {
     assert_eq!(config.isolation.mode, IsolationMode::Process);
     assert_eq!(config.shutdown_grace, Duration::from_secs(20));
 }
+
+#[test]
+fn a_backoff_cap_below_its_first_delay_is_refused_whichever_layer_set_them() {
+    let cases = [
+        // The default cap (30 s) under a first delay of [server].
+        (
+            "[server]\nretry_delay_ms = 60000\n",
+            "server.max_retry_delay_ms: 30000 is below retry_delay_ms 60000; raise it or lower retry_delay_ms",
+        ),
+        // A handler's cap under the first delay of [server]'s profile.
+        (
+            "[server]\nprofile = \"slow\"\n[profiles.slow]\nretry_delay_ms = 9000\n[server.handlers.x]\nmax_retry_delay_ms = 5000\n",
+            "server.handlers.x.max_retry_delay_ms: 5000 is below retry_delay_ms 9000; raise it or lower retry_delay_ms",
+        ),
+        // Both in one profile.
+        (
+            "[profiles.p]\nretry_delay_ms = 10\nmax_retry_delay_ms = 5\n",
+            "profiles.p.max_retry_delay_ms: 5 is below retry_delay_ms 10; raise it or lower retry_delay_ms",
+        ),
+        // The outbox's default cap (60 s) under its first delay.
+        (
+            "[outbox]\nretry_delay_ms = 120000\n",
+            "outbox.max_retry_delay_ms: 60000 is below retry_delay_ms 120000; raise it or lower retry_delay_ms",
+        ),
+    ];
+    for (text, expected) in cases {
+        let error = parse(text, &[]).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("config file protean.toml: {expected}"),
+            "{text}"
+        );
+    }
+    let raised = parse(
+        "[server]\nretry_delay_ms = 60000\nmax_retry_delay_ms = 60000\n[outbox]\nretry_delay_ms = 120000\nmax_retry_delay_ms = 120000\n",
+        &[],
+    )
+    .unwrap();
+    let settings = raised.settings("x", &HandlerOptions::default());
+    assert_eq!(
+        (settings.retry_delay_ms, settings.max_retry_delay_ms),
+        (60_000, 60_000)
+    );
+    assert_eq!(raised.outbox.max_retry_delay_ms, 120_000);
+}
