@@ -423,6 +423,24 @@ fn the_readme_reference_of_keys_without_defaults_is_valid_and_its_defaults_true(
 }
 
 #[test]
+fn the_kubernetes_config_map_is_a_valid_configuration() {
+    let map = include_str!("../../../deploy/kubernetes/configmap.yaml");
+    let (_, toml) = map
+        .split_once("protean.toml: |\n")
+        .expect("the ConfigMap holds protean.toml");
+    let text: String = toml
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+        .collect();
+    let env = [
+        ("STORE_URI", "postgresql://app:secret@db:5432/shop"),
+        ("REDIS_URI", "redis://cache:6379/0"),
+    ];
+    let config = parse(&text, &env).unwrap();
+    assert_eq!(config.health.host, "0.0.0.0");
+}
+
+#[test]
 fn the_production_example_is_a_valid_configuration() {
     let guide = include_str!("../../../docs/production.md");
     let example = guide
