@@ -112,8 +112,9 @@ pub struct Config {
     profiles: BTreeMap<String, Profile>,
 }
 
-/// Every default of `[server]` that is not a subscription's or a section's own (those are
-/// [`Settings`]', [`OutboxSettings`]', ... `Default`s, the store's and broker's in their modules).
+/// Every default of `[server]` that is not a subscription's or a section's own: those are the
+/// `Default`s of [`Settings`], [`OutboxSettings`], [`HealthSettings`] and [`OrderingSettings`], and
+/// the store's and broker's constants in their modules.
 impl Default for Config {
     fn default() -> Self {
         Self {
