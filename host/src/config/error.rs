@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 /// Why the configuration could not be used. Each names the file and the key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
-    #[error("cannot read config file {}: {reason}", path.display())]
+    #[error("cannot read config file {}: {reason}; check the path (--config) and that this user may read it", path.display())]
     Read { path: PathBuf, reason: String },
     #[error("config file {}, line {line}: {message}", path.display())]
     Syntax {

@@ -501,3 +501,21 @@ fn a_backoff_cap_below_its_first_delay_is_refused_whichever_layer_set_them() {
     );
     assert_eq!(raised.outbox.max_retry_delay_ms, 120_000);
 }
+
+#[test]
+fn a_file_that_cannot_be_read_is_one_line_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let error = Config::load_file(&missing, &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with(&format!("cannot read config file {}: ", missing.display())),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("; check the path (--config) and that this user may read it"),
+        "{error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+}
