@@ -13,10 +13,8 @@ use redis::{
     Client, Script, Value,
 };
 
-mod config;
 mod partitions;
 
-pub(crate) use self::config::BrokerSection;
 use self::partitions::RedisPartitions;
 use super::{
     dead_letter_stream,
@@ -25,6 +23,10 @@ use super::{
     GroupStart, GroupStatus, Result,
 };
 use crate::redact::ConnectionString;
+
+// `[brokers.default]`, resolved beside the broker that reads it.
+mod config;
+pub(crate) use self::config::BrokerSection;
 
 static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
