@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
+pub(crate) use self::redis::BrokerSection;
 pub use self::redis::RedisBroker;
 
 /// One entry read from a stream.

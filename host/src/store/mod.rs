@@ -7,6 +7,7 @@
 //! The trait is synchronous: the engine calls it only from blocking threads (the same thread that calls
 //! the plugin), so an embedded store costs no thread hop and a handler's reads are plain calls.
 
+mod config;
 mod lease;
 mod memory;
 mod outbox;
@@ -25,6 +26,8 @@ use std::{
 
 use serde::Serialize;
 
+pub(crate) use config::StoreSection;
+pub use config::DEFAULT_STORE_PATH;
 pub use lease::Leases;
 pub use memory::MemoryStore;
 pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow};
@@ -186,7 +189,10 @@ pub enum Error {
     #[error("the PostgreSQL server at {store} refused the connection: {reason}; check the user, password and database in store.uri")]
     Refused { store: String, reason: String },
     #[error("store.uri {store:?} is not a PostgreSQL URI: {reason}")]
-    BadUri { store: String, reason: String },
+    BadUri {
+        store: String,
+        reason: self::postgres::UriError,
+    },
     #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
     NotSetUp {
         store: String,

@@ -25,6 +25,10 @@ use super::{
 };
 use crate::redact::ConnectionString;
 
+// `[brokers.default]`, resolved beside the broker that reads it.
+mod config;
+pub(crate) use self::config::BrokerSection;
+
 static RENEW_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =

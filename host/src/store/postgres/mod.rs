@@ -10,6 +10,8 @@
 //! replaced by the pool, so processing resumes when the database is back.
 
 mod commit;
+mod config;
+pub use self::config::UriError;
 mod lease;
 pub mod migrate;
 mod outbox;
@@ -134,14 +136,11 @@ pub struct PostgresConfig {
 impl PostgresConfig {
     /// The URI as a connection configuration and its TLS connector (`None`: plain); the error says
     /// what is wrong with it.
-    pub fn parse(&self) -> Result<(postgres::Config, Tls), String> {
+    pub fn parse(&self) -> Result<(postgres::Config, Tls), UriError> {
         let (text, tls) = tls::split(self.uri.expose())?;
-        let mut config: postgres::Config = text.parse().map_err(|e: postgres::Error| {
-            format!(
-                "{}; expected a URI like postgresql://user:password@host:5432/database",
-                super::postgres_detail(&e)
-            )
-        })?;
+        let mut config: postgres::Config = text
+            .parse()
+            .map_err(|e: postgres::Error| UriError::Syntax(super::postgres_detail(&e)))?;
         let connector = tls::connector(&tls)?;
         config.ssl_mode(match tls.mode {
             tls::Mode::Disable => postgres::config::SslMode::Disable,

@@ -13,7 +13,10 @@
 //!
 //! `sslcert` and `sslkey` (PEM) give a client certificate.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls::{
     client::{
@@ -25,6 +28,8 @@ use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::UriError;
 
 /// The options taken out of a connection string.
 const OPTIONS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -49,7 +54,7 @@ pub(super) struct Settings {
 }
 
 /// `text` without its TLS options, and those options.
-pub(super) fn split(text: &str) -> Result<(String, Settings), String> {
+pub(super) fn split(text: &str) -> Result<(String, Settings), UriError> {
     let (rest, pairs) = if text.contains("://") {
         split_uri(text)
     } else {
@@ -62,11 +67,7 @@ pub(super) fn split(text: &str) -> Result<(String, Settings), String> {
         Some("require") => Mode::Require,
         Some("verify-ca") => Mode::VerifyCa,
         Some("verify-full") => Mode::VerifyFull,
-        Some(other) => {
-            return Err(format!(
-                "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
-        }
+        Some(other) => return Err(UriError::SslMode(other.to_owned())),
     };
     let settings = Settings {
         mode,
@@ -75,13 +76,12 @@ pub(super) fn split(text: &str) -> Result<(String, Settings), String> {
         key: value("sslkey").map(PathBuf::from),
     };
     if matches!(mode, Mode::VerifyCa | Mode::VerifyFull) && settings.root_cert.is_none() {
-        return Err(format!(
-            "sslmode {} needs sslrootcert=/path/to/ca.pem (the certificate that signed the server's)",
-            value("sslmode").unwrap_or_default()
+        return Err(UriError::NeedsRootCert(
+            value("sslmode").unwrap_or_default(),
         ));
     }
     if settings.cert.is_some() != settings.key.is_some() {
-        return Err("sslcert and sslkey go together (a client certificate and its key)".into());
+        return Err(UriError::CertWithoutKey);
     }
     Ok((rest, settings))
 }
@@ -172,21 +172,21 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// The connector for these settings: `None` for a plain connection.
-pub(super) fn connector(settings: &Settings) -> Result<Option<MakeRustlsConnect>, String> {
+pub(super) fn connector(settings: &Settings) -> Result<Option<MakeRustlsConnect>, UriError> {
     if matches!(settings.mode, Mode::Disable | Mode::Prefer) {
         return Ok(None);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| UriError::Tls(e.to_string()))?;
     let verifier: Arc<dyn ServerCertVerifier> = match (&settings.root_cert, settings.mode) {
         (None, _) => Arc::new(Unchecked(provider)),
         (Some(path), mode) => {
             let roots = Arc::new(root_store(path)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| UriError::Tls(e.to_string()))?;
             if mode == Mode::VerifyFull {
                 webpki
             } else {
@@ -200,37 +200,45 @@ pub(super) fn connector(settings: &Settings) -> Result<Option<MakeRustlsConnect>
     let config = match (&settings.cert, &settings.key) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(certificates(cert, "sslcert")?, private_key(key)?)
-            .map_err(|e| format!("sslcert and sslkey: {e}"))?,
+            .map_err(|e| UriError::ClientCertificate(e.to_string()))?,
         _ => builder.with_no_client_auth(),
     };
     Ok(Some(MakeRustlsConnect::new(config)))
 }
 
-fn certificates(path: &PathBuf, option: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certificates(
+    path: &Path,
+    option: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, UriError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{option} {}: {e}", path.display()))?;
+        .map_err(|e| file_error(option, path, e))?;
     if certs.is_empty() {
-        return Err(format!(
-            "{option} {}: no PEM certificate in it",
-            path.display()
-        ));
+        return Err(file_error(option, path, "no PEM certificate in it"));
     }
     Ok(certs)
 }
 
-fn root_store(path: &PathBuf) -> Result<RootCertStore, String> {
+fn file_error(option: &'static str, path: &Path, reason: impl ToString) -> UriError {
+    UriError::File {
+        option,
+        path: path.into(),
+        reason: reason.to_string(),
+    }
+}
+
+fn root_store(path: &Path) -> Result<RootCertStore, UriError> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(path, "sslrootcert")? {
         roots
             .add(cert)
-            .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            .map_err(|e| file_error("sslrootcert", path, e))?;
     }
     Ok(roots)
 }
 
-fn private_key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("sslkey {}: {e}", path.display()))
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, UriError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("sslkey", path, e))
 }
 
 /// `require` without a root certificate: encrypted, the server's certificate not checked (libpq's
@@ -357,7 +365,7 @@ mod tests {
                 "sslcert and sslkey go together",
             ),
         ] {
-            let error = split(text).unwrap_err();
+            let error = split(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
         }
     }
