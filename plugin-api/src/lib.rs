@@ -12,41 +12,28 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! // An event-sourced aggregate: state rebuilt from its events.
-//! #[derive(Default)]
+//! #[derive(Default, Aggregate)]
+//! #[aggregate(category = "account", applies(Deposited))]
 //! pub struct Account { balance: i64 }
 //!
-//! impl Aggregate for Account {
-//!     const CATEGORY: &'static str = "account";
-//!     fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
-//!         if let Some(deposited) = event.decode::<Deposited>()? {
-//!             self.balance += deposited.amount;
-//!         }
-//!         Ok(())
-//!     }
+//! impl Apply<Deposited> for Account {
+//!     fn apply(&mut self, event: Deposited) { self.balance += event.amount; }
 //! }
 //!
 //! // A command (type `Bank.Deposit.v1`, stream `bank::account:command-{id}`) ...
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Serialize, Deserialize, Command)]
+//! #[command(aggregate = Account, target = account)]
 //! pub struct Deposit { account: String, amount: i64 }
-//! impl Message for Deposit { const NAME: &'static str = "Deposit"; }
-//! impl Command for Deposit {
-//!     type Aggregate = Account;
-//!     fn target_id(&self) -> String { self.account.clone() }
-//! }
 //!
 //! // ... and the event it causes (stream `bank::account-{id}`).
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Serialize, Deserialize, Event)]
+//! #[event(aggregate = Account)]
 //! pub struct Deposited { account: String, amount: i64 }
-//! impl Message for Deposited { const NAME: &'static str = "Deposited"; }
-//! impl Event for Deposited { type Aggregate = Account; }
 //!
-//! // A read model.
-//! #[derive(Serialize, Deserialize)]
+//! // A read model, stored in collection `balances` under its `account`.
+//! #[derive(Serialize, Deserialize, Document)]
+//! #[document(collection = "balances", id = account)]
 //! pub struct Balance { account: String, balance: i64 }
-//! impl Document for Balance {
-//!     const COLLECTION: &'static str = "balances";
-//!     fn id(&self) -> String { self.account.clone() }
-//! }
 //!
 //! fn deposit(command: Deposit, ctx: &mut Context) -> HandlerResult {
 //!     if command.amount <= 0 {
@@ -81,6 +68,11 @@
 //! # }
 //! ```
 //!
+//! The derives write the impls: [`Event`](derive@Event) and [`Command`](derive@Command) name the
+//! message after its type (`name = "..."` and `version = N` override), [`Aggregate`](derive@Aggregate)
+//! writes `apply` from its [`Apply`] impls, [`Document`](derive@Document) takes the id from a field.
+//! Each trait can still be implemented by hand.
+//!
 //! The four kinds of handler, and the subscriptions the host creates for them:
 //!
 //! | builder | reacts to | subscription |
@@ -94,6 +86,11 @@
 //! runtime inside a handler. Log with the [`log`] crate's macros: the lines arrive in the host's logs with
 //! the plugin as their source. A panic in a handler is caught and treated as a retryable failure.
 
+// The README's example domain, compiled and run as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct Readme;
+
 #[allow(unsafe_code)]
 pub mod abi;
 mod aggregate;
@@ -106,7 +103,7 @@ mod message;
 mod panic;
 pub mod testing;
 
-pub use aggregate::{Aggregate, Recorded};
+pub use aggregate::{Aggregate, Apply, Recorded};
 pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
     AfterDeadLetter, CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions,
@@ -115,13 +112,17 @@ pub use domain::{
 pub use error::{HandlerError, HandlerResult};
 pub use log;
 pub use message::{category_of_stream, Command, Event, Message, Naming};
+pub use protean_plugin_api_derive::{Aggregate, Command, Document, Event, Message};
+
+// The derives name this crate by its absolute path; this lets its own tests use them too.
+extern crate self as protean_plugin_api;
 
 /// Everything a domain author needs, in one import.
 pub mod prelude {
     pub use crate::{
-        AfterDeadLetter, Aggregate, Command, CommandHandler, Configure, Context, Document, Domain,
-        Event, EventHandler, HandlerError, HandlerResult, Message, ProcessManager, Projector,
-        Recorded,
+        AfterDeadLetter, Aggregate, Apply, Command, CommandHandler, Configure, Context, Document,
+        Domain, Event, EventHandler, HandlerError, HandlerResult, Message, ProcessManager,
+        Projector, Recorded,
     };
     pub use log;
 }
