@@ -124,17 +124,10 @@ pub struct ReservationDoc {
     pub sku: String,
     /// How many.
     pub quantity: u32,
-    /// Which warehouse holds it: "main", or "north" in the build the hot-reload tests switch to.
+    /// Which warehouse holds it (the one the domain was built for).
     #[serde(default)]
     pub warehouse: String,
 }
-
-/// The warehouse this build reserves in; the hot-reload tests tell builds apart by it.
-const WAREHOUSE: &str = if cfg!(feature = "reload-test-variant") {
-    "north"
-} else {
-    "main"
-};
 
 /// Where an order stands (read model).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Document)]
@@ -208,13 +201,20 @@ fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult 
     ctx.raise(&order_id.clone(), &PaymentProcessed { order_id, amount })
 }
 
-fn reserve_stock(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+/// A handler made from configuration: it reserves stock in `warehouse`.
+fn reserve_stock_in(
+    warehouse: &'static str,
+) -> impl Fn(OrderPlaced, &mut Context) -> HandlerResult + Send + Sync + 'static {
+    move |event, ctx| reserve_stock(warehouse, event, ctx)
+}
+
+fn reserve_stock(warehouse: &str, event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
     let reservation = ReservationDoc {
         id: format!("res-{}", event.order_id),
         order_id: event.order_id.clone(),
         sku: event.sku.clone(),
         quantity: event.quantity,
-        warehouse: WAREHOUSE.into(),
+        warehouse: warehouse.into(),
     };
     ctx.put(&reservation)?;
     let OrderPlaced {
@@ -328,25 +328,13 @@ fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
     summarise(ctx, event.order_id, "shipped")
 }
 
-/// The fulfilment domain.
+/// The fulfilment domain, reserving stock in the `main` warehouse.
 pub fn domain() -> Domain {
-    if cfg!(feature = "reload-test-panic") {
-        panic!("this build's constructor panics on purpose (feature reload-test-panic)");
-    }
-    let domain = base();
-    if cfg!(feature = "reload-test-variant") {
-        // A handler only this build has: a reload starts its subscription.
-        return domain.event_handler(EventHandler::new("audit").on(audit_shipped));
-    }
-    domain
+    in_warehouse("main")
 }
 
-fn audit_shipped(event: OrderShipped, _: &mut Context) -> HandlerResult {
-    log::debug!("audited shipment of {}", event.order_id);
-    Ok(())
-}
-
-fn base() -> Domain {
+/// The fulfilment domain, reserving stock in `warehouse`.
+pub fn in_warehouse(warehouse: &'static str) -> Domain {
     Domain::new("Fulfilment")
         .command_handler(
             CommandHandler::<Order>::new("orders")
@@ -354,7 +342,7 @@ fn base() -> Domain {
                 .on(ship_order),
         )
         .command_handler(CommandHandler::<Payment>::new("payments").on(process_payment))
-        .event_handler(EventHandler::new("inventory").on(reserve_stock))
+        .event_handler(EventHandler::new("inventory").on(reserve_stock_in(warehouse)))
         .event_handler(EventHandler::new("billing").on(charge))
         .process_manager(
             ProcessManager::<Fulfilment>::new("fulfilment", "order_id")

@@ -17,13 +17,12 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
-/// Run `cargo build` with `args` and return the file of the artifact of `package` whose kind is `kind`.
-fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
+/// A `cargo` command run from `dir`, without the variables `cargo test` sets for this test process:
+/// ring's build script tracks some of them, and inherited they would make this build and the next
+/// `cargo test` rebuild ring and everything above it (the host included), in turn.
+fn cargo(dir: &Path) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
-    // `cargo test` sets these for this test process, and ring's build script tracks some of them:
-    // inherited, they would make this build and the next `cargo test` rebuild ring and everything
-    // above it (the host included), in turn.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         let per_crate = [
@@ -39,7 +38,14 @@ fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) ->
             command.env_remove(key.as_ref());
         }
     }
-    command.current_dir(workspace()).args([
+    command.current_dir(dir);
+    command
+}
+
+/// Run `cargo build` with `args` and return the file of the artifact of `package` whose kind is `kind`.
+fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
+    let mut command = cargo(&workspace());
+    command.args([
         "build",
         "--message-format=json-render-diagnostics",
         "-p",
@@ -104,7 +110,7 @@ pub fn host_binary() -> &'static Path {
     })
 }
 
-/// Ways to build the sample domain against a plugin-api this host cannot load.
+/// Ways to build the fixture domain against a plugin-api this host cannot load.
 #[derive(Debug, Clone, Copy)]
 pub enum Incompatibility {
     /// The ABI tag says another ABI generation.
@@ -113,9 +119,9 @@ pub enum Incompatibility {
     Layout,
 }
 
-/// The sample domain built with a test feature of plugin-api, in a target directory of its own (so the
+/// The fixture domain built with a test feature of plugin-api, in a target directory of its own (so the
 /// normal build is untouched).
-pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
+pub fn incompatible_fixture(which: Incompatibility) -> PathBuf {
     let (feature, dir) = match which {
         Incompatibility::NextTag => ("abi-test-next-tag", "abi-next-tag"),
         Incompatibility::Layout => ("abi-test-layout", "abi-layout"),
@@ -123,13 +129,14 @@ pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
     let target_dir = workspace().join("target").join("abi-fixtures").join(dir);
     build(
         &["--features", feature],
-        "sample-domain",
+        "fixture-domain",
         "cdylib",
         Some(&target_dir),
     )
 }
 
-/// Test builds of the sample domain for the hot-reload tests, by cargo feature.
+/// Test builds of the fixture domain for the hot-reload tests, by cargo feature: each exports instance
+/// `domain`, to replace the sample domain's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadBuild {
     /// `reload-test-variant`: reservations in the "north" warehouse, one more handler.
@@ -138,9 +145,9 @@ pub enum ReloadBuild {
     Panicking,
 }
 
-/// The sample domain built with a hot-reload test feature, in a target directory of its own. Both
-/// builds share that directory (only sample-domain differs), so each artifact is copied aside.
-pub fn reload_sample(which: ReloadBuild) -> &'static Path {
+/// The fixture domain built with a hot-reload test feature, in a target directory of its own. Both
+/// builds share that directory (only fixture-domain differs), so each artifact is copied aside.
+pub fn reload_fixture(which: ReloadBuild) -> &'static Path {
     static VARIANT: OnceLock<PathBuf> = OnceLock::new();
     static PANICKING: OnceLock<PathBuf> = OnceLock::new();
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -153,7 +160,7 @@ pub fn reload_sample(which: ReloadBuild) -> &'static Path {
         let target_dir = workspace().join("target").join("reload-fixtures");
         let built = build(
             &["--features", feature],
-            "sample-domain",
+            "fixture-domain",
             "cdylib",
             Some(&target_dir),
         );

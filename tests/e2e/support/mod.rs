@@ -16,7 +16,7 @@ mod tls;
 mod wait;
 
 pub use build::{
-    bad_build, fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
+    bad_build, fixture_domain, host_binary, incompatible_fixture, reload_fixture, sample_domain,
     BadBuild, Incompatibility, ReloadBuild,
 };
 pub use engine::{backends, engine, postgres, sqlite, types, TEST_CONFIG};
