@@ -1,7 +1,7 @@
 //! The plugin side of the ABI: [`crate::export_domains`] and the adapter that turns a [`Domain`] into an
 //! ABI [`DomainInstance`](crate::abi::DomainInstance).
 //!
-//! Invariant: no panic leaves this module; every entry point runs under [`crate::panic::catch`].
+//! Invariant: no panic leaves this module; every entry point runs under `crate::panic::catch`.
 
 use std::sync::OnceLock;
 

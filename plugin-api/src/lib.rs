@@ -82,6 +82,11 @@
 //! | [`Projector`] | events, writing documents | one per category |
 //! | [`ProcessManager`] | events correlated by a field, with a start and an end | one over all its categories |
 //!
+//! A handler is a plain function that takes the message first, then what it needs: the [`Context`]
+//! (to load, raise, send, read and write), the message's [`Metadata`], both (in either order) or
+//! neither; it returns a [`HandlerResult`], any `Result<(), E>` whose error converts into a
+//! [`HandlerError`], or nothing ([`EventFn`] lists the forms).
+//!
 //! Handlers are synchronous: the host calls them on a blocking thread, in batches. Never start an async
 //! runtime inside a handler. Log with the [`log`] crate's macros: the lines arrive in the host's logs with
 //! the plugin as their source. A panic in a handler is caught and treated as a retryable failure.
@@ -91,7 +96,9 @@
 #[doc = include_str!("../../README.md")]
 struct Readme;
 
+// The binary interface: public for protean-host and `export_domains!`, hidden from authors.
 #[allow(unsafe_code)]
+#[doc(hidden)]
 pub mod abi;
 mod aggregate;
 mod context;
@@ -99,6 +106,7 @@ mod domain;
 mod error;
 #[doc(hidden)]
 pub mod export;
+mod handler;
 mod message;
 mod panic;
 pub mod testing;
@@ -106,10 +114,13 @@ pub mod testing;
 pub use aggregate::{Aggregate, Apply, Recorded};
 pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
-    AfterDeadLetter, CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions,
+    AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,
     ProcessManager, Projector, Registration, StepFn, STREAM_KEY,
 };
 pub use error::{HandlerError, HandlerResult};
+#[doc(hidden)]
+pub use handler::{Args, Ctx};
+pub use handler::{EventFn, IntoHandlerResult, Metadata};
 pub use log;
 pub use message::{category_of_stream, Command, Event, Message, Naming};
 pub use protean_plugin_api_derive::{Aggregate, Command, Document, Event, Message};
@@ -121,8 +132,8 @@ extern crate self as protean_plugin_api;
 pub mod prelude {
     pub use crate::{
         AfterDeadLetter, Aggregate, Apply, Command, CommandHandler, Configure, Context, Document,
-        Domain, Event, EventHandler, HandlerError, HandlerResult, Message, ProcessManager,
-        Projector, Recorded,
+        Domain, Event, EventHandler, HandlerError, HandlerResult, Message, Metadata,
+        ProcessManager, Projector, Recorded,
     };
     pub use log;
 }
