@@ -16,7 +16,7 @@ use crate::{
     abi::HandlerKind,
     context::{Context, HostServices, MessageInfo},
     error::{HandlerError, HandlerResult},
-    handler::EventFn,
+    handler::{EventFn, StepFn},
     message::{Command, Event, Message, Naming},
     panic,
 };
@@ -266,25 +266,6 @@ impl<A> Configure for CommandHandler<A> {
     }
 }
 
-/// The shape of a process-manager step: `fn(&mut State, PaymentProcessed, &mut Context) -> HandlerResult`.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is not a process manager step for events of type `{E}` and state `{S}`",
-    note = "a step is `fn(state: &mut S, event: E, ctx: &mut Context) -> Result<(), HandlerError>`"
-)]
-pub trait StepFn<S, E>: Send + Sync + 'static {
-    /// Handle one event for one process instance.
-    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult;
-}
-
-impl<S, E, F> StepFn<S, E> for F
-where
-    F: Fn(&mut S, E, &mut Context<'_>) -> HandlerResult + Send + Sync + 'static,
-{
-    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
-        self(state, event, ctx)
-    }
-}
-
 /// How a process-manager step changes the instance's life.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -319,21 +300,21 @@ where
     }
 
     /// `E` starts a new instance.
-    pub fn start<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn start<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::Start, f)
     }
 
     /// `E` moves a started instance along.
-    pub fn on<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn on<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::Continue, f)
     }
 
     /// `E` ends the instance; later events for it are skipped.
-    pub fn end<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn end<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::End, f)
     }
 
-    fn step<E: Event>(mut self, phase: Phase, f: impl StepFn<S, E>) -> Self {
+    fn step<E: Event, A>(mut self, phase: Phase, f: impl StepFn<S, E, A>) -> Self {
         let collection = format!("pm::{}", self.0.name);
         let field = self.0.options.correlate.clone().unwrap_or_default();
         let call: Call = Box::new(move |data, ctx| {

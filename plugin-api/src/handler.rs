@@ -18,6 +18,8 @@
 //! let handler = EventHandler::new("inventory").on(count).on(trace).on(reserve);
 //! ```
 //!
+//! A process manager's step takes the instance's state first, then the same ([`StepFn`]).
+//!
 //! Invariant: every form is called exactly like the plain `fn(E, &mut Context) -> HandlerResult`: the
 //! extra arguments are built from the context of the message being handled, and nothing else.
 
@@ -155,5 +157,69 @@ where
     fn call(&self, message: E, ctx: &mut Context<'_>) -> HandlerResult {
         let metadata = Metadata::of(ctx.message());
         self(message, metadata, ctx).into_handler_result()
+    }
+}
+
+/// The shape of a process-manager step for events `E` and state `S`: the state and the event first,
+/// then the [`Context`] and the [`Metadata`] if it needs them, in either order.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a process manager step for events of type `{E}` and state `{S}`",
+    note = "a step takes the state and the event first, then what it needs: `fn(&mut S, E)`, `fn(&mut S, E, &mut Context)`, `fn(&mut S, E, Metadata)`, `fn(&mut S, E, &mut Context, Metadata)` or `fn(&mut S, E, Metadata, &mut Context)`",
+    note = "and returns `HandlerResult`, another `Result<(), impl Into<HandlerError>>`, or `()`"
+)]
+pub trait StepFn<S, E, A = Args<(E, Ctx)>>: Send + Sync + 'static {
+    /// Handle one event for one process instance.
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult;
+}
+
+impl<S, E, F, R> StepFn<S, E, Args<(E, Ctx)>> for F
+where
+    F: Fn(&mut S, E, &mut Context<'_>) -> R + Send + Sync + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        self(state, event, ctx).into_handler_result()
+    }
+}
+
+impl<S, E, F, R> StepFn<S, E, Args<(E,)>> for F
+where
+    F: Fn(&mut S, E) -> R + Send + Sync + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, state: &mut S, event: E, _: &mut Context<'_>) -> HandlerResult {
+        self(state, event).into_handler_result()
+    }
+}
+
+impl<S, E, F, R> StepFn<S, E, Args<(E, Metadata)>> for F
+where
+    F: Fn(&mut S, E, Metadata) -> R + Send + Sync + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        self(state, event, Metadata::of(ctx.message())).into_handler_result()
+    }
+}
+
+impl<S, E, F, R> StepFn<S, E, Args<(E, Ctx, Metadata)>> for F
+where
+    F: Fn(&mut S, E, &mut Context<'_>, Metadata) -> R + Send + Sync + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        let metadata = Metadata::of(ctx.message());
+        self(state, event, ctx, metadata).into_handler_result()
+    }
+}
+
+impl<S, E, F, R> StepFn<S, E, Args<(E, Metadata, Ctx)>> for F
+where
+    F: Fn(&mut S, E, Metadata, &mut Context<'_>) -> R + Send + Sync + 'static,
+    R: IntoHandlerResult,
+{
+    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
+        let metadata = Metadata::of(ctx.message());
+        self(state, event, metadata, ctx).into_handler_result()
     }
 }

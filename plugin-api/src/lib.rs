@@ -115,12 +115,12 @@ pub use aggregate::{Aggregate, Apply, Recorded};
 pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
     AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,
-    ProcessManager, Projector, Registration, StepFn, STREAM_KEY,
+    ProcessManager, Projector, Registration, STREAM_KEY,
 };
 pub use error::{HandlerError, HandlerResult};
 #[doc(hidden)]
 pub use handler::{Args, Ctx};
-pub use handler::{EventFn, IntoHandlerResult, Metadata};
+pub use handler::{EventFn, IntoHandlerResult, Metadata, StepFn};
 pub use log;
 pub use message::{category_of_stream, Command, Event, Message, Naming};
 pub use protean_plugin_api_derive::{Aggregate, Command, Document, Event, Message};

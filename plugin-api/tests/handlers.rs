@@ -21,6 +21,12 @@ struct Seen {
     stream: String,
 }
 
+#[derive(Serialize, Deserialize, Event)]
+#[event(aggregate = Order)]
+struct Closed {
+    id: String,
+}
+
 #[derive(Serialize, Deserialize, Command)]
 #[command(aggregate = Order, target = id)]
 struct Place {
@@ -68,6 +74,33 @@ fn any_error(_: Place, _: &mut Context) -> Result<(), std::fmt::Error> {
     Err(std::fmt::Error)
 }
 
+#[derive(Default, Serialize, Deserialize)]
+struct Steps {
+    taken: Vec<String>,
+}
+
+fn started(state: &mut Steps, _: Placed) {
+    state.taken.push("start".into());
+}
+
+fn noted(state: &mut Steps, _: Seen, meta: Metadata) -> HandlerResult {
+    state.taken.push(meta.message_type);
+    Ok(())
+}
+
+fn ended(state: &mut Steps, event: Closed, meta: Metadata, ctx: &mut Context) -> HandlerResult {
+    state.taken.push(format!("end at {}", meta.position));
+    let by = state.taken.join(", ");
+    ctx.raise(
+        &event.id,
+        &Seen {
+            id: event.id.clone(),
+            by,
+            stream: meta.stream,
+        },
+    )
+}
+
 fn domain() -> Domain {
     Domain::new("Shop")
         .event_handler(EventHandler::new("plain").on(plain))
@@ -76,6 +109,12 @@ fn domain() -> Domain {
         .event_handler(EventHandler::new("metadata").on(only_metadata))
         .projector(Projector::new("nothing").on(nothing))
         .command_handler(CommandHandler::<Order>::new("orders").on(any_error))
+        .process_manager(
+            ProcessManager::<Steps>::new("steps", "id")
+                .start(started)
+                .on(noted)
+                .end(ended),
+        )
 }
 
 #[test]
@@ -131,4 +170,23 @@ fn any_error_a_handler_returns_is_retryable() {
         error.message(),
         "an error occurred when formatting an argument"
     );
+}
+
+#[test]
+fn process_manager_steps_take_what_they_need_too() {
+    let host = TestHost::new(domain());
+    host.handle_event("steps", "p1", &Placed { id: "p1".into() })
+        .unwrap();
+    let seen = Seen {
+        id: "p1".into(),
+        by: "someone".into(),
+        stream: "-".into(),
+    };
+    host.handle_event("steps", "p1", &seen).unwrap();
+    host.handle_event("steps", "p1", &Closed { id: "p1".into() })
+        .unwrap();
+    let raised = host.events::<Order>("p1");
+    assert_eq!(raised.len(), 1);
+    assert_eq!(raised[0].data["by"], "start, Shop.Seen.v1, end at 0");
+    assert_eq!(raised[0].data["stream"], "shop::order-p1");
 }

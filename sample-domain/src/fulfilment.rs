@@ -262,19 +262,14 @@ pub struct Fulfilment {
     pub paid: bool,
 }
 
-fn fulfilment_started(
-    state: &mut Fulfilment,
-    event: OrderPlaced,
-    _: &mut Context,
-) -> HandlerResult {
+// Steps and handlers take only what they use: these two need no context.
+fn fulfilment_started(state: &mut Fulfilment, event: OrderPlaced) {
     log::debug!("fulfilment of order {} started", event.order_id);
     *state = Fulfilment::default();
-    Ok(())
 }
 
-fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved, _: &mut Context) -> HandlerResult {
+fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved) {
     state.reserved = true;
-    Ok(())
 }
 
 fn fulfilment_paid(
@@ -288,9 +283,8 @@ fn fulfilment_paid(
     })
 }
 
-fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> HandlerResult {
+fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped) {
     log::info!("order {} shipped", event.order_id);
-    Ok(())
 }
 
 /// The order's statuses, in the order they happen.
