@@ -228,6 +228,7 @@ fn parse_args(input: &DeriveInput, attribute: &str) -> syn::Result<Args> {
                 "category" => args.category = Some(meta.value()?.parse()?),
                 "collection" => args.collection = Some(meta.value()?.parse()?),
                 "id" => args.id = Some(meta.value()?.parse()?),
+                // `applies(A, B)`: the one key left that `allowed` admits.
                 _ => meta.parse_nested_meta(|event| {
                     args.applies.push(event.path);
                     Ok(())
