@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("ordered") {
         rows.push(ordered::ordered_vs_unordered(&host, &fixture, events)?);
-        rows.push(ordered::rebalance(&host, &sample)?);
+        rows.push(ordered::rebalance(&host, &fixture)?);
     }
     if wanted("callgrind") {
         rows.extend(callgrind::hot_path(&host, &fixture, 5000)?);
@@ -132,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);
     }
     if wanted("reload") {
-        let variant = workspace().join("target/reload-bench/release/libsample_domain.so");
+        let variant = workspace().join("target/reload-bench/release/libfixture_domain.so");
         if !variant.is_file() {
             bail!(
                 "{} is missing; run scripts/bench (it builds it)",

@@ -75,9 +75,9 @@ pub(crate) fn ordered_vs_unordered(
     })
 }
 
-/// Two replicas of the sample's ordered `recorder` share 1,000 keys; one is killed with SIGKILL and
+/// Two replicas of the fixture's ordered `recorder` share 1,000 keys; one is killed with SIGKILL and
 /// a message is published for every key at once: the time until every key has handled it.
-pub(crate) fn rebalance(host: &Path, sample: &Path) -> anyhow::Result<Row> {
+pub(crate) fn rebalance(host: &Path, fixture: &Path) -> anyhow::Result<Row> {
     const KEYS: usize = 1000;
     let lease = Duration::from_millis(3000);
     let redis = Redis::start()?;
@@ -90,7 +90,7 @@ pub(crate) fn rebalance(host: &Path, sample: &Path) -> anyhow::Result<Row> {
             lease.as_millis()
         ),
     )?;
-    let domain = format!("{}:sequencing", sample.display());
+    let domain = format!("{}:sequencing", fixture.display());
     let mut replicas = vec![
         Replica::start(host, dir.path(), &domain)?,
         Replica::start(host, dir.path(), &domain)?,

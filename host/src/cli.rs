@@ -120,6 +120,8 @@ pub(crate) enum Command {
     Db(DbArgs),
     /// The outbox: list the rows waiting to be published, publish held ones at once.
     Outbox(OutboxArgs),
+    /// Create a domain crate to start from: one aggregate, command, event and handler, with a test.
+    New(NewArgs),
     /// Internal: load a library copy and construct its instances in this throwaway process, reporting
     /// each step as a JSON line on stdout (see `plugin::probe`). The host runs it before it loads a build.
     #[command(name = "__probe", hide = true)]
@@ -304,6 +306,21 @@ pub(crate) struct SendArgs {
     pub(crate) idempotency_key: Option<String>,
 }
 
+/// Options of `new`.
+#[derive(Debug, Args)]
+pub(crate) struct NewArgs {
+    /// The crate's name (`shop`); the domain is named after it (`Shop`).
+    #[arg(value_name = "NAME")]
+    pub(crate) name: String,
+    /// Where to create it (default: ./NAME); must not exist.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) path: Option<PathBuf>,
+    /// The plugin-api crate to depend on (default: the one of the source tree this binary was built
+    /// from).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) plugin_api: Option<PathBuf>,
+}
+
 /// Options of `inspect`.
 #[derive(Debug, Args)]
 pub(crate) struct InspectArgs {
@@ -383,6 +400,24 @@ mod tests {
             }))
         ));
         assert_eq!(cli.common.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn new_takes_a_name_and_optionally_where_and_which_plugin_api() {
+        let Some(Command::New(args)) = parse(&["new", "shop"]).unwrap().command else {
+            panic!("`new shop` is the new subcommand");
+        };
+        assert_eq!(
+            (args.name.as_str(), args.path, args.plugin_api),
+            ("shop", None, None)
+        );
+        let cli = parse(&["new", "shop", "--path", "d", "--plugin-api", "api"]).unwrap();
+        let Some(Command::New(args)) = cli.command else {
+            panic!("`new shop --path d` is the new subcommand");
+        };
+        assert_eq!(args.path, Some(PathBuf::from("d")));
+        assert_eq!(args.plugin_api, Some(PathBuf::from("api")));
+        assert!(parse(&["new"]).is_err(), "a name is required");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod redact;
 pub mod reload;
 pub mod store;
 pub mod subscription;
+pub mod template;
 pub mod unit_of_work;
 
 // The store tests share the end-to-end tests' PostgreSQL helper, which names this crate by its name.

@@ -12,7 +12,7 @@ mod logging;
 use anyhow::Context as _;
 use cli::{
     Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat,
-    LogLevel, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs, SubscriptionsAction,
+    LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs, SubscriptionsAction,
     SubscriptionsArgs,
 };
 use protean_host::{
@@ -22,7 +22,7 @@ use protean_host::{
     message::TooBig,
     ops,
     plugin::{isolated, probe, Instances, Isolation, Library, Plugin, Probe},
-    reload, store,
+    reload, store, template,
 };
 
 fn main() -> ExitCode {
@@ -57,12 +57,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
+        Some(Command::New(args)) => new_crate(&args),
         Some(Command::Probe(args)) => probe_child(&cli.common, &args),
         Some(Command::Worker(args)) => {
             isolated::worker::serve(args.host_pid)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `new`: create the crate and print how to test and run it.
+fn new_crate(args: &NewArgs) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .path
+        .clone()
+        .unwrap_or_else(|| args.name.clone().into());
+    let plugin_api = args
+        .plugin_api
+        .clone()
+        .unwrap_or_else(template::default_plugin_api);
+    let created = template::create(&dir, &args.name, &plugin_api)?;
+    println!("{}", created.next_steps());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How this binary probes a build before loading it: by running itself (`__probe`), logging as this

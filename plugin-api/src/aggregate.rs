@@ -6,12 +6,50 @@ use serde_json::value::RawValue;
 use crate::{error::HandlerError, message::Event};
 
 /// An event-sourced aggregate. Its state is `Default` plus every event of its stream, applied in order.
+///
+/// Derive it: `#[derive(Default, Aggregate)] #[aggregate(category = "order", applies(OrderPlaced))]`
+/// writes `apply`, which hands each stored event of a listed type, decoded, to the aggregate's
+/// [`Apply`] impl for it and ignores the others.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an aggregate",
+    note = "derive it: `#[derive(Default, Aggregate)] #[aggregate(applies(..))]`"
+)]
 pub trait Aggregate: Default + 'static {
     /// The aggregate's category within its domain, e.g. `"order"`.
     const CATEGORY: &'static str;
 
     /// Change the state by one stored event. Unknown event types should be ignored.
     fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError>;
+}
+
+/// How aggregate `Self` changes by one event `E`. A derived [`Aggregate`] calls it for every stored `E`
+/// of its stream, in order.
+///
+/// ```
+/// # use protean_plugin_api::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Default, Aggregate)]
+/// #[aggregate(category = "account", applies(Deposited))]
+/// struct Account { balance: i64 }
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(aggregate = Account)]
+/// struct Deposited { amount: i64 }
+///
+/// impl Apply<Deposited> for Account {
+///     fn apply(&mut self, event: Deposited) {
+///         self.balance += event.amount;
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "aggregate `{Self}` applies `{E}` but has no `Apply<{E}>` impl",
+    label = "listed in `#[aggregate(applies(..))]`",
+    note = "add `impl Apply<{E}> for {Self} {{ fn apply(&mut self, event: {E}) {{ .. }} }}`"
+)]
+pub trait Apply<E: Event> {
+    /// Change the state by one event of type `E`.
+    fn apply(&mut self, event: E);
 }
 
 /// One stored event, as an aggregate sees it while being loaded.

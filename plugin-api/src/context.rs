@@ -26,7 +26,8 @@ pub trait Document: Serialize + DeserializeOwned {
 /// reads see what is buffered so far.
 ///
 /// `protean-host` implements it (and adapts it to the ABI's [`Host`](crate::abi::Host)), as does
-/// [`crate::testing::TestHost`]. Domain authors never call it directly.
+/// [`crate::testing::TestHost`]. Domain authors never call it directly, so it is hidden from their docs.
+#[doc(hidden)]
 pub trait HostServices {
     /// Buffer an event; `expected_version` is the stream's last position the handler saw.
     fn raise_event(

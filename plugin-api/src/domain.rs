@@ -16,6 +16,7 @@ use crate::{
     abi::HandlerKind,
     context::{Context, HostServices, MessageInfo},
     error::{HandlerError, HandlerResult},
+    handler::{EventFn, StepFn},
     message::{Command, Event, Message, Naming},
     panic,
 };
@@ -60,7 +61,8 @@ pub enum AfterDeadLetter {
     MoveOn,
 }
 
-/// A handler as the host sees it.
+/// A handler as the host sees it (hidden from authors: its kind is an ABI type).
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     /// Unique within the domain; names the subscription.
@@ -178,26 +180,7 @@ pub trait Configure: Sized {
     }
 }
 
-/// The shape of an event-handling function: `fn(OrderPlaced, &mut Context) -> HandlerResult`.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot handle events of type `{E}`",
-    note = "an event handler is `fn(event: E, ctx: &mut Context) -> Result<(), HandlerError>` where `E: Event`"
-)]
-pub trait EventFn<E>: Send + Sync + 'static {
-    /// Handle one event.
-    fn call(&self, event: E, ctx: &mut Context<'_>) -> HandlerResult;
-}
-
-impl<E, F> EventFn<E> for F
-where
-    F: Fn(E, &mut Context<'_>) -> HandlerResult + Send + Sync + 'static,
-{
-    fn call(&self, event: E, ctx: &mut Context<'_>) -> HandlerResult {
-        self(event, ctx)
-    }
-}
-
-fn erase<M: Message>(f: impl EventFn<M>) -> Call {
+fn erase<M: Message, A>(f: impl EventFn<M, A>) -> Call {
     Box::new(move |data, ctx| f.call(decode::<M>(data)?, ctx))
 }
 
@@ -216,8 +199,8 @@ impl EventHandler {
         Self(Spec::new(name))
     }
 
-    /// Handle events of type `E` with `f`.
-    pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
+    /// Handle events of type `E` with `f` (any form of [`EventFn`]).
+    pub fn on<E: Event, A>(mut self, f: impl EventFn<E, A>) -> Self {
         self.0
             .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
         self
@@ -240,8 +223,8 @@ impl Projector {
         Self(Spec::new(name))
     }
 
-    /// Project events of type `E` with `f`.
-    pub fn on<E: Event>(mut self, f: impl EventFn<E>) -> Self {
+    /// Project events of type `E` with `f` (any form of [`EventFn`]).
+    pub fn on<E: Event, A>(mut self, f: impl EventFn<E, A>) -> Self {
         self.0
             .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, erase(f));
         self
@@ -265,8 +248,8 @@ impl<A: crate::Aggregate> CommandHandler<A> {
         Self(Spec::new(name), PhantomData)
     }
 
-    /// Handle commands of type `C` with `f`.
-    pub fn on<C: Command<Aggregate = A>>(mut self, f: impl EventFn<C>) -> Self {
+    /// Handle commands of type `C` with `f` (any form of [`EventFn`]).
+    pub fn on<C: Command<Aggregate = A>, Form>(mut self, f: impl EventFn<C, Form>) -> Self {
         self.0.route::<C>(A::CATEGORY, erase(f));
         let target: Target =
             Box::new(|data, naming| Ok(naming.command_stream_of(&decode::<C>(data)?)));
@@ -280,25 +263,6 @@ impl<A: crate::Aggregate> CommandHandler<A> {
 impl<A> Configure for CommandHandler<A> {
     fn spec(&mut self) -> &mut Spec {
         &mut self.0
-    }
-}
-
-/// The shape of a process-manager step: `fn(&mut State, PaymentProcessed, &mut Context) -> HandlerResult`.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is not a process manager step for events of type `{E}` and state `{S}`",
-    note = "a step is `fn(state: &mut S, event: E, ctx: &mut Context) -> Result<(), HandlerError>`"
-)]
-pub trait StepFn<S, E>: Send + Sync + 'static {
-    /// Handle one event for one process instance.
-    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult;
-}
-
-impl<S, E, F> StepFn<S, E> for F
-where
-    F: Fn(&mut S, E, &mut Context<'_>) -> HandlerResult + Send + Sync + 'static,
-{
-    fn call(&self, state: &mut S, event: E, ctx: &mut Context<'_>) -> HandlerResult {
-        self(state, event, ctx)
     }
 }
 
@@ -336,21 +300,21 @@ where
     }
 
     /// `E` starts a new instance.
-    pub fn start<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn start<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::Start, f)
     }
 
     /// `E` moves a started instance along.
-    pub fn on<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn on<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::Continue, f)
     }
 
     /// `E` ends the instance; later events for it are skipped.
-    pub fn end<E: Event>(self, f: impl StepFn<S, E>) -> Self {
+    pub fn end<E: Event, A>(self, f: impl StepFn<S, E, A>) -> Self {
         self.step(Phase::End, f)
     }
 
-    fn step<E: Event>(mut self, phase: Phase, f: impl StepFn<S, E>) -> Self {
+    fn step<E: Event, A>(mut self, phase: Phase, f: impl StepFn<S, E, A>) -> Self {
         let collection = format!("pm::{}", self.0.name);
         let field = self.0.options.correlate.clone().unwrap_or_default();
         let call: Call = Box::new(move |data, ctx| {
@@ -459,7 +423,8 @@ impl Domain {
         &self.naming
     }
 
-    /// Every handler, in the order they were added.
+    /// Every handler, in the order they were added (for the host).
+    #[doc(hidden)]
     pub fn registrations(&self) -> Vec<Registration> {
         self.handlers
             .iter()
@@ -524,7 +489,9 @@ impl Domain {
         self
     }
 
-    /// The command stream of a command of `message_type` with `data`, checking that the data decodes.
+    /// The command stream of a command of `message_type` with `data`, checking that the data decodes
+    /// (for the host's `send`).
+    #[doc(hidden)]
     pub fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, HandlerError> {
         let Some(command) = self.commands.get(message_type) else {
             let mut known: Vec<&str> = self.commands.keys().map(String::as_str).collect();

@@ -1,7 +1,7 @@
 //! The plugin side of the ABI: [`crate::export_domains`] and the adapter that turns a [`Domain`] into an
 //! ABI [`DomainInstance`](crate::abi::DomainInstance).
 //!
-//! Invariant: no panic leaves this module; every entry point runs under [`crate::panic::catch`].
+//! Invariant: no panic leaves this module; every entry point runs under `crate::panic::catch`.
 
 use std::sync::OnceLock;
 
@@ -296,10 +296,10 @@ fn install_logger(logger: HostLogBox, level: u8) {
 #[macro_export]
 macro_rules! export_domains {
     ($($name:literal => $constructor:expr),+ $(,)?) => {
-        #[doc(hidden)]
+        // An anonymous const, not a module, so the constructors resolve where the macro is written
+        // (also inside a function body, as in a doctest).
         #[allow(non_upper_case_globals, unsafe_code)]
-        mod __protean_exports {
-            use super::*;
+        const _: () = {
             use $crate::abi::loading::{RResult, RStr, RString, RVec};
 
             /// Read by the host before anything else, to report a plugin-api mismatch in one line.
@@ -335,6 +335,6 @@ macro_rules! export_domains {
             #[no_mangle]
             pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi::loading::LibHeader =
                 $crate::abi::lib_header(loader);
-        }
+        };
     };
 }

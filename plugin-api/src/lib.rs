@@ -12,41 +12,28 @@
 //! use serde::{Deserialize, Serialize};
 //!
 //! // An event-sourced aggregate: state rebuilt from its events.
-//! #[derive(Default)]
+//! #[derive(Default, Aggregate)]
+//! #[aggregate(category = "account", applies(Deposited))]
 //! pub struct Account { balance: i64 }
 //!
-//! impl Aggregate for Account {
-//!     const CATEGORY: &'static str = "account";
-//!     fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
-//!         if let Some(deposited) = event.decode::<Deposited>()? {
-//!             self.balance += deposited.amount;
-//!         }
-//!         Ok(())
-//!     }
+//! impl Apply<Deposited> for Account {
+//!     fn apply(&mut self, event: Deposited) { self.balance += event.amount; }
 //! }
 //!
 //! // A command (type `Bank.Deposit.v1`, stream `bank::account:command-{id}`) ...
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Serialize, Deserialize, Command)]
+//! #[command(aggregate = Account, target = account)]
 //! pub struct Deposit { account: String, amount: i64 }
-//! impl Message for Deposit { const NAME: &'static str = "Deposit"; }
-//! impl Command for Deposit {
-//!     type Aggregate = Account;
-//!     fn target_id(&self) -> String { self.account.clone() }
-//! }
 //!
 //! // ... and the event it causes (stream `bank::account-{id}`).
-//! #[derive(Serialize, Deserialize)]
+//! #[derive(Serialize, Deserialize, Event)]
+//! #[event(aggregate = Account)]
 //! pub struct Deposited { account: String, amount: i64 }
-//! impl Message for Deposited { const NAME: &'static str = "Deposited"; }
-//! impl Event for Deposited { type Aggregate = Account; }
 //!
-//! // A read model.
-//! #[derive(Serialize, Deserialize)]
+//! // A read model, stored in collection `balances` under its `account`.
+//! #[derive(Serialize, Deserialize, Document)]
+//! #[document(collection = "balances", id = account)]
 //! pub struct Balance { account: String, balance: i64 }
-//! impl Document for Balance {
-//!     const COLLECTION: &'static str = "balances";
-//!     fn id(&self) -> String { self.account.clone() }
-//! }
 //!
 //! fn deposit(command: Deposit, ctx: &mut Context) -> HandlerResult {
 //!     if command.amount <= 0 {
@@ -81,6 +68,11 @@
 //! # }
 //! ```
 //!
+//! The derives write the impls: [`Event`](derive@Event) and [`Command`](derive@Command) name the
+//! message after its type (`name = "..."` and `version = N` override), [`Aggregate`](derive@Aggregate)
+//! writes `apply` from its [`Apply`] impls, [`Document`](derive@Document) takes the id from a field.
+//! Each trait can still be implemented by hand.
+//!
 //! The four kinds of handler, and the subscriptions the host creates for them:
 //!
 //! | builder | reacts to | subscription |
@@ -90,11 +82,23 @@
 //! | [`Projector`] | events, writing documents | one per category |
 //! | [`ProcessManager`] | events correlated by a field, with a start and an end | one over all its categories |
 //!
+//! A handler is a plain function that takes the message first, then what it needs: the [`Context`]
+//! (to load, raise, send, read and write), the message's [`Metadata`], both (in either order) or
+//! neither; it returns a [`HandlerResult`], any `Result<(), E>` whose error converts into a
+//! [`HandlerError`], or nothing ([`EventFn`] lists the forms).
+//!
 //! Handlers are synchronous: the host calls them on a blocking thread, in batches. Never start an async
 //! runtime inside a handler. Log with the [`log`] crate's macros: the lines arrive in the host's logs with
 //! the plugin as their source. A panic in a handler is caught and treated as a retryable failure.
 
+// The README's example domain, compiled and run as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct Readme;
+
+// The binary interface: public for protean-host and `export_domains!`, hidden from authors.
 #[allow(unsafe_code)]
+#[doc(hidden)]
 pub mod abi;
 mod aggregate;
 mod context;
@@ -102,26 +106,34 @@ mod domain;
 mod error;
 #[doc(hidden)]
 pub mod export;
+mod handler;
 mod message;
 mod panic;
 pub mod testing;
 
-pub use aggregate::{Aggregate, Recorded};
+pub use aggregate::{Aggregate, Apply, Recorded};
 pub use context::{Context, Document, HostServices, MessageInfo};
 pub use domain::{
-    AfterDeadLetter, CommandHandler, Configure, Domain, EventFn, EventHandler, HandlerOptions,
-    ProcessManager, Projector, Registration, StepFn, STREAM_KEY,
+    AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,
+    ProcessManager, Projector, Registration, STREAM_KEY,
 };
 pub use error::{HandlerError, HandlerResult};
+#[doc(hidden)]
+pub use handler::{Args, Ctx};
+pub use handler::{EventFn, IntoHandlerResult, Metadata, StepFn};
 pub use log;
 pub use message::{category_of_stream, Command, Event, Message, Naming};
+pub use protean_plugin_api_derive::{Aggregate, Command, Document, Event, Message};
+
+// The derives name this crate by its absolute path; this lets its own tests use them too.
+extern crate self as protean_plugin_api;
 
 /// Everything a domain author needs, in one import.
 pub mod prelude {
     pub use crate::{
-        AfterDeadLetter, Aggregate, Command, CommandHandler, Configure, Context, Document, Domain,
-        Event, EventHandler, HandlerError, HandlerResult, Message, ProcessManager, Projector,
-        Recorded,
+        AfterDeadLetter, Aggregate, Apply, Command, CommandHandler, Configure, Context, Document,
+        Domain, Event, EventHandler, HandlerError, HandlerResult, Message, Metadata,
+        ProcessManager, Projector, Recorded,
     };
     pub use log;
 }

@@ -8,7 +8,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::aggregate::Aggregate;
 
-/// Anything that travels as a message.
+/// Anything that travels as a message. Deriving [`Event`](crate::Event) or
+/// [`Command`](crate::Command) implements it too.
 pub trait Message: Serialize + DeserializeOwned + 'static {
     /// The class name, e.g. `"OrderPlaced"`.
     const NAME: &'static str;
@@ -16,13 +17,24 @@ pub trait Message: Serialize + DeserializeOwned + 'static {
     const VERSION: u32 = 1;
 }
 
-/// A fact that happened to an aggregate.
+/// A fact that happened to an aggregate. Derive it: `#[derive(Event)] #[event(aggregate = Order)]`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an event",
+    note = "derive it: `#[derive(Serialize, Deserialize, Event)] #[event(aggregate = Order)]`",
+    note = "a handler takes its event by value: `fn(event: E, ctx: &mut Context) -> HandlerResult`"
+)]
 pub trait Event: Message {
     /// The aggregate whose stream the event is stored in.
     type Aggregate: Aggregate;
 }
 
-/// An intention addressed to an aggregate.
+/// An intention addressed to an aggregate. Derive it:
+/// `#[derive(Command)] #[command(aggregate = Order, target = order_id)]`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a command",
+    note = "derive it: `#[derive(Serialize, Deserialize, Command)] #[command(aggregate = Order, target = order_id)]`",
+    note = "a handler takes its command by value: `fn(command: C, ctx: &mut Context) -> HandlerResult`"
+)]
 pub trait Command: Message {
     /// The aggregate that handles the command.
     type Aggregate: Aggregate;

@@ -7,14 +7,10 @@
 //! ```
 //! # use protean_plugin_api::prelude::*;
 //! # use serde::{Deserialize, Serialize};
-//! # #[derive(Default)] struct Counter;
-//! # impl Aggregate for Counter { const CATEGORY: &'static str = "counter";
-//! #   fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> { Ok(()) } }
-//! # #[derive(Serialize, Deserialize)] struct Bumped { id: String }
-//! # impl Message for Bumped { const NAME: &'static str = "Bumped"; }
-//! # impl Event for Bumped { type Aggregate = Counter; }
-//! # #[derive(Serialize, Deserialize)] struct Tally { id: String, n: u32 }
-//! # impl Document for Tally { const COLLECTION: &'static str = "tallies"; fn id(&self) -> String { self.id.clone() } }
+//! # #[derive(Default, Aggregate)] struct Counter;
+//! # #[derive(Serialize, Deserialize, Event)] #[event(aggregate = Counter)] struct Bumped { id: String }
+//! # #[derive(Serialize, Deserialize, Document)] #[document(collection = "tallies")]
+//! # struct Tally { id: String, n: u32 }
 //! fn count(event: Bumped, ctx: &mut Context) -> HandlerResult {
 //!     let n = ctx.get::<Tally>(&event.id)?.map_or(0, |t| t.n);
 //!     ctx.put(&Tally { id: event.id, n: n + 1 })

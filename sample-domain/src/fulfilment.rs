@@ -4,7 +4,8 @@ use protean_plugin_api::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// An order, rebuilt from its events.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(category = "order", applies(OrderPlaced, OrderShipped))]
 pub struct Order {
     /// `placed`, then `shipped`.
     pub status: String,
@@ -12,80 +13,108 @@ pub struct Order {
     pub total: f64,
 }
 
-impl Aggregate for Order {
-    const CATEGORY: &'static str = "order";
+impl Apply<OrderPlaced> for Order {
+    fn apply(&mut self, placed: OrderPlaced) {
+        self.status = "placed".into();
+        self.total = placed.total;
+    }
+}
 
-    fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
-        if let Some(placed) = event.decode::<OrderPlaced>()? {
-            self.status = "placed".into();
-            self.total = placed.total;
-        } else if event.is::<OrderShipped>() {
-            self.status = "shipped".into();
-        }
-        Ok(())
+impl Apply<OrderShipped> for Order {
+    fn apply(&mut self, _: OrderShipped) {
+        self.status = "shipped".into();
     }
 }
 
 /// A stock reservation for one order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Aggregate)]
 pub struct Reservation;
 
-impl Aggregate for Reservation {
-    const CATEGORY: &'static str = "reservation";
-
-    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
 /// The payment of one order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(applies(PaymentProcessed))]
 pub struct Payment {
     /// Whether the payment went through.
     pub paid: bool,
 }
 
-impl Aggregate for Payment {
-    const CATEGORY: &'static str = "payment";
-
-    fn apply(&mut self, event: &Recorded) -> Result<(), HandlerError> {
-        self.paid |= event.is::<PaymentProcessed>();
-        Ok(())
+impl Apply<PaymentProcessed> for Payment {
+    fn apply(&mut self, _: PaymentProcessed) {
+        self.paid = true;
     }
 }
 
-macro_rules! message {
-    ($kind:ident $name:ident for $aggregate:ident { $($field:ident : $ty:ty),* $(,)? }) => {
-        #[doc = concat!("`Fulfilment.", stringify!($name), ".v1`")]
-        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-        #[allow(missing_docs)]
-        pub struct $name { $(pub $field: $ty),* }
-        impl Message for $name {
-            const NAME: &'static str = stringify!($name);
-        }
-        message!(@$kind $name $aggregate);
-    };
-    (@event $name:ident $aggregate:ident) => {
-        impl Event for $name { type Aggregate = $aggregate; }
-    };
-    (@command $name:ident $aggregate:ident) => {
-        impl Command for $name {
-            type Aggregate = $aggregate;
-            fn target_id(&self) -> String { self.order_id.clone() }
-        }
-    };
+/// `Fulfilment.PlaceOrder.v1`: a customer orders `quantity` of `sku`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[command(aggregate = Order, target = order_id)]
+pub struct PlaceOrder {
+    pub order_id: String,
+    pub customer: String,
+    pub sku: String,
+    pub quantity: u32,
+    pub total: f64,
 }
 
-message!(command PlaceOrder for Order { order_id: String, customer: String, sku: String, quantity: u32, total: f64 });
-message!(command ShipOrder for Order { order_id: String });
-message!(command ProcessPayment for Payment { order_id: String, amount: f64 });
-message!(event OrderPlaced for Order { order_id: String, customer: String, sku: String, quantity: u32, total: f64 });
-message!(event OrderShipped for Order { order_id: String });
-message!(event StockReserved for Reservation { order_id: String, sku: String, quantity: u32 });
-message!(event PaymentProcessed for Payment { order_id: String, amount: f64 });
+/// `Fulfilment.ShipOrder.v1`: the process ships a paid order.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[command(aggregate = Order, target = order_id)]
+pub struct ShipOrder {
+    pub order_id: String,
+}
+
+/// `Fulfilment.ProcessPayment.v1`: billing charges an order.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[command(aggregate = Payment, target = order_id)]
+pub struct ProcessPayment {
+    pub order_id: String,
+    pub amount: f64,
+}
+
+/// `Fulfilment.OrderPlaced.v1`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Order)]
+pub struct OrderPlaced {
+    pub order_id: String,
+    pub customer: String,
+    pub sku: String,
+    pub quantity: u32,
+    pub total: f64,
+}
+
+/// `Fulfilment.OrderShipped.v1`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Order)]
+pub struct OrderShipped {
+    pub order_id: String,
+}
+
+/// `Fulfilment.StockReserved.v1`, in the reservation's stream (id = the order's).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Reservation)]
+pub struct StockReserved {
+    pub order_id: String,
+    pub sku: String,
+    pub quantity: u32,
+}
+
+/// `Fulfilment.PaymentProcessed.v1`, in the payment's stream (id = the order's).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Payment)]
+pub struct PaymentProcessed {
+    pub order_id: String,
+    pub amount: f64,
+}
 
 /// A reservation of stock for an order (read model).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Document)]
+#[document(collection = "reservations")]
 pub struct ReservationDoc {
     /// `res-{order_id}`.
     pub id: String,
@@ -95,39 +124,19 @@ pub struct ReservationDoc {
     pub sku: String,
     /// How many.
     pub quantity: u32,
-    /// Which warehouse holds it: "main", or "north" in the build the hot-reload tests switch to.
+    /// Which warehouse holds it (the one the domain was built for).
     #[serde(default)]
     pub warehouse: String,
 }
 
-/// The warehouse this build reserves in; the hot-reload tests tell builds apart by it.
-const WAREHOUSE: &str = if cfg!(feature = "reload-test-variant") {
-    "north"
-} else {
-    "main"
-};
-
-impl Document for ReservationDoc {
-    const COLLECTION: &'static str = "reservations";
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-}
-
 /// Where an order stands (read model).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Document)]
+#[document(collection = "order_summaries", id = order_id)]
 pub struct OrderSummary {
     /// The order.
     pub order_id: String,
     /// `placed`, `reserved`, `paid`, `shipped`.
     pub status: String,
-}
-
-impl Document for OrderSummary {
-    const COLLECTION: &'static str = "order_summaries";
-    fn id(&self) -> String {
-        self.order_id.clone()
-    }
 }
 
 fn place_order(command: PlaceOrder, ctx: &mut Context) -> HandlerResult {
@@ -192,13 +201,20 @@ fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult 
     ctx.raise(&order_id.clone(), &PaymentProcessed { order_id, amount })
 }
 
-fn reserve_stock(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+/// A handler made from configuration: it reserves stock in `warehouse`.
+fn reserve_stock_in(
+    warehouse: &'static str,
+) -> impl Fn(OrderPlaced, &mut Context) -> HandlerResult + Send + Sync + 'static {
+    move |event, ctx| reserve_stock(warehouse, event, ctx)
+}
+
+fn reserve_stock(warehouse: &str, event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
     let reservation = ReservationDoc {
         id: format!("res-{}", event.order_id),
         order_id: event.order_id.clone(),
         sku: event.sku.clone(),
         quantity: event.quantity,
-        warehouse: WAREHOUSE.into(),
+        warehouse: warehouse.into(),
     };
     ctx.put(&reservation)?;
     let OrderPlaced {
@@ -246,19 +262,14 @@ pub struct Fulfilment {
     pub paid: bool,
 }
 
-fn fulfilment_started(
-    state: &mut Fulfilment,
-    event: OrderPlaced,
-    _: &mut Context,
-) -> HandlerResult {
+// Steps and handlers take only what they use: these two need no context.
+fn fulfilment_started(state: &mut Fulfilment, event: OrderPlaced) {
     log::debug!("fulfilment of order {} started", event.order_id);
     *state = Fulfilment::default();
-    Ok(())
 }
 
-fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved, _: &mut Context) -> HandlerResult {
+fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved) {
     state.reserved = true;
-    Ok(())
 }
 
 fn fulfilment_paid(
@@ -272,9 +283,8 @@ fn fulfilment_paid(
     })
 }
 
-fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped, _: &mut Context) -> HandlerResult {
+fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped) {
     log::info!("order {} shipped", event.order_id);
-    Ok(())
 }
 
 /// The order's statuses, in the order they happen.
@@ -312,25 +322,13 @@ fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
     summarise(ctx, event.order_id, "shipped")
 }
 
-/// The fulfilment domain.
+/// The fulfilment domain, reserving stock in the `main` warehouse.
 pub fn domain() -> Domain {
-    if cfg!(feature = "reload-test-panic") {
-        panic!("this build's constructor panics on purpose (feature reload-test-panic)");
-    }
-    let domain = base();
-    if cfg!(feature = "reload-test-variant") {
-        // A handler only this build has: a reload starts its subscription.
-        return domain.event_handler(EventHandler::new("audit").on(audit_shipped));
-    }
-    domain
+    in_warehouse("main")
 }
 
-fn audit_shipped(event: OrderShipped, _: &mut Context) -> HandlerResult {
-    log::debug!("audited shipment of {}", event.order_id);
-    Ok(())
-}
-
-fn base() -> Domain {
+/// The fulfilment domain, reserving stock in `warehouse`.
+pub fn in_warehouse(warehouse: &'static str) -> Domain {
     Domain::new("Fulfilment")
         .command_handler(
             CommandHandler::<Order>::new("orders")
@@ -338,7 +336,7 @@ fn base() -> Domain {
                 .on(ship_order),
         )
         .command_handler(CommandHandler::<Payment>::new("payments").on(process_payment))
-        .event_handler(EventHandler::new("inventory").on(reserve_stock))
+        .event_handler(EventHandler::new("inventory").on(reserve_stock_in(warehouse)))
         .event_handler(EventHandler::new("billing").on(charge))
         .process_manager(
             ProcessManager::<Fulfilment>::new("fulfilment", "order_id")

@@ -6,10 +6,8 @@
 
 pub mod fulfilment;
 pub mod reporting;
-pub mod sequencing;
 
 protean_plugin_api::export_domains! {
     "domain" => fulfilment::domain,
     "reporting" => reporting::domain,
-    "sequencing" => sequencing::domain,
 }

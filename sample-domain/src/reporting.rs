@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::fulfilment::{OrderPlaced, OrderShipped};
 
 /// Order counts (read model, one document `all`).
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, Document)]
+#[document(collection = "totals")]
 pub struct Totals {
     /// Always `all`.
     pub id: String,
@@ -16,13 +17,6 @@ pub struct Totals {
     pub shipped: u64,
     /// Sum of placed order totals.
     pub revenue: f64,
-}
-
-impl Document for Totals {
-    const COLLECTION: &'static str = "totals";
-    fn id(&self) -> String {
-        self.id.clone()
-    }
 }
 
 fn totals(ctx: &Context) -> Result<Totals, HandlerError> {

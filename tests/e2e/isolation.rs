@@ -7,7 +7,7 @@ use protean_host::store::Store;
 use serde_json::json;
 
 use crate::support::{
-    assert_probe_gone, bad_build, each_order_exactly_once, fixture_domain, host, reload_sample,
+    assert_probe_gone, bad_build, each_order_exactly_once, fixture_domain, host, reload_fixture,
     sample_domain, send_orders, sqlite, wait_until, BadBuild, ReloadBuild,
 };
 
@@ -257,7 +257,7 @@ fn the_sample_flow_runs_isolated_with_its_host_services_answered_by_the_host() {
 
 #[test]
 fn a_reload_starts_a_new_worker_and_stops_the_old_one_after_its_calls() {
-    let next_build = reload_sample(ReloadBuild::Variant);
+    let next_build = reload_fixture(ReloadBuild::Variant);
     let dir = configured("[server]\nisolation = \"process\"\n[server.health]\nport = 0\n");
     let lib_dir = dir.path().join("lib");
     std::fs::create_dir(&lib_dir).unwrap();
@@ -317,7 +317,7 @@ fn a_domain_that_cannot_start_in_its_worker_is_the_same_one_line_as_in_process()
         .output()
         .expect_code(1);
     assert_eq!(unknown.error_lines(), [format!(
-        "error: {lib} has no domain instance \"nope\"; available: domain, reporting, sequencing; choose one with --domain={lib}:NAME"
+        "error: {lib} has no domain instance \"nope\"; available: domain, reporting; choose one with --domain={lib}:NAME"
     )]);
 }
 

@@ -9,7 +9,7 @@ use std::{
 use protean_host::plugin::{Delivery, HostServices, Library};
 
 use crate::support::{
-    assert_probe_gone, bad_build, fixture_domain, host, incompatible_sample, sample_domain,
+    assert_probe_gone, bad_build, fixture_domain, host, incompatible_fixture, sample_domain,
     BadBuild, Incompatibility,
 };
 
@@ -81,7 +81,7 @@ fn a_truncated_library_is_one_line_not_a_crash() {
 
 #[test]
 fn a_plugin_of_another_abi_generation_names_both_versions() {
-    let lib = incompatible_sample(Incompatibility::NextTag);
+    let lib = incompatible_fixture(Incompatibility::NextTag);
     let dir = tempfile::tempdir().unwrap();
     let run = host(dir.path())
         .args(["--domain"])
@@ -96,7 +96,7 @@ fn a_plugin_of_another_abi_generation_names_both_versions() {
 
 #[test]
 fn a_layout_mismatch_is_one_sentence_and_the_report_is_for_debug() {
-    let lib = incompatible_sample(Incompatibility::Layout);
+    let lib = incompatible_fixture(Incompatibility::Layout);
     let dir = tempfile::tempdir().unwrap();
     let run = host(dir.path())
         .args(["--domain"])
@@ -205,7 +205,7 @@ fn an_unknown_instance_lists_the_available_ones() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} has no domain instance \"nope\"; available: domain, reporting, sequencing; choose one with --domain={lib}:NAME"
+        "error: {lib} has no domain instance \"nope\"; available: domain, reporting; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -218,7 +218,7 @@ fn several_instances_and_none_named_is_ambiguous() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop, ordered_noop, probe_ordered) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
+        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop, ordered_noop, sequencing, probe_ordered) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -377,7 +377,7 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     std::fs::copy(fixture_domain(), &staged).unwrap();
     std::fs::rename(&staged, &path).unwrap();
     let second = Library::load(&path).unwrap();
-    assert_eq!(first.instances(), ["domain", "reporting", "sequencing"]);
+    assert_eq!(first.instances(), ["domain", "reporting"]);
     assert_eq!(
         second.instances(),
         [
@@ -387,6 +387,7 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
             "empty",
             "noop",
             "ordered_noop",
+            "sequencing",
             "probe_ordered"
         ]
     );

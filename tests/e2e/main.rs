@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod compat;
 mod crash;
 mod discovery;
 mod documents;
@@ -27,3 +28,4 @@ mod reload;
 mod security;
 mod send;
 mod server;
+mod template;

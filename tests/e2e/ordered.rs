@@ -6,13 +6,13 @@ use std::{path::Path, time::Duration};
 use serde_json::json;
 
 use crate::support::{
-    host, sample_domain,
+    fixture_domain, host,
     sequencing::{every_key_in_order, numbered, publish, publish_wave, recorded, records, wave},
     sqlite, start_servers, wait_until, RedisServer, Server, TEST_CONFIG,
 };
 
 fn domain() -> String {
-    format!("{}:sequencing", sample_domain().display())
+    format!("{}:sequencing", fixture_domain().display())
 }
 
 /// Fast retries, `partitions`, and a short lease (so takeovers are quick).

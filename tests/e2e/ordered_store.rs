@@ -14,7 +14,7 @@ use protean_host::{
 use serde_json::json;
 
 use crate::support::{
-    fixture_domain, host, sample_domain,
+    fixture_domain, host,
     sequencing::{new_numbered, record, SEQUENCE},
     sqlite, status_json, subscription, wait_until, PgServer, Server, TEST_CONFIG,
 };
@@ -25,7 +25,7 @@ const SEQS: u64 = 20;
 const WORKERS: u32 = 4;
 
 fn sequencing() -> String {
-    format!("{}:sequencing", sample_domain().display())
+    format!("{}:sequencing", fixture_domain().display())
 }
 
 /// Fast retries that do not run out, and `workers` workers.

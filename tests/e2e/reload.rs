@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use crate::ops::{sample, scrape};
 use crate::support::{
-    assert_probe_gone, bad_build, each_order_exactly_once, host, incompatible_sample,
-    reload_sample, sample_domain, send_orders, sqlite, wait_until, BadBuild, Incompatibility,
+    assert_probe_gone, bad_build, each_order_exactly_once, host, incompatible_fixture,
+    reload_fixture, sample_domain, send_orders, sqlite, wait_until, BadBuild, Incompatibility,
     RedisServer, ReloadBuild,
 };
 
@@ -86,10 +86,13 @@ fn shipped(store: &dyn Store) -> usize {
 /// 2 s; rebuilds in quick succession reload cleanly; every order is handled exactly once.
 fn reload_under_load(config: &str) {
     // Built first: building them is not part of what the test times.
-    let next_build = reload_sample(ReloadBuild::Variant);
+    let next_build = reload_fixture(ReloadBuild::Variant);
     let broken_builds = [
-        (reload_sample(ReloadBuild::Panicking).to_owned(), "panicked"),
-        (incompatible_sample(Incompatibility::NextTag), "ABI"),
+        (
+            reload_fixture(ReloadBuild::Panicking).to_owned(),
+            "panicked",
+        ),
+        (incompatible_fixture(Incompatibility::NextTag), "ABI"),
     ];
     let dir = tempfile::tempdir().unwrap();
     let config = format!("{config}\n[server.health]\nport = 0\n");
@@ -311,12 +314,12 @@ fn the_engine_api_reports_what_a_reload_changes_and_refuses_it_in_test_mode() {
     };
     let running = engine(false);
     let changes = running
-        .reload(load(reload_sample(ReloadBuild::Variant)))
+        .reload(load(reload_fixture(ReloadBuild::Variant)))
         .unwrap();
     assert_eq!(changes.added, ["audit"]);
     assert!(changes.removed.is_empty() && changes.changed.is_empty());
     assert!(matches!(
-        engine(true).reload(load(reload_sample(ReloadBuild::Variant))),
+        engine(true).reload(load(reload_fixture(ReloadBuild::Variant))),
         Err(EngineError::ReloadInTestMode)
     ));
 }

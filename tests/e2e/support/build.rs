@@ -10,20 +10,19 @@ use std::{
     sync::OnceLock,
 };
 
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ sits in the workspace")
         .to_owned()
 }
 
-/// Run `cargo build` with `args` and return the file of the artifact of `package` whose kind is `kind`.
-fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
+/// A `cargo` command run from `dir`, without the variables `cargo test` sets for this test process:
+/// ring's build script tracks some of them, and inherited they would make this build and the next
+/// `cargo test` rebuild ring and everything above it (the host included), in turn.
+pub fn cargo(dir: &Path) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
-    // `cargo test` sets these for this test process, and ring's build script tracks some of them:
-    // inherited, they would make this build and the next `cargo test` rebuild ring and everything
-    // above it (the host included), in turn.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         let per_crate = [
@@ -39,7 +38,14 @@ fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) ->
             command.env_remove(key.as_ref());
         }
     }
-    command.current_dir(workspace()).args([
+    command.current_dir(dir);
+    command
+}
+
+/// Run `cargo build` with `args` and return the file of the artifact of `package` whose kind is `kind`.
+fn build(args: &[&str], package: &str, kind: &str, target_dir: Option<&Path>) -> PathBuf {
+    let mut command = cargo(&workspace());
+    command.args([
         "build",
         "--message-format=json-render-diagnostics",
         "-p",
@@ -104,7 +110,7 @@ pub fn host_binary() -> &'static Path {
     })
 }
 
-/// Ways to build the sample domain against a plugin-api this host cannot load.
+/// Ways to build the fixture domain against a plugin-api this host cannot load.
 #[derive(Debug, Clone, Copy)]
 pub enum Incompatibility {
     /// The ABI tag says another ABI generation.
@@ -113,9 +119,9 @@ pub enum Incompatibility {
     Layout,
 }
 
-/// The sample domain built with a test feature of plugin-api, in a target directory of its own (so the
+/// The fixture domain built with a test feature of plugin-api, in a target directory of its own (so the
 /// normal build is untouched).
-pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
+pub fn incompatible_fixture(which: Incompatibility) -> PathBuf {
     let (feature, dir) = match which {
         Incompatibility::NextTag => ("abi-test-next-tag", "abi-next-tag"),
         Incompatibility::Layout => ("abi-test-layout", "abi-layout"),
@@ -123,13 +129,14 @@ pub fn incompatible_sample(which: Incompatibility) -> PathBuf {
     let target_dir = workspace().join("target").join("abi-fixtures").join(dir);
     build(
         &["--features", feature],
-        "sample-domain",
+        "fixture-domain",
         "cdylib",
         Some(&target_dir),
     )
 }
 
-/// Test builds of the sample domain for the hot-reload tests, by cargo feature.
+/// Test builds of the fixture domain for the hot-reload tests, by cargo feature: each exports instance
+/// `domain`, to replace the sample domain's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadBuild {
     /// `reload-test-variant`: reservations in the "north" warehouse, one more handler.
@@ -138,9 +145,9 @@ pub enum ReloadBuild {
     Panicking,
 }
 
-/// The sample domain built with a hot-reload test feature, in a target directory of its own. Both
-/// builds share that directory (only sample-domain differs), so each artifact is copied aside.
-pub fn reload_sample(which: ReloadBuild) -> &'static Path {
+/// The fixture domain built with a hot-reload test feature, in a target directory of its own. Both
+/// builds share that directory (only fixture-domain differs), so each artifact is copied aside.
+pub fn reload_fixture(which: ReloadBuild) -> &'static Path {
     static VARIANT: OnceLock<PathBuf> = OnceLock::new();
     static PANICKING: OnceLock<PathBuf> = OnceLock::new();
     static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -153,7 +160,7 @@ pub fn reload_sample(which: ReloadBuild) -> &'static Path {
         let target_dir = workspace().join("target").join("reload-fixtures");
         let built = build(
             &["--features", feature],
-            "sample-domain",
+            "fixture-domain",
             "cdylib",
             Some(&target_dir),
         );
@@ -220,4 +227,130 @@ pub fn bad_build(which: BadBuild) -> &'static Path {
         std::fs::copy(&built, &aside).expect("copy the bad build aside");
         aside
     })
+}
+
+/// The oldest plugin-api this host accepts (docs/compatibility.md): the commit where the ABI took the
+/// form this host speaks (ABI 1; `plugin-api/src/abi.rs` has not changed since).
+pub const OLDEST_PLUGIN_API: &str = "56f1484";
+
+/// Builds of `tests/compat-domain` for the compatibility tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompatBuild {
+    /// With today's plugin-api and the default toolchain, as a workspace member: the reference.
+    Today,
+    /// Against the plugin-api of [`OLDEST_PLUGIN_API`], taken from git history.
+    OldestApi,
+    /// With today's plugin-api and the installed nightly toolchain.
+    Nightly,
+}
+
+/// `tests/compat-domain` built `which` way. The two foreign builds are made in a crate of their own
+/// under `target/compat/` (the domain's source copied in, its plugin-api dependency pointed at the
+/// one wanted), kept between runs so that only the first run pays for building their dependencies.
+pub fn compat_build(which: CompatBuild) -> &'static Path {
+    static BUILT: [OnceLock<PathBuf>; 3] = [const { OnceLock::new() }; 3];
+    BUILT[which as usize].get_or_init(|| match which {
+        CompatBuild::Today => build(&[], "compat-domain", "cdylib", None),
+        CompatBuild::OldestApi => {
+            let api = oldest_plugin_api();
+            build_apart("oldest-api", &api, None)
+        }
+        CompatBuild::Nightly => {
+            let api = workspace().join("plugin-api");
+            build_apart("nightly", &api, Some("nightly"))
+        }
+    })
+}
+
+/// The plugin-api of [`OLDEST_PLUGIN_API`] with the workspace manifest it inherits from (its member
+/// list cut to it), extracted from git into `target/compat/api-{commit}`.
+fn oldest_plugin_api() -> PathBuf {
+    let done = workspace().join(format!("target/compat/api-{OLDEST_PLUGIN_API}"));
+    if !done.is_dir() {
+        // Made aside and renamed into place, so a run that fails halfway leaves nothing to trust.
+        let dir = done.with_extension("part");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let archive = Command::new("git")
+            .current_dir(workspace())
+            .args(["archive", "--format=tar", OLDEST_PLUGIN_API])
+            .args(["Cargo.toml", "Cargo.lock", "plugin-api"])
+            .output()
+            .expect("git runs");
+        assert!(
+            archive.status.success(),
+            "the compatibility tests need plugin-api as of {OLDEST_PLUGIN_API} from git history \
+             (a shallow clone lacks it; git fetch --unshallow): {}",
+            String::from_utf8_lossy(&archive.stderr)
+        );
+        let mut tar = Command::new("tar")
+            .current_dir(&dir)
+            .arg("-x")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("tar runs");
+        use std::io::Write as _;
+        tar.stdin
+            .take()
+            .unwrap()
+            .write_all(&archive.stdout)
+            .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar extracts the archive");
+        let manifest = dir.join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let members_cut: Vec<&str> = text
+            .lines()
+            .filter_map(|line| match line.split_once(" = ") {
+                Some(("members", _)) => Some("members = [\"plugin-api\"]"),
+                Some(("default-members", _)) => None,
+                _ => Some(line),
+            })
+            .collect();
+        std::fs::write(&manifest, members_cut.join("\n")).unwrap();
+        std::fs::rename(&dir, &done).unwrap();
+    }
+    done.join("plugin-api")
+}
+
+/// `tests/compat-domain`'s source as a crate of its own in `target/compat/{name}`, depending on the
+/// plugin-api at `api` (with the versions locked beside it), built with `toolchain` (else the default).
+fn build_apart(name: &str, api: &Path, toolchain: Option<&str>) -> PathBuf {
+    let dir = workspace().join("target/compat").join(name);
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    let source = workspace().join("tests/compat-domain/src/lib.rs");
+    std::fs::copy(source, dir.join("src/lib.rs")).unwrap();
+    let manifest = format!(
+        "[package]\nname = \"compat-domain\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\n\
+         protean-plugin-api = {{ path = {api:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n\
+         [workspace]\n"
+    );
+    std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
+    let lock = api
+        .parent()
+        .expect("plugin-api sits in its workspace")
+        .join("Cargo.lock");
+    std::fs::copy(lock, dir.join("Cargo.lock")).unwrap();
+    let mut command = match toolchain {
+        Some(toolchain) => {
+            let mut rustup = Command::new("rustup");
+            rustup.current_dir(&dir).args(["run", toolchain, "cargo"]);
+            rustup
+        }
+        None => cargo(&dir),
+    };
+    let output = command
+        .args(["build", "--target-dir", "target"])
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building the compatibility domain {name} failed (toolchain {toolchain:?}; rustup toolchain \
+         list shows what is installed):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dir.join("target/debug/libcompat_domain.so")
 }

@@ -16,8 +16,9 @@ mod tls;
 mod wait;
 
 pub use build::{
-    bad_build, fixture_domain, host_binary, incompatible_sample, reload_sample, sample_domain,
-    BadBuild, Incompatibility, ReloadBuild,
+    bad_build, cargo, compat_build, fixture_domain, host_binary, incompatible_fixture,
+    reload_fixture, sample_domain, workspace, BadBuild, CompatBuild, Incompatibility, ReloadBuild,
+    OLDEST_PLUGIN_API,
 };
 pub use engine::{backends, engine, postgres, sqlite, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};

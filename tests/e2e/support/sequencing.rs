@@ -1,4 +1,4 @@
-//! The sample's `sequencing` instance: numbered messages published straight to Redis, as another
+//! The fixture domain's `sequencing` instance: numbered messages published straight to Redis, as another
 //! Protean publisher would, and the per-key records its ordered `recorder` keeps.
 
 use std::collections::BTreeMap;

@@ -12,8 +12,17 @@
 //! - `panicking`: its constructor panics.
 //! - `empty`: no handlers at all.
 //! - `noop`: one event handler that only decodes `Ticked` events (benchmarks).
+//! - `sequencing`: an ordered handler recording each key's sequence numbers ([`sequencing`]).
 //!
-//! No instance is called `domain`, so naming none is ambiguous on purpose.
+//! No instance is called `domain`, so naming none is ambiguous on purpose. The test builds of
+//! `Cargo.toml`'s features differ: the hot-reload builds export `domain` only (module `reload`), and
+//! the ABI builds link a deliberately incompatible plugin-api.
+
+// A reload build exports `reload::domain` only, so the fixtures are unused there.
+#![cfg_attr(
+    any(feature = "reload-test-variant", feature = "reload-test-panic"),
+    allow(dead_code)
+)]
 
 use std::{
     collections::HashMap,
@@ -23,19 +32,17 @@ use std::{
 use protean_plugin_api::prelude::*;
 use serde::{Deserialize, Serialize};
 
+#[cfg(any(feature = "reload-test-variant", feature = "reload-test-panic"))]
+pub mod reload;
+pub mod sequencing;
+
 /// The aggregate every probe message belongs to.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Aggregate)]
 pub struct Probe;
 
-impl Aggregate for Probe {
-    const CATEGORY: &'static str = "probe";
-    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
 /// Do what `behaviour` says.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Command)]
+#[command(aggregate = Probe, target = id)]
 pub struct Run {
     /// Names the attempt counter and the stream.
     pub id: String,
@@ -43,19 +50,9 @@ pub struct Run {
     pub behaviour: String,
 }
 
-impl Message for Run {
-    const NAME: &'static str = "Run";
-}
-
-impl Command for Run {
-    type Aggregate = Probe;
-    fn target_id(&self) -> String {
-        self.id.clone()
-    }
-}
-
 /// A probe ran successfully.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[event(aggregate = Probe)]
 pub struct Ran {
     /// The probe.
     pub id: String,
@@ -63,16 +60,9 @@ pub struct Ran {
     pub attempts: u32,
 }
 
-impl Message for Ran {
-    const NAME: &'static str = "Ran";
-}
-
-impl Event for Ran {
-    type Aggregate = Probe;
-}
-
 /// An event as large as a `big:BYTES` probe asks.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[event(aggregate = Probe)]
 pub struct Stuffed {
     /// The probe.
     pub id: String,
@@ -80,16 +70,8 @@ pub struct Stuffed {
     pub filler: String,
 }
 
-impl Message for Stuffed {
-    const NAME: &'static str = "Stuffed";
-}
-
-impl Event for Stuffed {
-    type Aggregate = Probe;
-}
-
 /// One step of a cascade.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Message)]
 pub struct Step {
     /// The cascade.
     pub chain: String,
@@ -99,10 +81,7 @@ pub struct Step {
     pub depth: u32,
 }
 
-impl Message for Step {
-    const NAME: &'static str = "Step";
-}
-
+// By hand: its target is made of two fields, more than `#[command(target = ..)]` names.
 impl Command for Step {
     type Aggregate = Probe;
     fn target_id(&self) -> String {
@@ -111,7 +90,8 @@ impl Command for Step {
 }
 
 /// A cascade reached step `n`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[event(aggregate = Probe)]
 pub struct Hopped {
     /// The cascade.
     pub chain: String,
@@ -121,29 +101,14 @@ pub struct Hopped {
     pub depth: u32,
 }
 
-impl Message for Hopped {
-    const NAME: &'static str = "Hopped";
-}
-
-impl Event for Hopped {
-    type Aggregate = Probe;
-}
-
 /// A tick for benchmarks: handled by a handler that does nothing.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Event)]
+#[event(aggregate = Probe)]
 pub struct Ticked {
     /// Which tick.
     pub n: u64,
     /// Something to decode.
     pub label: String,
-}
-
-impl Message for Ticked {
-    const NAME: &'static str = "Ticked";
-}
-
-impl Event for Ticked {
-    type Aggregate = Probe;
 }
 
 /// The benchmark handler: decodes the event and does nothing else.
@@ -331,6 +296,10 @@ fn empty() -> Domain {
     Domain::new("Empty")
 }
 
+#[cfg(any(feature = "reload-test-variant", feature = "reload-test-panic"))]
+protean_plugin_api::export_domains! { "domain" => reload::domain }
+
+#[cfg(not(any(feature = "reload-test-variant", feature = "reload-test-panic")))]
 protean_plugin_api::export_domains! {
     "probe" => probe,
     "broken" => broken,
@@ -338,5 +307,6 @@ protean_plugin_api::export_domains! {
     "empty" => empty,
     "noop" => bench,
     "ordered_noop" => ordered_bench,
+    "sequencing" => sequencing::domain,
     "probe_ordered" => probe_ordered,
 }

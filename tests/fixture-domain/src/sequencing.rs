@@ -10,19 +10,12 @@ use protean_plugin_api::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// A sequence of numbered events, one per key.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Aggregate)]
 pub struct Sequence;
 
-impl Aggregate for Sequence {
-    const CATEGORY: &'static str = "sequence";
-
-    fn apply(&mut self, _: &Recorded) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
 /// `Sequencing.Numbered.v1`: message `seq` of `key`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Sequence)]
 pub struct Numbered {
     /// The ordering key (also the stream id's suffix).
     pub key: String,
@@ -36,28 +29,14 @@ pub struct Numbered {
     pub stall_ms: u64,
 }
 
-impl Message for Numbered {
-    const NAME: &'static str = "Numbered";
-}
-
-impl Event for Numbered {
-    type Aggregate = Sequence;
-}
-
 /// The sequence numbers handled for one key, in the order they were handled.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, Document)]
+#[document(collection = "records")]
 pub struct Record {
     /// The key.
     pub id: String,
     /// Sequence numbers, in handling order.
     pub seqs: Vec<u64>,
-}
-
-impl Document for Record {
-    const COLLECTION: &'static str = "records";
-    fn id(&self) -> String {
-        self.id.clone()
-    }
 }
 
 fn record(event: Numbered, ctx: &mut Context) -> HandlerResult {

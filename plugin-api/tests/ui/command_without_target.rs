@@ -1,0 +1,13 @@
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Default, Aggregate)]
+struct Order;
+
+#[derive(Serialize, Deserialize, Command)]
+#[command(aggregate = Order)]
+struct PlaceOrder {
+    order_id: String,
+}
+
+fn main() {}

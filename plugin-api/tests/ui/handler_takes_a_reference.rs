@@ -1,0 +1,19 @@
+use protean_plugin_api::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Default, Aggregate)]
+struct Order;
+
+#[derive(Serialize, Deserialize, Event)]
+#[event(aggregate = Order)]
+struct OrderPlaced {
+    order_id: String,
+}
+
+fn reserve(_: &OrderPlaced, _: &mut Context) -> HandlerResult {
+    Ok(())
+}
+
+fn main() {
+    let _ = Domain::new("Shop").event_handler(EventHandler::new("inventory").on(reserve));
+}
