@@ -413,7 +413,7 @@ fn fail_first(
     let delay = ctx
         .subscription
         .retry
-        .next_delay(*attempt, jitter())
+        .next_delay(*attempt, super::retry::jitter())
         .unwrap_or_default();
     tracing::warn!(subscription = %ctx.subscription.plan.name, message_id = %first.id, attempt = *attempt, error, "commit keeps conflicting; retrying the batch");
     Report {
@@ -622,7 +622,7 @@ fn build(
             + 1;
         tracing::error!(subscription = %sub.plan.name, handler, message_type = %failed.message_type, message_id = %failed.id, attempt, error = %failure.message, "failed processing");
         let delay = if failure.retryable {
-            sub.retry.next_delay(attempt, jitter())
+            sub.retry.next_delay(attempt, super::retry::jitter())
         } else {
             None
         };
@@ -735,7 +735,9 @@ fn crashed(
         attempts.failed.insert(identity, failed);
     }
     tracing::error!(subscription = %sub.plan.name, handler, messages = messages.len(), error = %failure.message, "a call did not return; its messages are tried again one by one");
-    sub.retry.next_delay(most, jitter()).unwrap_or_default()
+    sub.retry
+        .next_delay(most, super::retry::jitter())
+        .unwrap_or_default()
 }
 
 /// Why a message whose calls never came back is dead-lettered.
@@ -933,12 +935,4 @@ fn delivery(m: &StoredMessage) -> Delivery<'_> {
         data: m.data.as_bytes(),
         metadata: m.metadata.as_bytes(),
     }
-}
-
-/// A cheap, good-enough random number in `[0, 1)` for spreading retries apart.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
 }

@@ -16,6 +16,7 @@ pub(crate) mod deadlines;
 mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
+pub(crate) mod run;
 pub mod startup;
 
 use std::{
@@ -714,12 +715,15 @@ impl Runner {
                         sub.clone(),
                         stop.clone(),
                     )),
-                (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
-                    self.shared.clone(),
-                    broker.clone(),
-                    sub.clone(),
-                    stop.clone(),
-                )),
+                (Some(broker), SubscriptionType::Stream) => {
+                    let shared = self.shared.clone();
+                    match stream::Stream::new(shared.clone(), broker.clone(), sub.clone()) {
+                        Ok(source) => {
+                            workers.spawn(run::run(shared, sub.clone(), source, stop.clone()))
+                        }
+                        Err(error) => workers.spawn(async move { Err(error) }),
+                    }
+                }
                 (broker, _) => workers.spawn(event_store::run(
                     self.shared.clone(),
                     sub.clone(),

@@ -32,11 +32,12 @@ use crate::{
     engine::{
         batch::{self, Attempts, Report, Subscription},
         progress::State,
+        run::{Backoff, Trouble},
         Shared,
     },
     ordering::{partition_of, Ordering},
     store::{self, StoredMessage},
-    subscription::{event_store::backoff, stream::consumer_name},
+    subscription::stream::consumer_name,
     unit_of_work::{Fence, UnitOfWork},
 };
 
@@ -78,7 +79,7 @@ pub(crate) async fn run(
         shared.progress.set(&name, State::Stopped);
         return Ok(());
     };
-    let mut failures = 0;
+    let mut backoff = Backoff::new(&name);
     tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
     let mut state = Ordered::new(shared.clone(), sub.clone(), (ordering, owner), streams);
     let mut next_renew = Instant::now();
@@ -106,18 +107,17 @@ pub(crate) async fn run(
         let fresh = match read {
             Ok(fresh) => fresh,
             Err(error) => {
-                failures += 1;
-                backoff(&name, &error.to_string(), failures, &shutdown).await;
+                backoff.wait(Trouble::broker(error), &shutdown).await?;
                 continue;
             }
         };
-        failures = 0;
+        backoff.reset();
         match state.step(group.as_mut(), fresh).await {
             Ok(State::Idle { .. }) => shared.progress.set(&name, State::Idle { head: seen }),
             Ok(state) => shared.progress.set(&name, state),
+            // Its errors are text, from the store or the broker; the store's name is kept from before.
             Err(error) => {
-                failures += 1;
-                backoff(&name, &error, failures, &shutdown).await;
+                backoff.wait(Trouble::store(error), &shutdown).await?;
             }
         }
     }
@@ -137,7 +137,7 @@ async fn connect(
     shutdown: &CancellationToken,
 ) -> Result<Option<Box<dyn Partitions>>, String> {
     let settings = shared.config.ordering;
-    let mut failures = 0;
+    let mut backoff = Backoff::new(name);
     loop {
         match broker
             .partitions(
@@ -154,8 +154,7 @@ async fn connect(
                 return Err(error.to_string())
             }
             Err(error) => {
-                failures += 1;
-                if !backoff(name, &error.to_string(), failures, shutdown).await {
+                if !backoff.wait(Trouble::broker(error), shutdown).await? {
                     return Ok(None);
                 }
             }
@@ -580,7 +579,7 @@ impl Ordered {
             let claim = self.parts[&partition].claim;
             let mut items = Vec::new();
             for entry in entries {
-                match decode(&entry) {
+                match entry.message() {
                     Ok(message) => items.push(Item {
                         message,
                         entry,
@@ -911,7 +910,7 @@ fn take_in_order(entries: Vec<Entry>, count: usize) -> (Vec<Decoded>, HashMap<St
     let decoded: Vec<Decoded> = entries
         .into_iter()
         .map(|e| {
-            let m = decode(&e);
+            let m = e.message();
             (e, m)
         })
         .collect();
@@ -954,15 +953,6 @@ fn merge_cap(decoded: &[Decoded], count: usize) -> u64 {
         .map(|(_, last)| *last)
         .min()
         .unwrap_or(u64::MAX)
-}
-
-/// A broker entry as a stored message (Protean's wire format in its `data` field).
-fn decode(entry: &Entry) -> Result<StoredMessage, String> {
-    let text = entry
-        .data
-        .as_deref()
-        .ok_or("entry has no text field `data`")?;
-    crate::message::from_wire(text)
 }
 
 #[cfg(test)]
