@@ -25,6 +25,7 @@ pub mod redact;
 pub mod reload;
 pub mod store;
 pub mod subscription;
+pub(crate) mod sync;
 pub mod unit_of_work;
 
 // The store tests share the end-to-end tests' PostgreSQL helper, which names this crate by its name.

@@ -45,7 +45,7 @@ pub(crate) struct Subscription {
     pub(crate) plan: SubscriptionPlan,
     pub(crate) settings: Settings,
     pub(crate) retry: RetryPolicy,
-    /// A `commands:` subscription: an unroutable message is poison, not someone else's event.
+    /// A subscription of command handlers: an unroutable message is poison, not someone else's event.
     pub(crate) commands: bool,
     /// Where its messages come from.
     pub(crate) kind: SubscriptionType,
@@ -197,6 +197,21 @@ pub(crate) struct Context<'a> {
     pub(crate) record: Record,
     /// Ordered event-store subscriptions that park: the parked keys, or the key being drained.
     pub(crate) parking: Option<Parking<'a>>,
+    /// Who delivered the messages.
+    pub(crate) origin: Origin,
+}
+
+/// Who delivers a batch's messages: this decides where its dead letters go and whether a message may
+/// come twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Origin {
+    /// Read from the store by the one reader that owns the position: dead letters are rows of the
+    /// store, with the message.
+    #[default]
+    Store,
+    /// A broker, which redelivers: processed markers are always looked up, and dead letters go to the
+    /// broker's dead-letter stream, where the entry itself is the message.
+    Broker,
 }
 
 /// Which handler calls are recorded before they start, so that a process dying in one is counted.
@@ -231,6 +246,7 @@ impl<'a> Context<'a> {
             deadlines: Some(&shared.deadlines),
             record: Record::Suspects,
             parking: None,
+            origin: Origin::Store,
         }
     }
 }
@@ -242,9 +258,32 @@ pub(crate) struct Worker {
     pub(crate) of: u32,
 }
 
+/// Why a message is settled without a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    AlreadyProcessed,
+    /// Read again after its key parked behind a later dead letter: it was settled before.
+    SettledBeforePark,
+    /// An event of a type no handler of this subscription takes.
+    NotHandledHere,
+    /// A command past its deadline.
+    Expired,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Skip::AlreadyProcessed => "already processed",
+            Skip::SettledBeforePark => "settled before its key parked",
+            Skip::NotHandledHere => "no handler here for this type",
+            Skip::Expired => "command past its deadline",
+        })
+    }
+}
+
 enum Class<'m> {
     Poison(String),
-    Skip(&'static str),
+    Skip(Skip),
     /// Another worker's key: settled for this worker's position, not counted as skipped.
     Theirs,
     /// A message of a parked key: held behind it in the store, settled for the position.
@@ -354,12 +393,11 @@ fn run_unit(
     // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
     // only after a commit found that another consumer got there first.
     // An ordered batch settles messages past an unsettled one, so a re-read meets some settled ones.
-    let mut recheck =
-        ctx.subscription.kind == SubscriptionType::Stream || ctx.subscription.ordering.is_some();
+    let mut recheck = ctx.origin == Origin::Broker || ctx.subscription.ordering.is_some();
     let mut raced = 0;
     loop {
         let (mut unit, mut report, settled) = build(ctx, batch, attempts, stopped, recheck)?;
-        if ctx.subscription.kind == SubscriptionType::Stream {
+        if ctx.origin == Origin::Broker {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
         match ctx.store.commit(&unit) {
@@ -466,7 +504,7 @@ fn build(
             if theirs {
                 Class::Theirs
             } else if done {
-                Class::Skip("already processed")
+                Class::Skip(Skip::AlreadyProcessed)
             } else if let Some(class) = parked(ctx, keys, i, m) {
                 class
             } else {
@@ -516,7 +554,7 @@ fn build(
                 continue;
             }
             Class::Skip(why) => {
-                skip(sub, &messages[i], why);
+                skip(sub, &messages[i], *why);
                 report.skipped += 1;
                 settled_ids.push(messages[i].identity());
                 settled[i] = true;
@@ -664,10 +702,7 @@ fn build(
     report.complete = settled.iter().all(|s| *s);
     // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
     let prefix = settled.iter().take_while(|s| **s).count();
-    let stored = ctx
-        .position
-        .filter(|_| sub.kind == SubscriptionType::EventStore);
-    if let (Some(last), Some(name), true) = (prefix.checked_sub(1), stored, batch.whole) {
+    if let (Some(last), Some(name), true) = (prefix.checked_sub(1), ctx.position, batch.whole) {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
             subscription: name.to_owned(),
@@ -833,7 +868,7 @@ fn parked<'m>(
     Some(if waits {
         Class::Held
     } else {
-        Class::Skip("settled before its key parked")
+        Class::Skip(Skip::SettledBeforePark)
     })
 }
 
@@ -875,21 +910,24 @@ fn classify<'m>(
                 m.message_type
             ))
         } else {
-            Class::Skip("no handler here for this type")
+            Class::Skip(Skip::NotHandledHere)
         };
     };
     match meta.expired(now) {
-        Ok(true) => Class::Skip("command past its deadline"),
+        Ok(true) => Class::Skip(Skip::Expired),
         Ok(false) => Class::Handle(handler),
         Err(e) => Class::Poison(e.to_string()),
     }
 }
 
-fn skip(sub: &Subscription, m: &StoredMessage, why: &str) {
-    if why == "command past its deadline" {
-        tracing::info!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, "command expired; acknowledged without calling its handler");
-    } else {
-        tracing::debug!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, why, "skipped");
+fn skip(sub: &Subscription, m: &StoredMessage, why: Skip) {
+    match why {
+        Skip::Expired => {
+            tracing::info!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, "command expired; acknowledged without calling its handler")
+        }
+        _ => {
+            tracing::debug!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, %why, "skipped")
+        }
     }
 }
 
@@ -905,9 +943,9 @@ fn dead_letter(
     tracing::warn!(%subscription, handler, message_type = %m.message_type, message_id = %m.id, attempts, error, "dead-lettered");
     // Only the event store keeps the message in its dead letter; a copy of a large one for the broker
     // would be memory spent for nothing.
-    let copy = |text: &String| match ctx.subscription.kind {
-        SubscriptionType::EventStore => text.clone(),
-        SubscriptionType::Stream => String::new(),
+    let copy = |text: &String| match ctx.origin {
+        Origin::Store => text.clone(),
+        Origin::Broker => String::new(),
     };
     unit.dead_letters.push(DeadLetter {
         subscription: subscription.clone(),

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use generation::Changes;
 pub use progress::Totals;
 
+use crate::sync::lock;
 use crate::{
     broker,
     config::{Config, Settings, SubscriptionType},
@@ -454,6 +455,7 @@ impl Engine {
             deadlines: None,
             record: batch::Record::Every,
             parking: None,
+            origin: batch::Origin::Store,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {
@@ -864,10 +866,6 @@ fn worker_error(
         Ok(Err(error)) => Some(error),
         Err(error) => Some(format!("a subscription task panicked: {error}")),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The signals that stop the engine. Once installed, their default action (terminate) no longer applies.

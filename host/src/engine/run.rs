@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     engine::{
-        batch::{self, Attempts, Report, Subscription, Worker},
+        batch::{self, Attempts, Origin, Report, Subscription, Worker},
         progress::{Progress, State},
         Shared,
     },
@@ -136,6 +136,7 @@ pub(crate) struct Place {
     pub(crate) position: Option<String>,
     pub(crate) worker: Option<Worker>,
     pub(crate) parking: Option<Parks>,
+    pub(crate) origin: Origin,
 }
 
 /// [`Parking`], owned by a batch that crosses to the blocking pool.
@@ -349,6 +350,7 @@ async fn handle(
             position: place.position.as_deref(),
             worker: place.worker,
             parking: place.parking.as_ref().map(Parks::borrow),
+            origin: place.origin,
             ..defaults
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);

@@ -168,6 +168,7 @@ impl Categories {
                 position: None,
                 worker: self.reader.worker,
                 parking: Some(Parks::Drain(key)),
+                ..Place::default()
             },
             read: 0,
         }))
@@ -301,6 +302,7 @@ impl Source for Categories {
                 position: (!self.cursor.ahead()).then(|| self.reader.position.clone()),
                 worker: self.reader.worker,
                 parking: self.view.parked().map(|p| Parks::Read(p.keys.clone())),
+                ..Place::default()
             },
         }))
     }

@@ -705,6 +705,7 @@ impl Ordered {
                 // Positions live in the broker, per partition: only a record says what a holder that
                 // died was handling.
                 record: batch::Record::Every,
+                origin: batch::Origin::Broker,
                 ..batch::Context::new(&shared, &plugin, &sub)
             };
             let outcome = batch::run(&ctx, &messages, &mut attempts);

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     broker::{replay_stream, Broker, BrokerConfig, Consumer, Entry},
     engine::{
-        batch::{Attempts, Report, Subscription},
+        batch::{Attempts, Origin, Report, Subscription},
         progress::{Progress, State},
         run::{blocking, Fetched, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
@@ -249,7 +249,10 @@ impl Source for Stream {
             messages,
             attempts,
             // A broker's group keeps where the subscription is; the store keeps no position for it.
-            place: Place::default(),
+            place: Place {
+                origin: Origin::Broker,
+                ..Place::default()
+            },
             read,
         }))
     }
