@@ -215,13 +215,14 @@ pub(crate) enum Origin {
 }
 
 /// Which handler calls are recorded before they start, so that a process dying in one is counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Record {
     /// Every call: nothing else would tell which messages a dead process was handling.
     Every,
     /// Only calls of messages that failed before. The caller knows otherwise which messages a dead
     /// process may have been in (a broker's redeliveries; an event-store reader's first batch after an
     /// owner that died busy, see `subscription::event_store`) and marks them failed once.
+    #[default]
     Suspects,
 }
 

@@ -709,29 +709,23 @@ impl Runner {
     ) -> JoinSet<Result<(), String>> {
         let mut workers = JoinSet::new();
         for sub in &generation.subscriptions {
+            let (shared, sub, stop) = (self.shared.clone(), sub.clone(), stop.clone());
             match (&self.broker, sub.kind) {
-                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => workers
-                    .spawn(ordered::run(
-                        self.shared.clone(),
-                        broker.clone(),
-                        sub.clone(),
-                        stop.clone(),
-                    )),
-                (Some(broker), SubscriptionType::Stream) => {
-                    let shared = self.shared.clone();
-                    match stream::Stream::new(shared.clone(), broker.clone(), sub.clone()) {
-                        Ok(source) => {
-                            workers.spawn(run::run(shared, sub.clone(), source, stop.clone()))
-                        }
-                        Err(error) => workers.spawn(async move { Err(error) }),
-                    }
+                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => {
+                    let source = ordered::Ordered::new(shared.clone(), broker.clone(), sub.clone());
+                    workers.spawn(run_source(shared, sub, source, stop))
                 }
+                (Some(broker), SubscriptionType::Stream) => {
+                    let source = stream::Stream::new(shared.clone(), broker.clone(), sub.clone());
+                    workers.spawn(run_source(shared, sub, source, stop))
+                }
+                // One source per reader (several workers of an ordered subscription) under one lease.
                 (broker, _) => workers.spawn(event_store::run(
-                    self.shared.clone(),
-                    sub.clone(),
+                    shared,
+                    sub,
                     broker.clone(),
                     self.owner.clone(),
-                    stop.clone(),
+                    stop,
                 )),
             };
         }
@@ -790,6 +784,16 @@ impl Runner {
         .await
         .unwrap_or(0)
     }
+}
+
+/// Run `source` of `sub` on the engine's loop, unless it could not be made.
+async fn run_source(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    source: Result<impl run::Source + 'static, String>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    run::run(shared, sub, source?, stop).await
 }
 
 /// The names progress tracks for a generation: its subscriptions, and the outbox with a broker.

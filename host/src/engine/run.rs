@@ -20,12 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     engine::{
-        batch::{self, Attempts, Origin, Report, Subscription, Worker},
+        batch::{self, Attempts, Origin, Record, Report, Subscription, Worker},
         progress::{Progress, State},
         Shared,
     },
     store::{self, StoredMessage},
     subscription::parking::Parking,
+    unit_of_work::Fence,
 };
 
 /// A part the engine depends on that did not answer.
@@ -89,8 +90,12 @@ pub(crate) enum Owning {
     Yes,
     /// Taken since the source last looked: it must be opened again (another owner may have moved on).
     Taken,
-    /// Another replica owns it: report this state and look again later.
-    No(State),
+    /// Another replica owns it (or nothing is this replica's now): report `state`, look again after
+    /// `wait`.
+    No {
+        state: State,
+        wait: Duration,
+    },
 }
 
 /// What a fetch found.
@@ -128,7 +133,8 @@ pub(crate) struct Work {
     pub(crate) read: usize,
 }
 
-/// Where a batch's position and parked keys go, and whose keys it handles (see [`batch::Context`]).
+/// Where a batch's position, fences, parked keys and dead letters go, and whose keys it handles
+/// (see [`batch::Context`]).
 #[derive(Default)]
 pub(crate) struct Place {
     /// The name the position is stored under; None when the source keeps no position in the store,
@@ -137,6 +143,11 @@ pub(crate) struct Place {
     pub(crate) worker: Option<Worker>,
     pub(crate) parking: Option<Parks>,
     pub(crate) origin: Origin,
+    /// Checked by the store on commit: the leases the batch's messages are owned under.
+    pub(crate) fences: Vec<Fence>,
+    /// The messages' ordering keys, when the source worked them out already.
+    pub(crate) keys: Option<Vec<String>>,
+    pub(crate) record: Record,
 }
 
 /// [`Parking`], owned by a batch that crosses to the blocking pool.
@@ -152,6 +163,12 @@ impl Parks {
             Parks::Drain(key) => Parking::Drain(key),
         }
     }
+}
+
+/// A batch handed back to its source after it ran.
+pub(crate) struct Back {
+    pub(crate) messages: Vec<StoredMessage>,
+    pub(crate) attempts: Attempts,
 }
 
 /// What a source did with a committed batch.
@@ -196,11 +213,11 @@ pub(crate) trait Source: Send {
     async fn meanwhile(&mut self, _shutdown: &CancellationToken) {}
 
     /// The batch committed: settle what the store does not (acknowledgements, cursors).
-    async fn committed(&mut self, report: &Report, attempts: Attempts) -> Result<Settled, Trouble>;
+    async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble>;
 
-    /// Nothing of the batch committed; `lost` when its commit was refused because another replica
-    /// owns the work now.
-    async fn failed(&mut self, attempts: Attempts, lost: bool);
+    /// The store refused the batch with `error`: nothing of it committed. What to wait out, if
+    /// anything (a refusal because another replica owns the work now is no outage).
+    async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble>;
 
     /// Stopping: give back what it holds.
     async fn close(&mut self);
@@ -225,10 +242,10 @@ pub(crate) async fn run(
                         break;
                     }
                 }
-                Owning::No(state) => {
+                Owning::No { state, wait } => {
                     source.report(progress, state);
                     tokio::select! {
-                        _ = tokio::time::sleep(shared.config.lease_ttl / 3) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
                     continue;
@@ -263,21 +280,17 @@ pub(crate) async fn run(
             source.report(progress, State::Busy);
             let started = Instant::now();
             let read = work.read;
-            let (outcome, attempts) = handle(&shared, &sub, &mut source, work, &shutdown).await?;
+            let (outcome, back) = handle(&shared, &sub, &mut source, work, &shutdown).await?;
             let report = match outcome {
                 Ok(report) => report,
-                Err(error @ store::Error::LeaseLost { .. }) => {
-                    tracing::warn!(subscription = %sub.plan.name, %error, "lease lost during a batch; standing by");
-                    source.failed(attempts, true).await;
-                    continue;
-                }
                 Err(error) => {
-                    source.failed(attempts, false).await;
-                    backoff.wait(Trouble::store(error), &shutdown).await?;
+                    if let Some(trouble) = source.failed(back, error).await {
+                        backoff.wait(trouble, &shutdown).await?;
+                    }
                     continue;
                 }
             };
-            let settled = match source.committed(&report, attempts).await {
+            let settled = match source.committed(&report, back).await {
                 Ok(settled) => settled,
                 Err(trouble) => {
                     backoff.wait(trouble, &shutdown).await?;
@@ -326,7 +339,7 @@ async fn open(
     }
 }
 
-type Outcome = (store::Result<Report>, Attempts);
+type Outcome = (store::Result<Report>, Back);
 
 /// Run the batch on the blocking pool while the source reads on.
 async fn handle(
@@ -351,10 +364,13 @@ async fn handle(
             worker: place.worker,
             parking: place.parking.as_ref().map(Parks::borrow),
             origin: place.origin,
+            fences: place.fences,
+            keys: place.keys.as_deref(),
+            record: place.record,
             ..defaults
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
-        (outcome, attempts)
+        (outcome, Back { messages, attempts })
     });
     let (outcome, ()) = tokio::join!(batch, source.meanwhile(shutdown));
     Ok(outcome?)
@@ -386,6 +402,8 @@ fn committed(
         dead_lettered = report.dead_lettered,
         skipped = report.skipped,
         held = report.held,
+        waiting = report.waiting.len(),
+        parked = report.parked.len(),
         written = report.written.len(),
         position = settled.position,
         acked = settled.acked,

@@ -30,7 +30,8 @@ use crate::{
         batch::{Attempts, Report, Subscription},
         progress::{Progress, State},
         run::{
-            self, blocking, Fetched, Owning, Parks, Place, Settled, Source, Trouble, Wake, Work,
+            self, blocking, Back, Fetched, Owning, Parks, Place, Settled, Source, Trouble, Wake,
+            Work,
         },
         Shared,
     },
@@ -241,7 +242,10 @@ impl Source for Categories {
             Holding::Taken => Owning::Taken,
             // Another replica runs this subscription: say whether it has left anything (test mode
             // must not end on a dead owner).
-            Holding::No => Owning::No(standing_by(&self.shared, &self.sub, &self.reader).await),
+            Holding::No => Owning::No {
+                state: standing_by(&self.shared, &self.sub, &self.reader).await,
+                wait: self.shared.config.lease_ttl / 3,
+            },
         }
     }
 
@@ -307,8 +311,8 @@ impl Source for Categories {
         }))
     }
 
-    async fn committed(&mut self, report: &Report, attempts: Attempts) -> Result<Settled, Trouble> {
-        self.attempts = attempts;
+    async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble> {
+        self.attempts = back.attempts;
         let retry = match self.in_flight.take() {
             Some(InFlight::Drain(key)) => {
                 // A batch that failed as a whole (its commit kept conflicting, or an unordered handler
@@ -339,15 +343,18 @@ impl Source for Categories {
 
     /// A hold refused as not parked any more, among others: read the parked keys again. A lost lease
     /// stands this reader by.
-    async fn failed(&mut self, attempts: Attempts, lost: bool) {
-        self.attempts = attempts;
+    async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
+        self.attempts = back.attempts;
         self.in_flight = None;
         self.view.changed();
-        if lost {
-            if let Some(lease) = self.lease.lock().await.as_mut() {
-                lease.held = false;
-            }
+        if !matches!(error, store::Error::LeaseLost { .. }) {
+            return Some(Trouble::store(error));
         }
+        tracing::warn!(subscription = %self.name(), %error, "lease lost during a batch; standing by");
+        if let Some(lease) = self.lease.lock().await.as_mut() {
+            lease.held = false;
+        }
+        None
     }
 
     async fn close(&mut self) {

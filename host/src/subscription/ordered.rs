@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -30,135 +31,284 @@ use crate::{
         replay_stream, Broker, Entry,
     },
     engine::{
-        batch::{self, Attempts, Report, Subscription},
-        progress::State,
-        run::{Backoff, Trouble},
+        batch::{Attempts, Origin, Record, Report, Subscription},
+        progress::{Progress, State},
+        run::{blocking, Back, Fetched, Owning, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
     ordering::{partition_of, Ordering},
-    store::{self, StoredMessage},
+    store::{self, Store, StoredMessage},
     subscription::stream::consumer_name,
     unit_of_work::{Fence, UnitOfWork},
 };
 
-/// Run one ordered subscription on this replica until `shutdown`.
-pub(crate) async fn run(
+/// An ordered subscription on this replica, as a source of the engine's loop: its partitions, what
+/// it read and has not settled, its parked keys.
+pub(crate) struct Ordered {
     shared: Arc<Shared>,
     broker: Arc<dyn Broker>,
+    /// The subscription's partitions as the broker keeps them; connected when the loop opens it.
+    group: Option<Box<dyn Partitions>>,
+    /// This replica's name in leases.
+    owner: String,
     sub: Arc<Subscription>,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let name = sub.plan.name.clone();
-    let ordering = sub
-        .ordering
-        .clone()
-        .ok_or("an ordered subscription needs an ordering")?;
-    let settings = shared.config.ordering;
-    let block = shared
-        .config
-        .broker
-        .as_ref()
-        .map_or(Duration::from_secs(1), |b| b.block);
-    let block = if shared.test_mode {
-        block.min(Duration::from_millis(20))
-    } else {
-        block
-    };
-    let owner = consumer_name(&name);
-    let mut streams = sub.plan.categories.clone();
-    streams.push(replay_stream(&name));
-    let Some(mut group) = connect(
-        &shared,
-        broker.as_ref(),
-        (&name, &streams),
-        &owner,
-        &shutdown,
-    )
-    .await?
-    else {
-        shared.progress.set(&name, State::Stopped);
-        return Ok(());
-    };
-    let mut backoff = Backoff::new(&name);
-    tracing::info!(subscription = %name, owner = %owner, key = ordering.describe(), park = ordering.park, partitions = settings.partitions, "ordered subscription started");
-    let mut state = Ordered::new(shared.clone(), sub.clone(), (ordering, owner), streams);
-    let mut next_renew = Instant::now();
-    while !shutdown.is_cancelled() {
-        if Instant::now() >= next_renew {
-            next_renew = Instant::now() + settings.renew_interval();
-            if let Err(error) = state.rebalance(group.as_mut()).await {
-                tracing::warn!(subscription = %name, %error, "cannot renew or rebalance partitions; will try again");
-            }
-        }
-        let until_renew = next_renew.saturating_duration_since(Instant::now());
-        if state.parts.is_empty() {
-            shared.progress.set(&name, State::Idle { head: u64::MAX });
-            tokio::select! {
-                _ = tokio::time::sleep(until_renew) => {}
-                _ = shutdown.cancelled() => break,
-            }
-            continue;
-        }
-        let wait = state.wait(block.min(until_renew));
-        let seen = shared.progress.published();
-        let Some(read) = state.next(group.as_mut(), wait, &shutdown).await else {
-            break;
-        };
-        let fresh = match read {
-            Ok(fresh) => fresh,
-            Err(error) => {
-                backoff.wait(Trouble::broker(error), &shutdown).await?;
-                continue;
-            }
-        };
-        backoff.reset();
-        match state.step(group.as_mut(), fresh).await {
-            Ok(State::Idle { .. }) => shared.progress.set(&name, State::Idle { head: seen }),
-            Ok(state) => shared.progress.set(&name, state),
-            // Its errors are text, from the store or the broker; the store's name is kept from before.
-            Err(error) => {
-                backoff.wait(Trouble::store(error), &shutdown).await?;
-            }
-        }
-    }
-    state.stop(group.as_mut()).await;
-    shared.progress.set(&name, State::Stopped);
-    tracing::info!(subscription = %name, "ordered subscription stopped");
-    Ok(())
+    ordering: Ordering,
+    streams: Vec<String>,
+    /// How long a read may wait for new entries.
+    block: Duration,
+    /// When to renew and rebalance the partitions next.
+    next_renew: Instant,
+    parts: BTreeMap<u32, Part>,
+    /// Read, in order, not settled yet (a key waiting for its retry; a batch refused).
+    pending: Vec<Item>,
+    parked: HashMap<String, Parked>,
+    /// Released keys whose held entries are being handled (in `pending`).
+    draining: HashSet<String>,
+    attempts: Attempts,
+    /// The next entries, read while the last batch was handled (not yet taken in).
+    ahead: Vec<Entry>,
+    /// The batch in flight: its items (their messages are with the batch) and the positions of the
+    /// batch before it, sent while it runs.
+    in_flight: Option<(Vec<Item>, Positions)>,
 }
 
-/// This replica's handle on the subscription's partitions, retried with backoff; None on shutdown.
-/// A partition count other than the running one is an error for the operator, not worth a retry.
-async fn connect(
-    shared: &Shared,
-    broker: &dyn Broker,
-    (name, streams): (&str, &[String]),
-    owner: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<Box<dyn Partitions>>, String> {
-    let settings = shared.config.ordering;
-    let mut backoff = Backoff::new(name);
-    loop {
-        match broker
+impl Ordered {
+    /// The source of ordered subscription `sub`; it connects when the loop opens it.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        broker: Arc<dyn Broker>,
+        sub: Arc<Subscription>,
+    ) -> Result<Self, String> {
+        let ordering = sub
+            .ordering
+            .clone()
+            .ok_or("an ordered subscription needs an ordering")?;
+        let block = shared
+            .config
+            .broker
+            .as_ref()
+            .map_or(Duration::from_secs(1), |b| b.block);
+        // Test mode waits exactly as long as the work: short blocking reads notice idleness quickly.
+        let block = if shared.test_mode {
+            block.min(Duration::from_millis(20))
+        } else {
+            block
+        };
+        let owner = consumer_name(&sub.plan.name);
+        let mut streams = sub.plan.categories.clone();
+        streams.push(replay_stream(&sub.plan.name));
+        Ok(Self {
+            shared,
+            broker,
+            group: None,
+            owner,
+            sub,
+            ordering,
+            streams,
+            block,
+            next_renew: Instant::now(),
+            parts: BTreeMap::new(),
+            pending: Vec::new(),
+            parked: HashMap::new(),
+            draining: HashSet::new(),
+            attempts: Attempts::default(),
+            ahead: Vec::new(),
+            in_flight: None,
+        })
+    }
+
+    /// The partitions, once connected. Taken out while used, so that the source's other fields stay
+    /// free to change; [`Ordered::put_back`] returns it.
+    fn group(&mut self) -> Result<Box<dyn Partitions>, Trouble> {
+        self.group.take().ok_or_else(|| {
+            Trouble::Fatal("an ordered subscription read before it was opened".into())
+        })
+    }
+
+    fn put_back<T>(&mut self, group: Box<dyn Partitions>, result: T) -> T {
+        self.group = Some(group);
+        result
+    }
+
+    /// Read and take in what is new; the batch to handle now, if any, or why there is none.
+    async fn next_batch(
+        &mut self,
+        group: &mut dyn Partitions,
+        shutdown: &CancellationToken,
+    ) -> Result<Fetched, Trouble> {
+        let until_renew = self.next_renew.saturating_duration_since(Instant::now());
+        let wait = self.wait(self.block.min(until_renew));
+        let seen = self.shared.progress.published();
+        let Some(read) = self.next(group, wait, shutdown).await else {
+            return Ok(Fetched::Stop);
+        };
+        let fresh = read.map_err(Trouble::broker)?;
+        let count = self.sub.settings.messages_per_tick as usize;
+        let fresh = self.accept(group, fresh).await.map_err(Trouble::broker)?;
+        let new_work =
+            !fresh.is_empty() | self.drain(group, count).await.map_err(Trouble::broker)?;
+        self.pending.extend(fresh);
+        let nothing = |state| Fetched::Nothing {
+            state,
+            wake: Wake::Now,
+        };
+        if self.pending.is_empty() {
+            return Ok(nothing(State::Idle { head: seen }));
+        }
+        let due = self
+            .attempts
+            .next_due()
+            .is_none_or(|at| at <= Instant::now());
+        if !new_work && !due {
+            return Ok(nothing(State::Retrying));
+        }
+        // Positions of the last batch (computed while this batch is still pending, so they stop before
+        // it) go with the read-ahead while it runs: one round trip fewer per batch.
+        let updates = self.position_updates();
+        let (messages, items, fences) = self.take_batch();
+        let keys = items.iter().map(|i| i.key.clone()).collect();
+        self.in_flight = Some((items, updates));
+        Ok(Fetched::Work(Work {
+            read: messages.len(),
+            messages,
+            attempts: std::mem::take(&mut self.attempts),
+            place: Place {
+                // Positions live in the broker, per partition.
+                position: None,
+                origin: Origin::Broker,
+                fences,
+                // Worked out when the messages were read.
+                keys: Some(keys),
+                // Positions live in the broker, per partition: only a record says what a holder that
+                // died was handling.
+                record: Record::Every,
+                ..Place::default()
+            },
+        }))
+    }
+
+    /// The batch's items, their messages back from the batch.
+    fn items_back(&mut self, back: Back) -> Vec<Item> {
+        self.attempts = back.attempts;
+        let items = self
+            .in_flight
+            .take()
+            .map(|(items, _)| items)
+            .unwrap_or_default();
+        items
+            .into_iter()
+            .zip(back.messages)
+            .map(|(item, message)| Item { message, ..item })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Source for Ordered {
+    fn report(&self, progress: &Progress, state: State) {
+        progress.set(&self.sub.plan.name, state);
+    }
+
+    /// This replica's handle on the subscription's partitions. A partition count other than the
+    /// running one is an error for the operator, not worth a retry.
+    async fn open(&mut self) -> Result<(), Trouble> {
+        let settings = self.shared.config.ordering;
+        let group = self
+            .broker
             .partitions(
-                name,
-                streams,
-                owner,
+                &self.sub.plan.name,
+                &self.streams,
+                &self.owner,
                 settings.partitions,
                 settings.lease_ttl,
             )
             .await
-        {
-            Ok(group) => return Ok(Some(group)),
-            Err(error @ crate::broker::Error::PartitionCount { .. }) => {
-                return Err(error.to_string())
-            }
-            Err(error) => {
-                if !backoff.wait(Trouble::broker(error), shutdown).await? {
-                    return Ok(None);
+            .map_err(|error| match error {
+                crate::broker::Error::PartitionCount { .. } => Trouble::Fatal(error.to_string()),
+                error => Trouble::broker(error),
+            })?;
+        self.group = Some(group);
+        tracing::info!(subscription = %self.name(), owner = %self.owner, key = self.ordering.describe(), park = self.ordering.park, partitions = settings.partitions, "ordered subscription started");
+        Ok(())
+    }
+
+    /// Renew and rebalance the partitions when due; with none held there is nothing to do until the
+    /// next renewal.
+    async fn own(&mut self) -> Owning {
+        if Instant::now() >= self.next_renew {
+            self.next_renew = Instant::now() + self.shared.config.ordering.renew_interval();
+            if let Some(mut group) = self.group.take() {
+                let renewed = self.rebalance(group.as_mut()).await;
+                self.group = Some(group);
+                if let Err(error) = renewed {
+                    tracing::warn!(subscription = %self.name(), %error, "cannot renew or rebalance partitions; will try again");
                 }
             }
         }
+        if !self.parts.is_empty() {
+            return Owning::Yes;
+        }
+        Owning::No {
+            state: State::Idle { head: u64::MAX },
+            wait: self.next_renew.saturating_duration_since(Instant::now()),
+        }
+    }
+
+    async fn fetch(
+        &mut self,
+        _head: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Fetched, Trouble> {
+        let mut group = self.group()?;
+        let fetched = self.next_batch(group.as_mut(), shutdown).await;
+        self.put_back(group, fetched)
+    }
+
+    /// Send the last batch's positions and read the next entries (without waiting: nothing new may
+    /// come). A failed read-ahead loses nothing: the entries are read again from the same cursors;
+    /// failed positions are sent again with the next ones.
+    async fn meanwhile(&mut self, _: &CancellationToken) {
+        let Some(mut group) = self.group.take() else {
+            return;
+        };
+        let updates = self
+            .in_flight
+            .as_mut()
+            .map(|(_, updates)| std::mem::take(updates))
+            .unwrap_or_default();
+        let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
+        let lost = group.commit_positions(&updates).await;
+        self.ahead = group
+            .read(&cursors, count, Duration::ZERO)
+            .await
+            .unwrap_or_default();
+        if let Ok(lost) = lost {
+            self.positions_stored(updates, &lost);
+        }
+        self.group = Some(group);
+    }
+
+    async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble> {
+        let items = self.items_back(back);
+        let mut group = self.group()?;
+        let settled = self.settle(group.as_mut(), items, report).await;
+        self.put_back(group, settled.map_err(Trouble::broker))?;
+        Ok(Settled::default())
+    }
+
+    /// The messages stay pending either way.
+    async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
+        self.pending = self.items_back(back);
+        self.refused(error)
+    }
+
+    /// Give every partition back at once (positions are stored after every batch), so the other
+    /// replicas need not wait for the leases to expire.
+    async fn close(&mut self) {
+        if let Some(mut group) = self.group.take() {
+            self.stop(group.as_mut()).await;
+        }
+        tracing::info!(subscription = %self.name(), "ordered subscription stopped");
     }
 }
 
@@ -181,50 +331,13 @@ struct Item {
     held: bool,
 }
 
+/// Positions to store: per partition (with its claim), the streams whose position changed and where to.
+type Positions = Vec<(Claim, Vec<(String, String)>)>;
+
 /// Something per key, with the partition the key falls in.
 type PerKey<T> = BTreeMap<(u32, String), T>;
 
-/// One replica's state of one ordered subscription.
-struct Ordered {
-    shared: Arc<Shared>,
-    /// This replica's name in leases.
-    owner: String,
-    sub: Arc<Subscription>,
-    ordering: Ordering,
-    streams: Vec<String>,
-    parts: BTreeMap<u32, Part>,
-    /// Read, in order, not settled yet (a key waiting for its retry; a batch refused).
-    pending: Vec<Item>,
-    parked: HashMap<String, Parked>,
-    /// Released keys whose held entries are being handled (in `pending`).
-    draining: HashSet<String>,
-    attempts: Attempts,
-    /// The next entries, read while the last batch was handled (not yet taken in).
-    ahead: Vec<Entry>,
-}
-
 impl Ordered {
-    fn new(
-        shared: Arc<Shared>,
-        sub: Arc<Subscription>,
-        (ordering, owner): (Ordering, String),
-        streams: Vec<String>,
-    ) -> Self {
-        Self {
-            shared,
-            owner,
-            sub,
-            ordering,
-            streams,
-            parts: BTreeMap::new(),
-            pending: Vec::new(),
-            parked: HashMap::new(),
-            draining: HashSet::new(),
-            attempts: Attempts::default(),
-            ahead: Vec::new(),
-        }
-    }
-
     fn name(&self) -> &str {
         &self.sub.plan.name
     }
@@ -332,12 +445,12 @@ impl Ordered {
     /// Raise the store's fences of new `claims` (from here on it refuses the previous holders'
     /// commits, before anything is read), then load their positions.
     async fn prepare(
-        &self,
+        &mut self,
         group: &mut dyn Partitions,
         claims: &[Claim],
     ) -> Result<Vec<Part>, String> {
         let fences = claims.iter().map(|c| self.fence(c)).collect();
-        self.commit_fences(fences).await?;
+        commit_fences(self.shared.store.clone(), fences).await?;
         let mut parts = Vec::new();
         for claim in claims {
             let stored = group
@@ -359,19 +472,6 @@ impl Ordered {
             name: format!("{}#p{}", self.name(), claim.partition),
             token: claim.token,
         }
-    }
-
-    async fn commit_fences(&self, fences: Vec<Fence>) -> Result<(), String> {
-        let store = self.shared.store.clone();
-        let unit = UnitOfWork {
-            fences,
-            ..UnitOfWork::default()
-        };
-        tokio::task::spawn_blocking(move || store.commit(&unit))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(drop)
-            .map_err(|e| e.to_string())
     }
 
     /// Forget a partition: its unsettled messages are re-read by its next holder.
@@ -425,30 +525,6 @@ impl Ordered {
             .min_by_key(|id| id_key(id))
             .unwrap_or("0-0")
             .to_owned()
-    }
-
-    /// Take in what was read, handle one batch, settle it. Says what the subscription is doing.
-    async fn step(
-        &mut self,
-        group: &mut dyn Partitions,
-        fresh: Vec<Entry>,
-    ) -> Result<State, String> {
-        let count = self.sub.settings.messages_per_tick as usize;
-        let fresh = self.accept(group, fresh).await?;
-        let new_work = !fresh.is_empty() | self.drain(group, count).await?;
-        self.pending.extend(fresh);
-        if self.pending.is_empty() {
-            return Ok(State::Idle { head: 0 });
-        }
-        let due = self
-            .attempts
-            .next_due()
-            .is_none_or(|at| at <= Instant::now());
-        if !new_work && !due {
-            return Ok(State::Retrying);
-        }
-        self.handle(group).await?;
-        Ok(State::Busy)
     }
 
     /// Decode what was read and keep the messages of this replica's partitions not seen before; the
@@ -628,47 +704,6 @@ impl Ordered {
         Ok(())
     }
 
-    /// Handle every pending message as one batch (waiting keys are held by the batch itself) and settle
-    /// the outcome.
-    async fn handle(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
-        let started = Instant::now();
-        // Positions of the last batch (computed while this batch is still pending, so they stop before
-        // it) go with the read-ahead below: one round trip fewer per batch.
-        let updates = self.position_updates();
-        let (messages, items, fences) = self.take_batch();
-        let keys = items.iter().map(|i| i.key.clone()).collect();
-        let task = self.spawn_batch(messages, keys, fences);
-        // The next entries are read while this batch runs (without waiting: nothing new may come).
-        let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
-        let broker_work = async {
-            let lost = group.commit_positions(&updates).await;
-            let ahead = group.read(&cursors, count, Duration::ZERO).await;
-            (lost, ahead)
-        };
-        let (done, (lost, ahead)) = tokio::join!(task, broker_work);
-        // A failed read-ahead loses nothing: the entries are read again from the same cursors; failed
-        // positions are sent again with the next ones.
-        self.ahead = ahead.unwrap_or_default();
-        if let Ok(lost) = lost {
-            self.positions_stored(updates, &lost);
-        }
-        let (outcome, messages, attempts) =
-            done.map_err(|e| format!("a batch task failed: {e}"))?;
-        self.attempts = attempts;
-        let items: Vec<Item> = items
-            .into_iter()
-            .zip(messages)
-            .map(|(item, message)| Item { message, ..item })
-            .collect();
-        match outcome {
-            Ok(report) => self.settle(group, items, report, started).await,
-            Err(error) => {
-                self.pending = items;
-                self.refused(error)
-            }
-        }
-    }
-
     /// Every pending message of a partition still held, split into the messages for the batch and
     /// the rest of their items, with the fences of the partitions they belong to.
     fn take_batch(&mut self) -> (Vec<StoredMessage>, Vec<Item>, Vec<Fence>) {
@@ -686,44 +721,17 @@ impl Ordered {
         (messages, items, fences.into_values().collect())
     }
 
-    /// Run the batch on the blocking pool; it hands the messages and the attempts back.
-    fn spawn_batch(
-        &mut self,
-        messages: Vec<StoredMessage>,
-        keys: Vec<String>,
-        fences: Vec<Fence>,
-    ) -> tokio::task::JoinHandle<(store::Result<Report>, Vec<StoredMessage>, Attempts)> {
-        let (shared, sub) = (self.shared.clone(), self.sub.clone());
-        let mut attempts = std::mem::take(&mut self.attempts);
-        tokio::task::spawn_blocking(move || {
-            let plugin = shared.plugin();
-            // Positions are per partition, in the broker.
-            // The keys were worked out when the messages were read.
-            let ctx = batch::Context {
-                fences,
-                keys: Some(&keys),
-                // Positions live in the broker, per partition: only a record says what a holder that
-                // died was handling.
-                record: batch::Record::Every,
-                origin: batch::Origin::Broker,
-                ..batch::Context::new(&shared, &plugin, &sub)
-            };
-            let outcome = batch::run(&ctx, &messages, &mut attempts);
-            (outcome, messages, attempts)
-        })
-    }
-
     /// The store refused the batch: a fence (another replica holds one of its partitions now: drop it)
     /// or trouble (the caller backs off). The messages stay pending either way.
-    fn refused(&mut self, error: store::Error) -> Result<(), String> {
+    fn refused(&mut self, error: store::Error) -> Option<Trouble> {
         let store::Error::Fenced { name, .. } = &error else {
-            return Err(format!("store unavailable: {error}"));
+            return Some(Trouble::store(error));
         };
         tracing::warn!(subscription = %self.name(), %error, "batch refused by the store");
         if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
             self.lost(partition);
         }
-        Ok(())
+        None
     }
 
     /// After a commit: dead letters (parking their keys), held lists trimmed, parked keys' later
@@ -732,11 +740,10 @@ impl Ordered {
         &mut self,
         group: &mut dyn Partitions,
         items: Vec<Item>,
-        report: Report,
-        started: Instant,
+        report: &Report,
     ) -> Result<(), String> {
-        self.dead_letters(group, &items, &report).await?;
-        let (held_done, to_hold) = self.sort_out(items, &report);
+        self.dead_letters(group, &items, report).await?;
+        let (held_done, to_hold) = self.sort_out(items, report);
         for ((partition, key), count) in held_done {
             let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else {
                 continue;
@@ -753,11 +760,6 @@ impl Ordered {
         if self.ahead.is_empty() {
             self.commit_positions(group).await?;
         }
-        self.shared
-            .metrics
-            .batch(&self.sub, &report, started.elapsed());
-        tracing::info!(subscription = %self.name(), handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, waiting = report.waiting.len(), parked = report.parked.len(), "batch committed");
-        self.shared.progress.tally(report);
         Ok(())
     }
 
@@ -841,7 +843,7 @@ impl Ordered {
 
     /// The positions that changed: per held partition and stream, after the last entry read, or just
     /// before its first unsettled one.
-    fn position_updates(&self) -> Vec<(Claim, Vec<(String, String)>)> {
+    fn position_updates(&self) -> Positions {
         let mut first_unsettled: HashMap<(u32, &str), &str> = HashMap::new();
         for item in self.pending.iter().filter(|i| !i.held) {
             first_unsettled
@@ -876,7 +878,7 @@ impl Ordered {
     }
 
     /// Note what the broker stored; drop the partitions it refused (their lease was lost).
-    fn positions_stored(&mut self, updates: Vec<(Claim, Vec<(String, String)>)>, lost: &[u32]) {
+    fn positions_stored(&mut self, updates: Positions, lost: &[u32]) {
         for (claim, changed) in updates {
             if lost.contains(&claim.partition) {
                 self.lost(claim.partition);
@@ -900,6 +902,19 @@ impl Ordered {
             tracing::warn!(subscription = %self.name(), %error, "cannot give the partitions back; others take them when the leases expire");
         }
     }
+}
+
+/// Commit a unit of work holding only `fences`: from here on the store refuses the previous holders'
+/// commits.
+async fn commit_fences(store: Arc<dyn Store>, fences: Vec<Fence>) -> Result<(), String> {
+    let unit = UnitOfWork {
+        fences,
+        ..UnitOfWork::default()
+    };
+    blocking(move || store.commit(&unit))
+        .await?
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// An entry read, and the message it holds (or why it holds none).

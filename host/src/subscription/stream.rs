@@ -16,7 +16,7 @@ use crate::{
     engine::{
         batch::{Attempts, Origin, Report, Subscription},
         progress::{Progress, State},
-        run::{blocking, Fetched, Place, Settled, Source, Trouble, Wake, Work},
+        run::{blocking, Back, Fetched, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
     store::StoredMessage,
@@ -270,7 +270,7 @@ impl Source for Stream {
     }
 
     /// Dead-letter in the group's dead-letter stream, then acknowledge what the batch settled.
-    async fn committed(&mut self, report: &Report, _: Attempts) -> Result<Settled, Trouble> {
+    async fn committed(&mut self, report: &Report, _: Back) -> Result<Settled, Trouble> {
         for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
             for entry in self.origin.remove(identity).unwrap_or_default() {
                 self.consumer()?
@@ -310,8 +310,9 @@ impl Source for Stream {
     }
 
     /// Nothing was committed or acknowledged; the entries are read again after the backoff.
-    async fn failed(&mut self, _: Attempts, _lost: bool) {
+    async fn failed(&mut self, _: Back, error: crate::store::Error) -> Option<Trouble> {
         self.given_up().await;
+        Some(Trouble::store(error))
     }
 
     async fn close(&mut self) {
