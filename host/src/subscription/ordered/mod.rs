@@ -27,20 +27,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{
-        partitions::{id_before, id_key, Claim, DeadLetterInfo, Parked, Partitions},
+        partitions::{Claim, DeadLetterInfo, Parked, Partitions},
         replay_stream, Broker, Entry,
     },
     engine::{
         batch::{Attempts, Origin, Record, Report, Subscription},
         progress::{Progress, State},
-        run::{blocking, Back, Fetched, Owning, Place, Settled, Source, Trouble, Wake, Work},
+        run::{Back, Fetched, Owning, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
     ordering::{partition_of, Ordering},
-    store::{self, Store, StoredMessage},
+    store::{self, StoredMessage},
     subscription::stream::consumer_name,
-    unit_of_work::{Fence, UnitOfWork},
+    unit_of_work::Fence,
 };
+
+mod intake;
+mod ownership;
+mod positions;
+
+use intake::take_in_order;
+use positions::{Part, Positions};
 
 /// An ordered subscription on this replica, as a source of the engine's loop: its partitions, what
 /// it read and has not settled, its parked keys.
@@ -312,15 +319,6 @@ impl Source for Ordered {
     }
 }
 
-/// A partition this replica holds.
-struct Part {
-    claim: Claim,
-    /// Per stream: the last entry id read for this partition (what the next read starts after).
-    read: HashMap<String, String>,
-    /// Per stream: the position stored for this partition.
-    stored: HashMap<String, String>,
-}
-
 /// A message read and not settled yet.
 struct Item {
     message: StoredMessage,
@@ -330,9 +328,6 @@ struct Item {
     /// Taken from its parked key's held list (not from a stream).
     held: bool,
 }
-
-/// Positions to store: per partition (with its claim), the streams whose position changed and where to.
-type Positions = Vec<(Claim, Vec<(String, String)>)>;
 
 /// Something per key, with the partition the key falls in.
 type PerKey<T> = BTreeMap<(u32, String), T>;
@@ -355,132 +350,6 @@ impl Ordered {
         due.map_or(most, |at| {
             most.min(at.saturating_duration_since(Instant::now()))
         })
-    }
-
-    /// Say this replica is alive, renew its partitions, and take or give back partitions until it holds
-    /// its share: the partitions divided by the live replicas, rounded up.
-    async fn rebalance(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
-        let alive = group.heartbeat().await.map_err(|e| e.to_string())?.max(1);
-        let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
-        for lost in group.renew(&claims).await.map_err(|e| e.to_string())? {
-            tracing::warn!(subscription = %self.name(), partition = lost, "partition lease lost (expired while this replica was away); another replica serves it");
-            self.drop_part(lost);
-        }
-        let share = (self.partitions() as usize).div_ceil(alive);
-        if self.parts.len() > share {
-            let extra: Vec<Claim> = self
-                .parts
-                .values()
-                .rev()
-                .take(self.parts.len() - share)
-                .map(|p| p.claim)
-                .collect();
-            // Their positions first: a read ahead may have been due to carry them.
-            self.commit_positions(group).await?;
-            group.release(&extra).await.map_err(|e| e.to_string())?;
-            for claim in &extra {
-                self.drop_part(claim.partition);
-            }
-            tracing::info!(subscription = %self.name(), released = extra.len(), alive, held = self.parts.len(), "partitions given back to rebalance");
-        } else if self.parts.len() < share {
-            self.acquire(group, share).await?;
-        }
-        self.parked = group.parked().await.map_err(|e| e.to_string())?;
-        Ok(())
-    }
-
-    /// Take free partitions up to `share`, starting at a place of this replica's own so that replicas
-    /// starting together do not all race for the same ones.
-    async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), String> {
-        let mut free = group.free().await.map_err(|e| e.to_string())?;
-        let start = partition_of(&self.owner, free.len().max(1) as u32) as usize;
-        let len = free.len();
-        free.rotate_left(start.min(len));
-        let mut claims = Vec::new();
-        for partition in free {
-            if self.parts.len() + claims.len() >= share {
-                break;
-            }
-            if let Some(claim) = group.acquire(partition).await.map_err(|e| e.to_string())? {
-                claims.push(claim);
-            }
-        }
-        if claims.is_empty() {
-            return Ok(());
-        }
-        // Taken only once fenced and positioned; else given back at once rather than left to expire.
-        let parts = match self.prepare(group, &claims).await {
-            Ok(parts) => parts,
-            Err(error) => {
-                let _ = group.release(&claims).await;
-                return Err(error);
-            }
-        };
-        self.parts
-            .extend(parts.into_iter().map(|p| (p.claim.partition, p)));
-        self.recover_calls().await;
-        // What was read ahead started past the new partitions' positions: read again from them.
-        self.ahead.clear();
-        let taken: Vec<u32> = claims.iter().map(|c| c.partition).collect();
-        tracing::info!(subscription = %self.name(), partitions = ?taken, held = self.parts.len(), "partitions taken");
-        Ok(())
-    }
-
-    /// Count the calls a previous holder of new partitions died in (see [`batch::Attempts::recover`]).
-    /// Without them a message that kills the process would be called again forever; a store that
-    /// cannot answer now only delays that count to the next take.
-    async fn recover_calls(&mut self) {
-        let (store, name) = (self.shared.store.clone(), self.name().to_owned());
-        match tokio::task::spawn_blocking(move || store.recorded_calls(&name, None)).await {
-            Ok(Ok(recorded)) => self.attempts.recover(recorded),
-            Ok(Err(error)) => {
-                tracing::warn!(subscription = %self.name(), %error, "cannot read the calls in flight of the partitions taken")
-            }
-            Err(error) => {
-                tracing::warn!(subscription = %self.name(), %error, "reading the calls in flight failed")
-            }
-        }
-    }
-
-    /// Raise the store's fences of new `claims` (from here on it refuses the previous holders'
-    /// commits, before anything is read), then load their positions.
-    async fn prepare(
-        &mut self,
-        group: &mut dyn Partitions,
-        claims: &[Claim],
-    ) -> Result<Vec<Part>, String> {
-        let fences = claims.iter().map(|c| self.fence(c)).collect();
-        commit_fences(self.shared.store.clone(), fences).await?;
-        let mut parts = Vec::new();
-        for claim in claims {
-            let stored = group
-                .positions(claim.partition)
-                .await
-                .map_err(|e| e.to_string())?;
-            let read = stored.clone();
-            parts.push(Part {
-                claim: *claim,
-                read,
-                stored,
-            });
-        }
-        Ok(parts)
-    }
-
-    fn fence(&self, claim: &Claim) -> Fence {
-        Fence {
-            name: format!("{}#p{}", self.name(), claim.partition),
-            token: claim.token,
-        }
-    }
-
-    /// Forget a partition: its unsettled messages are re-read by its next holder.
-    fn drop_part(&mut self, partition: u32) {
-        self.parts.remove(&partition);
-        self.pending.retain(|item| item.partition != partition);
-        let partitions = self.partitions();
-        self.draining
-            .retain(|key| partition_of(key, partitions) != partition);
     }
 
     /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown.
@@ -513,18 +382,8 @@ impl Ordered {
     fn cursors(&self) -> Vec<(String, String)> {
         self.streams
             .iter()
-            .map(|s| (s.clone(), self.cursor(s)))
+            .map(|s| (s.clone(), positions::cursor(&self.parts, s)))
             .collect()
-    }
-
-    /// Where a read of `stream` starts: after the lowest read mark among the held partitions.
-    fn cursor(&self, stream: &str) -> String {
-        self.parts
-            .values()
-            .map(|p| p.read.get(stream).map_or("0-0", String::as_str))
-            .min_by_key(|id| id_key(id))
-            .unwrap_or("0-0")
-            .to_owned()
     }
 
     /// Decode what was read and keep the messages of this replica's partitions not seen before; the
@@ -543,7 +402,7 @@ impl Ordered {
                 Err(_) => format!("{}/{}", entry.stream, entry.id),
             };
             let partition = partition_of(&key, self.partitions());
-            if !self.first_read(partition, &entry) {
+            if !positions::first_read(&mut self.parts, partition, &entry) {
                 continue;
             }
             match message {
@@ -560,14 +419,7 @@ impl Ordered {
                 }),
             }
         }
-        // Entries of other partitions up to here are theirs: every held partition has read this far.
-        for part in self.parts.values_mut() {
-            for (stream, id) in &advance {
-                if part.read.get(stream).is_none_or(|r| id_key(r) < id_key(id)) {
-                    part.read.insert(stream.clone(), id.clone());
-                }
-            }
-        }
+        positions::advance(&mut self.parts, &advance);
         for ((partition, key), entries) in to_hold {
             self.hold(group, partition, &key, &entries).await?;
         }
@@ -575,20 +427,6 @@ impl Ordered {
             fresh.sort_by_key(|item| item.message.global_position);
         }
         Ok(fresh)
-    }
-
-    /// Whether `entry` belongs to a partition held here and was not read for it before (a read after
-    /// taking a partition starts further back); marks it read.
-    fn first_read(&mut self, partition: u32, entry: &Entry) -> bool {
-        let Some(part) = self.parts.get_mut(&partition) else {
-            return false;
-        };
-        let seen = part.read.get(&entry.stream);
-        if seen.is_some_and(|r| id_key(&entry.id) <= id_key(r)) {
-            return false;
-        }
-        part.read.insert(entry.stream.clone(), entry.id.clone());
-        true
     }
 
     async fn poison(
@@ -631,11 +469,6 @@ impl Ordered {
             self.lost(partition);
         }
         Ok(())
-    }
-
-    fn lost(&mut self, partition: u32) {
-        tracing::warn!(subscription = %self.name(), partition, "partition taken over by another replica; its writes from here are refused");
-        self.drop_part(partition);
     }
 
     /// Take the held entries of released keys in this replica's partitions, to handle them first.
@@ -841,40 +674,15 @@ impl Ordered {
         Ok(())
     }
 
-    /// The positions that changed: per held partition and stream, after the last entry read, or just
-    /// before its first unsettled one.
+    /// The positions that changed (see [`positions::updates`]); held messages are not read from a
+    /// stream.
     fn position_updates(&self) -> Positions {
-        let mut first_unsettled: HashMap<(u32, &str), &str> = HashMap::new();
-        for item in self.pending.iter().filter(|i| !i.held) {
-            first_unsettled
-                .entry((item.partition, item.entry.stream.as_str()))
-                .and_modify(|id| {
-                    if id_key(&item.entry.id) < id_key(id) {
-                        *id = &item.entry.id
-                    }
-                })
-                .or_insert(&item.entry.id);
-        }
-        let mut updates = Vec::new();
-        for (partition, part) in &self.parts {
-            let mut changed = Vec::new();
-            for stream in &self.streams {
-                let mark = match first_unsettled.get(&(*partition, stream.as_str())) {
-                    Some(id) => id_before(id),
-                    None => match part.read.get(stream) {
-                        Some(id) => id.clone(),
-                        None => continue,
-                    },
-                };
-                if part.stored.get(stream) != Some(&mark) {
-                    changed.push((stream.clone(), mark));
-                }
-            }
-            if !changed.is_empty() {
-                updates.push((part.claim, changed));
-            }
-        }
-        updates
+        let unsettled = self.pending.iter().filter(|i| !i.held);
+        positions::updates(
+            &self.parts,
+            &self.streams,
+            unsettled.map(|i| (i.partition, &i.entry)),
+        )
     }
 
     /// Note what the broker stored; drop the partitions it refused (their lease was lost).
@@ -886,131 +694,5 @@ impl Ordered {
                 part.stored.extend(changed);
             }
         }
-    }
-
-    /// On shutdown: give every partition back at once (positions are stored after every batch), so the
-    /// other replicas need not wait for the leases to expire.
-    async fn stop(&mut self, group: &mut dyn Partitions) {
-        // The positions of the last batch, unless a read ahead was to carry them.
-        if let Err(error) = self.commit_positions(group).await {
-            tracing::warn!(subscription = %self.name(), %error, "cannot store the last positions; the next holder reads those entries again and skips what was handled");
-        }
-        let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
-        let released = group.release(&claims).await;
-        let left = group.leave().await;
-        if let Err(error) = released.and(left) {
-            tracing::warn!(subscription = %self.name(), %error, "cannot give the partitions back; others take them when the leases expire");
-        }
-    }
-}
-
-/// Commit a unit of work holding only `fences`: from here on the store refuses the previous holders'
-/// commits.
-async fn commit_fences(store: Arc<dyn Store>, fences: Vec<Fence>) -> Result<(), String> {
-    let unit = UnitOfWork {
-        fences,
-        ..UnitOfWork::default()
-    };
-    blocking(move || store.commit(&unit))
-        .await?
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-/// An entry read, and the message it holds (or why it holds none).
-type Decoded = (Entry, Result<StoredMessage, String>);
-
-/// Decode what was read and keep what may be handled now (see [`merge_cap`]); also returns, per
-/// stream, the last entry kept.
-fn take_in_order(entries: Vec<Entry>, count: usize) -> (Vec<Decoded>, HashMap<String, String>) {
-    let decoded: Vec<Decoded> = entries
-        .into_iter()
-        .map(|e| {
-            let m = e.message();
-            (e, m)
-        })
-        .collect();
-    let cap = merge_cap(&decoded, count);
-    let mut cut: HashSet<String> = HashSet::new();
-    let mut advance: HashMap<String, String> = HashMap::new();
-    let mut taken = Vec::with_capacity(decoded.len());
-    for (entry, message) in decoded {
-        let beyond = matches!(&message, Ok(m) if m.global_position > cap);
-        // A stream's entries are in order: past the cap once, past it for the rest of the read.
-        if cut.contains(&entry.stream) || beyond {
-            cut.insert(entry.stream.clone());
-            continue;
-        }
-        advance.insert(entry.stream.clone(), entry.id.clone());
-        taken.push((entry, message));
-    }
-    (taken, advance)
-}
-
-/// When several streams are read at once and one returned a full page, entries of the others past
-/// that page's last global position may have earlier messages still unread on the full stream: take
-/// everything up to the lowest such position now and the rest on the next read, so a key spread over
-/// several categories keeps store order.
-fn merge_cap(decoded: &[Decoded], count: usize) -> u64 {
-    let mut per_stream: HashMap<&str, (usize, u64)> = HashMap::new();
-    for (entry, message) in decoded {
-        let slot = per_stream.entry(entry.stream.as_str()).or_default();
-        slot.0 += 1;
-        if let Ok(m) = message {
-            slot.1 = slot.1.max(m.global_position);
-        }
-    }
-    if per_stream.len() < 2 {
-        return u64::MAX;
-    }
-    per_stream
-        .values()
-        .filter(|(n, _)| *n >= count)
-        .map(|(_, last)| *last)
-        .min()
-        .unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn read(stream: &str, global_positions: &[u64]) -> Vec<Decoded> {
-        global_positions
-            .iter()
-            .map(|&global_position| {
-                let entry = Entry {
-                    stream: stream.into(),
-                    id: format!("{global_position}-0"),
-                    data: None,
-                    deliveries: 1,
-                };
-                let message = StoredMessage {
-                    global_position,
-                    ..StoredMessage::default()
-                };
-                (entry, Ok(message))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn one_stream_or_no_full_page_takes_everything() {
-        assert_eq!(merge_cap(&read("a", &[1, 2, 3]), 3), u64::MAX);
-        let mut both = read("a", &[1, 5]);
-        both.extend(read("b", &[2, 9]));
-        assert_eq!(merge_cap(&both, 3), u64::MAX);
-    }
-
-    #[test]
-    fn a_full_page_caps_the_other_streams_at_its_last_position() {
-        // `a` may hold more entries after 5 that come before b's 9: take b up to 5 only.
-        let mut both = read("a", &[1, 3, 5]);
-        both.extend(read("b", &[2, 9]));
-        assert_eq!(merge_cap(&both, 3), 5);
-        // Two full pages: the lower end wins.
-        let mut full = read("a", &[1, 3, 5]);
-        full.extend(read("b", &[2, 4, 6]));
-        assert_eq!(merge_cap(&full, 3), 5);
     }
 }
