@@ -53,10 +53,7 @@ impl Stream {
             .broker
             .clone()
             .ok_or("a stream subscription needs a broker")?;
-        // Test mode waits exactly as long as the work: short blocking reads notice idleness quickly.
-        if shared.test_mode {
-            config.block = config.block.min(std::time::Duration::from_millis(20));
-        }
+        config.block = read_block(&shared);
         Ok(Self {
             shared,
             broker,
@@ -318,6 +315,21 @@ impl Source for Stream {
     async fn close(&mut self) {
         self.flush().await;
         tracing::info!(subscription = %self.name(), "stream subscription stopped");
+    }
+}
+
+/// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the
+/// work: short blocking reads notice idleness quickly.
+pub(crate) fn read_block(shared: &Shared) -> std::time::Duration {
+    let block = shared
+        .config
+        .broker
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(1), |b| b.block);
+    if shared.test_mode {
+        block.min(std::time::Duration::from_millis(20))
+    } else {
+        block
     }
 }
 

@@ -38,7 +38,7 @@ use crate::{
     },
     ordering::{partition_of, Ordering},
     store::{self, StoredMessage},
-    subscription::stream::consumer_name,
+    subscription::stream::{consumer_name, read_block},
     unit_of_work::Fence,
 };
 
@@ -90,17 +90,7 @@ impl Ordered {
             .ordering
             .clone()
             .ok_or("an ordered subscription needs an ordering")?;
-        let block = shared
-            .config
-            .broker
-            .as_ref()
-            .map_or(Duration::from_secs(1), |b| b.block);
-        // Test mode waits exactly as long as the work: short blocking reads notice idleness quickly.
-        let block = if shared.test_mode {
-            block.min(Duration::from_millis(20))
-        } else {
-            block
-        };
+        let block = read_block(&shared);
         let owner = consumer_name(&sub.plan.name);
         let mut streams = sub.plan.categories.clone();
         streams.push(replay_stream(&sub.plan.name));
