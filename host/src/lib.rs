@@ -22,6 +22,7 @@ pub mod redact;
 pub mod reload;
 pub mod store;
 pub mod subscription;
+pub(crate) mod sync;
 pub mod template;
 pub mod unit_of_work;
 

@@ -19,7 +19,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     broker::Broker,
     config::OutboxSettings,
-    engine::{progress::State, Shared},
+    engine::{
+        progress::State,
+        run::{blocking, Backoff, Component, Trouble},
+        Shared,
+    },
     message,
     store::{now_ms, Claim, ForeignLease, OutboxItem},
 };
@@ -36,7 +40,7 @@ pub(crate) async fn run(
 ) -> Result<(), String> {
     let progress = &shared.progress;
     let mut head = progress.head();
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(NAME);
     let mut watch = LeaseWatch::default();
     let lease = shared.config.outbox.lease_ttl;
     tracing::info!(
@@ -50,12 +54,15 @@ pub(crate) async fn run(
         let claim = match claimed {
             Ok(claim) => claim,
             Err(error) => {
-                failures += 1;
-                crate::subscription::event_store::backoff(NAME, &error, failures, &shutdown).await;
+                let trouble = Trouble::Unavailable {
+                    component: Component::Outbox,
+                    error,
+                };
+                backoff.wait(trouble, &shutdown).await?;
                 continue;
             }
         };
-        failures = 0;
+        backoff.reset();
         watch.observe(&worker, &claim);
         if claim.items.is_empty() {
             let wait = nothing_claimed(&shared, claim.wake_at, seen);
@@ -110,6 +117,7 @@ async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, Strin
             .map_err(|e| e.to_string())
     })
     .await
+    .map_err(String::from)
 }
 
 /// What one target's publish came to.
@@ -272,7 +280,7 @@ fn backoff_ms(settings: &OutboxSettings, attempt: u32) -> u64 {
         .retry_delay_ms
         .saturating_mul(1 << attempt.saturating_sub(1).min(20))
         .min(settings.max_retry_delay_ms);
-    let jitter = 0.8 + 0.4 * f64::from(now_ms() as u32 % 1000) / 1000.0;
+    let jitter = 0.8 + 0.4 * crate::engine::retry::jitter();
     (base as f64 * jitter) as u64
 }
 
@@ -306,12 +314,6 @@ impl LeaseWatch {
             }
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("an outbox task failed: {e}"))
 }
 
 #[cfg(test)]

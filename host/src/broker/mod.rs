@@ -29,6 +29,17 @@ pub struct Entry {
     pub deliveries: u32,
 }
 
+impl Entry {
+    /// The entry as a stored message: Protean's `{"data", "metadata"}` in its `data` field.
+    pub(crate) fn message(&self) -> std::result::Result<crate::store::StoredMessage, String> {
+        let text = self
+            .data
+            .as_deref()
+            .ok_or("entry has no text field `data`")?;
+        crate::message::from_wire(text)
+    }
+}
+
 /// Where a new consumer group starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -45,7 +45,7 @@ pub(crate) struct Subscription {
     pub(crate) plan: SubscriptionPlan,
     pub(crate) settings: Settings,
     pub(crate) retry: RetryPolicy,
-    /// A `commands:` subscription: an unroutable message is poison, not someone else's event.
+    /// A subscription of command handlers: an unroutable message is poison, not someone else's event.
     pub(crate) commands: bool,
     /// Where its messages come from.
     pub(crate) kind: SubscriptionType,
@@ -200,16 +200,32 @@ pub(crate) struct Context<'a> {
     pub(crate) record: Record,
     /// Ordered event-store subscriptions that park: the parked keys, or the key being drained.
     pub(crate) parking: Option<Parking<'a>>,
+    /// Who delivered the messages.
+    pub(crate) origin: Origin,
+}
+
+/// Who delivers a batch's messages: this decides where its dead letters go and whether a message may
+/// come twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Origin {
+    /// Read from the store by the one reader that owns the position: dead letters are rows of the
+    /// store, with the message.
+    #[default]
+    Store,
+    /// A broker, which redelivers: processed markers are always looked up, and dead letters go to the
+    /// broker's dead-letter stream, where the entry itself is the message.
+    Broker,
 }
 
 /// Which handler calls are recorded before they start, so that a process dying in one is counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Record {
     /// Every call: nothing else would tell which messages a dead process was handling.
     Every,
     /// Only calls of messages that failed before. The caller knows otherwise which messages a dead
     /// process may have been in (a broker's redeliveries; an event-store reader's first batch after an
     /// owner that died busy, see `subscription::event_store`) and marks them failed once.
+    #[default]
     Suspects,
 }
 
@@ -235,6 +251,7 @@ impl<'a> Context<'a> {
             turns: (!plugin.isolated()).then_some(&shared.turns),
             record: Record::Suspects,
             parking: None,
+            origin: Origin::Store,
         }
     }
 }
@@ -246,9 +263,32 @@ pub(crate) struct Worker {
     pub(crate) of: u32,
 }
 
+/// Why a message is settled without a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    AlreadyProcessed,
+    /// Read again after its key parked behind a later dead letter: it was settled before.
+    SettledBeforePark,
+    /// An event of a type no handler of this subscription takes.
+    NotHandledHere,
+    /// A command past its deadline.
+    Expired,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Skip::AlreadyProcessed => "already processed",
+            Skip::SettledBeforePark => "settled before its key parked",
+            Skip::NotHandledHere => "no handler here for this type",
+            Skip::Expired => "command past its deadline",
+        })
+    }
+}
+
 enum Class<'m> {
     Poison(String),
-    Skip(&'static str),
+    Skip(Skip),
     /// Another worker's key: settled for this worker's position, not counted as skipped.
     Theirs,
     /// A message of a parked key: held behind it in the store, settled for the position.
@@ -365,12 +405,11 @@ fn run_unit(
     // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
     // only after a commit found that another consumer got there first.
     // An ordered batch settles messages past an unsettled one, so a re-read meets some settled ones.
-    let mut recheck =
-        ctx.subscription.kind == SubscriptionType::Stream || ctx.subscription.ordering.is_some();
+    let mut recheck = ctx.origin == Origin::Broker || ctx.subscription.ordering.is_some();
     let mut raced = 0;
     loop {
         let (mut unit, mut report, settled) = build(ctx, batch, attempts, stopped, recheck)?;
-        if ctx.subscription.kind == SubscriptionType::Stream {
+        if ctx.origin == Origin::Broker {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
         match ctx.store.commit(&unit) {
@@ -424,7 +463,7 @@ fn fail_first(
     let delay = ctx
         .subscription
         .retry
-        .next_delay(*attempt, jitter())
+        .next_delay(*attempt, super::retry::jitter())
         .unwrap_or_default();
     tracing::warn!(subscription = %ctx.subscription.plan.name, message_id = %first.id, attempt = *attempt, error, "commit keeps conflicting; retrying the batch");
     Report {
@@ -477,7 +516,7 @@ fn build(
             if theirs {
                 Class::Theirs
             } else if done {
-                Class::Skip("already processed")
+                Class::Skip(Skip::AlreadyProcessed)
             } else if let Some(class) = parked(ctx, keys, i, m) {
                 class
             } else {
@@ -527,7 +566,7 @@ fn build(
                 continue;
             }
             Class::Skip(why) => {
-                skip(sub, &messages[i], why);
+                skip(sub, &messages[i], *why);
                 report.skipped += 1;
                 settled_ids.push(messages[i].identity());
                 settled[i] = true;
@@ -633,7 +672,7 @@ fn build(
             + 1;
         tracing::error!(subscription = %sub.plan.name, handler, message_type = %failed.message_type, message_id = %failed.id, attempt, error = %failure.message, "failed processing");
         let delay = if failure.retryable {
-            sub.retry.next_delay(attempt, jitter())
+            sub.retry.next_delay(attempt, super::retry::jitter())
         } else {
             None
         };
@@ -675,10 +714,7 @@ fn build(
     report.complete = settled.iter().all(|s| *s);
     // The position covers the settled prefix only: an ordered batch may settle messages past a held one.
     let prefix = settled.iter().take_while(|s| **s).count();
-    let stored = ctx
-        .position
-        .filter(|_| sub.kind == SubscriptionType::EventStore);
-    if let (Some(last), Some(name), true) = (prefix.checked_sub(1), stored, batch.whole) {
+    if let (Some(last), Some(name), true) = (prefix.checked_sub(1), ctx.position, batch.whole) {
         let position = messages[last].global_position;
         unit.position = Some(PositionUpdate {
             subscription: name.to_owned(),
@@ -749,7 +785,9 @@ fn crashed(
         attempts.failed.insert(identity, failed);
     }
     tracing::error!(subscription = %sub.plan.name, handler, messages = messages.len(), error = %failure.message, "a call did not return; its messages are tried again one by one");
-    sub.retry.next_delay(most, jitter()).unwrap_or_default()
+    sub.retry
+        .next_delay(most, super::retry::jitter())
+        .unwrap_or_default()
 }
 
 /// Why a message whose calls never came back is dead-lettered.
@@ -845,7 +883,7 @@ fn parked<'m>(
     Some(if waits {
         Class::Held
     } else {
-        Class::Skip("settled before its key parked")
+        Class::Skip(Skip::SettledBeforePark)
     })
 }
 
@@ -887,21 +925,24 @@ fn classify<'m>(
                 m.message_type
             ))
         } else {
-            Class::Skip("no handler here for this type")
+            Class::Skip(Skip::NotHandledHere)
         };
     };
     match meta.expired(now) {
-        Ok(true) => Class::Skip("command past its deadline"),
+        Ok(true) => Class::Skip(Skip::Expired),
         Ok(false) => Class::Handle(handler),
         Err(e) => Class::Poison(e.to_string()),
     }
 }
 
-fn skip(sub: &Subscription, m: &StoredMessage, why: &str) {
-    if why == "command past its deadline" {
-        tracing::info!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, "command expired; acknowledged without calling its handler");
-    } else {
-        tracing::debug!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, why, "skipped");
+fn skip(sub: &Subscription, m: &StoredMessage, why: Skip) {
+    match why {
+        Skip::Expired => {
+            tracing::info!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, "command expired; acknowledged without calling its handler")
+        }
+        _ => {
+            tracing::debug!(subscription = %sub.plan.name, message_type = %m.message_type, message_id = %m.id, %why, "skipped")
+        }
     }
 }
 
@@ -917,9 +958,9 @@ fn dead_letter(
     tracing::warn!(%subscription, handler, message_type = %m.message_type, message_id = %m.id, attempts, error, "dead-lettered");
     // Only the event store keeps the message in its dead letter; a copy of a large one for the broker
     // would be memory spent for nothing.
-    let copy = |text: &String| match ctx.subscription.kind {
-        SubscriptionType::EventStore => text.clone(),
-        SubscriptionType::Stream => String::new(),
+    let copy = |text: &String| match ctx.origin {
+        Origin::Store => text.clone(),
+        Origin::Broker => String::new(),
     };
     unit.dead_letters.push(DeadLetter {
         subscription: subscription.clone(),
@@ -947,14 +988,6 @@ fn delivery(m: &StoredMessage) -> Delivery<'_> {
         data: m.data.as_bytes(),
         metadata: m.metadata.as_bytes(),
     }
-}
-
-/// A cheap, good-enough random number in `[0, 1)` for spreading retries apart.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
 }
 
 #[cfg(test)]

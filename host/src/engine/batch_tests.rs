@@ -14,7 +14,7 @@ use std::{
 use protean_plugin_api::{AfterDeadLetter, HandlerOptions};
 use serde_json::{json, Value};
 
-use super::{run, Attempts, Context, Record, Report, Subscription, Worker};
+use super::{run, Attempts, Context, Origin, Record, Report, Subscription, Worker};
 use crate::{
     config::{Config, SubscriptionType},
     engine::generation::Generation,
@@ -76,6 +76,7 @@ impl Setup {
             turns: None,
             record,
             parking: None,
+            origin: Origin::Store,
         }
     }
 
@@ -823,6 +824,7 @@ fn a_stream_batch_skips_redeliveries_and_duplicates_and_hands_its_dead_letters_t
     let ctx = Context {
         subscription: &stream,
         position: None,
+        origin: Origin::Broker,
         ..setup.context(Record::Suspects)
     };
     let report = run(&ctx, &delivered, &mut Attempts::default()).unwrap();

@@ -110,7 +110,7 @@ impl Deadlines {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Call>> {
         // A panic while holding this lock leaves the map consistent (single inserts and removes).
-        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.calls)
     }
 }
 

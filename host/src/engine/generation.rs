@@ -31,7 +31,7 @@ impl Generation {
                 let handler = plan.routes.values().next().cloned().unwrap_or_default();
                 let settings = config.settings(&handler, &plan.options);
                 tracing::debug!(subscription = %plan.name, categories = ?plan.categories, handlers = ?plan.routes, ?settings, "subscription registered");
-                let commands = plan.name.starts_with("commands:");
+                let commands = plan.kind == crate::plugin::Kind::CommandHandler;
                 let kind = subscription_type(config, &handler, plan.kind)?;
                 let ordering = Ordering::of(&plan);
                 Ok(Arc::new(Subscription { retry: RetryPolicy::new(&settings), plan, settings, commands, kind, ordering }))

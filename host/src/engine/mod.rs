@@ -16,6 +16,7 @@ pub(crate) mod deadlines;
 mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
+pub(crate) mod run;
 pub mod startup;
 pub(crate) mod turns;
 
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use generation::Changes;
 pub use progress::Totals;
 
+use crate::sync::lock;
 use crate::{
     broker,
     config::{Config, Settings, SubscriptionType},
@@ -470,6 +472,7 @@ impl Engine {
             turns: None,
             record: batch::Record::Every,
             parking: None,
+            origin: batch::Origin::Store,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {
@@ -724,26 +727,23 @@ impl Runner {
     ) -> JoinSet<Result<(), String>> {
         let mut workers = JoinSet::new();
         for sub in &generation.subscriptions {
+            let (shared, sub, stop) = (self.shared.clone(), sub.clone(), stop.clone());
             match (&self.broker, sub.kind) {
-                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => workers
-                    .spawn(ordered::run(
-                        self.shared.clone(),
-                        broker.clone(),
-                        sub.clone(),
-                        stop.clone(),
-                    )),
-                (Some(broker), SubscriptionType::Stream) => workers.spawn(stream::run(
-                    self.shared.clone(),
-                    broker.clone(),
-                    sub.clone(),
-                    stop.clone(),
-                )),
+                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => {
+                    let source = ordered::Ordered::new(shared.clone(), broker.clone(), sub.clone());
+                    workers.spawn(run_source(shared, sub, source, stop))
+                }
+                (Some(broker), SubscriptionType::Stream) => {
+                    let source = stream::Stream::new(shared.clone(), broker.clone(), sub.clone());
+                    workers.spawn(run_source(shared, sub, source, stop))
+                }
+                // One source per reader (several workers of an ordered subscription) under one lease.
                 (broker, _) => workers.spawn(event_store::run(
-                    self.shared.clone(),
-                    sub.clone(),
+                    shared,
+                    sub,
                     broker.clone(),
                     self.owner.clone(),
-                    stop.clone(),
+                    stop,
                 )),
             };
         }
@@ -802,6 +802,16 @@ impl Runner {
         .await
         .unwrap_or(0)
     }
+}
+
+/// Run `source` of `sub` on the engine's loop, unless it could not be made.
+async fn run_source(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    source: Result<impl run::Source + 'static, String>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    run::run(shared, sub, source?, stop).await
 }
 
 /// The names progress tracks for a generation: its subscriptions, and the outbox with a broker.
@@ -878,10 +888,6 @@ fn worker_error(
         Ok(Err(error)) => Some(error),
         Err(error) => Some(format!("a subscription task panicked: {error}")),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The signals that stop the engine. Once installed, their default action (terminate) no longer applies.

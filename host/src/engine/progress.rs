@@ -3,13 +3,11 @@
 //! Invariant: the engine is quiescent when every subscription has read past the store's head (as the
 //! engine last committed it) and found nothing, and none is in a batch or waiting to retry.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Mutex, MutexGuard},
-    time::Instant,
-};
+use std::{collections::BTreeMap, sync::Mutex, time::Instant};
 
 use tokio::sync::{watch, Notify};
+
+use crate::sync::lock;
 
 /// One subscription's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,13 +256,6 @@ fn describe(state: &State) -> &'static str {
         State::Retrying => "waiting to retry a message",
         State::Stopped => "stopped",
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each update is a single assignment, so a poisoned lock still holds consistent data.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

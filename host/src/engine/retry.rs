@@ -34,6 +34,14 @@ impl RetryPolicy {
     }
 }
 
+/// A cheap, good-enough random number in `[0, 1)` for spreading retries apart.
+pub(crate) fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,7 +88,7 @@ impl BusyMark {
 async fn run<T: Send + 'static>(
     f: impl FnOnce() -> store::Result<T> + Send + 'static,
 ) -> Result<T, String> {
-    super::event_store::blocking(f)
+    crate::engine::run::blocking(f)
         .await?
         .map_err(|e| e.to_string())
 }

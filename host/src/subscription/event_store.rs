@@ -10,34 +10,39 @@
 //! [`parking`]), and handles them, between its ordinary batches, once the key is released.
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use async_trait::async_trait;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     busy::BusyMark,
-    parking::{self, Parked},
+    parking::{Parked, View},
     workers::{self, Reader},
 };
 
 use crate::{
     broker::Broker,
     engine::{
-        batch::{self, Attempts, Subscription},
-        progress::State,
+        batch::{Attempts, Report, Subscription},
+        progress::{Progress, State},
+        run::{
+            self, blocking, Back, Fetched, Owning, Parks, Place, Settled, Source, Trouble, Wake,
+            Work,
+        },
         Shared,
     },
-    store::StoredMessage,
+    store::{self, StoredMessage},
 };
 
 /// Run one subscription until `shutdown`. The batch in flight when it fires is finished and committed.
 /// It runs on one replica at a time when the store keeps leases (preferred: the store fences a stale
 /// owner's commits) or else when replicas share a broker; `owner` names this replica in either. An
-/// ordered subscription runs as several workers under that one lease (see [`workers`]).
+/// ordered subscription runs as several workers under that one lease (see [`workers`]), each a
+/// [`Categories`] source on the engine's loop.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
@@ -62,8 +67,8 @@ pub(crate) async fn run(
     let stop = shutdown.child_token();
     let mut loops = JoinSet::new();
     for reader in Reader::all(&name, workers::count(&shared.config, &sub.plan, sub.kind)) {
-        let (shared, sub, lease, stop) = (shared.clone(), sub.clone(), lease.clone(), stop.clone());
-        loops.spawn(read(shared, sub, reader, lease, stop));
+        let source = Categories::new(&shared, &sub, reader, lease.clone());
+        loops.spawn(run::run(shared.clone(), sub.clone(), source, stop.clone()));
     }
     let mut result = Ok(());
     while let Some(ended) = loops.join_next().await {
@@ -82,240 +87,280 @@ pub(crate) async fn run(
     result
 }
 
-/// One reader of a subscription until `shutdown`: the only one, or one of its workers.
-async fn read(
+/// One reader of an event-store subscription (the only one, or one of its workers): reads its
+/// categories from its position.
+pub(crate) struct Categories {
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
     reader: Reader,
     lease: Arc<tokio::sync::Mutex<Option<Lease>>>,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let name = sub.plan.name.clone();
-    let progress = &shared.progress;
-    let mut mark = BusyMark::new(&name, &reader.position);
-    let Some((position, mut attempts, mut died_busy)) =
-        load(&shared, &reader, &mut mark, &shutdown).await?
-    else {
-        reader.report(progress, State::Stopped);
-        return Ok(());
-    };
-    tracing::info!(subscription = %name, worker = reader.label(), categories = ?sub.plan.categories, position, "subscription started");
-    let mut cursor = Cursor::new(position);
-    let mut head = progress.head();
-    let mut failures = 0u32;
-    let mut taken = 0u64;
-    let mut view = parking::View::of(&sub);
-    // Held messages of a released key are handled every other round, so the other keys go on too.
-    let mut drained = false;
-    while !shutdown.is_cancelled() {
-        match hold(&shared, &name, &lease, &mut taken).await {
-            Holding::Yes => {}
-            Holding::Taken => {
-                // Another replica may have moved the position while this one stood by.
-                match load(&shared, &reader, &mut mark, &shutdown).await? {
-                    Some((stored, recovered, busy)) => {
-                        cursor = Cursor::new(stored);
-                        attempts = recovered;
-                        died_busy = busy;
-                    }
-                    None => break,
-                }
-                view.changed();
-            }
-            Holding::No => {
-                // Another replica runs this subscription: nothing to do here but wait for its lease to end,
-                // and say whether that replica has left anything (test mode must not end on a dead owner).
-                reader.report(progress, standing_by(&shared, &sub, &reader).await);
-                tokio::select! {
-                    _ = tokio::time::sleep(shared.config.lease_ttl / 3) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-                continue;
-            }
+    mark: BusyMark,
+    cursor: Cursor,
+    /// Lent to the batch in flight.
+    attempts: Attempts,
+    /// The last owner died busy: the first batch's messages each count a failed attempt.
+    died_busy: bool,
+    /// The takes of the lease this reader has seen.
+    taken: u64,
+    view: View,
+    /// Held messages of a released key are handled every other round, so the other keys go on too.
+    drained: bool,
+    in_flight: Option<InFlight>,
+    started: bool,
+}
+
+/// The batch a reader handed to the loop.
+enum InFlight {
+    /// Read from the categories, up to this global position.
+    Read { last: u64 },
+    /// Held behind this released key.
+    Drain(String),
+}
+
+impl Categories {
+    fn new(
+        shared: &Arc<Shared>,
+        sub: &Arc<Subscription>,
+        reader: Reader,
+        lease: Arc<tokio::sync::Mutex<Option<Lease>>>,
+    ) -> Self {
+        Self {
+            shared: shared.clone(),
+            sub: sub.clone(),
+            mark: BusyMark::new(&sub.plan.name, &reader.position),
+            reader,
+            lease,
+            cursor: Cursor::new(0),
+            attempts: Attempts::default(),
+            died_busy: false,
+            taken: 0,
+            view: View::of(sub),
+            drained: false,
+            in_flight: None,
+            started: false,
         }
-        cursor.rewind_when_due(&mut attempts, Instant::now());
-        // The state stays what it was while reading: an idle subscription that re-reads is still idle
-        // unless the read finds something.
-        let seen = *head.borrow_and_update();
-        if view.due(shared.config.poll_interval) {
-            match load_parked(&shared, &sub).await? {
-                Ok(parked) => view.update(&name, parked),
-                Err(error) => {
-                    failures += 1;
-                    backoff(&name, &error, failures, &shutdown).await;
-                    continue;
-                }
-            }
-        }
-        let released = view
-            .parked()
-            .and_then(|p| p.drainable(&reader, &mut attempts))
-            .map(str::to_owned);
-        if let Some(key) = released.clone().filter(|_| !drained) {
-            drained = true;
-            reader.report(progress, State::Busy);
-            let started = Instant::now();
-            let (outcome, returned) = drain(&shared, &sub, &reader, key, attempts).await?;
-            attempts = returned;
-            view.changed();
-            if let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await {
-                committed(&shared, &sub, &reader, report, 0, cursor.position, started);
-            }
-            continue;
-        }
-        drained = false;
-        let fetched = fetch(&shared, &sub, cursor.at).await?;
-        let messages = match fetched {
-            Ok(messages) => messages,
-            Err(error) => {
-                failures += 1;
-                backoff(&name, &error, failures, &shutdown).await;
-                continue;
-            }
+    }
+
+    fn name(&self) -> &str {
+        &self.sub.plan.name
+    }
+
+    /// A batch of the messages held behind the released `key`, with the position where it is: they
+    /// are behind it.
+    async fn drain(&mut self, key: String) -> Result<Fetched, Trouble> {
+        self.drained = true;
+        // Its commit changes the parked keys, and a failure may mean another replica changed them.
+        self.view.changed();
+        let limit = self.sub.settings.messages_per_tick as usize;
+        let (store, name, held) = (
+            self.shared.store.clone(),
+            self.name().to_owned(),
+            key.clone(),
+        );
+        let messages = blocking(move || store.held_messages(&name, &held, limit))
+            .await?
+            .map_err(Trouble::store)?;
+        tracing::info!(subscription = %self.name(), worker = self.reader.label(), key, messages = messages.len(), "handling the messages held behind a released key");
+        self.in_flight = Some(InFlight::Drain(key.clone()));
+        Ok(Fetched::Work(Work {
+            messages,
+            attempts: std::mem::take(&mut self.attempts),
+            place: Place {
+                position: None,
+                worker: self.reader.worker,
+                parking: Some(Parks::Drain(key)),
+                ..Place::default()
+            },
+            read: 0,
+        }))
+    }
+
+    /// Read to the head (past a waiting key, if any): wait for new messages or for its retry, no
+    /// sooner. Ahead with no key waiting, only the position is behind: read again at once to move
+    /// it. A released key whose held messages wait for a retry wakes it then too.
+    async fn at_head(&mut self, head: u64) -> Fetched {
+        self.mark.idle(&self.shared.store).await;
+        let due = self
+            .cursor
+            .ahead()
+            .then(|| self.attempts.next_due().unwrap_or_else(Instant::now))
+            .or_else(|| {
+                self.attempts
+                    .next_due()
+                    .filter(|_| self.view.parked().is_some())
+            });
+        let state = match due {
+            Some(_) => State::Retrying,
+            None => State::Idle { head },
         };
-        cursor.at_head = messages.is_empty();
-        if cursor.at_head && released.is_some() {
+        Fetched::Nothing {
+            state,
+            wake: Wake::Head {
+                poll: self.shared.config.poll_interval,
+                due,
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Source for Categories {
+    fn label(&self) -> Option<&str> {
+        self.reader.label()
+    }
+
+    fn report(&self, progress: &Progress, state: State) {
+        self.reader.report(progress, state);
+    }
+
+    /// Load the reader's stored position (see [`workers::start`]), the failed attempts of the calls
+    /// recorded and never settled, and whether its last owner died busy (see [`BusyMark`]).
+    async fn open(&mut self) -> Result<(), Trouble> {
+        let (store, reader) = (self.shared.store.clone(), self.reader.clone());
+        let (position, mut recorded) = blocking(move || {
+            let position = reader.stored_position(store.as_ref())?;
+            let recorded = store.recorded_calls(&reader.subscription, None)?;
+            Ok::<_, store::Error>((position, recorded))
+        })
+        .await?
+        .map_err(Trouble::store)?;
+        self.died_busy = self.mark.left_in(&mut recorded);
+        self.attempts = Attempts::default();
+        self.attempts.recover(recorded);
+        self.cursor = Cursor::new(position);
+        self.view.changed();
+        if !std::mem::replace(&mut self.started, true) {
+            tracing::info!(subscription = %self.name(), worker = self.reader.label(), categories = ?self.sub.plan.categories, position, "subscription started");
+        }
+        Ok(())
+    }
+
+    async fn own(&mut self) -> Owning {
+        let name = &self.sub.plan.name;
+        match hold(&self.shared, name, &self.lease, &mut self.taken).await {
+            Holding::Yes => Owning::Yes,
+            Holding::Taken => Owning::Taken,
+            // Another replica runs this subscription: say whether it has left anything (test mode
+            // must not end on a dead owner).
+            Holding::No => Owning::No {
+                state: standing_by(&self.shared, &self.sub, &self.reader).await,
+                wait: self.shared.config.lease_ttl / 3,
+            },
+        }
+    }
+
+    async fn fetch(&mut self, head: u64, _: &CancellationToken) -> Result<Fetched, Trouble> {
+        self.cursor
+            .rewind_when_due(&mut self.attempts, Instant::now());
+        if self.view.due(self.shared.config.poll_interval) {
+            let (store, name) = (self.shared.store.clone(), self.name().to_owned());
+            let parked = blocking(move || Parked::load(store.as_ref(), &name))
+                .await?
+                .map_err(Trouble::store)?;
+            self.view.update(&self.sub.plan.name, parked);
+        }
+        let released = self
+            .view
+            .parked()
+            .and_then(|p| p.drainable(&self.reader, &mut self.attempts))
+            .map(str::to_owned);
+        if let Some(key) = released.clone().filter(|_| !self.drained) {
+            return self.drain(key).await;
+        }
+        self.drained = false;
+        let (store, categories, at) = (
+            self.shared.store.clone(),
+            self.sub.plan.categories.clone(),
+            self.cursor.at,
+        );
+        let limit = self.sub.settings.messages_per_tick as usize;
+        let messages = blocking(move || store.read_categories(&categories, at, limit))
+            .await?
+            .map_err(Trouble::store)?;
+        self.cursor.at_head = messages.is_empty();
+        if self.cursor.at_head && released.is_some() {
             // A released key still holds messages: handle them without waiting.
-            continue;
+            return Ok(Fetched::Again);
         }
-        if cursor.at_head {
-            mark.idle(&shared.store).await;
-            // Read to the head past a waiting key: wait for new messages or for its retry, no sooner.
-            // Ahead with no key waiting, only the position is behind: read again at once to move it.
-            // A released key whose held messages wait for a retry wakes it then too.
-            let due = cursor
-                .ahead()
-                .then(|| attempts.next_due().unwrap_or_else(Instant::now))
-                .or_else(|| attempts.next_due().filter(|_| view.parked().is_some()));
-            let state = match due {
-                Some(_) => State::Retrying,
-                None => State::Idle { head: seen },
-            };
-            reader.report(progress, state);
-            tokio::select! {
-                _ = head.changed() => {}
-                _ = tokio::time::sleep(shared.config.poll_interval) => {}
-                _ = sleep_until(due) => {}
-                _ = shutdown.cancelled() => break,
-            }
-            continue;
+        if self.cursor.at_head {
+            return Ok(self.at_head(head).await);
         }
-        if let Err(error) = mark.busy(&shared.store).await {
-            failures += 1;
-            backoff(&name, &error, failures, &shutdown).await;
-            continue;
-        }
-        if std::mem::take(&mut died_busy) {
+        self.mark
+            .busy(&self.shared.store)
+            .await
+            .map_err(Trouble::store)?;
+        if std::mem::take(&mut self.died_busy) {
             // The last owner died handling these (or some of them): each is one failed attempt.
             let identities: Vec<String> = messages.iter().map(StoredMessage::identity).collect();
-            attempts.suspect(identities.iter().map(String::as_str));
+            self.attempts.suspect(identities.iter().map(String::as_str));
         }
-        reader.report(progress, State::Busy);
-        let started = Instant::now();
-        let count = messages.len();
-        let last = messages.last().map_or(cursor.at, |m| m.global_position);
-        let stored = (!cursor.ahead()).then_some(reader.position.as_str());
-        let parked = view.parked().map(|p| p.keys.clone());
-        let (outcome, returned) =
-            process(&shared, &sub, &reader, (stored, parked), messages, attempts).await?;
-        attempts = returned;
-        let Some(report) = settled(&name, outcome, &lease, &mut failures, &shutdown).await else {
-            // A hold refused as not parked any more, among others: read the parked keys again.
-            view.changed();
-            continue;
+        let last = messages
+            .last()
+            .map_or(self.cursor.at, |m| m.global_position);
+        self.in_flight = Some(InFlight::Read { last });
+        Ok(Fetched::Work(Work {
+            read: messages.len(),
+            messages,
+            attempts: std::mem::take(&mut self.attempts),
+            place: Place {
+                position: (!self.cursor.ahead()).then(|| self.reader.position.clone()),
+                worker: self.reader.worker,
+                parking: self.view.parked().map(|p| Parks::Read(p.keys.clone())),
+                ..Place::default()
+            },
+        }))
+    }
+
+    async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble> {
+        self.attempts = back.attempts;
+        let retry = match self.in_flight.take() {
+            Some(InFlight::Drain(key)) => {
+                // A batch that failed as a whole (its commit kept conflicting, or an unordered handler
+                // failed) waits out its delay like a key that failed, instead of being run again at once.
+                if let (Some(delay), true) = (report.retry, report.waiting.is_empty()) {
+                    self.attempts.wait(&key, delay);
+                }
+                None
+            }
+            Some(InFlight::Read { last }) => {
+                if !report.parked.is_empty() {
+                    self.view.changed();
+                }
+                let worker = self.reader.worker.is_some();
+                let whole = self.cursor.after(report, last, worker);
+                // A single reader waits out a retry; a worker goes on with its other keys unless the
+                // whole batch must be retried.
+                report.retry.filter(|_| !worker || whole)
+            }
+            None => None,
         };
-        if !report.parked.is_empty() {
-            view.changed();
-        }
-        let whole = cursor.after(&report, last, reader.worker.is_some());
-        // A single reader waits out a retry; a worker goes on with its other keys unless the whole
-        // batch must be retried.
-        let delay = report.retry.filter(|_| reader.worker.is_none() || whole);
-        committed(
-            &shared,
-            &sub,
-            &reader,
-            report,
-            count,
-            cursor.position,
-            started,
-        );
-        if let Some(delay) = delay {
-            reader.report(progress, State::Retrying);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => break,
-            }
-        }
+        Ok(Settled {
+            retry,
+            position: Some(self.cursor.position),
+            acked: None,
+        })
     }
-    mark.idle(&shared.store).await;
-    reader.report(progress, State::Stopped);
-    tracing::info!(subscription = %name, worker = reader.label(), position = cursor.position, "subscription stopped");
-    Ok(())
-}
 
-/// The report of a batch that committed. Else None: the lease was lost while it ran (its commit was
-/// refused: stand by) or the store failed (after a backoff).
-async fn settled(
-    name: &str,
-    outcome: Result<batch::Report, crate::store::Error>,
-    lease: &tokio::sync::Mutex<Option<Lease>>,
-    failures: &mut u32,
-    shutdown: &CancellationToken,
-) -> Option<batch::Report> {
-    match outcome {
-        Ok(report) => {
-            *failures = 0;
-            Some(report)
+    /// A hold refused as not parked any more, among others: read the parked keys again. A lost lease
+    /// stands this reader by.
+    async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
+        self.attempts = back.attempts;
+        self.in_flight = None;
+        self.view.changed();
+        if !matches!(error, store::Error::LeaseLost { .. }) {
+            return Some(Trouble::store(error));
         }
-        Err(error @ crate::store::Error::LeaseLost { .. }) => {
-            tracing::warn!(subscription = %name, %error, "lease lost during a batch; standing by");
-            if let Some(lease) = lease.lock().await.as_mut() {
-                lease.held = false;
-            }
-            None
+        tracing::warn!(subscription = %self.name(), %error, "lease lost during a batch; standing by");
+        if let Some(lease) = self.lease.lock().await.as_mut() {
+            lease.held = false;
         }
-        Err(error) => {
-            *failures += 1;
-            backoff(name, &error.to_string(), *failures, shutdown).await;
-            None
-        }
+        None
     }
-}
 
-/// Count, measure and log a committed batch of `read` messages.
-fn committed(
-    shared: &Shared,
-    sub: &Subscription,
-    reader: &Reader,
-    report: batch::Report,
-    read: usize,
-    position: u64,
-    started: Instant,
-) {
-    let name = &sub.plan.name;
-    shared.metrics.batch(sub, &report, started.elapsed());
-    if let Some(appended) = report.appended {
-        shared.progress.advanced(appended);
+    async fn close(&mut self) {
+        self.mark.idle(&self.shared.store).await;
+        tracing::info!(subscription = %self.name(), worker = self.reader.label(), position = self.cursor.position, "subscription stopped");
     }
-    for key in &report.parked {
-        tracing::warn!(subscription = %name, worker = reader.label(), %key, "key parked: its later messages are held until its dead letter is replayed (`dlq replay`) or purged (`dlq purge`)");
-    }
-    tracing::info!(
-        subscription = %name,
-        worker = reader.label(),
-        read,
-        handled = report.handled.len(),
-        dead_lettered = report.dead_lettered,
-        skipped = report.skipped,
-        held = report.held,
-        written = report.written.len(),
-        position,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "batch committed"
-    );
-    tracing::debug!(subscription = %name, position, "position updated");
-    shared.progress.tally(report);
 }
 
 /// Where a reader stands. A worker reads on past a key that waits for its retry (its position stays
@@ -357,7 +402,7 @@ impl Cursor {
     /// After a committed batch that read up to `last`: a batch that failed as a whole is read again,
     /// otherwise a worker reads on after it and a single reader from its position. Returns whether the
     /// batch failed as a whole.
-    fn after(&mut self, report: &batch::Report, last: u64, worker: bool) -> bool {
+    fn after(&mut self, report: &Report, last: u64, worker: bool) -> bool {
         self.position = report.position.unwrap_or(self.position);
         let whole = report.retry.is_some() && report.waiting.is_empty();
         self.at = match (worker, whole) {
@@ -366,49 +411,6 @@ impl Cursor {
             (false, _) => self.position,
         };
         whole
-    }
-}
-
-/// The reader's stored position (see [`workers::start`]), the failed attempts of the calls recorded and
-/// never settled, and whether its last owner died busy (see [`BusyMark`]), retried with backoff; None
-/// on shutdown.
-async fn load(
-    shared: &Arc<Shared>,
-    reader: &Reader,
-    mark: &mut BusyMark,
-    shutdown: &CancellationToken,
-) -> Result<Option<(u64, Attempts, bool)>, String> {
-    let mut failures = 0u32;
-    loop {
-        let (store, reader2) = (shared.store.clone(), reader.clone());
-        let stored = blocking(move || {
-            let position = reader2.stored_position(store.as_ref())?;
-            let recorded = store.recorded_calls(&reader2.subscription, None)?;
-            Ok::<_, crate::store::Error>((position, recorded))
-        })
-        .await?;
-        match stored {
-            Ok((position, mut recorded)) => {
-                let died_busy = mark.left_in(&mut recorded);
-                let mut attempts = Attempts::default();
-                attempts.recover(recorded);
-                return Ok(Some((position, attempts, died_busy)));
-            }
-            Err(error) => {
-                failures += 1;
-                if !backoff(&reader.subscription, &error.to_string(), failures, shutdown).await {
-                    return Ok(None);
-                }
-            }
-        }
-    }
-}
-
-/// Sleep until `due`, or forever without one.
-async fn sleep_until(due: Option<Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due.into()).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -550,108 +552,6 @@ async fn standing_by(shared: &Arc<Shared>, sub: &Arc<Subscription>, reader: &Rea
             _ => u64::MAX,
         },
         head,
-    }
-}
-
-async fn fetch(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    after: u64,
-) -> Result<Result<Vec<StoredMessage>, String>, String> {
-    let (shared, sub) = (shared.clone(), sub.clone());
-    blocking(move || {
-        let limit = sub.settings.messages_per_tick as usize;
-        shared
-            .store
-            .read_categories(&sub.plan.categories, after, limit)
-            .map_err(|e| e.to_string())
-    })
-    .await
-}
-
-type Processed = (Result<batch::Report, crate::store::Error>, Attempts);
-
-/// The parked keys of the subscription (see [`parking`]).
-async fn load_parked(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-) -> Result<Result<Parked, String>, String> {
-    let (shared, sub) = (shared.clone(), sub.clone());
-    blocking(move || Parked::load(shared.store.as_ref(), &sub.plan.name).map_err(|e| e.to_string()))
-        .await
-}
-
-/// Handle a batch of the messages held behind the released `key`.
-async fn drain(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    reader: &Reader,
-    key: String,
-    mut attempts: Attempts,
-) -> Result<Processed, String> {
-    let (shared, sub, reader) = (shared.clone(), sub.clone(), reader.clone());
-    blocking(move || {
-        let outcome = parking::drain(&shared, &sub, &reader, &key, &mut attempts);
-        (outcome, attempts)
-    })
-    .await
-}
-
-/// Where the batch stores its position (None while reading ahead of it), and the parked keys.
-type Placing<'a> = (Option<&'a str>, Option<Arc<HashMap<String, u64>>>);
-
-async fn process(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    reader: &Reader,
-    (stored, parked): Placing<'_>,
-    messages: Vec<StoredMessage>,
-    mut attempts: Attempts,
-) -> Result<Processed, String> {
-    let (shared, sub) = (shared.clone(), sub.clone());
-    let (stored, worker) = (stored.map(str::to_owned), reader.worker);
-    blocking(move || {
-        let plugin = shared.plugin();
-        let ctx = batch::Context {
-            position: stored.as_deref(),
-            worker,
-            parking: parked.as_deref().map(parking::Parking::Read),
-            ..batch::Context::new(&shared, &plugin, &sub)
-        };
-        let outcome = batch::run(&ctx, &messages, &mut attempts);
-        (outcome, attempts)
-    })
-    .await
-}
-
-/// Run store and plugin work on the blocking pool. A panic there is fatal for the engine.
-pub(super) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("a batch task failed: {e}"))
-}
-
-/// Wait after a store failure: 1, 2, 4 ... 30 s, cut short by shutdown. Returns false on shutdown.
-pub(crate) async fn backoff(
-    subscription: &str,
-    error: &str,
-    failures: u32,
-    shutdown: &CancellationToken,
-) -> bool {
-    let delay =
-        Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30));
-    tracing::error!(
-        subscription,
-        error,
-        failures,
-        retry_in_s = delay.as_secs(),
-        "store unavailable; will retry"
-    );
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => true,
-        _ = shutdown.cancelled() => false,
     }
 }
 

@@ -22,8 +22,7 @@ use std::{
 };
 
 use crate::{
-    engine::batch::{self, Attempts, Subscription},
-    engine::Shared,
+    engine::batch::{Attempts, Subscription},
     ordering::partition_of,
     store::{self, StoredMessage},
     subscription::workers::Reader,
@@ -191,33 +190,6 @@ impl Parked {
             .find(|key| !attempts.waits(key, now))
             .map(String::as_str)
     }
-}
-
-/// Handle the first messages held behind the released `key` as one batch (on the blocking pool), with
-/// the position where it is: they are behind it.
-pub(crate) fn drain(
-    shared: &Shared,
-    sub: &Subscription,
-    reader: &Reader,
-    key: &str,
-    attempts: &mut Attempts,
-) -> store::Result<batch::Report> {
-    let limit = sub.settings.messages_per_tick as usize;
-    let messages = shared.store.held_messages(&sub.plan.name, key, limit)?;
-    tracing::info!(subscription = %sub.plan.name, worker = reader.label(), key, messages = messages.len(), "handling the messages held behind a released key");
-    let plugin = shared.plugin();
-    let ctx = batch::Context {
-        worker: reader.worker,
-        parking: Some(Parking::Drain(key)),
-        ..batch::Context::new(shared, &plugin, sub)
-    };
-    let report = batch::run(&ctx, &messages, attempts)?;
-    // A batch that failed as a whole (its commit kept conflicting, or an unordered handler failed)
-    // waits out its delay like a key that failed, instead of being run again at once.
-    if let (Some(delay), true) = (report.retry, report.waiting.is_empty()) {
-        attempts.wait(key, delay);
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

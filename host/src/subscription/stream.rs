@@ -8,136 +8,328 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{replay_stream, Broker, Consumer, Entry},
+    broker::{replay_stream, Broker, BrokerConfig, Consumer, Entry},
     engine::{
-        batch::{self, Attempts, Subscription},
-        progress::State,
+        batch::{Attempts, Origin, Report, Subscription},
+        progress::{Progress, State},
+        run::{blocking, Back, Fetched, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
     store::StoredMessage,
-    subscription::event_store::backoff,
 };
 
-/// Run one stream subscription until `shutdown`.
-pub(crate) async fn run(
+/// A consumer of the subscription's group, run by [`crate::engine::run`].
+pub(crate) struct Stream {
     shared: Arc<Shared>,
     broker: Arc<dyn Broker>,
     sub: Arc<Subscription>,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let name = sub.plan.name.clone();
-    let progress = &shared.progress;
-    let mut streams = sub.plan.categories.clone();
-    streams.push(replay_stream(&name));
-    let consumer_name = consumer_name(&name);
-    let mut failures = 0u32;
-    let mut consumer = loop {
-        match broker
-            .consumer(streams.clone(), &name, &consumer_name)
-            .await
-        {
-            Ok(consumer) => break consumer,
-            Err(error) => {
-                failures += 1;
-                if !backoff(&name, &error.to_string(), failures, &shutdown).await {
-                    progress.set(&name, State::Stopped);
-                    return Ok(());
-                }
-            }
-        }
-    };
-    tracing::info!(subscription = %name, consumer = %consumer_name, ?streams, "stream subscription started");
-    let config = shared
-        .config
-        .broker
-        .clone()
-        .ok_or("a stream subscription needs a broker")?;
-    // Test mode waits exactly as long as the work: short blocking reads notice idleness quickly.
-    let block = if shared.test_mode {
-        config.block.min(std::time::Duration::from_millis(20))
-    } else {
-        config.block
-    };
-    let mut last_reclaim: Option<Instant> = None;
-    let mut retrying = false;
-    // The next batch, read while the last one was handled. Entries read are pending on this consumer,
-    // so they are handled even when a stop comes after they were read.
-    let mut ahead: Vec<Entry> = Vec::new();
-    failures = 0;
-    while !shutdown.is_cancelled() || !ahead.is_empty() {
-        if last_reclaim.is_none_or(|at| at.elapsed() >= config.reclaim_interval) {
-            last_reclaim = Some(Instant::now());
-            match consumer.reclaim(config.claim_idle).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(subscription = %name, entries = n, "took over entries pending on idle consumers")
-                }
-                Err(error) => {
-                    tracing::warn!(subscription = %name, %error, "reclaim failed; will try again")
-                }
-            }
-        }
-        let seen = progress.published();
-        let count = if retrying {
+    consumer: Option<Box<dyn Consumer>>,
+    config: BrokerConfig,
+    last_reclaim: Option<Instant>,
+    /// The last batch failed: read one entry at a time until a batch commits.
+    retrying: bool,
+    /// The next batch, read while the last one was handled. Entries read are pending on this
+    /// consumer, so they are handled even when a stop comes after they were read.
+    ahead: Vec<Entry>,
+    /// Read while the batch in flight runs; the next batch once it committed.
+    next: Vec<Entry>,
+    /// The entries of the batch in flight, by the identity of their message.
+    origin: HashMap<String, Vec<Entry>>,
+}
+
+impl Stream {
+    /// The source of stream subscription `sub`; it connects when the loop opens it.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        broker: Arc<dyn Broker>,
+        sub: Arc<Subscription>,
+    ) -> Result<Self, String> {
+        let mut config = shared
+            .config
+            .broker
+            .clone()
+            .ok_or("a stream subscription needs a broker")?;
+        config.block = read_block(&shared);
+        Ok(Self {
+            shared,
+            broker,
+            sub,
+            consumer: None,
+            config,
+            last_reclaim: None,
+            retrying: false,
+            ahead: Vec::new(),
+            next: Vec::new(),
+            origin: HashMap::new(),
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.sub.plan.name
+    }
+
+    fn consumer(&mut self) -> Result<&mut Box<dyn Consumer>, Trouble> {
+        self.consumer
+            .as_mut()
+            .ok_or_else(|| Trouble::Fatal("a stream subscription read before it was opened".into()))
+    }
+
+    fn count(&self) -> usize {
+        if self.retrying {
             1
         } else {
-            sub.settings.messages_per_tick as usize
-        };
-        let read = if ahead.is_empty() {
-            tokio::select! {
-                read = consumer.read(count, block) => read,
-                _ = shutdown.cancelled() => break,
-            }
-        } else {
-            Ok(std::mem::take(&mut ahead))
-        };
-        let entries = match read {
-            Ok(entries) => entries,
-            Err(error) => {
-                failures += 1;
-                backoff(&name, &error.to_string(), failures, &shutdown).await;
-                continue;
-            }
-        };
-        failures = 0;
-        if entries.is_empty() {
-            progress.set(&name, State::Idle { head: seen });
-            continue;
+            self.sub.settings.messages_per_tick as usize
         }
-        progress.set(&name, State::Busy);
-        let read_ahead = (!retrying && !shutdown.is_cancelled()).then_some(count);
-        let settled = settle(&shared, &sub, consumer.as_mut(), entries, read_ahead).await?;
-        match settled.retry {
-            // What was read ahead stays pending here and is read again after the retried message.
-            Some(delay) => {
-                retrying = true;
-                flush(&name, consumer.as_mut()).await;
-                progress.set(&name, State::Retrying);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => break,
+    }
+
+    /// Take over the entries pending on idle consumers, when due.
+    async fn reclaim(&mut self) -> Result<(), Trouble> {
+        if self
+            .last_reclaim
+            .is_some_and(|at| at.elapsed() < self.config.reclaim_interval)
+        {
+            return Ok(());
+        }
+        self.last_reclaim = Some(Instant::now());
+        let idle = self.config.claim_idle;
+        match self.consumer()?.reclaim(idle).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(subscription = %self.name(), entries = n, "took over entries pending on idle consumers")
+            }
+            Err(error) => {
+                tracing::warn!(subscription = %self.name(), %error, "reclaim failed; will try again")
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead-letter the entries that are no message; the messages of the others, in store order.
+    async fn decode(&mut self, entries: Vec<Entry>) -> Result<Vec<StoredMessage>, Trouble> {
+        let mut messages = Vec::new();
+        self.origin.clear();
+        for entry in entries {
+            match entry.message() {
+                Ok(message) => {
+                    self.origin
+                        .entry(message.identity())
+                        .or_default()
+                        .push(entry);
+                    messages.push(message);
+                }
+                Err(reason) => {
+                    tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
+                    let build = self.shared.plugin().build_id().to_owned();
+                    self.consumer()?
+                        .dead_letter(&entry, &reason, entry.deliveries, &build)
+                        .await
+                        .map_err(|e| Trouble::Fatal(e.to_string()))?;
                 }
             }
-            None => {
-                retrying = false;
-                ahead = settled.ahead;
+        }
+        // Entries of several streams: handle them in store order.
+        messages.sort_by_key(|m| m.global_position);
+        Ok(messages)
+    }
+
+    /// The failed attempts of the batch's messages. Only a redelivered entry can have failed before:
+    /// it was in a batch whose consumer died or failed (one failed attempt), or, called alone since,
+    /// its calls are recorded (a delivery count would also count the redeliveries of entries behind a
+    /// culprit that were never called).
+    async fn attempts(&mut self) -> Result<Attempts, Trouble> {
+        let redelivered: Vec<String> = self
+            .origin
+            .iter()
+            .filter(|(_, entries)| entries.iter().any(|e| e.deliveries > 1))
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        let mut attempts = Attempts::default();
+        if redelivered.is_empty() {
+            return Ok(attempts);
+        }
+        attempts.suspect(redelivered.iter().map(String::as_str));
+        let (store, name) = (self.shared.store.clone(), self.name().to_owned());
+        let recorded = blocking(move || {
+            let ids: Vec<&str> = redelivered.iter().map(String::as_str).collect();
+            store.recorded_calls(&name, Some(&ids))
+        })
+        .await?;
+        match recorded {
+            Ok(recorded) => {
+                attempts.recover(recorded);
+                Ok(attempts)
+            }
+            Err(error) => {
+                self.given_up().await;
+                Err(Trouble::store(error))
             }
         }
     }
-    flush(&name, consumer.as_mut()).await;
-    progress.set(&name, State::Stopped);
-    tracing::info!(subscription = %name, "stream subscription stopped");
-    Ok(())
+
+    /// The batch is given up: its entries stay pending and are read again first, one at a time.
+    async fn given_up(&mut self) {
+        self.retrying = true;
+        self.next.clear();
+        self.origin.clear();
+        self.flush().await;
+    }
+
+    /// Send acknowledgements still held back. Those that cannot be sent are redelivered later and
+    /// recognised by their processed markers.
+    async fn flush(&mut self) {
+        let name = self.name().to_owned();
+        if let Some(consumer) = self.consumer.as_mut() {
+            if let Err(error) = consumer.flush().await {
+                tracing::warn!(subscription = %name, %error, "cannot send acknowledgements; the entries will be redelivered");
+            }
+        }
+    }
 }
 
-/// Send acknowledgements still held back. Those that cannot be sent are redelivered later and
-/// recognised by their processed markers.
-async fn flush(name: &str, consumer: &mut dyn Consumer) {
-    if let Err(error) = consumer.flush().await {
-        tracing::warn!(subscription = %name, %error, "cannot send acknowledgements; the entries will be redelivered");
+#[async_trait]
+impl Source for Stream {
+    fn report(&self, progress: &Progress, state: State) {
+        progress.set(self.name(), state);
+    }
+
+    async fn open(&mut self) -> Result<(), Trouble> {
+        let name = self.name().to_owned();
+        let mut streams = self.sub.plan.categories.clone();
+        streams.push(replay_stream(&name));
+        let consumer_name = consumer_name(&name);
+        let consumer = self
+            .broker
+            .consumer(streams.clone(), &name, &consumer_name)
+            .await
+            .map_err(Trouble::broker)?;
+        self.consumer = Some(consumer);
+        tracing::info!(subscription = %name, consumer = %consumer_name, ?streams, "stream subscription started");
+        Ok(())
+    }
+
+    /// What was read ahead is handled even after a stop.
+    fn reading(&self, shutdown: &CancellationToken) -> bool {
+        !shutdown.is_cancelled() || !self.ahead.is_empty()
+    }
+
+    async fn fetch(
+        &mut self,
+        _head: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<Fetched, Trouble> {
+        self.reclaim().await?;
+        let seen = self.shared.progress.published();
+        let entries = if self.ahead.is_empty() {
+            let (count, block) = (self.count(), self.config.block);
+            let consumer = self.consumer()?;
+            tokio::select! {
+                read = consumer.read(count, block) => read.map_err(Trouble::broker)?,
+                _ = shutdown.cancelled() => return Ok(Fetched::Stop),
+            }
+        } else {
+            std::mem::take(&mut self.ahead)
+        };
+        if entries.is_empty() {
+            return Ok(Fetched::Nothing {
+                state: State::Idle { head: seen },
+                wake: Wake::Now,
+            });
+        }
+        let read = entries.len();
+        let messages = self.decode(entries).await?;
+        let attempts = self.attempts().await?;
+        Ok(Fetched::Work(Work {
+            messages,
+            attempts,
+            // A broker's group keeps where the subscription is; the store keeps no position for it.
+            place: Place {
+                origin: Origin::Broker,
+                ..Place::default()
+            },
+            read,
+        }))
+    }
+
+    /// Read the next batch while this one runs. A failed read-ahead is not an error here: its entries,
+    /// if any, are pending and read again.
+    async fn meanwhile(&mut self, shutdown: &CancellationToken) {
+        if self.retrying || shutdown.is_cancelled() {
+            return;
+        }
+        let count = self.count();
+        if let Some(consumer) = self.consumer.as_mut() {
+            self.next = consumer.read_ahead(count).await.unwrap_or_default();
+        }
+    }
+
+    /// Dead-letter in the group's dead-letter stream, then acknowledge what the batch settled.
+    async fn committed(&mut self, report: &Report, _: Back) -> Result<Settled, Trouble> {
+        for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
+            for entry in self.origin.remove(identity).unwrap_or_default() {
+                self.consumer()?
+                    .dead_letter(&entry, &dead.error, dead.attempts, &dead.build_id)
+                    .await
+                    .map_err(|e| Trouble::Fatal(e.to_string()))?;
+            }
+        }
+        let acks: Vec<(String, String)> = report
+            .settled
+            .iter()
+            .flat_map(|id| self.origin.remove(id).unwrap_or_default())
+            .map(|e| (e.stream, e.id))
+            .collect();
+        // After a retry stop the unacknowledged entries are read again first; `ack` also says so.
+        if let Err(error) = self.consumer()?.ack(&acks).await {
+            // Committed: the entries come back, and their processed markers make the redelivery an
+            // acknowledgement only.
+            self.given_up().await;
+            return Err(Trouble::broker(format!(
+                "{error} (after the commit; the entries will be redelivered)"
+            )));
+        }
+        match report.retry {
+            // What was read ahead stays pending here and is read again after the retried message.
+            Some(_) => self.given_up().await,
+            None => {
+                self.retrying = false;
+                self.ahead = std::mem::take(&mut self.next);
+            }
+        }
+        Ok(Settled {
+            retry: report.retry,
+            position: None,
+            acked: Some(acks.len()),
+        })
+    }
+
+    /// Nothing was committed or acknowledged; the entries are read again after the backoff.
+    async fn failed(&mut self, _: Back, error: crate::store::Error) -> Option<Trouble> {
+        self.given_up().await;
+        Some(Trouble::store(error))
+    }
+
+    async fn close(&mut self) {
+        self.flush().await;
+        tracing::info!(subscription = %self.name(), "stream subscription stopped");
+    }
+}
+
+/// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the
+/// work: short blocking reads notice idleness quickly.
+pub(crate) fn read_block(shared: &Shared) -> std::time::Duration {
+    let block = shared
+        .config
+        .broker
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(1), |b| b.block);
+    if shared.test_mode {
+        block.min(std::time::Duration::from_millis(20))
+    } else {
+        block
     }
 }
 
@@ -148,138 +340,4 @@ pub(crate) fn consumer_name(subscription: &str) -> String {
         .unwrap_or_else(|_| "host".into());
     let random = &uuid::Uuid::new_v4().simple().to_string()[..6];
     format!("{subscription}-{host}-{}-{random}", std::process::id())
-}
-
-/// What handling one read left to do.
-struct Settled {
-    /// The backoff before a retry, if a message failed and may be retried.
-    retry: Option<std::time::Duration>,
-    /// The next entries, read while this batch was handled.
-    ahead: Vec<Entry>,
-}
-
-impl Settled {
-    fn retry_after(delay: std::time::Duration) -> Self {
-        Self {
-            retry: Some(delay),
-            ahead: Vec::new(),
-        }
-    }
-}
-
-/// Handle one read: dead-letter poison, run the batch (reading up to `read_ahead` more entries
-/// meanwhile), then acknowledge or dead-letter what it settled.
-async fn settle(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    consumer: &mut dyn Consumer,
-    entries: Vec<Entry>,
-    read_ahead: Option<usize>,
-) -> Result<Settled, String> {
-    let name = &sub.plan.name;
-    let started = Instant::now();
-    let mut messages = Vec::new();
-    let mut origin: HashMap<String, Vec<Entry>> = HashMap::new();
-    for entry in entries {
-        match decode(&entry) {
-            Ok(message) => {
-                origin.entry(message.identity()).or_default().push(entry);
-                messages.push(message);
-            }
-            Err(reason) => {
-                tracing::warn!(subscription = %name, stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
-                consumer
-                    .dead_letter(
-                        &entry,
-                        &reason,
-                        entry.deliveries,
-                        shared.plugin().build_id(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    // Entries of several streams: handle them in store order.
-    messages.sort_by_key(|m| m.global_position);
-    // Only a redelivered entry can have failed before: it was in a batch whose consumer died or failed
-    // (one failed attempt), or, called alone since, its calls are recorded (a delivery count would
-    // also count the redeliveries of entries behind a culprit that were never called).
-    let redelivered: Vec<String> = origin
-        .iter()
-        .filter(|(_, entries)| entries.iter().any(|e| e.deliveries > 1))
-        .map(|(identity, _)| identity.clone())
-        .collect();
-    let (shared2, sub2) = (shared.clone(), sub.clone());
-    let batch = tokio::task::spawn_blocking(move || {
-        let mut attempts = Attempts::default();
-        if !redelivered.is_empty() {
-            let ids: Vec<&str> = redelivered.iter().map(String::as_str).collect();
-            attempts.suspect(ids.iter().copied());
-            attempts.recover(shared2.store.recorded_calls(&sub2.plan.name, Some(&ids))?);
-        }
-        let plugin = shared2.plugin();
-        // A broker's group keeps where the subscription is; the store keeps no position for it.
-        let ctx = batch::Context::new(&shared2, &plugin, &sub2);
-        batch::run(&ctx, &messages, &mut attempts)
-    });
-    let (outcome, ahead) = match read_ahead {
-        // A failed read-ahead is not an error here: its entries, if any, are pending and read again.
-        Some(count) => {
-            let (outcome, ahead) = tokio::join!(batch, consumer.read_ahead(count));
-            (outcome, ahead.unwrap_or_default())
-        }
-        None => (batch.await, Vec::new()),
-    };
-    let outcome = outcome.map_err(|e| format!("a batch task failed: {e}"))?;
-    let report = match outcome {
-        Ok(report) => report,
-        Err(error) => {
-            // Nothing was committed or acknowledged; the entries are read again after the backoff.
-            tracing::error!(subscription = %name, %error, "store unavailable; will retry");
-            return Ok(Settled::retry_after(std::time::Duration::from_secs(1)));
-        }
-    };
-    if let Some(appended) = report.appended {
-        shared.progress.advanced(appended);
-    }
-    for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
-        for entry in origin.remove(identity).unwrap_or_default() {
-            consumer
-                .dead_letter(&entry, &dead.error, dead.attempts, &dead.build_id)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    let acks: Vec<(String, String)> = report
-        .settled
-        .iter()
-        .flat_map(|id| origin.remove(id).unwrap_or_default())
-        .map(|e| (e.stream, e.id))
-        .collect();
-    // After a retry stop the unacknowledged entries are read again first; `ack` also says so.
-    if let Err(error) = consumer.ack(&acks).await {
-        return Ok(Settled::retry_after(broker_trouble(name, &error)));
-    }
-    shared.metrics.batch(sub, &report, started.elapsed());
-    tracing::info!(subscription = %name, handled = report.handled.len(), dead_lettered = report.dead_lettered, skipped = report.skipped, written = report.written.len(), acked = acks.len(), "batch committed");
-    let retry = report.retry;
-    shared.progress.tally(report);
-    Ok(Settled { retry, ahead })
-}
-
-/// The broker failed after the commit: the entries stay pending and come back, and their processed
-/// markers make the redelivery an acknowledgement only. Wait a moment before reading again.
-fn broker_trouble(subscription: &str, error: &crate::broker::Error) -> std::time::Duration {
-    tracing::warn!(subscription, %error, "broker unavailable after commit; the entries will be redelivered");
-    std::time::Duration::from_secs(1)
-}
-
-/// A broker entry as a stored message: Protean's `{"data", "metadata"}` in the entry's `data` field.
-fn decode(entry: &Entry) -> Result<StoredMessage, String> {
-    let text = entry
-        .data
-        .as_deref()
-        .ok_or("entry has no text field `data`")?;
-    crate::message::from_wire(text)
 }

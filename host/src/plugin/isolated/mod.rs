@@ -36,6 +36,7 @@ use super::{
     Delivery, Failure, HostServices, Instances, Kind, LoadError, Outcome, Plugin, Probe,
     Registration,
 };
+use crate::sync::lock;
 
 pub use process::SUBCOMMAND;
 
@@ -438,10 +439,6 @@ fn registration(r: protocol::Registration) -> Registration {
         categories: r.categories,
         message_types: r.message_types,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn bytes_of(path: &Path) -> Vec<u8> {

@@ -22,6 +22,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
 
 use super::protocol::{decode, FrameReader, FrameWriter, FromWorker, Reply, ToWorker};
+use crate::sync::lock;
 
 /// The hidden subcommand of `protean-host` that runs a worker.
 pub const SUBCOMMAND: &str = "__worker";
@@ -241,10 +242,6 @@ impl Stderr {
         let _ = self.closed.recv_timeout(Duration::from_secs(1));
         lock(&self.first).clone()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A job for the spawner thread: the command, and where to send the child.
