@@ -69,9 +69,11 @@ fn a_healthy_server_answers_and_bad_requests_get_one_line_errors() {
         assert_eq!(status, 200, "{path}: {body}");
         assert!(body.contains("\"status\":\"ok\""), "{path}: {body}");
     }
-    wait_until(LIMIT, "the probe to be handled", || {
+    // Idle once a read after the commit found nothing more: lag 0 alone can be seen just before.
+    wait_until(LIMIT, "the probe to be handled and its reader idle", || {
         let (_, body) = readyz(&address);
-        subscription(&body, "commands:probe::probe")["lag"] == 0
+        let commands = subscription(&body, "commands:probe::probe");
+        commands["lag"] == 0 && commands["state"] == "idle"
     });
     let (status, body) = readyz(&address);
     assert_eq!(status, 200, "{body}");
