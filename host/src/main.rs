@@ -12,8 +12,8 @@ mod logging;
 use anyhow::Context as _;
 use cli::{
     Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat,
-    LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs, SubscriptionsAction,
-    SubscriptionsArgs,
+    LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
+    SubscriptionsAction, SubscriptionsArgs,
 };
 use protean_host::{
     config::{Config, IsolationMode},

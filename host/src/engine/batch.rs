@@ -307,6 +307,13 @@ pub(crate) fn run(
     attempts: &mut Attempts,
 ) -> store::Result<Report> {
     let keys = keys(ctx, messages);
+    // A single reader always reads from its position, so a due key's failed message comes first. A
+    // worker may be reading ahead of it: it releases due keys itself, when it reads from its position.
+    // Once per batch, before its first unit: a key released between units would let its later
+    // messages, in a later unit, pass its failed one, which an earlier unit held.
+    if ctx.worker.is_none() {
+        attempts.release_due(Instant::now());
+    }
     let mut report: Option<Report> = None;
     // Keys an earlier unit of this batch stopped (a wait or a park): later units hold them too.
     let mut stopped = HashSet::new();
@@ -534,11 +541,6 @@ fn build(
     let mut settled_ids = Vec::new();
     let mut settled = vec![false; messages.len()];
     let mut called = vec![false; messages.len()];
-    // A single reader always reads from its position, so a due key's failed message comes first. A
-    // worker may be reading ahead of it: it releases due keys itself, when it reads from its position.
-    if ctx.worker.is_none() {
-        attempts.release_due(Instant::now());
-    }
     let mut waiting = attempts.held();
     waiting.extend(stopped.iter().cloned());
     let mut held = Held::new(sub.ordering.as_ref(), keys, waiting);
