@@ -322,6 +322,45 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
     assert_culprit_dead_lettered(dir.path(), "stuck");
 }
 
+/// Three replicas of the probe domain's `instance` configured in `dir`, with an aborting command
+/// among ten good ones, restarted by the test as a supervisor would until every good command is
+/// handled and the culprit dead-lettered: each handled once, no replica left dead. How each replica
+/// that died ended.
+fn three_replicas_survive_an_aborting_command(
+    dir: &Path,
+    instance: &str,
+    store: &dyn Store,
+) -> Vec<ExitStatus> {
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
+    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
+    commands.insert(5, ("culprit".into(), "abort"));
+    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+    send(dir, &refs);
+    let mut deaths = Vec::new();
+    wait_until(
+        Duration::from_secs(120),
+        "every good command handled and the culprit dead-lettered",
+        || {
+            for replica in &mut replicas {
+                if let Some(status) = replica.exited() {
+                    deaths.push(status);
+                    *replica = serve_as(dir, instance);
+                }
+            }
+            let good = (0..10).all(|n| handled(store, &format!("good-{n}")) >= 1);
+            good && dead_letters(dir).len() == 1
+        },
+    );
+    for n in 0..10 {
+        assert_eq!(handled(store, &format!("good-{n}")), 1, "good-{n} once");
+    }
+    assert_culprit_dead_lettered(dir, "culprit");
+    for replica in replicas {
+        replica.stop_cleanly();
+    }
+    deaths
+}
+
 /// Three replicas of the probe domain's `instance` on Redis, an aborting command among ten good ones.
 fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str) {
     let redis = RedisServer::start();
@@ -333,43 +372,12 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str) {
         "",
         "subscription_type = \"stream\"",
     );
-    let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir.path(), instance)).collect();
-    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
-    commands.insert(5, ("culprit".into(), "abort"));
-    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
-    send(dir.path(), &refs);
     let store = open(dir.path(), None);
-    let mut restarts = 0;
-    wait_until(
-        Duration::from_secs(120),
-        "every good command handled and the culprit dead-lettered",
-        || {
-            // The supervisor: a replica that died is started again.
-            for replica in &mut replicas {
-                if replica.exited().is_some() {
-                    restarts += 1;
-                    *replica = serve_as(dir.path(), instance);
-                }
-            }
-            let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
-            good && dead_letters(dir.path()).len() == 1
-        },
-    );
+    let deaths = three_replicas_survive_an_aborting_command(dir.path(), instance, store.as_ref());
     assert!(
-        restarts > MAX_RETRIES,
-        "each call of the culprit killed a replica: {restarts}"
+        deaths.len() > MAX_RETRIES,
+        "each call of the culprit killed a replica: {deaths:?}"
     );
-    for n in 0..10 {
-        assert_eq!(
-            handled(store.as_ref(), &format!("good-{n}")),
-            1,
-            "good-{n} once"
-        );
-    }
-    assert_culprit_dead_lettered(dir.path(), "culprit");
-    for replica in &mut replicas {
-        assert!(replica.exited().is_none(), "no replica left dead");
-    }
 }
 
 #[test]
@@ -540,27 +548,8 @@ fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_
         "",
     );
     run(dir.path(), &["db", "setup"]).output().expect_code(0);
-    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
-    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
-    commands.insert(5, ("culprit".into(), "abort"));
-    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
-    send(dir.path(), &refs);
     let store = open(dir.path(), Some(&pg));
-    let mut deaths = Vec::new();
-    wait_until(
-        Duration::from_secs(120),
-        "every good command handled and the culprit dead-lettered",
-        || {
-            for replica in &mut replicas {
-                if let Some(status) = replica.exited() {
-                    deaths.push(status);
-                    *replica = serve(dir.path());
-                }
-            }
-            let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
-            good && dead_letters(dir.path()).len() == 1
-        },
-    );
+    let deaths = three_replicas_survive_an_aborting_command(dir.path(), PROBE, store.as_ref());
     assert_eq!(
         deaths.len(),
         MAX_RETRIES + 1,
@@ -570,16 +559,5 @@ fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_
         deaths.iter().all(|s| by_signal(libc::SIGABRT)(*s)),
         "{deaths:?}"
     );
-    for n in 0..10 {
-        assert_eq!(
-            handled(store.as_ref(), &format!("good-{n}")),
-            1,
-            "good-{n} once"
-        );
-    }
-    assert_culprit_dead_lettered(dir.path(), "culprit");
     assert!(store.recorded_calls(COMMANDS, None).unwrap().is_empty());
-    for replica in replicas {
-        replica.stop_cleanly();
-    }
 }
