@@ -561,3 +561,64 @@ fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_
     );
     assert!(store.recorded_calls(COMMANDS, None).unwrap().is_empty());
 }
+
+/// A replica of `dir` and the address of its health server.
+fn serve_watched(dir: &Path) -> (Server, String) {
+    let mut server = serve(dir);
+    let address = server.health_address();
+    (server, address)
+}
+
+#[test]
+fn three_replicas_on_redis_outlast_a_handler_that_never_returns() {
+    // In process a spinning call cannot be stopped: the replica keeps its entry (it is alive) and
+    // fails `/livez`; the supervisor kills it, and the entry moves to another replica, which gets
+    // stuck in turn, until the culprit is out of retries.
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(
+        dir.path(),
+        &format!("[server.health]\nport = 0\n{}", redis.config()),
+        "",
+        "subscription_type = \"stream\"\nhandler_timeout_ms = 300",
+    );
+    let mut replicas: Vec<(Server, String)> = (0..3).map(|_| serve_watched(dir.path())).collect();
+    let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
+    commands.insert(5, ("culprit".into(), "spin"));
+    let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
+    send(dir.path(), &refs);
+    let store = open(dir.path(), None);
+    let mut stuck = 0;
+    wait_until(
+        Duration::from_secs(120),
+        "every good command handled and the culprit dead-lettered",
+        || {
+            // The supervisor: a replica failing its liveness probe is killed and started again.
+            for (replica, address) in &mut replicas {
+                assert_eq!(replica.exited(), None, "only the supervisor ends a replica");
+                let (status, body) = get(address, "/livez");
+                if status == 503 {
+                    assert!(body.contains("past its deadline of 300 ms"), "{body}");
+                    stuck += 1;
+                    replica.signal(libc::SIGKILL);
+                    (*replica, *address) = serve_watched(dir.path());
+                }
+            }
+            let good = (0..10).all(|n| handled(store.as_ref(), &format!("good-{n}")) >= 1);
+            good && dead_letters(dir.path()).len() == 1
+        },
+    );
+    assert_eq!(stuck, MAX_RETRIES + 1, "one stuck replica per call");
+    for n in 0..10 {
+        assert_eq!(
+            handled(store.as_ref(), &format!("good-{n}")),
+            1,
+            "good-{n} once"
+        );
+    }
+    assert_culprit_dead_lettered(dir.path(), "culprit");
+    for (replica, address) in replicas {
+        assert_eq!(get(&address, "/livez").0, 200, "no replica left stuck");
+        replica.stop_cleanly();
+    }
+}
