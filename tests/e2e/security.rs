@@ -571,3 +571,42 @@ fn the_flow_runs_on_tls_only_postgres_and_redis() {
     );
     assert!(error.contains("is unreachable"), "{error}");
 }
+
+#[test]
+fn a_stop_signal_right_after_the_wait_for_the_store_is_not_lost() {
+    // The wait listens for signals; a SIGTERM between its end and the engine's start used to be
+    // caught and seen by nobody, and the server ran on.
+    let dir = tempfile::tempdir().unwrap();
+    let pg_port = closed_port();
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!(
+            "{TEST_CONFIG}[store]\nprovider = \"postgres\"\nuri = \"postgresql://postgres@127.0.0.1:{pg_port}/postgres\"\n"
+        ),
+    )
+    .unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    server.wait_for(&["a dependency is not ready"], Duration::from_secs(30));
+    let _pg = PgServer::start_on(pg_port);
+    host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0);
+    server.wait_for(
+        &["the store and broker answer; starting"],
+        Duration::from_secs(60),
+    );
+    server.signal(libc::SIGTERM);
+    crate::support::wait_until(Duration::from_secs(30), "the server to stop", || {
+        server.exited().is_some()
+    });
+    let (code, log) = server.wait();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("signal=\"SIGTERM\"") || log.contains("signal=SIGTERM"),
+        "{log}"
+    );
+}

@@ -17,6 +17,7 @@ mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
 pub(crate) mod run;
+pub mod signals;
 pub mod startup;
 pub(crate) mod turns;
 
@@ -549,7 +550,7 @@ impl Engine {
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
         // Installed before "engine started" is logged, so a signal right after it is never missed.
         let signals = tokio::spawn(watch_signals(
-            Signals::install(),
+            signals::watch(),
             shutdown.clone(),
             outcome.clone(),
         ));
@@ -890,48 +891,37 @@ fn worker_error(
     }
 }
 
-/// The signals that stop the engine. Once installed, their default action (terminate) no longer applies.
-struct Signals(Option<[tokio::signal::unix::Signal; 3]>);
-
-impl Signals {
-    fn install() -> Self {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(int), Ok(term), Ok(hup)) => Self(Some([int, term, hup])),
-            _ => {
-                tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-                Self(None)
-            }
-        }
-    }
-}
-
-/// The first SIGINT, SIGTERM or SIGHUP starts the shutdown; later ones are logged and ignored.
+/// The first SIGINT, SIGTERM or SIGHUP starts the shutdown, also one received before this engine
+/// started (see [`signals`]); later ones are logged and ignored.
 async fn watch_signals(
-    signals: Signals,
+    received: Option<tokio::sync::watch::Receiver<signals::Received>>,
     shutdown: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,
 ) {
-    let Some([mut int, mut term, mut hup]) = signals.0 else {
+    let Some(mut received) = received else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
         return;
     };
+    let mut seen = 0;
     loop {
-        let name = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-            _ = hup.recv() => "SIGHUP",
-        };
-        if shutdown.is_cancelled() {
-            tracing::info!(signal = name, "already shutting down; signal ignored");
-            continue;
+        let now = *received.borrow_and_update();
+        if now.count > seen {
+            if seen == 0 {
+                let name = now.first.unwrap_or("a signal");
+                tracing::info!(signal = name, "shutting down");
+                lock(&outcome).get_or_insert(Outcome::Signal(name));
+                shutdown.cancel();
+            } else {
+                tracing::info!(
+                    signals = now.count - seen,
+                    "already shutting down; signal ignored"
+                );
+            }
+            seen = now.count;
         }
-        tracing::info!(signal = name, "shutting down");
-        lock(&outcome).get_or_insert(Outcome::Signal(name));
-        shutdown.cancel();
+        if received.changed().await.is_err() {
+            return;
+        }
     }
 }
 

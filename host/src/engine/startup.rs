@@ -104,15 +104,9 @@ async fn check(config: &Config) -> Result<Attempt, WaitError> {
 
 /// SIGINT or SIGTERM.
 async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
+    let Some(mut received) = super::signals::watch() else {
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
+    // A signal received before the wait began counts too; it stays for the engine to see as well.
+    let _ = received.wait_for(|r| r.count > 0).await;
 }
