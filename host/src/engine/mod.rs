@@ -912,10 +912,8 @@ async fn watch_signals(
                 lock(&outcome).get_or_insert(Outcome::Signal(name));
                 shutdown.cancel();
             } else {
-                tracing::info!(
-                    signals = now.count - seen,
-                    "already shutting down; signal ignored"
-                );
+                let name = now.last.unwrap_or("a signal");
+                tracing::info!(signal = name, "already shutting down; signal ignored");
             }
             seen = now.count;
         }

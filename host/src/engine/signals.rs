@@ -17,6 +17,8 @@ use tokio::sync::watch;
 pub struct Received {
     /// The first one.
     pub first: Option<&'static str>,
+    /// The latest one.
+    pub last: Option<&'static str>,
     /// How many in all.
     pub count: u32,
 }
@@ -66,6 +68,7 @@ async fn listen(
         };
         tx.send_modify(|received| {
             received.first.get_or_insert(name);
+            received.last = Some(name);
             received.count += 1;
         });
     }
