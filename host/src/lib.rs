@@ -17,6 +17,7 @@ pub mod message;
 pub mod ops;
 pub(crate) mod ordering;
 pub(crate) mod outbox;
+pub mod ownership;
 pub mod plugin;
 pub mod redact;
 pub mod reload;

@@ -8,6 +8,7 @@ use std::{cell::RefCell, collections::HashMap};
 
 use serde_json::Value;
 
+pub use crate::ownership::Fence;
 use crate::{
     message::{self, Cause, Kind, NewMeta, TooBig},
     plugin::HostServices,
@@ -27,7 +28,7 @@ pub struct UnitOfWork {
     /// broker stream of its category (set when a broker is configured).
     pub publish: bool,
     /// Ownership claims checked and raised first: a commit carrying a token older than one the store has
-    /// seen for the same name is refused whole.
+    /// seen for the same owned work is refused whole (see [`crate::ownership`]).
     pub fences: Vec<Fence>,
     /// Commit only if no unit with this key was committed before: the store records the key in the
     /// same transaction and refuses a second unit with it ([`store::Error::AlreadyCommitted`]), so a
@@ -71,7 +72,7 @@ impl UnitOfWork {
 /// only after its dead letter was replayed or purged (`released`) and nothing is held behind it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Parking {
-    /// Whose keys: its lease fences these writes as it fences a position.
+    /// Whose keys (the unit's fence covers these writes as it covers a position).
     pub subscription: String,
     /// Keys parked by this batch, each with the global position of its dead letter (a key parked
     /// again by a held message that failed for good waits behind the new dead letter).
@@ -93,22 +94,6 @@ impl Parking {
             && self.settle.is_empty()
             && self.unpark.is_empty()
     }
-}
-
-/// A claim to own `name` (a partition of keys) with a fencing token from its lease.
-///
-/// A lease alone cannot stop a replica that stalled past it (a pause, a long GC, SIGSTOP): when it wakes
-/// it still believes it owns the partition. Tokens grow with every acquisition, so the store, which sees
-/// every commit, can refuse the stale owner's: it keeps the highest token per name and rejects lower
-/// ones. The new owner commits a unit holding only its fence right after taking the lease, so the old
-/// owner is shut out from then on even before the new one has anything else to write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    /// What is owned, e.g. a partition of a subscription's keys.
-    pub name: String,
-    /// The lease's fencing token (an increasing counter per acquisition); equal to the recorded one is
-    /// the same owner committing again.
-    pub token: u64,
 }
 
 /// A message to append.
@@ -310,7 +295,8 @@ pub struct CallRecord {
 /// The subscription's new position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PositionUpdate {
-    /// The position's name: the subscription's, or one of its workers' (`{subscription}#{w}/{of}`).
+    /// The position's name: the subscription's, or one of its workers' ([`PositionUpdate::worker_name`]).
+    /// Written, never parsed: the unit's fences say whose lease covers it.
     pub subscription: String,
     pub position: u64,
 }
@@ -319,20 +305,6 @@ impl PositionUpdate {
     /// The name of the position of worker `index` of `of` of `subscription`.
     pub fn worker_name(subscription: &str, index: u32, of: u32) -> String {
         format!("{subscription}#{index}/{of}")
-    }
-
-    /// The subscription whose lease fences this position: its own, or its workers' subscription's
-    /// (the workers run under that one lease).
-    pub fn lease(&self) -> &str {
-        let worker = |suffix: &str| {
-            suffix
-                .split_once('/')
-                .is_some_and(|(i, n)| i.parse::<u32>().is_ok() && n.parse::<u32>().is_ok())
-        };
-        match self.subscription.rsplit_once('#') {
-            Some((subscription, suffix)) if worker(suffix) => subscription,
-            _ => &self.subscription,
-        }
     }
 }
 

@@ -13,6 +13,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
+use crate::ownership::Owned;
+
 pub(crate) use self::redis::BrokerSection;
 pub use self::redis::RedisBroker;
 
@@ -150,12 +152,12 @@ pub trait Broker: Send + Sync {
     /// Whether the broker answers.
     async fn ping(&self) -> Result<()>;
 
-    /// Take the lease `name` for `owner` for `ttl`, or renew it if `owner` holds it. False when another
-    /// owner holds it.
-    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool>;
+    /// Take the lease of `owned` for `owner` for `ttl`, or renew it if `owner` holds it: its fencing
+    /// token (see [`crate::ownership`]). None when another owner holds it.
+    async fn lease(&self, owned: &Owned, owner: &str, ttl: Duration) -> Result<Option<u64>>;
 
-    /// Give the lease `name` up, if `owner` holds it.
-    async fn release(&self, name: &str, owner: &str) -> Result<()>;
+    /// Give the lease of `owned` up, if `owner` holds it.
+    async fn release(&self, owned: &Owned, owner: &str) -> Result<()>;
 
     /// How `group` stands on `streams` (for status and metrics). The default knows only the backlog.
     async fn group_status(&self, streams: &[String], group: &str) -> Result<GroupStatus> {

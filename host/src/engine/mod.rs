@@ -42,6 +42,7 @@ use crate::{
     config::{Config, Settings, SubscriptionType},
     message::Kind,
     outbox,
+    ownership::Keeper,
     plugin::Kind as HandlerKind,
     plugin::{Handlers, Plugin},
     store::{self, Store},
@@ -562,6 +563,7 @@ impl Engine {
         let runner = Runner {
             shared: shared.clone(),
             broker: broker.clone(),
+            keeper: Keeper::choose(&shared.store, broker.as_ref()),
             owner,
         };
         let mut epoch = shutdown.child_token();
@@ -715,6 +717,8 @@ enum Wake {
 struct Runner {
     shared: Arc<Shared>,
     broker: Option<Arc<dyn broker::Broker>>,
+    /// Who grants event-store subscriptions' leases, chosen once: none for a store nobody shares.
+    keeper: Option<Arc<Keeper>>,
     /// Names this process as the holder of event-store subscription leases.
     owner: String,
 }
@@ -739,10 +743,10 @@ impl Runner {
                     workers.spawn(run_source(shared, sub, source, stop))
                 }
                 // One source per reader (several workers of an ordered subscription) under one lease.
-                (broker, _) => workers.spawn(event_store::run(
+                _ => workers.spawn(event_store::run(
                     shared,
                     sub,
-                    broker.clone(),
+                    self.keeper.clone(),
                     self.owner.clone(),
                     stop,
                 )),

@@ -11,7 +11,10 @@ use super::{
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
     PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
-use crate::unit_of_work::{CallRecord, DocumentWrite, UnitOfWork};
+use crate::{
+    ownership::Owned,
+    unit_of_work::{CallRecord, DocumentWrite, UnitOfWork},
+};
 
 #[derive(Debug, Default)]
 struct State {
@@ -32,7 +35,7 @@ struct State {
     /// Message ids by idempotency key.
     idempotency_keys: HashMap<String, String>,
     /// The highest fencing token committed per name.
-    fences: HashMap<String, u64>,
+    fences: HashMap<Owned, u64>,
     /// Call records: attempts by (subscription, identity).
     calls: HashMap<(String, String), u32>,
     /// Parked keys by (subscription, key): the dead letter's global position, and whether released.
@@ -178,21 +181,21 @@ impl State {
     /// Refuse a fence older than the recorded one. Fences of one name chain within the unit, as they do
     /// in the SQL stores, which raise each before checking the next.
     fn check_fences(&self, unit: &UnitOfWork) -> Result<()> {
-        let mut raised: HashMap<&str, u64> = HashMap::new();
+        let mut raised: HashMap<&Owned, u64> = HashMap::new();
         for fence in &unit.fences {
             let current = raised
-                .get(fence.name.as_str())
-                .or_else(|| self.fences.get(&fence.name))
+                .get(&fence.owned)
+                .or_else(|| self.fences.get(&fence.owned))
                 .copied()
                 .unwrap_or(0);
             if fence.token < current {
                 return Err(Error::Fenced {
-                    name: fence.name.clone(),
+                    owned: fence.owned.clone(),
                     token: fence.token,
                     current,
                 });
             }
-            raised.insert(&fence.name, fence.token);
+            raised.insert(&fence.owned, fence.token);
         }
         Ok(())
     }
@@ -229,7 +232,7 @@ impl State {
     /// Apply a unit that passed [`State::check`].
     fn apply(&mut self, unit: &UnitOfWork) -> Option<u64> {
         for fence in &unit.fences {
-            self.fences.insert(fence.name.clone(), fence.token);
+            self.fences.insert(fence.owned.clone(), fence.token);
         }
         if let Some(key) = &unit.idempotency_key {
             self.idempotency_keys

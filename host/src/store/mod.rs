@@ -199,13 +199,11 @@ pub enum Error {
         version: i32,
         latest: i32,
     },
-    #[error("the lease of subscription {subscription} is no longer this replica's; its commit is refused")]
-    LeaseLost { subscription: String },
-    /// A newer owner of `name` has committed with a higher fencing token: this replica lost its lease
+    /// A newer owner of `owned` has committed with a higher fencing token: this replica lost its lease
     /// (it stalled past it) and nothing of its unit was written.
-    #[error("{name} was taken over by a newer owner (fencing token {current} > {token}); this replica's commit is refused")]
+    #[error("{owned} was taken over by a newer owner (fencing token {current} > {token}); this replica's commit is refused")]
     Fenced {
-        name: String,
+        owned: crate::ownership::Owned,
         token: u64,
         current: u64,
     },

@@ -485,15 +485,16 @@ fn record_idempotency_key(
 /// in the commit, so a stale owner's unit fails before it has done any work.
 fn raise_fences(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<(), CommitError> {
     for fence in &unit.fences {
+        let name = fence.owned.key();
         let raised = tx
             .prepare_cached(sql::FENCE_RAISE)?
-            .execute(params![fence.name, fence.token])?;
+            .execute(params![name, fence.token])?;
         if raised == 0 {
             let current: u64 = tx
                 .prepare_cached(sql::FENCE_CURRENT)?
-                .query_row([&fence.name], |r| r.get(0))?;
+                .query_row([&name], |r| r.get(0))?;
             return Err(Error::Fenced {
-                name: fence.name.clone(),
+                owned: fence.owned.clone(),
                 token: fence.token,
                 current,
             }

@@ -5,6 +5,7 @@ use serde_json::json;
 use super::{DeadLetter, Error, ParkedKey, Store, ABSENT};
 use crate::{
     message::Kind,
+    ownership::Owned,
     unit_of_work::{
         CallRecord, DocumentWrite, Fence, IdempotencyKey, NewMessage, Parking, PositionUpdate,
         ProcessedMarker, UnitOfWork,
@@ -428,9 +429,11 @@ pub(super) fn a_reader_of_several_categories_passes_no_message_a_writer_commits(
     assert_eq!(seen.len(), appended.len(), "and it saw nothing twice");
 }
 
+/// The fence of the lease of `name` (the tests' fences are of subscriptions: a partition's only
+/// records under another name, see `ownership::Owned::key`).
 fn fence(name: &str, token: u64) -> Fence {
     Fence {
-        name: name.into(),
+        owned: Owned::Subscription(name.into()),
         token,
     }
 }
@@ -446,8 +449,8 @@ fn fenced(fences: Vec<Fence>, stream: &str) -> UnitOfWork {
 
 /// Whether `result` is the refusal of `token` on `name` by a recorded `current`.
 fn is_fenced(result: &Result<Option<u64>, Error>, name: &str, token: u64, current: u64) -> bool {
-    matches!(result, Err(Error::Fenced { name: n, token: t, current: c })
-        if n == name && *t == token && *c == current)
+    matches!(result, Err(Error::Fenced { owned, token: t, current: c })
+        if owned == &Owned::Subscription(name.into()) && *t == token && *c == current)
 }
 
 pub(super) fn a_higher_fence_commits_and_raises_it(store: &dyn Store) {
@@ -488,7 +491,7 @@ pub(super) fn a_lower_fence_is_refused_and_writes_nothing(store: &dyn Store) {
     let refused = store.commit(&stale);
     assert!(is_fenced(&refused, "p-1", 4, 5), "{refused:?}");
     let error = refused.unwrap_err().to_string();
-    assert_eq!(error, "p-1 was taken over by a newer owner (fencing token 5 > 4); this replica's commit is refused");
+    assert_eq!(error, "subscription p-1 was taken over by a newer owner (fencing token 5 > 4); this replica's commit is refused");
     assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
     assert_eq!(store.document("c", "1").unwrap(), None);
     assert!(store.processed("s", &["m1"]).unwrap().is_empty());
@@ -1089,8 +1092,9 @@ fn a_store_file_from_before_document_versions_gets_them() {
 mod postgres_only {
     use std::time::{Duration, Instant};
 
-    use super::{append, event};
+    use super::{append, event, fence, fenced, is_fenced};
     use crate::{
+        ownership::Owned,
         store::{Error, Leases, PostgresStore, Store},
         unit_of_work::{PositionUpdate, UnitOfWork},
     };
@@ -1101,12 +1105,20 @@ mod postgres_only {
     }
 
     /// Poll `take` until it succeeds: the only way to see a lease expire is to ask.
-    fn take_when_free(leases: &dyn Leases, name: &str, owner: &str, ttl: Duration) {
+    /// Returns the lease's fencing token.
+    fn take_when_free(leases: &dyn Leases, name: &str, owner: &str, ttl: Duration) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !leases.take(name, owner, ttl).unwrap() {
+        loop {
+            if let Some(token) = leases.take(&sub(name), owner, ttl).unwrap() {
+                return token;
+            }
             assert!(Instant::now() < deadline, "the lease never expired");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn sub(name: &str) -> Owned {
+        Owned::Subscription(name.into())
     }
 
     /// A store set up by an older build (migration 5) keeps its documents: migration 6 gives each a
@@ -1230,40 +1242,84 @@ mod postgres_only {
         let b = replica(&server);
         let ttl = Duration::from_millis(300);
         let (la, lb) = (a.leases().unwrap(), b.leases().unwrap());
-        assert!(la.take("sub", "a", ttl).unwrap());
-        assert!(!lb.take("sub", "b", ttl).unwrap(), "held by a");
-        assert!(la.take("sub", "a", ttl).unwrap(), "a renews its own lease");
-        take_when_free(lb, "sub", "b", Duration::from_secs(30));
-        assert!(!la.take("sub", "a", ttl).unwrap(), "b holds it now");
-        lb.release("sub", "b").unwrap();
-        assert!(
-            la.take("sub", "a", ttl).unwrap(),
-            "released leases are free at once"
+        let first = la.take(&sub("sub"), "a", ttl).unwrap().expect("free");
+        assert_eq!(lb.take(&sub("sub"), "b", ttl).unwrap(), None, "held by a");
+        assert_eq!(
+            la.take(&sub("sub"), "a", ttl).unwrap(),
+            Some(first),
+            "a renews its own lease, under the same token"
         );
+        let second = take_when_free(lb, "sub", "b", Duration::from_secs(30));
+        assert!(
+            second > first,
+            "a new owner, a higher token: {second} > {first}"
+        );
+        assert_eq!(
+            la.take(&sub("sub"), "a", ttl).unwrap(),
+            None,
+            "b holds it now"
+        );
+        lb.release(&sub("sub"), "b").unwrap();
+        let third = la.take(&sub("sub"), "a", ttl).unwrap();
+        assert!(third.is_some(), "released leases are free at once");
+    }
+
+    /// A released lease's row is gone, but the fence its owner raised is not: the next owner's token is
+    /// still higher, so the released owner's late commits stay refused.
+    #[test]
+    fn a_token_stays_above_the_fence_after_a_release() {
+        let (a, server) = super::postgres();
+        let b = replica(&server);
+        let ttl = Duration::from_secs(30);
+        let token = a
+            .leases()
+            .unwrap()
+            .take(&sub("sub"), "a", ttl)
+            .unwrap()
+            .unwrap();
+        a.commit(&fenced(vec![fence("sub", token)], "shop::order-1"))
+            .unwrap();
+        a.leases().unwrap().release(&sub("sub"), "a").unwrap();
+        let next = b
+            .leases()
+            .unwrap()
+            .take(&sub("sub"), "b", ttl)
+            .unwrap()
+            .unwrap();
+        assert!(next > token, "{next} > {token}");
+        b.commit(&fenced(vec![fence("sub", next)], "shop::order-2"))
+            .unwrap();
+        let late = a.commit(&fenced(vec![fence("sub", token)], "shop::order-3"));
+        assert!(is_fenced(&late, "sub", token, next), "{late:?}");
     }
 
     #[test]
     fn a_stale_owner_cannot_commit_its_position() {
         let (a, server) = super::postgres();
         let b = replica(&server);
-        let unit = |position| UnitOfWork {
+        let unit = |position, token| UnitOfWork {
             messages: vec![event("shop::order-1", position, None)],
             position: Some(PositionUpdate {
                 subscription: "sub".into(),
                 position,
             }),
+            fences: vec![fence("sub", token)],
             ..UnitOfWork::default()
         };
-        assert!(a
+        let old = a
             .leases()
             .unwrap()
-            .take("sub", "a", Duration::from_millis(200))
-            .unwrap());
-        a.commit(&unit(1)).unwrap();
-        take_when_free(b.leases().unwrap(), "sub", "b", Duration::from_secs(30));
-        let refused = a.commit(&unit(2)).unwrap_err();
+            .take(&sub("sub"), "a", Duration::from_millis(200))
+            .unwrap()
+            .unwrap();
+        a.commit(&unit(1, old)).unwrap();
+        let new = take_when_free(b.leases().unwrap(), "sub", "b", Duration::from_secs(30));
+        // What the engine does first with a lease it took (see `ownership`).
+        b.commit(&fenced(vec![fence("sub", new)], "shop::order-9"))
+            .unwrap();
+        let refused = a.commit(&unit(2, old)).unwrap_err();
         assert!(
-            matches!(&refused, Error::LeaseLost { subscription } if subscription == "sub"),
+            matches!(&refused, Error::Fenced { owned, .. } if owned == &sub("sub")),
             "{refused}"
         );
         assert_eq!(
@@ -1276,10 +1332,10 @@ mod postgres_only {
             1,
             "and appended nothing"
         );
-        b.commit(&unit(3)).unwrap();
+        b.commit(&unit(3, new)).unwrap();
         assert_eq!(b.position("sub").unwrap(), Some(3), "the new owner commits");
         append(&a, vec![event("shop::order-2", 0, None)])
-            .expect("units without a position are not fenced");
+            .expect("units without a fence are not fenced");
     }
 
     #[test]
@@ -1287,7 +1343,12 @@ mod postgres_only {
         let (a, server) = super::postgres();
         let b = replica(&server);
         let ttl = Duration::from_millis(100);
-        assert!(a.leases().unwrap().take("sub", "a", ttl).unwrap());
+        let old = a
+            .leases()
+            .unwrap()
+            .take(&sub("sub"), "a", ttl)
+            .unwrap()
+            .unwrap();
         // The lease's time runs out: a clock, nothing to await (b's take below shows it did).
         std::thread::sleep(ttl * 2);
         let unit = UnitOfWork {
@@ -1295,16 +1356,17 @@ mod postgres_only {
                 subscription: "sub".into(),
                 position: 7,
             }),
+            fences: vec![fence("sub", old)],
             ..UnitOfWork::default()
         };
         a.commit(&unit)
             .expect("a slow batch whose lease nobody took commits");
+        let new = b.leases().unwrap().take(&sub("sub"), "b", ttl).unwrap();
+        let new = new.expect("the lease was expired");
+        b.commit(&fenced(vec![fence("sub", new)], "shop::order-9"))
+            .unwrap();
         assert!(
-            b.leases().unwrap().take("sub", "b", ttl).unwrap(),
-            "the lease was expired"
-        );
-        assert!(
-            matches!(a.commit(&unit), Err(Error::LeaseLost { .. })),
+            matches!(a.commit(&unit), Err(Error::Fenced { .. })),
             "after the takeover it fails"
         );
     }

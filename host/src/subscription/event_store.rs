@@ -25,7 +25,6 @@ use super::{
 };
 
 use crate::{
-    broker::Broker,
     engine::{
         batch::{Attempts, Report, Subscription},
         progress::{Progress, State},
@@ -35,6 +34,7 @@ use crate::{
         },
         Shared,
     },
+    ownership::{self, Fence, Keeper, Owned},
     store::{self, StoredMessage},
 };
 
@@ -46,20 +46,16 @@ use crate::{
 pub(crate) async fn run(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
-    broker: Option<Arc<dyn Broker>>,
+    keeper: Option<Arc<Keeper>>,
     owner: String,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let name = sub.plan.name.clone();
-    let keeper = match (shared.store.leases(), broker) {
-        (Some(_), _) => Some(Keeper::Store),
-        (None, Some(broker)) => Some(Keeper::Broker(broker)),
-        (None, None) => None,
-    };
     let lease = Arc::new(tokio::sync::Mutex::new(keeper.map(|keeper| Lease {
         keeper,
+        owned: Owned::Subscription(name.clone()),
         owner,
-        held: false,
+        held: None,
         renewed: None,
         taken: 0,
     })));
@@ -80,8 +76,8 @@ pub(crate) async fn run(
             result = result.and(Err(error));
         }
     }
-    if let Some(lease) = lease.lock().await.take().filter(|l| l.held) {
-        lease.release(&shared, &name).await;
+    if let Some(lease) = lease.lock().await.take() {
+        lease.release().await;
     }
     shared.progress.set(&name, State::Stopped);
     result
@@ -102,6 +98,8 @@ pub(crate) struct Categories {
     died_busy: bool,
     /// The takes of the lease this reader has seen.
     taken: u64,
+    /// What its commits carry: the lease's fence, while it holds one.
+    fences: Vec<Fence>,
     view: View,
     /// Held messages of a released key are handled every other round, so the other keys go on too.
     drained: bool,
@@ -134,6 +132,7 @@ impl Categories {
             attempts: Attempts::default(),
             died_busy: false,
             taken: 0,
+            fences: Vec::new(),
             view: View::of(sub),
             drained: false,
             in_flight: None,
@@ -169,6 +168,7 @@ impl Categories {
                 position: None,
                 worker: self.reader.worker,
                 parking: Some(Parks::Drain(key)),
+                fences: self.fences.clone(),
                 ..Place::default()
             },
             read: 0,
@@ -236,8 +236,9 @@ impl Source for Categories {
     }
 
     async fn own(&mut self) -> Owning {
-        let name = &self.sub.plan.name;
-        match hold(&self.shared, name, &self.lease, &mut self.taken).await {
+        let (holding, fence) = hold(&self.shared, &self.lease, &mut self.taken).await;
+        self.fences = fence.into_iter().collect();
+        match holding {
             Holding::Yes => Owning::Yes,
             Holding::Taken => Owning::Taken,
             // Another replica runs this subscription: say whether it has left anything (test mode
@@ -306,6 +307,7 @@ impl Source for Categories {
                 position: (!self.cursor.ahead()).then(|| self.reader.position.clone()),
                 worker: self.reader.worker,
                 parking: self.view.parked().map(|p| Parks::Read(p.keys.clone())),
+                fences: self.fences.clone(),
                 ..Place::default()
             },
         }))
@@ -341,18 +343,24 @@ impl Source for Categories {
         })
     }
 
-    /// A hold refused as not parked any more, among others: read the parked keys again. A lost lease
-    /// stands this reader by.
+    /// A hold refused as not parked any more, among others: read the parked keys again. A fence
+    /// refused (another replica took the lease over) stands this reader by.
     async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
         self.attempts = back.attempts;
         self.in_flight = None;
         self.view.changed();
-        if !matches!(error, store::Error::LeaseLost { .. }) {
+        if !matches!(
+            &error,
+            store::Error::Fenced {
+                owned: Owned::Subscription(_),
+                ..
+            }
+        ) {
             return Some(Trouble::store(error));
         }
         tracing::warn!(subscription = %self.name(), %error, "lease lost during a batch; standing by");
         if let Some(lease) = self.lease.lock().await.as_mut() {
-            lease.held = false;
+            lease.held = None;
         }
         None
     }
@@ -422,114 +430,95 @@ enum Holding {
     No,
 }
 
-/// Take or renew the shared lease when due; `seen` is the count of takes this reader has seen.
+/// Take or renew the shared lease when due, with the fence its commits carry; `seen` is the count of
+/// takes this reader has seen.
 async fn hold(
     shared: &Arc<Shared>,
-    subscription: &str,
     lease: &tokio::sync::Mutex<Option<Lease>>,
     seen: &mut u64,
-) -> Holding {
+) -> (Holding, Option<Fence>) {
     let mut guard = lease.lock().await;
     let Some(lease) = guard.as_mut() else {
-        return Holding::Yes;
+        return (Holding::Yes, None);
     };
-    if !lease
-        .keep(shared, subscription, shared.config.lease_ttl)
-        .await
-    {
-        return Holding::No;
-    }
+    let Some(held) = lease.keep(shared, shared.config.lease_ttl).await else {
+        return (Holding::No, None);
+    };
+    let fence = Some(held.fence());
     if std::mem::replace(seen, lease.taken) != lease.taken {
-        return Holding::Taken;
+        return (Holding::Taken, fence);
     }
-    Holding::Yes
+    (Holding::Yes, fence)
 }
 
 /// When replicas share a store that keeps leases, or a broker, an event-store subscription runs on one
 /// replica at a time: the one holding its lease, renewed at a third of its time to live. A replica that
 /// dies loses the lease when it expires, and another takes over.
 struct Lease {
-    keeper: Keeper,
+    keeper: Arc<Keeper>,
+    owned: Owned,
     owner: String,
-    held: bool,
-    renewed: Option<std::time::Instant>,
+    /// The lease, once taken and its fence raised.
+    held: Option<ownership::Lease>,
+    renewed: Option<Instant>,
     /// How many times this replica took it: each reader reloads its position after a take.
     taken: u64,
 }
 
-/// Who keeps the leases.
-enum Keeper {
-    /// The store (`Store::leases`), called on the blocking pool like every store call.
-    Store,
-    Broker(Arc<dyn Broker>),
-}
-
 impl Lease {
-    /// Take or renew the lease when due; whether this replica holds it.
-    async fn keep(&mut self, shared: &Arc<Shared>, subscription: &str, ttl: Duration) -> bool {
-        if self.held && self.renewed.is_some_and(|at| at.elapsed() < ttl / 3) {
-            return true;
+    /// Take or renew the lease when due: the lease while this replica holds it.
+    async fn keep(&mut self, shared: &Arc<Shared>, ttl: Duration) -> Option<&ownership::Lease> {
+        if self.held.is_some() && self.renewed.is_some_and(|at| at.elapsed() < ttl / 3) {
+            return self.held.as_ref();
         }
-        let held = match self.ask(shared, subscription, ttl).await {
-            Ok(held) => held,
+        let subscription = self.owned.subscription();
+        let asked = match self.keeper.take(&self.owned, &self.owner, ttl).await {
+            Ok(asked) => asked,
             Err(error) => {
                 tracing::warn!(subscription, %error, "cannot reach the lease keeper to renew the lease; pausing");
-                false
+                None
             }
         };
-        let was_held = self.held;
-        match (self.held, held) {
-            (false, true) => {
-                tracing::info!(subscription, owner = %self.owner, "lease taken; this replica runs the subscription")
+        let was_held = self.held.is_some();
+        let fresh = asked.as_ref().map(|l| l.token) != self.held.as_ref().map(|l| l.token);
+        self.held = match asked {
+            Some(lease) if fresh => self.fence(shared, lease).await,
+            asked => asked,
+        };
+        match (was_held, &self.held) {
+            (false, Some(lease)) => {
+                tracing::info!(subscription, owner = %self.owner, token = lease.token, "lease taken; this replica runs the subscription")
             }
-            (true, false) => {
+            (true, None) => {
                 tracing::warn!(subscription, owner = %self.owner, "lease lost; standing by")
             }
             _ => {}
         }
-        self.held = held;
-        self.taken += u64::from(held && !was_held);
-        self.renewed = held.then(std::time::Instant::now);
-        held
+        self.taken += u64::from(fresh && self.held.is_some());
+        self.renewed = self.held.as_ref().map(|_| Instant::now());
+        self.held.as_ref()
     }
 
-    async fn ask(
+    /// Raise the store's fence to a lease just taken, before anything is read under it: the previous
+    /// owner's commits are refused from then on. The lease, unless that failed (asked again next time).
+    async fn fence(
         &self,
         shared: &Arc<Shared>,
-        subscription: &str,
-        ttl: Duration,
-    ) -> Result<bool, String> {
-        match &self.keeper {
-            Keeper::Broker(broker) => broker
-                .lease(subscription, &self.owner, ttl)
-                .await
-                .map_err(|e| e.to_string()),
-            Keeper::Store => {
-                let (store, name, owner) = (
-                    shared.store.clone(),
-                    subscription.to_owned(),
-                    self.owner.clone(),
-                );
-                blocking(move || match store.leases() {
-                    Some(leases) => leases.take(&name, &owner, ttl).map_err(|e| e.to_string()),
-                    None => Err("the store keeps no leases".to_owned()),
-                })
-                .await?
+        lease: ownership::Lease,
+    ) -> Option<ownership::Lease> {
+        match ownership::raise(shared.store.clone(), vec![lease.fence()]).await {
+            Ok(()) => Some(lease),
+            Err(error) => {
+                tracing::warn!(subscription = lease.owned.subscription(), token = lease.token, %error, "cannot raise the fence of the lease just taken; standing by");
+                None
             }
         }
     }
 
     /// Give the lease up on shutdown, so another replica takes over at once instead of after its time.
-    async fn release(self, shared: &Arc<Shared>, subscription: &str) {
-        match self.keeper {
-            Keeper::Broker(broker) => {
-                let _ = broker.release(subscription, &self.owner).await;
-            }
-            Keeper::Store => {
-                let (store, name) = (shared.store.clone(), subscription.to_owned());
-                let _ =
-                    blocking(move || store.leases().map(|l| l.release(&name, &self.owner))).await;
-            }
+    async fn release(self) {
+        if let Some(lease) = &self.held {
+            let _ = self.keeper.release(lease).await;
         }
     }
 }

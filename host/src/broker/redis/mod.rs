@@ -23,14 +23,14 @@ use super::{
     replay_stream, Broker, BrokerConfig, Consumer, DeadLetterAdmin, DeadLetterEntry, Entry, Error,
     GroupStart, GroupStatus, Result,
 };
-use crate::redact::ConnectionString;
+use crate::{ownership::Owned, redact::ConnectionString};
 
 // `[brokers.default]`, resolved beside the broker that reads it.
 mod config;
 pub(crate) use self::config::BrokerSection;
 
-static RENEW_LEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
+static TAKE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/take_lease.lua")));
 static RELEASE_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/release_lease.lua")));
 static DROP_GONE_CONSUMERS: LazyLock<Script> =
@@ -336,30 +336,16 @@ impl Broker for RedisBroker {
             .map_err(command("PING"))
     }
 
-    async fn lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        let mut conn = self.commands.clone();
-        let key = Self::lease_key(name);
-        let ttl_ms = ttl.as_millis() as u64;
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .query_async(&mut conn)
-            .await
-            .map_err(command("SET NX"))?;
-        if taken.is_some() {
-            return Ok(true);
-        }
-        let renewed: i64 = RENEW_LEASE
+    async fn lease(&self, owned: &Owned, owner: &str, ttl: Duration) -> Result<Option<u64>> {
+        let key = Self::lease_key(&owned.key());
+        TAKE_LEASE
             .key(&key)
+            .key(format!("{key}:token"))
             .arg(owner)
-            .arg(ttl_ms)
-            .invoke_async(&mut conn)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.commands.clone())
             .await
-            .map_err(command("EVALSHA renew_lease"))?;
-        Ok(renewed == 1)
+            .map_err(command("EVALSHA take_lease"))
     }
 
     fn dead_letters(&self) -> Option<&dyn DeadLetterAdmin> {
@@ -404,10 +390,10 @@ impl Broker for RedisBroker {
         partitions::status(&mut self.commands.clone(), group, streams, partitions).await
     }
 
-    async fn release(&self, name: &str, owner: &str) -> Result<()> {
+    async fn release(&self, owned: &Owned, owner: &str) -> Result<()> {
         let mut conn = self.commands.clone();
         RELEASE_LEASE
-            .key(Self::lease_key(name))
+            .key(Self::lease_key(&owned.key()))
             .arg(owner)
             .invoke_async::<i64>(&mut conn)
             .await

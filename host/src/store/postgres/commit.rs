@@ -13,21 +13,8 @@ use crate::{
     unit_of_work::{DocumentWrite, Parking, UnitOfWork},
 };
 
-/// Apply `unit`; `fence` is (subscription, owner) when its position commit requires the lease.
-pub(super) fn apply(
-    c: &mut Conn,
-    unit: &UnitOfWork,
-    fence: Option<(&str, String)>,
-) -> Result<Option<u64>> {
-    if let Some((subscription, owner)) = fence {
-        if c.query_opt(sql::LEASE_FENCE, &[&subscription, &owner])?
-            .is_none()
-        {
-            return Err(Error::LeaseLost {
-                subscription: subscription.to_owned(),
-            });
-        }
-    }
+/// Apply `unit`: its fences first, so a stale owner's unit is refused before anything is written.
+pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     raise_fences(c, unit)?;
     record_idempotency_key(c, unit)?;
     let last = append(c, unit)?;
@@ -151,15 +138,15 @@ fn record_idempotency_key(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
 /// the appends, so a stale owner's unit fails before it takes the append lock.
 fn raise_fences(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     for fence in &unit.fences {
-        let token = fence.token as i64;
-        if c.execute(sql::FENCE_RAISE, &[&fence.name, &token])? == 0 {
+        let (name, token) = (fence.owned.key(), fence.token as i64);
+        if c.execute(sql::FENCE_RAISE, &[&name, &token])? == 0 {
             // The refusing row is locked by this transaction (ON CONFLICT locks it), so it is still there.
             let current: i64 = c
-                .query_opt(sql::FENCE_CURRENT, &[&fence.name])?
-                .ok_or_else(|| Error::Corrupt(format!("fence {} vanished", fence.name)))?
+                .query_opt(sql::FENCE_CURRENT, &[&name])?
+                .ok_or_else(|| Error::Corrupt(format!("fence {name} vanished")))?
                 .get(0);
             return Err(Error::Fenced {
-                name: fence.name.clone(),
+                owned: fence.owned.clone(),
                 token: fence.token,
                 current: current as u64,
             });

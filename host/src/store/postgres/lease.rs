@@ -6,32 +6,32 @@
 //! would hold the lock forever, while a row's expiry hands the subscription over after the lease's time
 //! to live whatever the stalled owner does. Expiry is judged by the database's clock alone.
 //!
-//! Fencing: once this process has asked for a subscription's lease, every commit of that subscription's
-//! position checks, in the same transaction and under a row lock, that the lease is still this owner's.
-//! A stalled owner that wakes after a takeover therefore cannot move the position, and the batch it
-//! handled is rolled back with it. An owner whose lease merely expired (a batch slower than the lease's
-//! time to live) and that nobody took over still commits: failing it would make such a batch fail forever.
+//! Fencing: each row carries the fencing token of its owner, raised with every new owner above both the
+//! row's and the recorded fence's (a released row is deleted; the fence outlives it). The new owner's
+//! first commit raises the fence (see [`crate::ownership`]), so a stalled owner that wakes after a
+//! takeover cannot commit any more. An owner whose lease merely expired and that nobody took over still
+//! commits: its token is still the highest.
 
 use std::time::Duration;
 
 use super::{sql, PostgresStore};
-use crate::store::{Leases, Result};
+use crate::{
+    ownership::Owned,
+    store::{Leases, Result},
+};
 
 impl Leases for PostgresStore {
-    fn take(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        self.fenced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), owner.to_owned());
+    fn take(&self, owned: &Owned, owner: &str, ttl: Duration) -> Result<Option<u64>> {
         let ttl_ms = ttl.as_millis() as i64;
         let row = self
             .conn()?
-            .query_opt(sql::LEASE_TAKE, &[&name, &owner, &ttl_ms])?;
-        Ok(row.is_some())
+            .query_opt(sql::LEASE_TAKE, &[&owned.key(), &owner, &ttl_ms])?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
 
-    fn release(&self, name: &str, owner: &str) -> Result<()> {
-        self.conn()?.execute(sql::LEASE_RELEASE, &[&name, &owner])?;
+    fn release(&self, owned: &Owned, owner: &str) -> Result<()> {
+        self.conn()?
+            .execute(sql::LEASE_RELEASE, &[&owned.key(), &owner])?;
         Ok(())
     }
 }

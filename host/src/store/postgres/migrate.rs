@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "parked keys of ordered event-store subscriptions and the messages they hold",
         sql: include_str!("../sql/postgres/migrations/010_parked_keys.sql"),
     },
+    Migration {
+        version: 11,
+        name: "fencing tokens of subscription leases",
+        sql: include_str!("../sql/postgres/migrations/011_lease_tokens.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

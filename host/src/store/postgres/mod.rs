@@ -23,7 +23,6 @@ pub type Tls = Option<tokio_postgres_rustls::MakeRustlsConnect>;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -100,7 +99,6 @@ mod sql {
         OUTBOX_REPUBLISH = "outbox_republish";
         LEASE_TAKE = "lease_take";
         LEASE_RELEASE = "lease_release";
-        LEASE_FENCE = "lease_fence";
         RECORD_CALLS = "record_calls";
         END_CALLS = "end_calls";
         RECORDED_CALLS = "recorded_calls";
@@ -190,9 +188,6 @@ pub struct PostgresStore {
     /// Why the pool last failed to connect, for the error of a checkout that timed out.
     errors: pool::LastError,
     label: String,
-    /// Subscriptions this process has asked to lease, with the owner it asked as: their position commits
-    /// are fenced (see [`lease`]).
-    fenced: Mutex<HashMap<String, String>>,
 }
 
 impl PostgresStore {
@@ -225,7 +220,6 @@ impl PostgresStore {
             pool: pool::pool(parsed, tls, config.pool_size, errors.clone()),
             errors,
             label: config.label(),
-            fenced: Mutex::default(),
         })
     }
 
@@ -282,11 +276,6 @@ impl PostgresStore {
         };
         Ok(rows.iter().map(message_from_row).collect())
     }
-
-    fn fence_of(&self, subscription: &str) -> Option<String> {
-        let fenced = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
-        fenced.get(subscription).cloned()
-    }
 }
 
 fn is_lock_timeout(error: &Error) -> bool {
@@ -336,18 +325,8 @@ impl Store for PostgresStore {
     }
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
-        // A worker's position is fenced by its subscription's lease: the workers run under that one.
-        // So are the keys it parks and the messages it holds or settles behind them.
-        let leased = unit.position.as_ref().map(|p| p.lease()).or_else(|| {
-            let parking = &unit.parking;
-            (!parking.is_empty()).then_some(parking.subscription.as_str())
-        });
-        let fence = leased.and_then(|subscription| {
-            self.fence_of(subscription)
-                .map(|owner| (subscription, owner))
-        });
         let mut conn = self.conn()?;
-        conn.transaction(|c| commit::apply(c, unit, fence))
+        conn.transaction(|c| commit::apply(c, unit))
     }
 
     fn idempotency_key(&self, key: &str) -> Result<Option<String>> {

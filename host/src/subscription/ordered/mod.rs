@@ -37,9 +37,9 @@ use crate::{
         Shared,
     },
     ordering::{partition_of, Ordering},
+    ownership::{Fence, Owned},
     store::{self, StoredMessage},
     subscription::stream::{consumer_name, read_block},
-    unit_of_work::Fence,
 };
 
 mod intake;
@@ -547,11 +547,11 @@ impl Ordered {
     /// The store refused the batch: a fence (another replica holds one of its partitions now: drop it)
     /// or trouble (the caller backs off). The messages stay pending either way.
     fn refused(&mut self, error: store::Error) -> Option<Trouble> {
-        let store::Error::Fenced { name, .. } = &error else {
+        let store::Error::Fenced { owned, .. } = &error else {
             return Some(Trouble::store(error));
         };
         tracing::warn!(subscription = %self.name(), %error, "batch refused by the store");
-        if let Some(partition) = name.rsplit_once("#p").and_then(|(_, p)| p.parse().ok()) {
+        if let Owned::Partition { partition, .. } = *owned {
             self.lost(partition);
         }
         None

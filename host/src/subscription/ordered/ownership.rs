@@ -6,15 +6,11 @@
 //! refused from then on; a partition lost or given back takes its unsettled messages with it (its next
 //! holder reads them again).
 
-use std::sync::Arc;
-
 use super::{positions::Part, Ordered};
 use crate::{
     broker::partitions::{Claim, Partitions},
-    engine::run::blocking,
     ordering::partition_of,
-    store::Store,
-    unit_of_work::{Fence, UnitOfWork},
+    ownership::{self, Fence, Owned},
 };
 
 /// How many of `partitions` each of `alive` replicas holds: rounded up, so that every partition has a
@@ -117,7 +113,9 @@ impl Ordered {
         claims: &[Claim],
     ) -> Result<Vec<Part>, String> {
         let fences = claims.iter().map(|c| self.fence(c)).collect();
-        commit_fences(self.shared.store.clone(), fences).await?;
+        ownership::raise(self.shared.store.clone(), fences)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut parts = Vec::new();
         for claim in claims {
             let stored = group
@@ -136,7 +134,10 @@ impl Ordered {
 
     pub(super) fn fence(&self, claim: &Claim) -> Fence {
         Fence {
-            name: format!("{}#p{}", self.name(), claim.partition),
+            owned: Owned::Partition {
+                subscription: self.name().to_owned(),
+                partition: claim.partition,
+            },
             token: claim.token,
         }
     }
@@ -173,17 +174,6 @@ impl Ordered {
 
 /// Commit a unit of work holding only `fences`: from here on the store refuses the previous holders'
 /// commits.
-async fn commit_fences(store: Arc<dyn Store>, fences: Vec<Fence>) -> Result<(), String> {
-    let unit = UnitOfWork {
-        fences,
-        ..UnitOfWork::default()
-    };
-    blocking(move || store.commit(&unit))
-        .await?
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
