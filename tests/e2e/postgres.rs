@@ -324,6 +324,82 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
     );
 }
 
+/// The fencing token recorded for each leased name (see `host/src/ownership.rs`).
+fn fences(pg: &PgServer) -> BTreeMap<String, u64> {
+    pg.psql("SELECT name || '=' || token FROM protean.fences")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(name, token)| (name.to_owned(), token.trim().parse().unwrap()))
+        .collect()
+}
+
+/// A lease owner frozen (SIGSTOP) under load, most likely with a batch between its read and its commit,
+/// wakes after the other replica took its subscriptions over: whatever it had in flight must not commit
+/// (the takeover raised the store's fence above its token), and every order is shipped exactly once.
+#[test]
+fn a_frozen_lease_owner_that_wakes_after_a_takeover_commits_nothing_stale() {
+    let pg = PgServer::start();
+    let store = Arc::new(PostgresStore::connect(&pg.store_config()).unwrap());
+    store.setup().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!(
+            "[server]\nmessages_per_tick = 20\nlease_ttl_ms = 1000\npoll_interval_ms = 100\n{}",
+            pg.config()
+        ),
+    );
+    let total = 400;
+    send_orders(dir.path(), 0, total);
+    let mut replicas = start_replicas(dir.path(), 2);
+    wait_until(Duration::from_secs(60), "the first shipments", || {
+        shipped(store.as_ref()) > 0
+    });
+    let leased = owners(&pg);
+    let pids: Vec<String> = replicas.iter().map(|r| format!("{}-", r.pid())).collect();
+    let victim = (0..2)
+        .max_by_key(|i| leased.values().filter(|o| o.starts_with(&pids[*i])).count())
+        .unwrap();
+    let frozen: Vec<String> = leased
+        .iter()
+        .filter(|(_, o)| o.starts_with(&pids[victim]))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let before = fences(&pg);
+    replicas[victim].signal(libc::SIGSTOP);
+    wait_until(Duration::from_secs(30), "the survivor took every lease over", || {
+        let now = owners(&pg);
+        frozen
+            .iter()
+            .all(|n| now.get(n).is_some_and(|o| o.starts_with(&pids[1 - victim])))
+    });
+    let at_takeover = shipped(store.as_ref());
+    wait_until(Duration::from_secs(60), "the survivor ships on", || {
+        shipped(store.as_ref()) > at_takeover
+    });
+    replicas[victim].signal(libc::SIGCONT);
+    wait_until(Duration::from_secs(120), "every order shipped", || {
+        shipped(store.as_ref()) >= total
+    });
+    let after = fences(&pg);
+    for name in &frozen {
+        assert!(
+            after.get(name) > before.get(name),
+            "the takeover of {name} raised its fence: {before:?} -> {after:?}"
+        );
+    }
+    let survivor = replicas.remove(1 - victim);
+    let victim = replicas.remove(0);
+    survivor.stop_cleanly();
+    let woken = victim.stop_cleanly();
+    assert!(woken.contains("lease lost"), "the woken owner saw it lost its leases:\n{woken}");
+    each_order_exactly_once(store.as_ref(), total);
+    assert_eq!(
+        count_of(store.as_ref(), "fulfilment::order", "Fulfilment.OrderPlaced.v1"),
+        total
+    );
+}
+
 #[test]
 fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() {
     let redis = RedisServer::start();

@@ -148,6 +148,24 @@ pub(crate) struct Place {
     /// The messages' ordering keys, when the source worked them out already.
     pub(crate) keys: Option<Vec<String>>,
     pub(crate) record: Record,
+    /// Read these next, on the batch's blocking thread right after its commit: under load the next
+    /// batch is then ready without a hand-off of its own (see [`Back::next`]).
+    pub(crate) then_read: Option<Box<NextRead>>,
+}
+
+/// A read of the store's categories after a global position.
+#[derive(Debug, Clone)]
+pub(crate) struct NextRead {
+    pub(crate) categories: Vec<String>,
+    pub(crate) after: u64,
+    pub(crate) limit: usize,
+}
+
+/// Messages read ahead ([`Place::then_read`]), with the position they were read after.
+#[derive(Debug)]
+pub(crate) struct ReadAhead {
+    pub(crate) after: u64,
+    pub(crate) messages: Vec<StoredMessage>,
 }
 
 /// [`Parking`], owned by a batch that crosses to the blocking pool.
@@ -169,6 +187,9 @@ impl Parks {
 pub(crate) struct Back {
     pub(crate) messages: Vec<StoredMessage>,
     pub(crate) attempts: Attempts,
+    /// What [`Place::then_read`] asked for, when the batch committed and the read succeeded (a failed
+    /// read is simply done again by the next fetch).
+    pub(crate) next: Option<ReadAhead>,
 }
 
 /// What a source did with a committed batch.
@@ -370,10 +391,29 @@ async fn handle(
             ..defaults
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
-        (outcome, Back { messages, attempts })
+        let next = match (&outcome, place.then_read) {
+            (Ok(_), Some(read)) => read_ahead(shared.store.as_ref(), *read),
+            _ => None,
+        };
+        let back = Back {
+            messages,
+            attempts,
+            next,
+        };
+        (outcome, back)
     });
     let (outcome, ()) = tokio::join!(batch, source.meanwhile(shutdown));
     Ok(outcome?)
+}
+
+fn read_ahead(store: &dyn store::Store, read: NextRead) -> Option<ReadAhead> {
+    let messages = store
+        .read_categories(&read.categories, read.after, read.limit)
+        .ok()?;
+    Some(ReadAhead {
+        after: read.after,
+        messages,
+    })
 }
 
 /// Count, measure and log a committed batch of `read` messages.

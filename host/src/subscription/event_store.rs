@@ -29,8 +29,8 @@ use crate::{
         batch::{Attempts, Report, Subscription},
         progress::{Progress, State},
         run::{
-            self, blocking, Back, Fetched, Owning, Parks, Place, Settled, Source, Trouble, Wake,
-            Work,
+            self, blocking, Back, Fetched, NextRead, Owning, Parks, Place, ReadAhead, Settled,
+            Source, Trouble, Wake, Work,
         },
         Shared,
     },
@@ -104,6 +104,8 @@ pub(crate) struct Categories {
     /// Held messages of a released key are handled every other round, so the other keys go on too.
     drained: bool,
     in_flight: Option<InFlight>,
+    /// Read on the last batch's thread after its commit ([`Place::then_read`]).
+    ahead: Option<ReadAhead>,
     started: bool,
 }
 
@@ -136,12 +138,37 @@ impl Categories {
             view: View::of(sub),
             drained: false,
             in_flight: None,
+            ahead: None,
             started: false,
         }
     }
 
     fn name(&self) -> &str {
         &self.sub.plan.name
+    }
+
+    /// The next messages after the cursor: those read ahead after the last commit when they start
+    /// there, else a read. Read-ahead that found nothing is read again, so that waiting for the head
+    /// starts from a read made after the head was seen.
+    async fn read(&mut self) -> Result<Vec<StoredMessage>, Trouble> {
+        let at = self.cursor.at;
+        let ahead = self.ahead.take();
+        if let Some(ahead) = ahead.filter(|a| a.after == at && !a.messages.is_empty()) {
+            return Ok(ahead.messages);
+        }
+        let read = self.next_read(self.cursor.at);
+        let store = self.shared.store.clone();
+        blocking(move || store.read_categories(&read.categories, read.after, read.limit))
+            .await?
+            .map_err(Trouble::store)
+    }
+
+    fn next_read(&self, after: u64) -> NextRead {
+        NextRead {
+            categories: self.sub.plan.categories.clone(),
+            after,
+            limit: self.sub.settings.messages_per_tick as usize,
+        }
     }
 
     /// A batch of the messages held behind the released `key`, with the position where it is: they
@@ -228,6 +255,7 @@ impl Source for Categories {
         self.attempts = Attempts::default();
         self.attempts.recover(recorded);
         self.cursor = Cursor::new(position);
+        self.ahead = None;
         self.view.changed();
         if !std::mem::replace(&mut self.started, true) {
             tracing::info!(subscription = %self.name(), worker = self.reader.label(), categories = ?self.sub.plan.categories, position, "subscription started");
@@ -269,15 +297,7 @@ impl Source for Categories {
             return self.drain(key).await;
         }
         self.drained = false;
-        let (store, categories, at) = (
-            self.shared.store.clone(),
-            self.sub.plan.categories.clone(),
-            self.cursor.at,
-        );
-        let limit = self.sub.settings.messages_per_tick as usize;
-        let messages = blocking(move || store.read_categories(&categories, at, limit))
-            .await?
-            .map_err(Trouble::store)?;
+        let messages = self.read().await?;
         self.cursor.at_head = messages.is_empty();
         if self.cursor.at_head && released.is_some() {
             // A released key still holds messages: handle them without waiting.
@@ -308,6 +328,7 @@ impl Source for Categories {
                 worker: self.reader.worker,
                 parking: self.view.parked().map(|p| Parks::Read(p.keys.clone())),
                 fences: self.fences.clone(),
+                then_read: Some(Box::new(self.next_read(last))),
                 ..Place::default()
             },
         }))
@@ -315,6 +336,7 @@ impl Source for Categories {
 
     async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble> {
         self.attempts = back.attempts;
+        self.ahead = back.next;
         let retry = match self.in_flight.take() {
             Some(InFlight::Drain(key)) => {
                 // A batch that failed as a whole (its commit kept conflicting, or an unordered handler
@@ -348,6 +370,7 @@ impl Source for Categories {
     async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
         self.attempts = back.attempts;
         self.in_flight = None;
+        self.ahead = None;
         self.view.changed();
         if !matches!(
             &error,
