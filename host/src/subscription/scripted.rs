@@ -48,8 +48,6 @@ pub(crate) struct Scripted {
     messages: Vec<StoredMessage>,
     /// The first message not settled yet.
     cursor: usize,
-    /// How many messages from the cursor the batch in flight holds.
-    in_flight: usize,
     /// Lent to the batch in flight.
     attempts: Attempts,
     log: Arc<Mutex<Log>>,
@@ -66,7 +64,6 @@ impl Scripted {
             sub: sub.clone(),
             messages,
             cursor: 0,
-            in_flight: 0,
             attempts: Attempts::default(),
             log: log.clone(),
         };
@@ -121,13 +118,13 @@ impl Source for Scripted {
             .take(per_batch)
             .cloned()
             .collect();
+        // Not reached while `reading` ends the loop once every message is settled.
         if batch.is_empty() {
             return Ok(Fetched::Nothing {
                 state: State::Idle { head },
                 wake: Wake::Now,
             });
         }
-        self.in_flight = batch.len();
         let identities = batch.iter().map(StoredMessage::identity).collect();
         lock(&self.log).served.push(identities);
         Ok(Fetched::Work(Work {
@@ -145,7 +142,6 @@ impl Source for Scripted {
         let settled = back
             .messages
             .iter()
-            .take(std::mem::take(&mut self.in_flight))
             .take_while(|m| report.settled.contains(&m.identity()))
             .count();
         self.cursor += settled;
@@ -154,7 +150,11 @@ impl Source for Scripted {
             .extend(report.settled.iter().cloned());
         Ok(Settled {
             retry: report.retry,
-            position: Some(self.cursor as u64),
+            // For the log: the global position of the last message settled.
+            position: self
+                .cursor
+                .checked_sub(1)
+                .map(|i| self.messages[i].global_position),
             acked: None,
         })
     }
@@ -162,7 +162,6 @@ impl Source for Scripted {
     /// Nothing of the batch committed: it is served again after the loop's backoff.
     async fn failed(&mut self, back: Back, error: store::Error) -> Option<Trouble> {
         self.attempts = back.attempts;
-        self.in_flight = 0;
         lock(&self.log).refused.push(error.to_string());
         Some(Trouble::store(error))
     }
