@@ -19,6 +19,7 @@ pub(crate) mod retry;
 pub(crate) mod run;
 pub mod signals;
 pub mod startup;
+mod testing;
 pub(crate) mod turns;
 
 #[cfg(test)]
