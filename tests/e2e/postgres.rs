@@ -367,12 +367,16 @@ fn a_frozen_lease_owner_that_wakes_after_a_takeover_commits_nothing_stale() {
         .collect();
     let before = fences(&pg);
     replicas[victim].signal(libc::SIGSTOP);
-    wait_until(Duration::from_secs(30), "the survivor took every lease over", || {
-        let now = owners(&pg);
-        frozen
-            .iter()
-            .all(|n| now.get(n).is_some_and(|o| o.starts_with(&pids[1 - victim])))
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the survivor took every lease over",
+        || {
+            let now = owners(&pg);
+            frozen
+                .iter()
+                .all(|n| now.get(n).is_some_and(|o| o.starts_with(&pids[1 - victim])))
+        },
+    );
     let at_takeover = shipped(store.as_ref());
     wait_until(Duration::from_secs(60), "the survivor ships on", || {
         shipped(store.as_ref()) > at_takeover
@@ -392,10 +396,17 @@ fn a_frozen_lease_owner_that_wakes_after_a_takeover_commits_nothing_stale() {
     let victim = replicas.remove(0);
     survivor.stop_cleanly();
     let woken = victim.stop_cleanly();
-    assert!(woken.contains("lease lost"), "the woken owner saw it lost its leases:\n{woken}");
+    assert!(
+        woken.contains("lease lost"),
+        "the woken owner saw it lost its leases:\n{woken}"
+    );
     each_order_exactly_once(store.as_ref(), total);
     assert_eq!(
-        count_of(store.as_ref(), "fulfilment::order", "Fulfilment.OrderPlaced.v1"),
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderPlaced.v1"
+        ),
         total
     );
 }

@@ -75,6 +75,17 @@ impl Trouble {
     }
 }
 
+impl From<crate::ownership::Error> for Trouble {
+    fn from(error: crate::ownership::Error) -> Self {
+        use crate::ownership::Error;
+        match error {
+            Error::Store(error) => Self::store(error),
+            Error::Broker(error) => Self::broker(error),
+            Error::Blocking(error) => Self::Fatal(error),
+        }
+    }
+}
+
 impl From<Fatal> for Trouble {
     fn from(Fatal(error): Fatal) -> Self {
         Self::Fatal(error)

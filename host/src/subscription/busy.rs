@@ -10,6 +10,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
+    engine::run::Trouble,
     store::{self, Store},
     unit_of_work::{CallRecord, UnitOfWork},
 };
@@ -46,7 +47,7 @@ impl BusyMark {
     }
 
     /// Before handling a batch: set the mark, unless it is set already.
-    pub(crate) async fn busy(&mut self, store: &Arc<dyn Store>) -> Result<(), String> {
+    pub(crate) async fn busy(&mut self, store: &Arc<dyn Store>) -> Result<(), Trouble> {
         if self.set {
             return Ok(());
         }
@@ -84,11 +85,11 @@ impl BusyMark {
     }
 }
 
-/// A store call on the blocking pool, its error as text.
+/// A store call on the blocking pool.
 async fn run<T: Send + 'static>(
     f: impl FnOnce() -> store::Result<T> + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, Trouble> {
     crate::engine::run::blocking(f)
         .await?
-        .map_err(|e| e.to_string())
+        .map_err(Trouble::store)
 }

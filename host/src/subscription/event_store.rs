@@ -306,10 +306,7 @@ impl Source for Categories {
         if self.cursor.at_head {
             return Ok(self.at_head(head).await);
         }
-        self.mark
-            .busy(&self.shared.store)
-            .await
-            .map_err(Trouble::store)?;
+        self.mark.busy(&self.shared.store).await?;
         if std::mem::take(&mut self.died_busy) {
             // The last owner died handling these (or some of them): each is one failed attempt.
             let identities: Vec<String> = messages.iter().map(StoredMessage::identity).collect();

@@ -141,9 +141,8 @@ impl Ordered {
         };
         let fresh = read.map_err(Trouble::broker)?;
         let count = self.sub.settings.messages_per_tick as usize;
-        let fresh = self.accept(group, fresh).await.map_err(Trouble::broker)?;
-        let new_work =
-            !fresh.is_empty() | self.drain(group, count).await.map_err(Trouble::broker)?;
+        let fresh = self.accept(group, fresh).await?;
+        let new_work = !fresh.is_empty() | self.drain(group, count).await?;
         self.pending.extend(fresh);
         let nothing = |state| Fetched::Nothing {
             state,
@@ -289,7 +288,7 @@ impl Source for Ordered {
         let items = self.items_back(back);
         let mut group = self.group()?;
         let settled = self.settle(group.as_mut(), items, report).await;
-        self.put_back(group, settled.map_err(Trouble::broker))?;
+        self.put_back(group, settled)?;
         Ok(Settled::default())
     }
 
@@ -382,7 +381,7 @@ impl Ordered {
         &mut self,
         group: &mut dyn Partitions,
         entries: Vec<Entry>,
-    ) -> Result<Vec<Item>, String> {
+    ) -> Result<Vec<Item>, Trouble> {
         let (taken, advance) = take_in_order(entries, self.sub.settings.messages_per_tick as usize);
         let mut fresh = Vec::new();
         let mut to_hold: PerKey<Vec<Entry>> = PerKey::new();
@@ -425,7 +424,7 @@ impl Ordered {
         entry: &Entry,
         key: &str,
         reason: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), Trouble> {
         tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
         let build_id = self.shared.plugin().build_id().to_owned();
         let info = DeadLetterInfo {
@@ -436,7 +435,7 @@ impl Ordered {
         group
             .dead_letter(entry, key, None, &info)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(Trouble::broker)
     }
 
     /// Move `entries` of the parked `key` to its held list.
@@ -446,7 +445,7 @@ impl Ordered {
         partition: u32,
         key: &str,
         entries: &[Entry],
-    ) -> Result<(), String> {
+    ) -> Result<(), Trouble> {
         let Some(part) = self.parts.get(&partition) else {
             return Ok(());
         };
@@ -454,7 +453,7 @@ impl Ordered {
         if !group
             .hold(&part.claim, key, entries)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(Trouble::broker)?
         {
             self.lost(partition);
         }
@@ -463,7 +462,7 @@ impl Ordered {
 
     /// Take the held entries of released keys in this replica's partitions, to handle them first.
     /// Whether any were taken.
-    async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, String> {
+    async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, Trouble> {
         let partitions = self.partitions();
         let released: Vec<(String, u32)> = self
             .parked
@@ -474,7 +473,7 @@ impl Ordered {
             .collect();
         let mut taken = false;
         for (key, partition) in released {
-            let entries = group.held(&key, count).await.map_err(|e| e.to_string())?;
+            let entries = group.held(&key, count).await.map_err(Trouble::broker)?;
             let claim = self.parts[&partition].claim;
             let mut items = Vec::new();
             for entry in entries {
@@ -514,11 +513,11 @@ impl Ordered {
         claim: &Claim,
         key: &str,
         count: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), Trouble> {
         let unparked = group
             .settle_held(claim, key, count)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Trouble::broker)?;
         if unparked {
             tracing::info!(subscription = %self.name(), key, "key unparked: its held messages are handled");
             self.parked.remove(key);
@@ -564,7 +563,7 @@ impl Ordered {
         group: &mut dyn Partitions,
         items: Vec<Item>,
         report: &Report,
-    ) -> Result<(), String> {
+    ) -> Result<(), Trouble> {
         self.dead_letters(group, &items, report).await?;
         let (held_done, to_hold) = self.sort_out(items, report);
         for ((partition, key), count) in held_done {
@@ -592,7 +591,7 @@ impl Ordered {
         group: &mut dyn Partitions,
         items: &[Item],
         report: &Report,
-    ) -> Result<(), String> {
+    ) -> Result<(), Trouble> {
         let build_id = self.shared.plugin().build_id().to_owned();
         for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
             let Some(item) = items.iter().find(|i| &i.message.identity() == identity) else {
@@ -613,7 +612,7 @@ impl Ordered {
                     &info,
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Trouble::broker)?;
             if park {
                 tracing::warn!(subscription = %self.name(), key = %item.key, message_id = %dead.message_id, "key parked: its later messages wait until its dead letter is replayed or discarded");
                 self.parked
@@ -654,12 +653,12 @@ impl Ordered {
     }
 
     /// Store each held partition's position now.
-    async fn commit_positions(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
+    async fn commit_positions(&mut self, group: &mut dyn Partitions) -> Result<(), Trouble> {
         let updates = self.position_updates();
         let lost = group
             .commit_positions(&updates)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Trouble::broker)?;
         self.positions_stored(updates, &lost);
         Ok(())
     }

@@ -9,6 +9,7 @@
 use super::{positions::Part, Ordered};
 use crate::{
     broker::partitions::{Claim, Partitions},
+    engine::run::Trouble,
     ordering::partition_of,
     ownership::{self, Fence, Owned},
 };
@@ -22,10 +23,10 @@ fn share(partitions: u32, alive: usize) -> usize {
 impl Ordered {
     /// Say this replica is alive, renew its partitions, and take or give back partitions until it holds
     /// its share: the partitions divided by the live replicas, rounded up.
-    pub(super) async fn rebalance(&mut self, group: &mut dyn Partitions) -> Result<(), String> {
-        let alive = group.heartbeat().await.map_err(|e| e.to_string())?.max(1);
+    pub(super) async fn rebalance(&mut self, group: &mut dyn Partitions) -> Result<(), Trouble> {
+        let alive = group.heartbeat().await.map_err(Trouble::broker)?.max(1);
         let claims: Vec<Claim> = self.parts.values().map(|p| p.claim).collect();
-        for lost in group.renew(&claims).await.map_err(|e| e.to_string())? {
+        for lost in group.renew(&claims).await.map_err(Trouble::broker)? {
             tracing::warn!(subscription = %self.name(), partition = lost, "partition lease lost (expired while this replica was away); another replica serves it");
             self.drop_part(lost);
         }
@@ -40,7 +41,7 @@ impl Ordered {
                 .collect();
             // Their positions first: a read ahead may have been due to carry them.
             self.commit_positions(group).await?;
-            group.release(&extra).await.map_err(|e| e.to_string())?;
+            group.release(&extra).await.map_err(Trouble::broker)?;
             for claim in &extra {
                 self.drop_part(claim.partition);
             }
@@ -48,14 +49,14 @@ impl Ordered {
         } else if self.parts.len() < share {
             self.acquire(group, share).await?;
         }
-        self.parked = group.parked().await.map_err(|e| e.to_string())?;
+        self.parked = group.parked().await.map_err(Trouble::broker)?;
         Ok(())
     }
 
     /// Take free partitions up to `share`, starting at a place of this replica's own so that replicas
     /// starting together do not all race for the same ones.
-    async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), String> {
-        let mut free = group.free().await.map_err(|e| e.to_string())?;
+    async fn acquire(&mut self, group: &mut dyn Partitions, share: usize) -> Result<(), Trouble> {
+        let mut free = group.free().await.map_err(Trouble::broker)?;
         let start = partition_of(&self.owner, free.len().max(1) as u32) as usize;
         let len = free.len();
         free.rotate_left(start.min(len));
@@ -64,7 +65,7 @@ impl Ordered {
             if self.parts.len() + claims.len() >= share {
                 break;
             }
-            if let Some(claim) = group.acquire(partition).await.map_err(|e| e.to_string())? {
+            if let Some(claim) = group.acquire(partition).await.map_err(Trouble::broker)? {
                 claims.push(claim);
             }
         }
@@ -111,17 +112,15 @@ impl Ordered {
         &mut self,
         group: &mut dyn Partitions,
         claims: &[Claim],
-    ) -> Result<Vec<Part>, String> {
+    ) -> Result<Vec<Part>, Trouble> {
         let fences = claims.iter().map(|c| self.fence(c)).collect();
-        ownership::raise(self.shared.store.clone(), fences)
-            .await
-            .map_err(|e| e.to_string())?;
+        ownership::raise(self.shared.store.clone(), fences).await?;
         let mut parts = Vec::new();
         for claim in claims {
             let stored = group
                 .positions(claim.partition)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Trouble::broker)?;
             let read = stored.clone();
             parts.push(Part {
                 claim: *claim,
