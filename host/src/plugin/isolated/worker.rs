@@ -157,7 +157,9 @@ fn serve_requests(
             }
             ToWorker::CommandStream { message_type, data } => {
                 budget_cpu(cpu_limit)?;
-                let answer = plugin.command_stream(message_type, data);
+                let answer = plugin
+                    .command_stream(message_type, data)
+                    .map_err(|e| e.to_string());
                 let answer = answer.as_deref().map_err(String::as_str);
                 send(writer, &FromWorker::Stream(answer))?;
             }
