@@ -21,12 +21,32 @@ use crate::{
     config::OutboxSettings,
     engine::{
         progress::State,
-        run::{blocking, Backoff, Component, Trouble},
+        run::{blocking, Backoff, Component, Fatal, Trouble},
         Shared,
     },
-    message,
-    store::{now_ms, Claim, ForeignLease, OutboxItem},
+    message::{self, PoisonError},
+    store::{self, now_ms, Claim, ForeignLease, OutboxItem},
 };
+
+/// Why the store could not serve the outbox processor: retried after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("the store keeps no outbox")]
+    NoOutbox,
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// Why one target's rows were not published: the first row's attempt fails, and it is retried.
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("stored message is unreadable: {0}")]
+    Unreadable(PoisonError),
+    #[error(transparent)]
+    Broker(crate::broker::Error),
+    #[error("the broker did not answer within half the outbox lease")]
+    TimedOut,
+}
 
 /// The name the outbox processor reports its progress under.
 pub(crate) const NAME: &str = "outbox";
@@ -56,7 +76,7 @@ pub(crate) async fn run(
             Err(error) => {
                 let trouble = Trouble::Unavailable {
                     component: Component::Outbox,
-                    error,
+                    error: error.to_string(),
                 };
                 backoff.wait(trouble, &shutdown).await?;
                 continue;
@@ -103,27 +123,24 @@ fn nothing_claimed(shared: &Shared, wake_at: Option<u64>, seen: u64) -> Duration
     }
 }
 
-async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, String>, String> {
+async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, StoreError>, Fatal> {
     let (shared, worker) = (shared.clone(), worker.to_owned());
     blocking(move || {
-        let outbox = shared.store.outbox().ok_or("the store keeps no outbox")?;
+        let outbox = shared.store.outbox().ok_or(StoreError::NoOutbox)?;
         let settings = &shared.config.outbox;
-        outbox
-            .claim(
-                &worker,
-                settings.messages_per_tick as usize,
-                settings.lease_ttl,
-            )
-            .map_err(|e| e.to_string())
+        Ok(outbox.claim(
+            &worker,
+            settings.messages_per_tick as usize,
+            settings.lease_ttl,
+        )?)
     })
     .await
-    .map_err(String::from)
 }
 
 /// What one target's publish came to.
 enum Outcome {
     Published,
-    Failed(String),
+    Failed(PublishError),
     /// The round's time was up before its turn: claimable again, not a failed attempt.
     NotTried,
 }
@@ -135,31 +152,29 @@ async fn publish(
     worker: &str,
     items: Vec<OutboxItem>,
     deadline: tokio::time::Instant,
-) -> Result<(), String> {
+) -> Result<(), Fatal> {
     let mut published = Vec::new();
     let mut failed = Vec::new();
     for (target, mut items) in by_target(items) {
         match publish_target(broker, &target, &mut items, deadline).await {
             Outcome::Published => published.extend(items.iter().map(|i| i.seq)),
             // The first row carries the failure; the rest of the stream waits behind it.
-            Outcome::Failed(error) => failed.push((items[0].seq, items[0].attempts, target, error)),
+            Outcome::Failed(error) => {
+                failed.push((items[0].seq, items[0].attempts, target, error.to_string()))
+            }
             Outcome::NotTried => {}
         }
     }
     let count = published.len() as u64;
     let failures = failed.len() as u64;
     let (shared2, worker2) = (shared.clone(), worker.to_owned());
-    let recorded = blocking(move || -> Result<(), String> {
-        let outbox = shared2.store.outbox().ok_or("the store keeps no outbox")?;
-        outbox
-            .published(&worker2, &published)
-            .map_err(|e| e.to_string())?;
+    let recorded = blocking(move || -> Result<(), StoreError> {
+        let outbox = shared2.store.outbox().ok_or(StoreError::NoOutbox)?;
+        outbox.published(&worker2, &published)?;
         for (seq, attempts, target, error) in failed {
             let attempt = attempts + 1;
             let retry_at = now_ms() + backoff_ms(&shared2.config.outbox, attempt);
-            outbox
-                .failed(&worker2, seq, &error, retry_at)
-                .map_err(|e| e.to_string())?;
+            outbox.failed(&worker2, seq, &error, retry_at)?;
             // Logged once recorded, so that what the line says is what status shows.
             log_failure(
                 &shared2.config.outbox,
@@ -170,10 +185,11 @@ async fn publish(
                 retry_at,
             );
         }
-        outbox.release(&worker2).map_err(|e| e.to_string())
+        Ok(outbox.release(&worker2)?)
     })
     .await?;
     if let Err(error) = recorded {
+        let error = error.to_string();
         // The rows stay claimed until their lease ends, then are published again: at least once.
         tracing::error!(error, "cannot record what the outbox published");
     }
@@ -215,13 +231,13 @@ async fn publish_target(
         .collect();
     let payloads = match payloads {
         Ok(payloads) => payloads,
-        Err(e) => return Outcome::Failed(format!("stored message is unreadable: {e}")),
+        Err(e) => return Outcome::Failed(PublishError::Unreadable(e)),
     };
     // Bounded so that the lease cannot run out while this processor still publishes to the stream.
     match tokio::time::timeout_at(deadline, broker.publish(target, payloads)).await {
         Ok(Ok(())) => Outcome::Published,
-        Ok(Err(e)) => Outcome::Failed(e.to_string()),
-        Err(_) => Outcome::Failed("the broker did not answer within half the outbox lease".into()),
+        Ok(Err(e)) => Outcome::Failed(PublishError::Broker(e)),
+        Err(_) => Outcome::Failed(PublishError::TimedOut),
     }
 }
 

@@ -33,11 +33,13 @@ pub struct Entry {
 
 impl Entry {
     /// The entry as a stored message: Protean's `{"data", "metadata"}` in its `data` field.
-    pub(crate) fn message(&self) -> std::result::Result<crate::store::StoredMessage, String> {
+    pub(crate) fn message(
+        &self,
+    ) -> std::result::Result<crate::store::StoredMessage, crate::message::NotAMessage> {
         let text = self
             .data
             .as_deref()
-            .ok_or("entry has no text field `data`")?;
+            .ok_or(crate::message::NotAMessage::NoText)?;
         crate::message::from_wire(text)
     }
 }

@@ -387,7 +387,7 @@ impl Engine {
             .current()
             .plugin
             .command_stream(message_type, &bytes)
-            .map_err(bad)?;
+            .map_err(|e| bad(e.to_string()))?;
         Ok(NewMessage::new(
             Kind::Command,
             &stream,

@@ -201,35 +201,44 @@ struct Positions {
     position: Option<u64>,
 }
 
+/// Why a broker entry is not a Protean message, in one line. Such an entry is poison: it reads the
+/// same however often it is read again.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAMessage {
+    #[error("entry has no text field `data`")]
+    NoText,
+    #[error("entry data is not a JSON object: {0}")]
+    NotAnObject(serde_json::Error),
+    #[error("entry is not a Protean message: no `data`")]
+    NoData,
+    #[error("entry is not a Protean message: no `metadata` object")]
+    NoMetadata,
+    #[error("entry is not a Protean message: bad `metadata.headers`: {0}")]
+    BadHeaders(serde_json::Error),
+    #[error("entry is not a Protean message: no `metadata.headers.{0}`")]
+    NoHeader(&'static str),
+}
+
 /// A message received in its wire form, as the store would hold it (metadata without `event_store`).
-/// The error says, in one line, why the text is not a Protean message.
-pub fn from_wire(text: &str) -> Result<StoredMessage, String> {
+pub fn from_wire(text: &str) -> Result<StoredMessage, NotAMessage> {
     let envelope: WireEnvelope<'_> =
-        serde_json::from_str(text).map_err(|e| format!("entry data is not a JSON object: {e}"))?;
-    let data = envelope
-        .data
-        .ok_or("entry is not a Protean message: no `data`")?;
-    let metadata = envelope
-        .metadata
-        .flatten()
-        .ok_or("entry is not a Protean message: no `metadata` object")?;
+        serde_json::from_str(text).map_err(NotAMessage::NotAnObject)?;
+    let data = envelope.data.ok_or(NotAMessage::NoData)?;
+    let metadata = envelope.metadata.flatten().ok_or(NotAMessage::NoMetadata)?;
     let positions = metadata
         .get("event_store")
         .and_then(|p| serde_json::from_str::<Positions>(p.get()).ok());
-    let headers: Option<Headers<'_>> =
-        match metadata.get("headers") {
-            Some(h) => Some(serde_json::from_str(h.get()).map_err(|e| {
-                format!("entry is not a Protean message: bad `metadata.headers`: {e}")
-            })?),
-            None => None,
-        };
-    let header = |key: &str, value: Option<&Cow<'_, str>>| {
-        value.map(|v| v.clone().into_owned()).ok_or(format!(
-            "entry is not a Protean message: no `metadata.headers.{key}`"
-        ))
+    let headers: Option<Headers<'_>> = match metadata.get("headers") {
+        Some(h) => Some(serde_json::from_str(h.get()).map_err(NotAMessage::BadHeaders)?),
+        None => None,
+    };
+    let header = |key: &'static str, value: Option<&Cow<'_, str>>| {
+        value
+            .map(|v| v.clone().into_owned())
+            .ok_or(NotAMessage::NoHeader(key))
     };
     let Some(headers) = headers else {
-        return Err("entry is not a Protean message: no `metadata.headers.stream`".into());
+        return Err(NotAMessage::NoHeader("stream"));
     };
     let mut stored_metadata = String::with_capacity(text.len() - data.get().len());
     stored_metadata.push('{');
@@ -318,7 +327,7 @@ mod tests {
             ),
         ];
         for (text, expected) in cases {
-            let error = from_wire(text).unwrap_err();
+            let error = from_wire(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
         }
         assert!(matches!(

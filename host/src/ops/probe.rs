@@ -18,7 +18,16 @@ pub enum ProbeError {
     #[error("cannot reach {url}: {source}; is protean-host running with its health server on that address?")]
     Connect { url: String, source: std::io::Error },
     #[error("{url} answered something that is not HTTP: {reason}")]
-    Answer { url: String, reason: String },
+    Answer { url: String, reason: NotHttp },
+}
+
+/// What an answer lacks to be read as HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotHttp {
+    #[error("no end of headers")]
+    NoEndOfHeaders,
+    #[error("no status line")]
+    NoStatusLine,
 }
 
 /// An HTTP answer: status code and body.
@@ -61,15 +70,15 @@ pub fn get(url: &str, timeout: Duration) -> Result<Answer, ProbeError> {
 }
 
 /// Status line and body of an HTTP/1.1 response (the server sends a Content-Length, not chunks).
-fn parse(raw: &[u8]) -> Result<Answer, String> {
+fn parse(raw: &[u8]) -> Result<Answer, NotHttp> {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of headers")?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(NotHttp::NoEndOfHeaders)?;
     let status = head
         .lines()
         .next()
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
-        .ok_or("no status line")?;
+        .ok_or(NotHttp::NoStatusLine)?;
     Ok(Answer {
         status,
         body: body.to_owned(),
@@ -104,7 +113,11 @@ mod tests {
         );
         let ok = parse(b"HTTP/1.1 200 OK\r\n\r\n{}").unwrap();
         assert_eq!(verdict(&ok), (true, "ready".to_owned()));
-        assert!(parse(b"garbage").is_err());
+        assert_eq!(parse(b"garbage"), Err(NotHttp::NoEndOfHeaders));
+        assert_eq!(
+            parse(b"\r\n\r\n{}").unwrap_err().to_string(),
+            "no status line"
+        );
         assert!(matches!(
             get("https://x/readyz", Duration::from_secs(1)),
             Err(ProbeError::Url(_))

@@ -7,7 +7,21 @@
 
 use std::time::Duration;
 
-use super::{Delivery, HostServices, Outcome, Plugin, Registration};
+use super::{Delivery, HostServices, LoadError, Outcome, Plugin, Registration};
+
+/// Why a domain named no stream for a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandStreamError {
+    /// The domain's answer: the data is not a command of that type. Asking again answers the same.
+    #[error("{0}")]
+    NotACommand(String),
+    /// No worker process could be started to ask (an isolated instance).
+    #[error(transparent)]
+    NoWorker(Box<LoadError>),
+    /// The worker process asked died or ran out of time before it answered.
+    #[error("{0}")]
+    WorkerLost(String),
+}
 
 /// A domain's handlers, as the engine calls them.
 pub(crate) trait Handlers: Send + Sync + std::fmt::Debug {
@@ -32,7 +46,8 @@ pub(crate) trait Handlers: Send + Sync + std::fmt::Debug {
 
     /// The stream a command of `message_type` with `data` goes to; an error says why `data` is not
     /// such a command.
-    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String>;
+    fn command_stream(&self, message_type: &str, data: &[u8])
+        -> Result<String, CommandStreamError>;
 
     /// Whether calls run in worker processes, so that a call that crashes costs only itself
     /// (`engine::turns`); a domain in this process takes every call in flight down with it.
@@ -64,7 +79,11 @@ impl Handlers for Plugin {
         Plugin::handle_batch(self, handler, batch, host, limit)
     }
 
-    fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
+    fn command_stream(
+        &self,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<String, CommandStreamError> {
         Plugin::command_stream(self, message_type, data)
     }
 

@@ -47,6 +47,7 @@ use protean_plugin_api::{
 };
 use sha2::{Digest, Sha256};
 
+pub use handlers::CommandStreamError;
 pub(crate) use handlers::Handlers;
 pub use probe::{Instances, Probe, ProbeError};
 pub use services::HostServices;
@@ -776,13 +777,17 @@ fn handle_in_process(
 impl Plugin {
     /// The stream a command goes to, asking the plugin (which knows the command's identity field);
     /// an error says why `data` is not a command of `message_type`.
-    pub fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
+    pub fn command_stream(
+        &self,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<String, CommandStreamError> {
         match &self.runner {
             Runner::InProcess(instance) => instance
                 .command_stream(RStr::from_str(message_type), data.into())
                 .into_result()
                 .map(|s| s.into_string())
-                .map_err(|e| e.into_string()),
+                .map_err(|e| CommandStreamError::NotACommand(e.into_string())),
             Runner::Isolated(pool) => pool.command_stream(message_type, data),
         }
     }

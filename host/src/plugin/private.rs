@@ -45,7 +45,8 @@ pub(super) fn write(
         .permissions(Permissions::from_mode(0o700))
         .tempdir_in(&base)
         .map_err(|e| private_dir_error(&base, &e.to_string()))?;
-    check_private(dir.path(), me).map_err(|reason| private_dir_error(dir.path(), &reason))?;
+    check_private(dir.path(), me)
+        .map_err(|reason| private_dir_error(dir.path(), &reason.to_string()))?;
     let path = dir.path().join(name);
     write_checked(&path, bytes, digest).map_err(|error| LoadError::Copy {
         from: source.to_owned(),
@@ -93,21 +94,34 @@ fn base(me: u32) -> Result<PathBuf, LoadError> {
     Ok(temp)
 }
 
+/// Why a directory is not private to this user.
+#[derive(Debug, thiserror::Error)]
+enum NotPrivate {
+    #[error("{0}")]
+    Unreadable(std::io::Error),
+    #[error("it is not a directory")]
+    NotADirectory,
+    #[error("it belongs to uid {owner}, not to this user (uid {me})")]
+    Owner { owner: u32, me: u32 },
+    #[error("other users may enter it (mode {0:04o})")]
+    Open(u32),
+}
+
 /// `Ok` when `dir` is a real directory (not a symlink) of user `me` that nobody else may enter.
-fn check_private(dir: &Path, me: u32) -> Result<(), String> {
-    let meta = fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+fn check_private(dir: &Path, me: u32) -> Result<(), NotPrivate> {
+    let meta = fs::symlink_metadata(dir).map_err(NotPrivate::Unreadable)?;
     let mode = meta.mode() & 0o7777;
     if !meta.is_dir() {
-        return Err("it is not a directory".into());
+        return Err(NotPrivate::NotADirectory);
     }
     if meta.uid() != me {
-        return Err(format!(
-            "it belongs to uid {}, not to this user (uid {me})",
-            meta.uid()
-        ));
+        return Err(NotPrivate::Owner {
+            owner: meta.uid(),
+            me,
+        });
     }
     if mode & 0o077 != 0 {
-        return Err(format!("other users may enter it (mode {mode:04o})"));
+        return Err(NotPrivate::Open(mode));
     }
     Ok(())
 }
@@ -162,5 +176,37 @@ fn remove_stale(base: &Path, me: u32) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_private_only_when_it_is_ours_and_closed() {
+        let me = trust::euid();
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), Permissions::from_mode(0o700)).unwrap();
+        assert!(check_private(dir.path(), me).is_ok());
+        assert!(matches!(
+            check_private(dir.path(), me + 1),
+            Err(NotPrivate::Owner { owner, .. }) if owner == me
+        ));
+        fs::set_permissions(dir.path(), Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(
+            check_private(dir.path(), me).unwrap_err().to_string(),
+            "other users may enter it (mode 0750)"
+        );
+        let file = dir.path().join("f");
+        fs::write(&file, b"").unwrap();
+        assert!(matches!(
+            check_private(&file, me),
+            Err(NotPrivate::NotADirectory)
+        ));
+        assert!(matches!(
+            check_private(&dir.path().join("absent"), me),
+            Err(NotPrivate::Unreadable(_))
+        ));
     }
 }

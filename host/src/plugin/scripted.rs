@@ -14,7 +14,9 @@ use std::{
 
 use protean_plugin_api::HandlerOptions;
 
-use super::{Delivery, Failure, Handlers, HostServices, Kind, Outcome, Registration};
+use super::{
+    CommandStreamError, Delivery, Failure, Handlers, HostServices, Kind, Outcome, Registration,
+};
 
 /// What one call of a message does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,9 +192,13 @@ impl Handlers for Scripted {
         }
     }
 
-    fn command_stream(&self, message_type: &str, _data: &[u8]) -> Result<String, String> {
-        Err(format!(
+    fn command_stream(
+        &self,
+        message_type: &str,
+        _data: &[u8],
+    ) -> Result<String, CommandStreamError> {
+        Err(CommandStreamError::NotACommand(format!(
             "{message_type} is not a command of the scripted domain"
-        ))
+        )))
     }
 }

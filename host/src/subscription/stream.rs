@@ -113,7 +113,7 @@ impl Stream {
         let mut messages = Vec::new();
         self.origin.clear();
         for entry in entries {
-            match entry.message() {
+            match entry.message().map_err(|e| e.to_string()) {
                 Ok(message) => {
                     self.origin
                         .entry(message.identity())

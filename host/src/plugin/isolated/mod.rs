@@ -33,8 +33,8 @@ use self::{
     protocol::{Call, FromWorker, Message, Reply, Start, ToWorker},
 };
 use super::{
-    Delivery, Failure, HostServices, Instances, Kind, LoadError, Outcome, Plugin, Probe,
-    Registration,
+    CommandStreamError, Delivery, Failure, HostServices, Instances, Kind, LoadError, Outcome,
+    Plugin, Probe, Registration,
 };
 use crate::sync::lock;
 
@@ -259,14 +259,22 @@ impl Pool {
         }
     }
 
-    pub(super) fn command_stream(&self, message_type: &str, data: &[u8]) -> Result<String, String> {
-        let mut worker = self.checkout().map_err(|e| e.to_string())?;
+    pub(super) fn command_stream(
+        &self,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<String, CommandStreamError> {
+        let mut worker = self
+            .checkout()
+            .map_err(|e| CommandStreamError::NoWorker(Box::new(e)))?;
         let request = ToWorker::CommandStream { message_type, data };
         let deadline = Instant::now() + self.settings.timeout;
         let answer = worker.exchange(&request, deadline, |message| match message {
-            FromWorker::Stream(answer) => {
-                Step::Finish(answer.map(str::to_owned).map_err(str::to_owned))
-            }
+            FromWorker::Stream(answer) => Step::Finish(
+                answer
+                    .map(str::to_owned)
+                    .map_err(|reason| CommandStreamError::NotACommand(reason.to_owned())),
+            ),
             _ => Step::Unexpected("a message other than the command's stream"),
         });
         match answer {
@@ -276,7 +284,9 @@ impl Pool {
             }
             Err(broken) => {
                 let death = Death::of(worker, broken, self.settings.timeout);
-                Err(death.describe("naming the command's stream"))
+                Err(CommandStreamError::WorkerLost(
+                    death.describe("naming the command's stream"),
+                ))
             }
         }
     }

@@ -157,7 +157,9 @@ fn serve_requests(
             }
             ToWorker::CommandStream { message_type, data } => {
                 budget_cpu(cpu_limit)?;
-                let answer = plugin.command_stream(message_type, data);
+                let answer = plugin
+                    .command_stream(message_type, data)
+                    .map_err(|e| e.to_string());
                 let answer = answer.as_deref().map_err(String::as_str);
                 send(writer, &FromWorker::Stream(answer))?;
             }
@@ -186,6 +188,25 @@ fn wire(r: &crate::plugin::Registration) -> Registration {
     }
 }
 
+/// Why a host call got no usable answer from the host process. The handler sees it as the call's error.
+#[derive(Debug, thiserror::Error)]
+enum Unanswered {
+    #[error("{0}")]
+    Channel(#[from] io::Error),
+    #[error("the host closed the channel")]
+    Closed,
+    #[error("the host answered a host call with something else")]
+    NotAReply,
+    #[error("the host's reply does not match the call")]
+    Mismatch,
+}
+
+impl From<Unanswered> for String {
+    fn from(error: Unanswered) -> Self {
+        error.to_string()
+    }
+}
+
 /// The host services of one call, asked of the host.
 struct Remote<'a> {
     reader: RefCell<&'a mut FrameReader<File>>,
@@ -193,37 +214,28 @@ struct Remote<'a> {
 }
 
 impl Remote<'_> {
-    fn ask(&self, call: Call<'_>) -> Result<Reply, String> {
-        send(self.writer, &FromWorker::Call(call)).map_err(|e| e.to_string())?;
-        let frame = self
-            .reader
-            .borrow_mut()
-            .next()
-            .map_err(|e| e.to_string())?
-            .ok_or("the host closed the channel")?;
-        match decode(&frame).map_err(|e| e.to_string())? {
+    fn ask(&self, call: Call<'_>) -> Result<Reply, Unanswered> {
+        send(self.writer, &FromWorker::Call(call))?;
+        let frame = self.reader.borrow_mut().next()?.ok_or(Unanswered::Closed)?;
+        match decode(&frame)? {
             ToWorker::Reply(reply) => Ok(reply),
-            _ => Err("the host answered a host call with something else".into()),
+            _ => Err(Unanswered::NotAReply),
         }
     }
 
     fn unit(&self, call: Call<'_>) -> Result<(), String> {
         match self.ask(call)? {
             Reply::Unit(result) => result,
-            _ => Err(mismatch()),
+            _ => Err(Unanswered::Mismatch.into()),
         }
     }
 
     fn bytes(&self, call: Call<'_>) -> Result<Vec<u8>, String> {
         match self.ask(call)? {
             Reply::Bytes(result) => result.map(|b| b.into_vec()),
-            _ => Err(mismatch()),
+            _ => Err(Unanswered::Mismatch.into()),
         }
     }
-}
-
-fn mismatch() -> String {
-    "the host's reply does not match the call".into()
 }
 
 impl HostServices for Remote<'_> {
@@ -269,7 +281,7 @@ impl HostServices for Remote<'_> {
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
         match self.ask(Call::GetDocument { collection, id })? {
             Reply::Document(result) => result.map(|d| d.map(|b| b.into_vec())),
-            _ => Err(mismatch()),
+            _ => Err(Unanswered::Mismatch.into()),
         }
     }
 

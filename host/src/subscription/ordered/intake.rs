@@ -20,7 +20,7 @@ pub(super) fn take_in_order(
     let decoded: Vec<Decoded> = entries
         .into_iter()
         .map(|e| {
-            let m = e.message();
+            let m = e.message().map_err(|e| e.to_string());
             (e, m)
         })
         .collect();

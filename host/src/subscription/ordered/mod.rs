@@ -477,7 +477,7 @@ impl Ordered {
             let claim = self.parts[&partition].claim;
             let mut items = Vec::new();
             for entry in entries {
-                match entry.message() {
+                match entry.message().map_err(|e| e.to_string()) {
                     Ok(message) => items.push(Item {
                         message,
                         entry,
