@@ -145,10 +145,14 @@ impl PostgresConfig {
             tls::Mode::Prefer => postgres::config::SslMode::Prefer,
             _ => postgres::config::SslMode::Require,
         });
+        // A process frozen inside a transaction (SIGSTOP, a stopped VM) keeps its row locks, and the
+        // replica taking its leases over would wait on them (the fence rows) for as long as it stays
+        // frozen. Transactions here are SQL only, with nothing to wait for between statements: one idle
+        // for a statement's timeout is ended by the server, its locks released and its work rolled back.
+        let timeout = self.statement_timeout.as_millis();
         config
             .options(&format!(
-                "-c statement_timeout={}",
-                self.statement_timeout.as_millis()
+                "-c statement_timeout={timeout} -c idle_in_transaction_session_timeout={timeout}"
             ))
             .connect_timeout(Duration::from_secs(5))
             // A database host that vanishes (no RST: power loss, partition) must fail the statement in
