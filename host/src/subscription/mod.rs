@@ -8,6 +8,7 @@ pub(crate) mod busy;
 pub(crate) mod event_store;
 pub(crate) mod ordered;
 pub(crate) mod parking;
+pub(crate) mod standing;
 pub(crate) mod stream;
 pub(crate) mod workers;
 
