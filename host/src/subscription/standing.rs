@@ -12,7 +12,11 @@ use super::{event_store::EventStoreKind, ordered::OrderedKind, stream::StreamKin
 use crate::{
     broker::{self, Broker},
     config::{Config, SubscriptionType},
-    engine::{batch::Subscription, Shared},
+    engine::{
+        batch::Subscription,
+        run::{self, Source},
+        Shared,
+    },
     ops::status::{SubscriptionStatus, Target},
     subscription::SubscriptionPlan,
 };
@@ -83,6 +87,23 @@ pub(crate) fn of(sub: &Subscription) -> &'static dyn Standing {
         (SubscriptionType::Stream, true) => &OrderedKind,
         (SubscriptionType::Stream, false) => &StreamKind,
     }
+}
+
+/// How a source that reads from the broker is made (`Stream::new`, `Ordered::new`).
+pub(crate) type OpenOnBroker<S> =
+    fn(Arc<Shared>, Arc<dyn Broker>, Arc<Subscription>) -> Result<S, String>;
+
+/// Make a source that reads from the broker with `open`, and run it on the engine's loop.
+pub(crate) async fn run_on_broker<S: Source>(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    broker: Option<Arc<dyn Broker>>,
+    stop: CancellationToken,
+    open: OpenOnBroker<S>,
+) -> Result<(), String> {
+    let broker = broker.ok_or("a subscription read from streams needs a broker")?;
+    let source = open(shared.clone(), broker, sub.clone())?;
+    run::run(shared, sub, source, stop).await
 }
 
 /// The broker streams subscription `name` reads: its categories and its group's replay stream.

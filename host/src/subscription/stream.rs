@@ -363,9 +363,7 @@ impl super::standing::Standing for StreamKind {
         _owner: String,
         stop: CancellationToken,
     ) -> Result<(), String> {
-        let broker = broker.ok_or("a stream subscription needs a broker")?;
-        let source = Stream::new(shared.clone(), broker, sub.clone())?;
-        crate::engine::run::run(shared, sub, source, stop).await
+        crate::subscription::standing::run_on_broker(shared, sub, broker, stop, Stream::new).await
     }
 
     fn on_broker(&self) -> bool {

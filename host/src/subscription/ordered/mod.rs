@@ -705,9 +705,7 @@ impl crate::subscription::standing::Standing for OrderedKind {
         _owner: String,
         stop: CancellationToken,
     ) -> Result<(), String> {
-        let broker = broker.ok_or("an ordered subscription needs a broker")?;
-        let source = Ordered::new(shared.clone(), broker, sub.clone())?;
-        crate::engine::run::run(shared, sub, source, stop).await
+        crate::subscription::standing::run_on_broker(shared, sub, broker, stop, Ordered::new).await
     }
 
     fn partitions(&self, config: &crate::config::Config) -> Option<u32> {
