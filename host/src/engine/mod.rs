@@ -47,7 +47,7 @@ use crate::{
     plugin::Kind as HandlerKind,
     plugin::{Handlers, Plugin},
     store::{self, Store},
-    subscription::{event_store, ordered, stream, PlanError, SubscriptionPlan},
+    subscription::{standing, PlanError, SubscriptionPlan},
     unit_of_work::{IdempotencyKey, NewMessage, UnitOfWork},
 };
 
@@ -304,9 +304,14 @@ impl Engine {
         self.current()
             .subscriptions
             .iter()
-            .filter(|s| s.kind == SubscriptionType::Stream)
+            .filter(|s| standing::of(s).on_broker())
             .map(|s| s.plan.name.clone())
             .collect()
+    }
+
+    /// The subscriptions of the running generation.
+    pub(crate) fn running(&self) -> Vec<Arc<Subscription>> {
+        self.current().subscriptions.clone()
     }
 
     /// The configuration the engine runs with.
@@ -441,7 +446,7 @@ impl Engine {
         let sub = generation
             .subscriptions
             .iter()
-            .find(|s| s.plan.name == subscription && s.kind == SubscriptionType::EventStore)
+            .find(|s| s.plan.name == subscription && !standing::of(s).on_broker())
             .ok_or_else(|| EngineError::NotEventStore {
                 subscription: subscription.to_owned(),
             })?;
@@ -579,16 +584,10 @@ impl Engine {
             "engine started"
         );
         if test_mode {
-            let streams = generation
-                .subscriptions
-                .iter()
-                .filter(|s| s.kind == SubscriptionType::Stream)
-                .cloned()
-                .collect();
             tokio::spawn(watch_quiescence(
                 shared.clone(),
                 broker.clone(),
-                streams,
+                generation.subscriptions.clone(),
                 self.options.config.test_mode_timeout,
                 shutdown.clone(),
                 outcome.clone(),
@@ -733,25 +732,13 @@ impl Runner {
     ) -> JoinSet<Result<(), String>> {
         let mut workers = JoinSet::new();
         for sub in &generation.subscriptions {
-            let (shared, sub, stop) = (self.shared.clone(), sub.clone(), stop.clone());
-            match (&self.broker, sub.kind) {
-                (Some(broker), SubscriptionType::Stream) if sub.ordering.is_some() => {
-                    let source = ordered::Ordered::new(shared.clone(), broker.clone(), sub.clone());
-                    workers.spawn(run_source(shared, sub, source, stop))
-                }
-                (Some(broker), SubscriptionType::Stream) => {
-                    let source = stream::Stream::new(shared.clone(), broker.clone(), sub.clone());
-                    workers.spawn(run_source(shared, sub, source, stop))
-                }
-                // One source per reader (several workers of an ordered subscription) under one lease.
-                _ => workers.spawn(event_store::run(
-                    shared,
-                    sub,
-                    self.keeper.clone(),
-                    self.owner.clone(),
-                    stop,
-                )),
+            let start = standing::Start {
+                shared: self.shared.clone(),
+                broker: self.broker.clone(),
+                keeper: self.keeper.clone(),
+                owner: self.owner.clone(),
             };
+            workers.spawn(standing::of(sub).run(start, sub.clone(), stop.clone()));
         }
         if let Some(broker) = &self.broker {
             workers.spawn(outbox::run(
@@ -790,11 +777,12 @@ impl Runner {
     /// The messages a subscription has not finished: unread, and for a stream group also read but
     /// unacknowledged. Unknown counts as 0: this only informs a warning.
     async fn backlog(&self, sub: &Subscription) -> u64 {
-        if let (SubscriptionType::Stream, Some(broker)) = (sub.kind, &self.broker) {
-            let partitions = self.shared.config.ordering.partitions;
-            return stream_backlog(broker.as_ref(), sub, partitions)
-                .await
-                .unwrap_or(0);
+        if let Some(broker) = &self.broker {
+            let kind = standing::of(sub);
+            let held = kind.broker_backlog(broker.as_ref(), &sub.plan, &self.shared.config);
+            if let Some(backlog) = held.await {
+                return backlog.unwrap_or(0);
+            }
         }
         let (store, name, categories) = (
             self.shared.store.clone(),
@@ -808,16 +796,6 @@ impl Runner {
         .await
         .unwrap_or(0)
     }
-}
-
-/// Run `source` of `sub` on the engine's loop, unless it could not be made.
-async fn run_source(
-    shared: Arc<Shared>,
-    sub: Arc<Subscription>,
-    source: Result<impl run::Source + 'static, String>,
-    stop: CancellationToken,
-) -> Result<(), String> {
-    run::run(shared, sub, source?, stop).await
 }
 
 /// The names progress tracks for a generation: its subscriptions, and the outbox with a broker.
@@ -928,26 +906,8 @@ async fn watch_signals(
     }
 }
 
-/// What a stream subscription has not finished, as the broker reports it: its group's unread and
-/// pending entries, or for an ordered subscription the entries past its slowest partition's position.
-async fn stream_backlog(
-    broker: &dyn broker::Broker,
-    sub: &Subscription,
-    partitions: u32,
-) -> broker::Result<u64> {
-    if sub.ordering.is_none() {
-        return broker.backlog(&sub.plan.categories, &sub.plan.name).await;
-    }
-    let mut streams = sub.plan.categories.clone();
-    streams.push(broker::replay_stream(&sub.plan.name));
-    let status = broker
-        .partition_status(&sub.plan.name, &streams, partitions)
-        .await?;
-    Ok(status.lag)
-}
-
-/// With a broker, quiescent also means that every group of every stream subscription has read
-/// everything and has nothing pending, as Redis itself reports it.
+/// With a broker, quiescent also means that the broker holds nothing unread or unacknowledged for any
+/// subscription, as Redis itself reports it.
 async fn broker_drained(
     shared: &Shared,
     broker: Option<&dyn broker::Broker>,
@@ -955,9 +915,10 @@ async fn broker_drained(
 ) -> bool {
     let Some(broker) = broker else { return true };
     for sub in subscriptions {
-        match stream_backlog(broker, sub, shared.config.ordering.partitions).await {
-            Ok(0) => {}
-            Ok(_) | Err(_) => {
+        let held = standing::of(sub).broker_backlog(broker, &sub.plan, &shared.config);
+        match held.await {
+            None | Some(Ok(0)) => {}
+            Some(Ok(_) | Err(_)) => {
                 // Not yet: look again shortly (a subscription's next read changes its state anyway).
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 shared.progress.poke();
@@ -972,7 +933,7 @@ async fn broker_drained(
 async fn watch_quiescence(
     shared: Arc<Shared>,
     broker: Option<Arc<dyn broker::Broker>>,
-    streams: Vec<Arc<Subscription>>,
+    subscriptions: Vec<Arc<Subscription>>,
     limit: Duration,
     shutdown: CancellationToken,
     outcome: Arc<Mutex<Option<Outcome>>>,
@@ -980,7 +941,8 @@ async fn watch_quiescence(
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     loop {
-        if shared.progress.quiescent() && broker_drained(&shared, broker.as_deref(), &streams).await
+        if shared.progress.quiescent()
+            && broker_drained(&shared, broker.as_deref(), &subscriptions).await
         {
             tracing::info!("test mode: every subscription is caught up and idle");
             lock(&outcome).get_or_insert(Outcome::Quiescent);

@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use super::status::{self, Snapshot, Target};
 use crate::{
     broker::Broker,
-    config::{Config, HealthSettings, SubscriptionType},
-    engine::{batch::Subscription, progress::State as LoopState, Shared},
+    config::HealthSettings,
+    engine::{progress::State as LoopState, Shared},
     outbox,
     store::OutboxCounts,
 };
@@ -78,13 +78,6 @@ pub(crate) async fn start(
         cache: tokio::sync::Mutex::default(),
     });
     Some(tokio::spawn(serve(listener, ops)))
-}
-
-fn targets(config: &Config, subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
-    subscriptions
-        .iter()
-        .map(|s| Target::of(&s.plan, s.kind, config))
-        .collect()
 }
 
 /// The routes. Every route answers GET (and HEAD); any other method gets 405, any other path 404.
@@ -397,7 +390,7 @@ impl Ops {
                 self.shared.store.clone(),
                 broker,
                 self.broker.is_some(),
-                &targets(&self.shared.config, &self.shared.subscriptions()),
+                &status::targets_of(&self.shared.config, &self.shared.subscriptions()),
                 status::Limits::of(&self.shared.config, self.settings.check_timeout),
             )
             .await,
@@ -426,7 +419,8 @@ fn outbox_too_old(outbox: &OutboxCounts, max_age: Duration) -> Option<String> {
 fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus {
     let mut row = status::SubscriptionStatus::new(&Target {
         name: outbox::NAME.into(),
-        kind: SubscriptionType::EventStore,
+        // It reads the store, as an event-store subscription does.
+        standing: &crate::subscription::event_store::EventStoreKind,
         categories: Vec::new(),
         handlers: Vec::new(),
         partitions: None,

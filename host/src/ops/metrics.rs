@@ -299,7 +299,7 @@ mod tests {
         let mut recorder =
             crate::ops::status::SubscriptionStatus::new(&crate::ops::status::Target {
                 name: "recorder".into(),
-                kind: crate::config::SubscriptionType::EventStore,
+                standing: &crate::subscription::event_store::EventStoreKind,
                 categories: vec!["d::sequence".into()],
                 handlers: vec!["recorder".into()],
                 partitions: None,

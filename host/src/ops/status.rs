@@ -11,18 +11,22 @@ use std::{fmt, sync::Arc, time::Duration};
 use serde::Serialize;
 
 use crate::{
-    broker::{partitions::PartitionStatus, replay_stream, Broker},
-    config::SubscriptionType,
-    engine::Engine,
+    broker::{partitions::PartitionStatus, Broker},
+    config::Config,
+    engine::{batch::Subscription, Engine},
     store::{OutboxCounts, Store},
-    subscription::workers,
+    subscription::{
+        standing::{self, Standing},
+        workers,
+    },
 };
 
 /// A subscription to measure.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
-    pub kind: SubscriptionType,
+    /// Its kind, which says how to measure it.
+    pub(crate) standing: &'static dyn Standing,
     pub categories: Vec<String>,
     pub handlers: Vec<String>,
     /// Ordered stream subscriptions: how many partitions their keys fall in.
@@ -34,40 +38,31 @@ pub struct Target {
 }
 
 impl Target {
-    /// The target for a planned subscription of `kind`.
-    pub(crate) fn of(
-        plan: &crate::subscription::SubscriptionPlan,
-        kind: SubscriptionType,
-        config: &crate::config::Config,
-    ) -> Self {
-        let ordered = kind == SubscriptionType::Stream && plan.options.ordered_by.is_some();
-        let parks = crate::ordering::Ordering::of(plan).is_some_and(|o| o.park);
+    /// The target for subscription `sub`, as its kind measures it under `config`.
+    pub(crate) fn of(sub: &Subscription, config: &Config) -> Self {
+        let (standing, plan) = (standing::of(sub), &sub.plan);
         Self {
             name: plan.name.clone(),
-            kind,
+            standing,
             categories: plan.categories.clone(),
             handlers: handlers(plan.routes.values()),
-            partitions: ordered.then_some(config.ordering.partitions),
-            workers: workers::count(config, plan, kind),
-            parks: parks && kind == SubscriptionType::EventStore,
+            partitions: standing.partitions(config),
+            workers: standing.workers(config, plan),
+            parks: standing.parks(plan),
         }
     }
 }
 
 /// The subscriptions a domain runs with its configuration, as the engine plans them.
 pub fn targets(engine: &Engine) -> Vec<Target> {
-    let streams = engine.stream_subscriptions();
-    engine
-        .subscriptions()
-        .into_iter()
-        .map(|(plan, _)| {
-            let kind = if streams.contains(&plan.name) {
-                SubscriptionType::Stream
-            } else {
-                SubscriptionType::EventStore
-            };
-            Target::of(&plan, kind, engine.config())
-        })
+    targets_of(engine.config(), &engine.running())
+}
+
+/// The targets for `subscriptions`, run under `config`.
+pub(crate) fn targets_of(config: &Config, subscriptions: &[Arc<Subscription>]) -> Vec<Target> {
+    subscriptions
+        .iter()
+        .map(|s| Target::of(s, config))
         .collect()
 }
 
@@ -87,8 +82,9 @@ pub(crate) fn handlers<'a>(names: impl Iterator<Item = &'a String>) -> Vec<Strin
 pub struct SubscriptionStatus {
     pub name: String,
     pub handlers: Vec<String>,
-    #[serde(rename = "type")]
-    pub kind: SubscriptionType,
+    /// Shown as its type (the configuration's `subscription_type`).
+    #[serde(rename = "type", serialize_with = "label")]
+    pub(crate) standing: &'static dyn Standing,
     pub categories: Vec<String>,
     /// Event store: the global position it has finished.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,7 +128,7 @@ impl SubscriptionStatus {
         Self {
             name: target.name.clone(),
             handlers: target.handlers.clone(),
-            kind: target.kind,
+            standing: target.standing,
             categories: target.categories.clone(),
             position: None,
             group: None,
@@ -149,6 +145,11 @@ impl SubscriptionStatus {
             last_progress_ms: None,
             error: None,
         }
+    }
+
+    /// Its type: `event_store` or `stream`.
+    pub fn kind(&self) -> &'static str {
+        self.standing.label()
     }
 
     /// Messages waiting for this subscription: not yet read plus not yet acknowledged.
@@ -222,18 +223,23 @@ pub async fn measure(
     }
 }
 
+fn label<S: serde::Serializer>(
+    standing: &&'static dyn Standing,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(standing.label())
+}
+
+/// Rows the broker keeps figures of cannot be measured without it.
 fn fail_streams(rows: &mut [SubscriptionStatus], error: &str) {
-    for row in rows
-        .iter_mut()
-        .filter(|r| r.kind == SubscriptionType::Stream)
-    {
+    for row in rows.iter_mut().filter(|r| r.standing.on_broker()) {
         row.error.get_or_insert_with(|| error.to_owned());
     }
 }
 
 type StoreFigures = (Vec<Result<Figures, String>>, Option<OutboxCounts>);
 
-/// What the store says of one event-store subscription.
+/// What the store says of one subscription whose messages it keeps.
 #[derive(Debug, Clone, Copy, Default)]
 struct Figures {
     position: u64,
@@ -272,11 +278,11 @@ async fn measure_store(
     let work = tokio::task::spawn_blocking(move || -> StoreFigures {
         let figures = wanted
             .iter()
-            .map(|t| match t.kind {
-                SubscriptionType::EventStore => {
-                    Figures::of(store.as_ref(), t).map_err(|e| e.to_string())
+            .map(|t| {
+                if t.standing.on_broker() {
+                    return Ok(Figures::default());
                 }
-                SubscriptionType::Stream => Ok(Figures::default()),
+                Figures::of(store.as_ref(), t).map_err(|e| e.to_string())
             })
             .collect();
         let outbox = store.outbox().and_then(|o| o.counts(held_after).ok());
@@ -294,7 +300,7 @@ async fn measure_store(
         ),
     };
     for (row, figure) in rows.iter_mut().zip(figures) {
-        if row.kind != SubscriptionType::EventStore {
+        if row.standing.on_broker() {
             continue;
         }
         match figure {
@@ -312,64 +318,10 @@ async fn measure_store(
     outbox
 }
 
-/// Groups of stream subscriptions, and the lease holders of event-store subscriptions.
+/// What the broker knows of each subscription, as its kind reads it.
 async fn measure_broker(broker: &dyn Broker, targets: &[Target], rows: &mut [SubscriptionStatus]) {
     for (target, row) in targets.iter().zip(rows.iter_mut()) {
-        if target.kind == SubscriptionType::EventStore {
-            match broker.lease_holder(&target.name).await {
-                Ok(owner) => row.owner = owner,
-                Err(e) => row.error = Some(e.to_string()),
-            }
-            continue;
-        }
-        let mut streams = target.categories.clone();
-        streams.push(replay_stream(&target.name));
-        if let Some(partitions) = target.partitions {
-            measure_partitions(broker, target, &streams, partitions, row).await;
-            continue;
-        }
-        row.group = Some(target.name.clone());
-        match broker.group_status(&streams, &target.name).await {
-            Ok(group) => {
-                row.lag = Some(group.lag);
-                row.pending = Some(group.pending);
-                row.consumers = Some(group.consumers);
-                row.dead_letters = Some(group.dead_letters);
-                if !group.exists {
-                    row.error = Some("its consumer group does not exist yet".into());
-                }
-            }
-            Err(e) => row.error = Some(e.to_string()),
-        }
-    }
-}
-
-/// An ordered subscription: lag past its slowest partition, nothing pending (it keeps no group), dead
-/// letters from its group's dead-letter stream, and its partitions.
-async fn measure_partitions(
-    broker: &dyn Broker,
-    target: &Target,
-    streams: &[String],
-    partitions: u32,
-    row: &mut SubscriptionStatus,
-) {
-    match broker
-        .partition_status(&target.name, streams, partitions)
-        .await
-    {
-        Ok(status) => {
-            row.lag = Some(status.lag);
-            row.pending = Some(0);
-            row.consumers = Some(status.owners.len() as u64);
-            row.parked_keys = Some(status.parked);
-            row.held_messages = Some(status.held);
-            row.partitions = Some(status);
-        }
-        Err(e) => row.error = Some(e.to_string()),
-    }
-    match broker.group_status(streams, &target.name).await {
-        Ok(group) => row.dead_letters = Some(group.dead_letters),
-        Err(e) => row.error = Some(e.to_string()),
+        target.standing.measure_broker(broker, target, row).await;
     }
 }
 
@@ -378,17 +330,12 @@ fn derived_state(row: &SubscriptionStatus, broker_configured: bool) -> &'static 
     if row.error.is_some() {
         return "unknown";
     }
-    let caught_up = row.backlog() == 0;
-    match row.kind {
-        SubscriptionType::Stream if row.consumers == Some(0) && !caught_up => {
-            "behind, no consumers"
-        }
-        SubscriptionType::EventStore if broker_configured && row.owner.is_none() && !caught_up => {
-            "behind, no replica holds its lease"
-        }
-        _ if caught_up => "caught up",
-        _ => "behind",
+    if row.backlog() == 0 {
+        return "caught up";
     }
+    row.standing
+        .unattended(row, broker_configured)
+        .unwrap_or("behind")
 }
 
 impl fmt::Display for Snapshot {
@@ -399,10 +346,6 @@ impl fmt::Display for Snapshot {
             "subscription", "type", "at", "lag", "pending", "dead", "consumers"
         )?;
         for s in &self.subscriptions {
-            let kind = match s.kind {
-                SubscriptionType::EventStore => "event_store",
-                SubscriptionType::Stream => "stream",
-            };
             let at = match (&s.group, s.position) {
                 (Some(group), _) => format!("group {group}"),
                 (None, Some(position)) => format!("position {position}"),
@@ -420,7 +363,7 @@ impl fmt::Display for Snapshot {
                 f,
                 "{:<34} {:<11} {:<28} {:>8} {:>8} {:>6} {:>9}  {state}",
                 s.name,
-                kind,
+                s.kind(),
                 at,
                 figure(s.lag),
                 figure(s.pending),
@@ -479,7 +422,7 @@ mod tests {
     fn an_event_store_subscription_that_parks_shows_its_parked_keys_and_held_messages() {
         let mut row = SubscriptionStatus::new(&Target {
             name: "recorder".into(),
-            kind: SubscriptionType::EventStore,
+            standing: &crate::subscription::event_store::EventStoreKind,
             categories: vec!["d::sequence".into()],
             handlers: vec!["recorder".into()],
             partitions: None,
@@ -502,6 +445,59 @@ mod tests {
             (&row["parked_keys"], &row["held_messages"]),
             (&1.into(), &15.into())
         );
+    }
+
+    fn row(name: &str, standing: &'static dyn Standing) -> SubscriptionStatus {
+        SubscriptionStatus::new(&Target {
+            name: name.into(),
+            standing,
+            categories: vec!["d::sequence".into()],
+            handlers: vec![name.into()],
+            partitions: None,
+            workers: 1,
+            parks: false,
+        })
+    }
+
+    #[test]
+    fn each_row_shows_its_type_and_why_it_is_behind() {
+        use crate::subscription::{event_store::EventStoreKind, stream::StreamKind};
+        let mut stream = row("projector", &StreamKind);
+        (stream.lag, stream.pending, stream.consumers) = (Some(2), Some(1), Some(0));
+        assert_eq!(derived_state(&stream, true), "behind, no consumers");
+        let mut store = row("recorder", &EventStoreKind);
+        store.lag = Some(3);
+        assert_eq!(
+            derived_state(&store, true),
+            "behind, no replica holds its lease"
+        );
+        assert_eq!(derived_state(&store, false), "behind");
+        store.lag = Some(0);
+        assert_eq!(derived_state(&store, true), "caught up");
+        store.error = Some("store did not answer".into());
+        assert_eq!(derived_state(&store, true), "unknown");
+        let snapshot = Snapshot {
+            subscriptions: vec![stream, store],
+            outbox: None,
+        };
+        let text = snapshot.to_string();
+        let types: Vec<_> = text
+            .lines()
+            .filter(|l| !l.starts_with(' '))
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ["subscription", "type"],
+                ["projector", "stream"],
+                ["recorder", "event_store"]
+            ],
+            "{text}"
+        );
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(json["subscriptions"][0]["type"], "stream");
+        assert_eq!(json["subscriptions"][1]["type"], "event_store");
     }
 
     #[test]

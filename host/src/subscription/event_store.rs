@@ -25,6 +25,7 @@ use super::{
 };
 
 use crate::{
+    broker::Broker,
     engine::{
         batch::{Attempts, Report, Subscription},
         progress::{Progress, State},
@@ -62,7 +63,7 @@ pub(crate) async fn run(
     // A worker that fails stops its siblings, so the subscription ends and the engine sees the error.
     let stop = shutdown.child_token();
     let mut loops = JoinSet::new();
-    for reader in Reader::all(&name, workers::count(&shared.config, &sub.plan, sub.kind)) {
+    for reader in Reader::all(&name, workers::count(&shared.config, &sub.plan)) {
         let source = Categories::new(&shared, &sub, reader, lease.clone());
         loops.spawn(run::run(shared.clone(), sub.clone(), source, stop.clone()));
     }
@@ -561,6 +562,59 @@ async fn standing_by(shared: &Arc<Shared>, sub: &Arc<Subscription>, reader: &Rea
             _ => u64::MAX,
         },
         head,
+    }
+}
+
+/// The event-store kind: positions, lag and parked keys in the store; the broker, when there is one,
+/// only names the replica holding its lease.
+#[derive(Debug)]
+pub(crate) struct EventStoreKind;
+
+#[async_trait]
+impl super::standing::Standing for EventStoreKind {
+    fn label(&self) -> &'static str {
+        "event_store"
+    }
+
+    async fn run(
+        &self,
+        start: crate::subscription::standing::Start,
+        sub: Arc<Subscription>,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        run(start.shared, sub, start.keeper, start.owner, stop).await
+    }
+
+    fn workers(&self, config: &crate::config::Config, plan: &super::SubscriptionPlan) -> u32 {
+        workers::count(config, plan)
+    }
+
+    fn parks(&self, plan: &super::SubscriptionPlan) -> bool {
+        crate::ordering::Ordering::of(plan).is_some_and(|o| o.park)
+    }
+
+    fn on_broker(&self) -> bool {
+        false
+    }
+
+    async fn measure_broker(
+        &self,
+        broker: &dyn Broker,
+        target: &crate::ops::status::Target,
+        row: &mut crate::ops::status::SubscriptionStatus,
+    ) {
+        match broker.lease_holder(&target.name).await {
+            Ok(owner) => row.owner = owner,
+            Err(e) => row.error = Some(e.to_string()),
+        }
+    }
+
+    fn unattended(
+        &self,
+        row: &crate::ops::status::SubscriptionStatus,
+        broker_configured: bool,
+    ) -> Option<&'static str> {
+        (broker_configured && row.owner.is_none()).then_some("behind, no replica holds its lease")
     }
 }
 

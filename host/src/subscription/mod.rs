@@ -9,6 +9,7 @@ pub(crate) mod event_store;
 pub(crate) mod ordered;
 pub(crate) mod parking;
 pub(crate) mod scripted;
+pub(crate) mod standing;
 pub(crate) mod stream;
 pub(crate) mod workers;
 

@@ -19,7 +19,9 @@ use crate::{
         run::{blocking, Back, Fetched, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
+    ops::status::{SubscriptionStatus, Target},
     store::StoredMessage,
+    subscription::standing,
 };
 
 /// A consumer of the subscription's group, run by [`crate::engine::run`].
@@ -340,4 +342,80 @@ pub(crate) fn consumer_name(subscription: &str) -> String {
         .unwrap_or_else(|_| "host".into());
     let random = &uuid::Uuid::new_v4().simple().to_string()[..6];
     format!("{subscription}-{host}-{}-{random}", std::process::id())
+}
+
+/// The stream kind: a consumer group on the broker, which keeps its lag, pending entries and dead
+/// letters.
+#[derive(Debug)]
+pub(crate) struct StreamKind;
+
+#[async_trait]
+impl super::standing::Standing for StreamKind {
+    fn label(&self) -> &'static str {
+        "stream"
+    }
+
+    async fn run(
+        &self,
+        start: crate::subscription::standing::Start,
+        sub: Arc<Subscription>,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        crate::subscription::standing::run_on_broker(
+            start.shared,
+            sub,
+            start.broker,
+            stop,
+            Stream::new,
+        )
+        .await
+    }
+
+    fn on_broker(&self) -> bool {
+        true
+    }
+
+    async fn measure_broker(
+        &self,
+        broker: &dyn Broker,
+        target: &Target,
+        row: &mut SubscriptionStatus,
+    ) {
+        row.group = Some(target.name.clone());
+        match broker
+            .group_status(
+                &standing::streams(&target.name, &target.categories),
+                &target.name,
+            )
+            .await
+        {
+            Ok(group) => {
+                row.lag = Some(group.lag);
+                row.pending = Some(group.pending);
+                row.consumers = Some(group.consumers);
+                row.dead_letters = Some(group.dead_letters);
+                if !group.exists {
+                    row.error = Some("its consumer group does not exist yet".into());
+                }
+            }
+            Err(e) => row.error = Some(e.to_string()),
+        }
+    }
+
+    fn unattended(
+        &self,
+        row: &SubscriptionStatus,
+        _broker_configured: bool,
+    ) -> Option<&'static str> {
+        standing::without_consumers(row)
+    }
+
+    async fn broker_backlog(
+        &self,
+        broker: &dyn Broker,
+        plan: &super::SubscriptionPlan,
+        _config: &crate::config::Config,
+    ) -> Option<crate::broker::Result<u64>> {
+        Some(broker.backlog(&plan.categories, &plan.name).await)
+    }
 }

@@ -14,7 +14,7 @@
 
 use super::SubscriptionPlan;
 use crate::{
-    config::{Config, SubscriptionType},
+    config::Config,
     engine::{
         batch::Worker,
         progress::{Progress, State},
@@ -24,12 +24,12 @@ use crate::{
     unit_of_work::PositionUpdate,
 };
 
-/// How many workers run a subscription: the configured count for an ordered event-store subscription,
-/// else one.
-pub(crate) fn count(config: &Config, plan: &SubscriptionPlan, kind: SubscriptionType) -> u32 {
-    match (Ordering::of(plan), kind) {
-        (Some(_), SubscriptionType::EventStore) => config.ordering.workers.max(1),
-        _ => 1,
+/// How many workers run an event-store subscription: the configured count when it is ordered, else
+/// one.
+pub(crate) fn count(config: &Config, plan: &SubscriptionPlan) -> u32 {
+    match Ordering::of(plan) {
+        Some(_) => config.ordering.workers.max(1),
+        None => 1,
     }
 }
 

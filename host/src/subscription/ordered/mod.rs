@@ -685,3 +685,93 @@ impl Ordered {
         }
     }
 }
+
+/// The ordered kind: partitions of a broker group, each leased to one replica, with parked keys.
+#[derive(Debug)]
+pub(crate) struct OrderedKind;
+
+#[async_trait]
+impl crate::subscription::standing::Standing for OrderedKind {
+    fn label(&self) -> &'static str {
+        "stream"
+    }
+
+    async fn run(
+        &self,
+        start: crate::subscription::standing::Start,
+        sub: Arc<Subscription>,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        crate::subscription::standing::run_on_broker(
+            start.shared,
+            sub,
+            start.broker,
+            stop,
+            Ordered::new,
+        )
+        .await
+    }
+
+    fn partitions(&self, config: &crate::config::Config) -> Option<u32> {
+        Some(config.ordering.partitions)
+    }
+
+    fn on_broker(&self) -> bool {
+        true
+    }
+
+    /// Lag past its slowest partition, nothing pending (it keeps no group), dead letters from its
+    /// group's dead-letter stream, and its partitions.
+    async fn measure_broker(
+        &self,
+        broker: &dyn Broker,
+        target: &crate::ops::status::Target,
+        row: &mut crate::ops::status::SubscriptionStatus,
+    ) {
+        let streams = crate::subscription::standing::streams(&target.name, &target.categories);
+        // A target made from this kind has them (see `partitions`).
+        let partitions = target
+            .partitions
+            .unwrap_or_else(|| crate::config::OrderingSettings::default().partitions);
+        match broker
+            .partition_status(&target.name, &streams, partitions)
+            .await
+        {
+            Ok(status) => {
+                row.lag = Some(status.lag);
+                row.pending = Some(0);
+                row.consumers = Some(status.owners.len() as u64);
+                row.parked_keys = Some(status.parked);
+                row.held_messages = Some(status.held);
+                row.partitions = Some(status);
+            }
+            Err(e) => row.error = Some(e.to_string()),
+        }
+        match broker.group_status(&streams, &target.name).await {
+            Ok(group) => row.dead_letters = Some(group.dead_letters),
+            Err(e) => row.error = Some(e.to_string()),
+        }
+    }
+
+    fn unattended(
+        &self,
+        row: &crate::ops::status::SubscriptionStatus,
+        _broker_configured: bool,
+    ) -> Option<&'static str> {
+        crate::subscription::standing::without_consumers(row)
+    }
+
+    /// The entries past its slowest partition's position.
+    async fn broker_backlog(
+        &self,
+        broker: &dyn Broker,
+        plan: &crate::subscription::SubscriptionPlan,
+        config: &crate::config::Config,
+    ) -> Option<crate::broker::Result<u64>> {
+        let streams = crate::subscription::standing::streams(&plan.name, &plan.categories);
+        let status = broker
+            .partition_status(&plan.name, &streams, config.ordering.partitions)
+            .await;
+        Some(status.map(|s| s.lag))
+    }
+}
