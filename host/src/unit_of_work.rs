@@ -324,6 +324,9 @@ pub(crate) struct Buffer<'a> {
     /// Writes refused for their size, by batch index, with why: such a message fails for good,
     /// whatever its handler made of the refusal ([`Buffer::refusal`]).
     refused: RefCell<Vec<(usize, String)>>,
+    /// Reads that can never succeed, by the batch index of their call's first message, with why
+    /// ([`Buffer::unreadable`]).
+    unreadable: RefCell<Vec<(usize, String)>>,
     /// The stored version of each document last read from the store (`get` or `find`), so that a write
     /// of it commits only if nobody wrote it since: two subscriptions of one projector (or two replicas
     /// of one) read-modify-write the same document, and without this the later commit silently
@@ -339,6 +342,7 @@ impl<'a> Buffer<'a> {
             limit,
             writes: RefCell::default(),
             refused: RefCell::default(),
+            unreadable: RefCell::default(),
             read: RefCell::default(),
         }
     }
@@ -355,6 +359,7 @@ impl<'a> Buffer<'a> {
     pub(crate) fn discard_from(&self, index: usize) {
         self.writes.borrow_mut().retain(|(i, _)| *i < index);
         self.refused.borrow_mut().retain(|(i, _)| *i < index);
+        self.unreadable.borrow_mut().retain(|(i, _)| *i < index);
     }
 
     /// The first message in batch indexes `range` that had a write refused for its size, and why.
@@ -367,11 +372,33 @@ impl<'a> Buffer<'a> {
             .cloned()
     }
 
-    /// Refuse a write of message `index` that is over the limit; the error goes back to the handler.
-    fn refuse(&self, index: usize, too_big: TooBig) -> Result<(), String> {
-        let reason = too_big.to_string();
+    /// Refuse a write of message `index` for good (over the limit, not JSON); the error goes back to
+    /// the handler, and the message fails for good whatever the handler makes of it.
+    fn refuse(&self, index: usize, reason: impl ToString) -> Result<(), String> {
+        let reason = reason.to_string();
         self.refused.borrow_mut().push((index, reason.clone()));
         Err(reason)
+    }
+
+    /// A read of the call whose first message is batch index `offset` failed: its error goes back to the
+    /// handler, and a permanent one is noted, so that the call's failure is not retried (the SDK reports
+    /// every host error as retryable; asking again would fail the same way).
+    fn read_failed(&self, offset: usize, error: ReadError) -> String {
+        let reason = error.to_string();
+        if error.is_permanent() {
+            self.unreadable.borrow_mut().push((offset, reason.clone()));
+        }
+        reason
+    }
+
+    /// Why a read of the call whose first message is batch index `offset` can never succeed, if one
+    /// failed so.
+    pub(crate) fn unreadable(&self, offset: usize) -> Option<String> {
+        let unreadable = self.unreadable.borrow();
+        unreadable
+            .iter()
+            .find(|(at, _)| *at == offset)
+            .map(|(_, reason)| reason.clone())
     }
 
     /// Move the buffered writes into `unit`, in the order they were made.
@@ -409,10 +436,16 @@ impl<'a> Buffer<'a> {
             return self.refuse(index, too_big);
         }
         let not_json = |e: &dyn std::fmt::Display| format!("{message_type} data is not JSON: {e}");
-        let data = std::str::from_utf8(data).map_err(|e| not_json(&e))?;
+        let data = match std::str::from_utf8(data) {
+            Ok(data) => data,
+            Err(e) => return self.refuse(index, not_json(&e)),
+        };
         let cause = self.causes.get(index).copied();
-        let message = NewMessage::from_json(kind, stream, message_type, data, expected, cause)
-            .map_err(|e| not_json(&e))?;
+        let message = match NewMessage::from_json(kind, stream, message_type, data, expected, cause)
+        {
+            Ok(message) => message,
+            Err(e) => return self.refuse(index, not_json(&e)),
+        };
         if let Err(too_big) = TooBig::check(message.size(), self.limit, || what(""), WRITE_FIX) {
             return self.refuse(index, too_big);
         }
@@ -420,11 +453,8 @@ impl<'a> Buffer<'a> {
         Ok(())
     }
 
-    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
-        let stored = self
-            .store
-            .read_stream(stream, 0)
-            .map_err(|e| e.to_string())?;
+    fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, ReadError> {
+        let stored = self.store.read_stream(stream, 0)?;
         let writes = self.writes.borrow();
         let pending = writes.iter().filter_map(|(_, w)| match w {
             Write::Message(m) if m.stream == stream => {
@@ -468,14 +498,11 @@ impl<'a> Buffer<'a> {
     }
 
     /// A document as the handler sees it: the buffered write, else the store (whose version is noted).
-    fn get_document(&self, collection: &str, id: &str) -> Result<Option<String>, String> {
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<String>, ReadError> {
         if let Some(pending) = self.pending_document(collection, id) {
             return Ok(pending);
         }
-        let stored = self
-            .store
-            .read_document(collection, id)
-            .map_err(|e| e.to_string())?;
+        let stored = self.store.read_document(collection, id)?;
         let version = stored.as_ref().map_or(store::ABSENT, |d| d.version);
         self.note_read(collection, id, version);
         Ok(stored.map(|d| d.data))
@@ -509,13 +536,10 @@ impl<'a> Buffer<'a> {
         collection: &str,
         field: &str,
         value_json: &[u8],
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ReadError> {
         let value: Value = serde_json::from_slice(value_json)
-            .map_err(|e| format!("find value is not JSON: {e}"))?;
-        let stored = self
-            .store
-            .find_documents(collection, field, &value)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReadError::BadInput(format!("find value is not JSON: {e}")))?;
+        let stored = self.store.find_documents(collection, field, &value)?;
         let mut found: Vec<(String, String)> = Vec::with_capacity(stored.len());
         for StoredDocument { id, data, version } in stored {
             // A document already written in this unit is answered from the buffer below; its first
@@ -561,6 +585,25 @@ impl<'a> Buffer<'a> {
                 .join(",")
         )
         .into_bytes())
+    }
+}
+
+/// Why a handler's read through the host failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// What the handler asked is not a question (the SDK never sends it; a plugin without it may).
+    #[error("{0}")]
+    BadInput(String),
+}
+
+impl ReadError {
+    fn is_permanent(&self) -> bool {
+        match self {
+            ReadError::Store(error) => error.is_permanent(),
+            ReadError::BadInput(_) => true,
+        }
     }
 }
 
@@ -610,13 +653,16 @@ impl HostServices for BufferView<'_, '_> {
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
-        self.buffer.read_stream(stream, from)
+        self.buffer
+            .read_stream(stream, from)
+            .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
         self.buffer
             .get_document(collection, id)
             .map(|d| d.map(String::into_bytes))
+            .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
     fn put_document(
@@ -631,10 +677,17 @@ impl HostServices for BufferView<'_, '_> {
         if let Err(too_big) = TooBig::check(data.len(), self.buffer.limit, what, WRITE_FIX) {
             return self.buffer.refuse(index, too_big);
         }
-        let data = std::str::from_utf8(data)
-            .map_err(|e| format!("document {collection}/{id} is not UTF-8: {e}"))?;
-        serde_json::from_str::<serde::de::IgnoredAny>(data)
-            .map_err(|e| format!("document {collection}/{id} is not JSON: {e}"))?;
+        let data = match std::str::from_utf8(data) {
+            Ok(data) => data,
+            Err(e) => {
+                let reason = format!("document {collection}/{id} is not UTF-8: {e}");
+                return self.buffer.refuse(index, reason);
+            }
+        };
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(data) {
+            let reason = format!("document {collection}/{id} is not JSON: {e}");
+            return self.buffer.refuse(index, reason);
+        }
         let write = DocumentWrite::Put {
             collection: collection.into(),
             id: id.into(),
@@ -662,7 +715,9 @@ impl HostServices for BufferView<'_, '_> {
         field: &str,
         value_json: &[u8],
     ) -> Result<Vec<u8>, String> {
-        self.buffer.find_documents(collection, field, value_json)
+        self.buffer
+            .find_documents(collection, field, value_json)
+            .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 }
 
@@ -703,6 +758,39 @@ mod tests {
         let mut unit = UnitOfWork::default();
         buffer.drain_into(&mut unit);
         assert!(unit.is_empty(), "nothing refused was buffered: {unit:?}");
+    }
+
+    /// A read that can never succeed is noted against its call; one that may (nothing wrong with the
+    /// question) is not. Writes that are not JSON fail their message for good, like writes too big.
+    #[test]
+    fn permanent_failures_of_the_host_services_are_noted_and_transient_ones_are_not() {
+        let store = MemoryStore::default();
+        let causes = [Cause::default(); 3];
+        let buffer = Buffer::new(&store, &causes, 4096);
+        let view = buffer.view(1);
+        assert_eq!(view.find_documents("docs", "id", b"1").unwrap(), b"[]");
+        assert_eq!(buffer.unreadable(1), None, "an answer is no failure");
+        let bad = view
+            .find_documents("docs", "not a field!", b"1")
+            .unwrap_err();
+        assert!(bad.contains("is not a plain identifier"), "{bad}");
+        assert_eq!(buffer.unreadable(1), Some(bad));
+        assert_eq!(buffer.unreadable(0), None, "noted against its own call");
+        let other = buffer.view(2);
+        let garbage = other.find_documents("docs", "id", b"{nope").unwrap_err();
+        assert!(garbage.starts_with("find value is not JSON"), "{garbage}");
+        assert_eq!(buffer.unreadable(2), Some(garbage));
+        let not_json = other
+            .raise_event(0, "s-1", "T.A.v1", b"{nope", None)
+            .unwrap_err();
+        assert!(
+            not_json.starts_with("T.A.v1 data is not JSON"),
+            "{not_json}"
+        );
+        assert_eq!(buffer.refusal(2..3), Some((2, not_json)));
+        buffer.discard_from(2);
+        assert_eq!(buffer.unreadable(2), None, "gone with its message's writes");
+        assert!(buffer.unreadable(1).is_some());
     }
 }
 

@@ -629,6 +629,10 @@ fn build(
             Some((at, reason)) => outcome.refused_at(at - i, reason),
             None => outcome,
         };
+        let outcome = match buffer.unreadable(i) {
+            Some(reason) => outcome.unreadable(&reason),
+            None => outcome,
+        };
         let ok_end = i + outcome.handled.min(end - i);
         for (j, m) in messages.iter().enumerate().take(ok_end).skip(i) {
             tracing::debug!(subscription = %sub.plan.name, handler, message_type = %m.message_type, message_id = %m.id, global_position = m.global_position, "handled");

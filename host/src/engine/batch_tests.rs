@@ -401,6 +401,29 @@ fn a_retryable_failure_out_of_retries_is_dead_lettered() {
     assert!(units.iter().all(|u| u.processed.is_empty()));
 }
 
+/// The SDK reports every host error as retryable; one that no retry can mend (here a field name the
+/// store refuses) fails its message for good at once instead of after every retry.
+#[test]
+fn a_read_that_can_never_succeed_dead_letters_its_message_at_once() {
+    let options = HandlerOptions {
+        max_retries: Some(3),
+        ..HandlerOptions::default()
+    };
+    let setup = Setup::events(|s| s.options(options).script("m2", &[Act::BadRead]), FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2", "m3"]));
+    let report = setup.run(&mut Attempts::default());
+    assert!(report.retry.is_none(), "nothing waits for a retry");
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(effects(&unit), ["m1", "m3"]);
+    let [dead] = unit.dead_letters.clone().try_into().unwrap();
+    assert_eq!(dead.attempts, 1, "dead-lettered on its first attempt");
+    assert!(
+        dead.error.contains("is not a plain identifier"),
+        "{}",
+        dead.error
+    );
+}
+
 #[test]
 fn a_plugin_that_returns_early_fails_the_message_it_did_not_report() {
     let setup = Setup::events(|s| s.script("m2", &[Act::Stop]), FAST);

@@ -707,6 +707,22 @@ impl Outcome {
     }
 }
 
+impl Outcome {
+    /// The outcome once a read of the call failed in a way no retry can mend (see
+    /// `unit_of_work::Buffer::unreadable`): the failure the plugin reported, if any, is for good,
+    /// whatever the plugin said (the SDK makes every host error retryable). A call that did not return
+    /// stays as it is: which message failed is unknown.
+    pub fn unreadable(mut self, reason: &str) -> Self {
+        if let Some(failure) = self.failure.as_mut().filter(|f| !f.crashed) {
+            failure.retryable = false;
+            if !failure.message.contains(reason) {
+                failure.message = format!("{}: {reason}", failure.message);
+            }
+        }
+        self
+    }
+}
+
 /// A handler failure as reported by the plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {

@@ -30,6 +30,9 @@ pub(crate) enum Act {
     Crash,
     /// Return as if handled everything before it, reporting no failure for it.
     Stop,
+    /// Find documents by a field name the store refuses, and fail with its error, retryably (as the
+    /// SDK reports every host error).
+    BadRead,
 }
 
 /// The effect's message type.
@@ -129,6 +132,12 @@ impl Scripted {
                 (0, Some(crashed))
             }
             Act::Stop => (index, None),
+            Act::BadRead => {
+                let error = host
+                    .find_documents("docs", "not a field!", b"1")
+                    .unwrap_err();
+                (index, Some(failure(true, error)))
+            }
         };
         Some(Outcome { handled, failure })
     }

@@ -219,6 +219,13 @@ impl Error {
         )
     }
 
+    /// Whether asking again can never succeed: the question itself is wrong (a field name that is not
+    /// an identifier) or what is stored cannot be read. A handler's read failing so fails its message
+    /// for good (dead-lettered, replayable once fixed) instead of being retried until its retries run out.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::BadField(_) | Self::Corrupt(_))
+    }
+
     /// Whether the store may answer if asked again later: down, starting, or not set up yet (a
     /// migration job may be running). A refused password or a bad URI will not fix itself.
     pub fn is_transient(&self) -> bool {
