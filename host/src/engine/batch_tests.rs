@@ -20,7 +20,7 @@ use crate::{
     engine::generation::Generation,
     message::Kind as MessageKind,
     plugin::{
-        scripted::{Act, Scripted, DONE},
+        scripted::{effects, markers, Act, Scripted, DONE},
         Kind,
     },
     store::{recording::Recording, Store, StoredMessage},
@@ -124,25 +124,6 @@ fn append(store: &dyn Store, messages: Vec<NewMessage>) {
 
 fn ids(ids: &[&str]) -> Vec<Value> {
     ids.iter().map(|id| json!({ "id": id })).collect()
-}
-
-/// The `id` of each message the unit appended (each is a handled message's effect).
-fn effects(unit: &UnitOfWork) -> Vec<String> {
-    unit.messages
-        .iter()
-        .map(|m| {
-            assert_eq!(m.message_type, DONE);
-            m.stream.trim_start_matches("done-").to_owned()
-        })
-        .collect()
-}
-
-/// The identities the unit marked processed.
-fn markers(unit: &UnitOfWork) -> Vec<String> {
-    unit.processed
-        .iter()
-        .map(|p| p.message_id.clone())
-        .collect()
 }
 
 fn position(unit: &UnitOfWork) -> Option<u64> {

@@ -738,7 +738,12 @@ impl Runner {
                 keeper: self.keeper.clone(),
                 owner: self.owner.clone(),
             };
-            workers.spawn(standing::of(sub).run(start, sub.clone(), stop.clone()));
+            let task = standing::Task {
+                start,
+                sub: sub.clone(),
+                stop: stop.clone(),
+            };
+            workers.spawn(standing::of(sub).run(task));
         }
         if let Some(broker) = &self.broker {
             workers.spawn(outbox::run(

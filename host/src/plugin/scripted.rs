@@ -162,6 +162,25 @@ fn write_effect(index: usize, id: &str, host: &dyn HostServices) -> Result<(), S
     host.raise_event(index as u32, &stream, DONE, data.as_bytes(), Some(expected))
 }
 
+/// The `id` of each message `unit` appended (each is a handled message's effect).
+pub(crate) fn effects(unit: &crate::unit_of_work::UnitOfWork) -> Vec<String> {
+    unit.messages
+        .iter()
+        .map(|m| {
+            assert_eq!(m.message_type, DONE);
+            m.stream.trim_start_matches("done-").to_owned()
+        })
+        .collect()
+}
+
+/// The identities `unit` marked processed.
+pub(crate) fn markers(unit: &crate::unit_of_work::UnitOfWork) -> Vec<String> {
+    unit.processed
+        .iter()
+        .map(|p| p.message_id.clone())
+        .collect()
+}
+
 /// The `id` of a message's data.
 fn id_of(delivery: &Delivery<'_>) -> String {
     let data: serde_json::Value = serde_json::from_slice(delivery.data).unwrap_or_default();

@@ -3,10 +3,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
 };
 
-use super::{DeadLetter, MemoryStore, ParkedKey, Result, Store, StoredDocument, StoredMessage};
+use super::{
+    DeadLetter, Error, MemoryStore, ParkedKey, Result, Store, StoredDocument, StoredMessage,
+};
 use crate::unit_of_work::{CallRecord, UnitOfWork};
 
 /// [`MemoryStore`], recording each unit it commits.
@@ -14,12 +19,19 @@ use crate::unit_of_work::{CallRecord, UnitOfWork};
 pub(crate) struct Recording {
     pub(crate) inner: MemoryStore,
     committed: Mutex<Vec<UnitOfWork>>,
+    /// Commits still to refuse as unreachable (an outage scripted by [`Recording::refuse_next`]).
+    refusals: AtomicU32,
 }
 
 impl Recording {
     /// The units committed so far, in commit order; a refused commit is not among them.
     pub(crate) fn committed(&self) -> Vec<UnitOfWork> {
         self.committed.lock().unwrap().clone()
+    }
+
+    /// Refuse the next `commits` commits as unreachable, writing nothing of them.
+    pub(crate) fn refuse_next(&self, commits: u32) {
+        self.refusals.store(commits, Ordering::SeqCst);
     }
 
     /// The units committed so far, forgetting them.
@@ -43,6 +55,16 @@ impl Store for Recording {
     }
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
+        let refuse = self
+            .refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if refuse {
+            return Err(Error::Unreachable {
+                store: "memory".into(),
+                reason: "scripted outage".into(),
+            });
+        }
         let appended = self.inner.commit(unit)?;
         self.committed.lock().unwrap().push(unit.clone());
         Ok(appended)

@@ -9,6 +9,10 @@
 //! that parks moves its position past a parked key's messages by holding them in the store (see
 //! [`parking`]), and handles them, between its ordinary batches, once the key is released.
 
+use crate::{
+    ops::status::Target,
+    subscription::standing::{Row, Task},
+};
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -576,13 +580,15 @@ impl super::standing::Standing for EventStoreKind {
         "event_store"
     }
 
-    async fn run(
-        &self,
-        start: crate::subscription::standing::Start,
-        sub: Arc<Subscription>,
-        stop: CancellationToken,
-    ) -> Result<(), String> {
-        run(start.shared, sub, start.keeper, start.owner, stop).await
+    async fn run(&self, task: Task) -> Result<(), String> {
+        run(
+            task.start.shared,
+            task.sub,
+            task.start.keeper,
+            task.start.owner,
+            task.stop,
+        )
+        .await
     }
 
     fn workers(&self, config: &crate::config::Config, plan: &super::SubscriptionPlan) -> u32 {
@@ -597,23 +603,14 @@ impl super::standing::Standing for EventStoreKind {
         false
     }
 
-    async fn measure_broker(
-        &self,
-        broker: &dyn Broker,
-        target: &crate::ops::status::Target,
-        row: &mut crate::ops::status::SubscriptionStatus,
-    ) {
+    async fn measure_broker(&self, broker: &dyn Broker, target: &Target, row: &mut Row) {
         match broker.lease_holder(&target.name).await {
             Ok(owner) => row.owner = owner,
             Err(e) => row.error = Some(e.to_string()),
         }
     }
 
-    fn unattended(
-        &self,
-        row: &crate::ops::status::SubscriptionStatus,
-        broker_configured: bool,
-    ) -> Option<&'static str> {
+    fn unattended(&self, row: &Row, broker_configured: bool) -> Option<&'static str> {
         (broker_configured && row.owner.is_none()).then_some("behind, no replica holds its lease")
     }
 }

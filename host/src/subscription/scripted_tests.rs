@@ -3,7 +3,7 @@
 //! asserted unit by unit.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::BTreeMap,
     path::Path,
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -20,14 +20,12 @@ use crate::{
     engine::{progress::State, run::run, Shared},
     message::Kind as MessageKind,
     plugin::{
-        scripted::{Act, Scripted as Handlers, DONE},
+        scripted::{effects, markers, Act, Scripted as Handlers, DONE},
         Kind,
     },
-    store::{
-        self, recording::Recording, DeadLetter, ParkedKey, Store, StoredDocument, StoredMessage,
-    },
+    store::{recording::Recording, Store, StoredMessage},
     sync::lock,
-    unit_of_work::{CallRecord, NewMessage, UnitOfWork},
+    unit_of_work::NewMessage,
 };
 
 const HAPPENED: &str = "Test.Happened.v1";
@@ -86,25 +84,6 @@ async fn play(
         calls: handlers.calls(),
         shared,
     }
-}
-
-/// The `id` of each message the unit appended (each is a handled message's effect).
-fn effects(unit: &UnitOfWork) -> Vec<String> {
-    unit.messages
-        .iter()
-        .map(|m| {
-            assert_eq!(m.message_type, DONE);
-            m.stream.trim_start_matches("done-").to_owned()
-        })
-        .collect()
-}
-
-/// The identities the unit marked processed.
-fn markers(unit: &UnitOfWork) -> Vec<String> {
-    unit.processed
-        .iter()
-        .map(|p| p.message_id.clone())
-        .collect()
 }
 
 #[tokio::test]
@@ -204,13 +183,10 @@ async fn a_handler_failure_is_retried_then_dead_lettered_and_the_batches_go_on()
 #[tokio::test]
 async fn a_commit_the_store_refuses_is_served_again_after_the_backoff_and_loses_nothing() {
     let recording: Arc<Recording> = Arc::default();
-    let store = Arc::new(Outage {
-        inner: recording.clone(),
-        refusals: AtomicU32::new(1),
-    });
+    recording.refuse_next(1);
     let played = play(
         handlers(),
-        store,
+        recording.clone(),
         &["m1", "m2", "m3"],
         CancellationToken::new(),
     )
@@ -300,111 +276,4 @@ async fn shutdown_finishes_and_commits_the_batch_in_flight_and_serves_no_other()
     let states = played.shared.progress.snapshot();
     assert_eq!(states[0].0, "h");
     assert_eq!(states[0].1, State::Stopped);
-}
-
-/// A [`Recording`] store that refuses the next `refusals` commits as unreachable.
-struct Outage {
-    inner: Arc<Recording>,
-    refusals: AtomicU32,
-}
-
-impl Store for Outage {
-    fn commit(&self, unit: &UnitOfWork) -> store::Result<Option<u64>> {
-        let refuse = self
-            .refusals
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if refuse {
-            return Err(store::Error::Unreachable {
-                store: "memory".into(),
-                reason: "scripted outage".into(),
-            });
-        }
-        self.inner.commit(unit)
-    }
-
-    fn read_categories(
-        &self,
-        categories: &[String],
-        after: u64,
-        limit: usize,
-    ) -> store::Result<Vec<StoredMessage>> {
-        self.inner.read_categories(categories, after, limit)
-    }
-
-    fn read_stream(&self, stream: &str, from: u64) -> store::Result<Vec<StoredMessage>> {
-        self.inner.read_stream(stream, from)
-    }
-
-    fn position(&self, subscription: &str) -> store::Result<Option<u64>> {
-        self.inner.position(subscription)
-    }
-
-    fn read_document(&self, collection: &str, id: &str) -> store::Result<Option<StoredDocument>> {
-        self.inner.read_document(collection, id)
-    }
-
-    fn find_documents(
-        &self,
-        collection: &str,
-        field: &str,
-        value: &serde_json::Value,
-    ) -> store::Result<Vec<StoredDocument>> {
-        self.inner.find_documents(collection, field, value)
-    }
-
-    fn head(&self, categories: &[String]) -> store::Result<u64> {
-        self.inner.head(categories)
-    }
-
-    fn idempotency_key(&self, key: &str) -> store::Result<Option<String>> {
-        self.inner.idempotency_key(key)
-    }
-
-    fn dead_letters(&self, subscription: Option<&str>) -> store::Result<Vec<DeadLetter>> {
-        self.inner.dead_letters(subscription)
-    }
-
-    fn resolve_dead_letter(
-        &self,
-        subscription: &str,
-        global_position: u64,
-        replayed_by: &str,
-    ) -> store::Result<bool> {
-        self.inner
-            .resolve_dead_letter(subscription, global_position, replayed_by)
-    }
-
-    fn purge_dead_letters(&self, subscription: &str) -> store::Result<u64> {
-        self.inner.purge_dead_letters(subscription)
-    }
-
-    fn parked_keys(&self, subscription: &str) -> store::Result<Vec<ParkedKey>> {
-        self.inner.parked_keys(subscription)
-    }
-
-    fn held_messages(
-        &self,
-        subscription: &str,
-        key: &str,
-        limit: usize,
-    ) -> store::Result<Vec<StoredMessage>> {
-        self.inner.held_messages(subscription, key, limit)
-    }
-
-    fn processed(&self, subscription: &str, ids: &[&str]) -> store::Result<HashSet<String>> {
-        self.inner.processed(subscription, ids)
-    }
-
-    fn record_calls(&self, calls: &[CallRecord]) -> store::Result<()> {
-        self.inner.record_calls(calls)
-    }
-
-    fn recorded_calls(
-        &self,
-        subscription: &str,
-        identities: Option<&[&str]>,
-    ) -> store::Result<HashMap<String, u32>> {
-        self.inner.recorded_calls(subscription, identities)
-    }
 }

@@ -29,12 +29,7 @@ pub(crate) trait Standing: std::fmt::Debug + Send + Sync {
     fn label(&self) -> &'static str;
 
     /// Run `sub` until `stop`, as [`crate::engine`] runs every subscription task.
-    async fn run(
-        &self,
-        start: Start,
-        sub: Arc<Subscription>,
-        stop: CancellationToken,
-    ) -> Result<(), String>;
+    async fn run(&self, task: Task) -> Result<(), String>;
 
     /// How many readers share it, each with a stored position.
     fn workers(&self, _config: &Config, _plan: &SubscriptionPlan) -> u32 {
@@ -56,16 +51,10 @@ pub(crate) trait Standing: std::fmt::Debug + Send + Sync {
     fn on_broker(&self) -> bool;
 
     /// Fill in what the broker knows of it: its group, partitions or lease holder.
-    async fn measure_broker(
-        &self,
-        broker: &dyn Broker,
-        target: &Target,
-        row: &mut SubscriptionStatus,
-    );
+    async fn measure_broker(&self, broker: &dyn Broker, target: &Target, row: &mut Row);
 
     /// Why it is behind, when nobody works on it (judged from a measured row).
-    fn unattended(&self, row: &SubscriptionStatus, broker_configured: bool)
-        -> Option<&'static str>;
+    fn unattended(&self, row: &Row, broker_configured: bool) -> Option<&'static str>;
 
     /// What the broker still holds for it, unread or unacknowledged; `None` when the broker holds
     /// none of its messages.
@@ -89,6 +78,16 @@ pub(crate) struct Start {
     pub(crate) owner: String,
 }
 
+/// One subscription's task: what it starts with, the subscription, and when to stop.
+pub(crate) struct Task {
+    pub(crate) start: Start,
+    pub(crate) sub: Arc<Subscription>,
+    pub(crate) stop: CancellationToken,
+}
+
+/// A subscription's row in status, as a kind fills it in.
+pub(crate) type Row = SubscriptionStatus;
+
 /// The kind of `sub`: the only branch on where a subscription reads from.
 pub(crate) fn of(sub: &Subscription) -> &'static dyn Standing {
     match (sub.kind, sub.ordering.is_some()) {
@@ -102,17 +101,16 @@ pub(crate) fn of(sub: &Subscription) -> &'static dyn Standing {
 pub(crate) type OpenOnBroker<S> =
     fn(Arc<Shared>, Arc<dyn Broker>, Arc<Subscription>) -> Result<S, String>;
 
-/// Make a source that reads from the broker with `open`, and run it on the engine's loop.
-pub(crate) async fn run_on_broker<S: Source>(
-    shared: Arc<Shared>,
-    sub: Arc<Subscription>,
-    broker: Option<Arc<dyn Broker>>,
-    stop: CancellationToken,
-    open: OpenOnBroker<S>,
-) -> Result<(), String> {
-    let broker = broker.ok_or("a subscription read from streams needs a broker")?;
-    let source = open(shared.clone(), broker, sub.clone())?;
-    run::run(shared, sub, source, stop).await
+impl Task {
+    /// Make the source with `open`, which reads from the broker, and run it on the engine's loop.
+    pub(crate) async fn on_broker<S: Source>(self, open: OpenOnBroker<S>) -> Result<(), String> {
+        let Task { start, sub, stop } = self;
+        let broker = start
+            .broker
+            .ok_or("a subscription read from streams needs a broker")?;
+        let source = open(start.shared.clone(), broker, sub.clone())?;
+        run::run(start.shared, sub, source, stop).await
+    }
 }
 
 /// The broker streams subscription `name` reads: its categories and its group's replay stream.

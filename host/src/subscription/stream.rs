@@ -6,6 +6,10 @@
 //! is only acknowledged; a failed entry is retried when its delivery count (kept by the broker, so it
 //! survives restarts) allows, else dead-lettered; entries pending on a dead consumer are taken over.
 
+use crate::{
+    ops::status::Target,
+    subscription::standing::{Row, Task},
+};
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
@@ -19,7 +23,6 @@ use crate::{
         run::{blocking, Back, Fetched, Place, Settled, Source, Trouble, Wake, Work},
         Shared,
     },
-    ops::status::{SubscriptionStatus, Target},
     store::StoredMessage,
     subscription::standing,
 };
@@ -355,32 +358,15 @@ impl super::standing::Standing for StreamKind {
         "stream"
     }
 
-    async fn run(
-        &self,
-        start: crate::subscription::standing::Start,
-        sub: Arc<Subscription>,
-        stop: CancellationToken,
-    ) -> Result<(), String> {
-        crate::subscription::standing::run_on_broker(
-            start.shared,
-            sub,
-            start.broker,
-            stop,
-            Stream::new,
-        )
-        .await
+    async fn run(&self, task: Task) -> Result<(), String> {
+        task.on_broker(Stream::new).await
     }
 
     fn on_broker(&self) -> bool {
         true
     }
 
-    async fn measure_broker(
-        &self,
-        broker: &dyn Broker,
-        target: &Target,
-        row: &mut SubscriptionStatus,
-    ) {
+    async fn measure_broker(&self, broker: &dyn Broker, target: &Target, row: &mut Row) {
         row.group = Some(target.name.clone());
         match broker
             .group_status(
@@ -402,11 +388,7 @@ impl super::standing::Standing for StreamKind {
         }
     }
 
-    fn unattended(
-        &self,
-        row: &SubscriptionStatus,
-        _broker_configured: bool,
-    ) -> Option<&'static str> {
+    fn unattended(&self, row: &Row, _broker_configured: bool) -> Option<&'static str> {
         standing::without_consumers(row)
     }
 

@@ -16,6 +16,10 @@
 //! - every write for a partition carries the hold's fencing token: the store refuses the commit, and the
 //!   broker the position, of a replica that lost the partition.
 
+use crate::{
+    ops::status::Target,
+    subscription::standing::{Row, Task},
+};
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
@@ -696,20 +700,8 @@ impl crate::subscription::standing::Standing for OrderedKind {
         "stream"
     }
 
-    async fn run(
-        &self,
-        start: crate::subscription::standing::Start,
-        sub: Arc<Subscription>,
-        stop: CancellationToken,
-    ) -> Result<(), String> {
-        crate::subscription::standing::run_on_broker(
-            start.shared,
-            sub,
-            start.broker,
-            stop,
-            Ordered::new,
-        )
-        .await
+    async fn run(&self, task: Task) -> Result<(), String> {
+        task.on_broker(Ordered::new).await
     }
 
     fn partitions(&self, config: &crate::config::Config) -> Option<u32> {
@@ -722,12 +714,7 @@ impl crate::subscription::standing::Standing for OrderedKind {
 
     /// Lag past its slowest partition, nothing pending (it keeps no group), dead letters from its
     /// group's dead-letter stream, and its partitions.
-    async fn measure_broker(
-        &self,
-        broker: &dyn Broker,
-        target: &crate::ops::status::Target,
-        row: &mut crate::ops::status::SubscriptionStatus,
-    ) {
+    async fn measure_broker(&self, broker: &dyn Broker, target: &Target, row: &mut Row) {
         let streams = crate::subscription::standing::streams(&target.name, &target.categories);
         // A target made from this kind has them (see `partitions`).
         let partitions = target
@@ -753,11 +740,7 @@ impl crate::subscription::standing::Standing for OrderedKind {
         }
     }
 
-    fn unattended(
-        &self,
-        row: &crate::ops::status::SubscriptionStatus,
-        _broker_configured: bool,
-    ) -> Option<&'static str> {
+    fn unattended(&self, row: &Row, _broker_configured: bool) -> Option<&'static str> {
         crate::subscription::standing::without_consumers(row)
     }
 
