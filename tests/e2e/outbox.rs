@@ -109,12 +109,16 @@ fn a_redis_outage_past_max_attempts_loses_no_committed_message_and_keeps_stream_
     wait_until(Duration::from_secs(30), "an empty outbox", || {
         pending(store.as_ref()) == 0
     });
+    // Which stream's head row reaches max_attempts first (the commands sent, or the events their
+    // handling raised meanwhile) is a race; that the held row is logged, naming its stream, is not.
     assert!(
-        server.seen_or_wait(
-            &["outbox row held", "fulfilment::order:command"],
-            Duration::ZERO
-        ),
-        "the held row was logged"
+        server.seen_or_wait(&["outbox row held", "target="], Duration::ZERO),
+        "the held row was logged: {:?}",
+        server
+            .seen()
+            .iter()
+            .filter(|l| l.contains("outbox row"))
+            .collect::<Vec<_>>()
     );
     server.stop_cleanly();
     each_order_exactly_once(store.as_ref(), 15);
