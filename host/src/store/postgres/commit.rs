@@ -134,23 +134,30 @@ fn record_idempotency_key(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     Ok(())
 }
 
-/// Raise every fence of the unit, refusing it when a newer owner's token is recorded for a name. Before
-/// the appends, so a stale owner's unit fails before it takes the append lock.
+/// Check every fence of the unit, raising it for a new owner, and refuse the unit when a newer owner's
+/// token is recorded for a name. Before the appends, so a stale owner's unit fails before it takes the
+/// append lock. The common case, the same owner committing again, only reads (under a share lock).
 fn raise_fences(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     for fence in &unit.fences {
         let (name, token) = (fence.owned.key(), fence.token as i64);
-        if c.execute(sql::FENCE_RAISE, &[&name, &token])? == 0 {
-            // The refusing row is locked by this transaction (ON CONFLICT locks it), so it is still there.
-            let current: i64 = c
+        let recorded: Option<i64> = c
+            .query_opt(sql::FENCE_SHARE, &[&name])?
+            .map(|row| row.get(0));
+        let current = match recorded {
+            Some(current) if current == token => continue,
+            Some(current) if current > token => current,
+            _ if c.execute(sql::FENCE_RAISE, &[&name, &token])? > 0 => continue,
+            // Raised meanwhile by a newer owner; the row is locked by this transaction now.
+            _ => c
                 .query_opt(sql::FENCE_CURRENT, &[&name])?
                 .ok_or_else(|| Error::Corrupt(format!("fence {name} vanished")))?
-                .get(0);
-            return Err(Error::Fenced {
-                owned: fence.owned.clone(),
-                token: fence.token,
-                current: current as u64,
-            });
-        }
+                .get(0),
+        };
+        return Err(Error::Fenced {
+            owned: fence.owned.clone(),
+            token: fence.token,
+            current: current as u64,
+        });
     }
     Ok(())
 }

@@ -104,6 +104,7 @@ mod sql {
         RECORDED_CALLS = "recorded_calls";
         FENCE_RAISE = "fence_raise";
         FENCE_CURRENT = "fence_current";
+        FENCE_SHARE = "fence_share";
         PARK_KEY = "park_key";
         HOLD_MESSAGES = "hold_messages";
         SETTLE_HELD = "settle_held";
