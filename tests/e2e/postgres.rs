@@ -230,25 +230,55 @@ fn owners(pg: &PgServer) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_restart() {
-    let mut pg = PgServer::start();
+/// Every order was placed once: as many `OrderPlaced` events as orders.
+fn placed_once(store: &dyn Store, total: usize) {
+    let placed = count_of(store, "fulfilment::order", "Fulfilment.OrderPlaced.v1");
+    assert_eq!(placed, total, "one OrderPlaced per order");
+}
+
+/// Two replicas sharing one PostgreSQL store (no broker), with their leases and the database.
+struct Running {
+    pg: PgServer,
+    store: Arc<PostgresStore>,
+    dir: tempfile::TempDir,
+    replicas: Vec<crate::support::Server>,
+}
+
+/// `orders` sent, two replicas started with leases of `lease_ttl_ms`, and the first order shipped.
+fn two_replicas_shipping(lease_ttl_ms: u64, orders: usize) -> Running {
+    let pg = PgServer::start();
     let store = Arc::new(PostgresStore::connect(&pg.store_config()).unwrap());
     store.setup().unwrap();
     let dir = tempfile::tempdir().unwrap();
     write_config(
         dir.path(),
         &format!(
-            "[server]\nmessages_per_tick = 20\nlease_ttl_ms = 1500\npoll_interval_ms = 100\n{}",
+            "[server]\nmessages_per_tick = 20\nlease_ttl_ms = {lease_ttl_ms}\npoll_interval_ms = 100\n{}",
             pg.config()
         ),
     );
-    let total = 300;
-    send_orders(dir.path(), 0, total);
-    let mut replicas = start_replicas(dir.path(), 2);
+    send_orders(dir.path(), 0, orders);
+    let replicas = start_replicas(dir.path(), 2);
     wait_until(Duration::from_secs(60), "the first shipments", || {
         shipped(store.as_ref()) > 0
     });
+    Running {
+        pg,
+        store,
+        dir,
+        replicas,
+    }
+}
+
+#[test]
+fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_restart() {
+    let total = 300;
+    let Running {
+        mut pg,
+        store,
+        dir,
+        mut replicas,
+    } = two_replicas_shipping(1500, total);
     let leased = owners(&pg);
     assert!(
         leased.len() >= 4,
@@ -314,14 +344,7 @@ fn two_replicas_share_one_store_without_a_broker_survive_a_kill_and_a_database_r
             "{name} ran on the survivor only after it took the lease"
         );
     }
-    assert_eq!(
-        count_of(
-            store.as_ref(),
-            "fulfilment::order",
-            "Fulfilment.OrderPlaced.v1"
-        ),
-        total
-    );
+    placed_once(store.as_ref(), total);
 }
 
 /// The fencing token recorded for each leased name (see `host/src/ownership.rs`).
@@ -338,23 +361,13 @@ fn fences(pg: &PgServer) -> BTreeMap<String, u64> {
 /// (the takeover raised the store's fence above its token), and every order is shipped exactly once.
 #[test]
 fn a_frozen_lease_owner_that_wakes_after_a_takeover_commits_nothing_stale() {
-    let pg = PgServer::start();
-    let store = Arc::new(PostgresStore::connect(&pg.store_config()).unwrap());
-    store.setup().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        &format!(
-            "[server]\nmessages_per_tick = 20\nlease_ttl_ms = 1000\npoll_interval_ms = 100\n{}",
-            pg.config()
-        ),
-    );
     let total = 400;
-    send_orders(dir.path(), 0, total);
-    let mut replicas = start_replicas(dir.path(), 2);
-    wait_until(Duration::from_secs(60), "the first shipments", || {
-        shipped(store.as_ref()) > 0
-    });
+    let Running {
+        pg,
+        store,
+        dir,
+        mut replicas,
+    } = two_replicas_shipping(1000, total);
     let leased = owners(&pg);
     let pids: Vec<String> = replicas.iter().map(|r| format!("{}-", r.pid())).collect();
     let victim = (0..2)
@@ -401,14 +414,7 @@ fn a_frozen_lease_owner_that_wakes_after_a_takeover_commits_nothing_stale() {
     survivor.stop_cleanly();
     victim.stop_cleanly();
     each_order_exactly_once(store.as_ref(), total);
-    assert_eq!(
-        count_of(
-            store.as_ref(),
-            "fulfilment::order",
-            "Fulfilment.OrderPlaced.v1"
-        ),
-        total
-    );
+    placed_once(store.as_ref(), total);
 }
 
 #[test]
