@@ -172,10 +172,12 @@ pub(crate) struct NextRead {
     pub(crate) limit: usize,
 }
 
-/// Messages read ahead ([`Place::then_read`]), with the position they were read after.
+/// Messages read ahead ([`Place::then_read`]), with the position they were read after and the engine's
+/// head just before the read (an empty read-ahead is as good as a fresh read while the head is that).
 #[derive(Debug)]
 pub(crate) struct ReadAhead {
     pub(crate) after: u64,
+    pub(crate) head: u64,
     pub(crate) messages: Vec<StoredMessage>,
 }
 
@@ -403,7 +405,7 @@ async fn handle(
         };
         let outcome = batch::run(&ctx, &messages, &mut attempts);
         let next = match (&outcome, place.then_read) {
-            (Ok(_), Some(read)) => read_ahead(shared.store.as_ref(), *read),
+            (Ok(_), Some(read)) => read_ahead(&shared, *read),
             _ => None,
         };
         let back = Back {
@@ -417,12 +419,15 @@ async fn handle(
     Ok(outcome?)
 }
 
-fn read_ahead(store: &dyn store::Store, read: NextRead) -> Option<ReadAhead> {
-    let messages = store
+fn read_ahead(shared: &Shared, read: NextRead) -> Option<ReadAhead> {
+    let head = shared.progress.head_now();
+    let messages = shared
+        .store
         .read_categories(&read.categories, read.after, read.limit)
         .ok()?;
     Some(ReadAhead {
         after: read.after,
+        head,
         messages,
     })
 }

@@ -153,12 +153,14 @@ impl Categories {
     }
 
     /// The next messages after the cursor: those read ahead after the last commit when they start
-    /// there, else a read. Read-ahead that found nothing is read again, so that waiting for the head
-    /// starts from a read made after the head was seen.
-    async fn read(&mut self) -> Result<Vec<StoredMessage>, Trouble> {
+    /// there, else a read. A read-ahead that found nothing counts only if the engine's head has not
+    /// moved since it (`head`: the head this fetch waits on), so that waiting for the head starts
+    /// from a read made after the head was seen, as a fresh read's would.
+    async fn read(&mut self, head: u64) -> Result<Vec<StoredMessage>, Trouble> {
         let at = self.cursor.at;
         let ahead = self.ahead.take();
-        if let Some(ahead) = ahead.filter(|a| a.after == at && !a.messages.is_empty()) {
+        let current = |a: &ReadAhead| !a.messages.is_empty() || a.head == head;
+        if let Some(ahead) = ahead.filter(|a| a.after == at && current(a)) {
             return Ok(ahead.messages);
         }
         let read = self.next_read(self.cursor.at);
@@ -302,7 +304,7 @@ impl Source for Categories {
             return self.drain(key).await;
         }
         self.drained = false;
-        let messages = self.read().await?;
+        let messages = self.read(head).await?;
         self.cursor.at_head = messages.is_empty();
         if self.cursor.at_head && released.is_some() {
             // A released key still holds messages: handle them without waiting.
