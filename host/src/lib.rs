@@ -10,6 +10,7 @@
 #![allow(missing_docs)]
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod inspect;

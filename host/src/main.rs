@@ -174,7 +174,14 @@ fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::T
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
     let (plugin, target) = load_plugin(common, &config, None)?;
     Ok((
-        Engine::new(plugin, EngineOptions { test_mode, config })?,
+        Engine::new(
+            plugin,
+            EngineOptions {
+                test_mode,
+                config,
+                ..EngineOptions::default()
+            },
+        )?,
         target,
     ))
 }
@@ -194,6 +201,7 @@ fn waiting_engine(
     let options = EngineOptions {
         test_mode: false,
         config,
+        ..EngineOptions::default()
     };
     Ok(Some((Engine::new(plugin, options)?, target)))
 }

@@ -9,7 +9,9 @@ use std::{cell::RefCell, collections::HashMap};
 use serde_json::Value;
 
 pub use crate::ownership::Fence;
+pub use crate::store::schedules::{FiredSchedule, ScheduleWrite};
 use crate::{
+    clock::Clock,
     message::{self, Cause, Kind, NewMeta, TooBig},
     plugin::HostServices,
     store::{self, DeadLetter, DocumentVersion, Store, StoredDocument},
@@ -40,6 +42,11 @@ pub struct UnitOfWork {
     /// Ordered event-store subscriptions that park: keys parked, messages held behind them, held
     /// messages settled.
     pub parking: Parking,
+    /// Schedules set and cancelled by the batch's handlers, in the order they made them.
+    pub schedules: Vec<ScheduleWrite>,
+    /// Schedules this unit fires (their messages are among `messages`): refused whole unless each is
+    /// still pending with the id read.
+    pub fired: Vec<FiredSchedule>,
 }
 
 /// A caller's key for "this unit, once": Protean's `metadata.headers.idempotency_key`.
@@ -62,6 +69,8 @@ impl UnitOfWork {
             && self.idempotency_key.is_none()
             && self.ended_calls.is_empty()
             && self.parking.is_empty()
+            && self.schedules.is_empty()
+            && self.fired.is_empty()
     }
 }
 
@@ -160,6 +169,21 @@ impl NewMessage {
     /// Its size as `server.max_message_bytes` counts it: the bytes of its data and metadata.
     pub fn size(&self) -> usize {
         self.data.len() + self.metadata.len()
+    }
+
+    /// The same message stamped with `time` (its `time` and `metadata.headers.time`): a scheduled
+    /// message is written when scheduled and dated when it fires, and a virtual clock dates what
+    /// handlers write.
+    pub fn at(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
+        self.time = message::format_time(time);
+        // The metadata was written by `NewMeta` (or stored from it), so it parses; keys keep their order.
+        if let Ok(mut metadata) = serde_json::from_str::<Value>(&self.metadata) {
+            if metadata["headers"].is_object() {
+                metadata["headers"]["time"] = Value::from(self.time.as_str());
+                self.metadata = metadata.to_string();
+            }
+        }
+        self
     }
 
     /// The same message carrying `key` as `metadata.headers.idempotency_key`, as Protean writes it.
@@ -312,11 +336,14 @@ impl PositionUpdate {
 enum Write {
     Message(NewMessage),
     Document(DocumentWrite),
+    Schedule(ScheduleWrite),
 }
 
 /// Collects what handlers write during one batch. `causes[i]` is the message at batch index `i`.
 pub(crate) struct Buffer<'a> {
     store: &'a dyn Store,
+    /// The engine's clock: what handlers write is dated by it, and schedules are due on it.
+    clock: &'a Clock,
     causes: &'a [Cause<'a>],
     /// `server.max_message_bytes`: a larger write is refused.
     limit: usize,
@@ -335,9 +362,15 @@ pub(crate) struct Buffer<'a> {
 }
 
 impl<'a> Buffer<'a> {
-    pub(crate) fn new(store: &'a dyn Store, causes: &'a [Cause<'a>], limit: usize) -> Self {
+    pub(crate) fn new(
+        store: &'a dyn Store,
+        clock: &'a Clock,
+        causes: &'a [Cause<'a>],
+        limit: usize,
+    ) -> Self {
         Self {
             store,
+            clock,
             causes,
             limit,
             writes: RefCell::default(),
@@ -407,6 +440,7 @@ impl<'a> Buffer<'a> {
             match write {
                 Write::Message(m) => unit.messages.push(m),
                 Write::Document(d) => unit.documents.push(d),
+                Write::Schedule(s) => unit.schedules.push(s),
             }
         }
     }
@@ -449,6 +483,11 @@ impl<'a> Buffer<'a> {
         if let Err(too_big) = TooBig::check(message.size(), self.limit, || what(""), WRITE_FIX) {
             return self.refuse(index, too_big);
         }
+        // Dated again only on a virtual clock: restamping costs a parse of the metadata.
+        let message = match self.clock.is_virtual() {
+            true => message.at(self.clock.now()),
+            false => message,
+        };
         self.push(index, Write::Message(message));
         Ok(())
     }
@@ -730,7 +769,7 @@ mod tests {
     fn a_write_over_the_limit_is_refused_and_noted_until_its_message_is_discarded() {
         let store = MemoryStore::default();
         let causes = [Cause::default(); 3];
-        let buffer = Buffer::new(&store, &causes, 4096);
+        let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, 4096);
         // A call whose first message is batch index 1.
         let view = buffer.view(1);
         let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5000));
@@ -766,7 +805,7 @@ mod tests {
     fn permanent_failures_of_the_host_services_are_noted_and_transient_ones_are_not() {
         let store = MemoryStore::default();
         let causes = [Cause::default(); 3];
-        let buffer = Buffer::new(&store, &causes, 4096);
+        let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, 4096);
         let view = buffer.view(1);
         assert_eq!(view.find_documents("docs", "id", b"1").unwrap(), b"[]");
         assert_eq!(buffer.unreadable(1), None, "an answer is no failure");

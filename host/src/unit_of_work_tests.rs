@@ -50,7 +50,7 @@ fn drained(buffer: &Buffer<'_>) -> UnitOfWork {
 fn a_stream_read_sees_the_stored_events_then_the_buffered_ones_in_order() {
     let store = store_with(vec![event("s-1", "T.A.v1", json!({"n": 0}))], vec![]);
     let causes = [Cause::default(); 2];
-    let buffer = Buffer::new(&store, &causes, LIMIT);
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
     buffer
         .view(0)
         .raise_event(0, "s-1", "T.B.v1", br#"{"n":1}"#, None)
@@ -84,7 +84,7 @@ fn a_stream_read_sees_the_stored_events_then_the_buffered_ones_in_order() {
 fn a_document_read_sees_the_buffered_put_or_delete_before_the_store() {
     let store = store_with(vec![], vec![put("docs", "d1", json!({"v": "stored"}))]);
     let causes = [Cause::default(); 3];
-    let buffer = Buffer::new(&store, &causes, LIMIT);
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
     let view = buffer.view(0);
     let get = |id: &str| view.get_document("docs", id).unwrap().map(|d| json_of(&d));
     assert_eq!(get("d1"), Some(json!({"v": "stored"})));
@@ -105,7 +105,7 @@ fn the_first_write_of_a_document_carries_the_version_its_handler_read() {
     let store = store_with(vec![], vec![put("docs", "d1", json!({"v": 1}))]);
     let stored = store.read_document("docs", "d1").unwrap().unwrap().version;
     let causes = [Cause::default(); 1];
-    let buffer = Buffer::new(&store, &causes, LIMIT);
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
     let view = buffer.view(0);
     view.get_document("docs", "d1").unwrap();
     view.get_document("docs", "missing").unwrap();
@@ -141,7 +141,7 @@ fn a_find_sees_stored_matches_overlaid_with_buffered_puts_and_deletes_and_notes_
     );
     let version = |id: &str| store.read_document("docs", id).unwrap().unwrap().version;
     let causes = [Cause::default(); 1];
-    let buffer = Buffer::new(&store, &causes, LIMIT);
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
     let view = buffer.view(0);
     view.put_document(0, "docs", "b", br#"{"id":"b","colour":"blue"}"#)
         .unwrap();

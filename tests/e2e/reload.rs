@@ -304,6 +304,7 @@ fn the_engine_api_reports_what_a_reload_changes_and_refuses_it_in_test_mode() {
         let options = EngineOptions {
             test_mode,
             config: Config::default(),
+            ..EngineOptions::default()
         };
         Engine::with_store(
             load(sample_domain()),

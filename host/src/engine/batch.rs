@@ -177,6 +177,8 @@ pub(crate) struct Context<'a> {
     /// The domain's handlers, called for each run of messages.
     pub(crate) plugin: &'a dyn Handlers,
     pub(crate) store: &'a dyn Store,
+    /// What handlers read as now, and what dates their writes.
+    pub(crate) clock: &'a crate::clock::Clock,
     pub(crate) subscription: &'a Subscription,
     pub(crate) version_retries: u32,
     /// Write outbox rows for what the handlers append (a broker is configured).
@@ -240,6 +242,7 @@ impl<'a> Context<'a> {
         Self {
             plugin: plugin.as_ref(),
             store: shared.store.as_ref(),
+            clock: &shared.clock,
             subscription,
             version_retries: shared.config.version_retries,
             publish: shared.config.broker.is_some(),
@@ -511,7 +514,7 @@ fn build(
             meta: meta.as_ref().ok(),
         })
         .collect();
-    let now = chrono::Utc::now();
+    let now = ctx.clock.now();
     let theirs = theirs(ctx, keys, messages.len());
     let done = already_processed(ctx, messages, &theirs, recheck)?;
     let classes: Vec<Class<'_>> = messages
@@ -531,7 +534,12 @@ fn build(
             }
         })
         .collect();
-    let buffer = Buffer::new(ctx.store, &causes, sub.settings.max_message_bytes);
+    let buffer = Buffer::new(
+        ctx.store,
+        ctx.clock,
+        &causes,
+        sub.settings.max_message_bytes,
+    );
     let mut unit = UnitOfWork {
         publish: ctx.publish,
         fences: ctx.fences.clone(),

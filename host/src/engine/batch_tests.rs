@@ -65,6 +65,7 @@ impl Setup {
         Context {
             plugin: self.handlers.as_ref(),
             store: self.store.as_ref(),
+            clock: &crate::clock::SYSTEM,
             subscription: &self.sub,
             version_retries: 2,
             publish: false,

@@ -31,6 +31,7 @@ fn linked(store: Arc<dyn Store>, name: &'static str, domain: fn() -> Domain) -> 
     let options = EngineOptions {
         test_mode: true,
         config,
+        ..EngineOptions::default()
     };
     Engine::with_handlers(Arc::new(domain), store, options).unwrap()
 }

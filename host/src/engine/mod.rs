@@ -62,6 +62,8 @@ pub struct EngineOptions {
     pub test_mode: bool,
     /// The resolved configuration.
     pub config: Config,
+    /// The clock of the run: the system's, or a virtual one in test mode (`--clock virtual`).
+    pub clock: crate::clock::Clock,
 }
 
 /// Why the engine could not start or run.
@@ -159,6 +161,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) progress: Progress,
     pub(crate) test_mode: bool,
+    /// The one clock of the run (virtual in a test mode that skips waits).
+    pub(crate) clock: crate::clock::Clock,
     /// Prometheus counters, recorded after each batch and outbox round.
     pub(crate) metrics: crate::ops::metrics::Metrics,
     /// The handler calls in progress, with their deadlines (liveness fails past one).
@@ -201,7 +205,7 @@ async fn watch_deadlines(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let library = Library::load("target/debug/libsample_domain.so".as_ref())?;
 /// let domain = library.instantiate(&library.select(None)?, 3)?;
-/// let options = EngineOptions { test_mode: true, config: Config::load(None)? };
+/// let options = EngineOptions { test_mode: true, config: Config::load(None)?, ..Default::default() };
 /// let engine = Engine::new(domain, options)?;
 /// let order = serde_json::json!({"order_id": "o1", "customer": "ada", "sku": "book", "quantity": 1, "total": 9.5});
 /// engine.send("Fulfilment.PlaceOrder.v1", &order, None)?;
@@ -469,6 +473,7 @@ impl Engine {
         let ctx = batch::Context {
             plugin: generation.plugin.as_ref(),
             store: self.store.as_ref(),
+            clock: &self.options.clock,
             subscription: sub,
             version_retries: self.options.config.version_retries,
             publish: self.options.config.broker.is_some(),
@@ -548,6 +553,7 @@ impl Engine {
             config: self.options.config.clone(),
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
+            clock: self.options.clock.clone(),
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
             deadlines: deadlines::Deadlines::default(),
             turns: turns::Turns::default(),

@@ -26,6 +26,7 @@ impl Shared {
             store,
             config,
             test_mode: false,
+            clock: crate::clock::Clock::system(),
             deadlines: super::deadlines::Deadlines::default(),
             turns: super::turns::Turns::default(),
         };

@@ -8,8 +8,10 @@ use std::{
 use super::{
     category, check_field,
     outbox::{choose, Candidate, Lease},
+    schedules::ScheduleWrite,
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
-    PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
+    PendingRow, Result, Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules, Store,
+    StoredDocument, StoredMessage, ABSENT,
 };
 use crate::{
     ownership::Owned,
@@ -42,6 +44,8 @@ struct State {
     parked: BTreeMap<(String, String), (u64, bool)>,
     /// Held messages: (subscription, key, global position).
     held: std::collections::BTreeSet<(String, String, u64)>,
+    /// Schedules by key.
+    schedules: BTreeMap<String, Schedule>,
 }
 
 #[derive(Debug)]
@@ -111,6 +115,7 @@ impl State {
             versions.insert(&m.stream, actual + 1);
         }
         self.check_documents(unit)?;
+        self.check_fired(unit)?;
         for marker in &unit.processed {
             let key = (marker.subscription.clone(), marker.message_id.clone());
             if self.processed.contains(&key) {
@@ -142,6 +147,61 @@ impl State {
     }
 
     /// Park, hold, settle and unpark, as the SQL stores do.
+    /// Refuse to fire a schedule that is no longer pending as read.
+    fn check_fired(&self, unit: &UnitOfWork) -> Result<()> {
+        for fired in &unit.fired {
+            let pending = self
+                .schedules
+                .get(&fired.key)
+                .is_some_and(|s| s.id == fired.id && s.state == ScheduleState::Pending);
+            if !pending {
+                return Err(Error::NotPending {
+                    key: fired.key.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_schedules(&mut self, unit: &UnitOfWork) {
+        for fired in &unit.fired {
+            if let Some(schedule) = self.schedules.get_mut(&fired.key) {
+                schedule.state = ScheduleState::Fired;
+                schedule.settled_ms = Some(fired.at_ms);
+            }
+        }
+        for write in &unit.schedules {
+            match write {
+                ScheduleWrite::Set {
+                    key,
+                    due_ms,
+                    message,
+                } => {
+                    let schedule = Schedule {
+                        key: key.clone(),
+                        id: message.id.clone(),
+                        due_ms: *due_ms,
+                        stream: message.stream.clone(),
+                        message_type: message.message_type.clone(),
+                        data: message.data.clone(),
+                        metadata: message.metadata.clone(),
+                        state: ScheduleState::Pending,
+                        settled_ms: None,
+                    };
+                    self.schedules.insert(key.clone(), schedule);
+                }
+                ScheduleWrite::Cancel { key, at_ms } => {
+                    if let Some(s) = self.schedules.get_mut(key) {
+                        if s.state == ScheduleState::Pending {
+                            s.state = ScheduleState::Cancelled;
+                            s.settled_ms = Some(*at_ms);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn apply_parking(&mut self, parking: &crate::unit_of_work::Parking) {
         let subscription = &parking.subscription;
         for (key, dead_letter) in &parking.park {
@@ -306,6 +366,7 @@ impl State {
             self.calls.remove(ended);
         }
         self.apply_parking(&unit.parking);
+        self.apply_schedules(unit);
         last
     }
 }
@@ -449,6 +510,10 @@ impl Store for MemoryStore {
 
     fn outbox(&self) -> Option<&dyn Outbox> {
         Some(self)
+    }
+
+    fn schedules(&self) -> &dyn Schedules {
+        self
     }
 
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
@@ -669,4 +734,58 @@ fn age_ms(state: &State, row: &OutboxRow) -> u64 {
     crate::message::parse_time(time).map_or(0, |t| {
         super::now_ms().saturating_sub(t.timestamp_millis().max(0) as u64)
     })
+}
+
+impl Schedules for MemoryStore {
+    fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Schedule>> {
+        let mut due: Vec<Schedule> = self
+            .state()
+            .schedules
+            .values()
+            .filter(|s| s.state == ScheduleState::Pending && s.due_ms <= now_ms)
+            .cloned()
+            .collect();
+        due.sort_by(|a, b| (a.due_ms, &a.key).cmp(&(b.due_ms, &b.key)));
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    fn next_due(&self) -> Result<Option<i64>> {
+        let state = self.state();
+        let pending = state.schedules.values();
+        Ok(pending
+            .filter(|s| s.state == ScheduleState::Pending)
+            .map(|s| s.due_ms)
+            .min())
+    }
+
+    fn list(&self, query: &ScheduleQuery) -> Result<Vec<Schedule>> {
+        let mut found: Vec<Schedule> = self
+            .state()
+            .schedules
+            .values()
+            .filter(|s| query.state.is_none_or(|state| s.state == state))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (a.due_ms, &a.key).cmp(&(b.due_ms, &b.key)));
+        found.truncate(query.limit);
+        Ok(found)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Schedule>> {
+        Ok(self.state().schedules.get(key).cloned())
+    }
+
+    fn counts(&self, overdue_before_ms: i64) -> Result<ScheduleCounts> {
+        let state = self.state();
+        let pending = state
+            .schedules
+            .values()
+            .filter(|s| s.state == ScheduleState::Pending);
+        Ok(pending.fold(ScheduleCounts::default(), |mut counts, s| {
+            counts.pending += 1;
+            counts.overdue += u64::from(s.due_ms < overdue_before_ms);
+            counts
+        }))
+    }
 }

@@ -14,6 +14,7 @@ mod outbox;
 pub mod postgres;
 #[cfg(test)]
 pub(crate) mod recording;
+pub mod schedules;
 mod sqlite;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -32,6 +33,7 @@ pub use lease::Leases;
 pub use memory::MemoryStore;
 pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow};
 pub use postgres::{PostgresConfig, PostgresStore};
+pub use schedules::{Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules};
 pub use sqlite::SqliteStore;
 
 use crate::unit_of_work::{CallRecord, UnitOfWork};
@@ -199,6 +201,10 @@ pub enum Error {
         version: i32,
         latest: i32,
     },
+    /// A unit fired a schedule that was fired, cancelled or replaced since it was read (another replica
+    /// fired it, a handler cancelled or set it again): nothing of the unit was written.
+    #[error("schedule {key:?} is no longer pending as read (fired, cancelled or set again since)")]
+    NotPending { key: String },
     /// A newer owner of `owned` has committed with a higher fencing token: this replica lost its lease
     /// (it stalled past it) and nothing of its unit was written.
     #[error("{owned} was taken over by a newer owner (fencing token {current} > {token}); this replica's commit is refused")]
@@ -356,6 +362,9 @@ pub trait Store: Send + Sync {
     fn leases(&self) -> Option<&dyn Leases> {
         None
     }
+
+    /// The schedules kept beside the messages.
+    fn schedules(&self) -> &dyn Schedules;
 }
 
 /// Which store to open.

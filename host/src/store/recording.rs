@@ -10,7 +10,8 @@ use std::{
 };
 
 use super::{
-    DeadLetter, Error, MemoryStore, ParkedKey, Result, Store, StoredDocument, StoredMessage,
+    DeadLetter, Error, MemoryStore, ParkedKey, Result, Schedules, Store, StoredDocument,
+    StoredMessage,
 };
 use crate::unit_of_work::{CallRecord, UnitOfWork};
 
@@ -140,5 +141,9 @@ impl Store for Recording {
         identities: Option<&[&str]>,
     ) -> Result<HashMap<String, u32>> {
         self.inner.recorded_calls(subscription, identities)
+    }
+
+    fn schedules(&self) -> &dyn Schedules {
+        self.inner.schedules()
     }
 }

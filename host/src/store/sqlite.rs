@@ -761,6 +761,10 @@ impl Store for SqliteStore {
         Some(self)
     }
 
+    fn schedules(&self) -> &dyn crate::store::Schedules {
+        self
+    }
+
     fn resolve_dead_letter(
         &self,
         subscription: &str,
@@ -1064,4 +1068,33 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");
         })
+}
+
+// Placeholder until the SQL schedules land: every call fails loudly.
+impl crate::store::Schedules for SqliteStore {
+    fn due(&self, _: i64, _: usize) -> Result<Vec<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn next_due(&self) -> Result<Option<i64>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn list(&self, _: &crate::store::ScheduleQuery) -> Result<Vec<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn get(&self, _: &str) -> Result<Option<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn counts(&self, _: i64) -> Result<crate::store::ScheduleCounts> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
 }

@@ -61,6 +61,7 @@ pub fn engine(library: &Path, instance: &str, store: Arc<dyn Store>, config: &st
         EngineOptions {
             test_mode: true,
             config,
+            ..EngineOptions::default()
         },
     )
     .unwrap()

@@ -498,6 +498,10 @@ impl Store for PostgresStore {
         Some(self)
     }
 
+    fn schedules(&self) -> &dyn crate::store::Schedules {
+        self
+    }
+
     fn leases(&self) -> Option<&dyn Leases> {
         Some(self)
     }
@@ -583,5 +587,34 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("secret"));
+    }
+}
+
+// Placeholder until the SQL schedules land: every call fails loudly.
+impl crate::store::Schedules for PostgresStore {
+    fn due(&self, _: i64, _: usize) -> Result<Vec<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn next_due(&self) -> Result<Option<i64>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn list(&self, _: &crate::store::ScheduleQuery) -> Result<Vec<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn get(&self, _: &str) -> Result<Option<crate::store::Schedule>> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
+    }
+    fn counts(&self, _: i64) -> Result<crate::store::ScheduleCounts> {
+        Err(Error::Corrupt(
+            "schedules are not implemented for this store yet".into(),
+        ))
     }
 }
