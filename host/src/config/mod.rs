@@ -99,6 +99,8 @@ pub struct Config {
     pub health: HealthSettings,
     /// Ordered subscriptions (`[server.ordering]`).
     pub ordering: OrderingSettings,
+    /// Firing schedules (`[server.scheduler]`).
+    pub scheduler: SchedulerSettings,
     /// How long one handler call may run. An isolated worker process past it is killed.
     pub handler_timeout: Duration,
     /// Where the domain's code runs (`[server] isolation`, `[server.worker]`).
@@ -130,6 +132,7 @@ impl Default for Config {
             probe_timeout: Duration::from_secs(30),
             health: HealthSettings::default(),
             ordering: OrderingSettings::default(),
+            scheduler: SchedulerSettings::default(),
             handler_timeout: Duration::from_millis(Settings::default().handler_timeout_ms),
             isolation: IsolationSettings::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
@@ -260,6 +263,29 @@ impl Default for OutboxSettings {
             retry_delay_ms: 1000,
             max_retry_delay_ms: 60_000,
             lease_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Firing schedules (`[server.scheduler]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SchedulerSettings {
+    /// How often a replica looks for schedules it did not set itself (another replica's, or one set
+    /// while it was down): the longest a schedule set elsewhere, due sooner than this, can be late.
+    /// Schedules this replica sets wake it by themselves.
+    pub poll_interval: Duration,
+    /// Schedules fired per commit, at most.
+    pub batch: u32,
+    /// A pending schedule this long past due counts as overdue (status, readiness, metrics).
+    pub overdue_after: Duration,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            batch: 100,
+            overdue_after: Duration::from_secs(10),
         }
     }
 }

@@ -58,6 +58,8 @@ pub(super) struct ServerSection {
     pub(super) health: HealthSection,
     #[serde(default)]
     pub(super) ordering: OrderingSection,
+    #[serde(default)]
+    pub(super) scheduler: SchedulerSection,
 }
 
 impl ServerSection {
@@ -88,6 +90,15 @@ pub(super) struct OrderingSection {
     pub(super) partitions: Option<u32>,
     pub(super) lease_ttl_ms: Option<u64>,
     pub(super) workers: Option<u32>,
+}
+
+/// `[server.scheduler]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SchedulerSection {
+    pub(super) poll_interval_ms: Option<u64>,
+    pub(super) batch: Option<u32>,
+    pub(super) overdue_after_ms: Option<u64>,
 }
 
 /// `[server.health]`.

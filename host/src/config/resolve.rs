@@ -8,9 +8,11 @@ use protean_plugin_api::HandlerOptions;
 use super::{
     error::{at_least, at_least_because, Invalid, Problem},
     profile::Profile,
-    raw::{HealthSection, OrderingSection, OutboxSection, RawConfig, ServerSection},
+    raw::{
+        HealthSection, OrderingSection, OutboxSection, RawConfig, SchedulerSection, ServerSection,
+    },
     Config, HealthSettings, IsolationMode, IsolationSettings, OrderingSettings, OutboxSettings,
-    SubscriptionType, DEFAULT_MAX_MESSAGE_BYTES,
+    SchedulerSettings, SubscriptionType, DEFAULT_MAX_MESSAGE_BYTES,
 };
 use crate::{broker::BrokerConfig, store::StoreConfig};
 
@@ -48,6 +50,7 @@ impl Config {
             outbox,
             health: health(&s.health)?,
             ordering: ordering(&s.ordering)?,
+            scheduler: scheduler(&s.scheduler)?,
             isolation: isolation(&s)?,
             max_message_bytes: max_message_bytes(s.max_message_bytes)?,
             lease_ttl: at_least("server.lease_ttl_ms", s.lease_ttl_ms, MIN_LEASE_TTL_MS)?
@@ -231,6 +234,18 @@ fn ordering(o: &OrderingSection) -> Result<OrderingSettings, Invalid> {
             MIN_LEASE_TTL_MS,
         )?
         .map_or(d.lease_ttl, Duration::from_millis),
+    })
+}
+
+/// `[server.scheduler]`, checked: a poll of at least 10 ms, at least one schedule per commit.
+fn scheduler(s: &SchedulerSection) -> Result<SchedulerSettings, Invalid> {
+    let d = SchedulerSettings::default();
+    let poll = at_least("server.scheduler.poll_interval_ms", s.poll_interval_ms, 10)?;
+    let overdue = at_least("server.scheduler.overdue_after_ms", s.overdue_after_ms, 1)?;
+    Ok(SchedulerSettings {
+        poll_interval: poll.map_or(d.poll_interval, Duration::from_millis),
+        batch: at_least("server.scheduler.batch", s.batch, 1)?.unwrap_or(d.batch),
+        overdue_after: overdue.map_or(d.overdue_after, Duration::from_millis),
     })
 }
 
