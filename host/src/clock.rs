@@ -12,6 +12,7 @@
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -47,6 +48,13 @@ struct State {
     arrivals: u64,
     /// Woken waiters that have not yet dropped their guard.
     waking: usize,
+}
+
+/// A registered wait.
+enum Wait {
+    Ready,
+    System(Duration),
+    Virtual(oneshot::Receiver<Woken>),
 }
 
 /// Held by a waiter the virtual clock woke, until it has said what it does next (reported its state):
@@ -119,35 +127,46 @@ impl Clock {
         })
     }
 
-    /// Wait `delay` on this clock. Cancel-safe: a wait dropped early leaves nothing behind.
-    pub async fn sleep(&self, delay: Duration) -> Woken {
+    /// Wait `delay` on this clock. The wait is registered when this is called, not when it is first
+    /// polled (test mode must see it at once); dropped early, it leaves nothing behind.
+    pub fn sleep(&self, delay: Duration) -> impl Future<Output = Woken> + Send + 'static {
         let due = self.now_ms().saturating_add(delay.as_millis() as i64);
-        self.sleep_until(due).await
+        self.sleep_until(due)
     }
 
-    /// Wait until the clock reads `due_ms` (at once if it already does).
-    pub async fn sleep_until(&self, due_ms: i64) -> Woken {
+    /// Wait until the clock reads `due_ms` (at once if it already does); registered as [`Clock::sleep`].
+    pub fn sleep_until(&self, due_ms: i64) -> impl Future<Output = Woken> + Send + 'static {
+        let wait = self.register(due_ms);
+        async move {
+            match wait {
+                Wait::Ready => Woken(None),
+                Wait::System(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Woken(None)
+                }
+                // The clock lives as long as the engine; a clock gone means nothing will ever be due.
+                Wait::Virtual(woken) => match woken.await {
+                    Ok(guard) => guard,
+                    Err(_) => std::future::pending().await,
+                },
+            }
+        }
+    }
+
+    fn register(&self, due_ms: i64) -> Wait {
         let Some(clock) = &self.simulated else {
             let wait = due_ms.saturating_sub(self.now_ms()).max(0) as u64;
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            return Woken(None);
+            return Wait::System(Duration::from_millis(wait));
         };
-        let woken = {
-            let mut state = lock(&clock.state);
-            if due_ms <= state.now_ms {
-                return Woken(None);
-            }
-            let (tx, rx) = oneshot::channel();
-            state.arrivals += 1;
-            let arrival = state.arrivals;
-            state.waiters.insert((due_ms, arrival), tx);
-            rx
-        };
-        // The clock lives as long as the engine; a clock gone means nothing will ever be due.
-        match woken.await {
-            Ok(guard) => guard,
-            Err(_) => std::future::pending().await,
+        let mut state = lock(&clock.state);
+        if due_ms <= state.now_ms {
+            return Wait::Ready;
         }
+        let (tx, rx) = oneshot::channel();
+        state.arrivals += 1;
+        let arrival = state.arrivals;
+        state.waiters.insert((due_ms, arrival), tx);
+        Wait::Virtual(rx)
     }
 
     /// When the earliest wait on a virtual clock ends, if anyone waits.
@@ -244,6 +263,14 @@ mod tests {
             assert!(futures_poll_once(wait.as_mut()).await.is_none());
         }
         assert_eq!(clock.next_wake(), None, "the dropped wait is forgotten");
+        let registered = clock.sleep(Duration::from_secs(2));
+        assert_eq!(
+            clock.next_wake(),
+            Some(2_000),
+            "registered before it is polled"
+        );
+        drop(registered);
+        assert_eq!(clock.next_wake(), None);
         clock.advance_to(5_000);
         assert!(clock.settled());
         assert_eq!(clock.now_ms(), 5_000);

@@ -147,6 +147,8 @@ pub(crate) struct Report {
     pub(crate) dead_lettered_ids: Vec<String>,
     /// Every message of the batch was settled (or was another worker's).
     pub(crate) complete: bool,
+    /// Schedules the commit set or cancelled: the scheduler looks again.
+    pub(crate) scheduled: usize,
 }
 
 impl Report {
@@ -169,6 +171,7 @@ impl Report {
         self.dead_letters.extend(next.dead_letters);
         self.dead_lettered_ids.extend(next.dead_lettered_ids);
         self.complete &= next.complete;
+        self.scheduled += next.scheduled;
     }
 }
 
@@ -428,6 +431,7 @@ fn run_unit(
                     attempts.failed.remove(&id);
                 }
                 report.appended = appended;
+                report.scheduled = unit.schedules.len();
                 report.written = unit
                     .messages
                     .iter()

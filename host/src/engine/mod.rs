@@ -17,6 +17,7 @@ mod generation;
 pub(crate) mod progress;
 pub(crate) mod retry;
 pub(crate) mod run;
+mod scheduler;
 pub mod signals;
 pub mod startup;
 mod testing;
@@ -163,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) test_mode: bool,
     /// The one clock of the run (virtual in a test mode that skips waits).
     pub(crate) clock: crate::clock::Clock,
+    /// Rung by a commit that set or cancelled schedules: the scheduler looks again.
+    pub(crate) schedules_set: tokio::sync::Notify,
     /// Prometheus counters, recorded after each batch and outbox round.
     pub(crate) metrics: crate::ops::metrics::Metrics,
     /// The handler calls in progress, with their deadlines (liveness fails past one).
@@ -554,6 +557,7 @@ impl Engine {
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
             clock: self.options.clock.clone(),
+            schedules_set: tokio::sync::Notify::new(),
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
             deadlines: deadlines::Deadlines::default(),
             turns: turns::Turns::default(),
@@ -751,6 +755,7 @@ impl Runner {
             };
             workers.spawn(standing::of(sub).run(task));
         }
+        workers.spawn(scheduler::run(self.shared.clone(), stop.clone()));
         if let Some(broker) = &self.broker {
             workers.spawn(outbox::run(
                 self.shared.clone(),
@@ -809,9 +814,11 @@ impl Runner {
     }
 }
 
-/// The names progress tracks for a generation: its subscriptions, and the outbox with a broker.
+/// The names progress tracks for a generation: its subscriptions, the scheduler, and the outbox with
+/// a broker.
 fn tracked(generation: &Generation, broker: bool) -> Vec<String> {
     let mut names = generation.names();
+    names.push(scheduler::NAME.to_owned());
     if broker {
         names.push(outbox::NAME.to_owned());
     }

@@ -447,6 +447,9 @@ fn committed(
     if let Some(appended) = report.appended {
         shared.progress.advanced(appended);
     }
+    if report.scheduled > 0 {
+        shared.schedules_set.notify_one();
+    }
     for key in &report.parked {
         tracing::warn!(subscription = %name, worker, %key, "key parked: its later messages are held until its dead letter is replayed (`dlq replay`) or purged (`dlq purge`)");
     }

@@ -64,6 +64,10 @@ pub(crate) struct Metrics {
     outbox_oldest_age: Gauge<f64, AtomicU64>,
     outbox_published: Counter,
     outbox_failed: Counter,
+    schedules_fired: Counter,
+    schedule_lateness: Histogram,
+    schedules_pending: Gauge,
+    schedules_overdue: Gauge,
     up: Gauge,
     uptime: Gauge<f64, AtomicU64>,
     generation: Gauge,
@@ -122,6 +126,10 @@ impl Metrics {
             outbox_oldest_age: add(r, "outbox_oldest_pending_age", "Time since the oldest outbox row waiting to be published was committed (0 when none waits)", Some(Unit::Seconds), Gauge::default()),
             outbox_published: add(r, "outbox_published", "Outbox rows this process published", None, Counter::default()),
             outbox_failed: add(r, "outbox_failed", "Failed outbox publish attempts of this process", None, Counter::default()),
+            schedules_fired: add(r, "schedules_fired", "Schedules this process fired", None, Counter::default()),
+            schedule_lateness: add(r, "schedule_lateness", "How late a schedule fired: from its due time to its commit, on the engine's clock", Some(Unit::Seconds), Histogram::new(exponential_buckets(0.001, 4.0, 12))),
+            schedules_pending: add(r, "schedules_pending", "Schedules waiting for their time", None, Gauge::default()),
+            schedules_overdue: add(r, "schedules_overdue", "Pending schedules more than server.scheduler.overdue_after_ms past due", None, Gauge::default()),
             up: add(r, "engine_up", "1 while the engine runs, 0 once it is shutting down", None, Gauge::default()),
             uptime: add(r, "engine_uptime", "Time since the engine started", Some(Unit::Seconds), Gauge::default()),
             generation: add(r, "plugin_generation", "Generation of the running domain library: 1, then one more per reload", None, Gauge::default()),
@@ -208,6 +216,12 @@ impl Metrics {
         self.outbox_failed.inc_by(failed);
     }
 
+    /// A schedule fired `late` past its due time.
+    pub(crate) fn schedule_fired(&self, late: Duration) {
+        self.schedules_fired.inc();
+        self.schedule_lateness.observe(late.as_secs_f64());
+    }
+
     /// The text exposition (OpenMetrics), with the gauges set from `snapshot` first.
     pub(crate) fn encode(&self, snapshot: &super::status::Snapshot, shutting_down: bool) -> String {
         for s in &snapshot.subscriptions {
@@ -242,6 +256,10 @@ impl Metrics {
             self.outbox_held.set(outbox.held as i64);
             let age_ms = outbox.oldest_pending_age_ms.unwrap_or(0);
             self.outbox_oldest_age.set(age_ms as f64 / 1000.0);
+        }
+        if let Some(schedules) = snapshot.schedules {
+            self.schedules_pending.set(schedules.pending as i64);
+            self.schedules_overdue.set(schedules.overdue as i64);
         }
         self.up.set(i64::from(!shutting_down));
         self.uptime.set(self.started.elapsed().as_secs_f64());
@@ -316,7 +334,12 @@ mod tests {
                 oldest_pending_age_ms: Some(2500),
                 ..Default::default()
             }),
+            schedules: Some(crate::store::ScheduleCounts {
+                pending: 7,
+                overdue: 2,
+            }),
         };
+        metrics.schedule_fired(Duration::from_millis(3));
         let text = metrics.encode(&snapshot, false);
         for line in [
             "protean_messages_handled_total{subscription=\"commands:shop::order\",handler=\"orders\"} 2",
@@ -325,6 +348,10 @@ mod tests {
             "protean_handler_errors_total{subscription=\"commands:shop::order\"} 1",
             "protean_handler_duration_seconds_count{subscription=\"commands:shop::order\",handler=\"orders\"} 2",
             "protean_engine_up 1",
+            "protean_schedules_pending 7",
+            "protean_schedules_overdue 2",
+            "protean_schedules_fired_total 1",
+            "protean_schedule_lateness_seconds_count 1",
             "protean_plugin_generation 1",
             "protean_plugin_reloads_total 0",
             "protean_outbox_pending 4",

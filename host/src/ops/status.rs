@@ -165,6 +165,9 @@ pub struct Snapshot {
     /// Rows by state, for stores that keep an outbox.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxCounts>,
+    /// Pending and overdue schedules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<crate::store::ScheduleCounts>,
 }
 
 /// What to measure, and how long it may take.
@@ -220,6 +223,7 @@ pub async fn measure(
     Snapshot {
         subscriptions: rows,
         outbox,
+        schedules: None,
     }
 }
 
@@ -433,6 +437,7 @@ mod tests {
         let snapshot = Snapshot {
             subscriptions: vec![row],
             outbox: None,
+            schedules: None,
         };
         let text = snapshot.to_string();
         assert!(
@@ -479,6 +484,7 @@ mod tests {
         let snapshot = Snapshot {
             subscriptions: vec![stream, store],
             outbox: None,
+            schedules: None,
         };
         let text = snapshot.to_string();
         let types: Vec<_> = text

@@ -1,0 +1,198 @@
+//! The scheduler: a pending schedule whose time has come on the engine's clock becomes an ordinary
+//! message, appended (and published through the outbox when a broker is configured) exactly once.
+//!
+//! Invariant: a schedule fires only in a unit of work that appends its message and marks it fired
+//! together, and the store refuses that unit unless the schedule is still pending with the id read
+//! ([`crate::store::Error::NotPending`]). So replicas that race, a cancel that races, or a replica
+//! that dies mid-round can make a round fire less than it read, never a schedule twice, never one
+//! that was cancelled. A schedule due while every replica was down fires on the next start, late,
+//! with its lateness measured.
+//!
+//! When it looks: at the next due time it knows of, at once when a handler of this process set a
+//! schedule (`Shared::schedules_set`), and every `server.scheduler.poll_interval_ms` for schedules set
+//! elsewhere.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    progress::State,
+    run::{blocking, Backoff, Fatal, Trouble},
+    Shared,
+};
+use crate::{
+    clock::Woken,
+    store::{self, schedules::FiredSchedule, Schedule},
+    unit_of_work::UnitOfWork,
+};
+
+/// The name the scheduler reports its progress under.
+pub(crate) const NAME: &str = "scheduler";
+
+/// What one round came to.
+#[derive(Debug)]
+struct Round {
+    /// Schedules fired, with how late each was (ms past due, on the engine's clock).
+    lateness: Vec<u64>,
+    /// The global position of the last message appended.
+    appended: Option<u64>,
+    /// The round fired a full batch: more may be due.
+    full: bool,
+    /// Another replica fired or a handler cancelled one of the schedules read: read again.
+    raced: bool,
+}
+
+/// Fire due schedules until `stop`. A round in flight is committed first.
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<(), String> {
+    let progress = &shared.progress;
+    let mut backoff = Backoff::new(NAME);
+    while !stop.is_cancelled() {
+        let seen = progress.head_now();
+        let round = match fire_due(&shared).await? {
+            Ok(round) => round,
+            Err(error) => {
+                backoff.wait(Trouble::store(error), &stop).await?;
+                continue;
+            }
+        };
+        backoff.reset();
+        if !round.lateness.is_empty() {
+            fired(&shared, &round);
+        }
+        if round.full || round.raced {
+            continue;
+        }
+        let next = match next_due(&shared).await? {
+            Ok(next) => next,
+            Err(error) => {
+                backoff.wait(Trouble::store(error), &stop).await?;
+                continue;
+            }
+        };
+        // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
+        // time somebody waits for, and must see this wait once it sees the scheduler idle.
+        let due = next.map(|at| shared.clock.sleep_until(at));
+        progress.set(NAME, State::Idle { head: seen });
+        let poll = shared.config.scheduler.poll_interval;
+        tokio::select! {
+            woken = until(due) => {
+                progress.set(NAME, State::Busy);
+                drop(woken);
+            }
+            _ = shared.schedules_set.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    progress.set(NAME, State::Stopped);
+    Ok(())
+}
+
+/// Wait for `due`, or forever without one.
+async fn until(due: Option<impl std::future::Future<Output = Woken>>) -> Woken {
+    match due {
+        Some(due) => due.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fire the schedules due now, up to a batch, in one unit of work.
+async fn fire_due(shared: &Arc<Shared>) -> Result<Result<Round, store::Error>, Fatal> {
+    let shared = shared.clone();
+    blocking(move || {
+        let now = shared.clock.now();
+        let now_ms = now.timestamp_millis();
+        let batch = shared.config.scheduler.batch as usize;
+        let due = shared.store.schedules().due(now_ms, batch)?;
+        if due.is_empty() {
+            return Ok(Round {
+                lateness: Vec::new(),
+                appended: None,
+                full: false,
+                raced: false,
+            });
+        }
+        shared.progress.set(NAME, State::Busy);
+        let unit = firing(&due, now, shared.config.broker.is_some());
+        match shared.store.commit(&unit) {
+            Ok(appended) => Ok(Round {
+                lateness: due
+                    .iter()
+                    .map(|s| now_ms.saturating_sub(s.due_ms).max(0) as u64)
+                    .collect(),
+                appended,
+                full: due.len() == batch,
+                raced: false,
+            }),
+            Err(store::Error::NotPending { key }) => {
+                tracing::debug!(%key, "a schedule read as due was fired or cancelled meanwhile; reading again");
+                Ok(Round {
+                    lateness: Vec::new(),
+                    appended: None,
+                    full: false,
+                    raced: true,
+                })
+            }
+            // It may have committed: what is still pending is read again, so nothing fires twice.
+            Err(store::Error::OutcomeUnknown { reason }) => {
+                tracing::warn!(%reason, "the outcome of a firing commit is unknown; reading the due schedules again");
+                Ok(Round {
+                    lateness: Vec::new(),
+                    appended: None,
+                    full: false,
+                    raced: true,
+                })
+            }
+            Err(error) => Err(error),
+        }
+    })
+    .await
+}
+
+/// The unit that fires `due` at `now`: each schedule's message, and the claim that it was pending.
+fn firing(due: &[Schedule], now: chrono::DateTime<chrono::Utc>, publish: bool) -> UnitOfWork {
+    UnitOfWork {
+        messages: due.iter().map(|s| s.message(now)).collect(),
+        fired: due
+            .iter()
+            .map(|s| FiredSchedule {
+                key: s.key.clone(),
+                id: s.id.clone(),
+                at_ms: now.timestamp_millis(),
+            })
+            .collect(),
+        publish,
+        ..UnitOfWork::default()
+    }
+}
+
+async fn next_due(shared: &Arc<Shared>) -> Result<Result<Option<i64>, store::Error>, Fatal> {
+    let store = shared.store.clone();
+    blocking(move || store.schedules().next_due()).await
+}
+
+/// Tell the subscriptions, the metrics and the log about a committed round.
+fn fired(shared: &Shared, round: &Round) {
+    if let Some(appended) = round.appended {
+        shared.progress.advanced(appended);
+    }
+    for late in &round.lateness {
+        shared.metrics.schedule_fired(Duration::from_millis(*late));
+    }
+    let latest = round.lateness.iter().max().copied().unwrap_or(0);
+    let late = latest >= shared.config.scheduler.overdue_after.as_millis() as u64;
+    match late {
+        // Due while nothing ran (every replica down), or the engine cannot keep up.
+        true => tracing::warn!(
+            fired = round.lateness.len(),
+            most_late_ms = latest,
+            "schedules fired late"
+        ),
+        false => tracing::debug!(
+            fired = round.lateness.len(),
+            most_late_ms = latest,
+            "schedules fired"
+        ),
+    }
+}
