@@ -31,7 +31,7 @@ impl Cli {
         let server_flag = match (self.server.test_mode, self.server.reload) {
             (true, _) => Some("--test-mode"),
             (_, true) => Some("--reload"),
-            _ => None,
+            _ => self.server.clock.map(|_| "--clock"),
         };
         match (server_flag, &self.command) {
             (Some(flag), Some(command)) if !matches!(command, Command::Server(_)) => {
@@ -99,6 +99,45 @@ pub(crate) struct ServerArgs {
     /// default: the user running the host. Libraries writable by other users are always refused.
     #[arg(long, value_name = "UID|NAME", requires = "reload")]
     pub(crate) reload_owner: Option<String>,
+    /// With --test-mode: `virtual` runs the flow on a clock that, whenever nothing else is left to
+    /// do, jumps to the next due schedule or retry, so waits of days take milliseconds; it starts at
+    /// the current time, or at TIME (RFC 3339) with `virtual@TIME`. Default: `system`.
+    #[arg(long, value_name = "system|virtual[@TIME]", value_parser = parse_clock, requires = "test_mode")]
+    pub(crate) clock: Option<ClockArg>,
+}
+
+/// The clock a test-mode server runs on (`--clock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClockArg {
+    System,
+    /// Starting at the time given, or now.
+    Virtual(Option<chrono::DateTime<chrono::Utc>>),
+}
+
+impl ClockArg {
+    /// The engine's clock.
+    pub(crate) fn clock(self) -> protean_host::clock::Clock {
+        use protean_host::clock::Clock;
+        match self {
+            ClockArg::System => Clock::system(),
+            ClockArg::Virtual(start) => Clock::simulated(start.unwrap_or_else(chrono::Utc::now)),
+        }
+    }
+}
+
+fn parse_clock(value: &str) -> Result<ClockArg, String> {
+    match value.split_once('@') {
+        None if value == "system" => Ok(ClockArg::System),
+        None if value == "virtual" => Ok(ClockArg::Virtual(None)),
+        Some(("virtual", time)) => chrono::DateTime::parse_from_rfc3339(time)
+            .map(|t| ClockArg::Virtual(Some(t.to_utc())))
+            .map_err(|e| {
+                format!("{time:?} is not an RFC 3339 time ({e}); e.g. virtual@2026-01-01T00:00:00Z")
+            }),
+        _ => Err(format!(
+            "{value:?} is not a clock: give system, virtual, or virtual@TIME (RFC 3339)"
+        )),
+    }
 }
 
 /// The subcommands.
@@ -396,7 +435,8 @@ mod tests {
             Some(Command::Server(ServerArgs {
                 test_mode: true,
                 reload: false,
-                reload_owner: None
+                reload_owner: None,
+                clock: None,
             }))
         ));
         assert_eq!(cli.common.log_format, LogFormat::Json);
@@ -430,6 +470,40 @@ mod tests {
         assert!(
             cli.server.test_mode,
             "the server's flags before `server` are the server's"
+        );
+    }
+
+    #[test]
+    fn the_clock_is_system_or_virtual_from_now_or_a_time_and_only_in_test_mode() {
+        let clock = |args: &[&str]| parse(args).map(|cli| cli.server.clock);
+        assert_eq!(clock(&["--test-mode"]).unwrap(), None);
+        assert_eq!(
+            clock(&["--test-mode", "--clock", "virtual"]).unwrap(),
+            Some(ClockArg::Virtual(None))
+        );
+        let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(
+            clock(&["--test-mode", "--clock=virtual@2026-01-01T00:00:00Z"]).unwrap(),
+            Some(ClockArg::Virtual(Some(start.to_utc())))
+        );
+        assert_eq!(
+            clock(&["--test-mode", "--clock", "system"]).unwrap(),
+            Some(ClockArg::System)
+        );
+        for bad in [
+            &["--clock", "virtual"][..],
+            &["--test-mode", "--clock", "fast"],
+            &["--test-mode", "--clock", "virtual@tomorrow"],
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.lines().count() <= 4, "{bad:?}: {error}");
+        }
+        let error = parse(&["--test-mode", "--clock", "fast"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("give system, virtual, or virtual@TIME"),
+            "{error}"
         );
     }
 

@@ -35,7 +35,8 @@ pub struct Clock {
 #[derive(Debug)]
 struct Virtual {
     state: Mutex<State>,
-    /// Rung when the clock moves and when a woken waiter settles.
+    /// Rung when the clock moves and when a woken waiter settles. One listener (test mode), which
+    /// must not miss a ring that comes between its look and its wait: a stored permit.
     changed: Notify,
 }
 
@@ -67,7 +68,7 @@ impl Drop for Woken {
     fn drop(&mut self) {
         if let Some(clock) = self.0.take() {
             lock(&clock.state).waking -= 1;
-            clock.changed.notify_waiters();
+            clock.changed.notify_one();
         }
     }
 }
@@ -197,7 +198,7 @@ impl Clock {
             state = lock(&clock.state);
         }
         drop(state);
-        clock.changed.notify_waiters();
+        clock.changed.notify_one();
     }
 
     /// Whether every waiter a virtual clock woke has said what it does next (always for the system
@@ -214,6 +215,14 @@ impl Clock {
             Some(clock) => clock.changed.notified().await,
             None => std::future::pending().await,
         }
+    }
+}
+
+/// Wait for `wait`, or forever without one.
+pub(crate) async fn until(wait: Option<impl Future<Output = Woken>>) -> Woken {
+    match wait {
+        Some(wait) => wait.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,11 +11,12 @@ mod logging;
 
 use anyhow::Context as _;
 use cli::{
-    Cli, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs, LogFormat,
-    LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
+    Cli, ClockArg, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
+    LogFormat, LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
     SubscriptionsAction, SubscriptionsArgs,
 };
 use protean_host::{
+    clock::Clock,
     config::{Config, IsolationMode},
     engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent, SEND_FIX},
     inspect,
@@ -169,7 +170,11 @@ fn isolation(config: &Config) -> anyhow::Result<Isolation> {
     })
 }
 
-fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::Target)> {
+fn engine(
+    common: &Common,
+    test_mode: bool,
+    clock: Clock,
+) -> anyhow::Result<(Engine, reload::Target)> {
     let config = Config::load(common.config.as_deref())?;
     tracing::debug!(config = %serde_json::to_string(&config).unwrap_or_default(), "resolved configuration");
     let (plugin, target) = load_plugin(common, &config, None)?;
@@ -179,7 +184,7 @@ fn engine(common: &Common, test_mode: bool) -> anyhow::Result<(Engine, reload::T
             EngineOptions {
                 test_mode,
                 config,
-                ..EngineOptions::default()
+                clock,
             },
         )?,
         target,
@@ -234,7 +239,11 @@ fn inspect(common: &Common, args: &InspectArgs) -> anyhow::Result<ExitCode> {
 
 fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let (engine, target) = if args.test_mode {
-        engine(common, true)?
+        engine(
+            common,
+            true,
+            args.clock.map_or(Clock::system(), ClockArg::clock),
+        )?
     } else {
         match waiting_engine(common, args)? {
             Some(started) => started,
@@ -262,7 +271,11 @@ fn print_summary(report: &RunReport) {
         Outcome::Signal(signal) => format!("stopped by {signal}"),
         Outcome::TimedOut { busy } => format!("timed out; still busy: {}", busy.join(", ")),
     };
-    println!("test mode {outcome} ({} ms)", report.elapsed.as_millis());
+    let mut elapsed = format!("{} ms", report.elapsed.as_millis());
+    if let Some(simulated) = report.virtual_elapsed {
+        elapsed.push_str(&format!("; virtual clock moved {}", humanize(simulated)));
+    }
+    println!("test mode {outcome} ({elapsed})");
     for (title, counts) in [
         ("handled", &report.totals.handled),
         ("written", &report.totals.written),
@@ -275,6 +288,21 @@ fn print_summary(report: &RunReport) {
         "  dead-lettered {}, retries {}",
         report.totals.dead_lettered, report.totals.retries
     );
+}
+
+/// A duration as a person reads it: `3d 0h 15m 2.5s`, with only the units it needs.
+fn humanize(d: std::time::Duration) -> String {
+    let ms = d.as_millis() as u64;
+    let (days, hours, minutes) = (ms / 86_400_000, ms / 3_600_000 % 24, ms / 60_000 % 60);
+    let seconds = (ms % 60_000) as f64 / 1000.0;
+    let mut parts = Vec::new();
+    for (n, unit) in [(days, "d"), (hours, "h"), (minutes, "m")] {
+        if n > 0 || !parts.is_empty() {
+            parts.push(format!("{n}{unit}"));
+        }
+    }
+    parts.push(format!("{seconds}s"));
+    parts.join(" ")
 }
 
 /// `send`'s exit code when a command's outcome is unknown: it may or may not be stored.
@@ -299,7 +327,7 @@ fn send(common: &Common, args: &SendArgs) -> anyhow::Result<ExitCode> {
             format!("--deadline {deadline:?} is not an RFC 3339 time like 2030-01-31T12:00:00Z")
         })?;
     }
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, Clock::system())?;
     let limit = engine.config().max_message_bytes;
     let sender = Sender {
         engine: &engine,
@@ -665,7 +693,7 @@ fn print_outbox(
 /// The dead-letter commands. Broker dead letters live in each group's dead-letter stream; event-store
 /// dead letters live in the store and are listed with them.
 fn dlq(common: &Common, args: &DlqArgs) -> anyhow::Result<ExitCode> {
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, Clock::system())?;
     let named = match &args.action {
         DlqAction::List { .. } => None,
         DlqAction::Inspect { subscription, .. }
@@ -847,7 +875,7 @@ fn print_released(subscription: &str, key: &protean_host::store::ParkedKey) {
 /// when a figure could not be measured (the table says which and why).
 fn subscriptions(common: &Common, args: &SubscriptionsArgs) -> anyhow::Result<ExitCode> {
     let SubscriptionsAction::Status { json } = args.action;
-    let (engine, _) = engine(common, false)?;
+    let (engine, _) = engine(common, false, Clock::system())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

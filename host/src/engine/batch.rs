@@ -19,7 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
@@ -54,11 +54,17 @@ pub(crate) struct Subscription {
 }
 
 /// Failed attempts per message identity ([`StoredMessage::identity`]), for messages that are waiting to be retried; and, for ordered
-/// subscriptions, the keys waiting for a retry and until when (their messages are held until then).
+/// subscriptions, the keys waiting for a retry and until when (their messages are held until then),
+/// in milliseconds on the engine's clock.
 #[derive(Debug, Default)]
 pub(crate) struct Attempts {
     failed: HashMap<String, u32>,
-    waiting: HashMap<String, Instant>,
+    waiting: HashMap<String, i64>,
+}
+
+/// `delay` after `now`, in milliseconds.
+fn later(now: i64, delay: Duration) -> i64 {
+    now.saturating_add(delay.as_millis() as i64)
 }
 
 impl Attempts {
@@ -86,26 +92,26 @@ impl Attempts {
     }
 
     /// When the first waiting key may be tried again (None when no key waits).
-    pub(crate) fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<i64> {
         self.waiting.values().min().copied()
     }
 
     /// Forget the waiting keys whose time has come at `now`: their messages may be handled again.
-    pub(crate) fn release_due(&mut self, now: Instant) {
+    pub(crate) fn release_due(&mut self, now: i64) {
         self.waiting.retain(|_, until| *until > now);
     }
 
     /// Whether `key` waits for a retry at `now` (a wait that is over is forgotten).
-    pub(crate) fn waits(&mut self, key: &str, now: Instant) -> bool {
+    pub(crate) fn waits(&mut self, key: &str, now: i64) -> bool {
         if self.waiting.get(key).is_some_and(|until| *until <= now) {
             self.waiting.remove(key);
         }
         self.waiting.contains_key(key)
     }
 
-    /// Hold `key`'s messages for `delay` (a batch of its messages failed as a whole).
-    pub(crate) fn wait(&mut self, key: &str, delay: Duration) {
-        self.waiting.insert(key.to_owned(), Instant::now() + delay);
+    /// Hold `key`'s messages for `delay` from `now` (a batch of its messages failed as a whole).
+    pub(crate) fn wait(&mut self, key: &str, delay: Duration, now: i64) {
+        self.waiting.insert(key.to_owned(), later(now, delay));
     }
 
     /// The keys whose messages are held.
@@ -318,7 +324,7 @@ pub(crate) fn run(
     // Once per batch, before its first unit: a key released between units would let its later
     // messages, in a later unit, pass its failed one, which an earlier unit held.
     if ctx.worker.is_none() {
-        attempts.release_due(Instant::now());
+        attempts.release_due(ctx.clock.now_ms());
     }
     let mut report: Option<Report> = None;
     // Keys an earlier unit of this batch stopped (a wait or a park): later units hold them too.
@@ -701,7 +707,8 @@ fn build(
                 report.retry = Some(report.retry.map_or(delay, |d| d.min(delay)));
                 match held.hold(ok_end) {
                     Some(key) => {
-                        attempts.waiting.insert(key.clone(), Instant::now() + delay);
+                        let until = later(ctx.clock.now_ms(), delay);
+                        attempts.waiting.insert(key.clone(), until);
                         report.waiting.push((key, delay));
                     }
                     None => break,

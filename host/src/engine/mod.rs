@@ -25,6 +25,8 @@ pub(crate) mod turns;
 
 #[cfg(test)]
 mod linked_tests;
+#[cfg(test)]
+mod scheduler_tests;
 
 use std::{
     sync::{Arc, Mutex},
@@ -141,6 +143,8 @@ pub struct RunReport {
     pub outcome: Outcome,
     pub totals: Totals,
     pub elapsed: Duration,
+    /// How far a virtual clock moved (test mode with `--clock virtual`); None on the system clock.
+    pub virtual_elapsed: Option<Duration>,
 }
 
 impl RunReport {
@@ -538,6 +542,7 @@ impl Engine {
                 outcome: Outcome::NothingToRun,
                 totals: Totals::default(),
                 elapsed: started.elapsed(),
+                virtual_elapsed: None,
             });
         }
         let head = {
@@ -652,6 +657,7 @@ impl Engine {
             outcome,
             totals,
             elapsed: started.elapsed(),
+            virtual_elapsed: shared.clock.is_virtual().then(|| shared.clock.elapsed()),
         })
     }
 
@@ -947,7 +953,8 @@ async fn broker_drained(
     true
 }
 
-/// Test mode: stop when quiescent, or give up at the time limit.
+/// Test mode: stop when quiescent, or give up at the time limit. On a virtual clock, quiescent with
+/// something still to come (a schedule, a retry) moves the clock to it at once instead.
 async fn watch_quiescence(
     shared: Arc<Shared>,
     broker: Option<Arc<dyn broker::Broker>>,
@@ -959,16 +966,18 @@ async fn watch_quiescence(
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     loop {
-        if shared.progress.quiescent()
-            && broker_drained(&shared, broker.as_deref(), &subscriptions).await
-        {
-            tracing::info!("test mode: every subscription is caught up and idle");
+        if let Step::Done = next_step(&shared, broker.as_deref(), &subscriptions).await {
+            tracing::info!(
+                virtual_elapsed_ms = shared.clock.elapsed().as_millis() as u64,
+                "test mode: every subscription is caught up and idle"
+            );
             lock(&outcome).get_or_insert(Outcome::Quiescent);
             shutdown.cancel();
             return;
         }
         tokio::select! {
             _ = shared.progress.changed() => {}
+            _ = shared.clock.changed() => {}
             _ = &mut deadline => {
                 let busy = shared.progress.busy();
                 tracing::error!(limit_s = limit.as_secs(), ?busy, "test mode time limit reached");
@@ -979,4 +988,65 @@ async fn watch_quiescence(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// What test mode does next.
+enum Step {
+    /// Something runs: look again when it changes.
+    Wait,
+    /// Nothing is left.
+    Done,
+}
+
+/// Whether the run is done; on a virtual clock with only waits left, move the clock to the first.
+async fn next_step(
+    shared: &Arc<Shared>,
+    broker: Option<&dyn broker::Broker>,
+    subscriptions: &[Arc<Subscription>],
+) -> Step {
+    let clock = &shared.clock;
+    // A loop the clock woke has not said what it does next: its state is stale.
+    if !clock.settled() {
+        return Step::Wait;
+    }
+    let done = shared.progress.quiescent();
+    // Retries wait on the clock; a virtual one skips them when nothing else runs.
+    let waiting =
+        clock.is_virtual() && clock.next_wake().is_some() && shared.progress.only_retries();
+    if !(done || waiting) || !broker_drained(shared, broker, subscriptions).await {
+        return Step::Wait;
+    }
+    let store = shared.store.clone();
+    let next_due = match run::blocking(move || store.schedules().next_due()).await {
+        Ok(Ok(next_due)) => next_due,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "test mode: cannot read the next due schedule; looking again");
+            shared.progress.poke();
+            return Step::Wait;
+        }
+        Err(_) => return Step::Wait,
+    };
+    if next_due.is_some_and(|due| due <= clock.now_ms()) {
+        // Due already: the scheduler has not seen it yet (set by a commit that appended nothing).
+        shared.schedules_set.notify_one();
+        return Step::Wait;
+    }
+    if clock.is_virtual() {
+        if let Some(next) = next_due.into_iter().chain(clock.next_wake()).min() {
+            tracing::debug!(
+                to_ms = next,
+                "test mode: nothing runs; the virtual clock moves to what comes next"
+            );
+            clock.advance_to(next);
+            shared.schedules_set.notify_one();
+            return Step::Wait;
+        }
+    }
+    if !done {
+        return Step::Wait;
+    }
+    if next_due.is_some() {
+        tracing::info!("test mode: schedules still pending are left for a later run (on the system clock, test mode does not wait for them; `--clock virtual` does)");
+    }
+    Step::Done
 }

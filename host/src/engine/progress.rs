@@ -156,6 +156,15 @@ impl Progress {
         lock(&self.states).values().all(|(s, _)| done(s, head))
     }
 
+    /// Whether nothing is left to do but wait for retries: every loop is done or waiting to retry.
+    pub(crate) fn only_retries(&self) -> bool {
+        let head = *self.head.borrow();
+        let states = lock(&self.states);
+        states
+            .values()
+            .all(|(s, _)| done(s, head) || *s == State::Retrying)
+    }
+
     /// The subscriptions that are not done, with what they are doing.
     pub(crate) fn busy(&self) -> Vec<String> {
         let head = *self.head.borrow();

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    clock,
     engine::{
         batch::{self, Attempts, Origin, Record, Report, Subscription, Worker},
         progress::{Progress, State},
@@ -130,7 +131,8 @@ pub(crate) enum Wake {
     /// When the engine's head moves, after `poll` (writers in other processes), or at `due`.
     Head {
         poll: Duration,
-        due: Option<Instant>,
+        /// In milliseconds on the engine's clock.
+        due: Option<i64>,
     },
 }
 
@@ -294,14 +296,20 @@ pub(crate) async fn run(
                 Ok(Fetched::Stop) => break,
                 Ok(Fetched::Nothing { state, wake }) => {
                     backoff.reset();
-                    source.report(progress, state);
                     let Wake::Head { poll, due } = wake else {
+                        source.report(progress, state);
                         continue;
                     };
+                    // Registered before the state is reported: see `clock::Woken`.
+                    let due = due.map(|at| shared.clock.sleep_until(at));
+                    source.report(progress, state);
                     tokio::select! {
                         _ = head.changed() => {}
                         _ = tokio::time::sleep(poll) => {}
-                        _ = sleep_until(due) => {}
+                        woken = clock::until(due) => {
+                            source.report(progress, State::Busy);
+                            drop(woken);
+                        }
                         _ = shutdown.cancelled() => break,
                     }
                     continue;
@@ -342,9 +350,13 @@ pub(crate) async fn run(
                 started,
             );
             if let Some(delay) = settled.retry {
+                let wait = shared.clock.sleep(delay);
                 source.report(progress, State::Retrying);
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    woken = wait => {
+                        source.report(progress, State::Busy);
+                        drop(woken);
+                    }
                     _ = shutdown.cancelled() => break,
                 }
             }
@@ -470,14 +482,6 @@ fn committed(
         "batch committed"
     );
     shared.progress.tally(report);
-}
-
-/// Sleep until `due`, or forever without one.
-async fn sleep_until(due: Option<Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// The wait after a component failed: 1, 2, 4 ... 30 s while it keeps failing, cut short by shutdown.

@@ -22,7 +22,7 @@ use super::{
     Shared,
 };
 use crate::{
-    clock::Woken,
+    clock,
     store::{self, schedules::FiredSchedule, Schedule},
     unit_of_work::UnitOfWork,
 };
@@ -76,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
         progress.set(NAME, State::Idle { head: seen });
         let poll = shared.config.scheduler.poll_interval;
         tokio::select! {
-            woken = until(due) => {
+            woken = clock::until(due) => {
                 progress.set(NAME, State::Busy);
                 drop(woken);
             }
@@ -87,14 +87,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
     }
     progress.set(NAME, State::Stopped);
     Ok(())
-}
-
-/// Wait for `due`, or forever without one.
-async fn until(due: Option<impl std::future::Future<Output = Woken>>) -> Woken {
-    match due {
-        Some(due) => due.await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Fire the schedules due now, up to a batch, in one unit of work.

@@ -217,7 +217,10 @@ impl Categories {
         let due = self
             .cursor
             .ahead()
-            .then(|| self.attempts.next_due().unwrap_or_else(Instant::now))
+            .then(|| {
+                let now = self.shared.clock.now_ms();
+                self.attempts.next_due().unwrap_or(now)
+            })
             .or_else(|| {
                 self.attempts
                     .next_due()
@@ -287,7 +290,7 @@ impl Source for Categories {
 
     async fn fetch(&mut self, head: u64, _: &CancellationToken) -> Result<Fetched, Trouble> {
         self.cursor
-            .rewind_when_due(&mut self.attempts, Instant::now());
+            .rewind_when_due(&mut self.attempts, self.shared.clock.now_ms());
         if self.view.due(self.shared.config.poll_interval) {
             let (store, name) = (self.shared.store.clone(), self.name().to_owned());
             let parked = blocking(move || Parked::load(store.as_ref(), &name))
@@ -298,7 +301,10 @@ impl Source for Categories {
         let released = self
             .view
             .parked()
-            .and_then(|p| p.drainable(&self.reader, &mut self.attempts))
+            .and_then(|p| {
+                let now = self.shared.clock.now_ms();
+                p.drainable(&self.reader, &mut self.attempts, now)
+            })
             .map(str::to_owned);
         if let Some(key) = released.clone().filter(|_| !self.drained) {
             return self.drain(key).await;
@@ -346,7 +352,7 @@ impl Source for Categories {
                 // A batch that failed as a whole (its commit kept conflicting, or an unordered handler
                 // failed) waits out its delay like a key that failed, instead of being run again at once.
                 if let (Some(delay), true) = (report.retry, report.waiting.is_empty()) {
-                    self.attempts.wait(&key, delay);
+                    self.attempts.wait(&key, delay, self.shared.clock.now_ms());
                 }
                 None
             }
@@ -426,7 +432,7 @@ impl Cursor {
 
     /// Read again from the position (before every held message, so a released key's failed message
     /// is met before its later ones) once a retry is due.
-    fn rewind_when_due(&mut self, attempts: &mut Attempts, now: Instant) {
+    fn rewind_when_due(&mut self, attempts: &mut Attempts, now: i64) {
         let further = self.at > self.mark || self.at_head;
         if self.ahead() && further && attempts.next_due().is_none_or(|due| due <= now) {
             attempts.release_due(now);

@@ -1,7 +1,7 @@
 //! The event-store reader's cursor: where it reads from after each batch, and when it goes back to
 //! its position for a retry that is due.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Cursor;
 use crate::engine::batch::{Attempts, Report};
@@ -69,12 +69,12 @@ fn a_reader_ahead_goes_back_to_its_position_only_once_a_retry_is_due() {
     let mut cursor = Cursor::new(10);
     cursor.after(&key_waits("a", None), 20, true);
     let mut attempts = Attempts::default();
-    attempts.wait("a", Duration::from_secs(60));
-    let now = Instant::now();
+    let now = 1_000;
+    attempts.wait("a", Duration::from_secs(60), now);
     cursor.rewind_when_due(&mut attempts, now);
     assert_eq!(cursor.at, 20, "not due yet: it reads on");
     assert!(attempts.waits("a", now));
-    let later = now + Duration::from_secs(61);
+    let later = now + 61_000;
     cursor.rewind_when_due(&mut attempts, later);
     assert_eq!(
         (cursor.at, cursor.mark),
@@ -89,13 +89,13 @@ fn retries_due_sooner_than_a_reread_takes_do_not_keep_the_reader_from_reading_fu
     let mut cursor = Cursor::new(10);
     cursor.after(&key_waits("a", None), 20, true);
     let mut attempts = Attempts::default();
-    let now = Instant::now();
+    let now = 1_000;
     cursor.rewind_when_due(&mut attempts, now);
     assert_eq!((cursor.at, cursor.mark), (10, 20));
     // Read again, not yet past where it was at the last re-read: a due retry does not rewind it.
     cursor.after(&key_waits("a", None), 15, true);
-    attempts.wait("a", Duration::ZERO);
-    let due = now + Duration::from_secs(1);
+    attempts.wait("a", Duration::ZERO, now);
+    let due = now + 1_000;
     cursor.rewind_when_due(&mut attempts, due);
     assert_eq!(cursor.at, 15, "reads on to its mark first");
     // Past the mark, the due retry takes it back.
@@ -105,7 +105,7 @@ fn retries_due_sooner_than_a_reread_takes_do_not_keep_the_reader_from_reading_fu
     // At the head it goes back too, even short of the mark.
     cursor.after(&key_waits("a", None), 12, true);
     cursor.at_head = true;
-    attempts.wait("a", Duration::ZERO);
+    attempts.wait("a", Duration::ZERO, now);
     cursor.rewind_when_due(&mut attempts, due);
     assert_eq!(cursor.at, 10);
 }

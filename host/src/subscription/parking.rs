@@ -178,8 +178,13 @@ impl Parked {
     }
 
     /// A released key of `reader`'s whose held messages may be handled now (none waits for a retry).
-    pub(crate) fn drainable(&self, reader: &Reader, attempts: &mut Attempts) -> Option<&str> {
-        let now = Instant::now();
+    /// `now` is the engine's clock, in milliseconds.
+    pub(crate) fn drainable(
+        &self,
+        reader: &Reader,
+        attempts: &mut Attempts,
+        now: i64,
+    ) -> Option<&str> {
         self.released
             .iter()
             .filter(|key| {
@@ -238,15 +243,15 @@ mod tests {
             })
         };
         assert_eq!(
-            parked.drainable(&reader(owner("a")), &mut attempts),
+            parked.drainable(&reader(owner("a")), &mut attempts, 0),
             Some("a")
         );
         assert_eq!(
-            parked.drainable(&reader(owner("b")), &mut attempts),
+            parked.drainable(&reader(owner("b")), &mut attempts, 0),
             Some("b")
         );
-        attempts.wait("a", Duration::from_secs(60));
-        let single = parked.drainable(&reader(None), &mut attempts);
+        attempts.wait("a", Duration::from_secs(60), 0);
+        let single = parked.drainable(&reader(None), &mut attempts, 1);
         assert_eq!(single, Some("b"), "a waits for its retry");
     }
 

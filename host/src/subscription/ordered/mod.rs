@@ -158,7 +158,7 @@ impl Ordered {
         let due = self
             .attempts
             .next_due()
-            .is_none_or(|at| at <= Instant::now());
+            .is_none_or(|at| at <= self.shared.clock.now_ms());
         if !new_work && !due {
             return Ok(nothing(State::Retrying));
         }
@@ -340,8 +340,9 @@ impl Ordered {
             .attempts
             .next_due()
             .filter(|_| !self.pending.is_empty());
+        let now = self.shared.clock.now_ms();
         due.map_or(most, |at| {
-            most.min(at.saturating_duration_since(Instant::now()))
+            most.min(Duration::from_millis(at.saturating_sub(now).max(0) as u64))
         })
     }
 
