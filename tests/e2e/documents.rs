@@ -98,6 +98,9 @@ struct WriterInBetween {
 }
 
 impl Store for WriterInBetween {
+    fn schedules(&self) -> &dyn store::Schedules {
+        self.inner.schedules()
+    }
     fn read_categories(
         &self,
         c: &[String],

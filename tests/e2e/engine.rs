@@ -533,6 +533,9 @@ struct ConflictOnce {
 }
 
 impl Store for ConflictOnce {
+    fn schedules(&self) -> &dyn store::Schedules {
+        self.inner.schedules()
+    }
     fn read_categories(
         &self,
         c: &[String],

@@ -25,6 +25,7 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod schedules;
 mod security;
 mod send;
 mod server;
