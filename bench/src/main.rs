@@ -15,11 +15,13 @@
 //! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`);
 //! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`);
 //! - isolated mode (the domain in a worker process) against in-process, SQLite no-op (`isolation.rs`);
+//! - schedules: firing lateness at 1,000 due/s, the cost of 100,000 pending, 30 virtual days in test
+//!   mode (`schedules.rs`);
 //! - memory per message: peak RSS growth handling one message of 1, 5 and 20 MB, over its size, on
 //!   SQLite and Redis (`limits.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, isolation,
-//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer, limits).
+//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer, limits, schedules).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
@@ -32,6 +34,7 @@ mod ordered;
 mod peer;
 mod postgres;
 mod reload;
+mod schedules;
 
 use std::{
     hint::black_box,
@@ -173,6 +176,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("limits") {
         rows.extend(limits::rows(&host, &fixture)?);
+    }
+    if wanted("schedules") {
+        rows.extend(schedules::rows(&host, &fixture)?);
     }
     report(&rows)
 }
