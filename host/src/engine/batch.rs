@@ -62,6 +62,15 @@ pub(crate) struct Attempts {
     waiting: HashMap<String, i64>,
 }
 
+/// The earliest due time among the schedules `writes` set.
+fn earliest_due(writes: &[crate::unit_of_work::ScheduleWrite]) -> Option<i64> {
+    let due = writes.iter().filter_map(|w| match w {
+        crate::unit_of_work::ScheduleWrite::Set { due_ms, .. } => Some(*due_ms),
+        crate::unit_of_work::ScheduleWrite::Cancel { .. } => None,
+    });
+    due.min()
+}
+
 /// `delay` after `now`, in milliseconds.
 fn later(now: i64, delay: Duration) -> i64 {
     now.saturating_add(delay.as_millis() as i64)
@@ -153,8 +162,8 @@ pub(crate) struct Report {
     pub(crate) dead_lettered_ids: Vec<String>,
     /// Every message of the batch was settled (or was another worker's).
     pub(crate) complete: bool,
-    /// Schedules the commit set or cancelled: the scheduler looks again.
-    pub(crate) scheduled: usize,
+    /// The earliest due time of the schedules the commit set: the scheduler may have to wake sooner.
+    pub(crate) earliest_due: Option<i64>,
 }
 
 impl Report {
@@ -177,7 +186,10 @@ impl Report {
         self.dead_letters.extend(next.dead_letters);
         self.dead_lettered_ids.extend(next.dead_lettered_ids);
         self.complete &= next.complete;
-        self.scheduled += next.scheduled;
+        self.earliest_due = match (self.earliest_due, next.earliest_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -437,7 +449,7 @@ fn run_unit(
                     attempts.failed.remove(&id);
                 }
                 report.appended = appended;
-                report.scheduled = unit.schedules.len();
+                report.earliest_due = earliest_due(&unit.schedules);
                 report.written = unit
                     .messages
                     .iter()

@@ -459,8 +459,8 @@ fn committed(
     if let Some(appended) = report.appended {
         shared.progress.advanced(appended);
     }
-    if report.scheduled > 0 {
-        shared.schedules_set.notify_one();
+    if let Some(due) = report.earliest_due {
+        shared.schedules_set.set(due);
     }
     for key in &report.parked {
         tracing::warn!(subscription = %name, worker, %key, "key parked: its later messages are held until its dead letter is replayed (`dlq replay`) or purged (`dlq purge`)");

@@ -8,12 +8,15 @@
 //! that was cancelled. A schedule due while every replica was down fires on the next start, late,
 //! with its lateness measured.
 //!
-//! When it looks: at the next due time it knows of, at once when a handler of this process set a
-//! schedule (`Shared::schedules_set`), and every `server.scheduler.poll_interval_ms` for schedules set
-//! elsewhere.
+//! When it looks: at the next due time it knows of (a handler of this process that sets a sooner one
+//! moves it: [`Alarm`]), and every `server.scheduler.poll_interval_ms` for schedules set elsewhere.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -24,6 +27,7 @@ use super::{
 use crate::{
     clock,
     store::{self, schedules::FiredSchedule, Schedule},
+    sync::lock,
     unit_of_work::UnitOfWork,
 };
 
@@ -41,6 +45,32 @@ struct Round {
     full: bool,
     /// Another replica fired or a handler cancelled one of the schedules read: read again.
     raced: bool,
+}
+
+/// Schedules set by this process's commits since the scheduler last looked: their earliest due time,
+/// rung so that the scheduler wakes sooner when that comes before its next.
+#[derive(Debug, Default)]
+pub(crate) struct Alarm {
+    earliest: Mutex<Option<i64>>,
+    rung: Notify,
+}
+
+impl Alarm {
+    /// A commit set a schedule due at `due_ms`.
+    pub(crate) fn set(&self, due_ms: i64) {
+        let mut earliest = lock(&self.earliest);
+        *earliest = Some(earliest.map_or(due_ms, |e| e.min(due_ms)));
+        self.rung.notify_one();
+    }
+
+    /// Read the due schedules again now (test mode saw one the scheduler has not).
+    pub(crate) fn look(&self) {
+        self.set(i64::MIN);
+    }
+
+    fn take(&self) -> Option<i64> {
+        lock(&self.earliest).take()
+    }
 }
 
 /// Fire due schedules until `stop`. A round in flight is committed first.
@@ -70,23 +100,45 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
                 continue;
             }
         };
-        // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
-        // time somebody waits for, and must see this wait once it sees the scheduler idle.
-        let due = next.map(|at| shared.clock.sleep_until(at));
-        progress.set(NAME, State::Idle { head: seen });
-        let poll = shared.config.scheduler.poll_interval;
-        tokio::select! {
-            woken = clock::until(due) => {
-                progress.set(NAME, State::Busy);
-                drop(woken);
-            }
-            _ = shared.schedules_set.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
-            _ = stop.cancelled() => break,
+        if !sleep(&shared, next, seen, &stop).await {
+            break;
         }
     }
     progress.set(NAME, State::Stopped);
     Ok(())
+}
+
+/// Idle until `next` (the earliest pending schedule, as read), a schedule set here that is due
+/// sooner, or the poll for schedules set elsewhere; false on `stop`. A schedule set here due later
+/// costs no read of the store.
+async fn sleep(
+    shared: &Shared,
+    mut next: Option<i64>,
+    seen: u64,
+    stop: &CancellationToken,
+) -> bool {
+    let poll = tokio::time::sleep(shared.config.scheduler.poll_interval);
+    tokio::pin!(poll);
+    loop {
+        // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
+        // time somebody waits for, and must see this wait once it sees the scheduler idle.
+        let due = next.map(|at| shared.clock.sleep_until(at));
+        shared.progress.set(NAME, State::Idle { head: seen });
+        tokio::select! {
+            woken = clock::until(due) => {
+                shared.progress.set(NAME, State::Busy);
+                drop(woken);
+                return true;
+            }
+            _ = shared.schedules_set.rung.notified() => {
+                if let Some(set) = shared.schedules_set.take() {
+                    next = Some(next.map_or(set, |n| n.min(set)));
+                }
+            }
+            _ = &mut poll => return true,
+            _ = stop.cancelled() => return false,
+        }
+    }
 }
 
 /// Fire the schedules due now, up to a batch, in one unit of work.
