@@ -22,6 +22,8 @@ use super::{
 };
 use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
 
+mod schedules;
+
 mod sql {
     pub(super) const SCHEMA: &str = include_str!("sql/sqlite/schema.sql");
     pub(super) const APPEND: &str = include_str!("sql/sqlite/append.sql");
@@ -300,6 +302,7 @@ fn now() -> String {
 fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
     record_idempotency_key(tx, unit)?;
+    schedules::apply(tx, unit)?;
     let mut versions: HashMap<&str, i64> = HashMap::new();
     let mut last = None;
     for m in &unit.messages {
@@ -1068,33 +1071,4 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");
         })
-}
-
-// Placeholder until the SQL schedules land: every call fails loudly.
-impl crate::store::Schedules for SqliteStore {
-    fn due(&self, _: i64, _: usize) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn next_due(&self) -> Result<Option<i64>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn list(&self, _: &crate::store::ScheduleQuery) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn get(&self, _: &str) -> Result<Option<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn counts(&self, _: i64) -> Result<crate::store::ScheduleCounts> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
 }
