@@ -231,10 +231,20 @@ impl SqliteStore {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<StoredMessage>> {
+        self.query_rows(sql, params, message_from_row)
+    }
+
+    /// The rows of a read, each made a `T` by `row`.
+    fn query_rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
         let connection = self.reader()?;
         let mut statement = connection.prepare_cached(sql).map_err(|e| self.error(e))?;
         let rows = statement
-            .query_map(params, message_from_row)
+            .query_map(params, row)
             .map_err(|e| self.error(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.error(e))

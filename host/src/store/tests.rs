@@ -1017,6 +1017,18 @@ mod sqlite_only {
         unit_of_work::UnitOfWork,
     };
 
+    /// A new store file made older by `sql` (what a build before a table left), opened again.
+    fn reopened_after(sql: &str) -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        drop(SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+        (SqliteStore::open(&path).unwrap(), dir)
+    }
+
     /// Replicas sharing the file, each with its own connections.
     #[test]
     fn racing_firings_and_cancels_settle_each_schedule_once() {
@@ -1030,14 +1042,7 @@ mod sqlite_only {
 
     #[test]
     fn a_store_file_from_before_schedules_gets_their_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        drop(SqliteStore::open(&path).unwrap());
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch("DROP TABLE schedules; PRAGMA user_version = 4")
-            .unwrap();
-        let store = SqliteStore::open(&path).unwrap();
+        let (store, _dir) = reopened_after("DROP TABLE schedules; PRAGMA user_version = 4");
         let message = super::event("shop::order-1", 0, None);
         let set = ScheduleWrite::Set {
             key: "k".into(),
@@ -1095,14 +1100,7 @@ mod sqlite_only {
 
     #[test]
     fn a_store_file_from_before_fences_gets_their_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        drop(SqliteStore::open(&path).unwrap());
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch("DROP TABLE protean_fences")
-            .unwrap();
-        let store = SqliteStore::open(&path).unwrap();
+        let (store, _dir) = reopened_after("DROP TABLE protean_fences");
         store
             .commit(&UnitOfWork {
                 fences: vec![fence("p-1", 2)],

@@ -83,25 +83,13 @@ fn schedule(r: &Row<'_>) -> rusqlite::Result<Schedule> {
     })
 }
 
-impl SqliteStore {
-    fn schedules_where(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<Schedule>> {
-        let connection = self.reader()?;
-        let mut statement = connection.prepare_cached(sql).map_err(|e| self.error(e))?;
-        let rows = statement
-            .query_map(params, schedule)
-            .map_err(|e| self.error(e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.error(e))
-    }
-}
-
 fn limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 impl Schedules for SqliteStore {
     fn due(&self, now_ms: i64, max: usize) -> Result<Vec<Schedule>> {
-        self.schedules_where(sql::DUE, params![now_ms, limit(max)])
+        self.query_rows(sql::DUE, params![now_ms, limit(max)], schedule)
     }
 
     fn next_due(&self) -> Result<Option<i64>> {
@@ -114,7 +102,7 @@ impl Schedules for SqliteStore {
 
     fn list(&self, query: &ScheduleQuery) -> Result<Vec<Schedule>> {
         let state = query.state.map(ScheduleState::as_str);
-        self.schedules_where(sql::LIST, params![state, limit(query.limit)])
+        self.query_rows(sql::LIST, params![state, limit(query.limit)], schedule)
     }
 
     fn get(&self, key: &str) -> Result<Option<Schedule>> {

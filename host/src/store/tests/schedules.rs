@@ -253,7 +253,7 @@ pub(crate) fn a_schedule_fires_once(store: &dyn Store) {
     assert_eq!(keys(&store.schedules().due(i64::MAX, 10).unwrap()), ["c"]);
     let again = fire(store, &k, 160);
     assert!(is_not_pending(&again, "k"), "{again:?}");
-    assert_eq!(ids(store, "shop::order-1"), [k.id.clone()]);
+    assert_eq!(ids(store, "shop::order-1"), std::slice::from_ref(&k.id));
     assert_eq!(get(store, "k").settled_ms, Some(150));
     let c = get(store, "c");
     write(store, vec![cancel("c", 170)]);
@@ -417,7 +417,7 @@ pub(crate) fn racing_firings_and_cancels_settle_each_schedule_once(replicas: &[&
             ScheduleState::Fired => {
                 fired += 1;
                 assert_eq!(count, 1, "{} fired with {count} messages", s.key);
-                assert!(s.settled_ms.is_some_and(|at| at >= 1_000 && at < 2_000));
+                assert!(s.settled_ms.is_some_and(|at| (1_000..2_000).contains(&at)));
             }
             ScheduleState::Cancelled => {
                 assert_eq!(count, 0, "{} cancelled with {count} messages", s.key);
