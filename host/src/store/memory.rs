@@ -96,6 +96,9 @@ impl State {
                 });
             }
         }
+        // Before the messages, as in the SQL stores: a second firing is refused as not pending, not as
+        // the duplicate of the message the first one appended.
+        self.check_fired(unit)?;
         let mut versions: HashMap<&str, i64> = HashMap::new();
         let mut ids: HashSet<&str> = HashSet::new();
         for m in &unit.messages {
@@ -115,7 +118,6 @@ impl State {
             versions.insert(&m.stream, actual + 1);
         }
         self.check_documents(unit)?;
-        self.check_fired(unit)?;
         for marker in &unit.processed {
             let key = (marker.subscription.clone(), marker.message_id.clone());
             if self.processed.contains(&key) {
@@ -146,7 +148,6 @@ impl State {
         Ok(())
     }
 
-    /// Park, hold, settle and unpark, as the SQL stores do.
     /// Refuse to fire a schedule that is no longer pending as read.
     fn check_fired(&self, unit: &UnitOfWork) -> Result<()> {
         for fired in &unit.fired {
@@ -202,6 +203,7 @@ impl State {
         }
     }
 
+    /// Park, hold, settle and unpark, as the SQL stores do.
     fn apply_parking(&mut self, parking: &crate::unit_of_work::Parking) {
         let subscription = &parking.subscription;
         for (key, dead_letter) in &parking.park {

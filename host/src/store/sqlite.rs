@@ -22,6 +22,8 @@ use super::{
 };
 use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
 
+mod schedules;
+
 mod sql {
     pub(super) const SCHEMA: &str = include_str!("sql/sqlite/schema.sql");
     pub(super) const APPEND: &str = include_str!("sql/sqlite/append.sql");
@@ -229,10 +231,20 @@ impl SqliteStore {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<StoredMessage>> {
+        self.query_rows(sql, params, message_from_row)
+    }
+
+    /// The rows of a read, each made a `T` by `row`.
+    fn query_rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
         let connection = self.reader()?;
         let mut statement = connection.prepare_cached(sql).map_err(|e| self.error(e))?;
         let rows = statement
-            .query_map(params, message_from_row)
+            .query_map(params, row)
             .map_err(|e| self.error(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.error(e))
@@ -300,6 +312,7 @@ fn now() -> String {
 fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
     record_idempotency_key(tx, unit)?;
+    schedules::apply(tx, unit)?;
     let mut versions: HashMap<&str, i64> = HashMap::new();
     let mut last = None;
     for m in &unit.messages {
@@ -1068,33 +1081,4 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");
         })
-}
-
-// Placeholder until the SQL schedules land: every call fails loudly.
-impl crate::store::Schedules for SqliteStore {
-    fn due(&self, _: i64, _: usize) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn next_due(&self) -> Result<Option<i64>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn list(&self, _: &crate::store::ScheduleQuery) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn get(&self, _: &str) -> Result<Option<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn counts(&self, _: i64) -> Result<crate::store::ScheduleCounts> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
 }

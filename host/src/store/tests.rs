@@ -2,6 +2,8 @@
 
 use serde_json::json;
 
+mod schedules;
+
 use super::{DeadLetter, Error, ParkedKey, Store, ABSENT};
 use crate::{
     message::Kind,
@@ -932,6 +934,13 @@ macro_rules! store_conformance {
             #[test] fn a_parked_key_holds_until_released_and_drained() { let (s, _g) = $make; super::a_parked_key_holds_until_released_and_drained(&s) }
             #[test] fn holding_behind_a_key_not_parked_is_refused_whole() { let (s, _g) = $make; super::holding_behind_a_key_not_parked_is_refused_whole(&s) }
             #[test] fn a_key_is_released_by_its_last_dead_letter_or_a_purge() { let (s, _g) = $make; super::a_key_is_released_by_its_last_dead_letter_or_a_purge(&s) }
+            #[test] fn schedules_are_due_in_order_and_counted() { let (s, _g) = $make; super::schedules::schedules_are_due_in_order_and_counted(&s) }
+            #[test] fn setting_a_key_again_replaces_its_schedule() { let (s, _g) = $make; super::schedules::setting_a_key_again_replaces_its_schedule(&s) }
+            #[test] fn a_cancel_settles_only_a_pending_schedule() { let (s, _g) = $make; super::schedules::a_cancel_settles_only_a_pending_schedule(&s) }
+            #[test] fn a_schedule_fires_once() { let (s, _g) = $make; super::schedules::a_schedule_fires_once(&s) }
+            #[test] fn a_firing_with_one_stale_schedule_is_refused_whole() { let (s, _g) = $make; super::schedules::a_firing_with_one_stale_schedule_is_refused_whole(&s) }
+            #[test] fn writes_of_one_key_apply_in_order() { let (s, _g) = $make; super::schedules::writes_of_one_key_apply_in_order(&s) }
+            #[test] fn scheduled_data_and_metadata_round_trip_exactly() { let (s, _g) = $make; super::schedules::scheduled_data_and_metadata_round_trip_exactly(&s) }
         }
     )+};
 }
@@ -966,6 +975,12 @@ store_conformance! {
     postgres => super::postgres(),
 }
 
+#[test]
+fn racing_firings_and_cancels_settle_each_schedule_once_in_memory() {
+    let store: &dyn Store = &super::MemoryStore::default();
+    schedules::racing_firings_and_cancels_settle_each_schedule_once(&[store; 4]);
+}
+
 /// What only the SQLite store has to do: bring files written by older builds up to its schema.
 /// The streams of the rows a claim takes, in order.
 fn revived_in_order(store: &dyn Store) -> Vec<String> {
@@ -998,9 +1013,50 @@ fn two_rows_to_publish(store: &dyn Store) {
 mod sqlite_only {
     use super::{fence, fenced, is_fenced};
     use crate::{
-        store::{SqliteStore, Store},
+        store::{schedules::ScheduleWrite, SqliteStore, Store},
         unit_of_work::UnitOfWork,
     };
+
+    /// A new store file made older by `sql` (what a build before a table left), opened again.
+    fn reopened_after(sql: &str) -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        drop(SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+        (SqliteStore::open(&path).unwrap(), dir)
+    }
+
+    /// Replicas sharing the file, each with its own connections.
+    #[test]
+    fn racing_firings_and_cancels_settle_each_schedule_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let replicas: Vec<SqliteStore> =
+            (0..4).map(|_| SqliteStore::open(&path).unwrap()).collect();
+        let replicas: Vec<&dyn Store> = replicas.iter().map(|r| r as &dyn Store).collect();
+        super::schedules::racing_firings_and_cancels_settle_each_schedule_once(&replicas);
+    }
+
+    #[test]
+    fn a_store_file_from_before_schedules_gets_their_table() {
+        let (store, _dir) = reopened_after("DROP TABLE schedules; PRAGMA user_version = 4");
+        let message = super::event("shop::order-1", 0, None);
+        let set = ScheduleWrite::Set {
+            key: "k".into(),
+            due_ms: 5,
+            message,
+        };
+        store
+            .commit(&UnitOfWork {
+                schedules: vec![set],
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        assert_eq!(store.schedules().next_due().unwrap(), Some(5));
+    }
 
     #[test]
     fn replicas_opening_a_new_file_at_once_all_succeed() {
@@ -1044,14 +1100,7 @@ mod sqlite_only {
 
     #[test]
     fn a_store_file_from_before_fences_gets_their_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        drop(SqliteStore::open(&path).unwrap());
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch("DROP TABLE protean_fences")
-            .unwrap();
-        let store = SqliteStore::open(&path).unwrap();
+        let (store, _dir) = reopened_after("DROP TABLE protean_fences");
         store
             .commit(&UnitOfWork {
                 fences: vec![fence("p-1", 2)],
@@ -1102,6 +1151,16 @@ mod postgres_only {
     /// A second replica's store on the same database.
     fn replica(server: &super::cluster::PgServer) -> PostgresStore {
         PostgresStore::open(&server.store_config()).unwrap()
+    }
+
+    /// Replicas on one database, each with its own pool.
+    #[test]
+    fn racing_firings_and_cancels_settle_each_schedule_once() {
+        let (store, server) = super::postgres();
+        let others: Vec<PostgresStore> = (0..3).map(|_| replica(&server)).collect();
+        let mut replicas: Vec<&dyn Store> = vec![&store];
+        replicas.extend(others.iter().map(|r| r as &dyn Store));
+        super::schedules::racing_firings_and_cancels_settle_each_schedule_once(&replicas);
     }
 
     /// Poll `take` until it succeeds: the only way to see a lease expire is to ask.

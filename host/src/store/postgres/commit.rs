@@ -17,6 +17,7 @@ use crate::{
 pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     raise_fences(c, unit)?;
     record_idempotency_key(c, unit)?;
+    super::schedules::apply(c, unit)?;
     let last = append(c, unit)?;
     for write in &unit.documents {
         write_document(c, write)?;

@@ -72,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fencing tokens of subscription leases",
         sql: include_str!("../sql/postgres/migrations/011_lease_tokens.sql"),
     },
+    Migration {
+        version: 12,
+        name: "scheduled messages",
+        sql: include_str!("../sql/postgres/migrations/012_schedules.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

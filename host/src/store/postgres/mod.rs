@@ -16,6 +16,7 @@ mod lease;
 pub mod migrate;
 mod outbox;
 mod pool;
+mod schedules;
 mod tls;
 
 /// How connections are encrypted: `None` for plain ones (`sslmode` `disable` or `prefer`).
@@ -112,6 +113,25 @@ mod sql {
         RELEASE_REPLAYED = "release_replayed";
         RELEASE_ALL = "release_all";
         PARKED_KEYS = "parked_keys";
+        SCHEDULES_FIRE = "schedules_fire";
+        SCHEDULES_SET = "schedules_set";
+        SCHEDULES_CANCEL = "schedules_cancel";
+        SCHEDULES_NEXT_DUE = "schedules_next_due";
+        SCHEDULES_COUNTS = "schedules_counts";
+    }
+    macro_rules! schedules {
+        ($($name:ident = $file:literal;)+) => {$(
+            pub(super) const $name: &str = concat!(
+                "SELECT ",
+                include_str!("../sql/postgres/schedule_columns.sql"),
+                include_str!(concat!("../sql/postgres/", $file, ".sql"))
+            );
+        )+};
+    }
+    schedules! {
+        SCHEDULES_DUE = "schedules_due";
+        SCHEDULES_LIST = "schedules_list";
+        SCHEDULE_GET = "schedule_get";
     }
     messages! {
         HELD_MESSAGES = "held_messages";
@@ -587,34 +607,5 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("secret"));
-    }
-}
-
-// Placeholder until the SQL schedules land: every call fails loudly.
-impl crate::store::Schedules for PostgresStore {
-    fn due(&self, _: i64, _: usize) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn next_due(&self) -> Result<Option<i64>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn list(&self, _: &crate::store::ScheduleQuery) -> Result<Vec<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn get(&self, _: &str) -> Result<Option<crate::store::Schedule>> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
-    }
-    fn counts(&self, _: i64) -> Result<crate::store::ScheduleCounts> {
-        Err(Error::Corrupt(
-            "schedules are not implemented for this store yet".into(),
-        ))
     }
 }

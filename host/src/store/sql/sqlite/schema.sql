@@ -1,4 +1,4 @@
--- The SQLite store's schema (version 4, in user_version). Applied in one transaction at every open; every
+-- The SQLite store's schema (version 5, in user_version). Applied in one transaction at every open; every
 -- statement is idempotent.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -153,3 +153,20 @@ CREATE TABLE IF NOT EXISTS held_messages (
     PRIMARY KEY (subscription, ordering_key, global_position)
 ) WITHOUT ROWID;
 PRAGMA user_version = 4;
+
+-- Version 5: scheduled messages, by key (see store::schedules). `id` is the message id the schedule
+-- appends when it fires; `state` leaves 'pending' once, for 'fired' or 'cancelled' (at `settled_ms`).
+-- Settled rows are not in the index, so finding what is due costs the same however many have fired.
+CREATE TABLE IF NOT EXISTS schedules (
+    key          TEXT    PRIMARY KEY,
+    id           TEXT    NOT NULL,
+    due_ms       INTEGER NOT NULL,
+    stream       TEXT    NOT NULL,
+    message_type TEXT    NOT NULL,
+    data         TEXT    NOT NULL,
+    metadata     TEXT    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('pending', 'fired', 'cancelled')),
+    settled_ms   INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS schedules_pending ON schedules (due_ms, key) WHERE state = 'pending';
+PRAGMA user_version = 5;

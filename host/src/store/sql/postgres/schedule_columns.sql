@@ -1,0 +1,1 @@
+key, id, due_ms, stream, message_type, data, metadata, state, settled_ms FROM protean.schedules

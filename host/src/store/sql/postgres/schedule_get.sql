@@ -1,0 +1,1 @@
+WHERE key = $1

@@ -1,0 +1,1 @@
+SELECT min(due_ms) FROM protean.schedules WHERE state = 'pending'

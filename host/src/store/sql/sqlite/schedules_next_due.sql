@@ -1,0 +1,1 @@
+SELECT min(due_ms) FROM schedules WHERE state = 'pending'
