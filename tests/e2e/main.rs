@@ -25,6 +25,7 @@ mod postgres;
 mod protean;
 mod redis;
 mod reload;
+mod schedules_cli;
 mod security;
 mod send;
 mod server;
