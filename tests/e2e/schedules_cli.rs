@@ -64,7 +64,6 @@ fn keys(rows: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// Needs the SQLite store's schedules (until they land it fails at the first `schedules list`).
 #[test]
 fn schedules_are_listed_inspected_and_cancelled_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
