@@ -159,6 +159,8 @@ pub(crate) enum Command {
     Db(DbArgs),
     /// The outbox: list the rows waiting to be published, publish held ones at once.
     Outbox(OutboxArgs),
+    /// Scheduled messages: list, inspect, cancel (SQLite or PostgreSQL store).
+    Schedules(SchedulesArgs),
     /// Create a domain crate to start from: one aggregate, command, event and handler, with a test.
     New(NewArgs),
     /// Internal: load a library copy and construct its instances in this throwaway process, reporting
@@ -227,6 +229,66 @@ pub(crate) enum OutboxAction {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// Options of `schedules`.
+#[derive(Debug, Args)]
+pub(crate) struct SchedulesArgs {
+    #[command(subcommand)]
+    pub(crate) action: SchedulesAction,
+}
+
+/// What to do with scheduled messages.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SchedulesAction {
+    /// Schedules by due time: key, state, when due, target stream and message type; then how many
+    /// are pending and overdue.
+    List {
+        /// Only the schedules in this state.
+        #[arg(long, value_enum, value_name = "STATE")]
+        state: Option<ScheduleStateArg>,
+        /// At most this many schedules.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one schedule in full: its message's data and metadata, when it is due, fired or cancelled.
+    Inspect {
+        /// The schedule's key.
+        #[arg(value_name = "KEY")]
+        key: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending schedule, so that its message is never appended. Exit 0 when it is cancelled
+    /// (now or before), 1 when it already fired or there is none with the key.
+    Cancel {
+        /// The schedule's key.
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+}
+
+/// A schedule's state, as `schedules list --state` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ScheduleStateArg {
+    Pending,
+    Fired,
+    Cancelled,
+}
+
+impl ScheduleStateArg {
+    pub(crate) fn state(self) -> protean_host::store::ScheduleState {
+        use protean_host::store::ScheduleState;
+        match self {
+            Self::Pending => ScheduleState::Pending,
+            Self::Fired => ScheduleState::Fired,
+            Self::Cancelled => ScheduleState::Cancelled,
+        }
+    }
 }
 
 /// Options of `subscriptions`.
@@ -587,6 +649,82 @@ mod tests {
         ] {
             assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn schedules_list_inspect_and_cancel_parse() {
+        let cli = parse(&[
+            "schedules",
+            "list",
+            "--state",
+            "fired",
+            "--limit",
+            "5",
+            "--json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Schedules(SchedulesArgs {
+                action: SchedulesAction::List {
+                    state: Some(ScheduleStateArg::Fired),
+                    limit: 5,
+                    json: true
+                }
+            }))
+        ));
+        let cli = parse(&["schedules", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Schedules(SchedulesArgs {
+                action: SchedulesAction::List {
+                    state: None,
+                    limit: 100,
+                    json: false
+                }
+            }))
+        ));
+        let Some(Command::Schedules(SchedulesArgs {
+            action: SchedulesAction::Inspect { key, json: true },
+        })) = parse(&["schedules", "inspect", "order-1:remind", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not schedules inspect")
+        };
+        assert_eq!(key, "order-1:remind");
+        let Some(Command::Schedules(SchedulesArgs {
+            action: SchedulesAction::Cancel { key },
+        })) = parse(&["schedules", "cancel", "order-1:remind"])
+            .unwrap()
+            .command
+        else {
+            panic!("not schedules cancel")
+        };
+        assert_eq!(key, "order-1:remind");
+    }
+
+    #[test]
+    fn bad_schedules_input_is_a_usage_error() {
+        for args in [
+            &["schedules"][..],
+            &["schedules", "list", "--state", "late"],
+            &["schedules", "list", "--limit", "0"],
+            &["schedules", "list", "--limit", "-1"],
+            &["schedules", "inspect"],
+            &["schedules", "cancel"],
+            &["schedules", "cancel", "a", "b"],
+        ] {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}: {error}");
+        }
+        let error = parse(&["schedules", "list", "--state", "late"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("[possible values: pending, fired, cancelled]"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@ mod logging;
 use anyhow::Context as _;
 use cli::{
     Cli, ClockArg, Command, Common, DbAction, DbArgs, DlqAction, DlqArgs, HealthArgs, InspectArgs,
-    LogFormat, LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SendArgs, ServerArgs,
-    SubscriptionsAction, SubscriptionsArgs,
+    LogFormat, LogLevel, NewArgs, OutboxAction, OutboxArgs, ProbeArgs, SchedulesAction,
+    SchedulesArgs, SendArgs, ServerArgs, SubscriptionsAction, SubscriptionsArgs,
 };
 use protean_host::{
     clock::Clock,
@@ -58,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Health(args)) => health(&cli.common, &args),
         Some(Command::Db(args)) => db(&cli.common, &args),
         Some(Command::Outbox(args)) => outbox(&cli.common, &args),
+        Some(Command::Schedules(args)) => schedules(&cli.common, &args),
         Some(Command::New(args)) => new_crate(&args),
         Some(Command::Probe(args)) => probe_child(&cli.common, &args),
         Some(Command::Worker(args)) => {
@@ -635,6 +636,79 @@ fn outbox(common: &Common, args: &OutboxArgs) -> anyhow::Result<ExitCode> {
                 .map_or("every stream".to_owned(), |s| format!("stream {s}"));
             println!("{cleared} row(s) of {which} were waiting for a retry; a running server publishes them now, in order");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `schedules list`, `inspect` and `cancel`: read the store's schedules, cancel a pending one. Needs no
+/// domain, only the config; a running server never fires a schedule once it is cancelled.
+fn schedules(common: &Common, args: &SchedulesArgs) -> anyhow::Result<ExitCode> {
+    use protean_host::{
+        clock::SYSTEM,
+        ops::schedules::{self as shown, Cancel, ScheduleView},
+        store::{ScheduleQuery, StoreConfig},
+    };
+    let config = Config::load(common.config.as_deref())?;
+    anyhow::ensure!(
+        config.store != StoreConfig::Memory,
+        "the memory store lives inside the server process; `schedules` commands need [store] provider = \"sqlite\" or \"postgres\""
+    );
+    let store = store::open(&config.store)?;
+    let now = SYSTEM.now_ms();
+    let not_found = |key: &str| {
+        format!("no schedule with key {key:?}; list them with `protean-host schedules list`")
+    };
+    match &args.action {
+        SchedulesAction::List { state, limit, json } => {
+            let query = ScheduleQuery {
+                state: state.map(|s| s.state()),
+                limit: *limit as usize,
+            };
+            let rows = store.schedules().list(&query)?;
+            if *json {
+                let views: Vec<ScheduleView> = rows.iter().map(ScheduleView::from).collect();
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                let overdue_after = config.scheduler.overdue_after.as_millis() as u64;
+                let counts = store.schedules().counts(now - overdue_after as i64)?;
+                print!("{}", shown::list_text(&rows, &counts, overdue_after, now));
+            }
+        }
+        SchedulesAction::Inspect { key, json } => {
+            let schedule = store
+                .schedules()
+                .get(key)?
+                .with_context(|| not_found(key))?;
+            if *json {
+                let view = ScheduleView::from(&schedule);
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", shown::inspect_text(&schedule, now));
+            }
+        }
+        SchedulesAction::Cancel { key } => match shown::cancel(store.as_ref(), key, now)? {
+            Cancel::Cancelled(s) => println!(
+                "cancelled schedule {key}: its {} to {} (due {}) will not be appended",
+                s.message_type,
+                s.stream,
+                shown::time(s.due_ms)
+            ),
+            Cancel::AlreadyCancelled(s) => println!(
+                "schedule {key} was not pending: already cancelled at {}",
+                shown::settled_at(&s)
+            ),
+            Cancel::AlreadyFired(s) => anyhow::bail!(
+                "schedule {key} was not pending: already fired at {}; its message {} was appended to {}",
+                shown::settled_at(&s),
+                s.id,
+                s.stream
+            ),
+            Cancel::SetAgain(s) => anyhow::bail!(
+                "schedule {key} was set again while it was being cancelled: pending again, due {}; cancel it again to stop it",
+                shown::time(s.due_ms)
+            ),
+            Cancel::NotFound => anyhow::bail!(not_found(key)),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,7 @@ mod protean;
 mod redis;
 mod reload;
 mod schedules;
+mod schedules_cli;
 mod security;
 mod send;
 mod server;

@@ -7,6 +7,9 @@
 //! or never finishes its request cannot hold up anyone else. Store work runs on blocking threads and every
 //! check is bounded by `server.health.check_timeout_ms`.
 //!
+//! Overdue schedules fail readiness: a pending schedule more than `server.scheduler.overdue_after_ms`
+//! past due means no scheduler runs, or the ones running cannot keep up.
+//!
 //! A stalled loop fails readiness: every subscription loop and the outbox processor report a state at
 //! least once per iteration (the heartbeat kept by `Progress`), and a loop with work pending whose last
 //! report is older than `stall_after_ms` is named as stalled, however healthy the rest looks.
@@ -34,7 +37,7 @@ use crate::{
     config::HealthSettings,
     engine::{progress::State as LoopState, Shared},
     outbox,
-    store::OutboxCounts,
+    store::{OutboxCounts, ScheduleCounts},
 };
 
 /// How long a status snapshot is reused: scrapes and probes every 100 ms cost one measurement a second.
@@ -272,6 +275,13 @@ impl Ops {
         {
             reasons.push(reason);
         }
+        let overdue_after = self.shared.config.scheduler.overdue_after;
+        if let Some(reason) = snapshot
+            .schedules
+            .and_then(|s| schedules_overdue(&s, overdue_after))
+        {
+            reasons.push(reason);
+        }
         for s in snapshot
             .subscriptions
             .iter()
@@ -415,6 +425,19 @@ fn outbox_too_old(outbox: &OutboxCounts, max_age: Duration) -> Option<String> {
     })
 }
 
+/// Why readiness fails for the schedules: some pending ones are more than `overdue_after` past due (no
+/// scheduler runs, or the ones running cannot keep up).
+fn schedules_overdue(schedules: &ScheduleCounts, overdue_after: Duration) -> Option<String> {
+    (schedules.overdue > 0).then(|| {
+        format!(
+            "schedules: {} pending schedule(s) are more than {} ms past due (server.scheduler.overdue_after_ms); no scheduler runs, or it cannot keep up; {} pending",
+            schedules.overdue,
+            overdue_after.as_millis(),
+            schedules.pending
+        )
+    })
+}
+
 /// The outbox processor, shown as a row only when it is stalled.
 fn outbox_row(state: &LoopState, quiet: Duration) -> status::SubscriptionStatus {
     let mut row = status::SubscriptionStatus::new(&Target {
@@ -495,6 +518,19 @@ mod tests {
         assert!(
             reason.starts_with("outbox: its oldest pending row waits for 1500 ms"),
             "{reason}"
+        );
+    }
+
+    #[test]
+    fn overdue_schedules_fail_readiness_and_pending_ones_do_not() {
+        let after = Duration::from_secs(10);
+        let counts = |pending, overdue| ScheduleCounts { pending, overdue };
+        assert_eq!(schedules_overdue(&counts(0, 0), after), None);
+        assert_eq!(schedules_overdue(&counts(40, 0), after), None);
+        let reason = schedules_overdue(&counts(40, 3), after).unwrap();
+        assert_eq!(
+            reason,
+            "schedules: 3 pending schedule(s) are more than 10000 ms past due (server.scheduler.overdue_after_ms); no scheduler runs, or it cannot keep up; 40 pending"
         );
     }
 

@@ -338,6 +338,7 @@ mod tests {
                 pending: 7,
                 overdue: 2,
             }),
+            ..Default::default()
         };
         metrics.schedule_fired(Duration::from_millis(3));
         let text = metrics.encode(&snapshot, false);

@@ -14,7 +14,7 @@ use crate::{
     broker::{partitions::PartitionStatus, Broker},
     config::Config,
     engine::{batch::Subscription, Engine},
-    store::{OutboxCounts, Store},
+    store::{OutboxCounts, ScheduleCounts, Store},
     subscription::{
         standing::{self, Standing},
         workers,
@@ -158,16 +158,19 @@ impl SubscriptionStatus {
     }
 }
 
-/// Every subscription and the outbox, measured at one time.
+/// Every subscription, the outbox and the schedules, measured at one time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
     pub subscriptions: Vec<SubscriptionStatus>,
     /// Rows by state, for stores that keep an outbox.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxCounts>,
-    /// Pending and overdue schedules.
+    /// Pending schedules, and those of them overdue: more than `schedules_overdue_after_ms` past due.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub schedules: Option<crate::store::ScheduleCounts>,
+    pub schedules: Option<ScheduleCounts>,
+    /// What overdue meant when `schedules` was measured (`server.scheduler.overdue_after_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedules_overdue_after_ms: Option<u64>,
 }
 
 /// What to measure, and how long it may take.
@@ -177,6 +180,9 @@ pub struct Limits {
     pub timeout: Duration,
     /// `outbox.max_attempts`: outbox rows count as held from this many failed attempts.
     pub outbox_held_after: u32,
+    /// `server.scheduler.overdue_after_ms`: a pending schedule this long past due (on the system clock)
+    /// counts as overdue.
+    pub overdue_after: Duration,
 }
 
 impl Limits {
@@ -185,6 +191,7 @@ impl Limits {
         Self {
             timeout,
             outbox_held_after: config.outbox.max_attempts,
+            overdue_after: config.scheduler.overdue_after,
         }
     }
 }
@@ -201,7 +208,7 @@ pub async fn measure(
 ) -> Snapshot {
     let limit = limits.timeout;
     let mut rows: Vec<SubscriptionStatus> = targets.iter().map(SubscriptionStatus::new).collect();
-    let outbox = measure_store(store, targets, &mut rows, limits).await;
+    let (outbox, schedules) = measure_store(store, targets, &mut rows, limits).await;
     match &broker {
         Some(broker) => {
             let measured =
@@ -223,7 +230,8 @@ pub async fn measure(
     Snapshot {
         subscriptions: rows,
         outbox,
-        schedules: None,
+        schedules_overdue_after_ms: schedules.map(|_| limits.overdue_after.as_millis() as u64),
+        schedules,
     }
 }
 
@@ -241,7 +249,12 @@ fn fail_streams(rows: &mut [SubscriptionStatus], error: &str) {
     }
 }
 
-type StoreFigures = (Vec<Result<Figures, String>>, Option<OutboxCounts>);
+/// Each subscription's figures, the outbox's and the schedules' counts.
+type StoreFigures = (
+    Vec<Result<Figures, String>>,
+    Option<OutboxCounts>,
+    Option<ScheduleCounts>,
+);
 
 /// What the store says of one subscription whose messages it keeps.
 #[derive(Debug, Clone, Copy, Default)]
@@ -270,14 +283,15 @@ impl Figures {
     }
 }
 
-/// Positions, lag and dead letters of event-store subscriptions, and the outbox counts.
+/// Positions, lag and dead letters of event-store subscriptions, and the outbox and schedule counts.
 async fn measure_store(
     store: Arc<dyn Store>,
     targets: &[Target],
     rows: &mut [SubscriptionStatus],
     limits: Limits,
-) -> Option<OutboxCounts> {
+) -> (Option<OutboxCounts>, Option<ScheduleCounts>) {
     let (limit, held_after) = (limits.timeout, limits.outbox_held_after);
+    let overdue_after = limits.overdue_after.as_millis() as i64;
     let wanted: Vec<Target> = targets.to_vec();
     let work = tokio::task::spawn_blocking(move || -> StoreFigures {
         let figures = wanted
@@ -290,16 +304,24 @@ async fn measure_store(
             })
             .collect();
         let outbox = store.outbox().and_then(|o| o.counts(held_after).ok());
-        (figures, outbox)
+        // Read after the rest: overdue means past due by now, not by when the measurement began.
+        let overdue_before = crate::clock::SYSTEM.now_ms() - overdue_after;
+        let schedules = store.schedules().counts(overdue_before);
+        if let Err(error) = &schedules {
+            tracing::debug!(%error, "cannot count the schedules");
+        }
+        (figures, outbox, schedules.ok())
     });
-    let (figures, outbox) = match tokio::time::timeout(limit, work).await {
+    let (figures, outbox, schedules) = match tokio::time::timeout(limit, work).await {
         Ok(Ok(measured)) => measured,
         Ok(Err(e)) => (
             vec![Err(format!("store check failed: {e}")); rows.len()],
             None,
+            None,
         ),
         Err(_) => (
             vec![Err(format!("store did not answer within {limit:?}")); rows.len()],
+            None,
             None,
         ),
     };
@@ -319,7 +341,7 @@ async fn measure_store(
             Err(error) => row.error = Some(error),
         }
     }
-    outbox
+    (outbox, schedules)
 }
 
 /// What the broker knows of each subscription, as its kind reads it.
@@ -402,6 +424,9 @@ impl fmt::Display for Snapshot {
         if let Some(o) = &self.outbox {
             writeln!(f, "{}", outbox_line(o))?;
         }
+        if let Some(s) = &self.schedules {
+            writeln!(f, "{}", schedules_line(s, self.schedules_overdue_after_ms))?;
+        }
         Ok(())
     }
 }
@@ -416,6 +441,26 @@ fn outbox_line(o: &OutboxCounts) -> String {
         "outbox: {} pending ({} failing, {} held){oldest}; {} published",
         o.pending, o.failing, o.held, o.published
     )
+}
+
+/// `schedules: 12 pending, 2 overdue (more than 10 s past due)`.
+pub(crate) fn schedules_line(s: &ScheduleCounts, overdue_after_ms: Option<u64>) -> String {
+    let after = overdue_after_ms
+        .map(|ms| format!(" (more than {} past due)", seconds(ms)))
+        .unwrap_or_default();
+    format!(
+        "schedules: {} pending, {} overdue{after}",
+        s.pending, s.overdue
+    )
+}
+
+/// `10 s`, `0.5 s`, `12.3 s`: whole seconds without a fraction.
+fn seconds(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
 }
 
 #[cfg(test)]
@@ -436,8 +481,7 @@ mod tests {
         (row.parked_keys, row.held_messages) = (Some(1), Some(15));
         let snapshot = Snapshot {
             subscriptions: vec![row],
-            outbox: None,
-            schedules: None,
+            ..Snapshot::default()
         };
         let text = snapshot.to_string();
         assert!(
@@ -483,8 +527,7 @@ mod tests {
         assert_eq!(derived_state(&store, true), "unknown");
         let snapshot = Snapshot {
             subscriptions: vec![stream, store],
-            outbox: None,
-            schedules: None,
+            ..Snapshot::default()
         };
         let text = snapshot.to_string();
         let types: Vec<_> = text
@@ -504,6 +547,65 @@ mod tests {
         let json = serde_json::to_value(&snapshot).unwrap();
         assert_eq!(json["subscriptions"][0]["type"], "stream");
         assert_eq!(json["subscriptions"][1]["type"], "event_store");
+    }
+
+    #[tokio::test]
+    async fn the_schedules_are_counted_with_those_overdue_on_the_system_clock() {
+        use crate::ops::schedules::{cancel, testing::set};
+        let store = Arc::new(crate::store::MemoryStore::default());
+        let now = crate::clock::SYSTEM.now_ms();
+        set(store.as_ref(), "long-late", now - 3_600_000);
+        set(store.as_ref(), "just-due", now - 1_000);
+        set(store.as_ref(), "later", now + 3_600_000);
+        set(store.as_ref(), "cancelled", now - 3_600_000);
+        cancel(store.as_ref(), "cancelled", now).unwrap();
+        let limits = Limits {
+            timeout: Duration::from_secs(5),
+            outbox_held_after: 10,
+            overdue_after: Duration::from_secs(10),
+        };
+        let snapshot = measure(store, None, false, &[], limits).await;
+        assert_eq!(
+            snapshot.schedules,
+            Some(ScheduleCounts {
+                pending: 3,
+                overdue: 1
+            }),
+            "one is more than 10 s past due; the cancelled one waits for nothing"
+        );
+        assert_eq!(snapshot.schedules_overdue_after_ms, Some(10_000));
+        assert!(
+            snapshot
+                .to_string()
+                .ends_with("\nschedules: 3 pending, 1 overdue (more than 10 s past due)\n"),
+            "{snapshot}"
+        );
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(json["schedules"]["pending"], 3);
+        assert_eq!(json["schedules"]["overdue"], 1);
+        assert_eq!(json["schedules_overdue_after_ms"], 10_000);
+    }
+
+    #[test]
+    fn the_schedules_line_says_what_overdue_means() {
+        let counts = ScheduleCounts {
+            pending: 12,
+            overdue: 2,
+        };
+        assert_eq!(
+            schedules_line(&counts, Some(10_000)),
+            "schedules: 12 pending, 2 overdue (more than 10 s past due)"
+        );
+        assert_eq!(
+            schedules_line(&counts, Some(2_500)),
+            "schedules: 12 pending, 2 overdue (more than 2.5 s past due)"
+        );
+        assert_eq!(
+            schedules_line(&counts, None),
+            "schedules: 12 pending, 2 overdue"
+        );
+        let text = Snapshot::default().to_string();
+        assert!(!text.contains("schedules"), "none measured: {text}");
     }
 
     #[test]
