@@ -228,6 +228,56 @@ pub trait Host {
         field: RStr<'_>,
         value_json: RSlice<'_, u8>,
     ) -> RResult<RVec<u8>, RString>;
+
+    // Methods after the prefix: a host built before them hands the plugin a vtable without them, and
+    // abi_stable then runs the default body below in the plugin instead of calling the host (a method
+    // without one would panic). So each has a default that says what an older host means.
+
+    /// Buffer a schedule under `key` (replacing whatever it named): the message of `kind`
+    /// ([`message_kind`]) for `stream`, appended when the engine's clock reaches `due_ms` (ms since the
+    /// Unix epoch). An older host: [`HOST_WITHOUT_SCHEDULES`].
+    fn schedule(
+        &self,
+        _index: u32,
+        _key: RStr<'_>,
+        _due_ms: i64,
+        _kind: u8,
+        _stream: RStr<'_>,
+        _message_type: RStr<'_>,
+        _data: RSlice<'_, u8>,
+    ) -> RResult<(), RString> {
+        RResult::RErr(HOST_WITHOUT_SCHEDULES.into())
+    }
+
+    /// Buffer the cancellation of the pending schedule of `key`, if any. An older host:
+    /// [`HOST_WITHOUT_SCHEDULES`].
+    fn cancel_schedule(&self, _index: u32, _key: RStr<'_>) -> RResult<(), RString> {
+        RResult::RErr(HOST_WITHOUT_SCHEDULES.into())
+    }
+
+    /// Now on the engine's clock, in ms since the Unix epoch. An older host has only the system clock,
+    /// so that is its answer.
+    fn now_ms(&self) -> i64 {
+        system_now_ms()
+    }
+}
+
+/// What a host that predates schedules answers to them.
+pub const HOST_WITHOUT_SCHEDULES: &str = "this protean-host predates schedules and timeouts, which this domain uses; upgrade protean-host, then replay the dead letter";
+
+/// Now on the system clock, in ms since the Unix epoch (before it: negative).
+pub fn system_now_ms() -> i64 {
+    let now = std::time::SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// What a scheduled message is, on the wire ([`Host::schedule`]).
+pub mod message_kind {
+    pub const EVENT: u8 = 0;
+    pub const COMMAND: u8 = 1;
 }
 
 /// The per-batch host object as the plugin receives it.

@@ -8,10 +8,10 @@ use std::sync::OnceLock;
 use crate::{
     abi::{
         loading::{RResult, RSlice, RStr, RString, RVec, TD_Opaque},
-        BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO, HandlerFailure,
-        HandlerRegistration, HostLogBox, HostRef, MessageRef,
+        message_kind, BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO,
+        HandlerFailure, HandlerRegistration, HostLogBox, HostRef, MessageRef,
     },
-    context::{HostServices, MessageInfo},
+    context::{HostServices, MessageInfo, MessageKind},
     domain::Domain,
     panic,
 };
@@ -240,6 +240,39 @@ impl HostServices for AbiServices<'_> {
                 .find_documents(collection.into(), field.into(), value_json.into()),
         )
         .map(RVec::into_vec)
+    }
+
+    fn schedule(
+        &self,
+        index: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let kind = match kind {
+            MessageKind::Event => message_kind::EVENT,
+            MessageKind::Command => message_kind::COMMAND,
+        };
+        plain(self.0.schedule(
+            index,
+            key.into(),
+            due_ms,
+            kind,
+            stream.into(),
+            message_type.into(),
+            data.into(),
+        ))
+    }
+
+    fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {
+        plain(self.0.cancel_schedule(index, key.into()))
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.0.now_ms()
     }
 }
 

@@ -112,7 +112,12 @@ mod panic;
 pub mod testing;
 
 pub use aggregate::{Aggregate, Apply, Recorded};
-pub use context::{Context, Document, HostServices, MessageInfo};
+#[doc(hidden)]
+pub use context::schedule_refusal;
+pub use context::{
+    Context, Document, Due, HostServices, MessageInfo, MessageKind, Schedule, MAX_DUE_MS,
+    MAX_SCHEDULE_KEY_BYTES,
+};
 pub use domain::{
     AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,
     ProcessManager, Projector, Registration, STREAM_KEY,

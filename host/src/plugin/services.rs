@@ -3,8 +3,9 @@
 
 use protean_plugin_api::abi::{
     loading::{ROption, RResult, RSlice, RStr, RString, RVec, TD_Opaque},
-    Host, HostRef, Host_TO,
+    message_kind, Host, HostRef, Host_TO,
 };
+use protean_plugin_api::MessageKind;
 
 pub use protean_plugin_api::HostServices;
 
@@ -107,5 +108,40 @@ impl Host for AbiHost<'_> {
             .0
             .find_documents(collection.as_str(), field.as_str(), value_json.as_slice())
             .map(RVec::from))
+    }
+
+    fn schedule(
+        &self,
+        index: u32,
+        key: RStr<'_>,
+        due_ms: i64,
+        kind: u8,
+        stream: RStr<'_>,
+        message_type: RStr<'_>,
+        data: RSlice<'_, u8>,
+    ) -> RResult<(), RString> {
+        let kind = match kind {
+            message_kind::EVENT => MessageKind::Event,
+            message_kind::COMMAND => MessageKind::Command,
+            // Only a plugin-api newer than this host sends another kind.
+            other => return ffi(Err(format!("a scheduled message of unknown kind {other}; this host schedules events and commands"))),
+        };
+        ffi(self.0.schedule(
+            index,
+            key.as_str(),
+            due_ms,
+            kind,
+            stream.as_str(),
+            message_type.as_str(),
+            data.as_slice(),
+        ))
+    }
+
+    fn cancel_schedule(&self, index: u32, key: RStr<'_>) -> RResult<(), RString> {
+        ffi(self.0.cancel_schedule(index, key.as_str()))
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.0.now_ms()
     }
 }

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use protean_plugin_api::MessageKind;
 use serde_bytes::ByteBuf;
 
 use self::{
@@ -438,6 +439,23 @@ fn serve(host: &dyn HostServices, call: Call<'_>) -> Reply {
             host.find_documents(collection, field, value_json)
                 .map(ByteBuf::from),
         ),
+        Call::Schedule {
+            index,
+            key,
+            due_ms,
+            command,
+            stream,
+            message_type,
+            data,
+        } => {
+            let kind = match command {
+                true => MessageKind::Command,
+                false => MessageKind::Event,
+            };
+            Reply::Unit(host.schedule(index, key, due_ms, kind, stream, message_type, data))
+        }
+        Call::CancelSchedule { index, key } => Reply::Unit(host.cancel_schedule(index, key)),
+        Call::NowMs => Reply::Millis(host.now_ms()),
     }
 }
 
