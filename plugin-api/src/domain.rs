@@ -567,3 +567,28 @@ impl Domain {
         (batch.len() as u32, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Instance;
+
+    #[test]
+    fn an_instance_stored_before_timeouts_loads_and_one_without_timeouts_is_stored_as_before() {
+        let stored = r#"{"state":3,"ended":false}"#;
+        let instance: Instance<u32> = serde_json::from_str(stored).unwrap();
+        assert!(instance.timeouts.is_empty());
+        assert_eq!(serde_json::to_string(&instance).unwrap(), stored);
+        let mut timed = instance;
+        timed.update_timeouts(vec![
+            ("late".into(), true),
+            ("early".into(), true),
+            ("late".into(), false),
+            ("late".into(), true),
+        ]);
+        assert_eq!(timed.timeouts, ["early", "late"]);
+        assert_eq!(
+            serde_json::to_string(&timed).unwrap(),
+            r#"{"state":3,"ended":false,"timeouts":["early","late"]}"#
+        );
+    }
+}

@@ -371,3 +371,90 @@ macro_rules! export_domains {
         };
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{abi::loading::ROption, context::Context, message::Naming};
+
+    /// A host as built before schedules: only the prefix of `Host` is its own, so its schedule
+    /// methods are the trait's defaults, which abi_stable also runs when a host's vtable lacks them.
+    struct OlderHost;
+
+    impl crate::abi::Host for OlderHost {
+        fn raise_event(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+            _: ROption<i64>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn send_command(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn read_stream(&self, _: RStr<'_>, _: u64) -> RResult<RVec<u8>, RString> {
+            RResult::ROk(b"[]".to_vec().into())
+        }
+        fn get_document(&self, _: RStr<'_>, _: RStr<'_>) -> RResult<ROption<RVec<u8>>, RString> {
+            RResult::ROk(ROption::RNone)
+        }
+        fn put_document(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn delete_document(&self, _: u32, _: RStr<'_>, _: RStr<'_>) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn find_documents(
+            &self,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<RVec<u8>, RString> {
+            RResult::ROk(b"[]".to_vec().into())
+        }
+    }
+
+    #[test]
+    fn a_host_without_schedules_fails_a_schedule_for_good_and_tells_the_system_time() {
+        let older = OlderHost;
+        let services = AbiServices(crate::abi::Host_TO::from_ptr(&older, TD_Opaque));
+        let naming = Naming::new("Shop");
+        let info = MessageInfo {
+            id: "m1",
+            stream: "shop::order-1",
+            message_type: "Shop.Placed.v1",
+            position: 0,
+            global_position: 0,
+            metadata: b"{}",
+        };
+        let mut ctx = Context::new(&services, &naming, 0, info);
+        let error = ctx.cancel("k").unwrap_err();
+        assert!(!error.is_retryable(), "no retry makes an old host new");
+        assert_eq!(error.message(), crate::abi::HOST_WITHOUT_SCHEDULES);
+        let scheduled = services.schedule(0, "k", 0, MessageKind::Event, "s-1", "T.A.v1", b"{}");
+        assert_eq!(scheduled.unwrap_err(), crate::abi::HOST_WITHOUT_SCHEDULES);
+        let before = crate::abi::system_now_ms();
+        let now = ctx.now();
+        let after = crate::abi::system_now_ms();
+        let now_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!((before..=after).contains(&now_ms), "the system clock");
+    }
+}
