@@ -145,3 +145,60 @@ impl Host for AbiHost<'_> {
         self.0.now_ms()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use protean_plugin_api::abi::loading::{RResult, RSlice, RStr};
+
+    use super::AbiHost;
+    use crate::{
+        clock::Clock,
+        message::Cause,
+        store::MemoryStore,
+        unit_of_work::{Buffer, ScheduleWrite, UnitOfWork},
+    };
+
+    #[test]
+    fn a_plugins_schedules_reach_the_buffer_and_it_reads_the_engines_clock() {
+        let store = MemoryStore::default();
+        let clock = Clock::simulated(chrono::Utc.timestamp_millis_opt(1_000).unwrap());
+        let causes = [Cause::default(); 1];
+        let buffer = Buffer::new(&store, &clock, &causes, 1 << 20);
+        let view = buffer.view(0);
+        let adapter = AbiHost(&view);
+        let host = adapter.as_host_ref();
+        assert_eq!(host.now_ms(), 1_000);
+        let schedule = |kind: u8| {
+            host.schedule(
+                0,
+                RStr::from_str("k"),
+                5_000,
+                kind,
+                RStr::from_str("t::x:command-1"),
+                RStr::from_str("T.Do.v1"),
+                RSlice::from_slice(b"{}"),
+            )
+        };
+        assert!(schedule(protean_plugin_api::abi::message_kind::COMMAND).is_ok());
+        let unknown = schedule(7).into_result().unwrap_err();
+        assert!(unknown.contains("unknown kind 7"), "{unknown}");
+        assert!(matches!(
+            host.cancel_schedule(0, RStr::from_str("k")),
+            RResult::ROk(())
+        ));
+        let mut unit = UnitOfWork::default();
+        buffer.drain_into(&mut unit);
+        let [ScheduleWrite::Set {
+            key,
+            due_ms,
+            message,
+        }, ScheduleWrite::Cancel { at_ms, .. }] = unit.schedules.as_slice()
+        else {
+            panic!("a set then a cancel: {:?}", unit.schedules);
+        };
+        assert_eq!((key.as_str(), *due_ms, *at_ms), ("k", 5_000, 1_000));
+        let metadata: serde_json::Value = serde_json::from_str(&message.metadata).unwrap();
+        assert_eq!(metadata["domain"]["kind"], "COMMAND");
+    }
+}
