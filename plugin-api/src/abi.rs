@@ -19,9 +19,7 @@
     missing_docs,
     missing_debug_implementations,
     non_local_definitions,
-    non_camel_case_types,
-    // A call's fields cross one by one (no struct crosses that could never grow); `schedule` has eight.
-    clippy::too_many_arguments
+    non_camel_case_types
 )]
 
 use abi_stable::{
@@ -230,38 +228,6 @@ pub trait Host {
         field: RStr<'_>,
         value_json: RSlice<'_, u8>,
     ) -> RResult<RVec<u8>, RString>;
-
-    // Methods after the prefix: a host built before them hands the plugin a vtable without them, and
-    // abi_stable then runs the default body below in the plugin instead of calling the host (a method
-    // without one would panic). So each has a default that says what an older host means.
-
-    /// Buffer a schedule under `key` (replacing whatever it named): the message of `kind`
-    /// ([`message_kind`]) for `stream`, appended when the engine's clock reaches `due_ms` (ms since the
-    /// Unix epoch). An older host: [`HOST_WITHOUT_SCHEDULES`].
-    fn schedule(
-        &self,
-        _index: u32,
-        _key: RStr<'_>,
-        _due_ms: i64,
-        _kind: u8,
-        _stream: RStr<'_>,
-        _message_type: RStr<'_>,
-        _data: RSlice<'_, u8>,
-    ) -> RResult<(), RString> {
-        RResult::RErr(HOST_WITHOUT_SCHEDULES.into())
-    }
-
-    /// Buffer the cancellation of the pending schedule of `key`, if any. An older host:
-    /// [`HOST_WITHOUT_SCHEDULES`].
-    fn cancel_schedule(&self, _index: u32, _key: RStr<'_>) -> RResult<(), RString> {
-        RResult::RErr(HOST_WITHOUT_SCHEDULES.into())
-    }
-
-    /// Now on the engine's clock, in ms since the Unix epoch. An older host has only the system clock,
-    /// so that is its answer.
-    fn now_ms(&self) -> i64 {
-        system_now_ms()
-    }
 }
 
 /// What a host that predates schedules answers to them.
@@ -276,10 +242,75 @@ pub fn system_now_ms() -> i64 {
     }
 }
 
-/// What a scheduled message is, on the wire ([`Host::schedule`]).
-pub mod message_kind {
-    pub const EVENT: u8 = 0;
-    pub const COMMAND: u8 = 1;
+/// Host services added within the generation, asked through [`Host::read_stream`].
+///
+/// abi_stable refuses to load a library whose prefix types (the `Host` vtable among them) have fewer
+/// fields than the host's, so a host that grew `Host` could no longer load the domains built before.
+/// Newer services therefore travel as a JSON request in the stream name of a read, under
+/// [`host_call::STREAM`]: a host that knows the call answers a JSON object (or an error), and an older
+/// host reads a stream that does not exist and answers an empty JSON array, with nothing written.
+pub mod host_call {
+    use std::borrow::Cow;
+
+    use serde::{Deserialize, Serialize};
+    use serde_json::value::RawValue;
+
+    /// The stream-name prefix of a host call; the request's JSON follows it.
+    pub const STREAM: &str = "$protean:host-call:";
+
+    /// A host call. Externally tagged and with `Cow` strings, so that it decodes from the stream name
+    /// whatever its strings hold (an escaped string cannot be borrowed) and its data stays raw.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Request<'a> {
+        /// See `HostServices::schedule`.
+        Schedule {
+            index: u32,
+            #[serde(borrow)]
+            key: Cow<'a, str>,
+            due_ms: i64,
+            /// `event` or `command`.
+            #[serde(borrow)]
+            kind: Cow<'a, str>,
+            #[serde(borrow)]
+            stream: Cow<'a, str>,
+            #[serde(borrow)]
+            message_type: Cow<'a, str>,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        },
+        /// See `HostServices::cancel_schedule`.
+        CancelSchedule {
+            index: u32,
+            #[serde(borrow)]
+            key: Cow<'a, str>,
+        },
+        /// See `HostServices::now_ms`.
+        NowMs,
+    }
+
+    /// A known call's answer (a refusal comes back as the read's error).
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub struct Answer {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub now_ms: Option<i64>,
+    }
+
+    impl Request<'_> {
+        /// The stream name that carries the request.
+        pub fn stream(&self) -> String {
+            let json = serde_json::to_string(self).unwrap_or_default();
+            format!("{STREAM}{json}")
+        }
+
+        /// The request a stream name carries, if it is a host call (`Some(Err)`: a malformed one).
+        pub fn of(stream: &str) -> Option<Result<Request<'_>, String>> {
+            let json = stream.strip_prefix(STREAM)?;
+            Some(
+                serde_json::from_str(json).map_err(|e| format!("a host call that is not one: {e}")),
+            )
+        }
+    }
 }
 
 /// The per-batch host object as the plugin receives it.
