@@ -11,8 +11,10 @@
 //! - host services reach the plugin as an FFI-safe trait object ([`Host`]), which only *buffers* what the
 //!   handler produces: the host commits it after the call returns;
 //! - every exported function catches panics and returns them as errors;
-//! - plain structs here can never grow: [`HandlerRegistration::options_json`] is the escape hatch, and the
-//!   prefix types (the root module and the trait vtables) grow only after their last prefix field.
+//! - plain structs here can never grow: [`HandlerRegistration::options_json`] is the escape hatch; nor
+//!   can the prefix types (the root module and the trait vtables) within a generation, because
+//!   abi_stable refuses a library whose prefix types have fewer fields than the host's: new host
+//!   services are [`host_call`]s.
 //!
 //! Authors never use this module; it is public for `protean-host` and for [`crate::export_domains`].
 #![allow(

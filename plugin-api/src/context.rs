@@ -72,7 +72,7 @@ pub trait HostServices {
     ) -> Result<Vec<u8>, String>;
     /// Buffer a schedule under `key`, replacing whatever it named: the message, appended when the
     /// engine's clock reaches `due_ms`. The defaults of these three are what a host without schedules
-    /// answers (see [`crate::abi::Host`]).
+    /// answers (see [`crate::abi::host_call`]).
     #[allow(clippy::too_many_arguments)]
     fn schedule(
         &self,
