@@ -6,6 +6,7 @@
 
 use std::{cell::RefCell, collections::HashMap};
 
+use protean_plugin_api::MessageKind;
 use serde_json::Value;
 
 pub use crate::ownership::Fence;
@@ -407,7 +408,7 @@ impl<'a> Buffer<'a> {
 
     /// Refuse a write of message `index` for good (over the limit, not JSON); the error goes back to
     /// the handler, and the message fails for good whatever the handler makes of it.
-    fn refuse(&self, index: usize, reason: impl ToString) -> Result<(), String> {
+    fn refuse<T>(&self, index: usize, reason: impl ToString) -> Result<T, String> {
         let reason = reason.to_string();
         self.refused.borrow_mut().push((index, reason.clone()));
         Err(reason)
@@ -458,6 +459,62 @@ impl<'a> Buffer<'a> {
         data: &[u8],
         expected: Option<i64>,
     ) -> Result<(), String> {
+        let message = self.message(index, kind, stream, message_type, data, expected)?;
+        self.push(index, Write::Message(message));
+        Ok(())
+    }
+
+    /// Buffer a schedule of the message a handler would have written at once, made the same way.
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
+        &self,
+        index: usize,
+        key: &str,
+        due_ms: i64,
+        kind: Kind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        if let Some(refusal) = protean_plugin_api::schedule_refusal(key, Some(due_ms)) {
+            return self.refuse(index, refusal);
+        }
+        let message = self.message(index, kind, stream, message_type, data, None)?;
+        let key = key.to_owned();
+        let set = ScheduleWrite::Set {
+            key,
+            due_ms,
+            message,
+        };
+        self.push(index, Write::Schedule(set));
+        Ok(())
+    }
+
+    /// Buffer the cancellation of the schedule of `key`, dated now on the engine's clock.
+    fn cancel_schedule(&self, index: usize, key: &str) -> Result<(), String> {
+        if let Some(refusal) = protean_plugin_api::schedule_refusal(key, None) {
+            return self.refuse(index, refusal);
+        }
+        let at_ms = self.clock.now_ms();
+        let cancel = ScheduleWrite::Cancel {
+            key: key.to_owned(),
+            at_ms,
+        };
+        self.push(index, Write::Schedule(cancel));
+        Ok(())
+    }
+
+    /// The message a handler of batch index `index` writes, caused by that message and dated by the
+    /// engine's clock; refused (for good) when over the size limit or not JSON.
+    fn message(
+        &self,
+        index: usize,
+        kind: Kind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+        expected: Option<i64>,
+    ) -> Result<NewMessage, String> {
         let what = |part: &str| {
             let kind = match kind {
                 Kind::Event => "event",
@@ -484,12 +541,10 @@ impl<'a> Buffer<'a> {
             return self.refuse(index, too_big);
         }
         // Dated again only on a virtual clock: restamping costs a parse of the metadata.
-        let message = match self.clock.is_virtual() {
+        Ok(match self.clock.is_virtual() {
             true => message.at(self.clock.now()),
             false => message,
-        };
-        self.push(index, Write::Message(message));
-        Ok(())
+        })
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, ReadError> {
@@ -757,6 +812,34 @@ impl HostServices for BufferView<'_, '_> {
         self.buffer
             .find_documents(collection, field, value_json)
             .map_err(|e| self.buffer.read_failed(self.offset, e))
+    }
+
+    fn schedule(
+        &self,
+        index: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let kind = match kind {
+            MessageKind::Event => Kind::Event,
+            MessageKind::Command => Kind::Command,
+        };
+        let index = self.offset + index as usize;
+        self.buffer
+            .schedule(index, key, due_ms, kind, stream, message_type, data)
+    }
+
+    fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {
+        self.buffer
+            .cancel_schedule(self.offset + index as usize, key)
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.buffer.clock.now_ms()
     }
 }
 

@@ -1,5 +1,5 @@
 //! The buffer's reads: the store overlaid with what the batch wrote so far, and the document versions
-//! its writes carry.
+//! its writes carry; and the schedules it buffers.
 
 use serde_json::{json, Value};
 
@@ -166,4 +166,182 @@ fn a_find_sees_stored_matches_overlaid_with_buffered_puts_and_deletes_and_notes_
     assert_eq!(a.expected(), Some(version("a")));
     let b = unit.documents.iter().find(|w| w.key().1 == "b").unwrap();
     assert_eq!(b.expected(), None);
+}
+
+mod schedules {
+    use chrono::TimeZone;
+    use protean_plugin_api::MessageKind;
+    use serde_json::Value;
+
+    use super::{drained, LIMIT};
+    use crate::{
+        clock::Clock,
+        message::{Cause, MetaView},
+        plugin::HostServices,
+        store::MemoryStore,
+        unit_of_work::{Buffer, ScheduleWrite},
+    };
+
+    const START_MS: i64 = 1_767_225_600_000;
+
+    fn clock() -> Clock {
+        Clock::simulated(chrono::Utc.timestamp_millis_opt(START_MS).unwrap())
+    }
+
+    fn set(view: &impl HostServices, index: u32, key: &str, due_ms: i64, n: u32) {
+        let data = format!(r#"{{"n":{n}}}"#);
+        view.schedule(
+            index,
+            key,
+            due_ms,
+            MessageKind::Command,
+            "t::x:command-1",
+            "T.Do.v1",
+            data.as_bytes(),
+        )
+        .unwrap();
+    }
+
+    /// (key, due, data) of each Set, or (key, at, "cancel") of each Cancel, in order.
+    fn writes(buffer: &Buffer<'_>) -> Vec<(String, i64, String)> {
+        drained(buffer)
+            .schedules
+            .into_iter()
+            .map(|w| match w {
+                ScheduleWrite::Set {
+                    key,
+                    due_ms,
+                    message,
+                } => (key, due_ms, message.data),
+                ScheduleWrite::Cancel { key, at_ms } => (key, at_ms, "cancel".into()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sets_and_cancels_are_buffered_in_handler_order_and_a_reset_keeps_both_sets() {
+        let store = MemoryStore::default();
+        let clock = clock();
+        let causes = [Cause::default(); 2];
+        let buffer = Buffer::new(&store, &clock, &causes, LIMIT);
+        let view = buffer.view(0);
+        assert_eq!(view.now_ms(), START_MS, "handlers see the engine's clock");
+        set(&view, 0, "k1", START_MS + 60_000, 1);
+        set(&view, 1, "k1", START_MS + 120_000, 2);
+        view.cancel_schedule(1, "k2").unwrap();
+        assert_eq!(
+            writes(&buffer),
+            [
+                ("k1".into(), START_MS + 60_000, r#"{"n":1}"#.into()),
+                ("k1".into(), START_MS + 120_000, r#"{"n":2}"#.into()),
+                ("k2".into(), START_MS, "cancel".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_messages_schedules_are_discarded_with_its_other_writes() {
+        let store = MemoryStore::default();
+        let clock = clock();
+        let causes = [Cause::default(); 2];
+        let buffer = Buffer::new(&store, &clock, &causes, LIMIT);
+        let view = buffer.view(0);
+        set(&view, 0, "kept", START_MS, 1);
+        set(&view, 1, "dropped", START_MS, 2);
+        view.cancel_schedule(1, "kept").unwrap();
+        buffer.discard_from(1);
+        assert_eq!(
+            writes(&buffer),
+            [("kept".into(), START_MS, r#"{"n":1}"#.into())]
+        );
+    }
+
+    #[test]
+    fn a_scheduled_message_is_made_as_a_written_one_caused_by_its_handlers_message() {
+        let store = MemoryStore::default();
+        let clock = clock();
+        let meta =
+            MetaView::parse(r#"{"headers": {"id": "p1"}, "domain": {"correlation_id": "corr-9"}}"#)
+                .unwrap();
+        let causes = [
+            Cause::default(),
+            Cause {
+                id: "p1",
+                stream: "t::x-1",
+                meta: Some(&meta),
+            },
+        ];
+        let buffer = Buffer::new(&store, &clock, &causes, LIMIT);
+        // A call whose first message is batch index 1.
+        set(&buffer.view(1), 0, "k", START_MS + 5, 7);
+        let unit = drained(&buffer);
+        let [ScheduleWrite::Set { message, .. }] = unit.schedules.as_slice() else {
+            panic!("one set: {:?}", unit.schedules);
+        };
+        assert!(
+            unit.messages.is_empty(),
+            "nothing is appended before it fires"
+        );
+        assert_eq!(message.stream, "t::x:command-1");
+        assert_eq!(message.message_type, "T.Do.v1");
+        assert_eq!(message.expected_version, None);
+        let metadata: Value = serde_json::from_str(&message.metadata).unwrap();
+        assert_eq!(metadata["domain"]["correlation_id"], "corr-9");
+        assert_eq!(metadata["domain"]["causation_id"], "p1");
+        assert_eq!(metadata["headers"]["id"], message.id.as_str());
+        assert_eq!(metadata["headers"]["time"], message.time.as_str());
+        assert!(
+            message.time.starts_with("2026-01-01T00:00:00"),
+            "dated by the engine's clock: {}",
+            message.time
+        );
+    }
+
+    #[test]
+    fn a_schedule_the_store_cannot_keep_fails_its_message_for_good() {
+        let store = MemoryStore::default();
+        let clock = clock();
+        let causes = [Cause::default(); 5];
+        let buffer = Buffer::new(&store, &clock, &causes, 4096);
+        let view = buffer.view(0);
+        let schedule = |index: u32, key: &str, due_ms: i64, data: &[u8]| {
+            view.schedule(
+                index,
+                key,
+                due_ms,
+                MessageKind::Event,
+                "t::x-1",
+                "T.A.v1",
+                data,
+            )
+            .unwrap_err()
+        };
+        let empty = schedule(0, "", START_MS, b"{}");
+        assert!(empty.contains("key is empty"), "{empty}");
+        let long = schedule(1, &"k".repeat(201), START_MS, b"{}");
+        assert!(long.contains("201 bytes, over the 200"), "{long}");
+        let past_9999 = schedule(2, "k", protean_plugin_api::MAX_DUE_MS + 1, b"{}");
+        assert!(past_9999.contains("outside the times"), "{past_9999}");
+        let not_json = schedule(3, "k", START_MS, b"{nope");
+        assert!(
+            not_json.starts_with("T.A.v1 data is not JSON"),
+            "{not_json}"
+        );
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5000));
+        let too_big = schedule(4, "k", START_MS, big.as_bytes());
+        assert!(
+            too_big.contains("over server.max_message_bytes"),
+            "{too_big}"
+        );
+        let cancel = view.cancel_schedule(0, "").unwrap_err();
+        assert_eq!(cancel, empty);
+        for index in 0..5 {
+            assert_eq!(
+                buffer.refusal(index..index + 1).map(|(i, _)| i),
+                Some(index),
+                "message {index} fails for good"
+            );
+        }
+        assert!(writes(&buffer).is_empty(), "nothing refused was buffered");
+    }
 }

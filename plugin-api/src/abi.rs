@@ -11,8 +11,10 @@
 //! - host services reach the plugin as an FFI-safe trait object ([`Host`]), which only *buffers* what the
 //!   handler produces: the host commits it after the call returns;
 //! - every exported function catches panics and returns them as errors;
-//! - plain structs here can never grow: [`HandlerRegistration::options_json`] is the escape hatch, and the
-//!   prefix types (the root module and the trait vtables) grow only after their last prefix field.
+//! - plain structs here can never grow: [`HandlerRegistration::options_json`] is the escape hatch; nor
+//!   can the prefix types (the root module and the trait vtables) within a generation, because
+//!   abi_stable refuses a library whose prefix types have fewer fields than the host's: new host
+//!   services are [`host_call`]s.
 //!
 //! Authors never use this module; it is public for `protean-host` and for [`crate::export_domains`].
 #![allow(
@@ -228,6 +230,89 @@ pub trait Host {
         field: RStr<'_>,
         value_json: RSlice<'_, u8>,
     ) -> RResult<RVec<u8>, RString>;
+}
+
+/// What a host that predates schedules answers to them.
+pub const HOST_WITHOUT_SCHEDULES: &str = "this protean-host predates schedules and timeouts, which this domain uses; upgrade protean-host, then replay the dead letter";
+
+/// Now on the system clock, in ms since the Unix epoch (before it: negative).
+pub fn system_now_ms() -> i64 {
+    let now = std::time::SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+/// Host services added within the generation, asked through [`Host::read_stream`].
+///
+/// abi_stable refuses to load a library whose prefix types (the `Host` vtable among them) have fewer
+/// fields than the host's, so a host that grew `Host` could no longer load the domains built before.
+/// Newer services therefore travel as a JSON request in the stream name of a read, under
+/// [`host_call::STREAM`]: a host that knows the call answers a JSON object (or an error), and an older
+/// host reads a stream that does not exist and answers an empty JSON array, with nothing written.
+pub mod host_call {
+    use std::borrow::Cow;
+
+    use serde::{Deserialize, Serialize};
+    use serde_json::value::RawValue;
+
+    /// The stream-name prefix of a host call; the request's JSON follows it.
+    pub const STREAM: &str = "$protean:host-call:";
+
+    /// A host call. Externally tagged and with `Cow` strings, so that it decodes from the stream name
+    /// whatever its strings hold (an escaped string cannot be borrowed) and its data stays raw.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Request<'a> {
+        /// See `HostServices::schedule`.
+        Schedule {
+            index: u32,
+            #[serde(borrow)]
+            key: Cow<'a, str>,
+            due_ms: i64,
+            /// `event` or `command`.
+            #[serde(borrow)]
+            kind: Cow<'a, str>,
+            #[serde(borrow)]
+            stream: Cow<'a, str>,
+            #[serde(borrow)]
+            message_type: Cow<'a, str>,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        },
+        /// See `HostServices::cancel_schedule`.
+        CancelSchedule {
+            index: u32,
+            #[serde(borrow)]
+            key: Cow<'a, str>,
+        },
+        /// See `HostServices::now_ms`.
+        NowMs,
+    }
+
+    /// A known call's answer (a refusal comes back as the read's error).
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    pub struct Answer {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub now_ms: Option<i64>,
+    }
+
+    impl Request<'_> {
+        /// The stream name that carries the request.
+        pub fn stream(&self) -> String {
+            let json = serde_json::to_string(self).unwrap_or_default();
+            format!("{STREAM}{json}")
+        }
+
+        /// The request a stream name carries, if it is a host call (`Some(Err)`: a malformed one).
+        pub fn of(stream: &str) -> Option<Result<Request<'_>, String>> {
+            let json = stream.strip_prefix(STREAM)?;
+            Some(
+                serde_json::from_str(json).map_err(|e| format!("a host call that is not one: {e}")),
+            )
+        }
+    }
 }
 
 /// The per-batch host object as the plugin receives it.

@@ -3,13 +3,16 @@
 //! Invariant: nothing a handler does is written when it does it. Every write is buffered by the host and
 //! committed as one unit of work after the handler returns, or dropped if it fails.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     aggregate::{Aggregate, Recorded},
-    error::HandlerError,
+    error::{HandlerError, HandlerResult},
     message::{Command, Event, Naming},
 };
 
@@ -67,6 +70,69 @@ pub trait HostServices {
         field: &str,
         value_json: &[u8],
     ) -> Result<Vec<u8>, String>;
+    /// Buffer a schedule under `key`, replacing whatever it named: the message, appended when the
+    /// engine's clock reaches `due_ms`. The defaults of these three are what a host without schedules
+    /// answers (see [`crate::abi::host_call`]).
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
+        &self,
+        index: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let _ = (index, key, due_ms, kind, stream, message_type, data);
+        Err(crate::abi::HOST_WITHOUT_SCHEDULES.into())
+    }
+    /// Buffer the cancellation of the pending schedule of `key`, if there is one.
+    fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {
+        let _ = (index, key);
+        Err(crate::abi::HOST_WITHOUT_SCHEDULES.into())
+    }
+    /// Now on the engine's clock, in ms since the Unix epoch.
+    fn now_ms(&self) -> i64 {
+        crate::abi::system_now_ms()
+    }
+}
+
+/// Whether a message is an event or a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// Appended to an aggregate's stream.
+    Event,
+    /// Appended to an aggregate's command stream.
+    Command,
+}
+
+/// The longest schedule key a host keeps, in bytes.
+pub const MAX_SCHEDULE_KEY_BYTES: usize = 200;
+
+/// The latest due time a host keeps: the last millisecond of the year 9999, the end of RFC 3339 times.
+pub const MAX_DUE_MS: i64 = 253_402_300_799_999;
+
+/// Why a schedule of `key` due at `due_ms` cannot be kept, if it cannot: the rule every host applies
+/// (the host refuses such a schedule, and the message that made it fails for good).
+#[doc(hidden)]
+pub fn schedule_refusal(key: &str, due_ms: Option<i64>) -> Option<String> {
+    if key.is_empty() {
+        return Some("a schedule key is empty; name the schedule".into());
+    }
+    if key.len() > MAX_SCHEDULE_KEY_BYTES {
+        let start: String = key.chars().take(40).collect();
+        return Some(format!(
+            "schedule key {start:?}... is {} bytes, over the {MAX_SCHEDULE_KEY_BYTES} a host keeps; use a shorter key",
+            key.len()
+        ));
+    }
+    match due_ms {
+        Some(ms) if !(0..=MAX_DUE_MS).contains(&ms) => Some(format!(
+            "schedule {key:?} is due at {ms} ms since the Unix epoch, outside the times a host keeps (1970 to the end of 9999)"
+        )),
+        _ => None,
+    }
 }
 
 /// The message being handled.
@@ -112,6 +178,32 @@ pub struct Context<'a> {
     message: MessageInfo<'a>,
     /// Last known position of each stream this handler loaded or wrote, for optimistic concurrency.
     versions: HashMap<String, i64>,
+    /// The process-manager instance whose step this is, if it is one: its timeouts are named in it.
+    timeouts: Option<Timeouts>,
+}
+
+/// The timeouts of the process-manager instance a step runs for.
+#[derive(Debug)]
+pub(crate) struct Timeouts {
+    /// Every timeout key of the instance starts with it: `{domain}::pm::{manager}::{correlation}::`.
+    prefix: String,
+    /// Timeouts set (`true`) or cancelled (`false`) by the step, in order.
+    pub(crate) changes: Vec<(String, bool)>,
+}
+
+impl Timeouts {
+    /// The timeouts of the instance `correlation` of the process manager `manager`.
+    pub(crate) fn new(naming: &Naming, manager: &str, correlation: &str) -> Self {
+        Self {
+            prefix: format!("{}::pm::{manager}::{correlation}::", naming.normalized()),
+            changes: Vec::new(),
+        }
+    }
+
+    /// The schedule key of the instance's timeout `name`.
+    pub(crate) fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -135,7 +227,24 @@ impl<'a> Context<'a> {
             index,
             message,
             versions: HashMap::new(),
+            timeouts: None,
         }
+    }
+
+    /// Run `step` as a step of the process-manager instance whose timeouts are `timeouts`; they come
+    /// back with what the step set and cancelled.
+    pub(crate) fn in_instance<R>(
+        &mut self,
+        timeouts: Timeouts,
+        step: impl FnOnce(&mut Self) -> R,
+    ) -> (R, Timeouts) {
+        self.timeouts = Some(timeouts);
+        let result = step(self);
+        let timeouts = self
+            .timeouts
+            .take()
+            .expect("the step's timeouts stay in place");
+        (result, timeouts)
     }
 
     /// The message being handled.
@@ -247,6 +356,276 @@ impl<'a> Context<'a> {
             .map_err(HandlerError::retry)?;
         from_json(&bytes, D::COLLECTION)
     }
+}
+
+/// Time and schedules.
+impl<'a> Context<'a> {
+    /// Now, on the host's clock: the time handlers must go by (in a test run of the host, or in a
+    /// [`TestHost`](crate::testing::TestHost), the clock is virtual and moves only when told).
+    pub fn now(&self) -> SystemTime {
+        time_of(self.services.now_ms())
+    }
+
+    /// Schedule a message under `key`: say when with [`Schedule::after`] or [`Schedule::at`], then what
+    /// with [`Due::send`] or [`Due::raise`]. The key names one schedule in the domain: scheduling it
+    /// again replaces it (a reset), [`Context::cancel`] cancels it. Like every write, the schedule is
+    /// kept only if the handler succeeds; when it comes due, the host appends the message as if a
+    /// handler had written it then, caused by the message being handled now.
+    ///
+    /// ```
+    /// # use protean_plugin_api::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use std::time::Duration;
+    /// # #[derive(Default, Aggregate)] struct Order;
+    /// # #[derive(Serialize, Deserialize, Event)] #[event(aggregate = Order)] struct OrderPlaced { id: String }
+    /// # #[derive(Serialize, Deserialize, Event)] #[event(aggregate = Order)] struct OrderPaid { id: String }
+    /// # #[derive(Serialize, Deserialize, Command)] #[command(aggregate = Order, target = id)]
+    /// # struct CancelOrder { id: String }
+    /// fn on_placed(event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+    ///     // Cancel an unpaid order after a day; a second `OrderPlaced` would reset the day.
+    ///     let key = format!("unpaid-{}", event.id);
+    ///     ctx.schedule(&key).after(Duration::from_secs(86_400)).send(&CancelOrder { id: event.id })
+    /// }
+    ///
+    /// fn on_paid(event: OrderPaid, ctx: &mut Context) -> HandlerResult {
+    ///     ctx.cancel(&format!("unpaid-{}", event.id))
+    /// }
+    /// # let domain = Domain::new("Shop").event_handler(EventHandler::new("payments").on(on_placed).on(on_paid));
+    /// # let host = protean_plugin_api::testing::TestHost::new(domain);
+    /// # host.handle_event("payments", "o1", &OrderPlaced { id: "o1".into() }).unwrap();
+    /// # assert_eq!(host.scheduled().len(), 1);
+    /// # host.handle_event("payments", "o1", &OrderPaid { id: "o1".into() }).unwrap();
+    /// # assert!(host.scheduled().is_empty());
+    /// ```
+    pub fn schedule<'c>(&'c mut self, key: &str) -> Schedule<'c, 'a> {
+        let key = self.schedule_key(key);
+        Schedule { ctx: self, key }
+    }
+
+    /// Cancel the schedule named `key` if it has not fired yet (no error if there is none).
+    pub fn cancel(&mut self, key: &str) -> HandlerResult {
+        let key = self.schedule_key(key);
+        self.services
+            .cancel_schedule(self.index, &key)
+            .map_err(host_error)
+    }
+
+    /// Inside a process-manager step: send `command` after `delay` unless the timeout `name` of this
+    /// instance is cancelled first. Setting it again resets it; the instance's timeouts are cancelled
+    /// when it ends. Outside a process-manager step it fails for good (use [`Context::schedule`]).
+    ///
+    /// ```
+    /// # use protean_plugin_api::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # use std::time::Duration;
+    /// # #[derive(Default, Aggregate)] struct Order;
+    /// # #[derive(Serialize, Deserialize, Event)] #[event(aggregate = Order)] struct OrderPlaced { order: String }
+    /// # #[derive(Serialize, Deserialize, Event)] #[event(aggregate = Order)] struct OrderShipped { order: String }
+    /// # #[derive(Serialize, Deserialize, Command)] #[command(aggregate = Order, target = order)]
+    /// # struct Escalate { order: String }
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct Shipping { placed: bool }
+    ///
+    /// fn placed(state: &mut Shipping, event: OrderPlaced, ctx: &mut Context) -> HandlerResult {
+    ///     state.placed = true;
+    ///     ctx.set_timeout("late", Duration::from_secs(2 * 86_400), &Escalate { order: event.order })
+    /// }
+    ///
+    /// fn shipped(_: &mut Shipping, _: OrderShipped) {} // ending the instance cancels "late"
+    ///
+    /// let manager = ProcessManager::<Shipping>::new("shipping", "order").start(placed).end(shipped);
+    /// # let host = protean_plugin_api::testing::TestHost::new(Domain::new("Shop").process_manager(manager));
+    /// # host.handle_event("shipping", "o1", &OrderPlaced { order: "o1".into() }).unwrap();
+    /// # assert_eq!(host.scheduled().len(), 1);
+    /// # host.handle_event("shipping", "o1", &OrderShipped { order: "o1".into() }).unwrap();
+    /// # assert!(host.scheduled().is_empty());
+    /// ```
+    pub fn set_timeout<C: Command>(
+        &mut self,
+        name: &str,
+        delay: Duration,
+        command: &C,
+    ) -> HandlerResult {
+        let key = self.timeout_key(name, "set_timeout")?;
+        let due_ms = due_after(self.services.now_ms(), delay)?;
+        self.schedule_message(&key, due_ms, Outgoing::command(self.naming, command)?)?;
+        self.note_timeout(name, true);
+        Ok(())
+    }
+
+    /// Inside a process-manager step: cancel this instance's timeout `name` if it has not fired yet.
+    pub fn cancel_timeout(&mut self, name: &str) -> HandlerResult {
+        let key = self.timeout_key(name, "cancel_timeout")?;
+        self.services
+            .cancel_schedule(self.index, &key)
+            .map_err(host_error)?;
+        self.note_timeout(name, false);
+        Ok(())
+    }
+
+    /// The store's name of the domain's schedule `key`: schedules of different domains never meet.
+    fn schedule_key(&self, key: &str) -> String {
+        format!("{}::{key}", self.naming.normalized())
+    }
+
+    fn timeout_key(&self, name: &str, call: &str) -> Result<String, HandlerError> {
+        let Some(timeouts) = &self.timeouts else {
+            return Err(HandlerError::reject(format!(
+                "{call}({name:?}) works only in a process-manager step, whose instance the timeout belongs to; elsewhere use ctx.schedule(key)"
+            )));
+        };
+        if name.is_empty() {
+            return Err(HandlerError::reject(format!(
+                "{call} with an empty timeout name"
+            )));
+        }
+        Ok(timeouts.key(name))
+    }
+
+    fn note_timeout(&mut self, name: &str, set: bool) {
+        if let Some(timeouts) = &mut self.timeouts {
+            timeouts.changes.push((name.to_owned(), set));
+        }
+    }
+
+    /// Cancel the timeouts `names` of the instance the step runs for (it ends).
+    pub(crate) fn cancel_timeouts(&mut self, names: &[String]) -> HandlerResult {
+        for name in names {
+            self.cancel_timeout(name)?;
+        }
+        Ok(())
+    }
+
+    fn schedule_message(&self, key: &str, due_ms: i64, message: Outgoing) -> HandlerResult {
+        self.services
+            .schedule(
+                self.index,
+                key,
+                due_ms,
+                message.kind,
+                &message.stream,
+                &message.message_type,
+                &message.data,
+            )
+            .map_err(host_error)
+    }
+}
+
+/// A schedule being made: [`Context::schedule`] named it; [`Schedule::after`] or [`Schedule::at`] says
+/// when it is due.
+#[derive(Debug)]
+#[must_use = "a schedule is made only by `.send(..)` or `.raise(..)` after `.after(..)` or `.at(..)`"]
+pub struct Schedule<'c, 'a> {
+    ctx: &'c mut Context<'a>,
+    key: String,
+}
+
+impl<'c, 'a> Schedule<'c, 'a> {
+    /// Due `delay` from now on the host's clock.
+    pub fn after(self, delay: Duration) -> Due<'c, 'a> {
+        let due_ms = due_after(self.ctx.services.now_ms(), delay);
+        Due {
+            ctx: self.ctx,
+            key: self.key,
+            due_ms,
+        }
+    }
+
+    /// Due at `time` (a time already past fires at once).
+    pub fn at(self, time: SystemTime) -> Due<'c, 'a> {
+        Due {
+            ctx: self.ctx,
+            key: self.key,
+            due_ms: ms_of(time),
+        }
+    }
+}
+
+/// A schedule with its due time: [`Due::send`] or [`Due::raise`] says what it appends.
+#[derive(Debug)]
+#[must_use = "a schedule is made only by `.send(..)` or `.raise(..)`"]
+pub struct Due<'c, 'a> {
+    ctx: &'c mut Context<'a>,
+    key: String,
+    due_ms: Result<i64, HandlerError>,
+}
+
+impl Due<'_, '_> {
+    /// Send `command` to its aggregate's command stream when due.
+    pub fn send<C: Command>(self, command: &C) -> HandlerResult {
+        let message = Outgoing::command(self.ctx.naming, command)?;
+        self.ctx.schedule_message(&self.key, self.due_ms?, message)
+    }
+
+    /// Raise `event` on the aggregate with `id` when due (appended without a concurrency check: the
+    /// aggregate's version then is not known now).
+    pub fn raise<E: Event>(self, id: &str, event: &E) -> HandlerResult {
+        let message = Outgoing {
+            kind: MessageKind::Event,
+            stream: self.ctx.naming.stream_of::<E::Aggregate>(id),
+            message_type: self.ctx.naming.type_of::<E>(),
+            data: to_json(event)?,
+        };
+        self.ctx.schedule_message(&self.key, self.due_ms?, message)
+    }
+}
+
+/// A message to schedule, as the host takes it.
+struct Outgoing {
+    kind: MessageKind,
+    stream: String,
+    message_type: String,
+    data: Vec<u8>,
+}
+
+impl Outgoing {
+    fn command<C: Command>(naming: &Naming, command: &C) -> Result<Self, HandlerError> {
+        Ok(Self {
+            kind: MessageKind::Command,
+            stream: naming.command_stream_of(command),
+            message_type: naming.type_of::<C>(),
+            data: to_json(command)?,
+        })
+    }
+}
+
+/// A host error as the handler sees it: retryable, except that a host without schedules will never
+/// have them (the message is dead-lettered, to replay once the host is upgraded).
+fn host_error(error: String) -> HandlerError {
+    if error == crate::abi::HOST_WITHOUT_SCHEDULES {
+        HandlerError::reject(error)
+    } else {
+        HandlerError::retry(error)
+    }
+}
+
+/// The time `ms` milliseconds after the Unix epoch (before it when negative).
+pub(crate) fn time_of(ms: i64) -> SystemTime {
+    let offset = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH + offset
+    } else {
+        UNIX_EPOCH - offset
+    }
+}
+
+/// Milliseconds since the Unix epoch of `time`, if a host can keep it as a due time.
+fn ms_of(time: SystemTime) -> Result<i64, HandlerError> {
+    let unkept =
+        || HandlerError::reject(format!("{time:?} is not a time a host keeps schedules for"));
+    let since = time.duration_since(UNIX_EPOCH).map_err(|_| unkept())?;
+    i64::try_from(since.as_millis()).map_err(|_| unkept())
+}
+
+fn due_after(now_ms: i64, delay: Duration) -> Result<i64, HandlerError> {
+    i64::try_from(delay.as_millis())
+        .ok()
+        .and_then(|delay| now_ms.checked_add(delay))
+        .ok_or_else(|| {
+            HandlerError::reject(format!(
+                "a delay of {delay:?} is past any time a host keeps"
+            ))
+        })
 }
 
 impl Context<'_> {

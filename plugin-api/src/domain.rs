@@ -14,7 +14,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     abi::HandlerKind,
-    context::{Context, HostServices, MessageInfo},
+    context::{Context, HostServices, MessageInfo, Timeouts},
     error::{HandlerError, HandlerResult},
     handler::{EventFn, StepFn},
     message::{Command, Event, Message, Naming},
@@ -279,6 +279,23 @@ enum Phase {
 struct Instance<S> {
     state: S,
     ended: bool,
+    /// The names of the timeouts its steps set and did not cancel (some may have fired): cancelled
+    /// when it ends. Absent from instances stored before timeouts, and left out while empty, so an
+    /// instance without timeouts is stored as it always was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    timeouts: Vec<String>,
+}
+
+impl<S> Instance<S> {
+    /// Note what a step did to the instance's timeouts.
+    fn update_timeouts(&mut self, changes: Vec<(String, bool)>) {
+        for (name, set) in changes {
+            self.timeouts.retain(|t| *t != name);
+            if set {
+                self.timeouts.push(name);
+            }
+        }
+    }
 }
 
 /// Coordinates a long-running flow across aggregates, one instance per value of its correlation field.
@@ -315,7 +332,8 @@ where
     }
 
     fn step<E: Event, A>(mut self, phase: Phase, f: impl StepFn<S, E, A>) -> Self {
-        let collection = format!("pm::{}", self.0.name);
+        let name = self.0.name.clone();
+        let collection = format!("pm::{name}");
         let field = self.0.options.correlate.clone().unwrap_or_default();
         let call: Call = Box::new(move |data, ctx| {
             let key = correlation_value(data, &field)?;
@@ -326,11 +344,24 @@ where
                 (None, Phase::Start) => Instance {
                     state: S::default(),
                     ended: false,
+                    timeouts: Vec::new(),
                 },
                 (None, _) => return Ok(()),
             };
-            f.call(&mut instance.state, decode::<E>(data)?, ctx)?;
-            instance.ended = phase == Phase::End;
+            let event = decode::<E>(data)?;
+            let scope = Timeouts::new(ctx.naming(), &name, &key);
+            let (result, scope) =
+                ctx.in_instance(scope, |ctx| f.call(&mut instance.state, event, ctx));
+            result?;
+            instance.update_timeouts(scope.changes);
+            if phase == Phase::End {
+                let pending = std::mem::take(&mut instance.timeouts);
+                ctx.in_instance(Timeouts::new(ctx.naming(), &name, &key), |ctx| {
+                    ctx.cancel_timeouts(&pending)
+                })
+                .0?;
+                instance.ended = true;
+            }
             ctx.put_raw(&collection, &key, &instance)
         });
         self.0
@@ -534,5 +565,30 @@ impl Domain {
             }
         }
         (batch.len() as u32, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Instance;
+
+    #[test]
+    fn an_instance_stored_before_timeouts_loads_and_one_without_timeouts_is_stored_as_before() {
+        let stored = r#"{"state":3,"ended":false}"#;
+        let instance: Instance<u32> = serde_json::from_str(stored).unwrap();
+        assert!(instance.timeouts.is_empty());
+        assert_eq!(serde_json::to_string(&instance).unwrap(), stored);
+        let mut timed = instance;
+        timed.update_timeouts(vec![
+            ("late".into(), true),
+            ("early".into(), true),
+            ("late".into(), false),
+            ("late".into(), true),
+        ]);
+        assert_eq!(timed.timeouts, ["early", "late"]);
+        assert_eq!(
+            serde_json::to_string(&timed).unwrap(),
+            r#"{"state":3,"ended":false,"timeouts":["early","late"]}"#
+        );
     }
 }

@@ -5,13 +5,16 @@
 
 use std::sync::OnceLock;
 
+use serde_json::value::RawValue;
+
 use crate::{
     abi::{
+        host_call::{Answer, Request},
         loading::{RResult, RSlice, RStr, RString, RVec, TD_Opaque},
         BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO, HandlerFailure,
         HandlerRegistration, HostLogBox, HostRef, MessageRef,
     },
-    context::{HostServices, MessageInfo},
+    context::{HostServices, MessageInfo, MessageKind},
     domain::Domain,
     panic,
 };
@@ -241,6 +244,64 @@ impl HostServices for AbiServices<'_> {
         )
         .map(RVec::into_vec)
     }
+
+    fn schedule(
+        &self,
+        index: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let data = std::str::from_utf8(data)
+            .ok()
+            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+            .ok_or_else(|| format!("{message_type} data is not JSON"))?;
+        let kind = match kind {
+            MessageKind::Event => "event",
+            MessageKind::Command => "command",
+        };
+        self.call(&Request::Schedule {
+            index,
+            key: key.into(),
+            due_ms,
+            kind: kind.into(),
+            stream: stream.into(),
+            message_type: message_type.into(),
+            data,
+        })
+        .map(drop)
+    }
+
+    fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {
+        let key = key.into();
+        self.call(&Request::CancelSchedule { index, key }).map(drop)
+    }
+
+    fn now_ms(&self) -> i64 {
+        // A host without a clock of its own, or that cannot answer now, goes by the system clock.
+        match self.call(&Request::NowMs) {
+            Ok(Answer {
+                now_ms: Some(now_ms),
+            }) => now_ms,
+            _ => crate::abi::system_now_ms(),
+        }
+    }
+}
+
+impl AbiServices<'_> {
+    /// Ask the host a call newer than the `Host` vtable ([`crate::abi::host_call`]).
+    fn call(&self, request: &Request<'_>) -> Result<Answer, String> {
+        let answer = plain(self.0.read_stream(request.stream().as_str().into(), 0))?;
+        // A host that predates the call read a stream that does not exist: an array (of nothing).
+        if answer.first() == Some(&b'[') {
+            return Err(crate::abi::HOST_WITHOUT_SCHEDULES.into());
+        }
+        serde_json::from_slice(&answer)
+            .map_err(|e| format!("the host answered a host call with something else: {e}"))
+    }
 }
 
 /// Forwards the `log` crate's records to the host, so `log::info!` in a handler lands in the host's logs.
@@ -337,4 +398,90 @@ macro_rules! export_domains {
                 $crate::abi::lib_header(loader);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{abi::loading::ROption, context::Context, message::Naming};
+
+    /// A host as built before schedules: a host call is a read of a stream it does not have.
+    struct OlderHost;
+
+    impl crate::abi::Host for OlderHost {
+        fn raise_event(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+            _: ROption<i64>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn send_command(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn read_stream(&self, _: RStr<'_>, _: u64) -> RResult<RVec<u8>, RString> {
+            RResult::ROk(b"[]".to_vec().into())
+        }
+        fn get_document(&self, _: RStr<'_>, _: RStr<'_>) -> RResult<ROption<RVec<u8>>, RString> {
+            RResult::ROk(ROption::RNone)
+        }
+        fn put_document(
+            &self,
+            _: u32,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn delete_document(&self, _: u32, _: RStr<'_>, _: RStr<'_>) -> RResult<(), RString> {
+            RResult::ROk(())
+        }
+        fn find_documents(
+            &self,
+            _: RStr<'_>,
+            _: RStr<'_>,
+            _: RSlice<'_, u8>,
+        ) -> RResult<RVec<u8>, RString> {
+            RResult::ROk(b"[]".to_vec().into())
+        }
+    }
+
+    #[test]
+    fn a_host_without_schedules_fails_a_schedule_for_good_and_tells_the_system_time() {
+        let older = OlderHost;
+        let services = AbiServices(crate::abi::Host_TO::from_ptr(&older, TD_Opaque));
+        let naming = Naming::new("Shop");
+        let info = MessageInfo {
+            id: "m1",
+            stream: "shop::order-1",
+            message_type: "Shop.Placed.v1",
+            position: 0,
+            global_position: 0,
+            metadata: b"{}",
+        };
+        let mut ctx = Context::new(&services, &naming, 0, info);
+        let error = ctx.cancel("k").unwrap_err();
+        assert!(!error.is_retryable(), "no retry makes an old host new");
+        assert_eq!(error.message(), crate::abi::HOST_WITHOUT_SCHEDULES);
+        let scheduled = services.schedule(0, "k", 0, MessageKind::Event, "s-1", "T.A.v1", b"{}");
+        assert_eq!(scheduled.unwrap_err(), crate::abi::HOST_WITHOUT_SCHEDULES);
+        let before = crate::abi::system_now_ms();
+        let now = ctx.now();
+        let after = crate::abi::system_now_ms();
+        let now_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!((before..=after).contains(&now_ms), "the system clock");
+    }
 }

@@ -87,6 +87,11 @@
 //! neither; it returns a [`HandlerResult`], any `Result<(), E>` whose error converts into a
 //! [`HandlerError`], or nothing ([`EventFn`] lists the forms).
 //!
+//! Time is the host's: [`Context::now`] reads its clock, [`Context::schedule`] has a message appended
+//! later (under a key that [`Context::cancel`] cancels and scheduling again resets), and a process
+//! manager's steps set named timeouts of their instance ([`Context::set_timeout`]), cancelled when it
+//! ends. [`testing::TestHost`] keeps a virtual clock that moves only when a test says so.
+//!
 //! Handlers are synchronous: the host calls them on a blocking thread, in batches. Never start an async
 //! runtime inside a handler. Log with the [`log`] crate's macros: the lines arrive in the host's logs with
 //! the plugin as their source. A panic in a handler is caught and treated as a retryable failure.
@@ -112,7 +117,12 @@ mod panic;
 pub mod testing;
 
 pub use aggregate::{Aggregate, Apply, Recorded};
-pub use context::{Context, Document, HostServices, MessageInfo};
+#[doc(hidden)]
+pub use context::schedule_refusal;
+pub use context::{
+    Context, Document, Due, HostServices, MessageInfo, MessageKind, Schedule, MAX_DUE_MS,
+    MAX_SCHEDULE_KEY_BYTES,
+};
 pub use domain::{
     AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,
     ProcessManager, Projector, Registration, STREAM_KEY,

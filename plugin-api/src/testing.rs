@@ -22,12 +22,16 @@
 //! assert_eq!(host.document::<Tally>("c1").unwrap().n, 2);
 //! ```
 
-use std::{cell::RefCell, collections::BTreeMap};
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use serde_json::Value;
 
 use crate::{
-    context::{Document, HostServices, MessageInfo},
+    context::{schedule_refusal, time_of, Document, HostServices, MessageInfo, MessageKind},
     domain::Domain,
     error::HandlerError,
     message::{Command, Event, Message},
@@ -44,18 +48,61 @@ pub struct Produced {
     pub data: Value,
 }
 
+/// A message scheduled and not yet fired nor cancelled, as the test host keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    /// The schedule's key as the host stores it: `{domain}::{key}` for [`Context::schedule`]
+    /// (`crate::Context`), `{domain}::pm::{manager}::{correlation}::{name}` for a process manager's
+    /// timeout.
+    pub key: String,
+    /// When it is due, on the test host's clock.
+    pub due: SystemTime,
+    /// Whether it is an event or a command.
+    pub kind: MessageKind,
+    /// The message it appends.
+    pub message: Produced,
+}
+
 #[derive(Default, Clone)]
 struct State {
     streams: BTreeMap<String, Vec<Produced>>,
     documents: BTreeMap<(String, String), Value>,
     commands: Vec<Produced>,
+    /// Pending schedules, in the order they were (last) set.
+    schedules: Vec<Scheduled>,
 }
 
-/// An in-process host for unit tests of handlers.
+/// An in-process host for unit tests of handlers. Its clock is virtual: it starts at
+/// [`TestHost::START`] and moves only by [`TestHost::advance`], which fires the schedules that come due.
+///
+/// ```
+/// # use protean_plugin_api::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # use std::time::Duration;
+/// # #[derive(Default, Aggregate)] struct Kettle;
+/// # #[derive(Serialize, Deserialize, Command)] #[command(aggregate = Kettle, target = id)]
+/// # struct Boil { id: String }
+/// # #[derive(Serialize, Deserialize, Command)] #[command(aggregate = Kettle, target = id)]
+/// # struct Whistle { id: String }
+/// fn boil(command: Boil, ctx: &mut Context) -> HandlerResult {
+///     let key = format!("whistle-{}", command.id);
+///     ctx.schedule(&key).after(Duration::from_secs(180)).send(&Whistle { id: command.id })
+/// }
+/// # fn whistle(_: Whistle) {}
+/// let domain = Domain::new("Kitchen")
+///     .command_handler(CommandHandler::<Kettle>::new("kettles").on(boil).on(whistle));
+/// let host = protean_plugin_api::testing::TestHost::new(domain);
+/// host.handle_command("kettles", &Boil { id: "k1".into() }).unwrap();
+/// assert!(host.advance(Duration::from_secs(179)).is_empty());
+/// let fired = host.advance(Duration::from_secs(1));
+/// assert_eq!(fired[0].message_type, "Kitchen.Whistle.v1");
+/// assert_eq!(host.commands(), fired, "a fired command is sent like any other");
+/// ```
 pub struct TestHost {
     domain: Domain,
     committed: RefCell<State>,
     pending: RefCell<Option<State>>,
+    now_ms: Cell<i64>,
 }
 
 impl std::fmt::Debug for TestHost {
@@ -67,13 +114,69 @@ impl std::fmt::Debug for TestHost {
 }
 
 impl TestHost {
-    /// A host with empty streams and documents.
+    /// Where the test host's clock starts: 2026-01-01T00:00:00Z.
+    pub const START: Duration = Duration::from_secs(1_767_225_600);
+
+    /// A host with empty streams and documents, its clock at [`TestHost::START`].
     pub fn new(domain: Domain) -> Self {
         Self {
             domain,
             committed: RefCell::default(),
             pending: RefCell::default(),
+            now_ms: Cell::new(Self::START.as_millis() as i64),
         }
+    }
+
+    /// The same host, its clock at `time` (at or after the Unix epoch).
+    pub fn starting_at(self, time: SystemTime) -> Self {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.now_ms
+            .set(i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// Now on the test host's clock: what [`Context::now`](crate::Context::now) answers.
+    pub fn now(&self) -> SystemTime {
+        time_of(self.now_ms.get())
+    }
+
+    /// The schedules pending (set, not yet fired nor cancelled), earliest due first.
+    pub fn scheduled(&self) -> Vec<Scheduled> {
+        let mut pending = self.committed.borrow().schedules.clone();
+        pending.sort_by_key(|s| s.due);
+        pending
+    }
+
+    /// Move the clock on by `by` and fire the schedules that came due, earliest first (in the order
+    /// they were set when due together): each message is appended to its stream, or sent if it is a
+    /// command, and returned. Nothing is handled: call the handlers with what came back.
+    pub fn advance(&self, by: Duration) -> Vec<Produced> {
+        assert!(
+            self.pending.borrow().is_none(),
+            "the clock cannot move inside a handler"
+        );
+        let by = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.now_ms.set(self.now_ms.get().saturating_add(by));
+        let now = self.now();
+        let mut committed = self.committed.borrow_mut();
+        let (mut due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut committed.schedules)
+            .into_iter()
+            .partition(|s| s.due <= now);
+        committed.schedules = waiting;
+        // Stable: schedules due at the same time fire in the order they were set.
+        due.sort_by_key(|s| s.due);
+        for fired in &due {
+            let message = fired.message.clone();
+            match fired.kind {
+                MessageKind::Event => committed
+                    .streams
+                    .entry(message.stream.clone())
+                    .or_default()
+                    .push(message),
+                MessageKind::Command => committed.commands.push(message),
+            }
+        }
+        due.into_iter().map(|s| s.message).collect()
     }
 
     /// Store `event` in the stream of aggregate `id`, as if an earlier unit of work had raised it.
@@ -306,5 +409,49 @@ impl HostServices for TestHost {
                 .collect();
             serde_json::to_vec(&found).map_err(|e| e.to_string())
         })
+    }
+
+    fn schedule(
+        &self,
+        _: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        if let Some(refusal) = schedule_refusal(key, Some(due_ms)) {
+            return Err(refusal);
+        }
+        let data = parse(data)?;
+        self.with_pending(|state| {
+            state.schedules.retain(|s| s.key != key);
+            state.schedules.push(Scheduled {
+                key: key.to_owned(),
+                due: time_of(due_ms),
+                kind,
+                message: Produced {
+                    stream: stream.to_owned(),
+                    message_type: message_type.to_owned(),
+                    data,
+                },
+            });
+            Ok(())
+        })
+    }
+
+    fn cancel_schedule(&self, _: u32, key: &str) -> Result<(), String> {
+        if let Some(refusal) = schedule_refusal(key, None) {
+            return Err(refusal);
+        }
+        self.with_pending(|state| {
+            state.schedules.retain(|s| s.key != key);
+            Ok(())
+        })
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.now_ms.get()
     }
 }

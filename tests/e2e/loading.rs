@@ -218,7 +218,7 @@ fn several_instances_and_none_named_is_ambiguous() {
         .output()
         .expect_code(1);
     assert_eq!(run.error_lines(), [format!(
-        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop, ordered_noop, sequencing, probe_ordered) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
+        "error: {lib} declares several domain instances (probe, broken, panicking, empty, noop, ordered_noop, sequencing, probe_ordered, timers) and none is named domain or subdomain; choose one with --domain={lib}:NAME"
     )]);
 }
 
@@ -388,7 +388,8 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
             "noop",
             "ordered_noop",
             "sequencing",
-            "probe_ordered"
+            "probe_ordered",
+            "timers"
         ]
     );
     assert_ne!(first.build_id(), second.build_id());

@@ -1,10 +1,13 @@
 //! The ABI adapter of the host services a handler reaches during one batch ([`HostServices`], defined
-//! in plugin-api so that the host, the SDK and its test host share one definition).
+//! in plugin-api so that the host, the SDK and its test host share one definition). Services newer
+//! than the ABI's `Host` vtable arrive as host calls inside a stream read ([`protean_plugin_api::abi::host_call`]).
 
 use protean_plugin_api::abi::{
+    host_call::{Answer, Request},
     loading::{ROption, RResult, RSlice, RStr, RString, RVec, TD_Opaque},
     Host, HostRef, Host_TO,
 };
+use protean_plugin_api::MessageKind;
 
 pub use protean_plugin_api::HostServices;
 
@@ -57,10 +60,11 @@ impl Host for AbiHost<'_> {
     }
 
     fn read_stream(&self, stream: RStr<'_>, from_position: u64) -> RResult<RVec<u8>, RString> {
-        ffi(self
-            .0
-            .read_stream(stream.as_str(), from_position)
-            .map(RVec::from))
+        let answer = match Request::of(stream.as_str()) {
+            Some(call) => call.and_then(|request| answer(self.0, request)),
+            None => self.0.read_stream(stream.as_str(), from_position),
+        };
+        ffi(answer.map(RVec::from))
     }
 
     fn get_document(
@@ -107,5 +111,139 @@ impl Host for AbiHost<'_> {
             .0
             .find_documents(collection.as_str(), field.as_str(), value_json.as_slice())
             .map(RVec::from))
+    }
+}
+
+/// Answer a host call ([`protean_plugin_api::abi::host_call`]) with the services.
+fn answer(services: &dyn HostServices, request: Request<'_>) -> Result<Vec<u8>, String> {
+    let answer = match request {
+        Request::Schedule {
+            index,
+            key,
+            due_ms,
+            kind,
+            stream,
+            message_type,
+            data,
+        } => {
+            let kind = match &*kind {
+                "event" => MessageKind::Event,
+                "command" => MessageKind::Command,
+                // Only a plugin-api newer than this host sends another kind.
+                other => {
+                    return Err(format!(
+                        "a scheduled message of kind {other:?}; this host schedules events and commands"
+                    ))
+                }
+            };
+            let data = data.get().as_bytes();
+            services.schedule(index, &key, due_ms, kind, &stream, &message_type, data)?;
+            Answer::default()
+        }
+        Request::CancelSchedule { index, key } => {
+            services.cancel_schedule(index, &key)?;
+            Answer::default()
+        }
+        Request::NowMs => Answer {
+            now_ms: Some(services.now_ms()),
+        },
+    };
+    serde_json::to_vec(&answer).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use protean_plugin_api::abi::{
+        host_call::Request,
+        loading::{RResult, RStr, RString, RVec},
+    };
+    use serde_json::value::RawValue;
+
+    use super::AbiHost;
+    use crate::{
+        clock::Clock,
+        message::Cause,
+        store::MemoryStore,
+        unit_of_work::{Buffer, ScheduleWrite, UnitOfWork},
+    };
+
+    fn text(answer: RResult<RVec<u8>, RString>) -> Result<String, String> {
+        answer
+            .into_result()
+            .map(|bytes| String::from_utf8(bytes.into_vec()).unwrap())
+            .map_err(RString::into_string)
+    }
+
+    #[test]
+    fn host_calls_in_a_stream_read_reach_the_buffer_and_read_the_engines_clock() {
+        let store = MemoryStore::default();
+        let clock = Clock::simulated(chrono::Utc.timestamp_millis_opt(1_000).unwrap());
+        let causes = [Cause::default(); 1];
+        let buffer = Buffer::new(&store, &clock, &causes, 1 << 20);
+        let view = buffer.view(0);
+        let adapter = AbiHost(&view);
+        let host = adapter.as_host_ref();
+        let call =
+            |request: Request<'_>| text(host.read_stream(RStr::from_str(&request.stream()), 0));
+        assert_eq!(call(Request::NowMs).unwrap(), r#"{"now_ms":1000}"#);
+        let data: &RawValue = serde_json::from_str("{}").unwrap();
+        let schedule = |kind: &'static str| {
+            call(Request::Schedule {
+                index: 0,
+                key: "k".into(),
+                due_ms: 5_000,
+                kind: kind.into(),
+                stream: "t::x:command-1".into(),
+                message_type: "T.Do.v1".into(),
+                data,
+            })
+        };
+        assert_eq!(schedule("command").unwrap(), "{}");
+        let unknown = schedule("query").unwrap_err();
+        assert!(unknown.contains(r#"of kind "query""#), "{unknown}");
+        let refused = call(Request::CancelSchedule {
+            index: 0,
+            key: "".into(),
+        })
+        .unwrap_err();
+        assert!(
+            refused.contains("key is empty"),
+            "the buffer's refusal: {refused}"
+        );
+        assert_eq!(
+            call(Request::CancelSchedule {
+                index: 0,
+                key: "k \"quoted\"".into(),
+            })
+            .unwrap(),
+            "{}"
+        );
+        let garbled = text(host.read_stream(RStr::from_str("$protean:host-call:{nope"), 0));
+        assert!(garbled
+            .unwrap_err()
+            .starts_with("a host call that is not one"));
+        assert_eq!(
+            text(host.read_stream(RStr::from_str("t::x-1"), 0)).unwrap(),
+            "[]",
+            "other streams are read as ever"
+        );
+        let mut unit = UnitOfWork::default();
+        buffer.drain_into(&mut unit);
+        let [ScheduleWrite::Set {
+            key,
+            due_ms,
+            message,
+        }, ScheduleWrite::Cancel { at_ms, .. }] = unit.schedules.as_slice()
+        else {
+            panic!("a set then a cancel: {:?}", unit.schedules);
+        };
+        assert_eq!((key.as_str(), *due_ms, *at_ms), ("k", 5_000, 1_000));
+        let [_, ScheduleWrite::Cancel { key, .. }] = unit.schedules.as_slice() else {
+            unreachable!("matched above");
+        };
+        assert_eq!(key, r#"k "quoted""#, "an escaped key arrives whole");
+        let metadata: serde_json::Value = serde_json::from_str(&message.metadata).unwrap();
+        assert_eq!(metadata["domain"]["kind"], "COMMAND");
     }
 }

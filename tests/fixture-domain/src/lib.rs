@@ -13,6 +13,7 @@
 //! - `empty`: no handlers at all.
 //! - `noop`: one event handler that only decodes `Ticked` events (benchmarks).
 //! - `sequencing`: an ordered handler recording each key's sequence numbers ([`sequencing`]).
+//! - `timers`: schedules, cancels and process-manager timeouts ([`timers`]).
 //!
 //! No instance is called `domain`, so naming none is ambiguous on purpose. The test builds of
 //! `Cargo.toml`'s features differ: the hot-reload builds export `domain` only (module `reload`), and
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(any(feature = "reload-test-variant", feature = "reload-test-panic"))]
 pub mod reload;
 pub mod sequencing;
+pub mod timers;
 
 /// The aggregate every probe message belongs to.
 #[derive(Debug, Default, Aggregate)]
@@ -309,4 +311,5 @@ protean_plugin_api::export_domains! {
     "ordered_noop" => ordered_bench,
     "sequencing" => sequencing::domain,
     "probe_ordered" => probe_ordered,
+    "timers" => timers::domain,
 }

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use protean_plugin_api::MessageKind;
 use serde_bytes::ByteBuf;
 
 use self::{
@@ -438,6 +439,23 @@ fn serve(host: &dyn HostServices, call: Call<'_>) -> Reply {
             host.find_documents(collection, field, value_json)
                 .map(ByteBuf::from),
         ),
+        Call::Schedule {
+            index,
+            key,
+            due_ms,
+            command,
+            stream,
+            message_type,
+            data,
+        } => {
+            let kind = match command {
+                true => MessageKind::Command,
+                false => MessageKind::Event,
+            };
+            Reply::Unit(host.schedule(index, key, due_ms, kind, stream, message_type, data))
+        }
+        Call::CancelSchedule { index, key } => Reply::Unit(host.cancel_schedule(index, key)),
+        Call::NowMs => Reply::Millis(host.now_ms()),
     }
 }
 
@@ -454,4 +472,49 @@ fn registration(r: protocol::Registration) -> Registration {
 fn bytes_of(path: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     path.as_os_str().as_bytes().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::{protocol::Call, serve, Reply};
+    use crate::{
+        clock::Clock,
+        message::Cause,
+        store::MemoryStore,
+        unit_of_work::{Buffer, ScheduleWrite, UnitOfWork},
+    };
+
+    #[test]
+    fn a_workers_schedule_calls_are_answered_by_the_buffer_on_the_engines_clock() {
+        let store = MemoryStore::default();
+        let clock = Clock::simulated(chrono::Utc.timestamp_millis_opt(2_000).unwrap());
+        let causes = [Cause::default(); 1];
+        let buffer = Buffer::new(&store, &clock, &causes, 1 << 20);
+        let view = buffer.view(0);
+        assert!(matches!(serve(&view, Call::NowMs), Reply::Millis(2_000)));
+        let set = Call::Schedule {
+            index: 0,
+            key: "k",
+            due_ms: 9_000,
+            command: false,
+            stream: "t::x-1",
+            message_type: "T.A.v1",
+            data: b"{}",
+        };
+        assert!(matches!(serve(&view, set), Reply::Unit(Ok(()))));
+        let cancel = Call::CancelSchedule { index: 0, key: "" };
+        let Reply::Unit(Err(refused)) = serve(&view, cancel) else {
+            panic!("an empty key is refused");
+        };
+        assert!(refused.contains("key is empty"), "{refused}");
+        let mut unit = UnitOfWork::default();
+        buffer.drain_into(&mut unit);
+        let [ScheduleWrite::Set { message, .. }] = unit.schedules.as_slice() else {
+            panic!("one set: {:?}", unit.schedules);
+        };
+        let metadata: serde_json::Value = serde_json::from_str(&message.metadata).unwrap();
+        assert_eq!(metadata["domain"]["kind"], "EVENT");
+    }
 }

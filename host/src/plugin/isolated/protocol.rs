@@ -186,6 +186,21 @@ pub(super) enum Call<'a> {
         #[serde(with = "serde_bytes")]
         value_json: &'a [u8],
     },
+    Schedule {
+        index: u32,
+        key: &'a str,
+        due_ms: i64,
+        command: bool,
+        stream: &'a str,
+        message_type: &'a str,
+        #[serde(with = "serde_bytes")]
+        data: &'a [u8],
+    },
+    CancelSchedule {
+        index: u32,
+        key: &'a str,
+    },
+    NowMs,
 }
 
 /// The host's answer to a [`Call`].
@@ -194,6 +209,7 @@ pub(super) enum Reply {
     Unit(Result<(), String>),
     Bytes(Result<ByteBuf, String>),
     Document(Result<Option<ByteBuf>, String>),
+    Millis(i64),
 }
 
 /// Decode one message from a frame.

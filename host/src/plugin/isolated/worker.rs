@@ -23,6 +23,7 @@ use super::protocol::{
     ToWorker,
 };
 use crate::plugin::{Delivery, HostServices, Library, LoadError, LogSink, Plugin};
+use protean_plugin_api::MessageKind;
 
 /// Why a worker process gave up. It says so on stderr, which the host logs.
 #[derive(Debug, thiserror::Error)]
@@ -319,5 +320,39 @@ impl HostServices for Remote<'_> {
             field,
             value_json,
         })
+    }
+
+    fn schedule(
+        &self,
+        index: u32,
+        key: &str,
+        due_ms: i64,
+        kind: MessageKind,
+        stream: &str,
+        message_type: &str,
+        data: &[u8],
+    ) -> Result<(), String> {
+        self.unit(Call::Schedule {
+            index,
+            key,
+            due_ms,
+            command: kind == MessageKind::Command,
+            stream,
+            message_type,
+            data,
+        })
+    }
+
+    fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {
+        self.unit(Call::CancelSchedule { index, key })
+    }
+
+    fn now_ms(&self) -> i64 {
+        match self.ask(Call::NowMs) {
+            Ok(Reply::Millis(ms)) => ms,
+            // No answer: the host is gone or broke the protocol, and this call's outcome will never
+            // be committed; the system clock keeps the handler going until it learns so.
+            _ => protean_plugin_api::abi::system_now_ms(),
+        }
     }
 }
