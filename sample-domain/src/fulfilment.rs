@@ -1,13 +1,21 @@
-//! The fulfilment domain: orders, reservations, payments, and the process that ships a paid order.
+//! The fulfilment domain: orders, reservations, payments, and the process that ships a paid order,
+//! or cancels one not paid in time.
+//!
+//! Two settings come from the environment, read when an instance is created:
+//! `FULFILMENT_PAYMENT_TIMEOUT_SECONDS` (default 900: an order not paid within 15 minutes of being
+//! placed is cancelled) and `FULFILMENT_CREDIT_LIMIT` (default 1,000,000: a larger payment is
+//! declined, and its order is cancelled when the timeout comes).
+
+use std::time::Duration;
 
 use protean_plugin_api::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// An order, rebuilt from its events.
 #[derive(Debug, Default, Aggregate)]
-#[aggregate(category = "order", applies(OrderPlaced, OrderShipped))]
+#[aggregate(category = "order", applies(OrderPlaced, OrderShipped, OrderCancelled))]
 pub struct Order {
-    /// `placed`, then `shipped`.
+    /// `placed`, then `shipped` or `cancelled`.
     pub status: String,
     /// What it costs.
     pub total: f64,
@@ -23,6 +31,12 @@ impl Apply<OrderPlaced> for Order {
 impl Apply<OrderShipped> for Order {
     fn apply(&mut self, _: OrderShipped) {
         self.status = "shipped".into();
+    }
+}
+
+impl Apply<OrderCancelled> for Order {
+    fn apply(&mut self, _: OrderCancelled) {
+        self.status = "cancelled".into();
     }
 }
 
@@ -64,6 +78,15 @@ pub struct ShipOrder {
     pub order_id: String,
 }
 
+/// `Fulfilment.CancelOrder.v1`: the process cancels an order not paid in time.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
+#[command(aggregate = Order, target = order_id)]
+pub struct CancelOrder {
+    pub order_id: String,
+    pub reason: String,
+}
+
 /// `Fulfilment.ProcessPayment.v1`: billing charges an order.
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Command)]
@@ -93,6 +116,15 @@ pub struct OrderShipped {
     pub order_id: String,
 }
 
+/// `Fulfilment.OrderCancelled.v1`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Order)]
+pub struct OrderCancelled {
+    pub order_id: String,
+    pub reason: String,
+}
+
 /// `Fulfilment.StockReserved.v1`, in the reservation's stream (id = the order's).
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
@@ -108,6 +140,15 @@ pub struct StockReserved {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
 #[event(aggregate = Payment)]
 pub struct PaymentProcessed {
+    pub order_id: String,
+    pub amount: f64,
+}
+
+/// `Fulfilment.PaymentDeclined.v1`, in the payment's stream: over the credit limit.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+#[event(aggregate = Payment)]
+pub struct PaymentDeclined {
     pub order_id: String,
     pub amount: f64,
 }
@@ -135,7 +176,7 @@ pub struct ReservationDoc {
 pub struct OrderSummary {
     /// The order.
     pub order_id: String,
-    /// `placed`, `reserved`, `paid`, `shipped`.
+    /// `placed`, `reserved`, `paid`, `shipped`, or `cancelled`.
     pub status: String,
 }
 
@@ -190,7 +231,30 @@ fn ship_order(command: ShipOrder, ctx: &mut Context) -> HandlerResult {
     )
 }
 
-fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult {
+fn cancel_order(command: CancelOrder, ctx: &mut Context) -> HandlerResult {
+    let Some(order) = ctx.load::<Order>(&command.order_id)? else {
+        return Err(HandlerError::reject(format!(
+            "cannot cancel unknown order {}",
+            command.order_id
+        )));
+    };
+    // A shipped order stays shipped; a cancelled one is cancelled once.
+    if order.status != "placed" {
+        return Ok(());
+    }
+    let CancelOrder { order_id, reason } = command;
+    log::info!("order {order_id} cancelled: {reason}");
+    ctx.raise(&order_id.clone(), &OrderCancelled { order_id, reason })
+}
+
+/// A payment handler that declines payments over `limit`.
+fn process_payment_up_to(
+    limit: f64,
+) -> impl Fn(ProcessPayment, &mut Context) -> HandlerResult + Send + Sync + 'static {
+    move |command, ctx| process_payment(limit, command, ctx)
+}
+
+fn process_payment(limit: f64, command: ProcessPayment, ctx: &mut Context) -> HandlerResult {
     if ctx
         .load::<Payment>(&command.order_id)?
         .is_some_and(|p| p.paid)
@@ -198,6 +262,9 @@ fn process_payment(command: ProcessPayment, ctx: &mut Context) -> HandlerResult 
         return Ok(());
     }
     let ProcessPayment { order_id, amount } = command;
+    if amount > limit {
+        return ctx.raise(&order_id.clone(), &PaymentDeclined { order_id, amount });
+    }
     ctx.raise(&order_id.clone(), &PaymentProcessed { order_id, amount })
 }
 
@@ -262,12 +329,34 @@ pub struct Fulfilment {
     pub paid: bool,
 }
 
-// Steps and handlers take only what they use: these two need no context.
-fn fulfilment_started(state: &mut Fulfilment, event: OrderPlaced) {
-    log::debug!("fulfilment of order {} started", event.order_id);
-    *state = Fulfilment::default();
+/// A process step made from configuration: the fulfilment starts, and the order is cancelled if it is
+/// not paid within `timeout`.
+fn fulfilment_started_with(
+    timeout: Duration,
+) -> impl Fn(&mut Fulfilment, OrderPlaced, &mut Context) -> HandlerResult + Send + Sync + 'static {
+    move |state, event, ctx| fulfilment_started(timeout, state, event, ctx)
 }
 
+fn fulfilment_started(
+    timeout: Duration,
+    state: &mut Fulfilment,
+    event: OrderPlaced,
+    ctx: &mut Context,
+) -> HandlerResult {
+    log::debug!("fulfilment of order {} started", event.order_id);
+    *state = Fulfilment::default();
+    let reason = format!("not paid within {} s", timeout.as_secs());
+    let cancel = CancelOrder {
+        order_id: event.order_id,
+        reason,
+    };
+    ctx.set_timeout(PAYMENT, timeout, &cancel)
+}
+
+/// The process's timeout for the payment.
+const PAYMENT: &str = "payment";
+
+// Steps and handlers take only what they use: this one needs no context.
 fn fulfilment_reserved(state: &mut Fulfilment, _: StockReserved) {
     state.reserved = true;
 }
@@ -278,6 +367,7 @@ fn fulfilment_paid(
     ctx: &mut Context,
 ) -> HandlerResult {
     state.paid = true;
+    ctx.cancel_timeout(PAYMENT)?;
     ctx.send(&ShipOrder {
         order_id: event.order_id,
     })
@@ -287,8 +377,12 @@ fn fulfilment_done(_: &mut Fulfilment, event: OrderShipped) {
     log::info!("order {} shipped", event.order_id);
 }
 
-/// The order's statuses, in the order they happen.
-const STATUSES: [&str; 4] = ["placed", "reserved", "paid", "shipped"];
+fn fulfilment_cancelled(_: &mut Fulfilment, event: OrderCancelled) {
+    log::info!("order {} cancelled", event.order_id);
+}
+
+/// The order's statuses, in the order they happen; `cancelled` ends an order that was never paid.
+const STATUSES: [&str; 5] = ["placed", "reserved", "paid", "shipped", "cancelled"];
 
 /// Move the summary forward, never back. The projector reads each category in its own subscription, so
 /// `OrderShipped` (order category) may be projected before `PaymentProcessed` (payment category):
@@ -322,6 +416,21 @@ fn summary_shipped(event: OrderShipped, ctx: &mut Context) -> HandlerResult {
     summarise(ctx, event.order_id, "shipped")
 }
 
+fn summary_cancelled(event: OrderCancelled, ctx: &mut Context) -> HandlerResult {
+    summarise(ctx, event.order_id, "cancelled")
+}
+
+/// A setting from the environment: `default` when unset; an unreadable value is the constructor's
+/// panic, which the host reports as the instance failing to start, naming it.
+fn setting(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={value:?} is not a number: {e}")),
+        Err(_) => default,
+    }
+}
+
 /// The fulfilment domain, reserving stock in the `main` warehouse.
 pub fn domain() -> Domain {
     in_warehouse("main")
@@ -329,28 +438,35 @@ pub fn domain() -> Domain {
 
 /// The fulfilment domain, reserving stock in `warehouse`.
 pub fn in_warehouse(warehouse: &'static str) -> Domain {
+    let timeout = setting("FULFILMENT_PAYMENT_TIMEOUT_SECONDS", 900.0);
+    let limit = setting("FULFILMENT_CREDIT_LIMIT", 1_000_000.0);
     Domain::new("Fulfilment")
         .command_handler(
             CommandHandler::<Order>::new("orders")
                 .on(place_order)
-                .on(ship_order),
+                .on(ship_order)
+                .on(cancel_order),
         )
-        .command_handler(CommandHandler::<Payment>::new("payments").on(process_payment))
+        .command_handler(
+            CommandHandler::<Payment>::new("payments").on(process_payment_up_to(limit)),
+        )
         .event_handler(EventHandler::new("inventory").on(reserve_stock_in(warehouse)))
         .event_handler(EventHandler::new("billing").on(charge))
         .process_manager(
             ProcessManager::<Fulfilment>::new("fulfilment", "order_id")
-                .start(fulfilment_started)
+                .start(fulfilment_started_with(Duration::from_secs_f64(timeout)))
                 .on(fulfilment_reserved)
                 .on(fulfilment_paid)
-                .end(fulfilment_done),
+                .end(fulfilment_done)
+                .end(fulfilment_cancelled),
         )
         .projector(
             Projector::new("order_summary")
                 .on(summary_placed)
                 .on(summary_reserved)
                 .on(summary_paid)
-                .on(summary_shipped),
+                .on(summary_shipped)
+                .on(summary_cancelled),
         )
 }
 
@@ -479,5 +595,86 @@ mod tests {
         .unwrap();
         host.handle_event("fulfilment", "o1", &paid).unwrap();
         assert_eq!(host.commands().len(), 1, "an ended process ignores events");
+    }
+
+    #[test]
+    fn an_order_not_paid_within_the_timeout_is_cancelled_by_the_process() {
+        let host = TestHost::new(domain());
+        host.handle_event("fulfilment", "o1", &placed("o1"))
+            .unwrap();
+        let [timeout] = host.scheduled().try_into().unwrap();
+        assert_eq!(timeout.key, "fulfilment::pm::fulfilment::o1::payment");
+        assert!(host.advance(Duration::from_secs(899)).is_empty());
+        let [cancel] = host.advance(Duration::from_secs(1)).try_into().unwrap();
+        assert_eq!(cancel.message_type, "Fulfilment.CancelOrder.v1");
+        assert_eq!(cancel.stream, "fulfilment::order:command-o1");
+        assert_eq!(cancel.data["reason"], "not paid within 900 s");
+        host.given("o1", &placed("o1"));
+        let cancel: CancelOrder = serde_json::from_value(cancel.data).unwrap();
+        host.handle_command("orders", &cancel).unwrap();
+        let events = host.events::<Order>("o1");
+        assert_eq!(
+            events.last().unwrap().message_type,
+            "Fulfilment.OrderCancelled.v1"
+        );
+        let cancelled = OrderCancelled {
+            order_id: "o1".into(),
+            reason: cancel.reason,
+        };
+        host.handle_event("fulfilment", "o1", &cancelled).unwrap();
+        let paid = PaymentProcessed {
+            order_id: "o1".into(),
+            amount: 30.0,
+        };
+        host.handle_event("fulfilment", "o1", &paid).unwrap();
+        let sent: Vec<String> = host
+            .commands()
+            .into_iter()
+            .map(|c| c.message_type)
+            .collect();
+        assert_eq!(
+            sent,
+            ["Fulfilment.CancelOrder.v1"],
+            "a cancelled order's process ships nothing"
+        );
+    }
+
+    #[test]
+    fn a_paid_order_never_times_out() {
+        let host = TestHost::new(domain());
+        host.handle_event("fulfilment", "o1", &placed("o1"))
+            .unwrap();
+        let paid = PaymentProcessed {
+            order_id: "o1".into(),
+            amount: 30.0,
+        };
+        host.handle_event("fulfilment", "o1", &paid).unwrap();
+        assert!(host.scheduled().is_empty());
+        assert!(host.advance(Duration::from_secs(86_400)).is_empty());
+    }
+
+    #[test]
+    fn a_payment_over_the_credit_limit_is_declined_and_a_shipped_order_is_not_cancelled() {
+        let host = TestHost::new(domain());
+        let charge = ProcessPayment {
+            order_id: "o1".into(),
+            amount: 2_000_000.0,
+        };
+        host.handle_command("payments", &charge).unwrap();
+        let events = host.events::<Payment>("o1");
+        assert_eq!(events[0].message_type, "Fulfilment.PaymentDeclined.v1");
+        host.given("o2", &placed("o2"));
+        host.given(
+            "o2",
+            &OrderShipped {
+                order_id: "o2".into(),
+            },
+        );
+        let late = CancelOrder {
+            order_id: "o2".into(),
+            reason: "late".into(),
+        };
+        host.handle_command("orders", &late).unwrap();
+        assert_eq!(host.events::<Order>("o2").len(), 2, "nothing raised");
     }
 }

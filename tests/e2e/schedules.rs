@@ -4,7 +4,7 @@
 //! schedule's state against the messages that carry its id.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -21,7 +21,10 @@ use protean_host::{
     unit_of_work::{NewMessage, UnitOfWork},
 };
 
-use crate::support::{each_order_exactly_once, place, start_replicas, wait_until, PgServer};
+use crate::support::{
+    each_order_exactly_once, host, place, sample_domain, send_orders, start_replicas, wait_until,
+    PgServer, RedisServer,
+};
 
 fn write_config(dir: &Path, text: &str) {
     std::fs::write(dir.join("protean.toml"), text).unwrap();
@@ -210,4 +213,152 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         + key.len()
         + 1;
     line[from..].split_whitespace().next().unwrap()
+}
+
+/// Where the virtual runs here start.
+const VIRTUAL_START: &str = "virtual@2026-01-01T00:00:00Z";
+
+/// Send 5 orders and 2 over the credit limit (declined, never paid), then run the sample flow in test
+/// mode on the virtual clock; the run's summary.
+fn run_unpaid_flow(dir: &Path) -> String {
+    send_orders(dir, 0, 5);
+    let unpaid: String = (5..7)
+        .map(|n| {
+            let mut order = place(n);
+            order["total"] = 2_500_000.0.into();
+            order.to_string() + "\n"
+        })
+        .collect();
+    let lib = sample_domain().display().to_string();
+    host(dir)
+        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1", "-"])
+        .output_with_stdin(&unpaid)
+        .expect_code(0);
+    host(dir)
+        .args(["--test-mode", "--clock", VIRTUAL_START, "--domain", &lib])
+        .output()
+        .expect_code(0)
+        .stdout()
+}
+
+/// The flow's outcome, from the store: 5 shipped, 2 declined and cancelled by their timeout, every
+/// timeout settled (5 cancelled by the payment, 2 fired), nothing dead-lettered.
+#[track_caller]
+fn two_cancelled_five_shipped(store: &dyn Store, summary: &str) {
+    let count = |category: &str, t: &str| crate::support::count_of(store, category, t);
+    assert_eq!(count("fulfilment::order", "Fulfilment.OrderPlaced.v1"), 7);
+    assert_eq!(count("fulfilment::order", "Fulfilment.OrderShipped.v1"), 5);
+    assert_eq!(
+        count("fulfilment::payment", "Fulfilment.PaymentDeclined.v1"),
+        2
+    );
+    assert_eq!(
+        count("fulfilment::order", "Fulfilment.OrderCancelled.v1"),
+        2
+    );
+    assert_eq!(
+        count("fulfilment::order:command", "Fulfilment.CancelOrder.v1"),
+        2
+    );
+    assert!(store.dead_letters(None).unwrap().is_empty());
+    let all = store
+        .schedules()
+        .list(&ScheduleQuery {
+            state: None,
+            limit: usize::MAX,
+        })
+        .unwrap();
+    let states: Vec<ScheduleState> = all.iter().map(|s| s.state).collect();
+    let fired = states
+        .iter()
+        .filter(|s| **s == ScheduleState::Fired)
+        .count();
+    let cancelled = states
+        .iter()
+        .filter(|s| **s == ScheduleState::Cancelled)
+        .count();
+    assert_eq!((fired, cancelled, all.len()), (2, 5, 7), "{all:?}");
+    assert!(
+        summary.contains("virtual clock moved 15m 0s"),
+        "the timeouts came 15 virtual minutes in: {summary}"
+    );
+}
+
+/// Every stream's messages in order: type, data, and (but for what `send` wrote, dated by the
+/// system clock) time.
+fn streams(store: &dyn Store) -> BTreeMap<String, Vec<(String, String, String)>> {
+    let mut by_stream: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+    for m in store.read_categories(&categories(), 0, usize::MAX).unwrap() {
+        let time = match m.message_type.as_str() {
+            "Fulfilment.PlaceOrder.v1" => String::new(),
+            _ => m.time.clone(),
+        };
+        let entry = (m.message_type.clone(), m.data.clone(), time);
+        by_stream.entry(m.stream.clone()).or_default().push(entry);
+    }
+    by_stream
+}
+
+fn categories() -> Vec<String> {
+    [
+        "order",
+        "order:command",
+        "payment",
+        "payment:command",
+        "reservation",
+    ]
+    .map(|c| format!("fulfilment::{c}"))
+    .to_vec()
+}
+
+#[test]
+fn on_the_virtual_clock_unpaid_orders_are_cancelled_at_once_and_two_runs_write_the_same_messages() {
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut runs = Vec::new();
+    for dir in [&first, &second] {
+        write_config(dir.path(), "[server]\npoll_interval_ms = 100\n");
+        let began = std::time::Instant::now();
+        let summary = run_unpaid_flow(dir.path());
+        let real = began.elapsed();
+        let store = SqliteStore::open(&dir.path().join(".protean/store.db")).unwrap();
+        two_cancelled_five_shipped(&store, &summary);
+        assert!(real < Duration::from_secs(120), "{real:?}");
+        runs.push(streams(&store));
+    }
+    assert_eq!(
+        runs[0], runs[1],
+        "the same messages, per stream, at the same virtual times"
+    );
+    let cancelled = &runs[0]["fulfilment::order-o5"];
+    let (_, _, at) = cancelled.last().unwrap();
+    assert!(
+        at.starts_with("2026-01-01T00:15:00"),
+        "cancelled 15 virtual minutes in: {at}"
+    );
+}
+
+#[test]
+fn on_the_virtual_clock_unpaid_orders_are_cancelled_on_postgres_and_with_redis() {
+    let pg = PgServer::start();
+    let store = PostgresStore::connect(&pg.store_config()).unwrap();
+    store.setup().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("[server]\npoll_interval_ms = 100\n{}", pg.config()),
+    );
+    let summary = run_unpaid_flow(dir.path());
+    two_cancelled_five_shipped(&store, &summary);
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("[server]\npoll_interval_ms = 100\n{}", redis.config()),
+    );
+    let summary = run_unpaid_flow(dir.path());
+    let store = SqliteStore::open(&dir.path().join(".protean/store.db")).unwrap();
+    two_cancelled_five_shipped(&store, &summary);
+    let outbox = store.outbox().unwrap().counts(1).unwrap();
+    assert_eq!(outbox.pending, 0, "the fired commands were published too");
 }
