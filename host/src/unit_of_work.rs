@@ -6,7 +6,7 @@
 
 use std::{cell::RefCell, collections::HashMap};
 
-use protean_plugin_api::MessageKind;
+use protean_plugin_api::{MessageKind, ScheduledMessage};
 use serde_json::Value;
 
 pub use crate::ownership::Fence;
@@ -465,24 +465,21 @@ impl<'a> Buffer<'a> {
     }
 
     /// Buffer a schedule of the message a handler would have written at once, made the same way.
-    #[allow(clippy::too_many_arguments)]
-    fn schedule(
-        &self,
-        index: usize,
-        key: &str,
-        due_ms: i64,
-        kind: Kind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
+    fn schedule(&self, index: usize, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
+        let ScheduledMessage {
+            key, due_ms, kind, ..
+        } = scheduled;
         if let Some(refusal) = protean_plugin_api::schedule_refusal(key, Some(due_ms)) {
             return self.refuse(index, refusal);
         }
-        let message = self.message(index, kind, stream, message_type, data, None)?;
-        let key = key.to_owned();
+        let kind = match kind {
+            MessageKind::Event => Kind::Event,
+            MessageKind::Command => Kind::Command,
+        };
+        let (stream, message_type) = (scheduled.stream, scheduled.message_type);
+        let message = self.message(index, kind, stream, message_type, scheduled.data, None)?;
         let set = ScheduleWrite::Set {
-            key,
+            key: key.to_owned(),
             due_ms,
             message,
         };
@@ -814,23 +811,9 @@ impl HostServices for BufferView<'_, '_> {
             .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
-    fn schedule(
-        &self,
-        index: u32,
-        key: &str,
-        due_ms: i64,
-        kind: MessageKind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
-        let kind = match kind {
-            MessageKind::Event => Kind::Event,
-            MessageKind::Command => Kind::Command,
-        };
-        let index = self.offset + index as usize;
+    fn schedule(&self, index: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
         self.buffer
-            .schedule(index, key, due_ms, kind, stream, message_type, data)
+            .schedule(self.offset + index as usize, scheduled)
     }
 
     fn cancel_schedule(&self, index: u32, key: &str) -> Result<(), String> {

@@ -170,7 +170,7 @@ fn a_find_sees_stored_matches_overlaid_with_buffered_puts_and_deletes_and_notes_
 
 mod schedules {
     use chrono::TimeZone;
-    use protean_plugin_api::MessageKind;
+    use protean_plugin_api::{MessageKind, ScheduledMessage};
     use serde_json::Value;
 
     use super::{drained, LIMIT};
@@ -190,16 +190,15 @@ mod schedules {
 
     fn set(view: &impl HostServices, index: u32, key: &str, due_ms: i64, n: u32) {
         let data = format!(r#"{{"n":{n}}}"#);
-        view.schedule(
-            index,
+        let scheduled = ScheduledMessage {
             key,
             due_ms,
-            MessageKind::Command,
-            "t::x:command-1",
-            "T.Do.v1",
-            data.as_bytes(),
-        )
-        .unwrap();
+            kind: MessageKind::Command,
+            stream: "t::x:command-1",
+            message_type: "T.Do.v1",
+            data: data.as_bytes(),
+        };
+        view.schedule(index, scheduled).unwrap();
     }
 
     /// (key, due, data) of each Set, or (key, at, "cancel") of each Cancel, in order.
@@ -305,16 +304,15 @@ mod schedules {
         let buffer = Buffer::new(&store, &clock, &causes, 4096);
         let view = buffer.view(0);
         let schedule = |index: u32, key: &str, due_ms: i64, data: &[u8]| {
-            view.schedule(
-                index,
+            let scheduled = ScheduledMessage {
                 key,
                 due_ms,
-                MessageKind::Event,
-                "t::x-1",
-                "T.A.v1",
+                kind: MessageKind::Event,
+                stream: "t::x-1",
+                message_type: "T.A.v1",
                 data,
-            )
-            .unwrap_err()
+            };
+            view.schedule(index, scheduled).unwrap_err()
         };
         let empty = schedule(0, "", START_MS, b"{}");
         assert!(empty.contains("key is empty"), "{empty}");

@@ -70,21 +70,10 @@ pub trait HostServices {
         field: &str,
         value_json: &[u8],
     ) -> Result<Vec<u8>, String>;
-    /// Buffer a schedule under `key`, replacing whatever it named: the message, appended when the
-    /// engine's clock reaches `due_ms`. The defaults of these three are what a host without schedules
-    /// answers (see [`crate::abi::host_call`]).
-    #[allow(clippy::too_many_arguments)]
-    fn schedule(
-        &self,
-        index: u32,
-        key: &str,
-        due_ms: i64,
-        kind: MessageKind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
-        let _ = (index, key, due_ms, kind, stream, message_type, data);
+    /// Buffer `scheduled` under its key, replacing whatever the key named. The defaults of these
+    /// three are what a host without schedules answers (see [`crate::abi::host_call`]).
+    fn schedule(&self, index: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
+        let _ = (index, scheduled);
         Err(crate::abi::HOST_WITHOUT_SCHEDULES.into())
     }
     /// Buffer the cancellation of the pending schedule of `key`, if there is one.
@@ -96,6 +85,24 @@ pub trait HostServices {
     fn now_ms(&self) -> i64 {
         crate::abi::system_now_ms()
     }
+}
+
+/// A message to append when the engine's clock reaches `due_ms`, unless the schedule `key` names is
+/// cancelled or set again first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledMessage<'m> {
+    /// The schedule's name, as the host stores it.
+    pub key: &'m str,
+    /// When it is due, in ms since the Unix epoch.
+    pub due_ms: i64,
+    /// An event or a command.
+    pub kind: MessageKind,
+    /// Where it is appended.
+    pub stream: &'m str,
+    /// Its full type name.
+    pub message_type: &'m str,
+    /// Its data, as JSON.
+    pub data: &'m [u8],
 }
 
 /// Whether a message is an event or a command.
@@ -497,16 +504,16 @@ impl<'a> Context<'a> {
     }
 
     fn schedule_message(&self, key: &str, due_ms: i64, message: Outgoing) -> HandlerResult {
+        let scheduled = ScheduledMessage {
+            key,
+            due_ms,
+            kind: message.kind,
+            stream: &message.stream,
+            message_type: &message.message_type,
+            data: &message.data,
+        };
         self.services
-            .schedule(
-                self.index,
-                key,
-                due_ms,
-                message.kind,
-                &message.stream,
-                &message.message_type,
-                &message.data,
-            )
+            .schedule(self.index, scheduled)
             .map_err(host_error)
     }
 }

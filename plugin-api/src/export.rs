@@ -14,7 +14,7 @@ use crate::{
         BatchOutcome, DomainInstance, DomainInstanceBox, DomainInstance_TO, HandlerFailure,
         HandlerRegistration, HostLogBox, HostRef, MessageRef,
     },
-    context::{HostServices, MessageInfo, MessageKind},
+    context::{HostServices, MessageInfo, MessageKind, ScheduledMessage},
     domain::Domain,
     panic,
 };
@@ -245,16 +245,15 @@ impl HostServices for AbiServices<'_> {
         .map(RVec::into_vec)
     }
 
-    fn schedule(
-        &self,
-        index: u32,
-        key: &str,
-        due_ms: i64,
-        kind: MessageKind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
+    fn schedule(&self, index: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
+        let ScheduledMessage {
+            key,
+            due_ms,
+            kind,
+            stream,
+            message_type,
+            data,
+        } = scheduled;
         let data = std::str::from_utf8(data)
             .ok()
             .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
@@ -473,7 +472,15 @@ mod tests {
         let error = ctx.cancel("k").unwrap_err();
         assert!(!error.is_retryable(), "no retry makes an old host new");
         assert_eq!(error.message(), crate::abi::HOST_WITHOUT_SCHEDULES);
-        let scheduled = services.schedule(0, "k", 0, MessageKind::Event, "s-1", "T.A.v1", b"{}");
+        let message = ScheduledMessage {
+            key: "k",
+            due_ms: 0,
+            kind: MessageKind::Event,
+            stream: "s-1",
+            message_type: "T.A.v1",
+            data: b"{}",
+        };
+        let scheduled = services.schedule(0, message);
         assert_eq!(scheduled.unwrap_err(), crate::abi::HOST_WITHOUT_SCHEDULES);
         let before = crate::abi::system_now_ms();
         let now = ctx.now();

@@ -120,8 +120,8 @@ pub use aggregate::{Aggregate, Apply, Recorded};
 #[doc(hidden)]
 pub use context::schedule_refusal;
 pub use context::{
-    Context, Document, Due, HostServices, MessageInfo, MessageKind, Schedule, MAX_DUE_MS,
-    MAX_SCHEDULE_KEY_BYTES,
+    Context, Document, Due, HostServices, MessageInfo, MessageKind, Schedule, ScheduledMessage,
+    MAX_DUE_MS, MAX_SCHEDULE_KEY_BYTES,
 };
 pub use domain::{
     AfterDeadLetter, CommandHandler, Configure, Domain, EventHandler, HandlerOptions,

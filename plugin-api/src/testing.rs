@@ -31,7 +31,10 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    context::{schedule_refusal, time_of, Document, HostServices, MessageInfo, MessageKind},
+    context::{
+        schedule_refusal, time_of, Document, HostServices, MessageInfo, MessageKind,
+        ScheduledMessage,
+    },
     domain::Domain,
     error::HandlerError,
     message::{Command, Event, Message},
@@ -411,16 +414,15 @@ impl HostServices for TestHost {
         })
     }
 
-    fn schedule(
-        &self,
-        _: u32,
-        key: &str,
-        due_ms: i64,
-        kind: MessageKind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
+    fn schedule(&self, _: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
+        let ScheduledMessage {
+            key,
+            due_ms,
+            kind,
+            stream,
+            message_type,
+            data,
+        } = scheduled;
         if let Some(refusal) = schedule_refusal(key, Some(due_ms)) {
             return Err(refusal);
         }

@@ -278,6 +278,9 @@ pub struct SchedulerSettings {
     pub batch: u32,
     /// A pending schedule this long past due counts as overdue (status, readiness, metrics).
     pub overdue_after: Duration,
+    /// How long fired and cancelled schedules stay listed (`schedules list`, `inspect`) before the
+    /// scheduler deletes them: the table would otherwise grow with every schedule ever set.
+    pub keep_settled: Duration,
 }
 
 impl Default for SchedulerSettings {
@@ -286,6 +289,7 @@ impl Default for SchedulerSettings {
             poll_interval: Duration::from_secs(1),
             batch: 100,
             overdue_after: Duration::from_secs(10),
+            keep_settled: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -99,6 +99,7 @@ pub(super) struct SchedulerSection {
     pub(super) poll_interval_ms: Option<u64>,
     pub(super) batch: Option<u32>,
     pub(super) overdue_after_ms: Option<u64>,
+    pub(super) keep_settled_hours: Option<u64>,
 }
 
 /// `[server.health]`.

@@ -237,15 +237,22 @@ fn ordering(o: &OrderingSection) -> Result<OrderingSettings, Invalid> {
     })
 }
 
-/// `[server.scheduler]`, checked: a poll of at least 10 ms, at least one schedule per commit.
+/// `[server.scheduler]`, checked: a poll of at least 10 ms, at least one schedule per commit, settled
+/// schedules kept at least an hour.
 fn scheduler(s: &SchedulerSection) -> Result<SchedulerSettings, Invalid> {
     let d = SchedulerSettings::default();
     let poll = at_least("server.scheduler.poll_interval_ms", s.poll_interval_ms, 10)?;
     let overdue = at_least("server.scheduler.overdue_after_ms", s.overdue_after_ms, 1)?;
+    let keep = at_least(
+        "server.scheduler.keep_settled_hours",
+        s.keep_settled_hours,
+        1,
+    )?;
     Ok(SchedulerSettings {
         poll_interval: poll.map_or(d.poll_interval, Duration::from_millis),
         batch: at_least("server.scheduler.batch", s.batch, 1)?.unwrap_or(d.batch),
         overdue_after: overdue.map_or(d.overdue_after, Duration::from_millis),
+        keep_settled: keep.map_or(d.keep_settled, |h| Duration::from_secs(h * 3600)),
     })
 }
 

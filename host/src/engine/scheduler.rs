@@ -13,7 +13,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
@@ -73,11 +73,19 @@ impl Alarm {
     }
 }
 
+/// How often settled schedules past `server.scheduler.keep_settled_hours` are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Fire due schedules until `stop`. A round in flight is committed first.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<(), String> {
     let progress = &shared.progress;
     let mut backoff = Backoff::new(NAME);
+    let mut pruned: Option<Instant> = None;
     while !stop.is_cancelled() {
+        if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            prune(&shared).await?;
+            pruned = Some(Instant::now());
+        }
         let seen = progress.head_now();
         let round = match fire_due(&shared).await? {
             Ok(round) => round,
@@ -209,6 +217,36 @@ fn firing(due: &[Schedule], now: chrono::DateTime<chrono::Utc>, publish: bool) -
         publish,
         ..UnitOfWork::default()
     }
+}
+
+/// Delete the schedules settled longer ago than they are kept, a chunk per statement. A failure is
+/// only logged: it costs disk, not messages, and the next prune tries again.
+async fn prune(shared: &Arc<Shared>) -> Result<(), Fatal> {
+    const CHUNK: usize = 1000;
+    let shared = shared.clone();
+    blocking(move || {
+        let keep = shared.config.scheduler.keep_settled;
+        let before = shared.clock.now_ms() - keep.as_millis() as i64;
+        let mut deleted = 0;
+        loop {
+            match shared.store.schedules().prune(before, CHUNK) {
+                Ok(n) if n == CHUNK as u64 => deleted += n,
+                Ok(n) => {
+                    deleted += n;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot prune settled schedules; trying again in an hour");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            let hours = keep.as_secs() / 3600;
+            tracing::info!(deleted, kept_hours = hours, "settled schedules pruned");
+        }
+    })
+    .await
 }
 
 async fn next_due(shared: &Arc<Shared>) -> Result<Result<Option<i64>, store::Error>, Fatal> {

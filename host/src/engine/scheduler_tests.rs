@@ -274,3 +274,28 @@ fn on_the_system_clock_test_mode_leaves_a_future_schedule_pending() {
     assert_eq!(pending.state, ScheduleState::Pending);
     assert_eq!(rang(store.as_ref(), "l1"), 0);
 }
+
+#[test]
+fn settled_schedules_past_their_keeping_are_pruned_and_recent_ones_kept() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let now = start().timestamp_millis();
+    for (key, settled) in [("old", now - 8 * DAY_MS), ("recent", now - DAY_MS)] {
+        schedule(store.as_ref(), key, key, now + DAY_MS);
+        let cancel = ScheduleWrite::Cancel {
+            key: key.into(),
+            at_ms: settled,
+        };
+        commit_schedules(store.as_ref(), vec![cancel]);
+    }
+    let report = engine(store.clone(), Clock::simulated(start()), "")
+        .run()
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(
+        store.schedules().get("old").unwrap(),
+        None,
+        "kept 7 days by default"
+    );
+    let recent = store.schedules().get("recent").unwrap().unwrap();
+    assert_eq!(recent.state, ScheduleState::Cancelled);
+}

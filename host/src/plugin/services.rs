@@ -7,7 +7,7 @@ use protean_plugin_api::abi::{
     loading::{ROption, RResult, RSlice, RStr, RString, RVec, TD_Opaque},
     Host, HostRef, Host_TO,
 };
-use protean_plugin_api::MessageKind;
+use protean_plugin_api::{MessageKind, ScheduledMessage};
 
 pub use protean_plugin_api::HostServices;
 
@@ -137,7 +137,15 @@ fn answer(services: &dyn HostServices, request: Request<'_>) -> Result<Vec<u8>, 
                 }
             };
             let data = data.get().as_bytes();
-            services.schedule(index, &key, due_ms, kind, &stream, &message_type, data)?;
+            let scheduled = ScheduledMessage {
+                key: &key,
+                due_ms,
+                kind,
+                stream: &stream,
+                message_type: &message_type,
+                data,
+            };
+            services.schedule(index, scheduled)?;
             Answer::default()
         }
         Request::CancelSchedule { index, key } => {

@@ -778,6 +778,22 @@ impl Schedules for MemoryStore {
         Ok(self.state().schedules.get(key).cloned())
     }
 
+    fn prune(&self, settled_before_ms: i64, limit: usize) -> Result<u64> {
+        let mut state = self.state();
+        let old: Vec<String> = state
+            .schedules
+            .values()
+            .filter(|s| s.state != ScheduleState::Pending)
+            .filter(|s| s.settled_ms.is_some_and(|at| at < settled_before_ms))
+            .take(limit)
+            .map(|s| s.key.clone())
+            .collect();
+        for key in &old {
+            state.schedules.remove(key);
+        }
+        Ok(old.len() as u64)
+    }
+
     fn counts(&self, overdue_before_ms: i64) -> Result<ScheduleCounts> {
         let state = self.state();
         let pending = state

@@ -6,7 +6,9 @@
 //! - a schedule leaves `pending` once, to `fired` or to `cancelled`, never both: a firing unit
 //!   ([`crate::unit_of_work::UnitOfWork::fired`]) is refused whole unless each schedule it fires is still
 //!   pending with the id it read ([`super::Error::NotPending`]), and a cancel touches only a pending one;
-//! - the fired message keeps the schedule's id, so even a second append of it would be refused.
+//! - the fired message keeps the schedule's id, so even a second append of it would be refused;
+//! - settled schedules are kept for `server.scheduler.keep_settled_hours`, then pruned: only a
+//!   pending schedule can fire, so forgetting a settled one changes nothing but what `list` shows.
 //!
 //! Times are milliseconds since the Unix epoch on the engine's clock ([`crate::clock::Clock`]).
 
@@ -134,4 +136,8 @@ pub trait Schedules: Send + Sync {
 
     /// Pending schedules, and those of them due before `overdue_before_ms`.
     fn counts(&self, overdue_before_ms: i64) -> Result<ScheduleCounts>;
+
+    /// Delete up to `limit` schedules fired or cancelled before `settled_before_ms`; how many. A
+    /// pending one is never deleted; a deleted one is only gone from `list` and `get`.
+    fn prune(&self, settled_before_ms: i64, limit: usize) -> Result<u64>;
 }

@@ -937,6 +937,7 @@ macro_rules! store_conformance {
             #[test] fn schedules_are_due_in_order_and_counted() { let (s, _g) = $make; super::schedules::schedules_are_due_in_order_and_counted(&s) }
             #[test] fn setting_a_key_again_replaces_its_schedule() { let (s, _g) = $make; super::schedules::setting_a_key_again_replaces_its_schedule(&s) }
             #[test] fn a_cancel_settles_only_a_pending_schedule() { let (s, _g) = $make; super::schedules::a_cancel_settles_only_a_pending_schedule(&s) }
+            #[test] fn settled_schedules_are_pruned_once_kept_long_enough() { let (s, _g) = $make; super::schedules::settled_schedules_are_pruned_once_kept_long_enough(&s) }
             #[test] fn a_schedule_fires_once() { let (s, _g) = $make; super::schedules::a_schedule_fires_once(&s) }
             #[test] fn a_firing_with_one_stale_schedule_is_refused_whole() { let (s, _g) = $make; super::schedules::a_firing_with_one_stale_schedule_is_refused_whole(&s) }
             #[test] fn writes_of_one_key_apply_in_order() { let (s, _g) = $make; super::schedules::writes_of_one_key_apply_in_order(&s) }

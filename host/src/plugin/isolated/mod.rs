@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use protean_plugin_api::MessageKind;
+use protean_plugin_api::{MessageKind, ScheduledMessage};
 use serde_bytes::ByteBuf;
 
 use self::{
@@ -452,7 +452,15 @@ fn serve(host: &dyn HostServices, call: Call<'_>) -> Reply {
                 true => MessageKind::Command,
                 false => MessageKind::Event,
             };
-            Reply::Unit(host.schedule(index, key, due_ms, kind, stream, message_type, data))
+            let scheduled = ScheduledMessage {
+                key,
+                due_ms,
+                kind,
+                stream,
+                message_type,
+                data,
+            };
+            Reply::Unit(host.schedule(index, scheduled))
         }
         Call::CancelSchedule { index, key } => Reply::Unit(host.cancel_schedule(index, key)),
         Call::NowMs => Reply::Millis(host.now_ms()),

@@ -23,7 +23,7 @@ use super::protocol::{
     ToWorker,
 };
 use crate::plugin::{Delivery, HostServices, Library, LoadError, LogSink, Plugin};
-use protean_plugin_api::MessageKind;
+use protean_plugin_api::{MessageKind, ScheduledMessage};
 
 /// Why a worker process gave up. It says so on stderr, which the host logs.
 #[derive(Debug, thiserror::Error)]
@@ -322,24 +322,15 @@ impl HostServices for Remote<'_> {
         })
     }
 
-    fn schedule(
-        &self,
-        index: u32,
-        key: &str,
-        due_ms: i64,
-        kind: MessageKind,
-        stream: &str,
-        message_type: &str,
-        data: &[u8],
-    ) -> Result<(), String> {
+    fn schedule(&self, index: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {
         self.unit(Call::Schedule {
             index,
-            key,
-            due_ms,
-            command: kind == MessageKind::Command,
-            stream,
-            message_type,
-            data,
+            key: scheduled.key,
+            due_ms: scheduled.due_ms,
+            command: scheduled.kind == MessageKind::Command,
+            stream: scheduled.stream,
+            message_type: scheduled.message_type,
+            data: scheduled.data,
         })
     }
 

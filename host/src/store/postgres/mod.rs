@@ -118,6 +118,7 @@ mod sql {
         SCHEDULES_CANCEL = "schedules_cancel";
         SCHEDULES_NEXT_DUE = "schedules_next_due";
         SCHEDULES_COUNTS = "schedules_counts";
+        SCHEDULES_PRUNE = "schedules_prune";
     }
     macro_rules! schedules {
         ($($name:ident = $file:literal;)+) => {$(

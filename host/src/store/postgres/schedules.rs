@@ -226,6 +226,13 @@ impl Schedules for PostgresStore {
         row.as_ref().map(schedule).transpose()
     }
 
+    fn prune(&self, settled_before_ms: i64, max: usize) -> Result<u64> {
+        let deleted = self
+            .conn()?
+            .execute(sql::SCHEDULES_PRUNE, &[&settled_before_ms, &limit(max)])?;
+        Ok(deleted)
+    }
+
     fn counts(&self, overdue_before_ms: i64) -> Result<ScheduleCounts> {
         let row = self
             .conn()?

@@ -21,6 +21,7 @@ mod sql {
     pub(super) const LIST: &str = include_str!("../sql/sqlite/schedules_list.sql");
     pub(super) const GET: &str = include_str!("../sql/sqlite/schedule_get.sql");
     pub(super) const COUNTS: &str = include_str!("../sql/sqlite/schedules_counts.sql");
+    pub(super) const PRUNE: &str = include_str!("../sql/sqlite/schedules_prune.sql");
 }
 
 /// Fire the unit's schedules, refusing it unless each is still pending with the id read, then apply its
@@ -111,6 +112,14 @@ impl Schedules for SqliteStore {
             .prepare_cached(sql::GET)
             .and_then(|mut s| s.query_row([key], schedule).optional())
             .map_err(|e| self.error(e))
+    }
+
+    fn prune(&self, settled_before_ms: i64, max: usize) -> Result<u64> {
+        let deleted = self.write(|tx| {
+            tx.prepare_cached(sql::PRUNE)?
+                .execute(params![settled_before_ms, limit(max)])
+        })?;
+        Ok(deleted as u64)
     }
 
     fn counts(&self, overdue_before_ms: i64) -> Result<ScheduleCounts> {

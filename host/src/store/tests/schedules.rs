@@ -228,6 +228,46 @@ pub(crate) fn a_cancel_settles_only_a_pending_schedule(store: &dyn Store) {
     assert_eq!(store.schedules().due(i64::MAX, 10).unwrap(), []);
 }
 
+/// Prune deletes settled schedules older than asked, at most as many as asked, never a pending one.
+pub(crate) fn settled_schedules_are_pruned_once_kept_long_enough(store: &dyn Store) {
+    write(
+        store,
+        vec![
+            set("fired", 100, "shop::order-1"),
+            set("cancelled", 100, "shop::order-2"),
+            set("also-cancelled", 100, "shop::order-3"),
+            set("pending", 50, "shop::order-4"),
+        ],
+    );
+    fire(store, &get(store, "fired"), 110).unwrap();
+    write(
+        store,
+        vec![cancel("cancelled", 200), cancel("also-cancelled", 300)],
+    );
+    let prune = |before, limit| store.schedules().prune(before, limit).unwrap();
+    assert_eq!(prune(110, 10), 0, "settled at 110 is not before 110");
+    assert_eq!(prune(150, 10), 1);
+    assert_eq!(store.schedules().get("fired").unwrap(), None);
+    assert_eq!(prune(i64::MAX, 1), 1, "at most the limit");
+    assert_eq!(prune(i64::MAX, 10), 1);
+    let left: Vec<String> = store
+        .schedules()
+        .list(&ScheduleQuery {
+            state: None,
+            limit: 10,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(left, ["pending"], "a pending schedule is never pruned");
+    assert_eq!(
+        store.read_stream("shop::order-1", 0).unwrap().len(),
+        1,
+        "its message stays"
+    );
+}
+
 /// A firing appends the schedule's message with its id and marks it fired, in one unit; a second
 /// firing, or a firing of a cancelled schedule, is refused and appends nothing.
 pub(crate) fn a_schedule_fires_once(store: &dyn Store) {

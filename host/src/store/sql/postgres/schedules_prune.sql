@@ -1,0 +1,6 @@
+DELETE FROM protean.schedules
+WHERE key IN (
+    SELECT key FROM protean.schedules
+    WHERE state <> 'pending' AND settled_ms < $1
+    LIMIT $2
+)

@@ -1,0 +1,6 @@
+DELETE FROM schedules
+WHERE key IN (
+    SELECT key FROM schedules
+    WHERE state <> 'pending' AND settled_ms < ?1
+    LIMIT ?2
+)
