@@ -3,8 +3,8 @@
 //!
 //! Two settings come from the environment, read when an instance is created:
 //! `FULFILMENT_PAYMENT_TIMEOUT_SECONDS` (default 900: an order not paid within 15 minutes of being
-//! placed is cancelled) and `FULFILMENT_CREDIT_LIMIT` (default 1,000,000: a larger payment is
-//! declined, and its order is cancelled when the timeout comes).
+//! placed is cancelled) and `FULFILMENT_CREDIT_LIMIT` (default: none; a larger payment is declined,
+//! and its order is cancelled when the timeout comes).
 
 use std::time::Duration;
 
@@ -436,10 +436,39 @@ pub fn domain() -> Domain {
     in_warehouse("main")
 }
 
-/// The fulfilment domain, reserving stock in `warehouse`.
+/// What an instance of the domain is told when it is created.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// An order not paid this long after it was placed is cancelled.
+    pub payment_timeout: Duration,
+    /// A payment over this is declined.
+    pub credit_limit: f64,
+}
+
+impl Settings {
+    /// `FULFILMENT_PAYMENT_TIMEOUT_SECONDS` (default 900) and `FULFILMENT_CREDIT_LIMIT` (default none).
+    pub fn from_env() -> Self {
+        Self {
+            payment_timeout: Duration::from_secs_f64(setting(
+                "FULFILMENT_PAYMENT_TIMEOUT_SECONDS",
+                900.0,
+            )),
+            credit_limit: setting("FULFILMENT_CREDIT_LIMIT", f64::INFINITY),
+        }
+    }
+}
+
+/// The fulfilment domain, reserving stock in `warehouse`, with its settings from the environment.
 pub fn in_warehouse(warehouse: &'static str) -> Domain {
-    let timeout = setting("FULFILMENT_PAYMENT_TIMEOUT_SECONDS", 900.0);
-    let limit = setting("FULFILMENT_CREDIT_LIMIT", 1_000_000.0);
+    with_settings(warehouse, Settings::from_env())
+}
+
+/// The fulfilment domain, reserving stock in `warehouse`, with `settings`.
+pub fn with_settings(warehouse: &'static str, settings: Settings) -> Domain {
+    let Settings {
+        payment_timeout: timeout,
+        credit_limit: limit,
+    } = settings;
     Domain::new("Fulfilment")
         .command_handler(
             CommandHandler::<Order>::new("orders")
@@ -454,7 +483,7 @@ pub fn in_warehouse(warehouse: &'static str) -> Domain {
         .event_handler(EventHandler::new("billing").on(charge))
         .process_manager(
             ProcessManager::<Fulfilment>::new("fulfilment", "order_id")
-                .start(fulfilment_started_with(Duration::from_secs_f64(timeout)))
+                .start(fulfilment_started_with(timeout))
                 .on(fulfilment_reserved)
                 .on(fulfilment_paid)
                 .end(fulfilment_done)
@@ -655,7 +684,11 @@ mod tests {
 
     #[test]
     fn a_payment_over_the_credit_limit_is_declined_and_a_shipped_order_is_not_cancelled() {
-        let host = TestHost::new(domain());
+        let settings = Settings {
+            payment_timeout: Duration::from_secs(60),
+            credit_limit: 1_000_000.0,
+        };
+        let host = TestHost::new(with_settings("main", settings));
         let charge = ProcessPayment {
             order_id: "o1".into(),
             amount: 2_000_000.0,

@@ -478,7 +478,7 @@ fn sending_checks_the_command_against_the_domain() {
         .send("Fulfilment.Explode.v1", &json!({}), None)
         .unwrap_err()
         .to_string();
-    assert_eq!(unknown, "cannot send Fulfilment.Explode.v1: no command handler handles Fulfilment.Explode.v1; commands of this domain: Fulfilment.PlaceOrder.v1, Fulfilment.ProcessPayment.v1, Fulfilment.ShipOrder.v1");
+    assert_eq!(unknown, "cannot send Fulfilment.Explode.v1: no command handler handles Fulfilment.Explode.v1; commands of this domain: Fulfilment.CancelOrder.v1, Fulfilment.PlaceOrder.v1, Fulfilment.ProcessPayment.v1, Fulfilment.ShipOrder.v1");
     let missing = engine
         .send("Fulfilment.ShipOrder.v1", &json!({"id": 1}), None)
         .unwrap_err()

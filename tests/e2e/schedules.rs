@@ -241,6 +241,7 @@ fn run_unpaid_flow(dir: &Path) -> String {
         .expect_code(0);
     host(dir)
         .args(["--test-mode", "--clock", VIRTUAL_START, "--domain", &lib])
+        .env("FULFILMENT_CREDIT_LIMIT", "1000000")
         .output()
         .expect_code(0)
         .stdout()
