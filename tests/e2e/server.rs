@@ -315,7 +315,7 @@ fn send_reports_bad_input_in_one_line() {
         .args(["send", "--domain", &lib, "Fulfilment.Nope.v1", "{}"])
         .output()
         .expect_code(1);
-    assert!(unknown.error_lines()[0].contains("no command handler handles Fulfilment.Nope.v1; commands of this domain: Fulfilment.PlaceOrder.v1"), "{}", unknown.stderr());
+    assert!(unknown.error_lines()[0].contains("no command handler handles Fulfilment.Nope.v1; commands of this domain: Fulfilment.CancelOrder.v1, Fulfilment.PlaceOrder.v1"), "{}", unknown.stderr());
     let bad_line = host(dir.path())
         .args(["send", "--domain", &lib, "Fulfilment.ShipOrder.v1", "-"])
         .output_with_stdin("{\"order_id\": \"a\"}\n[1]\n")
