@@ -86,7 +86,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
             prune(&shared).await?;
             pruned = Some(Instant::now());
         }
-        let seen = progress.head_now();
         let round = match fire_due(&shared).await? {
             Ok(round) => round,
             Err(error) => {
@@ -108,7 +107,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
                 continue;
             }
         };
-        if !sleep(&shared, next, seen, &stop).await {
+        if !sleep(&shared, next, &stop).await {
             break;
         }
     }
@@ -119,19 +118,17 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
 /// Idle until `next` (the earliest pending schedule, as read), a schedule set here that is due
 /// sooner, or the poll for schedules set elsewhere; false on `stop`. A schedule set here due later
 /// costs no read of the store.
-async fn sleep(
-    shared: &Shared,
-    mut next: Option<i64>,
-    seen: u64,
-    stop: &CancellationToken,
-) -> bool {
+async fn sleep(shared: &Shared, mut next: Option<i64>, stop: &CancellationToken) -> bool {
     let poll = tokio::time::sleep(shared.config.scheduler.poll_interval);
     tokio::pin!(poll);
     loop {
         // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
         // time somebody waits for, and must see this wait once it sees the scheduler idle.
         let due = next.map(|at| shared.clock.sleep_until(at));
-        shared.progress.set(NAME, State::Idle { head: seen });
+        // The head as it is now, past this scheduler's own firing: nothing it does waits on messages,
+        // so no later head makes it busy (a schedule set meanwhile rings the alarm instead).
+        let head = shared.progress.head_now();
+        shared.progress.set(NAME, State::Idle { head });
         tokio::select! {
             woken = clock::until(due) => {
                 shared.progress.set(NAME, State::Busy);

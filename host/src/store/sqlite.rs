@@ -22,6 +22,7 @@ use super::{
 };
 use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
 
+mod checkpoint;
 mod schedules;
 
 mod sql {
@@ -98,6 +99,8 @@ pub struct SqliteStore {
     path: PathBuf,
     connection: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Copies the WAL into the file off the commit path (see `checkpoint`).
+    _checkpointer: checkpoint::Checkpointer,
 }
 
 /// A pooled reader connection, returned to the pool when dropped.
@@ -159,39 +162,17 @@ impl SqliteStore {
     /// Open (creating if needed) the store at `path`, creating its directory too.
     pub fn open(path: &Path) -> Result<Self> {
         create_private(path)?;
+        let connection = Connection::open(path).map_err(|e| sqlite(path, e))?;
+        configured(path, &connection)?;
         let store = Self {
             path: path.into(),
-            connection: Mutex::new(Connection::open(path).map_err(|e| sqlite(path, e))?),
+            connection: Mutex::new(connection),
             readers: Mutex::default(),
+            _checkpointer: checkpoint::Checkpointer::start(path).map_err(|e| sqlite(path, e))?,
         };
-        store.setup()?;
         Ok(store)
     }
 
-    fn setup(&self) -> Result<()> {
-        let connection = self.connection();
-        connection
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(|e| self.error(e))?;
-        // Replicas starting together race to create a new file: switching it to WAL can fail with
-        // SQLITE_BUSY at once, without the busy handler (SQLite avoids a deadlock that way). Try again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match configure(&connection) {
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if matches!(
-                        e.code,
-                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                    ) && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                other => break other.map_err(|e| self.error(e))?,
-            }
-        }
-        connection.set_prepared_statement_cache_capacity(32);
-        Ok(())
-    }
     fn connection(&self) -> MutexGuard<'_, Connection> {
         // rusqlite rolls back an open transaction when it is dropped during a panic, so a poisoned
         // connection is still consistent.
@@ -1059,6 +1040,32 @@ fn add_replay_columns(connection: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The writer connection of the store file at `path`, configured: its pragmas and the schema.
+fn configured(path: &Path, connection: &Connection) -> Result<()> {
+    let error = |e| sqlite(path, e);
+    connection
+        .busy_timeout(Duration::from_secs(5))
+        .map_err(error)?;
+    // Replicas starting together race to create a new file: switching it to WAL can fail with
+    // SQLITE_BUSY at once, without the busy handler (SQLite avoids a deadlock that way). Try again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match configure(connection) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other.map_err(error)?,
+        }
+    }
+    connection.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
 /// Pragmas and the schema, on a connection of a store file.
 fn configure(connection: &Connection) -> rusqlite::Result<()> {
     connection
@@ -1069,8 +1076,8 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
         // 16 MiB of page cache (the default is 2 MiB): index pages of a busy store stay in memory
         // instead of being re-read from the OS on every lookup.
         .and_then(|_| connection.pragma_update(None, "cache_size", -16384))
-        // Checkpoint the WAL every 4000 pages (16 MiB) instead of 1000: fewer fsyncs under load.
-        .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 4000))
+        // Never checkpoint on a commit: the checkpointer thread does (`checkpoint.rs`).
+        .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 0))
         .and_then(|_| {
             connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
             migrate(connection)?;
