@@ -86,12 +86,6 @@ fn stop(mut child: Child) -> anyhow::Result<()> {
 }
 
 pub fn rows(host: &Path, fixture: &Path) -> anyhow::Result<Vec<Row>> {
-    if std::env::var_os("ONLY30").is_some() {
-        return Ok(vec![thirty_virtual_days(host, fixture)?]);
-    }
-    if std::env::var_os("LATE_DUMP").is_some() {
-        return Ok(vec![lateness(host, fixture, 10_000)?]);
-    }
     Ok(vec![
         lateness(host, fixture, 10_000)?,
         pending_cost(host, fixture, 100_000)?,
@@ -125,19 +119,6 @@ fn lateness(host: &Path, fixture: &Path, n: usize) -> anyhow::Result<Row> {
         .iter()
         .map(|s| s.settled_ms.unwrap_or(i64::MAX) - s.due_ms)
         .collect();
-    if std::env::var_os("LATE_DUMP").is_some() {
-        let text: String = all
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} {}\n",
-                    s.due_ms - first,
-                    s.settled_ms.unwrap_or(0) - s.due_ms
-                )
-            })
-            .collect();
-        std::fs::write("/tmp/late.txt", text)?;
-    }
     late.sort_unstable();
     let at = |q: f64| late[((late.len() - 1) as f64 * q) as usize];
     let p99 = at(0.99);
@@ -241,7 +222,6 @@ fn thirty_virtual_days(host: &Path, fixture: &Path) -> anyhow::Result<Row> {
         .arg(format!("{}:noop", fixture.display()))
         .output()?;
     let elapsed = began.elapsed();
-    std::fs::write("/tmp/v30.log", [&out.stdout[..], &out.stderr[..]].concat())?;
     let summary = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !summary.contains("virtual clock moved 30d") {
         bail!(
