@@ -169,7 +169,7 @@ pub(crate) struct Shared {
     /// The one clock of the run (virtual in a test mode that skips waits).
     pub(crate) clock: crate::clock::Clock,
     /// Rung by a commit that set schedules: the scheduler wakes sooner if one is due sooner.
-    pub(crate) schedules_set: scheduler::Alarm,
+    pub(crate) scheduler_alarm: scheduler::Alarm,
     /// Prometheus counters, recorded after each batch and outbox round.
     pub(crate) metrics: crate::ops::metrics::Metrics,
     /// The handler calls in progress, with their deadlines (liveness fails past one).
@@ -562,7 +562,7 @@ impl Engine {
             progress: Progress::new(head, tracked(&generation, broker.is_some())),
             test_mode,
             clock: self.options.clock.clone(),
-            schedules_set: scheduler::Alarm::default(),
+            scheduler_alarm: scheduler::Alarm::default(),
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
             deadlines: deadlines::Deadlines::default(),
             turns: turns::Turns::default(),
@@ -1028,7 +1028,7 @@ async fn next_step(
     };
     if next_due.is_some_and(|due| due <= clock.now_ms()) {
         // Due already: the scheduler has not seen it yet (set by a commit that appended nothing).
-        shared.schedules_set.look();
+        shared.scheduler_alarm.look();
         return Step::Wait;
     }
     if clock.is_virtual() {
@@ -1038,7 +1038,7 @@ async fn next_step(
                 "test mode: nothing runs; the virtual clock moves to what comes next"
             );
             clock.advance_to(next);
-            shared.schedules_set.look();
+            shared.scheduler_alarm.look();
             return Step::Wait;
         }
     }

@@ -460,7 +460,7 @@ fn committed(
         shared.progress.advanced(appended);
     }
     if let Some(due) = report.earliest_due {
-        shared.schedules_set.set(due);
+        shared.scheduler_alarm.set(due);
     }
     for key in &report.parked {
         tracing::warn!(subscription = %name, worker, %key, "key parked: its later messages are held until its dead letter is replayed (`dlq replay`) or purged (`dlq purge`)");

@@ -35,7 +35,7 @@ use crate::{
 pub(crate) const NAME: &str = "scheduler";
 
 /// What one round came to.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Round {
     /// Schedules fired, with how late each was (ms past due, on the engine's clock).
     lateness: Vec<u64>,
@@ -45,6 +45,16 @@ struct Round {
     full: bool,
     /// Another replica fired or a handler cancelled one of the schedules read: read again.
     raced: bool,
+}
+
+impl Round {
+    /// Nothing fired: what was read changed meanwhile.
+    fn raced() -> Self {
+        Self {
+            raced: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// Schedules set by this process's commits since the scheduler last looked: their earliest due time,
@@ -82,10 +92,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
     let mut backoff = Backoff::new(NAME);
     let mut pruned: Option<Instant> = None;
     while !stop.is_cancelled() {
-        if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-            prune(&shared).await?;
-            pruned = Some(Instant::now());
-        }
         let round = match fire_due(&shared).await? {
             Ok(round) => round,
             Err(error) => {
@@ -99,6 +105,10 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) -> Result<
         }
         if round.full || round.raced {
             continue;
+        }
+        // Between rounds, never before one: pruning a large backlog must not hold up a firing.
+        if pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) && prune(&shared).await? {
+            pruned = Some(Instant::now());
         }
         let next = match next_due(&shared).await? {
             Ok(next) => next,
@@ -135,8 +145,8 @@ async fn sleep(shared: &Shared, mut next: Option<i64>, stop: &CancellationToken)
                 drop(woken);
                 return true;
             }
-            _ = shared.schedules_set.rung.notified() => {
-                if let Some(set) = shared.schedules_set.take() {
+            _ = shared.scheduler_alarm.rung.notified() => {
+                if let Some(set) = shared.scheduler_alarm.take() {
                     next = Some(next.map_or(set, |n| n.min(set)));
                 }
             }
@@ -155,12 +165,7 @@ async fn fire_due(shared: &Arc<Shared>) -> Result<Result<Round, store::Error>, F
         let batch = shared.config.scheduler.batch as usize;
         let due = shared.store.schedules().due(now_ms, batch)?;
         if due.is_empty() {
-            return Ok(Round {
-                lateness: Vec::new(),
-                appended: None,
-                full: false,
-                raced: false,
-            });
+            return Ok(Round::default());
         }
         shared.progress.set(NAME, State::Busy);
         let unit = firing(&due, now, shared.config.broker.is_some());
@@ -176,22 +181,12 @@ async fn fire_due(shared: &Arc<Shared>) -> Result<Result<Round, store::Error>, F
             }),
             Err(store::Error::NotPending { key }) => {
                 tracing::debug!(%key, "a schedule read as due was fired or cancelled meanwhile; reading again");
-                Ok(Round {
-                    lateness: Vec::new(),
-                    appended: None,
-                    full: false,
-                    raced: true,
-                })
+                Ok(Round::raced())
             }
             // It may have committed: what is still pending is read again, so nothing fires twice.
             Err(store::Error::OutcomeUnknown { reason }) => {
                 tracing::warn!(%reason, "the outcome of a firing commit is unknown; reading the due schedules again");
-                Ok(Round {
-                    lateness: Vec::new(),
-                    appended: None,
-                    full: false,
-                    raced: true,
-                })
+                Ok(Round::raced())
             }
             Err(error) => Err(error),
         }
@@ -216,32 +211,37 @@ fn firing(due: &[Schedule], now: chrono::DateTime<chrono::Utc>, publish: bool) -
     }
 }
 
-/// Delete the schedules settled longer ago than they are kept, a chunk per statement. A failure is
-/// only logged: it costs disk, not messages, and the next prune tries again.
-async fn prune(shared: &Arc<Shared>) -> Result<(), Fatal> {
+/// Delete the schedules settled longer ago than they are kept, a chunk per statement and at most
+/// `CHUNKS` chunks: whether none is left (else the next round between firings goes on). A failure is
+/// only logged, as done: it costs disk, not messages, and the next prune tries again.
+async fn prune(shared: &Arc<Shared>) -> Result<bool, Fatal> {
     const CHUNK: usize = 1000;
+    const CHUNKS: usize = 10;
     let shared = shared.clone();
     blocking(move || {
         let keep = shared.config.scheduler.keep_settled;
         let before = shared.clock.now_ms() - keep.as_millis() as i64;
-        let mut deleted = 0;
-        loop {
+        let (mut deleted, mut done) = (0, false);
+        for _ in 0..CHUNKS {
             match shared.store.schedules().prune(before, CHUNK) {
-                Ok(n) if n == CHUNK as u64 => deleted += n,
                 Ok(n) => {
                     deleted += n;
-                    break;
+                    done = n < CHUNK as u64;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot prune settled schedules; trying again in an hour");
-                    break;
+                    done = true;
                 }
+            }
+            if done {
+                break;
             }
         }
         if deleted > 0 {
             let hours = keep.as_secs() / 3600;
             tracing::info!(deleted, kept_hours = hours, "settled schedules pruned");
         }
+        done
     })
     .await
 }

@@ -27,7 +27,7 @@ impl Shared {
             config,
             test_mode: false,
             clock: crate::clock::Clock::system(),
-            schedules_set: super::scheduler::Alarm::default(),
+            scheduler_alarm: super::scheduler::Alarm::default(),
             deadlines: super::deadlines::Deadlines::default(),
             turns: super::turns::Turns::default(),
         };

@@ -22,7 +22,8 @@ use rusqlite::Connection;
 /// How often the WAL is checkpointed. A checkpoint with nothing to copy reads only the WAL index.
 const EVERY: Duration = Duration::from_millis(200);
 
-/// The running checkpointer; stopped (after a last checkpoint) when dropped.
+/// The running checkpointer; stopped when dropped (without a last checkpoint: a short-lived command
+/// that opened the store must not pay for copying what a busy server wrote).
 #[derive(Debug)]
 pub(super) struct Checkpointer {
     stop: Arc<AtomicBool>,
@@ -48,8 +49,11 @@ impl Checkpointer {
 }
 
 fn run(connection: &Connection, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         std::thread::park_timeout(EVERY);
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         checkpoint(connection);
     }
 }
@@ -70,5 +74,45 @@ impl Drop for Checkpointer {
             thread.thread().unpark();
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        message::Kind,
+        store::{SqliteStore, Store},
+        unit_of_work::{NewMessage, UnitOfWork},
+    };
+
+    /// The database file grows only by checkpoints (commits go to the WAL, and the writer never
+    /// checkpoints): a file that grows under commits is this thread's work.
+    #[test]
+    fn commits_reach_the_database_file_through_the_checkpointer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        let data = serde_json::json!({ "padding": "x".repeat(4000) });
+        for n in 0..200 {
+            let stream = format!("t::x-{n}");
+            let message = NewMessage::new(Kind::Event, &stream, "T.A.v1", &data, None, None, None);
+            let unit = UnitOfWork {
+                messages: vec![message],
+                ..UnitOfWork::default()
+            };
+            store.commit(&unit).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() < before + 500_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not copied into the file: {} bytes, {before} before",
+                size()
+            );
+            std::thread::park_timeout(super::EVERY);
+        }
+        assert_eq!(store.read_stream("t::x-199", 0).unwrap().len(), 1);
     }
 }

@@ -169,4 +169,6 @@ CREATE TABLE IF NOT EXISTS schedules (
     settled_ms   INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS schedules_pending ON schedules (due_ms, key) WHERE state = 'pending';
+-- Settled rows by when they settled: the hourly prune deletes the oldest a chunk at a time.
+CREATE INDEX IF NOT EXISTS schedules_settled ON schedules (settled_ms) WHERE state <> 'pending';
 PRAGMA user_version = 5;

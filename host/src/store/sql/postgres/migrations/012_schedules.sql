@@ -16,3 +16,7 @@ CREATE TABLE IF NOT EXISTS protean.schedules (
 );
 CREATE INDEX IF NOT EXISTS schedules_pending ON protean.schedules (due_ms, key)
     WHERE state = 'pending';
+-- Settled rows by when they settled: the hourly prune deletes the oldest a chunk at a time, each chunk
+-- an index range instead of a scan of every schedule kept.
+CREATE INDEX IF NOT EXISTS schedules_settled ON protean.schedules (settled_ms)
+    WHERE state <> 'pending';
