@@ -520,7 +520,7 @@ fn sample_flow(
         rss_kib,
         stdout: out,
         ..
-    } = run_measured(server(host, dir, &sample.display().to_string()))?;
+    } = run_measured(timed(server(host, dir, &sample.display().to_string())))?;
     let shipped = store
         .read_categories(&["fulfilment::order".into()], 0, usize::MAX)?
         .iter()
@@ -537,7 +537,7 @@ fn sample_flow(
     };
     let row = Row {
         scenario: format!("Sample flow on {backend}, PlaceOrder to shipped"),
-        setup: format!("{orders} orders ({messages} handler calls), 8 subscriptions, 100 per batch, whole process"),
+        setup: format!("{orders} orders ({messages} handler calls), 8 subscriptions, 100 per batch, whole process; time of all subscriptions by phase: {}", where_time_went(&out)),
         result: format!(
             "{rate:.0} orders/s, {:.0} messages/s ({:.2} s), peak memory {:.1} MB",
             messages as f64 / elapsed.as_secs_f64(),
@@ -547,7 +547,57 @@ fn sample_flow(
         target: target.into(),
         ok: rate >= min,
     };
+    println!("Sample flow on {backend}: {}", timings_of(&out));
     Ok((row, rate))
+}
+
+/// A test-mode run that also prints where each subscription's time went (`--timings`).
+fn timed(mut command: Command) -> Command {
+    command.arg("--timings");
+    command
+}
+
+/// The `--timings` lines of a test-mode run's output.
+fn timings_of(out: &str) -> String {
+    out.lines()
+        .skip_while(|l| !l.starts_with("time by subscription"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The phases of every subscription of a `--timings` run added up, busiest first, as shares of the
+/// whole: `commit 41%, handler_reads 22%, ...`.
+fn where_time_went(out: &str) -> String {
+    let mut phases: Vec<(String, f64)> = Vec::new();
+    for line in timings_of(out).lines().skip(1) {
+        let Some((_, parts)) = line.split_once(": ") else {
+            continue;
+        };
+        for part in parts.split(", ") {
+            let mut words = part.split_whitespace();
+            let (Some(phase), Some(ms)) = (
+                words.next(),
+                words.next().and_then(|m| m.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            match phases.iter_mut().find(|(p, _)| p == phase) {
+                Some((_, total)) => *total += ms,
+                None => phases.push((phase.to_owned(), ms)),
+            }
+        }
+    }
+    let total: f64 = phases
+        .iter()
+        .map(|(_, ms)| ms)
+        .sum::<f64>()
+        .max(f64::EPSILON);
+    phases.sort_by(|a, b| b.1.total_cmp(&a.1));
+    phases
+        .iter()
+        .map(|(phase, ms)| format!("{phase} {:.0}%", 100.0 * ms / total))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Handler calls in a test-mode run, from its summary on stdout (`  handled  N  Type` lines).

@@ -104,6 +104,10 @@ pub(crate) struct ServerArgs {
     /// the current time, or at TIME (RFC 3339) with `virtual@TIME`. Default: `system`.
     #[arg(long, value_name = "system|virtual[@TIME]", value_parser = parse_clock, requires = "test_mode")]
     pub(crate) clock: Option<ClockArg>,
+    /// With --test-mode: after the summary, where each subscription's time went (reading, handler
+    /// calls, their store reads, commits, idle ...): what to make faster.
+    #[arg(long, requires = "test_mode")]
+    pub(crate) timings: bool,
 }
 
 /// The clock a test-mode server runs on (`--clock`).
@@ -499,6 +503,7 @@ mod tests {
                 reload: false,
                 reload_owner: None,
                 clock: None,
+                timings: false,
             }))
         ));
         assert_eq!(cli.common.log_format, LogFormat::Json);
@@ -554,6 +559,7 @@ mod tests {
         );
         for bad in [
             &["--clock", "virtual"][..],
+            &["--timings"],
             &["--test-mode", "--clock", "fast"],
             &["--test-mode", "--clock", "virtual@tomorrow"],
         ] {

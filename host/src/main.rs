@@ -18,7 +18,10 @@ use cli::{
 use protean_host::{
     clock::Clock,
     config::{Config, IsolationMode},
-    engine::{Engine, EngineError, EngineOptions, Outcome, RunReport, Sent, SEND_FIX},
+    engine::{
+        timings::{Phase, Spent},
+        Engine, EngineError, EngineOptions, Outcome, RunReport, Sent, SEND_FIX,
+    },
     inspect,
     message::TooBig,
     ops,
@@ -260,6 +263,9 @@ fn server(common: &Common, args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let report = engine.run()?;
     if args.test_mode {
         print_summary(&report);
+        if args.timings {
+            print_timings(&report.timings);
+        }
     }
     Ok(ExitCode::from(report.exit_code()))
 }
@@ -289,6 +295,33 @@ fn print_summary(report: &RunReport) {
         "  dead-lettered {}, retries {}",
         report.totals.dead_lettered, report.totals.retries
     );
+}
+
+/// Where each subscription's time went, on stdout: a line per subscription with its busiest phases
+/// first, each in ms and as a share of the subscription's time (workers of one subscription add up).
+fn print_timings(timings: &std::collections::BTreeMap<String, Spent>) {
+    println!("time by subscription (ms, share):");
+    for (subscription, spent) in timings {
+        let total = spent.total().as_secs_f64().max(f64::EPSILON);
+        let mut phases: Vec<Phase> = Phase::ALL
+            .into_iter()
+            .filter(|p| !spent.get(*p).is_zero())
+            .collect();
+        phases.sort_by_key(|p| std::cmp::Reverse(spent.get(*p)));
+        let parts: Vec<String> = phases
+            .iter()
+            .map(|p| {
+                let time = spent.get(*p).as_secs_f64();
+                format!(
+                    "{} {:.0} ({:.0}%)",
+                    p.name(),
+                    time * 1e3,
+                    100.0 * time / total
+                )
+            })
+            .collect();
+        println!("  {subscription}: {}", parts.join(", "));
+    }
 }
 
 /// A duration as a person reads it: `3d 0h 15m 2.5s`, with only the units it needs.

@@ -13,6 +13,7 @@ pub use crate::ownership::Fence;
 pub use crate::store::schedules::{FiredSchedule, ScheduleWrite};
 use crate::{
     clock::Clock,
+    engine::timings::{within, Phase},
     message::{self, Cause, Kind, NewMeta, TooBig},
     plugin::HostServices,
     store::{self, DeadLetter, DocumentVersion, Store, StoredDocument},
@@ -744,16 +745,18 @@ impl HostServices for BufferView<'_, '_> {
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, String> {
-        self.buffer
-            .read_stream(stream, from)
-            .map_err(|e| self.buffer.read_failed(self.offset, e))
+        within(Phase::HandlerReads, || {
+            self.buffer.read_stream(stream, from)
+        })
+        .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
     fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
-        self.buffer
-            .get_document(collection, id)
-            .map(|d| d.map(String::into_bytes))
-            .map_err(|e| self.buffer.read_failed(self.offset, e))
+        within(Phase::HandlerReads, || {
+            self.buffer.get_document(collection, id)
+        })
+        .map(|d| d.map(String::into_bytes))
+        .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
     fn put_document(
@@ -806,9 +809,10 @@ impl HostServices for BufferView<'_, '_> {
         field: &str,
         value_json: &[u8],
     ) -> Result<Vec<u8>, String> {
-        self.buffer
-            .find_documents(collection, field, value_json)
-            .map_err(|e| self.buffer.read_failed(self.offset, e))
+        within(Phase::HandlerReads, || {
+            self.buffer.find_documents(collection, field, value_json)
+        })
+        .map_err(|e| self.buffer.read_failed(self.offset, e))
     }
 
     fn schedule(&self, index: u32, scheduled: ScheduledMessage<'_>) -> Result<(), String> {

@@ -361,6 +361,14 @@ fn a_scrape_shows_what_a_known_workload_did() {
         sample(&s, "protean_handler_duration_seconds_count", &runner),
         6.0
     );
+    let spent = |phase| {
+        sample(
+            &s,
+            "protean_subscription_seconds_total",
+            &[("subscription", "commands:probe::probe"), ("phase", phase)],
+        )
+    };
+    assert!(spent("handle") > 0.0 && spent("commit") > 0.0);
     assert_eq!(sample(&s, "protean_engine_up", &[]), 1.0);
     assert!(sample(&s, "protean_engine_uptime_seconds", &[]) > 0.0);
     assert_eq!(sample(&s, "protean_plugin_generation", &[]), 1.0);

@@ -216,6 +216,45 @@ fn test_mode_exit_codes() {
 }
 
 #[test]
+fn timings_say_where_each_subscriptions_time_went() {
+    let dir = tempfile::tempdir().unwrap();
+    probe(dir.path(), "slow", "sleep:400");
+    probe(dir.path(), "quick", "ok");
+    let lib = format!("{}:probe", fixture_domain().display());
+    let run = host(dir.path())
+        .args(["--domain", &lib, "--test-mode", "--timings"])
+        .output()
+        .expect_code(0);
+    let out = run.stdout();
+    let table = out
+        .split_once("time by subscription (ms, share):\n")
+        .map(|(_, table)| table)
+        .unwrap_or_else(|| panic!("no timings after the summary:\n{out}"));
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("  commands:probe::probe: "))
+        .unwrap_or_else(|| panic!("no line for the probe's subscription:\n{out}"));
+    // The handler slept 400 ms: that time is the handler call's, and the busiest phase.
+    let (phase, ms) = line
+        .split_once(": ")
+        .and_then(|(_, phases)| phases.split(", ").next())
+        .and_then(|first| {
+            let mut words = first.split_whitespace();
+            Some((words.next()?, words.next()?.parse::<u64>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("unreadable line {line:?}"));
+    assert_eq!(phase, "handle", "{line}");
+    assert!(ms >= 400, "{line}");
+    assert!(line.contains("commit "), "{line}");
+
+    let without = host(dir.path())
+        .args(["--domain", &lib, "--test-mode"])
+        .output()
+        .expect_code(0);
+    assert!(!without.stdout().contains("time by subscription"));
+}
+
+#[test]
 fn bad_configuration_files_name_the_key_and_exit_one() {
     let lib = sample_domain().display().to_string();
     let cases = [

@@ -443,7 +443,9 @@ fn run_unit(
         if ctx.origin == Origin::Broker {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
-        match ctx.store.commit(&unit) {
+        let committed =
+            super::timings::within(super::timings::Phase::Commit, || ctx.store.commit(&unit));
+        match committed {
             Ok(appended) => {
                 for id in settled {
                     attempts.failed.remove(&id);
@@ -651,9 +653,10 @@ fn build(
         let call = ctx
             .deadlines
             .map(|d| d.start(&sub.plan.name, handler, limit));
-        let outcome = ctx
-            .plugin
-            .handle_batch(handler, &deliveries, &buffer.view(i), limit);
+        let outcome = super::timings::within(super::timings::Phase::Handle, || {
+            ctx.plugin
+                .handle_batch(handler, &deliveries, &buffer.view(i), limit)
+        });
         drop(call);
         let outcome = match buffer.refusal(i..end) {
             Some((at, reason)) => outcome.refused_at(at - i, reason),

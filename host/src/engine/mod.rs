@@ -21,6 +21,7 @@ pub(crate) mod scheduler;
 pub mod signals;
 pub mod startup;
 mod testing;
+pub mod timings;
 pub(crate) mod turns;
 
 #[cfg(test)]
@@ -145,6 +146,8 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// How far a virtual clock moved (test mode with `--clock virtual`); None on the system clock.
     pub virtual_elapsed: Option<Duration>,
+    /// Where each subscription's time went.
+    pub timings: std::collections::BTreeMap<String, timings::Spent>,
 }
 
 impl RunReport {
@@ -176,12 +179,20 @@ pub(crate) struct Shared {
     pub(crate) deadlines: deadlines::Deadlines,
     /// Who may call a handler now: a suspect calls alone.
     pub(crate) turns: turns::Turns,
+    /// Where each subscription's time went.
+    pub(crate) timings: timings::Timings,
 }
 
 impl Shared {
     /// The plugin to call (a batch takes it once, so a reload never changes it mid-batch).
     pub(crate) fn plugin(&self) -> Arc<dyn Handlers> {
         lock(&self.generation).plugin.clone()
+    }
+
+    /// Charge `spent` to `subscription`, in the run's timings and the metrics.
+    pub(crate) fn spend(&self, subscription: &str, spent: &timings::Spent) {
+        self.timings.add(subscription, spent);
+        self.metrics.spent(subscription, spent);
     }
 
     /// The subscriptions running now.
@@ -543,6 +554,7 @@ impl Engine {
                 totals: Totals::default(),
                 elapsed: started.elapsed(),
                 virtual_elapsed: None,
+                timings: Default::default(),
             });
         }
         let head = {
@@ -566,6 +578,7 @@ impl Engine {
             metrics: crate::ops::metrics::Metrics::new(&generation.subscriptions),
             deadlines: deadlines::Deadlines::default(),
             turns: turns::Turns::default(),
+            timings: timings::Timings::default(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_deadlines(shared.clone(), shutdown.clone()));
@@ -658,6 +671,7 @@ impl Engine {
             totals,
             elapsed: started.elapsed(),
             virtual_elapsed: shared.clock.is_virtual().then(|| shared.clock.elapsed()),
+            timings: shared.timings.snapshot(),
         })
     }
 

@@ -23,6 +23,7 @@ use crate::{
     engine::{
         batch::{self, Attempts, Origin, Record, Report, Subscription, Worker},
         progress::{Progress, State},
+        timings::{self, Phase, Spent},
         Shared,
     },
     store::{self, StoredMessage},
@@ -268,15 +269,20 @@ pub(crate) async fn run(
 ) -> Result<(), String> {
     let progress = &shared.progress;
     let mut backoff = Backoff::new(&sub.plan.name);
+    let mut clocked = Clocked::new(&shared, &sub.plan.name);
     if open(&mut source, &mut backoff, &shutdown).await? {
         let mut head = progress.head();
         while source.reading(&shutdown) {
-            match source.own().await {
+            clocked.flush();
+            let owning = source.own().await;
+            clocked.charge(Phase::Lease);
+            match owning {
                 Owning::Yes => {}
                 Owning::Taken => {
                     if !open(&mut source, &mut backoff, &shutdown).await? {
                         break;
                     }
+                    clocked.charge(Phase::Lease);
                 }
                 Owning::No { state, wait } => {
                     source.report(progress, state);
@@ -284,13 +290,16 @@ pub(crate) async fn run(
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
+                    clocked.charge(Phase::Idle);
                     continue;
                 }
             }
             // The state stays what it was while reading: an idle subscription that re-reads is still
             // idle unless the read finds something.
             let seen = *head.borrow_and_update();
-            let work = match source.fetch(seen, &shutdown).await {
+            let fetched = source.fetch(seen, &shutdown).await;
+            clocked.charge(Phase::Read);
+            let work = match fetched {
                 Ok(Fetched::Work(work)) => work,
                 Ok(Fetched::Again) => continue,
                 Ok(Fetched::Stop) => break,
@@ -312,30 +321,41 @@ pub(crate) async fn run(
                         }
                         _ = shutdown.cancelled() => break,
                     }
+                    clocked.charge(Phase::Idle);
                     continue;
                 }
                 Err(trouble) => {
                     backoff.wait(trouble, &shutdown).await?;
+                    clocked.charge(Phase::Idle);
                     continue;
                 }
             };
             source.report(progress, State::Busy);
             let started = Instant::now();
             let read = work.read;
-            let (outcome, back) = handle(&shared, &sub, &mut source, work, &shutdown).await?;
+            let (outcome, back, spent) =
+                handle(&shared, &sub, &mut source, work, &shutdown).await?;
+            clocked.add(&spent);
+            clocked.charge(Phase::Engine);
             let report = match outcome {
                 Ok(report) => report,
                 Err(error) => {
-                    if let Some(trouble) = source.failed(back, error).await {
+                    let trouble = source.failed(back, error).await;
+                    clocked.charge(Phase::Settle);
+                    if let Some(trouble) = trouble {
                         backoff.wait(trouble, &shutdown).await?;
+                        clocked.charge(Phase::Idle);
                     }
                     continue;
                 }
             };
-            let settled = match source.committed(&report, back).await {
+            let settled = source.committed(&report, back).await;
+            clocked.charge(Phase::Settle);
+            let settled = match settled {
                 Ok(settled) => settled,
                 Err(trouble) => {
                     backoff.wait(trouble, &shutdown).await?;
+                    clocked.charge(Phase::Idle);
                     continue;
                 }
             };
@@ -359,10 +379,12 @@ pub(crate) async fn run(
                     }
                     _ = shutdown.cancelled() => break,
                 }
+                clocked.charge(Phase::Idle);
             }
         }
         source.close().await;
     }
+    clocked.flush();
     source.report(progress, State::Stopped);
     Ok(())
 }
@@ -385,9 +407,56 @@ async fn open(
     }
 }
 
-type Outcome = (store::Result<Report>, Back);
+/// The loop's time, charged to the phase it was in (see [`timings`]) and handed to the engine's
+/// timings once per round.
+struct Clocked<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+    spent: Spent,
+    since: Instant,
+    /// Time since the last charge that [`Clocked::add`] accounted for already.
+    accounted: Duration,
+}
 
-/// Run the batch on the blocking pool while the source reads on.
+impl<'a> Clocked<'a> {
+    fn new(shared: &'a Shared, name: &'a str) -> Self {
+        Self {
+            shared,
+            name,
+            spent: Spent::default(),
+            since: Instant::now(),
+            accounted: Duration::ZERO,
+        }
+    }
+
+    /// The time since the last charge went to `phase`, less what was accounted for meanwhile.
+    fn charge(&mut self, phase: Phase) {
+        let now = Instant::now();
+        let elapsed = (now - self.since).saturating_sub(self.accounted);
+        self.spent.add(phase, elapsed);
+        (self.since, self.accounted) = (now, Duration::ZERO);
+    }
+
+    /// Time measured elsewhere (the batch's blocking thread), by phase.
+    fn add(&mut self, spent: &Spent) {
+        for phase in Phase::ALL {
+            self.spent.add(phase, spent.get(phase));
+        }
+        self.accounted += spent.total();
+    }
+
+    fn flush(&mut self) {
+        if !self.spent.total().is_zero() {
+            self.shared
+                .spend(self.name, &std::mem::take(&mut self.spent));
+        }
+    }
+}
+
+type Outcome = (store::Result<Report>, Back, Spent);
+
+/// Run the batch on the blocking pool while the source reads on; what it returned, and the blocking
+/// thread's time by phase.
 async fn handle(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
@@ -403,40 +472,45 @@ async fn handle(
     } = work;
     let (shared, sub) = (shared.clone(), sub.clone());
     let batch = blocking(move || {
-        let plugin = shared.plugin();
-        let defaults = batch::Context::new(&shared, &plugin, &sub);
-        let ctx = batch::Context {
-            position: place.position.as_deref(),
-            worker: place.worker,
-            parking: place.parking.as_ref().map(Parks::borrow),
-            origin: place.origin,
-            fences: place.fences,
-            keys: place.keys.as_deref(),
-            record: place.record,
-            ..defaults
-        };
-        let outcome = batch::run(&ctx, &messages, &mut attempts);
-        let next = match (&outcome, place.then_read) {
-            (Ok(_), Some(read)) => read_ahead(&shared, *read),
-            _ => None,
-        };
-        let back = Back {
-            messages,
-            attempts,
-            next,
-        };
-        (outcome, back)
+        timings::measure(Phase::Engine, || {
+            let plugin = shared.plugin();
+            let defaults = batch::Context::new(&shared, &plugin, &sub);
+            let ctx = batch::Context {
+                position: place.position.as_deref(),
+                worker: place.worker,
+                parking: place.parking.as_ref().map(Parks::borrow),
+                origin: place.origin,
+                fences: place.fences,
+                keys: place.keys.as_deref(),
+                record: place.record,
+                ..defaults
+            };
+            let outcome = batch::run(&ctx, &messages, &mut attempts);
+            let next = match (&outcome, place.then_read) {
+                (Ok(_), Some(read)) => read_ahead(&shared, *read),
+                _ => None,
+            };
+            let back = Back {
+                messages,
+                attempts,
+                next,
+            };
+            (outcome, back)
+        })
     });
-    let (outcome, ()) = tokio::join!(batch, source.meanwhile(shutdown));
-    Ok(outcome?)
+    let (batch, ()) = tokio::join!(batch, source.meanwhile(shutdown));
+    let ((outcome, back), spent) = batch?;
+    Ok((outcome, back, spent))
 }
 
 fn read_ahead(shared: &Shared, read: NextRead) -> Option<ReadAhead> {
     let head = shared.progress.head_now();
-    let messages = shared
-        .store
-        .read_categories(&read.categories, read.after, read.limit)
-        .ok()?;
+    let messages = timings::within(Phase::Read, || {
+        shared
+            .store
+            .read_categories(&read.categories, read.after, read.limit)
+    })
+    .ok()?;
     Some(ReadAhead {
         after: read.after,
         head,

@@ -30,6 +30,7 @@ impl Shared {
             scheduler_alarm: super::scheduler::Alarm::default(),
             deadlines: super::deadlines::Deadlines::default(),
             turns: super::turns::Turns::default(),
+            timings: super::timings::Timings::default(),
         };
         (Arc::new(shared), subscriptions)
     }

@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     errors: Family<Labels, Counter>,
     handler_seconds: Histograms,
     batch_seconds: Histograms,
+    spent: Family<Labels, Counter<f64, AtomicU64>>,
     lag: Family<Labels, Gauge>,
     pending: Family<Labels, Gauge>,
     queue_depth: Family<Labels, Gauge>,
@@ -112,6 +113,7 @@ impl Metrics {
             errors: add(r, "handler_errors", "Failed messages: retried or dead-lettered", None, Family::default()),
             handler_seconds: add(r, "handler_duration", "Processing time per handled message (its batch's time over the batch's size)", Some(Unit::Seconds), histograms()),
             batch_seconds: add(r, "batch_duration", "Time to handle and commit one batch", Some(Unit::Seconds), histograms()),
+            spent: add(r, "subscription", "Time the subscription's loop spent, by phase: lease, read, handle, handler_reads, commit, settle, engine, idle", Some(Unit::Seconds), Family::default()),
             lag: add(r, "subscription_lag", "Messages not yet read by the subscription", None, Family::default()),
             pending: add(r, "subscription_pending", "Stream entries delivered to the group but not acknowledged", None, Family::default()),
             queue_depth: add(r, "queue_depth", "Messages waiting for the subscription: lag plus pending", None, Family::default()),
@@ -166,6 +168,21 @@ impl Metrics {
     }
 
     /// A batch committed: count what it did and how long it took.
+    /// Time a subscription's loop spent, by phase.
+    pub(crate) fn spent(&self, subscription: &str, spent: &crate::engine::timings::Spent) {
+        use crate::engine::timings::Phase;
+        for phase in Phase::ALL {
+            let time = spent.get(phase);
+            if !time.is_zero() {
+                let labels = vec![
+                    ("subscription", subscription.to_owned()),
+                    ("phase", phase.name().to_owned()),
+                ];
+                self.spent.get_or_create(&labels).inc_by(time.as_secs_f64());
+            }
+        }
+    }
+
     pub(crate) fn batch(&self, s: &Subscription, report: &Report, elapsed: Duration) {
         let name = &s.plan.name;
         let mut per_handler: Vec<(&str, u64)> = Vec::new();
