@@ -9,19 +9,18 @@ use postgres::error::SqlState;
 
 use super::{pool::Conn, sql};
 use crate::{
-    store::{category, indexed_fields, DocumentVersion, Error, Result, ABSENT},
-    unit_of_work::{DocumentWrite, Parking, UnitOfWork},
+    store::{category, Error, Result},
+    unit_of_work::{Parking, UnitOfWork},
 };
 
-/// Apply `unit`: its fences first, so a stale owner's unit is refused before anything is written.
+/// Apply `unit`: its fences first, so a stale owner's unit is refused before anything is written; its
+/// appends last, because they take the store-wide append lock, held until the commit: the less that
+/// follows them, the sooner the next unit of another subscription can append.
 pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     raise_fences(c, unit)?;
     record_idempotency_key(c, unit)?;
     super::schedules::apply(c, unit)?;
-    let last = append(c, unit)?;
-    for write in &unit.documents {
-        write_document(c, write)?;
-    }
+    super::documents::write(c, &unit.documents)?;
     if !unit.processed.is_empty() {
         let column = |f: fn(&crate::unit_of_work::ProcessedMarker) -> &str| -> Vec<&str> {
             unit.processed.iter().map(f).collect()
@@ -80,7 +79,7 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
         c.execute(sql::END_CALLS, &[&subscriptions, &identities])?;
     }
     apply_parking(c, &unit.parking)?;
-    Ok(last)
+    append(c, unit)
 }
 
 /// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
@@ -259,80 +258,5 @@ fn unique_violation(error: Error, unit: &UnitOfWork) -> Error {
         stream,
         expected: -1,
         actual: -1,
-    }
-}
-
-/// Write or delete a document and keep its field index in step, touching only the fields that changed.
-fn write_document(c: &mut Conn, write: &DocumentWrite) -> Result<()> {
-    if !write_row(c, write)? {
-        return Err(document_conflict(c, write));
-    }
-    let (collection, id) = write.key();
-    let new_fields = match write {
-        DocumentWrite::Put { data, .. } => indexed_fields(data),
-        DocumentWrite::Delete { .. } => Vec::new(),
-    };
-    let old_fields: Vec<(String, String)> = c
-        .query(sql::READ_DOCUMENT_FIELDS, &[&collection, &id])?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    for (field, value) in old_fields.iter().filter(|f| !new_fields.contains(f)) {
-        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
-        c.execute(sql::DELETE_DOCUMENT_FIELD, &params)?;
-    }
-    for (field, value) in new_fields.iter().filter(|f| !old_fields.contains(f)) {
-        let params: [&(dyn postgres::types::ToSql + Sync); 4] = [&collection, field, value, &id];
-        c.execute(sql::INSERT_DOCUMENT_FIELD, &params)?;
-    }
-    Ok(())
-}
-
-/// Write or delete the document's row; false when the version it expects is no longer the stored one.
-/// The conditional statements wait for a concurrent writer's transaction and then judge its row, so two
-/// writers that read the same version cannot both succeed.
-fn write_row(c: &mut Conn, write: &DocumentWrite) -> Result<bool> {
-    let (collection, id) = write.key();
-    let changed = match (write, write.expected()) {
-        (DocumentWrite::Put { data, .. }, None) => {
-            c.execute(sql::PUT_DOCUMENT, &[&collection, &id, data])?
-        }
-        (DocumentWrite::Put { data, .. }, Some(ABSENT)) => {
-            c.execute(sql::INSERT_DOCUMENT, &[&collection, &id, data])?
-        }
-        (DocumentWrite::Put { data, .. }, Some(version)) => c.execute(
-            sql::UPDATE_DOCUMENT,
-            &[&collection, &id, data, &(version as i64)],
-        )?,
-        (DocumentWrite::Delete { .. }, None) => {
-            c.execute(sql::DELETE_DOCUMENT, &[&collection, &id])?;
-            return Ok(true);
-        }
-        // Read as absent: still absent, there is nothing to delete; present, someone wrote it since.
-        (DocumentWrite::Delete { .. }, Some(ABSENT)) => {
-            return Ok(c
-                .query_opt(sql::DOCUMENT_VERSION, &[&collection, &id])?
-                .is_none());
-        }
-        (DocumentWrite::Delete { .. }, Some(version)) => c.execute(
-            sql::DELETE_DOCUMENT_VERSION,
-            &[&collection, &id, &(version as i64)],
-        )?,
-    };
-    Ok(changed > 0)
-}
-
-/// The conflict of a conditional write that changed nothing, with the version found (for the log).
-fn document_conflict(c: &mut Conn, write: &DocumentWrite) -> Error {
-    let (collection, id) = write.key();
-    let actual = match c.query_opt(sql::DOCUMENT_VERSION, &[&collection, &id]) {
-        Ok(row) => row.map_or(ABSENT, |r| r.get::<_, i64>(0) as DocumentVersion),
-        Err(error) => return error,
-    };
-    Error::DocumentConflict {
-        collection: collection.to_owned(),
-        id: id.to_owned(),
-        expected: write.expected().unwrap_or(ABSENT),
-        actual,
     }
 }

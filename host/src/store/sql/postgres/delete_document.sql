@@ -1,1 +1,0 @@
-DELETE FROM protean.documents WHERE collection = $1 AND id = $2

@@ -1,0 +1,6 @@
+-- Documents that a handler saw absent: inserted, or left alone when another writer inserted one
+-- meanwhile (the statement waits for its commit); the caller reads a missing row as a conflict.
+INSERT INTO protean.documents (collection, id, data)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT (collection, id) DO NOTHING
+RETURNING collection, id
