@@ -685,6 +685,52 @@ pub(super) fn concurrent_read_modify_writes_lose_nothing(store: &dyn Store) {
     assert_eq!(counter["n"], WRITERS * EACH);
 }
 
+/// Units writing the same documents in opposite orders, at once, all commit: none waits on a row the
+/// other locked while the other waits on one it locked (a deadlock the database would break by
+/// failing one of them), and the index of each document's fields is its last write's.
+pub(super) fn units_writing_the_same_documents_in_opposite_orders_all_commit(store: &dyn Store) {
+    const DOCUMENTS: usize = 30;
+    const ROUNDS: usize = 20;
+    let write = |round: usize, reverse: bool| {
+        let mut ids: Vec<usize> = (0..DOCUMENTS).collect();
+        if reverse {
+            ids.reverse();
+        }
+        let documents = ids
+            .into_iter()
+            .map(|i| {
+                put(
+                    &format!("d{i}"),
+                    json!({"round": round, "by": reverse}),
+                    None,
+                )
+            })
+            .collect();
+        write_docs(store, documents).unwrap_or_else(|e| panic!("round {round}: {e}"));
+    };
+    std::thread::scope(|scope| {
+        for reverse in [false, true] {
+            scope.spawn(move || (0..ROUNDS).for_each(|round| write(round, reverse)));
+        }
+    });
+    for i in 0..DOCUMENTS {
+        let data: serde_json::Value =
+            serde_json::from_str(&store.document("c", &format!("d{i}")).unwrap().unwrap()).unwrap();
+        let found = store.find_documents("c", "by", &data["by"]).unwrap();
+        assert!(
+            found.iter().any(|d| d.id == format!("d{i}")),
+            "d{i} indexed by its last write"
+        );
+        let other = store
+            .find_documents("c", "by", &json!(!data["by"].as_bool().unwrap()))
+            .unwrap();
+        assert!(
+            !other.iter().any(|d| d.id == format!("d{i}")),
+            "d{i}'s old field is gone"
+        );
+    }
+}
+
 fn keyed(key: &str, stream: &str) -> UnitOfWork {
     let message = event(stream, 0, None);
     UnitOfWork {
@@ -928,6 +974,7 @@ macro_rules! store_conformance {
             #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
             #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
+            #[test] fn units_writing_the_same_documents_in_opposite_orders_all_commit() { let (s, _g) = $make; super::units_writing_the_same_documents_in_opposite_orders_all_commit(&s) }
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
             #[test] fn call_records_outlive_their_call_until_a_commit_settles_it() { let (s, _g) = $make; super::call_records_outlive_their_call_until_a_commit_settles_it(&s) }
