@@ -361,6 +361,17 @@ pub(crate) struct Buffer<'a> {
     /// of one) read-modify-write the same document, and without this the later commit silently
     /// overwrites the earlier one.
     read: RefCell<HashMap<(String, String), DocumentVersion>>,
+    /// Read ahead for the batch's handlers ([`HostServices::prefetch`]): documents (None: absent) and
+    /// streams as stored, answered instead of the store's. A handler sees the same as without: a
+    /// document's version is noted when a handler reads it, so a write of one changed meanwhile still
+    /// conflicts, and a stream read ahead is as good as one read later (appends check versions).
+    ahead: RefCell<Ahead>,
+}
+
+#[derive(Default)]
+struct Ahead {
+    documents: HashMap<(String, String), Option<StoredDocument>>,
+    streams: HashMap<String, Vec<store::StoredMessage>>,
 }
 
 impl<'a> Buffer<'a> {
@@ -379,6 +390,40 @@ impl<'a> Buffer<'a> {
             refused: RefCell::default(),
             unreadable: RefCell::default(),
             read: RefCell::default(),
+            ahead: RefCell::default(),
+        }
+    }
+
+    /// Read `documents` and `streams` ahead, each kind in one store call. Only a hint: a failed read
+    /// ahead leaves the reads to be made (and to fail) one by one.
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        let mut ahead = self.ahead.borrow_mut();
+        if !documents.is_empty() {
+            if let Ok(found) = self.store.read_documents(documents) {
+                for &(collection, id) in documents {
+                    let key = (collection.to_owned(), id.to_owned());
+                    ahead.documents.entry(key).or_insert(None);
+                }
+                for (collection, document) in found {
+                    ahead
+                        .documents
+                        .insert((collection, document.id.clone()), Some(document));
+                }
+            }
+        }
+        if !streams.is_empty() {
+            if let Ok(found) = self.store.read_streams(streams) {
+                for stream in streams {
+                    ahead.streams.entry((*stream).to_owned()).or_default();
+                }
+                for message in found {
+                    ahead
+                        .streams
+                        .entry(message.stream.clone())
+                        .or_default()
+                        .push(message);
+                }
+            }
         }
     }
 
@@ -546,7 +591,15 @@ impl<'a> Buffer<'a> {
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, ReadError> {
-        let stored = self.store.read_stream(stream, 0)?;
+        let ahead = self.ahead.borrow();
+        let read;
+        let stored = match ahead.streams.get(stream) {
+            Some(messages) => messages,
+            None => {
+                read = self.store.read_stream(stream, 0)?;
+                &read
+            }
+        };
         let writes = self.writes.borrow();
         let pending = writes.iter().filter_map(|(_, w)| match w {
             Write::Message(m) if m.stream == stream => {
@@ -594,7 +647,16 @@ impl<'a> Buffer<'a> {
         if let Some(pending) = self.pending_document(collection, id) {
             return Ok(pending);
         }
-        let stored = self.store.read_document(collection, id)?;
+        let ahead = self
+            .ahead
+            .borrow()
+            .documents
+            .get(&(collection.to_owned(), id.to_owned()))
+            .cloned();
+        let stored = match ahead {
+            Some(stored) => stored,
+            None => self.store.read_document(collection, id)?,
+        };
         let version = stored.as_ref().map_or(store::ABSENT, |d| d.version);
         self.note_read(collection, id, version);
         Ok(stored.map(|d| d.data))
@@ -827,6 +889,12 @@ impl HostServices for BufferView<'_, '_> {
 
     fn now_ms(&self) -> i64 {
         self.buffer.clock.now_ms()
+    }
+
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        within(Phase::HandlerReads, || {
+            self.buffer.prefetch(documents, streams);
+        });
     }
 }
 

@@ -129,6 +129,58 @@ fn the_first_write_of_a_document_carries_the_version_its_handler_read() {
     );
 }
 
+/// A batch's reads ahead answer its handlers as the store would have: a document read ahead that
+/// another writer changed before the handler's write still makes that write conflict, and a stream
+/// read ahead is overlaid with the batch's own appends.
+#[test]
+fn reads_ahead_answer_as_the_store_would_and_keep_the_version_read() {
+    let store = store_with(
+        vec![event("s-1", "T.A.v1", json!({"n": 0}))],
+        vec![put("docs", "d1", json!({"v": 1}))],
+    );
+    let causes = [Cause::default(); 2];
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
+    let view = buffer.view(0);
+    view.prefetch(&[("docs", "d1"), ("docs", "absent")], &["s-1", "s-empty"]);
+    let read_ahead = store.read_document("docs", "d1").unwrap().unwrap().version;
+    // Another writer changes d1 and appends to s-1 after the read ahead.
+    store
+        .commit(&UnitOfWork {
+            messages: vec![event("s-1", "T.Z.v1", json!({"n": 9}))],
+            documents: vec![put("docs", "d1", json!({"v": 2}))],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    assert_eq!(
+        view.get_document("docs", "d1")
+            .unwrap()
+            .map(|d| json_of(&d)),
+        Some(json!({"v": 1})),
+        "answered from the read ahead"
+    );
+    assert_eq!(view.get_document("docs", "absent").unwrap(), None);
+    view.raise_event(1, "s-1", "T.B.v1", br#"{"n":1}"#, None)
+        .unwrap();
+    assert_eq!(
+        json_of(&view.read_stream("s-1", 0).unwrap()),
+        json!([
+            {"type": "T.A.v1", "position": 0, "data": {"n": 0}},
+            {"type": "T.B.v1", "position": 1, "data": {"n": 1}},
+        ])
+    );
+    assert_eq!(json_of(&view.read_stream("s-empty", 0).unwrap()), json!([]));
+    view.put_document(1, "docs", "d1", br#"{"v":3}"#).unwrap();
+    let unit = drained(&buffer);
+    assert_eq!(unit.documents[0].expected(), Some(read_ahead));
+    assert!(
+        matches!(
+            store.commit(&unit),
+            Err(crate::store::Error::DocumentConflict { .. })
+        ),
+        "the write of a document changed since it was read ahead conflicts"
+    );
+}
+
 #[test]
 fn a_find_sees_stored_matches_overlaid_with_buffered_puts_and_deletes_and_notes_their_versions() {
     let store = store_with(

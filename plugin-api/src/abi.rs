@@ -289,6 +289,14 @@ pub mod host_call {
         },
         /// See `HostServices::now_ms`.
         NowMs,
+        /// See `HostServices::prefetch`.
+        Prefetch {
+            /// (collection, id) pairs.
+            #[serde(borrow)]
+            documents: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+            #[serde(borrow)]
+            streams: Vec<Cow<'a, str>>,
+        },
     }
 
     /// A known call's answer (a refusal comes back as the read's error).

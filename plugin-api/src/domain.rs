@@ -82,12 +82,22 @@ type Call = Box<dyn Fn(&[u8], &mut Context<'_>) -> HandlerResult + Send + Sync>;
 /// Computes the command stream of a command from its JSON data.
 type Target = Box<dyn Fn(&[u8], &Naming) -> Result<String, HandlerError> + Send + Sync>;
 
+/// What a call of a route will read, known before the call (see [`HostServices::prefetch`]).
+type Reads = Box<dyn Fn(&MessageInfo<'_>, &[u8]) -> Option<Read> + Send + Sync>;
+
+/// One read a call will make.
+enum Read {
+    Document { collection: String, id: String },
+    Stream(String),
+}
+
 struct Route {
     class: &'static str,
     version: u32,
     category: &'static str,
     call: Call,
     target: Option<Target>,
+    reads: Option<Reads>,
 }
 
 /// What every handler builder shares: a name, options and its routes.
@@ -124,7 +134,15 @@ impl Spec {
             category,
             call,
             target: None,
+            reads: None,
         });
+    }
+
+    /// The last route added will read what `reads` says.
+    fn reads(&mut self, reads: Reads) {
+        if let Some(route) = self.routes.last_mut() {
+            route.reads = Some(reads);
+        }
     }
 }
 
@@ -256,6 +274,11 @@ impl<A: crate::Aggregate> CommandHandler<A> {
         if let Some(route) = self.0.routes.last_mut() {
             route.target = Some(target);
         }
+        // A command of `{category}:command-{id}` is most often handled by loading `{category}-{id}`.
+        self.0.reads(Box::new(|info, _| {
+            let (category, id) = info.stream.split_once(":command-")?;
+            Some(Read::Stream(format!("{category}-{id}")))
+        }));
         self
     }
 }
@@ -366,6 +389,15 @@ where
         });
         self.0
             .route::<E>(<E::Aggregate as crate::Aggregate>::CATEGORY, call);
+        let (collection, field) = (
+            format!("pm::{}", self.0.name),
+            self.0.options.correlate.clone(),
+        );
+        self.0.reads(Box::new(move |_, data| {
+            let id = correlation_value(data, field.as_deref().unwrap_or_default()).ok()?;
+            let collection = collection.clone();
+            Some(Read::Document { collection, id })
+        }));
         self
     }
 }
@@ -391,6 +423,37 @@ fn correlation_value(data: &[u8], field: &str) -> Result<String, HandlerError> {
 struct Resolved {
     registration: Registration,
     routes: HashMap<String, Call>,
+    reads: HashMap<String, Reads>,
+}
+
+impl Resolved {
+    /// Tell the host what the calls of `batch` will read, when any of them knows in advance.
+    fn prefetch(&self, batch: &[(MessageInfo<'_>, &[u8])], services: &dyn HostServices) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let (mut documents, mut streams) = (Vec::new(), Vec::new());
+        for (info, data) in batch {
+            match self
+                .reads
+                .get(info.message_type)
+                .and_then(|r| r(info, data))
+            {
+                Some(Read::Document { collection, id }) => documents.push((collection, id)),
+                Some(Read::Stream(stream)) => streams.push(stream),
+                None => {}
+            }
+        }
+        if documents.is_empty() && streams.is_empty() {
+            return;
+        }
+        let documents: Vec<(&str, &str)> = documents
+            .iter()
+            .map(|(c, i)| (c.as_str(), i.as_str()))
+            .collect();
+        let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+        services.prefetch(&documents, &streams);
+    }
 }
 
 /// Where commands of one type go.
@@ -487,6 +550,7 @@ impl Domain {
         let naming = Arc::clone(&self.naming);
         let mut categories: Vec<String> = Vec::new();
         let mut routes = HashMap::new();
+        let mut reads = HashMap::new();
         for route in spec.routes {
             let category = format!("{}::{}", naming.normalized(), route.category);
             let category = if kind == HandlerKind::COMMAND_HANDLER {
@@ -502,6 +566,9 @@ impl Domain {
                 self.commands
                     .insert(message_type.clone(), CommandTarget { target });
             }
+            if let Some(read) = route.reads {
+                reads.insert(message_type.clone(), read);
+            }
             routes.insert(message_type, route.call);
         }
         let mut message_types: Vec<String> = routes.keys().cloned().collect();
@@ -516,6 +583,7 @@ impl Domain {
                 options: spec.options,
             },
             routes,
+            reads,
         });
         self
     }
@@ -550,6 +618,10 @@ impl Domain {
                 ))),
             );
         };
+        // One message alone gains nothing from a read ahead.
+        if batch.len() > 1 {
+            handler.prefetch(batch, services);
+        }
         for (index, (info, data)) in batch.iter().enumerate() {
             let index = index as u32;
             // The host routes by type; an unknown one here is a routing bug, so it is skipped, not failed.

@@ -279,6 +279,16 @@ impl HostServices for AbiServices<'_> {
         self.call(&Request::CancelSchedule { index, key }).map(drop)
     }
 
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        let documents = documents
+            .iter()
+            .map(|&(collection, id)| (collection.into(), id.into()))
+            .collect();
+        let streams = streams.iter().map(|&s| s.into()).collect();
+        // Only a hint: a host that predates it, or fails it, answers each read as it comes.
+        let _ = self.call(&Request::Prefetch { documents, streams });
+    }
+
     fn now_ms(&self) -> i64 {
         // A host without a clock of its own, or that cannot answer now, goes by the system clock.
         match self.call(&Request::NowMs) {

@@ -403,3 +403,107 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
         "the old generation still works"
     );
 }
+
+/// What a handler read, and what it said it would read first.
+#[derive(Default)]
+struct Reads(RefCell<Vec<String>>);
+
+impl HostServices for Reads {
+    fn raise_event(
+        &self,
+        _: u32,
+        _: &str,
+        _: &str,
+        _: &[u8],
+        _: Option<i64>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn read_stream(&self, stream: &str, _: u64) -> Result<Vec<u8>, String> {
+        self.0.borrow_mut().push(format!("read {stream}"));
+        Ok(b"[]".to_vec())
+    }
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0.borrow_mut().push(format!("get {collection}/{id}"));
+        Ok(None)
+    }
+    fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn delete_document(&self, _: u32, _: &str, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(b"[]".to_vec())
+    }
+    fn now_ms(&self) -> i64 {
+        0
+    }
+    fn schedule(&self, _: u32, _: protean_plugin_api::ScheduledMessage<'_>) -> Result<(), String> {
+        Ok(())
+    }
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        let mut reads: Vec<String> = documents
+            .iter()
+            .map(|(c, i)| format!("get {c}/{i}"))
+            .collect();
+        reads.extend(streams.iter().map(|s| format!("read {s}")));
+        self.0
+            .borrow_mut()
+            .push(format!("ahead: {}", reads.join(", ")));
+    }
+}
+
+/// Through the ABI, a process manager's batch says first which instances it will read, and a command
+/// handler's which aggregates it will load (the host reads them in one round trip); a batch of one says
+/// nothing.
+#[test]
+fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
+    let library = Library::load(sample_domain()).unwrap();
+    let plugin = library.instantiate("domain", 1).unwrap();
+    let orders: Vec<String> = (1..=3)
+        .map(|n| serde_json::json!({"order_id": format!("o{n}"), "customer": "ada", "sku": "book", "quantity": 1, "total": 10.0}).to_string())
+        .collect();
+    let streams: Vec<String> = (1..=3)
+        .map(|n| format!("fulfilment::order:command-o{n}"))
+        .collect();
+    let batch = |message_type: &'static str, count: usize| -> Vec<Delivery<'_>> {
+        (0..count)
+            .map(|i| Delivery {
+                message_type,
+                ..delivery(&orders[i], &streams[i])
+            })
+            .collect()
+    };
+    let reads_of = |handler: &str, deliveries: &[Delivery<'_>]| {
+        let reads = Reads::default();
+        let outcome = plugin.handle_batch(handler, deliveries, &reads, LIMIT);
+        assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+        reads.0.into_inner()
+    };
+    let manager = reads_of("fulfilment", &batch("Fulfilment.OrderPlaced.v1", 3));
+    let gets: Vec<String> = (1..=3)
+        .map(|n| format!("get pm::fulfilment/o{n}"))
+        .collect();
+    assert_eq!(
+        manager[0],
+        format!("ahead: {}", gets.join(", ")),
+        "{manager:?}"
+    );
+    assert_eq!(manager[1..], gets[..], "then reads just those");
+
+    let handler = reads_of("orders", &batch("Fulfilment.PlaceOrder.v1", 2));
+    let loads = ["read fulfilment::order-o1", "read fulfilment::order-o2"];
+    assert_eq!(
+        handler[0],
+        format!("ahead: {}", loads.join(", ")),
+        "{handler:?}"
+    );
+    assert_eq!(handler[1..], loads[..]);
+
+    let alone = reads_of("orders", &batch("Fulfilment.PlaceOrder.v1", 1));
+    assert_eq!(alone, ["read fulfilment::order-o1"]);
+}

@@ -155,6 +155,13 @@ fn answer(services: &dyn HostServices, request: Request<'_>) -> Result<Vec<u8>, 
         Request::NowMs => Answer {
             now_ms: Some(services.now_ms()),
         },
+        Request::Prefetch { documents, streams } => {
+            let documents: Vec<(&str, &str)> =
+                documents.iter().map(|(c, i)| (&**c, &**i)).collect();
+            let streams: Vec<&str> = streams.iter().map(|s| &**s).collect();
+            services.prefetch(&documents, &streams);
+            Answer::default()
+        }
     };
     serde_json::to_vec(&answer).map_err(|e| e.to_string())
 }

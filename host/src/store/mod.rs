@@ -278,6 +278,27 @@ pub trait Store: Send + Sync {
     /// A document by collection and id, with its version.
     fn read_document(&self, collection: &str, id: &str) -> Result<Option<StoredDocument>>;
 
+    /// The documents of `keys` (collection, id) that exist, each with its collection: a batch's reads
+    /// ahead (see `HostServices::prefetch`). A store across a network answers in one round trip.
+    fn read_documents(&self, keys: &[(&str, &str)]) -> Result<Vec<(String, StoredDocument)>> {
+        let mut found = Vec::new();
+        for &(collection, id) in keys {
+            if let Some(document) = self.read_document(collection, id)? {
+                found.push((collection.to_owned(), document));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every message of `streams`, each stream's in order: a batch's reads ahead.
+    fn read_streams(&self, streams: &[&str]) -> Result<Vec<StoredMessage>> {
+        let mut found = Vec::new();
+        for stream in streams {
+            found.extend(self.read_stream(stream, 0)?);
+        }
+        Ok(found)
+    }
+
     /// A document's data by collection and id.
     fn document(&self, collection: &str, id: &str) -> Result<Option<String>> {
         Ok(self.read_document(collection, id)?.map(|d| d.data))

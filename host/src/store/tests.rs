@@ -731,6 +731,52 @@ pub(super) fn units_writing_the_same_documents_in_opposite_orders_all_commit(sto
     }
 }
 
+/// Several documents and streams read at once (a batch's reads ahead) are what reading them one at a
+/// time answers: present documents with their collection and version, every stream's messages in order.
+pub(super) fn reads_of_several_documents_and_streams_answer_as_one_at_a_time(store: &dyn Store) {
+    write_docs(
+        store,
+        vec![
+            put("1", json!({"n": 1}), None),
+            put("2", json!({"n": 2}), None),
+        ],
+    )
+    .unwrap();
+    store
+        .commit(&UnitOfWork {
+            messages: vec![
+                event("shop::order-1", 0, None),
+                event("shop::order-2", 0, None),
+                event("shop::order-1", 1, None),
+            ],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let mut documents = store
+        .read_documents(&[("c", "2"), ("c", "absent"), ("other", "1"), ("c", "1")])
+        .unwrap();
+    documents.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    let expected: Vec<_> = ["1", "2"]
+        .iter()
+        .map(|id| {
+            (
+                "c".to_owned(),
+                store.read_document("c", id).unwrap().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(documents, expected);
+    let streams = store
+        .read_streams(&["shop::order-2", "shop::order-1", "shop::order-9"])
+        .unwrap();
+    let mut one_at_a_time = store.read_stream("shop::order-1", 0).unwrap();
+    one_at_a_time.extend(store.read_stream("shop::order-2", 0).unwrap());
+    let key = |m: &super::StoredMessage| (m.stream.clone(), m.position);
+    let mut streams: Vec<_> = streams.iter().map(key).collect();
+    streams.sort();
+    assert_eq!(streams, one_at_a_time.iter().map(key).collect::<Vec<_>>());
+}
+
 fn keyed(key: &str, stream: &str) -> UnitOfWork {
     let message = event(stream, 0, None);
     UnitOfWork {
@@ -974,6 +1020,7 @@ macro_rules! store_conformance {
             #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
             #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
+            #[test] fn reads_of_several_documents_and_streams_answer_as_one_at_a_time() { let (s, _g) = $make; super::reads_of_several_documents_and_streams_answer_as_one_at_a_time(&s) }
             #[test] fn units_writing_the_same_documents_in_opposite_orders_all_commit() { let (s, _g) = $make; super::units_writing_the_same_documents_in_opposite_orders_all_commit(&s) }
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }

@@ -82,6 +82,7 @@ mod sql {
         DOCUMENT_FIELDS_DELETE = "document_fields_delete";
         DOCUMENT_FIELDS_INSERT = "document_fields_insert";
         DOCUMENT_VERSION = "document_version";
+        READ_DOCUMENTS = "read_documents";
         INSERT_IDEMPOTENCY_KEY = "insert_idempotency_key";
         READ_IDEMPOTENCY_KEY = "read_idempotency_key";
         GET_DOCUMENT = "get_document";
@@ -138,6 +139,7 @@ mod sql {
     messages! {
         HELD_MESSAGES = "held_messages";
         READ_STREAM = "read_stream";
+        READ_STREAMS = "read_streams";
         READ_CATEGORY = "read_category";
         READ_CATEGORIES = "read_categories";
     }
@@ -354,6 +356,28 @@ impl Store for PostgresStore {
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
         conn.transaction(|c| commit::apply(c, unit))
+    }
+
+    fn read_documents(&self, keys: &[(&str, &str)]) -> Result<Vec<(String, StoredDocument)>> {
+        let (collections, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let rows = self
+            .conn()?
+            .query(sql::READ_DOCUMENTS, &[&collections, &ids])?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let document = StoredDocument {
+                    id: r.get(1),
+                    data: r.get(2),
+                    version: r.get::<_, i64>(3) as u64,
+                };
+                (r.get(0), document)
+            })
+            .collect())
+    }
+
+    fn read_streams(&self, streams: &[&str]) -> Result<Vec<StoredMessage>> {
+        self.messages(sql::READ_STREAMS, &[&streams])
     }
 
     fn idempotency_key(&self, key: &str) -> Result<Option<String>> {
