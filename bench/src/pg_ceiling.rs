@@ -28,8 +28,9 @@ use crate::{postgres::cluster::PgServer, Row};
 
 /// Messages (and markers, and documents) per transaction: a batch of the sample flow.
 const BATCH: usize = 100;
-/// How long each configuration runs.
-const RUN: Duration = Duration::from_secs(5);
+/// How long each configuration runs, in each of `ROUNDS` rounds.
+const RUN: Duration = Duration::from_secs(3);
+const ROUNDS: usize = 3;
 /// host/src/store/sql/postgres/lock_appends.sql.
 const APPEND_LOCK: i64 = 7_362_836_200_114_529_281;
 
@@ -39,23 +40,42 @@ pub(crate) fn rows() -> anyhow::Result<Vec<Row>> {
     let uri = pg.uri();
     let mut rows = Vec::new();
     let cases = [
-        (1, AppendLock::ToCommit, Flush::Durable),
-        (4, AppendLock::ToCommit, Flush::Durable),
-        (1, AppendLock::AroundInsert, Flush::Durable),
-        (4, AppendLock::AroundInsert, Flush::Durable),
-        (1, AppendLock::ToCommit, Flush::Off),
+        (1, AppendLock::ToCommit, Variant::Shaped),
+        (4, AppendLock::ToCommit, Variant::Shaped),
+        (1, AppendLock::AroundInsert, Variant::Shaped),
+        (4, AppendLock::AroundInsert, Variant::Shaped),
+        (1, AppendLock::ToCommit, Variant::FlushOff),
+        (1, AppendLock::ToCommit, Variant::DocumentsEach),
     ];
-    for (connections, lock, flush) in cases {
-        let rate = measure(&uri, connections, lock, flush)?;
+    // Best of `ROUNDS`, the cases alternating: on a shared machine a rate only gets worse than what
+    // the database allows. Each on empty tables, so the cases are alike.
+    let mut best: Vec<Option<Rate>> = cases.iter().map(|_| None).collect();
+    let mut db = Client::connect(&uri, NoTls)?;
+    for _ in 0..ROUNDS {
+        for (case, &(connections, lock, variant)) in cases.iter().enumerate() {
+            db.batch_execute(
+                "TRUNCATE message_store.messages, protean.processed, protean.positions, protean.documents",
+            )?;
+            let rate = measure(&uri, connections, lock, variant)?;
+            if best[case]
+                .as_ref()
+                .is_none_or(|b| b.commits_per_s < rate.commits_per_s)
+            {
+                best[case] = Some(rate);
+            }
+        }
+    }
+    for (&(connections, lock, variant), rate) in cases.iter().zip(best) {
+        let rate = rate.context("no round")?;
         rows.push(Row {
             scenario: format!(
                 "PostgreSQL commit ceiling, {connections} connection{}, {}{}",
                 if connections == 1 { "" } else { "s" },
                 lock.label(),
-                flush.label()
+                variant.label()
             ),
             setup: format!(
-                "minimal client, durable cluster, host tables; each transaction: append lock, category lock, stream versions, {BATCH} messages (unnest), {BATCH} processed markers, position upsert, {BATCH} document upserts, COMMIT; {} s; commit p50 {:.1} ms, p99 {:.1} ms",
+                "minimal client, durable cluster, host tables; each transaction: append lock, category lock, stream versions, {BATCH} messages (unnest), {BATCH} processed markers, position upsert, {BATCH} document upserts, COMMIT; best of {ROUNDS} rounds of {} s; commit p50 {:.1} ms, p99 {:.1} ms",
                 RUN.as_secs(),
                 rate.p50_ms,
                 rate.p99_ms
@@ -90,20 +110,24 @@ impl AppendLock {
     }
 }
 
-/// Whether a COMMIT waits for its WAL flush.
-#[derive(Clone, Copy)]
-enum Flush {
-    /// It does (PostgreSQL's default, the host's).
-    Durable,
-    /// `synchronous_commit = off`, not durable: what the statements cost without the flush.
-    Off,
+/// The transaction as described, or one thing changed to see what it costs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// As described, durable.
+    Shaped,
+    /// `synchronous_commit = off`, not durable: what the statements cost without the WAL flush.
+    FlushOff,
+    /// The documents one upsert statement each, as the host sends them (it also reads and rewrites
+    /// each document's indexed fields, which this leaves out).
+    DocumentsEach,
 }
 
-impl Flush {
+impl Variant {
     fn label(self) -> &'static str {
         match self {
-            Self::Durable => "",
-            Self::Off => ", synchronous_commit off (not durable: the work without the flush)",
+            Self::Shaped => "",
+            Self::FlushOff => ", synchronous_commit off (not durable: the work without the flush)",
+            Self::DocumentsEach => ", documents one statement each (as the host sends them)",
         }
     }
 }
@@ -115,14 +139,19 @@ struct Rate {
 }
 
 /// Run `connections` writers at once for `RUN`; commits per second over all, and commit durations.
-fn measure(uri: &str, connections: usize, lock: AppendLock, flush: Flush) -> anyhow::Result<Rate> {
+fn measure(
+    uri: &str,
+    connections: usize,
+    lock: AppendLock,
+    variant: Variant,
+) -> anyhow::Result<Rate> {
     let start = Arc::new(Barrier::new(connections));
     let writers: Vec<_> = (0..connections)
         .map(|id| {
             let (uri, start) = (uri.to_owned(), start.clone());
             std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                let mut writer = Writer::connect(&uri, id, lock)?;
-                if let Flush::Off = flush {
+                let mut writer = Writer::connect(&uri, id, lock, variant)?;
+                if variant == Variant::FlushOff {
                     writer
                         .client
                         .batch_execute("SET synchronous_commit = off")?;
@@ -164,6 +193,7 @@ struct Writer {
     /// Unique among every writer of the run: names its messages' ids.
     serial: usize,
     lock: AppendLock,
+    variant: Variant,
     statements: Statements,
     /// Units committed so far: names fresh message ids and markers.
     units: usize,
@@ -184,10 +214,11 @@ struct Statements {
     processed: Statement,
     position: Statement,
     documents: Statement,
+    document: Statement,
 }
 
 impl Writer {
-    fn connect(uri: &str, id: usize, lock: AppendLock) -> anyhow::Result<Self> {
+    fn connect(uri: &str, id: usize, lock: AppendLock, variant: Variant) -> anyhow::Result<Self> {
         let mut client = Client::connect(uri, NoTls).context("connect to PostgreSQL")?;
         let statements = Statements {
             xact_lock: client.prepare("SELECT pg_advisory_xact_lock($1)")?,
@@ -222,6 +253,11 @@ impl Writer {
                  ON CONFLICT (collection, id) DO UPDATE SET data = excluded.data, \
                      version = nextval('protean.document_versions')",
             )?,
+            document: client.prepare(
+                "INSERT INTO protean.documents (collection, id, data) VALUES ($1, $2, $3) \
+                 ON CONFLICT (collection, id) DO UPDATE SET data = excluded.data, \
+                     version = nextval('protean.document_versions')",
+            )?,
         };
         // A message the size of the sample flow's: its data, and the metadata the host gives one.
         let sample = protean_host::unit_of_work::NewMessage::new(
@@ -239,6 +275,7 @@ impl Writer {
             id,
             serial: WRITERS.fetch_add(1, Ordering::Relaxed),
             lock,
+            variant,
             statements,
             units: 0,
             category: format!("ceiling{id}::order"),
@@ -316,14 +353,17 @@ impl Writer {
             .iter()
             .map(|stream| stream.rsplit('-').next().unwrap_or_default().to_owned())
             .collect();
-        tx.execute(
-            &s.documents,
-            &[
-                &column(&format!("orders{}", self.id)),
-                &documents,
-                &column(&self.data),
-            ],
-        )?;
+        let collection = format!("orders{}", self.id);
+        if self.variant == Variant::DocumentsEach {
+            for id in &documents {
+                tx.execute(&s.document, &[&collection, id, &self.data])?;
+            }
+        } else {
+            tx.execute(
+                &s.documents,
+                &[&column(&collection), &documents, &column(&self.data)],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
