@@ -10,9 +10,11 @@
 //! - the sample flow: N orders from `PlaceOrder` to shipped on SQLite, whole process, peak memory;
 //! - Redis: the XADD ceiling (`redis-benchmark`), outbox publishing alone, consuming alone, both at
 //!   once, each as a ratio to the ceiling;
-//! - latency from commit to handled at a steady 1,000 messages/s on Redis (p50, p95, p99);
+//! - latency from commit to handled at a steady 1,000 messages/s on PostgreSQL + Redis, and on Redis
+//!   with SQLite (p50, p95, p99) (`latency.rs`);
 //! - instructions per message (callgrind) for the SQLite no-op and the Redis consume paths;
-//! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`);
+//! - PostgreSQL: appending in batches, and a subscription end to end (`postgres.rs`); the commit ceiling
+//!   of a minimal client for transactions shaped like the host's (`pg_ceiling.rs`);
 //! - ordered subscriptions against unordered ones, and rebalancing after a replica dies (`ordered.rs`);
 //! - isolated mode (the domain in a worker process) against in-process, SQLite no-op (`isolation.rs`);
 //! - schedules: firing lateness at 1,000 due/s, the cost of 100,000 pending, 30 virtual days in test
@@ -21,7 +23,7 @@
 //!   SQLite and Redis (`limits.rs`).
 //!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, isolation,
-//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, peer, limits, schedules).
+//! sample, redis, ordered, latency, callgrind, ops, reload, postgres, pgceiling, peer, limits, schedules).
 #![allow(missing_docs, unreachable_pub)]
 
 mod callgrind;
@@ -32,6 +34,7 @@ mod limits;
 mod ops;
 mod ordered;
 mod peer;
+mod pg_ceiling;
 mod postgres;
 mod reload;
 mod schedules;
@@ -132,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         rows.extend(callgrind::hot_path(&host, &fixture, 5000)?);
     }
     if wanted("latency") {
-        rows.push(latency::redis_latency(&host, &fixture, 1000, 5000)?);
+        rows.extend(latency::rows(&host, &fixture)?);
     }
     if wanted("reload") {
         let variant = workspace().join("target/reload-bench/release/libfixture_domain.so");
@@ -173,6 +176,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("postgres") {
         rows.extend(postgres::rows(&host, &fixture, &sample, events, orders)?);
+    }
+    if wanted("pgceiling") {
+        rows.extend(pg_ceiling::rows()?);
     }
     if wanted("limits") {
         rows.extend(limits::rows(&host, &fixture)?);

@@ -18,7 +18,7 @@ use super::{run_measured, server, Row};
 
 #[path = "../../tests/e2e/support/postgres.rs"]
 #[allow(dead_code)]
-mod cluster;
+pub(crate) mod cluster;
 
 const BATCH: usize = 1000;
 
