@@ -479,3 +479,28 @@ fn test_mode_waits_out_a_dead_replicas_leases_and_finishes_the_work() {
     let store = PostgresStore::open(&pg.store_config()).unwrap();
     each_order_exactly_once(&store, 20);
 }
+
+/// A server learns of messages another process appends as they commit, not at its next poll: with a
+/// poll of ten minutes, orders sent by `send` (another process) while it idles ship in seconds. The
+/// first order ships before the rest are sent, so the server has read and gone idle by then.
+#[test]
+fn appends_by_another_process_wake_an_idle_server_at_once() {
+    let pg = PgServer::start();
+    let store = PostgresStore::connect(&pg.store_config()).unwrap();
+    store.setup().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("[server]\npoll_interval_ms = 600000\n{}", pg.config()),
+    );
+    let _server = start_replicas(dir.path(), 1);
+    send_orders(dir.path(), 0, 1);
+    wait_until(Duration::from_secs(60), "the first order shipped", || {
+        shipped(&store) == 1
+    });
+    send_orders(dir.path(), 1, 5);
+    wait_until(Duration::from_secs(60), "every order shipped", || {
+        shipped(&store) == 6
+    });
+    each_order_exactly_once(&store, 6);
+}

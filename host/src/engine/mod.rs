@@ -201,6 +201,40 @@ impl Shared {
     }
 }
 
+/// Wake the engine when any writer appends (see [`crate::store::AppendWatch`]), on a thread of its own
+/// until `stop`; dropping the guard returned stops it.
+fn watch_appends(
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+) -> Option<tokio_util::sync::DropGuard> {
+    let mut watch = shared.store.appends()?;
+    let (shared, guard) = (shared.clone(), stop.clone().drop_guard());
+    tokio::task::spawn_blocking(move || {
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            match watch.next(Duration::from_millis(250)) {
+                Ok(position) => {
+                    failures = 0;
+                    if let Some(position) = position {
+                        shared.progress.advanced(position);
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    // Polling still finds the appends; this only makes them wait for it.
+                    tracing::warn!(%error, failures, "cannot listen for appends; until it can, other writers' messages wait for the poll");
+                    let until =
+                        std::time::Instant::now() + Duration::from_secs(1 << failures.min(5));
+                    while !stop.is_cancelled() && std::time::Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    });
+    Some(guard)
+}
+
 /// Say, once per call, when a handler call passes its deadline (`/livez` fails from then on).
 async fn watch_deadlines(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
@@ -582,6 +616,8 @@ impl Engine {
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_deadlines(shared.clone(), shutdown.clone()));
+        // Stopped when the run returns, however it returns.
+        let _appends = watch_appends(&shared, shutdown.child_token());
         let outcome: Arc<Mutex<Option<Outcome>>> = Arc::default();
         // Installed before "engine started" is logged, so a signal right after it is never missed.
         let signals = tokio::spawn(watch_signals(

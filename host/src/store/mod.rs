@@ -256,6 +256,13 @@ pub(crate) fn postgres_detail(error: &::postgres::Error) -> String {
 /// Result of store operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Appends by any writer, told as they commit ([`Store::appends`]).
+pub trait AppendWatch: Send {
+    /// The highest global position appended since the last call, waiting up to `wait` for one; None
+    /// when none came. After an error the next call connects again.
+    fn next(&mut self, wait: std::time::Duration) -> Result<Option<u64>>;
+}
+
 /// The event store and its companions. Backends implement the primitives; the engine composes them.
 pub trait Store: Send + Sync {
     /// Messages of any of `categories` with a global position greater than `after`, in global order.
@@ -297,6 +304,13 @@ pub trait Store: Send + Sync {
             found.extend(self.read_stream(stream, 0)?);
         }
         Ok(found)
+    }
+
+    /// Wakes for appends by any writer (another process, a MessageDB client) as they commit, for a
+    /// store shared across processes; None when the store has no such thing (this process's own
+    /// commits wake the engine already).
+    fn appends(&self) -> Option<Box<dyn AppendWatch>> {
+        None
     }
 
     /// A document's data by collection and id.

@@ -77,6 +77,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "scheduled messages",
         sql: include_str!("../sql/postgres/migrations/012_schedules.sql"),
     },
+    Migration {
+        version: 13,
+        name: "appends notify listening servers (LISTEN protean_appended)",
+        sql: include_str!("../sql/postgres/migrations/013_append_notifications.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

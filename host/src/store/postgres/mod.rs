@@ -14,6 +14,7 @@ mod config;
 pub use self::config::UriError;
 mod documents;
 mod lease;
+mod listen;
 pub mod migrate;
 mod outbox;
 mod pool;
@@ -214,6 +215,8 @@ fn connect_error(config: &PostgresConfig, error: &postgres::Error) -> Error {
 #[derive(Debug)]
 pub struct PostgresStore {
     pool: Pool,
+    /// How to open a connection of its own, for [`Store::appends`].
+    connector: listen::Connector,
     /// Why the pool last failed to connect, for the error of a checkout that timed out.
     errors: pool::LastError,
     label: String,
@@ -246,6 +249,10 @@ impl PostgresStore {
         pool::connect(&parsed, &tls).map_err(|e| connect_error(config, &e))?;
         let errors = pool::LastError::default();
         Ok(Self {
+            connector: listen::Connector {
+                config: parsed.clone(),
+                tls: tls.clone(),
+            },
             pool: pool::pool(parsed, tls, config.pool_size, errors.clone()),
             errors,
             label: config.label(),
@@ -542,6 +549,10 @@ impl Store for PostgresStore {
 
     fn outbox(&self) -> Option<&dyn Outbox> {
         Some(self)
+    }
+
+    fn appends(&self) -> Option<Box<dyn crate::store::AppendWatch>> {
+        Some(Box::new(listen::Listener::new(self.connector.clone())))
     }
 
     fn schedules(&self) -> &dyn crate::store::Schedules {
