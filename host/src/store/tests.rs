@@ -1388,6 +1388,15 @@ mod postgres_only {
             "BEGIN; SELECT pg_advisory_xact_lock(message_store.hash_64('shop::stock')); {insert}; COMMIT"
         ));
         assert!(other.is_err(), "another category's lock is not this one's");
+        let recorded_other = client.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(message_store.hash_64('shop::stock')); \
+             SELECT set_config('protean.category_locks', ',' || message_store.hash_64('shop::stock') || ',', true); \
+             {insert}; COMMIT"
+        ));
+        assert!(
+            recorded_other.is_err(),
+            "a record of another category's lock passes only that category"
+        );
     }
 
     #[test]

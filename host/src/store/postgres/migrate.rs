@@ -82,6 +82,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "appends notify listening servers (LISTEN protean_appended)",
         sql: include_str!("../sql/postgres/migrations/013_append_notifications.sql"),
     },
+    Migration {
+        version: 14,
+        name: "the category-lock guard trusts the host's record of its locks (no pg_locks scan)",
+        sql: include_str!("../sql/postgres/migrations/014_category_lock_guard_fast_path.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.
