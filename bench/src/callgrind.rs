@@ -42,7 +42,7 @@ fn per_message(with: u64, without: u64, events: usize) -> f64 {
     with.saturating_sub(without) as f64 / events as f64
 }
 
-/// SQLite no-op and Redis consume, per message.
+/// SQLite no-op, Redis outbox publishing and Redis consume, per message.
 pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<Row>> {
     let noop = format!("{}:noop", fixture.display());
     let sqlite = |n: usize| -> anyhow::Result<u64> {
@@ -69,11 +69,30 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
         instructions(server(host, dir.path(), &noop), dir.path())
     };
     let consume = per_message(consume(events)?, consume(0)?, events);
+    // A domain with no handlers: the run claims, XADDs and marks published, then ends.
+    let publish = |n: usize| -> anyhow::Result<u64> {
+        redis_cli(&redis, &["FLUSHALL"])?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("protean.toml"), &config)?;
+        store_ticks(dir.path(), n, true)?;
+        let empty = format!("{}:empty", fixture.display());
+        instructions(server(host, dir.path(), &empty), dir.path())
+    };
+    let publish = per_message(publish(events)?, publish(0)?, events);
     Ok(vec![
         Row {
             scenario: "Instructions per message, SQLite no-op".into(),
             setup: format!("callgrind, {events} stored events minus none, whole process"),
             result: format!("{sqlite:.0} instructions/message"),
+            target: "-".into(),
+            ok: true,
+        },
+        Row {
+            scenario: "Instructions per message, Redis outbox publishing".into(),
+            setup: format!(
+                "callgrind, {events} outbox rows minus none: claim, XADD, mark published"
+            ),
+            result: format!("{publish:.0} instructions/message"),
             target: "-".into(),
             ok: true,
         },

@@ -42,6 +42,18 @@ pub enum Instances<'a> {
     Every,
 }
 
+/// Whether this process runs under an emulator such as valgrind: `/proc/self/exe` is then the
+/// emulator's image, while the link's name as this process reads it (intercepted) is an existing file
+/// that is not it. A binary replaced on disk reads as "… (deleted)", which does not exist.
+fn emulated(proc_exe: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(named), Ok(running)) = (std::fs::read_link(proc_exe), std::fs::metadata(proc_exe))
+    else {
+        return false;
+    };
+    std::fs::metadata(named).is_ok_and(|m| (m.dev(), m.ino()) != (running.dev(), running.ino()))
+}
+
 /// How probes are run: which program, with which arguments, for how long at most.
 #[derive(Debug, Clone)]
 pub struct Probe {
@@ -56,7 +68,7 @@ impl Probe {
     /// was replaced (an upgrade on disk), so the child always speaks this process's protocol.
     pub fn this_binary(timeout: Duration) -> Self {
         let program = Path::new("/proc/self/exe");
-        let program = if program.exists() {
+        let program = if program.exists() && !emulated(program) {
             program.to_owned()
         } else {
             std::env::current_exe().unwrap_or_else(|_| program.to_owned())

@@ -153,31 +153,79 @@ pub(super) fn choose(
     now: u64,
     limit: usize,
 ) -> Choice {
-    let mut blocked: Vec<&str> = Vec::new();
-    let mut choice = Choice::default();
+    let mut chooser = Chooser::new(leases, worker, now, limit);
     for c in candidates {
-        if choice.seqs.len() == limit {
+        if chooser.offer(c) == Offer::Full {
             break;
         }
-        if blocked.contains(&c.target.as_str()) {
-            continue;
+    }
+    chooser.choice
+}
+
+/// What [`Chooser::offer`] made of a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offer {
+    Taken,
+    Skipped,
+    /// The claim has `limit` rows: this candidate and any after it are left.
+    Full,
+}
+
+/// [`choose`] one candidate at a time, so that a store can stop reading candidates once the claim is
+/// full and read a taken row's message from the row it already has.
+pub(super) struct Chooser<'a> {
+    leases: &'a HashMap<String, Lease>,
+    worker: &'a str,
+    now: u64,
+    limit: usize,
+    blocked: Vec<String>,
+    pub(super) choice: Choice,
+}
+
+impl<'a> Chooser<'a> {
+    pub(super) fn new(
+        leases: &'a HashMap<String, Lease>,
+        worker: &'a str,
+        now: u64,
+        limit: usize,
+    ) -> Self {
+        Self {
+            leases,
+            worker,
+            now,
+            limit,
+            blocked: Vec::new(),
+            choice: Choice::default(),
         }
-        let foreign = leases.get(&c.target).filter(|l| l.worker != worker);
+    }
+
+    pub(super) fn offer(&mut self, c: &Candidate) -> Offer {
+        let choice = &mut self.choice;
+        if choice.seqs.len() == self.limit {
+            return Offer::Full;
+        }
+        if self.blocked.contains(&c.target) {
+            return Offer::Skipped;
+        }
+        let foreign = self
+            .leases
+            .get(&c.target)
+            .filter(|l| l.worker != self.worker);
         let lease = |l: &Lease| ForeignLease {
             target: c.target.clone(),
             worker: l.worker.clone(),
             until: l.until,
         };
-        if let Some(l) = foreign.filter(|l| l.until > now) {
+        if let Some(l) = foreign.filter(|l| l.until > self.now) {
             choice.waiting.push(lease(l));
             choice.defer(l.until);
-            blocked.push(&c.target);
-            continue;
+            self.blocked.push(c.target.clone());
+            return Offer::Skipped;
         }
-        if c.next_attempt_at > now {
+        if c.next_attempt_at > self.now {
             choice.defer(c.next_attempt_at);
-            blocked.push(&c.target);
-            continue;
+            self.blocked.push(c.target.clone());
+            return Offer::Skipped;
         }
         // A foreign lease still stored but expired: its worker never released it.
         if let Some(l) = foreign.filter(|_| !choice.taken_over.iter().any(|t| t.target == c.target))
@@ -185,8 +233,8 @@ pub(super) fn choose(
             choice.taken_over.push(lease(l));
         }
         choice.seqs.push(c.seq);
+        Offer::Taken
     }
-    choice
 }
 
 /// Milliseconds since the Unix epoch.

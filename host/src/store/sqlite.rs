@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
     category, check_field, indexed_fields,
-    outbox::{choose, Candidate, Lease},
+    outbox::{Candidate, Chooser, Lease, Offer},
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
     PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
 };
@@ -61,9 +61,8 @@ mod sql {
     pub(super) const PURGE_DEAD_LETTERS: &str = include_str!("sql/sqlite/purge_dead_letters.sql");
     pub(super) const REPLAY_COLUMNS: &str = include_str!("sql/sqlite/replay_columns.sql");
     pub(super) const OUTBOX_INSERT: &str = include_str!("sql/sqlite/outbox_insert.sql");
-    pub(super) const OUTBOX_CANDIDATES: &str = include_str!("sql/sqlite/outbox_candidates.sql");
+    pub(super) const OUTBOX_CLAIMABLE: &str = include_str!("sql/sqlite/outbox_claimable.sql");
     pub(super) const OUTBOX_LEASES: &str = include_str!("sql/sqlite/outbox_leases.sql");
-    pub(super) const OUTBOX_ITEM: &str = include_str!("sql/sqlite/outbox_item.sql");
     pub(super) const OUTBOX_LEASE: &str = include_str!("sql/sqlite/outbox_lease.sql");
     pub(super) const OUTBOX_PUBLISHED: &str = include_str!("sql/sqlite/outbox_published.sql");
     pub(super) const OUTBOX_RETRY: &str = include_str!("sql/sqlite/outbox_retry.sql");
@@ -351,26 +350,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
         write_document(tx, write)?;
     }
     let at = now();
-    for marker in &unit.processed {
-        let inserted = tx.prepare_cached(sql::INSERT_PROCESSED)?.execute(params![
-            marker.subscription,
-            marker.message_id,
-            marker.build_id,
-            at
-        ]);
-        match inserted {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                return Err(Error::AlreadyProcessed {
-                    subscription: marker.subscription.clone(),
-                    message_id: marker.message_id.clone(),
-                }
-                .into());
-            }
-            other => other?,
-        };
-    }
+    insert_markers(tx, unit, &at)?;
     if let Some(update) = &unit.position {
         tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![
             update.subscription,
@@ -404,6 +384,40 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
 }
 
 /// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
+/// The unit's processed markers. The statement is taken from the cache once per unit, not once per
+/// marker (each lookup hashes the SQL text).
+fn insert_markers(
+    tx: &rusqlite::Transaction<'_>,
+    unit: &UnitOfWork,
+    at: &str,
+) -> Result<(), CommitError> {
+    if unit.processed.is_empty() {
+        return Ok(());
+    }
+    let mut insert = tx.prepare_cached(sql::INSERT_PROCESSED)?;
+    for marker in &unit.processed {
+        let inserted = insert.execute(params![
+            marker.subscription,
+            marker.message_id,
+            marker.build_id,
+            at
+        ]);
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(Error::AlreadyProcessed {
+                    subscription: marker.subscription.clone(),
+                    message_id: marker.message_id.clone(),
+                }
+                .into());
+            }
+            other => other?,
+        };
+    }
+    Ok(())
+}
+
 fn apply_parking(
     tx: &rusqlite::Transaction<'_>,
     parking: &Parking,
@@ -863,20 +877,46 @@ impl SqliteStore {
     }
 }
 
-fn outbox_item(r: &Row<'_>) -> rusqlite::Result<OutboxItem> {
-    Ok(OutboxItem {
+/// `seqs` as runs of consecutive numbers (first, last), in ascending order: a round's rows are mostly
+/// one run, marked by one statement instead of one per row.
+fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for seq in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs
+}
+
+/// A row of `outbox_claimable.sql` as the claim weighs it.
+fn outbox_candidate(r: &Row<'_>) -> rusqlite::Result<Candidate> {
+    Ok(Candidate {
         seq: r.get(0)?,
         target: r.get(1)?,
-        attempts: r.get(2)?,
+        next_attempt_at: r.get(2)?,
+    })
+}
+
+/// A row of `outbox_claimable.sql` the claim took, with its message.
+fn outbox_item(r: &Row<'_>, c: Candidate) -> rusqlite::Result<OutboxItem> {
+    Ok(OutboxItem {
+        seq: c.seq,
+        target: c.target,
+        attempts: r.get(3)?,
         message: StoredMessage {
-            global_position: r.get(3)?,
-            position: r.get(4)?,
-            stream: r.get(5)?,
-            message_type: r.get(6)?,
-            id: r.get(7)?,
-            time: r.get(8)?,
-            data: r.get(9)?,
-            metadata: r.get(10)?,
+            global_position: r.get(4)?,
+            position: r.get(5)?,
+            stream: r.get(6)?,
+            message_type: r.get(7)?,
+            id: r.get(8)?,
+            time: r.get(9)?,
+            data: r.get(10)?,
+            metadata: r.get(11)?,
         },
     })
 }
@@ -885,17 +925,6 @@ impl Outbox for SqliteStore {
     fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
         let now = super::now_ms();
         self.write(|tx| {
-            // A window of the oldest pending rows: enough to skip a few held-back streams.
-            let candidates: Vec<Candidate> = tx
-                .prepare_cached(sql::OUTBOX_CANDIDATES)?
-                .query_map([limit as i64 * 4], |r| {
-                    Ok(Candidate {
-                        seq: r.get(0)?,
-                        target: r.get(1)?,
-                        next_attempt_at: r.get(2)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
             let leases: HashMap<String, Lease> = tx
                 .prepare_cached(sql::OUTBOX_LEASES)?
                 .query_map([], |r| {
@@ -908,19 +937,28 @@ impl Outbox for SqliteStore {
                     ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            let choice = choose(&candidates, &leases, worker, now, limit);
+            let mut chooser = Chooser::new(&leases, worker, now, limit);
             let mut items = Vec::new();
-            let mut select = tx.prepare_cached(sql::OUTBOX_ITEM)?;
-            for seq in &choice.seqs {
-                items.push(select.query_row([seq], outbox_item)?);
+            // A window of the oldest pending rows (enough to skip a few held-back streams), read only
+            // until the claim is full; a taken row's message comes with it.
+            let mut claimable = tx.prepare_cached(sql::OUTBOX_CLAIMABLE)?;
+            let mut rows = claimable.query([limit as i64 * 4])?;
+            while let Some(row) = rows.next()? {
+                let candidate = outbox_candidate(row)?;
+                match chooser.offer(&candidate) {
+                    Offer::Taken => items.push(outbox_item(row, candidate)?),
+                    Offer::Skipped => {}
+                    Offer::Full => break,
+                }
             }
+            drop(rows);
             let until = now + lease.as_millis() as u64;
             let mut take = tx.prepare_cached(sql::OUTBOX_LEASE)?;
             let targets: HashSet<&str> = items.iter().map(|i| i.target.as_str()).collect();
             for target in targets {
                 take.execute(params![target, worker, until])?;
             }
-            Ok(choice.claim(items))
+            Ok(chooser.choice.claim(items))
         })
     }
 
@@ -928,8 +966,8 @@ impl Outbox for SqliteStore {
         let at = now();
         self.write(|tx| {
             let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
-            for seq in seqs {
-                mark.execute(params![seq, at])?;
+            for (first, last) in runs(seqs) {
+                mark.execute(params![first, last, at])?;
             }
             Ok(())
         })
@@ -1088,4 +1126,14 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn published_rows_are_marked_by_runs_of_consecutive_seqs() {
+        assert_eq!(super::runs(&[]), []);
+        assert_eq!(super::runs(&[7, 3, 4, 5, 9, 8, 4]), [(3, 5), (7, 9)]);
+        assert_eq!(super::runs(&[1, 3]), [(1, 1), (3, 3)]);
+    }
 }

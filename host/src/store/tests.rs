@@ -1534,3 +1534,21 @@ mod postgres_only {
         );
     }
 }
+
+#[test]
+fn a_stored_message_is_identified_by_its_stream_and_position_else_its_id() {
+    let message = |global_position, position| super::StoredMessage {
+        global_position,
+        position,
+        stream: "shop::order-1".into(),
+        id: "m-1".into(),
+        ..super::StoredMessage::default()
+    };
+    assert_eq!(message(5, 0).identity(), "shop::order-1@0");
+    assert_eq!(message(5, 42).identity(), "shop::order-1@42");
+    assert_eq!(
+        message(5, u64::MAX).identity(),
+        format!("shop::order-1@{}", u64::MAX)
+    );
+    assert_eq!(message(0, 7).identity(), "m-1");
+}

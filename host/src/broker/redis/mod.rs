@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::LazyLock, time::Duration};
 use async_trait::async_trait;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    streams::{StreamPendingCountReply, StreamReadReply},
+    streams::StreamPendingCountReply,
     Client, Script, Value,
 };
 
@@ -531,21 +531,87 @@ fn dead_letter_xadd(
     cmd
 }
 
-/// The entries of an `XREAD`/`XREADGROUP` reply, stream by stream.
-fn entries(reply: Option<StreamReadReply>) -> Vec<Entry> {
+/// The entries of an `XREADGROUP` reply, stream by stream, in order; `None` when the reply has another
+/// shape. Read from the reply itself, each payload's bytes taken rather than copied: the client's
+/// `StreamReadReply` clones the whole reply and builds a map per entry.
+fn entries(reply: Value) -> Option<Vec<Entry>> {
+    let streams = match reply {
+        Value::Nil => return Some(Vec::new()),
+        // RESP2: [[stream, [[id, [field, value, …]], …]], …]
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|s| match s {
+                Value::Array(pair) => two(pair),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?,
+        // RESP3: {stream: [[id, [field, value, …]], …], …}
+        Value::Map(streams) => streams,
+        _ => return None,
+    };
     let mut entries = Vec::new();
-    for key in reply.map(|r| r.keys).unwrap_or_default() {
-        for mut id in key.ids {
-            let data = id.map.remove("data").and_then(into_text);
+    for (stream, list) in streams {
+        let stream = into_text(stream)?;
+        let Value::Array(list) = list else {
+            return None;
+        };
+        entries.reserve(list.len());
+        for item in list {
+            let Value::Array(item) = item else {
+                return None;
+            };
+            let (id, fields) = two(item)?;
             entries.push(Entry {
-                stream: key.key.clone(),
-                id: id.id,
-                data,
+                stream: stream.clone(),
+                id: into_text(id)?,
+                data: data_field(fields)?,
                 deliveries: 1,
             });
         }
     }
-    entries
+    Some(entries)
+}
+
+/// The error of a read reply [`entries`] cannot read.
+fn unknown_shape() -> redis::RedisError {
+    (
+        redis::ErrorKind::UnexpectedReturnType,
+        "a stream read reply of an unknown shape",
+    )
+        .into()
+}
+
+/// The two values of a two-element array.
+fn two(pair: Vec<Value>) -> Option<(Value, Value)> {
+    let [a, b]: [Value; 2] = pair.try_into().ok()?;
+    Some((a, b))
+}
+
+/// An entry's `data` field (`Some(None)` when it has none, or no fields at all: an entry deleted while
+/// pending); `None` when the fields have another shape.
+fn data_field(fields: Value) -> Option<Option<String>> {
+    let pairs: Vec<(Value, Value)> = match fields {
+        Value::Nil => return Some(None),
+        Value::Array(flat) => {
+            let mut pairs = Vec::with_capacity(flat.len() / 2);
+            let mut flat = flat.into_iter();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    // The last one wins, as in a map of the fields.
+    let data = pairs
+        .into_iter()
+        .filter(|(k, _)| {
+            matches!(k, Value::BulkString(b) if b == b"data")
+                || matches!(k, Value::SimpleString(s) if s == "data")
+        })
+        .last();
+    Some(data.and_then(|(_, v)| into_text(v)))
 }
 
 fn text(value: Option<&Value>) -> Option<String> {
@@ -605,8 +671,12 @@ impl RedisConsumer {
         }
         let mut pipe = self.acks();
         pipe.add_command(cmd);
-        let (reply,): (Option<StreamReadReply>,) = match pipe.query_async(&mut self.conn).await {
-            Ok(reply) => reply,
+        let read = pipe
+            .query_async::<(Value,)>(&mut self.conn)
+            .await
+            .and_then(|(reply,)| entries(reply).ok_or_else(unknown_shape));
+        let entries = match read {
+            Ok(entries) => entries,
             Err(error) => {
                 // The acknowledgements may not have arrived: look at what is pending before new entries.
                 self.maybe_pending = true;
@@ -614,7 +684,7 @@ impl RedisConsumer {
             }
         };
         self.to_ack.clear();
-        Ok(entries(reply))
+        Ok(entries)
     }
 
     /// A pipeline with the acknowledgements not sent yet (XACK per stream; replies ignored).
@@ -784,6 +854,35 @@ impl Consumer for RedisConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_read_replies_are_read_in_both_protocols_with_deleted_entries_and_other_fields() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |id: &str, fields: Value| Value::Array(vec![bulk(id), fields]);
+        let list = Value::Array(vec![
+            entry("1-0", Value::Array(vec![bulk("data"), bulk("{}")])),
+            entry("2-0", Value::Nil),
+            entry("3-0", Value::Array(vec![bulk("other"), bulk("x")])),
+        ]);
+        let read = |reply| {
+            entries(reply)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.stream, e.id, e.data))
+                .collect::<Vec<_>>()
+        };
+        let expected = vec![
+            ("s".to_owned(), "1-0".to_owned(), Some("{}".to_owned())),
+            ("s".to_owned(), "2-0".to_owned(), None),
+            ("s".to_owned(), "3-0".to_owned(), None),
+        ];
+        let resp2 = Value::Array(vec![Value::Array(vec![bulk("s"), list.clone()])]);
+        assert_eq!(read(resp2), expected);
+        assert_eq!(read(Value::Map(vec![(bulk("s"), list)])), expected);
+        assert!(read(Value::Nil).is_empty());
+        assert!(entries(Value::Int(3)).is_none());
+        assert!(entries(Value::Array(vec![Value::Array(vec![bulk("s")])])).is_none());
+    }
 
     #[test]
     fn the_counted_figures_win_over_redis_lag_below_the_cap() {

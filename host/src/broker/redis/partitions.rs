@@ -5,9 +5,9 @@
 use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
-use redis::{aio::ConnectionManager, streams::StreamReadReply, Script};
+use redis::{aio::ConnectionManager, Script, Value};
 
-use super::{command, dead_letter_xadd, entries};
+use super::{command, dead_letter_xadd, entries, unknown_shape};
 use crate::broker::{
     dead_letter_stream,
     partitions::{Claim, DeadLetterInfo, Parked, PartitionStatus, Partitions},
@@ -291,11 +291,11 @@ impl Partitions for RedisPartitions {
         for (_, id) in cursors {
             cmd.arg(id);
         }
-        let reply: Option<StreamReadReply> = cmd
+        let reply: Value = cmd
             .query_async(&mut self.reads)
             .await
             .map_err(command("XREAD"))?;
-        Ok(entries(reply))
+        entries(reply).ok_or_else(|| command("XREAD")(unknown_shape()))
     }
 
     async fn parked(&mut self) -> Result<HashMap<String, Parked>> {
