@@ -72,22 +72,12 @@ impl StoredMessage {
     pub fn identity(&self) -> String {
         if self.global_position > 0 {
             // Without `format!`: this runs several times per message on every path.
-            let mut digits = [0u8; 20];
-            let mut at = digits.len();
-            let mut n = self.position;
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            let mut identity = String::with_capacity(self.stream.len() + 1 + digits.len() - at);
+            let mut digits = itoa::Buffer::new();
+            let position = digits.format(self.position);
+            let mut identity = String::with_capacity(self.stream.len() + 1 + position.len());
             identity.push_str(&self.stream);
             identity.push('@');
-            // ASCII digits only.
-            identity.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+            identity.push_str(position);
             identity
         } else {
             self.id.clone()
