@@ -294,7 +294,7 @@ fn commit_steadily(store: &PostgresStore, from: usize, count: usize) -> anyhow::
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
             continue;
         }
-        let messages = (from + sent..from + due).map(tick).collect();
+        let messages = (from + sent..from + due).map(crate::tick).collect();
         let commit = Instant::now();
         store.commit(&UnitOfWork {
             messages,
@@ -305,18 +305,6 @@ fn commit_steadily(store: &PostgresStore, from: usize, count: usize) -> anyhow::
         sent = due;
     }
     Ok(durations)
-}
-
-fn tick(n: usize) -> NewMessage {
-    NewMessage::new(
-        Kind::Event,
-        &format!("probe::probe-{}", n % 1000),
-        "Probe.Ticked.v1",
-        &json!({"n": n, "label": "tick"}),
-        None,
-        None,
-        None,
-    )
 }
 
 /// Wait until the store holds `count` processed markers.

@@ -421,22 +421,23 @@ fn server(host: &Path, dir: &Path, domain: &str) -> Command {
     command
 }
 
+/// Tick `n`, for the fixture's no-op handler: an event of one of 1000 streams.
+pub(crate) fn tick(n: usize) -> NewMessage {
+    NewMessage::new(
+        Kind::Event,
+        &format!("probe::probe-{}", n % 1000),
+        "Probe.Ticked.v1",
+        &json!({"n": n, "label": "tick"}),
+        None,
+        None,
+        None,
+    )
+}
+
 /// Store `events` ticks for the no-op handler in `dir/.protean/store.db` (with outbox rows when
 /// `publish`); returns one of them as it travels on the wire.
 fn store_ticks(dir: &Path, events: usize, publish: bool) -> anyhow::Result<String> {
     let store = SqliteStore::open(&dir.join(".protean/store.db"))?;
-    let tick = |n: usize| {
-        let data = json!({"n": n, "label": "tick"});
-        NewMessage::new(
-            Kind::Event,
-            &format!("probe::probe-{}", n % 1000),
-            "Probe.Ticked.v1",
-            &data,
-            None,
-            None,
-            None,
-        )
-    };
     for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
         let messages = chunk.iter().map(|&n| tick(n)).collect();
         store.commit(&UnitOfWork {

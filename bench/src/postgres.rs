@@ -8,11 +8,9 @@
 use std::{path::Path, time::Instant};
 
 use protean_host::{
-    message::Kind,
     store::{PostgresStore, Store},
     unit_of_work::{NewMessage, UnitOfWork},
 };
-use serde_json::json;
 
 use super::{run_measured, server, Row};
 
@@ -50,19 +48,7 @@ pub fn rows(
 }
 
 fn ticks(from: usize, count: usize) -> Vec<NewMessage> {
-    (from..from + count)
-        .map(|n| {
-            NewMessage::new(
-                Kind::Event,
-                &format!("probe::probe-{}", n % 1000),
-                "Probe.Ticked.v1",
-                &json!({"n": n, "label": "tick"}),
-                None,
-                None,
-                None,
-            )
-        })
-        .collect()
+    (from..from + count).map(super::tick).collect()
 }
 
 /// Append `events` ticks, `BATCH` per unit of work, timing the commits only. Each unit is built just
