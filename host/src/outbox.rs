@@ -25,7 +25,7 @@ use crate::{
         Shared,
     },
     message::{self, PoisonError},
-    store::{self, now_ms, Claim, ForeignLease, OutboxItem},
+    store::{self, now_ms, Claim, ForeignLease, OutboxItem, RowFailure},
 };
 
 /// Why the store could not serve the outbox processor: retried after a backoff.
@@ -170,22 +170,21 @@ async fn publish(
     let (shared2, worker2) = (shared.clone(), worker.to_owned());
     let recorded = blocking(move || -> Result<(), StoreError> {
         let outbox = shared2.store.outbox().ok_or(StoreError::NoOutbox)?;
-        outbox.published(&worker2, &published)?;
-        for (seq, attempts, target, error) in failed {
-            let attempt = attempts + 1;
-            let retry_at = now_ms() + backoff_ms(&shared2.config.outbox, attempt);
-            outbox.failed(&worker2, seq, &error, retry_at)?;
-            // Logged once recorded, so that what the line says is what status shows.
-            log_failure(
-                &shared2.config.outbox,
-                &target,
-                seq,
-                attempt,
-                &error,
-                retry_at,
-            );
+        let settings = &shared2.config.outbox;
+        let rows: Vec<RowFailure> = failed
+            .iter()
+            .map(|(seq, attempts, _, error)| RowFailure {
+                seq: *seq,
+                error: error.clone(),
+                retry_at: now_ms() + backoff_ms(settings, attempts + 1),
+            })
+            .collect();
+        outbox.settle(&worker2, &published, &rows)?;
+        // Logged once recorded, so that what the lines say is what status shows.
+        for ((_, attempts, target, error), row) in failed.iter().zip(&rows) {
+            log_failure(settings, target, row.seq, attempts + 1, error, row.retry_at);
         }
-        Ok(outbox.release(&worker2)?)
+        Ok(())
     })
     .await?;
     if let Err(error) = recorded {

@@ -31,7 +31,9 @@ pub(crate) use config::StoreSection;
 pub use config::DEFAULT_STORE_PATH;
 pub use lease::Leases;
 pub use memory::MemoryStore;
-pub use outbox::{now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow};
+pub use outbox::{
+    now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow, RowFailure,
+};
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use schedules::{Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules};
 pub use sqlite::SqliteStore;

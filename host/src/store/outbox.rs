@@ -77,6 +77,14 @@ pub struct PendingRow {
     pub age_ms: u64,
 }
 
+/// A row whose publishing failed, and when it is tried again (unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFailure {
+    pub seq: u64,
+    pub error: String,
+    pub retry_at: u64,
+}
+
 /// The outbox capability of a store.
 pub trait Outbox: Send + Sync {
     /// Claim up to `limit` rows for `worker`, in commit order per target stream, leasing their targets
@@ -91,6 +99,17 @@ pub trait Outbox: Send + Sync {
 
     /// Give back the leases of `worker` (rows it claimed but did not publish are claimable again).
     fn release(&self, worker: &str) -> Result<()>;
+
+    /// The end of a round: rows `published`, rows that `failed`, then the leases of `worker` given
+    /// back. A store across a network does it in one transaction, one durable write instead of
+    /// several on the way from a commit to its message on the broker.
+    fn settle(&self, worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
+        self.published(worker, published)?;
+        for f in failed {
+            self.failed(worker, f.seq, &f.error, f.retry_at)?;
+        }
+        self.release(worker)
+    }
 
     /// How many rows are in each state; a row counts as held from `held_after` failed attempts.
     fn counts(&self, held_after: u32) -> Result<OutboxCounts>;

@@ -293,11 +293,13 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     let b = outbox.claim("b", 10, lease).unwrap();
     assert!(b.items.is_empty(), "streams leased to a stay with a");
     assert_eq!(b.waiting.len(), 2, "b waits for a's leases: {b:?}");
-    outbox
-        .failed("a", a[0].seq, "broker down", super::now_ms() + 60_000)
-        .unwrap();
-    outbox.published("a", &[a[1].seq]).unwrap();
-    outbox.release("a").unwrap();
+    // The end of a's round, in one call: a row failed, one published, the leases given back.
+    let failure = super::RowFailure {
+        seq: a[0].seq,
+        error: "broker down".into(),
+        retry_at: super::now_ms() + 60_000,
+    };
+    outbox.settle("a", &[a[1].seq], &[failure]).unwrap();
     let b = outbox.claim("b", 10, lease).unwrap();
     assert!(
         b.items.is_empty(),

@@ -10,7 +10,7 @@ use super::{message_at, sql, PostgresStore};
 use crate::store::{
     now_ms,
     outbox::{choose, Candidate, Lease},
-    Claim, Outbox, OutboxCounts, OutboxItem, PendingRow, Result,
+    Claim, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
 };
 
 impl Outbox for PostgresStore {
@@ -74,6 +74,21 @@ impl Outbox for PostgresStore {
     fn release(&self, worker: &str) -> Result<()> {
         self.conn()?.execute(sql::OUTBOX_RELEASE, &[&worker])?;
         Ok(())
+    }
+
+    fn settle(&self, worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
+        let seqs: Vec<i64> = published.iter().map(|s| *s as i64).collect();
+        self.conn()?.transaction(|c| {
+            if !seqs.is_empty() {
+                c.execute(sql::OUTBOX_PUBLISHED, &[&seqs])?;
+            }
+            for f in failed {
+                let (seq, retry_at) = (f.seq as i64, f.retry_at as i64);
+                c.execute(sql::OUTBOX_RETRY, &[&seq, &f.error, &retry_at])?;
+            }
+            c.execute(sql::OUTBOX_RELEASE, &[&worker])?;
+            Ok(())
+        })
     }
 
     fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
