@@ -243,10 +243,12 @@ fn plugin_log_lines_reach_the_host_logs_with_their_source() {
     assert_eq!(record["module"], "fixture_domain");
 }
 
-/// Records what a handler asked the host to do.
+/// Records what a handler asked the host to do: the events it raised, and what it read (and said it
+/// would read first, `ahead: ...`).
 #[derive(Default)]
 struct Recorder {
     events: RefCell<Vec<(u32, String, String)>>,
+    reads: RefCell<Vec<String>>,
 }
 
 impl HostServices for Recorder {
@@ -266,10 +268,14 @@ impl HostServices for Recorder {
     fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
         Ok(())
     }
-    fn read_stream(&self, _: &str, _: u64) -> Result<Vec<u8>, String> {
+    fn read_stream(&self, stream: &str, _: u64) -> Result<Vec<u8>, String> {
+        self.reads.borrow_mut().push(format!("read {stream}"));
         Ok(b"[]".to_vec())
     }
-    fn get_document(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
+        self.reads
+            .borrow_mut()
+            .push(format!("get {collection}/{id}"));
         Ok(None)
     }
     fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
@@ -280,6 +286,19 @@ impl HostServices for Recorder {
     }
     fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
         Ok(b"[]".to_vec())
+    }
+    fn schedule(&self, _: u32, _: protean_plugin_api::ScheduledMessage<'_>) -> Result<(), String> {
+        Ok(())
+    }
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        let mut reads: Vec<String> = documents
+            .iter()
+            .map(|(c, i)| format!("get {c}/{i}"))
+            .collect();
+        reads.extend(streams.iter().map(|s| format!("read {s}")));
+        self.reads
+            .borrow_mut()
+            .push(format!("ahead: {}", reads.join(", ")));
     }
 }
 
@@ -404,59 +423,6 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     );
 }
 
-/// What a handler read, and what it said it would read first.
-#[derive(Default)]
-struct Reads(RefCell<Vec<String>>);
-
-impl HostServices for Reads {
-    fn raise_event(
-        &self,
-        _: u32,
-        _: &str,
-        _: &str,
-        _: &[u8],
-        _: Option<i64>,
-    ) -> Result<(), String> {
-        Ok(())
-    }
-    fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
-    fn read_stream(&self, stream: &str, _: u64) -> Result<Vec<u8>, String> {
-        self.0.borrow_mut().push(format!("read {stream}"));
-        Ok(b"[]".to_vec())
-    }
-    fn get_document(&self, collection: &str, id: &str) -> Result<Option<Vec<u8>>, String> {
-        self.0.borrow_mut().push(format!("get {collection}/{id}"));
-        Ok(None)
-    }
-    fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
-    fn delete_document(&self, _: u32, _: &str, _: &str) -> Result<(), String> {
-        Ok(())
-    }
-    fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(b"[]".to_vec())
-    }
-    fn now_ms(&self) -> i64 {
-        0
-    }
-    fn schedule(&self, _: u32, _: protean_plugin_api::ScheduledMessage<'_>) -> Result<(), String> {
-        Ok(())
-    }
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
-        let mut reads: Vec<String> = documents
-            .iter()
-            .map(|(c, i)| format!("get {c}/{i}"))
-            .collect();
-        reads.extend(streams.iter().map(|s| format!("read {s}")));
-        self.0
-            .borrow_mut()
-            .push(format!("ahead: {}", reads.join(", ")));
-    }
-}
-
 /// Through the ABI, a process manager's batch says first which instances it will read, and a command
 /// handler's which aggregates it will load (the host reads them in one round trip); a batch of one says
 /// nothing.
@@ -479,10 +445,10 @@ fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
             .collect()
     };
     let reads_of = |handler: &str, deliveries: &[Delivery<'_>]| {
-        let reads = Reads::default();
-        let outcome = plugin.handle_batch(handler, deliveries, &reads, LIMIT);
+        let recorder = Recorder::default();
+        let outcome = plugin.handle_batch(handler, deliveries, &recorder, LIMIT);
         assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
-        reads.0.into_inner()
+        recorder.reads.into_inner()
     };
     let manager = reads_of("fulfilment", &batch("Fulfilment.OrderPlaced.v1", 3));
     let gets: Vec<String> = (1..=3)
