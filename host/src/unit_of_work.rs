@@ -647,12 +647,17 @@ impl<'a> Buffer<'a> {
         if let Some(pending) = self.pending_document(collection, id) {
             return Ok(pending);
         }
-        let ahead = self
-            .ahead
-            .borrow()
-            .documents
-            .get(&(collection.to_owned(), id.to_owned()))
-            .cloned();
+        // Without a read ahead (SQLite, a handler that gave no hint), no key is built to look it up.
+        let ahead = {
+            let documents = &self.ahead.borrow().documents;
+            (!documents.is_empty())
+                .then(|| {
+                    documents
+                        .get(&(collection.to_owned(), id.to_owned()))
+                        .cloned()
+                })
+                .flatten()
+        };
         let stored = match ahead {
             Some(stored) => stored,
             None => self.store.read_document(collection, id)?,

@@ -485,9 +485,7 @@ fn test_mode_waits_out_a_dead_replicas_leases_and_finishes_the_work() {
 /// first order ships before the rest are sent, so the server has read and gone idle by then.
 #[test]
 fn appends_by_another_process_wake_an_idle_server_at_once() {
-    let pg = PgServer::start();
-    let store = PostgresStore::connect(&pg.store_config()).unwrap();
-    store.setup().unwrap();
+    let (store, pg) = postgres();
     let dir = tempfile::tempdir().unwrap();
     write_config(
         dir.path(),
@@ -496,11 +494,11 @@ fn appends_by_another_process_wake_an_idle_server_at_once() {
     let _server = start_replicas(dir.path(), 1);
     send_orders(dir.path(), 0, 1);
     wait_until(Duration::from_secs(60), "the first order shipped", || {
-        shipped(&store) == 1
+        shipped(store.as_ref()) == 1
     });
     send_orders(dir.path(), 1, 5);
     wait_until(Duration::from_secs(60), "every order shipped", || {
-        shipped(&store) == 6
+        shipped(store.as_ref()) == 6
     });
-    each_order_exactly_once(&store, 6);
+    each_order_exactly_once(store.as_ref(), 6);
 }

@@ -439,9 +439,7 @@ impl<'a> Clocked<'a> {
 
     /// Time measured elsewhere (the batch's blocking thread), by phase.
     fn add(&mut self, spent: &Spent) {
-        for phase in Phase::ALL {
-            self.spent.add(phase, spent.get(phase));
-        }
+        self.spent.absorb(spent);
         self.accounted += spent.total();
     }
 

@@ -80,7 +80,8 @@ impl Spent {
         self.0.iter().sum()
     }
 
-    fn absorb(&mut self, other: &Spent) {
+    /// Add `other`'s time, phase by phase.
+    pub(crate) fn absorb(&mut self, other: &Spent) {
         for phase in Phase::ALL {
             self.add(phase, other.get(phase));
         }
