@@ -7,7 +7,7 @@ use std::{
 
 use super::{
     category, check_field,
-    outbox::{choose, Candidate, Lease},
+    outbox::{choose, to_lease, Candidate, Lease},
     schedules::ScheduleWrite,
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
     PendingRow, Result, Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules, Store,
@@ -643,14 +643,19 @@ impl Outbox for MemoryStore {
             });
         }
         let until = now + lease.as_millis() as u64;
-        for item in &items {
-            state.leases.insert(
-                item.target.clone(),
-                Lease {
-                    worker: worker.to_owned(),
-                    until,
-                },
-            );
+        let renew: Vec<String> = to_lease(
+            items.iter().map(|i| i.target.as_str()),
+            &state.leases,
+            worker,
+            now,
+            lease,
+        )
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        for target in renew {
+            let worker = worker.to_owned();
+            state.leases.insert(target, Lease { worker, until });
         }
         Ok(choice.claim(items))
     }

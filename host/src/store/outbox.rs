@@ -88,7 +88,8 @@ pub struct RowFailure {
 /// The outbox capability of a store.
 pub trait Outbox: Send + Sync {
     /// Claim up to `limit` rows for `worker`, in commit order per target stream, leasing their targets
-    /// for `lease`.
+    /// for `lease`. A target `worker` already holds for more than half of `lease` is not leased again
+    /// (see [`to_lease`]).
     fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim>;
 
     /// These rows were published.
@@ -97,18 +98,19 @@ pub trait Outbox: Send + Sync {
     /// Publishing `seq` failed: try again at `retry_at` (unix ms).
     fn failed(&self, worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()>;
 
-    /// Give back the leases of `worker` (rows it claimed but did not publish are claimable again).
+    /// Give back the leases of `worker` (rows it claimed but did not publish are claimable again): when
+    /// its processor stops.
     fn release(&self, worker: &str) -> Result<()>;
 
-    /// The end of a round: rows `published`, rows that `failed`, then the leases of `worker` given
-    /// back. A store across a network does it in one transaction, one durable write instead of
-    /// several on the way from a commit to its message on the broker.
+    /// The end of a round: rows `published`, rows that `failed`. The worker keeps its leases for its
+    /// next round. A store does it in one write, since it lies on the way from a commit to its message
+    /// on the broker.
     fn settle(&self, worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
         self.published(worker, published)?;
         for f in failed {
             self.failed(worker, f.seq, &f.error, f.retry_at)?;
         }
-        self.release(worker)
+        Ok(())
     }
 
     /// How many rows are in each state; a row counts as held from `held_after` failed attempts.
@@ -256,6 +258,32 @@ impl<'a> Chooser<'a> {
     }
 }
 
+/// Which of a claim's `targets` `worker` must lease now: those it does not hold, or holds for less than
+/// half of `lease` more; sorted, once each. A processor keeps its targets from round to round (it
+/// releases them when it stops; another takes them over once they end when it dies), so a busy one
+/// writes its leases about twice per lease time instead of in every claim, and most claims write
+/// nothing. A round ends within half a lease of its claim, so it always ends inside the lease.
+pub(super) fn to_lease<'t>(
+    targets: impl IntoIterator<Item = &'t str>,
+    leases: &HashMap<String, Lease>,
+    worker: &str,
+    now: u64,
+    lease: Duration,
+) -> Vec<&'t str> {
+    let long_enough = now + lease.as_millis() as u64 / 2;
+    let mut renew: Vec<&str> = targets
+        .into_iter()
+        .filter(|t| {
+            !leases
+                .get(*t)
+                .is_some_and(|l| l.worker == worker && l.until > long_enough)
+        })
+        .collect();
+    renew.sort_unstable();
+    renew.dedup();
+    renew
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -321,5 +349,27 @@ mod tests {
         let own = choose(&rows, &leases, "other", 50, 10);
         assert_eq!(own.seqs, [1, 2], "its own lease");
         assert!(own.waiting.is_empty() && own.taken_over.is_empty());
+    }
+
+    #[test]
+    fn a_lease_is_written_only_where_the_worker_lacks_half_a_lease_of_it() {
+        let lease = |worker: &str, until| Lease {
+            worker: worker.into(),
+            until,
+        };
+        let leases = HashMap::from([
+            ("mine-long".to_owned(), lease("w", 1_700)),
+            ("mine-short".to_owned(), lease("w", 1_400)),
+            ("theirs-expired".to_owned(), lease("other", 900)),
+        ]);
+        let targets = ["new", "mine-long", "mine-short", "theirs-expired", "new"];
+        // At 1000 with a lease of 1000 ms, half a lease more is 1500.
+        let second = Duration::from_millis(1_000);
+        let renew = to_lease(targets, &leases, "w", 1_000, second);
+        assert_eq!(renew, ["mine-short", "new", "theirs-expired"]);
+        assert!(
+            to_lease(["mine-long"], &leases, "w", 1_000, second).is_empty(),
+            "a claim of targets held long enough writes nothing"
+        );
     }
 }

@@ -16,9 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
     category, check_field, indexed_fields,
-    outbox::{Candidate, Chooser, Lease, Offer},
+    outbox::{to_lease, Candidate, Chooser, Lease, Offer},
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
-    PendingRow, Result, Store, StoredDocument, StoredMessage, ABSENT,
+    PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
 };
 use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
 
@@ -954,30 +954,43 @@ impl Outbox for SqliteStore {
             drop(rows);
             let until = now + lease.as_millis() as u64;
             let mut take = tx.prepare_cached(sql::OUTBOX_LEASE)?;
-            let targets: HashSet<&str> = items.iter().map(|i| i.target.as_str()).collect();
-            for target in targets {
+            let targets = items.iter().map(|i| i.target.as_str());
+            for target in to_lease(targets, &leases, worker, now, lease) {
                 take.execute(params![target, worker, until])?;
             }
             Ok(chooser.choice.claim(items))
         })
     }
 
-    fn published(&self, _worker: &str, seqs: &[u64]) -> Result<()> {
+    fn published(&self, worker: &str, seqs: &[u64]) -> Result<()> {
+        self.settle(worker, seqs, &[])
+    }
+
+    fn failed(&self, worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()> {
+        let error = error.to_owned();
+        self.settle(
+            worker,
+            &[],
+            &[RowFailure {
+                seq,
+                error,
+                retry_at,
+            }],
+        )
+    }
+
+    fn settle(&self, _worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
         let at = now();
         self.write(|tx| {
             let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
-            for (first, last) in runs(seqs) {
+            for (first, last) in runs(published) {
                 mark.execute(params![first, last, at])?;
             }
+            let mut retry = tx.prepare_cached(sql::OUTBOX_RETRY)?;
+            for f in failed {
+                retry.execute(params![f.seq, f.error, f.retry_at])?;
+            }
             Ok(())
-        })
-    }
-
-    fn failed(&self, _worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()> {
-        self.write(|tx| {
-            tx.prepare_cached(sql::OUTBOX_RETRY)?
-                .execute(params![seq, error, retry_at])
-                .map(drop)
         })
     }
 

@@ -293,13 +293,15 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     let b = outbox.claim("b", 10, lease).unwrap();
     assert!(b.items.is_empty(), "streams leased to a stay with a");
     assert_eq!(b.waiting.len(), 2, "b waits for a's leases: {b:?}");
-    // The end of a's round, in one call: a row failed, one published, the leases given back.
+    // The end of a's round, in one call: a row failed, one published. Then a stops, giving its
+    // leases back.
     let failure = super::RowFailure {
         seq: a[0].seq,
         error: "broker down".into(),
         retry_at: super::now_ms() + 60_000,
     };
     outbox.settle("a", &[a[1].seq], &[failure]).unwrap();
+    outbox.release("a").unwrap();
     let b = outbox.claim("b", 10, lease).unwrap();
     assert!(
         b.items.is_empty(),
@@ -360,6 +362,52 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
             counts.oldest_pending_age_ms
         ),
         (0, 3, 0, None)
+    );
+}
+
+/// A processor keeps the streams it publishes to from one round to the next, without writing its lease
+/// again while more than half of it is left, until it stops.
+pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(
+    store: &dyn Store,
+) {
+    let outbox = store.outbox().expect("this store keeps an outbox");
+    for n in 0..3 {
+        store
+            .commit(&UnitOfWork {
+                messages: vec![event("shop::order-1", n, None)],
+                publish: true,
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+    }
+    let lease = std::time::Duration::from_secs(60);
+    let until = |claim: &super::Claim| claim.waiting.iter().map(|l| l.until).collect::<Vec<_>>();
+    let first = outbox.claim("a", 1, lease).unwrap().items;
+    outbox.settle("a", &[first[0].seq], &[]).unwrap();
+    let b = outbox.claim("b", 10, lease).unwrap();
+    assert!(b.items.is_empty(), "a's stream stays a's after its round");
+    let leased = until(&b);
+    assert_eq!(leased.len(), 1, "{b:?}");
+    // Not a wait for anything: time passes, so that a lease written again would end later.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let second = outbox.claim("a", 1, lease).unwrap().items;
+    assert_eq!(second[0].message.position, 1, "a's next round goes on");
+    assert_eq!(
+        until(&outbox.claim("b", 10, lease).unwrap()),
+        leased,
+        "a lease with more than half left is not written again"
+    );
+    outbox.settle("a", &[second[0].seq], &[]).unwrap();
+    outbox.release("a").unwrap();
+    let third = outbox.claim("b", 10, lease).unwrap();
+    assert_eq!(
+        third
+            .items
+            .iter()
+            .map(|i| i.message.position)
+            .collect::<Vec<_>>(),
+        [2],
+        "released when a stops: b goes on where a left off ({third:?})"
     );
 }
 
@@ -1012,6 +1060,7 @@ macro_rules! store_conformance {
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
+            #[test] fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them() { let (s, _g) = $make; super::a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(&s) }
             #[test] fn lag_is_counted_per_category_and_ping_answers() { let (s, _g) = $make; super::lag_is_counted_per_category_and_ping_answers(&s) }
             #[test] fn a_higher_fence_commits_and_raises_it() { let (s, _g) = $make; super::a_higher_fence_commits_and_raises_it(&s) }
             #[test] fn a_lower_fence_is_refused_and_writes_nothing() { let (s, _g) = $make; super::a_lower_fence_is_refused_and_writes_nothing(&s) }

@@ -90,9 +90,7 @@ mod sql {
         FIND_DOCUMENTS = "find_documents";
         PROCESSED_AMONG = "processed_among";
         LOCK_OUTBOX = "lock_outbox";
-        CLOCK_MS = "clock_ms";
-        OUTBOX_CANDIDATES = "outbox_candidates";
-        OUTBOX_LEASES = "outbox_leases";
+        OUTBOX_CLAIMABLE = "outbox_claimable";
         OUTBOX_ITEMS = "outbox_items";
         OUTBOX_LEASE = "outbox_lease";
         OUTBOX_PUBLISHED = "outbox_published";

@@ -6,53 +6,40 @@ use std::{collections::HashMap, time::Duration};
 
 use postgres::Row;
 
-use super::{message_at, sql, PostgresStore};
+use super::{message_at, pool::Conn, sql, PostgresStore};
 use crate::store::{
     now_ms,
-    outbox::{choose, Candidate, Lease},
+    outbox::{choose, to_lease, Candidate, Lease},
     Claim, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
 };
 
 impl Outbox for PostgresStore {
     fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
-        self.conn()?.transaction(|c| {
-            c.execute(sql::LOCK_OUTBOX, &[])?;
-            // Leases are judged by the database's clock: the replicas' clocks may disagree, and a
-            // lease of a few seconds leaves little room for that.
-            let now = c.query(sql::CLOCK_MS, &[])?[0].get::<_, i64>(0) as u64;
+        self.conn()?.transaction_after(sql::LOCK_OUTBOX, |c| {
             let window = limit as i64 * 4;
-            let candidates: Vec<Candidate> = c
-                .query(sql::OUTBOX_CANDIDATES, &[&window])?
-                .iter()
-                .map(|r| Candidate {
-                    seq: r.get::<_, i64>(0) as u64,
-                    target: r.get(1),
-                    next_attempt_at: r.get::<_, i64>(2) as u64,
-                })
-                .collect();
-            let leases: HashMap<String, Lease> = c
-                .query(sql::OUTBOX_LEASES, &[])?
-                .iter()
-                .map(|r| {
-                    let lease = Lease {
-                        worker: r.get(1),
-                        until: r.get::<_, i64>(2) as u64,
-                    };
-                    (r.get(0), lease)
-                })
-                .collect();
-            let choice = choose(&candidates, &leases, worker, now, limit);
+            let claimable = Claimable::read(c, window)?;
+            let choice = choose(
+                &claimable.candidates,
+                &claimable.leases,
+                worker,
+                claimable.now,
+                limit,
+            );
             let seqs: Vec<i64> = choice.seqs.iter().map(|s| *s as i64).collect();
-            let items: Vec<OutboxItem> = c
-                .query(sql::OUTBOX_ITEMS, &[&seqs])?
-                .iter()
-                .map(outbox_item)
-                .collect();
-            let mut targets: Vec<&str> = items.iter().map(|i| i.target.as_str()).collect();
-            targets.sort_unstable();
-            targets.dedup();
-            let until = (now + lease.as_millis() as u64) as i64;
-            c.execute(sql::OUTBOX_LEASE, &[&targets, &worker, &until])?;
+            let items: Vec<OutboxItem> = if seqs.is_empty() {
+                Vec::new()
+            } else {
+                c.query(sql::OUTBOX_ITEMS, &[&seqs])?
+                    .iter()
+                    .map(outbox_item)
+                    .collect()
+            };
+            let targets = items.iter().map(|i| i.target.as_str());
+            let renew = to_lease(targets, &claimable.leases, worker, claimable.now, lease);
+            if !renew.is_empty() {
+                let until = (claimable.now + lease.as_millis() as u64) as i64;
+                c.execute(sql::OUTBOX_LEASE, &[&renew, &worker, &until])?;
+            }
             Ok(choice.claim(items))
         })
     }
@@ -77,6 +64,10 @@ impl Outbox for PostgresStore {
     }
 
     fn settle(&self, worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
+        if failed.is_empty() {
+            // One statement is a transaction of its own: one round trip.
+            return self.published(worker, published);
+        }
         let seqs: Vec<i64> = published.iter().map(|s| *s as i64).collect();
         self.conn()?.transaction(|c| {
             if !seqs.is_empty() {
@@ -86,7 +77,6 @@ impl Outbox for PostgresStore {
                 let (seq, retry_at) = (f.seq as i64, f.retry_at as i64);
                 c.execute(sql::OUTBOX_RETRY, &[&seq, &f.error, &retry_at])?;
             }
-            c.execute(sql::OUTBOX_RELEASE, &[&worker])?;
             Ok(())
         })
     }
@@ -130,6 +120,43 @@ impl Outbox for PostgresStore {
 
     fn republish(&self, target: Option<&str>) -> Result<u64> {
         self.conn()?.execute(sql::OUTBOX_REPUBLISH, &[&target])
+    }
+}
+
+/// What a claim judges, read in one statement (one snapshot): the database's clock, the oldest pending
+/// rows, and every target's lease.
+struct Claimable {
+    now: u64,
+    candidates: Vec<Candidate>,
+    leases: HashMap<String, Lease>,
+}
+
+impl Claimable {
+    fn read(c: &mut Conn, window: i64) -> Result<Self> {
+        let mut claimable = Self {
+            now: 0,
+            candidates: Vec::new(),
+            leases: HashMap::new(),
+        };
+        for r in c.query(sql::OUTBOX_CLAIMABLE, &[&window])? {
+            let at = r.get::<_, i64>(4) as u64;
+            match r.get::<_, &str>(0) {
+                "clock" => claimable.now = at,
+                "row" => claimable.candidates.push(Candidate {
+                    seq: r.get::<_, i64>(1) as u64,
+                    target: r.get(2),
+                    next_attempt_at: at,
+                }),
+                _ => {
+                    let lease = Lease {
+                        worker: r.get(3),
+                        until: at,
+                    };
+                    claimable.leases.insert(r.get(2), lease);
+                }
+            }
+        }
+        Ok(claimable)
     }
 }
 

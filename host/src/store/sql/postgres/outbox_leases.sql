@@ -1,1 +1,0 @@
-SELECT target, worker, until FROM protean.outbox_leases
