@@ -61,8 +61,9 @@ pub(crate) async fn run(
     let progress = &shared.progress;
     let mut head = progress.head();
     let mut backoff = Backoff::new(NAME);
-    let mut watch = LeaseWatch::default();
     let lease = shared.config.outbox.lease_ttl;
+    let mut watch = LeaseWatch::new(lease);
+    let mut held = Held::default();
     tracing::info!(
         worker,
         lease_ms = lease.as_millis() as u64,
@@ -85,7 +86,12 @@ pub(crate) async fn run(
         backoff.reset();
         watch.observe(&worker, &claim);
         if claim.items.is_empty() {
-            let wait = nothing_claimed(&shared, claim.wake_at, seen);
+            let mut wait = nothing_claimed(&shared, claim.wake_at, seen);
+            match held.idle(lease) {
+                Idle::Release => release(&shared, &worker).await?,
+                Idle::ReleaseIn(left) => wait = wait.min(left),
+                Idle::Nothing => {}
+            }
             tokio::select! {
                 _ = head.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -93,15 +99,68 @@ pub(crate) async fn run(
             }
             continue;
         }
+        held.busy();
         tracing::debug!(worker, rows = claim.items.len(), "outbox claimed rows");
         progress.set(NAME, State::Busy);
         let deadline = tokio::time::Instant::now() + lease / 2;
         publish(&shared, broker.as_ref(), &worker, claim.items, deadline).await?;
     }
-    let store = shared.store.clone();
-    let _ = blocking(move || store.outbox().map(|o| o.release(&worker))).await;
+    release(&shared, &worker).await?;
     progress.set(NAME, State::Stopped);
     Ok(())
+}
+
+/// Give the worker's leases back. A failure is only logged: the leases end by themselves.
+async fn release(shared: &Arc<Shared>, worker: &str) -> Result<(), Fatal> {
+    let (store, worker) = (shared.store.clone(), worker.to_owned());
+    let released = blocking(move || store.outbox().map(|o| o.release(&worker))).await?;
+    if let Some(Err(error)) = released {
+        tracing::warn!(%error, "cannot give the outbox's leases back; they end by themselves");
+    }
+    Ok(())
+}
+
+/// Whether the processor holds leases from its rounds, and since when it has had nothing to claim. It
+/// keeps its streams while busy (the store renews their leases now and then, see
+/// [`crate::store::outbox::to_lease`]) and gives them back after an eighth of a lease with nothing to
+/// claim, well before they end: a lease that ends unreleased means a processor that stopped or
+/// stalled.
+#[derive(Debug, Default)]
+struct Held {
+    holding: bool,
+    idle_since: Option<Instant>,
+}
+
+/// What an idle round does about the leases held.
+#[derive(Debug, PartialEq, Eq)]
+enum Idle {
+    Nothing,
+    /// Give them back now.
+    Release,
+    /// Give them back after this long, unless there is work meanwhile.
+    ReleaseIn(Duration),
+}
+
+impl Held {
+    /// A round claimed rows: their streams are held.
+    fn busy(&mut self) {
+        self.holding = true;
+        self.idle_since = None;
+    }
+
+    /// A round claimed nothing.
+    fn idle(&mut self, lease: Duration) -> Idle {
+        if !self.holding {
+            return Idle::Nothing;
+        }
+        let keep = lease / 8;
+        let idle = self.idle_since.get_or_insert_with(Instant::now).elapsed();
+        if idle < keep {
+            return Idle::ReleaseIn(keep - idle);
+        }
+        *self = Self::default();
+        Idle::Release
+    }
 }
 
 /// Report a round that claimed nothing, and say how long to wait before the next claim. Rows waiting
@@ -299,17 +358,25 @@ fn backoff_ms(settings: &OutboxSettings, attempt: u32) -> u64 {
     (base as f64 * jitter) as u64
 }
 
-/// Says when another processor's lease keeps streams from this one for longer than a round takes (its
-/// processor stopped or stalled), and when this one takes such streams over.
-#[derive(Debug, Default)]
+/// Says when another processor's lease keeps streams from this one for longer than a live processor
+/// leaves its lease unchanged (it stopped or stalled), and when this one takes such streams over.
+#[derive(Debug)]
 struct LeaseWatch {
     /// Leases met, by target: since when this one has been seen unchanged, and whether it was said.
     seen: HashMap<String, (ForeignLease, Instant, bool)>,
+    /// A live processor renews a lease it uses at its first claim after a quarter of it has passed
+    /// (its rounds take at most half a lease) and releases it after an eighth of a lease idle, so it
+    /// leaves a lease unchanged for at most seven eighths of it: longer, the lease is suspect.
+    suspect_after: Duration,
 }
 
 impl LeaseWatch {
-    /// Longer than any round of a live processor takes between its claim and its release.
-    const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+    fn new(lease: Duration) -> Self {
+        Self {
+            seen: HashMap::new(),
+            suspect_after: lease * 7 / 8,
+        }
+    }
 
     fn observe(&mut self, worker: &str, claim: &Claim) {
         let now = now_ms();
@@ -323,7 +390,7 @@ impl LeaseWatch {
                 .seen
                 .entry(lease.target.clone())
                 .or_insert_with(|| (lease.clone(), Instant::now(), false));
-            if !entry.2 && entry.1.elapsed() >= Self::SUSPECT_AFTER {
+            if !entry.2 && entry.1.elapsed() >= self.suspect_after {
                 entry.2 = true;
                 tracing::warn!(target = %lease.target, holder = %lease.worker, worker, held_for_ms = entry.1.elapsed().as_millis() as u64, expires_in_ms = lease.until.saturating_sub(now), "outbox stream waits for a lease its holder has neither renewed nor released (stopped or stalled?); taking it over when it expires");
             }
@@ -334,6 +401,27 @@ impl LeaseWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_are_kept_while_busy_and_given_back_after_an_eighth_of_a_lease_idle() {
+        let lease = Duration::from_millis(800);
+        let mut held = Held::default();
+        assert_eq!(held.idle(lease), Idle::Nothing, "nothing held yet");
+        held.busy();
+        assert!(
+            matches!(held.idle(lease), Idle::ReleaseIn(left) if left <= lease / 8),
+            "idle, but not for long"
+        );
+        held.busy();
+        assert!(
+            matches!(held.idle(lease), Idle::ReleaseIn(left) if left > lease / 16),
+            "work meanwhile starts the idle time again"
+        );
+        // Not a wait for anything: an eighth of the lease passes.
+        std::thread::sleep(lease / 8);
+        assert_eq!(held.idle(lease), Idle::Release);
+        assert_eq!(held.idle(lease), Idle::Nothing, "given back once");
+    }
 
     #[test]
     fn a_held_row_is_said_once_then_every_ten_attempts() {

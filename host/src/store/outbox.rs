@@ -88,8 +88,8 @@ pub struct RowFailure {
 /// The outbox capability of a store.
 pub trait Outbox: Send + Sync {
     /// Claim up to `limit` rows for `worker`, in commit order per target stream, leasing their targets
-    /// for `lease`. A target `worker` already holds for more than half of `lease` is not leased again
-    /// (see [`to_lease`]).
+    /// for `lease`. A target `worker` already holds for more than three quarters of `lease` is not
+    /// leased again (see [`to_lease`]).
     fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim>;
 
     /// These rows were published.
@@ -99,7 +99,7 @@ pub trait Outbox: Send + Sync {
     fn failed(&self, worker: &str, seq: u64, error: &str, retry_at: u64) -> Result<()>;
 
     /// Give back the leases of `worker` (rows it claimed but did not publish are claimable again): when
-    /// its processor stops.
+    /// its processor has been idle for a while, or stops.
     fn release(&self, worker: &str) -> Result<()>;
 
     /// The end of a round: rows `published`, rows that `failed`. The worker keeps its leases for its
@@ -259,10 +259,11 @@ impl<'a> Chooser<'a> {
 }
 
 /// Which of a claim's `targets` `worker` must lease now: those it does not hold, or holds for less than
-/// half of `lease` more; sorted, once each. A processor keeps its targets from round to round (it
-/// releases them when it stops; another takes them over once they end when it dies), so a busy one
-/// writes its leases about twice per lease time instead of in every claim, and most claims write
-/// nothing. A round ends within half a lease of its claim, so it always ends inside the lease.
+/// three quarters of `lease` more; sorted, once each. A processor keeps its targets from round to round
+/// (until it has been idle for an eighth of a lease or stops; another takes them over once they end if
+/// it dies), so a busy one writes its leases about four times per lease time instead of in every
+/// claim, and most claims write nothing. A round ends within half a lease of its claim, so a live
+/// processor's round always ends with a quarter of its lease left, and its release comes before the end.
 pub(super) fn to_lease<'t>(
     targets: impl IntoIterator<Item = &'t str>,
     leases: &HashMap<String, Lease>,
@@ -270,7 +271,7 @@ pub(super) fn to_lease<'t>(
     now: u64,
     lease: Duration,
 ) -> Vec<&'t str> {
-    let long_enough = now + lease.as_millis() as u64 / 2;
+    let long_enough = now + lease.as_millis() as u64 * 3 / 4;
     let mut renew: Vec<&str> = targets
         .into_iter()
         .filter(|t| {
@@ -358,12 +359,12 @@ mod tests {
             until,
         };
         let leases = HashMap::from([
-            ("mine-long".to_owned(), lease("w", 1_700)),
-            ("mine-short".to_owned(), lease("w", 1_400)),
+            ("mine-long".to_owned(), lease("w", 1_800)),
+            ("mine-short".to_owned(), lease("w", 1_700)),
             ("theirs-expired".to_owned(), lease("other", 900)),
         ]);
         let targets = ["new", "mine-long", "mine-short", "theirs-expired", "new"];
-        // At 1000 with a lease of 1000 ms, half a lease more is 1500.
+        // At 1000 with a lease of 1000 ms, three quarters of a lease more is 1750.
         let second = Duration::from_millis(1_000);
         let renew = to_lease(targets, &leases, "w", 1_000, second);
         assert_eq!(renew, ["mine-short", "new", "theirs-expired"]);

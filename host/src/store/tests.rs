@@ -366,7 +366,7 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
 }
 
 /// A processor keeps the streams it publishes to from one round to the next, without writing its lease
-/// again while more than half of it is left, until it stops.
+/// again while more than three quarters of it are left, until it releases them.
 pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(
     store: &dyn Store,
 ) {
@@ -395,7 +395,7 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
     assert_eq!(
         until(&outbox.claim("b", 10, lease).unwrap()),
         leased,
-        "a lease with more than half left is not written again"
+        "a lease with more than three quarters left is not written again"
     );
     outbox.settle("a", &[second[0].seq], &[]).unwrap();
     outbox.release("a").unwrap();
@@ -407,7 +407,7 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
             .map(|i| i.message.position)
             .collect::<Vec<_>>(),
         [2],
-        "released when a stops: b goes on where a left off ({third:?})"
+        "released: b goes on where a left off ({third:?})"
     );
 }
 
