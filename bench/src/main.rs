@@ -113,14 +113,17 @@ fn main() -> anyhow::Result<()> {
         rows.extend(isolation::call_overhead(&host, &fixture)?);
         rows.push(isolation::noop(&host, &fixture, events)?);
     }
-    // Orders per second of the sample flow on Redis, for the ratio to the peer.
-    let mut on_redis = None;
+    // Orders per second of the sample flow on Redis, for the ratio to the peer, and on SQLite alone,
+    // for PostgreSQL's.
+    let (mut on_redis, mut on_sqlite) = (None, None);
     if wanted("sample") || wanted("peer") {
         let redis = Redis::start()?;
         let (row, rate) = sample_flow_sqlite(&host, &sample, orders, Some(&redis))?;
         on_redis = Some(rate);
         if wanted("sample") {
-            rows.push(sample_flow_sqlite(&host, &sample, orders, None)?.0);
+            let (alone, rate) = sample_flow_sqlite(&host, &sample, orders, None)?;
+            on_sqlite = Some(rate);
+            rows.push(alone);
             rows.push(row);
         }
     }
@@ -175,7 +178,21 @@ fn main() -> anyhow::Result<()> {
         )?);
     }
     if wanted("postgres") {
-        rows.extend(postgres::rows(&host, &fixture, &sample, events, orders)?);
+        let (measured, on_postgres) = postgres::rows(&host, &fixture, &sample, events, orders)?;
+        rows.extend(measured);
+        // The ratio is of two runs of the same bench, one after the other.
+        let on_sqlite = match on_sqlite {
+            Some(rate) => rate,
+            None => sample_flow_sqlite(&host, &sample, orders, None)?.1,
+        };
+        let share = 100.0 * on_postgres / on_sqlite;
+        rows.push(Row {
+            scenario: "Sample flow on PostgreSQL against SQLite".into(),
+            setup: format!("orders/s of the flow ({orders} orders) on PostgreSQL (durable commits) over the same on SQLite, same run"),
+            result: format!("{share:.0}% ({on_postgres:.0} against {on_sqlite:.0} orders/s)"),
+            target: "≥ 50%".into(),
+            ok: share >= 50.0,
+        });
     }
     if wanted("pgceiling") {
         rows.extend(pg_ceiling::rows()?);

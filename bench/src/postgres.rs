@@ -20,21 +20,22 @@ pub(crate) mod cluster;
 
 const BATCH: usize = 1000;
 
-/// The rows; `events` are appended, then handled; then the sample flow runs `orders` orders.
+/// The rows; `events` are appended, then handled; then the sample flow runs `orders` orders (its rate
+/// is returned too).
 pub fn rows(
     host: &Path,
     fixture: &Path,
     sample: &Path,
     events: usize,
     orders: usize,
-) -> anyhow::Result<Vec<Row>> {
+) -> anyhow::Result<(Vec<Row>, f64)> {
     let pg = cluster::PgServer::durable();
     let store = PostgresStore::connect(&pg.store_config())?;
     store.setup()?;
     let appended = append_rate(&store, events)?;
     let handled = subscription_rate(host, fixture, &pg, events)?;
     let dir = tempfile::tempdir()?;
-    let flow = super::sample_flow(
+    let (flow, rate) = super::sample_flow(
         host,
         sample,
         orders,
@@ -42,9 +43,8 @@ pub fn rows(
         &store,
         &pg.config(),
         dir.path(),
-    )?
-    .0;
-    Ok(vec![appended, handled, flow])
+    )?;
+    Ok((vec![appended, handled, flow], rate))
 }
 
 fn ticks(from: usize, count: usize) -> Vec<NewMessage> {
