@@ -337,6 +337,55 @@ fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
     each_order_exactly_once(store.as_ref(), 1);
 }
 
+/// A processor keeps its streams while it has work (no lease write per round, issue #21) and gives them
+/// back after an eighth of its lease with nothing to claim, while it runs: a lease that ends unreleased
+/// then still means a processor that died or stalled, as the takeover WARN says.
+#[test]
+fn an_idle_replica_gives_its_outbox_streams_back_long_before_its_lease_ends() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[server]\npoll_interval_ms = 100\n[outbox]\nlease_ttl_ms = 8000\n";
+    std::fs::write(
+        dir.path().join("protean.toml"),
+        format!("{config}{}", redis.config()),
+    )
+    .unwrap();
+    let store = sqlite(dir.path());
+    let server = spawn(dir.path(), &[]);
+    let leases = rusqlite::Connection::open(dir.path().join(".protean/store.db")).unwrap();
+    let held = || -> i64 {
+        leases
+            .query_row("SELECT count(*) FROM outbox_leases", [], |r| r.get(0))
+            .unwrap()
+    };
+    send_orders(dir.path(), 0, 1);
+    wait_until(Duration::from_secs(60), "the order shipped", || {
+        shipped(store.as_ref()) == 1
+    });
+    let shipped_at = Instant::now();
+    wait_until(
+        Duration::from_secs(8),
+        "the idle processor releases",
+        || held() == 0,
+    );
+    assert!(
+        shipped_at.elapsed() < Duration::from_secs(4),
+        "released after an eighth of the 8 s lease idle, not when it ended: {:?}",
+        shipped_at.elapsed()
+    );
+    assert_eq!(pending(store.as_ref()), 0);
+    send_orders(dir.path(), 1, 1);
+    wait_until(Duration::from_secs(60), "the next order shipped", || {
+        shipped(store.as_ref()) == 2
+    });
+    let log = server.stop_cleanly();
+    assert!(
+        !log.contains("outbox took over") && !log.contains("outbox stream waits for a lease"),
+        "no lease was taken for a dead processor's:\n{log}"
+    );
+    each_order_exactly_once(store.as_ref(), 2);
+}
+
 /// Item 6 of issue 14: Redis 7.0 can leave a group's `lag` wrong (entries-added minus entries-read,
 /// after an AOF rewrite). Forced here with XSETID ENTRIESADDED: Redis then reports unread entries
 /// that do not exist. Status, metrics and test mode count from the group's last-delivered-id instead.
