@@ -62,9 +62,17 @@ pub struct IdempotencyKey {
 impl UnitOfWork {
     /// Whether committing it would change nothing.
     pub fn is_empty(&self) -> bool {
+        self.processed.is_empty() && self.is_empty_but_markers()
+    }
+
+    /// Whether it records processed markers and nothing else: its handlers changed nothing.
+    pub fn is_markers_only(&self) -> bool {
+        !self.processed.is_empty() && self.is_empty_but_markers()
+    }
+
+    fn is_empty_but_markers(&self) -> bool {
         self.messages.is_empty()
             && self.documents.is_empty()
-            && self.processed.is_empty()
             && self.position.is_none()
             && self.dead_letters.is_empty()
             && self.fences.is_empty()

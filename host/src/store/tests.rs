@@ -258,6 +258,21 @@ pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
     assert_eq!(found.len(), 2);
     assert!(found.contains("m1") && found.contains("m2"));
     assert!(store.processed("other", &["m1"]).unwrap().is_empty());
+    // A unit of markers alone (PostgreSQL commits it as one statement) is refused whole when one of
+    // its messages was handled before.
+    let raced = store.commit(&UnitOfWork {
+        processed: vec![marker("m3"), marker("m2"), marker("m4")],
+        ..UnitOfWork::default()
+    });
+    assert!(
+        matches!(raced, Err(Error::AlreadyProcessed { ref subscription, .. }) if subscription == "s"),
+        "{raced:?}"
+    );
+    assert_eq!(
+        store.processed("s", &["m3", "m4"]).unwrap().len(),
+        0,
+        "nothing of the refused unit is written"
+    );
 }
 
 pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {

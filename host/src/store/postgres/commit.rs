@@ -22,27 +22,9 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     super::schedules::apply(c, unit)?;
     super::documents::write(c, &unit.documents)?;
     if !unit.processed.is_empty() {
-        let column = |f: fn(&crate::unit_of_work::ProcessedMarker) -> &str| -> Vec<&str> {
-            unit.processed.iter().map(f).collect()
-        };
-        let inserted = c.execute(
-            sql::INSERT_PROCESSED,
-            &[
-                &column(|m| &m.subscription),
-                &column(|m| &m.message_id),
-                &column(|m| &m.build_id),
-            ],
-        )?;
+        let inserted = c.execute(sql::INSERT_PROCESSED, &markers(unit).each_ref().map(as_sql))?;
         if inserted < unit.processed.len() as u64 {
-            let first = &unit.processed[0];
-            return Err(Error::AlreadyProcessed {
-                subscription: first.subscription.clone(),
-                message_id: format!(
-                    "{} (or another of the {} in this batch)",
-                    first.message_id,
-                    unit.processed.len()
-                ),
-            });
+            return Err(already_processed(unit));
         }
     }
     if let Some(update) = &unit.position {
@@ -80,6 +62,52 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     }
     apply_parking(c, &unit.parking)?;
     append(c, unit)
+}
+
+/// A unit of processed markers alone (its handlers changed nothing else) in one statement outside a
+/// transaction block: a statement is a transaction of its own, so that is one round trip where BEGIN,
+/// the insert and COMMIT were three, on the way from a message to its handling. The statement inserts
+/// every marker or none: a marker another consumer committed first fails it whole.
+pub(super) fn markers_alone(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
+    match c.execute(
+        sql::INSERT_PROCESSED_ALL,
+        &markers(unit).each_ref().map(as_sql),
+    ) {
+        Ok(_) => Ok(()),
+        Err(Error::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            Err(already_processed(unit))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The unit's processed markers as columns: subscription, message id, build id.
+fn markers(unit: &UnitOfWork) -> [Vec<&str>; 3] {
+    let column = |f: fn(&crate::unit_of_work::ProcessedMarker) -> &str| -> Vec<&str> {
+        unit.processed.iter().map(f).collect()
+    };
+    [
+        column(|m| &m.subscription),
+        column(|m| &m.message_id),
+        column(|m| &m.build_id),
+    ]
+}
+
+fn as_sql<'a>(column: &'a Vec<&str>) -> &'a (dyn postgres::types::ToSql + Sync) {
+    column
+}
+
+/// Another consumer committed a marker of the unit first.
+fn already_processed(unit: &UnitOfWork) -> Error {
+    let first = &unit.processed[0];
+    Error::AlreadyProcessed {
+        subscription: first.subscription.clone(),
+        message_id: format!(
+            "{} (or another of the {} in this batch)",
+            first.message_id,
+            unit.processed.len()
+        ),
+    }
 }
 
 /// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.

@@ -89,6 +89,7 @@ mod sql {
         GET_DOCUMENT = "get_document";
         FIND_DOCUMENTS = "find_documents";
         PROCESSED_AMONG = "processed_among";
+        INSERT_PROCESSED_ALL = "insert_processed_all";
         LOCK_OUTBOX = "lock_outbox";
         OUTBOX_CLAIMABLE = "outbox_claimable";
         OUTBOX_ITEMS = "outbox_items";
@@ -360,6 +361,9 @@ impl Store for PostgresStore {
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
+        if unit.is_markers_only() {
+            return commit::markers_alone(&mut conn, unit).map(|()| None);
+        }
         conn.transaction(|c| commit::apply(c, unit))
     }
 
