@@ -86,7 +86,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error      TEXT,
     published_at    TEXT
 );
-CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, seq);
+-- Pending rows only: marking a row published takes it out of the index, where an index of (status,
+-- seq) took it out and put it back under 'published' (a tenth of the instructions of publishing a
+-- row). Counts scan the table either way.
+DROP INDEX IF EXISTS outbox_status;
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_abandoned ON outbox (seq) WHERE status = 'abandoned';
 -- Rows that older builds gave up on ('abandoned' after outbox.max_attempts) are pending again: nothing
 -- committed is lost. Cheap on every open (the index above finds none).
 UPDATE outbox SET status = 'pending', next_attempt_at = 0 WHERE status = 'abandoned';
