@@ -63,6 +63,15 @@ fn broker_matches_store(redis: &RedisServer, store: &dyn Store) {
     }
 }
 
+/// A Redis server and a directory whose `protean.toml` is `config` plus the broker section for it.
+fn with_redis(config: &str) -> (RedisServer, tempfile::TempDir) {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("{config}{}", redis.config());
+    std::fs::write(dir.path().join("protean.toml"), toml).unwrap();
+    (redis, dir)
+}
+
 fn domain() -> String {
     sample_domain().display().to_string()
 }
@@ -267,14 +276,7 @@ fn outbox_commands_say_why_without_a_broker_or_on_the_memory_store() {
 /// and says so.
 #[test]
 fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\npoll_interval_ms = 100\nlease_ttl_ms = 1000\n[outbox]\nlease_ttl_ms = 4000\n";
-    std::fs::write(
-        dir.path().join("protean.toml"),
-        format!("{config}{}", redis.config()),
-    )
-    .unwrap();
+    let (redis, dir) = with_redis("[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\npoll_interval_ms = 100\nlease_ttl_ms = 1000\n[outbox]\nlease_ttl_ms = 4000\n");
     let store = sqlite(dir.path());
     let mut replicas = start_replicas(dir.path(), 2);
     // A frozen Redis holds whichever replica claims the row inside its round: claimed, leased, waiting.
@@ -342,14 +344,8 @@ fn a_killed_replica_holding_outbox_leases_is_taken_over_within_the_lease() {
 /// then still means a processor that died or stalled, as the takeover WARN says.
 #[test]
 fn an_idle_replica_gives_its_outbox_streams_back_long_before_its_lease_ends() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = "[server]\npoll_interval_ms = 100\n[outbox]\nlease_ttl_ms = 8000\n";
-    std::fs::write(
-        dir.path().join("protean.toml"),
-        format!("{config}{}", redis.config()),
-    )
-    .unwrap();
+    let (_redis, dir) =
+        with_redis("[server]\npoll_interval_ms = 100\n[outbox]\nlease_ttl_ms = 8000\n");
     let store = sqlite(dir.path());
     let server = spawn(dir.path(), &[]);
     let leases = rusqlite::Connection::open(dir.path().join(".protean/store.db")).unwrap();
