@@ -238,7 +238,10 @@ async fn publish(
                 retry_at: now_ms() + backoff_ms(settings, attempts + 1),
             })
             .collect();
-        outbox.settle(&worker2, &published, &rows)?;
+        // A round whose time ran out before any stream was tried has nothing to record.
+        if !published.is_empty() || !rows.is_empty() {
+            outbox.settle(&worker2, &published, &rows)?;
+        }
         // Logged once recorded, so that what the lines say is what status shows.
         for ((_, attempts, target, error), row) in failed.iter().zip(&rows) {
             log_failure(settings, target, row.seq, attempts + 1, error, row.retry_at);
