@@ -8,9 +8,16 @@ use anyhow::Context;
 
 use crate::{redis_cli, server, store_ticks, Redis, Row};
 
-/// Instructions of one whole `protean-host` run under callgrind.
-fn instructions(command: Command, dir: &Path) -> anyhow::Result<u64> {
-    let out = dir.join("callgrind.out");
+/// Instructions of one whole `protean-host` run under callgrind. With `CALLGRIND_KEEP=DIR` the output
+/// is kept there as `NAME.out`, for `callgrind_annotate` to say where the instructions go.
+fn instructions(command: Command, dir: &Path, name: &str) -> anyhow::Result<u64> {
+    let out = match std::env::var_os("CALLGRIND_KEEP") {
+        Some(keep) => {
+            std::fs::create_dir_all(&keep)?;
+            Path::new(&keep).join(format!("{name}.out"))
+        }
+        None => dir.join("callgrind.out"),
+    };
     let program = command.get_program().to_owned();
     let args: Vec<_> = command.get_args().map(ToOwned::to_owned).collect();
     let status = Command::new("valgrind")
@@ -48,7 +55,11 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
     let sqlite = |n: usize| -> anyhow::Result<u64> {
         let dir = tempfile::tempdir()?;
         store_ticks(dir.path(), n, false)?;
-        instructions(server(host, dir.path(), &noop), dir.path())
+        instructions(
+            server(host, dir.path(), &noop),
+            dir.path(),
+            &format!("sqlite-{n}"),
+        )
     };
     let sqlite = per_message(sqlite(events)?, sqlite(0)?, events);
     let redis = Redis::start()?;
@@ -66,7 +77,11 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
             .stdout(std::process::Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "publishing run failed: {status}");
-        instructions(server(host, dir.path(), &noop), dir.path())
+        instructions(
+            server(host, dir.path(), &noop),
+            dir.path(),
+            &format!("consume-{n}"),
+        )
     };
     let consume = per_message(consume(events)?, consume(0)?, events);
     // A domain with no handlers: the run claims, XADDs and marks published, then ends.
@@ -76,7 +91,11 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
         std::fs::write(dir.path().join("protean.toml"), &config)?;
         store_ticks(dir.path(), n, true)?;
         let empty = format!("{}:empty", fixture.display());
-        instructions(server(host, dir.path(), &empty), dir.path())
+        instructions(
+            server(host, dir.path(), &empty),
+            dir.path(),
+            &format!("publish-{n}"),
+        )
     };
     let publish = per_message(publish(events)?, publish(0)?, events);
     Ok(vec![

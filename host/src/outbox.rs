@@ -25,7 +25,7 @@ use crate::{
         Shared,
     },
     message::{self, PoisonError},
-    store::{self, now_ms, Claim, ForeignLease, OutboxItem, RowFailure},
+    store::{self, now_ms, Claim, ForeignLease, InFlight, OutboxItem, RowFailure},
 };
 
 /// Why the store could not serve the outbox processor: retried after a backoff.
@@ -52,6 +52,11 @@ enum PublishError {
 pub(crate) const NAME: &str = "outbox";
 
 /// Publish until `shutdown`. Rows of the round in flight are published and marked first.
+///
+/// Rounds overlap: while the broker takes a round, the store records the round before it and reads the
+/// next claim, passing over the rows in flight. That claim is published only if every row in flight
+/// was; otherwise it is dropped, the round is recorded, and the next claim is read afresh, so a
+/// stream's rows still leave in commit order and a failed row still holds back the rows behind it.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     broker: Arc<dyn Broker>,
@@ -69,24 +74,37 @@ pub(crate) async fn run(
         lease_ms = lease.as_millis() as u64,
         "outbox processor started"
     );
+    // A claim read while the last round was on the wire, and that round, published but not recorded.
+    let mut next: Option<Claimed> = None;
+    let mut unrecorded: Option<Sent> = None;
     while !shutdown.is_cancelled() {
-        let seen = *head.borrow_and_update();
-        let claimed = claim(&shared, &worker).await?;
-        let claim = match claimed {
-            Ok(claim) => claim,
-            Err(error) => {
-                let trouble = Trouble::Unavailable {
-                    component: Component::Outbox,
-                    error: error.to_string(),
-                };
-                backoff.wait(trouble, &shutdown).await?;
-                continue;
+        let claimed = match next.take() {
+            Some(claimed) => claimed,
+            None => {
+                // A claim with nothing in flight must see the last round's rows as published.
+                if let Some(sent) = unrecorded.take() {
+                    record(&shared, &worker, sent).await?;
+                }
+                match claim(&shared, &worker, &mut head, InFlight::none()).await? {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        let trouble = Trouble::Unavailable {
+                            component: Component::Outbox,
+                            error: error.to_string(),
+                        };
+                        backoff.wait(trouble, &shutdown).await?;
+                        continue;
+                    }
+                }
             }
         };
         backoff.reset();
-        watch.observe(&worker, &claim);
-        if claim.items.is_empty() {
-            let mut wait = nothing_claimed(&shared, claim.wake_at, seen);
+        watch.observe(&worker, &claimed.claim);
+        if claimed.claim.items.is_empty() {
+            if let Some(sent) = unrecorded.take() {
+                record(&shared, &worker, sent).await?;
+            }
+            let mut wait = nothing_claimed(&shared, claimed.claim.wake_at, claimed.seen);
             match held.idle(lease) {
                 Idle::Release => release(&shared, &worker).await?,
                 Idle::ReleaseIn(left) => wait = wait.min(left),
@@ -100,14 +118,42 @@ pub(crate) async fn run(
             continue;
         }
         held.busy();
-        tracing::debug!(worker, rows = claim.items.len(), "outbox claimed rows");
+        tracing::debug!(
+            worker,
+            rows = claimed.claim.items.len(),
+            "outbox claimed rows"
+        );
         progress.set(NAME, State::Busy);
-        let deadline = tokio::time::Instant::now() + lease / 2;
-        publish(&shared, broker.as_ref(), &worker, claim.items, deadline).await?;
+        // The claim made sure of the leases for three quarters of a lease from its start.
+        let deadline = claimed.at + lease / 2;
+        let items = claimed.claim.items;
+        let in_flight = InFlight::new(&items.iter().map(|i| i.seq).collect::<Vec<_>>());
+        let (sent, claimed) = tokio::join!(
+            send(broker.as_ref(), items, deadline),
+            record_and_claim(&shared, &worker, &mut head, unrecorded.take(), in_flight),
+        );
+        let claimed = claimed?;
+        if sent.complete {
+            unrecorded = Some(sent);
+            next = claimed;
+        } else {
+            record(&shared, &worker, sent).await?;
+        }
+    }
+    if let Some(sent) = unrecorded.take() {
+        record(&shared, &worker, sent).await?;
     }
     release(&shared, &worker).await?;
     progress.set(NAME, State::Stopped);
     Ok(())
+}
+
+/// A claim, when it was read (its round must be over within half a lease of then), and the head of the
+/// store seen before it (what an empty claim says is published).
+struct Claimed {
+    claim: Claim,
+    at: tokio::time::Instant,
+    seen: u64,
 }
 
 /// Give the worker's leases back. A failure is only logged: the leases end by themselves.
@@ -182,16 +228,50 @@ fn nothing_claimed(shared: &Shared, wake_at: Option<u64>, seen: u64) -> Duration
     }
 }
 
-async fn claim(shared: &Arc<Shared>, worker: &str) -> Result<Result<Claim, StoreError>, Fatal> {
+async fn claim(
+    shared: &Arc<Shared>,
+    worker: &str,
+    head: &mut tokio::sync::watch::Receiver<u64>,
+    in_flight: InFlight,
+) -> Result<Result<Claimed, StoreError>, Fatal> {
+    let seen = *head.borrow_and_update();
+    let at = tokio::time::Instant::now();
+    let (shared, worker) = (shared.clone(), worker.to_owned());
+    let claim = blocking(move || claim_now(&shared, &worker, &in_flight)).await?;
+    Ok(claim.map(|claim| Claimed { claim, at, seen }))
+}
+
+fn claim_now(shared: &Shared, worker: &str, in_flight: &InFlight) -> Result<Claim, StoreError> {
+    let outbox = shared.store.outbox().ok_or(StoreError::NoOutbox)?;
+    let settings = &shared.config.outbox;
+    Ok(outbox.claim(
+        worker,
+        settings.messages_per_tick as usize,
+        settings.lease_ttl,
+        in_flight,
+    )?)
+}
+
+/// What the store does while the broker takes a round: record the round before it (`sent`), then claim
+/// the next one, passing over the rows `in_flight`. No claim when the record failed (its rows are
+/// claimable again, and published again after the round in flight: at least once) or the claim did
+/// (the next claim, read afresh, reports it).
+async fn record_and_claim(
+    shared: &Arc<Shared>,
+    worker: &str,
+    head: &mut tokio::sync::watch::Receiver<u64>,
+    sent: Option<Sent>,
+    in_flight: InFlight,
+) -> Result<Option<Claimed>, Fatal> {
+    let seen = *head.borrow_and_update();
+    let at = tokio::time::Instant::now();
     let (shared, worker) = (shared.clone(), worker.to_owned());
     blocking(move || {
-        let outbox = shared.store.outbox().ok_or(StoreError::NoOutbox)?;
-        let settings = &shared.config.outbox;
-        Ok(outbox.claim(
-            &worker,
-            settings.messages_per_tick as usize,
-            settings.lease_ttl,
-        )?)
+        if !sent.is_none_or(|sent| record_now(&shared, &worker, sent)) {
+            return None;
+        }
+        let claim = claim_now(&shared, &worker, &in_flight).ok()?;
+        Some(Claimed { claim, at, seen })
     })
     .await
 }
@@ -204,59 +284,99 @@ enum Outcome {
     NotTried,
 }
 
-/// Publish a claimed round, stream by stream in claim order, until `deadline`; then record the outcome.
-async fn publish(
-    shared: &Arc<Shared>,
-    broker: &dyn Broker,
-    worker: &str,
-    items: Vec<OutboxItem>,
-    deadline: tokio::time::Instant,
-) -> Result<(), Fatal> {
-    let mut published = Vec::new();
-    let mut failed = Vec::new();
+/// What a round came to: rows published, and the first row of each target that failed.
+struct Sent {
+    published: Vec<u64>,
+    failed: Vec<Failed>,
+    /// Every row claimed was published.
+    complete: bool,
+}
+
+struct Failed {
+    seq: u64,
+    attempts: u32,
+    target: String,
+    error: String,
+}
+
+/// Publish a claimed round, stream by stream in claim order, until `deadline`.
+async fn send(broker: &dyn Broker, items: Vec<OutboxItem>, deadline: tokio::time::Instant) -> Sent {
+    let mut sent = Sent {
+        published: Vec::with_capacity(items.len()),
+        failed: Vec::new(),
+        complete: true,
+    };
     for (target, mut items) in by_target(items) {
         match publish_target(broker, &target, &mut items, deadline).await {
-            Outcome::Published => published.extend(items.iter().map(|i| i.seq)),
+            Outcome::Published => sent.published.extend(items.iter().map(|i| i.seq)),
             // The first row carries the failure; the rest of the stream waits behind it.
             Outcome::Failed(error) => {
-                failed.push((items[0].seq, items[0].attempts, target, error.to_string()))
+                sent.complete = false;
+                sent.failed.push(Failed {
+                    seq: items[0].seq,
+                    attempts: items[0].attempts,
+                    target,
+                    error: error.to_string(),
+                });
             }
-            Outcome::NotTried => {}
+            Outcome::NotTried => sent.complete = false,
         }
     }
-    let count = published.len() as u64;
-    let failures = failed.len() as u64;
-    let (shared2, worker2) = (shared.clone(), worker.to_owned());
-    let recorded = blocking(move || -> Result<(), StoreError> {
-        let outbox = shared2.store.outbox().ok_or(StoreError::NoOutbox)?;
-        let settings = &shared2.config.outbox;
-        let rows: Vec<RowFailure> = failed
-            .iter()
-            .map(|(seq, attempts, _, error)| RowFailure {
-                seq: *seq,
-                error: error.clone(),
-                retry_at: now_ms() + backoff_ms(settings, attempts + 1),
-            })
-            .collect();
-        // A round whose time ran out before any stream was tried has nothing to record.
-        if !published.is_empty() || !rows.is_empty() {
-            outbox.settle(&worker2, &published, &rows)?;
-        }
-        // Logged once recorded, so that what the lines say is what status shows.
-        for ((_, attempts, target, error), row) in failed.iter().zip(&rows) {
-            log_failure(settings, target, row.seq, attempts + 1, error, row.retry_at);
-        }
-        Ok(())
+    sent
+}
+
+async fn record(shared: &Arc<Shared>, worker: &str, sent: Sent) -> Result<(), Fatal> {
+    let (shared, worker) = (shared.clone(), worker.to_owned());
+    blocking(move || {
+        record_now(&shared, &worker, sent);
     })
-    .await?;
-    if let Err(error) = recorded {
-        let error = error.to_string();
-        // The rows stay claimed until their lease ends, then are published again: at least once.
-        tracing::error!(error, "cannot record what the outbox published");
-    }
+    .await
+}
+
+/// Record what a round came to; false when the store could not.
+fn record_now(shared: &Shared, worker: &str, sent: Sent) -> bool {
+    let count = sent.published.len() as u64;
+    let failures = sent.failed.len() as u64;
+    let settings = &shared.config.outbox;
+    let rows: Vec<RowFailure> = sent
+        .failed
+        .iter()
+        .map(|f| RowFailure {
+            seq: f.seq,
+            error: f.error.clone(),
+            retry_at: now_ms() + backoff_ms(settings, f.attempts + 1),
+        })
+        .collect();
+    // A round whose time ran out before any stream was tried has nothing to record.
+    let recorded = if sent.published.is_empty() && rows.is_empty() {
+        Ok(())
+    } else {
+        shared
+            .store
+            .outbox()
+            .ok_or(StoreError::NoOutbox)
+            .and_then(|o| Ok(o.settle(worker, &sent.published, &rows)?))
+    };
     shared.metrics.outbox_round(count, failures);
     shared.progress.count(|t| t.published += count);
-    Ok(())
+    if let Err(error) = recorded {
+        let error = error.to_string();
+        // The rows stay claimable, and are published again: at least once.
+        tracing::error!(error, "cannot record what the outbox published");
+        return false;
+    }
+    // Logged once recorded, so that what the lines say is what status shows.
+    for (f, row) in sent.failed.iter().zip(&rows) {
+        log_failure(
+            settings,
+            &f.target,
+            row.seq,
+            f.attempts + 1,
+            &f.error,
+            row.retry_at,
+        );
+    }
+    true
 }
 
 /// The claimed rows grouped by target stream, targets in claim order, rows in commit order.

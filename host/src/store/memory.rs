@@ -9,9 +9,9 @@ use super::{
     category, check_field,
     outbox::{choose, to_lease, Candidate, Lease},
     schedules::ScheduleWrite,
-    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
-    PendingRow, Result, Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules, Store,
-    StoredDocument, StoredMessage, ABSENT,
+    Claim, DeadLetter, DocumentVersion, Error, InFlight, Outbox, OutboxCounts, OutboxItem,
+    ParkedKey, PendingRow, Result, Schedule, ScheduleCounts, ScheduleQuery, ScheduleState,
+    Schedules, Store, StoredDocument, StoredMessage, ABSENT,
 };
 use crate::{
     ownership::Owned,
@@ -617,7 +617,13 @@ impl Store for MemoryStore {
 }
 
 impl Outbox for MemoryStore {
-    fn claim(&self, worker: &str, limit: usize, lease: std::time::Duration) -> Result<Claim> {
+    fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: std::time::Duration,
+        in_flight: &InFlight,
+    ) -> Result<Claim> {
         let mut state = self.state();
         let now = super::now_ms();
         let candidates: Vec<Candidate> = state
@@ -630,7 +636,7 @@ impl Outbox for MemoryStore {
                 next_attempt_at: r.next_attempt_at,
             })
             .collect();
-        let choice = choose(&candidates, &state.leases, worker, now, limit);
+        let choice = choose(&candidates, &state.leases, worker, now, limit, in_flight);
         let mut items = Vec::with_capacity(choice.seqs.len());
         for seq in &choice.seqs {
             let row = &state.outbox[*seq as usize - 1];

@@ -32,7 +32,7 @@ pub use config::DEFAULT_STORE_PATH;
 pub use lease::Leases;
 pub use memory::MemoryStore;
 pub use outbox::{
-    now_ms, Claim, ForeignLease, Outbox, OutboxCounts, OutboxItem, PendingRow, RowFailure,
+    now_ms, Claim, ForeignLease, InFlight, Outbox, OutboxCounts, OutboxItem, PendingRow, RowFailure,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use schedules::{Schedule, ScheduleCounts, ScheduleQuery, ScheduleState, Schedules};

@@ -85,12 +85,70 @@ pub struct RowFailure {
     pub retry_at: u64,
 }
 
+/// Rows a worker is publishing while it claims its next round: a processor reads its next claim while
+/// the broker takes the round before. A claim passes over them as if they were published: it neither
+/// returns them nor lets them hold back the rows of their streams behind them. (The processor
+/// publishes such a claim only once every row in flight was published.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Runs of consecutive sequence numbers (first, last), ascending.
+    runs: Vec<(u64, u64)>,
+}
+
+impl InFlight {
+    pub fn new(seqs: &[u64]) -> Self {
+        Self { runs: runs(seqs) }
+    }
+
+    /// Nothing in flight: a claim like any other.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub(super) fn contains(&self, seq: u64) -> bool {
+        let after = self.runs.partition_point(|(first, _)| *first <= seq);
+        after > 0 && self.runs[after - 1].1 >= seq
+    }
+
+    /// The longest run, or an empty range (1, 0): what a store's query can pass over cheaply by range
+    /// (a round is mostly one run). The chooser passes over the rest.
+    pub(super) fn longest(&self) -> (u64, u64) {
+        self.runs
+            .iter()
+            .copied()
+            .max_by_key(|(first, last)| last - first)
+            .unwrap_or((1, 0))
+    }
+}
+
+/// `seqs` as runs of consecutive numbers (first, last), in ascending order: a round's rows are mostly
+/// one run, marked by one statement instead of one per row.
+pub(super) fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for seq in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs
+}
+
 /// The outbox capability of a store.
 pub trait Outbox: Send + Sync {
     /// Claim up to `limit` rows for `worker`, in commit order per target stream, leasing their targets
-    /// for `lease`. A target `worker` already holds for more than three quarters of `lease` is not
-    /// leased again (see [`to_lease`]).
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim>;
+    /// for `lease`, passing over the rows `in_flight`. A target `worker` already holds for more than
+    /// three quarters of `lease` is not leased again (see [`to_lease`]).
+    fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        in_flight: &InFlight,
+    ) -> Result<Claim>;
 
     /// These rows were published.
     fn published(&self, worker: &str, seqs: &[u64]) -> Result<()>;
@@ -173,8 +231,9 @@ pub(super) fn choose(
     worker: &str,
     now: u64,
     limit: usize,
+    in_flight: &InFlight,
 ) -> Choice {
-    let mut chooser = Chooser::new(leases, worker, now, limit);
+    let mut chooser = Chooser::new(leases, worker, now, limit, in_flight);
     for c in candidates {
         if chooser.offer(c) == Offer::Full {
             break;
@@ -199,6 +258,7 @@ pub(super) struct Chooser<'a> {
     worker: &'a str,
     now: u64,
     limit: usize,
+    in_flight: &'a InFlight,
     blocked: Vec<String>,
     pub(super) choice: Choice,
 }
@@ -209,12 +269,14 @@ impl<'a> Chooser<'a> {
         worker: &'a str,
         now: u64,
         limit: usize,
+        in_flight: &'a InFlight,
     ) -> Self {
         Self {
             leases,
             worker,
             now,
             limit,
+            in_flight,
             blocked: Vec::new(),
             choice: Choice::default(),
         }
@@ -224,6 +286,9 @@ impl<'a> Chooser<'a> {
         let choice = &mut self.choice;
         if choice.seqs.len() == self.limit {
             return Offer::Full;
+        }
+        if self.in_flight.contains(c.seq) {
+            return Offer::Skipped;
         }
         if self.blocked.contains(&c.target) {
             return Offer::Skipped;
@@ -313,12 +378,53 @@ mod tests {
             c(4, "b", 0),
             c(5, "c", 0),
         ];
-        let seqs = |now, limit| choose(&rows, &HashMap::new(), "w", now, limit).seqs;
+        let seqs =
+            |now, limit| choose(&rows, &HashMap::new(), "w", now, limit, &InFlight::none()).seqs;
         assert_eq!(seqs(10, 10), [1, 3, 5]);
         assert_eq!(seqs(60, 10), [1, 2, 3, 4, 5]);
         assert_eq!(seqs(60, 2), [1, 2]);
-        let waits = choose(&rows[1..2], &HashMap::new(), "w", 10, 10);
+        let waits = choose(&rows[1..2], &HashMap::new(), "w", 10, 10, &InFlight::none());
         assert_eq!((waits.seqs.len(), waits.wake_at), (0, Some(50)));
+    }
+
+    #[test]
+    fn rows_in_flight_are_passed_over_without_holding_back_their_streams() {
+        let rows = [
+            c(1, "a", 0),
+            c(2, "a", 0),
+            c(3, "b", 50),
+            c(4, "a", 0),
+            c(5, "c", 0),
+            c(6, "a", 0),
+        ];
+        let in_flight = InFlight::new(&[2, 1, 5]);
+        let choice = choose(&rows, &HashMap::new(), "w", 10, 10, &in_flight);
+        assert_eq!(choice.seqs, [4, 6], "b still waits for its retry");
+        assert_eq!(choice.wake_at, Some(50));
+        let two = choose(&rows, &HashMap::new(), "w", 10, 2, &in_flight);
+        assert_eq!(
+            two.seqs,
+            [4, 6],
+            "rows in flight do not count against the limit"
+        );
+    }
+
+    #[test]
+    fn seqs_make_runs_of_consecutive_numbers() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[7, 3, 4, 5, 9, 8, 4]), [(3, 5), (7, 9)]);
+        assert_eq!(runs(&[1, 3]), [(1, 1), (3, 3)]);
+    }
+
+    #[test]
+    fn in_flight_rows_are_runs_and_the_longest_is_the_range_a_query_passes_over() {
+        let in_flight = InFlight::new(&[9, 3, 4, 5, 7, 4]);
+        let inside: Vec<u64> = (0..12).filter(|s| in_flight.contains(*s)).collect();
+        assert_eq!(inside, [3, 4, 5, 7, 9]);
+        assert_eq!(in_flight.longest(), (3, 5));
+        let none = InFlight::none();
+        assert!(!none.contains(0) && !none.contains(1));
+        assert_eq!(none.longest(), (1, 0), "an empty range");
     }
 
     #[test]
@@ -332,11 +438,11 @@ mod tests {
                 until: 100,
             },
         );
-        let waiting = choose(&rows, &leases, "w", 50, 10);
+        let waiting = choose(&rows, &leases, "w", 50, 10, &InFlight::none());
         assert_eq!(waiting.seqs, [2]);
         assert_eq!(waiting.waiting.len(), 1, "{waiting:?}");
         assert!(waiting.taken_over.is_empty());
-        let expired = choose(&rows, &leases, "w", 150, 10);
+        let expired = choose(&rows, &leases, "w", 150, 10, &InFlight::none());
         assert_eq!(expired.seqs, [1, 2], "an expired lease is free");
         assert_eq!(
             expired.taken_over,
@@ -347,7 +453,7 @@ mod tests {
             }],
             "and taken over"
         );
-        let own = choose(&rows, &leases, "other", 50, 10);
+        let own = choose(&rows, &leases, "other", 50, 10, &InFlight::none());
         assert_eq!(own.seqs, [1, 2], "its own lease");
         assert!(own.waiting.is_empty() && own.taken_over.is_empty());
     }

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
     category, check_field, indexed_fields,
-    outbox::{to_lease, Candidate, Chooser, Lease, Offer},
+    outbox::{self, to_lease, Candidate, Chooser, InFlight, Lease, Offer},
     Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
     PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
 };
@@ -877,22 +877,6 @@ impl SqliteStore {
     }
 }
 
-/// `seqs` as runs of consecutive numbers (first, last), in ascending order: a round's rows are mostly
-/// one run, marked by one statement instead of one per row.
-fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
-    let mut sorted = seqs.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for seq in sorted {
-        match runs.last_mut() {
-            Some((_, last)) if *last + 1 == seq => *last = seq,
-            _ => runs.push((seq, seq)),
-        }
-    }
-    runs
-}
-
 /// A row of `outbox_claimable.sql` as the claim weighs it.
 fn outbox_candidate(r: &Row<'_>) -> rusqlite::Result<Candidate> {
     Ok(Candidate {
@@ -922,8 +906,15 @@ fn outbox_item(r: &Row<'_>, c: Candidate) -> rusqlite::Result<OutboxItem> {
 }
 
 impl Outbox for SqliteStore {
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
+    fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        in_flight: &InFlight,
+    ) -> Result<Claim> {
         let now = super::now_ms();
+        let (first, last) = in_flight.longest();
         self.write(|tx| {
             let leases: HashMap<String, Lease> = tx
                 .prepare_cached(sql::OUTBOX_LEASES)?
@@ -937,12 +928,13 @@ impl Outbox for SqliteStore {
                     ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut chooser = Chooser::new(&leases, worker, now, limit);
+            let mut chooser = Chooser::new(&leases, worker, now, limit, in_flight);
             let mut items = Vec::new();
             // A window of the oldest pending rows (enough to skip a few held-back streams), read only
-            // until the claim is full; a taken row's message comes with it.
+            // until the claim is full; a taken row's message comes with it. The longest run in
+            // flight is passed over in the index, before any row is read.
             let mut claimable = tx.prepare_cached(sql::OUTBOX_CLAIMABLE)?;
-            let mut rows = claimable.query([limit as i64 * 4])?;
+            let mut rows = claimable.query(params![limit as i64 * 4, first, last])?;
             while let Some(row) = rows.next()? {
                 let candidate = outbox_candidate(row)?;
                 match chooser.offer(&candidate) {
@@ -983,7 +975,7 @@ impl Outbox for SqliteStore {
         let at = now();
         self.write(|tx| {
             let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
-            for (first, last) in runs(published) {
+            for (first, last) in outbox::runs(published) {
                 mark.execute(params![first, last, at])?;
             }
             let mut retry = tx.prepare_cached(sql::OUTBOX_RETRY)?;
@@ -1139,14 +1131,4 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             // A schema transaction cut short must not stay open for the next attempt.
             let _ = connection.execute_batch("ROLLBACK");
         })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn published_rows_are_marked_by_runs_of_consecutive_seqs() {
-        assert_eq!(super::runs(&[]), []);
-        assert_eq!(super::runs(&[7, 3, 4, 5, 9, 8, 4]), [(3, 5), (7, 9)]);
-        assert_eq!(super::runs(&[1, 3]), [(1, 1), (3, 3)]);
-    }
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 
 mod schedules;
 
-use super::{DeadLetter, Error, ParkedKey, Store, ABSENT};
+use super::{DeadLetter, Error, InFlight, ParkedKey, Store, ABSENT};
 use crate::{
     message::Kind,
     ownership::Owned,
@@ -301,11 +301,14 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         "a unit without publish writes no outbox rows"
     );
     let lease = std::time::Duration::from_secs(30);
-    let a = outbox.claim("a", 10, lease).unwrap().items;
+    let a = outbox
+        .claim("a", 10, lease, &InFlight::none())
+        .unwrap()
+        .items;
     let targets: Vec<&str> = a.iter().map(|i| i.target.as_str()).collect();
     assert_eq!(targets, ["shop::order", "shop::stock", "shop::order"]);
     assert_eq!(a[0].message.stream, "shop::order-1");
-    let b = outbox.claim("b", 10, lease).unwrap();
+    let b = outbox.claim("b", 10, lease, &InFlight::none()).unwrap();
     assert!(b.items.is_empty(), "streams leased to a stay with a");
     assert_eq!(b.waiting.len(), 2, "b waits for a's leases: {b:?}");
     // The end of a's round, in one call: a row failed, one published. Then a stops, giving its
@@ -317,7 +320,7 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     };
     outbox.settle("a", &[a[1].seq], &[failure]).unwrap();
     outbox.release("a").unwrap();
-    let b = outbox.claim("b", 10, lease).unwrap();
+    let b = outbox.claim("b", 10, lease, &InFlight::none()).unwrap();
     assert!(
         b.items.is_empty(),
         "the order stream waits behind its first row: {b:?}"
@@ -339,7 +342,11 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     );
     assert!(counts.oldest_pending_age_ms.is_some());
     assert!(
-        outbox.claim("b", 10, lease).unwrap().items.is_empty(),
+        outbox
+            .claim("b", 10, lease, &InFlight::none())
+            .unwrap()
+            .items
+            .is_empty(),
         "a held row is never skipped: the rows after it wait"
     );
     let rows = outbox.pending(Some("shop::order"), 10).unwrap();
@@ -359,7 +366,10 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         1,
         "the held row's backoff is cleared"
     );
-    let b = outbox.claim("b", 10, lease).unwrap().items;
+    let b = outbox
+        .claim("b", 10, lease, &InFlight::none())
+        .unwrap()
+        .items;
     assert_eq!(
         b.iter()
             .map(|i| (i.message.stream.as_str(), i.attempts))
@@ -397,24 +407,30 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
     }
     let lease = std::time::Duration::from_secs(60);
     let until = |claim: &super::Claim| claim.waiting.iter().map(|l| l.until).collect::<Vec<_>>();
-    let first = outbox.claim("a", 1, lease).unwrap().items;
+    let first = outbox
+        .claim("a", 1, lease, &InFlight::none())
+        .unwrap()
+        .items;
     outbox.settle("a", &[first[0].seq], &[]).unwrap();
-    let b = outbox.claim("b", 10, lease).unwrap();
+    let b = outbox.claim("b", 10, lease, &InFlight::none()).unwrap();
     assert!(b.items.is_empty(), "a's stream stays a's after its round");
     let leased = until(&b);
     assert_eq!(leased.len(), 1, "{b:?}");
     // Not a wait for anything: time passes, so that a lease written again would end later.
     std::thread::sleep(std::time::Duration::from_millis(5));
-    let second = outbox.claim("a", 1, lease).unwrap().items;
+    let second = outbox
+        .claim("a", 1, lease, &InFlight::none())
+        .unwrap()
+        .items;
     assert_eq!(second[0].message.position, 1, "a's next round goes on");
     assert_eq!(
-        until(&outbox.claim("b", 10, lease).unwrap()),
+        until(&outbox.claim("b", 10, lease, &InFlight::none()).unwrap()),
         leased,
         "a lease with more than three quarters left is not written again"
     );
     outbox.settle("a", &[second[0].seq], &[]).unwrap();
     outbox.release("a").unwrap();
-    let third = outbox.claim("b", 10, lease).unwrap();
+    let third = outbox.claim("b", 10, lease, &InFlight::none()).unwrap();
     assert_eq!(
         third
             .items
@@ -423,6 +439,65 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
             .collect::<Vec<_>>(),
         [2],
         "released: b goes on where a left off ({third:?})"
+    );
+}
+
+/// A processor claims its next round while the broker takes the one before: the claim passes over the
+/// rows in flight, whether the store's query leaves them out (the longest run) or the chooser does,
+/// and they hold back nothing behind them. The rows themselves are left as they were.
+pub(super) fn a_claim_passes_over_the_rows_in_flight(store: &dyn Store) {
+    let outbox = store.outbox().expect("this store keeps an outbox");
+    let messages = vec![
+        event("shop::order-1", 0, None),
+        event("shop::stock-1", 0, None),
+        event("shop::order-1", 1, None),
+        event("shop::order-1", 2, None),
+    ];
+    store
+        .commit(&UnitOfWork {
+            messages,
+            publish: true,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let lease = std::time::Duration::from_secs(30);
+    let taken = |claim: super::Claim| {
+        claim
+            .items
+            .iter()
+            .map(|i| (i.message.stream.clone(), i.message.position))
+            .collect::<Vec<_>>()
+    };
+    let first = outbox.claim("a", 2, lease, &InFlight::none()).unwrap();
+    let seqs: Vec<u64> = first.items.iter().map(|i| i.seq).collect();
+    assert_eq!(
+        taken(first),
+        [("shop::order-1".into(), 0), ("shop::stock-1".into(), 0)]
+    );
+    let all = outbox.pending(None, 10).unwrap();
+    let seq = |n: usize| all[n].seq;
+    assert_eq!(seqs, [seq(0), seq(1)]);
+    let next = outbox.claim("a", 10, lease, &InFlight::new(&seqs)).unwrap();
+    assert_eq!(
+        taken(next),
+        [("shop::order-1".into(), 1), ("shop::order-1".into(), 2)],
+        "the next round, behind the rows in flight"
+    );
+    let apart = InFlight::new(&[seq(0), seq(2)]);
+    assert_eq!(
+        taken(outbox.claim("a", 10, lease, &apart).unwrap()),
+        [("shop::stock-1".into(), 0), ("shop::order-1".into(), 2)],
+        "rows in flight that are not one run"
+    );
+    assert_eq!(
+        outbox.counts(3).unwrap().pending,
+        4,
+        "a claim marks nothing"
+    );
+    outbox.settle("a", &seqs, &[]).unwrap();
+    assert_eq!(
+        taken(outbox.claim("a", 10, lease, &InFlight::none()).unwrap()),
+        [("shop::order-1".into(), 1), ("shop::order-1".into(), 2)]
     );
 }
 
@@ -1075,6 +1150,7 @@ macro_rules! store_conformance {
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
+            #[test] fn a_claim_passes_over_the_rows_in_flight() { let (s, _g) = $make; super::a_claim_passes_over_the_rows_in_flight(&s) }
             #[test] fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them() { let (s, _g) = $make; super::a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(&s) }
             #[test] fn lag_is_counted_per_category_and_ping_answers() { let (s, _g) = $make; super::lag_is_counted_per_category_and_ping_answers(&s) }
             #[test] fn a_higher_fence_commits_and_raises_it() { let (s, _g) = $make; super::a_higher_fence_commits_and_raises_it(&s) }
@@ -1148,7 +1224,12 @@ fn revived_in_order(store: &dyn Store) -> Vec<String> {
     let claim = store
         .outbox()
         .unwrap()
-        .claim("w", 10, std::time::Duration::from_secs(30))
+        .claim(
+            "w",
+            10,
+            std::time::Duration::from_secs(30),
+            &InFlight::none(),
+        )
         .unwrap();
     claim
         .items

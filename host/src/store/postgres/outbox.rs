@@ -10,20 +10,27 @@ use super::{message_at, pool::Conn, sql, PostgresStore};
 use crate::store::{
     now_ms,
     outbox::{choose, to_lease, Candidate, Lease},
-    Claim, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
+    Claim, InFlight, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
 };
 
 impl Outbox for PostgresStore {
-    fn claim(&self, worker: &str, limit: usize, lease: Duration) -> Result<Claim> {
+    fn claim(
+        &self,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        in_flight: &InFlight,
+    ) -> Result<Claim> {
         self.conn()?.transaction_after(sql::LOCK_OUTBOX, |c| {
             let window = limit as i64 * 4;
-            let claimable = Claimable::read(c, window)?;
+            let claimable = Claimable::read(c, window, in_flight.longest())?;
             let choice = choose(
                 &claimable.candidates,
                 &claimable.leases,
                 worker,
                 claimable.now,
                 limit,
+                in_flight,
             );
             let seqs: Vec<i64> = choice.seqs.iter().map(|s| *s as i64).collect();
             let items: Vec<OutboxItem> = if seqs.is_empty() {
@@ -132,13 +139,15 @@ struct Claimable {
 }
 
 impl Claimable {
-    fn read(c: &mut Conn, window: i64) -> Result<Self> {
+    /// `pass_over`: a run of rows in flight, left out by the query.
+    fn read(c: &mut Conn, window: i64, pass_over: (u64, u64)) -> Result<Self> {
+        let (first, last) = (pass_over.0 as i64, pass_over.1 as i64);
         let mut claimable = Self {
             now: 0,
             candidates: Vec::new(),
             leases: HashMap::new(),
         };
-        for r in c.query(sql::OUTBOX_CLAIMABLE, &[&window])? {
+        for r in c.query(sql::OUTBOX_CLAIMABLE, &[&window, &first, &last])? {
             let at = r.get::<_, i64>(4) as u64;
             match r.get::<_, &str>(0) {
                 "clock" => claimable.now = at,
