@@ -275,6 +275,79 @@ pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
     );
 }
 
+/// Consumers racing to commit units of markers alone (handlers that changed nothing) for overlapping
+/// messages: PostgreSQL commits such a unit as one statement. Checked from the store at the end: every
+/// message is marked once, by exactly one unit that succeeded, and a refused unit wrote none of its
+/// markers (a message marked that no successful unit holds would be half of a refused one).
+pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&dyn Store]) {
+    const MESSAGES: usize = 240;
+    const UNIT: usize = 12;
+    let id = |n: usize| format!("m{n:03}");
+    let won: Vec<Vec<Vec<usize>>> = std::thread::scope(|scope| {
+        let racers: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(r, store)| {
+                scope.spawn(move || {
+                    let mut won = Vec::new();
+                    // Each replica walks the messages from its own offset, so that its units overlap
+                    // the others' by a few messages.
+                    for step in 0..MESSAGES / (UNIT / 2) {
+                        let first = (step * UNIT / 2 + r * 5) % MESSAGES;
+                        let unit: Vec<usize> =
+                            (first..first + UNIT).map(|n| n % MESSAGES).collect();
+                        let processed = unit
+                            .iter()
+                            .map(|n| ProcessedMarker {
+                                subscription: "s".into(),
+                                message_id: id(*n),
+                                build_id: format!("replica-{r}"),
+                            })
+                            .collect();
+                        match store.commit(&UnitOfWork {
+                            processed,
+                            ..UnitOfWork::default()
+                        }) {
+                            Ok(_) => won.push(unit),
+                            Err(Error::AlreadyProcessed { .. }) => {}
+                            Err(other) => panic!("replica {r}: {other}"),
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut holders = vec![0; MESSAGES];
+    for n in won.iter().flatten().flatten() {
+        holders[*n] += 1;
+    }
+    let twice: Vec<usize> = (0..MESSAGES).filter(|n| holders[*n] > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "marked by two units that both succeeded: {twice:?}"
+    );
+    let ids: Vec<String> = (0..MESSAGES).map(id).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let marked = replicas[0].processed("s", &ids).unwrap();
+    let orphans: Vec<&&str> = ids
+        .iter()
+        .enumerate()
+        .filter(|(n, id)| marked.contains(**id) && holders[*n] == 0)
+        .map(|(_, id)| id)
+        .collect();
+    assert!(orphans.is_empty(), "markers of refused units: {orphans:?}");
+    let unmarked = (0..MESSAGES).filter(|n| holders[*n] == 1 && !marked.contains(ids[*n]));
+    assert_eq!(
+        unmarked.count(),
+        0,
+        "a successful unit's markers are all there"
+    );
+    let refused = won.iter().map(Vec::len).sum::<usize>() < replicas.len() * MESSAGES / (UNIT / 2);
+    assert!(refused, "no unit was refused: nothing tested");
+}
+
 pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     let outbox = store.outbox().expect("this store keeps an outbox");
     let messages = vec![
@@ -1149,6 +1222,7 @@ macro_rules! store_conformance {
             #[test] fn documents_are_found_by_field() { let (s, _g) = $make; super::documents_are_found_by_field(&s) }
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
+            #[test] fn racing_units_of_markers_alone_mark_each_message_once() { let (s, _g) = $make; super::racing_units_of_markers_alone_mark_each_message_once(&[&s as &dyn super::Store; 4]) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
             #[test] fn a_claim_passes_over_the_rows_in_flight() { let (s, _g) = $make; super::a_claim_passes_over_the_rows_in_flight(&s) }
             #[test] fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them() { let (s, _g) = $make; super::a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(&s) }
