@@ -356,6 +356,8 @@ struct Measured {
     /// User and system time: what the run cost the machine, less sensitive than wall time to
     /// whatever else the machine is doing.
     cpu: Duration,
+    /// The system part of `cpu`: the kernel's work for it (syscalls, wake-ups, I/O).
+    system: Duration,
     stdout: String,
 }
 
@@ -386,6 +388,7 @@ fn run_measured(mut command: Command) -> anyhow::Result<Measured> {
         elapsed,
         rss_kib: peak.join().unwrap_or(0),
         cpu: time(rusage.ru_utime) + time(rusage.ru_stime),
+        system: time(rusage.ru_stime),
         stdout: out,
     })
 }
@@ -755,7 +758,10 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
     );
     let rate = |m: &Measured| events as f64 / m.elapsed.as_secs_f64();
     let share = |m: &Measured| 100.0 * rate(m) / ceiling;
-    let cpu = |m: &Measured| m.cpu.as_secs_f64() * 1e6 / events as f64;
+    let cpu = |m: &Measured| {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / events as f64;
+        format!("{:.1} µs CPU ({:.1} system)", per(m.cpu), per(m.system))
+    };
     Ok(vec![
         Row {
             scenario: "Redis XADD ceiling (redis-benchmark)".into(),
@@ -774,16 +780,16 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         Row {
             scenario: "Redis outbox publishing".into(),
             setup: format!("{events} stored events with outbox rows, no handlers: claim, XADD, mark published; 500 per round; whole process, best of 3"),
-            result: format!("{:.0} events/s ({:.0}% of the XADD ceiling), {:.1} µs CPU per event", rate(&publish), share(&publish), cpu(&publish)),
-            target: "≥ 100,000 events/s".into(),
-            ok: rate(&publish) >= 100_000.0,
+            result: format!("{:.0} events/s ({:.0}% of the XADD ceiling), {} per event", rate(&publish), share(&publish), cpu(&publish)),
+            target: "≥ 100,000 events/s, ≥ 40% of the ceiling".into(),
+            ok: rate(&publish) >= 100_000.0 && share(&publish) >= 40.0,
         },
         Row {
             scenario: "Redis consume, no-op handler".into(),
             setup: format!("{events} entries on the stream: XREADGROUP, handle, commit markers, XACK; 100 per batch; whole process, best of 3"),
-            result: format!("{:.0} messages/s ({:.0}% of the minimal client's consume, {:.0}% of the XADD ceiling), {:.1} µs CPU per message, peak memory {:.1} MB", rate(&consume), 100.0 * rate(&consume) / client.consume, share(&consume), cpu(&consume), consume.rss_mb()),
-            target: "≥ 100,000 messages/s, ≥ 40% of the minimal client".into(),
-            ok: rate(&consume) >= 100_000.0 && rate(&consume) >= 0.4 * client.consume,
+            result: format!("{:.0} messages/s ({:.0}% of the minimal client's consume, {:.0}% of the XADD ceiling), {} per message, peak memory {:.1} MB", rate(&consume), 100.0 * rate(&consume) / client.consume, share(&consume), cpu(&consume), consume.rss_mb()),
+            target: "≥ 100,000 messages/s, ≥ 70% of the minimal client".into(),
+            ok: rate(&consume) >= 100_000.0 && rate(&consume) >= 0.7 * client.consume,
         },
         Row {
             scenario: "Redis end to end, no-op handler".into(),
