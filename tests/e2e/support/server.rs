@@ -9,6 +9,10 @@ use std::{
 
 use super::run::HostCommand;
 
+/// How long a server may take to end by itself, or after a stop: longer than any test's run (test
+/// mode gives up after its 60 s timeout).
+const EXIT_LIMIT: Duration = Duration::from_secs(180);
+
 /// A running server process.
 pub struct Server {
     child: Child,
@@ -153,12 +157,35 @@ impl Server {
     }
 
     /// Wait for the process to exit; returns its code (None if killed by a signal) and all its stderr.
+    /// A process still running after [`EXIT_LIMIT`] is killed and the test fails with its log: a
+    /// server that never ends fails its test instead of hanging the suite.
+    #[track_caller]
     pub fn wait(mut self) -> (Option<i32>, String) {
+        let pid = self.pid();
+        let (exited, watch) = mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let late = watch.recv_timeout(EXIT_LIMIT) == Err(mpsc::RecvTimeoutError::Timeout);
+            if late {
+                // SAFETY: kill(2) on our own child, not reaped yet (wait below has not returned).
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL)
+                };
+            }
+            late
+        });
         let status = self.child.wait().expect("wait for protean-host");
+        let _ = exited.send(());
+        let late = watchdog.join().unwrap_or(false);
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.seen.push(line);
         }
-        (status.code(), self.seen.join("\n"))
+        let log = self.seen.join("\n");
+        assert!(
+            !late,
+            "protean-host {pid} was still running after {EXIT_LIMIT:?}, and was killed:\n{log}"
+        );
+        (status.code(), log)
     }
 }
 
