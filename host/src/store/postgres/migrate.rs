@@ -87,6 +87,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "the category-lock guard trusts the host's record of its locks (no pg_locks scan)",
         sql: include_str!("../sql/postgres/migrations/014_category_lock_guard_fast_path.sql"),
     },
+    Migration {
+        version: 15,
+        name: "a read of several categories takes their locks and reads in one statement",
+        sql: include_str!("../sql/postgres/migrations/015_read_categories_in_one_statement.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -61,7 +61,6 @@ mod sql {
         RECORD_VERSION = "record_version";
         LOCK_APPENDS = "lock_appends";
         LOCK_CATEGORIES = "lock_categories";
-        SHARE_CATEGORIES = "share_categories";
         STREAM_VERSIONS = "stream_versions";
         APPEND = "append";
         OUTBOX_INSERT = "outbox_insert";
@@ -175,9 +174,13 @@ impl PostgresConfig {
         // frozen. Transactions here are SQL only, with nothing to wait for between statements: one idle
         // for a statement's timeout is ended by the server, its locks released and its work rolled back.
         let timeout = self.statement_timeout.as_millis();
+        // Every statement here is short and indexed: a parallel plan (a store's statistics lag behind
+        // a fast-growing table) only starts and stops background workers for it, which the sample flow
+        // on a loaded machine was seen doing for a batch's stream reads.
         config
             .options(&format!(
-                "-c statement_timeout={timeout} -c idle_in_transaction_session_timeout={timeout}"
+                "-c statement_timeout={timeout} -c idle_in_transaction_session_timeout={timeout} \
+                 -c max_parallel_workers_per_gather=0"
             ))
             .connect_timeout(Duration::from_secs(5))
             // A database host that vanishes (no RST: power loss, partition) must fail the statement in
@@ -286,9 +289,10 @@ impl PostgresStore {
 
     /// Several categories: appends to different categories commit in any order (MessageDB clients take
     /// only their category's lock), so a message can become visible below one already seen. Taking the
-    /// categories' locks shared before one snapshot of them all closes that window; a writer that takes
-    /// them in another order could deadlock with this read, so the read gives up its wait first (a lock
-    /// timeout below PostgreSQL's deadlock_timeout) and tries again.
+    /// categories' locks shared before one snapshot of them all closes that window (migration 15 does
+    /// both in one statement); a writer that takes them in another order could deadlock with this read,
+    /// so the read gives up its wait first (a lock timeout below PostgreSQL's deadlock_timeout) and
+    /// tries again.
     fn read_merged(
         &self,
         categories: &[String],
@@ -296,14 +300,15 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<StoredMessage>> {
         const ATTEMPTS: u32 = 20;
+        const LOCK_WAIT: &str = "500ms";
         let mut conn = self.conn()?;
         let mut attempt = 1;
         let rows = loop {
-            let read = conn.transaction(|c| {
-                c.batch("SET LOCAL lock_timeout = '500ms'")?;
-                c.query(sql::SHARE_CATEGORIES, &[&categories])?;
-                c.query(sql::READ_CATEGORIES, &[&categories, &after, &limit])
-            });
+            // A statement of its own (outside a transaction block): the locks end with it.
+            let read = conn.query(
+                sql::READ_CATEGORIES,
+                &[&categories, &after, &limit, &LOCK_WAIT],
+            );
             match read {
                 Err(e) if attempt < ATTEMPTS && is_lock_timeout(&e) => attempt += 1,
                 rows => break rows?,
@@ -596,6 +601,22 @@ mod tests {
             store.head(&[]).unwrap(),
             0,
             "the connection is still usable"
+        );
+    }
+
+    #[test]
+    fn the_hosts_sessions_never_plan_parallel_workers() {
+        let (store, _server) = postgres();
+        let mut conn = store.conn().unwrap();
+        let rows = conn
+            .query("SHOW max_parallel_workers_per_gather", &[])
+            .unwrap();
+        assert_eq!(rows[0].get::<_, &str>(0), "0");
+        let rows = conn.query("SHOW statement_timeout", &[]).unwrap();
+        assert_ne!(
+            rows[0].get::<_, &str>(0),
+            "0",
+            "and the other session options still apply"
         );
     }
 

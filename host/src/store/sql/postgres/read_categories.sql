@@ -1,11 +1,3 @@
--- Several categories in one statement, so one snapshot: a range scan of messages_category per category,
--- each stopped by the limit, merged in global order.
-FROM unnest($1::text[]) AS c(category)
-CROSS JOIN LATERAL (
-    SELECT * FROM message_store.messages AS m
-    WHERE message_store.category(m.stream_name) = c.category AND m.global_position > $2
-    ORDER BY m.global_position
-    LIMIT $3
-) AS messages
-ORDER BY global_position
-LIMIT $3
+-- Several categories in one statement, with their write locks taken shared first (migration 15): no
+-- message of them can still commit below what it returns.
+FROM protean.read_categories_shared($1::text[], $2, $3, $4)
