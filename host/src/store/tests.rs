@@ -34,6 +34,17 @@ pub(crate) fn append(store: &dyn Store, messages: Vec<NewMessage>) -> Result<Opt
     })
 }
 
+/// Commit `messages` as one unit that publishes them (an outbox row each).
+fn publish(store: &dyn Store, messages: Vec<NewMessage>) {
+    store
+        .commit(&UnitOfWork {
+            messages,
+            publish: true,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+}
+
 pub(super) fn positions_are_per_stream_and_global(store: &dyn Store) {
     append(
         store,
@@ -350,18 +361,14 @@ pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&
 
 pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     let outbox = store.outbox().expect("this store keeps an outbox");
-    let messages = vec![
-        event("shop::order-1", 0, None),
-        event("shop::stock-1", 0, None),
-        event("shop::order-2", 0, None),
-    ];
-    store
-        .commit(&UnitOfWork {
-            messages,
-            publish: true,
-            ..UnitOfWork::default()
-        })
-        .unwrap();
+    publish(
+        store,
+        vec![
+            event("shop::order-1", 0, None),
+            event("shop::stock-1", 0, None),
+            event("shop::order-2", 0, None),
+        ],
+    );
     store
         .commit(&UnitOfWork {
             messages: vec![event("shop::order-3", 0, None)],
@@ -470,13 +477,7 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
 ) {
     let outbox = store.outbox().expect("this store keeps an outbox");
     for n in 0..3 {
-        store
-            .commit(&UnitOfWork {
-                messages: vec![event("shop::order-1", n, None)],
-                publish: true,
-                ..UnitOfWork::default()
-            })
-            .unwrap();
+        publish(store, vec![event("shop::order-1", n, None)]);
     }
     let lease = std::time::Duration::from_secs(60);
     let until = |claim: &super::Claim| claim.waiting.iter().map(|l| l.until).collect::<Vec<_>>();
@@ -520,19 +521,15 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
 /// and they hold back nothing behind them. The rows themselves are left as they were.
 pub(super) fn a_claim_passes_over_the_rows_in_flight(store: &dyn Store) {
     let outbox = store.outbox().expect("this store keeps an outbox");
-    let messages = vec![
-        event("shop::order-1", 0, None),
-        event("shop::stock-1", 0, None),
-        event("shop::order-1", 1, None),
-        event("shop::order-1", 2, None),
-    ];
-    store
-        .commit(&UnitOfWork {
-            messages,
-            publish: true,
-            ..UnitOfWork::default()
-        })
-        .unwrap();
+    publish(
+        store,
+        vec![
+            event("shop::order-1", 0, None),
+            event("shop::stock-1", 0, None),
+            event("shop::order-1", 1, None),
+            event("shop::order-1", 2, None),
+        ],
+    );
     let lease = std::time::Duration::from_secs(30);
     let taken = |claim: super::Claim| {
         claim
@@ -1314,16 +1311,13 @@ fn revived_in_order(store: &dyn Store) -> Vec<String> {
 
 /// Two rows of one stream to publish (a test then marks the first 'abandoned', as older builds did).
 fn two_rows_to_publish(store: &dyn Store) {
-    store
-        .commit(&UnitOfWork {
-            messages: vec![
-                event("shop::order-1", 0, None),
-                event("shop::order-2", 0, None),
-            ],
-            publish: true,
-            ..UnitOfWork::default()
-        })
-        .unwrap();
+    publish(
+        store,
+        vec![
+            event("shop::order-1", 0, None),
+            event("shop::order-2", 0, None),
+        ],
+    );
 }
 
 mod sqlite_only {
