@@ -749,7 +749,15 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         store_ticks(fresh.path(), events, true)?;
         both = best(both, run(fresh.path(), "noop")?);
     }
-    let ceiling = xadd_ceiling(&redis, &sample)?;
+    // The median of three: one run of redis-benchmark ranged 323,000-540,000/s on the 2-core VM, and
+    // every ratio to it swung with it.
+    let mut ceilings = Vec::new();
+    for _ in 0..3 {
+        redis_cli(&redis, &["DEL", "ceiling"])?;
+        ceilings.push(xadd_ceiling(&redis, &sample)?);
+    }
+    ceilings.sort_by(f64::total_cmp);
+    let ceiling = ceilings[1];
     let client = ceiling::best_of_three(&redis, &sample, events)?;
     let (publish, consume, both) = (
         publish.context("no run")?,
@@ -765,7 +773,7 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
     Ok(vec![
         Row {
             scenario: "Redis XADD ceiling (redis-benchmark)".into(),
-            setup: format!("same server, {} byte entries, pipeline 100", sample.len()),
+            setup: format!("same server, {} byte entries, pipeline 100; median of 3 runs ({:.0}-{:.0})", sample.len(), ceilings[0], ceilings[2]),
             result: format!("{ceiling:.0} XADD/s"),
             target: "-".into(),
             ok: true,
