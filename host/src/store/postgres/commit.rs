@@ -196,11 +196,10 @@ fn append(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     if messages.is_empty() {
         return Ok(None);
     }
-    c.execute(sql::LOCK_APPENDS, &[])?;
     let mut categories: Vec<&str> = messages.iter().map(|m| category(&m.stream)).collect();
     categories.sort_unstable();
     categories.dedup();
-    c.query(sql::LOCK_CATEGORIES, &[&categories])?;
+    c.query(sql::LOCK_APPENDS, &[&categories])?;
     let positions = positions(c, unit)?;
     let column = |f: fn(&crate::unit_of_work::NewMessage) -> &str| -> Vec<&str> {
         messages.iter().map(f).collect()

@@ -60,7 +60,6 @@ mod sql {
         APPLIED_VERSIONS = "applied_versions";
         RECORD_VERSION = "record_version";
         LOCK_APPENDS = "lock_appends";
-        LOCK_CATEGORIES = "lock_categories";
         STREAM_VERSIONS = "stream_versions";
         APPEND = "append";
         OUTBOX_INSERT = "outbox_insert";
