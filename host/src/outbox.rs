@@ -85,7 +85,7 @@ pub(crate) async fn run(
                 if let Some(sent) = unrecorded.take() {
                     record(&shared, &worker, sent).await?;
                 }
-                match claim(&shared, &worker, &mut head, InFlight::none()).await? {
+                match claim(&shared, &worker, &mut head).await? {
                     Ok(claimed) => claimed,
                     Err(error) => {
                         let trouble = Trouble::Unavailable {
@@ -127,7 +127,7 @@ pub(crate) async fn run(
         // The claim made sure of the leases for three quarters of a lease from its start.
         let deadline = claimed.at + lease / 2;
         let items = claimed.claim.items;
-        let in_flight = InFlight::new(&items.iter().map(|i| i.seq).collect::<Vec<_>>());
+        let in_flight = InFlight::new(items.iter().map(|i| i.seq));
         let (sent, claimed) = tokio::join!(
             send(broker.as_ref(), items, deadline),
             record_and_claim(&shared, &worker, &mut head, unrecorded.take(), in_flight),
@@ -228,16 +228,16 @@ fn nothing_claimed(shared: &Shared, wake_at: Option<u64>, seen: u64) -> Duration
     }
 }
 
+/// A claim with nothing in flight; a failure is returned, for the backoff to report.
 async fn claim(
     shared: &Arc<Shared>,
     worker: &str,
     head: &mut tokio::sync::watch::Receiver<u64>,
-    in_flight: InFlight,
 ) -> Result<Result<Claimed, StoreError>, Fatal> {
     let seen = *head.borrow_and_update();
     let at = tokio::time::Instant::now();
     let (shared, worker) = (shared.clone(), worker.to_owned());
-    let claim = blocking(move || claim_now(&shared, &worker, &in_flight)).await?;
+    let claim = blocking(move || claim_now(&shared, &worker, &InFlight::none())).await?;
     Ok(claim.map(|claim| Claimed { claim, at, seen }))
 }
 

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::support::{
     count_of, each_order_exactly_once, fixture_domain, host, postgres, sample_domain, send_orders,
-    sqlite, start_replicas, status_json, wait_until, RedisServer, Server, TEST_CONFIG,
+    sqlite, start_replicas, start_servers, status_json, wait_until, RedisServer, Server,
+    TEST_CONFIG,
 };
 
 /// The categories the sample flow writes, each a broker stream the outbox publishes to.
@@ -453,6 +454,10 @@ fn a_group_lag_that_redis_miscounts_is_not_trusted() {
     assert!(again.contains("completed"), "{again}");
 }
 
+/// Small rounds, short retries, and a lease whose half (a round's deadline) a pause of Redis outlasts.
+const OVERLAPPING: &str =
+    "[outbox]\nmessages_per_tick = 20\nretry_delay_ms = 10\nmax_retry_delay_ms = 50\nlease_ttl_ms = 1000\n";
+
 /// Rounds overlap: the next claim is read while the broker takes the last round, and published only if
 /// every row of that round was. This breaks the broker (restarts, outages and pauses past the round's
 /// deadline) at points spread over a long flow of three interleaved streams, small rounds, so that
@@ -461,15 +466,32 @@ fn a_group_lag_that_redis_miscounts_is_not_trusted() {
 /// off mid-pipeline is published again, so an entry may repeat, as a replay of what came before it.)
 #[test]
 fn overlapping_rounds_keep_each_stream_in_commit_order_through_broker_faults() {
+    let (redis, dir) = with_redis(OVERLAPPING);
+    let store = sqlite(dir.path());
+    overlapping_rounds_through_broker_faults(redis, dir.path(), store.as_ref(), 1);
+}
+
+/// The same on PostgreSQL, with two replicas whose processors overlap their rounds and compete for the
+/// streams (each holds a stream by its lease, and gives it back once idle for an eighth of it).
+#[test]
+fn two_replicas_overlapping_rounds_on_postgres_keep_each_stream_in_commit_order_through_broker_faults(
+) {
+    let (store, pg) = postgres();
+    let (redis, dir) = with_redis(&format!("{}{OVERLAPPING}", pg.config()));
+    overlapping_rounds_through_broker_faults(redis, dir.path(), store.as_ref(), 2);
+}
+
+fn overlapping_rounds_through_broker_faults(
+    mut redis: RedisServer,
+    dir: &Path,
+    store: &dyn Store,
+    replicas: usize,
+) {
     const EVENTS: u64 = 12_000;
     const STREAMS: [&str; 3] = ["shop::a", "shop::b", "shop::c"];
-    let (mut redis, dir) = with_redis(
-        "[outbox]\nmessages_per_tick = 20\nretry_delay_ms = 10\nmax_retry_delay_ms = 50\nlease_ttl_ms = 1000\n",
-    );
-    let store = sqlite(dir.path());
-    commit_events(store.as_ref(), &STREAMS, EVENTS);
+    commit_events(store, &STREAMS, EVENTS);
     let empty = format!("{}:empty", fixture_domain().display());
-    let server = host(dir.path()).args(["--domain", &empty]).spawn();
+    let servers = start_servers(dir, replicas, &empty);
     let on_broker = |redis: &RedisServer| -> u64 {
         STREAMS
             .iter()
@@ -481,7 +503,7 @@ fn overlapping_rounds_keep_each_stream_in_commit_order_through_broker_faults() {
         wait_until(Duration::from_secs(120), "the outbox to go on", || {
             on_broker(&redis) >= EVENTS * share / 100
         });
-        mid_flow += usize::from(pending(store.as_ref()) > 0);
+        mid_flow += usize::from(pending(store) > 0);
         match n % 3 {
             0 => redis.restart(),
             1 => redis.outage(Duration::from_millis(200)),
@@ -494,9 +516,9 @@ fn overlapping_rounds_keep_each_stream_in_commit_order_through_broker_faults() {
         }
     }
     wait_until(Duration::from_secs(120), "an empty outbox", || {
-        pending(store.as_ref()) == 0
+        pending(store) == 0
     });
-    let log = server.stop_cleanly();
+    let log: String = servers.into_iter().map(Server::stop_cleanly).collect();
     assert!(
         mid_flow >= 3,
         "the faults came after the flow: nothing tested"
@@ -504,7 +526,7 @@ fn overlapping_rounds_keep_each_stream_in_commit_order_through_broker_faults() {
     let failed = log.matches("outbox publish failed").count();
     assert!(failed > 0, "no round failed: nothing tested");
     for stream in STREAMS {
-        let stored = stored_positions(store.as_ref(), stream);
+        let stored = stored_positions(store, stream);
         let published = published_positions(&redis, stream);
         let mut seen = std::collections::HashSet::new();
         let first: Vec<u64> = published

@@ -96,7 +96,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn new(seqs: &[u64]) -> Self {
+    pub fn new(seqs: impl IntoIterator<Item = u64>) -> Self {
         Self { runs: runs(seqs) }
     }
 
@@ -123,8 +123,8 @@ impl InFlight {
 
 /// `seqs` as runs of consecutive numbers (first, last), in ascending order: a round's rows are mostly
 /// one run, marked by one statement instead of one per row.
-pub(super) fn runs(seqs: &[u64]) -> Vec<(u64, u64)> {
-    let mut sorted = seqs.to_vec();
+pub(super) fn runs(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut sorted: Vec<u64> = seqs.into_iter().collect();
     sorted.sort_unstable();
     sorted.dedup();
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -397,7 +397,7 @@ mod tests {
             c(5, "c", 0),
             c(6, "a", 0),
         ];
-        let in_flight = InFlight::new(&[2, 1, 5]);
+        let in_flight = InFlight::new([2, 1, 5]);
         let choice = choose(&rows, &HashMap::new(), "w", 10, 10, &in_flight);
         assert_eq!(choice.seqs, [4, 6], "b still waits for its retry");
         assert_eq!(choice.wake_at, Some(50));
@@ -411,14 +411,14 @@ mod tests {
 
     #[test]
     fn seqs_make_runs_of_consecutive_numbers() {
-        assert_eq!(runs(&[]), []);
-        assert_eq!(runs(&[7, 3, 4, 5, 9, 8, 4]), [(3, 5), (7, 9)]);
-        assert_eq!(runs(&[1, 3]), [(1, 1), (3, 3)]);
+        assert_eq!(runs([]), []);
+        assert_eq!(runs([7, 3, 4, 5, 9, 8, 4]), [(3, 5), (7, 9)]);
+        assert_eq!(runs([1, 3]), [(1, 1), (3, 3)]);
     }
 
     #[test]
     fn in_flight_rows_are_runs_and_the_longest_is_the_range_a_query_passes_over() {
-        let in_flight = InFlight::new(&[9, 3, 4, 5, 7, 4]);
+        let in_flight = InFlight::new([9, 3, 4, 5, 7, 4]);
         let inside: Vec<u64> = (0..12).filter(|s| in_flight.contains(*s)).collect();
         assert_eq!(inside, [3, 4, 5, 7, 9]);
         assert_eq!(in_flight.longest(), (3, 5));

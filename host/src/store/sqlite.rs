@@ -975,7 +975,7 @@ impl Outbox for SqliteStore {
         let at = now();
         self.write(|tx| {
             let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
-            for (first, last) in outbox::runs(published) {
+            for (first, last) in outbox::runs(published.iter().copied()) {
                 mark.execute(params![first, last, at])?;
             }
             let mut retry = tx.prepare_cached(sql::OUTBOX_RETRY)?;

@@ -547,13 +547,15 @@ pub(super) fn a_claim_passes_over_the_rows_in_flight(store: &dyn Store) {
     let all = outbox.pending(None, 10).unwrap();
     let seq = |n: usize| all[n].seq;
     assert_eq!(seqs, [seq(0), seq(1)]);
-    let next = outbox.claim("a", 10, lease, &InFlight::new(&seqs)).unwrap();
+    let next = outbox
+        .claim("a", 10, lease, &InFlight::new(seqs.iter().copied()))
+        .unwrap();
     assert_eq!(
         taken(next),
         [("shop::order-1".into(), 1), ("shop::order-1".into(), 2)],
         "the next round, behind the rows in flight"
     );
-    let apart = InFlight::new(&[seq(0), seq(2)]);
+    let apart = InFlight::new([seq(0), seq(2)]);
     assert_eq!(
         taken(outbox.claim("a", 10, lease, &apart).unwrap()),
         [("shop::stock-1".into(), 0), ("shop::order-1".into(), 2)],
