@@ -31,7 +31,7 @@ const BATCH: usize = 100;
 /// How long each configuration runs, in each of `ROUNDS` rounds.
 const RUN: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 3;
-/// host/src/store/sql/postgres/lock_appends.sql.
+/// The store-wide append lock of protean.append_unit (host/src/store/sql/postgres/migrations).
 const APPEND_LOCK: i64 = 7_362_836_200_114_529_281;
 
 pub(crate) fn rows() -> anyhow::Result<Vec<Row>> {

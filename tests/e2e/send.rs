@@ -290,7 +290,7 @@ fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
     let store = store(&pg);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("protean.toml"), pg.config()).unwrap();
-    // The store's append lock (host/src/store/sql/postgres/lock_appends.sql), held by another session.
+    // The store's append lock (protean.append_unit, migration 16), held by another session.
     let mut holder = std::process::Command::new("psql")
         .args(["-X", "-q", "-d", &pg.uri(), "-c"])
         .arg("SELECT pg_advisory_lock(7362836200114529281); SELECT pg_sleep(600)")
@@ -312,7 +312,7 @@ fn a_restart_before_the_commit_is_not_committed_and_the_retry_stores_once() {
         Duration::from_secs(30),
         "send waiting for the append lock",
         || {
-            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%'") == "1"
+            pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%protean.append_unit%'") == "1"
         },
     );
     pg.restart();

@@ -3,13 +3,11 @@
 //! Each step is one statement over arrays, not one per message, so a batch of a thousand events costs a
 //! handful of round trips.
 
-use std::collections::HashMap;
-
 use postgres::error::SqlState;
 
 use super::{pool::Conn, sql};
 use crate::{
-    store::{category, Error, Result},
+    store::{Error, Result},
     unit_of_work::{Parking, UnitOfWork},
 };
 
@@ -190,69 +188,42 @@ fn raise_fences(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     Ok(())
 }
 
-/// Append the unit's messages after checking every expected version; returns the last global position.
+/// Append the unit's messages after checking every expected version (which chain within the unit);
+/// returns the last global position. One statement (migration 16): it takes the append locks, so
+/// every round trip after it waits for every other appender of the store until the COMMIT.
 fn append(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     let messages = &unit.messages;
     if messages.is_empty() {
         return Ok(None);
     }
-    let mut categories: Vec<&str> = messages.iter().map(|m| category(&m.stream)).collect();
-    categories.sort_unstable();
-    categories.dedup();
-    c.query(sql::LOCK_APPENDS, &[&categories])?;
-    let positions = positions(c, unit)?;
     let column = |f: fn(&crate::unit_of_work::NewMessage) -> &str| -> Vec<&str> {
         messages.iter().map(f).collect()
     };
-    let inserted = c.query(
-        sql::APPEND,
-        &[
-            &column(|m| &m.id),
-            &column(|m| &m.stream),
-            &positions,
-            &column(|m| &m.message_type),
-            &column(|m| &m.data),
-            &column(|m| &m.metadata),
-            &column(|m| &m.time),
-        ],
-    );
-    let mut global: Vec<i64> = match inserted {
-        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
-        Err(error) => return Err(unique_violation(error, unit)),
+    let expected: Vec<Option<i64>> = messages.iter().map(|m| m.expected_version).collect();
+    let row = c
+        .query_opt(
+            sql::APPEND_UNIT,
+            &[
+                &column(|m| &m.id),
+                &column(|m| &m.stream),
+                &expected,
+                &column(|m| &m.message_type),
+                &column(|m| &m.data),
+                &column(|m| &m.metadata),
+                &column(|m| &m.time),
+                &unit.publish,
+            ],
+        )
+        .map_err(|error| unique_violation(error, unit))?
+        .ok_or_else(|| Error::Corrupt("protean.append_unit returned no row".into()))?;
+    let Some(global) = row.get::<_, Option<Vec<i64>>>(0) else {
+        return Err(Error::VersionConflict {
+            stream: row.get(1),
+            expected: row.get(2),
+            actual: row.get(3),
+        });
     };
-    // Positions are drawn from the sequence in row order; sorted, they line up with the messages.
-    global.sort_unstable();
-    if unit.publish {
-        let targets: Vec<&str> = messages.iter().map(|m| category(&m.stream)).collect();
-        c.execute(sql::OUTBOX_INSERT, &[&global, &targets])?;
-    }
     Ok(global.last().map(|g| *g as u64))
-}
-
-/// Each message's stream position, checking expected versions (which chain within the unit).
-fn positions(c: &mut Conn, unit: &UnitOfWork) -> Result<Vec<i64>> {
-    let mut streams: Vec<&str> = unit.messages.iter().map(|m| m.stream.as_str()).collect();
-    streams.sort_unstable();
-    streams.dedup();
-    let mut versions: HashMap<String, i64> = c
-        .query(sql::STREAM_VERSIONS, &[&streams])?
-        .iter()
-        .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(-1)))
-        .collect();
-    let mut positions = Vec::with_capacity(unit.messages.len());
-    for m in &unit.messages {
-        let actual = versions.get(&m.stream).copied().unwrap_or(-1);
-        if let Some(expected) = m.expected_version.filter(|e| *e != actual) {
-            return Err(Error::VersionConflict {
-                stream: m.stream.clone(),
-                expected,
-                actual,
-            });
-        }
-        positions.push(actual + 1);
-        versions.insert(m.stream.clone(), actual + 1);
-    }
-    Ok(positions)
 }
 
 /// A failed insert: a duplicate id is the caller's; a duplicate stream position means a writer that

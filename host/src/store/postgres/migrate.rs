@@ -92,6 +92,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "a read of several categories takes their locks and reads in one statement",
         sql: include_str!("../sql/postgres/migrations/015_read_categories_in_one_statement.sql"),
     },
+    Migration {
+        version: 16,
+        name: "a unit's append takes its locks, checks versions and inserts in one statement",
+        sql: include_str!("../sql/postgres/migrations/016_append_in_one_statement.sql"),
+    },
 ];
 
 /// The latest schema version this build knows.

@@ -59,10 +59,7 @@ mod sql {
         SCHEMA_EXISTS = "schema_exists";
         APPLIED_VERSIONS = "applied_versions";
         RECORD_VERSION = "record_version";
-        LOCK_APPENDS = "lock_appends";
-        STREAM_VERSIONS = "stream_versions";
-        APPEND = "append";
-        OUTBOX_INSERT = "outbox_insert";
+        APPEND_UNIT = "append_unit";
         INSERT_PROCESSED = "insert_processed";
         UPSERT_POSITION = "upsert_position";
         READ_POSITION = "read_position";
