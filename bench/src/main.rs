@@ -511,21 +511,42 @@ fn sample_flow_sqlite(
     });
     let store = SqliteStore::open(&dir.path().join(".protean/store.db"))?;
     let backend = if redis.is_some() { "Redis" } else { "SQLite" };
-    sample_flow(host, sample, orders, backend, &store, &config, dir.path())
+    let flow = Flow {
+        backend,
+        store: &store,
+        config: &config,
+        database_cpu: None,
+    };
+    sample_flow(host, sample, orders, &flow, dir.path())
 }
 
-/// The sample flow from `orders` `PlaceOrder` commands stored in `store` to every order shipped, by a
-/// whole `protean-host` process in `dir` configured with `config` (TOML; a broker means outbox and
-/// streams). The row, and the orders per second.
+/// Where a sample flow runs.
+struct Flow<'a> {
+    /// Its name in the rows.
+    backend: &'a str,
+    store: &'a dyn Store,
+    /// protean.toml (TOML; a broker means outbox and streams).
+    config: &'a str,
+    /// The CPU time a database server in processes of its own has used so far, to print what the
+    /// flow cost it beside the host's own CPU.
+    database_cpu: Option<&'a dyn Fn() -> Duration>,
+}
+
+/// The sample flow from `orders` `PlaceOrder` commands stored in the flow's store to every order
+/// shipped, by a whole `protean-host` process in `dir`. The row, and the orders per second.
 fn sample_flow(
     host: &Path,
     sample: &Path,
     orders: usize,
-    backend: &str,
-    store: &dyn Store,
-    config: &str,
+    flow: &Flow,
     dir: &Path,
 ) -> anyhow::Result<(Row, f64)> {
+    let Flow {
+        backend,
+        store,
+        config,
+        ..
+    } = *flow;
     std::fs::write(dir.join("protean.toml"), config)?;
     let publish = config.contains("[brokers.default]");
     for chunk in (0..orders).collect::<Vec<_>>().chunks(1000) {
@@ -542,12 +563,20 @@ fn sample_flow(
             ..UnitOfWork::default()
         })?;
     }
+    let database_before = flow.database_cpu.map(|cpu| cpu());
     let Measured {
         elapsed,
         rss_kib,
+        cpu,
         stdout: out,
         ..
     } = run_measured(timed(server(host, dir, &sample.display().to_string())))?;
+    let per_order = |d: Duration| d.as_secs_f64() * 1e6 / orders as f64;
+    let mut cpu = format!("host CPU {:.0} µs/order", per_order(cpu));
+    if let (Some(now), Some(before)) = (flow.database_cpu, database_before) {
+        let database = now().saturating_sub(before);
+        cpu += &format!(", {backend} CPU {:.0} µs/order", per_order(database));
+    }
     let shipped = store
         .read_categories(&["fulfilment::order".into()], 0, usize::MAX)?
         .iter()
@@ -566,7 +595,7 @@ fn sample_flow(
         scenario: format!("Sample flow on {backend}, PlaceOrder to shipped"),
         setup: format!("{orders} orders ({messages} handler calls), 8 subscriptions, 100 per batch, whole process; time of all subscriptions by phase: {}", where_time_went(&out)),
         result: format!(
-            "{rate:.0} orders/s, {:.0} messages/s ({:.2} s), peak memory {:.1} MB",
+            "{rate:.0} orders/s, {:.0} messages/s ({:.2} s), {cpu}, peak memory {:.1} MB",
             messages as f64 / elapsed.as_secs_f64(),
             elapsed.as_secs_f64(),
             rss_kib as f64 / 1024.0

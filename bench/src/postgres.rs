@@ -35,15 +35,14 @@ pub fn rows(
     let appended = append_rate(&store, events)?;
     let handled = subscription_rate(host, fixture, &pg, events)?;
     let dir = tempfile::tempdir()?;
-    let (flow, rate) = super::sample_flow(
-        host,
-        sample,
-        orders,
-        "PostgreSQL",
-        &store,
-        &pg.config(),
-        dir.path(),
-    )?;
+    let cpu = || pg.cpu();
+    let flow = super::Flow {
+        backend: "PostgreSQL",
+        store: &store,
+        config: &pg.config(),
+        database_cpu: Some(&cpu),
+    };
+    let (flow, rate) = super::sample_flow(host, sample, orders, &flow, dir.path())?;
     Ok((vec![appended, handled, flow], rate))
 }
 

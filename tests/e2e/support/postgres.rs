@@ -269,6 +269,45 @@ impl PgServer {
         self.psql("SELECT pg_reload_conf()");
     }
 
+    /// The CPU time the cluster has used: the postmaster's, its live children's, and that of the
+    /// children it has reaped (sessions that ended), from /proc. Read before and after a run, the
+    /// difference is what the run cost the database.
+    #[allow(dead_code, reason = "the bench measures with it; the tests do not")]
+    pub fn cpu(&self) -> Duration {
+        let Some(postmaster) = self.child.as_ref().map(Child::id) else {
+            return Duration::ZERO;
+        };
+        // Fields after the command's closing parenthesis: state is 0, ppid 1, utime 11, stime 12,
+        // cutime 13, cstime 14 (proc(5), counted from 1 as fields 3, 4, 14..17).
+        let fields = |stat: &str| -> Vec<u64> {
+            let rest = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+            rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect()
+        };
+        let mut ticks = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let pid: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+            let f = fields(&stat);
+            if f.len() < 15 {
+                continue;
+            }
+            if pid == postmaster {
+                ticks += f[11] + f[12] + f[13] + f[14];
+            } else if f[1] == u64::from(postmaster) {
+                ticks += f[11] + f[12];
+            }
+        }
+        let per_second: u64 = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100);
+        Duration::from_millis(ticks * 1000 / per_second)
+    }
+
     /// Stop the server (fast shutdown: sessions are ended, everything is checkpointed).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
