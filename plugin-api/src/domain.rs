@@ -14,7 +14,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{
     abi::HandlerKind,
-    context::{Context, HostServices, MessageInfo, Timeouts},
+    context::{Context, Document, HostServices, MessageInfo, Timeouts},
     error::{HandlerError, HandlerResult},
     handler::{EventFn, StepFn},
     message::{Command, Event, Message, Naming},
@@ -83,7 +83,7 @@ type Call = Box<dyn Fn(&[u8], &mut Context<'_>) -> HandlerResult + Send + Sync>;
 type Target = Box<dyn Fn(&[u8], &Naming) -> Result<String, HandlerError> + Send + Sync>;
 
 /// What a call of a route will read, known before the call (see [`HostServices::prefetch`]).
-type Reads = Box<dyn Fn(&MessageInfo<'_>, &[u8]) -> Option<Read> + Send + Sync>;
+type Reads = Arc<dyn Fn(&MessageInfo<'_>, &[u8]) -> Option<Read> + Send + Sync>;
 
 /// One read a call will make.
 enum Read {
@@ -106,6 +106,8 @@ pub struct Spec {
     name: String,
     options: HandlerOptions,
     routes: Vec<Route>,
+    /// What a call reads when its route does not say ([`Configure::reads_document`]).
+    reads_otherwise: Option<Reads>,
 }
 
 impl std::fmt::Debug for Spec {
@@ -124,6 +126,7 @@ impl Spec {
             name: name.to_owned(),
             options: HandlerOptions::default(),
             routes: Vec::new(),
+            reads_otherwise: None,
         }
     }
 
@@ -194,6 +197,24 @@ pub trait Configure: Sized {
     /// move on for other handlers, unless set here).
     fn after_dead_letter(mut self, policy: AfterDeadLetter) -> Self {
         self.spec().options.after_dead_letter = Some(policy);
+        self
+    }
+
+    /// Each call reads (with [`Context::get`]) the document `D` whose id is the top-level field `field`
+    /// of the message: a projector's `order_id`. Said here, the host reads the documents of a whole
+    /// batch in one store call before the calls, where each `get` is otherwise a round trip of its own
+    /// to a store across a network. Only a hint: a message without the field, or a call that reads
+    /// something else, reads as before. A process manager's instance and a command handler's
+    /// aggregate are read ahead without it.
+    fn reads_document<D: Document>(mut self, field: &str) -> Self {
+        let field = field.to_owned();
+        self.spec().reads_otherwise = Some(Arc::new(move |_, data| {
+            let id = correlation_value(data, &field).ok()?;
+            Some(Read::Document {
+                collection: D::COLLECTION.to_owned(),
+                id,
+            })
+        }));
         self
     }
 }
@@ -275,7 +296,7 @@ impl<A: crate::Aggregate> CommandHandler<A> {
             route.target = Some(target);
         }
         // A command of `{category}:command-{id}` is most often handled by loading `{category}-{id}`.
-        self.0.reads(Box::new(|info, _| {
+        self.0.reads(Arc::new(|info, _| {
             let (category, id) = info.stream.split_once(":command-")?;
             Some(Read::Stream(format!("{category}-{id}")))
         }));
@@ -393,7 +414,7 @@ where
             format!("pm::{}", self.0.name),
             self.0.options.correlate.clone(),
         );
-        self.0.reads(Box::new(move |_, data| {
+        self.0.reads(Arc::new(move |_, data| {
             let id = correlation_value(data, field.as_deref().unwrap_or_default()).ok()?;
             let collection = collection.clone();
             Some(Read::Document { collection, id })
@@ -551,6 +572,7 @@ impl Domain {
         let mut categories: Vec<String> = Vec::new();
         let mut routes = HashMap::new();
         let mut reads = HashMap::new();
+        let reads_otherwise = spec.reads_otherwise;
         for route in spec.routes {
             let category = format!("{}::{}", naming.normalized(), route.category);
             let category = if kind == HandlerKind::COMMAND_HANDLER {
@@ -566,7 +588,7 @@ impl Domain {
                 self.commands
                     .insert(message_type.clone(), CommandTarget { target });
             }
-            if let Some(read) = route.reads {
+            if let Some(read) = route.reads.or_else(|| reads_otherwise.clone()) {
                 reads.insert(message_type.clone(), read);
             }
             routes.insert(message_type, route.call);

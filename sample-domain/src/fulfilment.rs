@@ -495,7 +495,8 @@ pub fn with_settings(warehouse: &'static str, settings: Settings) -> Domain {
                 .on(summary_reserved)
                 .on(summary_paid)
                 .on(summary_shipped)
-                .on(summary_cancelled),
+                .on(summary_cancelled)
+                .reads_document::<OrderSummary>("order_id"),
         )
 }
 

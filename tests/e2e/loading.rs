@@ -423,9 +423,9 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
     );
 }
 
-/// Through the ABI, a process manager's batch says first which instances it will read, and a command
-/// handler's which aggregates it will load (the host reads them in one round trip); a batch of one says
-/// nothing.
+/// Through the ABI, a process manager's batch says first which instances it will read, a command
+/// handler's which aggregates it will load, and a projector's which documents it declared it reads (the
+/// host reads them in one round trip); a batch of one says nothing.
 #[test]
 fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
     let library = Library::load(sample_domain()).unwrap();
@@ -469,6 +469,31 @@ fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
         "{handler:?}"
     );
     assert_eq!(handler[1..], loads[..]);
+
+    // The projector said which document each event reads (`reads_document`), for every event type.
+    let projector = reads_of("order_summary", &batch("Fulfilment.OrderShipped.v1", 2));
+    let summaries = ["get order_summaries/o1", "get order_summaries/o2"];
+    assert_eq!(
+        projector[0],
+        format!("ahead: {}", summaries.join(", ")),
+        "{projector:?}"
+    );
+    assert_eq!(projector[1..], summaries[..]);
+    // A message without the field is left out of the hint (its call then fails on its own).
+    let no_id = serde_json::json!({"customer": "ada"}).to_string();
+    let mixed = [
+        batch("Fulfilment.OrderShipped.v1", 1).remove(0),
+        Delivery {
+            message_type: "Fulfilment.OrderShipped.v1",
+            ..delivery(&no_id, &streams[1])
+        },
+    ];
+    let recorder = Recorder::default();
+    plugin.handle_batch("order_summary", &mixed, &recorder, LIMIT);
+    assert_eq!(
+        recorder.reads.into_inner(),
+        ["ahead: get order_summaries/o1", "get order_summaries/o1"]
+    );
 
     let alone = reads_of("orders", &batch("Fulfilment.PlaceOrder.v1", 1));
     assert_eq!(alone, ["read fulfilment::order-o1"]);
