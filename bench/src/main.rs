@@ -358,6 +358,9 @@ struct Measured {
     cpu: Duration,
     /// The system part of `cpu`: the kernel's work for it (syscalls, wake-ups, I/O).
     system: Duration,
+    /// Bytes it wrote to files (`ru_oublock`), page by page as the kernel counts them: with a store
+    /// on disk, what its commits cost in writes.
+    written: u64,
     stdout: String,
 }
 
@@ -389,6 +392,7 @@ fn run_measured(mut command: Command) -> anyhow::Result<Measured> {
         rss_kib: peak.join().unwrap_or(0),
         cpu: time(rusage.ru_utime) + time(rusage.ru_stime),
         system: time(rusage.ru_stime),
+        written: rusage.ru_oublock as u64 * 512,
         stdout: out,
     })
 }
@@ -797,7 +801,12 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
     let share = |m: &Measured| 100.0 * rate(m) / ceiling;
     let cpu = |m: &Measured| {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / events as f64;
-        format!("{:.1} µs CPU ({:.1} system)", per(m.cpu), per(m.system))
+        format!(
+            "{:.1} µs CPU ({:.1} system), {:.1} KiB written",
+            per(m.cpu),
+            per(m.system),
+            m.written as f64 / 1024.0 / events as f64
+        )
     };
     Ok(vec![
         Row {
