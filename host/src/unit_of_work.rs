@@ -309,6 +309,8 @@ pub struct ProcessedMarker {
     pub subscription: String,
     /// The message's identity ([`crate::store::StoredMessage::identity`]), not its `headers.id`.
     pub message_id: String,
+    /// The message's global position (0 when it has none), which SQLite keys its markers by.
+    pub global_position: u64,
     pub build_id: String,
 }
 

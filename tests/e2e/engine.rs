@@ -201,6 +201,8 @@ fn a_message_another_consumer_committed_first_is_not_handled_twice() {
             subscription: "chain".into(),
             // The message's identity: its stream and position (the first of its stream).
             message_id: format!("{}@0", taken.stream),
+            // The first message of a new store.
+            global_position: 1,
             build_id: "another replica".into(),
         };
         store

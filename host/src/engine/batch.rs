@@ -28,7 +28,7 @@ use crate::{
     message::{Cause, MetaView, TooBig},
     ordering::{partition_of, Ordering},
     plugin::{Delivery, Failure, Handlers},
-    store::{self, DeadLetter, Store, StoredMessage},
+    store::{self, DeadLetter, MarkerKey, Store, StoredMessage},
     subscription::{
         parking::{self, Parking},
         SubscriptionPlan,
@@ -672,6 +672,7 @@ fn build(
             unit.processed.push(ProcessedMarker {
                 subscription: sub.plan.name.clone(),
                 message_id: m.identity(),
+                global_position: m.global_position,
                 build_id: ctx.plugin.build_id().to_owned(),
             });
             report.handled.push(m.message_type.clone());
@@ -897,13 +898,16 @@ fn already_processed(
     }
     let identities: Vec<String> = messages.iter().map(StoredMessage::identity).collect();
     // Another worker's messages are not looked up: this worker settles them without handling.
-    let ids: Vec<&str> = identities
+    let keys: Vec<MarkerKey<'_>> = messages
         .iter()
+        .zip(&identities)
         .zip(theirs)
         .filter(|(_, theirs)| !**theirs)
-        .map(|(id, _)| id.as_str())
+        .map(|((m, id), _)| m.marker_key(id))
         .collect();
-    let committed = ctx.store.processed(&ctx.subscription.plan.name, &ids)?;
+    let committed = ctx
+        .store
+        .processed_messages(&ctx.subscription.plan.name, &keys)?;
     let mut seen = std::collections::HashSet::new();
     Ok(identities
         .iter()

@@ -820,6 +820,7 @@ fn a_stream_batch_skips_redeliveries_and_duplicates_and_hands_its_dead_letters_t
         .push(crate::unit_of_work::ProcessedMarker {
             subscription: "h".into(),
             message_id: stored[0].identity(),
+            global_position: stored[0].global_position,
             build_id: "older".into(),
         });
     setup.store.commit(&earlier).unwrap();

@@ -64,6 +64,14 @@ impl StoredMessage {
         self.data.len() + self.metadata.len()
     }
 
+    /// How its processed marker is found ([`Store::processed_messages`]).
+    pub fn marker_key<'a>(&self, identity: &'a str) -> MarkerKey<'a> {
+        MarkerKey {
+            global_position: self.global_position,
+            identity,
+        }
+    }
+
     /// The message's identity for exactly-once (processed markers, retry counts, acknowledgements):
     /// `{stream}@{position}`, which no two stored messages share and a redelivery of the same stored
     /// message keeps (a broker entry carries both in `metadata.event_store`). `headers.id` cannot be
@@ -85,6 +93,14 @@ impl StoredMessage {
             self.id.clone()
         }
     }
+}
+
+/// A processed marker's key: the message's identity, and its global position (0 when it has none),
+/// which a store may order its markers by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkerKey<'a> {
+    pub global_position: u64,
+    pub identity: &'a str,
 }
 
 /// A message failed for good, recorded with why and how often it was tried.
@@ -371,8 +387,21 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<StoredMessage>>;
 
     /// Which of `ids` (message identities, [`StoredMessage::identity`]) already have a processed marker
-    /// of `subscription` (a redelivery after a commit).
+    /// of `subscription`, by identity alone: for checks and tools (on SQLite, a scan of the
+    /// subscription's markers). The engine asks [`Store::processed_messages`].
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>>;
+
+    /// Which of a batch's `messages` already have a processed marker of `subscription` (a redelivery
+    /// after a commit), by identity: the identities found. A store may key its markers by global
+    /// position, so that a batch's are written side by side; this finds them by it.
+    fn processed_messages(
+        &self,
+        subscription: &str,
+        messages: &[MarkerKey<'_>],
+    ) -> Result<HashSet<String>> {
+        let ids: Vec<&str> = messages.iter().map(|m| m.identity).collect();
+        self.processed(subscription, &ids)
+    }
 
     /// Record handler calls about to start ([`CallRecord`]), replacing earlier records of the same
     /// messages. Durable before it returns: the call may end the process.

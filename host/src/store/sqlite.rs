@@ -17,10 +17,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::{
     category, check_field, indexed_fields,
     outbox::{self, to_lease, Candidate, Chooser, InFlight, Lease, Offer},
-    Claim, DeadLetter, DocumentVersion, Error, Outbox, OutboxCounts, OutboxItem, ParkedKey,
-    PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
+    Claim, DeadLetter, DocumentVersion, Error, MarkerKey, Outbox, OutboxCounts, OutboxItem,
+    ParkedKey, PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
 };
-use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, UnitOfWork};
+use crate::unit_of_work::{CallRecord, DocumentWrite, Parking, ProcessedMarker, UnitOfWork};
 
 mod checkpoint;
 mod schedules;
@@ -57,6 +57,12 @@ mod sql {
     pub(super) const INSERT_DEAD_LETTER: &str = include_str!("sql/sqlite/insert_dead_letter.sql");
     pub(super) const READ_DEAD_LETTERS: &str = include_str!("sql/sqlite/read_dead_letters.sql");
     pub(super) const IS_PROCESSED: &str = include_str!("sql/sqlite/is_processed.sql");
+    pub(super) const IS_PROCESSED_KEYED: &str = include_str!("sql/sqlite/is_processed_keyed.sql");
+    pub(super) const IS_PROCESSED_BEFORE_POSITIONS: &str =
+        include_str!("sql/sqlite/is_processed_before_positions.sql");
+    pub(super) const HAS_MARKERS_BEFORE_POSITIONS: &str =
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'processed_before_positions'";
+    pub(super) const MARKERS_BY_POSITION: &str = include_str!("sql/sqlite/markers_by_position.sql");
     pub(super) const RESOLVE_DEAD_LETTER: &str = include_str!("sql/sqlite/resolve_dead_letter.sql");
     pub(super) const PURGE_DEAD_LETTERS: &str = include_str!("sql/sqlite/purge_dead_letters.sql");
     pub(super) const REPLAY_COLUMNS: &str = include_str!("sql/sqlite/replay_columns.sql");
@@ -98,6 +104,9 @@ pub struct SqliteStore {
     path: PathBuf,
     connection: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Whether markers an older build wrote are kept by identity alone (markers_by_position.sql), to
+    /// be looked up beside the others.
+    markers_before_positions: bool,
     /// Copies the WAL into the file off the commit path (see `checkpoint`).
     _checkpointer: checkpoint::Checkpointer,
 }
@@ -163,10 +172,14 @@ impl SqliteStore {
         create_private(path)?;
         let connection = Connection::open(path).map_err(|e| sqlite(path, e))?;
         configured(path, &connection)?;
+        let markers_before_positions = connection
+            .query_row(sql::HAS_MARKERS_BEFORE_POSITIONS, [], |r| r.get(0))
+            .map_err(|e| sqlite(path, e))?;
         let store = Self {
             path: path.into(),
             connection: Mutex::new(connection),
             readers: Mutex::default(),
+            markers_before_positions,
             _checkpointer: checkpoint::Checkpointer::start(path).map_err(|e| sqlite(path, e))?,
         };
         Ok(store)
@@ -178,6 +191,31 @@ impl SqliteStore {
         self.connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The identities a marker query returns (its first column).
+    fn marked(&self, query: &str, params: impl rusqlite::Params) -> Result<HashSet<String>> {
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(query)
+            .map_err(|e| self.error(e))?;
+        let found = statement
+            .query_map(params, |row| row.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
+            .map_err(|e| self.error(e))?;
+        Ok(found)
+    }
+
+    /// Which of `ids` (a JSON array) have a marker an older build wrote that could not be rekeyed
+    /// (markers_by_position.sql); none when there are no such markers.
+    fn marked_before_positions(&self, subscription: &str, ids: &str) -> Result<HashSet<String>> {
+        if !self.markers_before_positions {
+            return Ok(HashSet::new());
+        }
+        self.marked(
+            sql::IS_PROCESSED_BEFORE_POSITIONS,
+            params![subscription, ids],
+        )
     }
 
     fn reader(&self) -> Result<Reader<'_>> {
@@ -288,8 +326,13 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339()
 }
 
-/// Apply a unit of work inside an open transaction.
-fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64>, CommitError> {
+/// Apply a unit of work inside an open transaction (`before_positions`: see
+/// [`SqliteStore::markers_before_positions`]).
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    unit: &UnitOfWork,
+    before_positions: bool,
+) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
     record_idempotency_key(tx, unit)?;
     schedules::apply(tx, unit)?;
@@ -350,7 +393,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
         write_document(tx, write)?;
     }
     let at = now();
-    insert_markers(tx, unit, &at)?;
+    insert_markers(tx, unit, &at, before_positions)?;
     if let Some(update) = &unit.position {
         tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![
             update.subscription,
@@ -383,21 +426,37 @@ fn apply(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<Option<u64
     Ok(last)
 }
 
-/// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
 /// The unit's processed markers. The statement is taken from the cache once per unit, not once per
-/// marker (each lookup hashes the SQL text).
+/// marker (each lookup hashes the SQL text). With markers an older build wrote kept by identity alone
+/// (`before_positions`), each marker is looked for there first.
 fn insert_markers(
     tx: &rusqlite::Transaction<'_>,
     unit: &UnitOfWork,
     at: &str,
+    before_positions: bool,
 ) -> Result<(), CommitError> {
     if unit.processed.is_empty() {
         return Ok(());
     }
     let mut insert = tx.prepare_cached(sql::INSERT_PROCESSED)?;
+    let mut before_positions = match before_positions {
+        true => Some(tx.prepare_cached(sql::IS_PROCESSED_BEFORE_POSITIONS)?),
+        false => None,
+    };
     for marker in &unit.processed {
+        let already = |marker: &ProcessedMarker| Error::AlreadyProcessed {
+            subscription: marker.subscription.clone(),
+            message_id: marker.message_id.clone(),
+        };
+        if let Some(lookup) = &mut before_positions {
+            let ids = serde_json::to_string(&[&marker.message_id]).unwrap_or_default();
+            if lookup.exists(params![marker.subscription, ids])? {
+                return Err(already(marker).into());
+            }
+        }
         let inserted = insert.execute(params![
             marker.subscription,
+            marker.global_position as i64,
             marker.message_id,
             marker.build_id,
             at
@@ -406,11 +465,7 @@ fn insert_markers(
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                return Err(Error::AlreadyProcessed {
-                    subscription: marker.subscription.clone(),
-                    message_id: marker.message_id.clone(),
-                }
-                .into());
+                return Err(already(marker).into());
             }
             other => other?,
         };
@@ -418,6 +473,7 @@ fn insert_markers(
     Ok(())
 }
 
+/// Park, hold, settle and unpark, in that order: a key parked by this unit holds its later messages.
 fn apply_parking(
     tx: &rusqlite::Transaction<'_>,
     parking: &Parking,
@@ -608,7 +664,7 @@ impl Store for SqliteStore {
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.error(e))?;
-        match apply(&tx, unit) {
+        match apply(&tx, unit, self.markers_before_positions) {
             Ok(last) => {
                 tx.commit().map_err(|e| self.error(e))?;
                 Ok(last)
@@ -708,16 +764,45 @@ impl Store for SqliteStore {
     }
 
     fn processed(&self, subscription: &str, ids: &[&str]) -> Result<HashSet<String>> {
-        let connection = self.reader()?;
-        let mut statement = connection
-            .prepare_cached(sql::IS_PROCESSED)
-            .map_err(|e| self.error(e))?;
         // One query for the whole batch: the ids travel as one JSON array.
         let ids = serde_json::to_string(ids).unwrap_or_default();
-        let found = statement
-            .query_map(params![subscription, ids], |row| row.get::<_, String>(0))
-            .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<String>>>())
+        let mut found = self.marked(sql::IS_PROCESSED, params![subscription, ids])?;
+        found.extend(self.marked_before_positions(subscription, &ids)?);
+        Ok(found)
+    }
+
+    fn processed_messages(
+        &self,
+        subscription: &str,
+        messages: &[MarkerKey<'_>],
+    ) -> Result<HashSet<String>> {
+        let (positioned, unpositioned): (Vec<&MarkerKey<'_>>, Vec<&MarkerKey<'_>>) =
+            messages.iter().partition(|m| m.global_position > 0);
+        let positions: Vec<u64> = positioned.iter().map(|m| m.global_position).collect();
+        let ids: Vec<&str> = unpositioned.iter().map(|m| m.identity).collect();
+        let positions = serde_json::to_string(&positions).unwrap_or_default();
+        let ids = serde_json::to_string(&ids).unwrap_or_default();
+        let connection = self.reader()?;
+        let mut statement = connection
+            .prepare_cached(sql::IS_PROCESSED_KEYED)
             .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![subscription, positions, ids], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, String>(1)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<(u64, String)>>>())
+            .map_err(|e| self.error(e))?;
+        // A marker under a message's global position is that message's only when it names it too.
+        let mut found: HashSet<String> = messages
+            .iter()
+            .filter(|m| rows.contains(&(m.global_position, m.identity.to_owned())))
+            .map(|m| m.identity.to_owned())
+            .collect();
+        if self.markers_before_positions {
+            let all: Vec<&str> = messages.iter().map(|m| m.identity).collect();
+            let all = serde_json::to_string(&all).unwrap_or_default();
+            found.extend(self.marked_before_positions(subscription, &all)?);
+        }
         Ok(found)
     }
 
@@ -1083,6 +1168,27 @@ fn add_replay_columns(connection: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Processed markers keyed by global position (markers_by_position.sql), on a file an older build
+/// made (inside the schema transaction). The table of markers it could not place goes when empty.
+fn key_markers_by_position(connection: &Connection) -> rusqlite::Result<()> {
+    let present: i64 = connection.query_row(
+        "SELECT count(*) FROM pragma_table_info('processed') WHERE name = 'global_position'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        connection.execute_batch(sql::MARKERS_BY_POSITION)?;
+        let unplaced: i64 =
+            connection.query_row("SELECT count(*) FROM processed_before_positions", [], |r| {
+                r.get(0)
+            })?;
+        if unplaced == 0 {
+            connection.execute_batch("DROP TABLE processed_before_positions")?;
+        }
+    }
+    Ok(())
+}
+
 /// The writer connection of the store file at `path`, configured: its pragmas and the schema.
 fn configured(path: &Path, connection: &Connection) -> Result<()> {
     let error = |e| sqlite(path, e);
@@ -1125,6 +1231,7 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
             migrate(connection)?;
             add_replay_columns(connection)?;
+            key_markers_by_position(connection)?;
             connection.execute_batch("COMMIT;")
         })
         .inspect_err(|_| {

@@ -4,7 +4,7 @@ use serde_json::json;
 
 mod schedules;
 
-use super::{DeadLetter, Error, InFlight, ParkedKey, Store, ABSENT};
+use super::{DeadLetter, Error, InFlight, MarkerKey, ParkedKey, Store, ABSENT};
 use crate::{
     message::Kind,
     ownership::Owned,
@@ -220,6 +220,7 @@ pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
         processed: vec![ProcessedMarker {
             subscription: "s".into(),
             message_id: "m1".into(),
+            global_position: 0,
             build_id: "b".into(),
         }],
         position: Some(PositionUpdate {
@@ -257,6 +258,7 @@ pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
     let marker = |id: &str| ProcessedMarker {
         subscription: "s".into(),
         message_id: id.into(),
+        global_position: 0,
         build_id: "b".into(),
     };
     store
@@ -286,6 +288,61 @@ pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
     );
 }
 
+/// The engine's lookup finds a marker by the message's global position and identity: a redelivered
+/// message is found whether it carries its global position or not (0), and a marker is never found
+/// for another message at the same global position (an entry of another store) or another identity.
+pub(super) fn markers_are_found_by_position_and_identity(store: &dyn Store) {
+    let marker = |global_position: u64, id: &str| ProcessedMarker {
+        subscription: "s".into(),
+        message_id: id.into(),
+        global_position,
+        build_id: "b".into(),
+    };
+    let key = |global_position: u64, identity: &'static str| MarkerKey {
+        global_position,
+        identity,
+    };
+    store
+        .commit(&UnitOfWork {
+            processed: vec![marker(7, "shop::order-1@0"), marker(0, "protean-id")],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let found = store
+        .processed_messages(
+            "s",
+            &[
+                key(7, "shop::order-1@0"),
+                key(0, "protean-id"),
+                key(7, "shop::order-2@0"),
+                key(8, "shop::order-1@1"),
+            ],
+        )
+        .unwrap();
+    let mut found: Vec<String> = found.into_iter().collect();
+    found.sort();
+    assert_eq!(found, ["protean-id", "shop::order-1@0"]);
+    assert!(store
+        .processed_messages("other", &[key(7, "shop::order-1@0")])
+        .unwrap()
+        .is_empty());
+    // By identity alone (checks and tools) too.
+    assert_eq!(store.processed("s", &["shop::order-1@0"]).unwrap().len(), 1);
+    // The same message again is refused, with nothing of its unit written.
+    let again = store.commit(&UnitOfWork {
+        processed: vec![marker(9, "shop::order-3@0"), marker(7, "shop::order-1@0")],
+        ..UnitOfWork::default()
+    });
+    assert!(
+        matches!(again, Err(Error::AlreadyProcessed { .. })),
+        "{again:?}"
+    );
+    assert!(store
+        .processed_messages("s", &[key(9, "shop::order-3@0")])
+        .unwrap()
+        .is_empty());
+}
+
 /// Consumers racing to commit units of markers alone (handlers that changed nothing) for overlapping
 /// messages: PostgreSQL commits such a unit as one statement. Checked from the store at the end: every
 /// message is marked once, by exactly one unit that succeeded, and a refused unit wrote none of its
@@ -312,6 +369,7 @@ pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&
                             .map(|n| ProcessedMarker {
                                 subscription: "s".into(),
                                 message_id: id(*n),
+                                global_position: *n as u64,
                                 build_id: format!("replica-{r}"),
                             })
                             .collect();
@@ -694,6 +752,7 @@ pub(super) fn a_lower_fence_is_refused_and_writes_nothing(store: &dyn Store) {
         processed: vec![ProcessedMarker {
             subscription: "s".into(),
             message_id: "m1".into(),
+            global_position: 0,
             build_id: "b".into(),
         }],
         position: Some(PositionUpdate {
@@ -1215,6 +1274,7 @@ macro_rules! store_conformance {
         mod $backend {
             #[test] fn positions_are_per_stream_and_global() { let (s, _g) = $make; super::positions_are_per_stream_and_global(&s) }
             #[test] fn category_reads_page_by_global_position() { let (s, _g) = $make; super::category_reads_page_by_global_position(&s) }
+            #[test] fn markers_are_found_by_position_and_identity() { let (s, _g) = $make; super::markers_are_found_by_position_and_identity(&s) }
             #[test] fn a_version_conflict_commits_nothing() { let (s, _g) = $make; super::a_version_conflict_commits_nothing(&s) }
             #[test] fn expected_versions_chain_within_a_unit() { let (s, _g) = $make; super::expected_versions_chain_within_a_unit(&s) }
             #[test] fn a_duplicate_message_id_is_refused() { let (s, _g) = $make; super::a_duplicate_message_id_is_refused(&s) }
@@ -1447,6 +1507,108 @@ fn a_store_file_from_before_document_versions_gets_them() {
         "{stale:?}"
     );
     assert!(version(&store, "1") > 1);
+}
+
+/// A store file whose processed markers an older build keyed by identity alone: rekeyed at open, every
+/// one is still found by the engine's lookup and still refuses its message a second time, whether its
+/// message is in this store (found under its global position), a broker entry of another store (under
+/// 0), or an entry without positions.
+#[test]
+fn markers_of_a_store_file_from_before_positions_still_hold() {
+    use crate::store::SqliteStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let old = SqliteStore::open(&path).unwrap();
+    append(
+        &old,
+        vec![
+            event("shop::order-1", 0, None),
+            event("shop::order-1", 1, None),
+        ],
+    )
+    .unwrap();
+    drop(old);
+    let local = "shop::order-1@1";
+    let remote = "billing::invoice-9@4";
+    // Not a message of this store: its name ends like one, and it must not take that message's place.
+    let lookalike = "shop::order-1x@1";
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(&format!(
+            "DROP TABLE processed;
+             CREATE TABLE processed (subscription TEXT NOT NULL, message_id TEXT NOT NULL,
+                 build_id TEXT NOT NULL, processed_at TEXT NOT NULL,
+                 PRIMARY KEY (subscription, message_id)) WITHOUT ROWID;
+             INSERT INTO processed VALUES ('s', '{local}', 'old', 't'), ('s', '{remote}', 'old', 't'),
+                 ('s', 'protean-id', 'old', 't'), ('s', '{lookalike}', 'old', 't');"
+        ))
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    let rows = |sql: &str| -> Vec<String> {
+        let file = rusqlite::Connection::open(&path).unwrap();
+        let mut statement = file.prepare(sql).unwrap();
+        let rows = statement.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert_eq!(
+        rows("SELECT message_id || ' ' || global_position FROM processed"),
+        [format!("{local} 2")]
+    );
+    assert_eq!(
+        rows("SELECT message_id FROM processed_before_positions ORDER BY message_id"),
+        [remote, "protean-id", lookalike]
+    );
+    let keys = [
+        MarkerKey {
+            global_position: 2,
+            identity: local,
+        },
+        MarkerKey {
+            global_position: 31,
+            identity: remote,
+        },
+        MarkerKey {
+            global_position: 0,
+            identity: "protean-id",
+        },
+    ];
+    assert_eq!(store.processed_messages("s", &keys).unwrap().len(), 3);
+    for key in keys {
+        let again = store.commit(&UnitOfWork {
+            processed: vec![ProcessedMarker {
+                subscription: "s".into(),
+                message_id: key.identity.into(),
+                global_position: key.global_position,
+                build_id: "new".into(),
+            }],
+            ..UnitOfWork::default()
+        });
+        assert!(
+            matches!(again, Err(Error::AlreadyProcessed { .. })),
+            "{key:?}: {again:?}"
+        );
+    }
+    assert!(store
+        .processed("s", &[local, remote, "protean-id"])
+        .is_ok_and(|found| found.len() == 3));
+    drop(store);
+
+    // A file whose markers all name its own messages keeps no second table.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(&format!(
+            "DROP TABLE processed; DROP TABLE processed_before_positions;
+             CREATE TABLE processed (subscription TEXT NOT NULL, message_id TEXT NOT NULL,
+                 build_id TEXT NOT NULL, processed_at TEXT NOT NULL,
+                 PRIMARY KEY (subscription, message_id)) WITHOUT ROWID;
+             INSERT INTO processed VALUES ('s', '{local}', 'old', 't');"
+        ))
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    assert!(
+        rows("SELECT name FROM sqlite_master WHERE name = 'processed_before_positions'").is_empty()
+    );
+    assert_eq!(store.processed_messages("s", &[keys[0]]).unwrap().len(), 1);
 }
 
 /// What only the PostgreSQL store offers: migrations, leases and the fence on a stale owner.

@@ -50,12 +50,18 @@ CREATE TABLE IF NOT EXISTS document_fields (
 -- Rewriting a document first removes its old field rows, by id.
 CREATE INDEX IF NOT EXISTS document_fields_by_id ON document_fields (collection, id);
 
+-- Processed markers, keyed by the message's global position before its identity, so that a batch's
+-- markers land side by side at the end of their subscription's keys (keyed by identity alone, they
+-- landed all over the B-tree, each commit of a batch rewriting dozens of pages). A message without a
+-- global position (0: a broker entry published without positions) is found by its identity under 0.
+-- Markers an older build wrote are rekeyed once (markers_by_position.sql).
 CREATE TABLE IF NOT EXISTS processed (
-    subscription TEXT NOT NULL,
-    message_id   TEXT NOT NULL,
-    build_id     TEXT NOT NULL,
-    processed_at TEXT NOT NULL,
-    PRIMARY KEY (subscription, message_id)
+    subscription    TEXT    NOT NULL,
+    global_position INTEGER NOT NULL,
+    message_id      TEXT    NOT NULL,
+    build_id        TEXT    NOT NULL,
+    processed_at    TEXT    NOT NULL,
+    PRIMARY KEY (subscription, global_position, message_id)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS dead_letters (
