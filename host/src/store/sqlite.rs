@@ -1157,26 +1157,27 @@ fn migrate(connection: &Connection) -> rusqlite::Result<()> {
 
 /// The dead-letter columns of replays, on a file an older build made (inside the schema transaction).
 fn add_replay_columns(connection: &Connection) -> rusqlite::Result<()> {
-    let present: i64 = connection.query_row(
-        "SELECT count(*) FROM pragma_table_info('dead_letters') WHERE name = 'replayed_by'",
-        [],
-        |r| r.get(0),
-    )?;
-    if present == 0 {
+    if !has_column(connection, "dead_letters", "replayed_by")? {
         connection.execute_batch(sql::REPLAY_COLUMNS)?;
     }
     Ok(())
 }
 
-/// Processed markers keyed by global position (markers_by_position.sql), on a file an older build
-/// made (inside the schema transaction). The table of markers it could not place goes when empty.
-fn key_markers_by_position(connection: &Connection) -> rusqlite::Result<()> {
-    let present: i64 = connection.query_row(
-        "SELECT count(*) FROM pragma_table_info('processed') WHERE name = 'global_position'",
-        [],
+fn has_column(connection: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    connection.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
         |r| r.get(0),
-    )?;
-    if present == 0 {
+    )
+}
+
+/// Processed markers keyed by global position (markers_by_position.sql), on a file an older build
+/// made (inside the schema transaction): the old table is renamed, the schema makes the new one, and
+/// the markers that can be placed move. The old table goes when none are left in it.
+fn key_markers_by_position(connection: &Connection) -> rusqlite::Result<()> {
+    if !has_column(connection, "processed", "global_position")? {
+        connection.execute_batch("ALTER TABLE processed RENAME TO processed_before_positions")?;
+        connection.execute_batch(sql::SCHEMA)?;
         connection.execute_batch(sql::MARKERS_BY_POSITION)?;
         let unplaced: i64 =
             connection.query_row("SELECT count(*) FROM processed_before_positions", [], |r| {
