@@ -129,7 +129,9 @@ fn redis_entries_sharing_a_headers_id_are_each_handled_once_on_every_store() {
 
 #[test]
 fn a_marker_an_older_build_wrote_still_prevents_a_re_handle() {
-    // SQLite: a store file of the previous schema (user_version 0), its marker naming headers.id.
+    // SQLite: a store file of a build from before schema version 2 (user_version 0), its markers keyed
+    // by identity alone and this one naming headers.id: upgraded at open to the message's identity,
+    // then rekeyed by its global position.
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path());
     let config = TEST_CONFIG;
@@ -144,7 +146,12 @@ fn a_marker_an_older_build_wrote_still_prevents_a_re_handle() {
     let file = dir.path().join(".protean/store.db");
     let db = rusqlite::Connection::open(&file).unwrap();
     db.execute_batch(&format!(
-        "INSERT INTO processed VALUES ('commands:probe::probe', '{sent}', 'old-build', 'then'); PRAGMA user_version = 0;"
+        "DROP TABLE processed;
+         CREATE TABLE processed (subscription TEXT NOT NULL, message_id TEXT NOT NULL,
+             build_id TEXT NOT NULL, processed_at TEXT NOT NULL,
+             PRIMARY KEY (subscription, message_id)) WITHOUT ROWID;
+         INSERT INTO processed VALUES ('commands:probe::probe', '{sent}', 'old-build', 'then');
+         PRAGMA user_version = 0;"
     ))
     .unwrap();
     drop(db);
