@@ -443,11 +443,11 @@ fn insert_markers(
         true => Some(tx.prepare_cached(sql::IS_PROCESSED_BEFORE_POSITIONS)?),
         false => None,
     };
+    let already = |marker: &ProcessedMarker| Error::AlreadyProcessed {
+        subscription: marker.subscription.clone(),
+        message_id: marker.message_id.clone(),
+    };
     for marker in &unit.processed {
-        let already = |marker: &ProcessedMarker| Error::AlreadyProcessed {
-            subscription: marker.subscription.clone(),
-            message_id: marker.message_id.clone(),
-        };
         if let Some(lookup) = &mut before_positions {
             let ids = serde_json::to_string(&[&marker.message_id]).unwrap_or_default();
             if lookup.exists(params![marker.subscription, ids])? {
@@ -790,14 +790,22 @@ impl Store for SqliteStore {
             .query_map(params![subscription, positions, ids], |row| {
                 Ok((row.get::<_, i64>(0)? as u64, row.get::<_, String>(1)?))
             })
-            .and_then(|rows| rows.collect::<rusqlite::Result<HashSet<(u64, String)>>>())
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<(u64, String)>>>())
             .map_err(|e| self.error(e))?;
         // A marker under a message's global position is that message's only when it names it too.
-        let mut found: HashSet<String> = messages
-            .iter()
-            .filter(|m| rows.contains(&(m.global_position, m.identity.to_owned())))
-            .map(|m| m.identity.to_owned())
-            .collect();
+        // Rows are redeliveries, so mostly none: the batch's keys are only gathered for them.
+        let mut found = HashSet::new();
+        if !rows.is_empty() {
+            let wanted: HashSet<(u64, &str)> = messages
+                .iter()
+                .map(|m| (m.global_position, m.identity))
+                .collect();
+            found.extend(
+                rows.into_iter()
+                    .filter(|(position, id)| wanted.contains(&(*position, id.as_str())))
+                    .map(|(_, id)| id),
+            );
+        }
         if self.markers_before_positions {
             let all: Vec<&str> = messages.iter().map(|m| m.identity).collect();
             let all = serde_json::to_string(&all).unwrap_or_default();
