@@ -108,7 +108,7 @@ fn a_stuck_handler_with_messages_waiting_fails_readiness_naming_it() {
     send(dir.path(), "stuck", &format!("block:{}", release.display()));
     send(dir.path(), "waiting", "ok");
     let (mut server, address) = start(dir.path());
-    server.wait_for(&["probe stuck attempt 1"], LIMIT);
+    server.wait_for_since_start(&["probe stuck attempt 1"], LIMIT);
     wait_until(LIMIT, "readiness to fail", || readyz(&address).0 == 503);
     let (_, body) = readyz(&address);
     let reasons = body["reasons"].to_string();
@@ -147,7 +147,7 @@ fn readiness_fails_while_shutting_down_and_liveness_holds() {
     let release = dir.path().join("release");
     send(dir.path(), "slow", &format!("block:{}", release.display()));
     let (mut server, address) = start(dir.path());
-    server.wait_for(&["probe slow attempt 1"], LIMIT);
+    server.wait_for_since_start(&["probe slow attempt 1"], LIMIT);
     server.signal(libc::SIGTERM);
     server.wait_for(&["engine stopping"], LIMIT);
     let (status, body) = readyz(&address);

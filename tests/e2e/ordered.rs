@@ -55,7 +55,7 @@ fn three_replicas_keep_every_key_in_order_through_a_kill_and_a_join() {
         || recorded(store.as_ref(), keys) > 4_500,
     );
     let mut joined = start(dir.path(), 1).remove(0);
-    joined.wait_for(&["partitions taken"], Duration::from_secs(30));
+    joined.wait_for_since_start(&["partitions taken"], Duration::from_secs(30));
     publish_wave(&redis, &wave(keys, 71..=per_key), &slow, &mut global);
     wait_until(Duration::from_secs(120), "every message recorded", || {
         recorded(store.as_ref(), keys) >= keys * per_key as usize
@@ -246,7 +246,7 @@ fn with_group_start_new_a_new_ordered_subscription_skips_the_history() {
     let mut global = 0;
     publish_wave(&redis, &wave(1, 1..=5), &json!({}), &mut global);
     let mut server = start(dir.path(), 1).remove(0);
-    server.wait_for(&["partitions taken"], Duration::from_secs(30));
+    server.wait_for_since_start(&["partitions taken"], Duration::from_secs(30));
     publish_wave(&redis, &wave(1, 6..=10), &json!({}), &mut global);
     let store = sqlite(dir.path());
     wait_until(Duration::from_secs(30), "five records", || {

@@ -193,7 +193,7 @@ fn schedules_due_while_nothing_ran_fire_on_start_late_but_once_and_say_how_late(
         (0..5).map(|n| place_at(n, due + n as i64)).collect(),
     );
     let mut server = start_replicas(dir.path(), 1).remove(0);
-    let line = server.wait_for(&["schedules fired late"], Duration::from_secs(30));
+    let line = server.wait_for_since_start(&["schedules fired late"], Duration::from_secs(30));
     let late: u64 = field(&line, "most_late_ms").parse().unwrap();
     assert!(late >= 90_000, "{line}");
     wait_until(

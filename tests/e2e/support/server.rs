@@ -95,9 +95,27 @@ impl Server {
 
     /// Whether a log line seen so far, or one arriving within `limit`, contains every one of `needles`.
     pub fn seen_or_wait(&mut self, needles: &[&str], limit: Duration) -> bool {
+        self.line_seen_or_arriving(needles, limit).is_some()
+    }
+
+    /// The first log line since the start, seen so far or arriving within `limit`, that contains
+    /// every one of `needles`; fails after `limit`. For a line the process may log before one an
+    /// earlier wait stopped at (a worker's line before "engine started"), which `wait_for` never sees.
+    #[track_caller]
+    pub fn wait_for_since_start(&mut self, needles: &[&str], limit: Duration) -> String {
+        match self.line_seen_or_arriving(needles, limit) {
+            Some(line) => line,
+            None => panic!(
+                "no log line with {needles:?} within {limit:?}; saw:\n{}",
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    fn line_seen_or_arriving(&mut self, needles: &[&str], limit: Duration) -> Option<String> {
         let matches = |line: &str| needles.iter().all(|n| line.contains(n));
-        if self.seen.iter().any(|line| matches(line)) {
-            return true;
+        if let Some(line) = self.seen.iter().find(|line| matches(line)) {
+            return Some(line.clone());
         }
         let deadline = Instant::now() + limit;
         while let Ok(line) = self
@@ -106,10 +124,10 @@ impl Server {
         {
             self.seen.push(line.clone());
             if matches(&line) {
-                return true;
+                return Some(line);
             }
         }
-        false
+        None
     }
 
     /// The address its health server bound (configured on port 0), from its "listening" line.
