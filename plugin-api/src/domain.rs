@@ -87,8 +87,16 @@ type Reads = Arc<dyn Fn(&MessageInfo<'_>, &[u8]) -> Option<Read> + Send + Sync>;
 
 /// One read a call will make.
 enum Read {
-    Document { collection: String, id: String },
+    Document {
+        collection: String,
+        id: String,
+    },
     Stream(String),
+    /// The stream of an aggregate, named when the domain's naming is known.
+    Aggregate {
+        category: &'static str,
+        id: String,
+    },
 }
 
 struct Route {
@@ -106,8 +114,9 @@ pub struct Spec {
     name: String,
     options: HandlerOptions,
     routes: Vec<Route>,
-    /// What a call reads when its route does not say ([`Configure::reads_document`]).
-    reads_otherwise: Option<Reads>,
+    /// What every call reads besides what its route says ([`Configure::reads_document`],
+    /// [`Configure::reads_aggregate`]).
+    reads_declared: Vec<Reads>,
 }
 
 impl std::fmt::Debug for Spec {
@@ -126,7 +135,7 @@ impl Spec {
             name: name.to_owned(),
             options: HandlerOptions::default(),
             routes: Vec::new(),
-            reads_otherwise: None,
+            reads_declared: Vec::new(),
         }
     }
 
@@ -208,10 +217,27 @@ pub trait Configure: Sized {
     /// aggregate are read ahead without it.
     fn reads_document<D: Document>(mut self, field: &str) -> Self {
         let field = field.to_owned();
-        self.spec().reads_otherwise = Some(Arc::new(move |_, data| {
+        self.spec().reads_declared.push(Arc::new(move |_, data| {
             let id = correlation_value(data, &field).ok()?;
             Some(Read::Document {
                 collection: D::COLLECTION.to_owned(),
+                id,
+            })
+        }));
+        self
+    }
+
+    /// Each call loads (with [`Context::load`]) the aggregate `A` whose id is the top-level field
+    /// `field` of the message: an event handler that charges the order its event names. The host then
+    /// reads the aggregates' streams of a whole batch in one store call before the calls, as it does
+    /// for a command handler's own aggregate. Only a hint, like [`Configure::reads_document`]; a
+    /// handler may declare several reads.
+    fn reads_aggregate<A: crate::Aggregate>(mut self, field: &str) -> Self {
+        let field = field.to_owned();
+        self.spec().reads_declared.push(Arc::new(move |_, data| {
+            let id = correlation_value(data, &field).ok()?;
+            Some(Read::Aggregate {
+                category: A::CATEGORY,
                 id,
             })
         }));
@@ -444,25 +470,31 @@ fn correlation_value(data: &[u8], field: &str) -> Result<String, HandlerError> {
 struct Resolved {
     registration: Registration,
     routes: HashMap<String, Call>,
-    reads: HashMap<String, Reads>,
+    reads: HashMap<String, Vec<Reads>>,
 }
 
 impl Resolved {
     /// Tell the host what the calls of `batch` will read, when any of them knows in advance.
-    fn prefetch(&self, batch: &[(MessageInfo<'_>, &[u8])], services: &dyn HostServices) {
+    fn prefetch(
+        &self,
+        batch: &[(MessageInfo<'_>, &[u8])],
+        naming: &Naming,
+        services: &dyn HostServices,
+    ) {
         if self.reads.is_empty() {
             return;
         }
         let (mut documents, mut streams) = (Vec::new(), Vec::new());
         for (info, data) in batch {
-            match self
-                .reads
-                .get(info.message_type)
-                .and_then(|r| r(info, data))
-            {
-                Some(Read::Document { collection, id }) => documents.push((collection, id)),
-                Some(Read::Stream(stream)) => streams.push(stream),
-                None => {}
+            let reads = self.reads.get(info.message_type).into_iter().flatten();
+            for read in reads.filter_map(|r| r(info, data)) {
+                match read {
+                    Read::Document { collection, id } => documents.push((collection, id)),
+                    Read::Stream(stream) => streams.push(stream),
+                    Read::Aggregate { category, id } => {
+                        streams.push(naming.stream_in(category, &id))
+                    }
+                }
             }
         }
         if documents.is_empty() && streams.is_empty() {
@@ -572,7 +604,7 @@ impl Domain {
         let mut categories: Vec<String> = Vec::new();
         let mut routes = HashMap::new();
         let mut reads = HashMap::new();
-        let reads_otherwise = spec.reads_otherwise;
+        let reads_declared = spec.reads_declared;
         for route in spec.routes {
             let category = format!("{}::{}", naming.normalized(), route.category);
             let category = if kind == HandlerKind::COMMAND_HANDLER {
@@ -588,8 +620,13 @@ impl Domain {
                 self.commands
                     .insert(message_type.clone(), CommandTarget { target });
             }
-            if let Some(read) = route.reads.or_else(|| reads_otherwise.clone()) {
-                reads.insert(message_type.clone(), read);
+            let route_reads: Vec<Reads> = route
+                .reads
+                .into_iter()
+                .chain(reads_declared.iter().cloned())
+                .collect();
+            if !route_reads.is_empty() {
+                reads.insert(message_type.clone(), route_reads);
             }
             routes.insert(message_type, route.call);
         }
@@ -642,7 +679,7 @@ impl Domain {
         };
         // One message alone gains nothing from a read ahead.
         if batch.len() > 1 {
-            handler.prefetch(batch, services);
+            handler.prefetch(batch, &self.naming, services);
         }
         for (index, (info, data)) in batch.iter().enumerate() {
             let index = index as u32;
@@ -683,6 +720,138 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&timed).unwrap(),
             r#"{"state":3,"ended":false,"timeouts":["early","late"]}"#
+        );
+    }
+}
+
+#[cfg(test)]
+mod reads_tests {
+    use std::cell::RefCell;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{Domain, EventHandler, ProcessManager};
+    use crate::{
+        context::{HostServices, MessageInfo},
+        prelude::*,
+    };
+
+    #[derive(Debug, Default, Aggregate)]
+    struct Order;
+
+    #[derive(Serialize, Deserialize, Event)]
+    #[event(aggregate = Order)]
+    struct Paid {
+        order_id: String,
+    }
+
+    #[derive(Serialize, Deserialize, Document)]
+    #[document(collection = "summaries", id = order_id)]
+    struct Summary {
+        order_id: String,
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct Flow {
+        paid: bool,
+    }
+
+    fn paid(flow: &mut Flow, _: Paid) {
+        flow.paid = true;
+    }
+
+    /// Answers every read with nothing and records the hints.
+    #[derive(Default)]
+    struct Hints(RefCell<Vec<String>>);
+
+    impl HostServices for Hints {
+        fn raise_event(
+            &self,
+            _: u32,
+            _: &str,
+            _: &str,
+            _: &[u8],
+            _: Option<i64>,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+        fn send_command(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn read_stream(&self, _: &str, _: u64) -> Result<Vec<u8>, String> {
+            Ok(b"[]".to_vec())
+        }
+        fn get_document(&self, _: &str, _: &str) -> Result<Option<Vec<u8>>, String> {
+            Ok(None)
+        }
+        fn put_document(&self, _: u32, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn delete_document(&self, _: u32, _: &str, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
+            Ok(b"[]".to_vec())
+        }
+        fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+            let documents = documents.iter().map(|(c, id)| format!("{c}/{id}"));
+            let streams = streams.iter().map(|s| s.to_string());
+            self.0.borrow_mut().extend(documents.chain(streams));
+        }
+    }
+
+    fn hints_of(domain: &Domain, handler: &str) -> Vec<String> {
+        let data = [br#"{"order_id":"o1"}"#.as_slice(), br#"{"order_id":"o2"}"#];
+        let info = |stream| MessageInfo {
+            id: "id",
+            stream,
+            message_type: "Shop.Paid.v1",
+            position: 0,
+            global_position: 1,
+            metadata: b"{}",
+        };
+        let batch = [
+            (info("shop::order-o1"), data[0]),
+            (info("shop::order-o2"), data[1]),
+        ];
+        let hints = Hints::default();
+        let (handled, failure) = domain.handle_batch(handler, &batch, &hints);
+        assert!(failure.is_none() && handled == 2, "{failure:?}");
+        hints.0.into_inner()
+    }
+
+    #[test]
+    fn a_handler_says_every_read_it_declared_and_its_routes_own() {
+        let domain = Domain::new("Shop")
+            .event_handler(
+                EventHandler::new("notify")
+                    .on(|_: Paid| {})
+                    .reads_document::<Summary>("order_id")
+                    .reads_aggregate::<Order>("order_id"),
+            )
+            .process_manager(
+                ProcessManager::<Flow>::new("flow", "order_id")
+                    .start(paid)
+                    .reads_aggregate::<Order>("order_id"),
+            );
+        assert_eq!(
+            hints_of(&domain, "notify"),
+            [
+                "summaries/o1",
+                "summaries/o2",
+                "shop::order-o1",
+                "shop::order-o2"
+            ]
+        );
+        // The instance (the route's own hint) and the declared aggregate.
+        assert_eq!(
+            hints_of(&domain, "flow"),
+            [
+                "pm::flow/o1",
+                "pm::flow/o2",
+                "shop::order-o1",
+                "shop::order-o2"
+            ]
         );
     }
 }

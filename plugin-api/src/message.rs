@@ -85,7 +85,12 @@ impl Naming {
 
     /// `{category}-{id}`.
     pub fn stream_of<A: Aggregate>(&self, id: &str) -> String {
-        format!("{}-{id}", self.category_of::<A>())
+        self.stream_in(A::CATEGORY, id)
+    }
+
+    /// `{domain}::{category}-{id}`: the stream of the aggregate of `category` (its `CATEGORY`) with `id`.
+    pub(crate) fn stream_in(&self, category: &str, id: &str) -> String {
+        format!("{}::{category}-{id}", self.normalized)
     }
 
     /// `{category}:command-{id}`.

@@ -480,7 +480,11 @@ pub fn with_settings(warehouse: &'static str, settings: Settings) -> Domain {
             CommandHandler::<Payment>::new("payments").on(process_payment_up_to(limit)),
         )
         .event_handler(EventHandler::new("inventory").on(reserve_stock_in(warehouse)))
-        .event_handler(EventHandler::new("billing").on(charge))
+        .event_handler(
+            EventHandler::new("billing")
+                .on(charge)
+                .reads_aggregate::<Order>("order_id"),
+        )
         .process_manager(
             ProcessManager::<Fulfilment>::new("fulfilment", "order_id")
                 .start(fulfilment_started_with(timeout))

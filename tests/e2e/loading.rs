@@ -424,8 +424,9 @@ fn reloading_the_same_path_after_a_rename_loads_the_new_library() {
 }
 
 /// Through the ABI, a process manager's batch says first which instances it will read, a command
-/// handler's which aggregates it will load, and a projector's which documents it declared it reads (the
-/// host reads them in one round trip); a batch of one says nothing.
+/// handler's which aggregates it will load, a projector's which documents it declared it reads and an
+/// event handler's which aggregates it declared it loads (the host reads them in one round trip); a
+/// batch of one says nothing.
 #[test]
 fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
     let library = Library::load(sample_domain()).unwrap();
@@ -493,6 +494,22 @@ fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
     assert_eq!(
         recorder.reads.into_inner(),
         ["ahead: get order_summaries/o1", "get order_summaries/o1"]
+    );
+
+    // Billing declared the order it loads (`reads_aggregate`); the recorder finds no reservation, so
+    // its first call fails after the hint was given.
+    let recorder = Recorder::default();
+    plugin.handle_batch(
+        "billing",
+        &batch("Fulfilment.StockReserved.v1", 2),
+        &recorder,
+        LIMIT,
+    );
+    let reads = recorder.reads.into_inner();
+    assert_eq!(
+        reads.first().map(String::as_str),
+        Some("ahead: read fulfilment::order-o1, read fulfilment::order-o2"),
+        "{reads:?}"
     );
 
     let alone = reads_of("orders", &batch("Fulfilment.PlaceOrder.v1", 1));
