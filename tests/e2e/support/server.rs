@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Stdio},
-    sync::mpsc::{self, Receiver},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -54,48 +54,22 @@ impl Server {
     /// Wait until a log line contains every one of `needles`; fails after `limit`.
     #[track_caller]
     pub fn wait_for(&mut self, needles: &[&str], limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if needles.iter().all(|n| line.contains(n)) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needles:?} within {limit:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
+        let all = |line: &str| needles.iter().all(|n| line.contains(n));
+        self.next_line(all, limit)
+            .unwrap_or_else(|end| self.no_line(&format!("with {needles:?}"), limit, end))
     }
 
     /// Wait until a log line contains one of `needles`; fails after `limit`.
     #[track_caller]
     pub fn wait_for_any(&mut self, needles: &[&str], limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if needles.iter().any(|n| line.contains(n)) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with any of {needles:?} within {limit:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
+        let any = |line: &str| needles.iter().any(|n| line.contains(n));
+        self.next_line(any, limit)
+            .unwrap_or_else(|end| self.no_line(&format!("with any of {needles:?}"), limit, end))
     }
 
     /// Whether a log line seen so far, or one arriving within `limit`, contains every one of `needles`.
     pub fn seen_or_wait(&mut self, needles: &[&str], limit: Duration) -> bool {
-        self.line_seen_or_arriving(needles, limit).is_some()
+        self.line_seen_or_arriving(needles, limit).is_ok()
     }
 
     /// The first log line since the start, seen so far or arriving within `limit`, that contains
@@ -103,31 +77,59 @@ impl Server {
     /// earlier wait stopped at (a worker's line before "engine started"), which `wait_for` never sees.
     #[track_caller]
     pub fn wait_for_since_start(&mut self, needles: &[&str], limit: Duration) -> String {
-        match self.line_seen_or_arriving(needles, limit) {
-            Some(line) => line,
-            None => panic!(
-                "no log line with {needles:?} within {limit:?}; saw:\n{}",
-                self.seen.join("\n")
-            ),
+        self.line_seen_or_arriving(needles, limit)
+            .unwrap_or_else(|end| self.no_line(&format!("with {needles:?}"), limit, end))
+    }
+
+    fn line_seen_or_arriving(
+        &mut self,
+        needles: &[&str],
+        limit: Duration,
+    ) -> Result<String, RecvTimeoutError> {
+        let all = |line: &str| needles.iter().all(|n| line.contains(n));
+        match self.seen.iter().find(|line| all(line)) {
+            Some(line) => Ok(line.clone()),
+            None => self.next_line(all, limit),
         }
     }
 
-    fn line_seen_or_arriving(&mut self, needles: &[&str], limit: Duration) -> Option<String> {
-        let matches = |line: &str| needles.iter().all(|n| line.contains(n));
-        if let Some(line) = self.seen.iter().find(|line| matches(line)) {
-            return Some(line.clone());
-        }
+    /// The next line arriving within `limit` that `matches`; every line read is kept in `seen`.
+    fn next_line(
+        &mut self,
+        matches: impl Fn(&str) -> bool,
+        limit: Duration,
+    ) -> Result<String, RecvTimeoutError> {
         let deadline = Instant::now() + limit;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left)?;
             self.seen.push(line.clone());
             if matches(&line) {
-                return Some(line);
+                return Ok(line);
             }
         }
-        None
+    }
+
+    /// Fail a wait for a line `what`: the process may have exited (its output ended) or still run.
+    #[track_caller]
+    fn no_line(&mut self, what: &str, limit: Duration, end: RecvTimeoutError) -> ! {
+        let why = match end {
+            RecvTimeoutError::Timeout => format!("within {limit:?}"),
+            RecvTimeoutError::Disconnected => {
+                // Its stderr closed: it is exiting; give it a moment to be reaped.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut status = self.exited();
+                while status.is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    status = self.exited();
+                }
+                match status {
+                    Some(status) => format!("before protean-host exited ({status})"),
+                    None => "before protean-host closed its output".into(),
+                }
+            }
+        };
+        panic!("no log line {what} {why}; saw:\n{}", self.seen.join("\n"))
     }
 
     /// The address its health server bound (configured on port 0), from its "listening" line.
