@@ -55,16 +55,21 @@ impl Server {
     #[track_caller]
     pub fn wait_for(&mut self, needles: &[&str], limit: Duration) -> String {
         let all = |line: &str| needles.iter().all(|n| line.contains(n));
-        self.next_line(all, limit)
-            .unwrap_or_else(|end| self.no_line(&format!("with {needles:?}"), limit, end))
+        // A match, not a closure: the failure is reported at the test's line (`track_caller`).
+        match self.next_line(all, limit) {
+            Ok(line) => line,
+            Err(end) => self.no_line(&format!("with {needles:?}"), limit, end),
+        }
     }
 
     /// Wait until a log line contains one of `needles`; fails after `limit`.
     #[track_caller]
     pub fn wait_for_any(&mut self, needles: &[&str], limit: Duration) -> String {
         let any = |line: &str| needles.iter().any(|n| line.contains(n));
-        self.next_line(any, limit)
-            .unwrap_or_else(|end| self.no_line(&format!("with any of {needles:?}"), limit, end))
+        match self.next_line(any, limit) {
+            Ok(line) => line,
+            Err(end) => self.no_line(&format!("with any of {needles:?}"), limit, end),
+        }
     }
 
     /// Whether a log line seen so far, or one arriving within `limit`, contains every one of `needles`.
@@ -77,8 +82,10 @@ impl Server {
     /// earlier wait stopped at (a worker's line before "engine started"), which `wait_for` never sees.
     #[track_caller]
     pub fn wait_for_since_start(&mut self, needles: &[&str], limit: Duration) -> String {
-        self.line_seen_or_arriving(needles, limit)
-            .unwrap_or_else(|end| self.no_line(&format!("with {needles:?}"), limit, end))
+        match self.line_seen_or_arriving(needles, limit) {
+            Ok(line) => line,
+            Err(end) => self.no_line(&format!("with {needles:?}"), limit, end),
+        }
     }
 
     fn line_seen_or_arriving(
