@@ -6,13 +6,18 @@
 -- without positions) stays where it is, by identity, where every lookup and insert also looks while
 -- the table has rows.
 CREATE TEMP TABLE placed AS
-SELECT p.subscription, m.global_position, p.message_id, p.build_id, p.processed_at
-FROM processed_before_positions AS p
+WITH split AS (
+    -- `head` is the identity without its trailing digits: `{stream}@` for an identity.
+    SELECT p.*, rtrim(p.message_id, '0123456789') AS head
+    FROM processed_before_positions AS p
+)
+SELECT s.subscription, m.global_position, s.message_id, s.build_id, s.processed_at
+FROM split AS s
 JOIN messages AS m
-    ON length(rtrim(p.message_id, '0123456789')) < length(p.message_id)
-   AND substr(rtrim(p.message_id, '0123456789'), -1) = '@'
-   AND m.stream_name = substr(p.message_id, 1, length(rtrim(p.message_id, '0123456789')) - 1)
-   AND m.position = CAST(substr(p.message_id, length(rtrim(p.message_id, '0123456789')) + 1) AS INTEGER);
+    ON length(s.head) < length(s.message_id)
+   AND substr(s.head, -1) = '@'
+   AND m.stream_name = substr(s.head, 1, length(s.head) - 1)
+   AND m.position = CAST(substr(s.message_id, length(s.head) + 1) AS INTEGER);
 INSERT INTO processed (subscription, global_position, message_id, build_id, processed_at)
 SELECT * FROM placed;
 DELETE FROM processed_before_positions
