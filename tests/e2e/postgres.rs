@@ -87,6 +87,52 @@ fn db_setup_applies_each_migration_once_and_status_shows_the_version() {
     );
 }
 
+/// Migration 17 drops the table servers of older builds write their document fields to: `db setup`
+/// will not apply it under such a server, says so in one line naming it, and applies it once it stops.
+#[test]
+fn db_setup_refuses_migration_17_while_an_older_server_is_connected() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &pg.config());
+    host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0);
+    pg.psql(include_str!("../fixtures/postgres/before_migration_17.sql"));
+    let mut config: postgres::Config = pg.uri().parse().unwrap();
+    let older = config
+        .application_name("protean-host")
+        .connect(postgres::NoTls)
+        .unwrap();
+    let refused = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(1);
+    let errors = refused.error_lines();
+    assert_eq!(errors.len(), 1, "{}", refused.stderr());
+    assert!(
+        errors[0].contains("migration 17 needs the servers of older builds stopped first"),
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("process "), "{errors:?}");
+    drop(older);
+    let gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'protean-host'";
+    wait_until(
+        Duration::from_secs(10),
+        "the older connection to end",
+        || pg.psql(gone) == "t",
+    );
+    let applied = host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0)
+        .stdout();
+    assert!(
+        applied.contains("applied migration 17: document fields in the document's row"),
+        "{applied}"
+    );
+}
+
 /// (Outside test mode the server waits for the schema instead, with the same reason in its WARN lines.)
 #[test]
 fn a_test_mode_server_on_a_store_not_set_up_names_db_setup() {

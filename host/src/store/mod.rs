@@ -220,6 +220,13 @@ pub enum Error {
         store: String,
         reason: self::postgres::UriError,
     },
+    #[error("migration {migration} needs the servers of older builds stopped first, but these are connected to the PostgreSQL store at {store}: {connected}; stop them, then run `protean-host db setup` again")]
+    OlderServersConnected {
+        store: String,
+        migration: i32,
+        /// Which: process ids and client addresses.
+        connected: String,
+    },
     #[error("the PostgreSQL store at {store} is not set up (schema version {version} of {latest}); run `protean-host db setup`")]
     NotSetUp {
         store: String,

@@ -212,6 +212,47 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
     ));
 }
 
+/// Whatever a value holds (quotes, backslashes, braces, text beyond ASCII, ten thousand characters), a
+/// find by it answers its documents and only those of the collection asked (even where the collection
+/// and field names run into each other).
+pub(super) fn documents_are_found_by_any_value_in_their_own_collection(store: &dyn Store) {
+    let long: String = (0..1000)
+        .map(|i| format!("{i:05}-{}-", i * 7919 % 1009))
+        .collect();
+    let awkward = "a \"quoted\", {braced} \\ back\\slashed, ünïcode";
+    let doc = |collection: &str, id: &str, data: serde_json::Value| DocumentWrite::Put {
+        collection: collection.into(),
+        id: id.into(),
+        data: data.to_string(),
+        expected: None,
+    };
+    let documents = vec![
+        doc("notes", "long", json!({ "text": long, "tag": "x" })),
+        doc("notes", "awkward", json!({ "text": awkward, "a=b": "y" })),
+        doc("notes2", "long", json!({ "text": long })),
+        doc("ab", "1", json!({ "c": 1 })),
+        doc("a", "2", json!({ "bc": 1 })),
+    ];
+    store
+        .commit(&UnitOfWork {
+            documents,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let ids = |collection: &str, field: &str, v: serde_json::Value| -> Vec<String> {
+        let found = store.find_documents(collection, field, &v).unwrap();
+        found.into_iter().map(|d| d.id).collect()
+    };
+    assert_eq!(ids("notes", "text", json!(long)), ["long"]);
+    assert!(ids("notes", "text", json!(format!("{long}!"))).is_empty());
+    assert_eq!(ids("notes2", "text", json!(long)), ["long"]);
+    assert_eq!(ids("notes", "text", json!(awkward)), ["awkward"]);
+    assert_eq!(ids("notes", "tag", json!("x")), ["long"]);
+    assert_eq!(ids("ab", "c", json!(1)), ["1"]);
+    assert_eq!(ids("a", "bc", json!(1)), ["2"]);
+    assert!(ids("a", "c", json!(1)).is_empty());
+}
+
 /// Positions and markers commit with the effects; a second commit of a marker (another consumer got
 /// there first) is refused whole.
 pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
@@ -1279,6 +1320,7 @@ macro_rules! store_conformance {
             #[test] fn expected_versions_chain_within_a_unit() { let (s, _g) = $make; super::expected_versions_chain_within_a_unit(&s) }
             #[test] fn a_duplicate_message_id_is_refused() { let (s, _g) = $make; super::a_duplicate_message_id_is_refused(&s) }
             #[test] fn documents_are_found_by_field() { let (s, _g) = $make; super::documents_are_found_by_field(&s) }
+            #[test] fn documents_are_found_by_any_value_in_their_own_collection() { let (s, _g) = $make; super::documents_are_found_by_any_value_in_their_own_collection(&s) }
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn racing_units_of_markers_alone_mark_each_message_once() { let (s, _g) = $make; super::racing_units_of_markers_alone_mark_each_message_once(&[&s as &dyn super::Store; 4]) }
@@ -1683,6 +1725,103 @@ mod postgres_only {
             super::is_document_conflict(&stale, old, super::version(&store, "1")),
             "{stale:?}"
         );
+    }
+
+    /// Undo migration 17: the document field table older builds wrote, with `rows` in it.
+    fn before_migration_17(server: &super::cluster::PgServer, rows: &str) {
+        server.psql(include_str!(
+            "../../../tests/fixtures/postgres/before_migration_17.sql"
+        ));
+        server.psql(&format!(
+            "INSERT INTO protean.document_fields VALUES {rows}"
+        ));
+    }
+
+    /// Documents an older build indexed are found after migration 17 as the host now looks for them:
+    /// the entries it makes from the old table are the ones this build makes (a collection beyond
+    /// ASCII, whose length in bytes is not its length in characters; an entry long enough to be hashed).
+    #[test]
+    fn documents_an_older_build_indexed_are_found_after_migration_17() {
+        let (store, server) = super::postgres();
+        let long = "x".repeat(600);
+        let (c, data) = (
+            "réservations",
+            serde_json::json!({"order_id": "o1", "note": long}),
+        );
+        store
+            .commit(&UnitOfWork {
+                documents: vec![crate::unit_of_work::DocumentWrite::Put {
+                    collection: c.into(),
+                    id: "r1".into(),
+                    data: data.to_string(),
+                    expected: None,
+                }],
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        before_migration_17(
+            &server,
+            &format!("('{c}', 'order_id', '\"o1\"', 'r1'), ('{c}', 'note', '\"{long}\"', 'r1')"),
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [17]);
+        for (field, value) in [
+            ("order_id", serde_json::json!("o1")),
+            ("note", serde_json::json!(long)),
+        ] {
+            let found = store.find_documents(c, field, &value).unwrap();
+            assert_eq!(found.len(), 1, "found by {field}");
+            assert_eq!(found[0].id, "r1");
+        }
+        assert_eq!(
+            server.psql("SELECT to_regclass('protean.document_fields') IS NULL"),
+            "t",
+            "the old table is gone, so an older server's document write fails"
+        );
+    }
+
+    /// A server of an older build still connected would write the table migration 17 drops: `db setup`
+    /// refuses to apply it, naming the connection, and applies it once that server is gone. A server of
+    /// this build (waiting for the migration) does not stop it.
+    #[test]
+    fn migration_17_waits_for_older_servers_to_stop() {
+        let (store, server) = super::postgres();
+        before_migration_17(&server, "('c', 'f', '1', 'd')");
+        let connect = |name: &str| {
+            let mut config: postgres::Config = server.uri().parse().unwrap();
+            config.application_name(name);
+            config.connect(postgres::NoTls).unwrap()
+        };
+        let _current = connect(&crate::store::postgres::migrate::application_name());
+        let older = connect("protean-host");
+        let pid: i32 = server
+            .psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'protean-host'")
+            .parse()
+            .unwrap();
+        let refused = store.setup().unwrap_err();
+        assert!(
+            matches!(refused, Error::OlderServersConnected { migration: 17, .. }),
+            "{refused}"
+        );
+        let line = refused.to_string();
+        assert!(line.contains(&format!("process {pid} from ")), "{line}");
+        assert!(line.contains("run `protean-host db setup` again"), "{line}");
+        assert_eq!(store.status().unwrap().pending.len(), 1, "nothing applied");
+        drop(older);
+        // The server ends the session after the client's goodbye: wait for it to be gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )) != "0"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the older connection never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [17]);
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! A unit's document writes in a fixed handful of statements, however many documents it writes.
 //!
-//! One statement per document (and one more per indexed field) made a projector's batch of a hundred
-//! documents several hundred round trips, most of a commit's time. Instead: lock the stored rows and
-//! read their versions (one statement), judge every write's expected version here against what is
-//! locked, write the rows (an update, an insert or upsert, a delete: one statement each, only those
-//! needed), then bring the field index in step (read, delete, insert).
+//! One statement per document made a projector's batch of a hundred documents several hundred round
+//! trips, most of a commit's time. Instead: lock the stored rows and read their versions (one
+//! statement), judge every write's expected version here against what is locked, then write the rows
+//! (an update, an insert or upsert, a delete: one statement each, only those needed). A row carries
+//! its field index entries (`fields`, see [`field_entry`]), written with its data.
 //!
 //! Writes of one document chain within a unit: a later write's expected version is judged against
 //! what the earlier ones left (see [`chain`]); only the last one's data is written.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sha2::{Digest, Sha256};
 
 use super::{pool::Conn, sql};
 use crate::{
@@ -45,8 +47,7 @@ pub(super) fn write(c: &mut Conn, writes: &[DocumentWrite]) -> Result<()> {
         .collect();
     let stored = lock(c, &keys)?;
     let plans = chain(writes, &stored)?;
-    write_rows(c, &plans)?;
-    index_fields(c, &plans)
+    write_rows(c, &plans)
 }
 
 /// Lock the stored rows of `keys` and read their versions.
@@ -178,6 +179,7 @@ struct Columns<'a> {
     collections: Vec<&'a str>,
     ids: Vec<&'a str>,
     data: Vec<&'a str>,
+    fields: Vec<String>,
 }
 
 impl<'a> Columns<'a> {
@@ -185,6 +187,7 @@ impl<'a> Columns<'a> {
         self.collections.push(collection);
         self.ids.push(id);
         self.data.push(data);
+        self.fields.push(field_entries(collection, data));
     }
 
     fn is_empty(&self) -> bool {
@@ -195,8 +198,8 @@ impl<'a> Columns<'a> {
         [&self.collections, &self.ids]
     }
 
-    fn with_data(&self) -> [&(dyn postgres::types::ToSql + Sync); 3] {
-        [&self.collections, &self.ids, &self.data]
+    fn with_data(&self) -> [&(dyn postgres::types::ToSql + Sync); 4] {
+        [&self.collections, &self.ids, &self.data, &self.fields]
     }
 
     fn key_pairs(&self) -> impl Iterator<Item = Key<'a>> + '_ {
@@ -207,60 +210,42 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// Bring the field index in step with the documents as written: delete the fields no longer there,
-/// insert the new ones, leave the unchanged ones alone.
-fn index_fields(c: &mut Conn, plans: &BTreeMap<Key<'_>, Plan<'_>>) -> Result<()> {
-    let (collections, ids): (Vec<&str>, Vec<&str>) = plans.keys().copied().unzip();
-    let mut old: HashSet<(String, String, String, String)> = c
-        .query(sql::DOCUMENT_FIELDS_OF, &[&collections, &ids])?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
-    let mut added = FieldRows::default();
-    for ((collection, id), plan) in plans {
-        for (field, value) in plan.data.map(indexed_fields).unwrap_or_default() {
-            let row = ((*collection).to_owned(), (*id).to_owned(), field, value);
-            // A field still there is kept; what remains in `old` afterwards is deleted.
-            if !old.remove(&row) {
-                added.push(row);
-            }
+/// A document's field index entries, as a PostgreSQL array literal (one text parameter per row, as
+/// the statements take their rows as arrays, and arrays of arrays must all be one length).
+fn field_entries(collection: &str, data: &str) -> String {
+    let mut literal = String::from("{");
+    for (field, value) in indexed_fields(data) {
+        if literal.len() > 1 {
+            literal.push(',');
         }
+        literal.push('"');
+        for c in field_entry(collection, &field, &value).chars() {
+            if c == '"' || c == '\\' {
+                literal.push('\\');
+            }
+            literal.push(c);
+        }
+        literal.push('"');
     }
-    if !old.is_empty() {
-        let mut removed = FieldRows::default();
-        old.into_iter().for_each(|row| removed.push(row));
-        c.execute(sql::DOCUMENT_FIELDS_DELETE, &removed.params())?;
-    }
-    if !added.is_empty() {
-        c.execute(sql::DOCUMENT_FIELDS_INSERT, &added.params())?;
-    }
-    Ok(())
+    literal.push('}');
+    literal
 }
 
-/// Field index rows as columns: (collection, field, value, id), the table's order.
-#[derive(Default)]
-struct FieldRows {
-    collections: Vec<String>,
-    fields: Vec<String>,
-    values: Vec<String>,
-    ids: Vec<String>,
-}
+/// Longer entries are hashed: an index entry is limited to a third of a page.
+const LONGEST_ENTRY: usize = 512;
 
-impl FieldRows {
-    fn push(&mut self, (collection, id, field, value): (String, String, String, String)) {
-        self.collections.push(collection);
-        self.fields.push(field);
-        self.values.push(value);
-        self.ids.push(id);
+/// The field index entry of `field` = `value` (canonical JSON) in `collection`; migration 17 makes
+/// the same from the table it replaces. The collection's length comes first, so that no two
+/// (collection, field, value) make one entry whatever the collection's name.
+pub(super) fn field_entry(collection: &str, field: &str, value: &str) -> String {
+    let entry = format!("{}:{collection}{field}={value}", collection.len());
+    if entry.len() <= LONGEST_ENTRY {
+        return entry;
     }
-
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    fn params(&self) -> [&(dyn postgres::types::ToSql + Sync); 4] {
-        [&self.collections, &self.fields, &self.values, &self.ids]
-    }
+    format!(
+        "#{}",
+        crate::message::hex(&Sha256::digest(entry.as_bytes()))
+    )
 }
 
 #[cfg(test)]

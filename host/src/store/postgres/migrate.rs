@@ -5,7 +5,7 @@
 //! under an advisory lock, so two `db setup` runs at once apply each migration exactly once.
 
 use super::{pool::Conn, sql};
-use crate::store::Result;
+use crate::store::{Error, Result};
 
 /// One migration: its version, a name, and its SQL.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +97,35 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "a unit's append takes its locks, checks versions and inserts in one statement",
         sql: include_str!("../sql/postgres/migrations/016_append_in_one_statement.sql"),
     },
+    Migration {
+        version: 17,
+        name: "document fields in the document's row",
+        sql: include_str!("../sql/postgres/migrations/017_document_fields_in_row.sql"),
+    },
 ];
+
+/// Migrations after which servers of older builds would go wrong rather than fail: `db setup` applies
+/// them only while no such server is connected. 17 drops the document field table that older servers
+/// write (their document writes would fail, and be retried, until they stop).
+const OLDER_SERVERS_STOPPED_FIRST: &[i32] = &[17];
+
+/// The application name of this build's connections: the schema version it knows, by which a later
+/// build's `db setup` tells servers of older builds (which all named themselves `protean-host`).
+pub(crate) fn application_name() -> String {
+    format!("protean-host (schema {})", latest())
+}
+
+/// The schema version a connection's application name says its server knows; None for another client.
+fn schema_of(application_name: &str) -> Option<i32> {
+    if application_name == "protean-host" {
+        return Some(16);
+    }
+    application_name
+        .strip_prefix("protean-host (schema ")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()
+}
 
 /// The latest schema version this build knows.
 pub fn latest() -> i32 {
@@ -148,16 +176,48 @@ pub(super) fn status(conn: &mut Conn) -> Result<Status> {
     })
 }
 
-/// Apply the pending migrations; returns those it applied (none when the store is current).
-pub(super) fn setup(conn: &mut Conn) -> Result<Vec<Migration>> {
+/// Apply the pending migrations; returns those it applied (none when the store is current). `store`
+/// names the store in errors.
+pub(super) fn setup(conn: &mut Conn, store: &str) -> Result<Vec<Migration>> {
     conn.transaction(|c| {
         c.batch(sql::LOCK_MIGRATIONS)?;
         c.batch(sql::MIGRATIONS_TABLE)?;
         let pending = status(c)?.pending;
+        refuse_under_older_servers(c, &pending, store)?;
         for migration in &pending {
             c.batch(migration.sql)?;
             c.execute(sql::RECORD_VERSION, &[&migration.version, &migration.name])?;
         }
         Ok(pending)
+    })
+}
+
+/// Refuse when a pending migration needs older servers stopped and one is connected.
+fn refuse_under_older_servers(c: &mut Conn, pending: &[Migration], store: &str) -> Result<()> {
+    let Some(migration) = pending
+        .iter()
+        .find(|m| OLDER_SERVERS_STOPPED_FIRST.contains(&m.version))
+    else {
+        return Ok(());
+    };
+    let older: Vec<String> = c
+        .query(sql::SERVERS_CONNECTED, &[])?
+        .iter()
+        .filter(|r| schema_of(r.get(1)).is_some_and(|known| known < migration.version))
+        .map(|r| {
+            format!(
+                "process {} from {}",
+                r.get::<_, i32>(0),
+                r.get::<_, &str>(2)
+            )
+        })
+        .collect();
+    if older.is_empty() {
+        return Ok(());
+    }
+    Err(Error::OlderServersConnected {
+        store: store.to_owned(),
+        migration: migration.version,
+        connected: older.join(", "),
     })
 }

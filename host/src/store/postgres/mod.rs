@@ -59,6 +59,7 @@ mod sql {
         SCHEMA_EXISTS = "schema_exists";
         APPLIED_VERSIONS = "applied_versions";
         RECORD_VERSION = "record_version";
+        SERVERS_CONNECTED = "servers_connected";
         APPEND_UNIT = "append_unit";
         INSERT_PROCESSED = "insert_processed";
         UPSERT_POSITION = "upsert_position";
@@ -74,9 +75,6 @@ mod sql {
         DOCUMENTS_UPSERT = "documents_upsert";
         DOCUMENTS_INSERT = "documents_insert";
         DOCUMENTS_DELETE = "documents_delete";
-        DOCUMENT_FIELDS_OF = "document_fields_of";
-        DOCUMENT_FIELDS_DELETE = "document_fields_delete";
-        DOCUMENT_FIELDS_INSERT = "document_fields_insert";
         DOCUMENT_VERSION = "document_version";
         READ_DOCUMENTS = "read_documents";
         INSERT_IDEMPOTENCY_KEY = "insert_idempotency_key";
@@ -187,7 +185,8 @@ impl PostgresConfig {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(self.statement_timeout + Duration::from_secs(10))
-            .application_name("protean-host");
+            // With the schema version: `db setup` tells the servers of older builds by it.
+            .application_name(&migrate::application_name());
         Ok((config, connector))
     }
 
@@ -259,7 +258,7 @@ impl PostgresStore {
 
     /// Apply pending migrations; returns those applied.
     pub fn setup(&self) -> Result<Vec<migrate::Migration>> {
-        migrate::setup(&mut *self.conn()?)
+        migrate::setup(&mut *self.conn()?, &self.label)
     }
 
     /// The schema version and the pending migrations.
@@ -422,7 +421,11 @@ impl Store for PostgresStore {
         check_field(field)?;
         let rows = self.conn()?.query(
             sql::FIND_DOCUMENTS,
-            &[&collection, &field, &value.to_string()],
+            &[&documents::field_entry(
+                collection,
+                field,
+                &value.to_string(),
+            )],
         )?;
         Ok(rows
             .iter()

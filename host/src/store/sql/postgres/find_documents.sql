@@ -1,5 +1,6 @@
-SELECT d.id, d.data, d.version
-FROM protean.document_fields f
-JOIN protean.documents d ON d.collection = f.collection AND d.id = f.id
-WHERE f.collection = $1 AND f.field = $2 AND f.value = $3
-ORDER BY f.id
+-- The entry names the collection, so the field index alone answers (and the planner has no other
+-- index to prefer).
+SELECT id, data, version
+FROM protean.documents
+WHERE fields @> ARRAY[$1::text]
+ORDER BY id
