@@ -22,6 +22,9 @@
 //! - memory per message: peak RSS growth handling one message of 1, 5 and 20 MB, over its size, on
 //!   SQLite and Redis (`limits.rs`).
 //!
+//! `--pg-statements` adds to the postgres group the statements the sample flow spent the database's time
+//! in (`pg_stat_statements`, which then runs during the flow; off by default, as it costs a little).
+//!
 //! `--only word,word` runs the groups whose names contain a word (abi, inspect, sqlite, isolation,
 //! sample, redis, ordered, latency, callgrind, ops, reload, postgres, pgceiling, peer, limits, schedules).
 #![allow(missing_docs, unreachable_pub)]
@@ -178,7 +181,9 @@ fn main() -> anyhow::Result<()> {
         )?);
     }
     if wanted("postgres") {
-        let (measured, on_postgres) = postgres::rows(&host, &fixture, &sample, events, orders)?;
+        let statements = args.iter().any(|a| a == "--pg-statements");
+        let (measured, on_postgres) =
+            postgres::rows(&host, &fixture, &sample, events, orders, statements)?;
         rows.extend(measured);
         // The ratio is of two runs of the same bench, one after the other.
         let on_sqlite = match on_sqlite {

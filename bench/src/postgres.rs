@@ -28,12 +28,23 @@ pub fn rows(
     sample: &Path,
     events: usize,
     orders: usize,
+    statements: bool,
 ) -> anyhow::Result<(Vec<Row>, f64)> {
-    let pg = cluster::PgServer::durable();
+    let pg = if statements {
+        cluster::PgServer::durable_with(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track=all",
+        ])
+    } else {
+        cluster::PgServer::durable()
+    };
     let store = PostgresStore::connect(&pg.store_config())?;
     store.setup()?;
     let appended = append_rate(&store, events)?;
     let handled = subscription_rate(host, fixture, &pg, events)?;
+    if statements {
+        pg.psql("CREATE EXTENSION pg_stat_statements; SELECT pg_stat_statements_reset()");
+    }
     let dir = tempfile::tempdir()?;
     let cpu = || pg.cpu();
     let flow = super::Flow {
@@ -43,7 +54,25 @@ pub fn rows(
         database_cpu: Some(&cpu),
     };
     let (flow, rate) = super::sample_flow(host, sample, orders, &flow, dir.path())?;
+    if statements {
+        print_statements(&pg);
+    }
     Ok((vec![appended, handled, flow], rate))
+}
+
+/// The statements the sample flow spent the database's time in, nested ones (inside `append_unit`)
+/// included, so a wait for a lock shows as the statement that took it.
+fn print_statements(pg: &cluster::PgServer) {
+    println!("Sample flow on PostgreSQL: statements by total time (pg_stat_statements, nested included):");
+    let statements = pg.psql(
+        "SELECT format('%s ms, %s calls, %s rows: %s', round(total_exec_time), calls, rows, \
+                 left(regexp_replace(regexp_replace(query, '--[^\\n]*', '', 'g'), '\\s+', ' ', 'g'), 100)) \
+             FROM pg_stat_statements WHERE query NOT IN ('BEGIN', 'COMMIT') \
+             ORDER BY total_exec_time DESC LIMIT 20",
+    );
+    for line in statements.lines() {
+        println!("  {}", line.trim());
+    }
 }
 
 fn ticks(from: usize, count: usize) -> Vec<NewMessage> {

@@ -214,7 +214,8 @@ pub(super) fn documents_are_found_by_field(store: &dyn Store) {
 
 /// Whatever a value holds (quotes, backslashes, braces, text beyond ASCII, ten thousand characters), a
 /// find by it answers its documents and only those of the collection asked (even where the collection
-/// and field names run into each other).
+/// and field names run into each other); a document with a field no find could name (a NUL in it) is
+/// written and found by its other fields.
 pub(super) fn documents_are_found_by_any_value_in_their_own_collection(store: &dyn Store) {
     let long: String = (0..1000)
         .map(|i| format!("{i:05}-{}-", i * 7919 % 1009))
@@ -228,7 +229,11 @@ pub(super) fn documents_are_found_by_any_value_in_their_own_collection(store: &d
     };
     let documents = vec![
         doc("notes", "long", json!({ "text": long, "tag": "x" })),
-        doc("notes", "awkward", json!({ "text": awkward, "a=b": "y" })),
+        doc(
+            "notes",
+            "awkward",
+            json!({ "text": awkward, "a=b": "y", "nul\u{0}key": 1 }),
+        ),
         doc("notes2", "long", json!({ "text": long })),
         doc("ab", "1", json!({ "c": 1 })),
         doc("a", "2", json!({ "bc": 1 })),

@@ -40,6 +40,16 @@ impl PgServer {
         Self::create(true)
     }
 
+    /// A durable cluster with more `-c name=value` settings (the bench's statement statistics).
+    #[track_caller]
+    #[allow(dead_code, reason = "the bench measures on it; the tests do not")]
+    pub fn durable_with(settings: &[&str]) -> Self {
+        let mut server = Self::prepare(true, Self::free_port());
+        server.settings = settings.iter().map(|s| (*s).to_owned()).collect();
+        server.launch();
+        server
+    }
+
     /// A cluster on `port` (chosen by the test, to start the server after a client that waits for it).
     #[allow(dead_code, reason = "the bench does not use it")]
     #[track_caller]
@@ -49,11 +59,15 @@ impl PgServer {
 
     #[track_caller]
     fn create(durable: bool) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
+        Self::create_on(durable, Self::free_port())
+    }
+
+    #[track_caller]
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
-            .port();
-        Self::create_on(durable, port)
+            .port()
     }
 
     #[track_caller]

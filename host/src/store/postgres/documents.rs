@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::{pool::Conn, sql};
 use crate::{
-    store::{indexed_fields, DocumentVersion, Error, Result, ABSENT},
+    store::{check_field, indexed_fields, DocumentVersion, Error, Result, ABSENT},
     unit_of_work::DocumentWrite,
 };
 
@@ -211,10 +211,15 @@ impl<'a> Columns<'a> {
 }
 
 /// A document's field index entries, as a PostgreSQL array literal (one text parameter per row, as
-/// the statements take their rows as arrays, and arrays of arrays must all be one length).
+/// the statements take their rows as arrays, and arrays of arrays must all be one length). Only the
+/// fields `find` accepts: another name could never be found, and one holding a NUL (which JSON can
+/// escape) is refused by PostgreSQL's text, which would fail the whole write.
 fn field_entries(collection: &str, data: &str) -> String {
     let mut literal = String::from("{");
-    for (field, value) in indexed_fields(data) {
+    let findable = indexed_fields(data)
+        .into_iter()
+        .filter(|(field, _)| check_field(field).is_ok());
+    for (field, value) in findable {
         if literal.len() > 1 {
             literal.push(',');
         }
