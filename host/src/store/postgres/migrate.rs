@@ -117,6 +117,7 @@ pub(crate) fn application_name() -> String {
 
 /// The schema version a connection's application name says its server knows; None for another client.
 fn schema_of(application_name: &str) -> Option<i32> {
+    // Every build before migration 17 named its connections plainly.
     if application_name == "protean-host" {
         return Some(16);
     }
