@@ -1785,6 +1785,35 @@ mod postgres_only {
         );
     }
 
+    /// `find` is a lookup in the field index, not a scan of the collection: the plan a prepared statement
+    /// settles on (generic, for any value) uses the GIN index, on a collection of thousands.
+    #[test]
+    fn a_find_is_planned_on_the_field_index() {
+        let (store, server) = super::postgres();
+        let documents = (0..2000)
+            .map(|i| crate::unit_of_work::DocumentWrite::Put {
+                collection: "reservations".into(),
+                id: format!("r{i}"),
+                data: serde_json::json!({"order_id": format!("o{i}"), "qty": i % 3}).to_string(),
+                expected: None,
+            })
+            .collect();
+        store
+            .commit(&UnitOfWork {
+                documents,
+                ..UnitOfWork::default()
+            })
+            .unwrap();
+        server.psql("ANALYZE protean.documents");
+        let find = include_str!("sql/postgres/find_documents.sql");
+        let plan = server.psql(&format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE find(text) AS {find}; \
+             EXPLAIN EXECUTE find('12:reservationsorder_id=\"o7\"')"
+        ));
+        assert!(plan.contains("documents_by_field"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
+
     /// A server of an older build still connected would write the table migration 17 drops: `db setup`
     /// refuses to apply it, naming the connection, and applies it once that server is gone. A server of
     /// this build (waiting for the migration) does not stop it.
