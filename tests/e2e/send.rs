@@ -129,8 +129,12 @@ impl Shared {
     /// The commit's answer is lost: close this connection, or every one when the database goes away.
     fn cut(&self, client: &TcpStream, server: &TcpStream, cut: Cut) {
         if cut == Cut::AndRefuse {
+            // Under the lock the accepting thread registers under: a connection accepted meanwhile is
+            // either closed here or refused there, never left open (the pool opens one in the
+            // background, which once found the command through it and answered "committed").
+            let clients = self.clients.lock().unwrap();
             self.refusing.store(true, Ordering::SeqCst);
-            for other in self.clients.lock().unwrap().iter() {
+            for other in clients.iter() {
                 let _ = other.shutdown(Shutdown::Both);
             }
         }
@@ -151,15 +155,14 @@ impl Proxy {
         let refusing = shared.refusing.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
-                if shared.refusing.load(Ordering::SeqCst) {
-                    continue; // dropped: the client sees the connection closed at once
+                {
+                    let mut clients = shared.clients.lock().unwrap();
+                    if shared.refusing.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees the connection closed at once
+                    }
+                    clients.push(client.try_clone().unwrap());
                 }
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
-                shared
-                    .clients
-                    .lock()
-                    .unwrap()
-                    .push(client.try_clone().unwrap());
                 let shared = shared.clone();
                 std::thread::spawn(move || relay(client, server, &shared, cut));
             }
