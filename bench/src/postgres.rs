@@ -30,14 +30,15 @@ pub fn rows(
     orders: usize,
     statements: bool,
 ) -> anyhow::Result<(Vec<Row>, f64)> {
-    let pg = if statements {
-        cluster::PgServer::durable_with(&[
+    let settings: &[&str] = if statements {
+        &[
             "shared_preload_libraries=pg_stat_statements",
             "pg_stat_statements.track=all",
-        ])
+        ]
     } else {
-        cluster::PgServer::durable()
+        &[]
     };
+    let pg = cluster::PgServer::durable_with(settings);
     let store = PostgresStore::connect(&pg.store_config())?;
     store.setup()?;
     let appended = append_rate(&store, events)?;

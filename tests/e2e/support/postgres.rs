@@ -37,7 +37,7 @@ impl PgServer {
     #[track_caller]
     #[allow(dead_code, reason = "the bench measures on it; the tests do not")]
     pub fn durable() -> Self {
-        Self::create(true)
+        Self::durable_with(&[])
     }
 
     /// A durable cluster with more `-c name=value` settings (the bench's statement statistics).

@@ -138,7 +138,7 @@ fn write_rows(c: &mut Conn, plans: &BTreeMap<Key<'_>, Plan<'_>>) -> Result<()> {
     for (key, plan) in plans {
         match (plan.stored, plan.data) {
             (Some(_), Some(data)) => update.push(*key, data),
-            (Some(_), None) => delete.push(*key, ""),
+            (Some(_), None) => delete.push_key(*key),
             (None, Some(data)) if plan.needs_absent => insert.push(*key, data),
             (None, Some(data)) => upsert.push(*key, data),
             // Absent and left absent (a delete of a document not stored): nothing to write.
@@ -183,11 +183,16 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn push(&mut self, (collection, id): Key<'a>, data: &'a str) {
+    /// A row the statement names by key alone (a delete): no data, no field index entries.
+    fn push_key(&mut self, (collection, id): Key<'a>) {
         self.collections.push(collection);
         self.ids.push(id);
+    }
+
+    fn push(&mut self, key: Key<'a>, data: &'a str) {
+        self.push_key(key);
         self.data.push(data);
-        self.fields.push(field_entries(collection, data));
+        self.fields.push(field_entries(key.0, data));
     }
 
     fn is_empty(&self) -> bool {
