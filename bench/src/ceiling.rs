@@ -14,22 +14,12 @@ pub(crate) struct ClientCeiling {
     pub(crate) consume: f64,
 }
 
-/// The best of three runs, as the host's figures are.
-pub(crate) fn best_of_three(
+/// One run of the minimal client: add `events` entries, then read and acknowledge them all.
+pub(crate) fn minimal_client(
     redis: &Redis,
     payload: &str,
     events: usize,
 ) -> anyhow::Result<ClientCeiling> {
-    let mut best = minimal_client(redis, payload, events)?;
-    for _ in 0..2 {
-        let run = minimal_client(redis, payload, events)?;
-        best.xadd = best.xadd.max(run.xadd);
-        best.consume = best.consume.max(run.consume);
-    }
-    Ok(best)
-}
-
-fn minimal_client(redis: &Redis, payload: &str, events: usize) -> anyhow::Result<ClientCeiling> {
     const BATCH: usize = 100;
     const STREAM: &str = "ceiling:client";
     let mut conn =
