@@ -496,8 +496,15 @@ async fn handle(
             (outcome, back)
         })
     });
-    let (batch, ()) = tokio::join!(batch, source.meanwhile(shutdown));
-    let ((outcome, back), spent) = batch?;
+    // A read ahead that outlasts the batch is time spent reading, not the engine's.
+    let batch = async { (batch.await, Instant::now()) };
+    let read = async {
+        source.meanwhile(shutdown).await;
+        Instant::now()
+    };
+    let ((batch, ran), read) = tokio::join!(batch, read);
+    let ((outcome, back), mut spent) = batch?;
+    spent.add(Phase::Read, read.saturating_duration_since(ran));
     Ok((outcome, back, spent))
 }
 
