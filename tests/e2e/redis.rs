@@ -151,6 +151,55 @@ fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
     assert!(dead.contains("entry has no text field `data`"), "{dead}");
 }
 
+/// One entry per batch: every entry after the first is read, and decoded, while the batch before it
+/// runs. Poison read that way is dead-lettered like poison read first.
+#[test]
+fn poison_read_ahead_is_dead_lettered_and_the_rest_goes_on() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    probe(&store, &redis, &[("first", "ok")]);
+    for fields in [
+        ["data", "{not json"],
+        ["other", "field"],
+        ["data", "[1, 2]"],
+    ] {
+        redis.cli(&["XADD", "probe::probe:command", "*", fields[0], fields[1]]);
+    }
+    let config = format!(
+        "{TEST_CONFIG}messages_per_tick = 1\n{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        redis.config()
+    );
+    let engine = engine(fixture_domain(), "probe", store.clone(), &config);
+    for id in ["a", "b", "c"] {
+        engine
+            .send(
+                "Probe.Run.v1",
+                &json!({ "id": id, "behaviour": "ok" }),
+                None,
+            )
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(report.totals.retries, 0);
+    for id in ["a", "b", "c"] {
+        assert_eq!(ran(store.as_ref(), id), 1, "{id} ran once");
+    }
+    let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
+    assert_eq!(
+        dead.matches("entry data is not a JSON object").count(),
+        2,
+        "{dead}"
+    );
+    assert!(dead.contains("entry has no text field `data`"), "{dead}");
+    let pending = redis.cli(&["XPENDING", "probe::probe:command", "commands:probe::probe"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "nothing left pending: {pending}"
+    );
+}
+
 #[test]
 fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let mut redis = RedisServer::start();

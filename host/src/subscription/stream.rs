@@ -39,9 +39,9 @@ pub(crate) struct Stream {
     retrying: bool,
     /// The next batch, read while the last one was handled. Entries read are pending on this
     /// consumer, so they are handled even when a stop comes after they were read.
-    ahead: Vec<Entry>,
-    /// Read while the batch in flight runs; the next batch once it committed.
-    next: Vec<Entry>,
+    ahead: Vec<Decoded>,
+    /// Read and decoded while the batch in flight runs; the next batch once it committed.
+    next: Vec<Decoded>,
     /// The entries of the batch in flight, by the identity of their message.
     origin: HashMap<String, Vec<Entry>>,
 }
@@ -114,11 +114,11 @@ impl Stream {
     }
 
     /// Dead-letter the entries that are no message; the messages of the others, in store order.
-    async fn decode(&mut self, entries: Vec<Entry>) -> Result<Vec<StoredMessage>, Trouble> {
+    async fn sort(&mut self, entries: Vec<Decoded>) -> Result<Vec<StoredMessage>, Trouble> {
         let mut messages = Vec::new();
         self.origin.clear();
-        for entry in entries {
-            match entry.message().map_err(|e| e.to_string()) {
+        for Decoded { entry, message } in entries {
+            match message {
                 Ok(message) => {
                     self.origin
                         .entry(message.identity())
@@ -232,7 +232,7 @@ impl Source for Stream {
             let (count, block) = (self.count(), self.config.block);
             let consumer = self.consumer()?;
             tokio::select! {
-                read = consumer.read(count, block) => read.map_err(Trouble::broker)?,
+                read = consumer.read(count, block) => decode(read.map_err(Trouble::broker)?),
                 _ = shutdown.cancelled() => return Ok(Fetched::Stop),
             }
         } else {
@@ -245,7 +245,7 @@ impl Source for Stream {
             });
         }
         let read = entries.len();
-        let messages = self.decode(entries).await?;
+        let messages = self.sort(entries).await?;
         let attempts = self.attempts().await?;
         Ok(Fetched::Work(Work {
             messages,
@@ -259,15 +259,16 @@ impl Source for Stream {
         }))
     }
 
-    /// Read the next batch while this one runs. A failed read-ahead is not an error here: its entries,
-    /// if any, are pending and read again.
+    /// Read and decode the next batch while this one runs: decoding is a fifth of a message's work,
+    /// done here on another core. A failed read-ahead is not an error here: its entries, if any, are
+    /// pending and read again.
     async fn meanwhile(&mut self, shutdown: &CancellationToken) {
         if self.retrying || shutdown.is_cancelled() {
             return;
         }
         let count = self.count();
         if let Some(consumer) = self.consumer.as_mut() {
-            self.next = consumer.read_ahead(count).await.unwrap_or_default();
+            self.next = decode(consumer.read_ahead(count).await.unwrap_or_default());
         }
     }
 
@@ -321,6 +322,22 @@ impl Source for Stream {
         self.flush().await;
         tracing::info!(subscription = %self.name(), "stream subscription stopped");
     }
+}
+
+/// An entry read, and the message it holds or why it holds none.
+struct Decoded {
+    entry: Entry,
+    message: Result<StoredMessage, String>,
+}
+
+fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
+    entries
+        .into_iter()
+        .map(|entry| Decoded {
+            message: entry.message().map_err(|e| e.to_string()),
+            entry,
+        })
+        .collect()
 }
 
 /// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the
