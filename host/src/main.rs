@@ -5,6 +5,7 @@
 use std::{io::BufRead, process::ExitCode};
 
 // The command line and what only it needs live in the binary, not in the library embedders link.
+mod allocator;
 mod cli;
 mod discovery;
 mod logging;
