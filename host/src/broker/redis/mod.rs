@@ -212,12 +212,15 @@ impl Broker for RedisBroker {
     async fn publish(&self, stream: &str, payloads: Vec<String>) -> Result<()> {
         let mut pipe = redis::pipe();
         for payload in payloads {
-            pipe.cmd("XADD")
+            // Sized up front: grown argument by argument, a command's buffer was reallocated and
+            // copied several times per entry.
+            let mut xadd = redis::Cmd::with_capacity(5, 9 + stream.len() + payload.len());
+            xadd.arg("XADD")
                 .arg(stream)
                 .arg("*")
                 .arg("data")
-                .arg(payload)
-                .ignore();
+                .arg(payload);
+            pipe.add_command(xadd).ignore();
         }
         let mut conn = self.commands.clone();
         match pipe.query_async::<()>(&mut conn).await {
