@@ -12,10 +12,15 @@ use crate::support::{
 };
 
 fn config(redis: &RedisServer) -> String {
+    config_with(redis, "")
+}
+
+/// [`config`] with more `[server]` settings.
+fn config_with(redis: &RedisServer, server: &str) -> String {
     // The probe's commands on Redis: these tests are about stream subscriptions (commands read the
     // store by default).
     format!(
-        "{TEST_CONFIG}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
+        "{TEST_CONFIG}{server}{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
         redis.config()
     )
 }
@@ -166,10 +171,7 @@ fn poison_read_ahead_is_dead_lettered_and_the_rest_goes_on() {
     ] {
         redis.cli(&["XADD", "probe::probe:command", "*", fields[0], fields[1]]);
     }
-    let config = format!(
-        "{TEST_CONFIG}messages_per_tick = 1\n{}[server.handlers.runner]\nsubscription_type = \"stream\"\n",
-        redis.config()
-    );
+    let config = config_with(&redis, "messages_per_tick = 1\n");
     let engine = engine(fixture_domain(), "probe", store.clone(), &config);
     for id in ["a", "b", "c"] {
         engine
