@@ -773,11 +773,11 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
             &format!("{}:{instance}", fixture.display()),
         )))
     };
-    let mut rounds = Vec::new();
+    let (mut rounds, mut sample) = (Vec::new(), String::new());
     for _ in 0..3 {
         redis_cli(&redis, &["FLUSHALL"])?;
         let split = tempfile::tempdir()?;
-        let sample = store_ticks(split.path(), events, true)?;
+        sample = store_ticks(split.path(), events, true)?;
         let publish = run(split.path(), "empty")?;
         redis_cli(&redis, &["DEL", "ceiling"])?;
         let ceiling = xadd_ceiling(&redis, &sample)?;
@@ -788,7 +788,6 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         store_ticks(fresh.path(), events, true)?;
         let both = run(fresh.path(), "noop")?;
         rounds.push(RedisRound {
-            sample,
             ceiling,
             client,
             publish,
@@ -820,7 +819,6 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         median(&|r| 100.0 * rate(&r.consume) / r.client.consume),
     );
     let both_share = median(&|r| 100.0 * rate(&r.both) / r.ceiling);
-    let sample = &rounds[0].sample;
     let cpu = |m: &Measured| {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / events as f64;
         format!(
@@ -878,7 +876,6 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
 
 /// One round of [`redis_noop`]: the host's runs and the references measured beside them.
 struct RedisRound {
-    sample: String,
     ceiling: f64,
     client: ceiling::ClientCeiling,
     publish: Measured,

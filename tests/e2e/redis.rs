@@ -70,7 +70,16 @@ fn probe(
     redis: &RedisServer,
     behaviours: &[(&str, &str)],
 ) -> protean_host::engine::RunReport {
-    let engine = engine(fixture_domain(), "probe", store.clone(), &config(redis));
+    probe_with(store, &config(redis), behaviours)
+}
+
+/// [`probe`] under `config`.
+fn probe_with(
+    store: &Arc<dyn Store>,
+    config: &str,
+    behaviours: &[(&str, &str)],
+) -> protean_host::engine::RunReport {
+    let engine = engine(fixture_domain(), "probe", store.clone(), config);
     for (id, behaviour) in behaviours {
         engine
             .send(
@@ -172,17 +181,7 @@ fn poison_read_ahead_is_dead_lettered_and_the_rest_goes_on() {
         redis.cli(&["XADD", "probe::probe:command", "*", fields[0], fields[1]]);
     }
     let config = config_with(&redis, "messages_per_tick = 1\n");
-    let engine = engine(fixture_domain(), "probe", store.clone(), &config);
-    for id in ["a", "b", "c"] {
-        engine
-            .send(
-                "Probe.Run.v1",
-                &json!({ "id": id, "behaviour": "ok" }),
-                None,
-            )
-            .unwrap();
-    }
-    let report = engine.run().unwrap();
+    let report = probe_with(&store, &config, &[("a", "ok"), ("b", "ok"), ("c", "ok")]);
     assert_eq!(report.outcome, Outcome::Quiescent);
     assert_eq!(report.totals.retries, 0);
     for id in ["a", "b", "c"] {
