@@ -147,13 +147,18 @@ fn scrape_until(port: u16, done: &AtomicBool, answered: &AtomicU64) {
 
 /// One GET; whether the server answered it (before it listens, or after it exits, it does not).
 fn get(port: u16, path: &str) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    fetch(port, path).is_some_and(|answer| {
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 503")
+    })
+}
+
+/// One GET: the whole answer, status line and headers included; `None` when the server did not answer.
+pub(crate) fn fetch(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
     let mut answer = String::new();
-    stream.write_all(request.as_bytes()).is_ok()
-        && stream.read_to_string(&mut answer).is_ok()
-        && (answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 503"))
+    stream.write_all(request.as_bytes()).ok()?;
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
 }

@@ -2,18 +2,26 @@
 //! lock, so the per-target leases decide alone who publishes what, as in the SQLite store; their times
 //! come from the database's clock, the one clock every replica shares.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use postgres::Row;
 
 use super::{message_at, pool::Conn, sql, PostgresStore};
 use crate::store::{
     now_ms,
-    outbox::{choose, to_lease, Candidate, Lease},
+    outbox::{choose, to_lease, Candidate, Choice, Lease},
     Claim, InFlight, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
 };
 
 impl Outbox for PostgresStore {
+    /// Most claims write nothing: every target they take is one this worker already leases for long
+    /// enough (see [`to_lease`]). Such a claim is judged on one snapshot outside a transaction, without
+    /// the outbox lock: another processor never writes a lease that is live and not its own, so the
+    /// leases it judged stay as they were until its round ends. Two round trips, where the locked
+    /// claim takes four. A claim that must lease a target is judged again under the lock.
     fn claim(
         &self,
         worker: &str,
@@ -21,33 +29,18 @@ impl Outbox for PostgresStore {
         lease: Duration,
         in_flight: &InFlight,
     ) -> Result<Claim> {
-        self.conn()?.transaction_after(sql::LOCK_OUTBOX, |c| {
-            let window = limit as i64 * 4;
-            let claimable = Claimable::read(c, window, in_flight.longest())?;
-            let choice = choose(
-                &claimable.candidates,
-                &claimable.leases,
-                worker,
-                claimable.now,
-                limit,
-                in_flight,
-            );
-            let seqs: Vec<i64> = choice.seqs.iter().map(|s| *s as i64).collect();
-            let items: Vec<OutboxItem> = if seqs.is_empty() {
-                Vec::new()
-            } else {
-                c.query(sql::OUTBOX_ITEMS, &[&seqs])?
-                    .iter()
-                    .map(outbox_item)
-                    .collect()
-            };
-            let targets = items.iter().map(|i| i.target.as_str());
-            let renew = to_lease(targets, &claimable.leases, worker, claimable.now, lease);
-            if !renew.is_empty() {
-                let until = (claimable.now + lease.as_millis() as u64) as i64;
-                c.execute(sql::OUTBOX_LEASE, &[&renew, &worker, &until])?;
+        let mut c = self.conn()?;
+        let judged = Judged::read(&mut c, worker, limit, lease, in_flight)?;
+        if judged.renew.is_empty() {
+            return judged.claim(&mut c);
+        }
+        c.transaction_after(sql::LOCK_OUTBOX, |c| {
+            let judged = Judged::read(c, worker, limit, lease, in_flight)?;
+            if !judged.renew.is_empty() {
+                let until = (judged.now + lease.as_millis() as u64) as i64;
+                c.execute(sql::OUTBOX_LEASE, &[&judged.renew, &worker, &until])?;
             }
-            Ok(choice.claim(items))
+            judged.claim(c)
         })
     }
 
@@ -130,6 +123,59 @@ impl Outbox for PostgresStore {
     }
 }
 
+/// A claim as judged on one snapshot: the rows chosen, and the targets to lease before taking them.
+struct Judged {
+    choice: Choice,
+    renew: Vec<String>,
+    /// The database's clock when it was read (unix ms).
+    now: u64,
+}
+
+impl Judged {
+    fn read(
+        c: &mut Conn,
+        worker: &str,
+        limit: usize,
+        lease: Duration,
+        in_flight: &InFlight,
+    ) -> Result<Self> {
+        let claimable = Claimable::read(c, limit as i64 * 4, in_flight.longest())?;
+        let choice = choose(
+            &claimable.candidates,
+            &claimable.leases,
+            worker,
+            claimable.now,
+            limit,
+            in_flight,
+        );
+        let chosen: HashSet<u64> = choice.seqs.iter().copied().collect();
+        let targets = claimable
+            .candidates
+            .iter()
+            .filter(|c| chosen.contains(&c.seq))
+            .map(|c| c.target.as_str());
+        let renew = to_lease(targets, &claimable.leases, worker, claimable.now, lease)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        Ok(Self {
+            choice,
+            renew,
+            now: claimable.now,
+        })
+    }
+
+    /// The claim, with the chosen rows' messages.
+    fn claim(self, c: &mut Conn) -> Result<Claim> {
+        if self.choice.seqs.is_empty() {
+            return Ok(self.choice.claim(Vec::new()));
+        }
+        let seqs: Vec<i64> = self.choice.seqs.iter().map(|s| *s as i64).collect();
+        let items = c.query(sql::OUTBOX_ITEMS, &[&seqs])?;
+        Ok(self.choice.claim(items.iter().map(outbox_item).collect()))
+    }
+}
+
 /// What a claim judges, read in one statement (one snapshot): the database's clock, the oldest pending
 /// rows, and every target's lease.
 struct Claimable {
@@ -175,5 +221,81 @@ fn outbox_item(r: &Row) -> OutboxItem {
         target: r.get(1),
         attempts: r.get::<_, i64>(2) as u32,
         message: message_at(r, 3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::{sql, Outbox};
+    use crate::{
+        message::Kind,
+        store::{tests::postgres, InFlight, Store},
+        unit_of_work::{NewMessage, UnitOfWork},
+    };
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    fn publish(store: &dyn Store, stream: &str) {
+        let message = NewMessage::from_json(Kind::Event, stream, "T.A.v1", "{}", None, None);
+        let unit = UnitOfWork {
+            messages: vec![message.unwrap()],
+            publish: true,
+            ..UnitOfWork::default()
+        };
+        store.commit(&unit).unwrap();
+    }
+
+    /// Not granted advisory locks: sessions waiting for the outbox lock.
+    fn waiting_for_the_lock(db: &mut postgres::Client) -> i64 {
+        let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        db.query_one(waiting, &[]).unwrap().get(0)
+    }
+
+    /// While another session holds the outbox lock, a processor that holds its stream's lease still
+    /// claims its next row (its claim writes nothing, so it takes no lock), and one that must lease a
+    /// stream waits for the lock and claims once it is free.
+    #[test]
+    fn only_a_claim_that_writes_a_lease_takes_the_outbox_lock() {
+        let (store, server) = postgres();
+        publish(&store, "shop::order-1");
+        publish(&store, "shop::order-1");
+        let first = store.claim("a", 1, LEASE, &InFlight::none()).unwrap();
+        store.settle("a", &[first.items[0].seq], &[]).unwrap();
+        publish(&store, "shop::stock-1");
+        let mut db = postgres::Client::connect(&server.uri(), postgres::NoTls).unwrap();
+        let mut holder = postgres::Client::connect(&server.uri(), postgres::NoTls).unwrap();
+        let store = &store;
+        std::thread::scope(|scope| {
+            let mut lock = Some(holder.transaction().unwrap());
+            lock.as_mut()
+                .unwrap()
+                .batch_execute(sql::LOCK_OUTBOX)
+                .unwrap();
+            let (a_done, a_claimed) = mpsc::channel();
+            scope.spawn(move || a_done.send(store.claim("a", 1, LEASE, &InFlight::none())));
+            let a = a_claimed.recv_timeout(Duration::from_secs(10));
+            if a.is_err() {
+                drop(lock.take());
+            }
+            let a = a.expect("a claim of a stream leased already waited for the outbox lock");
+            let streams = |claim: &crate::store::Claim| {
+                let items = claim.items.iter();
+                items.map(|i| i.target.clone()).collect::<Vec<_>>()
+            };
+            assert_eq!(streams(&a.unwrap()), ["shop::order"]);
+            let (b_done, b_claimed) = mpsc::channel();
+            scope.spawn(move || b_done.send(store.claim("b", 10, LEASE, &InFlight::none())));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while waiting_for_the_lock(&mut db) == 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let waited = waiting_for_the_lock(&mut db);
+            drop(lock.take());
+            assert_eq!(waited, 1, "a claim that leases a stream waits for the lock");
+            let b = b_claimed.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(streams(&b.unwrap()), ["shop::stock"], "then claims");
+        });
     }
 }
