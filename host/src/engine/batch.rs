@@ -905,9 +905,10 @@ fn already_processed(
         .filter(|(_, theirs)| !**theirs)
         .map(|((m, id), _)| m.marker_key(id))
         .collect();
-    let committed = ctx
-        .store
-        .processed_messages(&ctx.subscription.plan.name, &keys)?;
+    let committed = super::timings::within(super::timings::Phase::Markers, || {
+        ctx.store
+            .processed_messages(&ctx.subscription.plan.name, &keys)
+    })?;
     let mut seen = std::collections::HashSet::new();
     Ok(identities
         .iter()

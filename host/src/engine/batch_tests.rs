@@ -856,3 +856,32 @@ fn a_stream_batch_skips_redeliveries_and_duplicates_and_hands_its_dead_letters_t
     assert_eq!(report.skipped, 2, "the redelivery and the duplicate");
     assert_eq!(report.settled.len(), 4, "all acknowledged");
 }
+
+/// A broker's batch looks up its messages' processed markers, and that time is the `markers` phase's;
+/// a single reader of the event store looks up none.
+#[test]
+fn the_marker_lookup_of_a_stream_batch_is_timed_as_its_own_phase() {
+    use std::time::Duration;
+
+    use super::super::timings::{measure, Phase};
+    let setup = Setup::events(|s| s, FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2"]));
+    let stored = setup.read();
+    let stream = on_a_stream(&setup);
+    let ctx = Context {
+        subscription: &stream,
+        position: None,
+        origin: Origin::Broker,
+        ..setup.context(Record::Suspects)
+    };
+    let (report, spent) = measure(Phase::Engine, || {
+        run(&ctx, &stored, &mut Attempts::default())
+    });
+    assert_eq!(report.unwrap().settled.len(), 2);
+    assert!(spent.get(Phase::Markers) > Duration::ZERO, "{spent:?}");
+    let reader = Setup::events(|s| s, FAST);
+    reader.append(HAPPENED, &ids(&["m1", "m2"]));
+    let (report, spent) = measure(Phase::Engine, || reader.run(&mut Attempts::default()));
+    assert_eq!(report.handled.len(), 2);
+    assert_eq!(spent.get(Phase::Markers), Duration::ZERO, "{spent:?}");
+}

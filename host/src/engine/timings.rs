@@ -1,5 +1,6 @@
 //! Where each subscription's time goes: owning its lease, reading, the handler calls, the store reads
-//! those calls make, committing, settling with the broker, the engine's own work, and waiting idle.
+//! those calls make, looking up processed markers, committing, settling with the broker, the engine's
+//! own work, and waiting idle.
 //!
 //! A subscription's loop is one task, so its phases follow one another: their sum is the loop's wall
 //! time, and a phase's share of it says what to make faster. The batch itself runs on a blocking
@@ -27,6 +28,9 @@ pub enum Phase {
     Handle,
     /// Store reads made by handlers (streams, documents).
     HandlerReads,
+    /// Looking up which messages of a batch were processed before (a broker's batches always: a
+    /// broker redelivers and an outbox publishes at least once).
+    Markers,
     /// Committing units of work.
     Commit,
     /// Acknowledging entries and moving cursors after a commit.
@@ -38,11 +42,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Lease,
         Phase::Read,
         Phase::Handle,
         Phase::HandlerReads,
+        Phase::Markers,
         Phase::Commit,
         Phase::Settle,
         Phase::Engine,
@@ -55,6 +60,7 @@ impl Phase {
             Phase::Read => "read",
             Phase::Handle => "handle",
             Phase::HandlerReads => "handler_reads",
+            Phase::Markers => "markers",
             Phase::Commit => "commit",
             Phase::Settle => "settle",
             Phase::Engine => "engine",

@@ -113,7 +113,7 @@ impl Metrics {
             errors: add(r, "handler_errors", "Failed messages: retried or dead-lettered", None, Family::default()),
             handler_seconds: add(r, "handler_duration", "Processing time per handled message (its batch's time over the batch's size)", Some(Unit::Seconds), histograms()),
             batch_seconds: add(r, "batch_duration", "Time to handle and commit one batch", Some(Unit::Seconds), histograms()),
-            spent: add(r, "subscription", "Time the subscription's loop spent, by phase: lease, read, handle, handler_reads, commit, settle, engine, idle", Some(Unit::Seconds), Family::default()),
+            spent: add(r, "subscription", "Time the subscription's loop spent, by phase: lease, read, handle, handler_reads, markers, commit, settle, engine, idle", Some(Unit::Seconds), Family::default()),
             lag: add(r, "subscription_lag", "Messages not yet read by the subscription", None, Family::default()),
             pending: add(r, "subscription_pending", "Stream entries delivered to the group but not acknowledged", None, Family::default()),
             queue_depth: add(r, "queue_depth", "Messages waiting for the subscription: lag plus pending", None, Family::default()),
