@@ -201,6 +201,41 @@ fn poison_read_ahead_is_dead_lettered_and_the_rest_goes_on() {
     );
 }
 
+/// A message processed before comes back twice as new entries (an outbox that published it again,
+/// its record lost), in one batch with a new message. New entries are handled without a marker lookup:
+/// the commit refuses the processed message, and the batch runs again checked. Each command's effect
+/// exists once in the store, and nothing is left pending or dead-lettered.
+#[test]
+fn a_processed_message_published_again_as_new_entries_has_its_effect_once() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    probe(&store, &redis, &[("a", "ok")]);
+    let entry = redis.cli(&["XRANGE", "probe::probe:command", "-", "+"]);
+    let lines: Vec<&str> = entry.lines().collect();
+    let data = lines
+        .iter()
+        .position(|l| *l == "data")
+        .and_then(|i| lines.get(i + 1))
+        .unwrap_or_else(|| panic!("no data field in {entry}"));
+    for _ in 0..2 {
+        redis.cli(&["XADD", "probe::probe:command", "*", "data", data]);
+    }
+    let report = probe(&store, &redis, &[("b", "ok")]);
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(ran(store.as_ref(), "a"), 1, "a's effect once");
+    assert_eq!(ran(store.as_ref(), "b"), 1, "b's effect once");
+    assert!(
+        report.totals.skipped >= 2,
+        "the copies of a: {:?}",
+        report.totals
+    );
+    let pending = redis.cli(&["XPENDING", "probe::probe:command", "commands:probe::probe"]);
+    assert!(pending.starts_with("0\n"), "nothing pending: {pending}");
+    let dead = redis.cli(&["XLEN", "commands:probe::probe:dlq"]);
+    assert_eq!(dead.trim(), "0", "nothing dead-lettered");
+}
+
 #[test]
 fn three_replicas_share_the_work_survive_a_kill_and_a_redis_restart() {
     let mut redis = RedisServer::start();

@@ -250,6 +250,13 @@ pub trait Consumer: Send {
     /// batch, read while the current one is handled.
     async fn read_ahead(&mut self, count: usize) -> Result<Vec<Entry>>;
 
+    /// Whether the last [`Consumer::read`] returned only entries never delivered to the group before:
+    /// none of them a redelivery or an entry reclaimed from another consumer. A consumer that cannot
+    /// tell says no.
+    fn read_new(&self) -> bool {
+        false
+    }
+
     /// Acknowledge entries (stream, id): they are done. A broker may send acknowledgements with the
     /// next read; [`Consumer::flush`] sends what is left.
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()>;

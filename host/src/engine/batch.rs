@@ -56,7 +56,7 @@ pub(crate) struct Subscription {
 /// Failed attempts per message identity ([`StoredMessage::identity`]), for messages that are waiting to be retried; and, for ordered
 /// subscriptions, the keys waiting for a retry and until when (their messages are held until then),
 /// in milliseconds on the engine's clock.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Attempts {
     failed: HashMap<String, u32>,
     waiting: HashMap<String, i64>,
@@ -225,6 +225,11 @@ pub(crate) struct Context<'a> {
     pub(crate) parking: Option<Parking<'a>>,
     /// Who delivered the messages.
     pub(crate) origin: Origin,
+    /// A broker delivered every message for the first time. Such a batch is built without looking up
+    /// processed markers: a message processed before can only come again as a new entry when it was
+    /// published twice (the outbox publishes at least once), and the commit refuses its marker (see
+    /// [`run_unit`]).
+    pub(crate) first_delivery: bool,
 }
 
 /// Who delivers a batch's messages: this decides where its dead letters go and whether a message may
@@ -276,6 +281,7 @@ impl<'a> Context<'a> {
             record: Record::Suspects,
             parking: None,
             origin: Origin::Store,
+            first_delivery: false,
         }
     }
 }
@@ -433,13 +439,26 @@ fn run_unit(
 ) -> store::Result<Report> {
     let messages = batch.messages;
     let mut conflicts = 0;
-    // Stream subscriptions look for processed markers always (a broker redelivers); event-store ones
-    // only after a commit found that another consumer got there first.
-    // An ordered batch settles messages past an unsettled one, so a re-read meets some settled ones.
-    let mut recheck = ctx.origin == Origin::Broker || ctx.subscription.ordering.is_some();
+    // Stream subscriptions look for processed markers (a broker redelivers), unless every message is
+    // a first delivery; event-store ones only after a commit found that another consumer got there
+    // first. An ordered batch settles messages past an unsettled one, so a re-read meets some
+    // settled ones.
+    let broker = ctx.origin == Origin::Broker;
+    let mut recheck = broker && !ctx.first_delivery || ctx.subscription.ordering.is_some();
     let mut raced = 0;
     loop {
+        // A first delivery built unchecked must not dead-letter, retry or hold a message processed
+        // before (or one it holds twice): when it would, the markers are looked up, and if any of its
+        // messages was processed, it is built again, checked, before anything of it is committed.
+        let unchecked = (broker && !recheck).then(|| attempts.clone());
         let (mut unit, mut report, settled) = build(ctx, batch, attempts, stopped, recheck)?;
+        if let Some(before) = unchecked {
+            if !handled_or_skipped(&unit, &report) && any_processed(ctx, messages)? {
+                *attempts = before;
+                recheck = true;
+                continue;
+            }
+        }
         if ctx.origin == Origin::Broker {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
@@ -484,6 +503,24 @@ fn run_unit(
             Err(other) => return Err(other),
         }
     }
+}
+
+/// Whether any of `messages` was processed before, or is among them twice.
+fn any_processed(ctx: &Context<'_>, messages: &[StoredMessage]) -> store::Result<bool> {
+    let none_theirs = vec![false; messages.len()];
+    let done = already_processed(ctx, messages, &none_theirs, true)?;
+    Ok(done.contains(&true))
+}
+
+/// Whether a build only handled and skipped messages: no dead letter, retry, wait, park or hold, each
+/// of which a message processed before must not get.
+fn handled_or_skipped(unit: &UnitOfWork, report: &Report) -> bool {
+    unit.dead_letters.is_empty()
+        && report.dead_lettered == 0
+        && report.retry.is_none()
+        && report.waiting.is_empty()
+        && report.parked.is_empty()
+        && report.held == 0
 }
 
 fn fail_first(

@@ -78,6 +78,7 @@ impl Setup {
             record,
             parking: None,
             origin: Origin::Store,
+            first_delivery: false,
         }
     }
 
@@ -884,4 +885,104 @@ fn the_marker_lookup_of_a_stream_batch_is_timed_as_its_own_phase() {
     let (report, spent) = measure(Phase::Engine, || reader.run(&mut Attempts::default()));
     assert_eq!(report.handled.len(), 2);
     assert_eq!(spent.get(Phase::Markers), Duration::ZERO, "{spent:?}");
+}
+
+/// `delivered` as a broker's first delivery to the stream subscription of `setup`: built without a
+/// marker lookup.
+fn first_delivery(setup: &Setup, delivered: &[StoredMessage]) -> Report {
+    let stream = on_a_stream(setup);
+    let ctx = Context {
+        subscription: &stream,
+        position: None,
+        origin: Origin::Broker,
+        first_delivery: true,
+        ..setup.context(Record::Suspects)
+    };
+    run(&ctx, delivered, &mut Attempts::default()).unwrap()
+}
+
+/// Mark `message` processed by `h`, as an earlier delivery's commit did.
+fn processed_before(setup: &Setup, message: &StoredMessage) {
+    let mut earlier = UnitOfWork::default();
+    earlier
+        .processed
+        .push(crate::unit_of_work::ProcessedMarker {
+            subscription: "h".into(),
+            message_id: message.identity(),
+            global_position: message.global_position,
+            build_id: "older".into(),
+        });
+    setup.store.commit(&earlier).unwrap();
+    setup.store.take();
+}
+
+/// A first delivery that holds a message processed before (published twice) and one message twice:
+/// built without a lookup, its commit is refused, and the batch built again, checked, commits each
+/// other message once. The handler was called for the processed message in the refused build.
+#[test]
+fn a_first_delivery_holding_a_processed_message_and_a_duplicate_commits_each_message_once() {
+    let setup = Setup::events(|s| s, FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2", "m3"]));
+    let stored = setup.read();
+    processed_before(&setup, &stored[0]);
+    let delivered = [&stored[0], &stored[1], &stored[1], &stored[2]].map(Clone::clone);
+    let report = first_delivery(&setup, &delivered);
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(effects(&unit), ["m2", "m3"]);
+    assert_eq!(markers(&unit), [stored[1].identity(), stored[2].identity()]);
+    assert_eq!(
+        calls(&setup),
+        [
+            call(&["m1", "m2", "m2", "m3"]),
+            call(&["m2"]),
+            call(&["m3"])
+        ]
+    );
+    assert_eq!(report.skipped, 2, "the processed one and the duplicate");
+    assert_eq!(report.settled.len(), 4, "all acknowledged");
+}
+
+/// A first delivery whose build would dead-letter a message processed before (its handler rejects
+/// it now) is built again, checked, before anything is committed: the message is skipped, not
+/// dead-lettered, and a genuine rejection beside it still is (called in both builds).
+#[test]
+fn a_first_delivery_never_dead_letters_a_message_processed_before() {
+    let setup = Setup::events(
+        |s| {
+            s.script("m1", &[Act::Reject])
+                .script("m3", &[Act::Reject, Act::Reject])
+        },
+        FAST,
+    );
+    setup.append(HAPPENED, &ids(&["m1", "m2", "m3"]));
+    let stored = setup.read();
+    processed_before(&setup, &stored[0]);
+    let report = first_delivery(&setup, &stored);
+    let [unit] = setup.store.committed().try_into().unwrap();
+    assert_eq!(effects(&unit), ["m2"]);
+    assert_eq!(markers(&unit), [stored[1].identity()]);
+    assert_eq!(report.dead_lettered_ids, [stored[2].identity()], "m3 only");
+    assert_eq!(report.skipped, 1, "m1, processed before");
+}
+
+/// A first delivery that fails retryably, holding no message processed before, keeps its build: the
+/// handler is called once, and the attempt counted once.
+#[test]
+fn a_first_delivery_that_fails_counts_one_attempt() {
+    let setup = Setup::events(|s| s.script("m2", &[Act::Retry]), FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2"]));
+    let stored = setup.read();
+    let stream = on_a_stream(&setup);
+    let ctx = Context {
+        subscription: &stream,
+        position: None,
+        origin: Origin::Broker,
+        first_delivery: true,
+        ..setup.context(Record::Suspects)
+    };
+    let mut attempts = Attempts::default();
+    let report = run(&ctx, &stored, &mut attempts).unwrap();
+    assert!(report.retry.is_some(), "{report:?}");
+    assert_eq!(attempts.failed(&stored[1].identity()), 1);
+    assert_eq!(calls(&setup), [call(&["m1", "m2"])]);
 }

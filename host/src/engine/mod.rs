@@ -538,6 +538,7 @@ impl Engine {
             record: batch::Record::Every,
             parking: None,
             origin: batch::Origin::Store,
+            first_delivery: false,
         };
         let mut attempts = batch::Attempts::default();
         let report = loop {

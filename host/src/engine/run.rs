@@ -157,6 +157,9 @@ pub(crate) struct Place {
     pub(crate) worker: Option<Worker>,
     pub(crate) parking: Option<Parks>,
     pub(crate) origin: Origin,
+    /// Every message was read from the broker for the first time: no redelivery, no reclaimed entry
+    /// (see [`batch::Context::first_delivery`]).
+    pub(crate) first_delivery: bool,
     /// Checked by the store on commit: the leases the batch's messages are owned under.
     pub(crate) fences: Vec<Fence>,
     /// The messages' ordering keys, when the source worked them out already.
@@ -478,6 +481,7 @@ async fn handle(
                 worker: place.worker,
                 parking: place.parking.as_ref().map(Parks::borrow),
                 origin: place.origin,
+                first_delivery: place.first_delivery,
                 fences: place.fences,
                 keys: place.keys.as_deref(),
                 record: place.record,

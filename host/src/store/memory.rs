@@ -118,9 +118,11 @@ impl State {
             versions.insert(&m.stream, actual + 1);
         }
         self.check_documents(unit)?;
+        let mut markers = HashSet::new();
         for marker in &unit.processed {
             let key = (marker.subscription.clone(), marker.message_id.clone());
-            if self.processed.contains(&key) {
+            // A message twice in one unit is processed before by its first marker, as in a table.
+            if self.processed.contains(&key) || !markers.insert(key.clone()) {
                 return Err(Error::AlreadyProcessed {
                     subscription: key.0,
                     message_id: key.1,

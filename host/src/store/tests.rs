@@ -337,6 +337,41 @@ pub(super) fn markers_are_found_by_message_id(store: &dyn Store) {
 /// The engine's lookup finds a marker by the message's global position and identity: a redelivered
 /// message is found whether it carries its global position or not (0), and a marker is never found
 /// for another message at the same global position (an entry of another store) or another identity.
+/// One message's marker twice in a unit (a batch that held it twice, built without a lookup) is
+/// refused as processed before, whether the unit holds markers alone or effects too; nothing of it is
+/// written.
+pub(super) fn a_unit_with_one_message_twice_is_refused_as_processed_before(store: &dyn Store) {
+    let marker = |id: &str, global_position| ProcessedMarker {
+        subscription: "s".into(),
+        message_id: id.into(),
+        global_position,
+        build_id: "b".into(),
+    };
+    let twice = vec![marker("shop::order-1@0", 1), marker("shop::order-1@0", 1)];
+    let alone = store.commit(&UnitOfWork {
+        processed: twice.clone(),
+        ..UnitOfWork::default()
+    });
+    assert!(
+        matches!(alone, Err(Error::AlreadyProcessed { .. })),
+        "{alone:?}"
+    );
+    let with_effects = store.commit(&UnitOfWork {
+        messages: vec![event("shop::order-2", 0, None)],
+        processed: twice,
+        ..UnitOfWork::default()
+    });
+    assert!(
+        matches!(with_effects, Err(Error::AlreadyProcessed { .. })),
+        "{with_effects:?}"
+    );
+    assert!(store
+        .processed("s", &["shop::order-1@0"])
+        .unwrap()
+        .is_empty());
+    assert!(store.read_stream("shop::order-2", 0).unwrap().is_empty());
+}
+
 pub(super) fn markers_are_found_by_position_and_identity(store: &dyn Store) {
     let marker = |global_position: u64, id: &str| ProcessedMarker {
         subscription: "s".into(),
@@ -1321,6 +1356,7 @@ macro_rules! store_conformance {
             #[test] fn positions_are_per_stream_and_global() { let (s, _g) = $make; super::positions_are_per_stream_and_global(&s) }
             #[test] fn category_reads_page_by_global_position() { let (s, _g) = $make; super::category_reads_page_by_global_position(&s) }
             #[test] fn markers_are_found_by_position_and_identity() { let (s, _g) = $make; super::markers_are_found_by_position_and_identity(&s) }
+            #[test] fn a_unit_with_one_message_twice_is_refused_as_processed_before() { let (s, _g) = $make; super::a_unit_with_one_message_twice_is_refused_as_processed_before(&s) }
             #[test] fn a_version_conflict_commits_nothing() { let (s, _g) = $make; super::a_version_conflict_commits_nothing(&s) }
             #[test] fn expected_versions_chain_within_a_unit() { let (s, _g) = $make; super::expected_versions_chain_within_a_unit(&s) }
             #[test] fn a_duplicate_message_id_is_refused() { let (s, _g) = $make; super::a_duplicate_message_id_is_refused(&s) }

@@ -228,15 +228,19 @@ impl Source for Stream {
     ) -> Result<Fetched, Trouble> {
         self.reclaim().await?;
         let seen = self.shared.progress.published();
-        let entries = if self.ahead.is_empty() {
+        // Entries read ahead are new ones (`>`); a read says whether its entries were.
+        let (entries, new) = if self.ahead.is_empty() {
             let (count, block) = (self.count(), self.config.block);
             let consumer = self.consumer()?;
             tokio::select! {
-                read = consumer.read(count, block) => decode(read.map_err(Trouble::broker)?),
+                read = consumer.read(count, block) => {
+                    let entries = decode(read.map_err(Trouble::broker)?);
+                    (entries, consumer.read_new())
+                }
                 _ = shutdown.cancelled() => return Ok(Fetched::Stop),
             }
         } else {
-            std::mem::take(&mut self.ahead)
+            (std::mem::take(&mut self.ahead), true)
         };
         if entries.is_empty() {
             return Ok(Fetched::Nothing {
@@ -253,6 +257,7 @@ impl Source for Stream {
             // A broker's group keeps where the subscription is; the store keeps no position for it.
             place: Place {
                 origin: Origin::Broker,
+                first_delivery: new,
                 ..Place::default()
             },
             read,

@@ -273,6 +273,7 @@ impl Broker for RedisBroker {
             group: group.to_owned(),
             name: consumer.to_owned(),
             maybe_pending: true,
+            read_new: false,
             unsettled: 0,
             to_ack: Vec::new(),
             _keeper: keeper,
@@ -642,6 +643,8 @@ struct RedisConsumer {
     name: String,
     /// Whether this consumer may have pending entries (at start, after a failure, after a reclaim).
     maybe_pending: bool,
+    /// Whether the last read took new entries (`>`), not pending ones.
+    read_new: bool,
     /// Entries read and not yet acknowledged: if some are left at a read, they are pending on this
     /// consumer (a retry, a failed ack, a read-ahead given up) and are read again first.
     unsettled: usize,
@@ -713,6 +716,7 @@ impl RedisConsumer {
 
     /// This consumer's pending entries first, when it may have some; else new ones.
     async fn read_entries(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        self.read_new = false;
         if self.maybe_pending {
             let mut pending = self.read_group(count, None, "0").await?;
             if !pending.is_empty() {
@@ -721,7 +725,9 @@ impl RedisConsumer {
             }
             self.maybe_pending = false;
         }
-        self.read_group(count, Some(block), ">").await
+        let entries = self.read_group(count, Some(block), ">").await?;
+        self.read_new = true;
+        Ok(entries)
     }
 
     /// Fill in how often each pending entry has been delivered (Redis counts, so it survives restarts).
@@ -771,6 +777,10 @@ impl Consumer for RedisConsumer {
         let entries = self.read_group(count, None, ">").await?;
         self.unsettled += entries.len();
         Ok(entries)
+    }
+
+    fn read_new(&self) -> bool {
+        self.read_new
     }
 
     async fn ack(&mut self, entries: &[(String, String)]) -> Result<()> {
