@@ -484,15 +484,16 @@ fn run_unit(
                 conflicts += 1;
                 tracing::debug!(subscription = %ctx.subscription.plan.name, %conflict, conflicts, "conflict; re-running the batch");
             }
-            // Only a race with another consumer (a reclaim of a slow one's entries) gets here, and the
-            // re-run skips what the other committed; bounded all the same.
+            // A race with another consumer (a reclaim of a slow one's entries), or a first delivery
+            // holding a message published twice, gets here; the re-run, checked, skips what was
+            // committed before. Bounded all the same.
             Err(store::Error::AlreadyProcessed {
                 subscription,
                 message_id,
             }) if raced < 3 => {
                 raced += 1;
                 recheck = true;
-                tracing::info!(%subscription, %message_id, "another consumer committed this message first; re-running the batch without it");
+                tracing::info!(%subscription, %message_id, "a message of this batch was processed before (by another consumer, or delivered twice); re-running the batch without it");
             }
             Err(conflict) if conflict.is_conflict() => {
                 // Persistent contention: count it as a failure of the first message, so it is retried with
