@@ -1,6 +1,7 @@
-//! The outbox of the PostgreSQL store. Claims are serialised across every processor by a transaction
-//! lock, so the per-target leases decide alone who publishes what, as in the SQLite store; their times
-//! come from the database's clock, the one clock every replica shares.
+//! The outbox of the PostgreSQL store. Claims that write a lease are serialised across every processor
+//! by a transaction lock, so the per-target leases decide alone who publishes what, as in the SQLite
+//! store (a claim that writes none needs no lock: see [`PostgresStore::claim`]); their times come from
+//! the database's clock, the one clock every replica shares.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,10 +19,10 @@ use crate::store::{
 
 impl Outbox for PostgresStore {
     /// Most claims write nothing: every target they take is one this worker already leases for long
-    /// enough (see [`to_lease`]). Such a claim is judged on one snapshot outside a transaction, without
-    /// the outbox lock: another processor never writes a lease that is live and not its own, so the
-    /// leases it judged stay as they were until its round ends. Two round trips, where the locked
-    /// claim takes four. A claim that must lease a target is judged again under the lock.
+    /// enough (see `outbox::to_lease`). Such a claim is judged on one snapshot outside a transaction,
+    /// without the outbox lock: another processor never writes a lease that is live and not its own,
+    /// so the leases it judged stay as they were until its round ends. Two round trips, where the
+    /// locked claim takes four. A claim that must lease a target is judged again under the lock.
     fn claim(
         &self,
         worker: &str,
