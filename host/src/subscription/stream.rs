@@ -231,14 +231,27 @@ impl Source for Stream {
         // Entries read ahead are new ones (`>`); a read says whether its entries were.
         let (entries, new) = if self.ahead.is_empty() {
             let (count, block) = (self.count(), self.config.block);
+            let (shared, name) = (self.shared.clone(), self.name().to_owned());
             let consumer = self.consumer()?;
-            tokio::select! {
-                read = consumer.read(count, block) => {
-                    let entries = decode(read.map_err(Trouble::broker)?);
-                    (entries, consumer.read_new())
+            // A read still waiting after its block found nothing new: it is idle now. Redis ends an
+            // empty blocking read only at its next timer tick (a tenth of a second at its default
+            // `hz`), five times test mode's block, so test mode would otherwise wait for that tick.
+            let read = {
+                let reading = consumer.read(count, block);
+                tokio::pin!(reading);
+                tokio::select! {
+                    read = &mut reading => read,
+                    _ = tokio::time::sleep(block) => {
+                        shared.progress.set(&name, State::Idle { head: seen });
+                        tokio::select! {
+                            read = reading => read,
+                            _ = shutdown.cancelled() => return Ok(Fetched::Stop),
+                        }
+                    }
+                    _ = shutdown.cancelled() => return Ok(Fetched::Stop),
                 }
-                _ = shutdown.cancelled() => return Ok(Fetched::Stop),
-            }
+            };
+            (decode(read.map_err(Trouble::broker)?), consumer.read_new())
         } else {
             (std::mem::take(&mut self.ahead), true)
         };

@@ -12,26 +12,40 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments, kept for a restart.
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Start one. Fails the test when redis-server is not installed: tests never skip.
     #[track_caller]
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        Self::start_on(port)
+        Self::start_with(&[])
     }
 
     /// One on `port` (chosen by the test, to start the server after a client that waits for it).
     #[track_caller]
     pub fn start_on(port: u16) -> Self {
+        Self::launched(port, &[])
+    }
+
+    /// One started with more arguments (`["--hz", "1"]`).
+    #[track_caller]
+    pub fn start_with(args: &[&str]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Self::launched(port, args)
+    }
+
+    #[track_caller]
+    fn launched(port: u16, args: &[&str]) -> Self {
         let mut server = Self {
             port,
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         server.launch();
         server
@@ -44,6 +58,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -81,6 +96,7 @@ impl RedisServer {
             port,
             child: Some(child),
             dir: tempfile::tempdir().unwrap(),
+            args: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
