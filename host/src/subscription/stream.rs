@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{replay_stream, Broker, BrokerConfig, Consumer, Entry},
+    broker::{Broker, BrokerConfig, Consumer, Entry},
     engine::{
         batch::{Attempts, Origin, Report, Subscription},
         progress::{Progress, State},
@@ -203,8 +203,7 @@ impl Source for Stream {
 
     async fn open(&mut self) -> Result<(), Trouble> {
         let name = self.name().to_owned();
-        let mut streams = self.sub.plan.categories.clone();
-        streams.push(replay_stream(&name));
+        let streams = standing::streams(&name, &self.sub.plan.categories);
         let consumer_name = consumer_name(&name);
         let consumer = self
             .broker
@@ -433,6 +432,9 @@ impl super::standing::Standing for StreamKind {
         plan: &super::SubscriptionPlan,
         _config: &crate::config::Config,
     ) -> Option<crate::broker::Result<u64>> {
-        Some(broker.backlog(&plan.categories, &plan.name).await)
+        // The replay stream too: a replayed dead letter read by a blocking read that outlasted its
+        // block is pending there while the subscription already says it is idle.
+        let streams = standing::streams(&plan.name, &plan.categories);
+        Some(broker.backlog(&streams, &plan.name).await)
     }
 }
