@@ -380,7 +380,7 @@ fn private_copy(
         .file_stem()
         .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
     let name = format!("{stem}-{tag}-{build_id}.so");
-    let copy = private::write(path, bytes, &digest, &name)?;
+    let copy = private::write(path, bytes, &name)?;
     Ok((copy, build_id))
 }
 

@@ -4,8 +4,8 @@
 //! ours after creation) under `$XDG_RUNTIME_DIR` when that is private to this user, else under the temp
 //! directory. The file is created through `O_CREAT | O_EXCL | O_NOFOLLOW`, so nothing planted there
 //! (a symlink, a file of another user) is written through or reused. The bytes are read back from the
-//! descriptor that wrote them and hashed: the file the loader maps holds exactly the bytes whose build id
-//! was computed, and only this user (or root) could change it before the load. The directory is removed
+//! descriptor that wrote them and compared: the file the loader maps holds exactly the bytes whose build
+//! id was computed, and only this user (or root) could change it before the load. The directory is removed
 //! once the library is mapped; one left by a process that died mid-load is removed by the next start of
 //! the same user.
 
@@ -15,8 +15,6 @@ use std::{
     os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
-
-use sha2::{Digest, Sha256};
 
 use super::{trust, LoadError};
 
@@ -30,13 +28,8 @@ pub(super) struct Copy {
     _dir: tempfile::TempDir,
 }
 
-/// Copy `bytes` (whose SHA-256 is `digest`), the content of `source`, to a fresh private file `name`.
-pub(super) fn write(
-    source: &Path,
-    bytes: &[u8],
-    digest: &[u8],
-    name: &str,
-) -> Result<Copy, LoadError> {
+/// Copy `bytes`, the content of `source`, to a fresh private file `name`.
+pub(super) fn write(source: &Path, bytes: &[u8], name: &str) -> Result<Copy, LoadError> {
     let me = trust::euid();
     let base = base(me)?;
     remove_stale(&base, me);
@@ -48,7 +41,7 @@ pub(super) fn write(
     check_private(dir.path(), me)
         .map_err(|reason| private_dir_error(dir.path(), &reason.to_string()))?;
     let path = dir.path().join(name);
-    write_checked(&path, bytes, digest).map_err(|error| LoadError::Copy {
+    write_checked(&path, bytes).map_err(|error| LoadError::Copy {
         from: source.to_owned(),
         to: path.clone(),
         source: error,
@@ -127,8 +120,8 @@ fn check_private(dir: &Path, me: u32) -> Result<(), NotPrivate> {
 }
 
 /// Create `path` (never following or reusing anything there), write `bytes`, and read them back from
-/// the same descriptor: what will be mapped must hash to `digest`.
-fn write_checked(path: &Path, bytes: &[u8], digest: &[u8]) -> std::io::Result<()> {
+/// the same descriptor: what will be mapped must be `bytes`.
+fn write_checked(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -138,14 +131,33 @@ fn write_checked(path: &Path, bytes: &[u8], digest: &[u8]) -> std::io::Result<()
         .open(path)?;
     file.write_all(bytes)?;
     file.seek(SeekFrom::Start(0))?;
-    let mut written = Vec::with_capacity(bytes.len());
-    file.read_to_end(&mut written)?;
-    if Sha256::digest(&written).as_slice() != digest {
+    if !holds(&mut file, bytes)? {
         return Err(std::io::Error::other(
             "the copy does not hold the bytes that were checked",
         ));
     }
     Ok(())
+}
+
+/// Whether what is left to read of `file` is exactly `bytes`. Read a chunk at a time: a library of tens
+/// of megabytes is not held twice (a second whole copy and its hash took a fifth of a start).
+fn holds(file: &mut impl Read, bytes: &[u8]) -> std::io::Result<bool> {
+    let mut chunk = vec![0; 1 << 20];
+    let mut rest = bytes;
+    loop {
+        let n = match file.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(rest.is_empty());
+        }
+        match rest.split_at_checked(n) {
+            Some((head, tail)) if head == &chunk[..n] => rest = tail,
+            _ => return Ok(false),
+        }
+    }
 }
 
 /// Remove copy directories of this user left by processes that are gone (they died while loading).
@@ -182,6 +194,22 @@ fn remove_stale(base: &Path, me: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_holds_the_bytes_only_when_they_read_back_exactly() {
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        assert!(holds(&mut bytes.as_slice(), &bytes).unwrap());
+        assert!(
+            !holds(&mut &bytes[..bytes.len() - 1], &bytes).unwrap(),
+            "shorter"
+        );
+        let longer = [bytes.as_slice(), b"x"].concat();
+        assert!(!holds(&mut longer.as_slice(), &bytes).unwrap(), "longer");
+        let mut changed = bytes.clone();
+        changed[2_500_000] ^= 1;
+        assert!(!holds(&mut changed.as_slice(), &bytes).unwrap(), "one bit");
+        assert!(holds(&mut &b""[..], b"").unwrap());
+    }
 
     #[test]
     fn a_directory_is_private_only_when_it_is_ours_and_closed() {
