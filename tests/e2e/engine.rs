@@ -60,6 +60,31 @@ fn an_order_reserves_stock() {
     }
 }
 
+/// The scheduler waits for a time, not for messages: the commits of a flow that come after it last
+/// looked leave it idle, not behind the head. Before, test mode waited for its next poll (a second
+/// by default, a run in three or so of the sample flow's benches); here that poll is ten minutes
+/// away, so a run that waited for it would hit the time limit.
+#[test]
+fn test_mode_does_not_wait_for_the_schedulers_poll() {
+    let config = TEST_CONFIG.replace(
+        "test_mode_timeout_seconds = 60",
+        "test_mode_timeout_seconds = 20",
+    ) + "[server.scheduler]\npoll_interval_ms = 600000\n";
+    for (backend, store, _dir) in backends() {
+        let engine = engine(sample_domain(), "domain", store.clone(), &config);
+        for n in 0..10 {
+            engine
+                .send("Fulfilment.PlaceOrder.v1", &place(&format!("o{n}")), None)
+                .unwrap();
+        }
+        assert_eq!(
+            engine.run().unwrap().outcome,
+            Outcome::Quiescent,
+            "{backend}"
+        );
+    }
+}
+
 #[test]
 fn the_whole_flow_ends_shipped() {
     for (backend, store, _dir) in backends() {

@@ -18,6 +18,9 @@ pub(crate) enum State {
     Idle {
         head: u64,
     },
+    /// Waiting for a time, not for messages (the scheduler): no head makes it busy, so it is done at
+    /// any head. A schedule a commit sets rings the scheduler, and test mode looks for one due.
+    Waiting,
     /// Another replica holds the subscription's lease; `lag` messages of its categories came after the
     /// position that replica stored when the head was `head`. Done only at 0, and only while the head is
     /// still there: a dead owner's lease, or an owner still at work, leaves work that nobody has
@@ -215,6 +218,7 @@ impl Progress {
 fn done(state: &State, head: u64) -> bool {
     match state {
         State::Idle { head: seen } => *seen >= head,
+        State::Waiting => true,
         State::StandingBy { lag, head: seen } => *lag == 0 && *seen >= head,
         _ => false,
     }
@@ -259,6 +263,7 @@ fn describe(state: &State) -> &'static str {
         State::Starting => "starting",
         State::Busy => "handling a batch",
         State::Idle { .. } => "behind the head",
+        State::Waiting => "waiting for its next due time",
         State::StandingBy { .. } => {
             "standing by while another replica's lease leaves messages unhandled"
         }
@@ -284,6 +289,20 @@ mod tests {
         p.set("a", State::Idle { head: 7 });
         p.set("b", State::Retrying);
         assert_eq!(p.busy(), ["b (waiting to retry a message)"]);
+    }
+
+    #[test]
+    fn a_loop_waiting_for_a_time_is_done_at_any_head() {
+        let p = Progress::new(5, ["a".to_owned(), "scheduler".to_owned()]);
+        p.set("a", State::Idle { head: 5 });
+        p.set("scheduler", State::Waiting);
+        assert!(p.quiescent());
+        p.advanced(9);
+        p.set("a", State::Idle { head: 9 });
+        assert!(
+            p.quiescent(),
+            "a later head does not make the scheduler busy"
+        );
     }
 
     #[test]

@@ -135,10 +135,10 @@ async fn sleep(shared: &Shared, mut next: Option<i64>, stop: &CancellationToken)
         // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
         // time somebody waits for, and must see this wait once it sees the scheduler idle.
         let due = next.map(|at| shared.clock.sleep_until(at));
-        // The head as it is now, past this scheduler's own firing: nothing it does waits on messages,
-        // so no later head makes it busy (a schedule set meanwhile rings the alarm instead).
-        let head = shared.progress.head_now();
-        shared.progress.set(NAME, State::Idle { head });
+        // Nothing it does waits on messages, so no later head makes it busy (a schedule set meanwhile
+        // rings the alarm instead): idle at the head the last commits left, not behind it until the
+        // next poll, which held every test-mode run up by up to a poll interval.
+        shared.progress.set(NAME, State::Waiting);
         tokio::select! {
             woken = clock::until(due) => {
                 shared.progress.set(NAME, State::Busy);

@@ -469,7 +469,7 @@ fn state_name(state: &LoopState) -> &'static str {
         LoopState::Idle { head: u64::MAX } | LoopState::StandingBy { .. } => {
             "standing by (another replica holds the lease)"
         }
-        LoopState::Idle { .. } => "idle",
+        LoopState::Idle { .. } | LoopState::Waiting => "idle",
         LoopState::Retrying => "waiting to retry a message",
         LoopState::Stopped => "stopped",
     }
@@ -495,7 +495,7 @@ impl Stall {
             // A replica standing by for a lease has nothing to do here.
             LoopState::Idle { head: u64::MAX } | LoopState::StandingBy { .. } => false,
             LoopState::Idle { head } => (*head < self.head || backlog > 0) && quiet > self.after,
-            LoopState::Stopped => false,
+            LoopState::Waiting | LoopState::Stopped => false,
         }
     }
 }
