@@ -135,9 +135,9 @@ async fn sleep(shared: &Shared, mut next: Option<i64>, stop: &CancellationToken)
         // Registered before it reports idle: test mode on a virtual clock moves the clock only to a
         // time somebody waits for, and must see this wait once it sees the scheduler idle.
         let due = next.map(|at| shared.clock.sleep_until(at));
-        // Nothing it does waits on messages, so no later head makes it busy (a schedule set meanwhile
-        // rings the alarm instead): idle at the head the last commits left, not behind it until the
-        // next poll, which held every test-mode run up by up to a poll interval.
+        // Nothing it does waits on messages, so no head makes it busy (a schedule set meanwhile rings
+        // the alarm instead). Reported as idle at the head it saw, it was behind every later commit
+        // until its next poll, and test mode waited for that poll.
         shared.progress.set(NAME, State::Waiting);
         tokio::select! {
             woken = clock::until(due) => {

@@ -231,24 +231,11 @@ impl Source for Stream {
         let (entries, new) = if self.ahead.is_empty() {
             let (count, block) = (self.count(), self.config.block);
             let (shared, name) = (self.shared.clone(), self.name().to_owned());
+            let idle = || shared.progress.set(&name, State::Idle { head: seen });
             let consumer = self.consumer()?;
-            // A read still waiting after its block found nothing new: it is idle now. Redis ends an
-            // empty blocking read only at its next timer tick (a tenth of a second at its default
-            // `hz`), five times test mode's block, so test mode would otherwise wait for that tick.
-            let read = {
-                let reading = consumer.read(count, block);
-                tokio::pin!(reading);
-                tokio::select! {
-                    read = &mut reading => read,
-                    _ = tokio::time::sleep(block) => {
-                        shared.progress.set(&name, State::Idle { head: seen });
-                        tokio::select! {
-                            read = reading => read,
-                            _ = shutdown.cancelled() => return Ok(Fetched::Stop),
-                        }
-                    }
-                    _ = shutdown.cancelled() => return Ok(Fetched::Stop),
-                }
+            let Some(read) = answer(consumer.read(count, block), block, idle, shutdown).await
+            else {
+                return Ok(Fetched::Stop);
             };
             (decode(read.map_err(Trouble::broker)?), consumer.read_new())
         } else {
@@ -355,6 +342,27 @@ fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
             entry,
         })
         .collect()
+}
+
+/// The answer to `read`, or None on `shutdown`; `idle` runs once the read has outlasted `block`. Redis
+/// ends an empty blocking read only when its event loop next wakes (up to a tenth of a second at its
+/// default `hz`, five times test mode's block): a read still out after its block has found nothing new.
+async fn answer<T>(
+    read: impl std::future::Future<Output = T>,
+    block: std::time::Duration,
+    idle: impl FnOnce(),
+    shutdown: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(read);
+    tokio::select! {
+        answer = &mut read => return Some(answer),
+        _ = tokio::time::sleep(block) => idle(),
+        _ = shutdown.cancelled() => return None,
+    }
+    tokio::select! {
+        answer = read => Some(answer),
+        _ = shutdown.cancelled() => None,
+    }
 }
 
 /// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the
