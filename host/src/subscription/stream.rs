@@ -347,7 +347,7 @@ fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
 /// The answer to `read`, or None on `shutdown`; `idle` runs once the read has outlasted `block`. Redis
 /// ends an empty blocking read only when its event loop next wakes (up to a tenth of a second at its
 /// default `hz`, five times test mode's block): a read still out after its block has found nothing new.
-async fn answer<T>(
+pub(crate) async fn answer<T>(
     read: impl std::future::Future<Output = T>,
     block: std::time::Duration,
     idle: impl FnOnce(),

@@ -43,7 +43,7 @@ use crate::{
     ordering::{partition_of, Ordering},
     ownership::{Fence, Owned},
     store::{self, StoredMessage},
-    subscription::stream::{consumer_name, read_block},
+    subscription::stream::{answer, consumer_name, read_block},
 };
 
 mod intake;
@@ -140,7 +140,7 @@ impl Ordered {
         let until_renew = self.next_renew.saturating_duration_since(Instant::now());
         let wait = self.wait(self.block.min(until_renew));
         let seen = self.shared.progress.published();
-        let Some(read) = self.next(group, wait, shutdown).await else {
+        let Some(read) = self.next(group, wait, seen, shutdown).await else {
             return Ok(Fetched::Stop);
         };
         let fresh = read.map_err(Trouble::broker)?;
@@ -346,21 +346,28 @@ impl Ordered {
         })
     }
 
-    /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown.
+    /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown. With
+    /// nothing of its own left to handle, a read still out after `wait` has found nothing new: the
+    /// subscription is idle at `seen` (see [`answer`]).
     async fn next(
         &mut self,
         group: &mut dyn Partitions,
         wait: Duration,
+        seen: u64,
         shutdown: &CancellationToken,
     ) -> Option<Result<Vec<Entry>, crate::broker::Error>> {
         let ahead = std::mem::take(&mut self.ahead);
         if !ahead.is_empty() {
             return Some(Ok(ahead));
         }
-        tokio::select! {
-            read = self.read(group, wait) => Some(read),
-            _ = shutdown.cancelled() => None,
-        }
+        let done = self.pending.is_empty() && self.released().is_empty();
+        let (shared, name) = (self.shared.clone(), self.name().to_owned());
+        let idle = || {
+            if done {
+                shared.progress.set(&name, State::Idle { head: seen });
+            }
+        };
+        answer(self.read(group, wait), wait, idle, shutdown).await
     }
 
     /// Read the next entries of the held partitions' streams.
@@ -465,19 +472,23 @@ impl Ordered {
         Ok(())
     }
 
-    /// Take the held entries of released keys in this replica's partitions, to handle them first.
-    /// Whether any were taken.
-    async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, Trouble> {
+    /// The released keys of this replica's partitions whose held entries are not being handled yet,
+    /// with their partitions.
+    fn released(&self) -> Vec<(String, u32)> {
         let partitions = self.partitions();
-        let released: Vec<(String, u32)> = self
-            .parked
+        self.parked
             .iter()
             .filter(|(key, state)| **state == Parked::Released && !self.draining.contains(*key))
             .map(|(key, _)| (key.clone(), partition_of(key, partitions)))
             .filter(|(_, p)| self.parts.contains_key(p))
-            .collect();
+            .collect()
+    }
+
+    /// Take the held entries of released keys in this replica's partitions, to handle them first.
+    /// Whether any were taken.
+    async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, Trouble> {
         let mut taken = false;
-        for (key, partition) in released {
+        for (key, partition) in self.released() {
             let entries = group.held(&key, count).await.map_err(Trouble::broker)?;
             let claim = self.parts[&partition].claim;
             let mut items = Vec::new();
