@@ -5,10 +5,8 @@ use std::{path::Path, time::Duration};
 
 use serde_json::json;
 
-use protean_host::engine::Outcome;
-
 use crate::support::{
-    engine, fixture_domain, host,
+    fixture_domain, host, idle_runs,
     sequencing::{every_key_in_order, numbered, publish, publish_wave, recorded, records, wave},
     sqlite, start_servers, wait_until, RedisServer, Server, TEST_CONFIG,
 };
@@ -220,14 +218,7 @@ fn test_mode_ends_without_waiting_for_redis_to_end_an_empty_ordered_read() {
         "{TEST_CONFIG}{}[server.ordering]\npartitions = 4\n",
         redis.config()
     );
-    let mut total = Duration::ZERO;
-    for _ in 0..10 {
-        let report = engine(fixture_domain(), "sequencing", store.clone(), &config)
-            .run()
-            .unwrap();
-        assert_eq!(report.outcome, Outcome::Quiescent);
-        total += report.elapsed;
-    }
+    let total = idle_runs("sequencing", &store, &config);
     assert!(
         total < Duration::from_millis(1500),
         "ten runs with nothing to do took {total:?}"

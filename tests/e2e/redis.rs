@@ -7,8 +7,8 @@ use protean_host::{engine::Outcome, store::Store};
 use serde_json::{json, Value};
 
 use crate::support::{
-    count_of, each_order_exactly_once, engine, fixture_domain, host, place, sample_domain,
-    send_orders, sqlite, start_replicas, wait_until, RedisServer, TEST_CONFIG,
+    count_of, each_order_exactly_once, engine, fixture_domain, host, idle_runs, place,
+    sample_domain, send_orders, sqlite, start_replicas, wait_until, RedisServer, TEST_CONFIG,
 };
 
 fn config(redis: &RedisServer) -> String {
@@ -74,14 +74,7 @@ fn test_mode_ends_without_waiting_for_redis_to_end_an_empty_read() {
     let redis = RedisServer::start_with(&["--hz", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path());
-    let mut total = Duration::ZERO;
-    for _ in 0..10 {
-        let report = engine(fixture_domain(), "probe", store.clone(), &config(&redis))
-            .run()
-            .unwrap();
-        assert_eq!(report.outcome, Outcome::Quiescent);
-        total += report.elapsed;
-    }
+    let total = idle_runs("probe", &store, &config(&redis));
     assert!(
         total < Duration::from_millis(1500),
         "ten runs with nothing to do took {total:?}"

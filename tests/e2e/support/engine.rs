@@ -67,6 +67,20 @@ pub fn engine(library: &Path, instance: &str, store: Arc<dyn Store>, config: &st
     .unwrap()
 }
 
+/// Ten test-mode runs of `instance` with nothing to do, each quiescent: how long they took in all.
+#[track_caller]
+pub fn idle_runs(instance: &str, store: &Arc<dyn Store>, config: &str) -> std::time::Duration {
+    (0..10)
+        .map(|_| {
+            let report = engine(super::fixture_domain(), instance, store.clone(), config)
+                .run()
+                .unwrap();
+            assert_eq!(report.outcome, protean_host::engine::Outcome::Quiescent);
+            report.elapsed
+        })
+        .sum()
+}
+
 /// The message types of a stream, in order.
 pub fn types(store: &dyn Store, stream: &str) -> Vec<String> {
     store
