@@ -210,23 +210,27 @@ fn digest_text(data: &str, numbers: Numbers) -> Result<[u8; 32], serde_json::Err
 
 /// Whether `text` is the lowercase hex of `digest` (a checksum as Protean writes it).
 fn hex_is(digest: &[u8], text: &str) -> bool {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let text = text.as_bytes();
     text.len() == digest.len() * 2
-        && digest.iter().zip(text.chunks_exact(2)).all(|(b, pair)| {
-            pair[0] == DIGITS[usize::from(b >> 4)] && pair[1] == DIGITS[usize::from(b & 0xf)]
-        })
+        && digest
+            .iter()
+            .zip(text.chunks_exact(2))
+            .all(|(b, pair)| pair == hex_pair(*b))
 }
 
 /// Lowercase hex, without a formatting call per byte (this runs for every message).
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
+        out.extend(hex_pair(*b).iter().map(|d| char::from(*d)));
     }
     out
+}
+
+/// The two lowercase hex digits of `b`.
+fn hex_pair(b: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]
 }
 
 /// Python's `json.dumps(value, sort_keys=True, separators=(",", ":"))`: sorted keys, no spaces, every
@@ -353,6 +357,7 @@ fn write_canonical<S: Sink>(value: &Value, out: &mut S, numbers: Numbers) {
 /// A number in canonical form. Integers, nearly every number a message holds, are written without a
 /// formatting call.
 fn write_number<S: Sink>(n: &serde_json::Number, out: &mut S, numbers: Numbers) {
+    // PythonFloats may write a large integer as the float it once was: that takes `number`.
     if !n.is_f64() && numbers != Numbers::PythonFloats {
         let mut digits = itoa::Buffer::new();
         match (n.as_u64(), n.as_i64()) {

@@ -113,6 +113,28 @@ impl Task {
     }
 }
 
+/// What a broker read answers, or None on `shutdown`; `idle` runs once the read has outlasted
+/// `block`. Redis ends an empty blocking read only when its event loop next wakes (up to a tenth of a
+/// second at its default `hz`, five times test mode's block): a read still out after its block has
+/// found nothing new, and the subscription can say it is idle while it goes on waiting.
+pub(crate) async fn read_or_idle<T>(
+    read: impl std::future::Future<Output = T>,
+    block: std::time::Duration,
+    idle: impl FnOnce(),
+    shutdown: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(read);
+    tokio::select! {
+        answer = &mut read => return Some(answer),
+        _ = tokio::time::sleep(block) => idle(),
+        _ = shutdown.cancelled() => return None,
+    }
+    tokio::select! {
+        answer = read => Some(answer),
+        _ = shutdown.cancelled() => None,
+    }
+}
+
 /// The broker streams subscription `name` reads: its categories and its group's replay stream.
 pub(crate) fn streams(name: &str, categories: &[String]) -> Vec<String> {
     let mut streams = categories.to_vec();

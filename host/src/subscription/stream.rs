@@ -233,7 +233,8 @@ impl Source for Stream {
             let (shared, name) = (self.shared.clone(), self.name().to_owned());
             let idle = || shared.progress.set(&name, State::Idle { head: seen });
             let consumer = self.consumer()?;
-            let Some(read) = answer(consumer.read(count, block), block, idle, shutdown).await
+            let Some(read) =
+                standing::read_or_idle(consumer.read(count, block), block, idle, shutdown).await
             else {
                 return Ok(Fetched::Stop);
             };
@@ -342,27 +343,6 @@ fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
             entry,
         })
         .collect()
-}
-
-/// The answer to `read`, or None on `shutdown`; `idle` runs once the read has outlasted `block`. Redis
-/// ends an empty blocking read only when its event loop next wakes (up to a tenth of a second at its
-/// default `hz`, five times test mode's block): a read still out after its block has found nothing new.
-pub(crate) async fn answer<T>(
-    read: impl std::future::Future<Output = T>,
-    block: std::time::Duration,
-    idle: impl FnOnce(),
-    shutdown: &CancellationToken,
-) -> Option<T> {
-    tokio::pin!(read);
-    tokio::select! {
-        answer = &mut read => return Some(answer),
-        _ = tokio::time::sleep(block) => idle(),
-        _ = shutdown.cancelled() => return None,
-    }
-    tokio::select! {
-        answer = read => Some(answer),
-        _ = shutdown.cancelled() => None,
-    }
 }
 
 /// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the

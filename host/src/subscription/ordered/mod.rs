@@ -43,7 +43,10 @@ use crate::{
     ordering::{partition_of, Ordering},
     ownership::{Fence, Owned},
     store::{self, StoredMessage},
-    subscription::stream::{answer, consumer_name, read_block},
+    subscription::{
+        standing::read_or_idle,
+        stream::{consumer_name, read_block},
+    },
 };
 
 mod intake;
@@ -348,7 +351,7 @@ impl Ordered {
 
     /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown. With
     /// nothing of its own left to handle, a read still out after `wait` has found nothing new: the
-    /// subscription is idle at `seen` (see [`answer`]).
+    /// subscription is idle at `seen` (see [`read_or_idle`]).
     async fn next(
         &mut self,
         group: &mut dyn Partitions,
@@ -367,7 +370,7 @@ impl Ordered {
                 shared.progress.set(&name, State::Idle { head: seen });
             }
         };
-        answer(self.read(group, wait), wait, idle, shutdown).await
+        read_or_idle(self.read(group, wait), wait, idle, shutdown).await
     }
 
     /// Read the next entries of the held partitions' streams.
