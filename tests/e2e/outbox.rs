@@ -1,10 +1,11 @@
 //! The outbox with a real Redis and the real binary: a broker outage longer than `max_attempts` loses
 //! nothing and keeps each stream's order; held rows are listed and republished by the operator; a
 //! killed replica's outbox leases are taken over within the configured lease; a group lag that Redis
-//! miscounts is not trusted.
+//! miscounts is not trusted; rounds on SQLite make no temporary files.
 
+use notify_debouncer_mini::notify;
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -580,5 +581,82 @@ fn commit_events(store: &dyn Store, streams: &[&str], events: u64) {
                 ..UnitOfWork::default()
             })
             .unwrap();
+    }
+}
+
+/// Marking a round of 500 rows published is one multi-row UPDATE. SQLite journals such a statement on
+/// its own (the original of every page it changes) unless it cannot fail halfway; that journal
+/// spilled to a temporary file every round, created, written and unlinked. The rounds now make no
+/// file: watched in the directory SQLite is told to make them in.
+#[test]
+fn outbox_rounds_on_sqlite_make_no_temporary_files() {
+    let (redis, dir) = with_redis(TEST_CONFIG);
+    let store = sqlite(dir.path());
+    commit_events(store.as_ref(), &["shop::cart", "shop::order"], 3000);
+    drop(store);
+    let temp = tempfile::tempdir().unwrap();
+    let created = Created::watch(temp.path());
+    let run = host(dir.path())
+        .args(["--test-mode", "--domain"])
+        .args([format!("{}:empty", fixture_domain().display())])
+        .env("SQLITE_TMPDIR", temp.path())
+        .output();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr());
+    assert_eq!(
+        pending(sqlite(dir.path()).as_ref()),
+        0,
+        "every row was published"
+    );
+    let published = ["shop::cart", "shop::order"].map(|s| published_positions(&redis, s).len());
+    assert_eq!(published.iter().sum::<usize>(), 3000);
+    assert_eq!(
+        created.since(),
+        Vec::<PathBuf>::new(),
+        "files made in SQLite's temporary directory"
+    );
+}
+
+/// The files created in a directory since it was watched.
+struct Created {
+    dir: PathBuf,
+    events: std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Created {
+    fn watch(dir: &Path) -> Self {
+        use notify::Watcher;
+        let (sender, events) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(sender).unwrap();
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        Self {
+            dir: dir.into(),
+            events,
+            _watcher: watcher,
+        }
+    }
+
+    /// Every creation reported before a marker file made now: events come in order, so the marker's
+    /// arrival means all earlier ones have.
+    fn since(&self) -> Vec<PathBuf> {
+        let marker = self.dir.join("marker");
+        std::fs::write(&marker, b"").unwrap();
+        let mut created = Vec::new();
+        loop {
+            let event = self
+                .events
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the marker file's creation is reported")
+                .unwrap();
+            if !event.kind.is_create() {
+                continue;
+            }
+            if event.paths.contains(&marker) {
+                return created;
+            }
+            created.extend(event.paths);
+        }
     }
 }
