@@ -199,6 +199,10 @@ pub(crate) struct ProbeArgs {
     /// Construct every instance.
     #[arg(long, conflicts_with = "instance")]
     pub(crate) every: bool,
+    /// The build id the host hashed the copy's bytes to (it wrote and read them back itself); default:
+    /// read and hash LIBRARY here.
+    #[arg(long, value_name = "ID")]
+    pub(crate) build: Option<String>,
 }
 
 /// Options of `outbox`.
@@ -737,7 +741,7 @@ mod tests {
     fn the_logging_flags_given_to_a_child_parse_back_to_the_same_levels() {
         let cli = parse(&["--debug", "--log-format", "json", "inspect"]).unwrap();
         let mut args = cli.common.log_args();
-        args.extend(["__probe".into(), "lib.so".into(), "--every".into()]);
+        args.extend(["__probe", "lib.so", "--every", "--build", "0a1b2c"].map(String::from));
         let child = parse(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         assert_eq!(child.common.level(), LogLevel::Debug);
         assert_eq!(child.common.log_format, LogFormat::Json);
@@ -745,6 +749,7 @@ mod tests {
             panic!("not the probe")
         };
         assert!(probe.every && probe.instance.is_none());
+        assert_eq!(probe.build.as_deref(), Some("0a1b2c"));
         assert_eq!(
             parse(&["__probe", "lib.so", "--every", "--instance", "x"])
                 .unwrap_err()

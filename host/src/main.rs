@@ -106,6 +106,7 @@ fn probe_child(common: &Common, args: &ProbeArgs) -> ! {
     probe::child(
         &args.library,
         named,
+        args.build.as_deref(),
         instances,
         common.level().plugin_level(),
     )

@@ -7,6 +7,7 @@ use std::{
 };
 
 use protean_host::plugin::{Delivery, HostServices, Library};
+use sha2::Digest;
 
 use crate::support::{
     assert_probe_gone, bad_build, fixture_domain, host, incompatible_fixture, sample_domain,
@@ -194,6 +195,43 @@ fn a_build_that_crashes_or_hangs_while_loading_is_one_line_at_startup() {
             assert_probe_gone(&pid_file);
         }
     }
+}
+
+/// The probe process reports the build id the host gives it (the host hashed the copy it wrote and read
+/// back, so the child does not read and hash it again); run by hand without one, it hashes the file.
+#[test]
+fn the_probe_reports_the_build_it_was_given_or_the_one_it_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fixture_domain();
+    let loaded = |extra: &[&str]| -> String {
+        let run = host(dir.path())
+            .args(["__probe"])
+            .args([lib.as_os_str()])
+            .args(["--instance", "empty"])
+            .args(extra)
+            .output()
+            .expect_code(0);
+        let lines: Vec<serde_json::Value> = run
+            .stdout()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.last(), Some(&serde_json::json!({"done": true})));
+        let constructed = lines.iter().filter(|l| l.get("constructed").is_some());
+        assert_eq!(constructed.count(), 1, "{lines:?}");
+        lines
+            .iter()
+            .find_map(|l| l["loaded"]["build_id"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(loaded(&["--build", "0a1b2c3d4e5f"]), "0a1b2c3d4e5f");
+    let bytes = std::fs::read(lib).unwrap();
+    let hashed: String = sha2::Sha256::digest(&bytes)[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(loaded(&[]), hashed);
 }
 
 #[test]
