@@ -7,7 +7,7 @@ use std::{
 
 use super::{
     category, check_field,
-    outbox::{choose, to_lease, Candidate, Lease},
+    outbox::{choose, to_lease, Candidate, Lease, Leases},
     schedules::ScheduleWrite,
     Claim, DeadLetter, DocumentVersion, Error, InFlight, Outbox, OutboxCounts, OutboxItem,
     ParkedKey, PendingRow, Result, Schedule, ScheduleCounts, ScheduleQuery, ScheduleState,
@@ -33,7 +33,7 @@ struct State {
     /// Dead letters replayed: their index in `dead_letters` to the build that handled them.
     replayed: HashMap<usize, String>,
     outbox: Vec<OutboxRow>,
-    leases: HashMap<String, Lease>,
+    leases: Leases,
     /// Message ids by idempotency key.
     idempotency_keys: HashMap<String, String>,
     /// The highest fencing token committed per name.

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
     category, check_field, indexed_fields,
-    outbox::{self, to_lease, Candidate, Chooser, InFlight, Lease, Offer},
+    outbox::{self, to_lease, Candidate, Chooser, InFlight, Lease, Leases, Offer},
     Claim, DeadLetter, DocumentVersion, Error, MarkerKey, Outbox, OutboxCounts, OutboxItem,
     ParkedKey, PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
 };
@@ -1009,7 +1009,7 @@ impl Outbox for SqliteStore {
         let now = super::now_ms();
         let (first, last) = in_flight.longest();
         self.write(|tx| {
-            let leases: HashMap<String, Lease> = tx
+            let leases: Leases = tx
                 .prepare_cached(sql::OUTBOX_LEASES)?
                 .query_map([], |r| {
                     Ok((

@@ -3,17 +3,14 @@
 //! store (a claim that writes none needs no lock: see [`PostgresStore::claim`]); their times come from
 //! the database's clock, the one clock every replica shares.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use postgres::Row;
 
 use super::{message_at, pool::Conn, sql, PostgresStore};
 use crate::store::{
     now_ms,
-    outbox::{choose, to_lease, Candidate, Choice, Lease},
+    outbox::{choose, to_lease, Candidate, Choice, Lease, Leases},
     Claim, InFlight, Outbox, OutboxCounts, OutboxItem, PendingRow, Result, RowFailure,
 };
 
@@ -182,7 +179,7 @@ impl Judged {
 struct Claimable {
     now: u64,
     candidates: Vec<Candidate>,
-    leases: HashMap<String, Lease>,
+    leases: Leases,
 }
 
 impl Claimable {
@@ -192,7 +189,7 @@ impl Claimable {
         let mut claimable = Self {
             now: 0,
             candidates: Vec::new(),
-            leases: HashMap::new(),
+            leases: Leases::new(),
         };
         for r in c.query(sql::OUTBOX_CLAIMABLE, &[&window, &first, &last])? {
             let at = r.get::<_, i64>(4) as u64;
