@@ -6,6 +6,15 @@
 //! scheduler: one schedule in fifty fired about 180 ms late, in bursts, once per checkpoint. Here the
 //! writer never checkpoints (`wal_autocheckpoint = 0`); this thread checkpoints `PASSIVE`ly a few times
 //! a second, which waits for no reader and no writer, so commits go on while it runs.
+//!
+//! A passive checkpoint never lets the WAL start over while commits keep coming: the writer goes back to
+//! the WAL's start only when a checkpoint has copied every frame, and under steady load new frames
+//! always arrive while one copies. Measured: 400,000 messages handled in one run grew the WAL to 410 MB,
+//! and with no size limit the file stays that large. So once the WAL holds more than
+//! [`RESTART_AFTER`], this thread first flushes the database file (holding no lock), then runs a
+//! `RESTART` checkpoint: it holds writers off while it copies the frames since the last checkpoint and
+//! waits (at most [`RESTART_WAIT`]) for readers of older snapshots, and the next commit starts the WAL
+//! over, truncating it to `journal_size_limit`.
 
 use std::{
     path::Path,
@@ -20,7 +29,15 @@ use std::{
 use rusqlite::Connection;
 
 /// How often the WAL is checkpointed. A checkpoint with nothing to copy reads only the WAL index.
-const EVERY: Duration = Duration::from_millis(200);
+/// (Unit tests, here and below, use smaller figures: they reach them in a fraction of a second.)
+const EVERY: Duration = Duration::from_millis(if cfg!(test) { 20 } else { 200 });
+
+/// The WAL size past which it is made to start over.
+pub(super) const RESTART_AFTER: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+
+/// How long a restart waits for the writer in flight and for readers of older snapshots, holding other
+/// writers off meanwhile; past it, the restart is tried again at the next checkpoint.
+const RESTART_WAIT: Duration = Duration::from_millis(100);
 
 /// The running checkpointer; stopped when dropped (without a last checkpoint: a short-lived command
 /// that opened the store must not pay for copying what a busy server wrote).
@@ -34,13 +51,16 @@ impl Checkpointer {
     /// Checkpoint the store file at `path` from now on, on a connection of its own.
     pub(super) fn start(path: &Path) -> rusqlite::Result<Self> {
         let connection = Connection::open(path)?;
-        connection.busy_timeout(Duration::from_secs(5))?;
+        // Only a restart waits (a passive checkpoint never does), and it holds writers off meanwhile.
+        connection.busy_timeout(RESTART_WAIT)?;
+        let io = |e| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+        let file = std::fs::File::open(path).map_err(io)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || run(&connection, &stopped))
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            .spawn(move || run(&connection, &file, &stopped))
+            .map_err(io)?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -48,22 +68,47 @@ impl Checkpointer {
     }
 }
 
-fn run(connection: &Connection, stop: &AtomicBool) {
+/// Checkpoint every [`EVERY`] until `stop`; restart the WAL when it has grown past [`RESTART_AFTER`].
+/// `file` is the database file, to flush before a restart.
+fn run(connection: &Connection, file: &std::fs::File, stop: &AtomicBool) {
+    let page_size: u64 = connection
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap_or(4096);
     loop {
         std::thread::park_timeout(EVERY);
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        checkpoint(connection);
+        let frames = checkpoint(connection, "PASSIVE");
+        if frames.is_some_and(|f| f * page_size > RESTART_AFTER) {
+            // What the checkpoints copied reaches the disk now, while writers go on; the restart then
+            // has only its own last frames to sync while it holds them off.
+            if let Err(error) = file.sync_data() {
+                tracing::debug!(%error, "cannot flush the database file before a WAL restart");
+            }
+            checkpoint(connection, "RESTART");
+        }
     }
 }
 
-fn checkpoint(connection: &Connection) {
-    // Busy (another process checkpoints) or failing: the next round tries again; a WAL that is not
-    // copied yet costs only its size, never a commit.
-    let checkpointed = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-    if let Err(error) = checkpointed {
-        tracing::debug!(%error, "WAL checkpoint did not run; trying again");
+/// One checkpoint in `mode`; the frames the WAL holds, if it ran. Busy (another process checkpoints, or
+/// a restart's wait ran out) or failing: the next round tries again; a WAL that is not copied yet
+/// costs only its size, never a commit.
+fn checkpoint(connection: &Connection, mode: &str) -> Option<u64> {
+    let pragma = format!("PRAGMA wal_checkpoint({mode})");
+    let result = connection.query_row(&pragma, [], |r| {
+        Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?))
+    });
+    match result {
+        Ok((false, frames)) => Some(frames.max(0) as u64),
+        Ok((true, _)) => {
+            tracing::debug!(mode, "WAL checkpoint was busy; trying again");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(mode, %error, "WAL checkpoint did not run; trying again");
+            None
+        }
     }
 }
 
@@ -114,5 +159,42 @@ mod tests {
             std::thread::park_timeout(super::EVERY);
         }
         assert_eq!(store.read_stream("t::x-199", 0).unwrap().len(), 1);
+    }
+
+    /// Steady commits never give a passive checkpoint the moment to let the WAL start over: before
+    /// restarts, the WAL grew by everything written (here 25 times the restart size). Now it stays
+    /// within the restart size and what one checkpoint period adds.
+    #[test]
+    fn a_wal_under_steady_commits_starts_over_instead_of_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let wal = dir.path().join("store.db-wal");
+        let data = serde_json::json!({ "padding": "x".repeat(4000) });
+        let (mut written, mut largest) = (0, 0);
+        for n in 0.. {
+            let messages = (0..10)
+                .map(|i| {
+                    let stream = format!("t::x-{n}-{i}");
+                    NewMessage::new(Kind::Event, &stream, "T.A.v1", &data, None, None, None)
+                })
+                .collect();
+            store
+                .commit(&UnitOfWork {
+                    messages,
+                    ..UnitOfWork::default()
+                })
+                .unwrap();
+            written += 10 * 4000;
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            if written > 25 * super::RESTART_AFTER {
+                break;
+            }
+        }
+        assert!(
+            largest < 8 * super::RESTART_AFTER,
+            "the WAL grew to {largest} bytes for {written} written"
+        );
+        assert_eq!(store.read_stream("t::x-0-0", 0).unwrap().len(), 1);
     }
 }
