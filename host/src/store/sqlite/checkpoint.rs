@@ -179,12 +179,7 @@ mod tests {
                     NewMessage::new(Kind::Event, &stream, "T.A.v1", &data, None, None, None)
                 })
                 .collect();
-            store
-                .commit(&UnitOfWork {
-                    messages,
-                    ..UnitOfWork::default()
-                })
-                .unwrap();
+            crate::store::tests::append(&store, messages).unwrap();
             written += 10 * 4000;
             largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
             if written > 25 * super::RESTART_AFTER {
