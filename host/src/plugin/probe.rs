@@ -259,6 +259,8 @@ impl Finished {
             if line.get("probe").is_some() {
                 step = Step::Loading;
             } else if let Some(loaded) = line.get("loaded") {
+                // The host's own probe is told the id (`--build`) and reports it back; the check bites
+                // for a probe that hashed the copy itself.
                 let probed = loaded["build_id"].as_str().unwrap_or_default();
                 if probed != expected {
                     return Err(ProbeError::OtherBuild {
