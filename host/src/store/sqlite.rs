@@ -1237,9 +1237,7 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
         // Never checkpoint on a commit: the checkpointer thread does (`checkpoint.rs`).
         .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 0))
         // The commit that starts the WAL over after a restart (`checkpoint.rs`) cuts it back to this.
-        .and_then(|_| {
-            connection.pragma_update(None, "journal_size_limit", checkpoint::KEEP as i64)
-        })
+        .and_then(|_| connection.pragma_update(None, "journal_size_limit", checkpoint::KEEP as i64))
         .and_then(|_| {
             connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
             migrate(connection)?;
