@@ -660,3 +660,59 @@ impl Created {
         }
     }
 }
+
+/// A stored message that no longer reads as JSON (damaged, or written by hand) is neither published as
+/// garbage nor skipped: its row fails with the reason and holds its stream back, in order, while the
+/// other streams are published. The envelope is made on the store's thread, right after the claim;
+/// this is the path a failure there takes.
+#[test]
+fn an_unreadable_stored_message_holds_back_its_stream_and_says_why() {
+    let (redis, dir) = with_redis(&format!(
+        "{TEST_CONFIG}[outbox]\nretry_delay_ms = 20\nmax_retry_delay_ms = 100\n"
+    ));
+    let store = sqlite(dir.path());
+    commit_events(store.as_ref(), &["shop::cart", "shop::order"], 20);
+    let db = rusqlite::Connection::open(dir.path().join(".protean/store.db")).unwrap();
+    let damaged: u64 = db
+        .query_row(
+            "SELECT min(global_position) FROM messages WHERE stream_name LIKE 'shop::cart-%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE messages SET data = '{not json' WHERE global_position = ?1",
+        [damaged],
+    )
+    .unwrap();
+    let empty = format!("{}:empty", fixture_domain().display());
+    let mut server = host(dir.path()).args(["--domain", &empty]).spawn();
+    server.wait_for(&["stored message is unreadable"], Duration::from_secs(30));
+    wait_until(
+        Duration::from_secs(30),
+        "the other stream is published",
+        || published_positions(&redis, "shop::order").len() == 10,
+    );
+    server.signal(libc::SIGTERM);
+    let (code, log) = server.wait();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        published_positions(&redis, "shop::cart"),
+        Vec::<u64>::new(),
+        "nothing of the damaged row's stream is published past it"
+    );
+    let (attempts, error): (u32, String) = db
+        .query_row(
+            "SELECT attempts, last_error FROM outbox WHERE global_position = ?1 AND status = 'pending'",
+            [damaged],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(attempts >= 1, "the failure is counted");
+    assert!(error.contains("stored message is unreadable"), "{error}");
+    assert_eq!(
+        pending(store.as_ref()),
+        10,
+        "the damaged stream's rows wait"
+    );
+}
