@@ -163,7 +163,7 @@ impl Claimed {
     /// Made on the store's thread: the wire forms are then ready before the broker is free, instead of
     /// being made while Redis waits (0.37 ms of the broker side's 2.5 ms in a round of 500, measured).
     fn new(mut claim: Claim, at: tokio::time::Instant, seen: u64) -> Self {
-        let targets = by_target(std::mem::take(&mut claim.items));
+        let targets = ready_by_target(std::mem::take(&mut claim.items));
         Self {
             claim,
             targets,
@@ -352,7 +352,7 @@ async fn send(
         complete: true,
     };
     for (target, items) in targets {
-        // A target's rows are never none (see `by_target`).
+        // A target's rows are never none (see `ready_by_target`).
         let (first, attempts) = (items[0].seq, items[0].attempts);
         let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
         match publish_target(broker, &target, items, deadline).await {
@@ -429,7 +429,7 @@ fn record_now(shared: &Shared, worker: &str, sent: Sent) -> bool {
 
 /// The claimed rows made ready and grouped by target stream, targets in claim order, rows in commit
 /// order.
-fn by_target(items: Vec<OutboxItem>) -> Vec<(String, Vec<Ready>)> {
+fn ready_by_target(items: Vec<OutboxItem>) -> Vec<(String, Vec<Ready>)> {
     let mut targets: Vec<(String, Vec<Ready>)> = Vec::new();
     for mut item in items {
         let target = std::mem::take(&mut item.target);

@@ -363,7 +363,7 @@ impl Ordered {
         if !ahead.is_empty() {
             return Some(Ok(ahead));
         }
-        let done = self.pending.is_empty() && self.released().is_empty();
+        let done = self.pending.is_empty() && self.released().next().is_none();
         let (shared, name) = (self.shared.clone(), self.name().to_owned());
         let idle = || {
             if done {
@@ -477,21 +477,21 @@ impl Ordered {
 
     /// The released keys of this replica's partitions whose held entries are not being handled yet,
     /// with their partitions.
-    fn released(&self) -> Vec<(String, u32)> {
+    fn released(&self) -> impl Iterator<Item = (&String, u32)> {
         let partitions = self.partitions();
         self.parked
             .iter()
             .filter(|(key, state)| **state == Parked::Released && !self.draining.contains(*key))
-            .map(|(key, _)| (key.clone(), partition_of(key, partitions)))
+            .map(move |(key, _)| (key, partition_of(key, partitions)))
             .filter(|(_, p)| self.parts.contains_key(p))
-            .collect()
     }
 
     /// Take the held entries of released keys in this replica's partitions, to handle them first.
     /// Whether any were taken.
     async fn drain(&mut self, group: &mut dyn Partitions, count: usize) -> Result<bool, Trouble> {
         let mut taken = false;
-        for (key, partition) in self.released() {
+        let released: Vec<(String, u32)> = self.released().map(|(k, p)| (k.clone(), p)).collect();
+        for (key, partition) in released {
             let entries = group.held(&key, count).await.map_err(Trouble::broker)?;
             let claim = self.parts[&partition].claim;
             let mut items = Vec::new();
