@@ -112,6 +112,7 @@ mod tests {
             time: String::new(),
             data: data.into(),
             metadata: "{}".into(),
+            decoded: Default::default(),
         }
     }
 

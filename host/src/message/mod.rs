@@ -72,7 +72,7 @@ impl TooBig {
 }
 
 /// What the engine needs from a message's metadata, read without copying the rest.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct MetaView<'a> {
     #[serde(borrow, default)]
     pub headers: HeadersView<'a>,
@@ -83,10 +83,8 @@ pub struct MetaView<'a> {
 }
 
 /// `metadata.headers`, the parts the engine reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct HeadersView<'a> {
-    #[serde(borrow, default)]
-    pub id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub deadline: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -94,14 +92,14 @@ pub struct HeadersView<'a> {
 }
 
 /// `metadata.envelope`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct EnvelopeView<'a> {
     #[serde(borrow, default)]
     pub checksum: Option<Cow<'a, str>>,
 }
 
 /// `metadata.domain`, the parts the engine reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct DomainView<'a> {
     #[serde(borrow, default)]
     pub correlation_id: Option<Cow<'a, str>>,
@@ -113,6 +111,24 @@ impl<'a> MetaView<'a> {
     /// Parse a metadata object.
     pub fn parse(metadata: &'a str) -> Result<Self, PoisonError> {
         serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))
+    }
+
+    /// The same view, owning its text: kept with a message decoded ahead ([`Decoded`]).
+    pub fn into_owned(self) -> MetaView<'static> {
+        let owned = |text: Option<Cow<'_, str>>| text.map(|t| Cow::Owned(t.into_owned()));
+        MetaView {
+            headers: HeadersView {
+                deadline: owned(self.headers.deadline),
+                traceparent: self.headers.traceparent,
+            },
+            envelope: self.envelope.map(|e| EnvelopeView {
+                checksum: owned(e.checksum),
+            }),
+            domain: self.domain.map(|d| DomainView {
+                correlation_id: owned(d.correlation_id),
+                origin_stream: owned(d.origin_stream),
+            }),
+        }
     }
 
     /// The correlation id children inherit.
@@ -153,6 +169,27 @@ impl<'a> MetaView<'a> {
         }
     }
 }
+
+/// What the engine reads from a message's metadata, when it was decoded with the message
+/// ([`from_wire`] reads a broker entry in one pass); else the engine parses the metadata itself. It is
+/// a cache of the metadata's text, so it never makes two messages differ.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded(pub Option<Box<MetaView<'static>>>);
+
+impl Decoded {
+    /// The view, when the message was decoded ahead.
+    pub fn get(&self) -> Option<&MetaView<'static>> {
+        self.0.as_deref()
+    }
+}
+
+impl PartialEq for Decoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Decoded {}
 
 /// Parse a Protean time: RFC 3339, or Python's `isoformat()` with a space or without an offset (UTC).
 pub fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {

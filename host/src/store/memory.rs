@@ -320,6 +320,7 @@ impl State {
                 time: m.time.clone(),
                 data: m.data.clone(),
                 metadata: m.metadata.clone(),
+                decoded: Default::default(),
             });
             last = Some(global_position);
             if unit.publish {

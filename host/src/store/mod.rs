@@ -56,6 +56,8 @@ pub struct StoredMessage {
     pub data: String,
     /// The `metadata` object as JSON text, without the `event_store` section (derived on read).
     pub metadata: String,
+    /// The parts of `metadata` the engine reads, when the reader decoded them already.
+    pub decoded: crate::message::Decoded,
 }
 
 impl StoredMessage {

@@ -319,6 +319,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<StoredMessage> {
         time: row.get(5)?,
         data: row.get(6)?,
         metadata: row.get(7)?,
+        decoded: Default::default(),
     })
 }
 
@@ -994,6 +995,7 @@ fn outbox_item(r: &Row<'_>, c: Candidate) -> rusqlite::Result<OutboxItem> {
             time: r.get(9)?,
             data: r.get(10)?,
             metadata: r.get(11)?,
+            decoded: Default::default(),
         },
     })
 }

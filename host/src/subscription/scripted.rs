@@ -93,6 +93,7 @@ pub(crate) fn message(n: u64, message_type: &str, id: &str) -> StoredMessage {
         time: new.time,
         data: new.data,
         metadata: new.metadata,
+        decoded: Default::default(),
     }
 }
 

@@ -335,6 +335,7 @@ pub(super) fn message_at(row: &Row, first: usize) -> StoredMessage {
         time: row.get(first + 5),
         data: row.get(first + 6),
         metadata: row.get(first + 7),
+        decoded: Default::default(),
     }
 }
 
