@@ -231,11 +231,11 @@ impl Source for Stream {
         let (entries, new) = if self.ahead.is_empty() {
             let (count, block) = (self.count(), self.config.block);
             let (shared, name) = (self.shared.clone(), self.name().to_owned());
+            let idle_after = standing::idle_after(&shared, block);
             let idle = || shared.progress.set(&name, State::Idle { head: seen });
             let consumer = self.consumer()?;
-            let Some(read) =
-                standing::read_or_idle(consumer.read(count, block), block, idle, shutdown).await
-            else {
+            let read = consumer.read(count, block);
+            let Some(read) = standing::read_or_idle(read, idle_after, idle, shutdown).await else {
                 return Ok(Fetched::Stop);
             };
             (decode(read.map_err(Trouble::broker)?), consumer.read_new())

@@ -44,7 +44,7 @@ use crate::{
     ownership::{Fence, Owned},
     store::{self, StoredMessage},
     subscription::{
-        standing::read_or_idle,
+        standing::{idle_after, read_or_idle},
         stream::{consumer_name, read_block},
     },
 };
@@ -350,8 +350,9 @@ impl Ordered {
     }
 
     /// The entries read ahead, else the next read (waiting up to `wait`); None on shutdown. With
-    /// nothing of its own left to handle, a read still out after `wait` has found nothing new: the
-    /// subscription is idle at `seen` (see [`read_or_idle`]).
+    /// nothing of its own left to handle, a read still out after `wait` (in test mode, sooner:
+    /// [`idle_after`]) has found nothing new: the subscription is idle at `seen` (see
+    /// [`read_or_idle`]).
     async fn next(
         &mut self,
         group: &mut dyn Partitions,
@@ -365,12 +366,13 @@ impl Ordered {
         }
         let done = self.pending.is_empty() && self.released().next().is_none();
         let (shared, name) = (self.shared.clone(), self.name().to_owned());
+        let idle_after = idle_after(&shared, wait);
         let idle = || {
             if done {
                 shared.progress.set(&name, State::Idle { head: seen });
             }
         };
-        read_or_idle(self.read(group, wait), wait, idle, shutdown).await
+        read_or_idle(self.read(group, wait), idle_after, idle, shutdown).await
     }
 
     /// Read the next entries of the held partitions' streams.
