@@ -370,6 +370,44 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     each_order_exactly_once(store.as_ref(), total);
 }
 
+/// A stop sends a consumer's last acknowledgements without queueing them behind the read Redis holds
+/// on that consumer's connection: Redis answers nothing else there until the read ends, at its block
+/// (here 30 s) or, at `--hz 1`, up to a second after it. Each stream subscription sits in such a read
+/// with its last batch's acknowledgements not yet confirmed when the signal comes.
+#[test]
+fn a_stop_does_not_wait_for_redis_to_end_a_blocked_read() {
+    let redis = RedisServer::start_with(&["--hz", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = redis.config().replace("block_ms = 200", "block_ms = 30000");
+    std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+    let lib = sample_domain().display().to_string();
+    send_orders(dir.path(), 0, 20);
+    let server = host(dir.path()).args(["--domain", &lib]).spawn();
+    let store = sqlite(dir.path());
+    wait_until(Duration::from_secs(60), "every order shipped", || {
+        count_of(
+            store.as_ref(),
+            "fulfilment::order",
+            "Fulfilment.OrderShipped.v1",
+        ) == 20
+    });
+    wait_until(Duration::from_secs(60), "reads held by Redis", || {
+        let clients = redis.cli(&["CLIENT", "LIST"]);
+        let held = |line: &&str| line.contains("cmd=xreadgroup") && line.contains("flags=b");
+        clients.lines().filter(held).count() >= 2
+    });
+    let signalled = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}, waiting for reads blocked for 30 s:\n{logs}",
+        signalled.elapsed()
+    );
+    assert_eq!(redis.pending(), 0, "acknowledgements lost at the stop");
+}
+
 #[test]
 fn a_dead_letter_is_listed_replayed_to_its_group_and_then_succeeds() {
     let redis = RedisServer::start();

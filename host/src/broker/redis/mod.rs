@@ -269,6 +269,8 @@ impl Broker for RedisBroker {
         );
         Ok(Box::new(RedisConsumer {
             conn,
+            commands: self.commands.clone(),
+            blocked: false,
             streams,
             group: group.to_owned(),
             name: consumer.to_owned(),
@@ -638,6 +640,13 @@ fn into_text(value: Value) -> Option<String> {
 /// One consumer, on a connection of its own.
 struct RedisConsumer {
     conn: ConnectionManager,
+    /// The broker's connection for commands that never block: what this consumer sends while `conn`
+    /// may be held by a blocking read that was given up.
+    commands: ConnectionManager,
+    /// A blocking read went out on `conn` and its answer was not awaited (a stop came first). Redis
+    /// answers nothing else on `conn` until that read ends, which for an empty read is at its block or
+    /// later, at the server's next timer tick (up to a tenth of a second).
+    blocked: bool,
     streams: Vec<String>,
     group: String,
     name: String,
@@ -677,10 +686,12 @@ impl RedisConsumer {
         }
         let mut pipe = self.acks();
         pipe.add_command(cmd);
+        self.blocked = block.is_some();
         let read = pipe
             .query_async::<(Value,)>(&mut self.conn)
             .await
             .and_then(|(reply,)| entries(reply).ok_or_else(unknown_shape));
+        self.blocked = false;
         let entries = match read {
             Ok(entries) => entries,
             Err(error) => {
@@ -793,8 +804,13 @@ impl Consumer for RedisConsumer {
         if self.to_ack.is_empty() {
             return Ok(());
         }
-        self.acks()
-            .query_async::<()>(&mut self.conn)
+        let acks = self.acks();
+        // Behind a read given up, the acknowledgements would wait for that read to end.
+        let conn = match self.blocked {
+            true => &mut self.commands,
+            false => &mut self.conn,
+        };
+        acks.query_async::<()>(conn)
             .await
             .map_err(command("XACK"))?;
         self.to_ack.clear();
