@@ -18,7 +18,6 @@
 //! message is never settled while an earlier message of its key in the batch is not.
 
 use std::{
-    borrow::Cow,
     collections::{HashMap, HashSet},
     time::Duration,
 };
@@ -556,16 +555,16 @@ fn build(
 ) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
     let (messages, keys) = (batch.messages, batch.keys);
     let sub = ctx.subscription;
-    let metas: Vec<Result<Cow<'_, MetaView<'_>>, String>> = messages
+    let metas: Vec<Result<MetaView<'_>, String>> = messages
         .iter()
         .map(|m| {
             // Before anything decodes it here: an oversized message is poison, handled by no one.
             let limit = sub.settings.max_message_bytes;
             TooBig::check(m.size(), limit, || "message".into(), READ_FIX)
                 .map_err(|e| e.to_string())?;
-            let view = match m.decoded.get() {
-                Some(view) => Cow::Borrowed(view),
-                None => Cow::Owned(MetaView::parse(&m.metadata).map_err(|e| e.to_string())?),
+            let view = match m.decoded.view(&m.metadata) {
+                Some(view) => view,
+                None => MetaView::parse(&m.metadata).map_err(|e| e.to_string())?,
             };
             view.verify(&m.data).map_err(|e| e.to_string())?;
             Ok(view)
@@ -577,7 +576,7 @@ fn build(
         .map(|(m, meta)| Cause {
             id: &m.id,
             stream: &m.stream,
-            meta: meta.as_deref().ok(),
+            meta: meta.as_ref().ok(),
         })
         .collect();
     let now = ctx.clock.now();
@@ -998,7 +997,7 @@ fn keys<'a>(ctx: &Context<'a>, messages: &[StoredMessage]) -> std::borrow::Cow<'
 fn classify<'m>(
     sub: &'m Subscription,
     m: &StoredMessage,
-    meta: &Result<Cow<'_, MetaView<'_>>, String>,
+    meta: &Result<MetaView<'_>, String>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Class<'m> {
     let meta = match meta {

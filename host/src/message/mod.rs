@@ -113,24 +113,6 @@ impl<'a> MetaView<'a> {
         serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))
     }
 
-    /// The same view, owning its text: kept with a message decoded ahead ([`Decoded`]).
-    pub fn into_owned(self) -> MetaView<'static> {
-        let owned = |text: Option<Cow<'_, str>>| text.map(|t| Cow::Owned(t.into_owned()));
-        MetaView {
-            headers: HeadersView {
-                deadline: owned(self.headers.deadline),
-                traceparent: self.headers.traceparent,
-            },
-            envelope: self.envelope.map(|e| EnvelopeView {
-                checksum: owned(e.checksum),
-            }),
-            domain: self.domain.map(|d| DomainView {
-                correlation_id: owned(d.correlation_id),
-                origin_stream: owned(d.origin_stream),
-            }),
-        }
-    }
-
     /// The correlation id children inherit.
     pub fn correlation_id(&self) -> Option<&str> {
         self.domain.as_ref()?.correlation_id.as_deref()
@@ -170,16 +152,51 @@ impl<'a> MetaView<'a> {
     }
 }
 
-/// What the engine reads from a message's metadata, when it was decoded with the message
-/// ([`from_wire`] reads a broker entry in one pass); else the engine parses the metadata itself. It is
-/// a cache of the metadata's text, so it never makes two messages differ.
+/// What a reader decoded of a message's metadata on its way in ([`from_wire`] reads a broker entry in
+/// one pass): the headers the engine reads, and where the envelope and domain members are in the
+/// metadata's text. The engine decodes those two there, on the batch's thread rather than on the
+/// reader's, which is the busier. A cache of the metadata's text: it never makes two messages differ.
 #[derive(Debug, Clone, Default)]
-pub struct Decoded(pub Option<Box<MetaView<'static>>>);
+pub struct Decoded(pub(crate) Option<Box<Parts>>);
+
+/// See [`Decoded`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Parts {
+    pub(crate) headers: HeadersView<'static>,
+    /// The value of `envelope` in the metadata's text, when it has one.
+    pub(crate) envelope: Option<std::ops::Range<usize>>,
+    /// The value of `domain` in the metadata's text, when it has one.
+    pub(crate) domain: Option<std::ops::Range<usize>>,
+}
 
 impl Decoded {
-    /// The view, when the message was decoded ahead.
-    pub fn get(&self) -> Option<&MetaView<'static>> {
-        self.0.as_deref()
+    /// The view of `metadata` (the text this was decoded from); `None` when nothing was decoded
+    /// ahead, or when the envelope or the domain does not read as the engine reads it: parsing the
+    /// whole metadata then says why ([`MetaView::parse`]).
+    pub fn view<'a>(&'a self, metadata: &'a str) -> Option<MetaView<'a>> {
+        let parts = self.0.as_deref()?;
+        let member = |span: &Option<std::ops::Range<usize>>| -> Option<Option<&'a str>> {
+            match span {
+                Some(span) => metadata.get(span.clone()).map(Some),
+                None => Some(None),
+            }
+        };
+        let envelope = match member(&parts.envelope)? {
+            Some(text) => serde_json::from_str::<Option<EnvelopeView<'a>>>(text).ok()?,
+            None => None,
+        };
+        let domain = match member(&parts.domain)? {
+            Some(text) => serde_json::from_str::<Option<DomainView<'a>>>(text).ok()?,
+            None => None,
+        };
+        Some(MetaView {
+            headers: HeadersView {
+                deadline: parts.headers.deadline.as_deref().map(Cow::Borrowed),
+                traceparent: parts.headers.traceparent.clone(),
+            },
+            envelope,
+            domain,
+        })
     }
 }
 

@@ -1,7 +1,9 @@
 //! The usual broker entry, read in one pass: its metadata's members as raw text (to store them) and,
-//! in the same pass, the headers, envelope and domain the engine reads, so that nothing parses the
-//! metadata again. The parser gives the text of a member it decodes nowhere; it lies between that
-//! member's key and the next one's, whose places the keys borrowed from the entry's text give.
+//! in the same pass, its headers decoded (what a stored message needs, and what the engine reads of
+//! them), so that nothing parses the metadata again: the engine decodes the envelope and domain
+//! members where this pass found them ([`Decoded`]), on the batch's thread. The parser gives the text
+//! of a member it decodes nowhere; it lies between that member's key and the next one's, whose places
+//! the keys borrowed from the entry's text give.
 //!
 //! Anything unusual (a key written with escapes, a repeated member, a member of a type the engine
 //! would refuse, no message at all) makes [`read`] give up, and [`super::general`] reads the entry
@@ -14,7 +16,7 @@ use serde_json::{value::RawValue, Value};
 
 use super::{member, Key, Positions};
 use crate::{
-    message::{Decoded, DomainView, EnvelopeView, HeadersView, MetaView},
+    message::{Decoded, HeadersView, Parts},
     store::StoredMessage,
 };
 
@@ -28,7 +30,7 @@ pub(super) fn read(text: &str) -> Option<StoredMessage> {
     let headers = metadata.headers?;
     let mut stored = String::with_capacity(text.len() - data.get().len());
     stored.push('{');
-    let mut positions = None;
+    let (mut positions, mut envelope, mut domain) = (None, None, None);
     for (key, value) in members {
         if key == "event_store" {
             // The first, as the general reading takes it; none is stored.
@@ -36,16 +38,22 @@ pub(super) fn read(text: &str) -> Option<StoredMessage> {
             continue;
         }
         member(&mut stored, key, value);
+        let span = Some(stored.len() - value.len()..stored.len());
+        match key {
+            "envelope" => envelope = span,
+            "domain" => domain = span,
+            _ => {}
+        }
     }
     stored.push('}');
     let positions = positions.and_then(|p| serde_json::from_str::<Positions>(p).ok());
-    let view = MetaView {
+    let parts = Parts {
         headers: HeadersView {
-            deadline: headers.deadline,
+            deadline: headers.deadline.map(|d| Cow::Owned(d.into_owned())),
             traceparent: headers.traceparent,
         },
-        envelope: metadata.envelope.flatten(),
-        domain: metadata.domain.flatten(),
+        envelope,
+        domain,
     };
     Some(StoredMessage {
         global_position: positions
@@ -59,7 +67,7 @@ pub(super) fn read(text: &str) -> Option<StoredMessage> {
         time: headers.time.map(Cow::into_owned).unwrap_or_default(),
         data: data.get().to_owned(),
         metadata: stored,
-        decoded: Decoded(Some(Box::new(view.into_owned()))),
+        decoded: Decoded(Some(Box::new(parts))),
     })
 }
 
@@ -106,13 +114,14 @@ impl<'de> Deserialize<'de> for Entry<'de> {
 }
 
 /// The metadata object: each member's key as it is in the entry's text, with its value's text when
-/// it was read raw; and, decoded, the members the engine reads.
+/// it was read raw (all but the headers), and the headers decoded.
 #[derive(Default)]
 struct Metadata<'a> {
     members: Vec<(&'a str, Option<&'a RawValue>)>,
     headers: Option<Headers<'a>>,
-    envelope: Option<Option<EnvelopeView<'a>>>,
-    domain: Option<Option<DomainView<'a>>>,
+    /// Whether an envelope, a domain was seen: the engine refuses a second one.
+    envelope: Option<()>,
+    domain: Option<()>,
 }
 
 impl<'de> Deserialize<'de> for Metadata<'de> {
@@ -134,9 +143,9 @@ impl<'de> Deserialize<'de> for Metadata<'de> {
                     let raw = match key {
                         "headers" => once(&mut metadata.headers, map.next_value()?).map(|()| None),
                         "envelope" => {
-                            once(&mut metadata.envelope, map.next_value()?).map(|()| None)
+                            once(&mut metadata.envelope, ()).and(map.next_value().map(Some))
                         }
-                        "domain" => once(&mut metadata.domain, map.next_value()?).map(|()| None),
+                        "domain" => once(&mut metadata.domain, ()).and(map.next_value().map(Some)),
                         _ => map.next_value().map(Some),
                     }?;
                     metadata.members.push((key, raw));
@@ -174,7 +183,8 @@ impl<'a> Metadata<'a> {
 }
 
 /// `metadata.headers`: what a stored message needs, and what the engine reads ([`HeadersView`]).
-/// Every field the other two read is here with the same type, so what reads here reads there.
+/// Every field the general reading and the engine read is here with the same type, so what reads here
+/// reads there.
 #[derive(Deserialize)]
 struct Headers<'a> {
     #[serde(borrow, default)]
@@ -252,7 +262,7 @@ fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::wire::general;
+    use crate::message::{wire::general, MetaView};
 
     /// The wire form our outbox writes, compact.
     const COMPACT: &str = r#"{"data":{"n":0,"label":"tick"},"metadata":{"headers":{"id":"01a2","time":"2026-12-04T20:57:51.122898+00:00","type":"Probe.Ticked.v1","stream":"probe::probe-0","traceparent":null,"idempotency_key":null,"deadline":null},"envelope":{"specversion":"1.0","checksum":"e78d"},"domain":{"fqn":"Probe.Ticked","kind":"EVENT","origin_stream":null,"stream_category":"probe::probe","version":1,"correlation_id":"be95","causation_id":null},"event_store":{"global_position":7,"position":3},"extensions":{}}}"#;
@@ -268,7 +278,8 @@ mod tests {
     }
 
     /// Every way the one pass and the general reading could part: both read `text` the same, or the
-    /// one pass gives up; and its decoded view is what parsing the stored metadata gives.
+    /// one pass gives up; and its decoded view is what parsing the stored metadata gives, or none
+    /// when that parse fails.
     fn agree(text: &str) -> Option<StoredMessage> {
         let fast = read(text);
         let general = general(text);
@@ -288,8 +299,12 @@ mod tests {
                 fast.metadata == general.metadata,
             );
             assert_eq!(same, (true, true, true, true, true), "{text}");
-            let parsed = MetaView::parse(&general.metadata).expect("the engine parses it");
-            assert_eq!(fast.decoded.get(), Some(&parsed), "{text}");
+            let view = fast.decoded.view(&fast.metadata);
+            match MetaView::parse(&general.metadata) {
+                Ok(parsed) => assert_eq!(view, Some(parsed), "{text}"),
+                // What the engine refuses it learns from its own parse, which says why.
+                Err(_) => assert_eq!(view, None, "{text}"),
+            }
         }
         fast
     }
@@ -301,7 +316,7 @@ mod tests {
         for text in [COMPACT.to_owned(), spaced(COMPACT), pretty] {
             let message = agree(&text).unwrap_or_else(|| panic!("one pass: {text}"));
             assert_eq!((message.global_position, message.position), (7, 3));
-            let view = message.decoded.get().unwrap();
+            let view = message.decoded.view(&message.metadata).unwrap();
             assert_eq!(view.correlation_id(), Some("be95"));
             assert!(!message.metadata.contains("event_store"));
         }
@@ -371,11 +386,8 @@ mod tests {
             COMPACT.replace(r#""extensions":{}"#, r#""domain":{},"extensions":{}"#),
             COMPACT.replace(r#"{"data":"#, r#"{"data":1,"data":"#),
             COMPACT.replace(r#"}}}"#, r#"}},"metadata":{}}"#),
-            // Members of types the engine refuses, or the store needs.
+            // Headers of types the engine refuses, or the store needs.
             COMPACT.replace(r#""deadline":null"#, r#""deadline":5"#),
-            COMPACT.replace(r#""checksum":"e78d""#, r#""checksum":[1]"#),
-            COMPACT.replace(r#""envelope":{"specversion":"1.0","checksum":"e78d"}"#, r#""envelope":"v1""#),
-            COMPACT.replace(r#""correlation_id":"be95""#, r#""correlation_id":{}"#),
             COMPACT.replace(r#""type":"Probe.Ticked.v1","#, ""),
             COMPACT.replace(r#""id":"01a2","#, r#""id":7,"#),
             COMPACT.replace(
@@ -390,6 +402,26 @@ mod tests {
         ];
         for text in cases {
             assert!(agree(&text).is_none(), "one pass took {text}");
+        }
+    }
+
+    /// An envelope or a domain the engine refuses is read as the general reading reads it, and the
+    /// engine's own parse of the metadata says why it refuses it.
+    #[test]
+    fn an_envelope_or_domain_the_engine_refuses_is_left_to_its_parse() {
+        let cases = [
+            COMPACT.replace(r#""checksum":"e78d""#, r#""checksum":[1]"#),
+            COMPACT.replace(
+                r#""envelope":{"specversion":"1.0","checksum":"e78d"}"#,
+                r#""envelope":"v1""#,
+            ),
+            COMPACT.replace(r#""correlation_id":"be95""#, r#""correlation_id":{}"#),
+            COMPACT.replace(r#""origin_stream":null"#, r#""origin_stream":false"#),
+        ];
+        for text in cases {
+            let message = agree(&text).unwrap_or_else(|| panic!("one pass: {text}"));
+            assert!(message.decoded.view(&message.metadata).is_none(), "{text}");
+            assert!(MetaView::parse(&message.metadata).is_err(), "{text}");
         }
     }
 
