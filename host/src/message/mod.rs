@@ -8,7 +8,7 @@
 
 mod wire;
 
-use std::borrow::Cow;
+use std::{borrow::Cow, ops::Range};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -164,9 +164,9 @@ pub struct Decoded(pub(crate) Option<Box<Parts>>);
 pub(crate) struct Parts {
     pub(crate) headers: HeadersView<'static>,
     /// The value of `envelope` in the metadata's text, when it has one.
-    pub(crate) envelope: Option<std::ops::Range<usize>>,
+    pub(crate) envelope: Option<Range<usize>>,
     /// The value of `domain` in the metadata's text, when it has one.
-    pub(crate) domain: Option<std::ops::Range<usize>>,
+    pub(crate) domain: Option<Range<usize>>,
 }
 
 impl Decoded {
@@ -175,20 +175,18 @@ impl Decoded {
     /// whole metadata then says why ([`MetaView::parse`]).
     pub fn view<'a>(&'a self, metadata: &'a str) -> Option<MetaView<'a>> {
         let parts = self.0.as_deref()?;
-        let member = |span: &Option<std::ops::Range<usize>>| -> Option<Option<&'a str>> {
+        // A member that is not there reads as none; one that does not read, as no view.
+        fn at<'a, T: Deserialize<'a>>(
+            text: &'a str,
+            span: &Option<Range<usize>>,
+        ) -> Option<Option<T>> {
             match span {
-                Some(span) => metadata.get(span.clone()).map(Some),
+                Some(span) => serde_json::from_str(text.get(span.clone())?).ok(),
                 None => Some(None),
             }
-        };
-        let envelope = match member(&parts.envelope)? {
-            Some(text) => serde_json::from_str::<Option<EnvelopeView<'a>>>(text).ok()?,
-            None => None,
-        };
-        let domain = match member(&parts.domain)? {
-            Some(text) => serde_json::from_str::<Option<DomainView<'a>>>(text).ok()?,
-            None => None,
-        };
+        }
+        let envelope = at(metadata, &parts.envelope)?;
+        let domain = at(metadata, &parts.domain)?;
         Some(MetaView {
             headers: HeadersView {
                 deadline: parts.headers.deadline.as_deref().map(Cow::Borrowed),
