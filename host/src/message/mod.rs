@@ -72,7 +72,7 @@ impl TooBig {
 }
 
 /// What the engine needs from a message's metadata, read without copying the rest.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct MetaView<'a> {
     #[serde(borrow, default)]
     pub headers: HeadersView<'a>,
@@ -92,14 +92,14 @@ pub struct HeadersView<'a> {
 }
 
 /// `metadata.envelope`.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct EnvelopeView<'a> {
     #[serde(borrow, default)]
     pub checksum: Option<Cow<'a, str>>,
 }
 
 /// `metadata.domain`, the parts the engine reads.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct DomainView<'a> {
     #[serde(borrow, default)]
     pub correlation_id: Option<Cow<'a, str>>,
