@@ -1,10 +1,18 @@
 //! Redis Streams with a real Redis server: the flow, retries, dead letters, poison, and several
 //! replicas sharing the work, one of them killed, Redis restarted.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use protean_host::{engine::Outcome, store::Store};
+use protean_host::{
+    broker::{BrokerConfig, GroupStart},
+    engine::Outcome,
+    store::Store,
+};
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     count_of, each_order_exactly_once, engine, fixture_domain, host, idle_runs, place,
@@ -368,6 +376,126 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
         .output()
         .expect_code(0);
     each_order_exactly_once(store.as_ref(), total);
+}
+
+/// A stop handles every batch a consumer read ahead while another ran, and what a read ended by the
+/// stop was given, and leaves nothing pending: the commands are on the stream before the server
+/// starts, read five at a time, and the signal comes once the first batch committed (the probe's
+/// event handler, on a stream too, is then in a blocking read its events reach). A restart then runs
+/// every command exactly once.
+#[test]
+fn a_stop_handles_every_batch_read_ahead_and_leaves_nothing_pending() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(&redis, "messages_per_tick = 5\n");
+    std::fs::write(dir.path().join("protean.toml"), config).unwrap();
+    let lib = format!("{}:probe", fixture_domain().display());
+    let total = 1_000;
+    let id = |i: usize| format!("c{i}");
+    let commands: String = (0..total)
+        .map(|i| json!({ "id": id(i), "behaviour": "ok" }).to_string() + "\n")
+        .collect();
+    host(dir.path())
+        .args(["send", "--domain", &lib, "Probe.Run.v1", "-"])
+        .output_with_stdin(&commands)
+        .expect_code(0);
+    // Published by a run without handlers: the consumer starts with all of them to read ahead.
+    let publisher = format!("{}:empty", fixture_domain().display());
+    host(dir.path())
+        .args(["--test-mode", "--domain", &publisher])
+        .output()
+        .expect_code(0);
+    let queued = redis.cli(&["XLEN", "probe::probe:command"]);
+    assert_eq!(queued.trim(), total.to_string());
+    let mut server = host(dir.path()).args(["--domain", &lib]).spawn();
+    server.wait_for(&["batch committed"], Duration::from_secs(60));
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    assert_eq!(redis.pending(), 0, "entries read ahead left pending");
+    let store = sqlite(dir.path());
+    let handled = (0..total).filter(|i| ran(store.as_ref(), &id(*i)) > 0);
+    assert!(
+        handled.count() < total,
+        "the stop came after the work was done: nothing tested"
+    );
+    host(dir.path())
+        .args(["--test-mode", "--domain", &lib])
+        .output()
+        .expect_code(0);
+    for i in 0..total {
+        assert_eq!(ran(store.as_ref(), &id(i)), 1, "command {}", id(i));
+    }
+}
+
+/// A consumer's blocking read ended by a stop: one Redis holds ends at once and empty, not at its
+/// 30 s block, and one Redis has already given an entry returns that entry instead of leaving it
+/// pending on a consumer that is going away.
+#[test]
+fn a_read_ended_by_a_stop_returns_what_redis_gave_it() {
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = BrokerConfig {
+            uri: redis.uri().into(),
+            group_start: GroupStart::Beginning,
+            block: Duration::from_secs(30),
+            claim_idle: Duration::from_secs(60),
+            reclaim_interval: Duration::from_secs(60),
+            tls: Default::default(),
+        };
+        let broker = protean_host::broker::open(&config).await.unwrap();
+        let mut consumer = broker.consumer(vec!["s".into()], "g", "c").await.unwrap();
+        let block = config.block;
+
+        {
+            let stop = CancellationToken::new();
+            let read = consumer.read(10, block, &stop);
+            tokio::pin!(read);
+            held(&redis, &mut read).await;
+            stop.cancel();
+            let stopped = Instant::now();
+            let entries = read.await.expect("a held read ended by the stop");
+            assert!(entries.is_empty(), "{entries:?}");
+            assert!(
+                stopped.elapsed() < Duration::from_secs(5),
+                "waited out the block"
+            );
+        }
+
+        let stop = CancellationToken::new();
+        let read = consumer.read(10, block, &stop);
+        tokio::pin!(read);
+        held(&redis, &mut read).await;
+        redis.cli(&["XADD", "s", "*", "data", "{}"]);
+        // Given to the held read: pending on the consumer before the read's answer is taken.
+        while !redis.cli(&["XPENDING", "s", "g"]).starts_with("1\n") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.cancel();
+        let entries = read.await.expect("the answer Redis gave before the stop");
+        assert_eq!(entries.len(), 1, "the entry given to the read comes back");
+    });
+}
+
+/// Until Redis holds `read` (blocked, nothing to give it); it must not be answered meanwhile.
+async fn held<T: std::fmt::Debug>(
+    redis: &RedisServer,
+    read: &mut (impl std::future::Future<Output = T> + Unpin),
+) {
+    loop {
+        tokio::select! {
+            answer = &mut *read => panic!("answered with nothing to read: {answer:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+        let clients = redis.cli(&["CLIENT", "LIST"]);
+        if clients
+            .lines()
+            .any(|l| l.contains("cmd=xreadgroup") && l.contains("flags=b"))
+        {
+            return;
+        }
+    }
 }
 
 /// A stop sends a consumer's last acknowledgements without queueing them behind the read Redis holds

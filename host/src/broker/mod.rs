@@ -12,6 +12,7 @@ mod redis;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use crate::ownership::Owned;
 
@@ -243,8 +244,14 @@ pub trait DeadLetterAdmin: Send + Sync {
 #[async_trait]
 pub trait Consumer: Send {
     /// Up to `count` entries: this consumer's pending ones first (redeliveries, reclaimed entries),
-    /// then new ones, waiting up to `block` for them.
-    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>>;
+    /// then new ones, waiting up to `block` for them. `stop` ends the wait early; what the read was
+    /// given by then is returned, never left pending on a consumer that is stopping.
+    async fn read(
+        &mut self,
+        count: usize,
+        block: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Entry>>;
 
     /// Up to `count` new entries, without waiting and without this consumer's pending ones: the next
     /// batch, read while the current one is handled.

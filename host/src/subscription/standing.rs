@@ -113,27 +113,21 @@ impl Task {
     }
 }
 
-/// What a broker read answers, or None on `shutdown`; `idle` runs once the read has been out for
-/// `idle_after` ([`idle_after`]). Redis ends an empty blocking read only when its event loop next
-/// wakes (up to a tenth of a second at its default `hz`, five times test mode's block): a read still
-/// out after its block has found nothing new, and the subscription can say it is idle while it goes
-/// on waiting.
+/// What a broker read answers; `idle` runs once the read has been out for `idle_after`
+/// ([`idle_after`]). Redis ends an empty blocking read only when its event loop next wakes (up to a
+/// tenth of a second at its default `hz`, five times test mode's block): a read still out after its
+/// block has found nothing new, and the subscription can say it is idle while it goes on waiting.
 pub(crate) async fn read_or_idle<T>(
     read: impl std::future::Future<Output = T>,
     idle_after: std::time::Duration,
     idle: impl FnOnce(),
-    shutdown: &CancellationToken,
-) -> Option<T> {
+) -> T {
     tokio::pin!(read);
     tokio::select! {
-        answer = &mut read => return Some(answer),
+        answer = &mut read => return answer,
         _ = tokio::time::sleep(idle_after) => idle(),
-        _ = shutdown.cancelled() => return None,
     }
-    tokio::select! {
-        answer = read => Some(answer),
-        _ = shutdown.cancelled() => None,
-    }
+    read.await
 }
 
 /// How long a read may be out before its subscription says it is idle ([`read_or_idle`]): its block.

@@ -234,10 +234,9 @@ impl Source for Stream {
             let idle_after = standing::idle_after(&shared, block);
             let idle = || shared.progress.set(&name, State::Idle { head: seen });
             let consumer = self.consumer()?;
-            let read = consumer.read(count, block);
-            let Some(read) = standing::read_or_idle(read, idle_after, idle, shutdown).await else {
-                return Ok(Fetched::Stop);
-            };
+            // A stop ends the read, and what Redis gave it is handled here before the loop ends.
+            let read = consumer.read(count, block, shutdown);
+            let read = standing::read_or_idle(read, idle_after, idle).await;
             (decode(read.map_err(Trouble::broker)?), consumer.read_new())
         } else {
             (std::mem::take(&mut self.ahead), true)

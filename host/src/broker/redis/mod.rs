@@ -12,11 +12,13 @@ use redis::{
     streams::StreamPendingCountReply,
     Client, Script, Value,
 };
+use tokio_util::sync::CancellationToken;
 
 mod keeper;
 mod partitions;
+mod unblock;
 
-use self::{keeper::Keeper, partitions::RedisPartitions};
+use self::{keeper::Keeper, partitions::RedisPartitions, unblock::Unblocker};
 use super::{
     dead_letter_stream,
     partitions::{DeadLetterInfo, PartitionStatus, Partitions},
@@ -271,6 +273,7 @@ impl Broker for RedisBroker {
             conn,
             commands: self.commands.clone(),
             blocked: false,
+            client: None,
             streams,
             group: group.to_owned(),
             name: consumer.to_owned(),
@@ -647,6 +650,10 @@ struct RedisConsumer {
     /// answers nothing else on `conn` until that read ends, which for an empty read is at its block or
     /// later, at the server's next timer tick (up to a tenth of a second).
     blocked: bool,
+    /// `conn` as Redis names it (`CLIENT ID`), to end its blocking read at a stop ([`unblock`]).
+    /// Asked before the first blocking read, and again after a failed read (the manager may have
+    /// connected anew).
+    client: Option<i64>,
     streams: Vec<String>,
     group: String,
     name: String,
@@ -665,10 +672,12 @@ struct RedisConsumer {
 }
 
 impl RedisConsumer {
+    /// Read from `from` with the acknowledgements not sent yet. A read that may wait is given its
+    /// block and the stop that ends it early ([`unblock`]).
     async fn read_group(
         &mut self,
         count: usize,
-        block: Option<Duration>,
+        block: Option<(Duration, &CancellationToken)>,
         from: &str,
     ) -> Result<Vec<Entry>> {
         let mut cmd = redis::cmd("XREADGROUP");
@@ -677,8 +686,15 @@ impl RedisConsumer {
             .arg(&self.name)
             .arg("COUNT")
             .arg(count);
-        if let Some(block) = block {
+        if let Some((block, _)) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
+            if self.client.is_none() {
+                self.client = redis::cmd("CLIENT")
+                    .arg("ID")
+                    .query_async(&mut self.conn)
+                    .await
+                    .ok();
+            }
         }
         cmd.arg("STREAMS").arg(&self.streams);
         for _ in &self.streams {
@@ -687,16 +703,31 @@ impl RedisConsumer {
         let mut pipe = self.acks();
         pipe.add_command(cmd);
         self.blocked = block.is_some();
-        let read = pipe
-            .query_async::<(Value,)>(&mut self.conn)
-            .await
-            .and_then(|(reply,)| entries(reply).ok_or_else(unknown_shape));
+        let query = pipe.query_async::<(Value,)>(&mut self.conn);
+        let answer = match block {
+            Some((_, stop)) => {
+                let unblocker = Unblocker {
+                    commands: self.commands.clone(),
+                    client: self.client,
+                };
+                unblock::answer(query, unblocker, stop).await
+            }
+            None => Some(query.await),
+        };
+        let Some(answer) = answer else {
+            // Given up: `conn` stays held by the read (`blocked`), and what it was given is pending.
+            self.maybe_pending = true;
+            return Err(command("XREADGROUP")(
+                (redis::ErrorKind::Io, "no answer after a stop").into(),
+            ));
+        };
         self.blocked = false;
-        let entries = match read {
+        let entries = match answer.and_then(|(reply,)| entries(reply).ok_or_else(unknown_shape)) {
             Ok(entries) => entries,
             Err(error) => {
                 // The acknowledgements may not have arrived: look at what is pending before new entries.
                 self.maybe_pending = true;
+                self.client = None;
                 return Err(command("XREADGROUP")(error));
             }
         };
@@ -726,7 +757,12 @@ impl RedisConsumer {
     }
 
     /// This consumer's pending entries first, when it may have some; else new ones.
-    async fn read_entries(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+    async fn read_entries(
+        &mut self,
+        count: usize,
+        block: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Entry>> {
         self.read_new = false;
         if self.maybe_pending {
             let mut pending = self.read_group(count, None, "0").await?;
@@ -736,7 +772,7 @@ impl RedisConsumer {
             }
             self.maybe_pending = false;
         }
-        let entries = self.read_group(count, Some(block), ">").await?;
+        let entries = self.read_group(count, Some((block, stop)), ">").await?;
         self.read_new = true;
         Ok(entries)
     }
@@ -777,9 +813,14 @@ impl RedisConsumer {
 
 #[async_trait]
 impl Consumer for RedisConsumer {
-    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+    async fn read(
+        &mut self,
+        count: usize,
+        block: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Entry>> {
         self.maybe_pending |= self.unsettled > 0;
-        let entries = self.read_entries(count, block).await?;
+        let entries = self.read_entries(count, block, stop).await?;
         self.unsettled = entries.len();
         Ok(entries)
     }

@@ -372,7 +372,10 @@ impl Ordered {
                 shared.progress.set(&name, State::Idle { head: seen });
             }
         };
-        read_or_idle(self.read(group, wait), idle_after, idle, shutdown).await
+        tokio::select! {
+            answer = read_or_idle(self.read(group, wait), idle_after, idle) => Some(answer),
+            _ = shutdown.cancelled() => None,
+        }
     }
 
     /// Read the next entries of the held partitions' streams.
