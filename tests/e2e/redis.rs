@@ -478,6 +478,52 @@ fn a_read_ended_by_a_stop_returns_what_redis_gave_it() {
     });
 }
 
+/// A Redis user without the right to `CLIENT UNBLOCK` cannot end a held read early: a stop then takes
+/// the read's own answer at its block, so that nothing the read was given is left pending.
+#[test]
+fn without_the_right_to_unblock_a_stop_takes_the_reads_answer_at_its_block() {
+    let redis = RedisServer::start();
+    redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "host",
+        "on",
+        ">secret",
+        "~*",
+        "&*",
+        "+@all",
+        "-client",
+        "+client|id",
+    ]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let uri = redis.uri().replace("redis://", "redis://host:secret@");
+        let config = BrokerConfig {
+            uri: uri.into(),
+            group_start: GroupStart::Beginning,
+            block: Duration::from_millis(300),
+            claim_idle: Duration::from_secs(60),
+            reclaim_interval: Duration::from_secs(60),
+            tls: Default::default(),
+        };
+        let broker = protean_host::broker::open(&config).await.unwrap();
+        let mut consumer = broker.consumer(vec!["s".into()], "g", "c").await.unwrap();
+        let stop = CancellationToken::new();
+        let read = consumer.read(10, config.block, &stop);
+        tokio::pin!(read);
+        held(&redis, &mut read).await;
+        stop.cancel();
+        let entries = read.await.expect("the read's own answer, at its block");
+        assert!(entries.is_empty(), "{entries:?}");
+    });
+    let as_host = ["--user", "host", "--pass", "secret", "CLIENT"];
+    let refused = redis.cli(&[&as_host[..], &["UNBLOCK", "1"]].concat());
+    assert!(
+        refused.contains("NOPERM"),
+        "the user may not unblock: {refused}"
+    );
+}
+
 /// Until Redis holds `read` (blocked, nothing to give it); it must not be answered meanwhile.
 async fn held<T: std::fmt::Debug>(
     redis: &RedisServer,

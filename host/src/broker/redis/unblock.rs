@@ -10,8 +10,9 @@ use std::{future::Future, time::Duration};
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-/// How long a stop waits for a read's answer before giving the read up (Redis answers nothing).
-const GIVE_UP: Duration = Duration::from_secs(1);
+/// How long a stop waits for a read's answer before giving the read up (Redis answers nothing). Past
+/// the default block of a second, and the timer tick after it at which Redis ends a read.
+const GIVE_UP: Duration = Duration::from_secs(2);
 
 /// How often `CLIENT UNBLOCK` is sent again while the read is unanswered: the first may reach Redis
 /// before the read does, for they travel on different connections.
@@ -25,7 +26,9 @@ pub(super) struct Unblocker {
 }
 
 /// The answer of `read`; after `stop`, the read is ended early. None when Redis answered neither the
-/// read nor the unblocking within [`GIVE_UP`] of the stop: the read is given up.
+/// read nor the unblocking within [`GIVE_UP`] of the stop: the read is given up. Without the client's
+/// id, or with the unblocking refused, the read ends only at its block: its answer is still taken
+/// when that comes within [`GIVE_UP`].
 pub(super) async fn answer<T>(
     read: impl Future<Output = T>,
     mut unblocker: Unblocker,
@@ -45,7 +48,8 @@ pub(super) async fn answer<T>(
             let unblock = unblock.query_async::<i64>(&mut unblocker.commands);
             tokio::select! {
                 answer = &mut read => return Some(answer),
-                _ = unblock => {}
+                // Refused (a Redis user without `CLIENT`): wait for the read's own end instead.
+                done = unblock => if done.is_err() { unblocker.client = None },
                 _ = &mut give_up => return None,
             }
         }
