@@ -7,7 +7,7 @@ use std::{
 };
 
 use protean_host::{
-    broker::{BrokerConfig, GroupStart},
+    broker::{BrokerConfig, Consumer, GroupStart},
     engine::Outcome,
     store::Store,
 };
@@ -356,12 +356,7 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     let lib = sample_domain().display().to_string();
     let total = 2_000;
     send_orders(dir.path(), 0, total);
-    let mut replica = host(dir.path()).args(["--domain", &lib]).spawn();
-    replica.wait_for(&["batch committed"], Duration::from_secs(60));
-    replica.signal(libc::SIGTERM);
-    let (code, logs) = replica.wait();
-    assert_eq!(code, Some(0), "{logs}");
-    assert_eq!(redis.pending(), 0, "entries left pending after a stop");
+    stop_after_the_first_batch(dir.path(), &lib, &redis);
     let store = sqlite(dir.path());
     assert!(
         count_of(
@@ -407,12 +402,7 @@ fn a_stop_handles_every_batch_read_ahead_and_leaves_nothing_pending() {
         .expect_code(0);
     let queued = redis.cli(&["XLEN", "probe::probe:command"]);
     assert_eq!(queued.trim(), total.to_string());
-    let mut server = host(dir.path()).args(["--domain", &lib]).spawn();
-    server.wait_for(&["batch committed"], Duration::from_secs(60));
-    server.signal(libc::SIGTERM);
-    let (code, logs) = server.wait();
-    assert_eq!(code, Some(0), "{logs}");
-    assert_eq!(redis.pending(), 0, "entries read ahead left pending");
+    stop_after_the_first_batch(dir.path(), &lib, &redis);
     let store = sqlite(dir.path());
     let handled = (0..total).filter(|i| ran(store.as_ref(), &id(*i)) > 0);
     assert!(
@@ -436,17 +426,8 @@ fn a_read_ended_by_a_stop_returns_what_redis_gave_it() {
     let redis = RedisServer::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let config = BrokerConfig {
-            uri: redis.uri().into(),
-            group_start: GroupStart::Beginning,
-            block: Duration::from_secs(30),
-            claim_idle: Duration::from_secs(60),
-            reclaim_interval: Duration::from_secs(60),
-            tls: Default::default(),
-        };
-        let broker = protean_host::broker::open(&config).await.unwrap();
-        let mut consumer = broker.consumer(vec!["s".into()], "g", "c").await.unwrap();
-        let block = config.block;
+        let block = Duration::from_secs(30);
+        let mut consumer = consumer(redis.uri(), block).await;
 
         {
             let stop = CancellationToken::new();
@@ -498,18 +479,10 @@ fn without_the_right_to_unblock_a_stop_takes_the_reads_answer_at_its_block() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let uri = redis.uri().replace("redis://", "redis://host:secret@");
-        let config = BrokerConfig {
-            uri: uri.into(),
-            group_start: GroupStart::Beginning,
-            block: Duration::from_millis(300),
-            claim_idle: Duration::from_secs(60),
-            reclaim_interval: Duration::from_secs(60),
-            tls: Default::default(),
-        };
-        let broker = protean_host::broker::open(&config).await.unwrap();
-        let mut consumer = broker.consumer(vec!["s".into()], "g", "c").await.unwrap();
+        let block = Duration::from_millis(300);
+        let mut consumer = consumer(uri, block).await;
         let stop = CancellationToken::new();
-        let read = consumer.read(10, config.block, &stop);
+        let read = consumer.read(10, block, &stop);
         tokio::pin!(read);
         held(&redis, &mut read).await;
         stop.cancel();
@@ -522,6 +495,20 @@ fn without_the_right_to_unblock_a_stop_takes_the_reads_answer_at_its_block() {
         refused.contains("NOPERM"),
         "the user may not unblock: {refused}"
     );
+}
+
+/// Consumer `c` of group `g` on stream `s` of the Redis at `uri`, reading with `block`.
+async fn consumer(uri: String, block: Duration) -> Box<dyn Consumer> {
+    let config = BrokerConfig {
+        uri: uri.into(),
+        group_start: GroupStart::Beginning,
+        block,
+        claim_idle: Duration::from_secs(60),
+        reclaim_interval: Duration::from_secs(60),
+        tls: Default::default(),
+    };
+    let broker = protean_host::broker::open(&config).await.unwrap();
+    broker.consumer(vec!["s".into()], "g", "c").await.unwrap()
 }
 
 /// Until Redis holds `read` (blocked, nothing to give it); it must not be answered meanwhile.
@@ -542,6 +529,22 @@ async fn held<T: std::fmt::Debug>(
             return;
         }
     }
+}
+
+/// Serve `lib` in `dir` and stop it (SIGTERM) once its first batch committed: it must exit cleanly and
+/// leave nothing pending on `redis`.
+#[track_caller]
+fn stop_after_the_first_batch(dir: &std::path::Path, lib: &str, redis: &RedisServer) {
+    let mut server = host(dir).args(["--domain", lib]).spawn();
+    server.wait_for(&["batch committed"], Duration::from_secs(60));
+    server.signal(libc::SIGTERM);
+    let (code, logs) = server.wait();
+    assert_eq!(code, Some(0), "{logs}");
+    assert_eq!(
+        redis.pending(),
+        0,
+        "entries left pending after the stop:\n{logs}"
+    );
 }
 
 /// A stop sends a consumer's last acknowledgements without queueing them behind the read Redis holds
