@@ -459,41 +459,42 @@ fn a_read_ended_by_a_stop_returns_what_redis_gave_it() {
     });
 }
 
-/// A Redis user without the right to `CLIENT UNBLOCK` cannot end a held read early: a stop then takes
-/// the read's own answer at its block, so that nothing the read was given is left pending.
+/// A Redis user without the right to `CLIENT UNBLOCK` (or to `CLIENT` at all) cannot end a held read
+/// early: a stop then takes the read's own answer at its block, so that nothing the read was given is
+/// left pending. A user that may not ask its connection's id is not asked again before every read.
 #[test]
 fn without_the_right_to_unblock_a_stop_takes_the_reads_answer_at_its_block() {
     let redis = RedisServer::start();
-    redis.cli(&[
-        "ACL",
-        "SETUSER",
-        "host",
-        "on",
-        ">secret",
-        "~*",
-        "&*",
-        "+@all",
-        "-client",
-        "+client|id",
-    ]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let uri = redis.uri().replace("redis://", "redis://host:secret@");
-        let block = Duration::from_millis(300);
-        let mut consumer = consumer(uri, block).await;
-        let stop = CancellationToken::new();
-        let read = consumer.read(10, block, &stop);
-        tokio::pin!(read);
-        held(&redis, &mut read).await;
-        stop.cancel();
-        let entries = read.await.expect("the read's own answer, at its block");
-        assert!(entries.is_empty(), "{entries:?}");
-    });
-    let as_host = ["--user", "host", "--pass", "secret", "CLIENT"];
-    let refused = redis.cli(&[&as_host[..], &["UNBLOCK", "1"]].concat());
+    let rights: [&[&str]; 2] = [&["-client", "+client|id"], &["-client"]];
+    for (user, rights) in ["may-ask-its-id", "may-not"].into_iter().zip(rights) {
+        let grant = ["ACL", "SETUSER", user, "on", ">secret", "~*", "&*", "+@all"];
+        redis.cli(&[&grant[..], rights].concat());
+        let as_user = ["--user", user, "--pass", "secret", "CLIENT"];
+        let refused = redis.cli(&[&as_user[..], &["UNBLOCK", "1"]].concat());
+        assert!(refused.contains("NOPERM"), "{user} may unblock: {refused}");
+        let uri = redis
+            .uri()
+            .replace("redis://", &format!("redis://{user}:secret@"));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let block = Duration::from_millis(300);
+            let mut consumer = consumer(uri, block).await;
+            for _ in 0..2 {
+                let stop = CancellationToken::new();
+                let read = consumer.read(10, block, &stop);
+                tokio::pin!(read);
+                held(&redis, &mut read).await;
+                stop.cancel();
+                let entries = read.await.expect("the read's own answer, at its block");
+                assert!(entries.is_empty(), "{user}: {entries:?}");
+            }
+        });
+    }
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let asked = stats.lines().find(|l| l.starts_with("cmdstat_client|id:"));
     assert!(
-        refused.contains("NOPERM"),
-        "the user may not unblock: {refused}"
+        asked.is_some_and(|l| l.contains("rejected_calls=1,")),
+        "the refused id asked once: {asked:?}"
     );
 }
 

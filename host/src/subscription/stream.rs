@@ -233,7 +233,8 @@ impl Source for Stream {
         let seen = self.shared.progress.published();
         // Entries read ahead are new ones (`>`); a read says whether its entries were.
         if self.ahead.is_empty() {
-            // Read ahead but not decoded yet: after a stop, or a batch that came back empty.
+            // Read but not decoded, should a batch have ended without `meanwhile`: these entries are
+            // pending here, and a read would not give them again.
             self.ahead = decode(std::mem::take(&mut self.raw));
         }
         let (entries, new) = if self.ahead.is_empty() {
@@ -271,8 +272,8 @@ impl Source for Stream {
         }))
     }
 
-    /// While this batch runs, decode the next one and read the one after it: reading, decoding and
-    /// handling each take about a third of a message's time, and so all three overlap. A failed
+    /// While this batch runs, decode the next one and read the one after it, so that reading,
+    /// decoding and handling overlap instead of the decoding waiting for the read. A failed
     /// read-ahead is not an error here: its entries, if any, are pending and read again. After a stop
     /// nothing more is read, but what was read is decoded and handled.
     async fn meanwhile(&mut self, shutdown: &CancellationToken) {

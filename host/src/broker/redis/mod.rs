@@ -273,7 +273,7 @@ impl Broker for RedisBroker {
             conn,
             commands: self.commands.clone(),
             blocked: false,
-            client: None,
+            client: ClientId::Unasked,
             streams,
             group: group.to_owned(),
             name: consumer.to_owned(),
@@ -650,10 +650,8 @@ struct RedisConsumer {
     /// answers nothing else on `conn` until that read ends, which for an empty read is at its block or
     /// later, at the server's next timer tick (up to a tenth of a second).
     blocked: bool,
-    /// `conn` as Redis names it (`CLIENT ID`), to end its blocking read at a stop ([`unblock`]).
-    /// Asked before the first blocking read, and again after a failed read (the manager may have
-    /// connected anew).
-    client: Option<i64>,
+    /// `conn` as Redis names it, to end its blocking read at a stop ([`unblock`]).
+    client: ClientId,
     streams: Vec<String>,
     group: String,
     name: String,
@@ -669,6 +667,17 @@ struct RedisConsumer {
     to_ack: Vec<(String, String)>,
     /// Keeps the entries pending here from being taken over while this consumer lives.
     _keeper: Keeper,
+}
+
+/// A consumer's connection as Redis names it (`CLIENT ID`). Asked before its first blocking read, and
+/// again after a failed read: the manager may have connected anew.
+#[derive(Debug, Clone, Copy)]
+enum ClientId {
+    Unasked,
+    Known(i64),
+    /// Redis did not say (a user without the right to `CLIENT ID`): the question is not asked again
+    /// before each read.
+    Unknown,
 }
 
 impl RedisConsumer {
@@ -688,12 +697,12 @@ impl RedisConsumer {
             .arg(count);
         if let Some((block, _)) = block {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
-            if self.client.is_none() {
-                self.client = redis::cmd("CLIENT")
+            if let ClientId::Unasked = self.client {
+                let id = redis::cmd("CLIENT")
                     .arg("ID")
                     .query_async(&mut self.conn)
-                    .await
-                    .ok();
+                    .await;
+                self.client = id.map_or(ClientId::Unknown, ClientId::Known);
             }
         }
         cmd.arg("STREAMS").arg(&self.streams);
@@ -706,9 +715,13 @@ impl RedisConsumer {
         let query = pipe.query_async::<(Value,)>(&mut self.conn);
         let answer = match block {
             Some((_, stop)) => {
+                let client = match self.client {
+                    ClientId::Known(id) => Some(id),
+                    _ => None,
+                };
                 let unblocker = Unblocker {
                     commands: self.commands.clone(),
-                    client: self.client,
+                    client,
                 };
                 unblock::answer(query, unblocker, stop).await
             }
@@ -727,7 +740,7 @@ impl RedisConsumer {
             Err(error) => {
                 // The acknowledgements may not have arrived: look at what is pending before new entries.
                 self.maybe_pending = true;
-                self.client = None;
+                self.client = ClientId::Unasked;
                 return Err(command("XREADGROUP")(error));
             }
         };
