@@ -289,7 +289,9 @@ impl Source for Stream {
             // Nothing read ahead yet (the first batch, or the one after a retry): fill the pipeline.
             raw = consumer.read_ahead(count).await.unwrap_or_default();
         }
-        let more = !stopped && !raw.is_empty();
+        // A second batch only behind a full one: with fewer entries waiting, two reads would split
+        // them into smaller batches, each a commit of its own.
+        let more = !stopped && raw.len() >= count;
         let read = async {
             match more {
                 true => consumer.read_ahead(count).await.unwrap_or_default(),
