@@ -445,17 +445,35 @@ fn a_read_ended_by_a_stop_returns_what_redis_gave_it() {
         }
 
         let stop = CancellationToken::new();
-        let read = consumer.read(10, block, &stop);
-        tokio::pin!(read);
-        held(&redis, &mut read).await;
+        let id = {
+            let read = consumer.read(10, block, &stop);
+            tokio::pin!(read);
+            held(&redis, &mut read).await;
+            redis.cli(&["XADD", "s", "*", "data", "{}"]);
+            // Given to the held read: pending on the consumer before the read's answer is taken.
+            while !redis.cli(&["XPENDING", "s", "g"]).starts_with("1\n") {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop.cancel();
+            let entries = read.await.expect("the answer Redis gave before the stop");
+            assert_eq!(entries.len(), 1, "the entry given to the read comes back");
+            entries[0].id.clone()
+        };
+        consumer.ack(&[("s".into(), id)]).await.unwrap();
+
+        // A read asked for after the stop waits for nothing: there is no read to end.
+        let unblocks = || {
+            let stats = redis.cli(&["INFO", "commandstats"]);
+            let line = stats
+                .lines()
+                .find(|l| l.starts_with("cmdstat_client|unblock:"));
+            line.map(str::to_owned)
+        };
+        let before = unblocks();
         redis.cli(&["XADD", "s", "*", "data", "{}"]);
-        // Given to the held read: pending on the consumer before the read's answer is taken.
-        while !redis.cli(&["XPENDING", "s", "g"]).starts_with("1\n") {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        stop.cancel();
-        let entries = read.await.expect("the answer Redis gave before the stop");
-        assert_eq!(entries.len(), 1, "the entry given to the read comes back");
+        let entries = consumer.read(10, block, &stop).await.unwrap();
+        assert_eq!(entries.len(), 1, "what is there is read");
+        assert_eq!(unblocks(), before, "nothing to unblock");
     });
 }
 

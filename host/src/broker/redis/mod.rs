@@ -689,6 +689,8 @@ impl RedisConsumer {
         block: Option<(Duration, &CancellationToken)>,
         from: &str,
     ) -> Result<Vec<Entry>> {
+        // Stopped already: what is there now, without a wait to end.
+        let block = block.filter(|(_, stop)| !stop.is_cancelled());
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
