@@ -697,16 +697,15 @@ impl RedisConsumer {
             .arg(&self.name)
             .arg("COUNT")
             .arg(count);
-        if let Some((block, _)) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-            if let ClientId::Unasked = self.client {
-                let id = redis::cmd("CLIENT")
-                    .arg("ID")
-                    .query_async(&mut self.conn)
-                    .await;
-                self.client = id.map_or(ClientId::Unknown, ClientId::Known);
+        let ender = match block {
+            Some((block, stop)) => {
+                cmd.arg("BLOCK").arg(block.as_millis() as u64);
+                let client = self.client_id().await;
+                let commands = self.commands.clone();
+                Some((Unblocker { commands, client }, stop))
             }
-        }
+            None => None,
+        };
         cmd.arg("STREAMS").arg(&self.streams);
         for _ in &self.streams {
             cmd.arg(from);
@@ -715,18 +714,8 @@ impl RedisConsumer {
         pipe.add_command(cmd);
         self.blocked = block.is_some();
         let query = pipe.query_async::<(Value,)>(&mut self.conn);
-        let answer = match block {
-            Some((_, stop)) => {
-                let client = match self.client {
-                    ClientId::Known(id) => Some(id),
-                    _ => None,
-                };
-                let unblocker = Unblocker {
-                    commands: self.commands.clone(),
-                    client,
-                };
-                unblock::answer(query, unblocker, stop).await
-            }
+        let answer = match ender {
+            Some((unblocker, stop)) => unblock::answer(query, unblocker, stop).await,
             None => Some(query.await),
         };
         let Some(answer) = answer else {
@@ -748,6 +737,21 @@ impl RedisConsumer {
         };
         self.to_ack.clear();
         Ok(entries)
+    }
+
+    /// `conn`'s id, asked before its first blocking read (and again after a failed read).
+    async fn client_id(&mut self) -> Option<i64> {
+        if let ClientId::Unasked = self.client {
+            let id = redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async(&mut self.conn)
+                .await;
+            self.client = id.map_or(ClientId::Unknown, ClientId::Known);
+        }
+        match self.client {
+            ClientId::Known(id) => Some(id),
+            ClientId::Unasked | ClientId::Unknown => None,
+        }
     }
 
     /// A pipeline with the acknowledgements not sent yet (XACK per stream; replies ignored).
