@@ -273,9 +273,9 @@ impl Source for Stream {
     }
 
     /// While this batch runs, decode the next one and, behind a full one, read the one after it, so
-    /// that reading, decoding and handling overlap instead of the decoding waiting for the read. A failed
-    /// read-ahead is not an error here: its entries, if any, are pending and read again. After a stop
-    /// nothing more is read, but what was read is decoded and handled.
+    /// that reading, decoding and handling overlap instead of the decoding waiting for the read. A
+    /// failed read-ahead is not an error here: its entries, if any, are pending and read again. After
+    /// a stop nothing more is read, but what was read is decoded and handled.
     async fn meanwhile(&mut self, shutdown: &CancellationToken) {
         if self.retrying {
             return;
