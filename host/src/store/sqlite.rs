@@ -427,16 +427,85 @@ fn apply(
     Ok(last)
 }
 
-/// The unit's processed markers. The statement is taken from the cache once per unit, not once per
-/// marker (each lookup hashes the SQL text). With markers an older build wrote kept by identity alone
-/// (`before_positions`), each marker is looked for there first.
+/// The unit's processed markers: a full batch's in one statement ([`insert_at_once`]), the rest one
+/// by one. With markers an older build wrote kept by identity alone (`before_positions`), each marker
+/// is looked for there first, so all go one by one.
 fn insert_markers(
     tx: &rusqlite::Transaction<'_>,
     unit: &UnitOfWork,
     at: &str,
     before_positions: bool,
 ) -> Result<(), CommitError> {
-    if unit.processed.is_empty() {
+    let mut rest: &[ProcessedMarker] = &unit.processed;
+    if !before_positions {
+        let mut chunks = rest.chunks_exact(MARKERS_AT_ONCE);
+        for chunk in &mut chunks {
+            if !insert_at_once(tx, chunk, at)? {
+                // One of them exists: one by one, the markers say which.
+                insert_one_by_one(tx, chunk, at, false)?;
+            }
+        }
+        rest = chunks.remainder();
+    }
+    insert_one_by_one(tx, rest, at, before_positions)
+}
+
+/// How many markers [`insert_at_once`] writes in one statement: a batch of the default size. Smaller
+/// units go one by one, rather than crowd the statement cache with a statement per size.
+const MARKERS_AT_ONCE: usize = 100;
+
+/// `INSERT_PROCESSED` with [`MARKERS_AT_ONCE`] rows of five values each.
+static INSERT_PROCESSED_AT_ONCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let (head, _) = sql::INSERT_PROCESSED
+        .rsplit_once("VALUES")
+        .expect("insert_processed.sql ends with its VALUES");
+    let rows: Vec<String> = (0..MARKERS_AT_ONCE)
+        .map(|i| {
+            let first = i * 5 + 1;
+            let values: Vec<String> = (first..first + 5).map(|n| format!("?{n}")).collect();
+            format!("({})", values.join(", "))
+        })
+        .collect();
+    format!("{head}VALUES {}", rows.join(", "))
+});
+
+/// Insert `markers` ([`MARKERS_AT_ONCE`] of them) in one statement: one statement's execution instead
+/// of one each. False, with none inserted, when one of them exists already.
+fn insert_at_once(
+    tx: &rusqlite::Transaction<'_>,
+    markers: &[ProcessedMarker],
+    at: &str,
+) -> Result<bool, CommitError> {
+    let mut insert = tx.prepare_cached(&INSERT_PROCESSED_AT_ONCE)?;
+    for (i, marker) in markers.iter().enumerate() {
+        let first = i * 5 + 1;
+        insert.raw_bind_parameter(first, &marker.subscription)?;
+        insert.raw_bind_parameter(first + 1, marker.global_position as i64)?;
+        insert.raw_bind_parameter(first + 2, &marker.message_id)?;
+        insert.raw_bind_parameter(first + 3, &marker.build_id)?;
+        insert.raw_bind_parameter(first + 4, at)?;
+    }
+    // A constraint ends the statement, and undoes its rows, not the transaction.
+    match insert.raw_execute() {
+        Ok(_) => Ok(true),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Insert `markers` one by one; the statement is taken from the cache once, not once per marker (each
+/// lookup hashes the SQL text).
+fn insert_one_by_one(
+    tx: &rusqlite::Transaction<'_>,
+    markers: &[ProcessedMarker],
+    at: &str,
+    before_positions: bool,
+) -> Result<(), CommitError> {
+    if markers.is_empty() {
         return Ok(());
     }
     let mut insert = tx.prepare_cached(sql::INSERT_PROCESSED)?;
@@ -448,7 +517,7 @@ fn insert_markers(
         subscription: marker.subscription.clone(),
         message_id: marker.message_id.clone(),
     };
-    for marker in &unit.processed {
+    for marker in markers {
         if let Some(lookup) = &mut before_positions {
             let ids = serde_json::to_string(&[&marker.message_id]).unwrap_or_default();
             if lookup.exists(params![marker.subscription, ids])? {

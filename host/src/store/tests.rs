@@ -258,6 +258,46 @@ pub(super) fn documents_are_found_by_any_value_in_their_own_collection(store: &d
     assert!(ids("a", "c", json!(1)).is_empty());
 }
 
+/// A unit of a batch's markers commits them all (250: two full batches of the default size, and a
+/// rest). One whose hundred markers include one committed before is refused whole: none of its other
+/// markers, nor its effects, are written.
+pub(super) fn a_batch_of_markers_with_one_processed_before_is_refused_whole(store: &dyn Store) {
+    let marker = |n: u64| ProcessedMarker {
+        subscription: "s".into(),
+        message_id: format!("m{n}"),
+        global_position: n,
+        build_id: "b".into(),
+    };
+    let found = |from: u64, to: u64| {
+        let ids: Vec<String> = (from..to).map(|n| format!("m{n}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        store.processed("s", &ids).unwrap().len()
+    };
+    let first = UnitOfWork {
+        processed: (1..251).map(marker).collect(),
+        ..UnitOfWork::default()
+    };
+    store.commit(&first).unwrap();
+    assert_eq!(found(1, 251), 250);
+    let mut processed: Vec<ProcessedMarker> = (300..399).map(marker).collect();
+    processed.insert(50, marker(150));
+    let refused = store.commit(&UnitOfWork {
+        messages: vec![event("shop::order-9", 0, None)],
+        processed,
+        ..UnitOfWork::default()
+    });
+    assert!(
+        matches!(refused, Err(Error::AlreadyProcessed { ref subscription, .. }) if subscription == "s"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        found(300, 399),
+        0,
+        "no marker of the refused unit is written"
+    );
+    assert!(store.read_stream("shop::order-9", 0).unwrap().is_empty());
+}
+
 /// Positions and markers commit with the effects; a second commit of a marker (another consumer got
 /// there first) is refused whole.
 pub(super) fn positions_and_markers_commit_with_effects(store: &dyn Store) {
@@ -1363,6 +1403,7 @@ macro_rules! store_conformance {
             #[test] fn documents_are_found_by_field() { let (s, _g) = $make; super::documents_are_found_by_field(&s) }
             #[test] fn documents_are_found_by_any_value_in_their_own_collection() { let (s, _g) = $make; super::documents_are_found_by_any_value_in_their_own_collection(&s) }
             #[test] fn positions_and_markers_commit_with_effects() { let (s, _g) = $make; super::positions_and_markers_commit_with_effects(&s) }
+            #[test] fn a_batch_of_markers_with_one_processed_before_is_refused_whole() { let (s, _g) = $make; super::a_batch_of_markers_with_one_processed_before_is_refused_whole(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn racing_units_of_markers_alone_mark_each_message_once() { let (s, _g) = $make; super::racing_units_of_markers_alone_mark_each_message_once(&[&s as &dyn super::Store; 4]) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
