@@ -465,12 +465,21 @@ pub(super) fn markers_are_found_by_position_and_identity(store: &dyn Store) {
 }
 
 /// Consumers racing to commit units of markers alone (handlers that changed nothing) for overlapping
-/// messages: PostgreSQL commits such a unit as one statement. Checked from the store at the end: every
-/// message is marked once, by exactly one unit that succeeded, and a refused unit wrote none of its
-/// markers (a message marked that no successful unit holds would be half of a refused one).
+/// messages: PostgreSQL commits such a unit as one statement, SQLite a unit of a full batch (100).
+/// Raced with units of 12 and of 100. Checked from the store at the end: every message is marked
+/// once, by exactly one unit that succeeded, and a refused unit wrote none of its markers (a message
+/// marked that no successful unit holds would be half of a refused one).
 pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&dyn Store]) {
+    for unit in [12, 100] {
+        race_units_of_markers(replicas, unit);
+    }
+}
+
+/// [`racing_units_of_markers_alone_mark_each_message_once`] with units of `size` markers, of a
+/// subscription of their own.
+fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
     const MESSAGES: usize = 240;
-    const UNIT: usize = 12;
+    let subscription = &format!("s{size}");
     let id = |n: usize| format!("m{n:03}");
     let won: Vec<Vec<Vec<usize>>> = std::thread::scope(|scope| {
         let racers: Vec<_> = replicas
@@ -481,14 +490,14 @@ pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&
                     let mut won = Vec::new();
                     // Each replica walks the messages from its own offset, so that its units overlap
                     // the others' by a few messages.
-                    for step in 0..MESSAGES / (UNIT / 2) {
-                        let first = (step * UNIT / 2 + r * 5) % MESSAGES;
+                    for step in 0..MESSAGES / (size / 2) {
+                        let first = (step * size / 2 + r * 5) % MESSAGES;
                         let unit: Vec<usize> =
-                            (first..first + UNIT).map(|n| n % MESSAGES).collect();
+                            (first..first + size).map(|n| n % MESSAGES).collect();
                         let processed = unit
                             .iter()
                             .map(|n| ProcessedMarker {
-                                subscription: "s".into(),
+                                subscription: subscription.to_owned(),
                                 message_id: id(*n),
                                 global_position: *n as u64,
                                 build_id: format!("replica-{r}"),
@@ -520,7 +529,7 @@ pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&
     );
     let ids: Vec<String> = (0..MESSAGES).map(id).collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let marked = replicas[0].processed("s", &ids).unwrap();
+    let marked = replicas[0].processed(subscription, &ids).unwrap();
     let orphans: Vec<&&str> = ids
         .iter()
         .enumerate()
@@ -534,7 +543,7 @@ pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&
         0,
         "a successful unit's markers are all there"
     );
-    let refused = won.iter().map(Vec::len).sum::<usize>() < replicas.len() * MESSAGES / (UNIT / 2);
+    let refused = won.iter().map(Vec::len).sum::<usize>() < replicas.len() * MESSAGES / (size / 2);
     assert!(refused, "no unit was refused: nothing tested");
 }
 

@@ -43,6 +43,7 @@ pub(crate) struct Stream {
     /// Decoded while the batch in flight runs; the next batch once it committed.
     next: Vec<Decoded>,
     /// The batch after that: read while the batch in flight runs, decoded while the next one does.
+    /// Never holds entries when `next` is empty: `meanwhile` decodes it into `next` first.
     raw: Vec<Entry>,
     /// The entries of the batch in flight, by the identity of their message.
     origin: HashMap<String, Vec<Entry>>,
@@ -221,7 +222,7 @@ impl Source for Stream {
 
     /// What was read ahead is handled even after a stop.
     fn reading(&self, shutdown: &CancellationToken) -> bool {
-        !shutdown.is_cancelled() || !self.ahead.is_empty() || !self.raw.is_empty()
+        !shutdown.is_cancelled() || !self.ahead.is_empty()
     }
 
     async fn fetch(
@@ -232,11 +233,6 @@ impl Source for Stream {
         self.reclaim().await?;
         let seen = self.shared.progress.published();
         // Entries read ahead are new ones (`>`); a read says whether its entries were.
-        if self.ahead.is_empty() {
-            // Read but not decoded, should a batch have ended without `meanwhile`: these entries are
-            // pending here, and a read would not give them again.
-            self.ahead = decode(std::mem::take(&mut self.raw));
-        }
         let (entries, new) = if self.ahead.is_empty() {
             let (count, block) = (self.count(), self.config.block);
             let (shared, name) = (self.shared.clone(), self.name().to_owned());

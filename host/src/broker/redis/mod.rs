@@ -646,9 +646,9 @@ struct RedisConsumer {
     /// The broker's connection for commands that never block: what this consumer sends while `conn`
     /// may be held by a blocking read that was given up.
     commands: ConnectionManager,
-    /// A blocking read went out on `conn` and its answer was not awaited (a stop came first). Redis
-    /// answers nothing else on `conn` until that read ends, which for an empty read is at its block or
-    /// later, at the server's next timer tick (up to a tenth of a second).
+    /// A blocking read went out on `conn` and its answer was not awaited: given up after a stop
+    /// ([`unblock`]), or its task dropped. Redis answers nothing else on `conn` until that read ends,
+    /// which for an empty read is at its block or later, at the server's next timer tick.
     blocked: bool,
     /// `conn` as Redis names it, to end its blocking read at a stop ([`unblock`]).
     client: ClientId,
