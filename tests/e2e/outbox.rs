@@ -3,7 +3,6 @@
 //! killed replica's outbox leases are taken over within the configured lease; a group lag that Redis
 //! miscounts is not trusted; rounds on SQLite make no temporary files.
 
-use notify_debouncer_mini::notify;
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -19,7 +18,7 @@ use serde_json::Value;
 
 use crate::support::{
     count_of, each_order_exactly_once, fixture_domain, host, postgres, sample_domain, send_orders,
-    sqlite, start_replicas, start_servers, status_json, wait_until, RedisServer, Server,
+    sqlite, start_replicas, start_servers, status_json, wait_until, Created, RedisServer, Server,
     TEST_CONFIG,
 };
 
@@ -614,51 +613,6 @@ fn outbox_rounds_on_sqlite_make_no_temporary_files() {
         Vec::<PathBuf>::new(),
         "files made in SQLite's temporary directory"
     );
-}
-
-/// The files created in a directory since it was watched.
-struct Created {
-    dir: PathBuf,
-    events: std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
-    _watcher: notify::RecommendedWatcher,
-}
-
-impl Created {
-    fn watch(dir: &Path) -> Self {
-        use notify::Watcher;
-        let (sender, events) = std::sync::mpsc::channel();
-        let mut watcher = notify::recommended_watcher(sender).unwrap();
-        watcher
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .unwrap();
-        Self {
-            dir: dir.into(),
-            events,
-            _watcher: watcher,
-        }
-    }
-
-    /// Every creation reported before a marker file made now: events come in order, so the marker's
-    /// arrival means all earlier ones have.
-    fn since(&self) -> Vec<PathBuf> {
-        let marker = self.dir.join("marker");
-        std::fs::write(&marker, b"").unwrap();
-        let mut created = Vec::new();
-        loop {
-            let event = self
-                .events
-                .recv_timeout(Duration::from_secs(10))
-                .expect("the marker file's creation is reported")
-                .unwrap();
-            if !event.kind.is_create() {
-                continue;
-            }
-            if event.paths.contains(&marker) {
-                return created;
-            }
-            created.extend(event.paths);
-        }
-    }
 }
 
 /// A stored message that no longer reads as JSON (damaged, or written by hand) is neither published as

@@ -14,6 +14,7 @@ mod server;
 mod status;
 mod tls;
 mod wait;
+mod watch;
 
 pub use build::{
     bad_build, cargo, compat_build, fixture_domain, host_binary, incompatible_fixture,
@@ -30,3 +31,4 @@ pub use server::Server;
 pub use status::{status_json, subscription};
 pub use tls::make_certificates;
 pub use wait::wait_until;
+pub use watch::Created;
