@@ -30,4 +30,5 @@ mod schedules_cli;
 mod security;
 mod send;
 mod server;
+mod sqlite;
 mod template;

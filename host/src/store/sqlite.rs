@@ -54,6 +54,8 @@ mod sql {
         include_str!("sql/sqlite/add_document_versions.sql");
     pub(super) const FIND_DOCUMENTS: &str = include_str!("sql/sqlite/find_documents.sql");
     pub(super) const INSERT_PROCESSED: &str = include_str!("sql/sqlite/insert_processed.sql");
+    pub(super) const INSERT_PROCESSED_AT_ONCE: &str =
+        include_str!("sql/sqlite/insert_processed_at_once.sql");
     pub(super) const INSERT_DEAD_LETTER: &str = include_str!("sql/sqlite/insert_dead_letter.sql");
     pub(super) const READ_DEAD_LETTERS: &str = include_str!("sql/sqlite/read_dead_letters.sql");
     pub(super) const IS_PROCESSED: &str = include_str!("sql/sqlite/is_processed.sql");
@@ -244,6 +246,16 @@ impl SqliteStore {
         sqlite(&self.path, source)
     }
 
+    /// Apply `unit` in a transaction of its own and commit it; dropping the transaction on an error
+    /// rolls it back.
+    fn commit_with(&self, unit: &UnitOfWork, markers: Markers) -> Result<Option<u64>, CommitError> {
+        let mut connection = self.connection();
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let last = apply(&tx, unit, markers)?;
+        tx.commit()?;
+        Ok(last)
+    }
+
     fn query_messages(
         &self,
         sql: &str,
@@ -327,12 +339,11 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339()
 }
 
-/// Apply a unit of work inside an open transaction (`before_positions`: see
-/// [`SqliteStore::markers_before_positions`]).
+/// Apply a unit of work inside an open transaction, its markers inserted as `markers` says.
 fn apply(
     tx: &rusqlite::Transaction<'_>,
     unit: &UnitOfWork,
-    before_positions: bool,
+    markers: Markers,
 ) -> Result<Option<u64>, CommitError> {
     raise_fences(tx, unit)?;
     record_idempotency_key(tx, unit)?;
@@ -394,7 +405,7 @@ fn apply(
         write_document(tx, write)?;
     }
     let at = now();
-    insert_markers(tx, unit, &at, before_positions)?;
+    insert_markers(tx, unit, &at, markers)?;
     if let Some(update) = &unit.position {
         tx.prepare_cached(sql::UPSERT_POSITION)?.execute(params![
             update.subscription,
@@ -427,38 +438,42 @@ fn apply(
     Ok(last)
 }
 
-/// The unit's processed markers: a full batch's in one statement ([`insert_at_once`]), the rest one
-/// by one. With markers an older build wrote kept by identity alone (`before_positions`), each marker
-/// is looked for there first, so all go one by one.
+/// How a unit's processed markers are inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Markers {
+    /// A full batch's in one statement ([`insert_at_once`]), the rest one by one.
+    AtOnce,
+    /// One by one: the first that exists is refused by name.
+    OneByOne,
+    /// With markers an older build wrote kept by identity alone, each marker is looked for there
+    /// first ([`SqliteStore::markers_before_positions`]), so all go one by one.
+    BeforePositions,
+}
+
+/// The unit's processed markers, inserted as `how` says.
 fn insert_markers(
     tx: &rusqlite::Transaction<'_>,
     unit: &UnitOfWork,
     at: &str,
-    before_positions: bool,
+    how: Markers,
 ) -> Result<(), CommitError> {
     let mut rest: &[ProcessedMarker] = &unit.processed;
-    if !before_positions {
+    if how == Markers::AtOnce {
         let mut chunks = rest.chunks_exact(MARKERS_AT_ONCE);
         for chunk in &mut chunks {
-            if !insert_at_once(tx, chunk, at)? {
-                // One of them exists: one by one, the markers say which.
-                insert_one_by_one(tx, chunk, at, false)?;
-            }
+            insert_at_once(tx, chunk, at)?;
         }
         rest = chunks.remainder();
     }
-    insert_one_by_one(tx, rest, at, before_positions)
+    insert_one_by_one(tx, rest, at, how == Markers::BeforePositions)
 }
 
 /// How many markers [`insert_at_once`] writes in one statement: a batch of the default size. Smaller
 /// units go one by one, rather than crowd the statement cache with a statement per size.
 const MARKERS_AT_ONCE: usize = 100;
 
-/// `INSERT_PROCESSED` with [`MARKERS_AT_ONCE`] rows of five values each.
+/// `sql::INSERT_PROCESSED_AT_ONCE` with [`MARKERS_AT_ONCE`] rows of five values each.
 static INSERT_PROCESSED_AT_ONCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let (head, _) = sql::INSERT_PROCESSED
-        .rsplit_once("VALUES")
-        .expect("insert_processed.sql ends with its VALUES");
     let rows: Vec<String> = (0..MARKERS_AT_ONCE)
         .map(|i| {
             let first = i * 5 + 1;
@@ -466,16 +481,17 @@ static INSERT_PROCESSED_AT_ONCE: std::sync::LazyLock<String> = std::sync::LazyLo
             format!("({})", values.join(", "))
         })
         .collect();
-    format!("{head}VALUES {}", rows.join(", "))
+    format!("{}{}", sql::INSERT_PROCESSED_AT_ONCE, rows.join(", "))
 });
 
 /// Insert `markers` ([`MARKERS_AT_ONCE`] of them) in one statement: one statement's execution instead
-/// of one each. False, with none inserted, when one of them exists already.
+/// of one each. When one of them exists already, the statement stops there, its rows before stay,
+/// and the unit is refused as [`CommitError::MarkedBefore`], to be rolled back.
 fn insert_at_once(
     tx: &rusqlite::Transaction<'_>,
     markers: &[ProcessedMarker],
     at: &str,
-) -> Result<bool, CommitError> {
+) -> Result<(), CommitError> {
     let mut insert = tx.prepare_cached(&INSERT_PROCESSED_AT_ONCE)?;
     for (i, marker) in markers.iter().enumerate() {
         let first = i * 5 + 1;
@@ -485,13 +501,12 @@ fn insert_at_once(
         insert.raw_bind_parameter(first + 3, &marker.build_id)?;
         insert.raw_bind_parameter(first + 4, at)?;
     }
-    // A constraint ends the statement, and undoes its rows, not the transaction.
     match insert.raw_execute() {
-        Ok(_) => Ok(true),
+        Ok(_) => Ok(()),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
-            Ok(false)
+            Err(CommitError::MarkedBefore)
         }
         Err(e) => Err(e.into()),
     }
@@ -697,6 +712,9 @@ fn write_document(
 enum CommitError {
     Store(Error),
     Sqlite(rusqlite::Error),
+    /// A marker of a full batch inserted at once exists already; which one, the unit says when
+    /// applied again with its markers one by one.
+    MarkedBefore,
 }
 
 impl From<Error> for CommitError {
@@ -730,19 +748,21 @@ impl Store for SqliteStore {
     }
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
-        let mut connection = self.connection();
-        let tx = connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.error(e))?;
-        match apply(&tx, unit, self.markers_before_positions) {
-            Ok(last) => {
-                tx.commit().map_err(|e| self.error(e))?;
-                Ok(last)
-            }
-            // Dropping the transaction rolls it back.
-            Err(CommitError::Store(e)) => Err(e),
-            Err(CommitError::Sqlite(e)) => Err(self.error(e)),
+        let markers = match self.markers_before_positions {
+            true => Markers::BeforePositions,
+            false => Markers::AtOnce,
+        };
+        match self.commit_with(unit, markers) {
+            // Another unit marked one of these messages: refused either way, and one by one the
+            // refusal names the message.
+            Err(CommitError::MarkedBefore) => self.commit_with(unit, Markers::OneByOne),
+            other => other,
         }
+        .map_err(|e| match e {
+            CommitError::Store(e) => e,
+            CommitError::Sqlite(e) => self.error(e),
+            CommitError::MarkedBefore => unreachable!("markers one by one are refused by name"),
+        })
     }
 
     fn position(&self, subscription: &str) -> Result<Option<u64>> {
