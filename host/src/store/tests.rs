@@ -259,8 +259,8 @@ pub(super) fn documents_are_found_by_any_value_in_their_own_collection(store: &d
 }
 
 /// A unit of a batch's markers commits them all (250: two full batches of the default size, and a
-/// rest). One whose hundred markers include one committed before is refused whole: none of its other
-/// markers, nor its effects, are written.
+/// rest). One whose hundred markers include one committed before is refused whole, naming that one:
+/// none of its other markers, nor its effects, are written.
 pub(super) fn a_batch_of_markers_with_one_processed_before_is_refused_whole(store: &dyn Store) {
     let marker = |n: u64| ProcessedMarker {
         subscription: "s".into(),
@@ -287,8 +287,12 @@ pub(super) fn a_batch_of_markers_with_one_processed_before_is_refused_whole(stor
         ..UnitOfWork::default()
     });
     assert!(
-        matches!(refused, Err(Error::AlreadyProcessed { ref subscription, .. }) if subscription == "s"),
-        "{refused:?}"
+        matches!(
+            refused,
+            Err(Error::AlreadyProcessed { ref subscription, ref message_id })
+                if subscription == "s" && message_id == "m150"
+        ),
+        "the refusal names the message marked before: {refused:?}"
     );
     assert_eq!(
         found(300, 399),
@@ -481,13 +485,15 @@ fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
     const MESSAGES: usize = 240;
     let subscription = &format!("s{size}");
     let id = |n: usize| format!("m{n:03}");
-    let won: Vec<Vec<Vec<usize>>> = std::thread::scope(|scope| {
+    // Per replica: the units that committed, and the refused ones with the message each refusal names.
+    type Outcomes = (Vec<Vec<usize>>, Vec<(Vec<usize>, String)>);
+    let outcomes: Vec<Outcomes> = std::thread::scope(|scope| {
         let racers: Vec<_> = replicas
             .iter()
             .enumerate()
             .map(|(r, store)| {
                 scope.spawn(move || {
-                    let mut won = Vec::new();
+                    let (mut won, mut refused) = (Vec::new(), Vec::new());
                     // Each replica walks the messages from its own offset, so that its units overlap
                     // the others' by a few messages.
                     for step in 0..MESSAGES / (size / 2) {
@@ -508,19 +514,27 @@ fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
                             ..UnitOfWork::default()
                         }) {
                             Ok(_) => won.push(unit),
-                            Err(Error::AlreadyProcessed { .. }) => {}
+                            Err(Error::AlreadyProcessed { message_id, .. }) => {
+                                refused.push((unit, message_id))
+                            }
                             Err(other) => panic!("replica {r}: {other}"),
                         }
                     }
-                    won
+                    (won, refused)
                 })
             })
             .collect();
         racers.into_iter().map(|r| r.join().unwrap()).collect()
     });
     let mut holders = vec![0; MESSAGES];
-    for n in won.iter().flatten().flatten() {
+    for n in outcomes.iter().flat_map(|(won, _)| won).flatten() {
         holders[*n] += 1;
+    }
+    for (unit, named) in outcomes.iter().flat_map(|(_, refused)| refused) {
+        assert!(
+            unit.iter().any(|n| id(*n) == *named && holders[*n] == 1),
+            "a refusal names {named}, which is not a message of its unit that another unit marked"
+        );
     }
     let twice: Vec<usize> = (0..MESSAGES).filter(|n| holders[*n] > 1).collect();
     assert!(
@@ -543,7 +557,7 @@ fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
         0,
         "a successful unit's markers are all there"
     );
-    let refused = won.iter().map(Vec::len).sum::<usize>() < replicas.len() * MESSAGES / (size / 2);
+    let refused = outcomes.iter().any(|(_, refused)| !refused.is_empty());
     assert!(refused, "no unit was refused: nothing tested");
 }
 

@@ -22,7 +22,7 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     if !unit.processed.is_empty() {
         let inserted = c.execute(sql::INSERT_PROCESSED, &markers(unit).each_ref().map(as_sql))?;
         if inserted < unit.processed.len() as u64 {
-            return Err(already_processed(unit));
+            return Err(already_processed(c, unit));
         }
     }
     if let Some(update) = &unit.position {
@@ -73,7 +73,7 @@ pub(super) fn markers_alone(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     ) {
         Ok(_) => Ok(()),
         Err(Error::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            Err(already_processed(unit))
+            Err(already_processed(c, unit))
         }
         Err(error) => Err(error),
     }
@@ -95,16 +95,25 @@ fn as_sql<'a>(column: &'a Vec<&str>) -> &'a (dyn postgres::types::ToSql + Sync) 
     column
 }
 
-/// Another consumer committed a marker of the unit first.
-fn already_processed(unit: &UnitOfWork) -> Error {
+/// Another consumer committed a marker of the unit first: the first such, looked up (a round trip
+/// on this rare path only). If the lookup fails, the refusal still says which batch it was.
+fn already_processed(c: &mut Conn, unit: &UnitOfWork) -> Error {
+    let [subscriptions, ids, _] = markers(unit);
+    let found = c
+        .query(sql::MARKED_BEFORE, &[&subscriptions, &ids])
+        .ok()
+        .and_then(|rows| rows.first().map(|row| row.get::<_, String>(0)));
     let first = &unit.processed[0];
-    Error::AlreadyProcessed {
-        subscription: first.subscription.clone(),
-        message_id: format!(
+    let message_id = found.unwrap_or_else(|| {
+        format!(
             "{} (or another of the {} in this batch)",
             first.message_id,
             unit.processed.len()
-        ),
+        )
+    });
+    Error::AlreadyProcessed {
+        subscription: first.subscription.clone(),
+        message_id,
     }
 }
 

@@ -83,6 +83,7 @@ mod sql {
         FIND_DOCUMENTS = "find_documents";
         PROCESSED_AMONG = "processed_among";
         INSERT_PROCESSED_ALL = "insert_processed_all";
+        MARKED_BEFORE = "marked_before";
         LOCK_OUTBOX = "lock_outbox";
         OUTBOX_CLAIMABLE = "outbox_claimable";
         OUTBOX_ITEMS = "outbox_items";
