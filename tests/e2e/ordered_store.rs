@@ -7,7 +7,6 @@
 use std::{ops::RangeInclusive, path::Path, process::Output, sync::Arc, time::Duration};
 
 use protean_host::{
-    message::Kind,
     store::{DeadLetter, PostgresStore, Store, StoredMessage},
     unit_of_work::{NewMessage, Parking, PositionUpdate, UnitOfWork},
 };
@@ -16,7 +15,7 @@ use serde_json::json;
 use crate::support::{
     fixture_domain, host,
     sequencing::{new_numbered, record, SEQUENCE},
-    sqlite, status_json, subscription, wait_until, PgServer, Server, TEST_CONFIG,
+    sqlite, status_json, subscription, ticked, wait_until, PgServer, Server, TEST_CONFIG,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -437,19 +436,7 @@ fn keys_an_earlier_build_parked_are_released_and_handled_by_one_that_moves_on() 
     configure_retries(dir.path(), 1, 2);
     let store: Arc<dyn Store> = sqlite(dir.path());
     let stream = "probe::probe-1";
-    let tick = |n: u64| {
-        let data = json!({ "n": n, "label": "t" });
-        NewMessage::new(
-            Kind::Event,
-            stream,
-            "Probe.Ticked.v1",
-            &data,
-            None,
-            None,
-            None,
-        )
-    };
-    append(store.as_ref(), (1..=2).map(tick).collect());
+    append(store.as_ref(), (1..=2).map(|n| ticked(stream, n)).collect());
     // What a parking build left: #1 dead-lettered, its key parked, #2 held, the position past both.
     let first = &store.read_stream(stream, 0).unwrap()[0];
     store
@@ -468,7 +455,7 @@ fn keys_an_earlier_build_parked_are_released_and_handled_by_one_that_moves_on() 
             ..UnitOfWork::default()
         })
         .unwrap();
-    append(store.as_ref(), vec![tick(3)]);
+    append(store.as_ref(), vec![ticked(stream, 3)]);
     let domain = format!("{}:ordered_noop", fixture_domain().display());
     let run = || {
         host(dir.path())

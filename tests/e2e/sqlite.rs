@@ -2,13 +2,9 @@
 
 use std::path::PathBuf;
 
-use protean_host::{
-    message::Kind,
-    unit_of_work::{NewMessage, UnitOfWork},
-};
-use serde_json::json;
+use protean_host::unit_of_work::{NewMessage, UnitOfWork};
 
-use crate::support::{fixture_domain, host, sqlite, Created, TEST_CONFIG};
+use crate::support::{fixture_domain, host, sqlite, ticked, Created, TEST_CONFIG};
 
 /// A unit of a full batch inserts its processed markers in one statement. SQLite journals such a
 /// statement on its own unless it cannot fail halfway, and past 64 KiB of changed pages that journal
@@ -22,21 +18,7 @@ fn full_batches_of_markers_make_no_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("protean.toml"), TEST_CONFIG).unwrap();
     let store = sqlite(dir.path());
-    let ticks: Vec<NewMessage> = (0..450)
-        .map(|n| {
-            let data = json!({ "n": n, "label": "t" });
-            let stream = stream(n % 7);
-            NewMessage::new(
-                Kind::Event,
-                &stream,
-                "Probe.Ticked.v1",
-                &data,
-                None,
-                None,
-                None,
-            )
-        })
-        .collect();
+    let ticks: Vec<NewMessage> = (0..450).map(|n| ticked(&stream(n % 7), n)).collect();
     store
         .commit(&UnitOfWork {
             messages: ticks,

@@ -6,9 +6,12 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 use protean_host::{
     config::Config,
     engine::{Engine, EngineOptions},
+    message::Kind,
     plugin::Library,
     store::{MemoryStore, PostgresStore, SqliteStore, Store},
+    unit_of_work::NewMessage,
 };
+use serde_json::json;
 
 use super::PgServer;
 
@@ -22,6 +25,20 @@ pub enum Keep {
 /// Fast retries and a generous time limit, so that tests wait only as long as the work.
 pub const TEST_CONFIG: &str =
     "[server]\nretry_delay_ms = 5\nmax_retry_delay_ms = 20\ntest_mode_timeout_seconds = 60\n";
+
+/// Tick `n` on `stream`: the event the fixture's `noop` handler takes.
+pub fn ticked(stream: &str, n: u64) -> NewMessage {
+    let data = json!({ "n": n, "label": "t" });
+    NewMessage::new(
+        Kind::Event,
+        stream,
+        "Probe.Ticked.v1",
+        &data,
+        None,
+        None,
+        None,
+    )
+}
 
 /// A store of each kind, PostgreSQL first (so `backends().pop()` is still SQLite).
 pub fn backends() -> Vec<(&'static str, Arc<dyn Store>, Option<Keep>)> {

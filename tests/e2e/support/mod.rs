@@ -21,7 +21,7 @@ pub use build::{
     reload_fixture, sample_domain, workspace, BadBuild, CompatBuild, Incompatibility, ReloadBuild,
     OLDEST_PLUGIN_API,
 };
-pub use engine::{backends, engine, idle_runs, postgres, sqlite, types, TEST_CONFIG};
+pub use engine::{backends, engine, idle_runs, postgres, sqlite, ticked, types, TEST_CONFIG};
 pub use flow::{count_of, each_order_exactly_once};
 pub use postgres::PgServer;
 pub use redis::RedisServer;
