@@ -401,6 +401,33 @@ fn cpu_ticks(pid: i32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// The allocator gives memory back on a thread of its own (`host/src/allocator.rs`), not inside a
+/// call that handles a message; and it took its options without a word (jemalloc says
+/// `<jemalloc>: Invalid conf` on stderr, and goes on without, when it cannot read them). The idle test
+/// below keeps that thread honest.
+#[test]
+fn the_allocator_returns_memory_on_a_thread_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    server.wait_for(&["engine started"], LIMIT);
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    server.signal(libc::SIGTERM);
+    let (code, output) = server.wait();
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        names.iter().any(|n| n == "jemalloc_bg_thd"),
+        "no allocator thread among {names:?}"
+    );
+    assert!(!output.contains("<jemalloc>"), "{output}");
+}
+
 #[test]
 fn an_idle_server_does_not_spin() {
     let dir = tempfile::tempdir().unwrap();
