@@ -7,9 +7,21 @@ use serde_json::{json, Value};
 
 use crate::support::{
     count_of, each_order_exactly_once, fixture_domain, host, orders, sample_domain, send_orders,
+    Server,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// A server of the sample domain on a store of its own, started.
+fn sample_server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = host(dir.path())
+        .args(["--domain"])
+        .args([sample_domain()])
+        .spawn();
+    server.wait_for(&["engine started"], LIMIT);
+    (dir, server)
+}
 
 fn store(dir: &Path) -> SqliteStore {
     SqliteStore::open(&dir.join(".protean/store.db")).unwrap()
@@ -87,12 +99,7 @@ fn each_signal_stops_the_server_cleanly() {
         (libc::SIGTERM, "SIGTERM"),
         (libc::SIGHUP, "SIGHUP"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = host(dir.path())
-            .args(["--domain"])
-            .args([sample_domain()])
-            .spawn();
-        server.wait_for(&["engine started"], LIMIT);
+        let (_dir, server) = sample_server();
         server.signal(signal);
         let (code, logs) = server.wait();
         assert_eq!(code, Some(0), "{name}:\n{logs}");
@@ -407,12 +414,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// below keeps that thread honest.
 #[test]
 fn the_allocator_returns_memory_on_a_thread_of_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = host(dir.path())
-        .args(["--domain"])
-        .args([sample_domain()])
-        .spawn();
-    server.wait_for(&["engine started"], LIMIT);
+    let (_dir, server) = sample_server();
     let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
@@ -430,12 +432,7 @@ fn the_allocator_returns_memory_on_a_thread_of_its_own() {
 
 #[test]
 fn an_idle_server_does_not_spin() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = host(dir.path())
-        .args(["--domain"])
-        .args([sample_domain()])
-        .spawn();
-    server.wait_for(&["engine started"], LIMIT);
+    let (_dir, server) = sample_server();
     let before = cpu_ticks(server.pid());
     // The observation window itself: eight subscriptions sit idle for three poll intervals.
     std::thread::sleep(Duration::from_secs(3));

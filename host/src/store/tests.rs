@@ -396,7 +396,12 @@ pub(super) fn a_unit_with_one_message_twice_is_refused_as_processed_before(store
         processed: twice.clone(),
         ..UnitOfWork::default()
     });
-    let names_it = |refused: &Result<Option<u64>, Error>| matches!(refused, Err(Error::AlreadyProcessed { message_id, .. }) if message_id == "shop::order-1@0");
+    let names_it = |refused: &Result<Option<u64>, Error>| {
+        matches!(
+            refused,
+            Err(Error::AlreadyProcessed { message_id, .. }) if message_id == "shop::order-1@0"
+        )
+    };
     assert!(names_it(&alone), "{alone:?}");
     let with_effects = store.commit(&UnitOfWork {
         messages: vec![event("shop::order-2", 0, None)],
