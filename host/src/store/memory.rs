@@ -643,13 +643,14 @@ impl Outbox for MemoryStore {
         let mut items = Vec::with_capacity(choice.seqs.len());
         for seq in &choice.seqs {
             let row = &state.outbox[*seq as usize - 1];
-            let message = state.messages[row.global_position as usize - 1].clone();
-            items.push(OutboxItem {
-                seq: *seq,
-                target: row.target.clone(),
-                attempts: row.attempts,
-                message,
-            });
+            let m = &state.messages[row.global_position as usize - 1];
+            items.push(OutboxItem::new(
+                *seq,
+                row.target.clone(),
+                row.attempts,
+                (&m.data, &m.metadata),
+                (m.position, m.global_position),
+            ));
         }
         let until = now + lease.as_millis() as u64;
         let renew: Vec<String> = to_lease(

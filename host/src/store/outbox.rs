@@ -7,7 +7,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{Result, StoredMessage};
+use super::Result;
+use crate::message::{self, PoisonError};
 
 /// One row to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +19,43 @@ pub struct OutboxItem {
     pub target: String,
     /// Failed attempts so far.
     pub attempts: u32,
-    /// The message itself.
-    pub message: StoredMessage,
+    /// The message as it is published, or why the stored one cannot be read.
+    pub payload: std::result::Result<String, PoisonError>,
+}
+
+impl OutboxItem {
+    /// A row whose message is the stored text `data` and `metadata` at its positions. The wire form is
+    /// made from the text as the store holds it (a row's borrowed column): the stored text is never
+    /// copied into a message of its own, only to be dropped once the wire form is made.
+    pub(super) fn new(
+        seq: u64,
+        target: String,
+        attempts: u32,
+        (data, metadata): (&str, &str),
+        (position, global_position): (u64, u64),
+    ) -> Self {
+        Self {
+            seq,
+            target,
+            attempts,
+            payload: message::wire_json(data, metadata, position, global_position),
+        }
+    }
+}
+
+#[cfg(test)]
+impl OutboxItem {
+    /// The message's stream and position, read back from its wire form.
+    pub(crate) fn stream_and_position(&self) -> (String, u64) {
+        let payload = self.payload.as_ref().expect("a readable message");
+        let wire: serde_json::Value = serde_json::from_str(payload).expect("JSON");
+        let metadata = &wire["metadata"];
+        let stream = metadata["headers"]["stream"].as_str().expect("a stream");
+        let position = metadata["event_store"]["position"]
+            .as_u64()
+            .expect("a position");
+        (stream.to_owned(), position)
+    }
 }
 
 /// What a claim took, and whose leases it met.

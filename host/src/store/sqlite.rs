@@ -1069,24 +1069,23 @@ fn outbox_candidate(r: &Row<'_>) -> rusqlite::Result<Candidate> {
     })
 }
 
-/// A row of `outbox_claimable.sql` the claim took, with its message.
+/// A row of `outbox_claimable.sql` the claim took, with its message's wire form.
 fn outbox_item(r: &Row<'_>, c: Candidate) -> rusqlite::Result<OutboxItem> {
-    Ok(OutboxItem {
-        seq: c.seq,
-        target: c.target,
-        attempts: r.get(3)?,
-        message: StoredMessage {
-            global_position: r.get(4)?,
-            position: r.get(5)?,
-            stream: r.get(6)?,
-            message_type: r.get(7)?,
-            id: r.get(8)?,
-            time: r.get(9)?,
-            data: r.get(10)?,
-            metadata: r.get(11)?,
-            decoded: Default::default(),
-        },
-    })
+    Ok(OutboxItem::new(
+        c.seq,
+        c.target,
+        r.get(3)?,
+        (text(r, 6)?, text(r, 7)?),
+        (r.get(5)?, r.get(4)?),
+    ))
+}
+
+/// Column `i` of `r` as text, borrowed from the row.
+fn text<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    let value = r.get_ref(i)?;
+    value
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), Box::new(e)))
 }
 
 impl Outbox for SqliteStore {

@@ -589,7 +589,7 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         .items;
     let targets: Vec<&str> = a.iter().map(|i| i.target.as_str()).collect();
     assert_eq!(targets, ["shop::order", "shop::stock", "shop::order"]);
-    assert_eq!(a[0].message.stream, "shop::order-1");
+    assert_eq!(a[0].stream_and_position().0, "shop::order-1");
     let b = outbox.claim("b", 10, lease, &InFlight::none()).unwrap();
     assert!(b.items.is_empty(), "streams leased to a stay with a");
     assert_eq!(b.waiting.len(), 2, "b waits for a's leases: {b:?}");
@@ -654,9 +654,12 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         .items;
     assert_eq!(
         b.iter()
-            .map(|i| (i.message.stream.as_str(), i.attempts))
+            .map(|i| (i.stream_and_position().0, i.attempts))
             .collect::<Vec<_>>(),
-        [("shop::order-1", 2), ("shop::order-2", 0)],
+        [
+            ("shop::order-1".to_owned(), 2),
+            ("shop::order-2".to_owned(), 0)
+        ],
         "in commit order, the held row first"
     );
     outbox.published("b", &[b[0].seq, b[1].seq]).unwrap();
@@ -698,7 +701,11 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
         .claim("a", 1, lease, &InFlight::none())
         .unwrap()
         .items;
-    assert_eq!(second[0].message.position, 1, "a's next round goes on");
+    assert_eq!(
+        second[0].stream_and_position().1,
+        1,
+        "a's next round goes on"
+    );
     assert_eq!(
         until(&outbox.claim("b", 10, lease, &InFlight::none()).unwrap()),
         leased,
@@ -711,7 +718,7 @@ pub(super) fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_t
         third
             .items
             .iter()
-            .map(|i| i.message.position)
+            .map(|i| i.stream_and_position().1)
             .collect::<Vec<_>>(),
         [2],
         "released: b goes on where a left off ({third:?})"
@@ -737,7 +744,7 @@ pub(super) fn a_claim_passes_over_the_rows_in_flight(store: &dyn Store) {
         claim
             .items
             .iter()
-            .map(|i| (i.message.stream.clone(), i.message.position))
+            .map(super::OutboxItem::stream_and_position)
             .collect::<Vec<_>>()
     };
     let first = outbox.claim("a", 2, lease, &InFlight::none()).unwrap();
@@ -1514,7 +1521,7 @@ fn revived_in_order(store: &dyn Store) -> Vec<String> {
     claim
         .items
         .iter()
-        .map(|i| i.message.stream.clone())
+        .map(|i| i.stream_and_position().0)
         .collect()
 }
 

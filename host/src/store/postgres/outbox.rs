@@ -7,7 +7,7 @@ use std::{collections::HashSet, time::Duration};
 
 use postgres::Row;
 
-use super::{message_at, pool::Conn, sql, PostgresStore};
+use super::{pool::Conn, sql, PostgresStore};
 use crate::store::{
     now_ms,
     outbox::{choose, to_lease, Candidate, Choice, Lease, Leases},
@@ -213,13 +213,15 @@ impl Claimable {
     }
 }
 
+/// A row of `outbox_items.sql`, with its message's wire form.
 fn outbox_item(r: &Row) -> OutboxItem {
-    OutboxItem {
-        seq: r.get::<_, i64>(0) as u64,
-        target: r.get(1),
-        attempts: r.get::<_, i64>(2) as u32,
-        message: message_at(r, 3),
-    }
+    OutboxItem::new(
+        r.get::<_, i64>(0) as u64,
+        r.get(1),
+        r.get::<_, i64>(2) as u32,
+        (r.get(5), r.get(6)),
+        (r.get::<_, i64>(4) as u64, r.get::<_, i64>(3) as u64),
+    )
 }
 
 #[cfg(test)]
