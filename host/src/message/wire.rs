@@ -2,7 +2,7 @@
 //! back. This runs once per message on the broker path, so the members are spliced as raw JSON text:
 //! nothing is decoded into a tree that is only encoded again.
 
-use std::{borrow::Cow, fmt::Write as _};
+use std::borrow::Cow;
 
 use serde::{de, Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -11,6 +11,7 @@ use super::PoisonError;
 use crate::store::StoredMessage;
 
 mod one_pass;
+mod splice;
 
 /// A JSON object as its members' raw text, in their order. Keys are borrowed unless they hold escapes.
 struct RawObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -157,31 +158,65 @@ pub fn wire_json(
         serde_json::from_str(data).map_err(|e| PoisonError::BadData(e.to_string()))?;
     let metadata: RawObject<'_> =
         serde_json::from_str(metadata).map_err(|e| PoisonError::BadMetadata(e.to_string()))?;
-    let mut positions = String::new();
-    let _ = write!(
-        positions,
-        r#"{{"global_position":{global_position},"position":{position}}}"#
-    );
-    let mut out = String::with_capacity(data.get().len() + 1024);
+    let members = metadata.0.iter().map(|(k, v)| (k.as_ref(), v.get()));
+    Ok(assemble(data.get(), members, position, global_position))
+}
+
+/// [`wire_json`] of text known to be valid JSON (written by this host and unchanged since, or read from
+/// a `jsonb` column): the same wire form, made without parsing every value when it can be (see
+/// `splice`). Text that may not be JSON takes [`wire_json`], which says what is wrong with it.
+pub fn wire_json_of_valid(
+    data: &str,
+    metadata: &str,
+    position: u64,
+    global_position: u64,
+) -> Result<String, PoisonError> {
+    match splice::splice(data, metadata, position, global_position) {
+        Some(wire) => Ok(wire),
+        None => wire_json(data, metadata, position, global_position),
+    }
+}
+
+/// The wire form from the text of `data` and the metadata's members (keys unescaped, values as text):
+/// the members in order, but for `event_store`, whose place the positions take.
+fn assemble<'a>(
+    data: &str,
+    members: impl IntoIterator<Item = (&'a str, &'a str)>,
+    position: u64,
+    global_position: u64,
+) -> String {
+    let mut out = String::with_capacity(data.len() + 1024);
     out.push_str(r#"{"data":"#);
-    out.push_str(data.get());
+    out.push_str(data);
     out.push_str(r#","metadata":{"#);
     let mut placed = false;
-    for (key, value) in &metadata.0 {
+    for (key, value) in members {
         if key == "event_store" {
             continue;
         }
         if key == "extensions" && !placed {
-            member(&mut out, "event_store", &positions);
+            push_positions(&mut out, position, global_position);
             placed = true;
         }
-        member(&mut out, key, value.get());
+        member(&mut out, key, value);
     }
     if !placed {
-        member(&mut out, "event_store", &positions);
+        push_positions(&mut out, position, global_position);
     }
     out.push_str("}}");
-    Ok(out)
+    out
+}
+
+/// The member `"event_store":{"global_position":…,"position":…}`, after a comma unless it is the first.
+fn push_positions(out: &mut String, position: u64, global_position: u64) {
+    if !out.ends_with('{') {
+        out.push(',');
+    }
+    out.push_str(r#""event_store":{"global_position":"#);
+    out.push_str(itoa::Buffer::new().format(global_position));
+    out.push_str(r#","position":"#);
+    out.push_str(itoa::Buffer::new().format(position));
+    out.push('}');
 }
 
 /// The headers a received message must have (`time` may be missing).

@@ -650,6 +650,7 @@ impl Outbox for MemoryStore {
                 row.attempts,
                 (&m.data, &m.metadata),
                 (m.position, m.global_position),
+                false,
             ));
         }
         let until = now + lease.as_millis() as u64;

@@ -7,6 +7,8 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
 use super::Result;
 use crate::message::{self, PoisonError};
 
@@ -26,21 +28,36 @@ pub struct OutboxItem {
 impl OutboxItem {
     /// A row whose message is the stored text `data` and `metadata` at its positions. The wire form is
     /// made from the text as the store holds it (a row's borrowed column): the stored text is never
-    /// copied into a message of its own, only to be dropped once the wire form is made.
+    /// copied into a message of its own, only to be dropped once the wire form is made. Text
+    /// `known_valid` (see [`text_checksum`]) is not parsed again.
     pub(super) fn new(
         seq: u64,
         target: String,
         attempts: u32,
         (data, metadata): (&str, &str),
         (position, global_position): (u64, u64),
+        known_valid: bool,
     ) -> Self {
+        let wire = if known_valid {
+            message::wire_json_of_valid
+        } else {
+            message::wire_json
+        };
         Self {
             seq,
             target,
             attempts,
-            payload: message::wire_json(data, metadata, position, global_position),
+            payload: wire(data, metadata, position, global_position),
         }
     }
+}
+
+/// The checksum an outbox row keeps of its message's text as committed (data, then metadata). This host
+/// writes only JSON, so text that still has its row's checksum is known to be JSON: the outbox makes its
+/// wire form without parsing it again. Text changed since (damaged, or edited by hand) is parsed, and
+/// is not published when it is no longer JSON.
+pub(super) fn text_checksum(data: &str, metadata: &str) -> i64 {
+    xxh3_64_with_seed(metadata.as_bytes(), xxh3_64(data.as_bytes())) as i64
 }
 
 #[cfg(test)]

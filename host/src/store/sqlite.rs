@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
     category, check_field, indexed_fields,
-    outbox::{self, to_lease, Candidate, Chooser, InFlight, Lease, Leases, Offer},
+    outbox::{self, text_checksum, to_lease, Candidate, Chooser, InFlight, Lease, Leases, Offer},
     Claim, DeadLetter, DocumentVersion, Error, MarkerKey, Outbox, OutboxCounts, OutboxItem,
     ParkedKey, PendingRow, Result, RowFailure, Store, StoredDocument, StoredMessage, ABSENT,
 };
@@ -69,6 +69,8 @@ mod sql {
     pub(super) const PURGE_DEAD_LETTERS: &str = include_str!("sql/sqlite/purge_dead_letters.sql");
     pub(super) const REPLAY_COLUMNS: &str = include_str!("sql/sqlite/replay_columns.sql");
     pub(super) const OUTBOX_INSERT: &str = include_str!("sql/sqlite/outbox_insert.sql");
+    pub(super) const OUTBOX_CHECKSUM_COLUMN: &str =
+        include_str!("sql/sqlite/outbox_checksum_column.sql");
     pub(super) const OUTBOX_CLAIMABLE: &str = include_str!("sql/sqlite/outbox_claimable.sql");
     pub(super) const OUTBOX_LEASES: &str = include_str!("sql/sqlite/outbox_leases.sql");
     pub(super) const OUTBOX_LEASE: &str = include_str!("sql/sqlite/outbox_lease.sql");
@@ -396,8 +398,12 @@ fn apply(
         versions.insert(&m.stream, actual + 1);
         let global_position = tx.last_insert_rowid();
         if unit.publish {
-            tx.prepare_cached(sql::OUTBOX_INSERT)?
-                .execute(params![global_position, category(&m.stream)])?;
+            let checksum = text_checksum(&m.data, &m.metadata);
+            tx.prepare_cached(sql::OUTBOX_INSERT)?.execute(params![
+                global_position,
+                category(&m.stream),
+                checksum
+            ])?;
         }
         last = Some(global_position as u64);
     }
@@ -1071,12 +1077,15 @@ fn outbox_candidate(r: &Row<'_>) -> rusqlite::Result<Candidate> {
 
 /// A row of `outbox_claimable.sql` the claim took, with its message's wire form.
 fn outbox_item(r: &Row<'_>, c: Candidate) -> rusqlite::Result<OutboxItem> {
+    let (data, metadata) = (text(r, 6)?, text(r, 7)?);
+    let committed: Option<i64> = r.get(8)?;
     Ok(OutboxItem::new(
         c.seq,
         c.target,
         r.get(3)?,
-        (text(r, 6)?, text(r, 7)?),
+        (data, metadata),
         (r.get(5)?, r.get(4)?),
+        committed == Some(text_checksum(data, metadata)),
     ))
 }
 
@@ -1261,6 +1270,14 @@ fn add_replay_columns(connection: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The outbox's checksum column, on a file an older build made (inside the schema transaction).
+fn add_outbox_checksums(connection: &Connection) -> rusqlite::Result<()> {
+    if !has_column(connection, "outbox", "checksum")? {
+        connection.execute_batch(sql::OUTBOX_CHECKSUM_COLUMN)?;
+    }
+    Ok(())
+}
+
 fn has_column(connection: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
     connection.query_row(
         "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
@@ -1332,6 +1349,7 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
             connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
             migrate(connection)?;
             add_replay_columns(connection)?;
+            add_outbox_checksums(connection)?;
             key_markers_by_position(connection)?;
             connection.execute_batch("COMMIT;")
         })

@@ -1537,11 +1537,101 @@ fn two_rows_to_publish(store: &dyn Store) {
 }
 
 mod sqlite_only {
-    use super::{fence, fenced, is_fenced};
+    use super::{fence, fenced, is_fenced, two_rows_to_publish};
     use crate::{
-        store::{schedules::ScheduleWrite, SqliteStore, Store},
+        store::{outbox, schedules::ScheduleWrite, InFlight, SqliteStore, Store},
         unit_of_work::UnitOfWork,
     };
+
+    /// The payloads a claim of every row takes.
+    fn claimed_payloads(store: &SqliteStore) -> Vec<Result<String, crate::message::PoisonError>> {
+        let lease = std::time::Duration::from_secs(30);
+        let outbox = store.outbox().unwrap();
+        let claim = outbox.claim("w", 10, lease, &InFlight::none()).unwrap();
+        claim.items.into_iter().map(|i| i.payload).collect()
+    }
+
+    /// Each outbox row's message text, as stored, and its checksum.
+    fn stored_texts(path: &std::path::Path) -> Vec<(String, String, Option<i64>)> {
+        let db = rusqlite::Connection::open(path).unwrap();
+        let mut rows = db
+            .prepare(
+                "SELECT m.data, m.metadata, o.checksum FROM outbox o \
+                 JOIN messages m ON m.global_position = o.global_position ORDER BY o.seq",
+            )
+            .unwrap();
+        let texts = rows.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)));
+        texts.unwrap().map(Result::unwrap).collect()
+    }
+
+    /// A row written by this build keeps its text's checksum, and a claim makes its wire form the way
+    /// any other text gets it.
+    #[test]
+    fn an_outbox_row_keeps_its_messages_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        two_rows_to_publish(&store);
+        let texts = stored_texts(&path);
+        for (data, metadata, checksum) in &texts {
+            assert_eq!(*checksum, Some(outbox::text_checksum(data, metadata)));
+        }
+        let validated: Vec<_> = texts
+            .iter()
+            .zip(1..)
+            .map(|((data, metadata, _), at)| crate::message::wire_json(data, metadata, 0, at))
+            .collect();
+        assert_eq!(claimed_payloads(&store), validated);
+    }
+
+    /// A message whose text changed since its commit is parsed before it is published: text the scan
+    /// of known JSON would take (`tru` is no JSON value) is refused, and a valid edit goes out as it is.
+    #[test]
+    fn text_changed_since_its_commit_is_parsed_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        two_rows_to_publish(&store);
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "UPDATE messages SET metadata = '{\"headers\":tru}' WHERE global_position = 1; \
+             UPDATE messages SET data = '{\"edited\": true}' WHERE global_position = 2;",
+        )
+        .unwrap();
+        let payloads = claimed_payloads(&store);
+        assert!(
+            matches!(
+                payloads[0],
+                Err(crate::message::PoisonError::BadMetadata(_))
+            ),
+            "{:?}",
+            payloads[0]
+        );
+        let second: serde_json::Value =
+            serde_json::from_str(payloads[1].as_ref().unwrap()).unwrap();
+        assert_eq!(second["data"], serde_json::json!({"edited": true}));
+    }
+
+    /// Rows an older build wrote have no checksum: the column is added, and their text is parsed.
+    #[test]
+    fn outbox_rows_of_an_older_build_are_published_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        two_rows_to_publish(&SqliteStore::open(&path).unwrap());
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE outbox DROP COLUMN checksum")
+            .unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        let texts = stored_texts(&path);
+        assert_eq!(texts.iter().map(|t| t.2).collect::<Vec<_>>(), [None, None]);
+        let validated: Vec<_> = texts
+            .iter()
+            .zip(1..)
+            .map(|((data, metadata, _), at)| crate::message::wire_json(data, metadata, 0, at))
+            .collect();
+        assert_eq!(claimed_payloads(&store), validated);
+    }
 
     /// A new store file made older by `sql` (what a build before a table left), opened again.
     fn reopened_after(sql: &str) -> (SqliteStore, tempfile::TempDir) {

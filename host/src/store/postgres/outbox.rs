@@ -213,7 +213,8 @@ impl Claimable {
     }
 }
 
-/// A row of `outbox_items.sql`, with its message's wire form.
+/// A row of `outbox_items.sql`, with its message's wire form. Its text is the database's rendering of
+/// `jsonb` columns: JSON, whoever wrote the message.
 fn outbox_item(r: &Row) -> OutboxItem {
     OutboxItem::new(
         r.get::<_, i64>(0) as u64,
@@ -221,6 +222,7 @@ fn outbox_item(r: &Row) -> OutboxItem {
         r.get::<_, i64>(2) as u32,
         (r.get(5), r.get(6)),
         (r.get::<_, i64>(4) as u64, r.get::<_, i64>(3) as u64),
+        true,
     )
 }
 

@@ -1,1 +1,1 @@
-INSERT INTO outbox (global_position, target) VALUES (?1, ?2)
+INSERT INTO outbox (global_position, target, checksum) VALUES (?1, ?2, ?3)

@@ -90,8 +90,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT,
-    published_at    TEXT
+    published_at    TEXT,
+    checksum        INTEGER
 );
+-- `checksum`: of the message's text as committed (`text_checksum`); text that still has it is known to
+-- be JSON. NULL on rows of older builds.
 -- Pending rows only: marking a row published takes it out of the index, where an index of (status,
 -- seq) took it out and put it back under 'published' (a tenth of the instructions of publishing a
 -- row). Counts scan the table either way.
