@@ -643,6 +643,7 @@ impl Outbox for MemoryStore {
         let mut items = Vec::with_capacity(choice.seqs.len());
         for seq in &choice.seqs {
             let row = &state.outbox[*seq as usize - 1];
+            // Tests put text here as they like: it is parsed, as text of unknown origin is.
             let m = &state.messages[row.global_position as usize - 1];
             items.push(OutboxItem::new(
                 *seq,

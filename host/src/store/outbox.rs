@@ -52,10 +52,12 @@ impl OutboxItem {
     }
 }
 
-/// The checksum an outbox row keeps of its message's text as committed (data, then metadata). This host
-/// writes only JSON, so text that still has its row's checksum is known to be JSON: the outbox makes its
-/// wire form without parsing it again. Text changed since (damaged, or edited by hand) is parsed, and
-/// is not published when it is no longer JSON.
+/// The checksum an outbox row keeps of its message's text as committed (data, then metadata). A message
+/// a handler or a command wrote is JSON (its constructors make or check it), so text that still has its
+/// row's checksum is known to be JSON: the outbox makes its wire form without parsing it again. Text
+/// changed since (damaged, or edited by hand) is parsed, and is not published when it is no longer JSON;
+/// so is text a unit did not make itself (a fired schedule's, read back from the store), whose row has no
+/// checksum.
 pub(super) fn text_checksum(data: &str, metadata: &str) -> i64 {
     xxh3_64_with_seed(metadata.as_bytes(), xxh3_64(data.as_bytes())) as i64
 }

@@ -1612,6 +1612,64 @@ mod sqlite_only {
         assert_eq!(second["data"], serde_json::json!({"edited": true}));
     }
 
+    /// A fired schedule's text was read back from the store: its row has no checksum, and text damaged
+    /// while it waited is refused, not published as it is.
+    #[test]
+    fn a_fired_schedules_text_is_parsed_before_it_is_published() {
+        use crate::store::schedules::FiredSchedule;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let kind = crate::message::Kind::Command;
+        let data = serde_json::json!({"n": 1});
+        let message = crate::unit_of_work::NewMessage::new(
+            kind,
+            "shop::order-1",
+            "Shop.Remind.v1",
+            &data,
+            None,
+            None,
+            None,
+        );
+        let set = ScheduleWrite::Set {
+            key: "remind".into(),
+            due_ms: 1,
+            message,
+        };
+        let unit = UnitOfWork {
+            schedules: vec![set],
+            ..UnitOfWork::default()
+        };
+        store.commit(&unit).unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE schedules SET data = '{not json' WHERE key = 'remind'",
+                [],
+            )
+            .unwrap();
+        let schedule = store.schedules().get("remind").unwrap().unwrap();
+        let now = chrono::DateTime::from_timestamp_millis(2).unwrap();
+        let fired = FiredSchedule {
+            key: schedule.key.clone(),
+            id: schedule.id.clone(),
+            at_ms: 2,
+        };
+        let firing = UnitOfWork {
+            messages: vec![schedule.message(now)],
+            fired: vec![fired],
+            publish: true,
+            ..UnitOfWork::default()
+        };
+        store.commit(&firing).unwrap();
+        assert_eq!(stored_texts(&path)[0].2, None, "no checksum");
+        let payloads = claimed_payloads(&store);
+        assert!(
+            matches!(payloads[..], [Err(crate::message::PoisonError::BadData(_))]),
+            "{payloads:?}"
+        );
+    }
+
     /// Rows an older build wrote have no checksum: the column is added, and their text is parsed.
     #[test]
     fn outbox_rows_of_an_older_build_are_published_as_they_are() {
