@@ -794,8 +794,8 @@ fn print_outbox(
         );
     }
     println!(
-        "{} pending ({} failing, {} held), {} published",
-        counts.pending, counts.failing, counts.held, counts.published
+        "{} pending ({} failing, {} held)",
+        counts.pending, counts.failing, counts.held
     );
 }
 

@@ -486,7 +486,6 @@ fn with_redis_the_outbox_publishes_from_postgres_and_the_flow_runs_on_streams() 
         (0, 0),
         "everything published"
     );
-    assert!(outbox.published >= 20 * 7, "{outbox:?}");
     let pending = redis.cli(&["XPENDING", "fulfilment::order", "inventory"]);
     assert!(
         pending.starts_with("0\n"),

@@ -349,7 +349,6 @@ mod tests {
                 held: 1,
                 failing: 2,
                 oldest_pending_age_ms: Some(2500),
-                ..Default::default()
             }),
             schedules: Some(crate::store::ScheduleCounts {
                 pending: 7,

@@ -438,8 +438,8 @@ fn outbox_line(o: &OutboxCounts) -> String {
         .map(|ms| format!(", oldest {:.1} s", ms as f64 / 1000.0))
         .unwrap_or_default();
     format!(
-        "outbox: {} pending ({} failing, {} held){oldest}; {} published",
-        o.pending, o.failing, o.held, o.published
+        "outbox: {} pending ({} failing, {} held){oldest}",
+        o.pending, o.failing, o.held
     )
 }
 
@@ -612,14 +612,13 @@ mod tests {
     fn the_outbox_line_shows_what_waits_and_for_how_long() {
         let counts = OutboxCounts {
             pending: 3,
-            published: 40,
             failing: 2,
             held: 1,
             oldest_pending_age_ms: Some(12_345),
         };
         assert_eq!(
             outbox_line(&counts),
-            "outbox: 3 pending (2 failing, 1 held), oldest 12.3 s; 40 published"
+            "outbox: 3 pending (2 failing, 1 held), oldest 12.3 s"
         );
     }
 }

@@ -702,7 +702,6 @@ impl Outbox for MemoryStore {
         let count = |f: &dyn Fn(&OutboxRow) -> bool| pending().filter(|r| f(r)).count() as u64;
         Ok(OutboxCounts {
             pending: count(&|_| true),
-            published: state.outbox.len() as u64 - count(&|_| true),
             failing: count(&|r| r.attempts > 0),
             held: count(&|r| r.attempts >= held_after),
             oldest_pending_age_ms: pending().next().map(|r| age_ms(&state, r)),

@@ -1190,33 +1190,21 @@ impl Outbox for SqliteStore {
     }
 
     fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
-        let connection = self.reader()?;
-        let mut statement = connection
-            .prepare_cached(sql::OUTBOX_COUNTS)
-            .map_err(|e| self.error(e))?;
-        let rows = statement
-            .query_map([held_after], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, u64>(1)?,
-                    r.get::<_, u64>(2)?,
-                    r.get::<_, u64>(3)?,
-                ))
-            })
-            .map_err(|e| self.error(e))?;
-        let mut counts = OutboxCounts::default();
-        for row in rows {
-            match row.map_err(|e| self.error(e))? {
-                (status, n, _, _) if status == "published" => counts.published = n,
-                (_, n, failing, held) => {
-                    counts.pending += n;
-                    counts.failing += failing;
-                    counts.held += held;
-                }
-            }
-        }
-        counts.oldest_pending_age_ms = self.pending(None, 1)?.first().map(|r| r.age_ms);
-        Ok(counts)
+        let (pending, failing, held) = {
+            let connection = self.reader()?;
+            let mut statement = connection
+                .prepare_cached(sql::OUTBOX_COUNTS)
+                .map_err(|e| self.error(e))?;
+            statement
+                .query_row([held_after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| self.error(e))?
+        };
+        Ok(OutboxCounts {
+            pending,
+            failing,
+            held,
+            oldest_pending_age_ms: self.pending(None, 1)?.first().map(|r| r.age_ms),
+        })
     }
 
     fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>> {

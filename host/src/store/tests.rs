@@ -613,13 +613,8 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
         .unwrap();
     let counts = outbox.counts(2).unwrap();
     assert_eq!(
-        (
-            counts.pending,
-            counts.published,
-            counts.failing,
-            counts.held
-        ),
-        (2, 1, 1, 1),
+        (counts.pending, counts.failing, counts.held),
+        (2, 1, 1),
         "two attempts failed: held from 2, still pending; the row behind it waits: {counts:?}"
     );
     assert!(counts.oldest_pending_age_ms.is_some());
@@ -665,13 +660,8 @@ pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
     outbox.published("b", &[b[0].seq, b[1].seq]).unwrap();
     let counts = outbox.counts(2).unwrap();
     assert_eq!(
-        (
-            counts.pending,
-            counts.published,
-            counts.held,
-            counts.oldest_pending_age_ms
-        ),
-        (0, 3, 0, None)
+        (counts.pending, counts.held, counts.oldest_pending_age_ms),
+        (0, 0, None)
     );
 }
 
@@ -1668,6 +1658,28 @@ mod sqlite_only {
             matches!(payloads[..], [Err(crate::message::PoisonError::BadData(_))]),
             "{payloads:?}"
         );
+    }
+
+    /// The outbox's counts read the pending rows only, through their partial index (whose entries are
+    /// the pending rows): their cost is the backlog's, however many rows were published before (a
+    /// health check makes them).
+    #[test]
+    fn outbox_counts_read_the_pending_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let plan: Vec<String> = db
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                include_str!("sql/sqlite/outbox_counts.sql")
+            ))
+            .unwrap()
+            .query_map([10], |r| r.get(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(plan, ["SCAN outbox USING INDEX outbox_pending"], "{plan:?}");
     }
 
     /// Rows an older build wrote have no checksum: the column is added, and their text is parsed.

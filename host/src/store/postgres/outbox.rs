@@ -80,20 +80,16 @@ impl Outbox for PostgresStore {
     }
 
     fn counts(&self, held_after: u32) -> Result<OutboxCounts> {
-        let mut counts = OutboxCounts::default();
         let held_after = i64::from(held_after);
-        for row in self.conn()?.query(sql::OUTBOX_COUNTS, &[&held_after])? {
-            let figure = |i| row.get::<_, i64>(i) as u64;
-            if row.get::<_, &str>(0) == "published" {
-                counts.published = figure(1);
-            } else {
-                counts.pending += figure(1);
-                counts.failing += figure(2);
-                counts.held += figure(3);
-            }
-        }
-        counts.oldest_pending_age_ms = self.pending(None, 1)?.first().map(|r| r.age_ms);
-        Ok(counts)
+        let rows = self.conn()?.query(sql::OUTBOX_COUNTS, &[&held_after])?;
+        // An aggregate without GROUP BY: one row.
+        let figure = |i| rows[0].get::<_, i64>(i) as u64;
+        Ok(OutboxCounts {
+            pending: figure(0),
+            failing: figure(1),
+            held: figure(2),
+            oldest_pending_age_ms: self.pending(None, 1)?.first().map(|r| r.age_ms),
+        })
     }
 
     fn pending(&self, target: Option<&str>, limit: usize) -> Result<Vec<PendingRow>> {
