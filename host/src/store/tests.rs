@@ -1554,34 +1554,42 @@ mod sqlite_only {
         texts.unwrap().map(Result::unwrap).collect()
     }
 
-    /// A row written by this build keeps its text's checksum, and a claim makes its wire form the way
-    /// any other text gets it.
-    #[test]
-    fn an_outbox_row_keeps_its_messages_checksum() {
+    /// A store file with two rows to publish, and where it is.
+    fn with_two_rows_to_publish() -> (SqliteStore, std::path::PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
         let store = SqliteStore::open(&path).unwrap();
         two_rows_to_publish(&store);
+        (store, path, dir)
+    }
+
+    /// The wire forms of `texts` (the rows of global positions 1, 2, ...), made by parsing them.
+    fn validated(
+        texts: &[(String, String, Option<i64>)],
+    ) -> Vec<Result<String, crate::message::PoisonError>> {
+        let wire = |((data, metadata, _), at): (&(String, String, _), u64)| {
+            crate::message::wire_json(data, metadata, 0, at)
+        };
+        texts.iter().zip(1..).map(wire).collect()
+    }
+
+    /// A row written by this build keeps its text's checksum, and a claim makes its wire form the way
+    /// any other text gets it.
+    #[test]
+    fn an_outbox_row_keeps_its_messages_checksum() {
+        let (store, path, _dir) = with_two_rows_to_publish();
         let texts = stored_texts(&path);
         for (data, metadata, checksum) in &texts {
             assert_eq!(*checksum, Some(outbox::text_checksum(data, metadata)));
         }
-        let validated: Vec<_> = texts
-            .iter()
-            .zip(1..)
-            .map(|((data, metadata, _), at)| crate::message::wire_json(data, metadata, 0, at))
-            .collect();
-        assert_eq!(claimed_payloads(&store), validated);
+        assert_eq!(claimed_payloads(&store), validated(&texts));
     }
 
     /// A message whose text changed since its commit is parsed before it is published: text the scan
     /// of known JSON would take (`tru` is no JSON value) is refused, and a valid edit goes out as it is.
     #[test]
     fn text_changed_since_its_commit_is_parsed_before_it_is_published() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
-        two_rows_to_publish(&store);
+        let (store, path, _dir) = with_two_rows_to_publish();
         let db = rusqlite::Connection::open(&path).unwrap();
         db.execute_batch(
             "UPDATE messages SET metadata = '{\"headers\":tru}' WHERE global_position = 1; \
@@ -1695,12 +1703,7 @@ mod sqlite_only {
         let store = SqliteStore::open(&path).unwrap();
         let texts = stored_texts(&path);
         assert_eq!(texts.iter().map(|t| t.2).collect::<Vec<_>>(), [None, None]);
-        let validated: Vec<_> = texts
-            .iter()
-            .zip(1..)
-            .map(|((data, metadata, _), at)| crate::message::wire_json(data, metadata, 0, at))
-            .collect();
-        assert_eq!(claimed_payloads(&store), validated);
+        assert_eq!(claimed_payloads(&store), validated(&texts));
     }
 
     /// A new store file made older by `sql` (what a build before a table left), opened again.
