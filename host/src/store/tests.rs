@@ -1495,7 +1495,6 @@ fn racing_firings_and_cancels_settle_each_schedule_once_in_memory() {
     schedules::racing_firings_and_cancels_settle_each_schedule_once(&[store; 4]);
 }
 
-/// What only the SQLite store has to do: bring files written by older builds up to its schema.
 /// The streams of the rows a claim takes, in order.
 fn revived_in_order(store: &dyn Store) -> Vec<String> {
     let claim = store
@@ -1526,6 +1525,8 @@ fn two_rows_to_publish(store: &dyn Store) {
     );
 }
 
+/// What only the SQLite store has to do: bring files written by older builds up to its schema, serve
+/// replicas that share its file, and tell the outbox which stored text is still what was committed.
 mod sqlite_only {
     use super::{fence, fenced, is_fenced, two_rows_to_publish};
     use crate::{
