@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-pub use wire::{from_wire, wire_json, wire_json_of_valid, NotAMessage};
+pub(crate) use wire::wire_json_of_valid;
+pub use wire::{from_wire, wire_json, NotAMessage};
 
 /// A whole message as it travels on the wire (a Redis entry's `data` field, a fixture file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

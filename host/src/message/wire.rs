@@ -165,7 +165,7 @@ pub fn wire_json(
 /// [`wire_json`] of text known to be valid JSON (written by this host and unchanged since, or read from
 /// a `jsonb` column): the same wire form, made without parsing every value when it can be (see
 /// `splice`). Text that may not be JSON takes [`wire_json`], which says what is wrong with it.
-pub fn wire_json_of_valid(
+pub(crate) fn wire_json_of_valid(
     data: &str,
     metadata: &str,
     position: u64,

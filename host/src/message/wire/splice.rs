@@ -76,10 +76,7 @@ fn ends_at(bytes: &[u8], close: usize) -> bool {
 }
 
 fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
-    while bytes
-        .get(at)
-        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-    {
+    while bytes.get(at).is_some_and(|&b| whitespace(char::from(b))) {
         at += 1;
     }
     at
