@@ -1167,11 +1167,10 @@ impl Outbox for SqliteStore {
     }
 
     fn settle(&self, _worker: &str, published: &[u64], failed: &[RowFailure]) -> Result<()> {
-        let at = now();
         self.write(|tx| {
-            let mut mark = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
+            let mut delete = tx.prepare_cached(sql::OUTBOX_PUBLISHED)?;
             for (first, last) in outbox::runs(published.iter().copied()) {
-                mark.execute(params![first, last, at])?;
+                delete.execute(params![first, last])?;
             }
             let mut retry = tx.prepare_cached(sql::OUTBOX_RETRY)?;
             for f in failed {

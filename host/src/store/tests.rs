@@ -1691,6 +1691,43 @@ mod sqlite_only {
         assert_eq!(plan, ["SCAN outbox USING INDEX outbox_pending"], "{plan:?}");
     }
 
+    /// A published row is deleted; rows an older build marked 'published' and kept are deleted when the
+    /// file is opened; rows still to publish stay.
+    #[test]
+    fn published_rows_are_deleted_and_those_an_older_build_kept_go_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        for n in 0..3 {
+            super::publish(&store, vec![super::event("shop::order-1", n, None)]);
+        }
+        let outbox = store.outbox().unwrap();
+        let lease = std::time::Duration::from_secs(30);
+        let first = outbox.claim("w", 1, lease, &InFlight::none()).unwrap();
+        outbox.published("w", &[first.items[0].seq]).unwrap();
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let rows = || -> Vec<(u64, String)> {
+            let mut select = db
+                .prepare("SELECT seq, status FROM outbox ORDER BY seq")
+                .unwrap();
+            let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)));
+            rows.unwrap().map(Result::unwrap).collect()
+        };
+        let pending = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|&s| (s, "pending".to_owned()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(rows(), pending(&[2, 3]), "the published row is gone");
+        db.execute_batch(
+            "UPDATE outbox SET status = 'published', published_at = '2026-01-01T00:00:00Z' WHERE seq = 2",
+        )
+        .unwrap();
+        drop(store);
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(rows(), pending(&[3]), "the row an older build kept is gone");
+    }
+
     /// Rows an older build wrote have no checksum: the column is added, and their text is parsed.
     #[test]
     fn outbox_rows_of_an_older_build_are_published_as_they_are() {
@@ -1936,7 +1973,7 @@ mod postgres_only {
     use super::{append, event, fence, fenced, is_fenced};
     use crate::{
         ownership::Owned,
-        store::{Error, Leases, PostgresStore, Store},
+        store::{Error, InFlight, Leases, PostgresStore, Store},
         unit_of_work::{PositionUpdate, UnitOfWork},
     };
 
@@ -2127,6 +2164,38 @@ mod postgres_only {
         }
         let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
         assert_eq!(applied, [17]);
+    }
+
+    /// A published row is deleted; migration 18 deletes the rows older builds marked 'published' and
+    /// kept, and leaves the rows still to publish.
+    #[test]
+    fn published_rows_are_deleted_and_migration_18_deletes_those_an_older_build_kept() {
+        let (store, server) = super::postgres();
+        for n in 0..3 {
+            super::publish(&store, vec![super::event("shop::order-1", n, None)]);
+        }
+        let outbox = store.outbox().unwrap();
+        let first = outbox
+            .claim("w", 1, Duration::from_secs(30), &InFlight::none())
+            .unwrap();
+        outbox.published("w", &[first.items[0].seq]).unwrap();
+        let rows = "SELECT string_agg(seq || ':' || status, ',' ORDER BY seq) FROM protean.outbox";
+        assert_eq!(
+            server.psql(rows),
+            "2:pending,3:pending",
+            "the published row is gone"
+        );
+        server.psql(
+            "UPDATE protean.outbox SET status = 'published', published_at = now() WHERE seq = 2; \
+             DELETE FROM protean.schema_version WHERE version = 18",
+        );
+        let applied: Vec<i32> = store.setup().unwrap().iter().map(|m| m.version).collect();
+        assert_eq!(applied, [18]);
+        assert_eq!(
+            server.psql(rows),
+            "3:pending",
+            "the row an older build kept is gone"
+        );
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "document fields in the document's row",
         sql: include_str!("../sql/postgres/migrations/017_document_fields_in_row.sql"),
     },
+    Migration {
+        version: 18,
+        name: "published outbox rows are deleted",
+        sql: include_str!("../sql/postgres/migrations/018_outbox_published_rows_deleted.sql"),
+    },
 ];
 
 /// Migrations after which servers of older builds would go wrong rather than fail: `db setup` applies

@@ -1,5 +1,5 @@
--- OR FAIL: no constraint of these columns can fail, and any error rolls the whole unit back, so the
--- statement needs no journal of its own. With the default (ABORT), SQLite keeps the original of every
--- page a multi-row update changes in a statement journal, which a round of 500 rows spilled to a
--- temporary file (created, written and unlinked every round).
-UPDATE OR FAIL outbox SET status = 'published', published_at = ?3 WHERE seq BETWEEN ?1 AND ?2
+-- A published row is deleted: the outbox holds what is still to publish, not a history of it (the
+-- message stays in the store, the entry in the broker). Marking rows 'published' kept every row ever
+-- written, and its UPDATE cost a third more than the DELETE (the row grew, so it moved in its page).
+-- No constraint or trigger can fail here, so the statement needs no journal of its own.
+DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2

@@ -95,15 +95,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 -- `checksum`: of the message's text as committed (`text_checksum`); text that still has it is known to
 -- be JSON. NULL on rows of older builds.
--- Pending rows only: marking a row published takes it out of the index, where an index of (status,
--- seq) took it out and put it back under 'published' (a tenth of the instructions of publishing a
--- row). Counts scan the table either way.
+-- `status` is 'pending' for every row this build keeps (a published row is deleted, see below), and
+-- `published_at` is no longer written: both stay for the files of older builds.
+-- Pending rows only: the claim and the counts read them through it, whatever else the table holds.
 DROP INDEX IF EXISTS outbox_status;
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_abandoned ON outbox (seq) WHERE status = 'abandoned';
 -- Rows that older builds gave up on ('abandoned' after outbox.max_attempts) are pending again: nothing
 -- committed is lost. Cheap on every open (the index above finds none).
 UPDATE outbox SET status = 'pending', next_attempt_at = 0 WHERE status = 'abandoned';
+-- A published row is deleted (`outbox_published.sql`). Older builds marked it 'published' and kept it
+-- for ever: such rows go here, found through this index (it holds none after the first open).
+CREATE INDEX IF NOT EXISTS outbox_published ON outbox (seq) WHERE status = 'published';
+DELETE FROM outbox INDEXED BY outbox_published WHERE status = 'published';
 
 -- Which outbox processor publishes to a target stream now, so that a stream's order is kept.
 CREATE TABLE IF NOT EXISTS outbox_leases (
