@@ -84,7 +84,7 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
         )
     };
     let consume = per_message(consume(events)?, consume(0)?, events);
-    // A domain with no handlers: the run claims, XADDs and marks published, then ends.
+    // A domain with no handlers: the run claims, XADDs and deletes the published rows, then ends.
     let publish = |n: usize| -> anyhow::Result<u64> {
         redis_cli(&redis, &["FLUSHALL"])?;
         let dir = tempfile::tempdir()?;
@@ -109,7 +109,7 @@ pub(crate) fn hot_path(host: &Path, fixture: &Path, events: usize) -> anyhow::Re
         Row {
             scenario: "Instructions per message, Redis outbox publishing".into(),
             setup: format!(
-                "callgrind, {events} outbox rows minus none: claim, XADD, mark published"
+                "callgrind, {events} outbox rows minus none: claim, XADD, delete the published rows"
             ),
             result: format!("{publish:.0} instructions/message"),
             target: "-".into(),

@@ -1,7 +1,7 @@
 //! The outbox processor: publishes what units of work committed to the broker, in commit order per
 //! stream, at least once, however long the broker is away.
 //!
-//! Invariants: a row is marked published only after the broker accepted it; a row that fails waits for
+//! Invariants: a row is deleted only after the broker accepted it; a row that fails waits for
 //! its retry with capped exponential backoff and jitter, holding back the rows of its stream behind
 //! it. No row is ever given up: after `outbox.max_attempts` failures it counts as held (an ERROR line,
 //! a reminder every `REMIND_EVERY` attempts, `held` in status and metrics) and is still retried.

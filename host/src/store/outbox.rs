@@ -101,10 +101,9 @@ pub struct ForeignLease {
     pub until: u64,
 }
 
-/// The outbox rows waiting to be published, for status, metrics and readiness. Published rows are not
-/// counted: a count of them read every row ever published, and took longer than a health check may
-/// (about a second for 3,000,000 rows of SQLite); `outbox_published` in `/metrics` counts what each
-/// process publishes.
+/// The outbox rows waiting to be published, for status, metrics and readiness: the only rows there are,
+/// as a published row is deleted (`outbox_published` in `/metrics` counts what each process publishes).
+/// Read through the index of pending rows, so that rows older builds kept do not add to the cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OutboxCounts {
     /// Rows not published yet (failing and held ones included).
@@ -207,7 +206,7 @@ pub trait Outbox: Send + Sync {
         in_flight: &InFlight,
     ) -> Result<Claim>;
 
-    /// These rows were published.
+    /// These rows were published: they are deleted (the outbox holds what is still to publish).
     fn published(&self, worker: &str, seqs: &[u64]) -> Result<()>;
 
     /// Publishing `seq` failed: try again at `retry_at` (unix ms).
