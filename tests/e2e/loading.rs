@@ -7,7 +7,6 @@ use std::{
 };
 
 use protean_host::plugin::{Delivery, HostServices, Library};
-use sha2::Digest;
 
 use crate::support::{
     assert_probe_gone, bad_build, fixture_domain, host, incompatible_fixture, sample_domain,
@@ -227,7 +226,7 @@ fn the_probe_reports_the_build_it_was_given_or_the_one_it_hashed() {
     };
     assert_eq!(loaded(&["--build", "0a1b2c3d4e5f"]), "0a1b2c3d4e5f");
     let bytes = std::fs::read(lib).unwrap();
-    let hashed: String = sha2::Sha256::digest(&bytes)[..6]
+    let hashed: String = blake3::hash(&bytes).as_bytes()[..6]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

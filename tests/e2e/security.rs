@@ -208,7 +208,8 @@ fn private_copies_never_use_what_another_user_planted() {
         r#"set -e
 d="$TMPDIR/protean-host-$$"
 mkdir "$d"
-b=$(sha256sum "$LIB" | cut -c1-12)
+b=$("$HOST" inspect --domain "$LIB" | sed -n '1s/.*(build \(.*\))$/\1/p')
+test -n "$b"
 ln -s "$VICTIM" "$d/libsample_domain-0-$b.so.part"
 ln -s "$VICTIM" "$d/libsample_domain-0-$b.so"
 chown -h -R {NOBODY} "$d"

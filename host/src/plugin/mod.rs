@@ -45,7 +45,6 @@ use protean_plugin_api::{
     },
     HandlerOptions,
 };
-use sha2::{Digest, Sha256};
 
 pub use handlers::CommandStreamError;
 pub(crate) use handlers::Handlers;
@@ -374,8 +373,7 @@ fn private_copy(
             reason,
         });
     }
-    let digest = Sha256::digest(bytes);
-    let build_id = crate::message::hex(&digest[..6]);
+    let build_id = build_id(bytes);
     let stem = path
         .file_stem()
         .map_or_else(|| "domain".into(), |s| s.to_string_lossy().into_owned());
@@ -422,9 +420,12 @@ pub fn start(
     }
 }
 
-/// The build id of a library's bytes: a short hash of its content.
+/// The build id of a library's bytes: a short hash of its content. BLAKE3, for its speed on a library
+/// of tens of megabytes hashed at every start and reload: SHA-256 took about 9 ms of the host's 33 ms
+/// start for the 11.5 MB fixture library (a quarter of its CPU), BLAKE3 about 2 ms. It stays a
+/// cryptographic hash, so that two builds with one id are the same bytes.
 pub(crate) fn build_id(bytes: &[u8]) -> String {
-    crate::message::hex(&Sha256::digest(bytes)[..6])
+    crate::message::hex(&blake3::hash(bytes).as_bytes()[..6])
 }
 
 fn open(original: &Path, copy: &Path) -> Result<ProteanPlugin_Ref, LoadError> {
