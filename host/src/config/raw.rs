@@ -52,6 +52,7 @@ pub(super) struct ServerSection {
     #[serde(default)]
     pub(super) worker: WorkerSection,
     pub(super) max_message_bytes: Option<u64>,
+    pub(super) runtime_threads: Option<u16>,
     #[serde(default)]
     pub(super) handlers: BTreeMap<String, HandlerSection>,
     #[serde(default)]

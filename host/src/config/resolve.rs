@@ -53,6 +53,7 @@ impl Config {
             scheduler: scheduler(&s.scheduler)?,
             isolation: isolation(&s)?,
             max_message_bytes: max_message_bytes(s.max_message_bytes)?,
+            runtime_threads: at_least("server.runtime_threads", s.runtime_threads, 1)?,
             lease_ttl: at_least("server.lease_ttl_ms", s.lease_ttl_ms, MIN_LEASE_TTL_MS)?
                 .map_or(d.lease_ttl, Duration::from_millis),
             test_mode_timeout: at_least(

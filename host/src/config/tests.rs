@@ -216,6 +216,15 @@ fn health_settings_default_and_errors_name_the_key() {
     }
 }
 
+/// Half the CPUs this process may use, at least one, unless `[server] runtime_threads` says.
+#[test]
+fn the_runtime_takes_half_the_cpus_unless_told() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(parse("", &[]).unwrap().runtime_threads(), (cpus / 2).max(1));
+    let told = parse("[server]\nruntime_threads = 3\n", &[]).unwrap();
+    assert_eq!(told.runtime_threads(), 3);
+}
+
 #[test]
 fn the_message_size_limit_defaults_to_1_mib_and_reaches_every_subscription() {
     let defaults = parse("", &[]).unwrap();
@@ -291,6 +300,8 @@ fn errors_name_the_key_and_the_fix() {
         ("[server]\nmax_message_bytes = -1", "config file protean.toml: server.max_message_bytes: invalid value: integer `-1`, expected u64"),
         ("[server]\nprobe_timeout_seconds = 0", "config file protean.toml: server.probe_timeout_seconds: must be at least 1 (the seconds a new build may take to load and construct its domain instance)"),
         ("[server]\nprobe_timeout_seconds = -1", "config file protean.toml: server.probe_timeout_seconds: invalid value: integer `-1`, expected u64"),
+        ("[server]\nruntime_threads = 0", "config file protean.toml: server.runtime_threads: must be at least 1"),
+        ("[server]\nruntime_threads = 70000", "config file protean.toml: server.runtime_threads: invalid value: integer `70000`, expected u16"),
         ("[brokers.default]\nuri = \"redis://h\"\nclaim_idle_ms = 0", "config file protean.toml: brokers.default.claim_idle_ms: must be at least 1"),
         ("[brokers.default]\nuri = \"redis://h\"\nreclaim_interval_ms = 0", "config file protean.toml: brokers.default.reclaim_interval_ms: must be at least 1"),
         ("[brokers.default]\nuri = \"app:s3cret@h\"", "config file protean.toml: brokers.default.uri: is not a URI (no scheme://)"),

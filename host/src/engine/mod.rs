@@ -563,6 +563,7 @@ impl Engine {
     /// Run until stopped (or, in test mode, until quiescent). Blocking: it drives its own runtime.
     pub fn run(&self) -> Result<RunReport, EngineError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.options.config.runtime_threads())
             .enable_all()
             .build()
             .map_err(EngineError::Runtime)?;
@@ -646,6 +647,7 @@ impl Engine {
             build = generation.plugin.build_id(),
             subscriptions = generation.subscriptions.len(),
             test_mode,
+            runtime_threads = self.options.config.runtime_threads(),
             "engine started"
         );
         if test_mode {
