@@ -65,6 +65,7 @@ mod sql {
     pub(super) const HAS_MARKERS_BEFORE_POSITIONS: &str =
         "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'processed_before_positions'";
     pub(super) const MARKERS_BY_POSITION: &str = include_str!("sql/sqlite/markers_by_position.sql");
+    pub(super) const MARKERS_BY_IDENTITY: &str = include_str!("sql/sqlite/markers_by_identity.sql");
     pub(super) const RESOLVE_DEAD_LETTER: &str = include_str!("sql/sqlite/resolve_dead_letter.sql");
     pub(super) const PURGE_DEAD_LETTERS: &str = include_str!("sql/sqlite/purge_dead_letters.sql");
     pub(super) const REPLAY_COLUMNS: &str = include_str!("sql/sqlite/replay_columns.sql");
@@ -1242,8 +1243,30 @@ impl Outbox for SqliteStore {
     }
 }
 
-/// Bring a file made by an older build up to the schema (inside the schema's transaction): the
-/// columns `CREATE TABLE IF NOT EXISTS` cannot add to a table that exists.
+/// The schema version this build leaves in `user_version` (see schema.sql).
+const SCHEMA_VERSION: i64 = 5;
+
+/// Bring a file an older build made up to this build's schema, inside the schema's transaction,
+/// after `sql::SCHEMA` made what was missing. A file at this version takes no write here, and no
+/// step reads a table that grows with use: each open would cost more with every message handled (the
+/// version-2 upgrade of markers, once run at every open, read every marker).
+fn upgrade(connection: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < 2 {
+        connection.execute_batch(sql::MARKERS_BY_IDENTITY)?;
+    }
+    migrate(connection)?;
+    add_replay_columns(connection)?;
+    add_outbox_checksums(connection)?;
+    key_markers_by_position(connection)?;
+    // Never lowered: a file a newer build upgraded keeps its version.
+    if version < SCHEMA_VERSION {
+        connection.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
+
+/// The columns `CREATE TABLE IF NOT EXISTS` cannot add to a table that exists.
 fn migrate(connection: &Connection) -> rusqlite::Result<()> {
     let versioned: i64 = connection.query_row(sql::HAS_DOCUMENT_VERSIONS, [], |r| r.get(0))?;
     if versioned == 0 {
@@ -1337,10 +1360,7 @@ fn configure(connection: &Connection) -> rusqlite::Result<()> {
         .and_then(|_| connection.pragma_update(None, "journal_size_limit", checkpoint::KEEP as i64))
         .and_then(|_| {
             connection.execute_batch(&format!("BEGIN IMMEDIATE; {}", sql::SCHEMA))?;
-            migrate(connection)?;
-            add_replay_columns(connection)?;
-            add_outbox_checksums(connection)?;
-            key_markers_by_position(connection)?;
+            upgrade(connection)?;
             connection.execute_batch("COMMIT;")
         })
         .inspect_err(|_| {

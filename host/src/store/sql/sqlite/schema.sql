@@ -1,5 +1,7 @@
 -- The SQLite store's schema (version 5, in user_version). Applied in one transaction at every open; every
--- statement is idempotent.
+-- statement is idempotent, and none may scan a table that grows with use (markers, messages): an open
+-- would cost more with every message handled. What upgrades a file once is run by `upgrade` in
+-- sqlite.rs, only when user_version says the file needs it.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     position        INTEGER NOT NULL,
@@ -140,22 +142,9 @@ CREATE TABLE IF NOT EXISTS calls_in_flight (
     PRIMARY KEY (subscription, identity)
 ) WITHOUT ROWID;
 
--- Version 2: processed markers name the message's identity (`{stream}@{position}`), not its
--- metadata.headers.id (Protean 0.18 gives every command of an aggregate that aggregate's id). A marker
--- an older build wrote names a headers.id, unique in this table of messages: it becomes that message's
--- identity, once (user_version says the file is done). Markers of broker entries that are not stored
--- here keep their id, which is still the identity of such an entry when it carries no positions.
-UPDATE OR IGNORE processed
-SET message_id = (
-    SELECT m.stream_name || '@' || m.position FROM messages m WHERE m.id = processed.message_id
-)
-WHERE (SELECT user_version FROM pragma_user_version) < 2
-  AND message_id IN (SELECT id FROM messages);
-PRAGMA user_version = 2;
-
--- Version 4: keys of ordered event-store subscriptions parked behind a dead letter (`dead_letter`: its
--- global position; `released` once it was replayed or purged), and the messages held behind them, by
--- global position, until they are handled in order and the key is unparked.
+-- Since version 4: keys of ordered event-store subscriptions parked behind a dead letter (`dead_letter`:
+-- its global position; `released` once it was replayed or purged), and the messages held behind them,
+-- by global position, until they are handled in order and the key is unparked.
 CREATE TABLE IF NOT EXISTS parked_keys (
     subscription TEXT    NOT NULL,
     ordering_key TEXT    NOT NULL,
@@ -170,9 +159,8 @@ CREATE TABLE IF NOT EXISTS held_messages (
     global_position INTEGER NOT NULL,
     PRIMARY KEY (subscription, ordering_key, global_position)
 ) WITHOUT ROWID;
-PRAGMA user_version = 4;
 
--- Version 5: scheduled messages, by key (see store::schedules). `id` is the message id the schedule
+-- Since version 5: scheduled messages, by key (see store::schedules). `id` is the message id the schedule
 -- appends when it fires; `state` leaves 'pending' once, for 'fired' or 'cancelled' (at `settled_ms`).
 -- Settled rows are not in the index, so finding what is due costs the same however many have fired.
 CREATE TABLE IF NOT EXISTS schedules (
@@ -189,4 +177,3 @@ CREATE TABLE IF NOT EXISTS schedules (
 CREATE INDEX IF NOT EXISTS schedules_pending ON schedules (due_ms, key) WHERE state = 'pending';
 -- Settled rows by when they settled: the hourly prune deletes the oldest a chunk at a time.
 CREATE INDEX IF NOT EXISTS schedules_settled ON schedules (settled_ms) WHERE state <> 'pending';
-PRAGMA user_version = 5;
