@@ -1789,6 +1789,58 @@ mod sqlite_only {
         assert_eq!(found.len(), 1, "the markers are still there");
     }
 
+    /// A full batch of markers is one statement that binds the subscription and build id once: each
+    /// row still holds its own, whether the batch's markers share them or not.
+    #[test]
+    fn each_marker_of_a_full_batch_keeps_its_subscription_and_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let marker =
+            |n: u64, subscription: &str, build: &str| crate::unit_of_work::ProcessedMarker {
+                subscription: subscription.into(),
+                message_id: format!("m{n}@0"),
+                global_position: n,
+                build_id: build.into(),
+            };
+        let alike: Vec<_> = (1..=100).map(|n| marker(n, "s", "b1")).collect();
+        let mixed: Vec<_> = (101..=200)
+            .map(|n| match n % 2 {
+                0 => marker(n, "s", "b1"),
+                _ => marker(n, "t", "b2"),
+            })
+            .collect();
+        for processed in [&alike, &mixed] {
+            let unit = UnitOfWork {
+                processed: processed.clone(),
+                ..UnitOfWork::default()
+            };
+            store.commit(&unit).unwrap();
+        }
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let mut select = db
+            .prepare("SELECT subscription, global_position, message_id, build_id FROM processed ORDER BY global_position")
+            .unwrap();
+        let rows: Vec<(String, u64, String, String)> = select
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let expected: Vec<_> = alike
+            .iter()
+            .chain(&mixed)
+            .map(|m| {
+                (
+                    m.subscription.clone(),
+                    m.global_position,
+                    m.message_id.clone(),
+                    m.build_id.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(rows, expected);
+    }
+
     /// A new file gets this build's version; one a newer build upgraded keeps its own.
     #[test]
     fn an_open_never_lowers_the_schema_version() {
