@@ -12,6 +12,22 @@ use crate::Redis;
 pub(crate) struct ClientCeiling {
     pub(crate) xadd: f64,
     pub(crate) consume: f64,
+    /// The consume rates of the runs `consume` was taken from ([`ClientCeiling::around`]); both
+    /// `consume` for a single run.
+    pub(crate) before: f64,
+    pub(crate) after: f64,
+}
+
+impl ClientCeiling {
+    /// Two runs, one right before a measured run and one right after: their geometric means.
+    pub(crate) fn around(before: Self, after: Self) -> Self {
+        Self {
+            xadd: (before.xadd * after.xadd).sqrt(),
+            consume: (before.consume * after.consume).sqrt(),
+            before: before.consume,
+            after: after.consume,
+        }
+    }
 }
 
 /// One run of the minimal client: add `events` entries, then read and acknowledge them all.
@@ -77,5 +93,10 @@ pub(crate) fn minimal_client(
     }
     let consume = events as f64 / started.elapsed().as_secs_f64();
     let _: () = redis::cmd("DEL").arg(STREAM).query(&mut conn)?;
-    Ok(ClientCeiling { xadd, consume })
+    Ok(ClientCeiling {
+        xadd,
+        consume,
+        before: consume,
+        after: consume,
+    })
 }
