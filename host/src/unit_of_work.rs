@@ -62,22 +62,23 @@ pub struct IdempotencyKey {
 impl UnitOfWork {
     /// Whether committing it would change nothing.
     pub fn is_empty(&self) -> bool {
-        self.processed.is_empty() && self.is_empty_but_markers()
+        self.processed.is_empty() && self.ended_calls.is_empty() && self.is_empty_but_settling()
     }
 
-    /// Whether it records processed markers and nothing else: its handlers changed nothing.
-    pub fn is_markers_only(&self) -> bool {
-        !self.processed.is_empty() && self.is_empty_but_markers()
+    /// Whether it only settles messages: processed markers, and the call records of those messages
+    /// it ends. Its handlers changed nothing.
+    pub fn only_settles(&self) -> bool {
+        !self.processed.is_empty() && self.is_empty_but_settling()
     }
 
-    fn is_empty_but_markers(&self) -> bool {
+    /// Nothing but markers and ended calls.
+    fn is_empty_but_settling(&self) -> bool {
         self.messages.is_empty()
             && self.documents.is_empty()
             && self.position.is_none()
             && self.dead_letters.is_empty()
             && self.fences.is_empty()
             && self.idempotency_key.is_none()
-            && self.ended_calls.is_empty()
             && self.parking.is_empty()
             && self.schedules.is_empty()
             && self.fired.is_empty()

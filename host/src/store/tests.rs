@@ -1285,6 +1285,49 @@ pub(super) fn call_records_outlive_their_call_until_a_commit_settles_it(store: &
     assert_eq!(store.recorded_calls("stock", None).unwrap()["a@0"], 1);
 }
 
+/// A unit of markers that ends call records (what a stream subscription commits for a batch its
+/// handlers changed nothing for): the records go with the markers' commit, and stay when the unit is
+/// refused for a marker committed before. PostgreSQL commits such a unit as one statement.
+pub(super) fn a_unit_of_markers_ends_its_calls_only_when_it_commits(store: &dyn Store) {
+    let marker = |id: &str, n: u64| ProcessedMarker {
+        subscription: "orders".into(),
+        message_id: id.into(),
+        global_position: n,
+        build_id: "b".into(),
+    };
+    let settling = |ids: &[(&str, u64)]| UnitOfWork {
+        processed: ids.iter().map(|(id, n)| marker(id, *n)).collect(),
+        ended_calls: ids
+            .iter()
+            .map(|(id, _)| ("orders".to_owned(), id.to_string()))
+            .collect(),
+        ..UnitOfWork::default()
+    };
+    let calls = [
+        call("orders", "a@0", 2),
+        call("orders", "b@0", 1),
+        call("orders", "c@0", 1),
+    ];
+    store.record_calls(&calls).unwrap();
+    store.commit(&settling(&[("a@0", 1)])).unwrap();
+    let left = store.recorded_calls("orders", None).unwrap();
+    assert_eq!(left.len(), 2, "a's record ends with its marker: {left:?}");
+    assert!(!left.contains_key("a@0"));
+    let refused = store.commit(&settling(&[("b@0", 2), ("a@0", 1), ("c@0", 3)]));
+    assert!(
+        matches!(refused, Err(Error::AlreadyProcessed { ref message_id, .. }) if message_id == "a@0"),
+        "{refused:?}"
+    );
+    let left = store.recorded_calls("orders", None).unwrap();
+    assert_eq!(
+        (left.get("b@0"), left.get("c@0")),
+        (Some(&1), Some(&1)),
+        "a refused unit ends no call"
+    );
+    let found = store.processed("orders", &["b@0", "c@0"]).unwrap();
+    assert!(found.is_empty(), "nor writes a marker: {found:?}");
+}
+
 fn parking(park: &[(&str, u64)], hold: &[(&str, u64)], settle: &[(&str, u64)]) -> UnitOfWork {
     let pairs = |v: &[(&str, u64)]| v.iter().map(|(k, p)| (k.to_string(), *p)).collect();
     UnitOfWork {
@@ -1444,6 +1487,7 @@ macro_rules! store_conformance {
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }
             #[test] fn call_records_outlive_their_call_until_a_commit_settles_it() { let (s, _g) = $make; super::call_records_outlive_their_call_until_a_commit_settles_it(&s) }
+            #[test] fn a_unit_of_markers_ends_its_calls_only_when_it_commits() { let (s, _g) = $make; super::a_unit_of_markers_ends_its_calls_only_when_it_commits(&s) }
             #[test] fn a_parked_key_holds_until_released_and_drained() { let (s, _g) = $make; super::a_parked_key_holds_until_released_and_drained(&s) }
             #[test] fn holding_behind_a_key_not_parked_is_refused_whole() { let (s, _g) = $make; super::holding_behind_a_key_not_parked_is_refused_whole(&s) }
             #[test] fn a_key_is_released_by_its_last_dead_letter_or_a_purge() { let (s, _g) = $make; super::a_key_is_released_by_its_last_dead_letter_or_a_purge(&s) }

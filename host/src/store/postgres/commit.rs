@@ -20,7 +20,10 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     super::schedules::apply(c, unit)?;
     super::documents::write(c, &unit.documents)?;
     if !unit.processed.is_empty() {
-        let inserted = c.execute(sql::INSERT_PROCESSED, &markers(unit).each_ref().map(as_sql))?;
+        let inserted = c.execute(
+            sql::INSERT_PROCESSED,
+            &settling(unit).each_ref().map(as_sql),
+        )?;
         if inserted < unit.processed.len() as u64 {
             return Err(already_processed(c, unit));
         }
@@ -50,26 +53,23 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
             ],
         )?;
     }
-    if !unit.ended_calls.is_empty() {
-        let (subscriptions, identities): (Vec<&str>, Vec<&str>) = unit
-            .ended_calls
-            .iter()
-            .map(|(s, i)| (s.as_str(), i.as_str()))
-            .unzip();
+    if unit.processed.is_empty() && !unit.ended_calls.is_empty() {
+        let [_, _, _, subscriptions, identities] = settling(unit);
         c.execute(sql::END_CALLS, &[&subscriptions, &identities])?;
     }
     apply_parking(c, &unit.parking)?;
     append(c, unit)
 }
 
-/// A unit of processed markers alone (its handlers changed nothing else) in one statement outside a
-/// transaction block: a statement is a transaction of its own, so that is one round trip where BEGIN,
-/// the insert and COMMIT were three, on the way from a message to its handling. The statement inserts
-/// every marker or none: a marker another consumer committed first fails it whole.
+/// A unit that only settles messages (processed markers, and the call records they end: its handlers
+/// changed nothing) in one statement outside a transaction block: a statement is a transaction of its
+/// own, so that is one round trip where BEGIN, the insert, the end of the calls and COMMIT were four,
+/// on the way from a message to its handling. The statement inserts every marker or none: a marker
+/// another consumer committed first fails it whole, and then ends no call.
 pub(super) fn markers_alone(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     match c.execute(
         sql::INSERT_PROCESSED_ALL,
-        &markers(unit).each_ref().map(as_sql),
+        &settling(unit).each_ref().map(as_sql),
     ) {
         Ok(_) => Ok(()),
         Err(Error::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -89,6 +89,17 @@ fn markers(unit: &UnitOfWork) -> [Vec<&str>; 3] {
         column(|m| &m.message_id),
         column(|m| &m.build_id),
     ]
+}
+
+/// The unit's markers as columns ([`markers`]), then the call records it ends: subscriptions, identities.
+fn settling(unit: &UnitOfWork) -> [Vec<&str>; 5] {
+    let [subscriptions, ids, builds] = markers(unit);
+    let (ending, identities) = unit
+        .ended_calls
+        .iter()
+        .map(|(s, i)| (s.as_str(), i.as_str()))
+        .unzip();
+    [subscriptions, ids, builds, ending, identities]
 }
 
 fn as_sql<'a>(column: &'a Vec<&str>) -> &'a (dyn postgres::types::ToSql + Sync) {

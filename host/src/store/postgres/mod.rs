@@ -363,7 +363,7 @@ impl Store for PostgresStore {
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
-        if unit.is_markers_only() {
+        if unit.only_settles() {
             return commit::markers_alone(&mut conn, unit).map(|()| None);
         }
         conn.transaction(|c| commit::apply(c, unit))
