@@ -19,21 +19,7 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
     record_idempotency_key(c, unit)?;
     super::schedules::apply(c, unit)?;
     super::documents::write(c, &unit.documents)?;
-    if !unit.processed.is_empty() {
-        let inserted = c.execute(
-            sql::INSERT_PROCESSED,
-            &settling(unit).each_ref().map(as_sql),
-        )?;
-        if inserted < unit.processed.len() as u64 {
-            return Err(already_processed(c, unit));
-        }
-    }
-    if let Some(update) = &unit.position {
-        c.execute(
-            sql::UPSERT_POSITION,
-            &[&update.subscription, &(update.position as i64)],
-        )?;
-    }
+    settle(c, unit)?;
     for d in &unit.dead_letters {
         c.execute(
             sql::INSERT_DEAD_LETTER,
@@ -53,12 +39,44 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
             ],
         )?;
     }
-    if unit.processed.is_empty() && !unit.ended_calls.is_empty() {
-        let [_, _, _, subscriptions, identities] = settling(unit);
-        c.execute(sql::END_CALLS, &[&subscriptions, &identities])?;
-    }
     apply_parking(c, &unit.parking)?;
     append(c, unit)
+}
+
+/// The unit's markers, the call records it ends and its new position: one statement when it has
+/// markers (insert_processed.sql), else a statement each. A marker committed before refuses it.
+fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
+    let position = unit.position.as_ref();
+    let (subscription, at) = (
+        position.map(|p| p.subscription.as_str()),
+        position.map(|p| p.position as i64),
+    );
+    let [subscriptions, ids, builds, ending, identities] = settling(unit);
+    if unit.processed.is_empty() {
+        if let (Some(subscription), Some(at)) = (subscription, at) {
+            c.execute(sql::UPSERT_POSITION, &[&subscription, &at])?;
+        }
+        if !ending.is_empty() {
+            c.execute(sql::END_CALLS, &[&ending, &identities])?;
+        }
+        return Ok(());
+    }
+    let inserted = c.execute(
+        sql::INSERT_PROCESSED,
+        &[
+            &subscriptions,
+            &ids,
+            &builds,
+            &ending,
+            &identities,
+            &subscription,
+            &at,
+        ],
+    )?;
+    if inserted < unit.processed.len() as u64 {
+        return Err(already_processed(c, unit));
+    }
+    Ok(())
 }
 
 /// A unit that only settles messages (processed markers, and the call records they end: its handlers

@@ -1,11 +1,16 @@
 -- A marker that exists means another consumer committed the message first: the caller compares the
--- rows inserted with the markers given and rolls the unit back when they differ. The call records the
--- unit ends ($4, $5: subscriptions and identities, maybe none) go in the same statement, a round trip
--- fewer on every unit that settles handled messages; the rollback takes them back too.
+-- rows inserted with the markers given and rolls the unit back when they differ. Two more writes of a
+-- unit that settles handled messages go in the same statement, a round trip each fewer; the rollback
+-- takes them back too: the call records it ends ($4, $5: subscriptions and identities, maybe none)
+-- and the subscription's new position ($6, $7: none when NULL; as upsert_position.sql).
 WITH ended AS (
     DELETE FROM protean.calls_in_flight c
     USING unnest($4::text[], $5::text[]) AS e(subscription, identity)
     WHERE c.subscription = e.subscription AND c.identity = e.identity
+), moved AS (
+    INSERT INTO protean.positions (subscription, position)
+    SELECT $6::text, $7::bigint WHERE $6::text IS NOT NULL
+    ON CONFLICT (subscription) DO UPDATE SET position = excluded.position, updated_at = now()
 )
 INSERT INTO protean.processed (subscription, message_id, build_id)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
