@@ -1287,7 +1287,8 @@ pub(super) fn call_records_outlive_their_call_until_a_commit_settles_it(store: &
 
 /// A unit of markers that ends call records (what a stream subscription commits for a batch its
 /// handlers changed nothing for): the records go with the markers' commit, and stay when the unit is
-/// refused for a marker committed before. PostgreSQL commits such a unit as one statement.
+/// refused for a marker committed before, as does the position such a unit moves (an event-store
+/// subscription's). PostgreSQL writes all three in one statement.
 pub(super) fn a_unit_of_markers_ends_its_calls_only_when_it_commits(store: &dyn Store) {
     let marker = |id: &str, n: u64| ProcessedMarker {
         subscription: "orders".into(),
@@ -1309,11 +1310,19 @@ pub(super) fn a_unit_of_markers_ends_its_calls_only_when_it_commits(store: &dyn 
         call("orders", "c@0", 1),
     ];
     store.record_calls(&calls).unwrap();
-    store.commit(&settling(&[("a@0", 1)])).unwrap();
+    let moving = |ids: &[(&str, u64)], position: u64| UnitOfWork {
+        position: Some(PositionUpdate {
+            subscription: "orders".into(),
+            position,
+        }),
+        ..settling(ids)
+    };
+    store.commit(&moving(&[("a@0", 1)], 1)).unwrap();
     let left = store.recorded_calls("orders", None).unwrap();
     assert_eq!(left.len(), 2, "a's record ends with its marker: {left:?}");
     assert!(!left.contains_key("a@0"));
-    let refused = store.commit(&settling(&[("b@0", 2), ("a@0", 1), ("c@0", 3)]));
+    assert_eq!(store.position("orders").unwrap(), Some(1));
+    let refused = store.commit(&moving(&[("b@0", 2), ("a@0", 1), ("c@0", 3)], 3));
     assert!(
         matches!(refused, Err(Error::AlreadyProcessed { ref message_id, .. }) if message_id == "a@0"),
         "{refused:?}"
@@ -1326,6 +1335,16 @@ pub(super) fn a_unit_of_markers_ends_its_calls_only_when_it_commits(store: &dyn 
     );
     let found = store.processed("orders", &["b@0", "c@0"]).unwrap();
     assert!(found.is_empty(), "nor writes a marker: {found:?}");
+    assert_eq!(
+        store.position("orders").unwrap(),
+        Some(1),
+        "nor moves the position"
+    );
+    store.commit(&settling(&[("b@0", 2)])).unwrap();
+    assert!(!store
+        .recorded_calls("orders", None)
+        .unwrap()
+        .contains_key("b@0"));
 }
 
 fn parking(park: &[(&str, u64)], hold: &[(&str, u64)], settle: &[(&str, u64)]) -> UnitOfWork {
