@@ -1264,7 +1264,8 @@ impl Outbox for SqliteStore {
     }
 }
 
-/// The schema version this build leaves in `user_version` (see schema.sql).
+/// The schema version this build leaves in `user_version`: raise it with a change to schema.sql that
+/// `upgrade` must run once on older files.
 const SCHEMA_VERSION: i64 = 5;
 
 /// Bring a file an older build made up to this build's schema, inside the schema's transaction,

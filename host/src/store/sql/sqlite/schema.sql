@@ -1,7 +1,7 @@
--- The SQLite store's schema (version 5, in user_version). Applied in one transaction at every open; every
--- statement is idempotent, and none may scan a table that grows with use (markers, messages): an open
--- would cost more with every message handled. What upgrades a file once is run by `upgrade` in
--- sqlite.rs, only when user_version says the file needs it.
+-- The SQLite store's schema (its version is `SCHEMA_VERSION` in sqlite.rs, kept in user_version).
+-- Applied in one transaction at every open; every statement is idempotent, and none may scan a table
+-- that grows with use (markers, messages): an open would cost more with every message handled. What
+-- upgrades a file once is run by `upgrade` in sqlite.rs, only when user_version says the file needs it.
 CREATE TABLE IF NOT EXISTS messages (
     global_position INTEGER PRIMARY KEY AUTOINCREMENT,
     position        INTEGER NOT NULL,
