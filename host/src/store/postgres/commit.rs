@@ -61,7 +61,7 @@ fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
         }
         return Ok(());
     }
-    let inserted = c.execute(
+    let settled = c.execute(
         sql::INSERT_PROCESSED,
         &[
             &subscriptions,
@@ -72,11 +72,26 @@ fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
             &subscription,
             &at,
         ],
-    )?;
-    if inserted < unit.processed.len() as u64 {
-        return Err(already_processed(c, unit));
+    );
+    match settled {
+        // The transaction is aborted, so no lookup can run in it: the first marker stands for the one
+        // refused until the caller, after its rollback, looks that up ([`already_processed`]).
+        Err(error) if refused_by_marker(&error) => Err(Error::AlreadyProcessed {
+            subscription: unit.processed[0].subscription.clone(),
+            message_id: unit.processed[0].message_id.clone(),
+        }),
+        other => other.map(|_| ()),
     }
-    Ok(())
+}
+
+/// Whether `error` is a marker insert's refusal: a marker committed before, or one held twice.
+fn refused_by_marker(error: &Error) -> bool {
+    let Error::Postgres(source) = error else {
+        return false;
+    };
+    source.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::UNIQUE_VIOLATION && db.constraint() == Some("processed_pkey")
+    })
 }
 
 /// A unit that only settles messages (processed markers, and the call records they end: its handlers
@@ -90,9 +105,7 @@ pub(super) fn markers_alone(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
         &settling(unit).each_ref().map(as_sql),
     ) {
         Ok(_) => Ok(()),
-        Err(Error::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            Err(already_processed(c, unit))
-        }
+        Err(error) if refused_by_marker(&error) => Err(already_processed(c, unit)),
         Err(error) => Err(error),
     }
 }
@@ -124,9 +137,10 @@ fn as_sql<'a>(column: &'a Vec<&str>) -> &'a (dyn postgres::types::ToSql + Sync) 
     column
 }
 
-/// Another consumer committed a marker of the unit first: the first such, looked up (a round trip
-/// on this rare path only). If the lookup fails, the refusal still says which batch it was.
-fn already_processed(c: &mut Conn, unit: &UnitOfWork) -> Error {
+/// Another consumer committed a marker of the unit first, or the unit holds one twice: the first such,
+/// looked up outside the refused unit's transaction (a round trip on this rare path only). If the
+/// lookup fails, the refusal still says which batch it was.
+pub(super) fn already_processed(c: &mut Conn, unit: &UnitOfWork) -> Error {
     let [subscriptions, ids, _] = markers(unit);
     let found = c
         .query(sql::MARKED_BEFORE, &[&subscriptions, &ids])

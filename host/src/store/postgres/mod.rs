@@ -366,7 +366,10 @@ impl Store for PostgresStore {
         if unit.only_settles() {
             return commit::markers_alone(&mut conn, unit).map(|()| None);
         }
-        conn.transaction(|c| commit::apply(c, unit))
+        match conn.transaction(|c| commit::apply(c, unit)) {
+            Err(Error::AlreadyProcessed { .. }) => Err(commit::already_processed(&mut conn, unit)),
+            result => result,
+        }
     }
 
     fn read_documents(&self, keys: &[(&str, &str)]) -> Result<Vec<(String, StoredDocument)>> {
