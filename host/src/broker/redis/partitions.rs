@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::LazyLock, time::Duration};
 use async_trait::async_trait;
 use redis::{aio::ConnectionManager, Script, Value};
 
-use super::{command, dead_letter_xadd, entries, unknown_shape};
+use super::{command, dead_letter_xadd, read_reply};
 use crate::broker::{
     dead_letter_stream,
     partitions::{Claim, DeadLetterInfo, Parked, PartitionStatus, Partitions},
@@ -291,11 +291,14 @@ impl Partitions for RedisPartitions {
         for (_, id) in cursors {
             cmd.arg(id);
         }
-        let reply: Value = cmd
+        // A pipeline of one, for its replies as they are (see `read_reply`).
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).ignore_errors();
+        let replies: Vec<Value> = pipe
             .query_async(&mut self.reads)
             .await
             .map_err(command("XREAD"))?;
-        entries(reply).ok_or_else(|| command("XREAD")(unknown_shape()))
+        read_reply(replies).map_err(command("XREAD"))
     }
 
     async fn parked(&mut self) -> Result<HashMap<String, Parked>> {
