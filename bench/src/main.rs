@@ -102,6 +102,16 @@ fn main() -> anyhow::Result<()> {
             .is_none_or(|words| words.iter().any(|w| group.contains(w.as_str())))
     };
     let (events, orders) = (arg("--events", 100_000), arg("--orders", 10_000));
+    // `--store-ticks DIR`: only the store the Redis rows start from (`--events` ticks with outbox
+    // rows, in DIR/.protean/store.db), to profile a host's run on it by hand.
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--store-ticks")
+        .and_then(|i| args.get(i + 1))
+    {
+        store_ticks(Path::new(dir), events, true)?;
+        return Ok(());
+    }
     let mut rows = Vec::new();
     if wanted("abi") {
         rows.extend(abi_overhead(&fixture)?);
