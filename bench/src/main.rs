@@ -104,11 +104,10 @@ fn main() -> anyhow::Result<()> {
     let (events, orders) = (arg("--events", 100_000), arg("--orders", 10_000));
     // `--store-ticks DIR`: only the store the Redis rows start from (`--events` ticks with outbox
     // rows, in DIR/.protean/store.db), to profile a host's run on it by hand.
-    if let Some(dir) = args
-        .iter()
-        .position(|a| a == "--store-ticks")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(i) = args.iter().position(|a| a == "--store-ticks") {
+        let dir = args.get(i + 1).context(
+            "--store-ticks needs the directory to write the store in: --store-ticks DIR",
+        )?;
         store_ticks(Path::new(dir), events, true)?;
         return Ok(());
     }
