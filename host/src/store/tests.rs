@@ -475,25 +475,38 @@ pub(super) fn markers_are_found_by_position_and_identity(store: &dyn Store) {
 /// marked that no successful unit holds would be half of a refused one).
 pub(super) fn racing_units_of_markers_alone_mark_each_message_once(replicas: &[&dyn Store]) {
     for unit in [12, 100] {
-        race_units_of_markers(replicas, unit);
+        race_units_of_markers(replicas, unit, false);
+    }
+}
+
+/// [`racing_units_of_markers_alone_mark_each_message_once`] with units that also append a message
+/// each, so that they commit as transactions (PostgreSQL's refusal is then an error inside one, the
+/// marker it names looked up after the rollback). Also checked from the store: a refused unit's
+/// message is not there, a successful unit's is.
+pub(super) fn racing_units_of_markers_with_effects_keep_no_refused_effect(replicas: &[&dyn Store]) {
+    for unit in [12, 100] {
+        race_units_of_markers(replicas, unit, true);
     }
 }
 
 /// [`racing_units_of_markers_alone_mark_each_message_once`] with units of `size` markers, of a
-/// subscription of their own.
-fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
+/// subscription of their own; with `effects`, each unit appends one message to a stream of its own.
+fn race_units_of_markers(replicas: &[&dyn Store], size: usize, effects: bool) {
     const MESSAGES: usize = 240;
-    let subscription = &format!("s{size}");
+    let subscription = &format!("{}{size}", if effects { "e" } else { "s" });
     let id = |n: usize| format!("m{n:03}");
-    // Per replica: the units that committed, and the refused ones with the message each refusal names.
-    type Outcomes = (Vec<Vec<usize>>, Vec<(Vec<usize>, String)>);
+    let stream = |r: usize, step: usize| format!("race{size}-{r}x{step}");
+    // Per replica: the units that committed, the refused ones with the message each refusal names,
+    // and whether each step's unit committed.
+    type Outcomes = (Vec<Vec<usize>>, Vec<(Vec<usize>, String)>, Vec<bool>);
     let outcomes: Vec<Outcomes> = std::thread::scope(|scope| {
         let racers: Vec<_> = replicas
             .iter()
             .enumerate()
             .map(|(r, store)| {
                 scope.spawn(move || {
-                    let (mut won, mut refused) = (Vec::new(), Vec::new());
+                    let (mut won, mut refused, mut committed) =
+                        (Vec::new(), Vec::new(), Vec::new());
                     // Each replica walks the messages from its own offset, so that its units overlap
                     // the others' by a few messages.
                     for step in 0..MESSAGES / (size / 2) {
@@ -509,28 +522,39 @@ fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
                                 build_id: format!("replica-{r}"),
                             })
                             .collect();
-                        match store.commit(&UnitOfWork {
+                        let messages = match effects {
+                            true => vec![event(&stream(r, step), step as u64, None)],
+                            false => Vec::new(),
+                        };
+                        let unit_of_work = UnitOfWork {
                             processed,
+                            messages,
                             ..UnitOfWork::default()
-                        }) {
-                            Ok(_) => won.push(unit),
+                        };
+                        let outcome = match store.commit(&unit_of_work) {
+                            Ok(_) => {
+                                won.push(unit);
+                                true
+                            }
                             Err(Error::AlreadyProcessed { message_id, .. }) => {
-                                refused.push((unit, message_id))
+                                refused.push((unit, message_id));
+                                false
                             }
                             Err(other) => panic!("replica {r}: {other}"),
-                        }
+                        };
+                        committed.push(outcome);
                     }
-                    (won, refused)
+                    (won, refused, committed)
                 })
             })
             .collect();
         racers.into_iter().map(|r| r.join().unwrap()).collect()
     });
     let mut holders = vec![0; MESSAGES];
-    for n in outcomes.iter().flat_map(|(won, _)| won).flatten() {
+    for n in outcomes.iter().flat_map(|(won, _, _)| won).flatten() {
         holders[*n] += 1;
     }
-    for (unit, named) in outcomes.iter().flat_map(|(_, refused)| refused) {
+    for (unit, named) in outcomes.iter().flat_map(|(_, refused, _)| refused) {
         assert!(
             unit.iter().any(|n| id(*n) == *named && holders[*n] == 1),
             "a refusal names {named}, which is not a message of its unit that another unit marked"
@@ -557,8 +581,20 @@ fn race_units_of_markers(replicas: &[&dyn Store], size: usize) {
         0,
         "a successful unit's markers are all there"
     );
-    let refused = outcomes.iter().any(|(_, refused)| !refused.is_empty());
+    let refused = outcomes.iter().any(|(_, refused, _)| !refused.is_empty());
     assert!(refused, "no unit was refused: nothing tested");
+    if effects {
+        for (r, (_, _, committed)) in outcomes.iter().enumerate() {
+            for (step, committed) in committed.iter().enumerate() {
+                let stored = replicas[0].read_stream(&stream(r, step), 0).unwrap();
+                assert_eq!(
+                    stored.len(),
+                    usize::from(*committed),
+                    "replica {r}, step {step}: a unit's message is stored exactly when it committed"
+                );
+            }
+        }
+    }
 }
 
 pub(super) fn the_outbox_publishes_each_stream_in_order(store: &dyn Store) {
@@ -1488,6 +1524,7 @@ macro_rules! store_conformance {
             #[test] fn a_batch_of_markers_with_one_processed_before_is_refused_whole() { let (s, _g) = $make; super::a_batch_of_markers_with_one_processed_before_is_refused_whole(&s) }
             #[test] fn markers_are_found_by_message_id() { let (s, _g) = $make; super::markers_are_found_by_message_id(&s) }
             #[test] fn racing_units_of_markers_alone_mark_each_message_once() { let (s, _g) = $make; super::racing_units_of_markers_alone_mark_each_message_once(&[&s as &dyn super::Store; 4]) }
+            #[test] fn racing_units_of_markers_with_effects_keep_no_refused_effect() { let (s, _g) = $make; super::racing_units_of_markers_with_effects_keep_no_refused_effect(&[&s as &dyn super::Store; 4]) }
             #[test] fn the_outbox_publishes_each_stream_in_order() { let (s, _g) = $make; super::the_outbox_publishes_each_stream_in_order(&s) }
             #[test] fn a_claim_passes_over_the_rows_in_flight() { let (s, _g) = $make; super::a_claim_passes_over_the_rows_in_flight(&s) }
             #[test] fn a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them() { let (s, _g) = $make; super::a_worker_keeps_its_streams_from_round_to_round_until_it_releases_them(&s) }
