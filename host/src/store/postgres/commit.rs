@@ -44,7 +44,8 @@ pub(super) fn apply(c: &mut Conn, unit: &UnitOfWork) -> Result<Option<u64>> {
 }
 
 /// The unit's markers, the call records it ends and its new position: one statement when it has
-/// markers (insert_processed.sql), else a statement each. A marker committed before refuses it.
+/// markers (insert_processed.sql), else a statement each. A marker committed before fails it
+/// ([`refused_by_marker`]), and with it the unit's transaction.
 fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
     let position = unit.position.as_ref();
     let (subscription, at) = (
@@ -61,7 +62,7 @@ fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
         }
         return Ok(());
     }
-    let settled = c.execute(
+    c.execute(
         sql::INSERT_PROCESSED,
         &[
             &subscriptions,
@@ -72,20 +73,13 @@ fn settle(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
             &subscription,
             &at,
         ],
-    );
-    match settled {
-        // The transaction is aborted, so no lookup can run in it: the first marker stands for the one
-        // refused until the caller, after its rollback, looks that up ([`already_processed`]).
-        Err(error) if refused_by_marker(&error) => Err(Error::AlreadyProcessed {
-            subscription: unit.processed[0].subscription.clone(),
-            message_id: unit.processed[0].message_id.clone(),
-        }),
-        other => other.map(|_| ()),
-    }
+    )?;
+    Ok(())
 }
 
-/// Whether `error` is a marker insert's refusal: a marker committed before, or one held twice.
-fn refused_by_marker(error: &Error) -> bool {
+/// Whether `error` is a marker insert's refusal: a marker committed before, or one held twice. The
+/// statement or transaction it failed is over when the caller names the marker ([`already_processed`]).
+pub(super) fn refused_by_marker(error: &Error) -> bool {
     let Error::Postgres(source) = error else {
         return false;
     };
@@ -100,14 +94,11 @@ fn refused_by_marker(error: &Error) -> bool {
 /// on the way from a message to its handling. The statement inserts every marker or none: a marker
 /// another consumer committed first fails it whole, and then ends no call.
 pub(super) fn markers_alone(c: &mut Conn, unit: &UnitOfWork) -> Result<()> {
-    match c.execute(
+    c.execute(
         sql::INSERT_PROCESSED_ALL,
         &settling(unit).each_ref().map(as_sql),
-    ) {
-        Ok(_) => Ok(()),
-        Err(error) if refused_by_marker(&error) => Err(already_processed(c, unit)),
-        Err(error) => Err(error),
-    }
+    )?;
+    Ok(())
 }
 
 /// The unit's processed markers as columns: subscription, message id, build id.

@@ -363,11 +363,15 @@ impl Store for PostgresStore {
 
     fn commit(&self, unit: &UnitOfWork) -> Result<Option<u64>> {
         let mut conn = self.conn()?;
-        if unit.only_settles() {
-            return commit::markers_alone(&mut conn, unit).map(|()| None);
-        }
-        match conn.transaction(|c| commit::apply(c, unit)) {
-            Err(Error::AlreadyProcessed { .. }) => Err(commit::already_processed(&mut conn, unit)),
+        let committed = match unit.only_settles() {
+            true => commit::markers_alone(&mut conn, unit).map(|()| None),
+            false => conn.transaction(|c| commit::apply(c, unit)),
+        };
+        match committed {
+            // Named once the refused statement or transaction is over: an aborted one runs no lookup.
+            Err(error) if commit::refused_by_marker(&error) => {
+                Err(commit::already_processed(&mut conn, unit))
+            }
             result => result,
         }
     }
