@@ -8,19 +8,24 @@
 //! a second, which waits for no reader and no writer, so commits go on while it runs.
 //!
 //! The writer goes back to the WAL's start only when a checkpoint has copied every frame. With any lull
-//! of a checkpoint period that happens by itself, and the commit that starts the WAL over cuts the file
-//! back to [`KEEP`] (`journal_size_limit`). Under steady full load it never does: new frames always
-//! arrive while a passive checkpoint copies (400,000 messages handled in one run grew the WAL to
-//! 410 MB, and with no size limit the file stayed that large). So once the WAL holds more than
-//! [`RESTART_AFTER`], this thread flushes the database file and copies once more (holding no lock),
-//! then runs a `RESTART` checkpoint: it holds writers off while it copies the last frames and waits (at
-//! most [`RESTART_WAIT`]) for readers of older snapshots, after which the next commit starts the WAL
-//! over. Such a restart held writers off for 5–56 ms, and for 130 ms when readers kept it waiting (the
-//! sample flow, seven restarts at a 64 MiB threshold, ran 4% slower), hence a threshold that a busy
-//! server meets once per half a gigabyte written.
+//! of a checkpoint period that happens by itself. Under steady full load it never does: new frames
+//! always arrive while a passive checkpoint copies (400,000 messages handled in one run grew the WAL to
+//! 410 MB). So once the WAL holds more than [`RESTART_AFTER`], this thread flushes the database file and
+//! copies once more (holding no lock), then runs a `RESTART` checkpoint: it holds writers off while it
+//! copies the last frames and waits (at most [`RESTART_WAIT`]) for readers of older snapshots, after
+//! which the next commit starts the WAL over. Such a restart held writers off for 5–56 ms, hence a
+//! threshold that a busy server meets once per half a gigabyte written.
+//!
+//! A WAL that starts over keeps its file, and its size: frames are written over the old ones. No commit
+//! cuts the file back (`journal_size_limit`): the commit that started the WAL over would do it, and it
+//! waited, with every writer behind it, while the file system freed what was cut (a schedule due every
+//! millisecond fired 150 ms late, once a run, at a p99 of 47–68 ms against 2 ms without the cut). This
+//! thread cuts the file instead, once the store has been idle for [`IDLE_ROUNDS`] checkpoints and the
+//! file is larger than [`KEEP`]: a `TRUNCATE` checkpoint, which holds writers off while it runs, at a
+//! moment there are none.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -38,8 +43,12 @@ const EVERY: Duration = Duration::from_millis(if cfg!(test) { 20 } else { 200 })
 /// The WAL size past which it is made to start over.
 const RESTART_AFTER: u64 = if cfg!(test) { 1 << 20 } else { 512 << 20 };
 
-/// The size the WAL file is cut back to when it starts over (`journal_size_limit`).
-pub(super) const KEEP: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+/// The WAL file size past which an idle store's WAL is cut to nothing; below it the file is kept for
+/// the next commits to write over.
+const KEEP: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+
+/// Checkpoints in a row that found every frame copied and none added before the WAL file is cut.
+const IDLE_ROUNDS: u32 = 5;
 
 /// How long a restart waits for the writer in flight and for readers of older snapshots, holding other
 /// writers off meanwhile; past it, the restart is tried again at the next checkpoint.
@@ -61,11 +70,12 @@ impl Checkpointer {
         connection.busy_timeout(RESTART_WAIT)?;
         let io = |e| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
         let file = std::fs::File::open(path).map_err(io)?;
+        let wal = wal_path(path);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || run(&connection, &file, &stopped))
+            .spawn(move || run(&connection, &file, &wal, &stopped))
             .map_err(io)?;
         Ok(Self {
             stop,
@@ -74,19 +84,30 @@ impl Checkpointer {
     }
 }
 
-/// Checkpoint every [`EVERY`] until `stop`; restart the WAL when it has grown past [`RESTART_AFTER`].
-/// `file` is the database file, to flush before a restart.
-fn run(connection: &Connection, file: &std::fs::File, stop: &AtomicBool) {
+/// The WAL file of the store file at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// Checkpoint every [`EVERY`] until `stop`; restart the WAL when it has grown past [`RESTART_AFTER`],
+/// and cut its file `wal` when the store is idle ([`Idle`]). `file` is the database file, to flush
+/// before a restart.
+fn run(connection: &Connection, file: &std::fs::File, wal: &Path, stop: &AtomicBool) {
     let page_size: u64 = connection
         .query_row("PRAGMA page_size", [], |r| r.get(0))
         .unwrap_or(4096);
+    let mut idle = Idle::default();
     loop {
         std::thread::park_timeout(EVERY);
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let frames = checkpoint(connection, "PASSIVE");
-        if frames.is_some_and(|f| f * page_size > RESTART_AFTER) {
+        let Some(wal_now) = checkpoint(connection, "PASSIVE") else {
+            continue;
+        };
+        if wal_now.frames * page_size > RESTART_AFTER {
             // What the checkpoints copied reaches the disk, and what came meanwhile is copied, while
             // writers go on: the restart then has only its own last frames to copy and sync while it
             // holds them off.
@@ -96,20 +117,55 @@ fn run(connection: &Connection, file: &std::fs::File, stop: &AtomicBool) {
             checkpoint(connection, "PASSIVE");
             checkpoint(connection, "RESTART");
         }
+        let size = std::fs::metadata(wal).map_or(0, |m| m.len());
+        if idle.after(wal_now) && size > KEEP {
+            checkpoint(connection, "TRUNCATE");
+        }
     }
 }
 
-/// One checkpoint in `mode`; the frames the WAL holds, if it ran. Busy (another process checkpoints, or
+/// What one checkpoint found in the WAL: its frames, and how many of them are in the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wal {
+    frames: u64,
+    copied: u64,
+}
+
+/// Whether the store is idle: [`IDLE_ROUNDS`] checkpoints in a row found the same frames, all copied.
+#[derive(Debug, Default)]
+struct Idle {
+    last: Option<Wal>,
+    rounds: u32,
+}
+
+impl Idle {
+    /// Count the checkpoint that found `wal`; whether the store is idle after it.
+    fn after(&mut self, wal: Wal) -> bool {
+        let unchanged = self.last == Some(wal) && wal.copied == wal.frames;
+        self.rounds = if unchanged { self.rounds + 1 } else { 0 };
+        self.last = Some(wal);
+        self.rounds >= IDLE_ROUNDS
+    }
+}
+
+/// One checkpoint in `mode`; what it found in the WAL, if it ran. Busy (another process checkpoints, or
 /// a restart's wait ran out) or failing: the next round tries again; a WAL that is not copied yet
 /// costs only its size, never a commit.
-fn checkpoint(connection: &Connection, mode: &str) -> Option<u64> {
+fn checkpoint(connection: &Connection, mode: &str) -> Option<Wal> {
     let pragma = format!("PRAGMA wal_checkpoint({mode})");
     let result = connection.query_row(&pragma, [], |r| {
-        Ok((r.get::<_, i64>(0)? != 0, r.get::<_, i64>(1)?))
+        Ok((
+            r.get::<_, i64>(0)? != 0,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     });
     match result {
-        Ok((false, frames)) => Some(frames.max(0) as u64),
-        Ok((true, _)) => {
+        Ok((false, frames, copied)) => Some(Wal {
+            frames: frames.max(0) as u64,
+            copied: copied.max(0) as u64,
+        }),
+        Ok((true, _, _)) => {
             tracing::debug!(mode, "WAL checkpoint was busy; trying again");
             None
         }
@@ -199,5 +255,105 @@ mod tests {
             "the WAL grew to {largest} bytes for {written} written"
         );
         assert_eq!(store.read_stream("t::x-0-0", 0).unwrap().len(), 1);
+    }
+
+    /// Ten messages of 4,000 bytes in one commit: `n` names their streams.
+    fn commit_ten(store: &SqliteStore, n: usize) {
+        let data = serde_json::json!({ "padding": "x".repeat(4000) });
+        let messages = (0..10)
+            .map(|i| {
+                let stream = format!("t::x-{n}-{i}");
+                NewMessage::new(Kind::Event, &stream, "T.A.v1", &data, None, None, None)
+            })
+            .collect();
+        crate::store::tests::append(store, messages).unwrap();
+    }
+
+    fn wal_size(path: &std::path::Path) -> u64 {
+        std::fs::metadata(super::wal_path(path)).map_or(0, |m| m.len())
+    }
+
+    /// The commit that starts the WAL over writes over the old frames and leaves the file as it is:
+    /// cutting it there made that commit, and every writer behind it, wait while the file system freed
+    /// what was cut. Under steady commits the file only ever shrinks after the writer was idle.
+    #[test]
+    fn the_commit_that_starts_the_wal_over_keeps_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let (mut written, mut largest) = (0, 0);
+        let mut last = (std::time::Instant::now(), 0);
+        for n in 0.. {
+            commit_ten(&store, n);
+            written += 10 * 4000;
+            let now = (std::time::Instant::now(), wal_size(&path));
+            if now.1 < last.1 {
+                let idle = now.0 - last.0;
+                assert!(
+                    idle >= super::EVERY,
+                    "the WAL file shrank from {} to {} bytes within a commit, {idle:?} after the last one",
+                    last.1,
+                    now.1
+                );
+            }
+            largest = largest.max(now.1);
+            last = now;
+            if written > 25 * super::RESTART_AFTER {
+                break;
+            }
+        }
+        // Frames were written over: the WAL started over.
+        assert!(
+            written > 4 * largest,
+            "the WAL grew to {largest} bytes for {written} written"
+        );
+    }
+
+    /// A WAL file larger than [`super::KEEP`] is cut once the store is idle, and commits go on after.
+    #[test]
+    fn an_idle_stores_wal_file_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let mut n = 0;
+        while wal_size(&path) <= 2 * super::KEEP {
+            commit_ten(&store, n);
+            n += 1;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal_size(&path) > super::KEEP {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle WAL file stayed at {} bytes",
+                wal_size(&path)
+            );
+            std::thread::park_timeout(super::EVERY);
+        }
+        commit_ten(&store, n);
+        assert_eq!(
+            store.read_stream(&format!("t::x-{n}-9"), 0).unwrap().len(),
+            1
+        );
+        assert_eq!(store.read_stream("t::x-0-0", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_is_idle_after_rounds_that_found_every_frame_copied_and_none_added() {
+        let wal = |frames, copied| super::Wal { frames, copied };
+        let mut idle = super::Idle::default();
+        // Frames added each round, or some left to copy: never idle.
+        for round in 0..10 {
+            assert!(!idle.after(wal(round, round)));
+        }
+        for _ in 0..10 {
+            assert!(!idle.after(wal(20, 19)));
+        }
+        let found: Vec<bool> = (0..=super::IDLE_ROUNDS)
+            .map(|_| idle.after(wal(20, 20)))
+            .collect();
+        assert_eq!(found.last(), Some(&true));
+        assert_eq!(found.iter().filter(|idle| **idle).count(), 1);
+        // A commit ends it.
+        assert!(!idle.after(wal(24, 20)));
     }
 }
