@@ -47,8 +47,9 @@ const RESTART_AFTER: u64 = if cfg!(test) { 1 << 20 } else { 512 << 20 };
 /// the next commits to write over.
 const KEEP: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 
-/// Checkpoints in a row that found every frame copied and none added before the WAL file is cut.
-const IDLE_ROUNDS: u32 = 5;
+/// Checkpoints in a row that found every frame copied and none added before the WAL file is cut: five
+/// seconds, so that a server between bursts of work does not cut a file it is about to grow again.
+const IDLE_ROUNDS: u32 = if cfg!(test) { 5 } else { 25 };
 
 /// How long a restart waits for the writer in flight and for readers of older snapshots, holding other
 /// writers off meanwhile; past it, the restart is tried again at the next checkpoint.
