@@ -202,9 +202,7 @@ mod tests {
     /// checkpoints): a file that grows under commits is this thread's work.
     #[test]
     fn commits_reach_the_database_file_through_the_checkpointer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = opened();
         let size = || std::fs::metadata(&path).unwrap().len();
         let before = size();
         let data = serde_json::json!({ "padding": "x".repeat(4000) });
@@ -234,9 +232,7 @@ mod tests {
     /// within the restart size and what one checkpoint period adds.
     #[test]
     fn a_wal_under_steady_commits_starts_over_instead_of_growing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = opened();
         let (mut written, mut largest) = (0, 0);
         for n in 0.. {
             commit_ten(&store, n);
@@ -251,6 +247,14 @@ mod tests {
             "the WAL grew to {largest} bytes for {written} written"
         );
         assert_eq!(store.read_stream("t::x-0-0", 0).unwrap().len(), 1);
+    }
+
+    /// A new store in a directory of its own (kept while the first value lives), and its file's path.
+    fn opened() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        (dir, path, store)
     }
 
     /// Ten messages of 4,000 bytes in one commit: `n` names their streams.
@@ -274,9 +278,7 @@ mod tests {
     /// what was cut. Under steady commits the file only ever shrinks after the writer was idle.
     #[test]
     fn the_commit_that_starts_the_wal_over_keeps_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = opened();
         let (mut written, mut largest) = (0, 0);
         let mut last = (std::time::Instant::now(), 0);
         for n in 0.. {
@@ -308,9 +310,7 @@ mod tests {
     /// A WAL file larger than [`super::KEEP`] is cut once the store is idle, and commits go on after.
     #[test]
     fn an_idle_stores_wal_file_is_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (_dir, path, store) = opened();
         // A reader of the first snapshot keeps the WAL from starting over until it is done, so that
         // the file grows past KEEP however fast this machine commits.
         let reader = rusqlite::Connection::open(&path).unwrap();
@@ -339,6 +339,15 @@ mod tests {
             1
         );
         assert_eq!(store.read_stream("t::x-0-0", 0).unwrap().len(), 1);
+        // Nothing committed before or after the cut is lost across a close and an open.
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        for k in 0..=n {
+            for i in 0..10 {
+                let stream = format!("t::x-{k}-{i}");
+                assert_eq!(store.read_stream(&stream, 0).unwrap().len(), 1, "{stream}");
+            }
+        }
     }
 
     #[test]
