@@ -50,6 +50,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use ceiling::ServerTime;
 use protean_host::{
     message::Kind,
     plugin::{Delivery, HostServices, Library},
@@ -798,8 +799,12 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         // The client runs right before the host's consume and right after: its rate beside the
         // host's is the mean of the two, so that a machine slowing down or speeding up over the
         // round (this VM's speed swings within seconds) tilts the share neither way.
+        ServerTime::reset(&redis)?;
         let before = ceiling::minimal_client(&redis, &sample, events)?;
+        let client_server = ServerTime::since_reset(&redis)?;
+        ServerTime::reset(&redis)?;
         let consume = run(split.path(), "noop")?;
+        let host_server = ServerTime::since_reset(&redis)?;
         let after = ceiling::minimal_client(&redis, &sample, events)?;
         let client = ceiling::ClientCeiling::around(before, after);
         redis_cli(&redis, &["FLUSHALL"])?;
@@ -812,6 +817,8 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
             publish,
             consume,
             both,
+            host_server,
+            client_server,
         });
     }
     let rate = |m: &Measured| events as f64 / m.elapsed.as_secs_f64();
@@ -878,7 +885,7 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
         },
         Row {
             scenario: "Redis consume, no-op handler".into(),
-            setup: format!("{events} entries on the stream: XREADGROUP, handle, commit markers, XACK; 100 per batch; whole process; best of {REDIS_ROUNDS} rounds, share the median round's (rounds: {}%); time by phase: {}", each(&|r| 100.0 * rate(&r.consume) / r.client.consume), where_time_went(&consume.stdout)),
+            setup: format!("{events} entries on the stream: XREADGROUP, handle, commit markers, XACK; 100 per batch; whole process; best of {REDIS_ROUNDS} rounds, share the median round's (rounds: {}%); time by phase: {}; {}", each(&|r| 100.0 * rate(&r.consume) / r.client.consume), where_time_went(&consume.stdout), server_time(&rounds, events)),
             result: format!("{:.0} messages/s ({consume_share:.0}% of the minimal client's consume), {} per message, peak memory {:.1} MB", rate(consume), cpu(consume), consume.rss_mb()),
             target: "≥ 100,000 messages/s, ≥ 70% of the minimal client".into(),
             ok: rate(consume) >= 100_000.0 && consume_share >= 70.0,
@@ -893,6 +900,27 @@ fn redis_noop(host: &Path, fixture: &Path, events: usize) -> anyhow::Result<Vec<
     ])
 }
 
+/// Redis's own command time in the median round (by the host's share): in the host's consume and in
+/// the minimal client's run before it, each as a share of that run's time.
+fn server_time(rounds: &[RedisRound], events: usize) -> String {
+    let host_share = |r: &RedisRound| r.host_server.seconds() / r.consume.elapsed.as_secs_f64();
+    let mut sorted: Vec<&RedisRound> = rounds.iter().collect();
+    sorted.sort_by(|a, b| host_share(a).total_cmp(&host_share(b)));
+    let Some(r) = sorted.get(sorted.len() / 2) else {
+        return String::new();
+    };
+    let client_loop = events as f64 / r.client.before;
+    format!(
+        "Redis's own command time, median round: {:.2} s in the host's run ({:.0}% of it; {}), {:.2} s in the client's ({:.0}%; {})",
+        r.host_server.seconds(),
+        100.0 * host_share(r),
+        r.host_server.per_call(),
+        r.client_server.seconds(),
+        100.0 * r.client_server.seconds() / client_loop,
+        r.client_server.per_call()
+    )
+}
+
 /// One round of [`redis_noop`]: the host's runs and the references measured beside them.
 struct RedisRound {
     ceiling: f64,
@@ -900,6 +928,9 @@ struct RedisRound {
     publish: Measured,
     consume: Measured,
     both: Measured,
+    /// Redis's own command time in the host's consume, and in the client's run before it.
+    host_server: ServerTime,
+    client_server: ServerTime,
 }
 
 fn redis_cli(redis: &Redis, args: &[&str]) -> anyhow::Result<()> {
