@@ -294,7 +294,9 @@ impl Source for Stream {
                 false => Vec::new(),
             }
         };
-        // The read goes out first; its reply is parsed on another task while this one decodes.
+        // The read is handed to the connection's task, then the raw batch is decoded. On one runtime
+        // thread that task writes the read to Redis only once the decode is done; yielding first, so
+        // that the read left before the decode, measured no faster (5 of 12 alternating pairs).
         let (read, decoded) = tokio::join!(read, async { decode(raw) });
         (self.next, self.raw) = (decoded, read);
     }
