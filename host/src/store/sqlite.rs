@@ -46,8 +46,8 @@ mod sql {
         include_str!("sql/sqlite/insert_document_field.sql");
     pub(super) const GET_DOCUMENT: &str = include_str!("sql/sqlite/get_document.sql");
     pub(super) const DOCUMENT_VERSION: &str = include_str!("sql/sqlite/document_version.sql");
-    pub(super) const NEXT_DOCUMENT_VERSION: &str =
-        include_str!("sql/sqlite/next_document_version.sql");
+    pub(super) const DRAW_DOCUMENT_VERSIONS: &str =
+        include_str!("sql/sqlite/draw_document_versions.sql");
     pub(super) const HAS_DOCUMENT_VERSIONS: &str =
         include_str!("sql/sqlite/has_document_versions.sql");
     pub(super) const ADD_DOCUMENT_VERSIONS: &str =
@@ -412,8 +412,9 @@ fn apply(
         }
         last = Some(global_position as u64);
     }
+    let mut document_versions = draw_document_versions(tx, &unit.documents)?;
     for write in &unit.documents {
-        write_document(tx, write)?;
+        write_document(tx, write, &mut document_versions)?;
     }
     let at = now();
     insert_markers(tx, unit, &at, markers)?;
@@ -688,9 +689,30 @@ fn raise_fences(tx: &rusqlite::Transaction<'_>, unit: &UnitOfWork) -> Result<(),
 /// (a projector rewriting one field of a document costs one index delete and one insert). A write that
 /// expects a version is checked first; the transaction holds the write lock, so nothing can change the
 /// document between the check and the write.
+/// The versions of `writes`' puts, in order, drawn in one statement: one a put, each drawn once, took
+/// 5.3 µs, a seventh of the SQLite writer's time in the sample flow (90,000 puts in 1,870 units).
+fn draw_document_versions(
+    tx: &rusqlite::Transaction<'_>,
+    writes: &[DocumentWrite],
+) -> rusqlite::Result<std::ops::Range<DocumentVersion>> {
+    let puts = writes
+        .iter()
+        .filter(|w| matches!(w, DocumentWrite::Put { .. }))
+        .count() as DocumentVersion;
+    if puts == 0 {
+        return Ok(0..0);
+    }
+    let last: DocumentVersion = tx
+        .prepare_cached(sql::DRAW_DOCUMENT_VERSIONS)?
+        .query_row([puts], |r| r.get(0))?;
+    Ok(last + 1 - puts..last + 1)
+}
+
+/// Write one document; a put takes its version from `versions` ([`draw_document_versions`]).
 fn write_document(
     tx: &rusqlite::Transaction<'_>,
     write: &DocumentWrite,
+    versions: &mut impl Iterator<Item = DocumentVersion>,
 ) -> Result<(), CommitError> {
     let (collection, id) = write.key();
     if let Some(expected) = write.expected() {
@@ -711,9 +733,9 @@ fn write_document(
     }
     let new_fields = match write {
         DocumentWrite::Put { data, .. } => {
-            let version: DocumentVersion = tx
-                .prepare_cached(sql::NEXT_DOCUMENT_VERSION)?
-                .query_row([], |r| r.get(0))?;
+            let version = versions
+                .next()
+                .ok_or_else(|| Error::Corrupt("no document version drawn for a put".into()))?;
             tx.prepare_cached(sql::PUT_DOCUMENT)?
                 .execute(params![collection, id, data, version])?;
             indexed_fields(data)

@@ -1095,6 +1095,55 @@ pub(super) fn document_versions_are_never_reused(store: &dyn Store) {
     assert_eq!(version(store, "2"), ABSENT);
 }
 
+/// The puts of one unit each get a version of their own, newer than every version drawn before, among
+/// deletes that draw none; the versions they replaced are stale afterwards.
+pub(super) fn a_units_puts_each_get_a_version_of_their_own(store: &dyn Store) {
+    write_docs(
+        store,
+        vec![
+            put("1", json!({"n": 1}), None),
+            put("2", json!({"n": 2}), None),
+        ],
+    )
+    .unwrap();
+    let before = [version(store, "1"), version(store, "2")];
+    assert_ne!(before[0], before[1]);
+    let delete = DocumentWrite::Delete {
+        collection: "c".into(),
+        id: "2".into(),
+        expected: Some(before[1]),
+    };
+    let unit = vec![
+        put("1", json!({"n": 10}), Some(before[0])),
+        delete,
+        put("3", json!({"n": 3}), Some(ABSENT)),
+        put("4", json!({"n": 4}), None),
+    ];
+    write_docs(store, unit).unwrap();
+    let after = [
+        version(store, "1"),
+        version(store, "3"),
+        version(store, "4"),
+    ];
+    let newest = before.into_iter().max().unwrap();
+    assert!(
+        after.iter().all(|v| *v > newest),
+        "{after:?} after {before:?}"
+    );
+    assert!(
+        after[0] != after[1] && after[1] != after[2] && after[0] != after[2],
+        "{after:?}"
+    );
+    assert_eq!(version(store, "2"), ABSENT);
+    let stale = write_docs(store, vec![put("1", json!({"n": 11}), Some(before[0]))]);
+    assert!(
+        is_document_conflict(&stale, before[0], after[0]),
+        "{stale:?}"
+    );
+    write_docs(store, vec![put("3", json!({"n": 30}), Some(after[1]))]).unwrap();
+    assert!(version(store, "3") > after.into_iter().max().unwrap());
+}
+
 /// Writers that read-modify-write one document at once, retrying on conflicts, lose no increment.
 pub(super) fn concurrent_read_modify_writes_lose_nothing(store: &dyn Store) {
     const WRITERS: u64 = 4;
@@ -1537,6 +1586,7 @@ macro_rules! store_conformance {
             #[test] fn fences_of_two_names_are_independent() { let (s, _g) = $make; super::fences_of_two_names_are_independent(&s) }
             #[test] fn a_document_write_commits_only_on_the_version_read() { let (s, _g) = $make; super::a_document_write_commits_only_on_the_version_read(&s) }
             #[test] fn document_versions_are_never_reused() { let (s, _g) = $make; super::document_versions_are_never_reused(&s) }
+            #[test] fn a_units_puts_each_get_a_version_of_their_own() { let (s, _g) = $make; super::a_units_puts_each_get_a_version_of_their_own(&s) }
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
             #[test] fn reads_of_several_documents_and_streams_answer_as_one_at_a_time() { let (s, _g) = $make; super::reads_of_several_documents_and_streams_answer_as_one_at_a_time(&s) }
             #[test] fn units_writing_the_same_documents_in_opposite_orders_all_commit() { let (s, _g) = $make; super::units_writing_the_same_documents_in_opposite_orders_all_commit(&s) }

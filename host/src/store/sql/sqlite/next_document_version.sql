@@ -1,1 +1,0 @@
-UPDATE protean_counters SET value = value + 1 WHERE name = 'document_version' RETURNING value
