@@ -1013,6 +1013,18 @@ fn write_docs(store: &dyn Store, documents: Vec<DocumentWrite>) -> Result<Option
     })
 }
 
+/// Documents "1" and "2" of collection "c", `{"n": 1}` and `{"n": 2}`, written unconditionally.
+fn write_two_docs(store: &dyn Store) {
+    write_docs(
+        store,
+        vec![
+            put("1", json!({"n": 1}), None),
+            put("2", json!({"n": 2}), None),
+        ],
+    )
+    .unwrap();
+}
+
 fn version(store: &dyn Store, id: &str) -> u64 {
     store
         .read_document("c", id)
@@ -1098,14 +1110,7 @@ pub(super) fn document_versions_are_never_reused(store: &dyn Store) {
 /// The puts of one unit each get a version of their own, newer than every version drawn before, among
 /// deletes that draw none; the versions they replaced are stale afterwards.
 pub(super) fn a_units_puts_each_get_a_version_of_their_own(store: &dyn Store) {
-    write_docs(
-        store,
-        vec![
-            put("1", json!({"n": 1}), None),
-            put("2", json!({"n": 2}), None),
-        ],
-    )
-    .unwrap();
+    write_two_docs(store);
     let before = [version(store, "1"), version(store, "2")];
     assert_ne!(before[0], before[1]);
     let delete = DocumentWrite::Delete {
@@ -1231,14 +1236,7 @@ pub(super) fn units_writing_the_same_documents_in_opposite_orders_all_commit(sto
 /// Several documents and streams read at once (a batch's reads ahead) are what reading them one at a
 /// time answers: present documents with their collection and version, every stream's messages in order.
 pub(super) fn reads_of_several_documents_and_streams_answer_as_one_at_a_time(store: &dyn Store) {
-    write_docs(
-        store,
-        vec![
-            put("1", json!({"n": 1}), None),
-            put("2", json!({"n": 2}), None),
-        ],
-    )
-    .unwrap();
+    write_two_docs(store);
     store
         .commit(&UnitOfWork {
             messages: vec![
