@@ -117,8 +117,8 @@ enum Variant {
     Shaped,
     /// `synchronous_commit = off`, not durable: what the statements cost without the WAL flush.
     FlushOff,
-    /// The documents one upsert statement each, as the host sends them (it also reads and rewrites
-    /// each document's indexed fields, which this leaves out).
+    /// The documents one upsert statement each, as the host sent them before it wrote a unit's
+    /// documents in a handful of set-based statements (`Shaped` writes them as it does now).
     DocumentsEach,
 }
 
@@ -127,7 +127,9 @@ impl Variant {
         match self {
             Self::Shaped => "",
             Self::FlushOff => ", synchronous_commit off (not durable: the work without the flush)",
-            Self::DocumentsEach => ", documents one statement each (as the host sends them)",
+            Self::DocumentsEach => {
+                ", documents one statement each (as the host sent them before it wrote them set-based)"
+            }
         }
     }
 }
