@@ -95,6 +95,11 @@ fn wal_path(path: &Path) -> PathBuf {
     wal.into()
 }
 
+/// The size of the file at `path`; 0 when there is none.
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
 /// Checkpoint every [`EVERY`] until `stop`; restart the WAL when it has grown past [`RESTART_AFTER`],
 /// and cut its file `wal` when the store is idle ([`Idle`]). `file` is the database file, to flush
 /// before a restart.
@@ -121,8 +126,9 @@ fn run(connection: &Connection, file: &std::fs::File, wal: &Path, stop: &AtomicB
             checkpoint(connection, "PASSIVE");
             checkpoint(connection, "RESTART");
         }
-        let size = std::fs::metadata(wal).map_or(0, |m| m.len());
-        if idle.after(wal_now) && size > KEEP {
+        // The file's size is only looked at once the store is idle: a `stat` a round is for nothing
+        // while it is busy.
+        if idle.after(wal_now) && file_size(wal) > KEEP {
             checkpoint(connection, "TRUNCATE");
         }
     }
@@ -270,7 +276,7 @@ mod tests {
     }
 
     fn wal_size(path: &std::path::Path) -> u64 {
-        std::fs::metadata(super::wal_path(path)).map_or(0, |m| m.len())
+        super::file_size(&super::wal_path(path))
     }
 
     /// The commit that starts the WAL over writes over the old frames and leaves the file as it is:
