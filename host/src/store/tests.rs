@@ -103,6 +103,32 @@ pub(super) fn category_reads_page_by_global_position(store: &dyn Store) {
     assert_eq!(both, [3, 4, 5, 6]);
 }
 
+/// A category is its name exactly: neither the categories it is a prefix of nor its own prefixes are
+/// read with it, and its head is its own last message.
+pub(super) fn a_category_is_read_by_its_exact_name(store: &dyn Store) {
+    let streams = [
+        "sho-1",
+        "shop-1",
+        "shop::order-1",
+        "shopping-1",
+        "shop-2",
+        "shop_-1",
+    ];
+    let messages = streams.iter().map(|s| event(s, 0, None)).collect();
+    append(store, messages).unwrap();
+    let read = |categories: &[&str], after| -> Vec<u64> {
+        let categories: Vec<String> = categories.iter().map(|c| c.to_string()).collect();
+        let page = store.read_categories(&categories, after, 10).unwrap();
+        page.iter().map(|m| m.global_position).collect()
+    };
+    assert_eq!(read(&["shop"], 0), [2, 5]);
+    assert_eq!(read(&["shop"], 2), [5]);
+    assert_eq!(read(&["shop", "sho"], 0), [1, 2, 5]);
+    assert_eq!(store.head(&["shop".into()]).unwrap(), 5);
+    assert_eq!(store.head(&["sho".into()]).unwrap(), 1);
+    assert_eq!(store.head(&["sh".into()]).unwrap(), 0, "no category sh");
+}
+
 pub(super) fn a_version_conflict_commits_nothing(store: &dyn Store) {
     append(store, vec![event("shop::order-1", 0, Some(-1))]).unwrap();
     let unit = UnitOfWork {
@@ -1560,6 +1586,7 @@ macro_rules! store_conformance {
         mod $backend {
             #[test] fn positions_are_per_stream_and_global() { let (s, _g) = $make; super::positions_are_per_stream_and_global(&s) }
             #[test] fn category_reads_page_by_global_position() { let (s, _g) = $make; super::category_reads_page_by_global_position(&s) }
+            #[test] fn a_category_is_read_by_its_exact_name() { let (s, _g) = $make; super::a_category_is_read_by_its_exact_name(&s) }
             #[test] fn markers_are_found_by_position_and_identity() { let (s, _g) = $make; super::markers_are_found_by_position_and_identity(&s) }
             #[test] fn a_unit_with_one_message_twice_is_refused_as_processed_before() { let (s, _g) = $make; super::a_unit_with_one_message_twice_is_refused_as_processed_before(&s) }
             #[test] fn a_version_conflict_commits_nothing() { let (s, _g) = $make; super::a_version_conflict_commits_nothing(&s) }

@@ -107,6 +107,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "published outbox rows are deleted",
         sql: include_str!("../sql/postgres/migrations/018_outbox_published_rows_deleted.sql"),
     },
+    Migration {
+        version: 19,
+        name: "reads by category scan the category index, whatever the statistics say",
+        sql: include_str!("../sql/postgres/migrations/019_category_reads_on_the_category_index.sql"),
+    },
 ];
 
 /// Migrations after which servers of older builds would go wrong rather than fail: `db setup` applies

@@ -586,6 +586,85 @@ mod tests {
     use super::PostgresStore;
     use crate::store::{tests::postgres, Error, Store};
 
+    /// A subscription at the head of a category that went quiet while another grew reads index entries
+    /// of its own category only, whatever the statistics say. Here they say the category is a fifth of
+    /// the store, so the planner would rather walk the primary key from the position and filter by
+    /// category: through all 12,000 messages of the other category, hundreds of buffers at each poll.
+    /// Each read by category must stay within a handful, planned for its arguments and generic alike,
+    /// from its second call on (as a subscription polls).
+    #[test]
+    fn reads_at_a_quiet_categorys_head_touch_none_of_the_other_categories_messages() {
+        let (store, server) = postgres();
+        let append = |category: &str, count: u32| {
+            server.psql(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(message_store.hash_64('{category}')); \
+                 INSERT INTO message_store.messages (stream_name, position, type, data, metadata) \
+                 SELECT '{category}-' || n, 0, 'Placed', '{{}}', jsonb_build_object('pad', repeat('x', 300)) \
+                 FROM generate_series(1, {count}) AS n; COMMIT"
+            ))
+        };
+        append("shop::order", 3000);
+        append("shop::stock", 12000);
+        server.psql("ANALYZE message_store.messages");
+        let orders = ["shop::order".to_owned()];
+        let with_payments = ["shop::order".to_owned(), "shop::payment".to_owned()];
+        assert_eq!(store.head(&orders).unwrap(), 3000);
+        assert!(store
+            .read_categories(&orders, 3000, 100)
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .read_categories(&with_payments, 3000, 100)
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.read_categories(&orders, 2950, 100).unwrap().len(), 50);
+
+        let reads = [
+            (super::sql::READ_CATEGORY, "'shop::order', 3000, 100"),
+            (
+                super::sql::READ_CATEGORIES,
+                "ARRAY['shop::order', 'shop::payment'], 3000, 100, '500ms'",
+            ),
+            (super::sql::HEAD_CATEGORY, "'shop::order'"),
+        ];
+        let mut client = postgres::Client::connect(&server.uri(), postgres::NoTls).unwrap();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            client
+                .batch_execute(&format!("SET plan_cache_mode = {mode}; DEALLOCATE ALL"))
+                .unwrap();
+            for (n, (statement, arguments)) in reads.iter().enumerate() {
+                client
+                    .batch_execute(&format!("PREPARE read_{n} AS {statement}"))
+                    .unwrap();
+                let explain = format!(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE read_{n}({arguments})"
+                );
+                // The second call: the first also plans the function's own statements (catalog reads).
+                buffers_used(&mut client, &explain);
+                let buffers = buffers_used(&mut client, &explain);
+                assert!(buffers <= 20, "{mode}: {buffers} buffers for {statement}");
+            }
+        }
+    }
+
+    /// The shared buffers (hit or read) of the plan `explain` prints as JSON.
+    fn buffers_used(client: &mut postgres::Client, explain: &str) -> u64 {
+        let answer = client.simple_query(explain).unwrap();
+        let text = answer
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .unwrap();
+        let plan: serde_json::Value = serde_json::from_str(text).unwrap();
+        let top = &plan[0]["Plan"];
+        ["Shared Hit Blocks", "Shared Read Blocks"]
+            .iter()
+            .map(|key| top[key].as_u64().unwrap())
+            .sum()
+    }
+
     #[test]
     fn a_statement_running_past_the_timeout_is_cancelled() {
         let (_, server) = postgres();
