@@ -58,7 +58,8 @@ pub fn rows(
     if statements {
         print_statements(&pg);
     }
-    Ok((vec![appended, handled, flow], rate))
+    let quiet = quiet_head(&store, &pg)?;
+    Ok((vec![appended, handled, flow, quiet], rate))
 }
 
 /// The statements the sample flow spent the database's time in, nested ones (inside `append_unit`)
@@ -74,6 +75,34 @@ fn print_statements(pg: &cluster::PgServer) {
     for line in statements.lines() {
         println!("  {}", line.trim());
     }
+}
+
+/// What a subscription's poll costs at the head of a category that went quiet while others grew: the
+/// ticks appended first, after the sample flow appended its messages to other categories. A read that
+/// walked the primary key and filtered by category went through all of those at every poll.
+fn quiet_head(store: &PostgresStore, pg: &cluster::PgServer) -> anyhow::Result<Row> {
+    const POLLS: u32 = 200;
+    pg.psql("ANALYZE message_store.messages");
+    let ticks = ["probe::probe".to_owned()];
+    let head = store.head(&ticks)?;
+    let others = pg.psql("SELECT count(*) FROM message_store.messages WHERE global_position > (SELECT max(global_position) FROM message_store.messages WHERE stream_name LIKE 'probe::probe-%')");
+    let poll = |categories: &[String]| -> anyhow::Result<f64> {
+        store.read_categories(categories, head, 100)?;
+        let started = Instant::now();
+        for _ in 0..POLLS {
+            anyhow::ensure!(store.read_categories(categories, head, 100)?.is_empty());
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(POLLS))
+    };
+    let one = poll(&ticks)?;
+    let two = poll(&["probe::probe".to_owned(), "probe::none".to_owned()])?;
+    Ok(Row {
+        scenario: "PostgreSQL poll at a quiet category's head".into(),
+        setup: format!("the ticks' category, {others} messages of other categories (the sample flow's) appended after its last, statistics analysed; mean of {POLLS} reads of 100 after its head, as an idle subscription polls"),
+        result: format!("{one:.0} µs a poll of one category, {two:.0} µs of two"),
+        target: "-".into(),
+        ok: true,
+    })
 }
 
 fn ticks(from: usize, count: usize) -> Vec<NewMessage> {
