@@ -591,7 +591,7 @@ mod tests {
     /// the store, so the planner would rather walk the primary key from the position and filter by
     /// category: through all 12,000 messages of the other category, hundreds of buffers at each poll.
     /// Each read by category must stay within a handful, planned for its arguments and generic alike,
-    /// from its second call on (as a subscription polls).
+    /// from its second call on (as a subscription polls); MessageDB's `get_category_messages` too.
     #[test]
     fn reads_at_a_quiet_categorys_head_touch_none_of_the_other_categories_messages() {
         let (store, server) = postgres();
@@ -618,6 +618,25 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(store.read_categories(&orders, 2950, 100).unwrap().len(), 50);
+        let message_db = |arguments: &str| {
+            server.psql(&format!(
+                "SELECT string_agg(global_position::text, ',') FROM message_store.get_category_messages({arguments})"
+            ))
+        };
+        assert_eq!(message_db("'shop::order', 2998, 100"), "2998,2999,3000");
+        assert_eq!(message_db("'shop::order', 3001, 100"), "");
+        let halves = [0, 1].map(|member| {
+            server.psql(&format!(
+                "SELECT count(*) FROM message_store.get_category_messages('shop::order', 1, 5000, NULL, {member}, 2)"
+            ))
+        });
+        assert_eq!(
+            halves
+                .map(|n| n.parse::<u32>().unwrap())
+                .iter()
+                .sum::<u32>(),
+            3000
+        );
 
         let reads = [
             (super::sql::READ_CATEGORY, "'shop::order', 3000, 100"),
@@ -626,6 +645,11 @@ mod tests {
                 "ARRAY['shop::order', 'shop::payment'], 3000, 100, '500ms'",
             ),
             (super::sql::HEAD_CATEGORY, "'shop::order'"),
+            // What MessageDB clients (Python Protean's subscriptions) poll.
+            (
+                "SELECT * FROM message_store.get_category_messages($1, $2, $3)",
+                "'shop::order', 3001, 100",
+            ),
         ];
         let mut client = postgres::Client::connect(&server.uri(), postgres::NoTls).unwrap();
         for mode in ["force_custom_plan", "force_generic_plan"] {
