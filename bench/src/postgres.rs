@@ -59,7 +59,8 @@ pub fn rows(
         print_statements(&pg);
     }
     let quiet = quiet_head(&store, &pg)?;
-    Ok((vec![appended, handled, flow, quiet], rate))
+    let lag = lag_count(&store, events)?;
+    Ok((vec![appended, handled, flow, quiet, lag], rate))
 }
 
 /// The statements the sample flow spent the database's time in, nested ones (inside `append_unit`)
@@ -100,6 +101,25 @@ fn quiet_head(store: &PostgresStore, pg: &cluster::PgServer) -> anyhow::Result<R
         scenario: "PostgreSQL poll at a quiet category's head".into(),
         setup: format!("the ticks' category, {others} messages of other categories (the sample flow's) appended after its last, statistics analysed; mean of {POLLS} reads of 100 after its head, as an idle subscription polls"),
         result: format!("{one:.0} µs a poll of one category, {two:.0} µs of two"),
+        target: "-".into(),
+        ok: true,
+    })
+}
+
+/// What counting a subscription's lag costs (`/metrics`, `subscriptions status`, and each look of a
+/// replica standing by): the ticks' whole category, as a new subscription's backlog.
+fn lag_count(store: &PostgresStore, events: usize) -> anyhow::Result<Row> {
+    const COUNTS: u32 = 5;
+    let ticks = ["probe::probe".to_owned()];
+    let started = Instant::now();
+    for _ in 0..COUNTS {
+        anyhow::ensure!(store.count_after(&ticks, 0)? == events as u64);
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3 / f64::from(COUNTS);
+    Ok(Row {
+        scenario: "PostgreSQL lag count of a backlog".into(),
+        setup: format!("the ticks' category from its start ({events} messages) among the sample flow's; mean of {COUNTS} counts, as /metrics and a replica standing by count a subscription's lag"),
+        result: format!("{ms:.1} ms a count"),
         target: "-".into(),
         ok: true,
     })

@@ -69,6 +69,7 @@ mod sql {
         RESOLVE_DEAD_LETTER = "resolve_dead_letter";
         PURGE_DEAD_LETTERS = "purge_dead_letters";
         HEAD_CATEGORY = "head_category";
+        COUNT_CATEGORY = "count_category";
         HEAD_ALL = "head_all";
         DOCUMENTS_LOCK = "documents_lock";
         DOCUMENTS_UPDATE = "documents_update";
@@ -460,6 +461,20 @@ impl Store for PostgresStore {
         Ok(max)
     }
 
+    /// Counted in the database: the default reads every message of the backlog, all its text, to count
+    /// them (for `/metrics`, `subscriptions status`, and every replica standing by, at each look).
+    fn count_after(&self, categories: &[String], after: u64) -> Result<u64> {
+        let mut conn = self.conn()?;
+        let after = after as i64;
+        let mut total = 0;
+        for category in categories {
+            let params: [&(dyn ToSql + Sync); 2] = [category, &after];
+            let row = conn.query_opt(sql::COUNT_CATEGORY, &params)?;
+            total += row.map_or(0, |r| r.get::<_, i64>(0)) as u64;
+        }
+        Ok(total)
+    }
+
     fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
         let rows = self
             .conn()?
@@ -618,6 +633,8 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(store.read_categories(&orders, 2950, 100).unwrap().len(), 50);
+        assert_eq!(store.count_after(&orders, 3000).unwrap(), 0);
+        assert_eq!(store.count_after(&with_payments, 2950).unwrap(), 50);
         let message_db = |arguments: &str| {
             server.psql(&format!(
                 "SELECT string_agg(global_position::text, ',') FROM message_store.get_category_messages({arguments})"
@@ -645,6 +662,7 @@ mod tests {
                 "ARRAY['shop::order', 'shop::payment'], 3000, 100, '500ms'",
             ),
             (super::sql::HEAD_CATEGORY, "'shop::order'"),
+            (super::sql::COUNT_CATEGORY, "'shop::order', 3000"),
             // What MessageDB clients (Python Protean's subscriptions) poll.
             (
                 "SELECT * FROM message_store.get_category_messages($1, $2, $3)",
