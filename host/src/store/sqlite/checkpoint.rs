@@ -128,7 +128,7 @@ fn run(connection: &Connection, file: &std::fs::File, wal: &Path, stop: &AtomicB
         }
         // The file's size is only looked at once the store is idle: a `stat` a round is for nothing
         // while it is busy.
-        if idle.after(wal_now) && file_size(wal) > KEEP {
+        if idle.after(wal_now, data_version(connection)) && file_size(wal) > KEEP {
             checkpoint(connection, "TRUNCATE");
         }
     }
@@ -141,21 +141,33 @@ struct Wal {
     copied: u64,
 }
 
-/// Whether the store is idle: [`IDLE_ROUNDS`] checkpoints in a row found the same frames, all copied.
+/// Whether the store is idle: [`IDLE_ROUNDS`] checkpoints in a row found every frame copied and no
+/// commit since the last. The frames alone cannot tell: a commit that finds every frame copied starts
+/// the WAL over, so commits of one size, one a round, leave the same count each round.
 #[derive(Debug, Default)]
 struct Idle {
-    last: Option<Wal>,
+    last: Option<(Wal, Option<i64>)>,
     rounds: u32,
 }
 
 impl Idle {
-    /// Count the checkpoint that found `wal`; whether the store is idle after it.
-    fn after(&mut self, wal: Wal) -> bool {
-        let unchanged = self.last == Some(wal) && wal.copied == wal.frames;
+    /// Count the checkpoint that found `wal`, with the store's data version after it; whether the store
+    /// is idle after it. An unknown version is never the same as the last.
+    fn after(&mut self, wal: Wal, version: Option<i64>) -> bool {
+        let unchanged =
+            version.is_some() && self.last == Some((wal, version)) && wal.copied == wal.frames;
         self.rounds = if unchanged { self.rounds + 1 } else { 0 };
-        self.last = Some(wal);
+        self.last = Some((wal, version));
         self.rounds >= IDLE_ROUNDS
     }
+}
+
+/// The store's data version as `connection` sees it: it changes with every commit of another
+/// connection (`PRAGMA data_version`). None when it cannot be read.
+fn data_version(connection: &Connection) -> Option<i64> {
+    connection
+        .query_row("PRAGMA data_version", [], |r| r.get(0))
+        .ok()
 }
 
 /// One checkpoint in `mode`; what it found in the WAL, if it ran. Busy (another process checkpoints, or
@@ -357,22 +369,59 @@ mod tests {
     }
 
     #[test]
-    fn a_store_is_idle_after_rounds_that_found_every_frame_copied_and_none_added() {
+    fn a_store_is_idle_after_rounds_that_found_every_frame_copied_and_no_commit() {
         let wal = |frames, copied| super::Wal { frames, copied };
         let mut idle = super::Idle::default();
         // Frames added each round, or some left to copy: never idle.
         for round in 0..10 {
-            assert!(!idle.after(wal(round, round)));
+            assert!(!idle.after(wal(round, round), Some(1)));
         }
         for _ in 0..10 {
-            assert!(!idle.after(wal(20, 19)));
+            assert!(!idle.after(wal(20, 19), Some(1)));
+        }
+        // A commit each round that started the WAL over, always the same size: never idle.
+        for version in 2..20 {
+            assert!(!idle.after(wal(20, 20), Some(version)));
+        }
+        // A version that cannot be read: never idle.
+        for _ in 0..10 {
+            assert!(!idle.after(wal(20, 20), None));
         }
         let found: Vec<bool> = (0..=super::IDLE_ROUNDS)
-            .map(|_| idle.after(wal(20, 20)))
+            .map(|_| idle.after(wal(20, 20), Some(20)))
             .collect();
         assert_eq!(found.last(), Some(&true));
         assert_eq!(found.iter().filter(|idle| **idle).count(), 1);
         // A commit ends it.
-        assert!(!idle.after(wal(24, 20)));
+        assert!(!idle.after(wal(24, 20), Some(21)));
+    }
+
+    /// A writer that commits a little less often than the checkpointer runs, one size every time: each
+    /// commit finds every frame copied and starts the WAL over, so each checkpoint finds the same count
+    /// of frames. That is no idle store, and its WAL file is not cut (it was, judged by the frames).
+    #[test]
+    fn a_wal_file_is_not_cut_under_commits_one_a_checkpoint() {
+        let (_dir, path, store) = opened();
+        let mut n = 0;
+        while wal_size(&path) <= super::KEEP {
+            commit_ten(&store, n);
+            n += 1;
+        }
+        let mut last = (std::time::Instant::now(), wal_size(&path));
+        for _ in 0..(4 * super::IDLE_ROUNDS) {
+            // The pace is the load, not a wait for anything.
+            std::thread::sleep(super::EVERY + super::EVERY / 4);
+            commit_ten(&store, n);
+            n += 1;
+            let now = (std::time::Instant::now(), wal_size(&path));
+            let gap = now.0 - last.0;
+            assert!(
+                now.1 >= last.1 || gap >= super::EVERY * super::IDLE_ROUNDS,
+                "the WAL file was cut from {} to {} bytes between commits {gap:?} apart",
+                last.1,
+                now.1
+            );
+            last = now;
+        }
     }
 }
