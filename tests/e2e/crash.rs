@@ -337,20 +337,40 @@ fn three_replicas_survive_an_aborting_command(
     let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
     send(dir, &refs);
     let mut deaths = Vec::new();
-    wait_until(
-        Duration::from_secs(120),
-        "every good command handled and the culprit dead-lettered",
-        || {
-            for replica in &mut replicas {
-                if let Some(status) = replica.exited() {
-                    deaths.push(status);
-                    *replica = serve_as(dir, instance);
-                }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for replica in &mut replicas {
+            if let Some(status) = replica.exited() {
+                deaths.push(status);
+                *replica = serve_as(dir, instance);
             }
-            let good = (0..10).all(|n| handled(store, &format!("good-{n}")) >= 1);
-            good && dead_letters(dir).len() == 1
-        },
-    );
+        }
+        let good: Vec<usize> = (0..10)
+            .map(|n| handled(store, &format!("good-{n}")))
+            .collect();
+        let dead = dead_letters(dir).len();
+        if good.iter().all(|&n| n >= 1) && dead == 1 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // Where it stands, and what each replica said last: enough to tell a stuck partition from
+            // a slow machine.
+            let logs: Vec<String> = replicas
+                .into_iter()
+                .map(|replica| {
+                    let (_, log) = replica.stop();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                })
+                .collect();
+            panic!(
+                "timed out waiting for every good command handled and the culprit dead-lettered: \
+                 handled {good:?}, {dead} dead letter(s), deaths {deaths:?}\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for n in 0..10 {
         assert_eq!(handled(store, &format!("good-{n}")), 1, "good-{n} once");
     }
