@@ -86,7 +86,9 @@ fn quiet_head(store: &PostgresStore, pg: &cluster::PgServer) -> anyhow::Result<R
     pg.psql("ANALYZE message_store.messages");
     let ticks = ["probe::probe".to_owned()];
     let head = store.head(&ticks)?;
-    let others = pg.psql("SELECT count(*) FROM message_store.messages WHERE global_position > (SELECT max(global_position) FROM message_store.messages WHERE stream_name LIKE 'probe::probe-%')");
+    let others = pg.psql(&format!(
+        "SELECT count(*) FROM message_store.messages WHERE global_position > {head}"
+    ));
     let poll = |categories: &[String]| -> anyhow::Result<f64> {
         store.read_categories(categories, head, 100)?;
         let started = Instant::now();
