@@ -120,27 +120,35 @@ fn assert_dead_lettered(dir: &Path, culprits: &[(&str, &str)]) {
         let fields = rows
             .iter()
             .map(|row| &row["fields"])
-            .find(|fields| {
-                let data = fields["data"].as_str().map_or(Value::Null, |d| {
-                    serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()))
-                });
-                // A store's dead letter names the stream and holds the data; a broker's holds the
-                // whole entry.
-                fields["stream"]
-                    .as_str()
-                    .is_some_and(|s| s.ends_with(culprit))
-                    || data["id"] == *culprit
-                    || data["data"]["id"] == *culprit
-            })
+            .find(|fields| is_of(fields, culprit))
             .unwrap_or_else(|| panic!("{culprit} dead-lettered: {rows:#?}"));
-        let error = fields["error"].as_str().unwrap_or_default();
-        assert!(error.contains(cause), "{culprit}: {error}");
-        assert_eq!(
-            fields["attempts"].to_string().trim_matches('"'),
-            (MAX_RETRIES + 1).to_string(),
-            "{culprit}: {fields:#}"
-        );
+        assert_cause(fields, culprit, cause);
     }
+}
+
+/// Whether the dead letter of `fields` is `culprit`'s (its id as sent).
+fn is_of(fields: &Value, culprit: &str) -> bool {
+    let data = fields["data"].as_str().map_or(Value::Null, |d| {
+        serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()))
+    });
+    // A store's dead letter names the stream and holds the data; a broker's holds the whole entry.
+    fields["stream"]
+        .as_str()
+        .is_some_and(|s| s.ends_with(culprit))
+        || data["id"] == *culprit
+        || data["data"]["id"] == *culprit
+}
+
+/// The dead letter of `fields` came after `max_retries + 1` calls, with `cause` in its error.
+#[track_caller]
+fn assert_cause(fields: &Value, culprit: &str, cause: &str) {
+    let error = fields["error"].as_str().unwrap_or_default();
+    assert!(error.contains(cause), "{culprit}: {error}");
+    assert_eq!(
+        fields["attempts"].to_string().trim_matches('"'),
+        (MAX_RETRIES + 1).to_string(),
+        "{culprit}: {fields:#}"
+    );
 }
 
 /// Run test mode again after every death, as a supervisor restarting the process would, until a run
@@ -324,32 +332,44 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
 
 /// Three replicas of the probe domain's `instance` configured in `dir`, with an aborting command
 /// among ten good ones, restarted by the test as a supervisor would until every good command is
-/// handled and the culprit dead-lettered: each handled once, no replica left dead. How each replica
-/// that died ended.
+/// handled and the culprit dead-lettered: each handled once, no replica left dead. `after_first_death`
+/// runs once, when the first replica has died; with it, the culprit may have up to `entries` dead
+/// letters. How each replica that died ended.
 fn three_replicas_survive_an_aborting_command(
     dir: &Path,
     instance: &str,
     store: &dyn Store,
+    after_first_death: impl FnOnce(),
+    entries: usize,
 ) -> Vec<ExitStatus> {
+    let mut after_first_death = Some(after_first_death);
     let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
     let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
     commands.insert(5, ("culprit".into(), "abort"));
     let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
     send(dir, &refs);
     let mut deaths = Vec::new();
+    // What each replica that died said last: the calls it made and the counts it recovered.
+    let mut last_words = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         for replica in &mut replicas {
             if let Some(status) = replica.exited() {
                 deaths.push(status);
-                *replica = serve_as(dir, instance);
+                let dead = std::mem::replace(replica, serve_as(dir, instance));
+                last_words.push(tail(&dead.wait().1));
+            }
+        }
+        if !deaths.is_empty() {
+            if let Some(hook) = after_first_death.take() {
+                hook();
             }
         }
         let good: Vec<usize> = (0..10)
             .map(|n| handled(store, &format!("good-{n}")))
             .collect();
         let dead = dead_letters(dir).len();
-        if good.iter().all(|&n| n >= 1) && dead == 1 {
+        if good.iter().all(|&n| n >= 1) && dead >= 1 {
             break;
         }
         if Instant::now() >= deadline {
@@ -357,15 +377,14 @@ fn three_replicas_survive_an_aborting_command(
             // a slow machine.
             let logs: Vec<String> = replicas
                 .into_iter()
-                .map(|replica| {
-                    let (_, log) = replica.stop();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                })
+                .map(|replica| tail(&replica.stop().1))
                 .collect();
+            let calls = store.recorded_calls(COMMANDS, None);
             panic!(
                 "timed out waiting for every good command handled and the culprit dead-lettered: \
-                 handled {good:?}, {dead} dead letter(s), deaths {deaths:?}\n{}",
+                 handled {good:?}, {dead} dead letter(s), deaths {deaths:?}, calls recorded \
+                 {calls:?}\nthe replicas that died, in order:\n{}\n====\nthe replicas left:\n{}",
+                last_words.join("\n----\n"),
                 logs.join("\n----\n")
             );
         }
@@ -374,15 +393,30 @@ fn three_replicas_survive_an_aborting_command(
     for n in 0..10 {
         assert_eq!(handled(store, &format!("good-{n}")), 1, "good-{n} once");
     }
-    assert_culprit_dead_lettered(dir, "culprit");
+    // Each of the culprit's entries is dead-lettered at most once.
+    let rows = dead_letters(dir);
+    assert!(rows.len() <= entries, "{rows:#?}");
+    for row in &rows {
+        assert!(is_of(&row["fields"], "culprit"), "{row:#}");
+        assert_cause(&row["fields"], "culprit", "died or was stopped");
+    }
     for replica in replicas {
         replica.stop_cleanly();
     }
     deaths
 }
 
-/// Three replicas of the probe domain's `instance` on Redis, an aborting command among ten good ones.
-fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str) {
+/// The last lines of a replica's `log`.
+fn tail(log: &str) -> String {
+    let last: Vec<&str> = log.lines().rev().take(15).collect();
+    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// Three replicas of the probe domain's `instance` on Redis, an aborting command among ten good ones,
+/// its entry published twice if `twice`. An ordered subscription reads both entries in one batch:
+/// the second is settled with the first. A consumer group may hand them to different replicas, each
+/// entry a delivery of its own: each may be dead-lettered, after its own deaths.
+fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str, twice: bool) {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     // The command handler on a Redis stream: replicas share its consumer group.
@@ -393,22 +427,61 @@ fn three_replicas_on_redis_survive_a_handler_that_aborts_in(instance: &str) {
         "subscription_type = \"stream\"",
     );
     let store = open(dir.path(), None);
-    let deaths = three_replicas_survive_an_aborting_command(dir.path(), instance, store.as_ref());
+    // The outbox publishes again what it published just before its replica died: here, the culprit,
+    // once its first call has killed a replica (so its entry is in the stream, and not dead-lettered).
+    let publish_again = || {
+        if twice {
+            let copied = redis.cli(&["EVAL", COPY_CULPRIT, "1", "probe::probe:command"]);
+            assert!(
+                copied.trim().contains('-'),
+                "the culprit's entry copied: {copied}"
+            );
+        }
+    };
+    let entries = if twice && instance == PROBE { 2 } else { 1 };
+    let deaths = three_replicas_survive_an_aborting_command(
+        dir.path(),
+        instance,
+        store.as_ref(),
+        publish_again,
+        entries,
+    );
     assert!(
         deaths.len() > MAX_RETRIES,
         "each call of the culprit killed a replica: {deaths:?}"
     );
+    assert!(deaths.len() <= entries * (MAX_RETRIES + 1), "{deaths:?}");
 }
+
+/// Append a copy of the culprit's entry to the stream `KEYS[1]`; the copy's id.
+const COPY_CULPRIT: &str = "for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do \
+    for i = 2, #e[2], 2 do \
+        if string.find(e[2][i], '\"culprit\"', 1, true) then \
+            return redis.call('XADD', KEYS[1], '*', unpack(e[2])) \
+        end \
+    end \
+end \
+return false";
 
 #[test]
 fn three_replicas_on_redis_survive_a_handler_that_aborts() {
-    three_replicas_on_redis_survive_a_handler_that_aborts_in(PROBE);
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(PROBE, false);
 }
 
 #[test]
 fn three_replicas_on_redis_survive_an_ordered_handler_that_aborts() {
     // Ordered by stream on Redis: partitions leased to replicas, every call recorded.
-    three_replicas_on_redis_survive_a_handler_that_aborts_in(ORDERED);
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(ORDERED, false);
+}
+
+#[test]
+fn an_aborting_command_published_twice_ends_in_a_dead_letter_on_redis() {
+    // As an outbox does when its replica dies between publishing and marking. Both entries in one
+    // batch are each a suspect of its own unit: once the first is dead-lettered, its second must be
+    // settled too, not called afresh (twelve deaths and no dead letter, before: the crash loop never
+    // ended).
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(ORDERED, true);
+    three_replicas_on_redis_survive_a_handler_that_aborts_in(PROBE, true);
 }
 
 #[test]
@@ -569,7 +642,8 @@ fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_
     );
     run(dir.path(), &["db", "setup"]).output().expect_code(0);
     let store = open(dir.path(), Some(&pg));
-    let deaths = three_replicas_survive_an_aborting_command(dir.path(), PROBE, store.as_ref());
+    let deaths =
+        three_replicas_survive_an_aborting_command(dir.path(), PROBE, store.as_ref(), || {}, 1);
     assert_eq!(
         deaths.len(),
         MAX_RETRIES + 1,

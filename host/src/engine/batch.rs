@@ -303,6 +303,8 @@ enum Skip {
     NotHandledHere,
     /// A command past its deadline.
     Expired,
+    /// Its message was settled by an earlier unit of the batch (see [`Earlier`]).
+    SettledInThisBatch,
 }
 
 impl std::fmt::Display for Skip {
@@ -312,6 +314,7 @@ impl std::fmt::Display for Skip {
             Skip::SettledBeforePark => "settled before its key parked",
             Skip::NotHandledHere => "no handler here for this type",
             Skip::Expired => "command past its deadline",
+            Skip::SettledInThisBatch => "settled earlier in this batch (delivered twice)",
         })
     }
 }
@@ -345,9 +348,10 @@ pub(crate) fn run(
         attempts.release_due(ctx.clock.now_ms());
     }
     let mut report: Option<Report> = None;
-    // Keys an earlier unit of this batch stopped (a wait or a park): later units hold them too.
-    let mut stopped = HashSet::new();
-    for range in units(messages, attempts) {
+    let mut earlier = Earlier::default();
+    let units = units(messages, attempts);
+    let last = units.len().saturating_sub(1);
+    for (n, range) in units.into_iter().enumerate() {
         let unit_keys = keys.get(range.clone()).unwrap_or_default();
         // The position may not pass a message an earlier unit left unsettled.
         let whole = report.as_ref().is_none_or(|r| r.complete);
@@ -361,7 +365,7 @@ pub(crate) fn run(
         let suspect =
             batch.messages.len() == 1 && attempts.failed(&batch.messages[0].identity()) > 0;
         let turn = ctx.turns.map(|turns| turns.take(suspect));
-        let outcome = run_unit(ctx, &batch, attempts, &stopped);
+        let outcome = run_unit(ctx, &batch, attempts, &earlier);
         drop(turn);
         let next = match (outcome, report.take()) {
             (Ok(next), done) => {
@@ -377,8 +381,9 @@ pub(crate) fn run(
                 return Ok(done);
             }
         };
-        stopped.extend(next.waiting.iter().map(|(key, _)| key.clone()));
-        stopped.extend(next.parked.iter().cloned());
+        if n < last {
+            earlier.absorb(&next);
+        }
         // An unordered batch stops at a failed message; an ordered one holds only its key.
         let stop = next.retry.is_some() && ctx.subscription.ordering.is_none();
         report = Some(match report.take() {
@@ -422,6 +427,33 @@ fn units(messages: &[StoredMessage], attempts: &Attempts) -> Vec<std::ops::Range
     units
 }
 
+/// What the earlier units of a batch did, for its later units: the keys they stopped (a wait or a
+/// park), which later units hold too; the messages they settled. A message may be in a batch twice
+/// (published again by an outbox whose replica died before marking it, or redelivered); a later unit
+/// settles its second entry without a call. Dead-lettered, the first leaves no processed marker, and
+/// its count of calls ends with its commit: called afresh, a second entry of a message that kills its
+/// process would kill again, as many times, and its replica would die before the broker took the dead
+/// letter, for ever.
+#[derive(Default)]
+struct Earlier {
+    stopped: HashSet<String>,
+    settled: HashSet<String>,
+}
+
+impl Earlier {
+    fn absorb(&mut self, unit: &Report) {
+        self.stopped
+            .extend(unit.waiting.iter().map(|(key, _)| key.clone()));
+        self.stopped.extend(unit.parked.iter().cloned());
+        self.settled.extend(unit.settled.iter().cloned());
+    }
+
+    /// Whether an earlier unit settled the message of identity `id`.
+    fn settled(&self, m: &StoredMessage) -> bool {
+        !self.settled.is_empty() && self.settled.contains(&m.identity())
+    }
+}
+
 /// One unit of a batch: its messages, their ordering keys (empty when unordered), and whether every
 /// message before it in the batch was settled (else the position must stay where it is).
 struct Batch<'m> {
@@ -435,7 +467,7 @@ fn run_unit(
     ctx: &Context<'_>,
     batch: &Batch<'_>,
     attempts: &mut Attempts,
-    stopped: &HashSet<String>,
+    earlier: &Earlier,
 ) -> store::Result<Report> {
     let messages = batch.messages;
     let mut conflicts = 0;
@@ -451,7 +483,7 @@ fn run_unit(
         // before (or one it holds twice): when it would, the markers are looked up, and if any of its
         // messages was processed, it is built again, checked, before anything of it is committed.
         let unchecked = (broker && !recheck).then(|| attempts.clone());
-        let (mut unit, mut report, settled) = build(ctx, batch, attempts, stopped, recheck)?;
+        let (mut unit, mut report, settled) = build(ctx, batch, attempts, earlier, recheck)?;
         if let Some(before) = unchecked {
             if !handled_or_skipped(&unit, &report) && any_processed(ctx, messages)? {
                 *attempts = before;
@@ -550,7 +582,7 @@ fn build(
     ctx: &Context<'_>,
     batch: &Batch<'_>,
     attempts: &mut Attempts,
-    stopped: &HashSet<String>,
+    earlier: &Earlier,
     recheck: bool,
 ) -> store::Result<(UnitOfWork, Report, Vec<String>)> {
     let (messages, keys) = (batch.messages, batch.keys);
@@ -592,6 +624,8 @@ fn build(
                 Class::Theirs
             } else if done {
                 Class::Skip(Skip::AlreadyProcessed)
+            } else if earlier.settled(m) {
+                Class::Skip(Skip::SettledInThisBatch)
             } else if let Some(class) = parked(ctx, keys, i, m) {
                 class
             } else {
@@ -615,7 +649,7 @@ fn build(
     let mut settled = vec![false; messages.len()];
     let mut called = vec![false; messages.len()];
     let mut waiting = attempts.held();
-    waiting.extend(stopped.iter().cloned());
+    waiting.extend(earlier.stopped.iter().cloned());
     let mut held = Held::new(sub.ordering.as_ref(), keys, waiting);
     let mut i = 0;
     while i < messages.len() {

@@ -858,6 +858,47 @@ fn a_stream_batch_skips_redeliveries_and_duplicates_and_hands_its_dead_letters_t
     assert_eq!(report.settled.len(), 4, "all acknowledged");
 }
 
+/// A message delivered twice whose calls never came back (both entries suspects, each its own unit):
+/// the first entry is dead-lettered without a call, and the second is settled with it, neither called
+/// nor dead-lettered again. A dead letter leaves no marker and ends the message's call count, so a
+/// second entry left to be called afresh would start its crash loop over, for ever if it killed the
+/// process before the broker took the first's dead letter.
+#[test]
+fn a_message_delivered_twice_is_dead_lettered_once_and_its_second_entry_settled_with_it() {
+    let setup = Setup::events(|s| s, FAST);
+    setup.append(HAPPENED, &ids(&["m1", "m2", "m3"]));
+    let stored = setup.read();
+    let culprit = stored[1].identity();
+    let delivered = [&stored[0], &stored[1], &stored[2], &stored[1]].map(Clone::clone);
+    let record = CallRecord {
+        subscription: "h".into(),
+        identity: culprit.clone(),
+        attempts: 4,
+    };
+    setup.store.record_calls(&[record]).unwrap();
+    let mut attempts = Attempts::default();
+    attempts.recover(setup.store.recorded_calls("h", None).unwrap());
+    let stream = on_a_stream(&setup);
+    let ctx = Context {
+        subscription: &stream,
+        position: None,
+        origin: Origin::Broker,
+        ..setup.context(Record::Every)
+    };
+    let report = run(&ctx, &delivered, &mut attempts).unwrap();
+    assert_eq!(
+        calls(&setup),
+        [call(&["m1"]), call(&["m3"])],
+        "m2 is never called"
+    );
+    assert_eq!(report.dead_lettered_ids, [culprit]);
+    assert_eq!(report.dead_letters.len(), 1);
+    assert_eq!(report.skipped, 1, "the second entry");
+    assert_eq!(report.settled.len(), 4, "all acknowledged");
+    assert!(report.complete);
+    assert!(setup.store.recorded_calls("h", None).unwrap().is_empty());
+}
+
 /// A broker's batch looks up its messages' processed markers, and that time is the `markers` phase's;
 /// a single reader of the event store looks up none.
 #[test]
