@@ -180,6 +180,81 @@ fn a_stalled_replica_whose_lease_expired_is_fenced_out() {
     assert_eq!(records(store.as_ref(), 1)["k0"], [1, 2]);
 }
 
+#[test]
+fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let poison = dir.path().join("poison");
+    std::fs::write(&poison, "").unwrap();
+    configure(dir.path(), &redis, 4);
+    // The dead-letter stream's key holds a string: the broker refuses every dead letter (WRONGTYPE)
+    // until it is gone. The store has committed the batch by then.
+    redis.cli(&["SET", "recorder:dlq", "not a stream"]);
+    let serve = || {
+        host(dir.path())
+            .env("SEQUENCING_POISON_FILE", &poison)
+            .args(["--domain", &domain()])
+            .spawn()
+    };
+    let mut server = serve();
+    let store = sqlite(dir.path());
+    let (keys, per_key) = (8, 10u64);
+    let messages: Vec<String> = wave(keys, 1..=per_key)
+        .iter()
+        .enumerate()
+        .map(|(i, (key, seq))| {
+            let poisoned = key == "k3" && *seq == 4;
+            numbered(key, *seq, i as u64 + 1, json!({ "poison": poisoned }))
+        })
+        .collect();
+    publish(&redis, &messages);
+    let refused = ["broker unavailable", "XADD dead letter", "WRONGTYPE"];
+    server.wait_for(&refused, Duration::from_secs(60));
+    // Killed while it owes the dead letter: its successor reads k3 again from before #4.
+    server.signal(libc::SIGKILL);
+    server.wait();
+    let mut server = serve();
+    server.wait_for(&refused, Duration::from_secs(60));
+    wait_until(Duration::from_secs(60), "every other key finished", || {
+        let records = records(store.as_ref(), keys);
+        records
+            .iter()
+            .filter(|(k, _)| *k != "k3")
+            .all(|(_, s)| s.len() == per_key as usize)
+    });
+    assert_eq!(records(store.as_ref(), keys)["k3"], [1, 2, 3]);
+    assert_eq!(redis.cli(&["TYPE", "recorder:dlq"]).trim(), "string");
+    redis.cli(&["DEL", "recorder:dlq"]);
+    wait_until(Duration::from_secs(60), "the dead letter written", || {
+        !dead_letters(dir.path()).is_empty()
+    });
+    let dead = dead_letters(dir.path());
+    assert_eq!(dead.len(), 1, "written once: {dead:#?}");
+    assert_eq!(dead[0]["fields"]["key"], "sequencing::sequence-k3");
+    assert_eq!(dead[0]["fields"]["parked"], "yes");
+    // Parked: k3's later messages wait behind it, none handled, none lost.
+    std::fs::remove_file(&poison).unwrap();
+    let id = dead[0]["id"].as_str().unwrap();
+    host(dir.path())
+        .args([
+            "dlq",
+            "replay",
+            id,
+            "--subscription",
+            "recorder",
+            "--domain",
+            &domain(),
+        ])
+        .output()
+        .expect_code(0);
+    wait_until(Duration::from_secs(60), "k3 finished", || {
+        records(store.as_ref(), keys)["k3"].len() == per_key as usize
+    });
+    every_key_in_order(store.as_ref(), keys, per_key);
+    assert!(dead_letters(dir.path()).is_empty());
+    server.stop_cleanly();
+}
+
 /// The recorder's row of `subscriptions status --json`.
 fn recorder_status(dir: &Path) -> serde_json::Value {
     let out = host(dir)

@@ -91,14 +91,18 @@ pub trait Partitions: Send {
     /// The parked keys.
     async fn parked(&mut self) -> Result<HashMap<String, Parked>>;
 
-    /// Record `entry` of `key` as a dead letter; with `park`, park its key (if the claim still holds).
+    /// Record `entry` of `key` as a dead letter (`parks`: its key is to park behind it); its id.
     async fn dead_letter(
         &mut self,
         entry: &Entry,
         key: &str,
-        park: Option<&Claim>,
+        parks: bool,
         failure: &DeadLetterInfo<'_>,
-    ) -> Result<()>;
+    ) -> Result<String>;
+
+    /// Park `key` behind its dead letter `id`, if the claim still holds. Apart from the dead letter,
+    /// so that a park the broker refused is tried again without a second dead letter.
+    async fn park(&mut self, claim: &Claim, key: &str, id: &str) -> Result<()>;
 
     /// Move `entries` of the parked `key` behind it; false when the claim was lost.
     async fn hold(&mut self, claim: &Claim, key: &str, entries: &[Entry]) -> Result<bool>;

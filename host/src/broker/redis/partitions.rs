@@ -320,18 +320,18 @@ impl Partitions for RedisPartitions {
         &mut self,
         entry: &Entry,
         key: &str,
-        park: Option<&Claim>,
+        parks: bool,
         failure: &DeadLetterInfo<'_>,
-    ) -> Result<()> {
-        let parked = if park.is_some() { "yes" } else { "no" };
+    ) -> Result<String> {
+        let parked = if parks { "yes" } else { "no" };
         let extra = [("key", key), ("parked", parked)];
-        let id: String = dead_letter_xadd(&self.group, &self.owner, entry, failure, &extra)
+        dead_letter_xadd(&self.group, &self.owner, entry, failure, &extra)
             .query_async(&mut self.conn)
             .await
-            .map_err(command("XADD dead letter"))?;
-        let Some(claim) = park else {
-            return Ok(());
-        };
+            .map_err(command("XADD dead letter"))
+    }
+
+    async fn park(&mut self, claim: &Claim, key: &str, id: &str) -> Result<()> {
         PARK.key(self.keys.lease(claim.partition))
             .key(self.keys.parked())
             .arg(self.value(claim))

@@ -50,10 +50,12 @@ use crate::{
 };
 
 mod intake;
+mod owed;
 mod ownership;
 mod positions;
 
 use intake::take_in_order;
+use owed::Owed;
 use positions::{Part, Positions};
 
 /// An ordered subscription on this replica, as a source of the engine's loop: its partitions, what
@@ -84,6 +86,8 @@ pub(crate) struct Ordered {
     /// The batch in flight: its items (their messages are with the batch) and the positions of the
     /// batch before it, sent while it runs.
     in_flight: Option<(Vec<Item>, Positions)>,
+    /// What the last batch committed still owes the broker: paid before the next is taken.
+    owed: Owed,
 }
 
 impl Ordered {
@@ -118,6 +122,7 @@ impl Ordered {
             attempts: Attempts::default(),
             ahead: Vec::new(),
             in_flight: None,
+            owed: Owed::default(),
         })
     }
 
@@ -140,6 +145,9 @@ impl Ordered {
         group: &mut dyn Partitions,
         shutdown: &CancellationToken,
     ) -> Result<Fetched, Trouble> {
+        if !self.owed.is_empty() {
+            self.pay(group).await?;
+        }
         let until_renew = self.next_renew.saturating_duration_since(Instant::now());
         let wait = self.wait(self.block.min(until_renew));
         let seen = self.shared.progress.published();
@@ -148,9 +156,14 @@ impl Ordered {
         };
         let fresh = read.map_err(Trouble::broker)?;
         let count = self.sub.settings.messages_per_tick as usize;
-        let fresh = self.accept(group, fresh).await?;
-        let new_work = !fresh.is_empty() | self.drain(group, count).await?;
+        let fresh = self.accept(fresh);
+        let fresh_work = !fresh.is_empty();
         self.pending.extend(fresh);
+        // Its dead letters and held messages, before the held lists are read.
+        if !self.owed.is_empty() {
+            self.pay(group).await?;
+        }
+        let new_work = fresh_work | self.drain(group, count).await?;
         let nothing = |state| Fetched::Nothing {
             state,
             wake: Wake::Now,
@@ -291,11 +304,14 @@ impl Source for Ordered {
         self.group = Some(group);
     }
 
+    /// What the batch owes the broker is noted before it is paid: a broker that refuses it has it
+    /// again before the next batch, and no position passes it meanwhile.
     async fn committed(&mut self, report: &Report, back: Back) -> Result<Settled, Trouble> {
         let items = self.items_back(back);
+        self.owe(items, report);
         let mut group = self.group()?;
-        let settled = self.settle(group.as_mut(), items, report).await;
-        self.put_back(group, settled)?;
+        let paid = self.pay(group.as_mut()).await;
+        self.put_back(group, paid)?;
         Ok(Settled::default())
     }
 
@@ -396,12 +412,9 @@ impl Ordered {
     }
 
     /// Decode what was read and keep the messages of this replica's partitions not seen before; the
-    /// messages of parked keys go to their held lists, undecodable entries to the dead letters.
-    async fn accept(
-        &mut self,
-        group: &mut dyn Partitions,
-        entries: Vec<Entry>,
-    ) -> Result<Vec<Item>, Trouble> {
+    /// messages of parked keys are owed to their held lists, undecodable entries to the dead letters
+    /// (see [`Owed`]).
+    fn accept(&mut self, entries: Vec<Entry>) -> Vec<Item> {
         let (taken, advance) = take_in_order(entries, self.sub.settings.messages_per_tick as usize);
         let mut fresh = Vec::new();
         let mut to_hold: PerKey<Vec<Entry>> = PerKey::new();
@@ -415,7 +428,10 @@ impl Ordered {
                 continue;
             }
             match message {
-                Err(reason) => self.poison(group, &entry, &key, &reason).await?,
+                Err(reason) => {
+                    tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
+                    self.owed.poison(entry, key, partition, reason);
+                }
                 Ok(_) if self.parked.contains_key(&key) => {
                     to_hold.entry((partition, key)).or_default().push(entry)
                 }
@@ -429,15 +445,15 @@ impl Ordered {
             }
         }
         positions::advance(&mut self.parts, &advance);
-        for ((partition, key), entries) in to_hold {
-            self.hold(group, partition, &key, &entries).await?;
-        }
+        self.owed.hold(to_hold);
         if self.streams.len() > 1 {
             fresh.sort_by_key(|item| item.message.global_position);
         }
-        Ok(fresh)
+        fresh
     }
 
+    /// Dead-letter the undecodable `entry` of a held list, at once: until its list is trimmed, the
+    /// broker keeps it there.
     async fn poison(
         &mut self,
         group: &mut dyn Partitions,
@@ -453,8 +469,9 @@ impl Ordered {
             build_id: &build_id,
         };
         group
-            .dead_letter(entry, key, None, &info)
+            .dead_letter(entry, key, false, &info)
             .await
+            .map(drop)
             .map_err(Trouble::broker)
     }
 
@@ -580,72 +597,6 @@ impl Ordered {
         None
     }
 
-    /// After a commit: dead letters (parking their keys), held lists trimmed, parked keys' later
-    /// messages held, the rest kept for later, positions stored.
-    async fn settle(
-        &mut self,
-        group: &mut dyn Partitions,
-        items: Vec<Item>,
-        report: &Report,
-    ) -> Result<(), Trouble> {
-        self.dead_letters(group, &items, report).await?;
-        let (held_done, to_hold) = self.sort_out(items, report);
-        for ((partition, key), count) in held_done {
-            let Some(claim) = self.parts.get(&partition).map(|p| p.claim) else {
-                continue;
-            };
-            self.settle_held(group, &claim, &key, count).await?;
-            if !self.pending.iter().any(|i| i.held && i.key == key) {
-                self.draining.remove(&key);
-            }
-        }
-        for ((partition, key), entries) in to_hold {
-            self.hold(group, partition, &key, &entries).await?;
-        }
-        // With more to read the next batch sends the positions; idle, they go now.
-        if self.ahead.is_empty() {
-            self.commit_positions(group).await?;
-        }
-        Ok(())
-    }
-
-    /// Record the batch's dead letters in the broker, parking their keys where the ordering parks.
-    async fn dead_letters(
-        &mut self,
-        group: &mut dyn Partitions,
-        items: &[Item],
-        report: &Report,
-    ) -> Result<(), Trouble> {
-        let build_id = self.shared.plugin().build_id().to_owned();
-        for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
-            let Some(item) = items.iter().find(|i| &i.message.identity() == identity) else {
-                continue;
-            };
-            let park = report.parked.contains(&item.key);
-            let claim = self.parts.get(&item.partition).map(|p| p.claim);
-            let info = DeadLetterInfo {
-                error: &dead.error,
-                attempts: dead.attempts,
-                build_id: &build_id,
-            };
-            group
-                .dead_letter(
-                    &item.entry,
-                    &item.key,
-                    claim.as_ref().filter(|_| park),
-                    &info,
-                )
-                .await
-                .map_err(Trouble::broker)?;
-            if park {
-                tracing::warn!(subscription = %self.name(), key = %item.key, message_id = %dead.message_id, "key parked: its later messages wait until its dead letter is replayed or discarded");
-                self.parked
-                    .insert(item.key.clone(), Parked::Waiting(dead.message_id.clone()));
-            }
-        }
-        Ok(())
-    }
-
     /// Sort the batch's items out: settled held ones are counted per key (to trim their lists), the
     /// unsettled ones of a key parked now go to its held list, the rest stay pending.
     fn sort_out(
@@ -691,10 +642,11 @@ impl Ordered {
     /// stream.
     fn position_updates(&self) -> Positions {
         let unsettled = self.pending.iter().filter(|i| !i.held);
+        let unsettled = unsettled.map(|i| (i.partition, &i.entry));
         positions::updates(
             &self.parts,
             &self.streams,
-            unsettled.map(|i| (i.partition, &i.entry)),
+            unsettled.chain(self.owed.entries()),
         )
     }
 

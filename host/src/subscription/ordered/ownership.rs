@@ -144,6 +144,7 @@ impl Ordered {
     /// Forget a partition: its unsettled messages are re-read by its next holder.
     fn drop_part(&mut self, partition: u32) {
         self.parts.remove(&partition);
+        self.owed.forget(partition);
         self.pending.retain(|item| item.partition != partition);
         let partitions = self.partitions();
         self.draining
@@ -158,6 +159,9 @@ impl Ordered {
     /// On shutdown: give every partition back at once (positions are stored after every batch), so the
     /// other replicas need not wait for the leases to expire.
     pub(super) async fn stop(&mut self, group: &mut dyn Partitions) {
+        if let Err(error) = self.pay(group).await {
+            tracing::warn!(subscription = %self.name(), %error, "cannot give the broker what the last batch owes it (dead letters, held messages); the next holder reads those entries again");
+        }
         // The positions of the last batch, unless a read ahead was to carry them.
         if let Err(error) = self.commit_positions(group).await {
             tracing::warn!(subscription = %self.name(), %error, "cannot store the last positions; the next holder reads those entries again and skips what was handled");
