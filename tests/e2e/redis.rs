@@ -373,6 +373,56 @@ fn a_stop_mid_run_leaves_nothing_pending_and_a_restart_finishes_exactly_once() {
     each_order_exactly_once(store.as_ref(), total);
 }
 
+/// A dead letter the broker refuses, after its batch committed, stops nothing and loses nothing: the
+/// batch's entries stay pending and come back, the handled ones acknowledged by their markers, the
+/// failed one failing again, until the broker takes its dead letter. (It was a fatal error that
+/// stopped the server.) An undecodable entry's dead letter, refused, comes back too.
+#[test]
+fn a_dead_letter_the_broker_refuses_is_written_once_it_takes_it_and_the_server_goes_on() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("protean.toml"), config(&redis)).unwrap();
+    let lib = format!("{}:probe", fixture_domain().display());
+    // The dead-letter stream's key holds a string: the broker refuses every dead letter (WRONGTYPE).
+    let dlq = "commands:probe::probe:dlq";
+    redis.cli(&["SET", dlq, "not a stream"]);
+    let mut server = host(dir.path()).args(["--domain", &lib]).spawn();
+    let commands: String = [("before", "ok"), ("doomed", "always"), ("after", "ok")]
+        .iter()
+        .map(|(id, behaviour)| json!({ "id": id, "behaviour": behaviour }).to_string() + "\n")
+        .collect();
+    host(dir.path())
+        .args(["send", "--domain", &lib, "Probe.Run.v1", "-"])
+        .output_with_stdin(&commands)
+        .expect_code(0);
+    let refused = ["broker unavailable", "XADD dead letter", "WRONGTYPE"];
+    server.wait_for(&refused, Duration::from_secs(60));
+    redis.cli(&["XADD", "probe::probe:command", "*", "data", "{not json"]);
+    server.wait_for(&refused, Duration::from_secs(60));
+    assert!(server.exited().is_none(), "the server goes on");
+    let store = sqlite(dir.path());
+    redis.cli(&["DEL", dlq]);
+    wait_until(Duration::from_secs(60), "both dead letters written", || {
+        redis.cli(&["XLEN", dlq]).trim() == "2"
+    });
+    wait_until(Duration::from_secs(30), "nothing pending", || {
+        redis
+            .cli(&["XPENDING", "probe::probe:command", "commands:probe::probe"])
+            .starts_with("0\n")
+    });
+    let dead = redis.cli(&["XRANGE", dlq, "-", "+"]);
+    assert_eq!(
+        dead.matches("probe doomed always fails").count(),
+        1,
+        "{dead}"
+    );
+    assert_eq!(dead.matches("{not json").count(), 1, "{dead}");
+    for (id, times) in [("before", 1), ("doomed", 0), ("after", 1)] {
+        assert_eq!(ran(store.as_ref(), id), times, "{id}");
+    }
+    server.stop_cleanly();
+}
+
 /// A stop handles every batch a consumer read ahead while another ran, and what a read ended by the
 /// stop was given, and leaves nothing pending: the commands are on the stream before the server
 /// starts, read five at a time, and the signal comes once the first batch committed (the probe's

@@ -133,10 +133,15 @@ impl Stream {
                 Err(reason) => {
                     tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
                     let build = self.shared.plugin().build_id().to_owned();
-                    self.consumer()?
+                    let written = self.consumer()?;
+                    let written = written
                         .dead_letter(&entry, &reason, entry.deliveries, &build)
-                        .await
-                        .map_err(|e| Trouble::Fatal(e.to_string()))?;
+                        .await;
+                    if let Err(error) = written {
+                        // Nothing is acknowledged: every entry read comes back.
+                        self.given_up().await;
+                        return Err(Trouble::broker(error));
+                    }
                 }
             }
         }
@@ -305,10 +310,18 @@ impl Source for Stream {
     async fn committed(&mut self, report: &Report, _: Back) -> Result<Settled, Trouble> {
         for (dead, identity) in report.dead_letters.iter().zip(&report.dead_lettered_ids) {
             for entry in self.origin.remove(identity).unwrap_or_default() {
-                self.consumer()?
+                let written = self
+                    .consumer()?
                     .dead_letter(&entry, &dead.error, dead.attempts, &dead.build_id)
-                    .await
-                    .map_err(|e| Trouble::Fatal(e.to_string()))?;
+                    .await;
+                if let Err(error) = written {
+                    // Committed, and nothing acknowledged: every entry of the batch comes back, the
+                    // settled ones acknowledged by their markers, the dead one handled again.
+                    self.given_up().await;
+                    return Err(Trouble::broker(format!(
+                        "{error} (after the commit; the entries will be redelivered)"
+                    )));
+                }
             }
         }
         let acks: Vec<(String, String)> = report
