@@ -646,6 +646,8 @@ fn build(
     };
     let mut report = Report::default();
     let mut settled_ids = Vec::new();
+    // Dead-lettered because calls of theirs never came back (see the end of this function).
+    let mut crashed_out = Vec::new();
     let mut settled = vec![false; messages.len()];
     let mut called = vec![false; messages.len()];
     let mut waiting = attempts.held();
@@ -706,6 +708,7 @@ fn build(
                 &never_settled(before),
                 before,
             );
+            crashed_out.push(messages[i].identity());
             report.dead_lettered += 1;
             report.dead_lettered_ids.push(messages[i].identity());
             settled_ids.push(messages[i].identity());
@@ -807,6 +810,9 @@ fn build(
             }
             None => {
                 dead_letter(ctx, &mut unit, failed, handler, &failure.message, attempt);
+                if failure.crashed {
+                    crashed_out.push(failed.identity());
+                }
                 report.dead_lettered += 1;
                 report.dead_lettered_ids.push(failed.identity());
                 settled_ids.push(failed.identity());
@@ -823,6 +829,14 @@ fn build(
     }
     buffer.drain_into(&mut unit);
     unit.ended_calls = ended_calls(sub, messages, &classes, &settled, &called, attempts);
+    if ctx.origin == Origin::Broker && !crashed_out.is_empty() {
+        // A broker's dead letter is written after this commit. Until the broker has it, the record of a
+        // message whose calls never came back stays (`subscription::calls`): a replica that dies first
+        // leaves its successor the count that dead-letters it again without a call, where a count
+        // started over would start its crash loop over. A message that failed otherwise is called
+        // again, and fails again with its own error.
+        unit.ended_calls.retain(|(_, id)| !crashed_out.contains(id));
+    }
     if let Some(parking) = ctx.parking {
         parking::finish(parking, &sub.plan.name, &mut unit, messages, &settled);
     }

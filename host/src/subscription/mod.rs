@@ -5,6 +5,7 @@
 //! order), and one `commands:{category}` per aggregate, shared by its command handlers and routed by type.
 
 pub(crate) mod busy;
+pub(crate) mod calls;
 pub(crate) mod event_store;
 pub(crate) mod ordered;
 pub(crate) mod parking;

@@ -24,7 +24,7 @@ use crate::{
         Shared,
     },
     store::StoredMessage,
-    subscription::standing,
+    subscription::{calls, standing},
 };
 
 /// A consumer of the subscription's group, run by [`crate::engine::run`].
@@ -184,6 +184,23 @@ impl Stream {
         }
     }
 
+    /// With dead letters written, acknowledge now rather than with the next read, then clear their call
+    /// records (see `subscription::calls`): the broker will not deliver them again.
+    async fn dead_letters_settled(&mut self, report: &Report) -> Result<(), Trouble> {
+        if report.dead_lettered_ids.is_empty() {
+            return Ok(());
+        }
+        if let Err(error) = self.consumer()?.flush().await {
+            self.given_up().await;
+            return Err(Trouble::broker(format!(
+                "{error} (after the dead letters were written; they may be written again)"
+            )));
+        }
+        let store = self.shared.store.clone();
+        calls::end(&store, self.name(), &report.dead_lettered_ids).await;
+        Ok(())
+    }
+
     /// The batch is given up: its entries stay pending and are read again first, one at a time.
     async fn given_up(&mut self) {
         self.retrying = true;
@@ -339,6 +356,7 @@ impl Source for Stream {
                 "{error} (after the commit; the entries will be redelivered)"
             )));
         }
+        self.dead_letters_settled(report).await?;
         match report.retry {
             // What was read ahead stays pending here and is read again after the retried message.
             Some(_) => self.given_up().await,

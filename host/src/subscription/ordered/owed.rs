@@ -17,6 +17,7 @@ use crate::{
         Entry,
     },
     engine::{batch::Report, run::Trouble},
+    subscription::calls,
 };
 
 #[derive(Default)]
@@ -26,6 +27,9 @@ pub(super) struct Owed {
     trims: VecDeque<((u32, String), usize)>,
     /// Per parked key: its later entries, read from a stream, to go behind it.
     holds: VecDeque<((u32, String), Vec<Entry>)>,
+    /// The messages dead-lettered, with their partitions, whose call records go once their positions
+    /// are stored (see `subscription::calls`).
+    records: Vec<(u32, String)>,
 }
 
 /// A dead letter owed: its message's entry, key and partition, why, and once written, its id (the
@@ -45,7 +49,10 @@ struct Dead {
 
 impl Owed {
     pub(super) fn is_empty(&self) -> bool {
-        self.dead.is_empty() && self.trims.is_empty() && self.holds.is_empty()
+        self.dead.is_empty()
+            && self.trims.is_empty()
+            && self.holds.is_empty()
+            && self.records.is_empty()
     }
 
     /// The entries read from a stream that no position may pass yet, with their partitions.
@@ -84,6 +91,8 @@ impl Owed {
         self.dead.retain(|d| d.partition != partition);
         self.trims.retain(|((p, _), _)| *p != partition);
         self.holds.retain(|((p, _), _)| *p != partition);
+        // Left: its next holder dead-letters those messages again without a call, if it reads them.
+        self.records.retain(|(p, _)| *p != partition);
     }
 }
 
@@ -96,6 +105,7 @@ impl Ordered {
             let Some(item) = items.iter().find(|i| &i.message.identity() == identity) else {
                 continue;
             };
+            self.owed.records.push((item.partition, identity.clone()));
             let park = report.parked.contains(&item.key);
             if park {
                 let waiting = Parked::Waiting(dead.message_id.clone());
@@ -118,8 +128,9 @@ impl Ordered {
         self.owed.hold(holds);
     }
 
-    /// Pay what is owed, in order; then, with nothing read ahead to carry them, store the positions.
-    /// A step the broker refuses stays owed, and so does every later one.
+    /// Pay what is owed, in order; then, with nothing read ahead to carry them or with dead letters
+    /// written, store the positions, and clear the dead-lettered messages' call records. A step the
+    /// broker refuses stays owed, and so does every later one.
     pub(super) async fn pay(&mut self, group: &mut dyn Partitions) -> Result<(), Trouble> {
         while let Some(mut dead) = self.owed.dead.pop_front() {
             if let Err(trouble) = self.write(group, &mut dead).await {
@@ -145,10 +156,16 @@ impl Ordered {
                 return Err(trouble);
             }
         }
-        // With more read ahead, the next batch sends the positions; idle, they go now.
-        if self.ahead.is_empty() {
+        // With more read ahead, the next batch sends the positions; idle, or past a dead letter, they
+        // go now.
+        if self.ahead.is_empty() || !self.owed.records.is_empty() {
             self.commit_positions(group).await?;
         }
+        // Positions refused drop their partitions, and with them their records here (`forget`).
+        let records = std::mem::take(&mut self.owed.records);
+        let identities: Vec<String> = records.into_iter().map(|(_, id)| id).collect();
+        let store = self.shared.store.clone();
+        calls::end(&store, self.name(), &identities).await;
         Ok(())
     }
 
