@@ -448,7 +448,7 @@ impl Earlier {
         self.settled.extend(unit.settled.iter().cloned());
     }
 
-    /// Whether an earlier unit settled the message of identity `id`.
+    /// Whether an earlier unit settled message `m`.
     fn settled(&self, m: &StoredMessage) -> bool {
         !self.settled.is_empty() && self.settled.contains(&m.identity())
     }

@@ -133,11 +133,9 @@ impl Stream {
                 Err(reason) => {
                     tracing::warn!(subscription = %self.name(), stream = %entry.stream, entry = %entry.id, error = %reason, "dead-lettered");
                     let build = self.shared.plugin().build_id().to_owned();
-                    let written = self.consumer()?;
-                    let written = written
-                        .dead_letter(&entry, &reason, entry.deliveries, &build)
-                        .await;
-                    if let Err(error) = written {
+                    let consumer = self.consumer()?;
+                    let written = consumer.dead_letter(&entry, &reason, entry.deliveries, &build);
+                    if let Err(error) = written.await {
                         // Nothing is acknowledged: every entry read comes back.
                         self.given_up().await;
                         return Err(Trouble::broker(error));
@@ -333,7 +331,8 @@ impl Source for Stream {
                     .await;
                 if let Err(error) = written {
                     // Committed, and nothing acknowledged: every entry of the batch comes back, the
-                    // settled ones acknowledged by their markers, the dead one handled again.
+                    // settled ones acknowledged by their markers, the dead one read again (and
+                    // dead-lettered again, without a call if its calls never came back).
                     self.given_up().await;
                     return Err(Trouble::broker(format!(
                         "{error} (after the commit; the entries will be redelivered)"
