@@ -3,6 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
+use protean_host::store::Store;
 use serde_json::json;
 
 use crate::support::{
@@ -93,22 +94,8 @@ fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_or
         assert!(server.seen_or_wait(&["partitions taken"], Duration::from_secs(60)));
     }
     let store = sqlite(dir.path());
-    let messages: Vec<String> = wave(keys, 1..=per_key)
-        .iter()
-        .enumerate()
-        .map(|(i, (key, seq))| {
-            let poisoned = key == "k7" && *seq == 5;
-            numbered(key, *seq, i as u64 + 1, json!({ "poison": poisoned }))
-        })
-        .collect();
-    publish(&redis, &messages);
-    wait_until(Duration::from_secs(60), "every other key finished", || {
-        let records = records(store.as_ref(), keys);
-        records
-            .iter()
-            .filter(|(k, _)| *k != "k7")
-            .all(|(_, s)| s.len() == per_key as usize)
-    });
+    publish(&redis, &poisoned_wave(keys, per_key, ("k7", 5)));
+    others_finished(store.as_ref(), keys, per_key, "k7");
     let dead = dead_letters(dir.path());
     assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
     assert_eq!(dead[0]["fields"]["key"], "sequencing::sequence-k7");
@@ -134,24 +121,7 @@ fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_or
     assert_eq!(owned(&status), 16);
     assert_eq!(status["lag"], 0, "{status}");
     std::fs::remove_file(&poison).unwrap();
-    let id = dead[0]["id"].as_str().unwrap();
-    host(dir.path())
-        .args([
-            "dlq",
-            "replay",
-            id,
-            "--subscription",
-            "recorder",
-            "--domain",
-            &domain(),
-        ])
-        .output()
-        .expect_code(0);
-    wait_until(Duration::from_secs(30), "k7 finished", || {
-        records(store.as_ref(), keys)["k7"].len() == per_key as usize
-    });
-    every_key_in_order(store.as_ref(), keys, per_key);
-    assert!(dead_letters(dir.path()).is_empty());
+    replay_until_every_key_finished(dir.path(), &dead[0], store.as_ref(), keys, per_key);
 }
 
 #[test]
@@ -199,15 +169,7 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
     let mut server = serve();
     let store = sqlite(dir.path());
     let (keys, per_key) = (8, 10u64);
-    let messages: Vec<String> = wave(keys, 1..=per_key)
-        .iter()
-        .enumerate()
-        .map(|(i, (key, seq))| {
-            let poisoned = key == "k3" && *seq == 4;
-            numbered(key, *seq, i as u64 + 1, json!({ "poison": poisoned }))
-        })
-        .collect();
-    publish(&redis, &messages);
+    publish(&redis, &poisoned_wave(keys, per_key, ("k3", 4)));
     let refused = ["broker unavailable", "XADD dead letter", "WRONGTYPE"];
     server.wait_for(&refused, Duration::from_secs(60));
     // Killed while it owes the dead letter: its successor reads k3 again from before #4.
@@ -215,13 +177,7 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
     server.wait();
     let mut server = serve();
     server.wait_for(&refused, Duration::from_secs(60));
-    wait_until(Duration::from_secs(60), "every other key finished", || {
-        let records = records(store.as_ref(), keys);
-        records
-            .iter()
-            .filter(|(k, _)| *k != "k3")
-            .all(|(_, s)| s.len() == per_key as usize)
-    });
+    others_finished(store.as_ref(), keys, per_key, "k3");
     assert_eq!(records(store.as_ref(), keys)["k3"], [1, 2, 3]);
     assert_eq!(redis.cli(&["TYPE", "recorder:dlq"]).trim(), "string");
     redis.cli(&["DEL", "recorder:dlq"]);
@@ -234,8 +190,44 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
     assert_eq!(dead[0]["fields"]["parked"], "yes");
     // Parked: k3's later messages wait behind it, none handled, none lost.
     std::fs::remove_file(&poison).unwrap();
-    let id = dead[0]["id"].as_str().unwrap();
-    host(dir.path())
+    replay_until_every_key_finished(dir.path(), &dead[0], store.as_ref(), keys, per_key);
+    server.stop_cleanly();
+}
+
+/// `keys` keys with `per_key` messages each, one of them (key, seq) poisoned: its handler fails
+/// while the poison file exists.
+fn poisoned_wave(keys: usize, per_key: u64, poisoned: (&str, u64)) -> Vec<String> {
+    wave(keys, 1..=per_key)
+        .iter()
+        .enumerate()
+        .map(|(i, (key, seq))| {
+            let poison = (key.as_str(), *seq) == poisoned;
+            numbered(key, *seq, i as u64 + 1, json!({ "poison": poison }))
+        })
+        .collect()
+}
+
+/// Waits until every key but `parked` has all its messages recorded.
+fn others_finished(store: &dyn Store, keys: usize, per_key: u64, parked: &str) {
+    wait_until(Duration::from_secs(60), "every other key finished", || {
+        records(store, keys)
+            .iter()
+            .filter(|(k, _)| *k != parked)
+            .all(|(_, s)| s.len() == per_key as usize)
+    });
+}
+
+/// Replays the parked key's dead letter and waits until every key has all its messages, in order,
+/// with no dead letter left.
+fn replay_until_every_key_finished(
+    dir: &Path,
+    dead: &serde_json::Value,
+    store: &dyn Store,
+    keys: usize,
+    per_key: u64,
+) {
+    let id = dead["id"].as_str().unwrap();
+    host(dir)
         .args([
             "dlq",
             "replay",
@@ -247,12 +239,11 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
         ])
         .output()
         .expect_code(0);
-    wait_until(Duration::from_secs(60), "k3 finished", || {
-        records(store.as_ref(), keys)["k3"].len() == per_key as usize
+    wait_until(Duration::from_secs(60), "every key finished", || {
+        recorded(store, keys) >= keys * per_key as usize
     });
-    every_key_in_order(store.as_ref(), keys, per_key);
-    assert!(dead_letters(dir.path()).is_empty());
-    server.stop_cleanly();
+    every_key_in_order(store, keys, per_key);
+    assert!(dead_letters(dir).is_empty());
 }
 
 /// The recorder's row of `subscriptions status --json`.
