@@ -44,7 +44,7 @@ pub fn rows(
     let appended = append_rate(&store, events)?;
     let handled = subscription_rate(host, fixture, &pg, events)?;
     if statements {
-        pg.psql("CREATE EXTENSION pg_stat_statements; SELECT pg_stat_statements_reset()");
+        pg.psql("CREATE EXTENSION pg_stat_statements; SELECT pg_stat_statements_reset(), pg_stat_reset()");
     }
     let dir = tempfile::tempdir()?;
     let cpu = || pg.cpu();
@@ -74,6 +74,16 @@ fn print_statements(pg: &cluster::PgServer) {
              ORDER BY total_exec_time DESC LIMIT 20",
     );
     for line in statements.lines() {
+        println!("  {}", line.trim());
+    }
+    println!("Sample flow on PostgreSQL: rows written by table (pg_stat_user_tables; a HOT update writes no index entry):");
+    let tables = pg.psql(
+        "SELECT format('%s.%s: %s inserted, %s updated (%s HOT), %s deleted, %s index scans', \
+                 schemaname, relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, idx_scan) \
+             FROM pg_stat_user_tables WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 \
+             ORDER BY n_tup_ins + n_tup_upd + n_tup_del DESC",
+    );
+    for line in tables.lines() {
         println!("  {}", line.trim());
     }
 }
