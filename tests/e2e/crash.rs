@@ -334,7 +334,8 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
 /// `culprits`) among ten good ones, restarted by the test as a supervisor would until every good
 /// command is handled and every culprit dead-lettered: each handled once, no replica left dead.
 /// `after_first_death` runs once, when the first replica has died; with it, a culprit may have up to
-/// `entries` dead letters. How each replica that died ended.
+/// `entries` dead letters. `drained` says whether the source has nothing left to deliver, so that no
+/// entry is still on its way to a replica when the test stops them. How each replica that died ended.
 fn three_replicas_survive_an_aborting_command(
     dir: &Path,
     instance: &str,
@@ -342,6 +343,7 @@ fn three_replicas_survive_an_aborting_command(
     culprits: &[&str],
     after_first_death: impl FnOnce(),
     entries: usize,
+    drained: &dyn Fn() -> bool,
 ) -> Vec<ExitStatus> {
     let mut after_first_death = Some(after_first_death);
     let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
@@ -376,7 +378,7 @@ fn three_replicas_survive_an_aborting_command(
             .iter()
             .all(|c| dead.iter().any(|row| is_of(&row["fields"], c)));
         let dead = dead.len();
-        if good.iter().all(|&n| n >= 1) && every {
+        if good.iter().all(|&n| n >= 1) && every && drained() {
             break;
         }
         if Instant::now() >= deadline {
@@ -463,6 +465,9 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
         }
     };
     let entries = if twice && instance == PROBE { 2 } else { 1 };
+    // A consumer group may deliver the copy after the first entry's dead letter: wait for it too.
+    // (An ordered subscription reads the stream without a group.)
+    let drained = || instance != PROBE || groups_drained(&redis, "probe::probe:command");
     let deaths = three_replicas_survive_an_aborting_command(
         dir.path(),
         instance,
@@ -470,6 +475,7 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
         culprits,
         publish_again,
         entries,
+        &drained,
     );
     assert!(
         deaths.len() > MAX_RETRIES,
@@ -478,6 +484,24 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     // Each culprit dies in `max_retries + 1` calls of its entry; the first call may have held them all.
     let most = culprits.len() * entries * (MAX_RETRIES + 1);
     assert!(deaths.len() <= most, "{deaths:?}");
+}
+
+/// Whether every consumer group of `stream` has read all of it and has nothing pending (`XINFO
+/// GROUPS`: each group's `pending` and `lag` are 0).
+fn groups_drained(redis: &RedisServer, stream: &str) -> bool {
+    let out = redis.cli(&["XINFO", "GROUPS", stream]);
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let values = |field: &str| -> Vec<&str> {
+        lines
+            .windows(2)
+            .filter(|pair| pair[0] == field)
+            .map(|pair| pair[1])
+            .collect()
+    };
+    let (pending, lag) = (values("pending"), values("lag"));
+    !pending.is_empty()
+        && pending.len() == lag.len()
+        && pending.iter().chain(&lag).all(|v| *v == "0")
 }
 
 /// Append a copy of the culprit's entry to the stream `KEYS[1]`; the copy's id.
@@ -690,6 +714,7 @@ fn three_replicas_on_postgres_take_over_a_crashed_readers_lease_and_dead_letter_
         &["culprit"],
         || {},
         1,
+        &|| true,
     );
     assert_eq!(
         deaths.len(),
