@@ -250,7 +250,7 @@ mod tests {
 
     /// Steady commits never give a passive checkpoint the moment to let the WAL start over: before
     /// restarts, the WAL grew by everything written (here 25 times the restart size). Now it starts
-    /// over again and again: 44-47 times here, and never without the restart (the file then grew to
+    /// over again and again: 35-47 times here, and never without the restart (the file then grew to
     /// 118 MB, 16 KiB frames for these 40 KB commits). How large the file grows between restarts is
     /// the disk's to say, not this thread's alone: commits go on while the checkpointer flushes the
     /// database file before a restart, so a slow flush lets the WAL grow meanwhile (to about 4 MB on
