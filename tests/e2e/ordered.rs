@@ -81,12 +81,7 @@ fn a_poisoned_key_parks_while_the_others_finish_and_its_replay_releases_it_in_or
     configure(dir.path(), &redis, 16);
     let (keys, per_key) = (20, 20u64);
     let mut servers: Vec<Server> = (0..2)
-        .map(|_| {
-            host(dir.path())
-                .env("SEQUENCING_POISON_FILE", &poison)
-                .args(["--domain", &domain()])
-                .spawn()
-        })
+        .map(|_| serve_poisoned(dir.path(), &poison))
         .collect();
     // Both serve keys before anything is published: the first to start takes every partition and
     // gives half back when it sees the second.
@@ -160,12 +155,7 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
     // The dead-letter stream's key holds a string: the broker refuses every dead letter (WRONGTYPE)
     // until it is gone. The store has committed the batch by then.
     redis.cli(&["SET", "recorder:dlq", "not a stream"]);
-    let serve = || {
-        host(dir.path())
-            .env("SEQUENCING_POISON_FILE", &poison)
-            .args(["--domain", &domain()])
-            .spawn()
-    };
+    let serve = || serve_poisoned(dir.path(), &poison);
     let mut server = serve();
     let store = sqlite(dir.path());
     let (keys, per_key) = (8, 10u64);
@@ -192,6 +182,14 @@ fn a_dead_letter_the_broker_refuses_waits_for_it_and_nothing_passes_it() {
     std::fs::remove_file(&poison).unwrap();
     replay_until_every_key_finished(dir.path(), &dead[0], store.as_ref(), keys, per_key);
     server.stop_cleanly();
+}
+
+/// A replica whose handler fails the messages marked poisoned while the file `poison` exists.
+fn serve_poisoned(dir: &Path, poison: &Path) -> Server {
+    host(dir)
+        .env("SEQUENCING_POISON_FILE", poison)
+        .args(["--domain", &domain()])
+        .spawn()
 }
 
 /// `keys` keys with `per_key` messages each, one of them (key, seq) poisoned: its handler fails
