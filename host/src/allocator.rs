@@ -16,11 +16,14 @@ struct Options(*const std::ffi::c_char);
 #[allow(unsafe_code)]
 unsafe impl Sync for Options {}
 
-/// - `oversize_threshold`: allocations of 1 MiB and more come from an arena that gives freed memory
+/// - `oversize_threshold`: allocations of 768 KiB and more come from an arena that gives freed memory
 ///   back at once, as glibc does for its large blocks: cached, the copies of one large message (the
 ///   read buffer, the entry, the decoded message) added up to 4.6 times its size in peak memory,
-///   against 3.1 with glibc (`protean-bench --only limits`). Small allocations, the per-message path,
-///   stay cached.
+///   against 3.1 with glibc (`protean-bench --only limits`). At 1 MiB, the copies of a message of a
+///   million bytes fell on either side of the threshold, and publishing one peaked at 3.2–4.5 times
+///   its size from run to run; at 768 KiB, 3.2–3.5 in three runs. Smaller allocations, the
+///   per-message path, stay cached: at 512 KiB an outbox round's buffers (500 events) were given back
+///   too, and publishing measured 6–7% slower in four alternating pairs.
 /// - `background_thread`: unused memory is given back to the system by a thread of jemalloc's own
 ///   instead of inside whichever call to `malloc` or `free` finds it due. Those returns (`madvise`,
 ///   with its TLB shootdowns on a VM) stalled a message now and then: p99 commit → handled fell from
@@ -28,4 +31,4 @@ unsafe impl Sync for Options {}
 ///   alternating pairs of `protean-bench --only latency`).
 #[allow(unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
-static OPTIONS: Options = Options(c"oversize_threshold:1048576,background_thread:true".as_ptr());
+static OPTIONS: Options = Options(c"oversize_threshold:786432,background_thread:true".as_ptr());

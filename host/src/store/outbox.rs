@@ -26,6 +26,14 @@ pub struct OutboxItem {
 }
 
 impl OutboxItem {
+    /// Over this many bytes of wire form a message is large: reading its row filled caches that are
+    /// worth giving back (`SqliteStore::release_large_rows`).
+    const LARGE: usize = 256 * 1024;
+
+    pub(super) fn is_large(&self) -> bool {
+        self.payload.as_ref().is_ok_and(|p| p.len() > Self::LARGE)
+    }
+
     /// A row whose message is the stored text `data` and `metadata` at its positions. The wire form is
     /// made from the text as the store holds it (a row's borrowed column): the stored text is never
     /// copied into a message of its own, only to be dropped once the wire form is made. Text
