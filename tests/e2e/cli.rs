@@ -22,8 +22,8 @@ fn help_and_version_exit_zero() {
 }
 
 /// The binary allocates with jemalloc, and its large blocks (768 KiB and more) come from the arena that
-/// returns them at once (README, seventh session on #21: without it one 5 MB message peaked at 4.6
-/// times its size; `allocator.rs` says why 768 KiB).
+/// returns them at once (`docs/performance-journal.md`, the seventh session: without it one 5 MB
+/// message peaked at 4.6 times its size; `allocator.rs` says why 768 KiB).
 /// jemalloc prints its options at exit when asked to by its environment variable.
 #[test]
 fn the_binary_allocates_with_jemalloc_returning_large_blocks_at_once() {

@@ -153,7 +153,7 @@ impl Default for Config {
 /// store commits and handler calls run on blocking threads of their own, which need the other half.
 /// On two cores, one runtime thread instead of two made one subscription 4–31% faster (Redis consume,
 /// outbox publishing, the SQLite no-op) and left the eight-subscription sample flows as they were
-/// (README, issue #21's sixteenth session).
+/// (`docs/performance-journal.md`, the sixteenth session).
 pub fn default_runtime_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     (cpus / 2).max(1)
