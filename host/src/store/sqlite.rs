@@ -1097,8 +1097,6 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Run `f` in a write transaction (`BEGIN IMMEDIATE`: serialised with every other writer, in any
-    /// process).
     /// Give back the memory a large message's row took on its way through the writer connection: its
     /// overflow pages in the page cache (`PRAGMA shrink_memory`), and what SQLite freed of it, which
     /// glibc's `malloc` (SQLite's allocator; ours is jemalloc) keeps for itself until trimmed. Kept, it
@@ -1116,6 +1114,8 @@ impl SqliteStore {
         }
     }
 
+    /// Run `f` in a write transaction (`BEGIN IMMEDIATE`: serialised with every other writer, in any
+    /// process).
     fn write<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
