@@ -467,7 +467,7 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     let entries = if twice && instance == PROBE { 2 } else { 1 };
     // A consumer group may deliver the copy after the first entry's dead letter: wait for it too.
     // (An ordered subscription reads the stream without a group.)
-    let drained = || instance != PROBE || groups_drained(&redis, "probe::probe:command");
+    let drained = || instance != PROBE || redis.groups_drained("probe::probe:command");
     let deaths = three_replicas_survive_an_aborting_command(
         dir.path(),
         instance,
@@ -484,24 +484,6 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     // Each culprit dies in `max_retries + 1` calls of its entry; the first call may have held them all.
     let most = culprits.len() * entries * (MAX_RETRIES + 1);
     assert!(deaths.len() <= most, "{deaths:?}");
-}
-
-/// Whether every consumer group of `stream` has read all of it and has nothing pending (`XINFO
-/// GROUPS`: each group's `pending` and `lag` are 0).
-fn groups_drained(redis: &RedisServer, stream: &str) -> bool {
-    let out = redis.cli(&["XINFO", "GROUPS", stream]);
-    let lines: Vec<&str> = out.lines().map(str::trim).collect();
-    let values = |field: &str| -> Vec<&str> {
-        lines
-            .windows(2)
-            .filter(|pair| pair[0] == field)
-            .map(|pair| pair[1])
-            .collect()
-    };
-    let (pending, lag) = (values("pending"), values("lag"));
-    !pending.is_empty()
-        && pending.len() == lag.len()
-        && pending.iter().chain(&lag).all(|v| *v == "0")
 }
 
 /// Append a copy of the culprit's entry to the stream `KEYS[1]`; the copy's id.

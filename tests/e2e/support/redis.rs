@@ -210,16 +210,33 @@ impl RedisServer {
         let keys = self.cli(&["KEYS", "*"]);
         keys.lines()
             .filter(|key| self.cli(&["TYPE", key]).trim() == "stream")
-            .map(|stream| {
-                let groups = self.cli(&["XINFO", "GROUPS", stream]);
-                let lines: Vec<&str> = groups.lines().collect();
-                lines
-                    .windows(2)
-                    .filter(|pair| pair[0] == "pending")
-                    .map(|pair| pair[1].parse::<u64>().expect("a pending count"))
-                    .sum::<u64>()
-            })
+            .flat_map(|stream| self.info(&["XINFO", "GROUPS", stream], "pending"))
+            .map(|count| count.parse::<u64>().expect("a pending count"))
             .sum()
+    }
+
+    /// Whether every consumer group of `stream` was delivered all of it (its last-delivered-id is the
+    /// stream's last-generated-id: facts that cannot drift, unlike `lag`) and acknowledged all it was
+    /// delivered. False for a stream without groups.
+    pub fn groups_drained(&self, stream: &str) -> bool {
+        let last = self.info(&["XINFO", "STREAM", stream], "last-generated-id");
+        let delivered = self.info(&["XINFO", "GROUPS", stream], "last-delivered-id");
+        let pending = self.info(&["XINFO", "GROUPS", stream], "pending");
+        !delivered.is_empty()
+            && delivered.iter().all(|id| last.contains(id))
+            && pending.iter().all(|count| count == "0")
+    }
+
+    /// The values of `field` in the reply of an `XINFO` command (`redis-cli` prints each field's name,
+    /// then its value, a line each): one per group for `XINFO GROUPS`.
+    fn info(&self, command: &[&str], field: &str) -> Vec<String> {
+        let out = self.cli(command);
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        lines
+            .windows(2)
+            .filter(|pair| pair[0] == field)
+            .map(|pair| pair[1].to_owned())
+            .collect()
     }
 
     /// Run many commands at once (`redis-cli --pipe`, the protocol written out), in order.
