@@ -12,7 +12,7 @@ use super::{Engine, EngineOptions, Outcome};
 use crate::{
     config::Config,
     plugin::{Plugin, LINKED_BUILD},
-    store::{MemoryStore, Store},
+    store::{recording::Recording, MemoryStore, Store},
 };
 
 /// Fast retries and a generous time limit, so that a test waits only as long as the work.
@@ -169,6 +169,55 @@ fn a_handler_that_panics_costs_its_message_only_and_is_dead_lettered_after_its_r
         ["Bombs.Defused.v1"]
     );
     assert_eq!(report.totals.dead_lettered, 1);
+}
+
+/// Under load an event-store subscription's next batch is read while its batch commits: a commit
+/// does not wait for the read, nor the read for the commit. The store holds each batch's commit until
+/// the read after it begins; a read that waited for the commit would leave the commit waiting in vain.
+#[test]
+fn the_next_batch_is_read_while_the_last_one_commits() {
+    let recording = Arc::new(Recording::commits_wait_for_the_next_read());
+    let store: Arc<dyn Store> = recording.clone();
+    let domain = Plugin::linked("bombs", bombs).unwrap();
+    let config = format!("{TEST_CONFIG}messages_per_tick = 2\n");
+    let config = Config::parse(&config, Path::new("test.toml"), &BTreeMap::new()).unwrap();
+    let options = EngineOptions {
+        test_mode: true,
+        config,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::with_handlers(Arc::new(domain), store.clone(), options).unwrap();
+    for n in 0..6 {
+        engine
+            .send(
+                "Bombs.Boom.v1",
+                &json!({ "id": format!("b{n}"), "panic": false }),
+                None,
+            )
+            .unwrap();
+    }
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    let batches = recording
+        .committed()
+        .iter()
+        .filter(|unit| unit.position.is_some())
+        .count();
+    assert!(
+        batches >= 3,
+        "six commands in batches of two: {batches} batches"
+    );
+    assert_eq!(
+        recording.late_commits(),
+        0,
+        "commits that waited for their next read in vain"
+    );
+    for n in 0..6 {
+        assert_eq!(
+            types(store.as_ref(), &format!("bombs::bomb-b{n}")),
+            ["Bombs.Defused.v1"]
+        );
+    }
 }
 
 /// Two handlers share a name: the export table refuses the domain when it is created.

@@ -5,8 +5,9 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicU32, Ordering},
-        Mutex,
+        Condvar, Mutex,
     },
+    time::Duration,
 };
 
 use super::{
@@ -22,6 +23,40 @@ pub(crate) struct Recording {
     committed: Mutex<Vec<UnitOfWork>>,
     /// Commits still to refuse as unreachable (an outage scripted by [`Recording::refuse_next`]).
     refusals: AtomicU32,
+    /// Set by [`Recording::commits_wait_for_the_next_read`].
+    overlap: Option<Overlap>,
+}
+
+/// Commits of a subscription's batches held until the read of its next batch begins.
+#[derive(Debug, Default)]
+struct Overlap {
+    /// The positions the category reads began after.
+    reads: Mutex<Vec<u64>>,
+    read_begun: Condvar,
+    /// Commits that waited for their read in vain.
+    late: AtomicU32,
+}
+
+impl Overlap {
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn began(&self, after: u64) {
+        self.reads.lock().unwrap().push(after);
+        self.read_begun.notify_all();
+    }
+
+    /// Wait until a read after `position` began; false when none did within [`Self::WAIT`].
+    fn wait_for_read_after(&self, position: u64) -> bool {
+        let reads = self.reads.lock().unwrap();
+        let (reads, waited) = self
+            .read_begun
+            .wait_timeout_while(reads, Self::WAIT, |reads| {
+                !reads.iter().any(|after| *after >= position)
+            })
+            .unwrap();
+        drop(reads);
+        !waited.timed_out()
+    }
 }
 
 impl Recording {
@@ -33,6 +68,23 @@ impl Recording {
     /// Refuse the next `commits` commits as unreachable, writing nothing of them.
     pub(crate) fn refuse_next(&self, commits: u32) {
         self.refusals.store(commits, Ordering::SeqCst);
+    }
+
+    /// A store whose commit of a unit that moves a position waits until a category read after that
+    /// position has begun: the next batch's. A read made only after the commit comes too late, and
+    /// the commit goes on after a few seconds, counted by [`Recording::late_commits`].
+    pub(crate) fn commits_wait_for_the_next_read() -> Self {
+        Self {
+            overlap: Some(Overlap::default()),
+            ..Self::default()
+        }
+    }
+
+    /// The commits that waited in vain for the next read (see [`Recording::commits_wait_for_the_next_read`]).
+    pub(crate) fn late_commits(&self) -> u32 {
+        self.overlap
+            .as_ref()
+            .map_or(0, |o| o.late.load(Ordering::SeqCst))
     }
 
     /// The units committed so far, forgetting them.
@@ -48,6 +100,9 @@ impl Store for Recording {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
+        if let Some(overlap) = &self.overlap {
+            overlap.began(after);
+        }
         self.inner.read_categories(categories, after, limit)
     }
 
@@ -65,6 +120,11 @@ impl Store for Recording {
                 store: "memory".into(),
                 reason: "scripted outage".into(),
             });
+        }
+        if let (Some(overlap), Some(position)) = (&self.overlap, &unit.position) {
+            if !overlap.wait_for_read_after(position.position) {
+                overlap.late.fetch_add(1, Ordering::SeqCst);
+            }
         }
         let appended = self.inner.commit(unit)?;
         self.committed.lock().unwrap().push(unit.clone());

@@ -109,7 +109,7 @@ pub(crate) struct Categories {
     /// Held messages of a released key are handled every other round, so the other keys go on too.
     drained: bool,
     in_flight: Option<InFlight>,
-    /// Read on the last batch's thread after its commit ([`Place::then_read`]).
+    /// Read beside the last batch, while it ran and committed ([`Place::then_read`]).
     ahead: Option<ReadAhead>,
     started: bool,
 }
