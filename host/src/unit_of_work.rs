@@ -383,6 +383,8 @@ pub(crate) struct Buffer<'a> {
 struct Ahead {
     documents: HashMap<(String, String), Option<StoredDocument>>,
     streams: HashMap<String, Vec<store::StoredMessage>>,
+    /// By (collection, field, the value's canonical JSON).
+    finds: HashMap<(String, String, String), Vec<StoredDocument>>,
 }
 
 impl<'a> Buffer<'a> {
@@ -405,10 +407,12 @@ impl<'a> Buffer<'a> {
         }
     }
 
-    /// Read `documents` and `streams` ahead, each kind in one store call. Only a hint: a failed read
-    /// ahead leaves the reads to be made (and to fail) one by one.
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+    /// Read `documents` and `streams` ahead, and make `finds` (collection, field, value as JSON), each
+    /// kind in one store call. Only a hint: a failed read ahead leaves the reads to be made (and to
+    /// fail) one by one.
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str], finds: &[(&str, &str, &str)]) {
         let mut ahead = self.ahead.borrow_mut();
+        self.find_ahead(&mut ahead, finds);
         if !documents.is_empty() {
             if let Ok(found) = self.store.read_documents(documents) {
                 for &(collection, id) in documents {
@@ -434,6 +438,28 @@ impl<'a> Buffer<'a> {
                         .or_default()
                         .push(message);
                 }
+            }
+        }
+    }
+
+    fn find_ahead(&self, ahead: &mut Ahead, finds: &[(&str, &str, &str)]) {
+        // A value that is not JSON is left to its find, which says so.
+        let finds: Vec<(&str, &str, Value)> = finds
+            .iter()
+            .filter_map(|&(c, f, v)| Some((c, f, serde_json::from_str(v).ok()?)))
+            .collect();
+        if finds.is_empty() {
+            return;
+        }
+        let asked: Vec<(&str, &str, &Value)> = finds.iter().map(|(c, f, v)| (*c, *f, v)).collect();
+        if let Ok(found) = self.store.find_documents_each(&asked) {
+            for ((collection, field, value), documents) in finds.iter().zip(found) {
+                let key = (
+                    (*collection).to_owned(),
+                    (*field).to_owned(),
+                    value.to_string(),
+                );
+                ahead.finds.insert(key, documents);
             }
         }
     }
@@ -601,6 +627,21 @@ impl<'a> Buffer<'a> {
         })
     }
 
+    /// What a find made ahead found, if one was made (see [`Buffer::prefetch`]).
+    fn found_ahead(
+        &self,
+        collection: &str,
+        field: &str,
+        value: &Value,
+    ) -> Option<Vec<StoredDocument>> {
+        let ahead = self.ahead.borrow();
+        if ahead.finds.is_empty() {
+            return None;
+        }
+        let key = (collection.to_owned(), field.to_owned(), value.to_string());
+        ahead.finds.get(&key).cloned()
+    }
+
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<u8>, ReadError> {
         let ahead = self.ahead.borrow();
         let read;
@@ -709,7 +750,10 @@ impl<'a> Buffer<'a> {
     ) -> Result<Vec<u8>, ReadError> {
         let value: Value = serde_json::from_slice(value_json)
             .map_err(|e| ReadError::BadInput(format!("find value is not JSON: {e}")))?;
-        let stored = self.store.find_documents(collection, field, &value)?;
+        let stored = match self.found_ahead(collection, field, &value) {
+            Some(found) => found,
+            None => self.store.find_documents(collection, field, &value)?,
+        };
         let mut found: Vec<(String, String)> = Vec::with_capacity(stored.len());
         for StoredDocument { id, data, version } in stored {
             // A document already written in this unit is answered from the buffer below; its first
@@ -907,9 +951,9 @@ impl HostServices for BufferView<'_, '_> {
         self.buffer.clock.now_ms()
     }
 
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str], finds: &[(&str, &str, &str)]) {
         within(Phase::HandlerReads, || {
-            self.buffer.prefetch(documents, streams);
+            self.buffer.prefetch(documents, streams, finds);
         });
     }
 }

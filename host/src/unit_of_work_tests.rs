@@ -141,7 +141,11 @@ fn reads_ahead_answer_as_the_store_would_and_keep_the_version_read() {
     let causes = [Cause::default(); 2];
     let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
     let view = buffer.view(0);
-    view.prefetch(&[("docs", "d1"), ("docs", "absent")], &["s-1", "s-empty"]);
+    view.prefetch(
+        &[("docs", "d1"), ("docs", "absent")],
+        &["s-1", "s-empty"],
+        &[],
+    );
     let read_ahead = store.read_document("docs", "d1").unwrap().unwrap().version;
     // Another writer changes d1 and appends to s-1 after the read ahead.
     store
@@ -218,6 +222,64 @@ fn a_find_sees_stored_matches_overlaid_with_buffered_puts_and_deletes_and_notes_
     assert_eq!(a.expected(), Some(version("a")));
     let b = unit.documents.iter().find(|w| w.key().1 == "b").unwrap();
     assert_eq!(b.expected(), None);
+}
+
+/// A batch's finds made ahead answer its handlers as the store did then, overlaid with the batch's own
+/// writes, and a document found ahead that another writer changed since still makes its write
+/// conflict. A find the batch did not announce is made when it is asked.
+#[test]
+fn finds_made_ahead_answer_as_the_store_would_and_keep_the_versions_found() {
+    let store = store_with(
+        vec![],
+        vec![
+            put("docs", "a", json!({"id": "a", "colour": "red"})),
+            put("docs", "b", json!({"id": "b", "colour": "blue"})),
+        ],
+    );
+    let found_ahead = store.read_document("docs", "a").unwrap().unwrap().version;
+    let causes = [Cause::default(); 1];
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
+    let view = buffer.view(0);
+    view.prefetch(&[], &[], &[("docs", "colour", r#""red""#)]);
+    // Another writer changes `a` and adds a red `c` and a blue `e` after the finds ahead.
+    let a_changed = json!({"id": "a", "colour": "red", "seen": true});
+    store
+        .commit(&UnitOfWork {
+            documents: vec![
+                put("docs", "a", a_changed),
+                put("docs", "c", json!({"id": "c", "colour": "red"})),
+                put("docs", "e", json!({"id": "e", "colour": "blue"})),
+            ],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    view.put_document(0, "docs", "d", br#"{"id":"d","colour":"red"}"#)
+        .unwrap();
+    // The value asked with spaces is the value announced.
+    let red = view.find_documents("docs", "colour", br#" "red" "#);
+    assert_eq!(
+        json_of(&red.unwrap()),
+        json!([{"id": "a", "colour": "red"}, {"id": "d", "colour": "red"}]),
+        "answered from the find ahead, with the batch's own write"
+    );
+    let blue = view.find_documents("docs", "colour", br#""blue""#);
+    assert_eq!(
+        json_of(&blue.unwrap()),
+        json!([{"id": "b", "colour": "blue"}, {"id": "e", "colour": "blue"}]),
+        "not announced: asked of the store now"
+    );
+    view.put_document(0, "docs", "a", br#"{"id":"a","colour":"green"}"#)
+        .unwrap();
+    let unit = drained(&buffer);
+    let a = unit.documents.iter().find(|w| w.key().1 == "a").unwrap();
+    assert_eq!(a.expected(), Some(found_ahead));
+    assert!(
+        matches!(
+            store.commit(&unit),
+            Err(crate::store::Error::DocumentConflict { .. })
+        ),
+        "the write of a document changed since it was found ahead conflicts"
+    );
 }
 
 mod schedules {

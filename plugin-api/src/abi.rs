@@ -296,6 +296,10 @@ pub mod host_call {
             documents: Vec<(Cow<'a, str>, Cow<'a, str>)>,
             #[serde(borrow)]
             streams: Vec<Cow<'a, str>>,
+            /// (collection, field, value as JSON) triples. Absent from the requests of plugins built
+            /// before it; a host built before it ignores it (a hint, answered by each find alone).
+            #[serde(borrow, default, skip_serializing_if = "Vec::is_empty")]
+            finds: Vec<(Cow<'a, str>, Cow<'a, str>, Cow<'a, str>)>,
         },
     }
 

@@ -85,11 +85,12 @@ pub trait HostServices {
     fn now_ms(&self) -> i64 {
         crate::abi::system_now_ms()
     }
-    /// A hint: the batch's handlers are about to read these documents and streams. A host that keeps
-    /// its store across a network reads them all at once, so that each read is then answered without
-    /// a round trip. What it answers is the same either way, so a host may ignore it (the default).
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
-        let _ = (documents, streams);
+    /// A hint: the batch's handlers are about to read these documents and streams, and to find the
+    /// documents of `finds` (collection, field, value as JSON). A host that keeps its store across a
+    /// network reads them all at once, so that each read is then answered without a round trip. What
+    /// it answers is the same either way, so a host may ignore it (the default).
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str], finds: &[(&str, &str, &str)]) {
+        let _ = (documents, streams, finds);
     }
 }
 

@@ -97,6 +97,12 @@ enum Read {
         category: &'static str,
         id: String,
     },
+    /// The documents whose `field` holds `value` (JSON).
+    Find {
+        collection: &'static str,
+        field: String,
+        value: String,
+    },
 }
 
 struct Route {
@@ -115,7 +121,7 @@ pub struct Spec {
     options: HandlerOptions,
     routes: Vec<Route>,
     /// What every call reads besides what its route says ([`Configure::reads_document`],
-    /// [`Configure::reads_aggregate`]).
+    /// [`Configure::reads_aggregate`], [`Configure::finds`]).
     reads_declared: Vec<Reads>,
 }
 
@@ -239,6 +245,26 @@ pub trait Configure: Sized {
             Some(Read::Aggregate {
                 category: A::CATEGORY,
                 id,
+            })
+        }));
+        self
+    }
+
+    /// Each call finds (with [`Context::find`]) the documents `D` whose `field` holds the value of the
+    /// message's top-level field `message_field`: billing finding the reservation of the order its
+    /// event names (`.finds::<Reservation>("order_id", "order_id")`). The host then makes a whole
+    /// batch's finds in one store call before the calls, where each `find` is otherwise a round trip
+    /// of its own. Only a hint, like [`Configure::reads_document`]: a message without the field, or a
+    /// call that finds something else, finds as before.
+    fn finds<D: Document>(mut self, field: &str, message_field: &str) -> Self {
+        let (field, message_field) = (field.to_owned(), message_field.to_owned());
+        self.spec().reads_declared.push(Arc::new(move |_, data| {
+            let message: serde_json::Value = serde_json::from_slice(data).ok()?;
+            let value = message.get(&message_field)?;
+            Some(Read::Find {
+                collection: D::COLLECTION,
+                field: field.clone(),
+                value: value.to_string(),
             })
         }));
         self
@@ -484,7 +510,7 @@ impl Resolved {
         if self.reads.is_empty() {
             return;
         }
-        let (mut documents, mut streams) = (Vec::new(), Vec::new());
+        let (mut documents, mut streams, mut finds) = (Vec::new(), Vec::new(), Vec::new());
         for (info, data) in batch {
             let reads = self.reads.get(info.message_type).into_iter().flatten();
             for read in reads.filter_map(|r| r(info, data)) {
@@ -494,10 +520,15 @@ impl Resolved {
                     Read::Aggregate { category, id } => {
                         streams.push(naming.stream_in(category, &id))
                     }
+                    Read::Find {
+                        collection,
+                        field,
+                        value,
+                    } => finds.push((collection, field, value)),
                 }
             }
         }
-        if documents.is_empty() && streams.is_empty() {
+        if documents.is_empty() && streams.is_empty() && finds.is_empty() {
             return;
         }
         let documents: Vec<(&str, &str)> = documents
@@ -505,7 +536,11 @@ impl Resolved {
             .map(|(c, i)| (c.as_str(), i.as_str()))
             .collect();
         let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-        services.prefetch(&documents, &streams);
+        let finds: Vec<(&str, &str, &str)> = finds
+            .iter()
+            .map(|(c, f, v)| (*c, f.as_str(), v.as_str()))
+            .collect();
+        services.prefetch(&documents, &streams, &finds);
     }
 }
 
@@ -793,10 +828,18 @@ mod reads_tests {
         fn find_documents(&self, _: &str, _: &str, _: &[u8]) -> Result<Vec<u8>, String> {
             Ok(b"[]".to_vec())
         }
-        fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+        fn prefetch(
+            &self,
+            documents: &[(&str, &str)],
+            streams: &[&str],
+            finds: &[(&str, &str, &str)],
+        ) {
             let documents = documents.iter().map(|(c, id)| format!("{c}/{id}"));
             let streams = streams.iter().map(|s| s.to_string());
-            self.0.borrow_mut().extend(documents.chain(streams));
+            let finds = finds.iter().map(|(c, f, v)| format!("{c}?{f}={v}"));
+            self.0
+                .borrow_mut()
+                .extend(documents.chain(streams).chain(finds));
         }
     }
 
@@ -829,6 +872,12 @@ mod reads_tests {
                     .reads_document::<Summary>("order_id")
                     .reads_aggregate::<Order>("order_id"),
             )
+            .event_handler(
+                EventHandler::new("charge")
+                    .on(|_: Paid| {})
+                    .finds::<Summary>("order", "order_id")
+                    .finds::<Summary>("missing", "no_such_field"),
+            )
             .process_manager(
                 ProcessManager::<Flow>::new("flow", "order_id")
                     .start(paid)
@@ -842,6 +891,11 @@ mod reads_tests {
                 "shop::order-o1",
                 "shop::order-o2"
             ]
+        );
+        // A find by the message's field, its value as JSON; a message without the field, no hint.
+        assert_eq!(
+            hints_of(&domain, "charge"),
+            [r#"summaries?order="o1""#, r#"summaries?order="o2""#]
         );
         // The instance (the route's own hint) and the declared aggregate.
         assert_eq!(

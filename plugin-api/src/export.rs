@@ -279,14 +279,22 @@ impl HostServices for AbiServices<'_> {
         self.call(&Request::CancelSchedule { index, key }).map(drop)
     }
 
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str], finds: &[(&str, &str, &str)]) {
         let documents = documents
             .iter()
             .map(|&(collection, id)| (collection.into(), id.into()))
             .collect();
         let streams = streams.iter().map(|&s| s.into()).collect();
+        let finds = finds
+            .iter()
+            .map(|&(collection, field, value)| (collection.into(), field.into(), value.into()))
+            .collect();
         // Only a hint: a host that predates it, or fails it, answers each read as it comes.
-        let _ = self.call(&Request::Prefetch { documents, streams });
+        let _ = self.call(&Request::Prefetch {
+            documents,
+            streams,
+            finds,
+        });
     }
 
     fn now_ms(&self) -> i64 {

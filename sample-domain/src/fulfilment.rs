@@ -483,6 +483,7 @@ pub fn with_settings(warehouse: &'static str, settings: Settings) -> Domain {
         .event_handler(
             EventHandler::new("billing")
                 .on(charge)
+                .finds::<ReservationDoc>("order_id", "order_id")
                 .reads_aggregate::<Order>("order_id"),
         )
         .process_manager(

@@ -327,12 +327,13 @@ impl HostServices for Recorder {
     fn schedule(&self, _: u32, _: protean_plugin_api::ScheduledMessage<'_>) -> Result<(), String> {
         Ok(())
     }
-    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str]) {
+    fn prefetch(&self, documents: &[(&str, &str)], streams: &[&str], finds: &[(&str, &str, &str)]) {
         let mut reads: Vec<String> = documents
             .iter()
             .map(|(c, i)| format!("get {c}/{i}"))
             .collect();
         reads.extend(streams.iter().map(|s| format!("read {s}")));
+        reads.extend(finds.iter().map(|(c, f, v)| format!("find {c}.{f} = {v}")));
         self.reads
             .borrow_mut()
             .push(format!("ahead: {}", reads.join(", ")));
@@ -533,8 +534,9 @@ fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
         ["ahead: get order_summaries/o1", "get order_summaries/o1"]
     );
 
-    // Billing declared the order it loads (`reads_aggregate`); the recorder finds no reservation, so
-    // its first call fails after the hint was given.
+    // Billing declared the reservations it finds (`finds`) and the order it loads
+    // (`reads_aggregate`); the recorder finds no reservation, so its first call fails after the hint
+    // was given.
     let recorder = Recorder::default();
     plugin.handle_batch(
         "billing",
@@ -545,7 +547,10 @@ fn a_batch_says_what_its_handlers_will_read_before_they_read_it() {
     let reads = recorder.reads.into_inner();
     assert_eq!(
         reads.first().map(String::as_str),
-        Some("ahead: read fulfilment::order-o1, read fulfilment::order-o2"),
+        Some(concat!(
+            "ahead: read fulfilment::order-o1, read fulfilment::order-o2, ",
+            r#"find reservations.order_id = "o1", find reservations.order_id = "o2""#
+        )),
         "{reads:?}"
     );
 

@@ -155,11 +155,17 @@ fn answer(services: &dyn HostServices, request: Request<'_>) -> Result<Vec<u8>, 
         Request::NowMs => Answer {
             now_ms: Some(services.now_ms()),
         },
-        Request::Prefetch { documents, streams } => {
+        Request::Prefetch {
+            documents,
+            streams,
+            finds,
+        } => {
             let documents: Vec<(&str, &str)> =
                 documents.iter().map(|(c, i)| (&**c, &**i)).collect();
             let streams: Vec<&str> = streams.iter().map(|s| &**s).collect();
-            services.prefetch(&documents, &streams);
+            let finds: Vec<(&str, &str, &str)> =
+                finds.iter().map(|(c, f, v)| (&**c, &**f, &**v)).collect();
+            services.prefetch(&documents, &streams, &finds);
             Answer::default()
         }
     };
@@ -171,7 +177,7 @@ mod tests {
     use chrono::TimeZone;
     use protean_plugin_api::abi::{
         host_call::Request,
-        loading::{RResult, RStr, RString, RVec},
+        loading::{RResult, RSlice, RStr, RString, RVec},
     };
     use serde_json::value::RawValue;
 
@@ -179,8 +185,8 @@ mod tests {
     use crate::{
         clock::Clock,
         message::Cause,
-        store::MemoryStore,
-        unit_of_work::{Buffer, ScheduleWrite, UnitOfWork},
+        store::{MemoryStore, Store},
+        unit_of_work::{Buffer, DocumentWrite, ScheduleWrite, UnitOfWork},
     };
 
     fn text(answer: RResult<RVec<u8>, RString>) -> Result<String, String> {
@@ -260,5 +266,57 @@ mod tests {
         assert_eq!(key, r#"k "quoted""#, "an escaped key arrives whole");
         let metadata: serde_json::Value = serde_json::from_str(&message.metadata).unwrap();
         assert_eq!(metadata["domain"]["kind"], "COMMAND");
+    }
+
+    /// A prefetch's finds reach the buffer through the ABI, which then answers the find as the store
+    /// stood; a prefetch of a plugin built before finds (no such member) is answered as ever.
+    #[test]
+    fn finds_announced_through_the_abi_are_made_ahead_and_older_prefetches_still_parse() {
+        let store = MemoryStore::default();
+        let put = |id: &str| UnitOfWork {
+            documents: vec![DocumentWrite::Put {
+                collection: "docs".into(),
+                id: id.into(),
+                data: format!(r#"{{"id":"{id}","order_id":"o1"}}"#),
+                expected: None,
+            }],
+            ..UnitOfWork::default()
+        };
+        store.commit(&put("a")).unwrap();
+        let causes = [Cause::default(); 1];
+        let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, 1 << 20);
+        let view = buffer.view(0);
+        let adapter = AbiHost(&view);
+        let host = adapter.as_host_ref();
+        let call =
+            |request: Request<'_>| text(host.read_stream(RStr::from_str(&request.stream()), 0));
+        let older = Request::Prefetch {
+            documents: vec![("docs".into(), "a".into())],
+            streams: vec![],
+            finds: vec![],
+        };
+        assert!(
+            !older.stream().contains("finds"),
+            "the request of an older plugin: {}",
+            older.stream()
+        );
+        assert_eq!(call(older).unwrap(), "{}");
+        let finds = Request::Prefetch {
+            documents: vec![],
+            streams: vec![],
+            finds: vec![("docs".into(), "order_id".into(), r#""o1""#.into())],
+        };
+        assert_eq!(call(finds).unwrap(), "{}");
+        store.commit(&put("b")).unwrap();
+        let found = host.find_documents(
+            RStr::from_str("docs"),
+            RStr::from_str("order_id"),
+            RSlice::from_slice(br#""o1""#),
+        );
+        assert_eq!(
+            text(found).unwrap(),
+            r#"[{"id":"a","order_id":"o1"}]"#,
+            "found ahead, before b was written"
+        );
     }
 }

@@ -360,6 +360,18 @@ pub trait Store: Send + Sync {
         value: &serde_json::Value,
     ) -> Result<Vec<StoredDocument>>;
 
+    /// What each of `finds` (collection, field, value) finds, in their order: a batch's finds ahead
+    /// (see `HostServices::prefetch`). A store across a network answers in one round trip.
+    fn find_documents_each(
+        &self,
+        finds: &[(&str, &str, &serde_json::Value)],
+    ) -> Result<Vec<Vec<StoredDocument>>> {
+        finds
+            .iter()
+            .map(|&(collection, field, value)| self.find_documents(collection, field, value))
+            .collect()
+    }
+
     /// The highest global position among `categories` (0 when empty); all categories when empty.
     fn head(&self, categories: &[String]) -> Result<u64>;
 

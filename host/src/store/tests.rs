@@ -1298,6 +1298,65 @@ pub(super) fn reads_of_several_documents_and_streams_answer_as_one_at_a_time(sto
     assert_eq!(streams, one_at_a_time.iter().map(key).collect::<Vec<_>>());
 }
 
+/// Several finds at once (a batch's finds ahead) are what finding one at a time answers, each in its
+/// place: a find asked twice, one that finds nothing, one in another collection, a number.
+pub(super) fn several_finds_answer_as_one_at_a_time(store: &dyn Store) {
+    let put = |collection: &str, id: &str, order: serde_json::Value| DocumentWrite::Put {
+        collection: collection.into(),
+        id: id.into(),
+        data: json!({ "id": id, "order_id": order }).to_string(),
+        expected: None,
+    };
+    let documents = vec![
+        put("reservations", "r2", json!("o1")),
+        put("reservations", "r1", json!("o1")),
+        put("reservations", "r3", json!("o2")),
+        put("reservations", "r4", json!(7)),
+        put("other", "x1", json!("o1")),
+    ];
+    store
+        .commit(&UnitOfWork {
+            documents,
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let (o1, o2, none, seven) = (json!("o1"), json!("o2"), json!("o9"), json!(7));
+    let finds = [
+        ("reservations", "order_id", &o1),
+        ("reservations", "order_id", &none),
+        ("other", "order_id", &o1),
+        ("reservations", "order_id", &o2),
+        ("reservations", "order_id", &o1),
+        ("reservations", "order_id", &seven),
+    ];
+    let each = store.find_documents_each(&finds).unwrap();
+    let one_at_a_time: Vec<_> = finds
+        .iter()
+        .map(|&(c, f, v)| store.find_documents(c, f, v).unwrap())
+        .collect();
+    assert_eq!(each, one_at_a_time);
+    let ids: Vec<Vec<&str>> = each
+        .iter()
+        .map(|found| found.iter().map(|d| d.id.as_str()).collect())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            vec!["r1", "r2"],
+            vec![],
+            vec!["x1"],
+            vec!["r3"],
+            vec!["r1", "r2"],
+            vec!["r4"]
+        ]
+    );
+    assert!(store.find_documents_each(&[]).unwrap().is_empty());
+    assert!(matches!(
+        store.find_documents_each(&[("reservations", "a.b", &o1)]),
+        Err(Error::BadField(_))
+    ));
+}
+
 fn keyed(key: &str, stream: &str) -> UnitOfWork {
     let message = event(stream, 0, None);
     UnitOfWork {
@@ -1614,6 +1673,7 @@ macro_rules! store_conformance {
             #[test] fn a_units_puts_each_get_a_version_of_their_own() { let (s, _g) = $make; super::a_units_puts_each_get_a_version_of_their_own(&s) }
             #[test] fn concurrent_read_modify_writes_lose_nothing() { let (s, _g) = $make; super::concurrent_read_modify_writes_lose_nothing(&s) }
             #[test] fn reads_of_several_documents_and_streams_answer_as_one_at_a_time() { let (s, _g) = $make; super::reads_of_several_documents_and_streams_answer_as_one_at_a_time(&s) }
+            #[test] fn several_finds_answer_as_one_at_a_time() { let (s, _g) = $make; super::several_finds_answer_as_one_at_a_time(&s) }
             #[test] fn units_writing_the_same_documents_in_opposite_orders_all_commit() { let (s, _g) = $make; super::units_writing_the_same_documents_in_opposite_orders_all_commit(&s) }
             #[test] fn an_idempotency_key_commits_once() { let (s, _g) = $make; super::an_idempotency_key_commits_once(&s) }
             #[test] fn concurrent_units_with_one_key_commit_once() { let (s, _g) = $make; super::concurrent_units_with_one_key_commit_once(&s) }

@@ -82,6 +82,7 @@ mod sql {
         READ_IDEMPOTENCY_KEY = "read_idempotency_key";
         GET_DOCUMENT = "get_document";
         FIND_DOCUMENTS = "find_documents";
+        FIND_DOCUMENTS_EACH = "find_documents_each";
         PROCESSED_AMONG = "processed_among";
         INSERT_PROCESSED_ALL = "insert_processed_all";
         MARKED_BEFORE = "marked_before";
@@ -445,6 +446,32 @@ impl Store for PostgresStore {
                 version: r.get::<_, i64>(2) as u64,
             })
             .collect())
+    }
+
+    fn find_documents_each(
+        &self,
+        finds: &[(&str, &str, &serde_json::Value)],
+    ) -> Result<Vec<Vec<StoredDocument>>> {
+        let mut entries = Vec::with_capacity(finds.len());
+        for &(collection, field, value) in finds {
+            check_field(field)?;
+            entries.push(documents::field_entry(
+                collection,
+                field,
+                &value.to_string(),
+            ));
+        }
+        let rows = self.conn()?.query(sql::FIND_DOCUMENTS_EACH, &[&entries])?;
+        let mut found = vec![Vec::new(); finds.len()];
+        for row in &rows {
+            let n = row.get::<_, i64>(0) as usize;
+            found[n - 1].push(StoredDocument {
+                id: row.get(1),
+                data: row.get(2),
+                version: row.get::<_, i64>(3) as u64,
+            });
+        }
+        Ok(found)
     }
 
     fn head(&self, categories: &[String]) -> Result<u64> {
