@@ -26,8 +26,18 @@ fn engine(store: Arc<dyn Store>) -> Engine {
 
 /// An engine in test mode over `store`, running `domain` linked in as instance `name`.
 fn linked(store: Arc<dyn Store>, name: &'static str, domain: fn() -> Domain) -> Engine {
+    linked_with(store, name, domain, TEST_CONFIG)
+}
+
+/// [`linked`], configured by the TOML text `config`.
+fn linked_with(
+    store: Arc<dyn Store>,
+    name: &'static str,
+    domain: fn() -> Domain,
+    config: &str,
+) -> Engine {
     let domain = Plugin::linked(name, domain).unwrap();
-    let config = Config::parse(TEST_CONFIG, Path::new("test.toml"), &BTreeMap::new()).unwrap();
+    let config = Config::parse(config, Path::new("test.toml"), &BTreeMap::new()).unwrap();
     let options = EngineOptions {
         test_mode: true,
         config,
@@ -178,15 +188,8 @@ fn a_handler_that_panics_costs_its_message_only_and_is_dead_lettered_after_its_r
 fn the_next_batch_is_read_while_the_last_one_commits() {
     let recording = Arc::new(Recording::commits_wait_for_the_next_read());
     let store: Arc<dyn Store> = recording.clone();
-    let domain = Plugin::linked("bombs", bombs).unwrap();
     let config = format!("{TEST_CONFIG}messages_per_tick = 2\n");
-    let config = Config::parse(&config, Path::new("test.toml"), &BTreeMap::new()).unwrap();
-    let options = EngineOptions {
-        test_mode: true,
-        config,
-        ..EngineOptions::default()
-    };
-    let engine = Engine::with_handlers(Arc::new(domain), store.clone(), options).unwrap();
+    let engine = linked_with(store.clone(), "bombs", bombs, &config);
     for n in 0..6 {
         engine
             .send(
