@@ -325,6 +325,30 @@ pub mod host_call {
             )
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{Request, STREAM};
+
+        /// What lets a request grow a member within a generation: a host reads past the members it
+        /// does not know (as a host built before `finds` reads a prefetch that has them), and a
+        /// member a plugin does not send is empty (a plugin built before `finds` sends none).
+        #[test]
+        fn a_request_reads_past_members_it_does_not_know_and_empties_those_not_sent() {
+            let newer = format!(
+                r#"{STREAM}{{"prefetch":{{"documents":[],"streams":["s-1"],"finds":[["c","f","1"]],"later":[1]}}}}"#
+            );
+            let Some(Ok(Request::Prefetch { streams, finds, .. })) = Request::of(&newer) else {
+                panic!("{:?}", Request::of(&newer));
+            };
+            assert_eq!((streams.len(), finds.len()), (1, 1));
+            let older = format!(r#"{STREAM}{{"prefetch":{{"documents":[],"streams":["s-1"]}}}}"#);
+            let Some(Ok(Request::Prefetch { finds, .. })) = Request::of(&older) else {
+                panic!("{:?}", Request::of(&older));
+            };
+            assert!(finds.is_empty());
+        }
+    }
 }
 
 /// The per-batch host object as the plugin receives it.
