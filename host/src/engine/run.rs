@@ -522,14 +522,14 @@ async fn handle(
     Ok((outcome, back, spent))
 }
 
+/// On a blocking thread of its own, unmeasured: what outlasts the batch is charged to reading by
+/// [`handle`].
 fn read_ahead(shared: &Shared, read: NextRead) -> Option<ReadAhead> {
     let head = shared.progress.head_now();
-    let messages = timings::within(Phase::Read, || {
-        shared
-            .store
-            .read_categories(&read.categories, read.after, read.limit)
-    })
-    .ok()?;
+    let messages = shared
+        .store
+        .read_categories(&read.categories, read.after, read.limit)
+        .ok()?;
     Some(ReadAhead {
         after: read.after,
         head,
