@@ -443,10 +443,13 @@ impl<'a> Buffer<'a> {
     }
 
     fn find_ahead(&self, ahead: &mut Ahead, finds: &[(&str, &str, &str)]) {
-        // A value that is not JSON is left to its find, which says so.
+        // A value that is not JSON is left to its find, which says so. Messages of one batch may
+        // announce the same find (one order's events): the store is asked it once.
+        let mut announced = std::collections::HashSet::new();
         let finds: Vec<(&str, &str, Value)> = finds
             .iter()
-            .filter_map(|&(c, f, v)| Some((c, f, serde_json::from_str(v).ok()?)))
+            .filter_map(|&(c, f, v)| Some((c, f, serde_json::from_str::<Value>(v).ok()?)))
+            .filter(|(c, f, v)| announced.insert((*c, *f, v.to_string())))
             .collect();
         if finds.is_empty() {
             return;

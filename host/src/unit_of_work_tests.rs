@@ -282,6 +282,42 @@ fn finds_made_ahead_answer_as_the_store_would_and_keep_the_versions_found() {
     );
 }
 
+/// Messages of one batch that announce the same find (the same value written differently too) have
+/// the store asked it once, and every one of them answered from it.
+#[test]
+fn a_find_announced_by_several_messages_is_asked_of_the_store_once() {
+    let store = crate::store::recording::Recording::default();
+    store
+        .commit(&UnitOfWork {
+            documents: vec![put("docs", "a", json!({"id": "a", "colour": "red"}))],
+            ..UnitOfWork::default()
+        })
+        .unwrap();
+    let causes = [Cause::default(); 2];
+    let buffer = Buffer::new(&store, &crate::clock::SYSTEM, &causes, LIMIT);
+    buffer.view(0).prefetch(
+        &[],
+        &[],
+        &[
+            ("docs", "colour", r#""red""#),
+            ("docs", "colour", r#" "red" "#),
+            ("docs", "colour", r#""blue""#),
+        ],
+    );
+    let asked = |colour: &str| ("docs".to_owned(), "colour".to_owned(), colour.to_owned());
+    assert_eq!(store.finds(), [asked(r#""red""#), asked(r#""blue""#)]);
+    for offset in [0, 1] {
+        let red = buffer
+            .view(offset)
+            .find_documents("docs", "colour", br#""red""#);
+        assert_eq!(
+            json_of(&red.unwrap()),
+            json!([{"id": "a", "colour": "red"}])
+        );
+    }
+    assert_eq!(store.finds().len(), 2, "both answered from the find ahead");
+}
+
 mod schedules {
     use chrono::TimeZone;
     use protean_plugin_api::{MessageKind, ScheduledMessage};

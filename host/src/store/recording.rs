@@ -25,6 +25,8 @@ pub(crate) struct Recording {
     refusals: AtomicU32,
     /// Set by [`Recording::commits_wait_for_the_next_read`].
     overlap: Option<Overlap>,
+    /// Each find asked of the store: collection, field, value as JSON.
+    finds: Mutex<Vec<(String, String, String)>>,
 }
 
 /// Commits of a subscription's batches held until the read of its next batch begins.
@@ -87,6 +89,11 @@ impl Recording {
             .map_or(0, |o| o.late.load(Ordering::SeqCst))
     }
 
+    /// The finds asked of the store so far, in order: collection, field, value as JSON.
+    pub(crate) fn finds(&self) -> Vec<(String, String, String)> {
+        self.finds.lock().unwrap().clone()
+    }
+
     /// The units committed so far, forgetting them.
     pub(crate) fn take(&self) -> Vec<UnitOfWork> {
         std::mem::take(&mut *self.committed.lock().unwrap())
@@ -145,6 +152,8 @@ impl Store for Recording {
         field: &str,
         value: &serde_json::Value,
     ) -> Result<Vec<StoredDocument>> {
+        let asked = (collection.to_owned(), field.to_owned(), value.to_string());
+        self.finds.lock().unwrap().push(asked);
         self.inner.find_documents(collection, field, value)
     }
 
