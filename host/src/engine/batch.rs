@@ -62,6 +62,17 @@ pub(crate) struct Attempts {
     waiting: HashMap<String, i64>,
 }
 
+/// The categories of `messages`, each once.
+fn categories(messages: &[crate::unit_of_work::NewMessage]) -> Vec<String> {
+    let mut categories: Vec<String> = messages
+        .iter()
+        .map(|m| crate::store::category(&m.stream).to_owned())
+        .collect();
+    categories.sort_unstable();
+    categories.dedup();
+    categories
+}
+
 /// The earliest due time among the schedules `writes` set.
 fn earliest_due(writes: &[crate::unit_of_work::ScheduleWrite]) -> Option<i64> {
     let due = writes.iter().filter_map(|w| match w {
@@ -136,6 +147,8 @@ pub(crate) struct Report {
     pub(crate) position: Option<u64>,
     /// The global position of the last message the commit appended.
     pub(crate) appended: Option<u64>,
+    /// The categories the commit appended to.
+    pub(crate) appended_to: Vec<String>,
     /// A message that failed and must be retried after this delay (the batch stopped before it; in an
     /// ordered batch, the shortest of the waiting keys' delays).
     pub(crate) retry: Option<Duration>,
@@ -171,6 +184,7 @@ impl Report {
     fn absorb(&mut self, next: Report) {
         self.position = next.position.or(self.position);
         self.appended = next.appended.or(self.appended);
+        self.appended_to.extend(next.appended_to);
         self.retry = match (self.retry, next.retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -502,6 +516,7 @@ fn run_unit(
                     attempts.failed.remove(&id);
                 }
                 report.appended = appended;
+                report.appended_to = categories(&unit.messages);
                 report.earliest_due = earliest_due(&unit.schedules);
                 report.written = unit
                     .messages

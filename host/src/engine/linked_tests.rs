@@ -105,6 +105,15 @@ fn place(order: &str) -> Value {
     json!({ "order_id": order, "customer": "ada", "sku": "book", "quantity": 2, "total": 30.0 })
 }
 
+/// Send `count` orders, o0 onwards.
+fn place_orders(engine: &Engine, count: usize) {
+    for n in 0..count {
+        engine
+            .send("Fulfilment.PlaceOrder.v1", &place(&format!("o{n}")), None)
+            .unwrap();
+    }
+}
+
 fn types(store: &dyn Store, stream: &str) -> Vec<String> {
     let messages = store.read_stream(stream, 0).unwrap();
     messages.into_iter().map(|m| m.message_type).collect()
@@ -115,11 +124,7 @@ fn the_linked_sample_domain_runs_every_order_to_shipped_on_the_memory_store() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
     let engine = engine(store.clone());
     assert_eq!(engine.build_id(), LINKED_BUILD);
-    for n in 0..3 {
-        engine
-            .send("Fulfilment.PlaceOrder.v1", &place(&format!("o{n}")), None)
-            .unwrap();
-    }
+    place_orders(&engine, 3);
     let report = engine.run().unwrap();
     assert_eq!(report.outcome, Outcome::Quiescent);
     for n in 0..3 {
@@ -221,6 +226,55 @@ fn the_next_batch_is_read_while_the_last_one_commits() {
             ["Bombs.Defused.v1"]
         );
     }
+}
+
+/// A subscription idle at the head reads again when a commit appended to its categories, not at every
+/// commit: here payments' command handler, whose category only the process manager appends to, while
+/// the flow's other subscriptions commit in batches of two.
+#[test]
+fn an_idle_subscription_reads_again_only_when_its_categories_got_messages() {
+    let recording = Arc::new(Recording::default());
+    let store: Arc<dyn Store> = recording.clone();
+    let config = format!("{TEST_CONFIG}poll_interval_ms = 600000\nmessages_per_tick = 2\n");
+    let engine = linked_with(
+        store.clone(),
+        "domain",
+        sample_domain::fulfilment::domain,
+        &config,
+    );
+    place_orders(&engine, 10);
+    let report = engine.run().unwrap();
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(report.totals.written["Fulfilment.OrderShipped.v1"], 10);
+    let payments = "fulfilment::payment:command";
+    let appending = |category: &str| {
+        let commits = recording.committed();
+        let to = |unit: &crate::unit_of_work::UnitOfWork| {
+            unit.messages
+                .iter()
+                .any(|m| crate::store::category(&m.stream) == category)
+        };
+        (
+            commits.iter().filter(|u| to(u)).count(),
+            commits.iter().filter(|u| !u.messages.is_empty()).count(),
+        )
+    };
+    let (to_payments, in_all) = appending(payments);
+    let empty = recording
+        .reads()
+        .iter()
+        .filter(|(categories, found)| categories == &[payments] && *found == 0)
+        .count();
+    assert!(
+        in_all > 3 * to_payments,
+        "most commits append elsewhere: {to_payments} of {in_all}"
+    );
+    // Its first read, and one after each commit to its category (a read that follows one in a batch
+    // may find it taken already).
+    assert!(
+        empty <= to_payments + 1,
+        "{empty} reads of {payments} found nothing; {to_payments} of {in_all} commits appended to it"
+    );
 }
 
 /// Two handlers share a name: the export table refuses the domain when it is created.

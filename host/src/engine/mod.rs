@@ -11,6 +11,7 @@
 //! needs saving); a second signal is ignored; the wait is bounded by `server.shutdown_grace_seconds`,
 //! after which the process exits anyway and the unfinished batches are redelivered on the next start.
 
+mod arrivals;
 pub(crate) mod batch;
 pub(crate) mod deadlines;
 mod generation;

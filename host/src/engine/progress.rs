@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, sync::Mutex, time::Instant};
 
 use tokio::sync::{watch, Notify};
 
+use super::arrivals::{Arrivals, Seen};
 use crate::sync::lock;
 
 /// One subscription's state.
@@ -52,6 +53,8 @@ pub struct Totals {
 #[derive(Debug)]
 pub(crate) struct Progress {
     head: watch::Sender<u64>,
+    /// Which categories the head's moves appended to.
+    arrivals: Mutex<Arrivals>,
     /// Every message committed up to this global position has been published to the broker.
     published: watch::Sender<u64>,
     /// Each loop's state and when it last reported one: every loop reports at least once per
@@ -68,6 +71,7 @@ impl Progress {
     pub(crate) fn new(head: u64, subscriptions: impl IntoIterator<Item = String>) -> Self {
         Self {
             head: watch::Sender::new(head),
+            arrivals: Mutex::default(),
             published: watch::Sender::new(0),
             states: Mutex::new(
                 subscriptions
@@ -86,8 +90,57 @@ impl Progress {
         self.head.subscribe()
     }
 
-    /// A commit appended messages up to `global_position`.
+    /// A commit of this engine appended messages to `categories`, up to `global_position`.
+    pub(crate) fn appended(&self, categories: &[String], global_position: u64) {
+        // Before the head moves: a subscription it wakes must find the categories.
+        lock(&self.arrivals).own(categories, global_position);
+        self.move_head(global_position);
+    }
+
+    /// Messages of categories nobody said were appended up to `global_position` (another writer's
+    /// commit, told by the store; a scheduler's round).
     pub(crate) fn advanced(&self, global_position: u64) {
+        lock(&self.arrivals).unknown(global_position);
+        self.move_head(global_position);
+    }
+
+    /// What a subscription knows as it reads: `head`'s value, marked seen.
+    pub(crate) fn seen(&self, head: &mut watch::Receiver<u64>) -> Seen {
+        // Arrivals first: one told between the two is counted and, being committed, read.
+        let arrivals = lock(&self.arrivals);
+        arrivals.seen(*head.borrow_and_update())
+    }
+
+    /// What a read made now knows, for a reader that does not wait on the head itself.
+    pub(crate) fn seen_now(&self) -> Seen {
+        let arrivals = lock(&self.arrivals);
+        arrivals.seen(*self.head.borrow())
+    }
+
+    /// Whether a subscription of `categories` that read after `seen` and found nothing may find
+    /// something now.
+    pub(crate) fn news_for(&self, categories: &[String], seen: Seen) -> bool {
+        lock(&self.arrivals).news_for(categories, seen)
+    }
+
+    /// For a subscription of `categories` idle since `seen` whose `head` moved: when nothing arrived
+    /// for it, mark the new head seen, as if it had read there, and say so.
+    pub(crate) fn nothing_for(
+        &self,
+        categories: &[String],
+        seen: &mut Seen,
+        head: &mut watch::Receiver<u64>,
+    ) -> bool {
+        // One lock for both: an append told between them would be taken as read.
+        let arrivals = lock(&self.arrivals);
+        if arrivals.news_for(categories, *seen) {
+            return false;
+        }
+        *seen = arrivals.seen(*head.borrow_and_update());
+        true
+    }
+
+    fn move_head(&self, global_position: u64) {
         self.head.send_if_modified(|head| {
             let moved = global_position > *head;
             *head = (*head).max(global_position);
@@ -289,6 +342,27 @@ mod tests {
         p.set("a", State::Idle { head: 7 });
         p.set("b", State::Retrying);
         assert_eq!(p.busy(), ["b (waiting to retry a message)"]);
+    }
+
+    #[test]
+    fn an_idle_subscription_takes_a_move_with_nothing_for_it_as_read_and_never_one_with_something()
+    {
+        let p = Progress::new(5, ["a".to_owned()]);
+        let mut head = p.head();
+        let orders = ["shop::order".to_owned()];
+        let mut seen = p.seen(&mut head);
+        p.appended(&["shop::payment".to_owned()], 7);
+        assert!(p.nothing_for(&orders, &mut seen, &mut head));
+        assert_eq!(seen.head, 7);
+        p.appended(&orders, 9);
+        assert!(!p.nothing_for(&orders, &mut seen, &mut head));
+        assert_eq!(seen.head, 7, "not marked seen: still to be read");
+        let mut seen = p.seen(&mut head);
+        p.advanced(11);
+        assert!(
+            !p.nothing_for(&orders, &mut seen, &mut head),
+            "another writer's append may be of any category"
+        );
     }
 
     #[test]

@@ -16,11 +16,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     clock,
     engine::{
+        arrivals::Seen,
         batch::{self, Attempts, Origin, Record, Report, Subscription, Worker},
         progress::{Progress, State},
         timings::{self, Phase, Spent},
@@ -134,7 +136,47 @@ pub(crate) enum Wake {
         poll: Duration,
         /// In milliseconds on the engine's clock.
         due: Option<i64>,
+        /// The categories it reads: a move that appended to none of them leaves it waiting. Every
+        /// move wakes a source without.
+        categories: Option<Vec<String>>,
     },
+}
+
+/// A source idle at the head, waiting for news.
+struct Idle<'a> {
+    /// Its categories, when a move of the head that appended to none of them leaves it idle.
+    categories: Option<&'a [String]>,
+    /// What it knew when its read found nothing.
+    seen: Seen,
+}
+
+impl Idle<'_> {
+    /// Until the head moves with news for it: each move without any leaves it idle at the new head,
+    /// as if it had read there (its categories have nothing the move appended).
+    async fn arrive(
+        mut self,
+        head: &mut watch::Receiver<u64>,
+        source: &mut impl Source,
+        progress: &Progress,
+    ) {
+        loop {
+            if head.changed().await.is_err() {
+                return;
+            }
+            let Some(categories) = self.categories else {
+                return;
+            };
+            if !progress.nothing_for(categories, &mut self.seen, head) {
+                return;
+            }
+            source.report(
+                progress,
+                State::Idle {
+                    head: self.seen.head,
+                },
+            );
+        }
+    }
 }
 
 /// A batch to run, and where its effects go.
@@ -180,12 +222,13 @@ pub(crate) struct NextRead {
     pub(crate) limit: usize,
 }
 
-/// Messages read ahead ([`Place::then_read`]), with the position they were read after and the engine's
-/// head just before the read (an empty read-ahead is as good as a fresh read while the head is that).
+/// Messages read ahead ([`Place::then_read`]), with the position they were read after and what the
+/// engine knew just before the read (an empty read-ahead is as good as a fresh read until news for
+/// its categories arrives).
 #[derive(Debug)]
 pub(crate) struct ReadAhead {
     pub(crate) after: u64,
-    pub(crate) head: u64,
+    pub(crate) seen: Seen,
     pub(crate) messages: Vec<StoredMessage>,
 }
 
@@ -301,8 +344,8 @@ pub(crate) async fn run(
             }
             // The state stays what it was while reading: an idle subscription that re-reads is still
             // idle unless the read finds something.
-            let seen = *head.borrow_and_update();
-            let fetched = source.fetch(seen, &shutdown).await;
+            let seen = progress.seen(&mut head);
+            let fetched = source.fetch(seen.head, &shutdown).await;
             clocked.charge(Phase::Read);
             let work = match fetched {
                 Ok(Fetched::Work(work)) => work,
@@ -310,15 +353,25 @@ pub(crate) async fn run(
                 Ok(Fetched::Stop) => break,
                 Ok(Fetched::Nothing { state, wake }) => {
                     backoff.reset();
-                    let Wake::Head { poll, due } = wake else {
+                    let Wake::Head {
+                        poll,
+                        due,
+                        categories,
+                    } = wake
+                    else {
                         source.report(progress, state);
                         continue;
                     };
                     // Registered before the state is reported: see `clock::Woken`.
                     let due = due.map(|at| shared.clock.sleep_until(at));
+                    let idle = matches!(state, State::Idle { .. });
                     source.report(progress, state);
+                    let news = Idle {
+                        categories: categories.as_deref().filter(|_| idle),
+                        seen,
+                    };
                     tokio::select! {
-                        _ = head.changed() => {}
+                        _ = news.arrive(&mut head, &mut source, progress) => {}
                         _ = tokio::time::sleep(poll) => {}
                         woken = clock::until(due) => {
                             source.report(progress, State::Busy);
@@ -525,14 +578,14 @@ async fn handle(
 /// On a blocking thread of its own, unmeasured: what outlasts the batch is charged to reading by
 /// [`handle`].
 fn read_ahead(shared: &Shared, read: NextRead) -> Option<ReadAhead> {
-    let head = shared.progress.head_now();
+    let seen = shared.progress.seen_now();
     let messages = shared
         .store
         .read_categories(&read.categories, read.after, read.limit)
         .ok()?;
     Some(ReadAhead {
         after: read.after,
-        head,
+        seen,
         messages,
     })
 }
@@ -550,7 +603,7 @@ fn committed(
     let name = &sub.plan.name;
     shared.metrics.batch(sub, &report, started.elapsed());
     if let Some(appended) = report.appended {
-        shared.progress.advanced(appended);
+        shared.progress.appended(&report.appended_to, appended);
     }
     if let Some(due) = report.earliest_due {
         shared.scheduler_alarm.set(due);

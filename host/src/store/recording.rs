@@ -27,6 +27,8 @@ pub(crate) struct Recording {
     overlap: Option<Overlap>,
     /// Each find asked of the store: collection, field, value as JSON.
     finds: Mutex<Vec<(String, String, String)>>,
+    /// Each category read: its categories and how many messages it found.
+    reads: Mutex<Vec<(Vec<String>, usize)>>,
 }
 
 /// Commits of a subscription's batches held until the read of its next batch begins.
@@ -94,6 +96,11 @@ impl Recording {
         self.finds.lock().unwrap().clone()
     }
 
+    /// The category reads so far, in order: their categories and how many messages each found.
+    pub(crate) fn reads(&self) -> Vec<(Vec<String>, usize)> {
+        self.reads.lock().unwrap().clone()
+    }
+
     /// The units committed so far, forgetting them.
     pub(crate) fn take(&self) -> Vec<UnitOfWork> {
         std::mem::take(&mut *self.committed.lock().unwrap())
@@ -110,7 +117,10 @@ impl Store for Recording {
         if let Some(overlap) = &self.overlap {
             overlap.began(after);
         }
-        self.inner.read_categories(categories, after, limit)
+        let read = self.inner.read_categories(categories, after, limit)?;
+        let found = (categories.to_vec(), read.len());
+        self.reads.lock().unwrap().push(found);
+        Ok(read)
     }
 
     fn read_stream(&self, stream: &str, from: u64) -> Result<Vec<StoredMessage>> {

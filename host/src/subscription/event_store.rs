@@ -153,13 +153,15 @@ impl Categories {
     }
 
     /// The next messages after the cursor: those read ahead after the last commit when they start
-    /// there, else a read. A read-ahead that found nothing counts only if the engine's head has not
-    /// moved since it (`head`: the head this fetch waits on), so that waiting for the head starts
-    /// from a read made after the head was seen, as a fresh read's would.
-    async fn read(&mut self, head: u64) -> Result<Vec<StoredMessage>, Trouble> {
+    /// there, else a read. A read-ahead that found nothing counts only while no news for the
+    /// categories arrived since it, so that waiting for the head starts from a read that nothing
+    /// arrived after, as a fresh read's would.
+    async fn read(&mut self) -> Result<Vec<StoredMessage>, Trouble> {
         let at = self.cursor.at;
         let ahead = self.ahead.take();
-        let current = |a: &ReadAhead| !a.messages.is_empty() || a.head == head;
+        let (progress, categories) = (&self.shared.progress, &self.sub.plan.categories);
+        let current =
+            |a: &ReadAhead| !a.messages.is_empty() || !progress.news_for(categories, a.seen);
         if let Some(ahead) = ahead.filter(|a| a.after == at && current(a)) {
             return Ok(ahead.messages);
         }
@@ -235,6 +237,7 @@ impl Categories {
             wake: Wake::Head {
                 poll: self.shared.config.poll_interval,
                 due,
+                categories: Some(self.sub.plan.categories.clone()),
             },
         }
     }
@@ -310,7 +313,7 @@ impl Source for Categories {
             return self.drain(key).await;
         }
         self.drained = false;
-        let messages = self.read(head).await?;
+        let messages = self.read().await?;
         self.cursor.at_head = messages.is_empty();
         if self.cursor.at_head && released.is_some() {
             // A released key still holds messages: handle them without waiting.
