@@ -9,6 +9,10 @@
 //! Anything else is of unknown categories and counts as news for every subscription: another writer's
 //! append (told by the store's notifications, which also come back for the engine's own appends and are
 //! recognised by their position), or a scheduler's round.
+//!
+//! A commit's categories are news from before it starts until it is recorded: commits land in position
+//! order, but are reported in any order, and a move of the head past a commit still unreported must
+//! not be taken as read by the readers of its categories.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -24,6 +28,8 @@ pub(crate) struct Arrivals {
     own: BTreeSet<u64>,
     /// How many appends of unknown categories were told.
     unknown: u64,
+    /// Per category, the engine's commits to it started and not yet recorded.
+    committing: HashMap<String, u32>,
 }
 
 /// What a subscription knew when it last read: whatever arrives after it may be news.
@@ -34,23 +40,41 @@ pub(crate) struct Seen {
 }
 
 impl Arrivals {
-    /// The engine committed messages to `categories`, the last at global position `position`.
-    pub(crate) fn own(&mut self, categories: &[String], position: u64) {
+    /// The engine starts a commit that appends to `categories`.
+    pub(crate) fn begin(&mut self, categories: &[String]) {
         for category in categories {
-            let last = self.categories.entry(category.clone()).or_default();
-            *last = (*last).max(position);
-        }
-        self.own.insert(position);
-        if self.own.len() > REMEMBERED {
-            self.own.pop_first();
+            *self.committing.entry(category.clone()).or_default() += 1;
         }
     }
 
-    /// Messages up to global position `position` were appended to categories nobody said.
-    pub(crate) fn unknown(&mut self, position: u64) {
-        if !self.own.contains(&position) {
-            self.unknown += 1;
+    /// The commit `begin` started ended; it appended to `categories` up to `position`, if it did.
+    pub(crate) fn end(&mut self, categories: &[String], position: Option<u64>) {
+        for category in categories {
+            if let Some(count) = self.committing.get_mut(category) {
+                *count -= 1;
+                if *count == 0 {
+                    self.committing.remove(category);
+                }
+            }
+            if let Some(position) = position {
+                let last = self.categories.entry(category.clone()).or_default();
+                *last = (*last).max(position);
+            }
         }
+        if let Some(position) = position {
+            self.own.insert(position);
+            if self.own.len() > REMEMBERED {
+                self.own.pop_first();
+            }
+        }
+    }
+
+    /// Messages up to global position `position` were appended to categories nobody said; whether
+    /// that is news (the notification of one of the engine's own commits is not).
+    pub(crate) fn unknown(&mut self, position: u64) -> bool {
+        let news = !self.own.contains(&position);
+        self.unknown += u64::from(news);
+        news
     }
 
     /// A subscription reads now, at `head`.
@@ -65,9 +89,10 @@ impl Arrivals {
     /// now.
     pub(crate) fn news_for(&self, categories: &[String], seen: Seen) -> bool {
         self.unknown != seen.unknown
-            || categories
-                .iter()
-                .any(|c| self.categories.get(c).is_some_and(|last| *last > seen.head))
+            || categories.iter().any(|c| {
+                self.committing.contains_key(c)
+                    || self.categories.get(c).is_some_and(|last| *last > seen.head)
+            })
     }
 }
 
@@ -79,19 +104,25 @@ mod tests {
         categories.iter().map(|c| (*c).to_owned()).collect()
     }
 
+    /// A commit of the engine to `categories`, ending at `position`.
+    fn commit(arrivals: &mut Arrivals, categories: &[String], position: u64) {
+        arrivals.begin(categories);
+        arrivals.end(categories, Some(position));
+    }
+
     #[test]
     fn only_an_append_to_its_own_categories_is_news_for_a_subscription() {
         let mut arrivals = Arrivals::default();
         let (orders, payments) = (names(&["shop::order"]), names(&["shop::payment"]));
-        arrivals.own(&orders, 10);
+        commit(&mut arrivals, &orders, 10);
         let seen = arrivals.seen(10);
         assert!(!arrivals.news_for(&orders, seen), "read already");
-        arrivals.own(&payments, 12);
+        commit(&mut arrivals, &payments, 12);
         assert!(!arrivals.news_for(&orders, seen));
         assert!(arrivals.news_for(&payments, seen));
         let both = names(&["shop::order", "shop::payment"]);
         assert!(arrivals.news_for(&both, seen));
-        arrivals.own(&names(&["shop::stock", "shop::order"]), 15);
+        commit(&mut arrivals, &names(&["shop::stock", "shop::order"]), 15);
         assert!(arrivals.news_for(&orders, arrivals.seen(14)));
         assert!(!arrivals.news_for(&orders, arrivals.seen(15)));
     }
@@ -102,7 +133,7 @@ mod tests {
         let orders = names(&["shop::order"]);
         let seen = arrivals.seen(20);
         // Below the head the subscription read at: another writer's commit that became visible late.
-        arrivals.unknown(18);
+        assert!(arrivals.unknown(18));
         assert!(arrivals.news_for(&orders, seen));
         assert!(!arrivals.news_for(&orders, arrivals.seen(20)));
     }
@@ -111,14 +142,14 @@ mod tests {
     fn the_notification_of_the_engines_own_append_is_not_news_again() {
         let mut arrivals = Arrivals::default();
         let orders = names(&["shop::order"]);
-        arrivals.own(&names(&["shop::payment"]), 30);
+        commit(&mut arrivals, &names(&["shop::payment"]), 30);
         let seen = arrivals.seen(30);
-        arrivals.unknown(30);
+        assert!(!arrivals.unknown(30));
         assert!(!arrivals.news_for(&orders, seen));
         // A notification that outran the commit's own report counts: one read too many, never one
         // too few.
-        arrivals.unknown(31);
-        arrivals.own(&names(&["shop::payment"]), 31);
+        assert!(arrivals.unknown(31));
+        commit(&mut arrivals, &names(&["shop::payment"]), 31);
         assert!(arrivals.news_for(&orders, seen));
     }
 
@@ -127,12 +158,39 @@ mod tests {
         let mut arrivals = Arrivals::default();
         let none: Vec<String> = Vec::new();
         for position in 1..=(REMEMBERED as u64 + 1) {
-            arrivals.own(&none, position);
+            commit(&mut arrivals, &none, position);
         }
         let seen = arrivals.seen(REMEMBERED as u64 + 1);
-        arrivals.unknown(2);
-        assert!(!arrivals.news_for(&none, seen), "still remembered");
-        arrivals.unknown(1);
-        assert!(arrivals.news_for(&none, seen), "forgotten: unknown");
+        assert!(!arrivals.unknown(2), "still remembered");
+        assert!(!arrivals.news_for(&none, seen));
+        assert!(arrivals.unknown(1), "forgotten");
+        assert!(arrivals.news_for(&none, seen));
+    }
+
+    #[test]
+    fn a_commit_is_news_for_its_categories_from_its_start_until_it_is_recorded() {
+        let mut arrivals = Arrivals::default();
+        let (orders, payments) = (names(&["shop::order"]), names(&["shop::payment"]));
+        let seen = arrivals.seen(5);
+        arrivals.begin(&orders);
+        assert!(
+            arrivals.news_for(&orders, seen),
+            "its position is not known yet"
+        );
+        assert!(!arrivals.news_for(&payments, seen));
+        arrivals.end(&orders, None);
+        assert!(
+            !arrivals.news_for(&orders, seen),
+            "a failed commit appended nothing"
+        );
+        arrivals.begin(&orders);
+        arrivals.begin(&orders);
+        arrivals.end(&orders, Some(6));
+        assert!(
+            arrivals.news_for(&orders, arrivals.seen(6)),
+            "one still runs"
+        );
+        arrivals.end(&orders, Some(7));
+        assert!(!arrivals.news_for(&orders, arrivals.seen(7)));
     }
 }

@@ -147,8 +147,6 @@ pub(crate) struct Report {
     pub(crate) position: Option<u64>,
     /// The global position of the last message the commit appended.
     pub(crate) appended: Option<u64>,
-    /// The categories the commit appended to.
-    pub(crate) appended_to: Vec<String>,
     /// A message that failed and must be retried after this delay (the batch stopped before it; in an
     /// ordered batch, the shortest of the waiting keys' delays).
     pub(crate) retry: Option<Duration>,
@@ -184,7 +182,6 @@ impl Report {
     fn absorb(&mut self, next: Report) {
         self.position = next.position.or(self.position);
         self.appended = next.appended.or(self.appended);
-        self.appended_to.extend(next.appended_to);
         self.retry = match (self.retry, next.retry) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -233,6 +230,9 @@ pub(crate) struct Context<'a> {
     pub(crate) deadlines: Option<&'a super::deadlines::Deadlines>,
     /// Who may call now, when a suspect must call alone (in process; none for a one-off replay).
     pub(crate) turns: Option<&'a super::turns::Turns>,
+    /// Told which categories a commit appends to, while it runs (in process; none for a one-off
+    /// replay).
+    pub(crate) progress: Option<&'a super::progress::Progress>,
     /// Which calls are recorded in the store before they start ([`CallRecord`]).
     pub(crate) record: Record,
     /// Ordered event-store subscriptions that park: the parked keys, or the key being drained.
@@ -292,6 +292,7 @@ impl<'a> Context<'a> {
             keys: None,
             deadlines: Some(&shared.deadlines),
             turns: (!plugin.isolated()).then_some(&shared.turns),
+            progress: Some(&shared.progress),
             record: Record::Suspects,
             parking: None,
             origin: Origin::Store,
@@ -508,15 +509,19 @@ fn run_unit(
         if ctx.origin == Origin::Broker {
             report.dead_letters = std::mem::take(&mut unit.dead_letters);
         }
-        let committed =
-            super::timings::within(super::timings::Phase::Commit, || ctx.store.commit(&unit));
+        let commit = || ctx.store.commit(&unit);
+        let committed = super::timings::within(super::timings::Phase::Commit, || {
+            match ctx.progress.filter(|_| !unit.messages.is_empty()) {
+                Some(progress) => progress.committing(&categories(&unit.messages), commit),
+                None => commit(),
+            }
+        });
         match committed {
             Ok(appended) => {
                 for id in settled {
                     attempts.failed.remove(&id);
                 }
                 report.appended = appended;
-                report.appended_to = categories(&unit.messages);
                 report.earliest_due = earliest_due(&unit.schedules);
                 report.written = unit
                     .messages

@@ -75,6 +75,7 @@ impl Setup {
             keys: None,
             deadlines: None,
             turns: None,
+            progress: None,
             record,
             parking: None,
             origin: Origin::Store,

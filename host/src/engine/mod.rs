@@ -536,6 +536,7 @@ impl Engine {
             keys: None,
             deadlines: None,
             turns: None,
+            progress: None,
             record: batch::Record::Every,
             parking: None,
             origin: batch::Origin::Store,

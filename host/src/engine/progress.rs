@@ -90,18 +90,37 @@ impl Progress {
         self.head.subscribe()
     }
 
-    /// A commit of this engine appended messages to `categories`, up to `global_position`.
-    pub(crate) fn appended(&self, categories: &[String], global_position: u64) {
-        // Before the head moves: a subscription it wakes must find the categories.
-        lock(&self.arrivals).own(categories, global_position);
+    /// Run `commit`, which appends to `categories`: they are news for their readers from now until
+    /// it has ended and its position is recorded, so that no move of the head past it is taken as
+    /// read before then (commits land in position order, but are reported in any order).
+    pub(crate) fn committing<E>(
+        &self,
+        categories: &[String],
+        commit: impl FnOnce() -> Result<Option<u64>, E>,
+    ) -> Result<Option<u64>, E> {
+        lock(&self.arrivals).begin(categories);
+        let committed = commit();
+        let position = committed.as_ref().ok().copied().flatten();
+        lock(&self.arrivals).end(categories, position);
+        committed
+    }
+
+    /// A commit of this engine, recorded by [`Progress::committing`], appended messages up to
+    /// `global_position`.
+    pub(crate) fn appended(&self, global_position: u64) {
         self.move_head(global_position);
     }
 
     /// Messages of categories nobody said were appended up to `global_position` (another writer's
     /// commit, told by the store; a scheduler's round).
     pub(crate) fn advanced(&self, global_position: u64) {
-        lock(&self.arrivals).unknown(global_position);
-        self.move_head(global_position);
+        if !lock(&self.arrivals).unknown(global_position) {
+            return self.move_head(global_position);
+        }
+        // Every reader looks, even when the head stays: a commit reported after a later one.
+        self.head
+            .send_modify(|head| *head = (*head).max(global_position));
+        self.changed.notify_one();
     }
 
     /// What a subscription knows as it reads: `head`'s value, marked seen.
@@ -350,11 +369,17 @@ mod tests {
         let p = Progress::new(5, ["a".to_owned()]);
         let mut head = p.head();
         let orders = ["shop::order".to_owned()];
+        let payments = ["shop::payment".to_owned()];
+        let commit = |categories: &[String], position| {
+            p.committing(categories, || Ok::<_, ()>(Some(position)))
+                .unwrap();
+            p.appended(position);
+        };
         let mut seen = p.seen(&mut head);
-        p.appended(&["shop::payment".to_owned()], 7);
+        commit(&payments, 7);
         assert!(p.nothing_for(&orders, &mut seen, &mut head));
         assert_eq!(seen.head, 7);
-        p.appended(&orders, 9);
+        commit(&orders, 9);
         assert!(!p.nothing_for(&orders, &mut seen, &mut head));
         assert_eq!(seen.head, 7, "not marked seen: still to be read");
         let mut seen = p.seen(&mut head);
@@ -363,6 +388,36 @@ mod tests {
             !p.nothing_for(&orders, &mut seen, &mut head),
             "another writer's append may be of any category"
         );
+    }
+
+    /// Two subscriptions commit: the first lands (position 8) but is reported after the second (9).
+    /// A reader of the first's categories woken by the second must read, and a reader told of an
+    /// unknown append below the head must be woken.
+    #[test]
+    fn a_commit_reported_after_a_later_one_is_never_taken_as_read() {
+        let p = Progress::new(5, ["a".to_owned()]);
+        let mut head = p.head();
+        let (orders, payments) = (["shop::order".to_owned()], ["shop::payment".to_owned()]);
+        let mut seen = p.seen(&mut head);
+        let first = p.committing(&orders, || {
+            p.committing(&payments, || Ok::<_, ()>(Some(9))).unwrap();
+            p.appended(9);
+            assert!(
+                !p.nothing_for(&orders, &mut seen, &mut head),
+                "a commit to its category is still unreported"
+            );
+            Ok::<_, ()>(Some(8))
+        });
+        assert_eq!(first, Ok(Some(8)));
+        p.appended(8);
+        assert!(!p.nothing_for(&orders, &mut seen, &mut head));
+        let mut seen = p.seen(&mut head);
+        p.advanced(3);
+        assert!(
+            head.has_changed().unwrap(),
+            "an unknown append wakes every reader"
+        );
+        assert!(!p.nothing_for(&orders, &mut seen, &mut head));
     }
 
     #[test]

@@ -603,7 +603,7 @@ fn committed(
     let name = &sub.plan.name;
     shared.metrics.batch(sub, &report, started.elapsed());
     if let Some(appended) = report.appended {
-        shared.progress.appended(&report.appended_to, appended);
+        shared.progress.appended(appended);
     }
     if let Some(due) = report.earliest_due {
         shared.scheduler_alarm.set(due);
