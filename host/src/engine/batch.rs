@@ -614,7 +614,7 @@ fn build(
             let limit = sub.settings.max_message_bytes;
             TooBig::check(m.size(), limit, || "message".into(), READ_FIX)
                 .map_err(|e| e.to_string())?;
-            let view = match m.decoded.view(&m.metadata) {
+            let view = match m.decoded.view() {
                 Some(view) => view,
                 None => MetaView::parse(&m.metadata).map_err(|e| e.to_string())?,
             };

@@ -8,7 +8,7 @@
 
 mod wire;
 
-use std::{borrow::Cow, ops::Range};
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -93,14 +93,14 @@ pub struct HeadersView<'a> {
 }
 
 /// `metadata.envelope`.
-#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct EnvelopeView<'a> {
     #[serde(borrow, default)]
     pub checksum: Option<Cow<'a, str>>,
 }
 
 /// `metadata.domain`, the parts the engine reads.
-#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct DomainView<'a> {
     #[serde(borrow, default)]
     pub correlation_id: Option<Cow<'a, str>>,
@@ -154,50 +154,48 @@ impl<'a> MetaView<'a> {
 }
 
 /// What a reader decoded of a message's metadata on its way in ([`from_wire`] reads a broker entry in
-/// one pass): the headers the engine reads, and where the envelope and domain members are in the
-/// metadata's text. The engine decodes those two there, on the batch's thread: the reader's side of a
-/// batch takes as long already (work moved to it made a run slower, measured). A cache of the
-/// metadata's text: it never makes two messages differ.
+/// one pass): the members the engine reads, decoded in that pass, so that nothing parses the metadata
+/// again. A cache of the metadata's text: it never makes two messages differ.
 #[derive(Debug, Clone, Default)]
 pub struct Decoded(pub(crate) Option<Box<Parts>>);
 
-/// See [`Decoded`].
+/// See [`Decoded`]: [`MetaView`]'s members, owned.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
     pub(crate) headers: HeadersView<'static>,
-    /// The value of `envelope` in the metadata's text, when it has one.
-    pub(crate) envelope: Option<Range<usize>>,
-    /// The value of `domain` in the metadata's text, when it has one.
-    pub(crate) domain: Option<Range<usize>>,
+    pub(crate) envelope: Option<EnvelopeView<'static>>,
+    pub(crate) domain: Option<DomainView<'static>>,
 }
 
 impl Decoded {
-    /// The view of `metadata` (the text this was decoded from); `None` when nothing was decoded
-    /// ahead, or when the envelope or the domain does not read as the engine reads it: parsing the
-    /// whole metadata then says why ([`MetaView::parse`]).
-    pub fn view<'a>(&'a self, metadata: &'a str) -> Option<MetaView<'a>> {
+    /// The view of the metadata this was decoded from; `None` when nothing was decoded ahead (the
+    /// engine then parses the metadata, [`MetaView::parse`], which says what it refuses).
+    pub fn view(&self) -> Option<MetaView<'_>> {
         let parts = self.0.as_deref()?;
-        // A member that is not there reads as none; one that does not read, as no view.
-        fn at<'a, T: Deserialize<'a>>(
-            text: &'a str,
-            span: &Option<Range<usize>>,
-        ) -> Option<Option<T>> {
-            match span {
-                Some(span) => serde_json::from_str(text.get(span.clone())?).ok(),
-                None => Some(None),
-            }
-        }
-        let envelope = at(metadata, &parts.envelope)?;
-        let domain = at(metadata, &parts.domain)?;
         Some(MetaView {
             headers: HeadersView {
-                deadline: parts.headers.deadline.as_deref().map(Cow::Borrowed),
+                deadline: borrow(&parts.headers.deadline),
                 traceparent: parts.headers.traceparent.clone(),
             },
-            envelope,
-            domain,
+            envelope: parts.envelope.as_ref().map(|e| EnvelopeView {
+                checksum: borrow(&e.checksum),
+            }),
+            domain: parts.domain.as_ref().map(|d| DomainView {
+                correlation_id: borrow(&d.correlation_id),
+                origin_stream: borrow(&d.origin_stream),
+            }),
         })
     }
+}
+
+/// `text` borrowed, whether it was borrowed or owned.
+fn borrow<'a>(text: &'a Option<Cow<'_, str>>) -> Option<Cow<'a, str>> {
+    text.as_deref().map(Cow::Borrowed)
+}
+
+/// `text` owned, to outlive what it was borrowed from.
+pub(crate) fn owned(text: Option<Cow<'_, str>>) -> Option<Cow<'static, str>> {
+    text.map(|t| Cow::Owned(t.into_owned()))
 }
 
 impl PartialEq for Decoded {
