@@ -9,6 +9,7 @@ use std::{
 use protean_host::{
     broker::{BrokerConfig, Consumer, GroupStart},
     engine::Outcome,
+    message,
     store::Store,
 };
 use serde_json::{json, Value};
@@ -220,6 +221,77 @@ fn a_poison_entry_is_dead_lettered_at_once_and_the_rest_goes_on() {
     assert!(dead.contains("entry has no text field `data`"), "{dead}");
 }
 
+/// A well-formed entry is read in one pass, its envelope and domain decoded on the way (the engine does
+/// not parse its metadata again): it is verified all the same. Data that does not hash to its checksum,
+/// and an envelope or a domain the engine refuses, are dead-lettered at once with the reason; the entry
+/// beside them that verifies is handled.
+#[test]
+fn an_entry_that_fails_its_checksum_or_carries_a_bad_envelope_is_dead_lettered_at_once() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path());
+    probe(&store, &redis, &[("first", "ok")]);
+    let genuine: Value = serde_json::from_str(&entry_data(&redis, "probe::probe:command")).unwrap();
+    // Each a new command (its own stream, positions and id), made from the genuine entry.
+    let made = |id: &str, n: u64, tamper: &dyn Fn(&mut Value)| {
+        let mut entry = genuine.clone();
+        entry["data"]["id"] = json!(id);
+        entry["metadata"]["envelope"]["checksum"] = json!(message::checksum(&entry["data"]));
+        entry["metadata"]["headers"]["id"] = json!(format!("made-{id}"));
+        entry["metadata"]["headers"]["stream"] = json!(format!("probe::probe:command-{id}"));
+        entry["metadata"]["event_store"] = json!({"global_position": 1000 + n, "position": 0});
+        tamper(&mut entry);
+        entry.to_string()
+    };
+    let entries = [
+        made("tampered", 1, &|e| e["data"]["behaviour"] = json!("fail:1")),
+        made("envelope", 2, &|e| e["metadata"]["envelope"] = json!("v1")),
+        made("domain", 3, &|e| {
+            e["metadata"]["domain"]["correlation_id"] = json!({"not": "a string"})
+        }),
+        made("sound", 4, &|_| {}),
+    ];
+    for entry in &entries {
+        redis.cli(&["XADD", "probe::probe:command", "*", "data", entry]);
+    }
+    let report = probe(&store, &redis, &[]);
+    assert_eq!(report.outcome, Outcome::Quiescent);
+    assert_eq!(report.totals.retries, 0, "poison is never retried");
+    assert_eq!(
+        ran(store.as_ref(), "sound"),
+        1,
+        "the sound entry is handled"
+    );
+    for id in ["tampered", "envelope", "domain"] {
+        assert_eq!(ran(store.as_ref(), id), 0, "{id} is not handled");
+    }
+    let dead = redis.cli(&["XRANGE", "commands:probe::probe:dlq", "-", "+"]);
+    assert_eq!(dead.matches("original_id").count(), 3, "{dead}");
+    assert_eq!(dead.matches("checksum mismatch").count(), 1, "{dead}");
+    assert_eq!(
+        dead.matches("metadata is not valid JSON").count(),
+        2,
+        "{dead}"
+    );
+    let pending = redis.cli(&["XPENDING", "probe::probe:command", "commands:probe::probe"]);
+    assert!(
+        pending.starts_with("0\n"),
+        "nothing left pending: {pending}"
+    );
+}
+
+/// The `data` field of the last entry of `stream`.
+fn entry_data(redis: &RedisServer, stream: &str) -> String {
+    let entries = redis.cli(&["XREVRANGE", stream, "+", "-", "COUNT", "1"]);
+    let lines: Vec<&str> = entries.lines().collect();
+    lines
+        .iter()
+        .position(|l| *l == "data")
+        .and_then(|i| lines.get(i + 1))
+        .unwrap_or_else(|| panic!("no data field in {entries}"))
+        .to_string()
+}
+
 /// One entry per batch: every entry after the first is read, and decoded, while the batch before it
 /// runs. Poison read that way is dead-lettered like poison read first.
 #[test]
@@ -266,15 +338,9 @@ fn a_processed_message_published_again_as_new_entries_has_its_effect_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path());
     probe(&store, &redis, &[("a", "ok")]);
-    let entry = redis.cli(&["XRANGE", "probe::probe:command", "-", "+"]);
-    let lines: Vec<&str> = entry.lines().collect();
-    let data = lines
-        .iter()
-        .position(|l| *l == "data")
-        .and_then(|i| lines.get(i + 1))
-        .unwrap_or_else(|| panic!("no data field in {entry}"));
+    let data = entry_data(&redis, "probe::probe:command");
     for _ in 0..2 {
-        redis.cli(&["XADD", "probe::probe:command", "*", "data", data]);
+        redis.cli(&["XADD", "probe::probe:command", "*", "data", &data]);
     }
     let report = probe(&store, &redis, &[("b", "ok")]);
     assert_eq!(report.outcome, Outcome::Quiescent);
