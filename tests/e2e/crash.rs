@@ -335,7 +335,8 @@ fn a_handler_past_its_deadline_fails_liveness_and_is_dead_lettered_after_restart
 /// command is handled and every culprit dead-lettered: each handled once, no replica left dead.
 /// `after_first_death` runs once, when the first replica has died; with it, a culprit may have up to
 /// `entries` dead letters. `drained` says whether the source has nothing left to deliver, so that no
-/// entry is still on its way to a replica when the test stops them. How each replica that died ended.
+/// entry is still on its way to a replica when the test stops them. Commands for a broker are published
+/// before the replicas start ([`publish_before_serving`]). How each replica that died ended.
 fn three_replicas_survive_an_aborting_command(
     dir: &Path,
     instance: &str,
@@ -346,13 +347,14 @@ fn three_replicas_survive_an_aborting_command(
     drained: &dyn Fn() -> bool,
 ) -> Vec<ExitStatus> {
     let mut after_first_death = Some(after_first_death);
-    let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
     let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
     for (n, culprit) in culprits.iter().enumerate() {
         commands.insert(5 + n, ((*culprit).to_owned(), "abort"));
     }
     let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
     send(dir, &refs);
+    publish_before_serving(dir, store);
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
     let mut deaths = Vec::new();
     // What each replica that died said last: the calls it made and the counts it recovered.
     let mut last_words = Vec::new();
@@ -484,6 +486,24 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     // Each culprit dies in `max_retries + 1` calls of its entry; the first call may have held them all.
     let most = culprits.len() * entries * (MAX_RETRIES + 1);
     assert!(deaths.len() <= most, "{deaths:?}");
+}
+
+/// Publish the commands sent so far by a replica with no handlers, before any replica that runs them
+/// starts. A replica the culprit kills may have published it a moment before, in its own outbox round,
+/// and not yet marked that round: another replica's outbox would publish the culprit again once the
+/// dead one's lease ran out, at any moment of the test, even after the test saw it dead-lettered and
+/// the group drained (a new entry, a new crash loop). Published first, the culprit's entries are the
+/// one `send` made and the copy a test makes itself (`COPY_CULPRIT`: that republication, at a moment
+/// of its choosing).
+fn publish_before_serving(dir: &Path, store: &dyn Store) {
+    let waiting = || store.outbox().unwrap().counts(1).unwrap().pending;
+    if waiting() == 0 {
+        // No broker: nothing to publish.
+        return;
+    }
+    let publisher = serve_as(dir, "empty");
+    wait_until(LIMIT, "every command published", || waiting() == 0);
+    publisher.stop_cleanly();
 }
 
 /// Append a copy of the culprit's entry to the stream `KEYS[1]`; the copy's id.
@@ -730,12 +750,13 @@ fn three_replicas_on_redis_outlast_a_handler_that_never_returns() {
         "",
         "subscription_type = \"stream\"\nhandler_timeout_ms = 300",
     );
-    let mut replicas: Vec<(Server, String)> = (0..3).map(|_| serve_watched(dir.path())).collect();
     let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
     commands.insert(5, ("culprit".into(), "spin"));
     let refs: Vec<(&str, &str)> = commands.iter().map(|(id, b)| (id.as_str(), *b)).collect();
     send(dir.path(), &refs);
     let store = open(dir.path(), None);
+    publish_before_serving(dir.path(), store.as_ref());
+    let mut replicas: Vec<(Server, String)> = (0..3).map(|_| serve_watched(dir.path())).collect();
     let mut stuck = 0;
     wait_until(
         Duration::from_secs(120),
