@@ -346,7 +346,6 @@ fn three_replicas_survive_an_aborting_command(
     entries: usize,
     drained: &dyn Fn() -> bool,
 ) -> Vec<ExitStatus> {
-    let mut after_first_death = Some(after_first_death);
     let mut commands: Vec<(String, &str)> = (0..10).map(|n| (format!("good-{n}"), "ok")).collect();
     for (n, culprit) in culprits.iter().enumerate() {
         commands.insert(5 + n, ((*culprit).to_owned(), "abort"));
@@ -355,23 +354,7 @@ fn three_replicas_survive_an_aborting_command(
     send(dir, &refs);
     publish_before_serving(dir, store);
     let mut replicas: Vec<Server> = (0..3).map(|_| serve_as(dir, instance)).collect();
-    let mut deaths = Vec::new();
-    // What each replica that died said last: the calls it made and the counts it recovered.
-    let mut last_words = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        for replica in &mut replicas {
-            if let Some(status) = replica.exited() {
-                deaths.push(status);
-                let dead = std::mem::replace(replica, serve_as(dir, instance));
-                last_words.push(tail(&dead.wait().1));
-            }
-        }
-        if !deaths.is_empty() {
-            if let Some(hook) = after_first_death.take() {
-                hook();
-            }
-        }
+    let missing = || {
         let good: Vec<usize> = (0..10)
             .map(|n| handled(store, &format!("good-{n}")))
             .collect();
@@ -379,28 +362,23 @@ fn three_replicas_survive_an_aborting_command(
         let every = culprits
             .iter()
             .all(|c| dead.iter().any(|row| is_of(&row["fields"], c)));
-        let dead = dead.len();
-        if good.iter().all(|&n| n >= 1) && every && drained() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            // Where it stands, and what each replica said last: enough to tell a stuck partition from
-            // a slow machine.
-            let logs: Vec<String> = replicas
-                .into_iter()
-                .map(|replica| tail(&replica.stop().1))
-                .collect();
-            let calls = store.recorded_calls(COMMANDS, None);
-            panic!(
-                "timed out waiting for every good command handled and the culprit dead-lettered: \
-                 handled {good:?}, {dead} dead letter(s), deaths {deaths:?}, calls recorded \
-                 {calls:?}\nthe replicas that died, in order:\n{}\n====\nthe replicas left:\n{}",
-                last_words.join("\n----\n"),
-                logs.join("\n----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let done = good.iter().all(|&n| n >= 1) && every && drained();
+        (!done).then(|| {
+            format!(
+                "every good command handled and every culprit dead-lettered: handled {good:?}, {} \
+                 dead letter(s)",
+                dead.len()
+            )
+        })
+    };
+    let deaths = keep_alive_until(
+        dir,
+        instance,
+        store,
+        &mut replicas,
+        after_first_death,
+        missing,
+    );
     for n in 0..10 {
         assert_eq!(handled(store, &format!("good-{n}")), 1, "good-{n} once");
     }
@@ -424,10 +402,75 @@ fn three_replicas_survive_an_aborting_command(
     deaths
 }
 
+/// Restart each of `replicas` that dies, as a supervisor would, until `missing` says nothing is (it
+/// names what is missing meanwhile); `after_first_death` runs once, after the first death. How each
+/// replica that died ended. Past two minutes, panics with what is missing and what each replica said
+/// last: enough to tell a stuck partition from a slow machine.
+fn keep_alive_until(
+    dir: &Path,
+    instance: &str,
+    store: &dyn Store,
+    replicas: &mut Vec<Server>,
+    after_first_death: impl FnOnce(),
+    missing: impl Fn() -> Option<String>,
+) -> Vec<ExitStatus> {
+    let mut after_first_death = Some(after_first_death);
+    let mut deaths = Vec::new();
+    // What each replica that died said last: the calls it made and the counts it recovered.
+    let mut last_words = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for replica in replicas.iter_mut() {
+            if let Some(status) = replica.exited() {
+                deaths.push(status);
+                let dead = std::mem::replace(replica, serve_as(dir, instance));
+                last_words.push(tail(&dead.wait().1));
+            }
+        }
+        if !deaths.is_empty() {
+            if let Some(hook) = after_first_death.take() {
+                hook();
+            }
+        }
+        let Some(missing) = missing() else {
+            return deaths;
+        };
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = std::mem::take(replicas)
+                .into_iter()
+                .map(|replica| tail(&replica.stop().1))
+                .collect();
+            let calls = store.recorded_calls(COMMANDS, None);
+            panic!(
+                "timed out waiting for {missing}; deaths {deaths:?}, calls recorded {calls:?}\n\
+                 the replicas that died, in order:\n{}\n====\nthe replicas left:\n{}",
+                last_words.join("\n----\n"),
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The last lines of a replica's `log`.
 fn tail(log: &str) -> String {
     let last: Vec<&str> = log.lines().rev().take(15).collect();
     last.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// A Redis server, and a directory configured for it with the command handler on a Redis stream
+/// (replicas share its consumer group); the store its servers use.
+fn on_redis_streams() -> (RedisServer, tempfile::TempDir, Arc<dyn Store>) {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    configure(
+        dir.path(),
+        &redis.config(),
+        "",
+        "subscription_type = \"stream\"",
+    );
+    let store = open(dir.path(), None);
+    (redis, dir, store)
 }
 
 /// Three replicas of the probe domain's `instance` on Redis, an aborting command among ten good ones,
@@ -445,16 +488,7 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     culprits: &[&str],
     twice: bool,
 ) {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    // The command handler on a Redis stream: replicas share its consumer group.
-    configure(
-        dir.path(),
-        &redis.config(),
-        "",
-        "subscription_type = \"stream\"",
-    );
-    let store = open(dir.path(), None);
+    let (redis, dir, store) = on_redis_streams();
     // The outbox publishes again what it published just before its replica died: here, the culprit,
     // once its first call has killed a replica (so its entry is in the stream, and not dead-lettered).
     let publish_again = || {
@@ -549,6 +583,63 @@ fn an_aborting_command_published_twice_ends_in_a_dead_letter_on_redis() {
     // ended).
     three_replicas_on_redis_survive_a_handler_that_aborts_in(ORDERED, true);
     three_replicas_on_redis_survive_a_handler_that_aborts_in(PROBE, true);
+}
+
+#[test]
+fn an_aborting_command_published_again_after_its_dead_letter_kills_one_replica_on_redis() {
+    // An outbox publishes a command again when its replica died before marking it, and the culprit's
+    // call is what kills that replica: the copy may come long after the first entry's dead letter, to
+    // a consumer group that acknowledged it. The copy's first delivery is called unchecked and kills a
+    // replica; redelivered, it finds the call record the dead letter kept, and is dead-lettered again
+    // without a call. Before, its count had ended with the first dead letter: `max_retries + 1` more
+    // deaths for each copy, and a copy can leave another, as its replica dies unmarked.
+    let (redis, dir, store) = on_redis_streams();
+    let stream = "probe::probe:command";
+    let drained = || redis.groups_drained(stream);
+    let culprit = ["culprit"];
+    three_replicas_survive_an_aborting_command(
+        dir.path(),
+        PROBE,
+        store.as_ref(),
+        &culprit,
+        || {},
+        1,
+        &drained,
+    );
+    let copied = redis.cli(&["EVAL", COPY_CULPRIT, "1", stream]);
+    assert!(copied.trim().contains('-'), "the culprit copied: {copied}");
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
+    let missing = || {
+        let dead = dead_letters(dir.path()).len();
+        (dead < 2 || !drained()).then(|| format!("the copy dead-lettered: {dead} dead letter(s)"))
+    };
+    let deaths = keep_alive_until(
+        dir.path(),
+        PROBE,
+        store.as_ref(),
+        &mut replicas,
+        || {},
+        missing,
+    );
+    for replica in replicas {
+        replica.stop_cleanly();
+    }
+    assert_eq!(deaths.len(), 1, "the copy killed one replica: {deaths:?}");
+    assert!(by_signal(libc::SIGABRT)(deaths[0]), "{deaths:?}");
+    let rows = dead_letters(dir.path());
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    for row in &rows {
+        assert_cause(&row["fields"], "culprit", "died or was stopped");
+        assert!(is_of(&row["fields"], "culprit"), "{row:#}");
+    }
+    for n in 0..10 {
+        assert_eq!(
+            handled(store.as_ref(), &format!("good-{n}")),
+            1,
+            "good-{n} once"
+        );
+    }
+    assert_eq!(handled(store.as_ref(), "culprit"), 0);
 }
 
 #[test]

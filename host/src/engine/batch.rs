@@ -850,11 +850,13 @@ fn build(
     buffer.drain_into(&mut unit);
     unit.ended_calls = ended_calls(sub, messages, &classes, &settled, &called, attempts);
     if ctx.origin == Origin::Broker && !crashed_out.is_empty() {
-        // A broker's dead letter is written after this commit. Until the broker has it, the record of a
-        // message whose calls never came back stays (`subscription::calls`): a replica that dies first
-        // leaves its successor the count that dead-letters it again without a call, where a count
-        // started over would start its crash loop over. A message that failed otherwise is called
-        // again, and fails again with its own error.
+        // A broker's dead letter is written after this commit. The record of a message whose calls
+        // never came back stays: a replica that dies before the broker has the dead letter leaves its
+        // successor the count that dead-letters it again without a call, where a count started over
+        // would start its crash loop over. An ordered subscription ends it once its position passed
+        // the message (`subscription::calls`); a consumer group keeps it, for another entry of the
+        // message (`subscription::stream`). A message that failed otherwise is called again, and
+        // fails again with its own error.
         unit.ended_calls.retain(|(_, id)| !crashed_out.contains(id));
     }
     if let Some(parking) = ctx.parking {

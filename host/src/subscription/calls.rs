@@ -1,8 +1,9 @@
 //! The call records of messages a broker subscription dead-lettered. The unit of work that dead-letters
 //! such a message keeps its record (see `engine::batch`): the dead letter itself is written to the
 //! broker after that commit, and a replica that dies between the two leaves its successor the count
-//! that dead-letters the message again without calling it. Once the broker has the dead letter and
-//! will not deliver the message again (acknowledged, or its position stored), the record goes.
+//! that dead-letters the message again without calling it. An ordered subscription clears the record
+//! once its position passed the message, so the broker will not deliver it again. A consumer group
+//! keeps it: an outbox may publish the message again as a new entry (`subscription::stream`).
 
 use std::sync::Arc;
 

@@ -4,7 +4,9 @@
 //! Invariants: an entry is acknowledged only after its unit of work committed, or after it was recorded
 //! in the group's dead-letter stream; a redelivered entry whose message already has a processed marker
 //! is only acknowledged; a failed entry is retried when its delivery count (kept by the broker, so it
-//! survives restarts) allows, else dead-lettered; entries pending on a dead consumer are taken over.
+//! survives restarts) allows, else dead-lettered; entries pending on a dead consumer are taken over; a
+//! message dead-lettered because its calls never came back keeps its call record, so that another
+//! entry of it (an outbox's copy) kills at most one replica before it is dead-lettered again.
 
 use crate::{
     ops::status::Target,
@@ -24,7 +26,7 @@ use crate::{
         Shared,
     },
     store::StoredMessage,
-    subscription::{calls, standing},
+    subscription::standing,
 };
 
 /// A consumer of the subscription's group, run by [`crate::engine::run`].
@@ -182,8 +184,16 @@ impl Stream {
         }
     }
 
-    /// With dead letters written, acknowledge now rather than with the next read, then clear their call
-    /// records (see `subscription::calls`): the broker will not deliver them again.
+    /// With dead letters written, acknowledge now rather than with the next read: a replica that died
+    /// first would leave them to be read, and dead-lettered, again.
+    ///
+    /// The call records of the messages dead-lettered because their calls never came back are kept,
+    /// as their tombstones: an outbox publishes a message again when its replica died before marking
+    /// it, and the culprit's call is what kills that replica. That copy is a new entry, called
+    /// unchecked at its first delivery; when it kills its replica too, its redelivery finds the
+    /// record, at the count that dead-letters it, and is dead-lettered again without a call. So a copy
+    /// costs one death, not `max_retries + 1`. Records of messages dead-lettered otherwise end with
+    /// their commit, and a later entry of a message handled after all ends its record.
     async fn dead_letters_settled(&mut self, report: &Report) -> Result<(), Trouble> {
         if report.dead_lettered_ids.is_empty() {
             return Ok(());
@@ -194,8 +204,6 @@ impl Stream {
                 "{error} (after the dead letters were written; they may be written again)"
             )));
         }
-        let store = self.shared.store.clone();
-        calls::end(&store, self.name(), &report.dead_lettered_ids).await;
         Ok(())
     }
 
