@@ -693,6 +693,19 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Fatal(format!("a blocking task failed: {e}")))
 }
 
+/// Run `f` on the blocking pool for a caller that has no error to give (a read-ahead's decode, so
+/// that the runtime's thread reads on meanwhile): a panic there is resumed here, and a runtime that is
+/// stopping gives the default (what was read ahead stays pending, and is read again).
+pub(crate) async fn blocking_or_default<T: Default + Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(done) => done,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => T::default(),
+    }
+}
+
 impl From<Fatal> for String {
     fn from(Fatal(error): Fatal) -> Self {
         error

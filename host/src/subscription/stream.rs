@@ -22,7 +22,10 @@ use crate::{
     engine::{
         batch::{Attempts, Origin, Report, Subscription},
         progress::{Progress, State},
-        run::{blocking, Back, Fetched, Place, Settled, Source, Trouble, Wake, Work},
+        run::{
+            blocking, blocking_or_default, Back, Fetched, Place, Settled, Source, Trouble, Wake,
+            Work,
+        },
         Shared,
     },
     store::StoredMessage,
@@ -328,14 +331,9 @@ impl Source for Stream {
         // against 168,000-182,000 messages/s, the loop waiting for its reader 26-38% of its time
         // against 37-45%.
         let decoded = async {
-            if raw.is_empty() {
-                return Vec::new();
-            }
-            match tokio::task::spawn_blocking(move || decode(raw)).await {
-                Ok(decoded) => decoded,
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                // The runtime is stopping: the entries stay pending, and are read again.
-                Err(_) => Vec::new(),
+            match raw.is_empty() {
+                true => Vec::new(),
+                false => blocking_or_default(move || decode(raw)).await,
             }
         };
         let (read, decoded) = tokio::join!(read, decoded);
