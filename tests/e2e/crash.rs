@@ -586,13 +586,14 @@ fn an_aborting_command_published_twice_ends_in_a_dead_letter_on_redis() {
 }
 
 #[test]
-fn an_aborting_command_published_again_after_its_dead_letter_kills_one_replica_on_redis() {
+fn a_dead_lettered_aborting_command_published_again_or_replayed_kills_one_replica_on_redis() {
     // An outbox publishes a command again when its replica died before marking it, and the culprit's
     // call is what kills that replica: the copy may come long after the first entry's dead letter, to
     // a consumer group that acknowledged it. The copy's first delivery is called unchecked and kills a
     // replica; redelivered, it finds the call record the dead letter kept, and is dead-lettered again
     // without a call. Before, its count had ended with the first dead letter: `max_retries + 1` more
-    // deaths for each copy, and a copy can leave another, as its replica dies unmarked.
+    // deaths for each copy, and a copy can leave another, as its replica dies unmarked. A replay from
+    // the dead letters is such an entry too.
     let (redis, dir, store) = on_redis_streams();
     let stream = "probe::probe:command";
     let drained = || redis.groups_drained(stream);
@@ -608,30 +609,21 @@ fn an_aborting_command_published_again_after_its_dead_letter_kills_one_replica_o
     );
     let copied = redis.cli(&["EVAL", COPY_CULPRIT, "1", stream]);
     assert!(copied.trim().contains('-'), "the culprit copied: {copied}");
-    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
-    let missing = || {
-        let dead = dead_letters(dir.path()).len();
-        (dead < 2 || !drained()).then(|| format!("the copy dead-lettered: {dead} dead letter(s)"))
-    };
-    let deaths = keep_alive_until(
-        dir.path(),
-        PROBE,
-        store.as_ref(),
-        &mut replicas,
-        || {},
-        missing,
-    );
-    for replica in replicas {
-        replica.stop_cleanly();
-    }
+    let deaths = deaths_until_dead_letters(dir.path(), store.as_ref(), 2, &drained);
     assert_eq!(deaths.len(), 1, "the copy killed one replica: {deaths:?}");
-    assert!(by_signal(libc::SIGABRT)(deaths[0]), "{deaths:?}");
     let rows = dead_letters(dir.path());
-    assert_eq!(rows.len(), 2, "{rows:#?}");
-    for row in &rows {
-        assert_cause(&row["fields"], "culprit", "died or was stopped");
-        assert!(is_of(&row["fields"], "culprit"), "{row:#}");
-    }
+    let id = rows[0]["id"].as_str().unwrap();
+    run(
+        dir.path(),
+        &["dlq", "replay", id, "--subscription", COMMANDS],
+    )
+    .output()
+    .expect_code(0);
+    assert_eq!(dead_letters(dir.path()).len(), 1, "replayed");
+    let replays = format!("{COMMANDS}:replay");
+    let both = || drained() && redis.groups_drained(&replays);
+    let deaths = deaths_until_dead_letters(dir.path(), store.as_ref(), 2, &both);
+    assert_eq!(deaths.len(), 1, "the replay killed one replica: {deaths:?}");
     for n in 0..10 {
         assert_eq!(
             handled(store.as_ref(), &format!("good-{n}")),
@@ -640,6 +632,37 @@ fn an_aborting_command_published_again_after_its_dead_letter_kills_one_replica_o
         );
     }
     assert_eq!(handled(store.as_ref(), "culprit"), 0);
+}
+
+/// Three replicas of the probe, kept alive until `dir` holds `dead` dead letters, each the culprit's
+/// after `max_retries + 1` calls, and the source is `drained`; how the replicas that died ended, each
+/// by the culprit's abort.
+fn deaths_until_dead_letters(
+    dir: &Path,
+    store: &dyn Store,
+    dead: usize,
+    drained: &dyn Fn() -> bool,
+) -> Vec<ExitStatus> {
+    let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir)).collect();
+    let missing = || {
+        let now = dead_letters(dir).len();
+        (now < dead || !drained()).then(|| format!("{dead} dead letters: {now} so far"))
+    };
+    let deaths = keep_alive_until(dir, PROBE, store, &mut replicas, || {}, missing);
+    for replica in replicas {
+        replica.stop_cleanly();
+    }
+    assert!(
+        deaths.iter().all(|&d| by_signal(libc::SIGABRT)(d)),
+        "{deaths:?}"
+    );
+    let rows = dead_letters(dir);
+    assert_eq!(rows.len(), dead, "{rows:#?}");
+    for row in &rows {
+        assert_cause(&row["fields"], "culprit", "died or was stopped");
+        assert!(is_of(&row["fields"], "culprit"), "{row:#}");
+    }
+    deaths
 }
 
 #[test]
