@@ -459,16 +459,15 @@ fn tail(log: &str) -> String {
 }
 
 /// A Redis server, and a directory configured for it with the command handler on a Redis stream
-/// (replicas share its consumer group); the store its servers use.
-fn on_redis_streams() -> (RedisServer, tempfile::TempDir, Arc<dyn Store>) {
+/// (replicas share its consumer group), `isolated` or in process; the store its servers use.
+fn on_redis_streams(isolated: bool) -> (RedisServer, tempfile::TempDir, Arc<dyn Store>) {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    configure(
-        dir.path(),
-        &redis.config(),
-        "",
-        "subscription_type = \"stream\"",
-    );
+    let stream = "subscription_type = \"stream\"";
+    match isolated {
+        true => configure_isolated(dir.path(), &redis.config(), stream),
+        false => configure(dir.path(), &redis.config(), "", stream),
+    }
     let store = open(dir.path(), None);
     (redis, dir, store)
 }
@@ -488,7 +487,7 @@ fn three_replicas_on_redis_survive_handlers_that_abort(
     culprits: &[&str],
     twice: bool,
 ) {
-    let (redis, dir, store) = on_redis_streams();
+    let (redis, dir, store) = on_redis_streams(false);
     // The outbox publishes again what it published just before its replica died: here, the culprit,
     // once its first call has killed a replica (so its entry is in the stream, and not dead-lettered).
     let publish_again = || {
@@ -594,7 +593,7 @@ fn a_dead_lettered_aborting_command_published_again_or_replayed_kills_one_replic
     // without a call. Before, its count had ended with the first dead letter: `max_retries + 1` more
     // deaths for each copy, and a copy can leave another, as its replica dies unmarked. A replay from
     // the dead letters is such an entry too.
-    let (redis, dir, store) = on_redis_streams();
+    let (redis, dir, store) = on_redis_streams(false);
     let stream = "probe::probe:command";
     let drained = || redis.groups_drained(stream);
     let culprit = ["culprit"];
@@ -741,16 +740,9 @@ fn isolated_every_crash_costs_a_worker_never_the_host_on_postgres() {
 
 #[test]
 fn isolated_three_replicas_on_redis_outlive_every_crash() {
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    configure_isolated(
-        dir.path(),
-        &redis.config(),
-        "subscription_type = \"stream\"",
-    );
+    let (_redis, dir, store) = on_redis_streams(true);
     let mut replicas: Vec<Server> = (0..3).map(|_| serve(dir.path())).collect();
     send_goods_and_culprits(dir.path());
-    let store = open(dir.path(), None);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         for replica in &mut replicas {
