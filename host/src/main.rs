@@ -515,10 +515,18 @@ impl Sender<'_> {
             format!("the command data{at} is not JSON; pass an object like '{{\"id\": \"1\"}}'")
         })?;
         let deadline = self.args.deadline.as_deref();
-        match self
-            .engine
-            .send_once(&self.args.message_type, &data, deadline, key)
-        {
+        let send = || {
+            self.engine
+                .send_once(&self.args.message_type, &data, deadline, key)
+        };
+        let mut sent = send();
+        if matches!(&sent, Err(EngineError::Store(error)) if error.is_timed_out()) {
+            // A lock held by a frozen process's transaction, which the store ends after the same
+            // timeout: by the end of a second wait it is gone. The key keeps the command at most once.
+            eprintln!("the store timed out{at}; trying once more (idempotency key {key})");
+            sent = send();
+        }
+        match sent {
             Ok(Sent::Committed(id)) => println!("{id}"),
             Ok(Sent::AlreadyCommitted(id)) => {
                 println!("{id}");

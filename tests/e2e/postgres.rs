@@ -1,7 +1,7 @@
 //! The PostgreSQL store with a real PostgreSQL: its commands, its errors, and replicas sharing it with no
 //! broker, the owner of the subscriptions killed and the database restarted mid-run.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, io::Write, path::Path, sync::Arc, time::Duration};
 
 use protean_host::store::{PostgresStore, Store};
 
@@ -12,6 +12,53 @@ use crate::support::{
 
 fn write_config(dir: &Path, text: &str) {
     std::fs::write(dir.join("protean.toml"), text).unwrap();
+}
+
+#[test]
+fn send_tries_once_more_when_a_frozen_transaction_holds_the_append_lock_past_the_timeout() {
+    // A replica frozen (SIGSTOP) in a transaction holds the store-wide append lock until PostgreSQL
+    // ends that transaction, idle for the statement timeout. A `send` that began to wait before the
+    // frozen one went idle runs out of the same timeout first: it tries once more, with its key.
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &format!("{}statement_timeout_ms = 2000\n", pg.config()),
+    );
+    host(dir.path())
+        .args(["db", "setup"])
+        .output()
+        .expect_code(0);
+    let mut frozen = pg.session();
+    let mut sql = frozen.stdin.take().unwrap();
+    writeln!(
+        sql,
+        "BEGIN; SELECT pg_advisory_xact_lock(7362836200114529281);"
+    )
+    .unwrap();
+    let held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    wait_until(Duration::from_secs(10), "the append lock held", || {
+        pg.psql(held).trim() == "1"
+    });
+    let lib = sample_domain().display().to_string();
+    let mut send = host(dir.path())
+        .args(["send", "--domain", &lib, "Fulfilment.PlaceOrder.v1"])
+        .args([place(1).to_string()])
+        .spawn();
+    send.wait_for(
+        &["the store timed out", "trying once more"],
+        Duration::from_secs(30),
+    );
+    writeln!(sql, "COMMIT;").unwrap();
+    let (code, log) = send.wait();
+    assert_eq!(code, Some(0), "{log}");
+    drop(sql);
+    frozen.wait().unwrap();
+    let store = PostgresStore::connect(&pg.store_config()).unwrap();
+    let commands = store
+        .read_categories(&["fulfilment::order:command".into()], 0, 100)
+        .unwrap();
+    assert_eq!(commands.len(), 1, "stored once: {commands:?}");
 }
 
 #[test]

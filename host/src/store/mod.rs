@@ -266,6 +266,17 @@ impl Error {
         matches!(self, Self::BadField(_) | Self::Corrupt(_))
     }
 
+    /// Whether a statement ran out of its time (PostgreSQL's `statement_timeout`), as one does that
+    /// waits for a lock held by a transaction whose process froze (SIGSTOP, a stopped VM): PostgreSQL
+    /// ends that transaction once it has been idle for the same timeout, so asking once more gets
+    /// through. Nothing of the refused statement's transaction was committed.
+    pub fn is_timed_out(&self) -> bool {
+        let Self::Postgres(source) = self else {
+            return false;
+        };
+        source.code() == Some(&::postgres::error::SqlState::QUERY_CANCELED)
+    }
+
     /// Whether the store may answer if asked again later: down, starting, or not set up yet (a
     /// migration job may be running). A refused password or a bad URI will not fix itself.
     pub fn is_transient(&self) -> bool {

@@ -243,6 +243,19 @@ impl PgServer {
         )
     }
 
+    /// A psql session that runs what is written to its stdin and stays connected until its stdin is
+    /// closed or it is killed: a client holding a transaction open, as a process frozen in one does.
+    #[allow(dead_code, reason = "the tests use it; the bench does not")]
+    pub fn session(&self) -> Child {
+        Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-d", &self.uri()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("psql starts")
+    }
+
     /// Run SQL with psql; its output (unaligned, tuples only).
     #[track_caller]
     pub fn psql(&self, sql: &str) -> String {
