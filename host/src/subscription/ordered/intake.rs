@@ -11,19 +11,23 @@ use crate::{broker::Entry, store::StoredMessage};
 /// An entry read, and the message it holds (or why it holds none).
 pub(super) type Decoded = (Entry, Result<StoredMessage, String>);
 
-/// Decode what was read and keep what may be handled now (see [`merge_cap`]); also returns, per
-/// stream, the last entry kept.
-pub(super) fn take_in_order(
-    entries: Vec<Entry>,
-    count: usize,
-) -> (Vec<Decoded>, HashMap<String, String>) {
-    let decoded: Vec<Decoded> = entries
+/// Decode what was read.
+pub(super) fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
+    entries
         .into_iter()
         .map(|e| {
             let m = e.message().map_err(|e| e.to_string());
             (e, m)
         })
-        .collect();
+        .collect()
+}
+
+/// Keep what of a read, decoded, may be handled now (see [`merge_cap`]); also returns, per stream,
+/// the last entry kept.
+pub(super) fn take_in_order(
+    decoded: Vec<Decoded>,
+    count: usize,
+) -> (Vec<Decoded>, HashMap<String, String>) {
     let cap = merge_cap(&decoded, count);
     let mut cut: HashSet<String> = HashSet::new();
     let mut advance: HashMap<String, String> = HashMap::new();

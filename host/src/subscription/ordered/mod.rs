@@ -54,7 +54,7 @@ mod owed;
 mod ownership;
 mod positions;
 
-use intake::take_in_order;
+use intake::{take_in_order, Decoded};
 use owed::Owed;
 use positions::{Part, Positions};
 
@@ -81,8 +81,8 @@ pub(crate) struct Ordered {
     /// Released keys whose held entries are being handled (in `pending`).
     draining: HashSet<String>,
     attempts: Attempts,
-    /// The next entries, read while the last batch was handled (not yet taken in).
-    ahead: Vec<Entry>,
+    /// The next entries, read and decoded while the last batch was handled (not yet taken in).
+    ahead: Vec<Decoded>,
     /// The batch in flight: its items (their messages are with the batch) and the positions of the
     /// batch before it, sent while it runs.
     in_flight: Option<(Vec<Item>, Positions)>,
@@ -294,10 +294,12 @@ impl Source for Ordered {
             .unwrap_or_default();
         let (cursors, count) = (self.cursors(), self.sub.settings.messages_per_tick as usize);
         let lost = group.commit_positions(&updates).await;
-        self.ahead = group
+        let read = group
             .read(&cursors, count, Duration::ZERO)
             .await
             .unwrap_or_default();
+        // Decoded here, while the batch runs, rather than by the next fetch once it is done.
+        self.ahead = intake::decode(read);
         if let Ok(lost) = lost {
             self.positions_stored(updates, &lost);
         }
@@ -375,7 +377,7 @@ impl Ordered {
         wait: Duration,
         seen: u64,
         shutdown: &CancellationToken,
-    ) -> Option<Result<Vec<Entry>, crate::broker::Error>> {
+    ) -> Option<Result<Vec<Decoded>, crate::broker::Error>> {
         let ahead = std::mem::take(&mut self.ahead);
         if !ahead.is_empty() {
             return Some(Ok(ahead));
@@ -389,7 +391,9 @@ impl Ordered {
             }
         };
         tokio::select! {
-            answer = read_or_idle(self.read(group, wait), idle_after, idle) => Some(answer),
+            answer = read_or_idle(self.read(group, wait), idle_after, idle) => {
+                Some(answer.map(intake::decode))
+            }
             _ = shutdown.cancelled() => None,
         }
     }
@@ -411,11 +415,11 @@ impl Ordered {
             .collect()
     }
 
-    /// Decode what was read and keep the messages of this replica's partitions not seen before; the
+    /// Keep the messages read (decoded) of this replica's partitions not seen before; the
     /// messages of parked keys are owed to their held lists, undecodable entries to the dead letters
     /// (see [`Owed`]).
-    fn accept(&mut self, entries: Vec<Entry>) -> Vec<Item> {
-        let (taken, advance) = take_in_order(entries, self.sub.settings.messages_per_tick as usize);
+    fn accept(&mut self, decoded: Vec<Decoded>) -> Vec<Item> {
+        let (taken, advance) = take_in_order(decoded, self.sub.settings.messages_per_tick as usize);
         let mut fresh = Vec::new();
         let mut to_hold: PerKey<Vec<Entry>> = PerKey::new();
         for (entry, message) in taken {
