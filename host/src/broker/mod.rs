@@ -45,6 +45,23 @@ impl Entry {
     }
 }
 
+/// An entry read, and the message it holds (or why it holds none).
+pub(crate) type Decoded = (
+    Entry,
+    std::result::Result<crate::store::StoredMessage, String>,
+);
+
+/// Decode entries read, in their order.
+pub(crate) fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
+    entries
+        .into_iter()
+        .map(|entry| {
+            let message = entry.message().map_err(|e| e.to_string());
+            (entry, message)
+        })
+        .collect()
+}
+
 /// Where a new consumer group starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

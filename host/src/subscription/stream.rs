@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    broker::{Broker, BrokerConfig, Consumer, Entry},
+    broker::{decode, Broker, BrokerConfig, Consumer, Decoded, Entry},
     engine::{
         batch::{Attempts, Origin, Report, Subscription},
         progress::{Progress, State},
@@ -126,7 +126,7 @@ impl Stream {
     async fn sort(&mut self, entries: Vec<Decoded>) -> Result<Vec<StoredMessage>, Trouble> {
         let mut messages = Vec::new();
         self.origin.clear();
-        for Decoded { entry, message } in entries {
+        for (entry, message) in entries {
             match message {
                 Ok(message) => {
                     self.origin
@@ -400,22 +400,6 @@ impl Source for Stream {
         self.flush().await;
         tracing::info!(subscription = %self.name(), "stream subscription stopped");
     }
-}
-
-/// An entry read, and the message it holds or why it holds none.
-struct Decoded {
-    entry: Entry,
-    message: Result<StoredMessage, String>,
-}
-
-fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
-    entries
-        .into_iter()
-        .map(|entry| Decoded {
-            message: entry.message().map_err(|e| e.to_string()),
-            entry,
-        })
-        .collect()
 }
 
 /// How long a read of the broker may wait for new entries. Test mode waits exactly as long as the

@@ -6,21 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::{broker::Entry, store::StoredMessage};
-
-/// An entry read, and the message it holds (or why it holds none).
-pub(super) type Decoded = (Entry, Result<StoredMessage, String>);
-
-/// Decode what was read.
-pub(super) fn decode(entries: Vec<Entry>) -> Vec<Decoded> {
-    entries
-        .into_iter()
-        .map(|e| {
-            let m = e.message().map_err(|e| e.to_string());
-            (e, m)
-        })
-        .collect()
-}
+use crate::broker::Decoded;
 
 /// Keep what of a read, decoded, may be handled now (see [`merge_cap`]); also returns, per stream,
 /// the last entry kept.
@@ -72,6 +58,7 @@ fn merge_cap(decoded: &[Decoded], count: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{broker::Entry, store::StoredMessage};
 
     fn read(stream: &str, global_positions: &[u64]) -> Vec<Decoded> {
         global_positions

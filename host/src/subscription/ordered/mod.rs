@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     broker::{
+        decode,
         partitions::{Claim, DeadLetterInfo, Parked, Partitions},
-        replay_stream, Broker, Entry,
+        replay_stream, Broker, Decoded, Entry,
     },
     engine::{
         batch::{Attempts, Origin, Record, Report, Subscription},
@@ -54,7 +55,7 @@ mod owed;
 mod ownership;
 mod positions;
 
-use intake::{take_in_order, Decoded};
+use intake::take_in_order;
 use owed::Owed;
 use positions::{Part, Positions};
 
@@ -299,7 +300,7 @@ impl Source for Ordered {
             .await
             .unwrap_or_default();
         // Decoded here, while the batch runs, rather than by the next fetch once it is done.
-        self.ahead = intake::decode(read);
+        self.ahead = decode(read);
         if let Ok(lost) = lost {
             self.positions_stored(updates, &lost);
         }
@@ -392,7 +393,7 @@ impl Ordered {
         };
         tokio::select! {
             answer = read_or_idle(self.read(group, wait), idle_after, idle) => {
-                Some(answer.map(intake::decode))
+                Some(answer.map(decode))
             }
             _ = shutdown.cancelled() => None,
         }
