@@ -20,8 +20,8 @@ pub(crate) mod cluster;
 
 const BATCH: usize = 1000;
 
-/// The rows; `events` are appended, then handled; then the sample flow runs `orders` orders (its rate
-/// is returned too).
+/// The rows; `events` are appended, then handled; then the sample flow runs `orders` orders. Its rate
+/// is returned too, with what `beside` (the same flow on SQLite) gave right before it and right after.
 pub fn rows(
     host: &Path,
     fixture: &Path,
@@ -29,7 +29,8 @@ pub fn rows(
     events: usize,
     orders: usize,
     statements: bool,
-) -> anyhow::Result<(Vec<Row>, f64)> {
+    beside: &dyn Fn() -> anyhow::Result<f64>,
+) -> anyhow::Result<(Vec<Row>, Flows)> {
     let settings: &[&str] = if statements {
         &[
             "shared_preload_libraries=pg_stat_statements",
@@ -54,13 +55,35 @@ pub fn rows(
         config: &pg.config(),
         database_cpu: Some(&cpu),
     };
+    let before = beside()?;
     let (flow, rate) = super::sample_flow(host, sample, orders, &flow, dir.path())?;
+    let after = beside()?;
     if statements {
         print_statements(&pg);
     }
     let quiet = quiet_head(&store, &pg)?;
     let lag = lag_count(&store, events)?;
-    Ok((vec![appended, handled, flow, quiet, lag], rate))
+    let flows = Flows {
+        postgres: rate,
+        sqlite: [before, after],
+    };
+    Ok((vec![appended, handled, flow, quiet, lag], flows))
+}
+
+/// Orders per second of the sample flow on PostgreSQL, and on SQLite right before and right after it.
+pub struct Flows {
+    pub postgres: f64,
+    pub sqlite: [f64; 2],
+}
+
+impl Flows {
+    /// PostgreSQL's rate over SQLite's, taken as the geometric mean of the runs on either side: the
+    /// 2-core VM's speed swings within a minute, and a ratio of runs minutes apart swung with it
+    /// (the Redis rows' minimal client is run the same way).
+    pub fn share(&self) -> f64 {
+        let [before, after] = self.sqlite;
+        100.0 * self.postgres / (before * after).sqrt()
+    }
 }
 
 /// The statements the sample flow spent the database's time in, nested ones (inside `append_unit`)
